@@ -1,0 +1,35 @@
+# The two commands a new user needs: `make demo` and `make test`. Each installs into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch lies on disk here; pip finds it through --find-links.
+WHEELS ?= $(wildcard /opt/wheels)
+PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
+
+.PHONY: install demo test test-fast bench bench-learning check-config clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[dev,demo]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/reflexd demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e and not slow"
+
+bench: install
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[bench]'
+	$(PY) bench/run.py
+
+check-config: install
+	$(VENV)/bin/reflexd check-config configs/reflexd.yaml
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,242 @@
+"""The one YAML file an operator edits, decoded into frozen msgspec Structs.
+
+Unknown keys are rejected and every error names the key path (``socket.max_frame_bytes``).
+Per-agent overrides are merged onto the global section before decoding, so an override is
+checked exactly like the section it overrides.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/reflexd/reflexd.yaml"
+
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
+OctalMode = Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3,4}$")]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class SocketConfig(_Section):
+    path: str = "/run/reflexd/reflexd.sock"
+    mode: OctalMode = "0660"
+    group: str | int | None = None
+    allowed_uids: list[int] = []
+    allowed_gids: list[int] = []
+    max_frame_bytes: Positive = 1 << 20
+    max_connections: Positive = 256
+
+    @property
+    def mode_bits(self) -> int:
+        return int(self.mode, 8)
+
+
+class IngestConfig(_Section):
+    batch_size: Positive = 10_000
+    flush_interval: PositiveFloat = 0.05
+    queue_size: Positive = 100_000
+    dead_letter_bytes: Positive = 4096
+
+
+class RewardConfig(_Section):
+    wait_window: NonNegative = 30.0
+    default: float = 0.0
+    aggregation: Literal["sum", "first", "last", "mean", "min", "max"] = "sum"
+
+
+class RetentionConfig(_Section):
+    days: PositiveFloat = 30.0
+    compression: Literal["zstd", "snappy", "gzip", "uncompressed"] = "zstd"
+    check_interval: PositiveFloat = 3600.0
+
+
+class FeatureConfig(_Section):
+    context_dim: Positive = 128
+    action_dim: Positive = 32
+    seed: Annotated[int, msgspec.Meta(ge=0, lt=2**32)] = 0
+
+
+class TrainerConfig(_Section):
+    learner: str = "mlp"
+    min_new_examples: Positive = 1000
+    check_interval: PositiveFloat = 5.0
+    idle_load: PositiveFloat = 0.8
+    max_threads: Positive = 1
+    max_wall_time: PositiveFloat = 600.0
+    max_examples: Positive = 200_000
+    holdout_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.2
+    epochs: Positive = 5
+    learning_rate: PositiveFloat = 0.003
+    batch_size: Positive = 256
+    hidden_size: Positive = 64
+    ensemble: Annotated[int, msgspec.Meta(ge=1, le=32)] = 4
+    retry_backoff: PositiveFloat = 30.0
+
+
+class ExplorationConfig(_Section):
+    strategy: Literal["epsilon_greedy", "softmax", "ucb", "squarecb"] = "epsilon_greedy"
+    epsilon: Probability = 0.1
+    epsilon_min: Probability = 0.01
+    decay: NonNegative = 0.0
+    temperature: PositiveFloat = 0.1
+    ucb_c: NonNegative = 1.0
+    gamma: PositiveFloat = 10.0
+    gamma_exponent: NonNegative = 0.5
+    default_action: str | None = None
+
+
+class GateConfig(_Section):
+    estimator: Literal["ips", "snips", "dr"] = "dr"
+    confidence: Annotated[float, msgspec.Meta(gt=0.5, lt=1)] = 0.95
+    margin: NonNegative = 0.0
+    min_holdout: Positive = 100
+    parity_tolerance: PositiveFloat = 1e-5
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class AgentConfig(_Section):
+    """The sections an agent may override; anything not given comes from the global section."""
+
+    rewards: RewardConfig = RewardConfig()
+    exploration: ExplorationConfig = ExplorationConfig()
+
+
+class Config(_Section):
+    state_dir: str = "/var/lib/reflexd"
+    socket: SocketConfig = SocketConfig()
+    ingest: IngestConfig = IngestConfig()
+    rewards: RewardConfig = RewardConfig()
+    retention: RetentionConfig = RetentionConfig()
+    features: FeatureConfig = FeatureConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    exploration: ExplorationConfig = ExplorationConfig()
+    gate: GateConfig = GateConfig()
+    log: LogConfig = LogConfig()
+    agents: dict[str, AgentConfig] = {}
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_path / "reflexd.duckdb"
+
+    @property
+    def models_path(self) -> Path:
+        return self.state_path / "models"
+
+    @property
+    def archive_path(self) -> Path:
+        return self.state_path / "archive"
+
+    def for_agent(self, agent: str) -> AgentConfig:
+        found = self.agents.get(agent)
+        if found is not None:
+            return found
+        return AgentConfig(rewards=self.rewards, exploration=self.exploration)
+
+
+_PATH_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def _problem(err: msgspec.ValidationError, prefix: str = "") -> str:
+    m = _PATH_RE.match(str(err))
+    assert m is not None
+    path = prefix + (m["path"] or "")
+    path = path.lstrip(".").replace("[", ".").replace("]", "").replace("'", "").replace('"', "")
+    msg = m["msg"]
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    return f"{path}: {msg}" if path else msg
+
+
+def _merge_agents(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """Expand each agent's partial override into full sections built on the global ones."""
+    agents = raw.get("agents")
+    if agents is None:
+        return raw
+    if not isinstance(agents, dict):
+        problems.append("agents: expected a mapping of agent id to overrides")
+        return raw
+    merged: dict[str, Any] = {}
+    for agent, override in agents.items():
+        override = override or {}
+        if not isinstance(override, dict):
+            problems.append(f"agents.{agent}: expected a mapping")
+            continue
+        unknown = set(override) - {"rewards", "exploration"}
+        if unknown:
+            problems.append(f"agents.{agent}: unknown key(s) {sorted(unknown)}; allowed: rewards, exploration")
+            continue
+        full: dict[str, Any] = {}
+        for section in ("rewards", "exploration"):
+            base = raw.get(section) or {}
+            extra = override.get(section) or {}
+            if not isinstance(base, dict) or not isinstance(extra, dict):
+                problems.append(f"agents.{agent}.{section}: expected a mapping")
+                continue
+            full[section] = {**base, **extra}
+        merged[str(agent)] = full
+    return {**raw, "agents": merged}
+
+
+def parse_config(text: str | bytes, source: str = "<config>") -> Config:
+    """Decode YAML text into a Config, raising ConfigError with every problem found."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["the top level must be a mapping of keys"])
+    problems: list[str] = []
+    raw = _merge_agents(raw, problems)
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        config = msgspec.convert(raw, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(source, [_problem(exc)]) from None
+    _check_semantics(config, source)
+    return config
+
+
+def _check_semantics(config: Config, source: str) -> None:
+    problems = []
+    for where, exp in [("exploration", config.exploration)] + [
+        (f"agents.{a}.exploration", c.exploration) for a, c in config.agents.items()
+    ]:
+        if exp.epsilon_min > exp.epsilon:
+            problems.append(f"{where}.epsilon_min: must not exceed epsilon ({exp.epsilon})")
+    if problems:
+        raise ConfigError(source, problems)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and decode the config file (``$REFLEXD_CONFIG`` or /etc/reflexd/reflexd.yaml by default)."""
+    path = os.fspath(path or os.environ.get("REFLEXD_CONFIG") or DEFAULT_PATH)
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror or exc}"]) from None
+    return parse_config(text, source=path)

@@ -1,0 +1,138 @@
+"""Feature hashing: the one function that turns contexts and actions into model inputs.
+
+The client (at decision time) and the trainer (at training time) both call this module, so a
+model never sees features computed differently from how it was trained. The spec (widths and
+seed) travels in each model's manifest.
+
+Flattening rules, applied recursively with dotted key paths:
+- numbers and booleans: feature ``path`` with value sign(x)·log1p(|x|) (robust to scale);
+- short strings: categorical feature ``path=value`` with value 1;
+- strings with whitespace: one feature ``path~token`` per token, each 1/sqrt(n_tokens);
+- lists: strings as a bag of categoricals, numbers as ``path[i]``, mappings recursed;
+- mappings: recursed under ``path.``; None is skipped.
+An action is hashed from its id (``__action=id``) plus its own features, in its own space.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Iterable
+
+import msgspec
+import numpy as np
+
+_ACTION_KEY = "__action="
+_CACHE_LIMIT = 200_000
+
+
+class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    context_dim: int = 128
+    action_dim: int = 32
+    seed: int = 0
+    scheme: str = "crc32-signed-log1p-v1"
+
+
+class Hasher:
+    """Hashes contexts and actions for one FeatureSpec, caching name → (index, sign)."""
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self._ctx_cache: dict[str, tuple[int, float]] = {}
+        self._act_cache: dict[str, tuple[int, float]] = {}
+
+    def _slot(self, name: str, dim: int, cache: dict[str, tuple[int, float]]) -> tuple[int, float]:
+        slot = cache.get(name)
+        if slot is None:
+            h = zlib.crc32(name.encode("utf-8", "surrogatepass"), self.spec.seed)
+            slot = (h % dim, 1.0 if h & 0x80000000 else -1.0)
+            if len(cache) >= _CACHE_LIMIT:
+                cache.clear()
+            cache[name] = slot
+        return slot
+
+    def _fill(self, out: np.ndarray, items: Iterable[tuple[str, float]], dim: int, cache: dict) -> None:
+        for name, value in items:
+            idx, sign = self._slot(name, dim, cache)
+            out[idx] += sign * value
+
+    def context(self, context: dict[str, Any], out: np.ndarray | None = None) -> np.ndarray:
+        dim = self.spec.context_dim
+        if out is None:
+            out = np.zeros(dim, dtype=np.float32)
+        else:
+            out[:] = 0.0
+        self._fill(out, flatten(context), dim, self._ctx_cache)
+        return out
+
+    def actions(self, actions: list[Any], out: np.ndarray | None = None) -> np.ndarray:
+        """One row per action; ``actions`` holds ids (str) or objects with ``id`` and ``features``."""
+        dim = self.spec.action_dim
+        if out is None:
+            out = np.zeros((len(actions), dim), dtype=np.float32)
+        else:
+            out[:] = 0.0
+        cache = self._act_cache
+        for row, action in zip(out, actions):
+            aid, feats = action_parts(action)
+            idx, sign = self._slot(_ACTION_KEY + aid, dim, cache)
+            row[idx] += sign
+            if feats:
+                self._fill(row, flatten(feats), dim, cache)
+        return out
+
+
+def action_parts(action: Any) -> tuple[str, dict[str, Any] | None]:
+    """(id, features) of an action given as a string, a dict or an Action struct."""
+    if isinstance(action, str):
+        return action, None
+    if isinstance(action, dict):
+        return str(action["id"]), action.get("features")
+    return action.id, action.features
+
+
+def action_ids(actions: list[Any]) -> list[str]:
+    return [action_parts(a)[0] for a in actions]
+
+
+def _squash(x: float) -> float:
+    if x != x:  # NaN carries no information
+        return 0.0
+    if math.isinf(x):
+        return math.copysign(50.0, x)
+    return math.copysign(math.log1p(abs(x)), x)
+
+
+def flatten(obj: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:
+    for key, value in obj.items():
+        path = f"{prefix}{key}"
+        yield from _flatten_value(path, value)
+
+
+def _flatten_value(path: str, value: Any) -> Iterable[tuple[str, float]]:
+    if value is None:
+        return
+    if isinstance(value, bool):
+        yield path, 1.0 if value else 0.0
+    elif isinstance(value, (int, float)):
+        yield path, _squash(float(value))
+    elif isinstance(value, str):
+        if " " in value or "\t" in value or "\n" in value:
+            tokens = value.split()
+            if tokens:
+                w = 1.0 / math.sqrt(len(tokens))
+                for tok in tokens:
+                    yield f"{path}~{tok}", w
+        else:
+            yield f"{path}={value}", 1.0
+    elif isinstance(value, dict):
+        yield from flatten(value, path + ".")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                yield f"{path}={item}", 1.0
+            elif isinstance(item, dict):
+                yield from flatten(item, f"{path}[{i}].")
+            else:
+                yield from _flatten_value(f"{path}[{i}]", item)
+    # anything else (bytes from msgpack, say) carries no usable signal and is skipped
