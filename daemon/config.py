@@ -193,6 +193,11 @@ def _merge_agents(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
                 problems.append(f"agents.{agent}.{section}: expected a mapping")
                 continue
             full[section] = {**base, **extra}
+        try:
+            # decoded one by one because msgspec's error paths do not name mapping keys
+            msgspec.convert(full, AgentConfig, strict=True)
+        except msgspec.ValidationError as exc:
+            problems.append(_problem(exc, prefix=f".agents.{agent}"))
         merged[str(agent)] = full
     return {**raw, "agents": merged}
 

@@ -1,0 +1,261 @@
+"""The ``reflexd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import msgspec
+
+from . import __version__
+from .config import DEFAULT_PATH, load_config
+from .errors import ConfigError, ReflexdError
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+
+_DESCRIPTION = """\
+reflexd: a local learning sidecar for autonomous agents.
+
+Agents log decisions and rewards over a Unix socket; reflexd stores them, trains small models
+when the CPU is idle, gates each candidate by off-policy evaluation, and publishes the winner as
+an ONNX file that agents load in-process.
+"""
+
+_EPILOG = """\
+Client commands find the socket from --socket, else $REFLEXD_SOCKET, else socket.path in the
+config file (--config, $REFLEXD_CONFIG or /etc/reflexd/reflexd.yaml), else /run/reflexd/reflexd.sock.
+
+examples:
+  reflexd run --config configs/reflexd.yaml
+  reflexd check-config /etc/reflexd/reflexd.yaml
+  reflexd status
+  reflexd decide --agent router --context '{"task": "code"}' --actions small,large
+  reflexd train --now
+  reflexd models list
+  reflexd demo
+"""
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return args.socket
+    if os.environ.get("REFLEXD_SOCKET"):
+        return os.environ["REFLEXD_SOCKET"]
+    path = args.config or os.environ.get("REFLEXD_CONFIG") or DEFAULT_PATH
+    if os.path.exists(path):
+        return load_config(path).socket.path
+    from .connection import DEFAULT_SOCKET
+
+    return DEFAULT_SOCKET
+
+
+def _request(args: argparse.Namespace, msg: msgspec.Struct, timeout: float = 30.0) -> Any:
+    from .connection import request
+
+    return request(msg, _socket_path(args), timeout=timeout)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(msgspec.to_builtins(obj), indent=2, sort_keys=False))
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .service import run
+
+    run(args.config)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.path or args.config or os.environ.get("REFLEXD_CONFIG") or DEFAULT_PATH
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid configuration", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"{path}: ok")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .protocol import StatusRequest
+
+    reply = _request(args, StatusRequest())
+    if args.json:
+        _print(reply)
+        return 0
+    ing = reply.ingest
+    print(f"reflexd {reply.version}  pid {reply.pid}  up {reply.uptime:.0f} s  socket {reply.socket}")
+    print(
+        f"ingest     received {ing['received']}  stored {ing['stored']}  duplicates {ing['duplicates']}"
+        f"  dead letters {ing['dead_letters']}  backlog {reply.backlog}  connections {ing['connections']}"
+    )
+    exp = reply.experience
+    print(
+        f"experience decisions {exp.get('decisions', 0)}  outcomes {exp.get('outcomes', 0)}"
+        f"  steps {exp.get('steps', 0)}  events {exp.get('events', 0)}  new since training {exp['new_since_training']}"
+    )
+    if reply.model:
+        gate = (reply.model.get("gate") or {}).get("reason", "no gate record")
+        print(f"model      {reply.model.get('version', '-')}  ({reply.model.get('train_rows')} rows)  gate: {gate}")
+        if reply.model.get("load_error"):
+            print(f"           load error: {reply.model['load_error']}")
+    else:
+        print("model      none yet (agents use the default action with exploration)")
+    t = reply.trainer
+    print(
+        f"trainer    {t['state']}  runs {t['runs']}  promoted {t['promoted']}  rejected {t['rejected']}"
+        f"  failures {t['failures']}" + (f"  last error: {t['last_error']}" if t.get("last_error") else "")
+    )
+    if reply.storage.get("error"):
+        print(f"storage    NOT ACKNOWLEDGING: {reply.storage['error']}")
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    from .protocol import Decide
+
+    try:
+        context = json.loads(args.context)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"--context is not valid JSON: {exc}") from None
+    actions: Any
+    if args.actions.lstrip().startswith("["):
+        actions = json.loads(args.actions)
+    else:
+        actions = [a.strip() for a in args.actions.split(",") if a.strip()]
+    msg = msgspec.convert({"type": "decide", "agent": args.agent, "context": context, "actions": actions}, Decide)
+    _print(_request(args, msg))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .protocol import Train
+
+    if not args.now:
+        raise _UsageError("say --now to start a training run now (otherwise the daemon's scheduler decides)")
+    print("training… (the daemon snapshots, trains, exports and gates; this can take a minute)", file=sys.stderr)
+    reply = _request(args, Train(), timeout=args.timeout)
+    print(reply.message)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .protocol import ModelsRequest, Promote, Rollback
+
+    if args.action == "promote":
+        if not args.version:
+            raise _UsageError("models promote needs a VERSION")
+        print(_request(args, Promote(version=args.version)).message)
+        return 0
+    if args.action == "rollback":
+        print(_request(args, Rollback()).message)
+        return 0
+    reply = _request(args, ModelsRequest())
+    if args.action == "show":
+        if not args.version:
+            raise _UsageError("models show needs a VERSION")
+        found = [m for m in reply.models if m.get("version") == args.version]
+        if not found:
+            raise _UsageError(f"no model version {args.version!r}; see `reflexd models list`")
+        _print(found[0])
+        return 0
+    if not reply.models:
+        print("no models yet")
+        return 0
+    print(f"{'':2}{'version':8} {'created':20} {'rows':>8}  gate")
+    import datetime as dt
+
+    for m in reply.models:
+        live = "*" if m.get("version") == reply.current else " "
+        created = dt.datetime.fromtimestamp(m.get("created", 0)).strftime("%Y-%m-%d %H:%M:%S")
+        gate = (m.get("gate") or {}).get("reason", m.get("error", ""))
+        rows = (m.get("training") or {}).get("train_rows", "")
+        print(f"{live:2}{m.get('version', '?'):8} {created:20} {rows!s:>8}  {gate}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(decisions=args.decisions, out_dir=args.out, seed=args.seed, rate=args.rate)
+
+
+class _UsageError(ReflexdError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reflexd", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"reflexd {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="config file (default: $REFLEXD_CONFIG or /etc/reflexd/reflexd.yaml)")
+    client = argparse.ArgumentParser(add_help=False, parents=[common])
+    client.add_argument("--socket", help="daemon socket path (overrides the config)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", parents=[common], help="validate a config file (exit 0, or 78 with the errors)")
+    p.add_argument("path", nargs="?", help="file to check (default: --config, $REFLEXD_CONFIG or /etc/reflexd/reflexd.yaml)")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("status", parents=[client], help="ingest counts, backlog, live model and its gate, trainer state")
+    p.add_argument("--json", action="store_true", help="print the full status as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("decide", parents=[client], help="ask the daemon for one decision (logged like any other)")
+    p.add_argument("--agent", required=True, help="agent id")
+    p.add_argument("--context", default="{}", help="context as a JSON object")
+    p.add_argument("--actions", required=True, help='comma-separated action ids, or a JSON list of ids / {"id", "features"}')
+    p.set_defaults(func=cmd_decide)
+
+    p = sub.add_parser("train", parents=[client], help="start a training run now and wait for its result")
+    p.add_argument("--now", action="store_true", help="train now, ignoring the idle and new-data thresholds")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the run (default 900)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", parents=[client], help="list, show, promote or roll back model versions")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "promote", "rollback"])
+    p.add_argument("version", nargs="?", help="model version for show and promote (e.g. v0003)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "demo", help="start a daemon on a temporary state directory and watch a simulated agent learn"
+    )
+    p.add_argument("--decisions", type=int, default=12_000, help="interactions to simulate (default 12000)")
+    p.add_argument("--rate", type=float, default=300.0, help="agent decisions per second (default 300)")
+    p.add_argument("--out", default="demo-out", help="where to write the report and plot (default ./demo-out)")
+    p.add_argument("--seed", type=int, default=7, help="random seed of the simulated world (default 7)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"reflexd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except ReflexdError as exc:
+        print(f"reflexd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

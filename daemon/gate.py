@@ -1,0 +1,343 @@
+"""The gate: off-policy evaluation decides whether a candidate model may replace the incumbent.
+
+Every logged decision carries the exact probability its action was chosen with, so the value of
+any other policy can be estimated on the same rows without deploying it:
+
+- IPS weighs each observed reward by w = pi(chosen | x) / prob: unbiased, high variance.
+- SNIPS divides by the sum of the weights instead of N: slightly biased, much steadier when the
+  weights are heavy; its interval comes from the delta method (the linearised per-row terms).
+- DM trusts a reward model q_hat: sum_a pi(a | x) q_hat(x, a). Low variance, biased by q_hat's errors.
+- DR is DM plus the IPS-weighted residual of q_hat on the chosen action: unbiased whenever the
+  propensities are right, and as steady as q_hat is good.
+
+Each estimator is the mean of per-row terms, so its standard error and normal interval come from
+those terms, and comparing two policies on the same rows is the mean of per-row differences
+(a paired comparison, far tighter than two independent intervals).
+
+Arrays throughout: ``pi`` and ``q_hat`` are float [N, A] with ``pi`` zero on padded actions,
+``chosen`` int [N] indexes the logged action, ``prob`` float [N] is its logged propensity and
+``reward`` float [N] its reward.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+from typing import TYPE_CHECKING, Any, Callable
+
+import msgspec
+import numpy as np
+
+from .config import ExplorationConfig, GateConfig
+from .plugins import exploration as _exploration
+from .registry import GateResult
+
+if TYPE_CHECKING:
+    # serving imports onnxruntime; the gate itself only needs score_batch, version and manifest
+    from .serving import Scorer
+
+__all__ = [
+    "ESTIMATORS",
+    "Estimate",
+    "compare",
+    "dm",
+    "dm_terms",
+    "dr",
+    "dr_terms",
+    "estimate",
+    "evaluate",
+    "ips",
+    "ips_terms",
+    "snips",
+    "snips_terms",
+    "target_probs",
+]
+
+LOGGED_POLICY = "logged policy"
+
+
+class Estimate(msgspec.Struct, frozen=True):
+    """A policy value with its standard error and two-sided normal interval."""
+
+    value: float
+    stderr: float
+    lower: float
+    upper: float
+
+
+def _z(confidence: float) -> float:
+    return NormalDist().inv_cdf(0.5 + confidence / 2.0)
+
+
+def estimate(terms: np.ndarray, confidence: float = 0.95) -> Estimate:
+    """The mean of per-row terms with a normal interval at ``confidence`` (two-sided)."""
+    n = terms.shape[0]
+    if n < 2:
+        raise ValueError(f"an interval needs at least 2 rows, got {n}")
+    value = float(terms.mean())
+    stderr = float(terms.std(ddof=1)) / math.sqrt(n)
+    half = _z(confidence) * stderr
+    return Estimate(value=value, stderr=stderr, lower=value - half, upper=value + half)
+
+
+def _weights(pi: np.ndarray, chosen: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    if not (pi.ndim == 2 and chosen.shape == prob.shape == (pi.shape[0],)):
+        raise ValueError(f"shapes disagree: pi {pi.shape}, chosen {chosen.shape}, prob {prob.shape}")
+    if not np.all(prob > 0.0):  # also false for NaN
+        raise ValueError("every logged propensity must be positive: the action was sampled with it")
+    return pi[np.arange(pi.shape[0]), chosen] / prob
+
+
+def ips_terms(pi: np.ndarray, chosen: np.ndarray, prob: np.ndarray, reward: np.ndarray) -> np.ndarray:
+    return _weights(pi, chosen, prob) * reward
+
+
+def snips_terms(pi: np.ndarray, chosen: np.ndarray, prob: np.ndarray, reward: np.ndarray) -> np.ndarray:
+    """Linearised SNIPS: V + w (r - V) / mean(w); their mean is exactly V = sum(w r) / sum(w).
+
+    The spread of these terms is the delta-method variance of the ratio estimator.
+    """
+    w = _weights(pi, chosen, prob)
+    mean_w = w.mean()
+    if mean_w == 0.0:
+        raise ValueError("SNIPS is undefined: the target policy puts no weight on any logged action")
+    value = (w * reward).sum() / w.sum()
+    return value + w * (reward - value) / mean_w
+
+
+def dm_terms(pi: np.ndarray, q_hat: np.ndarray) -> np.ndarray:
+    if q_hat.shape != pi.shape:
+        raise ValueError(f"q_hat {q_hat.shape} and pi {pi.shape} disagree")
+    return (pi * q_hat).sum(axis=1)
+
+
+def dr_terms(
+    pi: np.ndarray, chosen: np.ndarray, prob: np.ndarray, reward: np.ndarray, q_hat: np.ndarray
+) -> np.ndarray:
+    w = _weights(pi, chosen, prob)
+    return dm_terms(pi, q_hat) + w * (reward - q_hat[np.arange(pi.shape[0]), chosen])
+
+
+def ips(pi: np.ndarray, chosen: np.ndarray, prob: np.ndarray, reward: np.ndarray, confidence: float = 0.95) -> Estimate:
+    return estimate(ips_terms(pi, chosen, prob, reward), confidence)
+
+
+def snips(
+    pi: np.ndarray, chosen: np.ndarray, prob: np.ndarray, reward: np.ndarray, confidence: float = 0.95
+) -> Estimate:
+    return estimate(snips_terms(pi, chosen, prob, reward), confidence)
+
+
+def dm(pi: np.ndarray, q_hat: np.ndarray, confidence: float = 0.95) -> Estimate:
+    """The direct method's interval reflects only the spread over contexts, never q_hat's bias."""
+    return estimate(dm_terms(pi, q_hat), confidence)
+
+
+def dr(
+    pi: np.ndarray,
+    chosen: np.ndarray,
+    prob: np.ndarray,
+    reward: np.ndarray,
+    q_hat: np.ndarray,
+    confidence: float = 0.95,
+) -> Estimate:
+    return estimate(dr_terms(pi, chosen, prob, reward, q_hat), confidence)
+
+
+_Terms = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+# every estimator as per-row terms of one signature (pi, chosen, prob, reward, q_hat)
+ESTIMATORS: dict[str, _Terms] = {
+    "ips": lambda pi, chosen, prob, reward, q_hat: ips_terms(pi, chosen, prob, reward),
+    "snips": lambda pi, chosen, prob, reward, q_hat: snips_terms(pi, chosen, prob, reward),
+    "dm": lambda pi, chosen, prob, reward, q_hat: dm_terms(pi, q_hat),
+    "dr": dr_terms,
+}
+
+
+def target_probs(
+    cfg: ExplorationConfig, scores: np.ndarray, spread: np.ndarray | None, mask: np.ndarray, t: int = 0
+) -> np.ndarray:
+    """The deployed policy's distribution per row [N, A]: exploration over the valid actions, 0 on padding.
+
+    Padded actions are left out before exploring, not zeroed after, because the client explores
+    over exactly the actions it was given: a padded slot must neither win the argmax nor dilute
+    epsilon.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    spread = None if spread is None else np.asarray(spread, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if scores.shape != mask.shape:
+        raise ValueError(f"scores {scores.shape} and mask {mask.shape} disagree")
+    if not mask.any(axis=1).all():
+        raise ValueError("every row needs at least one valid action")
+    out = np.zeros(scores.shape, dtype=np.float64)
+    for i in range(scores.shape[0]):
+        valid = mask[i]
+        out[i, valid] = _exploration.probabilities(
+            cfg, scores[i, valid], None if spread is None else spread[i, valid], t
+        )
+    return out
+
+
+def _percent(confidence: float) -> str:
+    return f"{confidence * 100:g}%"
+
+
+def _rejected(reason: str, gate: GateConfig, baseline_name: str, rows: int) -> GateResult:
+    # zeros rather than NaN: a GateResult is stored in a JSON manifest, where NaN cannot round-trip
+    return GateResult(
+        passed=False,
+        reason=reason,
+        estimator=gate.estimator,
+        baseline=baseline_name,
+        candidate_value=0.0,
+        baseline_value=0.0,
+        difference=0.0,
+        lower=0.0,
+        upper=0.0,
+        confidence=gate.confidence,
+        margin=gate.margin,
+        holdout_rows=rows,
+    )
+
+
+def compare(
+    candidate_pi: np.ndarray,
+    baseline_pi: np.ndarray | None,
+    chosen: np.ndarray,
+    prob: np.ndarray,
+    reward: np.ndarray,
+    q_hat: np.ndarray,
+    gate: GateConfig,
+    baseline_name: str,
+) -> GateResult:
+    """Candidate against baseline on the same rows: the mean and interval of per-row differences.
+
+    ``baseline_pi=None`` means the baseline is the logging policy itself, whose unbiased per-row
+    value is simply the observed reward. The candidate passes when the lower bound of the
+    difference is at least ``-gate.margin`` and the holdout has at least ``gate.min_holdout`` rows
+    (and at least 2, the fewest an interval can be computed from). A candidate whose
+    probabilities or reward predictions are not finite is rejected; a malformed log raises
+    ValueError.
+
+    ``estimates`` holds every estimator's value for the candidate (``candidate_ips``, ``_snips``,
+    ``_dm``, ``_dr``) and for a baseline policy (``baseline_ips`` ...); the logging policy's DM and
+    DR would need its full distribution, which the log does not keep, so it is reported as
+    ``baseline_observed``, the mean observed reward.
+    """
+    candidate_pi = np.asarray(candidate_pi, dtype=np.float64)
+    q_hat = np.asarray(q_hat, dtype=np.float64)
+    chosen = np.asarray(chosen, dtype=np.int64)
+    prob = np.asarray(prob, dtype=np.float64)
+    reward = np.asarray(reward, dtype=np.float64)
+    n = reward.shape[0]
+    needed = max(gate.min_holdout, 2)
+    if n < needed:
+        return _rejected(f"holdout has {n} rows, fewer than the {needed} required: rejected", gate, baseline_name, n)
+    if not np.isfinite(reward).all():
+        raise ValueError("rewards must be finite")
+    if baseline_pi is not None:
+        baseline_pi = np.asarray(baseline_pi, dtype=np.float64)
+        if not np.isfinite(baseline_pi).all():
+            raise ValueError(f"{baseline_name}'s probabilities are not finite")
+    broken = int((~np.isfinite(candidate_pi).all(axis=1) | ~np.isfinite(q_hat).all(axis=1)).sum())
+    if broken:
+        return _rejected(
+            f"candidate's probabilities or reward predictions are not finite on {broken} of {n} rows: rejected",
+            gate,
+            baseline_name,
+            n,
+        )
+
+    candidate_terms = {name: terms(candidate_pi, chosen, prob, reward, q_hat) for name, terms in ESTIMATORS.items()}
+    estimates = {f"candidate_{name}": float(t.mean()) for name, t in candidate_terms.items()}
+    if baseline_pi is None:
+        baseline_terms = reward
+        estimates["baseline_observed"] = float(reward.mean())
+    else:
+        all_baseline = {name: terms(baseline_pi, chosen, prob, reward, q_hat) for name, terms in ESTIMATORS.items()}
+        estimates.update({f"baseline_{name}": float(t.mean()) for name, t in all_baseline.items()})
+        baseline_terms = all_baseline[gate.estimator]
+
+    chosen_terms = candidate_terms[gate.estimator]
+    diff = estimate(chosen_terms - baseline_terms, gate.confidence)
+    candidate_value = float(chosen_terms.mean())
+    baseline_value = float(baseline_terms.mean())
+    passed = diff.lower >= -gate.margin
+    reason = (
+        f"candidate {candidate_value:.3f} vs {baseline_name} {baseline_value:.3f} ({gate.estimator}), "
+        f"difference {diff.value:+.3f} [{diff.lower:+.3f}, {diff.upper:+.3f}] at {_percent(gate.confidence)} "
+        f"{'≥' if passed else '<'} {-gate.margin:+.3f}: {'promoted' if passed else 'rejected'}"
+    )
+    return GateResult(
+        passed=passed,
+        reason=reason,
+        estimator=gate.estimator,
+        baseline=baseline_name,
+        candidate_value=candidate_value,
+        baseline_value=baseline_value,
+        difference=diff.value,
+        lower=diff.lower,
+        upper=diff.upper,
+        confidence=gate.confidence,
+        margin=gate.margin,
+        holdout_rows=n,
+        estimates=estimates,
+    )
+
+
+def _deployed_t(scorer: Scorer) -> int:
+    # the Chooser starts a freshly loaded model at its training rows, which sets epsilon decay and
+    # SquareCB's gamma; judging the policy at t=0 would judge a far more exploratory one
+    return int(scorer.manifest.training.get("train_rows", 0))
+
+
+def evaluate(
+    candidate: Scorer,
+    incumbent: Scorer | None,
+    holdout: Any,
+    exploration: ExplorationConfig,
+    gate: GateConfig,
+    incumbent_holdout: Any | None = None,
+) -> GateResult:
+    """Score the holdout with both models and ``compare`` their deployed policies on it.
+
+    ``holdout`` is a ``reflexd.dataset.Batch`` (anything with context, actions, mask, chosen, prob,
+    reward and ids), hashed with the candidate's feature spec. The candidate's scores are the
+    reward model q_hat for both sides, so DM and DR differences are paired on one model.
+
+    When the incumbent hashes features differently (its manifest's ``features`` differ from the
+    candidate's), pass the same rows hashed with its spec as ``incumbent_holdout`` (for example
+    ``dataset.load_snapshot(path, incumbent.manifest.features)``); its ids must match the
+    holdout's row for row. Without it such a comparison raises ValueError rather than feed the
+    incumbent features it was not trained on.
+
+    With no incumbent the baseline is the logged policy (the observed rewards).
+    """
+    mask = np.asarray(holdout.mask, dtype=bool)
+    scores, spread = candidate.score_batch(holdout.context, holdout.actions)
+    # padded slots hold whatever the model makes of a zero vector; they must not reach DM's sum
+    q_hat = np.where(mask, scores, 0.0)
+    candidate_pi = target_probs(exploration, scores, spread, mask, _deployed_t(candidate))
+
+    baseline_pi = None
+    baseline_name = LOGGED_POLICY
+    if incumbent is not None:
+        baseline_name = f"incumbent {incumbent.version}"
+        rows = holdout
+        if incumbent_holdout is not None:
+            if list(incumbent_holdout.ids) != list(holdout.ids):
+                raise ValueError("incumbent_holdout must hold the holdout's rows in the same order")
+            rows = incumbent_holdout
+        elif incumbent.manifest.features != candidate.manifest.features:
+            raise ValueError(
+                f"{baseline_name} hashes features with {incumbent.manifest.features}, the candidate with "
+                f"{candidate.manifest.features}: pass incumbent_holdout hashed with the incumbent's spec"
+            )
+        inc_scores, inc_spread = incumbent.score_batch(rows.context, rows.actions)
+        baseline_pi = target_probs(exploration, inc_scores, inc_spread, mask, _deployed_t(incumbent))
+
+    return compare(
+        candidate_pi, baseline_pi, holdout.chosen, holdout.prob, holdout.reward, q_hat, gate, baseline_name
+    )

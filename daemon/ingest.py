@@ -1,0 +1,140 @@
+"""From decoded events to durable rows: one writer task batches everything into the store.
+
+Connection handlers ``submit`` events; the writer commits them in batches from a worker thread
+(DuckDB must not block the event loop) and only then releases the flush barriers that let a
+connection acknowledge. The queue between them is bounded, so a store that falls behind makes
+handlers stop reading and the kernel pushes back on senders.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from . import log
+from .errors import StorageError
+from .protocol import ExperienceEvent
+
+_log = log.get("reflexd.ingest")
+
+
+@dataclass
+class _Item:
+    events: Sequence[ExperienceEvent] = ()
+    dead: Sequence[Any] = ()
+    barrier: anyio.Event | None = None
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    queued: int = 0
+    write_errors: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+class Ingest:
+    def __init__(self, store: Any, batch_size: int, flush_interval: float, queue_size: int) -> None:
+        self.store = store
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        # items are chunks of events, so bound the item count by the expected chunk size
+        send, recv = anyio.create_memory_object_stream[_Item](max(16, queue_size // 64))
+        self._send: ObjectSendStream[_Item] = send
+        self._recv: ObjectReceiveStream[_Item] = recv
+        self.counters = Counters()
+        self.storage_error: str | None = None
+
+    async def submit(self, events: Sequence[ExperienceEvent], dead: Sequence[Any] = ()) -> None:
+        if not events and not dead:
+            return
+        self.counters.received += len(events) + len(dead)
+        self.counters.queued += len(events) + len(dead)
+        await self._send.send(_Item(events=events, dead=dead))
+
+    async def barrier(self) -> None:
+        """Return once everything submitted before this call is durable."""
+        done = anyio.Event()
+        await self._send.send(_Item(barrier=done))
+        await done.wait()
+
+    def close(self) -> None:
+        """No more submissions; the writer drains what is queued and returns."""
+        self._send.close()
+
+    async def run(self) -> None:
+        """The writer loop; returns once closed and drained."""
+        async with self._recv:
+            while True:
+                try:
+                    first = await self._recv.receive()
+                except anyio.EndOfStream:
+                    return
+                batch = await self._gather(first)
+                await self._commit(batch)
+
+    async def _gather(self, first: _Item) -> list[_Item]:
+        batch = [first]
+        n = len(first.events)
+        deadline = time.monotonic() + self.flush_interval
+        while n < self.batch_size and first.barrier is None:
+            try:
+                item = self._recv.receive_nowait()
+            except anyio.WouldBlock:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or any(i.barrier for i in batch):
+                    break
+                with anyio.move_on_after(remaining):
+                    try:
+                        item = await self._recv.receive()
+                    except anyio.EndOfStream:
+                        break
+                    batch.append(item)
+                    n += len(item.events)
+                continue
+            except anyio.EndOfStream:
+                break
+            batch.append(item)
+            n += len(item.events)
+        return batch
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        events = [e for item in batch for e in item.events]
+        dead = [d for item in batch for d in item.dead]
+        delay = 0.1
+        while True:
+            try:
+                if dead:
+                    await anyio.to_thread.run_sync(self.store.dead_letter, dead)
+                    self.counters.dead_letters += len(dead)
+                    self.counters.queued -= len(dead)
+                    dead = []
+                result = await anyio.to_thread.run_sync(self.store.write, events, time.time())
+                break
+            except StorageError as exc:
+                # Nothing is acknowledged while writes fail; the batch stays in memory and is retried.
+                self.counters.write_errors += 1
+                if self.storage_error != str(exc):
+                    _log.error("store write failed; not acknowledging until it succeeds", error=str(exc))
+                self.storage_error = str(exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if self.storage_error is not None:
+            _log.info("store writes succeed again")
+            self.storage_error = None
+        c = self.counters
+        c.stored += result.inserted
+        c.duplicates += result.duplicates
+        c.queued -= len(events)
+        for name in ("decisions", "outcomes", "steps", "events"):
+            c.by_type[name] = c.by_type.get(name, 0) + getattr(result, name)
+        for item in batch:
+            if item.barrier is not None:
+                item.barrier.set()

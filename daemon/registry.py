@@ -1,0 +1,216 @@
+"""The model registry: every version kept with its manifest, one atomic pointer to the live one.
+
+Layout under ``models/``::
+
+    v0001/policy.onnx      the model, byte for byte what the gate evaluated
+    v0001/manifest.json    what it is, what it was trained on, how it passed the gate, sha256
+    CURRENT                the live version's name (replaced by atomic rename)
+    history.json           stack of promoted versions; rollback pops it
+
+A model is only ever loaded through ``load`` here, which checks the file against the sha256
+in its manifest; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .config import ExplorationConfig
+from .errors import ModelIntegrityError, ModelNotFound
+from .features import FeatureSpec
+
+MODEL_FILE = "policy.onnx"
+MANIFEST_FILE = "manifest.json"
+CURRENT_FILE = "CURRENT"
+HISTORY_FILE = "history.json"
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+class GateResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    passed: bool
+    reason: str
+    estimator: str
+    baseline: str  # "incumbent vNNNN" or "logged policy"
+    candidate_value: float
+    baseline_value: float
+    difference: float
+    lower: float
+    upper: float
+    confidence: float
+    margin: float
+    holdout_rows: int
+    estimates: dict[str, float] = {}
+
+
+class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    version: str
+    parent: str | None
+    created: float
+    learner: str
+    features: FeatureSpec
+    exploration: ExplorationConfig
+    agent_exploration: dict[str, ExplorationConfig] = {}
+    training: dict[str, Any] = {}
+    gate: GateResult | None = None
+    sha256: str
+    file: str = MODEL_FILE
+
+    def exploration_for(self, agent: str) -> ExplorationConfig:
+        return self.agent_exploration.get(agent, self.exploration)
+
+
+_manifest_decoder = msgspec.json.Decoder(Manifest)
+_history_decoder = msgspec.json.Decoder(list[str])
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Registry:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ---- reading ----------------------------------------------------------------------
+
+    def versions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        found = [p.name for p in self.root.iterdir() if _VERSION_RE.match(p.name) and (p / MANIFEST_FILE).is_file()]
+        return sorted(found, key=lambda v: int(v[1:]))
+
+    def manifest(self, version: str) -> Manifest:
+        path = self.root / version / MANIFEST_FILE
+        if not _VERSION_RE.match(version) or not path.is_file():
+            raise ModelNotFound(version)
+        try:
+            return _manifest_decoder.decode(path.read_bytes())
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ModelIntegrityError(version, f"unreadable manifest: {exc}") from None
+
+    def current(self) -> str | None:
+        try:
+            version = (self.root / CURRENT_FILE).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return version or None
+
+    def current_stamp(self) -> tuple[int, int] | None:
+        """A cheap change detector for the pointer (inode, mtime); None when there is none."""
+        try:
+            st = os.stat(self.root / CURRENT_FILE)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
+
+    def history(self) -> list[str]:
+        try:
+            return _history_decoder.decode((self.root / HISTORY_FILE).read_bytes())
+        except FileNotFoundError:
+            return []
+
+    def load(self, version: str) -> tuple[Manifest, bytes]:
+        """The manifest and model bytes, refused unless the bytes match the manifest's sha256."""
+        manifest = self.manifest(version)
+        path = self.root / version / manifest.file
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelIntegrityError(version, f"cannot read {manifest.file}: {exc.strerror or exc}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != manifest.sha256:
+            raise ModelIntegrityError(version, f"sha256 {digest[:12]}… does not match manifest {manifest.sha256[:12]}…")
+        return manifest, data
+
+    # ---- writing (the daemon's side) ---------------------------------------------------
+
+    def next_version(self) -> str:
+        existing = self.versions()
+        n = int(existing[-1][1:]) + 1 if existing else 1
+        return f"v{n:04d}"
+
+    def add(self, model_file: Path, manifest_fields: dict[str, Any]) -> Manifest:
+        """Copy a candidate in as the next version; the directory appears whole or not at all."""
+        self.ensure()
+        version = self.next_version()
+        staging = self.root / f".staging-{version}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        dest_model = staging / MODEL_FILE
+        shutil.copyfile(model_file, dest_model)
+        with open(dest_model, "rb+") as f:
+            os.fsync(f.fileno())
+        manifest = msgspec.convert(
+            {**manifest_fields, "version": version, "sha256": sha256_of(dest_model), "file": MODEL_FILE},
+            Manifest,
+            from_attributes=True,
+        )
+        _atomic_write(staging / MANIFEST_FILE, msgspec.json.format(msgspec.json.encode(manifest)))
+        os.rename(staging, self.root / version)
+        _fsync_dir(self.root)
+        return manifest
+
+    def promote(self, version: str) -> Manifest:
+        manifest, _ = self.load(version)  # never point at a model that would be refused
+        history = self.history()
+        if not history or history[-1] != version:
+            history.append(version)
+        _atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
+        _atomic_write(self.root / CURRENT_FILE, version.encode() + b"\n")
+        return manifest
+
+    def rollback(self) -> str:
+        """Back to the version that was live before the current one; returns it."""
+        history = self.history()
+        current = self.current()
+        if current is not None and (not history or history[-1] != current):
+            history.append(current)
+        if len(history) < 2:
+            raise ModelNotFound("previous (nothing to roll back to)")
+        history.pop()
+        target = history[-1]
+        self.load(target)
+        _atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
+        _atomic_write(self.root / CURRENT_FILE, target.encode() + b"\n")
+        return target
+
+    def summary(self) -> list[dict[str, Any]]:
+        out = []
+        for v in self.versions():
+            try:
+                out.append(msgspec.to_builtins(self.manifest(v)))
+            except ModelIntegrityError as exc:
+                out.append({"version": v, "error": str(exc)})
+        return out

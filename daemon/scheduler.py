@@ -1,0 +1,228 @@
+"""When and how a training run happens: snapshot → trainer subprocess → gate → registry.
+
+The daemon never imports torch: training runs in ``python -m reflexd.trainer``, at the lowest
+CPU priority, with a wall-time limit, on a Parquet snapshot rather than the live database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from . import gate, log
+from .dataset import load_snapshot, split_holdout
+from .errors import ReflexdError, TrainingError
+from .registry import Manifest, Registry, sha256_of
+from .serving import Scorer
+from .trainer import read_result
+
+_log = log.get("reflexd.scheduler")
+KEEP_RUNS = 3
+MIN_SNAPSHOT_ROWS = 20
+
+
+def cpu_idle(threshold: float) -> bool:
+    """True when the 1-minute load average per core is below ``threshold``."""
+    return os.getloadavg()[0] / (os.cpu_count() or 1) < threshold
+
+
+@dataclass
+class TrainerStatus:
+    state: str = "idle"
+    runs: int = 0
+    promoted: int = 0
+    rejected: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    last_run: dict[str, Any] | None = None
+    next_attempt: float = 0.0
+    cutoff: float = 0.0  # newest experience the last snapshot held
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Scheduler:
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
+        self.status = TrainerStatus()
+        self._now = anyio.Event()
+        self._lock = anyio.Lock()
+        self._run_seq = 0
+
+    @property
+    def config(self) -> Any:
+        return self.daemon.config
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.config.state_path / "runs"
+
+    def start_from(self, manifest: Manifest | None) -> None:
+        if manifest is not None:
+            self.status.cutoff = float(manifest.training.get("window_end", 0.0))
+
+    def request_now(self) -> None:
+        self._now.set()
+
+    async def run(self) -> None:
+        while True:
+            with anyio.move_on_after(self.config.trainer.check_interval):
+                await self._now.wait()
+            forced = self._now.is_set()
+            self._now = anyio.Event()
+            if forced or await self._due():
+                await self.train_once("requested" if forced else "new experience")
+
+    async def _due(self) -> bool:
+        cfg = self.config.trainer
+        now = time.time()
+        if now < self.status.next_attempt or not cpu_idle(cfg.idle_load):
+            return False
+        new = await anyio.to_thread.run_sync(self.daemon.store.matured_count, self.status.cutoff, now, self.config)
+        return new >= cfg.min_new_examples
+
+    async def train_once(self, reason: str) -> dict[str, Any]:
+        async with self._lock:
+            self.status.runs += 1
+            started = time.time()
+            run_dir = self._new_run_dir()
+            try:
+                summary = await self._train(run_dir, reason)
+            except ReflexdError as exc:
+                return self._failed(exc, started)
+            finally:
+                self.status.state = "idle"
+                self._prune_runs()
+            self.status.consecutive_failures = 0
+            self.status.last_error = None
+            summary["seconds"] = round(time.time() - started, 3)
+            self.status.last_run = summary
+            return summary
+
+    def _failed(self, exc: Exception, started: float) -> dict[str, Any]:
+        s = self.status
+        s.failures += 1
+        s.consecutive_failures += 1
+        s.last_error = str(exc)
+        backoff = min(self.config.trainer.retry_backoff * 2 ** (s.consecutive_failures - 1), 3600.0)
+        s.next_attempt = time.time() + backoff
+        s.last_run = {"outcome": "failed", "error": str(exc), "at": started, "retry_in": backoff}
+        _log.error("training run failed", error=str(exc), retry_in=round(backoff, 1))
+        return s.last_run
+
+    def _new_run_dir(self) -> Path:
+        self._run_seq += 1
+        path = self.runs_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self._run_seq}"
+        path.mkdir(parents=True, mode=0o750)
+        return path
+
+    def _prune_runs(self) -> None:
+        runs = sorted(self.runs_dir.iterdir(), key=lambda p: p.stat().st_mtime)
+        for old in runs[:-KEEP_RUNS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    async def _train(self, run_dir: Path, reason: str) -> dict[str, Any]:
+        cfg = self.config
+        self.status.state = "snapshot"
+        snapshot = run_dir / "snapshot.parquet"
+        info = await anyio.to_thread.run_sync(
+            self.daemon.store.snapshot, snapshot, time.time(), cfg, cfg.trainer.max_examples
+        )
+        if info.rows < MIN_SNAPSHOT_ROWS:
+            raise TrainingError(f"only {info.rows} joined experiences so far; need at least {MIN_SNAPSHOT_ROWS}")
+        _log.info("training started", reason=reason, rows=info.rows)
+        self.status.state = "training"
+        out = run_dir / "out"
+        out.mkdir()
+        await self._run_trainer(run_dir, snapshot, out)
+        result = read_result(out)
+        if not result.parity_ok:
+            self.status.rejected += 1
+            raise TrainingError(
+                f"ONNX export differs from torch by {result.parity_max_abs_diff:.2e} "
+                f"(tolerance {cfg.gate.parity_tolerance:.0e}); candidate rejected"
+            )
+        self.status.state = "gating"
+        manifest, verdict = await anyio.to_thread.run_sync(self._gate, snapshot, out, result)
+        self.status.cutoff = max(self.status.cutoff, info.window_end)
+        return await anyio.to_thread.run_sync(self._register, out, manifest, verdict)
+
+    async def _run_trainer(self, run_dir: Path, snapshot: Path, out: Path) -> None:
+        cfg = self.config
+        config_file = run_dir / "config.json"
+        config_file.write_bytes(msgspec.json.encode(cfg))
+        threads = str(cfg.trainer.max_threads)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        cmd = [sys.executable, "-m", "reflexd.trainer", str(snapshot), str(out), "--config", str(config_file)]
+        with open(run_dir / "trainer.log", "wb") as errlog:
+            proc = await anyio.open_process(cmd, stdin=None, stdout=errlog, stderr=errlog, env=env)
+            timed_out = True
+            with anyio.move_on_after(cfg.trainer.max_wall_time):
+                await proc.wait()
+                timed_out = False
+            if timed_out:
+                proc.kill()
+                await proc.wait()
+                raise TrainingError(f"trainer exceeded max_wall_time ({cfg.trainer.max_wall_time:g} s) and was killed")
+        if proc.returncode != 0:
+            tail = (run_dir / "trainer.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise TrainingError(f"trainer exited with status {proc.returncode}: {tail[0]}")
+
+    def _gate(self, snapshot: Path, out: Path, result: Any) -> tuple[Manifest, Any]:
+        cfg = self.config
+        incumbent = self.daemon.models.scorer
+        model_file = out / "policy.onnx"
+        manifest = Manifest(
+            version="candidate",
+            parent=incumbent.version if incumbent else None,
+            created=time.time(),
+            learner=result.learner,
+            features=result.features,
+            exploration=cfg.exploration,
+            agent_exploration={a: c.exploration for a, c in cfg.agents.items()},
+            training=msgspec.to_builtins(result),
+            sha256=sha256_of(model_file),
+        )
+        candidate = Scorer(manifest, model_file.read_bytes())
+        _, holdout = split_holdout(load_snapshot(snapshot, result.features), cfg.trainer.holdout_fraction)
+        incumbent_holdout = None
+        if incumbent is not None and incumbent.manifest.features != result.features:
+            _, incumbent_holdout = split_holdout(
+                load_snapshot(snapshot, incumbent.manifest.features), cfg.trainer.holdout_fraction
+            )
+        verdict = gate.evaluate(candidate, incumbent, holdout, cfg.exploration, cfg.gate, incumbent_holdout)
+        return manifest, verdict
+
+    def _register(self, out: Path, manifest: Manifest, verdict: Any) -> dict[str, Any]:
+        registry: Registry = self.daemon.registry
+        fields = msgspec.structs.asdict(manifest)
+        fields["gate"] = verdict
+        added = registry.add(out / "policy.onnx", fields)
+        store = self.daemon.store
+        store.record_model_event(added.version, "registered", msgspec.to_builtins(verdict), time.time())
+        if verdict.passed:
+            registry.promote(added.version)
+            store.record_model_event(added.version, "promoted", {"reason": verdict.reason}, time.time())
+            self.status.promoted += 1
+            _log.info("model promoted", version=added.version, gate=verdict.reason)
+            self.daemon.models.refresh()
+        else:
+            self.status.rejected += 1
+            _log.info("candidate rejected by the gate", version=added.version, gate=verdict.reason)
+        return {
+            "outcome": "promoted" if verdict.passed else "rejected",
+            "version": added.version,
+            "gate": verdict.reason,
+            "train_rows": added.training.get("train_rows"),
+            "at": added.created,
+        }

@@ -1,0 +1,221 @@
+"""The Unix socket: who may connect, how frames are read, where each message goes.
+
+Experience events go to ingest in chunk-sized lists; requests are answered in order on the same
+connection. A bad frame gets an Error reply and a dead-letter row; the connection lives on
+unless the framing itself is lost (an oversize length prefix).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import SocketStream
+
+from . import log
+from .errors import FrameError, ReflexdError
+from .ingest import Ingest
+from .store import DeadLetter
+from .protocol import (
+    EXPERIENCE_TYPES,
+    Ack,
+    Decide,
+    Error,
+    Flush,
+    FrameReader,
+    decode_inbound,
+    encode_frame,
+    framing_of,
+)
+
+_log = log.get("reflexd.server")
+_CRED = struct.Struct("3i")
+READ_BYTES = 1 << 16
+
+
+class SocketError(ReflexdError):
+    """The socket path cannot be used."""
+
+
+def prepare_path(path: Path) -> None:
+    """Make the socket's directory (0750, ours) and clear a stale socket; refuse anything else."""
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise SocketError(f"{path} is a symbolic link; refusing to use it as the socket")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(os.fspath(path))
+    except ConnectionRefusedError:
+        path.unlink()  # stale socket left by a daemon that died
+        return
+    except OSError as exc:
+        raise SocketError(f"{path}: cannot probe the existing socket: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise SocketError(f"{path}: another daemon is already listening there")
+
+
+def peer_credentials(stream: SocketStream) -> tuple[int, int, int]:
+    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    return _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+
+
+class Server:
+    """Accepts connections; ``daemon`` answers requests (``decide`` and the async ``request``)."""
+
+    def __init__(self, daemon: Any, ingest: Ingest) -> None:
+        self.daemon = daemon
+        self.ingest = ingest
+        self.connections = 0
+        self.refused = 0
+
+    @property
+    def config(self) -> Any:
+        return self.daemon.config
+
+    def allowed(self, uid: int, gid: int) -> bool:
+        sock = self.config.socket
+        return uid in (0, os.getuid()) or uid in sock.allowed_uids or gid in sock.allowed_gids
+
+    async def handle(self, stream: SocketStream) -> None:
+        async with stream:
+            try:
+                pid, uid, gid = peer_credentials(stream)
+            except OSError:
+                return
+            if not self.allowed(uid, gid):
+                self.refused += 1
+                _log.warning("connection refused", peer_uid=uid, peer_gid=gid, peer_pid=pid)
+                await self._try_send(stream, encode_frame(Error(code="forbidden", message=f"uid {uid} is not allowed"), "json"))
+                return
+            if self.connections >= self.config.socket.max_connections:
+                self.refused += 1
+                await self._try_send(stream, encode_frame(Error(code="busy", message="too many connections"), "json"))
+                return
+            self.connections += 1
+            try:
+                await self._serve(stream, pid, uid)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+                pass
+            finally:
+                self.connections -= 1
+
+    @staticmethod
+    async def _try_send(stream: SocketStream, data: bytes) -> None:
+        try:
+            await stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+
+    async def _serve(self, stream: SocketStream, pid: int, uid: int) -> None:
+        try:
+            data = await stream.receive(READ_BYTES)
+        except anyio.EndOfStream:
+            return
+        framing = framing_of(data[0])
+        reader = FrameReader(framing, self.config.socket.max_frame_bytes)
+        conn = _Connection(self, stream, framing, pid, uid)
+        while True:
+            await conn.process(reader.feed(data))
+            if reader.fatal:
+                return
+            try:
+                data = await stream.receive(READ_BYTES)
+            except anyio.EndOfStream:
+                await conn.finish()
+                return
+
+
+class _Connection:
+    """Per-connection state: frame counter, events not yet handed to ingest, replies to send."""
+
+    def __init__(self, server: Server, stream: SocketStream, framing: str, pid: int, uid: int) -> None:
+        self.server = server
+        self.stream = stream
+        self.framing = framing
+        self.pid = pid
+        self.uid = uid
+        self.seq = 0
+        self.accepted = 0
+        self.events: list[Any] = []
+        self.dead: list[DeadLetter] = []
+        self.replies: list[bytes] = []
+
+    async def process(self, frames: Any) -> None:
+        for frame in frames:
+            seq = self.seq
+            self.seq += 1
+            if isinstance(frame, FrameError):
+                self._reject(seq, frame, b"")
+                continue
+            try:
+                msg = decode_inbound(frame, self.framing)
+            except FrameError as exc:
+                self._reject(seq, exc, frame)
+                continue
+            if isinstance(msg, EXPERIENCE_TYPES):
+                self.events.append(msg)
+                self.accepted += 1
+            else:
+                await self._request(seq, msg)
+        await self.finish()
+
+    async def finish(self) -> None:
+        await self._hand_off()
+        if self.replies:
+            data = b"".join(self.replies)
+            self.replies.clear()
+            await self.stream.send(data)
+
+    async def _hand_off(self) -> None:
+        if self.events or self.dead:
+            events, dead = self.events, self.dead
+            self.events, self.dead = [], []
+            await self.server.ingest.submit(events, dead)
+
+    def _reply(self, msg: msgspec.Struct) -> None:
+        self.replies.append(encode_frame(msg, self.framing))
+
+    def _reject(self, seq: int, err: FrameError, raw: bytes) -> None:
+        cap = self.server.config.ingest.dead_letter_bytes
+        self.dead.append(
+            DeadLetter(
+                received_at=time.time(),
+                peer_uid=self.uid,
+                peer_pid=self.pid,
+                code=err.code,
+                reason=err.reason,
+                raw=raw[:cap],
+                raw_size=len(raw),
+            )
+        )
+        self._reply(Error(code=err.code, message=err.reason, seq=seq))
+
+    async def _request(self, seq: int, msg: Any) -> None:
+        req = getattr(msg, "req", None)
+        try:
+            if isinstance(msg, Flush):
+                await self._hand_off()
+                await self.server.ingest.barrier()
+                self._reply(Ack(count=self.accepted, req=req))
+            elif isinstance(msg, Decide):
+                reply, decision = self.server.daemon.decide(msg)
+                self.events.append(decision)
+                self._reply(reply)
+            else:
+                self._reply(await self.server.daemon.request(msg))
+        except ReflexdError as exc:
+            self._reply(Error(code=type(exc).__name__, message=str(exc), seq=seq, req=req))

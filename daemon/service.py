@@ -1,0 +1,269 @@
+"""The daemon: wires ingest, store, scheduler, registry and the socket together and runs them.
+
+Lifecycle: open the store, bind the socket, tell systemd READY; SIGHUP reloads the config (a
+bad file leaves the old one in force); SIGTERM/SIGINT stop accepting, drain what was accepted
+into the store, and exit.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from . import __version__, log, sdnotify
+from .config import Config, load_config
+from .errors import ConfigError, ReflexdError, TrainingError
+from .ingest import Ingest
+from .protocol import (
+    Decide,
+    Decided,
+    Decision,
+    Done,
+    ModelsReply,
+    ModelsRequest,
+    Promote,
+    Rollback,
+    StatusReply,
+    StatusRequest,
+    Train,
+)
+from .registry import Registry
+from .scheduler import Scheduler
+from .server import Server, prepare_path
+from .serving import Chooser, ModelSource
+from .store import Store
+
+_log = log.get("reflexd")
+MODEL_POLL_SECONDS = 0.5
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.started = time.time()
+        self.store: Store | None = None
+        self.registry = Registry(config.models_path)
+        self.models = ModelSource(self.registry)
+        self.chooser = Chooser(self.models, lambda agent, _m: self.config.for_agent(agent).exploration)
+        self.scheduler = Scheduler(self)
+        self.ingest: Ingest | None = None
+        self.server: Server | None = None
+
+    # ---- running ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.config
+        cfg.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self.registry.ensure()
+        self.store = await anyio.to_thread.run_sync(Store, cfg.db_path)
+        self.models.refresh()
+        self.scheduler.start_from(self.models.scorer.manifest if self.models.scorer else None)
+        self.ingest = Ingest(self.store, cfg.ingest.batch_size, cfg.ingest.flush_interval, cfg.ingest.queue_size)
+        self.server = Server(self, self.ingest)
+        sock_path = Path(cfg.socket.path)
+        prepare_path(sock_path)
+        listener = await anyio.create_unix_listener(sock_path, mode=cfg.socket.mode_bits)
+        self._set_group(sock_path)
+        try:
+            async with anyio.create_task_group() as writer_tg:
+                writer_tg.start_soon(self.ingest.run)
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(listener.serve, self.server.handle)
+                        tg.start_soon(self.scheduler.run)
+                        tg.start_soon(self._follow_models)
+                        tg.start_soon(self._retention)
+                        tg.start_soon(self._watchdog)
+                        tg.start_soon(self._signals, tg.cancel_scope)
+                        _log.info("reflexd ready", socket=str(sock_path), state_dir=cfg.state_dir, pid=os.getpid())
+                        sdnotify.notify("READY=1", "STATUS=accepting events")
+                finally:
+                    # the listener is stopped; the writer commits what was accepted, then returns
+                    self.ingest.close()
+        finally:
+            await listener.aclose()
+            sock_path.unlink(missing_ok=True)
+            await anyio.to_thread.run_sync(self.store.close)
+            _log.info("reflexd stopped", stored=self.ingest.counters.stored)
+
+    def _set_group(self, path: Path) -> None:
+        group = self.config.socket.group
+        if group is None:
+            return
+        gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+        os.chown(path, -1, gid)
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
+                _log.info("stopping", signal=signal.Signals(signum).name)
+                sdnotify.notify("STOPPING=1")
+                scope.cancel()
+                return
+
+    async def reload(self) -> bool:
+        sdnotify.reloading()
+        try:
+            new = await anyio.to_thread.run_sync(load_config, self.config_path)
+        except ConfigError as exc:
+            _log.error("config reload failed; keeping the running config", error=str(exc))
+            sdnotify.notify("READY=1", "STATUS=reload failed; old config in force")
+            return False
+        if new.socket.path != self.config.socket.path or new.state_dir != self.config.state_dir:
+            _log.warning("socket.path and state_dir changes take effect at restart")
+        self.config = new
+        log.configure(new.log.level, new.log.format)
+        _log.info("config reloaded", path=self.config_path)
+        sdnotify.notify("READY=1", "STATUS=config reloaded")
+        return True
+
+    async def _watchdog(self) -> None:
+        interval = sdnotify.watchdog_interval()
+        if interval is None:
+            return
+        # pinged from the event loop, so a stalled loop stops the pings and systemd restarts us
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await anyio.sleep(interval)
+
+    async def _follow_models(self) -> None:
+        while True:
+            if await anyio.to_thread.run_sync(self.models.refresh):
+                _log.info("serving model", version=self.models.scorer.version)
+            await anyio.sleep(MODEL_POLL_SECONDS)
+
+    async def _retention(self) -> None:
+        while True:
+            cfg = self.config.retention
+            cutoff = time.time() - cfg.days * 86400
+            try:
+                moved = await anyio.to_thread.run_sync(
+                    self.store.archive, cutoff, self.config.archive_path, cfg.compression
+                )
+            except ReflexdError as exc:
+                _log.error("archiving failed", error=str(exc))
+            else:
+                if any(moved.values()):
+                    _log.info("archived old experience", **moved)
+            await anyio.sleep(cfg.check_interval)
+
+    # ---- requests --------------------------------------------------------------------
+
+    def decide(self, msg: Decide) -> tuple[Decided, Decision]:
+        choice = self.chooser.choose(msg.agent, msg.context, msg.actions, msg.id)
+        decision = Decision(
+            id=choice.id,
+            agent=msg.agent,
+            context=msg.context,
+            actions=msg.actions,
+            chosen=choice.action,
+            prob=choice.prob,
+            probs=choice.probs,
+            model_version=choice.model_version,
+            strategy=choice.strategy,
+            ts=time.time(),
+        )
+        reply = Decided(
+            id=choice.id,
+            action=choice.action,
+            prob=choice.prob,
+            model_version=choice.model_version,
+            strategy=choice.strategy,
+            req=msg.req,
+        )
+        return reply, decision
+
+    async def request(self, msg: msgspec.Struct) -> msgspec.Struct:
+        req = getattr(msg, "req", None)
+        if isinstance(msg, StatusRequest):
+            return await self.status(req)
+        if isinstance(msg, ModelsRequest):
+            return ModelsReply(current=self.registry.current(), models=self.registry.summary(), req=req)
+        if isinstance(msg, Promote):
+            await anyio.to_thread.run_sync(self.registry.promote, msg.version)
+            await self._model_event(msg.version, "promoted", "by request")
+            return Done(message=f"{msg.version} is live", req=req)
+        if isinstance(msg, Rollback):
+            target = await anyio.to_thread.run_sync(self.registry.rollback)
+            await self._model_event(target, "rolled_back", "by request")
+            return Done(message=f"rolled back to {target}", req=req)
+        if isinstance(msg, Train):
+            summary = await self.scheduler.train_once("requested")
+            if summary.get("outcome") == "failed":
+                raise TrainingError(summary["error"])
+            return Done(message=f"{summary['outcome']} {summary['version']}: {summary['gate']}", req=req)
+        raise AssertionError(f"no handler for {type(msg).__name__}")  # the decoder admits no other type
+
+    async def _model_event(self, version: str, event: str, reason: str) -> None:
+        self.models.refresh()
+        _log.info(f"model {event}", version=version, reason=reason)
+        await anyio.to_thread.run_sync(self.store.record_model_event, version, event, {"reason": reason}, time.time())
+
+    async def status(self, req: Any = None) -> StatusReply:
+        c = self.ingest.counters
+        counts = await anyio.to_thread.run_sync(self.store.counts)
+        now = time.time()
+        matured = await anyio.to_thread.run_sync(
+            self.store.matured_count, self.scheduler.status.cutoff, now, self.config
+        )
+        scorer = self.models.scorer
+        model = None
+        if scorer is not None:
+            m = scorer.manifest
+            model = {
+                "version": m.version,
+                "created": m.created,
+                "learner": m.learner,
+                "train_rows": m.training.get("train_rows"),
+                "gate": msgspec.to_builtins(m.gate) if m.gate else None,
+            }
+        if self.models.error:
+            model = {**(model or {}), "load_error": self.models.error}
+        return StatusReply(
+            version=__version__,
+            pid=os.getpid(),
+            uptime=round(now - self.started, 3),
+            state_dir=self.config.state_dir,
+            socket=self.config.socket.path,
+            ingest={
+                "received": c.received,
+                "stored": c.stored,
+                "duplicates": c.duplicates,
+                "dead_letters": c.dead_letters,
+                "write_errors": c.write_errors,
+                "connections": self.server.connections,
+                "refused": self.server.refused,
+                **{f"stored_{k}": v for k, v in c.by_type.items()},
+            },
+            backlog=c.queued,
+            experience={**counts, "new_since_training": matured},
+            model=model,
+            trainer=self.scheduler.status.as_dict(),
+            storage={"error": self.ingest.storage_error, "db_bytes": _size(self.config.db_path)},
+            req=req,
+        )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def run(config_path: str | None) -> None:
+    """Entry point of ``reflexd run``."""
+    config = load_config(config_path)
+    log.configure(config.log.level, config.log.format)
+    anyio.run(Daemon(config, config_path).run)

@@ -1,0 +1,156 @@
+"""Deciding: score the actions with the live ONNX model, explore, return the exact probability.
+
+Shared by the in-process client (``reflexd.Policy``) and the daemon's socket ``decide``. Imports
+neither torch nor duckdb: numpy, onnxruntime and msgspec are all a decision needs.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from typing import Any, Callable
+
+import msgspec
+import numpy as np
+import onnxruntime as ort
+
+from .config import ExplorationConfig
+from .errors import ModelIntegrityError, ReflexdError
+from .features import Hasher, action_ids
+from .registry import Manifest, Registry
+from .plugins import exploration
+
+BATCH_ROWS = 4096
+
+
+class Choice(msgspec.Struct, frozen=True):
+    """One decision: which action, with what probability, by which model."""
+
+    id: str
+    action: str
+    index: int
+    prob: float
+    probs: list[float]
+    model_version: str | None
+    strategy: str
+
+
+def _session(model: bytes, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+class Scorer:
+    """One loaded model version."""
+
+    def __init__(self, manifest: Manifest, model: bytes, threads: int = 1) -> None:
+        self.manifest = manifest
+        self.version = manifest.version
+        self.hasher = Hasher(manifest.features)
+        try:
+            self.session = _session(model, threads)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+            raise ModelIntegrityError(manifest.version, f"onnxruntime cannot load it: {exc}") from None
+        self._ctx = np.zeros((1, manifest.features.context_dim), dtype=np.float32)
+
+    def score(self, context: dict[str, Any], actions: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        self.hasher.context(context, out=self._ctx[0])
+        acts = self.hasher.actions(actions)[None]
+        scores, spread = self.session.run(None, {"context": self._ctx, "actions": acts})
+        return scores[0], spread[0]
+
+    def score_batch(self, context: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores for [N, Dc] contexts and [N, A, Da] actions, run in chunks to bound memory."""
+        parts = [
+            self.session.run(None, {"context": context[i : i + BATCH_ROWS], "actions": actions[i : i + BATCH_ROWS]})
+            for i in range(0, len(context), BATCH_ROWS)
+        ]
+        if not parts:
+            n_actions = actions.shape[1] if actions.ndim == 3 else 0
+            empty = np.zeros((0, n_actions), dtype=np.float32)
+            return empty, empty
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+class ModelSource:
+    """Follows the registry's CURRENT pointer; a model that fails to load leaves the last good one.
+
+    ``refresh`` is cheap when nothing changed (one stat), so callers may poll it often.
+    """
+
+    def __init__(self, registry: Registry, threads: int = 1) -> None:
+        self.registry = registry
+        self.threads = threads
+        self.scorer: Scorer | None = None
+        self.error: str | None = None
+        self._stamp: tuple[int, int] | None = None
+
+    def refresh(self) -> bool:
+        """Load the current version if the pointer moved; True when the live model changed."""
+        stamp = self.registry.current_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        version = self.registry.current()
+        if version is None or (self.scorer is not None and self.scorer.version == version):
+            return False
+        try:
+            manifest, model = self.registry.load(version)
+            self.scorer = Scorer(manifest, model, self.threads)
+        except ReflexdError as exc:
+            self.error = str(exc)
+            return False
+        self.error = None
+        return True
+
+
+ExplorationFor = Callable[[str, Manifest | None], ExplorationConfig]
+
+
+class Chooser:
+    """Turns (agent, context, actions) into a Choice using the live model and exploration.
+
+    ``t`` (the experience count that drives epsilon decay and SquareCB's gamma) is the model's
+    training rows plus the decisions this chooser made since that model went live.
+    """
+
+    def __init__(self, source: ModelSource | None, exploration_for: ExplorationFor, seed: int | None = None) -> None:
+        self.source = source
+        self.exploration_for = exploration_for
+        self._rng = random.Random(seed)
+        self._since_load = 0
+        self._version: str | None = None
+
+    def choose(self, agent: str, context: dict[str, Any], actions: list[Any], decision_id: str | None = None) -> Choice:
+        ids = action_ids(actions)
+        scorer = self.source.scorer if self.source is not None else None
+        manifest = scorer.manifest if scorer is not None else None
+        version = scorer.version if scorer is not None else None
+        if version != self._version:
+            self._version = version
+            self._since_load = 0
+        cfg = self.exploration_for(agent, manifest)
+        t = self._since_load + (int(manifest.training.get("train_rows", 0)) if manifest else 0)
+        self._since_load += 1
+        if scorer is not None:
+            scores, spread = scorer.score(context, actions)
+            p = exploration.probabilities(cfg, scores.astype(np.float64), spread.astype(np.float64), t)
+            strategy = cfg.strategy
+        else:
+            default = ids.index(cfg.default_action) if cfg.default_action in ids else None
+            p = exploration.fallback(cfg, len(ids), default, t)
+            strategy = "default"
+        i = exploration.sample(p, self._rng.random())
+        return Choice(
+            id=decision_id or uuid.uuid4().hex,
+            action=ids[i],
+            index=i,
+            prob=float(p[i]),
+            probs=p.tolist(),
+            model_version=version,
+            strategy=strategy,
+        )

@@ -1,0 +1,568 @@
+"""The DuckDB store: persists experience events and answers the queries the daemon needs.
+
+One connection guarded by one lock: DuckDB connections are not safe to share between threads,
+and the daemon's writers and readers run in worker threads. Batches arrive as msgspec Structs,
+become one pyarrow Table per event type and load with ``INSERT ... SELECT`` (the fast path; see
+MEASUREMENTS.md). Tables named in SQL such as ``FROM batch`` are Python locals of the calling
+function, found by DuckDB's replacement scan.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import duckdb
+import msgspec
+import pyarrow as pa
+
+from .config import Config
+from .errors import StorageError
+from .protocol import Decision, Event, Outcome, Step
+
+EXPERIENCE_TABLES = ("decisions", "outcomes", "steps", "events")
+COUNTED_TABLES = (*EXPERIENCE_TABLES, "dead_letters")
+COMPRESSIONS = frozenset({"zstd", "snappy", "gzip", "uncompressed"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    id VARCHAR PRIMARY KEY,
+    agent VARCHAR NOT NULL,
+    ts DOUBLE NOT NULL,
+    received_at DOUBLE NOT NULL,
+    context JSON NOT NULL,
+    actions JSON NOT NULL,
+    chosen VARCHAR NOT NULL,
+    prob DOUBLE NOT NULL,
+    probs JSON,
+    model_version VARCHAR,
+    strategy VARCHAR
+);
+CREATE TABLE IF NOT EXISTS outcomes (
+    id VARCHAR PRIMARY KEY,
+    decision_id VARCHAR NOT NULL,
+    agent VARCHAR,
+    reward DOUBLE NOT NULL,
+    ts DOUBLE NOT NULL,
+    received_at DOUBLE NOT NULL
+);
+CREATE TABLE IF NOT EXISTS steps (
+    id VARCHAR PRIMARY KEY,
+    agent VARCHAR NOT NULL,
+    episode VARCHAR NOT NULL,
+    idx INTEGER NOT NULL,
+    observation JSON NOT NULL,
+    action VARCHAR NOT NULL,
+    reward DOUBLE NOT NULL,
+    done BOOLEAN NOT NULL,
+    ts DOUBLE NOT NULL,
+    received_at DOUBLE NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id VARCHAR PRIMARY KEY,
+    agent VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,
+    data JSON NOT NULL,
+    ts DOUBLE NOT NULL,
+    received_at DOUBLE NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    received_at DOUBLE NOT NULL,
+    peer_uid INTEGER,
+    peer_pid INTEGER,
+    code VARCHAR NOT NULL,
+    reason VARCHAR NOT NULL,
+    raw BLOB NOT NULL,
+    raw_size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_events (
+    "at" DOUBLE NOT NULL,  -- quoted: AT is a keyword
+    version VARCHAR NOT NULL,
+    event VARCHAR NOT NULL,
+    detail JSON NOT NULL
+);
+"""
+
+# A decision has matured once its agent's wait window has passed; `rules` holds one row per
+# agent with overrides plus the global settings under the agent id '' (ids are never empty).
+_MATURED = """
+    SELECT d.*, r.wait_window, r.default_reward, r.aggregation
+    FROM decisions d
+    LEFT JOIN rules own ON own.agent = d.agent
+    JOIN rules r ON r.agent = coalesce(own.agent, '')
+    WHERE d.received_at <= $now - r.wait_window
+"""
+
+# Outcomes sharing a received_at (one ingest batch) are ordered by the agent's ts, then id, so
+# first/last are deterministic. Rewards are aggregated before joining back, so the wide JSON
+# columns are never grouped on.
+_EXPERIENCES = f"""
+    WITH recent AS (
+        SELECT * FROM ({_MATURED}) ORDER BY received_at DESC, id DESC LIMIT $max_rows
+    ),
+    rewards AS (
+        SELECT m.id,
+            CASE m.aggregation
+                WHEN 'sum' THEN sum(o.reward)
+                WHEN 'mean' THEN avg(o.reward)
+                WHEN 'min' THEN min(o.reward)
+                WHEN 'max' THEN max(o.reward)
+                WHEN 'first' THEN arg_min(o.reward, (o.received_at, o.ts, o.id))
+                WHEN 'last' THEN arg_max(o.reward, (o.received_at, o.ts, o.id))
+            END AS reward,
+            count(*) AS outcomes
+        FROM recent m
+        JOIN outcomes o ON o.decision_id = m.id AND o.received_at <= m.received_at + m.wait_window
+        GROUP BY m.id, m.aggregation
+    )
+    SELECT
+        m.id, m.agent, m.received_at,
+        CAST(m.context AS VARCHAR) AS context,
+        CAST(m.actions AS VARCHAR) AS actions,
+        m.chosen, m.prob,
+        coalesce(r.reward, m.default_reward) AS reward,
+        m.model_version,
+        CAST(coalesce(r.outcomes, 0) AS INTEGER) AS outcomes
+    FROM recent m LEFT JOIN rewards r ON r.id = m.id
+    ORDER BY m.received_at, m.id
+"""
+
+
+def _utc_date(column: str) -> str:
+    return f"CAST(make_timestamp(CAST({column} * 1e6 AS BIGINT)) AS DATE) AS date"
+
+
+# Outcomes sent without an agent are filed under their decision's agent, so `forget` finds them
+# in the archive ('_' when the decision is gone too). That needs the decisions still in the
+# database, so outcomes are archived first.
+_ARCHIVE_SELECT = {
+    "outcomes": f"""
+        SELECT o.* REPLACE (coalesce(o.agent, d.agent, '_') AS agent),
+               {_utc_date('o.received_at')}
+        FROM outcomes o LEFT JOIN decisions d ON d.id = o.decision_id
+        WHERE o.received_at < $cutoff
+    """,
+    "decisions": f"SELECT *, {_utc_date('received_at')} FROM decisions WHERE received_at < $cutoff",
+    "steps": f"SELECT *, {_utc_date('received_at')} FROM steps WHERE received_at < $cutoff",
+    "events": f"SELECT *, {_utc_date('received_at')} FROM events WHERE received_at < $cutoff",
+}
+
+
+class WriteResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Rows a batch added; ``duplicates`` are events already stored or repeated in the batch."""
+
+    inserted: int
+    duplicates: int
+    decisions: int = 0
+    outcomes: int = 0
+    steps: int = 0
+    events: int = 0
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A frame that could not be accepted; ``raw`` is capped, ``raw_size`` is the original length."""
+
+    received_at: float
+    peer_uid: int | None
+    peer_pid: int | None
+    code: str
+    reason: str
+    raw: bytes
+    raw_size: int
+
+
+class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True):
+    rows: int
+    window_start: float
+    window_end: float
+
+
+# ---- turning events into Arrow tables ------------------------------------------------------
+
+_json_encode = msgspec.json.Encoder().encode
+
+
+def _json(value: Any) -> bytes:
+    """JSON text for a stored value; msgspec already writes NaN and infinities as null."""
+    try:
+        return _json_encode(value)
+    except (TypeError, msgspec.EncodeError):
+        # msgpack can carry what JSON cannot (Ext values, array map keys); storing their repr
+        # beats failing the batch that holds them.
+        return _json_encode(_plain(value))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else repr(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bytes)):
+        return value
+    return repr(value)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _ts(ts: float | None, received_at: float) -> float:
+    return received_at if ts is None else ts
+
+
+_DECISIONS = pa.schema(
+    [("id", pa.string()), ("agent", pa.string()), ("ts", pa.float64()), ("received_at", pa.float64()),
+     ("context", pa.string()), ("actions", pa.string()), ("chosen", pa.string()), ("prob", pa.float64()),
+     ("probs", pa.string()), ("model_version", pa.string()), ("strategy", pa.string())]
+)
+_OUTCOMES = pa.schema(
+    [("id", pa.string()), ("decision_id", pa.string()), ("agent", pa.string()), ("reward", pa.float64()),
+     ("ts", pa.float64()), ("received_at", pa.float64())]
+)
+_STEPS = pa.schema(
+    [("id", pa.string()), ("agent", pa.string()), ("episode", pa.string()), ("idx", pa.int32()),
+     ("observation", pa.string()), ("action", pa.string()), ("reward", pa.float64()), ("done", pa.bool_()),
+     ("ts", pa.float64()), ("received_at", pa.float64())]
+)
+_EVENTS = pa.schema(
+    [("id", pa.string()), ("agent", pa.string()), ("kind", pa.string()), ("data", pa.string()),
+     ("ts", pa.float64()), ("received_at", pa.float64())]
+)
+_DEAD_LETTERS = pa.schema(
+    [("received_at", pa.float64()), ("peer_uid", pa.int64()), ("peer_pid", pa.int64()), ("code", pa.string()),
+     ("reason", pa.string()), ("raw", pa.binary()), ("raw_size", pa.int64())]
+)
+
+
+def _decisions(rows: list[Decision], received_at: float) -> pa.Table:
+    return pa.table(
+        {
+            "id": [r.id for r in rows],
+            "agent": [r.agent for r in rows],
+            "ts": [_ts(r.ts, received_at) for r in rows],
+            "received_at": [received_at] * len(rows),
+            "context": [_json(r.context) for r in rows],
+            "actions": [_json(r.actions) for r in rows],
+            "chosen": [r.chosen for r in rows],
+            "prob": [r.prob for r in rows],
+            "probs": [None if r.probs is None else _json(r.probs) for r in rows],
+            "model_version": [r.model_version for r in rows],
+            "strategy": [r.strategy for r in rows],
+        },
+        schema=_DECISIONS,
+    )
+
+
+def _outcomes(rows: list[Outcome], received_at: float) -> pa.Table:
+    return pa.table(
+        {
+            "id": [r.id or _new_id() for r in rows],
+            "decision_id": [r.decision_id for r in rows],
+            "agent": [r.agent for r in rows],
+            "reward": [r.reward for r in rows],
+            "ts": [_ts(r.ts, received_at) for r in rows],
+            "received_at": [received_at] * len(rows),
+        },
+        schema=_OUTCOMES,
+    )
+
+
+def _steps(rows: list[Step], received_at: float) -> pa.Table:
+    return pa.table(
+        {
+            "id": [r.id or _new_id() for r in rows],
+            "agent": [r.agent for r in rows],
+            "episode": [r.episode for r in rows],
+            "idx": [r.index for r in rows],
+            "observation": [_json(r.observation) for r in rows],
+            "action": [r.action for r in rows],
+            "reward": [r.reward for r in rows],
+            "done": [r.done for r in rows],
+            "ts": [_ts(r.ts, received_at) for r in rows],
+            "received_at": [received_at] * len(rows),
+        },
+        schema=_STEPS,
+    )
+
+
+def _events(rows: list[Event], received_at: float) -> pa.Table:
+    return pa.table(
+        {
+            "id": [r.id or _new_id() for r in rows],
+            "agent": [r.agent for r in rows],
+            "kind": [r.kind for r in rows],
+            "data": [_json(r.data) for r in rows],
+            "ts": [_ts(r.ts, received_at) for r in rows],
+            "received_at": [received_at] * len(rows),
+        },
+        schema=_EVENTS,
+    )
+
+
+_BUILDERS = {
+    Decision: ("decisions", _decisions),
+    Outcome: ("outcomes", _outcomes),
+    Step: ("steps", _steps),
+    Event: ("events", _events),
+}
+
+
+def _batch_tables(events: Sequence[Decision | Outcome | Step | Event], received_at: float) -> dict[str, pa.Table]:
+    groups: dict[type, list[Any]] = {}
+    for ev in events:
+        if type(ev) not in _BUILDERS:
+            raise TypeError(f"the store keeps decisions, outcomes, steps and events, not {type(ev).__name__}")
+        groups.setdefault(type(ev), []).append(ev)
+    tables = {}
+    for kind, rows in groups.items():
+        name, build = _BUILDERS[kind]
+        tables[name] = build(rows, received_at)
+    return tables
+
+
+def _reward_rules(config: Config) -> pa.Table:
+    rules = {"": config.rewards} | {agent: override.rewards for agent, override in config.agents.items()}
+    return pa.table(
+        {
+            "agent": list(rules),
+            "wait_window": [r.wait_window for r in rules.values()],
+            "default_reward": [r.default for r in rules.values()],
+            "aggregation": [r.aggregation for r in rules.values()],
+        }
+    )
+
+
+# ---- files ---------------------------------------------------------------------------------
+
+
+def _sql_path(path: Path) -> str:
+    """A path as an SQL string literal (COPY ... TO takes no parameters)."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(staging: Path, dest: Path) -> None:
+    """Move a finished COPY's part files into the archive and make them durable.
+
+    The rows are deleted from DuckDB right after this, so the files must survive a power cut.
+    """
+    dirs = set()
+    for part in sorted(staging.rglob("*.parquet")):
+        _fsync(part)
+        target = dest / part.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, target)
+        dirs.update((target.parent, target.parent.parent, dest))
+    for directory in dirs:
+        _fsync(directory)
+
+
+def _agent_partitions(root: Path, agent: str) -> Iterator[Path]:
+    """The archive's ``agent=...`` folders for ``agent``; DuckDB percent-encodes their names."""
+    for table in EXPERIENCE_TABLES:
+        base = root / table
+        if not base.is_dir():
+            continue
+        for child in base.iterdir():
+            if child.is_dir() and child.name.startswith("agent=") and unquote(child.name[6:]) == agent:
+                yield child
+
+
+# ---- the store -----------------------------------------------------------------------------
+
+
+@contextmanager
+def _failing_as(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (duckdb.Error, OSError, pa.ArrowException, OverflowError) as exc:
+        raise StorageError(f"{what} failed: {exc}") from exc
+
+
+@contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    con.begin()
+    try:
+        yield
+    except BaseException:
+        con.rollback()
+        raise
+    # A failed commit ends the transaction itself, so there is nothing left to roll back.
+    con.commit()
+
+
+class Store:
+    def __init__(self, path: Path | str, threads: int = 2) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._con = duckdb.connect(str(self.path), config={"threads": threads})
+            self._con.execute(_SCHEMA)
+        except (duckdb.Error, OSError) as exc:
+            raise StorageError(f"cannot open the store at {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Hold the lock and report any database or file failure as StorageError."""
+        with self._lock, _failing_as(what):
+            yield self._con
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def write(self, events: Sequence[Decision | Outcome | Step | Event], received_at: float) -> WriteResult:
+        """Store a batch in one transaction; once this returns the batch is durable.
+
+        Events whose id is already stored (or repeats within the batch) are skipped, which makes
+        a resend after a lost acknowledgement exactly-once.
+        """
+        what = f"writing a batch of {len(events)} events"
+        with _failing_as(what):
+            tables = _batch_tables(events, received_at)
+        inserted: dict[str, int] = {}
+        with self._guard(what) as con, _transaction(con):
+            for name, batch in tables.items():
+                (inserted[name],) = con.execute(f"INSERT OR IGNORE INTO {name} BY NAME SELECT * FROM batch").fetchone()
+        total = sum(inserted.values())
+        return WriteResult(inserted=total, duplicates=len(events) - total, **inserted)
+
+    def dead_letter(self, rows: Sequence[DeadLetter]) -> None:
+        what = f"storing {len(rows)} dead letters"
+        with _failing_as(what):
+            letters = pa.table({c: [getattr(r, c) for r in rows] for c in _DEAD_LETTERS.names}, schema=_DEAD_LETTERS)
+        with self._guard(what) as con:
+            con.execute("INSERT INTO dead_letters BY NAME SELECT * FROM letters")
+
+    def record_model_event(self, version: str, event: str, detail: dict[str, Any], at: float) -> None:
+        with self._guard(f"recording model event {event!r} for {version}") as con:
+            con.execute("INSERT INTO model_events VALUES (?, ?, ?, ?)", [at, version, event, _json(detail).decode()])
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        with self._guard("counting rows") as con:
+            return self._counts(con)
+
+    @staticmethod
+    def _counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+        selects = ", ".join(f"(SELECT count(*) FROM {t})" for t in COUNTED_TABLES)
+        return dict(zip(COUNTED_TABLES, con.execute(f"SELECT {selects}").fetchone()))
+
+    def stats(self) -> dict[str, Any]:
+        with self._guard("reading store statistics") as con:
+            counts = self._counts(con)
+        wal = self.path.with_name(self.path.name + ".wal")
+        return {
+            "path": str(self.path),
+            "db_bytes": self.path.stat().st_size,
+            "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+            "rows": counts,
+        }
+
+    def model_events(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The most recent model events, newest first."""
+        with self._guard("reading model events") as con:
+            rows = con.execute(
+                'SELECT "at", version, event, CAST(detail AS VARCHAR) FROM model_events ORDER BY "at" DESC LIMIT ?', [limit]
+            ).fetchall()
+        return [{"at": at, "version": v, "event": e, "detail": msgspec.json.decode(d)} for at, v, e, d in rows]
+
+    def matured_count(self, since: float, now: float, config: Config) -> int:
+        """Decisions received after ``since`` whose reward wait window has closed by ``now``."""
+        rules = _reward_rules(config)  # noqa: F841 -- read by the SQL below
+        with self._guard("counting matured decisions") as con:
+            (n,) = con.execute(
+                f"SELECT count(*) FROM ({_MATURED}) WHERE received_at > $since", {"now": now, "since": since}
+            ).fetchone()
+        return n
+
+    def snapshot(self, dest: Path, now: float, config: Config, max_rows: int) -> SnapshotInfo:
+        """Write the newest ``max_rows`` matured decisions with their joined reward to one Parquet file.
+
+        The file appears at ``dest`` complete or not at all, so a trainer never reads half of it.
+        """
+        dest = Path(dest)
+        partial = dest.with_name(dest.name + ".partial")
+        rules = _reward_rules(config)  # noqa: F841 -- read by the SQL below
+        with self._guard(f"writing the training snapshot {dest}") as con:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            con.execute(
+                f"COPY ({_EXPERIENCES}) TO {_sql_path(partial)} (FORMAT parquet)", {"now": now, "max_rows": max_rows}
+            )
+            os.replace(partial, dest)
+            rows, start, end = con.execute(
+                "SELECT count(*), coalesce(min(received_at), 0), coalesce(max(received_at), 0) FROM read_parquet(?)",
+                [str(dest)],
+            ).fetchone()
+        return SnapshotInfo(rows=rows, window_start=start, window_end=end)
+
+    # ---- retention -------------------------------------------------------------------------
+
+    def archive(self, older_than: float, root: Path, compression: str) -> dict[str, int]:
+        """Move rows received before ``older_than`` to Parquet under ``root/<table>/agent=../date=..``.
+
+        Each table's COPY writes into a staging folder first; rows are deleted only after its
+        files are in place, so a failed COPY loses nothing and leaves no partial files behind.
+        """
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, not {compression!r}")
+        root = Path(root)
+        return {table: self._archive_table(table, older_than, root, compression) for table in _ARCHIVE_SELECT}
+
+    def _archive_table(self, table: str, older_than: float, root: Path, compression: str) -> int:
+        staging = root / f".staging-{uuid.uuid4().hex}"
+        options = f"FORMAT parquet, PARTITION_BY (agent, date), COMPRESSION {compression}, FILENAME_PATTERN 'part-{{uuid}}'"
+        copy = f"COPY ({_ARCHIVE_SELECT[table]}) TO {_sql_path(staging / table)} ({options})"
+        try:
+            with self._guard(f"archiving {table} to {root}") as con, _transaction(con):
+                staging.mkdir(parents=True)
+                (copied,) = con.execute(copy, {"cutoff": older_than}).fetchone()
+                if not copied:
+                    return 0
+                _publish(staging / table, root / table)
+                (deleted,) = con.execute(f"DELETE FROM {table} WHERE received_at < ?", [older_than]).fetchone()
+                return deleted
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def forget(self, agent: str, archive_root: Path | None) -> dict[str, int]:
+        """Delete everything stored about ``agent``, in the database and in the archive."""
+        removed: dict[str, int] = {}
+        with self._guard(f"forgetting agent {agent!r}") as con, _transaction(con):
+            # Before the decisions go: outcomes sent without an agent belong to their decision's.
+            (removed["outcomes"],) = con.execute(
+                "DELETE FROM outcomes WHERE agent = $a OR decision_id IN (SELECT id FROM decisions WHERE agent = $a)",
+                {"a": agent},
+            ).fetchone()
+            for table in ("decisions", "steps", "events"):
+                (removed[table],) = con.execute(f"DELETE FROM {table} WHERE agent = ?", [agent]).fetchone()
+        if archive_root is not None:
+            partitions = list(_agent_partitions(Path(archive_root), agent))
+            for partition in partitions:
+                shutil.rmtree(partition)
+            removed["archive_partitions"] = len(partitions)
+        return removed

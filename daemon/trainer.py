@@ -1,0 +1,213 @@
+"""The trainer subprocess: snapshot → fit → ONNX export → parity check → result.json.
+
+    python -m reflexd.trainer SNAPSHOT OUT_DIR --config CONFIG_JSON [--seed N]
+
+CONFIG_JSON is ``msgspec.json.encode(config)`` of a ``reflexd.config.Config``. The run writes
+``OUT_DIR/policy.onnx`` and ``OUT_DIR/result.json`` (a ``TrainResult``, or ``{"error": ...}``).
+Exit status: 0 when a model was produced (even if parity failed: ``parity_ok`` says so and the
+daemon rejects it), 2 for a training failure (one line on stderr), 1 for a bug (traceback).
+
+Training runs in its own process so torch's memory returns to the host when it exits, and at
+the lowest CPU priority so it only uses cycles the agents leave idle. The daemon imports this
+module for ``read_result``, so torch is imported only inside ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .config import Config
+from .dataset import load_snapshot, split_holdout
+from .errors import TrainingError
+from .features import FeatureSpec
+
+RESULT_FILE = "result.json"
+MODEL_FILE = "policy.onnx"
+MIN_TRAIN_ROWS = 10
+MAX_PARITY_ROWS = 2000
+
+
+class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    learner: str
+    features: FeatureSpec
+    seed: int
+    train_rows: int
+    holdout_rows: int
+    dropped_rows: int
+    window_start: float  # received_at of the oldest row in the snapshot (train and holdout)
+    window_end: float  # received_at of the newest
+    epochs: int
+    train_loss: float | None  # mean over the last epoch, in squared reward units; None if not reported
+    fit_seconds: float
+    export_seconds: float
+    parity_max_abs_diff: float
+    parity_ok: bool
+    torch_version: str
+
+
+class _Failure(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    error: str
+
+
+_result_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def read_result(out_dir: str | os.PathLike[str]) -> TrainResult:
+    """The run's result, or TrainingError with the trainer's own error message."""
+    path = Path(out_dir) / RESULT_FILE
+    try:
+        found = _result_decoder.decode(path.read_bytes())
+        if "error" in found:
+            raise TrainingError(msgspec.convert(found, _Failure).error)
+        return msgspec.convert(found, TrainResult)
+    except FileNotFoundError:
+        raise TrainingError(f"trainer wrote no {path} (killed, or crashed before starting)") from None
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise TrainingError(f"unreadable trainer result {path}: {exc}") from None
+
+
+def _write_result(out_dir: Path, result: TrainResult | _Failure) -> None:
+    # written whole then renamed, so the daemon never reads half a result
+    tmp = out_dir / (RESULT_FILE + ".tmp")
+    tmp.write_bytes(msgspec.json.encode(result))
+    os.replace(tmp, out_dir / RESULT_FILE)
+
+
+def _log(event: str, **fields: object) -> None:
+    parts = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+    print(f"reflexd.trainer {event} {parts}".rstrip(), file=sys.stderr, flush=True)
+
+
+def _lower_priority() -> None:
+    """Yield the CPU to everything else on the host; a trainer that cannot do so still runs."""
+    try:
+        os.nice(19)
+    except OSError:
+        pass
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):  # AttributeError: no SCHED_IDLE outside Linux
+        pass
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m reflexd.trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("snapshot", help="training snapshot (Parquet)")
+    parser.add_argument("out_dir", help="directory for policy.onnx and result.json")
+    parser.add_argument("--config", required=True, help="the daemon's Config as JSON")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResult:
+    settings = config.trainer
+    spec = FeatureSpec(
+        context_dim=config.features.context_dim, action_dim=config.features.action_dim, seed=config.features.seed
+    )
+    started = time.perf_counter()
+    # loaded before torch is imported, so a bad or empty snapshot fails in a fraction of a second
+    batch = load_snapshot(snapshot, spec)
+    train_set, holdout = split_holdout(batch, settings.holdout_fraction)
+    _log(
+        "loaded",
+        rows=len(batch),
+        train=len(train_set),
+        holdout=len(holdout),
+        dropped=batch.dropped,
+        seconds=time.perf_counter() - started,
+    )
+    if len(train_set) < MIN_TRAIN_ROWS:
+        raise TrainingError(
+            f"snapshot {snapshot} has {len(train_set)} training rows after holding out "
+            f"{len(holdout)} and dropping {batch.dropped}; at least {MIN_TRAIN_ROWS} are needed"
+        )
+
+    import torch
+
+    from reflexd.exporters.onnx import export_onnx, parity
+    from reflexd.plugins.learners import load_learner
+
+    torch.set_num_threads(settings.max_threads)
+    learner = load_learner(settings.learner)
+    losses: list[float] = []
+
+    def progress(epoch: int, epochs: int, loss: float) -> None:
+        losses.append(loss)
+        _log("epoch", epoch=f"{epoch}/{epochs}", loss=loss)
+
+    started = time.perf_counter()
+    model = learner.fit(train_set, settings, seed, progress)
+    fit_seconds = time.perf_counter() - started
+    _log("fitted", learner=learner.name, seconds=fit_seconds, samples_per_s=len(train_set) * settings.epochs / fit_seconds)
+
+    model_path = out_dir / MODEL_FILE
+    export_seconds = export_onnx(model, spec.context_dim, spec.action_dim, model_path)
+    check = holdout.take(range(min(len(holdout), MAX_PARITY_ROWS)))
+    diff = parity(model, model_path, check.context, check.actions)
+    parity_ok = diff <= config.gate.parity_tolerance
+    _log("exported", seconds=export_seconds, parity_max_abs_diff=diff, parity_ok=parity_ok)
+
+    return TrainResult(
+        learner=learner.name,
+        features=spec,
+        seed=seed,
+        train_rows=len(train_set),
+        holdout_rows=len(holdout),
+        dropped_rows=batch.dropped,
+        window_start=float(batch.received_at.min()),
+        window_end=float(batch.received_at.max()),
+        epochs=settings.epochs,
+        train_loss=losses[-1] if losses else None,
+        fit_seconds=fit_seconds,
+        export_seconds=export_seconds,
+        parity_max_abs_diff=diff,
+        parity_ok=parity_ok,
+        torch_version=str(torch.__version__),  # torch's TorchVersion is a str subclass msgspec refuses
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    _lower_priority()
+    args = _parse_args(argv)
+    out_dir = Path(args.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"reflexd.trainer: error: cannot create {out_dir}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        config = msgspec.json.decode(args.config, type=Config)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return _fail(out_dir, f"invalid --config: {exc}")
+    threads = str(config.trainer.max_threads)
+    # read by the OpenMP/MKL runtimes when torch loads, so they must be set before its import
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    os.environ.setdefault("MKL_NUM_THREADS", threads)
+    try:
+        _write_result(out_dir, train(args.snapshot, out_dir, config, args.seed))
+    except TrainingError as exc:
+        return _fail(out_dir, str(exc))
+    except Exception as exc:
+        traceback.print_exc()
+        _write_result(out_dir, _Failure(f"trainer bug: {type(exc).__name__}: {exc}"))
+        return 1
+    return 0
+
+
+def _fail(out_dir: Path, message: str) -> int:
+    message = " ".join(message.split())  # the daemon and operators read it as one line
+    print(f"reflexd.trainer: error: {message}", file=sys.stderr, flush=True)
+    _write_result(out_dir, _Failure(message))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from reflexd.dataset import Batch, SnapshotError, from_records, load_snapshot, split_holdout
+from reflexd.errors import TrainingError
+from reflexd.features import FeatureSpec, Hasher
+
+SPEC = FeatureSpec(context_dim=16, action_dim=8, seed=7)
+
+
+def write_snapshot(path, rows):
+    """Rows with decoded context/actions, written the way the daemon writes snapshots (JSON text)."""
+    table = pa.table(
+        {
+            "id": pa.array([r["id"] for r in rows], pa.string()),
+            "agent": pa.array([r.get("agent", "agent-1") for r in rows], pa.string()),
+            "received_at": pa.array([r["received_at"] for r in rows], pa.float64()),
+            "context": pa.array([r.get("context_json", json.dumps(r["context"])) for r in rows], pa.string()),
+            "actions": pa.array([json.dumps(r["actions"]) for r in rows], pa.string()),
+            "chosen": pa.array([r["chosen"] for r in rows], pa.string()),
+            "prob": pa.array([r.get("prob", 0.5) for r in rows], pa.float64()),
+            "reward": pa.array([r.get("reward", 1.0) for r in rows], pa.float64()),
+            "model_version": pa.array([None] * len(rows), pa.string()),
+            "outcomes": pa.array([1] * len(rows), pa.int32()),
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+ROWS = [
+    {
+        "id": "d0",
+        "received_at": 10.0,
+        "context": {"user": {"tier": "gold", "age": 41}, "query": "cheap fast model", "tags": ["x", "y"]},
+        "actions": ["small", "large", {"id": "tool", "features": {"cost": 2.5, "kind": "search"}}],
+        "chosen": "tool",
+        "reward": 0.25,
+        "prob": 0.2,
+    },
+    {
+        "id": "d1",
+        "received_at": 11.0,
+        "context": {"load": 0.9, "ok": True, "none": None},
+        "actions": ["small"],
+        "chosen": "small",
+        "reward": -3.0,
+        "prob": 1.0,
+    },
+    {
+        "id": "d2",
+        "received_at": 12.0,
+        "context": {"series": [1.5, -2, 3]},
+        "actions": ["large", "small"],
+        "chosen": "small",
+        "reward": 7.5,
+        "prob": 0.9,
+    },
+]
+
+
+def test_hashing_matches_features_hasher_exactly(tmp_path):
+    batch = load_snapshot(write_snapshot(tmp_path / "s.parquet", ROWS), SPEC)
+    hasher = Hasher(SPEC)
+    assert len(batch) == 3
+    for i, row in enumerate(ROWS):
+        np.testing.assert_array_equal(batch.context[i], hasher.context(row["context"]))
+        n = len(row["actions"])
+        np.testing.assert_array_equal(batch.actions[i, :n], hasher.actions(row["actions"]))
+    assert batch.context.dtype == np.float32 and batch.actions.dtype == np.float32
+
+
+def test_padding_mask_and_chosen_index_with_varied_action_counts(tmp_path):
+    batch = load_snapshot(write_snapshot(tmp_path / "s.parquet", ROWS), SPEC)
+    assert batch.actions.shape == (3, 3, SPEC.action_dim)
+    np.testing.assert_array_equal(batch.mask, [[True, True, True], [True, False, False], [True, True, False]])
+    assert not batch.actions[~batch.mask].any()
+    assert batch.action_ids == [["small", "large", "tool"], ["small"], ["large", "small"]]
+    np.testing.assert_array_equal(batch.chosen, [2, 0, 1])
+    assert batch.chosen.dtype == np.int64
+    np.testing.assert_array_equal(batch.reward, [0.25, -3.0, 7.5])
+    np.testing.assert_array_equal(batch.prob, [0.2, 1.0, 0.9])
+    np.testing.assert_array_equal(batch.received_at, [10.0, 11.0, 12.0])
+    assert batch.ids == ["d0", "d1", "d2"] and batch.agents == ["agent-1"] * 3
+    assert batch.dropped == 0
+
+
+def test_from_records_equals_load_snapshot(tmp_path):
+    loaded = load_snapshot(write_snapshot(tmp_path / "s.parquet", ROWS), SPEC)
+    built = from_records([{"agent": "agent-1", "prob": 0.5, **r} for r in ROWS], SPEC)
+    np.testing.assert_array_equal(built.context, loaded.context)
+    np.testing.assert_array_equal(built.actions, loaded.actions)
+    np.testing.assert_array_equal(built.chosen, loaded.chosen)
+
+
+def test_rows_that_cannot_be_learned_from_are_dropped_and_counted(tmp_path):
+    rows = ROWS + [
+        {"id": "bad-chosen", "received_at": 13.0, "context": {}, "actions": ["a", "b"], "chosen": "c"},
+        {"id": "null-reward", "received_at": 14.0, "context": {}, "actions": ["a"], "chosen": "a", "reward": None},
+        {"id": "zero-prob", "received_at": 15.0, "context": {}, "actions": ["a"], "chosen": "a", "prob": 0.0},
+    ]
+    batch = load_snapshot(write_snapshot(tmp_path / "s.parquet", rows), SPEC)
+    assert batch.ids == ["d0", "d1", "d2"]
+    assert batch.dropped == 3
+
+
+def test_invalid_json_names_the_row(tmp_path):
+    rows = [dict(ROWS[0], id="broken", context_json="{not json")]
+    with pytest.raises(SnapshotError, match="row 'broken': context is not valid JSON") as info:
+        load_snapshot(write_snapshot(tmp_path / "s.parquet", rows), SPEC)
+    assert isinstance(info.value, TrainingError)
+
+
+def test_missing_file_is_a_snapshot_error(tmp_path):
+    with pytest.raises(SnapshotError, match="cannot read"):
+        load_snapshot(tmp_path / "absent.parquet", SPEC)
+
+
+def test_empty_snapshot_gives_empty_batch(tmp_path):
+    batch = load_snapshot(write_snapshot(tmp_path / "s.parquet", []), SPEC)
+    assert len(batch) == 0
+    assert batch.context.shape == (0, SPEC.context_dim)
+    assert batch.actions.shape == (0, 0, SPEC.action_dim)
+
+
+def _timed(times):
+    return from_records(
+        [
+            {"id": f"d{i}", "agent": "a", "received_at": t, "context": {}, "actions": ["x"], "chosen": "x",
+             "prob": 1.0, "reward": float(i)}
+            for i, t in enumerate(times)
+        ],
+        SPEC,
+    )
+
+
+def test_split_holdout_holds_out_the_newest_rows():
+    times = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 4.0, 6.0, 0.0]
+    train, holdout = split_holdout(_timed(times), 0.3)
+    assert list(holdout.received_at) == [7.0, 8.0, 9.0]
+    assert list(train.received_at) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    # rows travel whole: the reward logged with t=9 was row 2's
+    assert holdout.reward[-1] == 2.0 and holdout.ids[-1] == "d2"
+
+
+@pytest.mark.parametrize(("n", "fraction", "expected"), [(2, 0.01, 1), (3, 0.99, 2), (1, 0.5, 0), (0, 0.5, 0)])
+def test_split_holdout_sizes(n, fraction, expected):
+    train, holdout = split_holdout(_timed([float(i) for i in range(n)]), fraction)
+    assert len(holdout) == expected
+    assert len(train) == n - expected
+
+
+def test_take_keeps_rows_aligned_and_the_load_drop_count():
+    batch = _timed([0.0, 1.0, 2.0])
+    batch = Batch(**{**batch.__dict__, "dropped": 4})
+    sub = batch.take([2, 0])
+    assert sub.ids == ["d2", "d0"]
+    np.testing.assert_array_equal(sub.reward, [2.0, 0.0])
+    assert sub.dropped == 4
+
+
+def test_torch_free_modules_do_not_import_torch():
+    code = (
+        "import reflexd.dataset, reflexd.trainer, reflexd.plugins.learners, reflexd.exporters.onnx, sys; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

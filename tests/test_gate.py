@@ -1,0 +1,449 @@
+"""The gate's off-policy estimators and decisions, checked against arithmetic and known truths."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import NamedTuple
+
+import msgspec
+import numpy as np
+import pytest
+
+from reflexd import gate
+from reflexd.config import ExplorationConfig, GateConfig
+from reflexd.features import FeatureSpec
+from reflexd.plugins import exploration
+from reflexd.registry import GateResult
+
+Z95 = 1.959963984540054
+
+# ---- a hand-computed 4-row log -------------------------------------------------------------
+# Row 0 has only two real actions (slot 2 is padding, with a junk q_hat that pi must cancel).
+PI = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [0.0, 1.0, 0.0]])
+CHOSEN = np.array([0, 1, 2, 1])
+PROB = np.array([0.5, 0.25, 0.25, 0.5])
+REWARD = np.array([1.0, 0.0, 2.0, 1.0])
+QHAT = np.array([[0.8, 0.0, 9.0], [0.5, 0.5, 0.5], [0.0, 1.0, 1.5], [1.0, 0.5, 0.0]])
+# w = pi(chosen)/prob = [0.5/0.5, 0/0.25, 0.5/0.25, 1/0.5] = [1, 0, 2, 2]
+
+
+def _check(est: gate.Estimate, value: float, stderr: float) -> None:
+    assert est.value == pytest.approx(value, abs=1e-12)
+    assert est.stderr == pytest.approx(stderr, abs=1e-6)
+    assert est.lower == pytest.approx(value - Z95 * stderr, abs=1e-6)
+    assert est.upper == pytest.approx(value + Z95 * stderr, abs=1e-6)
+
+
+def test_ips_by_hand() -> None:
+    # terms w·r = [1, 0, 4, 2], mean 7/4 = 1.75
+    # deviations [-0.75, -1.75, 2.25, 0.25], squares sum 8.75, s² = 8.75/3, se = sqrt(8.75/3/4)
+    _check(gate.ips(PI, CHOSEN, PROB, REWARD), 1.75, 0.853913)
+
+
+def test_snips_by_hand() -> None:
+    # sum(w·r) / sum(w) = 7 / 5 = 1.4; mean(w) = 1.25
+    # linearised terms 1.4 + w(r - 1.4)/1.25 = [1.08, 1.4, 2.36, 0.76] (mean 1.4)
+    # deviations [-0.32, 0, 0.96, -0.64], squares sum 1.4336, se = sqrt(1.4336/3/4)
+    np.testing.assert_allclose(gate.snips_terms(PI, CHOSEN, PROB, REWARD), [1.08, 1.4, 2.36, 0.76])
+    _check(gate.snips(PI, CHOSEN, PROB, REWARD), 1.4, 0.345640)
+
+
+def test_dm_by_hand() -> None:
+    # sum_a pi·q = [0.5·0.8 + 0.5·0 + 0·9, 0.5, 0.3·1 + 0.5·1.5, 1·0.5] = [0.4, 0.5, 1.05, 0.5]
+    # mean 2.45/4 = 0.6125; deviations [-0.2125, -0.1125, 0.4375, -0.1125], squares sum 0.261875
+    _check(gate.dm(PI, QHAT), 0.6125, 0.147726)
+
+
+def test_dr_by_hand() -> None:
+    # dm + w(r - q(chosen)) = [0.4 + 1(1 - 0.8), 0.5 + 0, 1.05 + 2(2 - 1.5), 0.5 + 2(1 - 0.5)]
+    #                       = [0.6, 0.5, 2.05, 1.5], mean 4.65/4 = 1.1625
+    # deviations [-0.5625, -0.6625, 0.8875, 0.3375], squares sum 1.656875, se = sqrt(1.656875/12)
+    _check(gate.dr(PI, CHOSEN, PROB, REWARD, QHAT), 1.1625, 0.371582)
+
+
+def test_interval_width_follows_confidence() -> None:
+    est = gate.ips(PI, CHOSEN, PROB, REWARD, confidence=0.90)
+    # z at 90% two-sided is 1.644854
+    assert est.upper - est.value == pytest.approx(1.644854 * est.stderr, abs=1e-6)
+
+
+def test_a_log_without_positive_propensities_is_refused() -> None:
+    with pytest.raises(ValueError, match="propensity"):
+        gate.ips(PI, CHOSEN, np.array([0.5, 0.0, 0.25, 0.5]), REWARD)
+    with pytest.raises(ValueError, match="propensity"):
+        gate.dr(PI, CHOSEN, np.array([0.5, np.nan, 0.25, 0.5]), REWARD, QHAT)
+
+
+def test_an_interval_needs_two_rows() -> None:
+    with pytest.raises(ValueError, match="2 rows"):
+        gate.ips(PI[:1], CHOSEN[:1], PROB[:1], REWARD[:1])
+
+
+# ---- a simulated contextual problem with known truth ---------------------------------------
+# Six context types (uniform), three actions, Bernoulli rewards with these means.
+MU = np.array(
+    [
+        [0.2, 0.5, 0.8],
+        [0.9, 0.3, 0.1],
+        [0.4, 0.6, 0.5],
+        [0.7, 0.2, 0.3],
+        [0.1, 0.1, 0.9],
+        [0.5, 0.8, 0.2],
+    ]
+)
+K, A = MU.shape
+
+
+def eps_greedy(table: np.ndarray, eps: float) -> np.ndarray:
+    p = np.full(table.shape, eps / table.shape[1])
+    p[np.arange(table.shape[0]), table.argmax(axis=1)] += 1.0 - eps
+    return p
+
+
+LOGGING = eps_greedy(np.tile([1.0, 0.0, 0.0], (K, 1)), 0.3)  # prefers action 0 everywhere
+GOOD = eps_greedy(MU, 0.1)
+BAD = eps_greedy(-MU, 0.1)
+MIXED = 0.85 * GOOD + 0.15 * BAD  # a little worse than GOOD
+Q_BIASED = MU + np.array([0.2, 0.1, 0.15])  # a reward model whose errors DM cannot see
+
+
+def true_value(policy: np.ndarray) -> float:
+    return float((policy * MU).sum(axis=1).mean())
+
+
+class Log(NamedTuple):
+    x: np.ndarray
+    chosen: np.ndarray
+    prob: np.ndarray
+    reward: np.ndarray
+
+
+def simulate(rng: np.random.Generator, n: int) -> Log:
+    x = rng.integers(K, size=n)
+    cdf = LOGGING[x].cumsum(axis=1)
+    chosen = np.minimum((rng.random(n)[:, None] > cdf).sum(axis=1), A - 1)
+    reward = (rng.random(n) < MU[x, chosen]).astype(np.float64)
+    return Log(x, chosen, LOGGING[x, chosen], reward)
+
+
+def estimate_all(log: Log, policy: np.ndarray, confidence: float = 0.95) -> dict[str, gate.Estimate]:
+    pi, q_hat = policy[log.x], Q_BIASED[log.x]
+    return {
+        "ips": gate.ips(pi, log.chosen, log.prob, log.reward, confidence),
+        "snips": gate.snips(pi, log.chosen, log.prob, log.reward, confidence),
+        "dm": gate.dm(pi, q_hat, confidence),
+        "dr": gate.dr(pi, log.chosen, log.prob, log.reward, q_hat, confidence),
+    }
+
+
+def test_simulated_logging_propensities_are_what_was_sampled() -> None:
+    log = simulate(np.random.default_rng(0), 300_000)
+    freq = np.bincount(log.x * A + log.chosen, minlength=K * A).reshape(K, A)
+    np.testing.assert_allclose(freq / freq.sum(axis=1, keepdims=True), LOGGING, atol=0.01)
+
+
+def test_estimates_converge_to_the_true_value_on_a_large_log() -> None:
+    truth = true_value(GOOD)
+    est = estimate_all(simulate(np.random.default_rng(1), 200_000), GOOD)
+    for name in ("ips", "snips", "dr"):
+        assert abs(est[name].value - truth) < 0.01, name
+        assert est[name].lower <= truth <= est[name].upper, name
+    # DM inherits the reward model's bias (0.1 to 0.2 per action), which is what DR corrects
+    dm_bias = float((GOOD * (Q_BIASED - MU)).sum(axis=1).mean())
+    assert abs(dm_bias) > 0.03
+    assert est["dm"].value - truth == pytest.approx(dm_bias, abs=0.005)
+
+
+def test_ips_and_dr_are_unbiased_over_many_small_logs() -> None:
+    rng = np.random.default_rng(2)
+    truth = true_value(GOOD)
+    runs = [estimate_all(simulate(rng, 200), GOOD) for _ in range(400)]
+    for name in ("ips", "dr"):
+        values = np.array([r[name].value for r in runs])
+        se_of_mean = values.std(ddof=1) / np.sqrt(len(values))
+        assert abs(values.mean() - truth) < 4 * se_of_mean, name
+        assert abs(values.mean() - truth) < 0.01, name
+    dm_values = np.array([r["dm"].value for r in runs])
+    assert abs(dm_values.mean() - truth) > 0.03  # the biased model stays biased however many runs
+
+
+@pytest.mark.parametrize(("confidence", "low", "high"), [(0.90, 0.84, 0.96), (0.95, 0.90, 0.99)])
+def test_intervals_cover_the_truth_at_the_nominal_rate(confidence: float, low: float, high: float) -> None:
+    rng = np.random.default_rng(3)
+    truth = true_value(GOOD)
+    covered = {"ips": 0, "snips": 0, "dr": 0}
+    runs = 300
+    for _ in range(runs):
+        est = estimate_all(simulate(rng, 1000), GOOD, confidence)
+        for name in covered:
+            covered[name] += est[name].lower <= truth <= est[name].upper
+    for name, hits in covered.items():
+        assert low <= hits / runs <= high, (name, hits / runs)
+
+
+@pytest.mark.parametrize("estimator", ["ips", "snips", "dr"])
+def test_paired_difference_interval_covers_the_true_difference(estimator: str) -> None:
+    rng = np.random.default_rng(4)
+    truth = true_value(MIXED) - true_value(GOOD)
+    cfg = GateConfig(estimator=estimator, confidence=0.95, min_holdout=100)
+    runs, hits = 300, 0
+    for _ in range(runs):
+        log = simulate(rng, 1000)
+        res = gate.compare(
+            MIXED[log.x], GOOD[log.x], log.chosen, log.prob, log.reward, Q_BIASED[log.x], cfg, "incumbent v0001"
+        )
+        hits += res.lower <= truth <= res.upper
+    assert 0.90 <= hits / runs <= 0.99
+
+
+# ---- the gate's decisions -------------------------------------------------------------------
+
+
+def run(
+    candidate: np.ndarray, baseline: np.ndarray | None, log: Log, cfg: GateConfig, name: str = "incumbent v0003"
+) -> GateResult:
+    baseline_pi = None if baseline is None else baseline[log.x]
+    return gate.compare(candidate[log.x], baseline_pi, log.chosen, log.prob, log.reward, Q_BIASED[log.x], cfg, name)
+
+
+@pytest.fixture(scope="module")
+def holdout() -> Log:
+    return simulate(np.random.default_rng(5), 5000)
+
+
+@pytest.mark.parametrize("estimator", ["ips", "snips", "dr"])
+def test_better_candidate_promoted_and_worse_rejected(holdout: Log, estimator: str) -> None:
+    cfg = GateConfig(estimator=estimator)
+    better = run(GOOD, BAD, holdout, cfg)
+    assert better.passed and better.lower > 0
+    assert better.lower <= true_value(GOOD) - true_value(BAD) <= better.upper
+    worse = run(BAD, GOOD, holdout, cfg)
+    assert not worse.passed and worse.upper < 0
+    assert worse.reason.endswith("rejected") and better.reason.endswith("promoted")
+
+
+def test_reason_states_the_numbers(holdout: Log) -> None:
+    res = run(GOOD, BAD, holdout, GateConfig(estimator="dr", confidence=0.95, margin=0.0))
+    assert res.reason == (
+        f"candidate {res.candidate_value:.3f} vs incumbent v0003 {res.baseline_value:.3f} (dr), "
+        f"difference {res.difference:+.3f} [{res.lower:+.3f}, {res.upper:+.3f}] at 95% ≥ -0.000: promoted"
+    )
+    assert (res.estimator, res.baseline, res.holdout_rows, res.confidence) == ("dr", "incumbent v0003", 5000, 0.95)
+
+
+def test_difference_is_the_difference_of_the_estimates(holdout: Log) -> None:
+    for estimator in ("ips", "snips", "dr"):
+        res = run(MIXED, GOOD, holdout, GateConfig(estimator=estimator))
+        assert res.candidate_value == pytest.approx(res.estimates[f"candidate_{estimator}"])
+        assert res.baseline_value == pytest.approx(res.estimates[f"baseline_{estimator}"])
+        assert res.difference == pytest.approx(res.candidate_value - res.baseline_value)
+    est = estimate_all(holdout, MIXED)
+    assert res.estimates["candidate_snips"] == pytest.approx(est["snips"].value)
+    assert res.estimates["candidate_dm"] == pytest.approx(est["dm"].value)
+    sides, names = ("candidate", "baseline"), ("ips", "snips", "dm", "dr")
+    assert set(res.estimates) == {f"{side}_{name}" for side in sides for name in names}
+
+
+def test_pairing_tightens_the_interval(holdout: Log) -> None:
+    res = run(MIXED, GOOD, holdout, GateConfig(estimator="dr"))
+    unpaired = np.hypot(estimate_all(holdout, MIXED)["dr"].stderr, estimate_all(holdout, GOOD)["dr"].stderr)
+    assert (res.upper - res.lower) / (2 * Z95) < 0.5 * unpaired
+
+
+def test_margin_is_respected_at_its_boundary(holdout: Log) -> None:
+    strict = run(MIXED, GOOD, holdout, GateConfig(estimator="dr", margin=0.0))
+    assert true_value(MIXED) < true_value(GOOD)
+    assert not strict.passed and strict.lower < 0
+    assert "< -0.000: rejected" in strict.reason
+    allowed = -strict.lower
+    assert run(MIXED, GOOD, holdout, GateConfig(estimator="dr", margin=allowed + 1e-9)).passed
+    assert not run(MIXED, GOOD, holdout, GateConfig(estimator="dr", margin=allowed - 1e-9)).passed
+    lenient = run(MIXED, GOOD, holdout, GateConfig(estimator="dr", margin=0.2))
+    assert lenient.passed and lenient.margin == 0.2 and "≥ -0.200: promoted" in lenient.reason
+
+
+def test_too_small_holdout_is_rejected_even_for_a_better_candidate(holdout: Log) -> None:
+    small = Log(*(a[:50] for a in holdout))
+    res = run(GOOD, BAD, small, GateConfig(min_holdout=100))
+    assert not res.passed
+    assert res.holdout_rows == 50
+    assert res.reason == "holdout has 50 rows, fewer than the 100 required: rejected"
+    assert run(GOOD, BAD, small, GateConfig(min_holdout=50)).passed
+
+
+def test_one_row_is_too_few_whatever_min_holdout_says(holdout: Log) -> None:
+    res = run(GOOD, BAD, Log(*(a[:1] for a in holdout)), GateConfig(min_holdout=1))
+    assert not res.passed and "fewer than the 2 required" in res.reason
+
+
+def test_without_incumbent_the_baseline_is_the_logged_reward(holdout: Log) -> None:
+    cfg = GateConfig(estimator="dr")
+    res = run(GOOD, None, holdout, cfg, name="logged policy")
+    assert res.baseline == "logged policy"
+    assert res.baseline_value == pytest.approx(holdout.reward.mean(), abs=1e-12)
+    assert res.estimates["baseline_observed"] == res.baseline_value
+    assert not any(k.startswith("baseline_") and k != "baseline_observed" for k in res.estimates)
+    assert res.difference == pytest.approx(res.estimates["candidate_dr"] - holdout.reward.mean())
+    # paired row by row with the reward the logging policy actually got
+    dr_rows = gate.dr_terms(GOOD[holdout.x], holdout.chosen, holdout.prob, holdout.reward, Q_BIASED[holdout.x])
+    paired = gate.estimate(dr_rows - holdout.reward, 0.95)
+    assert (res.lower, res.upper) == pytest.approx((paired.lower, paired.upper), abs=1e-12)
+    assert true_value(GOOD) > true_value(LOGGING) > true_value(BAD)
+    assert res.passed and "vs logged policy" in res.reason
+    assert not run(BAD, None, holdout, cfg, name="logged policy").passed
+
+
+def test_non_finite_candidate_is_rejected_and_the_result_stays_storable(holdout: Log) -> None:
+    q_hat = Q_BIASED[holdout.x].copy()
+    q_hat[7, 1] = np.nan
+    res = gate.compare(
+        GOOD[holdout.x], BAD[holdout.x], holdout.chosen, holdout.prob, holdout.reward, q_hat, GateConfig(), "v0003"
+    )
+    assert not res.passed and "not finite on 1 of 5000 rows" in res.reason
+    # a GateResult goes into a JSON manifest: it must decode back to the same value
+    assert msgspec.json.decode(msgspec.json.encode(res), type=GateResult) == res
+
+
+# ---- target probabilities --------------------------------------------------------------------
+
+STRATEGIES = [
+    ExplorationConfig(strategy="epsilon_greedy", epsilon=0.3),
+    ExplorationConfig(strategy="softmax", temperature=0.5, epsilon_min=0.05),
+    ExplorationConfig(strategy="ucb", epsilon=0.2, ucb_c=2.0),
+    ExplorationConfig(strategy="squarecb", gamma=5.0),
+]
+
+
+@pytest.mark.parametrize("cfg", STRATEGIES, ids=lambda c: c.strategy)
+def test_target_probs_explore_over_valid_actions_only(cfg: ExplorationConfig) -> None:
+    rng = np.random.default_rng(6)
+    scores = rng.normal(size=(50, 5))
+    spread = rng.random((50, 5))
+    mask = rng.random((50, 5)) < 0.7
+    mask[:, 0] = True
+    mask[0] = [True, False, False, False, False]
+    scores[~mask] = 100.0  # padding that would win every argmax if it were let in
+    p = gate.target_probs(cfg, scores, spread, mask, t=3)
+    assert p.shape == (50, 5)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-12)
+    assert (p[~mask] == 0).all()
+    assert (p[mask] > 0).all()
+    np.testing.assert_array_equal(p[0], [1.0, 0, 0, 0, 0])
+    for i in range(50):
+        expected = exploration.probabilities(cfg, scores[i, mask[i]], spread[i, mask[i]], 3)
+        np.testing.assert_allclose(p[i, mask[i]], expected)
+
+
+def test_target_probs_epsilon_greedy_by_hand() -> None:
+    cfg = ExplorationConfig(strategy="epsilon_greedy", epsilon=0.3)
+    scores = np.array([[0.1, 0.9, 5.0], [0.7, 0.2, 0.4]])
+    mask = np.array([[True, True, False], [True, True, True]])
+    p = gate.target_probs(cfg, scores, None, mask)
+    # row 0: two valid actions, 0.3/2 each, best (index 1) gets +0.7; row 1: 0.1 each, index 0 +0.7
+    np.testing.assert_allclose(p, [[0.15, 0.85, 0.0], [0.8, 0.1, 0.1]])
+
+
+def test_target_probs_refuses_a_row_without_actions() -> None:
+    with pytest.raises(ValueError, match="at least one valid action"):
+        gate.target_probs(ExplorationConfig(), np.zeros((2, 2)), None, np.array([[True, False], [False, False]]))
+
+
+# ---- evaluate: the glue over scorers and a holdout batch -------------------------------------
+
+
+class FakeScorer:
+    """Scores a one-hot context against one-hot actions through a [K, A] table, like a trained model would."""
+
+    def __init__(
+        self,
+        version: str,
+        table: np.ndarray,
+        spec: FeatureSpec,
+        train_rows: int = 0,
+        context_order: np.ndarray | None = None,
+    ) -> None:
+        self.version = version
+        self.table = table if context_order is None else table[context_order]
+        self.manifest = SimpleNamespace(features=spec, training={"train_rows": train_rows})
+
+    def score_batch(self, context: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.einsum("nk,ka,nja->nj", context, self.table, actions).astype(np.float32)
+        # whatever a model makes of a padded (all-zero) action, even NaN, must not reach the estimate
+        scores[~actions.any(axis=2)] = np.nan
+        return scores, np.zeros_like(scores)
+
+
+SPEC = FeatureSpec(context_dim=K, action_dim=A)
+
+
+def as_batch(log: Log, context_order: np.ndarray | None = None) -> SimpleNamespace:
+    """The log as a dataset.Batch would hold it: one-hot contexts, one-hot actions plus a padded slot."""
+    n = len(log.x)
+    columns = log.x if context_order is None else np.argsort(context_order)[log.x]
+    context = np.zeros((n, K), dtype=np.float32)
+    context[np.arange(n), columns] = 1.0
+    actions = np.zeros((n, A + 1, A), dtype=np.float32)
+    actions[:, np.arange(A), np.arange(A)] = 1.0
+    mask = np.zeros((n, A + 1), dtype=bool)
+    mask[:, :A] = True
+    ids = [f"d{i}" for i in range(n)]
+    return SimpleNamespace(
+        ids=ids, context=context, actions=actions, mask=mask, chosen=log.chosen, prob=log.prob, reward=log.reward
+    )
+
+
+def test_evaluate_promotes_the_better_model(holdout: Log) -> None:
+    explore = ExplorationConfig(strategy="epsilon_greedy", epsilon=0.1)
+    good, bad = FakeScorer("v0004", MU, SPEC), FakeScorer("v0003", -MU, SPEC)
+    batch = as_batch(holdout)
+    res = gate.evaluate(good, bad, batch, explore, GateConfig(estimator="dr"))
+    assert res.passed and res.baseline == "incumbent v0003"
+    # the fakes' epsilon-greedy policies are GOOD and BAD; q_hat is the candidate's scores (MU)
+    assert res.difference == pytest.approx(true_value(GOOD) - true_value(BAD), abs=0.05)
+    assert res.estimates["candidate_dm"] == pytest.approx(true_value(GOOD), abs=0.02)
+    assert not gate.evaluate(bad, good, batch, explore, GateConfig(estimator="dr")).passed
+    alone = gate.evaluate(good, None, batch, explore, GateConfig(estimator="dr"))
+    assert alone.passed and alone.baseline == "logged policy"
+    assert alone.baseline_value == pytest.approx(holdout.reward.mean())
+
+
+def test_evaluate_judges_each_policy_as_deployed_after_its_training(holdout: Log) -> None:
+    # SquareCB sharpens with t, and a freshly loaded model starts at t = its training rows
+    explore = ExplorationConfig(strategy="squarecb", gamma=2.0)
+    incumbent = FakeScorer("v0003", MU[:, ::-1].copy(), SPEC, train_rows=50)
+    batch = as_batch(holdout)
+    res = gate.evaluate(FakeScorer("v0004", MU, SPEC, train_rows=10_000), incumbent, batch, explore, GateConfig())
+    valid = np.ones((len(holdout.x), A), dtype=bool)
+    pad = np.zeros((len(holdout.x), 1))
+    expected = gate.compare(
+        np.hstack([gate.target_probs(explore, MU[holdout.x], None, valid, t=10_000), pad]),
+        np.hstack([gate.target_probs(explore, MU[:, ::-1][holdout.x], None, valid, t=50), pad]),
+        holdout.chosen,
+        holdout.prob,
+        holdout.reward,
+        np.hstack([MU[holdout.x], pad]),
+        GateConfig(),
+        "incumbent v0003",
+    )
+    for field in ("candidate_value", "baseline_value", "lower", "upper"):
+        assert getattr(res, field) == pytest.approx(getattr(expected, field), rel=1e-6), field
+    untrained = gate.evaluate(FakeScorer("v0004", MU, SPEC, train_rows=0), incumbent, batch, explore, GateConfig())
+    assert res.candidate_value - untrained.candidate_value > 0.1
+
+
+def test_evaluate_needs_the_incumbents_own_features_when_specs_differ(holdout: Log) -> None:
+    explore = ExplorationConfig(strategy="epsilon_greedy", epsilon=0.1)
+    other = FeatureSpec(context_dim=K, action_dim=A, seed=7)
+    order = np.array([3, 0, 5, 1, 4, 2])  # the incumbent's hashing puts each context type in another column
+    candidate = FakeScorer("v0004", MU, SPEC)
+    incumbent = FakeScorer("v0003", -MU, other, context_order=order)
+    batch = as_batch(holdout)
+    with pytest.raises(ValueError, match="incumbent_holdout"):
+        gate.evaluate(candidate, incumbent, batch, explore, GateConfig())
+    rehashed = as_batch(holdout, context_order=order)
+    res = gate.evaluate(candidate, incumbent, batch, explore, GateConfig(), incumbent_holdout=rehashed)
+    same_spec = gate.evaluate(candidate, FakeScorer("v0003", -MU, SPEC), batch, explore, GateConfig())
+    assert res == same_spec
+    shuffled = SimpleNamespace(**{**vars(rehashed), "ids": rehashed.ids[::-1]})
+    with pytest.raises(ValueError, match="same order"):
+        gate.evaluate(candidate, incumbent, batch, explore, GateConfig(), incumbent_holdout=shuffled)

@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+import torch
+
+from reflexd.config import TrainerConfig
+from reflexd.dataset import from_records
+from reflexd.errors import TrainingError
+from reflexd.features import FeatureSpec, Hasher
+from reflexd.plugins.learners import UnknownLearner, load_learner
+from reflexd.plugins.learners.mlp import MLPLearner
+
+pytestmark = pytest.mark.slow
+
+SPEC = FeatureSpec(context_dim=32, action_dim=16, seed=3)
+SETTINGS = TrainerConfig(epochs=15, batch_size=64, learning_rate=0.01, hidden_size=16, ensemble=4)
+# rewards in an awkward unit, to check the model learns and answers in that unit
+BASE, GAIN, NOISE = 1000.0, 500.0, 150.0
+
+
+def known_problem(n=1200, seed=0):
+    """Action x is best for kind a, y for kind b; z, offered in half the decisions, is never best."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        kind = str(rng.choice(["a", "b"]))
+        actions = ["x", "y", "z"] if i % 2 else ["x", "y"]
+        chosen = str(rng.choice(actions))
+        best = (kind, chosen) in {("a", "x"), ("b", "y")}
+        rows.append(
+            {
+                "id": f"d{i}",
+                "agent": "agent-1",
+                "received_at": float(i),
+                "context": {"kind": kind, "noise": float(rng.normal())},
+                "actions": actions,
+                "chosen": chosen,
+                "prob": 1.0 / len(actions),
+                "reward": BASE + GAIN * best + NOISE * float(rng.normal()),
+            }
+        )
+    return from_records(rows, SPEC)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return known_problem()
+
+
+@pytest.fixture(scope="module")
+def fitted(problem):
+    return MLPLearner().fit(problem, SETTINGS, seed=1)
+
+
+def score(model, kind, actions):
+    hasher = Hasher(SPEC)
+    context = torch.from_numpy(hasher.context({"kind": kind, "noise": 0.0})).unsqueeze(0)
+    acts = torch.from_numpy(hasher.actions(actions)).unsqueeze(0)
+    with torch.inference_mode():
+        scores, spread = model(context, acts)
+    return scores[0].numpy(), spread[0].numpy()
+
+
+@pytest.mark.parametrize(("kind", "best"), [("a", "x"), ("b", "y")])
+def test_learns_the_best_action_per_context_in_reward_units(fitted, kind, best):
+    actions = ["x", "y", "z"]
+    scores, _ = score(fitted, kind, actions)
+    order = np.argsort(scores)[::-1]
+    assert actions[order[0]] == best
+    assert scores[order[0]] - scores[order[1]] > GAIN / 2
+    assert abs(scores[order[0]] - (BASE + GAIN)) < GAIN / 4
+    assert abs(scores[order[1]] - BASE) < GAIN / 4
+
+
+def test_ensemble_spread_is_positive_and_zero_for_a_single_head(problem, fitted):
+    _, spread = score(fitted, "a", ["x", "y"])
+    assert (spread > 0).all()
+    single = MLPLearner().fit(problem, TrainerConfig(epochs=1, ensemble=1, hidden_size=8), seed=1)
+    _, spread = score(single, "a", ["x", "y"])
+    np.testing.assert_array_equal(spread, 0.0)
+
+
+def test_scores_have_one_column_per_action_including_padding(problem, fitted):
+    context = torch.from_numpy(problem.context[:5])
+    actions = torch.from_numpy(problem.actions[:5])
+    with torch.inference_mode():
+        scores, spread = fitted(context, actions)
+    assert scores.shape == spread.shape == (5, problem.actions.shape[1])
+
+
+def test_same_seed_same_model_other_seed_other_model(problem):
+    settings = TrainerConfig(epochs=2, hidden_size=8, ensemble=3)
+    first = MLPLearner().fit(problem, settings, seed=5).state_dict()
+    again = MLPLearner().fit(problem, settings, seed=5).state_dict()
+    other = MLPLearner().fit(problem, settings, seed=6).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_progress_reports_every_epoch_and_the_loss_falls(problem):
+    seen = []
+    MLPLearner().fit(problem, SETTINGS, seed=1, progress=lambda *args: seen.append(args))
+    assert [(e, n) for e, n, _ in seen] == [(i, SETTINGS.epochs) for i in range(1, SETTINGS.epochs + 1)]
+    losses = [loss for _, _, loss in seen]
+    assert losses[-1] < losses[0]
+    # a model that learned the problem is left with about the noise variance, in reward units
+    assert losses[-1] < 2 * NOISE**2
+
+
+def test_load_learner_finds_the_builtin_by_entry_point():
+    learner = load_learner("mlp")
+    assert isinstance(learner, MLPLearner) and learner.name == "mlp"
+
+
+def test_unknown_learner_lists_the_available_ones():
+    with pytest.raises(UnknownLearner, match=r"unknown learner 'transformerz'; available: .*mlp") as info:
+        load_learner("transformerz")
+    assert isinstance(info.value, TrainingError)
