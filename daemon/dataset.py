@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import msgspec
 import numpy as np
@@ -28,6 +28,7 @@ _json = msgspec.json.Decoder()
 # A snapshot repeats the same few action lists many times; decoding and hashing each distinct
 # one once saves most of the loading time. The cap bounds memory when every row has its own list.
 _ACTIONS_CACHE_LIMIT = 10_000
+_CHUNK_ROWS = 8192
 
 
 class SnapshotError(TrainingError):
@@ -64,16 +65,23 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def take(self, index: np.ndarray | list[int]) -> Batch:
-        index = np.asarray(index, dtype=np.int64)
+    def take(self, index: np.ndarray | list[int] | range | slice) -> Batch:
+        """The rows at ``index``; a slice gives views instead of copies."""
+        if isinstance(index, slice):
+            ids, agents, action_ids = self.ids[index], self.agents[index], self.action_ids[index]
+        else:
+            index = np.asarray(index, dtype=np.int64)
+            ids = [self.ids[i] for i in index]
+            agents = [self.agents[i] for i in index]
+            action_ids = [self.action_ids[i] for i in index]
         return replace(
             self,
-            ids=[self.ids[i] for i in index],
-            agents=[self.agents[i] for i in index],
+            ids=ids,
+            agents=agents,
             context=self.context[index],
             actions=self.actions[index],
             mask=self.mask[index],
-            action_ids=[self.action_ids[i] for i in index],
+            action_ids=action_ids,
             chosen=self.chosen[index],
             prob=self.prob[index],
             reward=self.reward[index],
@@ -85,57 +93,65 @@ def load_snapshot(path: str, spec: FeatureSpec) -> Batch:
     """Read and hash a snapshot Parquet file; unusable rows are dropped and counted."""
     path = str(path)
     try:
-        table = pq.read_table(path, columns=list(COLUMNS))
-    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        file = pq.ParquetFile(path)
+        missing = [name for name in COLUMNS if name not in file.schema_arrow.names]
+        if missing:
+            raise SnapshotError(path, f"missing column(s) {', '.join(missing)}")
+        table = file.read(columns=list(COLUMNS))
+    except FileNotFoundError:
+        raise SnapshotError(path, "no such file") from None
+    except (OSError, pa.ArrowInvalid) as exc:
         raise SnapshotError(path, f"cannot read ({exc})") from None
-    columns = {name: table.column(name) for name in COLUMNS}
-    ids = columns["id"].to_pylist()
     hasher = Hasher(spec)
     cache: dict[str, _HashedActions] = {}
 
-    def contexts() -> Iterable[Any]:
-        for row_id, raw in zip(ids, columns["context"].to_pylist()):
-            yield None if raw is None else _decode(path, row_id, "context", raw)
+    def decoded() -> Iterator[tuple[Any, _HashedActions | None]]:
+        # a chunk of JSON strings at a time: the whole columns as Python objects would cost
+        # several times the arrays they become
+        for chunk in table.select(["id", "context", "actions"]).to_batches(max_chunksize=_CHUNK_ROWS):
+            ids, contexts, actions = (chunk.column(i).to_pylist() for i in range(3))
+            for row_id, context, acts in zip(ids, contexts, actions):
+                if context is not None:
+                    context = _decode(path, row_id, "context", context)
+                if acts is not None:
+                    found = cache.get(acts)
+                    if found is None:
+                        found = _hash_actions(hasher, _decode(path, row_id, "actions", acts), path, row_id)
+                        if len(cache) < _ACTIONS_CACHE_LIMIT:
+                            cache[acts] = found
+                    acts = found
+                yield context, acts
 
-    def actions() -> Iterable[_HashedActions | None]:
-        for row_id, raw in zip(ids, columns["actions"].to_pylist()):
-            if raw is None:
-                yield None
-                continue
-            found = cache.get(raw)
-            if found is None:
-                found = _hash_actions(hasher, _decode(path, row_id, "actions", raw), path, row_id)
-                if len(cache) < _ACTIONS_CACHE_LIMIT:
-                    cache[raw] = found
-            yield found
-
-    return _build(
-        ids=ids,
-        agents=columns["agent"].to_pylist(),
-        received_at=_floats(columns["received_at"]),
-        contexts=contexts(),
-        actions=actions(),
-        chosen=columns["chosen"].to_pylist(),
-        prob=_floats(columns["prob"]),
-        reward=_floats(columns["reward"]),
+    batch = _build(
+        ids=table.column("id").to_pylist(),
+        agents=table.column("agent").to_pylist(),
+        received_at=_floats(table.column("received_at")),
+        rows=decoded(),
+        chosen=table.column("chosen").to_pylist(),
+        prob=_floats(table.column("prob")),
+        reward=_floats(table.column("reward")),
         hasher=hasher,
         where=path,
     )
+    del table
+    # the long-lived daemon loads snapshots too (the gate), and Arrow's allocator would otherwise
+    # keep the file's buffers as its own reserve (~80 MB after a 200k-row snapshot)
+    pa.default_memory_pool().release_unused()
+    return batch
 
 
 def from_records(records: Iterable[Mapping[str, Any]], spec: FeatureSpec) -> Batch:
     """A Batch from already-decoded rows with the snapshot's keys (context and actions as objects)."""
-    rows = list(records)
+    records = list(records)
     hasher = Hasher(spec)
     return _build(
-        ids=[r["id"] for r in rows],
-        agents=[r["agent"] for r in rows],
-        received_at=np.array([r["received_at"] for r in rows], dtype=np.float64),
-        contexts=(r["context"] for r in rows),
-        actions=(_hash_actions(hasher, r["actions"], "<records>", r["id"]) for r in rows),
-        chosen=[r["chosen"] for r in rows],
-        prob=np.array([r["prob"] for r in rows], dtype=np.float64),
-        reward=np.array([r["reward"] for r in rows], dtype=np.float64),
+        ids=[r["id"] for r in records],
+        agents=[r["agent"] for r in records],
+        received_at=np.array([r["received_at"] for r in records], dtype=np.float64),
+        rows=((r["context"], _hash_actions(hasher, r["actions"], "<records>", r["id"])) for r in records),
+        chosen=[r["chosen"] for r in records],
+        prob=np.array([r["prob"] for r in records], dtype=np.float64),
+        reward=np.array([r["reward"] for r in records], dtype=np.float64),
         hasher=hasher,
         where="<records>",
     )
@@ -148,9 +164,13 @@ def split_holdout(batch: Batch, fraction: float) -> tuple[Batch, Batch]:
     data it will face next. With two rows or more, at least one is held out and one is trained on.
     """
     n = len(batch)
-    order = np.argsort(batch.received_at, kind="stable")
     n_hold = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
-    return batch.take(order[: n - n_hold]), batch.take(order[n - n_hold :])
+    cut = n - n_hold
+    if np.all(batch.received_at[1:] >= batch.received_at[:-1]):
+        # snapshots are normally written in time order; slices then share the arrays, not copy them
+        return batch.take(slice(0, cut)), batch.take(slice(cut, n))
+    order = np.argsort(batch.received_at, kind="stable")
+    return batch.take(order[:cut]), batch.take(order[cut:])
 
 
 def _floats(column: pa.ChunkedArray) -> np.ndarray:
@@ -171,7 +191,9 @@ class _HashedActions(NamedTuple):
 
 
 def _hash_actions(hasher: Hasher, actions: Any, where: str, row_id: Any) -> _HashedActions:
-    if not isinstance(actions, list) or not all(isinstance(a, str) or (isinstance(a, dict) and "id" in a) for a in actions):
+    if not isinstance(actions, list) or not all(
+        isinstance(a, str) or (isinstance(a, dict) and "id" in a) for a in actions
+    ):
         raise SnapshotError(where, f"row {row_id!r}: actions must be a list of ids or objects with an id")
     return _HashedActions(action_ids(actions), hasher.actions(actions))
 
@@ -181,8 +203,7 @@ def _build(
     ids: list[Any],
     agents: list[Any],
     received_at: np.ndarray,
-    contexts: Iterable[Any],
-    actions: Iterable[_HashedActions | None],
+    rows: Iterable[tuple[Any, _HashedActions | None]],
     chosen: list[Any],
     prob: np.ndarray,
     reward: np.ndarray,
@@ -190,39 +211,42 @@ def _build(
     where: str,
 ) -> Batch:
     n = len(ids)
+    spec = hasher.spec
+    # contexts are hashed as they stream past rather than kept as dicts, which would weigh far
+    # more than the float32 rows they become
+    context_arr = np.zeros((n, spec.context_dim), dtype=np.float32)
     keep: list[int] = []
-    kept_contexts: list[dict[str, Any]] = []
     kept_actions: list[_HashedActions] = []
     kept_chosen: list[int] = []
-    for i, (context, acts) in enumerate(zip(contexts, actions)):
+    for i, (context, acts) in enumerate(rows):
         if context is None or acts is None or chosen[i] is None:
             continue
         if not isinstance(context, dict):
             raise SnapshotError(where, f"row {ids[i]!r}: context must be a JSON object")
-        if not (math.isfinite(reward[i]) and math.isfinite(received_at[i]) and math.isfinite(prob[i]) and prob[i] > 0.0):
+        finite = math.isfinite(reward[i]) and math.isfinite(received_at[i]) and math.isfinite(prob[i])
+        if not (finite and prob[i] > 0.0):
             continue
         try:
             index = acts.ids.index(chosen[i])
         except ValueError:
             continue
+        hasher.context(context, out=context_arr[len(keep)])
         keep.append(i)
-        kept_contexts.append(context)
         kept_actions.append(acts)
         kept_chosen.append(index)
 
-    spec = hasher.spec
     m = len(keep)
+    if m < n:
+        context_arr = context_arr[:m].copy()
     a_max = max((len(a.ids) for a in kept_actions), default=0)
-    context_arr = np.zeros((m, spec.context_dim), dtype=np.float32)
     actions_arr = np.zeros((m, a_max, spec.action_dim), dtype=np.float32)
     mask = np.zeros((m, a_max), dtype=bool)
-    for row, (context, acts) in enumerate(zip(kept_contexts, kept_actions)):
-        hasher.context(context, out=context_arr[row])
+    for row, acts in enumerate(kept_actions):
         width = len(acts.ids)
         actions_arr[row, :width] = acts.vectors
         mask[row, :width] = True
 
-    rows = np.asarray(keep, dtype=np.int64)
+    rows_kept = np.asarray(keep, dtype=np.int64)
     return Batch(
         ids=[str(ids[i]) for i in keep],
         agents=[str(agents[i]) for i in keep],
@@ -231,8 +255,8 @@ def _build(
         mask=mask,
         action_ids=[a.ids for a in kept_actions],
         chosen=np.asarray(kept_chosen, dtype=np.int64),
-        prob=prob[rows],
-        reward=reward[rows],
-        received_at=received_at[rows],
+        prob=prob[rows_kept],
+        reward=reward[rows_kept],
+        received_at=received_at[rows_kept],
         dropped=n - m,
     )

@@ -75,12 +75,12 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     received_at DOUBLE NOT NULL,
-    peer_uid INTEGER,
+    peer_uid BIGINT,  -- uid_t is unsigned 32-bit
     peer_pid INTEGER,
     code VARCHAR NOT NULL,
     reason VARCHAR NOT NULL,
     raw BLOB NOT NULL,
-    raw_size INTEGER NOT NULL
+    raw_size BIGINT NOT NULL  -- a length prefix may claim up to 4 GiB
 );
 CREATE TABLE IF NOT EXISTS model_events (
     "at" DOUBLE NOT NULL,  -- quoted: AT is a keyword
@@ -487,7 +487,8 @@ class Store:
         """The most recent model events, newest first."""
         with self._guard("reading model events") as con:
             rows = con.execute(
-                'SELECT "at", version, event, CAST(detail AS VARCHAR) FROM model_events ORDER BY "at" DESC LIMIT ?', [limit]
+                'SELECT "at", version, event, CAST(detail AS VARCHAR) FROM model_events ORDER BY "at" DESC LIMIT ?',
+                [limit],
             ).fetchall()
         return [{"at": at, "version": v, "event": e, "detail": msgspec.json.decode(d)} for at, v, e, d in rows]
 
@@ -510,10 +511,14 @@ class Store:
         rules = _reward_rules(config)  # noqa: F841 -- read by the SQL below
         with self._guard(f"writing the training snapshot {dest}") as con:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            con.execute(
-                f"COPY ({_EXPERIENCES}) TO {_sql_path(partial)} (FORMAT parquet)", {"now": now, "max_rows": max_rows}
-            )
-            os.replace(partial, dest)
+            try:
+                con.execute(
+                    f"COPY ({_EXPERIENCES}) TO {_sql_path(partial)} (FORMAT parquet)",
+                    {"now": now, "max_rows": max_rows},
+                )
+                os.replace(partial, dest)
+            finally:
+                partial.unlink(missing_ok=True)
             rows, start, end = con.execute(
                 "SELECT count(*), coalesce(min(received_at), 0), coalesce(max(received_at), 0) FROM read_parquet(?)",
                 [str(dest)],
@@ -535,8 +540,10 @@ class Store:
 
     def _archive_table(self, table: str, older_than: float, root: Path, compression: str) -> int:
         staging = root / f".staging-{uuid.uuid4().hex}"
-        options = f"FORMAT parquet, PARTITION_BY (agent, date), COMPRESSION {compression}, FILENAME_PATTERN 'part-{{uuid}}'"
-        copy = f"COPY ({_ARCHIVE_SELECT[table]}) TO {_sql_path(staging / table)} ({options})"
+        copy = (
+            f"COPY ({_ARCHIVE_SELECT[table]}) TO {_sql_path(staging / table)} (FORMAT parquet, "
+            f"PARTITION_BY (agent, date), COMPRESSION {compression}, FILENAME_PATTERN 'part-{{uuid}}')"
+        )
         try:
             with self._guard(f"archiving {table} to {root}") as con, _transaction(con):
                 staging.mkdir(parents=True)

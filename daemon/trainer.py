@@ -2,7 +2,8 @@
 
     python -m reflexd.trainer SNAPSHOT OUT_DIR --config CONFIG_JSON [--seed N]
 
-CONFIG_JSON is ``msgspec.json.encode(config)`` of a ``reflexd.config.Config``. The run writes
+CONFIG_JSON is ``msgspec.json.encode(config)`` of a ``reflexd.config.Config``, given inline or as
+the path of a file holding it (the daemon writes a file, which keeps it out of ``ps``). The run writes
 ``OUT_DIR/policy.onnx`` and ``OUT_DIR/result.json`` (a ``TrainResult``, or ``{"error": ...}``).
 Exit status: 0 when a model was produced (even if parity failed: ``parity_ok`` says so and the
 daemon rejects it), 2 for a training failure (one line on stderr), 1 for a bug (traceback).
@@ -83,7 +84,7 @@ def _write_result(out_dir: Path, result: TrainResult | _Failure) -> None:
 
 def _log(event: str, **fields: object) -> None:
     parts = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-    print(f"reflexd.trainer {event} {parts}".rstrip(), file=sys.stderr, flush=True)
+    print(f"reflexd.trainer event={event} {parts}".rstrip(), file=sys.stderr, flush=True)
 
 
 def _lower_priority() -> None:
@@ -102,9 +103,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m reflexd.trainer", description=__doc__.splitlines()[0])
     parser.add_argument("snapshot", help="training snapshot (Parquet)")
     parser.add_argument("out_dir", help="directory for policy.onnx and result.json")
-    parser.add_argument("--config", required=True, help="the daemon's Config as JSON")
+    parser.add_argument("--config", required=True, help="the daemon's Config as JSON, or a file holding it")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+def _read_config(arg: str) -> Config:
+    text = arg if arg.lstrip().startswith("{") else Path(arg).read_bytes()
+    return msgspec.json.decode(text, type=Config)
 
 
 def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResult:
@@ -184,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reflexd.trainer: error: cannot create {out_dir}: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
-        config = msgspec.json.decode(args.config, type=Config)
+        config = _read_config(args.config)
+    except OSError as exc:
+        return _fail(out_dir, f"cannot read --config file: {exc}")
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         return _fail(out_dir, f"invalid --config: {exc}")
     threads = str(config.trainer.max_threads)

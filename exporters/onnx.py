@@ -79,7 +79,7 @@ def export_onnx(module: torch.nn.Module, context_dim: int, action_dim: int, path
                 external_data=False,
                 verbose=False,
             )
-    except torch.onnx.OnnxExporterError as exc:
+    except (torch.onnx.OnnxExporterError, OSError) as exc:
         raise ExportError(path, str(exc).splitlines()[0]) from exc
     finally:
         onnx_logger.setLevel(level)

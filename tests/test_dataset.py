@@ -118,8 +118,14 @@ def test_invalid_json_names_the_row(tmp_path):
 
 
 def test_missing_file_is_a_snapshot_error(tmp_path):
-    with pytest.raises(SnapshotError, match="cannot read"):
+    with pytest.raises(SnapshotError, match="absent.parquet: no such file"):
         load_snapshot(tmp_path / "absent.parquet", SPEC)
+
+
+def test_missing_columns_are_named(tmp_path):
+    pq.write_table(pa.table({"id": ["d0"], "agent": ["a"], "context": ["{}"]}), tmp_path / "s.parquet")
+    with pytest.raises(SnapshotError, match="missing column.s. received_at, actions, chosen, prob, reward$"):
+        load_snapshot(tmp_path / "s.parquet", SPEC)
 
 
 def test_empty_snapshot_gives_empty_batch(tmp_path):
@@ -147,6 +153,13 @@ def test_split_holdout_holds_out_the_newest_rows():
     assert list(train.received_at) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     # rows travel whole: the reward logged with t=9 was row 2's
     assert holdout.reward[-1] == 2.0 and holdout.ids[-1] == "d2"
+
+
+def test_split_holdout_of_time_ordered_rows_shares_memory():
+    batch = _timed([float(i) for i in range(10)])
+    train, holdout = split_holdout(batch, 0.2)
+    assert train.ids == [f"d{i}" for i in range(8)] and holdout.ids == ["d8", "d9"]
+    assert np.shares_memory(train.context, batch.context) and np.shares_memory(holdout.actions, batch.actions)
 
 
 @pytest.mark.parametrize(("n", "fraction", "expected"), [(2, 0.01, 1), (3, 0.99, 2), (1, 0.5, 0), (0, 0.5, 0)])

@@ -102,14 +102,19 @@ def test_batch_with_all_four_event_types_is_stored_field_by_field(store: Store, 
             ts=9.5,
         ),
         Outcome(decision_id="d1", reward=-2.0, id="o1", agent="bot", ts=11.0),
-        Step(agent="bot", episode="ep1", index=3, observation={"pos": [1, 2]}, action="up", reward=0.5, done=True, id="s1"),
+        Step(agent="bot", episode="ep1", index=3, observation={"pos": [1, 2]}, action="up", reward=0.5, done=True,
+             id="s1"),
         Event(agent="bot", kind="error", data={"msg": "timeout"}, id="e1"),
     ]
     result = store.write(events, received_at=12.0)
     assert result == WriteResult(inserted=4, duplicates=0, decisions=1, outcomes=1, steps=1, events=1)
     store.close()
 
-    [d] = query(db, "SELECT id, agent, ts, received_at, context, actions, chosen, prob, probs, model_version, strategy FROM decisions")
+    [d] = query(
+        db,
+        "SELECT id, agent, ts, received_at, context, actions, chosen, prob, probs, model_version, strategy "
+        "FROM decisions",
+    )
     assert d[:4] == ("d1", "bot", 9.5, 12.0)
     assert json.loads(d[4]) == {"user": {"tier": "gold"}, "load": 0.7}
     assert json.loads(d[5]) == ["fast", {"id": "slow", "features": {"cost": 2.5}}]
@@ -156,9 +161,8 @@ def test_events_without_id_or_ts_get_a_fresh_id_and_the_receive_time(store: Stor
 
 
 def test_json_columns_survive_nan_infinity_and_msgpack_only_values(store: Store, db: Path) -> None:
-    frame = msgspec.msgpack.encode(
-        {"type": "event", "agent": "a", "kind": "k", "id": "e1", "data": {"ext": msgspec.msgpack.Ext(3, b"zz"), (1, 2): 1}}
-    )
+    data = {"ext": msgspec.msgpack.Ext(3, b"zz"), (1, 2): 1}
+    frame = msgspec.msgpack.encode({"type": "event", "agent": "a", "kind": "k", "id": "e1", "data": data})
     event = decode_inbound(frame, "msgpack")
     nan_decision = decision("d1", context={"v": float("nan"), "w": float("inf")}, probs=[float("nan"), 1.0])
     assert store.write([event, nan_decision], 1.0).inserted == 2
@@ -212,14 +216,16 @@ def test_dead_letters_keep_raw_bytes_reason_and_peer(store: Store, db: Path) -> 
     raw = b"\x00\xff{not json"
     store.dead_letter(
         [
-            DeadLetter(received_at=5.0, peer_uid=1000, peer_pid=42, code="malformed", reason="bad", raw=raw, raw_size=9000),
-            DeadLetter(received_at=6.0, peer_uid=None, peer_pid=None, code="invalid", reason="no agent", raw=b"", raw_size=0),
+            DeadLetter(received_at=5.0, peer_uid=2**32 - 2, peer_pid=42, code="too_large", reason="big", raw=raw,
+                       raw_size=2**32 - 1),
+            DeadLetter(received_at=6.0, peer_uid=None, peer_pid=None, code="invalid", reason="no agent", raw=b"",
+                       raw_size=0),
         ]
     )
     assert store.counts()["dead_letters"] == 2
     store.close()
     assert query(db, "SELECT * FROM dead_letters ORDER BY received_at") == [
-        (5.0, 1000, 42, "malformed", "bad", raw, 9000),
+        (5.0, 2**32 - 2, 42, "too_large", "big", raw, 2**32 - 1),
         (6.0, None, None, "invalid", "no agent", b"", 0),
     ]
 
@@ -313,6 +319,17 @@ def test_snapshot_keeps_the_newest_rows_in_time_order_with_the_stated_columns(st
     assert json.loads(first["context"]) == {"i": 3}
     assert json.loads(first["actions"]) == ["left", "right"]
     assert (first["chosen"], first["prob"], first["model_version"]) == ("left", 0.5, "v3")
+
+
+def test_a_failed_snapshot_leaves_the_previous_file_whole(store: Store, tmp_path: Path) -> None:
+    dest = tmp_path / "snap.parquet"
+    store.write([decision("small")], received_at=1.0)
+    store.snapshot(dest, now=100.0, config=parse_config(""), max_rows=10)
+    store.write([decision("big", context=incompressible_context())], received_at=2.0)
+    with file_size_limit(64 * 1024), pytest.raises(StorageError, match="training snapshot"):
+        store.snapshot(dest, now=100.0, config=parse_config(""), max_rows=10)
+    assert pq.read_table(dest).column("id").to_pylist() == ["small"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap.parquet", "state"]
 
 
 def test_empty_snapshot_reports_a_zero_window(store: Store, tmp_path: Path) -> None:
@@ -445,5 +462,6 @@ def test_stats_report_file_sizes_and_row_counts(store: Store, db: Path) -> None:
     stats = store.stats()
     assert stats["path"] == str(db)
     assert stats["db_bytes"] == db.stat().st_size > 0
-    assert stats["db_bytes"] + stats["wal_bytes"] > 0
+    wal = db.with_name(db.name + ".wal")
+    assert stats["wal_bytes"] == (wal.stat().st_size if wal.exists() else 0)
     assert stats["rows"] == {"decisions": 1, "outcomes": 0, "steps": 0, "events": 1, "dead_letters": 0}

@@ -1,0 +1,273 @@
+"""``reflexd demo``: a real daemon, a simulated LLM agent, and proof that it adapts.
+
+The agent routes tasks to one of five strategies (model size, tools, retries). Whether a
+strategy succeeds depends on the task's kind and difficulty; what it costs depends on the
+user's tier. Reward = success − cost − latency penalties, so the best strategy changes with the
+context and no single action is best. The demo starts ``reflexd run`` on a temporary state
+directory, lets the agent decide through ``reflexd.Policy`` at a steady rate while the daemon
+trains and promotes models on its own, and reports reward and regret per window.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .connection import request
+from .errors import DaemonUnavailable, ReflexdError
+from .protocol import StatusRequest
+
+TASKS = ("chat", "code", "math", "search")
+
+# Strategy → (cost, latency s, success at difficulty 0 per task, drop in success per unit difficulty)
+STRATEGIES: dict[str, tuple[float, float, dict[str, float], float]] = {
+    "small-model": (1.0, 0.4, {"chat": 0.92, "code": 0.55, "math": 0.40, "search": 0.50}, 0.50),
+    "large-model": (8.0, 2.0, {"chat": 0.95, "code": 0.85, "math": 0.75, "search": 0.60}, 0.25),
+    "small+tools": (2.0, 1.0, {"chat": 0.85, "code": 0.70, "math": 0.85, "search": 0.90}, 0.40),
+    "large+tools": (10.0, 3.0, {"chat": 0.93, "code": 0.93, "math": 0.92, "search": 0.95}, 0.15),
+    "small+retry": (2.5, 1.1, {"chat": 0.94, "code": 0.66, "math": 0.52, "search": 0.62}, 0.45),
+}
+# Free users care about cost, pro users about latency.
+WEIGHTS = {"free": (0.035, 0.02), "pro": (0.01, 0.08)}
+
+
+class World:
+    """The simulated environment; ``expected`` is exact, so regret is exact too."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.actions = [
+            {"id": name, "features": {"cost": cost, "latency": lat, "tools": "tools" in name, "retry": "retry" in name}}
+            for name, (cost, lat, _, _) in STRATEGIES.items()
+        ]
+
+    def context(self) -> dict[str, Any]:
+        r = self.rng
+        return {
+            "task": r.choice(TASKS),
+            "difficulty": round(r.random(), 3),
+            "tier": "pro" if r.random() < 0.3 else "free",
+            "prompt_tokens": int(r.lognormvariate(6, 0.8)),
+        }
+
+    @staticmethod
+    def expected(context: dict[str, Any], action: str) -> float:
+        cost, latency, skill, slope = STRATEGIES[action]
+        p = min(0.99, max(0.02, skill[context["task"]] - slope * context["difficulty"]))
+        wc, wl = WEIGHTS[context["tier"]]
+        return p - wc * cost - wl * latency
+
+    def reward(self, context: dict[str, Any], action: str) -> float:
+        cost, latency, skill, slope = STRATEGIES[action]
+        p = min(0.99, max(0.02, skill[context["task"]] - slope * context["difficulty"]))
+        wc, wl = WEIGHTS[context["tier"]]
+        success = 1.0 if self.rng.random() < p else 0.0
+        return success - wc * cost - wl * latency * self.rng.uniform(0.7, 1.3)
+
+    def best(self, context: dict[str, Any]) -> float:
+        return max(self.expected(context, a) for a in STRATEGIES)
+
+
+def demo_config(root: Path) -> dict[str, Any]:
+    return {
+        "state_dir": str(root / "state"),
+        "socket": {"path": str(root / "run" / "reflexd.sock")},
+        "rewards": {"wait_window": 1.0, "default": 0.0},
+        # the demo's own agent keeps the CPU busy, so it does not wait for an idle machine
+        "trainer": {"min_new_examples": 1500, "check_interval": 1.0, "idle_load": 1000.0, "epochs": 8},
+        "exploration": {"strategy": "epsilon_greedy", "epsilon": 0.1},
+        "log": {"format": "json", "level": "info"},
+    }
+
+
+@dataclass
+class Record:
+    rewards: list[float] = field(default_factory=list)
+    regrets: list[float] = field(default_factory=list)
+    versions: list[str | None] = field(default_factory=list)
+    latencies_us: list[float] = field(default_factory=list)
+
+
+class DemoDaemon:
+    """``reflexd run`` as a subprocess on the demo's directories; stopped on exit."""
+
+    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+        self.root = root
+        self.config = config
+        self.socket = config["socket"]["path"]
+        self.log_path = root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> DemoDaemon:
+        config_path = self.root / "reflexd.yaml"
+        config_path.write_text(yaml.safe_dump(self.config))
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "reflexd", "run", "--config", str(config_path)], stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                request(StatusRequest(), self.socket, timeout=5)
+                return self
+            except DaemonUnavailable:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise ReflexdError(f"the demo daemon did not start; its log:\n{self.log_tail()}") from None
+                time.sleep(0.1)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def simulate(policy: Any, world: World, decisions: int, rate: float, progress: Any = None) -> Record:
+    """Run the agent at ``rate`` decisions per second; reward comes back at once."""
+    rec = Record()
+    start = time.monotonic()
+    for i in range(decisions):
+        ctx = world.context()
+        t0 = time.perf_counter_ns()
+        choice = policy.decide(ctx, world.actions)
+        rec.latencies_us.append((time.perf_counter_ns() - t0) / 1000)
+        r = world.reward(ctx, choice.action)
+        policy.reward(choice.id, r)
+        rec.rewards.append(r)
+        rec.regrets.append(world.best(ctx) - world.expected(ctx, choice.action))
+        rec.versions.append(choice.model_version)
+        if progress is not None:
+            progress(i, rec)
+        lag = start + (i + 1) / rate - time.monotonic()
+        if lag > 0:
+            time.sleep(lag)
+    return rec
+
+
+def windows(rec: Record, n: int = 12) -> list[dict[str, Any]]:
+    size = max(1, math.ceil(len(rec.rewards) / n))
+    rows = []
+    for lo in range(0, len(rec.rewards), size):
+        hi = min(lo + size, len(rec.rewards))
+        versions = sorted({v or "none" for v in rec.versions[lo:hi]})
+        rows.append(
+            {
+                "from": lo + 1,
+                "to": hi,
+                "models": ",".join(versions),
+                "reward": float(np.mean(rec.rewards[lo:hi])),
+                "regret": float(np.mean(rec.regrets[lo:hi])),
+            }
+        )
+    return rows
+
+
+def report(rec: Record, status: Any) -> str:
+    lines = ["", f"{'decisions':>15}  {'model':<18}{'mean reward':>12}{'mean regret':>13}"]
+    for w in windows(rec):
+        lines.append(f"{w['from']:>7}–{w['to']:<7}  {w['models']:<18}{w['reward']:>12.3f}{w['regret']:>13.3f}")
+    lat = np.array(rec.latencies_us)
+    before = [r for r, v in zip(rec.regrets, rec.versions) if v is None]
+    last = rec.versions[-1]
+    after = [r for r, v in zip(rec.regrets, rec.versions) if v == last and v is not None]
+    lines.append("")
+    if before:
+        lines.append(f"regret with no model (default policy, exploring): {np.mean(before):.3f} over {len(before)} decisions")
+    if after:
+        lines.append(f"regret with the last model {last}:                {np.mean(after):.3f} over {len(after)} decisions")
+    lines.append(f"total regret against the best possible choice: {sum(rec.regrets):.1f}")
+    lines.append(f"decide latency in-process: p50 {np.percentile(lat, 50):.0f} µs, p99 {np.percentile(lat, 99):.0f} µs")
+    t = status.trainer
+    lines.append(f"daemon: {status.ingest['stored']} events stored, {t['runs']} training runs, {t['promoted']} promoted, {t['rejected']} rejected")
+    return "\n".join(lines)
+
+
+def plot(rec: Record, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    k = 300
+    x = np.arange(len(rec.rewards))
+    kernel = np.ones(k) / k
+    reward = np.convolve(rec.rewards, kernel, mode="valid")
+    regret = np.convolve(rec.regrets, kernel, mode="valid")
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    ax.plot(x[k - 1 :], reward, label=f"reward (moving mean of {k})", color="tab:blue")
+    ax.plot(x[k - 1 :], regret, label="regret vs best choice", color="tab:red")
+    previous = None
+    for i, v in enumerate(rec.versions):
+        if v != previous and v is not None:
+            ax.axvline(i, color="grey", ls="--", lw=0.8)
+            ax.text(i, ax.get_ylim()[1], f" {v}", va="top", fontsize=8, color="grey")
+        previous = v
+    ax.set_xlabel("decision")
+    ax.set_title("reflexd demo: a simulated LLM agent learning which strategy to use")
+    ax.legend(loc="center right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, rate: float = 300.0) -> int:
+    from tqdm import tqdm
+
+    from .client import Policy
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="reflexd-demo-"))
+    config = demo_config(root)
+    world = World(seed)
+    print(f"reflexd demo: daemon state in {root}, {decisions} decisions at {rate:g}/s", file=sys.stderr)
+    try:
+        with DemoDaemon(root, config) as daemon:
+            policy = Policy("llm-router", socket=daemon.socket, state_dir=config["state_dir"], seed=seed)
+            with tqdm(total=decisions, unit="dec", file=sys.stderr, dynamic_ncols=True) as bar:
+
+                def progress(i: int, rec: Record) -> None:
+                    if i % 100 == 99:
+                        bar.update(100)
+                        bar.set_postfix(model=rec.versions[-1] or "none", reward=f"{np.mean(rec.rewards[-500:]):.3f}")
+
+                rec = simulate(policy, world, decisions, rate, progress)
+                bar.update(decisions - bar.n)
+            policy.close()
+            status = request(StatusRequest(), daemon.socket)
+            shutil.copy(daemon.log_path, out / "daemon.log")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    text = report(rec, status)
+    print(text)
+    (out / "report.txt").write_text(text + "\n")
+    if plot(rec, out / "learning-curve.png"):
+        print(f"\nplot: {out / 'learning-curve.png'}   report: {out / 'report.txt'}")
+    else:
+        print("\n(install matplotlib for the learning-curve plot)")
+    if not any(rec.versions):
+        print("no model was promoted during the demo; see demo-out/daemon.log", file=sys.stderr)
+        return 1
+    return 0

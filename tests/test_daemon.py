@@ -1,0 +1,226 @@
+"""The daemon as a subprocess, over its real socket, with a real DuckDB file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import uuid
+from pathlib import Path
+
+import duckdb
+import msgspec
+import pytest
+
+from conftest import DaemonProcess, wait_for
+from reflexd.connection import Connection
+from reflexd.errors import RequestFailed
+from reflexd.protocol import (
+    Ack,
+    Decide,
+    Decided,
+    Decision,
+    Error,
+    Flush,
+    Outcome,
+    Rollback,
+    decode_reply,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def decision(i: int, agent: str = "a") -> Decision:
+    return Decision(id=f"d{i}", agent=agent, context={"x": i % 7}, actions=["p", "q"], chosen="p", prob=0.5)
+
+
+def raw_exchange(path: str, payload: bytes, expect_lines: int) -> list[dict]:
+    """Send NDJSON bytes, read back ``expect_lines`` reply lines (the way socat would)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(path)
+        s.sendall(payload)
+        buf = b""
+        while buf.count(b"\n") < expect_lines:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return [msgspec.json.decode(line) for line in buf.splitlines()]
+
+
+def query(d: DaemonProcess, sql: str) -> list[tuple]:
+    d.stop()  # DuckDB allows one writer process; read the file once the daemon is gone
+    with duckdb.connect(str(d.state_dir / "reflexd.duckdb"), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def test_msgpack_events_are_durable_at_ack_and_resends_are_deduplicated(daemon: DaemonProcess) -> None:
+    events = [decision(i) for i in range(3000)] + [Outcome(id=f"o{i}", decision_id=f"d{i}", reward=1.0) for i in range(500)]
+    with Connection(daemon.socket) as conn:
+        conn.send(events + [Flush(req=1)])
+        ack = conn.receive()
+        assert isinstance(ack, Ack) and ack.req == 1 and ack.count == 3500
+        conn.send(events[:1000] + [Flush(req=2)])  # a client resending after a lost ack
+        assert conn.receive() == Ack(count=4500, req=2)
+    status = daemon.status()
+    assert status.ingest["stored"] == 3500
+    assert status.ingest["duplicates"] == 1000
+    assert query(daemon, "select count(*) from decisions") == [(3000,)]
+
+
+def test_ndjson_bad_lines_are_answered_dead_lettered_and_do_not_stop_the_connection(daemon: DaemonProcess) -> None:
+    good = msgspec.json.encode(decision(1)) + b"\n"
+    payload = (
+        b'{"type":"decision","id":"x"}\n'  # missing fields
+        + b"this is not json\n"
+        + good
+        + b'{"type":"nonsense"}\n'
+        + b'{"type":"flush","req":"f"}\n'
+    )
+    replies = raw_exchange(daemon.socket, payload, expect_lines=4)
+    assert [r["type"] for r in replies] == ["error", "error", "error", "ack"]
+    assert replies[0]["seq"] == 0 and "agent" in replies[0]["message"]
+    assert replies[1]["seq"] == 1 and replies[1]["code"] == "malformed"
+    assert replies[2]["seq"] == 3
+    assert replies[3] == {"type": "ack", "count": 1, "req": "f"}
+    status = daemon.status()
+    assert status.ingest["dead_letters"] == 3 and status.ingest["stored"] == 1
+    rows = query(daemon, "select code, raw from dead_letters order by received_at")
+    assert sorted(r[0] for r in rows) == ["invalid", "invalid", "malformed"]
+    assert b"this is not json" in {bytes(r[1]) for r in rows}
+
+
+def test_oversize_frames(daemon_factory) -> None:
+    d = daemon_factory({"socket": {"max_frame_bytes": 2048}})
+    big = b'{"type":"event","agent":"a","kind":"k","data":"' + b"x" * 5000 + b'"}\n'
+    replies = raw_exchange(d.socket, big + msgspec.json.encode(decision(1)) + b'\n{"type":"flush"}\n', 2)
+    assert replies[0]["code"] == "too_large" and replies[1]["type"] == "ack" and replies[1]["count"] == 1
+    # a length prefix past the cap cannot be skipped safely: that connection (only) is closed
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(d.socket)
+        s.sendall(struct.pack(">I", 1 << 20))  # first byte 0: msgpack framing
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert decode_reply(data[4:], "msgpack").code == "too_large"
+    wait_for(lambda: d.status().ingest["dead_letters"] == 2, 30, "both oversize frames dead-lettered")
+
+
+def test_socket_decide_is_logged_and_falls_back_to_the_default_action(daemon_factory) -> None:
+    d = daemon_factory({"exploration": {"default_action": "q", "epsilon": 0.2, "epsilon_min": 0.0}})
+    with Connection(d.socket) as conn:
+        replies = [conn.request(Decide(agent="a", context={"n": i}, actions=["p", "q", "r"])) for i in range(200)]
+        conn.send([Flush()])
+        assert isinstance(conn.receive(), Ack)
+    assert all(isinstance(r, Decided) and r.model_version is None and r.strategy == "default" for r in replies)
+    probs = {r.action: r.prob for r in replies}
+    assert probs["q"] == pytest.approx(0.8 + 0.2 / 3)
+    assert sum(r.action == "q" for r in replies) > 130
+    rows = query(d, "select count(*), count(distinct id) from decisions where strategy = 'default'")
+    assert rows == [(200, 200)]
+
+
+def test_peers_not_in_the_allow_list_are_refused(daemon_factory, tmp_path: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a client as another user")
+    nobody = 65534
+    python = shutil.which("python3", path="/usr/bin:/bin")  # the venv's may sit where nobody can't read
+    if python is None:
+        pytest.skip("no system python3 for the second user")
+    sock_dir = Path(f"/tmp/rx-peer-{uuid.uuid4().hex[:8]}")
+    sock_dir.mkdir(mode=0o755)  # let the kernel pass `nobody` through; SO_PEERCRED must stop it
+    try:
+        d = daemon_factory({"socket": {"path": str(sock_dir / "r.sock"), "mode": "0666"}})
+        client = (
+            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+            "s.sendall(b'{\"type\":\"status\"}\\n'); print(s.recv(4096).decode())"
+        )
+
+        def as_nobody() -> str:
+            out = subprocess.run(
+                [python, "-c", client, d.socket],
+                user=nobody,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 0, out.stderr
+            return out.stdout
+
+        assert '"code":"forbidden"' in as_nobody()
+        assert d.status().ingest["refused"] == 1
+        d.stop()
+        d.config["socket"]["allowed_uids"] = [nobody]
+        d.start()
+        assert '"type":"status"' in as_nobody()
+    finally:
+        subprocess.run(["rm", "-rf", str(sock_dir)], check=False)
+
+
+def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(daemon: DaemonProcess) -> None:
+    def decide() -> Decided:
+        return daemon.request(Decide(agent="a", context={}, actions=["p", "q"]))
+
+    assert decide().prob == 0.5
+    good = dict(daemon.config, exploration={"default_action": "q", "epsilon": 0.0, "epsilon_min": 0.0})
+    daemon.write_config(good)
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: decide().prob == 1.0, 30, "the reloaded exploration settings")
+    daemon.config_path.write_text("exploration: {strategy: nonsense}\n")
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "config reload failed" in daemon.log(), 30, "the reload failure in the log")
+    reply = decide()
+    assert (reply.action, reply.prob) == ("q", 1.0)
+
+
+def test_model_requests_fail_clearly_without_models(daemon: DaemonProcess) -> None:
+    with pytest.raises(RequestFailed, match="nothing to roll back"):
+        daemon.request(Rollback())
+    with Connection(daemon.socket) as conn:
+        conn.send([msgspec.convert({"type": "promote", "version": "v0042"}, type=__import__("reflexd.protocol").protocol.Promote)])
+        reply = conn.receive()
+    assert isinstance(reply, Error) and "v0042" in reply.message
+
+
+def test_systemd_notify_protocol(daemon_factory, tmp_path: Path) -> None:
+    notify_path = Path(f"/tmp/rx-notify-{uuid.uuid4().hex[:8]}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sd:
+        sd.bind(str(notify_path))
+        sd.settimeout(60)
+        try:
+            d = daemon_factory(env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"})
+            seen: list[str] = []
+
+            def until(field: str) -> None:
+                while not any(field in m for m in seen):
+                    seen.append(sd.recv(4096).decode())
+
+            until("READY=1")
+            seen.clear()
+            until("WATCHDOG=1")
+            d.signal(signal.SIGHUP)
+            seen.clear()
+            until("RELOADING=1")
+            assert any("MONOTONIC_USEC=" in m for m in seen)
+            until("READY=1")
+            d.signal(signal.SIGTERM)
+            seen.clear()
+            until("STOPPING=1")
+            assert d.proc.wait(30) == 0
+        finally:
+            notify_path.unlink(missing_ok=True)
+
+
+def test_existing_non_socket_path_is_refused(daemon_factory, tmp_path: Path) -> None:
+    target = Path(f"/tmp/rx-nsock-{uuid.uuid4().hex[:8]}")
+    target.write_text("not a socket")
+    try:
+        with pytest.raises(pytest.fail.Exception, match="not a socket"):
+            daemon_factory({"socket": {"path": str(target)}})
+    finally:
+        target.unlink()

@@ -1,0 +1,359 @@
+"""Wire messages and framing: round trips, validation errors, and the sans-IO FrameReader."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from typing import Any
+
+import msgspec
+import pytest
+
+from reflexd import protocol as p
+from reflexd.errors import FrameError, FrameTooLarge
+
+FRAMINGS = [p.JSON, p.MSGPACK]
+
+CTX: dict[str, Any] = {"task": "code review", "tokens": 1234, "flags": [True, False], "nested": {"a": 1.5, "b": None}}
+
+INBOUND: list[msgspec.Struct] = [
+    p.Decision(
+        id="d1",
+        agent="router",
+        context=CTX,
+        actions=["small", p.Action(id="large", features={"cost": 3.5, "tags": ["slow"]})],
+        chosen="large",
+        prob=0.25,
+        probs=[0.75, 0.25],
+        model_version="v0003",
+        strategy="softmax",
+        ts=1700000000.5,
+    ),
+    p.Decision(id="d2", agent="a", context={}, actions=["x"], chosen="x", prob=1.0),
+    p.Outcome(decision_id="d1", reward=-0.5, id="o1", agent="router", ts=1.0),
+    p.Outcome(decision_id="d1", reward=2.0),
+    p.Step(agent="bot", episode="e1", index=3, observation={"pos": [1, 2]}, action="left", reward=1.0, done=True),
+    p.Event(agent="bot", kind="error", data={"msg": "boom", "n": [1, 2, 3]}),
+    p.Event(agent="bot", kind="metric"),
+    p.Flush(req=7),
+    p.Decide(agent="router", context=CTX, actions=[p.Action(id="a"), "b"], id="x", req="r1"),
+    p.StatusRequest(),
+    p.ModelsRequest(req=1),
+    p.Promote(version="v0002", req=2),
+    p.Rollback(),
+    p.Train(req="t"),
+]
+
+REPLIES: list[msgspec.Struct] = [
+    p.Ack(count=12, req=7),
+    p.Error(code="invalid", message="bad frame", seq=4, req=None),
+    p.Decided(id="d", action="a", prob=0.5, model_version=None, strategy="default", req=3),
+    p.StatusReply(
+        version="0.1.0",
+        pid=42,
+        uptime=1.5,
+        state_dir="/var/lib/reflexd",
+        socket="/run/reflexd/reflexd.sock",
+        ingest={"received": 1},
+        backlog=0,
+        experience={"decisions": 3},
+        model={"version": "v0001"},
+        trainer={"state": "idle"},
+        storage={},
+        req=9,
+    ),
+    p.ModelsReply(current="v0001", models=[{"version": "v0001"}]),
+    p.Done(message="promoted v0002"),
+]
+
+
+def _frames(framing: p.Framing, data: bytes, max_bytes: int = 1 << 20) -> list[bytes | FrameError]:
+    reader = p.FrameReader(framing, max_bytes)
+    return list(reader.feed(data))
+
+
+# ---- round trips ----------------------------------------------------------------------------
+
+
+def test_every_message_type_is_covered() -> None:
+    inbound_types = set(p.Inbound.__args__)  # type: ignore[attr-defined]
+    reply_types = set(p.Reply.__args__)  # type: ignore[attr-defined]
+    assert {type(m) for m in INBOUND} == inbound_types
+    assert {type(m) for m in REPLIES} == reply_types
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+@pytest.mark.parametrize("msg", INBOUND, ids=lambda m: type(m).__name__)
+def test_inbound_round_trip(framing: p.Framing, msg: msgspec.Struct) -> None:
+    frames = _frames(framing, p.encode_frame(msg, framing))
+    assert len(frames) == 1 and isinstance(frames[0], bytes)
+    decoded = p.decode_inbound(frames[0], framing)
+    assert type(decoded) is type(msg)
+    assert decoded == msg
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+@pytest.mark.parametrize("msg", REPLIES, ids=lambda m: type(m).__name__)
+def test_reply_round_trip(framing: p.Framing, msg: msgspec.Struct) -> None:
+    frames = _frames(framing, p.encode_frame(msg, framing))
+    assert len(frames) == 1 and isinstance(frames[0], bytes)
+    decoded = p.decode_reply(frames[0], framing)
+    assert type(decoded) is type(msg)
+    assert decoded == msg
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_many_frames_in_one_buffer(framing: p.Framing) -> None:
+    data = p.encode_frames(INBOUND, framing)
+    frames = _frames(framing, data)
+    assert [p.decode_inbound(f, framing) for f in frames] == INBOUND  # type: ignore[arg-type]
+
+
+def test_json_frame_is_one_line_with_type_tag() -> None:
+    frame = p.encode_frame(p.Outcome(decision_id="d", reward=1.0), p.JSON)
+    assert frame.endswith(b"\n") and frame.count(b"\n") == 1
+    assert json.loads(frame)["type"] == "outcome"
+
+
+def test_msgpack_frame_has_length_prefix() -> None:
+    frame = p.encode_frame(p.Flush(), p.MSGPACK)
+    (size,) = struct.unpack(">I", frame[:4])
+    assert size == len(frame) - 4
+    assert frame[0] == 0
+
+
+def test_actions_as_strings_and_structs() -> None:
+    raw = b'{"type":"decide","agent":"a","context":{},"actions":["x",{"id":"y","features":{"cost":2}},{"id":"z"}]}'
+    msg = p.decode_inbound(raw, p.JSON)
+    assert isinstance(msg, p.Decide)
+    assert msg.actions[0] == "x"
+    assert msg.actions[1] == p.Action(id="y", features={"cost": 2})
+    assert msg.actions[2] == p.Action(id="z", features={})
+
+
+def test_action_with_unknown_field_rejected() -> None:
+    raw = b'{"type":"decide","agent":"a","context":{},"actions":[{"id":"y","cost":2}]}'
+    with pytest.raises(FrameError) as info:
+        p.decode_inbound(raw, p.JSON)
+    assert "cost" in str(info.value)
+
+
+def test_empty_actions_rejected() -> None:
+    raw = b'{"type":"decide","agent":"a","context":{},"actions":[]}'
+    with pytest.raises(FrameError) as info:
+        p.decode_inbound(raw, p.JSON)
+    assert "actions" in str(info.value)
+
+
+# ---- validation errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_unknown_type_rejected(framing: p.Framing) -> None:
+    obj = {"type": "teleport", "agent": "a"}
+    payload = json.dumps(obj).encode() if framing == p.JSON else msgspec.msgpack.encode(obj)
+    with pytest.raises(FrameError) as info:
+        p.decode_inbound(payload, framing)
+    assert info.value.code == "invalid"
+    assert "teleport" in str(info.value) or "type" in str(info.value)
+
+
+def test_missing_type_rejected() -> None:
+    with pytest.raises(FrameError) as info:
+        p.decode_inbound(b'{"decision_id":"d","reward":1}', p.JSON)
+    assert "type" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("obj", "field"),
+    [
+        ({"type": "outcome", "reward": 1.0}, "decision_id"),
+        ({"type": "outcome", "decision_id": "d"}, "reward"),
+        ({"type": "decision", "id": "d", "agent": "a", "context": {}, "actions": ["x"], "chosen": "x"}, "prob"),
+        ({"type": "step", "agent": "a", "episode": "e", "observation": {}, "action": "l"}, "index"),
+        ({"type": "promote"}, "version"),
+    ],
+)
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_missing_required_field_named(framing: p.Framing, obj: dict[str, Any], field: str) -> None:
+    payload = json.dumps(obj).encode() if framing == p.JSON else msgspec.msgpack.encode(obj)
+    with pytest.raises(FrameError) as info:
+        p.decode_inbound(payload, framing)
+    assert f"`{field}`" in str(info.value)
+    assert info.value.code == "invalid"
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_unknown_field_named(framing: p.Framing) -> None:
+    obj = {"type": "outcome", "decision_id": "d", "reward": 1.0, "surprise": 1}
+    payload = json.dumps(obj).encode() if framing == p.JSON else msgspec.msgpack.encode(obj)
+    with pytest.raises(FrameError) as info:
+        p.decode_inbound(payload, framing)
+    assert "surprise" in str(info.value)
+
+
+@pytest.mark.parametrize("prob", [0.0, -0.1, 1.0000001, 2.0])
+def test_prob_outside_unit_interval_rejected(prob: float) -> None:
+    obj = {"type": "decision", "id": "d", "agent": "a", "context": {}, "actions": ["x"], "chosen": "x", "prob": prob}
+    with pytest.raises(FrameError) as info:
+        p.decode_inbound(json.dumps(obj).encode(), p.JSON)
+    assert "prob" in str(info.value)
+
+
+@pytest.mark.parametrize("prob", [1e-9, 0.5, 1.0])
+def test_prob_inside_unit_interval_accepted(prob: float) -> None:
+    obj = {"type": "decision", "id": "d", "agent": "a", "context": {}, "actions": ["x"], "chosen": "x", "prob": prob}
+    msg = p.decode_inbound(json.dumps(obj).encode(), p.JSON)
+    assert isinstance(msg, p.Decision) and msg.prob == prob
+
+
+def test_empty_id_rejected() -> None:
+    with pytest.raises(FrameError):
+        p.decode_inbound(b'{"type":"outcome","decision_id":"","reward":1}', p.JSON)
+
+
+def test_malformed_json_is_malformed_not_invalid() -> None:
+    with pytest.raises(FrameError) as info:
+        p.decode_inbound(b'{"type": "outcome", ', p.JSON)
+    assert info.value.code == "malformed"
+
+
+def test_decode_reply_rejects_garbage() -> None:
+    with pytest.raises(FrameError):
+        p.decode_reply(b'{"type":"nope"}', p.JSON)
+
+
+# ---- FrameReader ------------------------------------------------------------------------------
+
+
+def _feed_chunks(reader: p.FrameReader, data: bytes, sizes: list[int]) -> list[bytes | FrameError]:
+    out: list[bytes | FrameError] = []
+    pos = 0
+    for size in sizes:
+        out.extend(reader.feed(data[pos : pos + size]))
+        pos += size
+    out.extend(reader.feed(data[pos:]))
+    return out
+
+
+def _random_sizes(rng: random.Random, total: int, biggest: int) -> list[int]:
+    sizes = []
+    while sum(sizes) < total:
+        sizes.append(rng.randint(0, biggest))
+    return sizes
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_byte_by_byte_gives_same_frames(framing: p.Framing) -> None:
+    data = p.encode_frames(INBOUND, framing)
+    whole = _frames(framing, data)
+    reader = p.FrameReader(framing, 1 << 20)
+    pieces = _feed_chunks(reader, data, [1] * len(data))
+    assert pieces == whole
+    assert len(whole) == len(INBOUND)
+    assert reader.pending == 0
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_random_chunks_give_same_frames(framing: p.Framing, seed: int) -> None:
+    data = p.encode_frames(INBOUND * 3, framing)
+    whole = _frames(framing, data)
+    rng = random.Random(seed)
+    reader = p.FrameReader(framing, 1 << 20)
+    pieces = _feed_chunks(reader, data, _random_sizes(rng, len(data), 97))
+    assert pieces == whole
+    assert len(pieces) == 3 * len(INBOUND)
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_incomplete_frame_is_held_back(framing: p.Framing) -> None:
+    frame = p.encode_frame(p.Outcome(decision_id="d", reward=1.0), framing)
+    reader = p.FrameReader(framing, 1 << 20)
+    assert list(reader.feed(frame[:-1])) == []
+    assert reader.pending == len(frame) - 1
+    got = list(reader.feed(frame[-1:]))
+    assert len(got) == 1 and p.decode_inbound(got[0], framing) == p.Outcome(decision_id="d", reward=1.0)  # type: ignore[arg-type]
+
+
+def _json_with_long_line(limit: int) -> tuple[bytes, bytes, bytes]:
+    good1 = p.encode_frame(p.Outcome(decision_id="before", reward=1.0), p.JSON)
+    long = p.encode_frame(p.Event(agent="a", kind="k", data="x" * (3 * limit)), p.JSON)
+    good2 = p.encode_frame(p.Outcome(decision_id="after", reward=2.0), p.JSON)
+    assert len(good1) < limit and len(good2) < limit and len(long) > 3 * limit
+    return good1, long, good2
+
+
+def _summarise(items: list[bytes | FrameError]) -> list[Any]:
+    return [("too_large" if isinstance(x, FrameTooLarge) else type(x).__name__) if isinstance(x, FrameError) else x for x in items]
+
+
+def test_json_overlong_line_reported_once_and_skipped() -> None:
+    limit = 200
+    good1, long, good2 = _json_with_long_line(limit)
+    data = good1 + long + good2
+    expected = [good1[:-1], "too_large", good2[:-1]]
+    # in one piece
+    assert _summarise(_frames(p.JSON, data, limit)) == expected
+    # byte by byte (the line is detected before its newline arrives)
+    reader = p.FrameReader(p.JSON, limit)
+    assert _summarise(_feed_chunks(reader, data, [1] * len(data))) == expected
+    assert not reader.fatal
+    # random chunk sizes
+    for seed in range(5):
+        reader = p.FrameReader(p.JSON, limit)
+        got = _feed_chunks(reader, data, _random_sizes(random.Random(seed), len(data), 3 * limit))
+        assert _summarise(got) == expected, seed
+        assert reader.pending == 0
+
+
+def test_json_overlong_line_error_carries_sizes() -> None:
+    limit = 200
+    _, long, _ = _json_with_long_line(limit)
+    (err,) = _frames(p.JSON, long, limit)
+    assert isinstance(err, FrameTooLarge)
+    assert err.limit == limit and err.size > limit and err.code == "too_large"
+
+
+def test_json_line_of_exactly_the_limit_accepted() -> None:
+    line = b'{"type":"flush","req":"' + b"a" * 50 + b'"}'
+    assert _frames(p.JSON, line + b"\n", len(line)) == [line]
+    err = _frames(p.JSON, line + b"\n", len(line) - 1)
+    assert len(err) == 1 and isinstance(err[0], FrameTooLarge)
+
+
+def test_json_blank_lines_ignored() -> None:
+    frame = p.encode_frame(p.Flush(req=1), p.JSON)
+    data = b"\n\n   \n" + frame + b"\r\n\t\n" + frame + b"\n"
+    assert _frames(p.JSON, data) == [frame[:-1], frame[:-1]]
+
+
+def test_msgpack_oversize_prefix_is_fatal() -> None:
+    limit = 1000
+    good = p.encode_frame(p.Flush(req=1), p.MSGPACK)
+    oversize = struct.pack(">I", limit + 1) + b"\x00" * 10
+    reader = p.FrameReader(p.MSGPACK, limit)
+    got = list(reader.feed(good + oversize + good))
+    assert got[0] == good[4:]
+    assert len(got) == 2 and isinstance(got[1], FrameTooLarge)
+    assert got[1].size == limit + 1 and got[1].limit == limit
+    assert reader.fatal
+    # nothing more comes out, however valid
+    assert list(reader.feed(good * 3)) == []
+    assert reader.pending == 0
+
+
+def test_msgpack_prefix_at_limit_accepted() -> None:
+    body = msgspec.msgpack.encode(p.Flush(req="x" * 20))
+    frame = struct.pack(">I", len(body)) + body
+    reader = p.FrameReader(p.MSGPACK, len(body))
+    assert list(reader.feed(frame)) == [body]
+    assert not reader.fatal
+
+
+def test_framing_of_first_byte() -> None:
+    assert p.framing_of(0) == p.MSGPACK
+    assert p.framing_of(ord("{")) == p.JSON
+    assert p.framing_of(p.encode_frame(p.Flush(), p.MSGPACK)[0]) == p.MSGPACK
+    assert p.framing_of(p.encode_frame(p.Flush(), p.JSON)[0]) == p.JSON
