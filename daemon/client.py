@@ -184,7 +184,7 @@ class _Sender(threading.Thread):
         self.reconnects = 0
         self.last_error: str | None = None
         self._reported_drops = 0
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._settled_cv = threading.Condition()
         self._flush_seq = 0
         self._backoff = 0.05
@@ -209,26 +209,26 @@ class _Sender(threading.Thread):
         return True
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self.join(timeout=5)
         if self.conn is not None:
             self.conn.close()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             now = time.monotonic()
             if now >= self._next_refresh:
                 self._next_refresh = now + self.refresh_interval
                 self.models.refresh()  # loads a new model here, off the agent's thread
             if not self.pending and not self.unacked and self.dropped == self._reported_drops:
-                self._stop.wait(self.send_interval)
+                self._stopping.wait(self.send_interval)
                 continue
             try:
                 self._cycle()
                 self._backoff = 0.05
             except (DaemonUnavailable, FrameError, OSError) as exc:
                 self._disconnect(str(exc))
-                self._stop.wait(self._backoff)
+                self._stopping.wait(self._backoff)
                 self._backoff = min(self._backoff * 2, 2.0)
 
     def _connect(self) -> Connection:

@@ -3,8 +3,8 @@
     python -m reflexd.trainer SNAPSHOT OUT_DIR --config CONFIG_JSON [--seed N]
 
 CONFIG_JSON is ``msgspec.json.encode(config)`` of a ``reflexd.config.Config``, given inline or as
-the path of a file holding it (the daemon writes a file, which keeps it out of ``ps``). The run writes
-``OUT_DIR/policy.onnx`` and ``OUT_DIR/result.json`` (a ``TrainResult``, or ``{"error": ...}``).
+the path of a file holding it (the daemon writes a file, which keeps it out of ``ps``). The run
+writes ``OUT_DIR/policy.onnx`` and ``OUT_DIR/result.json`` (a ``TrainResult``, or ``{"error": ...}``).
 Exit status: 0 when a model was produced (even if parity failed: ``parity_ok`` says so and the
 daemon rejects it), 2 for a training failure (one line on stderr), 1 for a bug (traceback).
 
@@ -115,9 +115,8 @@ def _read_config(arg: str) -> Config:
 
 def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResult:
     settings = config.trainer
-    spec = FeatureSpec(
-        context_dim=config.features.context_dim, action_dim=config.features.action_dim, seed=config.features.seed
-    )
+    features = config.features
+    spec = FeatureSpec(context_dim=features.context_dim, action_dim=features.action_dim, seed=features.seed)
     started = time.perf_counter()
     # loaded before torch is imported, so a bad or empty snapshot fails in a fraction of a second
     batch = load_snapshot(snapshot, spec)
@@ -152,7 +151,8 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResul
     started = time.perf_counter()
     model = learner.fit(train_set, settings, seed, progress)
     fit_seconds = time.perf_counter() - started
-    _log("fitted", learner=learner.name, seconds=fit_seconds, samples_per_s=len(train_set) * settings.epochs / fit_seconds)
+    samples_per_s = len(train_set) * settings.epochs / fit_seconds
+    _log("fitted", learner=learner.name, seconds=fit_seconds, samples_per_s=samples_per_s)
 
     model_path = out_dir / MODEL_FILE
     export_seconds = export_onnx(model, spec.context_dim, spec.action_dim, model_path)

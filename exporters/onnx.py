@@ -80,7 +80,7 @@ def export_onnx(module: torch.nn.Module, context_dim: int, action_dim: int, path
                 verbose=False,
             )
     except (torch.onnx.OnnxExporterError, OSError) as exc:
-        raise ExportError(path, str(exc).splitlines()[0]) from exc
+        raise ExportError(path, " ".join(str(exc).split())[:500] or type(exc).__name__) from exc
     finally:
         onnx_logger.setLevel(level)
     try:

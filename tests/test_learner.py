@@ -17,6 +17,15 @@ SETTINGS = TrainerConfig(epochs=15, batch_size=64, learning_rate=0.01, hidden_si
 BASE, GAIN, NOISE = 1000.0, 500.0, 150.0
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # as the trainer runs it; two threads on a busy two-core machine make timings swing tenfold
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def known_problem(n=1200, seed=0):
     """Action x is best for kind a, y for kind b; z, offered in half the decisions, is never best."""
     rng = np.random.default_rng(seed)

@@ -13,6 +13,15 @@ pytestmark = pytest.mark.slow
 CONTEXT_DIM, ACTION_DIM = 24, 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # as the trainer runs it; two threads on a busy two-core machine make timings swing tenfold
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     torch.manual_seed(0)

@@ -1,0 +1,280 @@
+"""Feature hashing: deterministic, seedable, and following the flattening rules it documents."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import zlib
+
+import msgspec
+import numpy as np
+import pytest
+
+from reflexd import features as F
+from reflexd.features import FeatureSpec, Hasher, action_ids, action_parts, flatten
+from reflexd.protocol import Action
+
+CTX = {
+    "task": "code review for the parser",
+    "lang": "python",
+    "tokens": 1234,
+    "temperature": -0.7,
+    "urgent": True,
+    "draft": False,
+    "tags": ["fast", "cheap"],
+    "history": [0.5, 2, {"ok": 1}],
+    "user": {"tier": "gold", "age_days": 40, "meta": {"beta": True}},
+    "missing": None,
+}
+
+ACTIONS = ["small", {"id": "large", "features": {"cost": 3.0, "family": "gpt"}}, Action(id="tool", features={"latency": 0.2})]
+
+
+def slot(name: str, dim: int, seed: int = 0) -> tuple[int, float]:
+    """The documented scheme, recomputed here: crc32(name, seed) mod dim, sign from the top bit."""
+    h = zlib.crc32(name.encode("utf-8"), seed)
+    return h % dim, (1.0 if h & 0x80000000 else -1.0)
+
+
+def squash(x: float) -> float:
+    return math.copysign(math.log1p(abs(x)), x)
+
+
+def assert_items(got: list[tuple[str, float]], want: list[tuple[str, float]]) -> None:
+    assert [name for name, _ in got] == [name for name, _ in want]
+    assert [value for _, value in got] == pytest.approx([value for _, value in want], rel=1e-12)
+
+
+def expected_vector(items: dict[str, float], dim: int, seed: int = 0) -> np.ndarray:
+    out = np.zeros(dim, dtype=np.float32)
+    for name, value in items.items():
+        idx, sign = slot(name, dim, seed)
+        out[idx] += sign * value
+    return out
+
+
+# ---- determinism and seeding ------------------------------------------------------------------
+
+
+def test_same_vector_across_hasher_instances() -> None:
+    spec = FeatureSpec(context_dim=64, action_dim=16, seed=7)
+    a, b = Hasher(spec), Hasher(spec)
+    va = a.context(CTX)
+    a.context({"warm": "cache"})  # a warmed cache changes nothing
+    np.testing.assert_array_equal(va, b.context(CTX))
+    np.testing.assert_array_equal(a.context(CTX), va)
+    np.testing.assert_array_equal(a.actions(ACTIONS), b.actions(ACTIONS))
+    assert np.count_nonzero(va) > 5
+
+
+_CHILD = """
+import json, sys
+from reflexd.features import FeatureSpec, Hasher
+ctx, actions = json.loads(sys.stdin.read())
+h = Hasher(FeatureSpec(context_dim=64, action_dim=16, seed=7))
+print(json.dumps([h.context(ctx).tolist(), h.actions(actions).tolist()]))
+"""
+
+
+def test_same_vector_across_processes() -> None:
+    actions = ["small", {"id": "large", "features": {"cost": 3.0, "family": "gpt"}}]
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}  # a different str hash must not matter
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD],
+        input=json.dumps([CTX, actions]),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    ctx_child, act_child = json.loads(proc.stdout)
+    h = Hasher(FeatureSpec(context_dim=64, action_dim=16, seed=7))
+    np.testing.assert_array_equal(np.asarray(ctx_child, dtype=np.float32), h.context(CTX))
+    np.testing.assert_array_equal(np.asarray(act_child, dtype=np.float32), h.actions(actions))
+
+
+def test_seed_changes_indices() -> None:
+    v0 = Hasher(FeatureSpec(context_dim=128, seed=0)).context(CTX)
+    v1 = Hasher(FeatureSpec(context_dim=128, seed=1)).context(CTX)
+    assert not np.array_equal(v0, v1)
+    # index placement follows crc32 with the seed as its starting value
+    for seed in (0, 1, 99):
+        v = Hasher(FeatureSpec(context_dim=128, seed=seed)).context({"lang": "python"})
+        idx, sign = slot("lang=python", 128, seed)
+        assert v[idx] == sign
+        assert np.count_nonzero(v) == 1
+    assert slot("lang=python", 128, 0)[0] != slot("lang=python", 128, 1)[0]
+
+
+def test_width_is_respected() -> None:
+    for dim in (1, 3, 128):
+        v = Hasher(FeatureSpec(context_dim=dim)).context(CTX)
+        assert v.shape == (dim,) and v.dtype == np.float32
+
+
+# ---- flattening rules -------------------------------------------------------------------------
+
+
+def test_numbers_are_log1p_squashed_with_sign() -> None:
+    got = dict(flatten({"a": 0, "b": 1, "c": -3, "d": 1e6, "e": -0.25}))
+    assert got == pytest.approx({"a": 0.0, "b": math.log(2), "c": -math.log(4), "d": math.log1p(1e6), "e": -math.log1p(0.25)})
+
+
+def test_booleans_are_zero_or_one() -> None:
+    got = list(flatten({"t": True, "f": False}))
+    assert got == [("t", 1.0), ("f", 0.0)]
+
+
+def test_short_string_is_categorical() -> None:
+    assert list(flatten({"lang": "python"})) == [("lang=python", 1.0)]
+    assert list(flatten({"e": ""})) == [("e=", 1.0)]
+
+
+def test_text_is_tokenised_with_inverse_sqrt_weights() -> None:
+    got = list(flatten({"task": "fix the\tflaky\ntest"}))
+    w = 1 / math.sqrt(4)
+    assert got == [("task~fix", w), ("task~the", w), ("task~flaky", w), ("task~test", w)]
+    # whitespace only: no tokens, no feature
+    assert list(flatten({"task": "   "})) == []
+
+
+def test_text_vector_weights_repeated_tokens() -> None:
+    v = Hasher(FeatureSpec(context_dim=4096)).context({"q": "a a b"})
+    w = 1 / math.sqrt(3)
+    np.testing.assert_allclose(v, expected_vector({"q~a": 2 * w, "q~b": w}, 4096), rtol=1e-6)
+
+
+def test_lists() -> None:
+    got = list(flatten({"tags": ["x", "y"], "nums": [1, -2.5], "objs": [{"k": 1}, {"k": "v"}], "mixed": [None, True]}))
+    assert_items(
+        got,
+        [
+            ("tags=x", 1.0),
+            ("tags=y", 1.0),
+            ("nums[0]", math.log(2)),
+            ("nums[1]", -math.log1p(2.5)),
+            ("objs[0].k", math.log(2)),
+            ("objs[1].k=v", 1.0),
+            ("mixed[1]", 1.0),
+        ]
+    )
+
+
+def test_nested_dicts_use_dotted_paths_and_none_is_skipped() -> None:
+    got = list(flatten({"user": {"tier": "gold", "meta": {"n": 1, "gone": None}}, "none": None}))
+    assert_items(got, [("user.tier=gold", 1.0), ("user.meta.n", math.log(2))])
+
+
+def test_nan_is_zero_and_inf_is_clipped() -> None:
+    got = dict(flatten({"nan": float("nan"), "pinf": float("inf"), "ninf": float("-inf")}))
+    assert got["nan"] == 0.0
+    assert math.isfinite(got["pinf"]) and got["pinf"] > 0
+    assert got["ninf"] == -got["pinf"]
+    v = Hasher(FeatureSpec()).context({"nan": float("nan"), "pinf": float("inf")})
+    assert np.isfinite(v).all()
+
+
+def test_inf_maps_at_least_as_high_as_any_finite_number() -> None:
+    # squashing is monotone; an infinite value should not land below a large finite one
+    inf = dict(flatten({"x": float("inf")}))["x"]
+    big = dict(flatten({"x": 1e300}))["x"]
+    assert inf >= big
+
+
+def test_huge_integer_does_not_crash() -> None:
+    # msgspec's JSON decoder hands over arbitrary-precision ints (checked below), and an agent may
+    # pass one in-process; hashing must treat it like a very large number, not raise OverflowError.
+    big = int("1" + "0" * 400)
+    assert msgspec.json.decode(b"1" + b"0" * 400) == big
+    got = dict(flatten({"x": big, "y": -big}))
+    assert math.isfinite(got["x"]) and got["x"] > 0
+    assert got["y"] == -got["x"]
+
+
+def test_context_vector_matches_flatten_and_scheme() -> None:
+    spec = FeatureSpec(context_dim=256, seed=3)
+    items: dict[str, float] = {}
+    for name, value in flatten(CTX):
+        items[name] = items.get(name, 0.0) + value
+    np.testing.assert_allclose(Hasher(spec).context(CTX), expected_vector(items, 256, 3), rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_value_types_are_skipped() -> None:
+    assert list(flatten({"raw": b"bytes", "obj": object()})) == []
+
+
+# ---- actions ------------------------------------------------------------------------------------
+
+
+def test_action_id_feature_present() -> None:
+    spec = FeatureSpec(action_dim=64)
+    rows = Hasher(spec).actions(["small", "large"])
+    assert rows.shape == (2, 64) and rows.dtype == np.float32
+    for row, aid in zip(rows, ["small", "large"]):
+        np.testing.assert_array_equal(row, expected_vector({"__action=" + aid: 1.0}, 64))
+
+
+def test_action_features_hashed_in_action_space() -> None:
+    spec = FeatureSpec(context_dim=1024, action_dim=64, seed=5)
+    h = Hasher(spec)
+    row = h.actions([{"id": "large", "features": {"cost": 3.0, "family": "gpt"}}])[0]
+    want = expected_vector({"__action=large": 1.0, "cost": math.log1p(3.0), "family=gpt": 1.0}, 64, 5)
+    np.testing.assert_allclose(row, want, rtol=1e-6)
+    # the same features as a context land in the context space (different width, different vector)
+    ctx = h.context({"cost": 3.0, "family": "gpt"})
+    assert ctx.shape == (1024,)
+    np.testing.assert_allclose(ctx, expected_vector({"cost": math.log1p(3.0), "family=gpt": 1.0}, 1024, 5), rtol=1e-6)
+
+
+def test_action_forms_are_equivalent() -> None:
+    h = Hasher(FeatureSpec(action_dim=32))
+    feats = {"cost": 2, "tags": ["a"]}
+    rows = h.actions(["x", {"id": "x"}, Action(id="x"), {"id": "y", "features": feats}, Action(id="y", features=feats)])
+    np.testing.assert_array_equal(rows[0], rows[1])
+    np.testing.assert_array_equal(rows[0], rows[2])
+    np.testing.assert_array_equal(rows[3], rows[4])
+    assert not np.array_equal(rows[0], rows[3])
+
+
+def test_action_parts_and_ids() -> None:
+    assert action_parts("a") == ("a", None)
+    assert action_parts({"id": "b", "features": {"c": 1}}) == ("b", {"c": 1})
+    assert action_parts({"id": 7}) == ("7", None)
+    assert action_parts(Action(id="d", features={"e": 2})) == ("d", {"e": 2})
+    assert action_ids(["a", {"id": "b"}, Action(id="c")]) == ["a", "b", "c"]
+
+
+# ---- output buffers -----------------------------------------------------------------------------
+
+
+def test_context_out_buffer_is_zeroed_and_reused() -> None:
+    h = Hasher(FeatureSpec(context_dim=32))
+    buf = np.full(32, 99.0, dtype=np.float32)
+    got = h.context({"lang": "python"}, out=buf)
+    assert got is buf
+    np.testing.assert_array_equal(buf, h.context({"lang": "python"}))
+    h.context({"other": 1}, out=buf)
+    np.testing.assert_array_equal(buf, h.context({"other": 1}))
+
+
+def test_action_out_buffer_is_zeroed_and_reused() -> None:
+    h = Hasher(FeatureSpec(action_dim=16))
+    buf = np.full((2, 16), -5.0, dtype=np.float32)
+    got = h.actions(["a", "b"], out=buf)
+    assert got is buf
+    np.testing.assert_array_equal(buf, h.actions(["a", "b"]))
+    h.actions(["c", "d"], out=buf)
+    np.testing.assert_array_equal(buf, h.actions(["c", "d"]))
+
+
+def test_cache_limit_does_not_change_results() -> None:
+    h = Hasher(FeatureSpec(context_dim=64))
+    first = h.context({"k": "v"})
+    for i in range(F._CACHE_LIMIT + 10):  # overflow the cache once
+        h._slot(f"n{i}", 64, h._ctx_cache)
+    assert len(h._ctx_cache) <= F._CACHE_LIMIT
+    np.testing.assert_array_equal(h.context({"k": "v"}), first)
