@@ -24,6 +24,7 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
 OctalMode = Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3,4}$")]
+ModeBits = Annotated[int, msgspec.Meta(ge=0, le=0o7777)]
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -32,7 +33,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 class SocketConfig(_Section):
     path: str = "/run/reflexd/reflexd.sock"
-    mode: OctalMode = "0660"
+    mode: OctalMode | ModeBits = "0660"  # YAML reads an unquoted 0660 as the octal int it is
     group: str | int | None = None
     allowed_uids: list[int] = []
     allowed_gids: list[int] = []
@@ -41,7 +42,7 @@ class SocketConfig(_Section):
 
     @property
     def mode_bits(self) -> int:
-        return int(self.mode, 8)
+        return self.mode if isinstance(self.mode, int) else int(self.mode, 8)
 
 
 class IngestConfig(_Section):
@@ -214,6 +215,13 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, ["the top level must be a mapping of keys"])
+    # a section whose keys are all commented out reads as null: it means "all defaults"
+    raw = {k: ({} if v is None and k in Config.__struct_fields__ else v) for k, v in raw.items()}
+    try:
+        # global sections first, so their errors are named as global rather than per agent
+        msgspec.convert({k: v for k, v in raw.items() if k != "agents"}, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(source, [_problem(exc)]) from None
     problems: list[str] = []
     raw = _merge_agents(raw, problems)
     if problems:

@@ -5,7 +5,8 @@ model never sees features computed differently from how it was trained. The spec
 seed) travels in each model's manifest.
 
 Flattening rules, applied recursively with dotted key paths:
-- numbers and booleans: feature ``path`` with value sign(x)·log1p(|x|) (robust to scale);
+- numbers: feature ``path`` with value sign(x)·min(log1p(|x|), 50) (robust to scale);
+- booleans: feature ``path`` with value 1 or 0;
 - short strings: categorical feature ``path=value`` with value 1;
 - strings with whitespace: one feature ``path~token`` per token, each 1/sqrt(n_tokens);
 - lists: strings as a bag of categoricals, numbers as ``path[i]``, mappings recursed;
@@ -95,12 +96,13 @@ def action_ids(actions: list[Any]) -> list[str]:
     return [action_parts(a)[0] for a in actions]
 
 
+_SQUASH_LIMIT = 50.0  # log1p(5e21): beyond it every magnitude looks alike, infinity included
+
+
 def _squash(x: float) -> float:
     if x != x:  # NaN carries no information
         return 0.0
-    if math.isinf(x):
-        return math.copysign(50.0, x)
-    return math.copysign(math.log1p(abs(x)), x)
+    return math.copysign(min(math.log1p(abs(x)), _SQUASH_LIMIT), x)
 
 
 def flatten(obj: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:
@@ -115,7 +117,11 @@ def _flatten_value(path: str, value: Any) -> Iterable[tuple[str, float]]:
     if isinstance(value, bool):
         yield path, 1.0 if value else 0.0
     elif isinstance(value, (int, float)):
-        yield path, _squash(float(value))
+        try:
+            x = float(value)
+        except OverflowError:  # JSON admits integers past float range
+            x = math.inf if value > 0 else -math.inf
+        yield path, _squash(x)
     elif isinstance(value, str):
         if " " in value or "\t" in value or "\n" in value:
             tokens = value.split()

@@ -30,7 +30,7 @@ MODEL_FILE = "policy.onnx"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
 HISTORY_FILE = "history.json"
-_VERSION_RE = re.compile(r"^v(\d{4,})$")
+_VERSION_RE = re.compile(r"v(\d{4,})")
 
 
 class GateResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -108,12 +108,12 @@ class Registry:
     def versions(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        found = [p.name for p in self.root.iterdir() if _VERSION_RE.match(p.name) and (p / MANIFEST_FILE).is_file()]
+        found = [p.name for p in self.root.iterdir() if _VERSION_RE.fullmatch(p.name) and (p / MANIFEST_FILE).is_file()]
         return sorted(found, key=lambda v: int(v[1:]))
 
     def manifest(self, version: str) -> Manifest:
         path = self.root / version / MANIFEST_FILE
-        if not _VERSION_RE.match(version) or not path.is_file():
+        if not _VERSION_RE.fullmatch(version) or not path.is_file():
             raise ModelNotFound(version)
         try:
             return _manifest_decoder.decode(path.read_bytes())

@@ -52,10 +52,16 @@ class Daemon:
         self.store: Store | None = None
         self.registry = Registry(config.models_path)
         self.models = ModelSource(self.registry)
-        self.chooser = Chooser(self.models, lambda agent, _m: self.config.for_agent(agent).exploration)
+        self.chooser = Chooser(self.models, self._exploration_for)
         self.scheduler = Scheduler(self)
         self.ingest: Ingest | None = None
         self.server: Server | None = None
+
+    def _exploration_for(self, agent: str, manifest: Any) -> Any:
+        # exploration travels with the model, so socket and in-process decisions explore alike
+        if manifest is not None:
+            return manifest.exploration_for(agent)
+        return self.config.for_agent(agent).exploration
 
     # ---- running ---------------------------------------------------------------------
 

@@ -55,12 +55,11 @@ class Scorer:
             self.session = _session(model, threads)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
             raise ModelIntegrityError(manifest.version, f"onnxruntime cannot load it: {exc}") from None
-        self._ctx = np.zeros((1, manifest.features.context_dim), dtype=np.float32)
 
     def score(self, context: dict[str, Any], actions: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-        self.hasher.context(context, out=self._ctx[0])
+        ctx = self.hasher.context(context)[None]  # fresh buffers: agents may decide from several threads
         acts = self.hasher.actions(actions)[None]
-        scores, spread = self.session.run(None, {"context": self._ctx, "actions": acts})
+        scores, spread = self.session.run(None, {"context": ctx, "actions": acts})
         return scores[0], spread[0]
 
     def score_batch(self, context: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +95,10 @@ class ModelSource:
             return False
         self._stamp = stamp
         version = self.registry.current()
-        if version is None or (self.scorer is not None and self.scorer.version == version):
+        if version is None:
+            return False
+        if self.scorer is not None and self.scorer.version == version:
+            self.error = None  # the pointer came back to the model we serve
             return False
         try:
             manifest, model = self.registry.load(version)

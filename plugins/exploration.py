@@ -85,5 +85,6 @@ def fallback(cfg: ExplorationSettings, n: int, default_index: int | None, t: int
 
 def sample(p: np.ndarray, u: float) -> int:
     """Index drawn from ``p`` by inverse CDF at uniform ``u`` in [0, 1)."""
-    idx = int(np.searchsorted(np.cumsum(p), u * p.sum(), side="right"))
-    return min(idx, p.shape[0] - 1)
+    cdf = np.cumsum(p)
+    # scaling u by the cdf's own last value keeps rounding from landing past the last p > 0
+    return int(np.searchsorted(cdf, u * cdf[-1], side="right"))

@@ -1,0 +1,122 @@
+"""End to end: ``reflexd run`` as a subprocess, an agent through ``reflexd.Policy``, real training.
+
+The problem has a known best action per context, so "the agent got better" is a number.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DaemonProcess, wait_for
+from reflexd.client import Policy
+from reflexd.protocol import ModelsRequest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BEST = {"a": "x", "b": "y", "c": "z"}
+
+
+def play(policy: Policy, rng: random.Random, n: int) -> float:
+    """Decide ``n`` times with rewards; the fraction of decisions that took the best action."""
+    hits = 0
+    for _ in range(n):
+        kind = rng.choice(sorted(BEST))
+        choice = policy.decide({"kind": kind, "noise": rng.random()}, ["x", "y", "z"])
+        best = choice.action == BEST[kind]
+        hits += best
+        policy.reward(choice.id, float(rng.random() < (0.8 if best else 0.2)))
+    return hits / n
+
+
+def cli(d: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reflexd", *args, "--socket", d.socket],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def learning_daemon(daemon_factory) -> DaemonProcess:
+    return daemon_factory(
+        {
+            "rewards": {"wait_window": 0.3},
+            "trainer": {"min_new_examples": 400, "epochs": 10, "ensemble": 2},
+            "exploration": {"epsilon": 0.2, "epsilon_min": 0.05},
+            "gate": {"min_holdout": 50},
+        }
+    )
+
+
+def test_agent_improves_once_a_model_is_promoted(learning_daemon: DaemonProcess) -> None:
+    d = learning_daemon
+    rng = random.Random(3)
+    with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=5) as policy:
+        before = play(policy, rng, 1500)
+        assert policy.flush(60), policy.stats()
+        assert policy.model_version is None
+        wait_for(lambda: policy.model_version, 300, f"a promoted model to reach the client\n{d.log()}")
+        after = play(policy, rng, 600)
+        assert policy.flush(60)
+        stats = policy.stats()
+    assert before < 0.45  # no model: uniform over three actions
+    assert after > 0.75, f"best-action rate {before:.2f} → {after:.2f}"
+    assert stats["dropped"] == 0 and stats["rejected"] == 0 and stats["settled"] == stats["enqueued"]
+
+    status = d.status()
+    assert status.trainer["promoted"] >= 1
+    assert status.model["version"] == stats["model_version"]
+    assert status.model["gate"]["passed"] is True
+    assert status.ingest["stored"] == stats["enqueued"]
+
+    # the daemon process itself never loads torch: training ran in a subprocess
+    maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps and "torch/lib" not in maps
+
+    manifest = d.request(ModelsRequest()).models[0]
+    assert manifest["gate"]["holdout_rows"] >= 50
+    onnx = d.state_dir / "models" / manifest["version"] / "policy.onnx"
+    import hashlib
+
+    assert hashlib.sha256(onnx.read_bytes()).hexdigest() == manifest["sha256"]
+
+
+def test_operator_cli_trains_promotes_and_rolls_back(learning_daemon: DaemonProcess) -> None:
+    d = learning_daemon
+    rng = random.Random(4)
+    with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=6) as policy:
+        play(policy, rng, 800)
+        assert policy.flush(60)
+    wait_for(lambda: d.status().experience["new_since_training"] >= 400 or d.status().trainer["runs"], 60, "matured experience")
+
+    first = cli(d, "train", "--now")
+    assert first.returncode == 0, first.stderr
+    assert "v000" in first.stdout
+    second = cli(d, "train", "--now")
+    assert second.returncode == 0, second.stderr
+
+    listing = cli(d, "models", "list")
+    assert listing.returncode == 0 and "v0001" in listing.stdout and "v0002" in listing.stdout
+
+    promote = cli(d, "models", "promote", "v0001")
+    assert promote.returncode == 0, promote.stderr
+    assert d.request(ModelsRequest()).current == "v0001"
+    history = json.loads((d.state_dir / "models" / "history.json").read_text())
+    assert history[-1] == "v0001"
+    if len(history) >= 2:
+        rollback = cli(d, "models", "rollback")
+        assert rollback.returncode == 0, rollback.stderr
+        assert d.request(ModelsRequest()).current == history[-2]
+
+    missing = cli(d, "models", "promote", "v0099")
+    assert missing.returncode == 1 and "v0099" in missing.stderr
+
+    status = cli(d, "status")
+    assert status.returncode == 0 and "trainer" in status.stdout and "model" in status.stdout
