@@ -1,0 +1,151 @@
+"""The daemon under test: ``python -m reflexd run`` as a subprocess on temporary directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reflexd.connection import request
+from reflexd.errors import DaemonUnavailable
+from reflexd.protocol import StatusRequest
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+HUGE = 1_000_000_000
+
+
+def bench_config(state_dir: Path, socket_path: Path, train_rows: int) -> dict[str, Any]:
+    """Defaults everywhere except what would make the daemon act on its own during the run."""
+    return {
+        "state_dir": str(state_dir),
+        "socket": {"path": str(socket_path)},
+        # short, so the training experience matures right after it is sent
+        "rewards": {"wait_window": 0.2},
+        # never trains by itself (only when asked), whatever the load; max_examples bounds the
+        # snapshot to the newest joined experience, which the bench sends just before training
+        "trainer": {"min_new_examples": HUGE, "idle_load": float(HUGE), "max_examples": train_rows},
+        "retention": {"check_interval": 86400},
+        "log": {"format": "json", "level": "info"},
+    }
+
+
+def proc_status(pid: int, field: str) -> int:
+    """A ``kB`` field (VmRSS, VmHWM) of /proc/<pid>/status, in bytes; 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return found
+
+
+class ChildPeakWatcher(threading.Thread):
+    """Samples the peak RSS (VmHWM) of the daemon's children, i.e. the trainer subprocess.
+
+    VmHWM only grows, so the last sample before the child exits is its peak (within 20 ms).
+    """
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.02):
+            for child in children(self.pid):
+                self.peak = max(self.peak, proc_status(child, "VmHWM"))
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return self.peak
+
+
+class BenchDaemon:
+    def __init__(self, train_rows: int) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="reflexd-bench-"))
+        # socket paths are capped at 108 bytes, so the socket gets its own short directory
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="rxb-", dir="/tmp"))
+        self.socket = str(self.sock_dir / "r.sock")
+        self.state_dir = self.root / "state"
+        self.config = bench_config(self.state_dir, Path(self.socket), train_rows)
+        self.log_path = self.root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> BenchDaemon:
+        config_path = self.root / "reflexd.yaml"
+        config_path.write_text(yaml.safe_dump(self.config))
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "reflexd", "run", "--config", str(config_path)], stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                self.request(StatusRequest(), timeout=5)
+                return self
+            except DaemonUnavailable:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the daemon did not start; its log:\n{self.log_tail()}") from None
+                time.sleep(0.05)
+
+    def request(self, msg: Any, timeout: float = 30.0) -> Any:
+        return request(msg, self.socket, timeout=timeout)
+
+    def status(self) -> Any:
+        return self.request(StatusRequest())
+
+    def rss(self) -> int:
+        return proc_status(self.pid, "VmRSS")
+
+    def peak_rss(self) -> int:
+        return proc_status(self.pid, "VmHWM")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM (the daemon drains and exits), SIGKILL if it hangs; then remove the temp dirs."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,95 @@
+"""What the benchmark sends: the demo's simulated LLM router, with a wider (10-key) context.
+
+The demo's World decides rewards from task, difficulty and tier; six more keys make the context
+the size a real agent logs (~10 keys), so one msgpack Decision frame is ~400 bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from reflexd.demo import World
+from reflexd.protocol import MSGPACK, Decision, Outcome, encode_frame
+
+AGENT = "bench-router"
+LANGS = ("en", "de", "fr", "es", "ja", "pt")
+REGIONS = ("eu-west", "us-east", "us-west", "ap-south")
+CHUNK_BYTES = 64 << 10
+
+
+class Workload:
+    """Deterministic contexts, actions and rewards for one seed."""
+
+    def __init__(self, seed: int) -> None:
+        self.world = World(seed)
+        self.rng = self.world.rng
+        self.actions: list[dict[str, Any]] = self.world.actions  # 5 actions with features
+        self.action_ids: list[str] = [a["id"] for a in self.actions]
+
+    def context(self) -> dict[str, Any]:
+        r = self.rng
+        ctx = self.world.context()  # task, difficulty, tier, prompt_tokens
+        ctx.update(
+            lang=r.choice(LANGS),
+            region=r.choice(REGIONS),
+            hour=r.randrange(24),
+            turn=r.randrange(1, 30),
+            history_tokens=int(r.lognormvariate(7, 1.0)),
+            has_attachment=r.random() < 0.2,
+        )
+        return ctx
+
+    def logged_decision(self, event_id: str, *, with_features: bool) -> tuple[Decision, dict[str, Any]]:
+        """A decision logged by a uniform-random (no model yet) policy, as an agent would send it."""
+        ctx = self.context()
+        chosen = self.rng.choice(self.action_ids)
+        n = len(self.action_ids)
+        decision = Decision(
+            id=event_id,
+            agent=AGENT,
+            context=ctx,
+            actions=self.actions if with_features else self.action_ids,
+            chosen=chosen,
+            prob=1.0 / n,
+            probs=[1.0 / n] * n,
+            model_version=None,
+            strategy="default",
+            ts=time.time(),
+        )
+        return decision, ctx
+
+
+def decision_frames(prefix: str, n: int, seed: int) -> list[bytes]:
+    """``n`` framed ~400-byte decisions (context of 10 keys, 5 action ids) with unique ids."""
+    w = Workload(seed)
+    return [encode_frame(w.logged_decision(f"{prefix}-{i}", with_features=False)[0], MSGPACK) for i in range(n)]
+
+
+def experience_frames(prefix: str, n: int, seed: int) -> list[bytes]:
+    """``n`` decisions (actions with features) each followed by its outcome: joined experience."""
+    w = Workload(seed)
+    frames = []
+    for i in range(n):
+        decision, ctx = w.logged_decision(f"{prefix}-{i}", with_features=True)
+        reward = w.world.reward(ctx, decision.chosen)
+        outcome = Outcome(decision_id=decision.id, reward=reward, id=f"{prefix}-o{i}", agent=AGENT, ts=time.time())
+        frames.append(encode_frame(decision, MSGPACK))
+        frames.append(encode_frame(outcome, MSGPACK))
+    return frames
+
+
+def chunks(frames: list[bytes], size: int = CHUNK_BYTES) -> list[bytes]:
+    """Whole frames joined into writes of about ``size`` bytes, as a batching sender writes them."""
+    out: list[bytes] = []
+    part: list[bytes] = []
+    filled = 0
+    for frame in frames:
+        part.append(frame)
+        filled += len(frame)
+        if filled >= size:
+            out.append(b"".join(part))
+            part, filled = [], 0
+    if part:
+        out.append(b"".join(part))
+    return out
