@@ -26,6 +26,7 @@ import _decide  # noqa: E402
 import _ingest  # noqa: E402
 import _train  # noqa: E402
 from _daemon import BenchDaemon  # noqa: E402
+from reflexd.config import IngestConfig  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 SETTLE_SECONDS = 1.0
@@ -84,7 +85,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         progress(f"in-process ceilings: decode {args.events}, Store.write {args.store_events}")
         r["ceilings"] = _ingest.decode_ceilings(args.events)
-        r["ceilings"].update(_ingest.store_ceiling(args.store_events, daemon.config_batch_size))
+        r["ceilings"].update(_ingest.store_ceiling(args.store_events, IngestConfig().batch_size))
 
         progress(f"training: {args.train_rows} decisions with outcomes, then Train")
         r["experience"] = _train.send_experience(daemon, args.train_rows)
@@ -141,7 +142,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("  ref: FrameReader + decode", f"{c['frame_and_decode_per_s']:,.0f} events/s",
          "the daemon's parser on 64 KiB chunks, no socket"),
         ("  ref: Store.write alone", f"{c['store_write_per_s']:,.0f} events/s",
-         "DuckDB file, 10k-event batches, in-process"),
+         f"DuckDB file, {IngestConfig().batch_size:,}-event batches (the daemon's), in-process"),
         ("adaptation (Train → live)", f"{t['seconds']:.1f} s",
          f"{t['train_rows']:,} rows trained (+{t['holdout_rows']:,} holdout), fit {t['fit_seconds']:.1f} s, "
          f"export {t['export_seconds']:.1f} s; {t['outcome']} by the gate"),
