@@ -37,6 +37,7 @@ class Counters:
     dead_letters: int = 0
     queued: int = 0
     write_errors: int = 0
+    unlogged: int = 0  # socket decisions served while the queue was full, so not stored
     by_type: dict[str, int] = field(default_factory=dict)
 
 
@@ -58,6 +59,20 @@ class Ingest:
         self.counters.received += len(events) + len(dead)
         self.counters.queued += len(events) + len(dead)
         await self._send.send(_Item(events=events, dead=dead))
+
+    def offer(self, events: Sequence[ExperienceEvent]) -> bool:
+        """Queue events without waiting; False (and counted) when the queue is full.
+
+        For decisions the daemon itself made: serving them must not wait on a stalled store.
+        """
+        try:
+            self._send.send_nowait(_Item(events=events))
+        except anyio.WouldBlock:
+            self.counters.unlogged += len(events)
+            return False
+        self.counters.received += len(events)
+        self.counters.queued += len(events)
+        return True
 
     async def barrier(self) -> None:
         """Return once everything submitted before this call is durable."""

@@ -151,6 +151,7 @@ class _Connection:
         self.seq = 0
         self.accepted = 0
         self.events: list[Any] = []
+        self.decided: list[Any] = []  # decisions made by the daemon, logged without waiting
         self.dead: list[DeadLetter] = []
         self.replies: list[bytes] = []
 
@@ -174,13 +175,17 @@ class _Connection:
         await self.finish()
 
     async def finish(self) -> None:
-        await self._hand_off()
+        # replies first: a Decided must not wait behind a store that is falling behind
         if self.replies:
             data = b"".join(self.replies)
             self.replies.clear()
             await self.stream.send(data)
+        await self._hand_off()
 
     async def _hand_off(self) -> None:
+        if self.decided:
+            self.server.ingest.offer(self.decided)
+            self.decided = []
         if self.events or self.dead:
             events, dead = self.events, self.dead
             self.events, self.dead = [], []
@@ -213,7 +218,7 @@ class _Connection:
                 self._reply(Ack(count=self.accepted, req=req))
             elif isinstance(msg, Decide):
                 reply, decision = self.server.daemon.decide(msg)
-                self.events.append(decision)
+                self.decided.append(decision)
                 self._reply(reply)
             else:
                 self._reply(await self.server.daemon.request(msg))

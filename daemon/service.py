@@ -248,6 +248,7 @@ class Daemon:
                 "duplicates": c.duplicates,
                 "dead_letters": c.dead_letters,
                 "write_errors": c.write_errors,
+                "unlogged_decisions": c.unlogged,
                 "connections": self.server.connections,
                 "refused": self.server.refused,
                 **{f"stored_{k}": v for k, v in c.by_type.items()},
@@ -272,4 +273,6 @@ def run(config_path: str | None) -> None:
     """Entry point of ``reflexd run``."""
     config = load_config(config_path)
     log.configure(config.log.level, config.log.format)
+    # Past a file-size limit a write should fail (EFBIG, retried like a full disk), not kill us.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     anyio.run(Daemon(config, config_path).run)
