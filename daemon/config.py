@@ -39,6 +39,7 @@ class SocketConfig(_Section):
     allowed_gids: list[int] = []
     max_frame_bytes: Positive = 1 << 20
     max_connections: Positive = 256
+    frame_timeout: PositiveFloat = 30.0
 
     @property
     def mode_bits(self) -> int:
@@ -85,6 +86,8 @@ class TrainerConfig(_Section):
     hidden_size: Positive = 64
     ensemble: Annotated[int, msgspec.Meta(ge=1, le=32)] = 4
     retry_backoff: PositiveFloat = 30.0
+    # address space (RLIMIT_AS) of the trainer subprocess; torch alone maps ~2.3 GB of it
+    max_memory_mb: Positive = 4096
 
 
 class ExplorationConfig(_Section):
@@ -105,6 +108,11 @@ class GateConfig(_Section):
     margin: NonNegative = 0.0
     min_holdout: Positive = 100
     parity_tolerance: PositiveFloat = 1e-5
+    # automatic rollback (reflexd.monitor): live reward of the current model against its predecessor's
+    auto_rollback: bool = True
+    rollback_check_interval: PositiveFloat = 60.0
+    rollback_min_decisions: Annotated[int, msgspec.Meta(ge=2)] = 500
+    rollback_margin: NonNegative = 0.0
 
 
 class LogConfig(_Section):

@@ -249,6 +249,18 @@ class FrameReader:
         """Bytes of an incomplete frame held back."""
         return len(self._buf)
 
+    @property
+    def incomplete(self) -> bool:
+        """A frame has started and not finished (including an over-long line being skipped)."""
+        return bool(self._buf) or self._skipping
+
+    def abandon(self) -> bytes:
+        """Give up on the incomplete frame: return its bytes and stop producing frames."""
+        self.fatal = True
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def feed(self, data: bytes) -> Iterator[bytes | FrameError]:
         if self.fatal:
             return

@@ -7,6 +7,7 @@ unless the framing itself is lost (an oversize length prefix).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import stat
@@ -132,10 +133,16 @@ class Server:
             await conn.process(reader.feed(data))
             if reader.fatal:
                 return
-            try:
-                data = await stream.receive(READ_BYTES)
-            except anyio.EndOfStream:
-                await conn.finish()
+            # waiting between frames is fine; a frame left half-sent is not
+            limit = self.config.socket.frame_timeout if reader.incomplete else math.inf
+            with anyio.move_on_after(limit) as waited:
+                try:
+                    data = await stream.receive(READ_BYTES)
+                except anyio.EndOfStream:
+                    await conn.finish()
+                    return
+            if waited.cancelled_caught:
+                await conn.abandon(reader.abandon(), limit)
                 return
 
 
@@ -181,6 +188,12 @@ class _Connection:
             self.replies.clear()
             await self.stream.send(data)
         await self._hand_off()
+
+    async def abandon(self, partial: bytes, waited: float) -> None:
+        err = FrameError(f"incomplete frame: {len(partial)} bytes, then nothing for {waited:g} s", code="timeout")
+        self._reject(self.seq, err, partial)
+        self.seq += 1
+        await self.finish()
 
     async def _hand_off(self) -> None:
         if self.decided:

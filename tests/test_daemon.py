@@ -228,3 +228,32 @@ def test_existing_non_socket_path_is_refused(daemon_factory, tmp_path: Path) -> 
             daemon_factory({"socket": {"path": str(target)}})
     finally:
         target.unlink()
+
+
+def test_a_frame_left_half_sent_times_out_and_only_that_connection_closes(daemon_factory) -> None:
+    d = daemon_factory({"socket": {"frame_timeout": 0.5}})
+    with socket.socket(socket.AF_UNIX) as idle, socket.socket(socket.AF_UNIX) as stuck:
+        idle.connect(d.socket)
+        idle.sendall(msgspec.json.encode(decision(1)) + b"\n")  # a whole frame, then silence: fine
+        stuck.settimeout(30)
+        stuck.connect(d.socket)
+        stuck.sendall(b'{"type":"decision","id":"half')
+        reply = stuck.recv(4096)
+        assert msgspec.json.decode(reply.splitlines()[0])["code"] == "timeout"
+        assert stuck.recv(4096) == b""  # closed
+        idle.sendall(b'{"type":"flush","req":1}\n')
+        idle.settimeout(30)
+        assert msgspec.json.decode(idle.recv(4096).splitlines()[0]) == {"type": "ack", "count": 1, "req": 1}
+    wait_for(lambda: d.status().ingest["dead_letters"] == 1, 30, "the half frame dead-lettered")
+    rows = query(d, "select code, raw from dead_letters")
+    assert rows[0][0] == "timeout" and bytes(rows[0][1]).startswith(b'{"type":"decision"')
+
+
+def test_symlinked_socket_path_is_refused(daemon_factory) -> None:
+    link = Path(f"/tmp/rx-link-{uuid.uuid4().hex[:8]}")
+    link.symlink_to("/tmp/somewhere-else.sock")
+    try:
+        with pytest.raises(pytest.fail.Exception, match="symbolic link"):
+            daemon_factory({"socket": {"path": str(link)}})
+    finally:
+        link.unlink()
