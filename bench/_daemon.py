@@ -62,27 +62,37 @@ def children(pid: int) -> list[int]:
     return found
 
 
-class ChildPeakWatcher(threading.Thread):
-    """Samples the peak RSS (VmHWM) of the daemon's children, i.e. the trainer subprocess.
+class ChildWatcher(threading.Thread):
+    """Samples the daemon's children (the trainer subprocess): their peak RSS and time alive.
 
-    VmHWM only grows, so the last sample before the child exits is its peak (within 20 ms).
+    VmHWM only grows, so the last sample before the child exits is its peak; times are
+    within the 20 ms sampling period.
     """
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.peak = 0
+        self.first_seen: float | None = None
+        self.last_seen: float | None = None
         self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.wait(0.02):
             for child in children(self.pid):
-                self.peak = max(self.peak, proc_status(child, "VmHWM"))
+                hwm = proc_status(child, "VmHWM")
+                if hwm:
+                    self.peak = max(self.peak, hwm)
+                    self.last_seen = time.perf_counter()
+                    self.first_seen = self.first_seen or self.last_seen
 
-    def stop(self) -> int:
+    def stop(self) -> None:
         self._done.set()
         self.join()
-        return self.peak
+
+    @property
+    def seconds_alive(self) -> float:
+        return (self.last_seen - self.first_seen) if self.first_seen and self.last_seen else 0.0
 
 
 class BenchDaemon:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 from typing import Any, Callable
 
@@ -12,10 +11,10 @@ from reflexd.client import Policy
 from reflexd.connection import Connection
 from reflexd.protocol import Decide, Decided
 
+from _procs import Gate, run_together
 from _workload import AGENT, Workload
 
 MODEL_WAIT = 30.0
-START_TIMEOUT = 120.0
 
 
 def percentiles(ns: np.ndarray) -> dict[str, float]:
@@ -84,13 +83,13 @@ def _parts(scorer: Any, contexts: list[dict[str, Any]], actions: list[Any]) -> d
     return {"hash": percentiles(hashing), "onnx_run": percentiles(bare)}
 
 
-def _decide_client(socket: str, n: int, seed: int, start: Any, results: Any) -> None:
+def _decide_client(socket: str, n: int, seed: int, gate: Gate, results: Any) -> None:
     """One agent asking the daemon to decide, one request at a time."""
     w = Workload(seed)
     requests = [Decide(agent=AGENT, context=w.context(), actions=w.actions, req=i) for i in range(n)]
     with Connection(socket, timeout=60) as conn:
         conn.request(requests[0])  # connection warm
-        start.wait(START_TIMEOUT)
+        gate.ready()
         t0 = time.monotonic()
         lat = _timed(n, lambda i: conn.request(requests[i]))
         t1 = time.monotonic()
@@ -101,23 +100,7 @@ def _decide_client(socket: str, n: int, seed: int, start: Any, results: Any) -> 
 
 def over_socket(socket: str, clients: int, per_client: int, seed: int = 21) -> dict[str, Any]:
     """``clients`` processes each sending ``per_client`` sequential Decide requests."""
-    ctx = mp.get_context("spawn")
-    start = ctx.Barrier(clients + 1)
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(target=_decide_client, args=(socket, per_client, seed + k, start, results), daemon=True)
-        for k in range(clients)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        start.wait(START_TIMEOUT)
-        got = [results.get(timeout=START_TIMEOUT) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+    got = run_together(_decide_client, [(socket, per_client, seed + k) for k in range(clients)])
     seconds = max(r["t1"] for r in got) - min(r["t0"] for r in got)
     total = sum(r["n"] for r in got)
     return {

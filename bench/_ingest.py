@@ -1,14 +1,12 @@
 """Durable ingest: sender processes stream pre-encoded Decision frames and wait for the Ack.
 
-Senders are processes, not threads, so they do not share a GIL with each other or with the
-bench. Each encodes its frames and connects before the start barrier, so the clock covers only
-the sending and the daemon's work: from the first write to the Ack of the closing Flush, which
-the daemon sends only once everything before it is committed to DuckDB.
+Each sender (a process: see _procs) encodes its frames and connects before the start signal, so
+the clock covers only the sending and the daemon's work: from the first write to the Ack of the
+closing Flush, which the daemon sends only once everything before it is committed to DuckDB.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import tempfile
 import time
 from pathlib import Path
@@ -20,17 +18,17 @@ from reflexd.connection import Connection
 from reflexd.protocol import MSGPACK, Ack, Flush, FrameReader, Inbound, decode_inbound
 from reflexd.store import Store
 
+from _procs import Gate, run_together
 from _workload import chunks, decision_frames
 
-BARRIER_TIMEOUT = 300.0
 ACK_TIMEOUT = 600.0
 
 
-def _sender(socket: str, prefix: str, n: int, seed: int, start: Any, results: Any) -> None:
+def _sender(socket: str, prefix: str, n: int, seed: int, gate: Gate, results: Any) -> None:
     writes = chunks(decision_frames(prefix, n, seed))
     size = sum(map(len, writes))
     with Connection(socket, timeout=ACK_TIMEOUT) as conn:
-        start.wait(BARRIER_TIMEOUT)
+        gate.ready()
         t0 = time.monotonic()
         for data in writes:
             conn.send_raw(data)
@@ -47,24 +45,8 @@ def _sender(socket: str, prefix: str, n: int, seed: int, start: Any, results: An
 
 def run_senders(socket: str, senders: int, total: int, prefix: str, seed: int = 1) -> dict[str, Any]:
     """``total`` events split over ``senders`` processes; rate over the first send → last Ack."""
-    ctx = mp.get_context("spawn")  # no fork of a process holding onnxruntime and threads
-    start = ctx.Barrier(senders + 1)
-    results = ctx.Queue()
     per = total // senders
-    procs = [
-        ctx.Process(target=_sender, args=(socket, f"{prefix}{k}", per, seed + k, start, results), daemon=True)
-        for k in range(senders)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        start.wait(BARRIER_TIMEOUT)
-        got = [results.get(timeout=ACK_TIMEOUT) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+    got = run_together(_sender, [(socket, f"{prefix}{k}", per, seed + k) for k in range(senders)])
     seconds = max(r["t1"] for r in got) - min(r["t0"] for r in got)
     sent = sum(r["sent"] for r in got)
     acked = sum(r["acked"] for r in got)
@@ -82,9 +64,9 @@ def run_senders(socket: str, senders: int, total: int, prefix: str, seed: int = 
     }
 
 
-def decode_ceilings(n: int, seed: int = 99) -> dict[str, float]:
-    """In-process rates on the same kind of bytes, no socket: what the daemon's CPU work allows."""
-    frames = decision_frames("ref", n, seed)
+def decode_ceilings(n: int, prefix: str, seed: int = 1) -> dict[str, float]:
+    """In-process rates on the bytes a sender sent (same prefix and seed), no socket: a ceiling."""
+    frames = decision_frames(prefix, n, seed)
     payloads = [f[4:] for f in frames]
     decoder = msgspec.msgpack.Decoder(Inbound)  # the daemon's type: the tagged union of inbound messages
     t0 = time.perf_counter()

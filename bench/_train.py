@@ -8,7 +8,7 @@ from typing import Any
 from reflexd.connection import Connection
 from reflexd.protocol import Ack, Flush, ModelsRequest, Promote, Train
 
-from _daemon import BenchDaemon, ChildPeakWatcher
+from _daemon import BenchDaemon, ChildWatcher
 from _workload import chunks, experience_frames
 
 TRAIN_TIMEOUT = 900.0
@@ -48,21 +48,21 @@ def train(daemon: BenchDaemon) -> dict[str, Any]:
 
     A candidate the gate rejects is promoted explicitly, so the decide benchmarks have a model.
     """
-    watcher = ChildPeakWatcher(daemon.pid)
+    watcher = ChildWatcher(daemon.pid)
     watcher.start()
     try:
         t0 = time.perf_counter()
         reply = daemon.request(Train(), timeout=TRAIN_TIMEOUT)
         seconds = time.perf_counter() - t0
     finally:
-        trainer_peak = watcher.stop()
+        watcher.stop()
     # Done.message is "<promoted|rejected> <version>: <gate reason>"
     head, gate_reason = reply.message.split(": ", 1)
     outcome, version = head.split(" ", 1)
-    promoted_by = "gate"
+    promoted_by = "the gate"
     if outcome != "promoted":
         daemon.request(Promote(version=version))
-        promoted_by = "explicit Promote (gate rejected it)"
+        promoted_by = "an explicit Promote"
     models = daemon.request(ModelsRequest())
     manifest = next(m for m in models.models if m["version"] == version)
     training = manifest["training"]
@@ -77,5 +77,7 @@ def train(daemon: BenchDaemon) -> dict[str, Any]:
         "fit_seconds": training["fit_seconds"],
         "export_seconds": training["export_seconds"],
         "epochs": training["epochs"],
-        "trainer_peak_rss": trainer_peak,
+        # the rest of ``seconds`` is the daemon's side: snapshot, gate (OPE on the holdout), registry
+        "trainer_seconds": watcher.seconds_alive,
+        "trainer_peak_rss": watcher.peak,
     }

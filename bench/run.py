@@ -57,6 +57,7 @@ def machine() -> dict[str, Any]:
         "cpu": model,
         "python": platform.python_version(),
         "kernel": platform.release(),
+        "loadavg_start": os.getloadavg(),
         "libraries": versions,
     }
 
@@ -81,10 +82,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             res = _ingest.run_senders(daemon.socket, senders, args.events, prefix=f"ing{senders}-")
             r[f"ingest_{senders}"] = res
             progress(f"  {res['events_per_s']:,.0f} events/s ({res['seconds']:.2f} s)")
-        r["rss_after_ingest"] = daemon.rss()
+        # the peak is read after each step too, to tell which step set it
+        r["daemon"]["peak_after"] = {"ingest": daemon.peak_rss()}
 
         progress(f"in-process ceilings: decode {args.events}, Store.write {args.store_events}")
-        r["ceilings"] = _ingest.decode_ceilings(args.events)
+        r["ceilings"] = _ingest.decode_ceilings(args.events, prefix="ing1-0")  # the 1-sender run's frames
         r["ceilings"].update(_ingest.store_ceiling(args.store_events, IngestConfig().batch_size))
 
         progress(f"training: {args.train_rows} decisions with outcomes, then Train")
@@ -93,6 +95,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         r["train"] = _train.train(daemon)
         t = r["train"]
         progress(f"  {t['outcome']} {t['version']} in {t['seconds']:.1f} s ({t['train_rows']} rows); {t['gate']}")
+        r["daemon"]["peak_after"]["training"] = daemon.peak_rss()
 
         progress(f"in-process decide: {args.decides} × policy.decide")
         r["decide_inproc"] = _decide.in_process(daemon.socket, str(daemon.state_dir), args.decides)
@@ -107,7 +110,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         r["final_status"] = {"ingest": status.ingest, "experience": status.experience, "backlog": status.backlog}
         r["daemon"]["rss_end"] = daemon.rss()
         r["daemon"]["peak_rss"] = daemon.peak_rss()
-    except BaseException:
+        r["daemon"]["peak_after"]["decide"] = r["daemon"]["peak_rss"]
+    except KeyboardInterrupt:
+        progress("interrupted")
+        raise
+    except Exception:
         progress(f"failed; daemon log tail:\n{daemon.log_tail()}")
         raise
     finally:
@@ -127,6 +134,12 @@ def _lat(d: dict[str, Any]) -> str:
     return f"p50 {d['p50_us']:.1f} / p99 {d['p99_us']:.1f} / p99.9 {d['p999_us']:.1f} µs"
 
 
+def _peak_step(peak_after: dict[str, int]) -> str:
+    """The first step after which VmHWM had its final value."""
+    final = max(peak_after.values())
+    return next(step for step, value in peak_after.items() if value == final)
+
+
 def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     i1, i4, c = r["ingest_1"], r["ingest_4"], r["ceilings"]
     t, d = r["train"], r["decide_inproc"]
@@ -144,8 +157,13 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("  ref: Store.write alone", f"{c['store_write_per_s']:,.0f} events/s",
          f"DuckDB file, {IngestConfig().batch_size:,}-event batches (the daemon's), in-process"),
         ("adaptation (Train → live)", f"{t['seconds']:.1f} s",
-         f"{t['train_rows']:,} rows trained (+{t['holdout_rows']:,} holdout), fit {t['fit_seconds']:.1f} s, "
-         f"export {t['export_seconds']:.1f} s; {t['outcome']} by the gate"),
+         f"{t['train_rows']:,} rows trained (+{t['holdout_rows']:,} holdout); gate said {t['outcome']}, "
+         f"made live by {t['promoted_by']}"),
+        ("  trainer subprocess", f"{t['trainer_seconds']:.1f} s",
+         f"fit {t['fit_seconds']:.1f} s ({t['epochs']} epochs), ONNX export {t['export_seconds']:.1f} s, rest torch "
+         "import, load, parity; runs at SCHED_IDLE, so any other load slows it"),
+        ("  daemon side", f"{t['seconds'] - t['trainer_seconds']:.1f} s",
+         "snapshot to Parquet, gate (off-policy evaluation on the holdout), registry, promotion"),
         ("  trainer peak RSS", _mib(t["trainer_peak_rss"]), "the trainer subprocess (torch); gone after the run"),
         ("decide in-process", f"{d['p50_us']:.1f} µs p50",
          f"{_lat(d)}; Policy.decide, {d['n']:,} calls, model {d['model_version']}"),
@@ -160,9 +178,14 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("daemon RSS idle", _mib(r["daemon"]["idle_rss"]), f"{SETTLE_SECONDS:g} s after start (start took "
          f"{r['daemon']['start_seconds']:.1f} s)"),
         ("daemon RSS peak", _mib(r["daemon"]["peak_rss"]),
-         f"VmHWM at the end; {_mib(r['daemon']['rss_end'])} now, "
+         f"VmHWM at the end, reached during {_peak_step(r['daemon']['peak_after'])}; "
+         f"{_mib(r['daemon']['rss_end'])} at the end, "
          f"{r['final_status']['experience'].get('decisions', 0):,} decisions stored"),
     ]
+
+
+def _load(avg: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in avg)
 
 
 def table(r: dict[str, Any], m: dict[str, Any]) -> str:
@@ -171,8 +194,12 @@ def table(r: dict[str, Any], m: dict[str, Any]) -> str:
         f"reflexd benchmark — {m['date']}",
         f"machine: {m['nproc']} CPUs ({m['usable_cpus']} usable), {m['cpu']}, Linux {m['kernel']}, Python {m['python']}",
         f"libraries: {libs}",
-        "",
+        f"load average (1/5/15 min) at start {_load(m['loadavg_start'])}, at end {_load(m['loadavg_end'])}; "
+        f"bench took {r['bench_seconds']:.0f} s",
     ]
+    if m["loadavg_start"][0] > 0.5 * m["nproc"]:
+        head.append("WARNING: the machine was busy before the bench started; figures are noisier than usual")
+    head.append("")
     body = [("metric", "value", "reference / notes")] + rows(r)
     w0 = max(len(x[0]) for x in body)
     w1 = max(len(x[1]) for x in body)
@@ -194,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     r = measure(args)
     r["bench_seconds"] = time.perf_counter() - started
+    m["loadavg_end"] = os.getloadavg()
     progress(f"done in {r['bench_seconds']:.0f} s")
     text = table(r, m)
     print(text)

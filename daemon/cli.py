@@ -35,6 +35,7 @@ examples:
   reflexd decide --agent router --context '{"task": "code"}' --actions small,large
   reflexd train --now
   reflexd models list
+  reflexd forget --agent router
   reflexd demo
 """
 
@@ -115,6 +116,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"trainer    {t['state']}  runs {t['runs']}  promoted {t['promoted']}  rejected {t['rejected']}"
         f"  failures {t['failures']}" + (f"  last error: {t['last_error']}" if t.get("last_error") else "")
     )
+    if t.get("consecutive_failures"):
+        import time
+
+        print(f"           retrying in {max(0.0, t['next_attempt'] - time.time()):.0f} s (backoff)")
+    mon = reply.monitor
+    if mon:
+        last = (mon.get("last") or {}).get("reason", "not checked yet")
+        print(f"rollback   {'auto' if mon.get('auto_rollback') else 'off'}  rollbacks {mon.get('rollbacks', 0)}  last check: {last}")
     if reply.storage.get("error"):
         print(f"storage    NOT ACKNOWLEDGING: {reply.storage['error']}")
     return 0
@@ -183,6 +192,28 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    from .protocol import Forget
+
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise _UsageError("forget deletes data for good; say --yes to confirm when not on a terminal")
+        question = (
+            f"Delete everything reflexd stores about agent {args.agent!r} (database rows, Parquet archive,"
+            " training snapshots)? Models already trained are kept. [y/N] "
+        )
+        try:
+            answer = input(question)
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted", file=sys.stderr)
+            return 1
+    reply = _request(args, Forget(agent=args.agent), timeout=args.timeout)
+    print(reply.message)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -230,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", default="list", choices=["list", "show", "promote", "rollback"])
     p.add_argument("version", nargs="?", help="model version for show and promote (e.g. v0003)")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "forget", parents=[client], help="delete everything stored about an agent (database, archive, snapshots)"
+    )
+    p.add_argument("--agent", required=True, help="agent id")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation (needed when not on a terminal)")
+    p.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds to wait (a training run in progress is waited for)"
+    )
+    p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser(
         "demo", help="start a daemon on a temporary state directory and watch a simulated agent learn"

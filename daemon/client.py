@@ -32,6 +32,7 @@ __all__ = ["Choice", "Policy"]
 _log = log.get("reflexd.client")
 DEFAULT_MODELS = "/var/lib/reflexd/models"
 SEND_BATCH = 5000
+MAX_BACKOFF = 0.5  # the daemon is local: a restart takes about a second
 
 
 def default_models() -> str:
@@ -229,7 +230,7 @@ class _Sender(threading.Thread):
             except (DaemonUnavailable, FrameError, OSError) as exc:
                 self._disconnect(str(exc))
                 self._stopping.wait(self._backoff)
-                self._backoff = min(self._backoff * 2, 2.0)
+                self._backoff = min(self._backoff * 2, MAX_BACKOFF)
 
     def _connect(self) -> Connection:
         if self.conn is None:
@@ -249,21 +250,13 @@ class _Sender(threading.Thread):
             self.conn.close()
             self.conn = None
 
-    def _report_drops(self) -> None:
-        delta = self.dropped - self._reported_drops
-        if delta:
-            self._reported_drops = self.dropped
-            event = Event(id=uuid.uuid4().hex, agent="reflexd.client", kind="client.dropped", data={"count": delta})
-            self.pending.append(encode_frame(event, MSGPACK))
-            self.enqueued += 1
-
     def _cycle(self) -> None:
         conn = self._connect()
-        self._report_drops()
+        drops = self.dropped
         batch = [self.pending.popleft() for _ in range(min(len(self.pending), SEND_BATCH))]
         self.unacked.extend(batch)
         self._flush_seq += 1
-        conn.send_raw(b"".join(batch) + encode_frame(Flush(req=self._flush_seq), MSGPACK))
+        conn.send_raw(b"".join(batch) + encode_frame(Flush(req=self._flush_seq, dropped=drops - self._reported_drops), MSGPACK))
         rejected = 0
         while True:
             reply = conn.receive()
@@ -273,6 +266,7 @@ class _Sender(threading.Thread):
             elif isinstance(reply, Ack) and reply.req == self._flush_seq:
                 break
         self.last_error = None
+        self._reported_drops = drops
         with self._settled_cv:
             self.settled += len(self.unacked)
             self.rejected += rejected

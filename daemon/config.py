@@ -7,6 +7,7 @@ checked exactly like the section it overrides.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -120,6 +121,43 @@ class LogConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+MIN_KEY_BYTES = 16
+
+
+class RedactionConfig(_Section, dict=True):
+    """Fields removed (``drop``) or replaced by a keyed hash (``hash``) before anything is stored.
+
+    ``dict=True`` lets the instance carry the key read from ``key_file`` at load time and its
+    compiled Redactor outside the fields, so neither takes part in equality or encoding (the
+    trainer's copy of the config never holds the key).
+    """
+
+    drop: list[str] = []
+    hash: list[str] = []
+    key_file: str | None = None
+    dead_letter_raw: bool = True
+
+    @property
+    def key(self) -> bytes | None:
+        """The hashing key, read from ``key_file`` when the config was loaded (None without one)."""
+        if "_key" not in self.__dict__:  # built in code rather than by parse_config
+            key, problems = _read_redaction_key(self, Path.cwd())
+            if problems:
+                raise ConfigError("<config>", problems)
+            self.__dict__["_key"] = key
+        return self.__dict__["_key"]
+
+    @property
+    def redactor(self) -> Any:
+        """The compiled ``reflexd.redact.Redactor``, built once per loaded config."""
+        found = self.__dict__.get("_redactor")
+        if found is None:
+            from .redact import Redactor
+
+            found = self.__dict__["_redactor"] = Redactor.from_config(self)
+        return found
+
+
 class AgentConfig(_Section):
     """The sections an agent may override; anything not given comes from the global section."""
 
@@ -138,6 +176,7 @@ class Config(_Section):
     exploration: ExplorationConfig = ExplorationConfig()
     gate: GateConfig = GateConfig()
     log: LogConfig = LogConfig()
+    redaction: RedactionConfig = RedactionConfig()
     agents: dict[str, AgentConfig] = {}
 
     @property
@@ -219,6 +258,8 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(source, [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    except RecursionError:
+        raise ConfigError(source, ["nested too deeply to be a reflexd config"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -239,6 +280,7 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
     except msgspec.ValidationError as exc:
         raise ConfigError(source, [_problem(exc)]) from None
     _check_semantics(config, source)
+    _check_redaction(config.redaction, source)
     return config
 
 
@@ -249,8 +291,50 @@ def _check_semantics(config: Config, source: str) -> None:
     ]:
         if exp.epsilon_min > exp.epsilon:
             problems.append(f"{where}.epsilon_min: must not exceed epsilon ({exp.epsilon})")
+    for where, rewards in [("rewards", config.rewards)] + [(f"agents.{a}.rewards", c.rewards) for a, c in config.agents.items()]:
+        if not math.isfinite(rewards.default):
+            problems.append(f"{where}.default: must be a finite number")
     if problems:
         raise ConfigError(source, problems)
+
+
+def _read_redaction_key(cfg: RedactionConfig, base: Path) -> tuple[bytes | None, list[str]]:
+    """The stripped key in ``key_file`` (relative to ``base``), or the problems found reading it."""
+    if cfg.key_file is None:
+        if cfg.hash:
+            return None, ["redaction.key_file: required when redaction.hash lists fields (a file holding the secret key)"]
+        return None, []
+    path = base / os.path.expanduser(cfg.key_file)
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        return None, [f"redaction.key_file: cannot read {path}: {exc.strerror or exc}"]
+    if len(key) < MIN_KEY_BYTES:
+        return None, [
+            f"redaction.key_file: the key in {path} is {len(key)} bytes; at least {MIN_KEY_BYTES} are needed"
+            f" (e.g. `head -c 32 /dev/urandom | base64 > {path}`)"
+        ]
+    return key, []
+
+
+def _check_redaction(cfg: RedactionConfig, source: str) -> None:
+    """Field paths must be dotted keys, each listed once; the key is read now (load or reload)."""
+    problems = []
+    seen: dict[str, str] = {}
+    for section in ("drop", "hash"):
+        for i, path in enumerate(getattr(cfg, section)):
+            if not path or any(part == "" for part in path.split(".")):
+                problems.append(f"redaction.{section}.{i}: {path!r} is not a dotted field path (like user.email)")
+            elif path in seen:
+                problems.append(f"redaction.{section}.{i}: {path!r} is already listed in redaction.{seen[path]}")
+            else:
+                seen[path] = section
+    # a relative key_file is taken from the config file's folder
+    key, key_problems = _read_redaction_key(cfg, Path(source).parent)
+    problems += key_problems
+    if problems:
+        raise ConfigError(source, problems)
+    cfg.__dict__["_key"] = key
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

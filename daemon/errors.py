@@ -47,6 +47,15 @@ class ModelNotFound(ReflexdError):
         super().__init__(f"no model version {version!r} in the registry")
 
 
+class PointerMoved(ReflexdError):
+    """The live model changed while a decision about it was being taken."""
+
+    def __init__(self, expected: str, current: str | None) -> None:
+        self.expected = expected
+        self.current = current
+        super().__init__(f"the live model is {current or 'none'}, no longer {expected}")
+
+
 class DaemonUnavailable(ReflexdError):
     """The daemon's socket could not be reached."""
 
@@ -69,3 +78,14 @@ class StorageError(ReflexdError):
 
 class TrainingError(ReflexdError):
     """A training run failed; the message says how."""
+
+
+class TrainerFault(TrainingError):
+    """The trainer subprocess itself failed: ``kind`` is "killed" (by a signal), "timeout"
+    (``trainer.max_wall_time``), "out_of_memory" (``trainer.max_memory_mb``) or "exit" (a non-zero
+    exit status); ``returncode`` is its exit status (negative: the signal that ended it)."""
+
+    def __init__(self, kind: str, message: str, returncode: int | None = None) -> None:
+        self.kind = kind
+        self.returncode = returncode
+        super().__init__(message)

@@ -10,7 +10,9 @@ Flattening rules, applied recursively with dotted key paths:
 - short strings: categorical feature ``path=value`` with value 1;
 - strings with whitespace: one feature ``path~token`` per token, each 1/sqrt(n_tokens);
 - lists: strings as a bag of categoricals, numbers as ``path[i]``, mappings recursed;
-- mappings: recursed under ``path.``; None is skipped.
+- mappings: recursed under ``path.``; None is skipped;
+- nesting is followed MAX_DEPTH (32) mappings or lists deep; anything deeper is skipped, so no
+  input (the decoder admits nesting near the recursion limit) can exhaust the stack.
 An action is hashed from its id (``__action=id``) plus its own features, in its own space.
 """
 
@@ -105,13 +107,16 @@ def _squash(x: float) -> float:
     return math.copysign(min(math.log1p(abs(x)), _SQUASH_LIMIT), x)
 
 
-def flatten(obj: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:
+MAX_DEPTH = 32  # mappings and lists nested deeper than this are skipped (see the module docstring)
+
+
+def flatten(obj: dict[str, Any], prefix: str = "", depth: int = 0) -> Iterable[tuple[str, float]]:
     for key, value in obj.items():
         path = f"{prefix}{key}"
-        yield from _flatten_value(path, value)
+        yield from _flatten_value(path, value, depth)
 
 
-def _flatten_value(path: str, value: Any) -> Iterable[tuple[str, float]]:
+def _flatten_value(path: str, value: Any, depth: int = 0) -> Iterable[tuple[str, float]]:
     if value is None:
         return
     if isinstance(value, bool):
@@ -132,13 +137,14 @@ def _flatten_value(path: str, value: Any) -> Iterable[tuple[str, float]]:
         else:
             yield f"{path}={value}", 1.0
     elif isinstance(value, dict):
-        yield from flatten(value, path + ".")
+        if depth < MAX_DEPTH:
+            yield from flatten(value, path + ".", depth + 1)
     elif isinstance(value, (list, tuple)):
+        if depth >= MAX_DEPTH:
+            return
         for i, item in enumerate(value):
             if isinstance(item, str):
                 yield f"{path}={item}", 1.0
-            elif isinstance(item, dict):
-                yield from flatten(item, f"{path}[{i}].")
-            else:
-                yield from _flatten_value(f"{path}[{i}]", item)
+            else:  # a mapping recurses under ``path[i].``, like any other item under ``path[i]``
+                yield from _flatten_value(f"{path}[{i}]", item, depth + 1)
     # anything else (bytes from msgpack, say) carries no usable signal and is skipped

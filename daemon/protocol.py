@@ -61,7 +61,7 @@ class Outcome(_Msg, tag="outcome"):
 class Step(_Msg, tag="step"):
     agent: Id
     episode: Id
-    index: Annotated[int, msgspec.Meta(ge=0)]
+    index: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]  # stored as a 32-bit INTEGER
     observation: Context
     action: str
     reward: float = 0.0
@@ -82,9 +82,14 @@ class Event(_Msg, tag="event"):
 
 
 class Flush(_Msg, tag="flush"):
-    """Answered with Ack once everything the connection sent before it is durable."""
+    """Answered with Ack once everything the connection sent before it is durable.
+
+    ``dropped`` reports events the client had to drop (its buffer was full) since its last
+    acknowledged flush, so the loss shows in the daemon's status.
+    """
 
     req: ReqId = None
+    dropped: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Decide(_Msg, tag="decide"):
@@ -118,9 +123,18 @@ class Train(_Msg, tag="train"):
     req: ReqId = None
 
 
+class Forget(_Msg, tag="forget"):
+    """Delete everything stored about ``agent`` (database, archive, training snapshots); answered with Done."""
+
+    agent: Id
+    req: ReqId = None
+
+
 ExperienceEvent = Union[Decision, Outcome, Step, Event]
-Request = Union[Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train]
-Inbound = Union[Decision, Outcome, Step, Event, Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train]
+Request = Union[Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget]
+Inbound = Union[
+    Decision, Outcome, Step, Event, Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget
+]
 EXPERIENCE_TYPES = (Decision, Outcome, Step, Event)
 
 
@@ -162,6 +176,7 @@ class StatusReply(_Msg, tag="status"):
     model: dict[str, Any] | None
     trainer: dict[str, Any]
     storage: dict[str, Any]
+    monitor: dict[str, Any] = {}  # automatic rollback: the live model's last comparison
     req: ReqId = None
 
 
@@ -206,6 +221,10 @@ def decode_inbound(payload: bytes | memoryview, framing: Framing) -> Inbound:
         return _msgpack_in.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise FrameError(str(exc), code="invalid" if isinstance(exc, msgspec.ValidationError) else "malformed") from None
+    except RecursionError:  # msgspec recurses once per level of nesting
+        raise FrameError("nested too deep to decode", code="malformed") from None
+    except UnicodeDecodeError as exc:  # msgpack strings that are not UTF-8
+        raise FrameError(f"invalid UTF-8 in a string: {exc.reason}", code="malformed") from None
 
 
 def decode_reply(payload: bytes | memoryview, framing: Framing) -> Reply:

@@ -17,13 +17,14 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from .config import ExplorationConfig
-from .errors import ModelIntegrityError, ModelNotFound
+from .errors import ModelIntegrityError, ModelNotFound, PointerMoved
 from .features import FeatureSpec
 
 MODEL_FILE = "policy.onnx"
@@ -99,6 +100,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class Registry:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        # promote and rollback read, change and write CURRENT and history.json; the daemon's
+        # scheduler, monitor and requests call them from different threads
+        self._lock = threading.RLock()
 
     def ensure(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -184,27 +188,44 @@ class Registry:
 
     def promote(self, version: str) -> Manifest:
         manifest, _ = self.load(version)  # never point at a model that would be refused
-        history = self.history()
-        if not history or history[-1] != version:
-            history.append(version)
-        _atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
-        _atomic_write(self.root / CURRENT_FILE, version.encode() + b"\n")
+        with self._lock:
+            history = self.history()
+            if not history or history[-1] != version:
+                history.append(version)
+            _atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
+            _atomic_write(self.root / CURRENT_FILE, version.encode() + b"\n")
         return manifest
 
-    def rollback(self) -> str:
-        """Back to the version that was live before the current one; returns it."""
-        history = self.history()
-        current = self.current()
+    def rollback(self, expect: str | None = None) -> str:
+        """Back to the version that was live before the current one; returns it.
+
+        With ``expect``, only if ``expect`` is still the live version (PointerMoved otherwise), so a
+        decision taken about one version never rolls back another promoted meanwhile.
+        """
+        with self._lock:
+            history = self.history()
+            current = self.current()
+            if expect is not None and current != expect:
+                raise PointerMoved(expect, current)
+            if current is not None and (not history or history[-1] != current):
+                history.append(current)
+            if len(history) < 2:
+                raise ModelNotFound("previous (nothing to roll back to)")
+            history.pop()
+            target = history[-1]
+            self.load(target)
+            _atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
+            _atomic_write(self.root / CURRENT_FILE, target.encode() + b"\n")
+        return target
+
+    def predecessor(self) -> tuple[str | None, str | None]:
+        """The live version and the one live before it (what ``rollback`` would return to)."""
+        with self._lock:
+            history = self.history()
+            current = self.current()
         if current is not None and (not history or history[-1] != current):
             history.append(current)
-        if len(history) < 2:
-            raise ModelNotFound("previous (nothing to roll back to)")
-        history.pop()
-        target = history[-1]
-        self.load(target)
-        _atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
-        _atomic_write(self.root / CURRENT_FILE, target.encode() + b"\n")
-        return target
+        return current, (history[-2] if len(history) >= 2 else None)
 
     def summary(self) -> list[dict[str, Any]]:
         out = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -19,10 +20,10 @@ import msgspec
 
 from . import gate, log
 from .dataset import load_snapshot, split_holdout
-from .errors import ReflexdError, TrainingError
+from .errors import ReflexdError, TrainerFault, TrainingError
 from .registry import Manifest, Registry, sha256_of
 from .serving import Scorer
-from .trainer import read_result
+from .trainer import EXIT_OUT_OF_MEMORY, memory_exhausted, read_result
 
 _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3
@@ -46,6 +47,7 @@ class TrainerStatus:
     last_run: dict[str, Any] | None = None
     next_attempt: float = 0.0
     cutoff: float = 0.0  # newest experience the last snapshot held
+    trainer_pid: int | None = None  # the running trainer subprocess, if any
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -100,6 +102,9 @@ class Scheduler:
                 summary = await self._train(run_dir, reason)
             except ReflexdError as exc:
                 return self._failed(exc, started)
+            except Exception as exc:  # a bug must cost one run, never the daemon
+                _log.exception("training run failed unexpectedly")
+                return self._failed(TrainingError(f"training run failed unexpectedly: {type(exc).__name__}: {exc}"), started)
             finally:
                 self.status.state = "idle"
                 self._prune_runs()
@@ -115,9 +120,18 @@ class Scheduler:
         s.consecutive_failures += 1
         s.last_error = str(exc)
         backoff = min(self.config.trainer.retry_backoff * 2 ** (s.consecutive_failures - 1), 3600.0)
-        s.next_attempt = time.time() + backoff
-        s.last_run = {"outcome": "failed", "error": str(exc), "at": started, "retry_in": backoff}
-        _log.error("training run failed", error=str(exc), retry_in=round(backoff, 1))
+        finished = time.time()
+        s.next_attempt = finished + backoff
+        s.last_run = {"outcome": "failed", "error": str(exc), "at": started, "finished": finished, "retry_in": backoff}
+        if isinstance(exc, TrainerFault):
+            s.last_run.update(fault=exc.kind, returncode=exc.returncode)
+        _log.error(
+            "training run failed",
+            error=str(exc),
+            fault=getattr(exc, "kind", None),
+            consecutive=s.consecutive_failures,
+            retry_in=round(backoff, 1),
+        )
         return s.last_run
 
     def _new_run_dir(self) -> Path:
@@ -166,17 +180,50 @@ class Scheduler:
         cmd = [sys.executable, "-m", "reflexd.trainer", str(snapshot), str(out), "--config", str(config_file)]
         with open(run_dir / "trainer.log", "wb") as errlog:
             proc = await anyio.open_process(cmd, stdin=None, stdout=errlog, stderr=errlog, env=env)
-            timed_out = True
-            with anyio.move_on_after(cfg.trainer.max_wall_time):
-                await proc.wait()
-                timed_out = False
-            if timed_out:
-                proc.kill()
-                await proc.wait()
-                raise TrainingError(f"trainer exceeded max_wall_time ({cfg.trainer.max_wall_time:g} s) and was killed")
+            self.status.trainer_pid = proc.pid
+            try:
+                with anyio.move_on_after(cfg.trainer.max_wall_time) as limit:
+                    await proc.wait()
+            finally:
+                self.status.trainer_pid = None
+                if proc.returncode is None:  # over the wall-time limit, or the daemon is stopping
+                    proc.kill()
+                    with anyio.CancelScope(shield=True):
+                        await proc.wait()
+        if limit.cancelled_caught:
+            raise TrainerFault(
+                "timeout",
+                f"trainer exceeded max_wall_time ({cfg.trainer.max_wall_time:g} s) and was killed",
+                proc.returncode,
+            )
         if proc.returncode != 0:
-            tail = (run_dir / "trainer.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise TrainingError(f"trainer exited with status {proc.returncode}: {tail[0]}")
+            raise self._trainer_fault(proc.returncode, run_dir / "trainer.log", out)
+
+    def _trainer_fault(self, code: int, log_file: Path, out: Path) -> TrainerFault:
+        """Why the trainer exited with ``code``, in words an operator can act on."""
+        log_text = log_file.read_text(errors="replace").strip()
+        tail = (log_text.splitlines() or ["no output"])[-1]
+        max_mb = self.config.trainer.max_memory_mb
+        try:
+            read_result(out)
+            reported = None
+        except TrainingError as exc:
+            reported = str(exc) if (out / "result.json").exists() else None
+        if code == EXIT_OUT_OF_MEMORY:
+            return TrainerFault("out_of_memory", reported or f"trainer ran out of memory (max_memory_mb={max_mb})", code)
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            if memory_exhausted(log_text[-4000:]):  # what it printed last, not a whole run's chatter
+                # an allocation failure some native code could not survive (std::bad_alloc → SIGABRT)
+                return TrainerFault(
+                    "out_of_memory", f"trainer ran out of memory (max_memory_mb={max_mb}) and was killed by {name}", code
+                )
+            who = " (by another process, or the kernel's OOM killer)" if -code == signal.SIGKILL else ""
+            return TrainerFault("killed", f"trainer was killed by {name}{who}, exit status {code}; last output: {tail}", code)
+        return TrainerFault("exit", f"trainer exited with status {code}: {reported or tail}", code)
 
     def _gate(self, snapshot: Path, out: Path, result: Any) -> tuple[Manifest, Any]:
         cfg = self.config

@@ -30,6 +30,7 @@ from .protocol import (
     Decide,
     Error,
     Flush,
+    Forget,
     FrameReader,
     decode_inbound,
     encode_frame,
@@ -161,8 +162,10 @@ class _Connection:
         self.decided: list[Any] = []  # decisions made by the daemon, logged without waiting
         self.dead: list[DeadLetter] = []
         self.replies: list[bytes] = []
+        self.deaf = False  # the peer stopped taking replies; what it sent is still read to the end
 
     async def process(self, frames: Any) -> None:
+        redactor = self.server.config.redaction.redactor
         for frame in frames:
             seq = self.seq
             self.seq += 1
@@ -175,6 +178,12 @@ class _Connection:
                 self._reject(seq, exc, frame)
                 continue
             if isinstance(msg, EXPERIENCE_TYPES):
+                if redactor.active:  # redacted once, here, before anything can store them
+                    try:
+                        msg = redactor.apply(msg)
+                    except FrameError as exc:  # too deep to redact: refused, and its raw bytes not kept
+                        self._reject(seq, exc, frame, keep_raw=False)
+                        continue
                 self.events.append(msg)
                 self.accepted += 1
             else:
@@ -186,7 +195,12 @@ class _Connection:
         if self.replies:
             data = b"".join(self.replies)
             self.replies.clear()
-            await self.stream.send(data)
+            if not self.deaf:
+                try:
+                    await self.stream.send(data)
+                except (anyio.BrokenResourceError, ConnectionError):
+                    # gone without reading its replies: its events are still taken in, not dropped
+                    self.deaf = True
         await self._hand_off()
 
     async def abandon(self, partial: bytes, waited: float) -> None:
@@ -207,7 +221,7 @@ class _Connection:
     def _reply(self, msg: msgspec.Struct) -> None:
         self.replies.append(encode_frame(msg, self.framing))
 
-    def _reject(self, seq: int, err: FrameError, raw: bytes) -> None:
+    def _reject(self, seq: int, err: FrameError, raw: bytes, keep_raw: bool = True) -> None:
         cap = self.server.config.ingest.dead_letter_bytes
         self.dead.append(
             DeadLetter(
@@ -216,8 +230,8 @@ class _Connection:
                 peer_pid=self.pid,
                 code=err.code,
                 reason=err.reason,
-                raw=raw[:cap],
-                raw_size=len(raw),
+                raw=raw[:cap] if keep_raw and self.server.config.redaction.dead_letter_raw else b"",
+                raw_size=getattr(err, "size", len(raw)),  # an oversize frame's bytes are not kept
             )
         )
         self._reply(Error(code=err.code, message=err.reason, seq=seq))
@@ -227,12 +241,17 @@ class _Connection:
         try:
             if isinstance(msg, Flush):
                 await self._hand_off()
+                self.server.ingest.counters.client_dropped += msg.dropped
                 await self.server.ingest.barrier()
                 self._reply(Ack(count=self.accepted, req=req))
             elif isinstance(msg, Decide):
-                reply, decision = self.server.daemon.decide(msg)
+                # redacted before scoring too: models are trained on redacted contexts
+                reply, decision = self.server.daemon.decide(self.server.config.redaction.redactor.apply(msg))
                 self.decided.append(decision)
                 self._reply(reply)
+            elif isinstance(msg, Forget):
+                await self._hand_off()  # what this connection sent before the forget is forgotten too
+                self._reply(await self.server.daemon.request(msg))
             else:
                 self._reply(await self.server.daemon.request(msg))
         except ReflexdError as exc:

@@ -19,13 +19,14 @@ import msgspec
 
 from . import __version__, log, sdnotify
 from .config import Config, load_config
-from .errors import ConfigError, ReflexdError, TrainingError
+from .errors import ConfigError, ReflexdError, StorageError, TrainingError
 from .ingest import Ingest
 from .protocol import (
     Decide,
     Decided,
     Decision,
     Done,
+    Forget,
     ModelsReply,
     ModelsRequest,
     Promote,
@@ -35,6 +36,7 @@ from .protocol import (
     Train,
 )
 from .registry import Registry
+from .monitor import Monitor
 from .scheduler import Scheduler
 from .server import Server, prepare_path
 from .serving import Chooser, ModelSource
@@ -54,6 +56,7 @@ class Daemon:
         self.models = ModelSource(self.registry)
         self.chooser = Chooser(self.models, self._exploration_for)
         self.scheduler = Scheduler(self)
+        self.monitor = Monitor(self)
         self.ingest: Ingest | None = None
         self.server: Server | None = None
 
@@ -87,6 +90,7 @@ class Daemon:
                         tg.start_soon(self.scheduler.run)
                         tg.start_soon(self._follow_models)
                         tg.start_soon(self._retention)
+                        tg.start_soon(self.monitor.run)
                         tg.start_soon(self._watchdog)
                         tg.start_soon(self._signals, tg.cancel_scope)
                         _log.info("reflexd ready", socket=str(sock_path), state_dir=cfg.state_dir, pid=os.getpid())
@@ -209,7 +213,31 @@ class Daemon:
             if summary.get("outcome") == "failed":
                 raise TrainingError(summary["error"])
             return Done(message=f"{summary['outcome']} {summary['version']}: {summary['gate']}", req=req)
+        if isinstance(msg, Forget):
+            removed = await self.forget(msg.agent)
+            counts = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in removed.items())
+            return Done(message=f"forgot agent {msg.agent!r}: removed {counts}", req=req)
         raise AssertionError(f"no handler for {type(msg).__name__}")  # the decoder admits no other type
+
+    async def forget(self, agent: str) -> dict[str, int]:
+        """Delete what is stored about ``agent``: rows, archive partitions, training snapshots.
+
+        Events already accepted but still queued in ingest are committed first (the barrier), so
+        none of them is written after the delete. A training run in progress is waited for: its
+        snapshot may hold the agent's rows, and no new snapshot is taken until this is done.
+        Models already trained keep what they learned.
+        """
+        async with self.scheduler._lock:
+            await self.ingest.barrier()
+            try:
+                removed = await anyio.to_thread.run_sync(self.store.forget, agent, self.config.archive_path)
+                removed["training_snapshots"] = await anyio.to_thread.run_sync(
+                    _remove_snapshots, self.scheduler.runs_dir
+                )
+            except OSError as exc:  # deleting archive partitions or snapshot files
+                raise StorageError(f"forgetting agent {agent!r} failed: {exc}") from exc
+        _log.info("agent forgotten", agent=agent, **removed)
+        return removed
 
     async def _model_event(self, version: str, event: str, reason: str) -> None:
         self.models.refresh()
@@ -249,6 +277,7 @@ class Daemon:
                 "dead_letters": c.dead_letters,
                 "write_errors": c.write_errors,
                 "unlogged_decisions": c.unlogged,
+                "client_dropped": c.client_dropped,
                 "connections": self.server.connections,
                 "refused": self.server.refused,
                 **{f"stored_{k}": v for k, v in c.by_type.items()},
@@ -257,9 +286,18 @@ class Daemon:
             experience={**counts, "new_since_training": matured},
             model=model,
             trainer=self.scheduler.status.as_dict(),
+            monitor=self.monitor.as_dict(),
             storage={"error": self.ingest.storage_error, "db_bytes": _size(self.config.db_path)},
             req=req,
         )
+
+
+def _remove_snapshots(runs: Path) -> int:
+    """Delete the Parquet snapshots kept in finished run folders (they hold every agent's rows)."""
+    snapshots = list(runs.glob("*/snapshot.parquet")) if runs.is_dir() else []
+    for snapshot in snapshots:
+        snapshot.unlink(missing_ok=True)
+    return len(snapshots)
 
 
 def _size(path: Path) -> int:

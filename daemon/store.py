@@ -100,13 +100,13 @@ _MATURED = """
     WHERE d.received_at <= $now - r.wait_window
 """
 
+# The reward join, shared by training snapshots and live rewards: given a CTE `recent` of matured
+# decisions, `rewards` aggregates each one's outcomes within its wait window, and _JOINED_REWARD
+# (over `recent m LEFT JOIN rewards r`) falls back to the default reward when none came.
 # Outcomes sharing a received_at (one ingest batch) are ordered by the agent's ts, then id, so
 # first/last are deterministic. Rewards are aggregated before joining back, so the wide JSON
 # columns are never grouped on.
-_EXPERIENCES = f"""
-    WITH recent AS (
-        SELECT * FROM ({_MATURED}) ORDER BY received_at DESC, id DESC LIMIT $max_rows
-    ),
+_REWARDS = """
     rewards AS (
         SELECT m.id,
             CASE m.aggregation
@@ -122,16 +122,35 @@ _EXPERIENCES = f"""
         JOIN outcomes o ON o.decision_id = m.id AND o.received_at <= m.received_at + m.wait_window
         GROUP BY m.id, m.aggregation
     )
+"""
+_JOINED_REWARD = "coalesce(r.reward, m.default_reward)"
+
+_EXPERIENCES = f"""
+    WITH recent AS (
+        SELECT * FROM ({_MATURED}) ORDER BY received_at DESC, id DESC LIMIT $max_rows
+    ),
+    {_REWARDS}
     SELECT
         m.id, m.agent, m.received_at,
         CAST(m.context AS VARCHAR) AS context,
         CAST(m.actions AS VARCHAR) AS actions,
         m.chosen, m.prob,
-        coalesce(r.reward, m.default_reward) AS reward,
+        {_JOINED_REWARD} AS reward,
         m.model_version,
         CAST(coalesce(r.outcomes, 0) AS INTEGER) AS outcomes
     FROM recent m LEFT JOIN rewards r ON r.id = m.id
     ORDER BY m.received_at, m.id
+"""
+
+# Live reward per model version: every matured decision a version made, joined as for training.
+_LIVE_REWARDS = f"""
+    WITH recent AS (
+        SELECT * FROM ({_MATURED}) WHERE model_version IN (SELECT version FROM wanted)
+    ),
+    {_REWARDS}
+    SELECT m.model_version, count(*), avg({_JOINED_REWARD}), coalesce(var_samp({_JOINED_REWARD}), 0.0)
+    FROM recent m LEFT JOIN rewards r ON r.id = m.id
+    GROUP BY m.model_version
 """
 
 
@@ -178,6 +197,14 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     raw_size: int
 
 
+class RewardStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Joined rewards of the matured decisions one model version made."""
+
+    count: int
+    mean: float
+    variance: float  # sample variance (ddof=1); 0 with fewer than 2 decisions
+
+
 class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True):
     rows: int
     window_start: float
@@ -193,20 +220,49 @@ def _json(value: Any) -> bytes:
     """JSON text for a stored value; msgspec already writes NaN and infinities as null."""
     try:
         return _json_encode(value)
-    except (TypeError, msgspec.EncodeError):
-        # msgpack can carry what JSON cannot (Ext values, array map keys); storing their repr
-        # beats failing the batch that holds them.
-        return _json_encode(_plain(value))
+    except (TypeError, msgspec.EncodeError, RecursionError):
+        # msgpack can carry what JSON cannot (Ext values, array map keys), and a value nested about
+        # as deep as the decoder admits can pass the recursion limit here; storing their repr
+        # beats failing the batch that holds them (a StorageError would be retried forever).
+        return _plain_json(value)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k if isinstance(k, str) else repr(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bytes)):
-        return value
-    return repr(value)
+class _Raw(bytes):
+    """JSON punctuation already written, as opposed to a value still to encode."""
+
+
+def _plain_json(value: Any) -> bytes:
+    """JSON text for any decoded value, without recursion; what JSON cannot hold becomes its repr."""
+    out: list[bytes] = []
+    todo: list[Any] = [value]
+    while todo:
+        item = todo.pop()
+        if type(item) is _Raw:
+            out.append(item)
+            continue
+        if isinstance(item, msgspec.Struct):  # an Action among a decision's actions
+            item = msgspec.structs.asdict(item)
+        elif isinstance(item, msgspec.msgpack.Ext):  # its repr would not keep the data
+            item = {"msgpack_ext": item.code, "data": item.data}
+        if isinstance(item, dict):
+            parts: list[Any] = [_Raw(b"{")]
+            for i, (k, v) in enumerate(item.items()):
+                key = k if isinstance(k, str) else repr(k)
+                parts += [_Raw((b"," if i else b"") + _json_encode(key) + b":"), v]
+            parts.append(_Raw(b"}"))
+        elif isinstance(item, (list, tuple)):
+            parts = [_Raw(b"[")]
+            for i, v in enumerate(item):
+                parts += [_Raw(b","), v] if i else [v]
+            parts.append(_Raw(b"]"))
+        else:
+            try:
+                out.append(_json_encode(item))
+            except (TypeError, msgspec.EncodeError):
+                out.append(_json_encode(repr(item)))
+            continue
+        todo.extend(reversed(parts))
+    return b"".join(out)
 
 
 def _new_id() -> str:
@@ -500,6 +556,18 @@ class Store:
                 f"SELECT count(*) FROM ({_MATURED}) WHERE received_at > $since", {"now": now, "since": since}
             ).fetchone()
         return n
+
+    def live_rewards(self, versions: Sequence[str], now: float, config: Config) -> dict[str, RewardStats]:
+        """Count, mean and variance of the joined reward of each version's matured decisions.
+
+        The same join as ``snapshot`` (wait window, default reward, aggregation, per-agent rules);
+        a version that made no matured decision is absent from the result.
+        """
+        rules = _reward_rules(config)  # noqa: F841 -- read by the SQL below
+        wanted = pa.table({"version": pa.array(list(versions), pa.string())})  # noqa: F841
+        with self._guard("computing live rewards per model") as con:
+            rows = con.execute(_LIVE_REWARDS, {"now": now}).fetchall()
+        return {v: RewardStats(count=n, mean=float(mean), variance=float(var)) for v, n, mean, var in rows}
 
     def snapshot(self, dest: Path, now: float, config: Config, max_rows: int) -> SnapshotInfo:
         """Write the newest ``max_rows`` matured decisions with their joined reward to one Parquet file.

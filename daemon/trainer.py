@@ -6,7 +6,14 @@ CONFIG_JSON is ``msgspec.json.encode(config)`` of a ``reflexd.config.Config``, g
 the path of a file holding it (the daemon writes a file, which keeps it out of ``ps``). The run
 writes ``OUT_DIR/policy.onnx`` and ``OUT_DIR/result.json`` (a ``TrainResult``, or ``{"error": ...}``).
 Exit status: 0 when a model was produced (even if parity failed: ``parity_ok`` says so and the
-daemon rejects it), 2 for a training failure (one line on stderr), 1 for a bug (traceback).
+daemon rejects it), 2 for a training failure (one line on stderr), 3 when the run ran out of
+memory (``trainer.max_memory_mb``), 1 for a bug (traceback).
+
+The process caps its own address space (RLIMIT_AS) at ``trainer.max_memory_mb`` before torch is
+imported, so a runaway run fails here with an allocation error instead of taking the host's
+memory. The limit is set in this process rather than by the daemon at spawn time because
+anyio's ``open_process`` has no ``preexec_fn`` (and a pre-exec hook is unsafe in the daemon,
+which runs threads), and setting it after spawn with ``prlimit`` would race the imports.
 
 Training runs in its own process so torch's memory returns to the host when it exits, and at
 the lowest CPU priority so it only uses cycles the agents leave idle. The daemon imports this
@@ -16,6 +23,7 @@ module for ``read_result``, so torch is imported only inside ``main``.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -34,6 +42,24 @@ RESULT_FILE = "result.json"
 MODEL_FILE = "policy.onnx"
 MIN_TRAIN_ROWS = 10
 MAX_PARITY_ROWS = 2000
+EXIT_OUT_OF_MEMORY = 3
+# how allocation failures read once the address-space limit is hit: numpy and Python
+# (MemoryError, "Unable to allocate"), pyarrow ("malloc of size"), torch's allocator ("can't
+# allocate memory"), onnxruntime ("failed to allocate memory"), the dynamic loader ("failed to
+# map segment"), C++ (std::bad_alloc)
+_MEMORY_MARKERS = (
+    "cannot allocate memory",
+    "can't allocate memory",
+    "unable to allocate",
+    "out of memory",
+    "failed to map segment",
+    "bad_alloc",
+    "malloc of size",
+    "failed to allocate memory",
+    "memoryerror",
+)
+# an unexplained failure this close to the limit is taken for one
+_NEAR_LIMIT_BYTES = 64 << 20
 
 
 class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -97,6 +123,60 @@ def _lower_priority() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (OSError, AttributeError):  # AttributeError: no SCHED_IDLE outside Linux
         pass
+
+
+def limit_memory(max_mb: int) -> int | None:
+    """Cap this process's address space at ``max_mb`` MiB (never above the hard limit).
+
+    Returns the limit in bytes, or None where it cannot be set (the run then goes on unlimited).
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = max_mb << 20
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, OSError, ValueError) as exc:
+        _log("memory_limit_not_set", max_memory_mb=max_mb, error=str(exc).replace(" ", "_"))
+        return None
+    return limit
+
+
+def memory_exhausted(text: str) -> bool:
+    """True when an error message (or a trainer log) reads as an allocation failure."""
+    lowered = text.lower()
+    return any(marker in lowered for marker in _MEMORY_MARKERS)
+
+
+def _peak_address_space() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmPeak:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _out_of_memory(exc: BaseException, limit: int | None) -> bool:
+    """Was ``exc`` (or what caused it) an allocation refused under the memory limit?"""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, MemoryError):
+            return True
+        if isinstance(cause, OSError) and cause.errno == errno.ENOMEM:
+            return True
+        if memory_exhausted(f"{type(cause).__name__}: {cause}"):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    # extensions sometimes fail strangely when a malloc returns NULL (SystemError, say)
+    peak = _peak_address_space() if limit is not None else None
+    return peak is not None and limit is not None and peak >= limit - _NEAR_LIMIT_BYTES
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -199,22 +279,32 @@ def main(argv: list[str] | None = None) -> int:
     # read by the OpenMP/MKL runtimes when torch loads, so they must be set before its import
     os.environ.setdefault("OMP_NUM_THREADS", threads)
     os.environ.setdefault("MKL_NUM_THREADS", threads)
+    max_mb = config.trainer.max_memory_mb
+    limit = limit_memory(max_mb)  # before torch is imported, so its mappings count too
     try:
         _write_result(out_dir, train(args.snapshot, out_dir, config, args.seed))
-    except TrainingError as exc:
-        return _fail(out_dir, str(exc))
     except Exception as exc:
+        # a TrainingError says what went wrong; only its text can tell of an allocation failure
+        if _out_of_memory(exc, None if isinstance(exc, TrainingError) else limit):
+            traceback.print_exc()
+            detail = f"{type(exc).__name__}: {exc}"
+            return _fail(out_dir, f"trainer ran out of memory (max_memory_mb={max_mb}): {detail}", EXIT_OUT_OF_MEMORY)
+        if isinstance(exc, TrainingError):
+            return _fail(out_dir, str(exc))
         traceback.print_exc()
         _write_result(out_dir, _Failure(f"trainer bug: {type(exc).__name__}: {exc}"))
         return 1
     return 0
 
 
-def _fail(out_dir: Path, message: str) -> int:
+def _fail(out_dir: Path, message: str, status: int = 2) -> int:
     message = " ".join(message.split())  # the daemon and operators read it as one line
     print(f"reflexd.trainer: error: {message}", file=sys.stderr, flush=True)
-    _write_result(out_dir, _Failure(message))
-    return 2
+    try:
+        _write_result(out_dir, _Failure(message))
+    except (OSError, MemoryError):
+        pass  # the exit status and the line above still tell the daemon
+    return status
 
 
 if __name__ == "__main__":

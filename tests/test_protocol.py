@@ -43,6 +43,7 @@ INBOUND: list[msgspec.Struct] = [
     p.Promote(version="v0002", req=2),
     p.Rollback(),
     p.Train(req="t"),
+    p.Forget(agent="router", req="f"),
 ]
 
 REPLIES: list[msgspec.Struct] = [
