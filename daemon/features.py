@@ -27,6 +27,8 @@ import numpy as np
 
 _ACTION_KEY = "__action="
 _CACHE_LIMIT = 200_000
+_SETS_CACHE_LIMIT = 4096
+_encode = msgspec.json.Encoder().encode
 
 
 class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -43,6 +45,7 @@ class Hasher:
         self.spec = spec
         self._ctx_cache: dict[str, tuple[int, float]] = {}
         self._act_cache: dict[str, tuple[int, float]] = {}
+        self._sets_cache: dict[bytes, np.ndarray] = {}
 
     def _slot(self, name: str, dim: int, cache: dict[str, tuple[int, float]]) -> tuple[int, float]:
         slot = cache.get(name)
@@ -69,7 +72,30 @@ class Hasher:
         return out
 
     def actions(self, actions: list[Any], out: np.ndarray | None = None) -> np.ndarray:
-        """One row per action; ``actions`` holds ids (str) or objects with ``id`` and ``features``."""
+        """One row per action; ``actions`` holds ids (str) or objects with ``id`` and ``features``.
+
+        Without ``out`` the result is read-only and may be shared: an agent usually offers the
+        same action set decision after decision, so whole sets are cached by their encoding.
+        """
+        key = None
+        if out is None:
+            try:
+                key = _encode(actions)
+            except (TypeError, ValueError, msgspec.EncodeError, RecursionError):  # odd sets: hashed uncached
+                pass
+            else:
+                cached = self._sets_cache.get(key)
+                if cached is not None:
+                    return cached
+        rows = self._hash_actions(actions, out)
+        if key is not None:
+            rows.flags.writeable = False
+            if len(self._sets_cache) >= _SETS_CACHE_LIMIT:
+                self._sets_cache.clear()
+            self._sets_cache[key] = rows
+        return rows
+
+    def _hash_actions(self, actions: list[Any], out: np.ndarray | None) -> np.ndarray:
         dim = self.spec.action_dim
         if out is None:
             out = np.zeros((len(actions), dim), dtype=np.float32)

@@ -8,6 +8,7 @@ handlers stop reading and the kernel pushes back on senders.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -48,38 +49,51 @@ class Ingest:
         self.store = store
         self.batch_size = batch_size
         self.flush_interval = flush_interval
-        # items are chunks of events, so bound the item count by the expected chunk size
-        send, recv = anyio.create_memory_object_stream[_Item](max(16, queue_size // 64))
+        self.queue_size = queue_size
+        # the stream itself is unbounded: the bound is on events queued, checked in submit
+        send, recv = anyio.create_memory_object_stream[_Item](math.inf)
         self._send: ObjectSendStream[_Item] = send
         self._recv: ObjectReceiveStream[_Item] = recv
+        self._room = anyio.Event()  # set (and replaced) after every commit
         self.counters = Counters()
         self.storage_error: str | None = None
 
+    def _full(self, n: int) -> bool:
+        # one chunk is always let through, so a chunk larger than the bound cannot wedge ingest
+        queued = self.counters.queued
+        return queued > 0 and queued + n > self.queue_size
+
     async def submit(self, events: Sequence[ExperienceEvent], dead: Sequence[Any] = ()) -> None:
-        if not events and not dead:
+        """Queue events for the writer, waiting while ``queue_size`` events are already queued.
+
+        The wait is the backpressure: the caller stops reading its socket meanwhile.
+        """
+        n = len(events) + len(dead)
+        if not n:
             return
-        self.counters.received += len(events) + len(dead)
-        self.counters.queued += len(events) + len(dead)
-        await self._send.send(_Item(events=events, dead=dead))
+        while self._full(n):
+            await self._room.wait()
+        self.counters.received += n
+        self.counters.queued += n
+        self._send.send_nowait(_Item(events=events, dead=dead))
 
     def offer(self, events: Sequence[ExperienceEvent]) -> bool:
         """Queue events without waiting; False (and counted) when the queue is full.
 
         For decisions the daemon itself made: serving them must not wait on a stalled store.
         """
-        try:
-            self._send.send_nowait(_Item(events=events))
-        except anyio.WouldBlock:
+        if self._full(len(events)):
             self.counters.unlogged += len(events)
             return False
         self.counters.received += len(events)
         self.counters.queued += len(events)
+        self._send.send_nowait(_Item(events=events))
         return True
 
     async def barrier(self) -> None:
         """Return once everything submitted before this call is durable."""
         done = anyio.Event()
-        await self._send.send(_Item(barrier=done))
+        self._send.send_nowait(_Item(barrier=done))
         await done.wait()
 
     def close(self) -> None:
@@ -155,3 +169,5 @@ class Ingest:
         for item in batch:
             if item.barrier is not None:
                 item.barrier.set()
+        self._room.set()
+        self._room = anyio.Event()

@@ -9,6 +9,8 @@ import os
 import socket
 import time
 
+import anyio
+
 
 def _address() -> str | None:
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -33,6 +35,16 @@ def notify(*fields: str) -> bool:
 
 def reloading() -> bool:
     return notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+
+
+async def watchdog() -> None:
+    """Ping WATCHDOG=1 from the event loop, so a stalled loop stops the pings and systemd restarts us."""
+    interval = watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        notify("WATCHDOG=1")
+        await anyio.sleep(interval)
 
 
 def watchdog_interval() -> float | None:

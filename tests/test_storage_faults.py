@@ -67,6 +67,8 @@ def test_failing_writes_stop_acks_keep_decisions_and_resume(daemon_factory) -> N
         assert isinstance(reply, Decided)
         wait_for(lambda: d.status().backlog > 0, 30, "a backlog")
         assert not sent.wait(2), "a stalled store should make the sender block, not drain it"
+        # memory is bounded by ingest.queue_size (plus the one chunk always let through)
+        assert d.status().backlog <= 5000 + 1000
         assert rss_kb(pid) < 400_000
         assert "not acknowledging" in d.log()
     finally:
