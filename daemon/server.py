@@ -49,6 +49,15 @@ class SocketError(ReflexdError):
 def prepare_path(path: Path) -> None:
     """Make the socket's directory (0750, ours) and clear a stale socket; refuse anything else."""
     path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    # whoever can write to the directory can swap the socket under us
+    dir_st = os.stat(path.parent)
+    if dir_st.st_uid != os.geteuid():
+        raise SocketError(f"{path.parent} belongs to uid {dir_st.st_uid}, not to the daemon; refusing to put the socket there")
+    if dir_st.st_mode & 0o022:
+        raise SocketError(
+            f"{path.parent} is writable by group or others (mode {stat.S_IMODE(dir_st.st_mode):04o}); "
+            "refusing to put the socket there"
+        )
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -8,6 +8,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -220,14 +221,14 @@ def test_systemd_notify_protocol(daemon_factory, tmp_path: Path) -> None:
             notify_path.unlink(missing_ok=True)
 
 
-def test_existing_non_socket_path_is_refused(daemon_factory, tmp_path: Path) -> None:
-    target = Path(f"/tmp/rx-nsock-{uuid.uuid4().hex[:8]}")
+def test_existing_non_socket_path_is_refused(daemon_factory) -> None:
+    target = Path(tempfile.mkdtemp(prefix="rx-")) / "r.sock"
     target.write_text("not a socket")
     try:
         with pytest.raises(pytest.fail.Exception, match="not a socket"):
             daemon_factory({"socket": {"path": str(target)}})
     finally:
-        target.unlink()
+        shutil.rmtree(target.parent)
 
 
 def test_a_frame_left_half_sent_times_out_and_only_that_connection_closes(daemon_factory) -> None:
@@ -250,10 +251,21 @@ def test_a_frame_left_half_sent_times_out_and_only_that_connection_closes(daemon
 
 
 def test_symlinked_socket_path_is_refused(daemon_factory) -> None:
-    link = Path(f"/tmp/rx-link-{uuid.uuid4().hex[:8]}")
+    link = Path(tempfile.mkdtemp(prefix="rx-")) / "r.sock"
     link.symlink_to("/tmp/somewhere-else.sock")
     try:
         with pytest.raises(pytest.fail.Exception, match="symbolic link"):
             daemon_factory({"socket": {"path": str(link)}})
     finally:
-        link.unlink()
+        shutil.rmtree(link.parent)
+
+
+def test_a_socket_directory_others_can_write_is_refused(daemon_factory) -> None:
+    shared = Path(f"/tmp/rx-shared-{uuid.uuid4().hex[:8]}")
+    shared.mkdir()
+    shared.chmod(0o777)
+    try:
+        with pytest.raises(pytest.fail.Exception, match="writable by group or others"):
+            daemon_factory({"socket": {"path": str(shared / "r.sock")}})
+    finally:
+        shared.rmdir()
