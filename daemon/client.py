@@ -23,7 +23,7 @@ from . import log
 from .config import ExplorationConfig
 from .connection import Connection, default_socket
 from .errors import DaemonUnavailable, FrameError
-from .protocol import MSGPACK, Ack, Decision, Error, Event, Flush, Outcome, Step, encode_frame
+from .protocol import MSGPACK, Ack, Error, Event, Flush, Outcome, Step, encode_frame
 from .registry import Manifest, Registry
 from .serving import Choice, Chooser, ModelSource
 
@@ -87,20 +87,7 @@ class Policy:
     def decide(self, context: dict[str, Any], actions: list[Any], *, decision_id: str | None = None) -> Choice:
         """Choose among ``actions`` (ids, or dicts with ``id`` and ``features``) for ``context``."""
         choice = self._chooser.choose(self.agent, context, actions, decision_id)
-        self._sender.enqueue(
-            Decision(
-                id=choice.id,
-                agent=self.agent,
-                context=context,
-                actions=actions,
-                chosen=choice.action,
-                prob=choice.prob,
-                probs=choice.probs,
-                model_version=choice.model_version,
-                strategy=choice.strategy,
-                ts=time.time(),
-            )
-        )
+        self._sender.enqueue(choice.event(self.agent, context, actions))
         return choice
 
     def reward(self, decision_id: str, value: float) -> None:

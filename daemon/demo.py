@@ -11,7 +11,6 @@ trains and promotes models on its own, and reports reward and regret per window.
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import subprocess

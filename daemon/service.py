@@ -164,18 +164,7 @@ class Daemon:
 
     def decide(self, msg: Decide) -> tuple[Decided, Decision]:
         choice = self.chooser.choose(msg.agent, msg.context, msg.actions, msg.id)
-        decision = Decision(
-            id=choice.id,
-            agent=msg.agent,
-            context=msg.context,
-            actions=msg.actions,
-            chosen=choice.action,
-            prob=choice.prob,
-            probs=choice.probs,
-            model_version=choice.model_version,
-            strategy=choice.strategy,
-            ts=time.time(),
-        )
+        decision = choice.event(msg.agent, msg.context, msg.actions)
         reply = Decided(
             id=choice.id,
             action=choice.action,

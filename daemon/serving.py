@@ -7,6 +7,7 @@ neither torch nor duckdb: numpy, onnxruntime and msgspec are all a decision need
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ import onnxruntime as ort
 from .config import ExplorationConfig
 from .errors import ModelIntegrityError, ReflexdError
 from .features import Hasher, action_ids
+from .protocol import Decision
 from .registry import Manifest, Registry
 from .plugins import exploration
 
@@ -33,6 +35,21 @@ class Choice(msgspec.Struct, frozen=True):
     probs: list[float]
     model_version: str | None
     strategy: str
+
+    def event(self, agent: str, context: dict[str, Any], actions: list[Any]) -> Decision:
+        """The decision event that logs this choice."""
+        return Decision(
+            id=self.id,
+            agent=agent,
+            context=context,
+            actions=actions,
+            chosen=self.action,
+            prob=self.prob,
+            probs=self.probs,
+            model_version=self.model_version,
+            strategy=self.strategy,
+            ts=time.time(),
+        )
 
 
 def _session(model: bytes, threads: int) -> ort.InferenceSession:

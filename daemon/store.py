@@ -509,7 +509,7 @@ class Store:
     def dead_letter(self, rows: Sequence[DeadLetter]) -> None:
         what = f"storing {len(rows)} dead letters"
         with _failing_as(what):
-            letters = pa.table({c: [getattr(r, c) for r in rows] for c in _DEAD_LETTERS.names}, schema=_DEAD_LETTERS)
+            letters = pa.table({c: [getattr(r, c) for r in rows] for c in _DEAD_LETTERS.names}, schema=_DEAD_LETTERS)  # noqa: F841
         with self._guard(what) as con:
             con.execute("INSERT INTO dead_letters BY NAME SELECT * FROM letters")
 

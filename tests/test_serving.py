@@ -14,7 +14,7 @@ from reflexd.config import ExplorationConfig
 from reflexd.features import FeatureSpec, Hasher
 from reflexd.plugins import exploration
 from reflexd.registry import MODEL_FILE, Manifest, Registry
-from reflexd.serving import BATCH_ROWS, Chooser, ModelSource, Scorer
+from reflexd.serving import BATCH_ROWS, Chooser, ModelSource
 
 DC, DA = 16, 8
 SPEC = FeatureSpec(context_dim=DC, action_dim=DA, seed=3)
