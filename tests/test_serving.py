@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,26 @@ def test_score_and_score_batch_agree(live: ModelSource) -> None:
         s, sp = scorer.score(c, ACTIONS)
         np.testing.assert_allclose(b_scores[i], s, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(b_spread[i], sp, rtol=1e-6, atol=1e-6)
+
+
+def test_threads_deciding_at_once_each_get_their_own_scores(live: ModelSource) -> None:
+    scorer = live.scorer
+    assert scorer is not None
+    contexts = [{"task": f"job {i}", "n": i} for i in range(200)]
+    want = [scorer.score(c, ACTIONS)[0].copy() for c in contexts]
+    got: dict[int, list[np.ndarray]] = {}
+
+    def work(t: int) -> None:
+        got[t] = [scorer.score(c, ACTIONS)[0].copy() for c in contexts]
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for results in got.values():
+        for w, g in zip(want, results):
+            np.testing.assert_array_equal(w, g)
 
 
 def test_score_batch_chunks_and_empty(live: ModelSource) -> None:
