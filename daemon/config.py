@@ -86,6 +86,11 @@ class TrainerConfig(_Section):
     batch_size: Positive = 256
     hidden_size: Positive = 64
     ensemble: Annotated[int, msgspec.Meta(ge=1, le=32)] = 4
+    # learner: transformer (reflexd.plugins.learners.transformer); transformer_dim must be a
+    # multiple of transformer_heads
+    transformer_dim: Annotated[int, msgspec.Meta(ge=1, le=512)] = 32
+    transformer_layers: Annotated[int, msgspec.Meta(ge=1, le=8)] = 2
+    transformer_heads: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
     retry_backoff: PositiveFloat = 30.0
     # address space (RLIMIT_AS) of the trainer subprocess; torch alone maps ~2.3 GB of it
     max_memory_mb: Positive = 4096
@@ -231,7 +236,7 @@ def _merge_agents(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
             continue
         unknown = set(override) - {"rewards", "exploration"}
         if unknown:
-            problems.append(f"agents.{agent}: unknown key(s) {sorted(unknown)}; allowed: rewards, exploration")
+            problems.append(f"agents.{agent}: unknown key(s) {sorted(map(str, unknown))}; allowed: rewards, exploration")
             continue
         full: dict[str, Any] = {}
         for section in ("rewards", "exploration"):
@@ -294,6 +299,10 @@ def _check_semantics(config: Config, source: str) -> None:
     for where, rewards in [("rewards", config.rewards)] + [(f"agents.{a}.rewards", c.rewards) for a, c in config.agents.items()]:
         if not math.isfinite(rewards.default):
             problems.append(f"{where}.default: must be a finite number")
+    if config.trainer.transformer_dim % config.trainer.transformer_heads:
+        problems.append(
+            f"trainer.transformer_dim: must be a multiple of trainer.transformer_heads ({config.trainer.transformer_heads})"
+        )
     if problems:
         raise ConfigError(source, problems)
 

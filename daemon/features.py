@@ -68,7 +68,29 @@ class Hasher:
             out = np.zeros(dim, dtype=np.float32)
         else:
             out[:] = 0.0
-        self._fill(out, flatten(context), dim, self._ctx_cache)
+        cache = self._ctx_cache
+        slot = self._slot
+        # The common case, a flat mapping of numbers and short strings, is hashed inline: it is
+        # most of a decision's cost. Everything else goes through the general rules.
+        for key, value in context.items():
+            kind = type(value)
+            if kind is float or kind is int:
+                try:
+                    x = float(value)
+                except OverflowError:
+                    self._fill(out, _flatten_value(str(key), value), dim, cache)
+                    continue
+                name = key if type(key) is str else str(key)
+                v = _squash(x)
+            elif kind is str and " " not in value and "\t" not in value and "\n" not in value:
+                name = f"{key}={value}"
+                v = 1.0
+            else:
+                self._fill(out, _flatten_value(str(key), value), dim, cache)
+                continue
+            found = cache.get(name)
+            idx, sign = found if found is not None else slot(name, dim, cache)
+            out[idx] += sign * v
         return out
 
     def actions(self, actions: list[Any], out: np.ndarray | None = None) -> np.ndarray:
@@ -121,16 +143,21 @@ def action_parts(action: Any) -> tuple[str, dict[str, Any] | None]:
 
 
 def action_ids(actions: list[Any]) -> list[str]:
-    return [action_parts(a)[0] for a in actions]
+    # inline for the decision path: a function call per action costs more than the rest
+    return [a if type(a) is str else str(a["id"]) if type(a) is dict else action_parts(a)[0] for a in actions]
 
 
 _SQUASH_LIMIT = 50.0  # log1p(5e21): beyond it every magnitude looks alike, infinity included
 
 
 def _squash(x: float) -> float:
-    if x != x:  # NaN carries no information
-        return 0.0
-    return math.copysign(min(math.log1p(abs(x)), _SQUASH_LIMIT), x)
+    if x >= 0.0:
+        v = math.log1p(x)
+        return v if v < _SQUASH_LIMIT else _SQUASH_LIMIT
+    if x < 0.0:
+        v = -math.log1p(-x)
+        return v if v > -_SQUASH_LIMIT else -_SQUASH_LIMIT
+    return 0.0  # NaN carries no information
 
 
 MAX_DEPTH = 32  # mappings and lists nested deeper than this are skipped (see the module docstring)
