@@ -36,6 +36,7 @@ examples:
   reflexd train --now
   reflexd models list
   reflexd forget --agent router
+  reflexd import logged.dsjson --agent router
   reflexd demo
 """
 
@@ -214,6 +215,43 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import importer
+    from .connection import Connection, request
+    from .protocol import StatusRequest
+
+    fmt = args.format if args.format != "auto" else importer.detect_format(args.file)
+    items = importer.parse(args.file, fmt, args.agent)  # a generator: the file is read as it is sent
+    total = importer.count_lines(args.file)
+    socket = _socket_path(args)
+    # status on connections of its own: the daemon numbers the import connection's frames in errors
+    before = request(StatusRequest(), socket).ingest.get("duplicates", 0)
+    with Connection(socket, timeout=args.timeout) as conn:
+        with tqdm(total=total, unit="line", desc=f"importing {fmt}", file=sys.stderr, mininterval=0.5) as bar:
+
+            def progress(line: int) -> None:
+                if line > bar.n:
+                    bar.update(line - bar.n)
+
+            summary = importer.send(items, conn, args.file, batch_size=args.batch, on_line=progress)
+            bar.update(total - bar.n)
+    # the daemon counts duplicates for everyone: another agent's resends in this window count too
+    duplicates = request(StatusRequest(), socket).ingest.get("duplicates", 0) - before
+    sent = summary.decisions + summary.outcomes
+    print(
+        f"sent {summary.decisions} decisions and {summary.outcomes} outcomes from {args.file} ({fmt}):"
+        f" imported {max(0, sent - duplicates)}, duplicates (already stored) {duplicates},"
+        f" rejected lines {len(summary.rejected)}"
+    )
+    for rejected in summary.rejected[: args.show_rejected]:
+        print(f"  rejected {rejected}")
+    if len(summary.rejected) > args.show_rejected:
+        print(f"  … and {len(summary.rejected) - args.show_rejected} more")
+    return 1 if summary.rejected and not (summary.decisions or summary.outcomes) else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -271,6 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=900.0, help="seconds to wait (a training run in progress is waited for)"
     )
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser(
+        "import",
+        parents=[client],
+        help="send decisions logged by another policy (reflexd NDJSON or VW DSJSON) to the daemon",
+    )
+    p.add_argument("file", help="the log: one JSON object per line")
+    p.add_argument(
+        "--format", choices=["auto", "ndjson", "dsjson"], default="auto",
+        help="ndjson (reflexd decision/outcome lines) or dsjson (Vowpal Wabbit cb_explore_adf); default: by the file",
+    )
+    p.add_argument("--agent", help="agent id for the imported decisions (dsjson default: imported; ndjson: replaces the logged one)")
+    p.add_argument("--batch", type=int, default=1000, help="messages per acknowledged batch (default 1000)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each acknowledgement")
+    p.add_argument("--show-rejected", type=int, default=20, help="rejected lines to list (default 20)")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
         "demo", help="start a daemon on a temporary state directory and watch a simulated agent learn"

@@ -28,7 +28,7 @@ def rss_kb(pid: int) -> int:
 
 
 def make(i: int) -> Decision:
-    return Decision(id=f"e{i}", agent="a", context={"i": i, "s": "x" * 200}, actions=["p", "q"], chosen="p", prob=0.5)
+    return Decision(id=f"ev-{i}", agent="a", context={"i": i, "s": "x" * 200}, actions=["p", "q"], chosen="p", prob=0.5)
 
 
 def test_failing_writes_stop_acks_keep_decisions_and_resume(daemon_factory) -> None:
@@ -85,7 +85,7 @@ def test_failing_writes_stop_acks_keep_decisions_and_resume(daemon_factory) -> N
     logged_decide = 1 - ing["unlogged_decisions"]  # logged unless the queue was already full
     d.stop()
     with duckdb.connect(str(db), read_only=True) as con:
-        sent_rows = con.execute("select count(*), count(distinct id) from decisions where id like 'e%'").fetchone()
+        sent_rows = con.execute("select count(*), count(distinct id) from decisions where id like 'ev-%'").fetchone()
         total = con.execute("select count(*) from decisions").fetchone()[0]
     assert sent_rows == (60_000, 60_000)
     assert total == 60_000 + logged_decide
