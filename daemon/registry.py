@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from .config import ExplorationConfig
-from .errors import ModelIntegrityError, ModelNotFound, PointerMoved
+from .errors import ModelIntegrityError, ModelNotFound, PointerMoved, StorageError
 from .features import FeatureSpec
 
 MODEL_FILE = "policy.onnx"
@@ -89,12 +89,16 @@ def _fsync_dir(path: Path) -> None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"writing {path} failed: {exc.strerror or exc}") from None
 
 
 class Registry:
@@ -144,6 +148,8 @@ class Registry:
             return _history_decoder.decode((self.root / HISTORY_FILE).read_bytes())
         except FileNotFoundError:
             return []
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ModelIntegrityError(HISTORY_FILE, f"unreadable promotion history: {exc}") from None
 
     def load(self, version: str) -> tuple[Manifest, bytes]:
         """The manifest and model bytes, refused unless the bytes match the manifest's sha256."""

@@ -139,20 +139,28 @@ class Server:
         framing = framing_of(data[0])
         reader = FrameReader(framing, self.config.socket.max_frame_bytes)
         conn = _Connection(self, stream, framing, pid, uid)
+        frame_started: float | None = None
         while True:
+            seen = conn.seq
             await conn.process(reader.feed(data))
             if reader.fatal:
                 return
-            # waiting between frames is fine; a frame left half-sent is not
-            limit = self.config.socket.frame_timeout if reader.incomplete else math.inf
-            with anyio.move_on_after(limit) as waited:
+            # Waiting between frames is fine; a frame left half-sent is not, however slowly its
+            # bytes trickle in: the clock runs from the frame's first byte.
+            if not reader.incomplete:
+                frame_started = None
+            elif frame_started is None or conn.seq != seen:
+                frame_started = time.monotonic()
+            timeout = self.config.socket.frame_timeout
+            deadline = math.inf if frame_started is None else frame_started + timeout - time.monotonic()
+            with anyio.move_on_after(max(deadline, 0.0)) as waited:
                 try:
                     data = await stream.receive(READ_BYTES)
                 except anyio.EndOfStream:
                     await conn.finish()
                     return
             if waited.cancelled_caught:
-                await conn.abandon(reader.abandon(), limit)
+                await conn.abandon(reader.abandon(), timeout)
                 return
 
 
@@ -265,3 +273,6 @@ class _Connection:
                 self._reply(await self.server.daemon.request(msg))
         except ReflexdError as exc:
             self._reply(Error(code=type(exc).__name__, message=str(exc), seq=seq, req=req))
+        except Exception as exc:  # a bug or an unforeseen failure answers this request, not the daemon
+            _log.exception("request failed", request=type(msg).__name__)
+            self._reply(Error(code="internal", message=f"{type(exc).__name__}: {exc}", seq=seq, req=req))

@@ -177,6 +177,23 @@ class Chooser:
         self._since_load = 0
         self._version: str | None = None
 
+    def _model_probabilities(
+        self, scorer: Scorer, cfg: ExplorationConfig, context: dict[str, Any], actions: list[Any], t: int
+    ) -> np.ndarray | None:
+        """The model's distribution, or None (and the reason in ``source.error``) if it fails."""
+        try:
+            scores, spread = scorer.score(context, actions)
+            p = exploration.probabilities(cfg, scores.astype(np.float64), spread.astype(np.float64), t)
+        except Exception as exc:  # onnxruntime's errors are untyped; a decision must still be made
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            if np.isfinite(p).all():
+                return p
+            reason = "non-finite scores"
+        if self.source is not None:
+            self.source.error = f"model {scorer.version} failed while deciding ({reason}); using the default policy"
+        return None
+
     def choose(self, agent: str, context: dict[str, Any], actions: list[Any], decision_id: str | None = None) -> Choice:
         ids = action_ids(actions)
         scorer = self.source.scorer if self.source is not None else None
@@ -188,11 +205,11 @@ class Chooser:
         cfg = self.exploration_for(agent, manifest)
         t = self._since_load + (int(manifest.training.get("train_rows", 0)) if manifest else 0)
         self._since_load += 1
-        if scorer is not None:
-            scores, spread = scorer.score(context, actions)
-            p = exploration.probabilities(cfg, scores.astype(np.float64), spread.astype(np.float64), t)
+        p = self._model_probabilities(scorer, cfg, context, actions, t) if scorer is not None else None
+        if p is not None:
             strategy = cfg.strategy
         else:
+            version = None  # logged as what it was: the default policy, not the model
             default = ids.index(cfg.default_action) if cfg.default_action in ids else None
             p = exploration.fallback(cfg, len(ids), default, t)
             strategy = "default"

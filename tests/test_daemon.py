@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -246,7 +248,24 @@ def test_a_frame_left_half_sent_times_out_and_only_that_connection_closes(daemon
         idle.settimeout(30)
         assert msgspec.json.decode(idle.recv(4096).splitlines()[0]) == {"type": "ack", "count": 1, "req": 1}
     wait_for(lambda: d.status().ingest["dead_letters"] == 1, 30, "the half frame dead-lettered")
-    rows = query(d, "select code, raw from dead_letters")
+    # a frame whose bytes trickle in is timed from its first byte, not from the latest one
+    with socket.socket(socket.AF_UNIX) as trickle:
+        trickle.settimeout(30)
+        trickle.connect(d.socket)
+        started = time.monotonic()
+        replies = b""
+        for byte in b'{"type":"decision","id":"slow","agent":"a"':
+            try:
+                trickle.sendall(bytes([byte]))
+            except BrokenPipeError:
+                break
+            if select.select([trickle], [], [], 0.1)[0]:
+                replies = trickle.recv(4096)
+                break
+        assert b'"code":"timeout"' in replies, replies
+        assert time.monotonic() - started < 5
+    wait_for(lambda: d.status().ingest["dead_letters"] == 2, 30, "the trickled frame dead-lettered")
+    rows = query(d, "select code, raw from dead_letters order by received_at limit 1")
     assert rows[0][0] == "timeout" and bytes(rows[0][1]).startswith(b'{"type":"decision"')
 
 

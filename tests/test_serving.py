@@ -367,3 +367,19 @@ def test_chooser_handles_unseen_context_and_action_forms(live: ModelSource) -> N
     assert sum(choice.probs) == pytest.approx(1.0)
     assert all(p > 0 for p in choice.probs)
     assert choice.prob == choice.probs[choice.index]
+
+
+def test_a_model_that_fails_while_deciding_falls_back_to_the_default_policy(live: ModelSource) -> None:
+    class Broken:
+        version = "v9999"
+        manifest = live.scorer.manifest  # type: ignore[union-attr]
+
+        def score(self, context, actions):  # a graph that loads but cannot run
+            raise RuntimeError("onnxruntime: invalid dimensions")
+
+    live.scorer = Broken()  # type: ignore[assignment]
+    chooser = Chooser(live, manifest_exploration, seed=0)
+    choice = chooser.choose("a", CTX, ACTIONS)
+    assert choice.model_version is None and choice.strategy == "default"
+    assert choice.probs[choice.index] == choice.prob
+    assert "v9999 failed while deciding" in (live.error or "")
