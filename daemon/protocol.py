@@ -7,6 +7,7 @@ Replies use the framing of the connection they answer.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Annotated, Any, Iterator, Literal, Union
 
@@ -22,6 +23,16 @@ Context = dict[str, Any]
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", kw_only=True):
     pass
+
+
+def _check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number")
+
+
+def _check_ts(ts: float | None) -> None:
+    if ts is not None and not math.isfinite(ts):
+        raise ValueError("ts must be a finite number of seconds")
 
 
 class Action(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -49,6 +60,18 @@ class Decision(_Msg, tag="decision"):
     strategy: str | None = None
     ts: float | None = None
 
+    def __post_init__(self) -> None:
+        # msgspec turns these into validation errors, so such a frame is dead-lettered with the reason
+        ids = [a if type(a) is str else a.id for a in self.actions]
+        if self.chosen not in ids:
+            raise ValueError(f"chosen action {self.chosen!r} is not among the actions")
+        if self.probs is not None:
+            if len(self.probs) != len(ids):
+                raise ValueError(f"probs has {len(self.probs)} entries for {len(ids)} actions")
+            if not all(0.0 <= q <= 1.0 for q in self.probs) or abs(sum(self.probs) - 1.0) > 1e-3:
+                raise ValueError("probs must be probabilities summing to 1")
+        _check_ts(self.ts)
+
 
 class Outcome(_Msg, tag="outcome"):
     decision_id: Id
@@ -56,6 +79,10 @@ class Outcome(_Msg, tag="outcome"):
     id: Id | None = None
     agent: Id | None = None
     ts: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_finite("reward", self.reward)
+        _check_ts(self.ts)
 
 
 class Step(_Msg, tag="step"):
@@ -68,6 +95,10 @@ class Step(_Msg, tag="step"):
     done: bool = False
     id: Id | None = None
     ts: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_finite("reward", self.reward)
+        _check_ts(self.ts)
 
 
 class Event(_Msg, tag="event"):

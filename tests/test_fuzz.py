@@ -395,9 +395,13 @@ ACTIONS = st.lists(IDS | st.builds(p.Action, id=IDS, features=SAFE_CTX), min_siz
 OPT_FLOAT = st.none() | FINITE
 
 MESSAGES = {
-    p.Decision: st.builds(
-        p.Decision, id=IDS, agent=IDS, context=SAFE_CTX, actions=ACTIONS, chosen=IDS, prob=st.floats(0, 1, exclude_min=True),
-        probs=st.none() | st.lists(FINITE, max_size=3), model_version=st.none() | texts(), strategy=st.none() | texts(), ts=OPT_FLOAT,
+    p.Decision: ACTIONS.flatmap(
+        lambda acts: st.builds(
+            p.Decision, id=IDS, agent=IDS, context=SAFE_CTX, actions=st.just(acts),
+            chosen=st.sampled_from([a if isinstance(a, str) else a.id for a in acts]), prob=st.floats(0, 1, exclude_min=True),
+            probs=st.none() | st.just([1.0 / len(acts)] * len(acts)), model_version=st.none() | texts(),
+            strategy=st.none() | texts(), ts=OPT_FLOAT,
+        )
     ),
     p.Outcome: st.builds(p.Outcome, decision_id=IDS, reward=FINITE, id=st.none() | IDS, agent=st.none() | IDS, ts=OPT_FLOAT),
     p.Step: st.builds(
@@ -605,9 +609,9 @@ def test_store_keeps_odd_values_a_peer_can_send(store: Store) -> None:
     events = [
         p.Event(agent="a", kind="k", id="odd-deep-ext", data=deep),
         p.Event(agent="a", kind="k", id="odd-keys", data={(1, 2): ext, b"k": [math.nan, -math.inf], 1.5: 2**64 - 1}),
-        p.Decision(id="odd-decision", agent="\x00", context={"deep": nest(ext, 950, "dict"), "big": 10**300}, actions=["a", p.Action(id="b", features={"f": deep})],
-                   chosen="a", prob=1.0, probs=[math.nan], ts=math.inf),
-        p.Step(agent="a", episode="e", index=2**31 - 1, observation={"o": deep}, action="\U0010ffff", reward=math.nan, id="odd-step"),
+        p.Decision(id="odd-decision", agent="\x00", context={"deep": nest(ext, 950, "dict"), "big": 10**300, "nan": math.nan},
+                   actions=["a", p.Action(id="b", features={"f": deep})], chosen="a", prob=1.0),
+        p.Step(agent="a", episode="e", index=2**31 - 1, observation={"o": deep, "inf": -math.inf}, action="\U0010ffff", id="odd-step"),
     ]
     result = store.write(events, time.time())
     assert result.inserted == 4

@@ -31,8 +31,8 @@ def hashed(value: object, key: bytes = KEY) -> str:
     return "h:" + hmac.new(key, canonical_json(value), hashlib.sha256).hexdigest()[:32]
 
 
-def decision(context: dict, actions: list | None = None, id: str = "d1", agent: str = "a") -> Decision:
-    return Decision(id=id, agent=agent, context=context, actions=actions or ["p", "q"], chosen="p", prob=0.5)
+def decision(context: dict, actions: list | None = None, id: str = "d1", agent: str = "a", chosen: str = "p") -> Decision:
+    return Decision(id=id, agent=agent, context=context, actions=actions or ["p", "q"], chosen=chosen, prob=0.5)
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_event_data(redactor: Redactor) -> None:
 
 def test_action_features_of_decisions_and_decides(redactor: Redactor) -> None:
     actions = ["plain", Action(id="mail", features={"email": EMAIL, "cost": 2}), Action(id="other", features={"cost": 1})]
-    out = redactor.apply(decision({}, actions=actions))
+    out = redactor.apply(decision({}, actions=actions, chosen="plain"))
     assert out.actions[0] == "plain"
     assert out.actions[1] == Action(id="mail", features={"email": hashed(EMAIL), "cost": 2})
     assert out.actions[2] is actions[2]  # untouched actions are not copied

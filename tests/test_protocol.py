@@ -358,3 +358,28 @@ def test_framing_of_first_byte() -> None:
     assert p.framing_of(ord("{")) == p.JSON
     assert p.framing_of(p.encode_frame(p.Flush(), p.MSGPACK)[0]) == p.MSGPACK
     assert p.framing_of(p.encode_frame(p.Flush(), p.JSON)[0]) == p.JSON
+
+
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"chosen": "z"}, "not among the actions"),
+        ({"probs": [0.5]}, "1 entries for 2 actions"),
+        ({"probs": [0.7, 0.7]}, "summing to 1"),
+        ({"ts": float("nan")}, "ts must be"),
+    ],
+)
+def test_inconsistent_decisions_are_refused_with_the_reason(fields: dict, reason: str) -> None:
+    base = {"type": "decision", "id": "d", "agent": "a", "context": {}, "actions": ["x", "y"], "chosen": "x", "prob": 0.5}
+    frame = msgspec.msgpack.encode({**base, **fields})  # msgpack carries NaN, which JSON cannot
+    with pytest.raises(FrameError, match=reason):
+        p.decode_inbound(frame, "msgpack")
+
+
+@pytest.mark.parametrize("kind", ["outcome", "step"])
+def test_non_finite_rewards_are_refused(kind: str) -> None:
+    msg = {"type": "outcome", "decision_id": "d", "reward": float("inf")} if kind == "outcome" else {
+        "type": "step", "agent": "a", "episode": "e", "index": 0, "observation": {}, "action": "x", "reward": float("nan")
+    }
+    with pytest.raises(FrameError, match="reward must be a finite number"):
+        p.decode_inbound(msgspec.msgpack.encode(msg), "msgpack")
