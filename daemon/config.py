@@ -7,6 +7,7 @@ checked exactly like the section it overrides.
 
 from __future__ import annotations
 
+import grp
 import math
 import os
 import re
@@ -296,6 +297,12 @@ def _check_semantics(config: Config, source: str) -> None:
     ]:
         if exp.epsilon_min > exp.epsilon:
             problems.append(f"{where}.epsilon_min: must not exceed epsilon ({exp.epsilon})")
+    group = config.socket.group
+    if isinstance(group, str):
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            problems.append(f"socket.group: no group named {group!r} on this host")
     for where, rewards in [("rewards", config.rewards)] + [(f"agents.{a}.rewards", c.rewards) for a, c in config.agents.items()]:
         if not math.isfinite(rewards.default):
             problems.append(f"{where}.default: must be a finite number")

@@ -58,6 +58,10 @@ class Ingest:
         self.counters = Counters()
         self.storage_error: str | None = None
 
+    def configure(self, batch_size: int, flush_interval: float, queue_size: int) -> None:
+        """Apply reloaded settings; they take effect from the next batch."""
+        self.batch_size, self.flush_interval, self.queue_size = batch_size, flush_interval, queue_size
+
     def _full(self, n: int) -> bool:
         # one chunk is always let through, so a chunk larger than the bound cannot wedge ingest
         queued = self.counters.queued

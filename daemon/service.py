@@ -81,7 +81,7 @@ class Daemon:
         sock_path = Path(cfg.socket.path)
         prepare_path(sock_path)
         listener = await anyio.create_unix_listener(sock_path, mode=cfg.socket.mode_bits)
-        self._set_group(sock_path)
+        self._apply_socket_permissions(sock_path)
         try:
             async with anyio.create_task_group() as writer_tg:
                 writer_tg.start_soon(self.ingest.run)
@@ -105,11 +105,17 @@ class Daemon:
             await anyio.to_thread.run_sync(self.store.close)
             _log.info("reflexd stopped", stored=self.ingest.counters.stored)
 
-    def _set_group(self, path: Path) -> None:
-        group = self.config.socket.group
-        if group is None:
+    def _apply_socket_permissions(self, path: Path) -> None:
+        """The socket's mode, and its group on both the socket and its directory.
+
+        Group members need the directory (0750) as much as the socket (0660) to connect.
+        """
+        sock = self.config.socket
+        os.chmod(path, sock.mode_bits)
+        if sock.group is None:
             return
-        gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+        gid = sock.group if isinstance(sock.group, int) else grp.getgrnam(sock.group).gr_gid
+        os.chown(path.parent, -1, gid)
         os.chown(path, -1, gid)
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
@@ -135,6 +141,11 @@ class Daemon:
             _log.warning("socket.path and state_dir changes take effect at restart")
         self.config = new
         log.configure(new.log.level, new.log.format)
+        self.ingest.configure(new.ingest.batch_size, new.ingest.flush_interval, new.ingest.queue_size)
+        try:
+            self._apply_socket_permissions(Path(self.config.socket.path))
+        except OSError as exc:
+            _log.error("cannot apply the socket's new mode or group", error=str(exc))
         _log.info("config reloaded", path=self.config_path)
         sdnotify.notify("READY=1", "STATUS=config reloaded")
         return True

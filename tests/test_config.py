@@ -348,3 +348,8 @@ def test_cli_check_config_missing_file(tmp_path: Path) -> None:
     proc = _check_config(tmp_path / "absent.yaml")
     assert proc.returncode == 78
     assert "absent.yaml" in proc.stderr
+
+
+def test_a_socket_group_that_does_not_exist_is_named() -> None:
+    with pytest.raises(ConfigError, match="socket.group: no group named 'no-such-group-x'"):
+        parse_config("socket: {group: no-such-group-x}\n")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -152,6 +154,8 @@ def test_peers_not_in_the_allow_list_are_refused(daemon_factory, tmp_path: Path)
             out = subprocess.run(
                 [python, "-c", client, d.socket],
                 user=nobody,
+                group=nobody,  # nogroup: the peer's primary gid as SO_PEERCRED reports it
+                extra_groups=[],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -162,11 +166,31 @@ def test_peers_not_in_the_allow_list_are_refused(daemon_factory, tmp_path: Path)
         assert '"code":"forbidden"' in as_nobody()
         assert d.status().ingest["refused"] == 1
         d.stop()
+        d.config["socket"]["allowed_gids"] = [nobody]
+        d.start()
+        assert '"type":"status"' in as_nobody()  # let in by its group
+        d.stop()
+        d.config["socket"]["allowed_gids"] = []
         d.config["socket"]["allowed_uids"] = [nobody]
         d.start()
-        assert '"type":"status"' in as_nobody()
+        assert '"type":"status"' in as_nobody()  # let in by its uid
     finally:
         subprocess.run(["rm", "-rf", str(sock_dir)], check=False)
+
+
+def test_socket_mode_and_group_follow_the_config_and_reload(daemon_factory) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to give the socket another group")
+    gid = grp.getgrnam("nogroup").gr_gid
+    d = daemon_factory({"socket": {"mode": "0640", "group": "nogroup"}})
+    st = os.stat(d.socket)
+    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == gid
+    parent = os.stat(Path(d.socket).parent)
+    assert parent.st_gid == gid and stat.S_IMODE(parent.st_mode) == 0o750  # group members can reach it
+    d.config["socket"]["mode"] = "0660"
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: stat.S_IMODE(os.stat(d.socket).st_mode) == 0o660, 30, "the reloaded socket mode")
 
 
 def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(daemon: DaemonProcess) -> None:
