@@ -46,9 +46,11 @@ def _socket_path(args: argparse.Namespace) -> str:
         return args.socket
     if os.environ.get("REFLEXD_SOCKET"):
         return os.environ["REFLEXD_SOCKET"]
-    path = args.config or os.environ.get("REFLEXD_CONFIG") or DEFAULT_PATH
-    if os.path.exists(path):
-        return load_config(path).socket.path
+    explicit = args.config or os.environ.get("REFLEXD_CONFIG")
+    if explicit:
+        return load_config(explicit).socket.path  # a config named but missing is an error, not a default
+    if os.path.exists(DEFAULT_PATH):
+        return load_config(DEFAULT_PATH).socket.path
     from .connection import DEFAULT_SOCKET
 
     return DEFAULT_SOCKET
@@ -100,6 +102,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"ingest     received {ing['received']}  stored {ing['stored']}  duplicates {ing['duplicates']}"
         f"  dead letters {ing['dead_letters']}  backlog {reply.backlog}  connections {ing['connections']}"
     )
+    losses = {k: ing.get(k, 0) for k in ("client_dropped", "unlogged_decisions", "write_errors", "refused")}
+    if any(losses.values()):
+        print("           " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in losses.items()))
     exp = reply.experience
     print(
         f"experience decisions {exp.get('decisions', 0)}  outcomes {exp.get('outcomes', 0)}"
@@ -135,14 +140,17 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
     try:
         context = json.loads(args.context)
+        actions: Any = (
+            json.loads(args.actions)
+            if args.actions.lstrip().startswith("[")
+            else [a.strip() for a in args.actions.split(",") if a.strip()]
+        )
     except json.JSONDecodeError as exc:
-        raise _UsageError(f"--context is not valid JSON: {exc}") from None
-    actions: Any
-    if args.actions.lstrip().startswith("["):
-        actions = json.loads(args.actions)
-    else:
-        actions = [a.strip() for a in args.actions.split(",") if a.strip()]
-    msg = msgspec.convert({"type": "decide", "agent": args.agent, "context": context, "actions": actions}, Decide)
+        raise _UsageError(f"--context or --actions is not valid JSON: {exc}") from None
+    try:
+        msg = msgspec.convert({"type": "decide", "agent": args.agent, "context": context, "actions": actions}, Decide)
+    except msgspec.ValidationError as exc:
+        raise _UsageError(f"not a valid decide request: {exc}") from None
     _print(_request(args, msg))
     return 0
 
@@ -150,8 +158,6 @@ def cmd_decide(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .protocol import Train
 
-    if not args.now:
-        raise _UsageError("say --now to start a training run now (otherwise the daemon's scheduler decides)")
     print("training… (the daemon snapshots, trains, exports and gates; this can take a minute)", file=sys.stderr)
     reply = _request(args, Train(), timeout=args.timeout)
     print(reply.message)
@@ -291,12 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_decide)
 
     p = sub.add_parser("train", parents=[client], help="start a training run now and wait for its result")
-    p.add_argument("--now", action="store_true", help="train now, ignoring the idle and new-data thresholds")
+    p.add_argument(
+        "--now", action="store_true", required=True,
+        help="required: train now, ignoring the idle, new-data and retry-backoff conditions",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the run (default 900)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", parents=[client], help="list, show, promote or roll back model versions")
-    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "promote", "rollback"])
+    p.add_argument(
+        "action", nargs="?", default="list", choices=["list", "show", "promote", "rollback"],
+        help="list (the default; * marks the live version), show VERSION, promote VERSION, or rollback",
+    )
     p.add_argument("version", nargs="?", help="model version for show and promote (e.g. v0003)")
     p.set_defaults(func=cmd_models)
 

@@ -179,7 +179,7 @@ class _Sender(threading.Thread):
         self._next_refresh = 0.0
 
     def enqueue(self, msg: msgspec.Struct) -> None:
-        if len(self.pending) >= self.capacity:
+        if len(self.pending) + len(self.unacked) >= self.capacity:
             self.dropped += 1  # never block the agent: overflow is counted and reported
             return
         self.pending.append(encode_frame(msg, MSGPACK))

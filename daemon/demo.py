@@ -267,6 +267,6 @@ def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, 
     else:
         print("\n(install matplotlib for the learning-curve plot)")
     if not any(rec.versions):
-        print("no model was promoted during the demo; see demo-out/daemon.log", file=sys.stderr)
+        print(f"no model was promoted during the demo; see {out / 'daemon.log'}", file=sys.stderr)
         return 1
     return 0

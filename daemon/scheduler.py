@@ -57,7 +57,6 @@ class Scheduler:
     def __init__(self, daemon: Any) -> None:
         self.daemon = daemon
         self.status = TrainerStatus()
-        self._now = anyio.Event()
         self._lock = anyio.Lock()
         self._run_seq = 0
 
@@ -73,17 +72,11 @@ class Scheduler:
         if manifest is not None:
             self.status.cutoff = float(manifest.training.get("window_end", 0.0))
 
-    def request_now(self) -> None:
-        self._now.set()
-
     async def run(self) -> None:
         while True:
-            with anyio.move_on_after(self.config.trainer.check_interval):
-                await self._now.wait()
-            forced = self._now.is_set()
-            self._now = anyio.Event()
-            if forced or await self._due():
-                await self.train_once("requested" if forced else "new experience")
+            await anyio.sleep(self.config.trainer.check_interval)
+            if await self._due():
+                await self.train_once("new experience")
 
     async def _due(self) -> bool:
         cfg = self.config.trainer
@@ -161,7 +154,6 @@ class Scheduler:
         await self._run_trainer(run_dir, snapshot, out)
         result = read_result(out)
         if not result.parity_ok:
-            self.status.rejected += 1
             raise TrainingError(
                 f"ONNX export differs from torch by {result.parity_max_abs_diff:.2e} "
                 f"(tolerance {cfg.gate.parity_tolerance:.0e}); candidate rejected"

@@ -63,16 +63,6 @@ def probabilities(
     raise ValueError(f"unknown exploration strategy {strategy!r}")
 
 
-def probabilities_batch(
-    cfg: ExplorationSettings, scores: np.ndarray, spread: np.ndarray | None = None, t: int = 0
-) -> np.ndarray:
-    """Row-wise ``probabilities`` for a [rows, actions] score matrix (used by the gate)."""
-    out = np.empty_like(scores, dtype=np.float64)
-    for i in range(scores.shape[0]):
-        out[i] = probabilities(cfg, scores[i], None if spread is None else spread[i], t)
-    return out
-
-
 def fallback(cfg: ExplorationSettings, n: int, default_index: int | None, t: int = 0) -> np.ndarray:
     """No model yet: the configured default action with epsilon exploration, else uniform."""
     if default_index is None or n == 1:

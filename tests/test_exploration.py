@@ -174,15 +174,6 @@ def test_fallback_without_default_is_uniform() -> None:
     assert X.fallback(cfg(), 1, default_index=0).tolist() == [1.0]
 
 
-def test_probabilities_batch_matches_rows() -> None:
-    c = cfg(strategy="ucb", ucb_c=0.5)
-    scores = np.stack([SCORES, SCORES[::-1], SCORES * 2])
-    spread = np.stack([SPREAD, SPREAD, SPREAD[::-1]])
-    batch = X.probabilities_batch(c, scores, spread, t=3)
-    for i in range(3):
-        np.testing.assert_array_equal(batch[i], X.probabilities(c, scores[i], spread[i], 3))
-
-
 # ---- sampling -----------------------------------------------------------------------------------
 
 # chi-square critical values at the 0.999 quantile
