@@ -57,8 +57,10 @@ def raw_exchange(path: str, payload: bytes, expect_lines: int) -> list[dict]:
     return [msgspec.json.decode(line) for line in buf.splitlines()]
 
 
-def query(d: DaemonProcess, sql: str) -> list[tuple]:
-    d.stop()  # DuckDB allows one writer process; read the file once the daemon is gone
+def query(d: DaemonProcess, sql: str, kill: bool = False) -> list[tuple]:
+    # DuckDB allows one writer process; read the file once the daemon is gone. SIGKILL skips
+    # the graceful drain, so what is found was durable before the daemon died.
+    d.kill() if kill else d.stop()
     with duckdb.connect(str(d.state_dir / "reflexd.duckdb"), read_only=True) as con:
         return con.execute(sql).fetchall()
 
@@ -74,7 +76,7 @@ def test_msgpack_events_are_durable_at_ack_and_resends_are_deduplicated(daemon: 
     status = daemon.status()
     assert status.ingest["stored"] == 3500
     assert status.ingest["duplicates"] == 1000
-    assert query(daemon, "select count(*) from decisions") == [(3000,)]
+    assert query(daemon, "select count(*) from decisions", kill=True) == [(3000,)]
 
 
 def test_ndjson_bad_lines_are_answered_dead_lettered_and_do_not_stop_the_connection(daemon: DaemonProcess) -> None:
