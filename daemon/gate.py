@@ -300,6 +300,7 @@ def evaluate(
     exploration: ExplorationConfig,
     gate: GateConfig,
     incumbent_holdout: Any | None = None,
+    incumbent_exploration: ExplorationConfig | None = None,
 ) -> GateResult:
     """Score the holdout with both models and ``compare`` their deployed policies on it.
 
@@ -313,7 +314,9 @@ def evaluate(
     holdout's row for row. Without it such a comparison raises ValueError rather than feed the
     incumbent features it was not trained on.
 
-    With no incumbent the baseline is the logged policy (the observed rewards).
+    With no incumbent the baseline is the logged policy (the observed rewards). The incumbent is
+    judged exploring as it really does (``incumbent_exploration``, from its manifest), which may
+    differ from the settings the candidate will be deployed with (``exploration``).
     """
     mask = np.asarray(holdout.mask, dtype=bool)
     scores, spread = candidate.score_batch(holdout.context, holdout.actions)
@@ -336,7 +339,9 @@ def evaluate(
                 f"{candidate.manifest.features}: pass incumbent_holdout hashed with the incumbent's spec"
             )
         inc_scores, inc_spread = incumbent.score_batch(rows.context, rows.actions)
-        baseline_pi = target_probs(exploration, inc_scores, inc_spread, mask, _deployed_t(incumbent))
+        baseline_pi = target_probs(
+            incumbent_exploration or exploration, inc_scores, inc_spread, mask, _deployed_t(incumbent)
+        )
 
     return compare(
         candidate_pi, baseline_pi, holdout.chosen, holdout.prob, holdout.reward, q_hat, gate, baseline_name

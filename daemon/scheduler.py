@@ -239,7 +239,15 @@ class Scheduler:
             _, incumbent_holdout = split_holdout(
                 load_snapshot(snapshot, incumbent.manifest.features), cfg.trainer.holdout_fraction
             )
-        verdict = gate.evaluate(candidate, incumbent, holdout, cfg.exploration, cfg.gate, incumbent_holdout)
+        verdict = gate.evaluate(
+            candidate,
+            incumbent,
+            holdout,
+            cfg.exploration,
+            cfg.gate,
+            incumbent_holdout,
+            incumbent.manifest.exploration if incumbent is not None else None,
+        )
         return manifest, verdict
 
     def _register(self, out: Path, manifest: Manifest, verdict: Any) -> dict[str, Any]:

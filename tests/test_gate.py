@@ -447,3 +447,16 @@ def test_evaluate_needs_the_incumbents_own_features_when_specs_differ(holdout: L
     shuffled = SimpleNamespace(**{**vars(rehashed), "ids": rehashed.ids[::-1]})
     with pytest.raises(ValueError, match="same order"):
         gate.evaluate(candidate, incumbent, batch, explore, GateConfig(), incumbent_holdout=shuffled)
+
+
+def test_the_incumbent_is_judged_with_its_own_exploration(holdout: Log) -> None:
+    batch = as_batch(holdout)
+    explore = ExplorationConfig(strategy="epsilon_greedy", epsilon=0.1, epsilon_min=0.0)
+    candidate = FakeScorer("v0004", MU, SPEC)
+    incumbent = FakeScorer("v0003", MU, SPEC)  # the same model...
+    same = gate.evaluate(candidate, incumbent, batch, explore, GateConfig())
+    # ...but deployed exploring uniformly, which the gate must charge it for
+    uniform = ExplorationConfig(strategy="epsilon_greedy", epsilon=1.0, epsilon_min=0.0)
+    judged = gate.evaluate(candidate, incumbent, batch, explore, GateConfig(), incumbent_exploration=uniform)
+    assert same.difference == pytest.approx(0.0, abs=1e-12)
+    assert judged.baseline_value < same.baseline_value and judged.difference > 0
