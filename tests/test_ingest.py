@@ -1,0 +1,102 @@
+"""Ingest on its own: batching into a real Store, flush barriers, the queue bound, the scheduler's idle check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from reflexd.ingest import Ingest
+from reflexd.protocol import Decision
+from reflexd.scheduler import cpu_idle
+from reflexd.store import Store
+
+
+def decisions(start: int, n: int) -> list[Decision]:
+    return [Decision(id=f"d{i}", agent="a", context={"i": i}, actions=["x", "y"], chosen="x", prob=0.5) for i in range(start, start + n)]
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = Store(tmp_path / "r.duckdb")
+    yield s
+    s.close()
+
+
+def test_a_barrier_returns_once_everything_before_it_is_stored(store: Store) -> None:
+    async def main() -> None:
+        ingest = Ingest(store, batch_size=1000, flush_interval=0.05, queue_size=100_000)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ingest.run)
+            for k in range(10):
+                await ingest.submit(decisions(k * 300, 300))
+            await ingest.barrier()
+            assert store.counts()["decisions"] == 3000
+            assert ingest.counters.stored == 3000 and ingest.counters.queued == 0
+            await ingest.submit(decisions(0, 300))  # a resend
+            await ingest.barrier()
+            assert ingest.counters.duplicates == 300
+            ingest.close()
+
+    anyio.run(main)
+
+
+def test_submit_waits_while_the_queue_is_full(store: Store) -> None:
+    async def main() -> None:
+        ingest = Ingest(store, batch_size=100, flush_interval=0.01, queue_size=500)
+        await ingest.submit(decisions(0, 400))
+        blocked = anyio.Event()
+        done = anyio.Event()
+
+        async def second() -> None:
+            blocked.set()
+            await ingest.submit(decisions(400, 400))  # 800 > 500: waits for the writer
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(second)
+            await blocked.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert not done.is_set() and ingest.counters.queued == 400
+            assert not ingest.offer(decisions(900, 200))  # the daemon's own decisions never wait
+            assert ingest.counters.unlogged == 200
+            tg.start_soon(ingest.run)
+            with anyio.fail_after(30):
+                await done.wait()
+            await ingest.barrier()
+            ingest.close()
+        assert store.counts()["decisions"] == 800
+
+    anyio.run(main)
+
+
+def test_idle_check_compares_load_per_core() -> None:
+    per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+    assert cpu_idle(per_core + 1000.0)
+    assert not cpu_idle(0.0) or per_core < 0.0
+
+
+def test_logs_are_json_off_a_terminal_and_columns_on_one() -> None:
+    code = (
+        "from reflexd import log; log.configure('info', '{fmt}'); "
+        "log.get('t').info('hello', answer=42)"
+    )
+    as_json = subprocess.run([sys.executable, "-c", code.format(fmt="auto")], capture_output=True, text=True, check=True)
+    record = json.loads(as_json.stderr.strip().splitlines()[-1])
+    assert record["event"] == "hello" and record["answer"] == 42 and record["level"] == "info"
+    console = subprocess.run([sys.executable, "-c", code.format(fmt="console")], capture_output=True, text=True, check=True)
+    assert "hello" in console.stderr and "answer" in console.stderr and not console.stderr.lstrip().startswith("{")
+
+
+def test_the_trainer_lowers_its_own_priority() -> None:
+    code = (
+        "import os; from reflexd.trainer import _lower_priority; _lower_priority();"
+        "print(os.nice(0), os.sched_getscheduler(0) == os.SCHED_IDLE)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["19", "True"]
