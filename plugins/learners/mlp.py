@@ -17,6 +17,7 @@ from reflexd.config import TrainerConfig
 from reflexd.dataset import Batch
 
 from . import Progress
+from ._heads import ensemble, fit_heads
 
 
 class RewardMLP(nn.Module):
@@ -36,11 +37,7 @@ class RewardMLP(nn.Module):
         return self.heads(torch.relu(ctx + self.action_layer(actions)))
 
     def forward(self, context: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.head_outputs(context, actions)
-        scores = out.mean(dim=-1)
-        # population std written out, so the exported graph is plain ONNX ops on every exporter
-        spread = torch.sqrt(((out - scores.unsqueeze(-1)) ** 2).mean(dim=-1))
-        return scores, spread
+        return ensemble(self.head_outputs(context, actions))
 
 
 class MLPLearner:
@@ -58,32 +55,5 @@ class MLPLearner:
         context = torch.from_numpy(train.context)
         # only the chosen action has a reward, so padding never reaches the loss
         chosen = torch.from_numpy(train.actions[np.arange(n), train.chosen])
-        # rewards come in any unit; training on standardised targets keeps one learning rate
-        # sensible for all of them, and the affine map is folded back into the heads at the end
-        offset = float(train.reward.mean())
-        scale = float(train.reward.std()) or 1.0
-        target = torch.from_numpy(((train.reward - offset) / scale).astype(np.float32)).unsqueeze(1)
-        weights = torch.poisson(torch.ones(n, heads), generator=gen)
-
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-        batch_size = settings.batch_size
-        for epoch in range(1, settings.epochs + 1):
-            order = torch.randperm(n, generator=gen)
-            total = 0.0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                pred = model.head_outputs(context[idx], chosen[idx])
-                # dividing by the expected weight (1 per example and head), not the drawn sum,
-                # keeps a head whose weights in this minibatch happen to be all zero well defined
-                loss = (weights[idx] * (pred - target[idx]) ** 2).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * idx.shape[0]
-            if progress is not None:
-                progress(epoch, settings.epochs, total / n * scale * scale)
-
-        with torch.no_grad():
-            model.heads.weight.mul_(scale)
-            model.heads.bias.mul_(scale).add_(offset)
-        return model.eval()
+        return fit_heads(model, model.head_outputs, context, chosen, train.reward, optimizer, settings, gen, progress)

@@ -41,6 +41,7 @@ from reflexd.dataset import Batch
 from reflexd.errors import TrainingError
 
 from . import Progress
+from ._heads import ensemble, fit_heads
 
 
 class _Layer(nn.Module):
@@ -105,11 +106,7 @@ class RewardTransformer(nn.Module):
         return self.heads(self.norm(act))
 
     def forward(self, context: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.head_outputs(context, actions)
-        scores = out.mean(dim=-1)
-        # population std written out, as in the MLP, so the exported graph is plain ONNX ops
-        spread = torch.sqrt(((out - scores.unsqueeze(-1)) ** 2).mean(dim=-1))
-        return scores, spread
+        return ensemble(self.head_outputs(context, actions))
 
 
 class TransformerLearner:
@@ -135,30 +132,9 @@ class TransformerLearner:
         # only the chosen action has a reward; as actions never attend to each other, scoring it
         # alone ([n, 1, Da]) gives exactly the score it has inside its full (padded) set
         chosen = torch.from_numpy(np.ascontiguousarray(train.actions[np.arange(n), train.chosen])).unsqueeze(1)
-        # standardised targets, folded back into the heads at the end (as the MLP does)
-        offset = float(train.reward.mean())
-        scale = float(train.reward.std()) or 1.0
-        target = torch.from_numpy(((train.reward - offset) / scale).astype(np.float32)).unsqueeze(1)
-        weights = torch.poisson(torch.ones(n, k), generator=gen)
-
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
-        batch_size = settings.batch_size
-        model.train()
-        for epoch in range(1, settings.epochs + 1):
-            order = torch.randperm(n, generator=gen)
-            total = 0.0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                pred = model.head_outputs(context[idx], chosen[idx])[:, 0, :]  # [b, K]
-                loss = (weights[idx] * (pred - target[idx]) ** 2).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * idx.shape[0]
-            if progress is not None:
-                progress(epoch, settings.epochs, total / n * scale * scale)
 
-        with torch.no_grad():
-            model.heads.weight.mul_(scale)
-            model.heads.bias.mul_(scale).add_(offset)
-        return model.eval()
+        def predict(ctx: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+            return model.head_outputs(ctx, act)[:, 0, :]  # [b, K]
+
+        return fit_heads(model, predict, context, chosen, train.reward, optimizer, settings, gen, progress)
