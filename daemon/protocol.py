@@ -14,6 +14,7 @@ from typing import Annotated, Any, Iterator, Literal, Union
 import msgspec
 
 from .errors import FrameError, FrameTooLarge
+from .features import action_ids
 
 Prob = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -62,7 +63,7 @@ class Decision(_Msg, tag="decision"):
 
     def __post_init__(self) -> None:
         # msgspec turns these into validation errors, so such a frame is dead-lettered with the reason
-        ids = [a if type(a) is str else a.id for a in self.actions]
+        ids = action_ids(self.actions)  # in-process callers may pass actions as plain dicts
         if self.chosen not in ids:
             raise ValueError(f"chosen action {self.chosen!r} is not among the actions")
         if self.probs is not None:

@@ -80,3 +80,12 @@ def test_no_model_means_the_default_action_with_exploration(daemon: DaemonProces
     assert safe[0].prob == pytest.approx(0.9 + 0.1 / 3)
     assert 0.9 < len(safe) / len(choices) < 0.97
     wait_for(lambda: daemon.status().ingest["stored"] == 3000, 30, "all decisions stored")
+
+
+def test_actions_given_as_plain_mappings_are_logged(daemon: DaemonProcess) -> None:
+    actions = [{"id": "fast", "features": {"cost": 1}}, {"id": "slow", "features": {"cost": 5}}]
+    with Policy("a", socket=daemon.socket, state_dir=daemon.state_dir, seed=2) as policy:
+        choice = policy.decide({"x": 1}, actions)
+        assert choice.action in {"fast", "slow"}
+        assert policy.flush(timeout=60)
+    assert daemon.status().ingest["stored_decisions"] == 1
