@@ -83,6 +83,7 @@ class TrainerConfig(_Section):
     max_examples: Positive = 200_000
     holdout_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.2
     epochs: Positive = 5
+    min_steps: Positive = 1000
     learning_rate: PositiveFloat = 0.003
     batch_size: Positive = 256
     hidden_size: Positive = 64

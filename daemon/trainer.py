@@ -226,12 +226,14 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResul
 
     def progress(epoch: int, epochs: int, loss: float) -> None:
         losses.append(loss)
-        _log("epoch", epoch=f"{epoch}/{epochs}", loss=loss)
+        if epoch == epochs or epoch % max(1, epochs // 10) == 0:
+            _log("epoch", epoch=f"{epoch}/{epochs}", loss=loss)
 
     started = time.perf_counter()
     model = learner.fit(train_set, settings, seed, progress)
     fit_seconds = time.perf_counter() - started
-    samples_per_s = len(train_set) * settings.epochs / fit_seconds
+    epochs_run = len(losses) or settings.epochs  # min_steps may have asked for more than epochs
+    samples_per_s = len(train_set) * epochs_run / fit_seconds
     _log("fitted", learner=learner.name, seconds=fit_seconds, samples_per_s=samples_per_s)
 
     model_path = out_dir / MODEL_FILE
@@ -250,7 +252,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResul
         dropped_rows=batch.dropped,
         window_start=float(batch.received_at.min()),
         window_end=float(batch.received_at.max()),
-        epochs=settings.epochs,
+        epochs=epochs_run,
         train_loss=losses[-1] if losses else None,
         fit_seconds=fit_seconds,
         export_seconds=export_seconds,

@@ -12,7 +12,7 @@ from reflexd.plugins.learners.mlp import MLPLearner
 pytestmark = pytest.mark.slow
 
 SPEC = FeatureSpec(context_dim=32, action_dim=16, seed=3)
-SETTINGS = TrainerConfig(epochs=15, batch_size=64, learning_rate=0.01, hidden_size=16, ensemble=4)
+SETTINGS = TrainerConfig(epochs=15, min_steps=1, batch_size=64, learning_rate=0.01, hidden_size=16, ensemble=4)
 # rewards in an awkward unit, to check the model learns and answers in that unit
 BASE, GAIN, NOISE = 1000.0, 500.0, 150.0
 
@@ -113,6 +113,14 @@ def test_progress_reports_every_epoch_and_the_loss_falls(problem):
     assert losses[-1] < losses[0]
     # a model that learned the problem is left with about the noise variance, in reward units
     assert losses[-1] < 2 * NOISE**2
+
+
+def test_small_data_still_gets_min_steps_gradient_steps(problem):
+    seen = []
+    settings = TrainerConfig(epochs=2, min_steps=50, batch_size=len(problem), hidden_size=8, ensemble=2)
+    MLPLearner().fit(problem, settings, seed=1, progress=lambda *args: seen.append(args))
+    # one step per epoch here, so 50 steps take 50 epochs, not the configured 2
+    assert len(seen) == 50 and seen[-1][1] == 50
 
 
 def test_load_learner_finds_the_builtin_by_entry_point():

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 CONFIG = Config(
     features=FeatureConfig(context_dim=32, action_dim=8, seed=11),
-    trainer=TrainerConfig(epochs=12, batch_size=64, learning_rate=0.01, hidden_size=16, ensemble=3),
+    trainer=TrainerConfig(epochs=12, min_steps=1, batch_size=64, learning_rate=0.01, hidden_size=16, ensemble=3),
     gate=GateConfig(parity_tolerance=1e-5),
 )
 SPEC = FeatureSpec(context_dim=32, action_dim=8, seed=11)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import numpy as np
 import torch
 
@@ -44,7 +46,8 @@ def fit_heads(
     target = torch.from_numpy(((reward - offset) / scale).astype(np.float32)).unsqueeze(1)
     weights = torch.poisson(torch.ones(n, model.heads.out_features), generator=gen)
     model.train()
-    for epoch in range(1, settings.epochs + 1):
+    epochs = max(settings.epochs, math.ceil(settings.min_steps / math.ceil(n / settings.batch_size)))
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(n, generator=gen)
         total = 0.0
         for start in range(0, n, settings.batch_size):
@@ -58,7 +61,7 @@ def fit_heads(
             optimizer.step()
             total += loss.item() * idx.shape[0]
         if progress is not None:
-            progress(epoch, settings.epochs, total / n * scale * scale)
+            progress(epoch, epochs, total / n * scale * scale)
     with torch.no_grad():
         model.heads.weight.mul_(scale)
         model.heads.bias.mul_(scale).add_(offset)
