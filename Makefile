@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WHEELS ?= $(wildcard /opt/wheels)
 PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: install demo test test-fast bench bench-crash check-config clean
+.PHONY: install demo test test-fast bench bench-learning bench-crash check-config clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ test-fast: install
 bench: install
 	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[bench]'
 	$(PY) bench/run.py
+
+bench-learning: install
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[bench]'
+	$(PY) bench/learning.py
 
 bench-crash: install
 	$(PY) -m pytest -q -s tests/test_crash.py --crash-cycles=200

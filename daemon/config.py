@@ -114,7 +114,7 @@ class GateConfig(_Section):
     estimator: Literal["ips", "snips", "dr"] = "dr"
     confidence: Annotated[float, msgspec.Meta(gt=0.5, lt=1)] = 0.95
     margin: NonNegative = 0.0
-    min_holdout: Positive = 100
+    min_holdout: Positive = 30
     parity_tolerance: PositiveFloat = 1e-5
     # automatic rollback (reflexd.monitor): live reward of the current model against its predecessor's
     auto_rollback: bool = True

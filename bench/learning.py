@@ -1,0 +1,365 @@
+"""reflexd learning-quality benchmark: contextual-bandit streams, reflexd through its real path vs VW.
+
+    python bench/learning.py [--quick] [--seeds N] [--reflexd PRESET ...]
+
+Streams are made the standard way for contextual-bandit evaluation (Bietti, Agarwal & Langford,
+"A Contextual Bandit Bake-off", JMLR 2021): scikit-learn's bundled classification datasets with
+each class an action and reward 1[action == label], plus two synthetic non-linear streams
+(bench/learning_streams.py). Reward is counted progressively: what a learner earns on an example
+before it learns from it.
+
+reflexd runs through its real path: a ``python -m reflexd run`` subprocess on a fresh state dir
+per stream × seed × preset, ``reflexd.Policy`` deciding in-process (ONNX + exploration, exact
+propensities), ``policy.reward`` for rewards, and at each retraining point ``policy.flush()``,
+the protocol ``Train`` request (trainer subprocess → ONNX → gate → promotion) and a wait for the
+client to hot-swap to the promoted version — so the cadence is deterministic. Retraining happens
+after 50, 100, 200, ... examples (doubling) up to K, then every K (``--cadence``).
+
+Peers on the same streams and seeds (bench/learning_peers.py): Vowpal Wabbit --cb_explore_adf with
+epsilon-greedy 0.05 and 0.1, SquareCB and RegCB-opt; uniform random; and the full-information
+ceiling. Prints the table, writes bench/out/learning.json and bench/out/learning.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import learning_peers as peers  # noqa: E402
+import learning_streams as streams  # noqa: E402
+from _daemon import HUGE, BenchDaemon  # noqa: E402
+from reflexd.client import Policy  # noqa: E402
+from reflexd.errors import ReflexdError  # noqa: E402
+from reflexd.protocol import Train  # noqa: E402
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+WAIT_WINDOW = 0.1  # rewards.wait_window: decisions mature right after they are sent
+LIBRARIES = ("numpy", "onnxruntime", "torch", "vowpalwabbit", "scikit-learn", "duckdb")
+
+# reflexd configurations. "defaults" changes nothing that affects learning (only what the bench
+# needs: a short wait window, training only when asked, every joined example in the snapshot).
+PRESETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    # the gate may judge a candidate on a small holdout (default needs 100 held-out rows, i.e. 500 examples)
+    "gate20": {"gate": {"min_holdout": 20}},
+    # + a learner that fits small data: more passes, smaller batches; wider hashed context; epsilon 0.05
+    "tuned": {
+        "gate": {"min_holdout": 20},
+        "trainer": {"epochs": 40, "batch_size": 64},
+        "features": {"context_dim": 256},
+        "exploration": {"epsilon": 0.05},
+    },
+    # + a gate that promotes on a 80% interval with a 0.02 margin (default: 95%, margin 0)
+    "tuned-gate": {
+        "gate": {"min_holdout": 20, "confidence": 0.8, "margin": 0.02},
+        "trainer": {"epochs": 40, "batch_size": 64},
+        "features": {"context_dim": 256},
+        "exploration": {"epsilon": 0.05},
+    },
+    "tuned-gate-lr01": {
+        "gate": {"min_holdout": 20, "confidence": 0.8, "margin": 0.02},
+        "trainer": {"epochs": 40, "batch_size": 64, "learning_rate": 0.01},
+        "features": {"context_dim": 256},
+        "exploration": {"epsilon": 0.05},
+    },
+    "tuned-squarecb": {
+        "gate": {"min_holdout": 20},
+        "trainer": {"epochs": 40, "batch_size": 64},
+        "features": {"context_dim": 256},
+        "exploration": {"strategy": "squarecb"},
+    },
+}
+
+
+DEFAULT_PRESETS = ["defaults", "tuned"]
+
+
+def progress(msg: str) -> None:
+    print(f"[learning {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def schedule(n: int, first: int, cadence: int) -> list[int]:
+    """Example counts after which reflexd retrains: first, 2·first, ... below cadence, then every cadence."""
+    points, k = [], first
+    while k < cadence and k < n:
+        points.append(k)
+        k *= 2
+    points += list(range(cadence, n, cadence))
+    return sorted(set(points))
+
+
+def run_reflexd(stream: streams.Stream, seed: int, preset: str, first: int, cadence: int) -> dict[str, Any]:
+    daemon = BenchDaemon(train_rows=HUGE)
+    daemon.config = deep_merge(
+        daemon.config,
+        deep_merge({"rewards": {"wait_window": WAIT_WINDOW}, "log": {"level": "warning"}}, PRESETS[preset]),
+    )
+    earned = np.zeros(stream.n)
+    versions: list[str | None] = []
+    runs: list[dict[str, Any]] = []
+    points = set(schedule(stream.n, first, cadence))
+    t0 = time.perf_counter()
+    train_seconds = 0.0
+    try:
+        daemon.start()
+        policy = Policy(
+            f"{stream.name}-{seed}", socket=daemon.socket, state_dir=daemon.state_dir, seed=seed, refresh_interval=0.05
+        )
+        try:
+            for i in range(stream.n):
+                choice = policy.decide(stream.contexts[i], stream.actions)
+                r = float(stream.reward[i, choice.index])
+                earned[i] = r
+                versions.append(choice.model_version)
+                policy.reward(choice.id, r)
+                if i + 1 in points:
+                    tr = time.perf_counter()
+                    if not policy.flush(60):
+                        raise RuntimeError(f"flush timed out: {policy.stats()}")
+                    time.sleep(WAIT_WINDOW + 0.05)  # so the last decision has matured
+                    try:
+                        message = daemon.request(Train(), timeout=900).message
+                    except ReflexdError as exc:
+                        message = f"failed: {exc}"
+                    outcome = message.split()[0]
+                    run = {"at": i + 1, "outcome": outcome, "message": message}
+                    if outcome == "promoted":
+                        version = message.split()[1].rstrip(":")
+                        deadline = time.monotonic() + 60
+                        while policy.model_version != version:
+                            if time.monotonic() > deadline:
+                                raise RuntimeError(f"the client did not load {version}: {policy.stats()}")
+                            time.sleep(0.01)
+                    run["seconds"] = time.perf_counter() - tr
+                    train_seconds += run["seconds"]
+                    runs.append(run)
+            policy.flush(60)
+        finally:
+            policy.close()
+    except Exception:
+        progress(f"reflexd failed; daemon log tail:\n{daemon.log_tail()}")
+        raise
+    finally:
+        daemon.stop()
+    return {
+        "earned": earned,
+        "wall": time.perf_counter() - t0,
+        "train_seconds": train_seconds,
+        "runs": runs,
+        "promoted": sum(r["outcome"] == "promoted" for r in runs),
+        "first_model_at": next((i for i, v in enumerate(versions) if v is not None), None),
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    versions = {}
+    for lib in ("reflexd", *LIBRARIES):
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = "-"
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "loadavg_start": os.getloadavg(),
+        "libraries": versions,
+    }
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"streams": {}}
+    for name in args.streams:
+        per: dict[str, list[dict[str, Any]]] = {}
+        note = ""
+        for seed in range(args.seeds):
+            stream = streams.build(name, seed, args.limit)
+            note = stream.note
+            jobs: list[tuple[str, Any]] = [
+                ("uniform", lambda s=stream, sd=seed: peers.run_uniform(s, sd)),
+                *[(label, lambda s=stream, a=a, sd=seed: peers.run_vw(s, a, sd)) for label, a in peers.VW_CONFIGS.items()],
+                ("full-info linear", lambda s=stream, sd=seed: peers.run_full_info_linear(s, sd)),
+                ("full-info mlp", lambda s=stream, sd=seed: peers.run_full_info_mlp(s, sd)),
+                *[
+                    (f"reflexd {p}", lambda s=stream, p=p, sd=seed: run_reflexd(s, sd, p, args.first, args.cadence))
+                    for p in args.reflexd
+                ],
+            ]
+            for label, job in jobs:
+                r = job()
+                r["mean"] = float(np.mean(r["earned"]))
+                progress(f"{name} seed {seed} {label}: {r['mean']:.4f} ({r['wall']:.1f} s)")
+                per.setdefault(label, []).append(r)
+            per.setdefault("oracle (expected)", []).append(
+                {"mean": float(stream.expected.max(axis=1).mean()), "wall": 0.0, "earned": stream.expected.max(axis=1)}
+            )
+        results["streams"][name] = {"note": note, "n": stream.n, "learners": per}
+    return results
+
+
+def summarise(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for name, data in results["streams"].items():
+        learners = data["learners"]
+        means = {k: np.array([r["mean"] for r in v]) for k, v in learners.items()}
+        best_vw = max((k for k in means if k.startswith("vw ")), key=lambda k: means[k].mean())
+        for label, m in means.items():
+            runs = learners[label]
+            row = {
+                "stream": name,
+                "n": data["n"],
+                "learner": label,
+                "mean": float(m.mean()),
+                "std": float(m.std(ddof=1)) if len(m) > 1 else 0.0,
+                "seeds": [float(x) for x in m],
+                "wall": float(np.mean([r["wall"] for r in runs])),
+                "best_vw": label == best_vw,
+            }
+            if label.startswith("reflexd"):
+                row["ratio_best_vw"] = float(m.mean() / means[best_vw].mean())
+                row["promoted"] = float(np.mean([r["promoted"] for r in runs]))
+                row["trainings"] = len(runs[0]["runs"])
+                row["first_model_at"] = [r["first_model_at"] for r in runs]
+                row["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    m = meta["machine"]
+    lines = [
+        f"reflexd learning benchmark — {m['date']}",
+        f"machine: {m['nproc']} cpus, {m['cpu']}, python {m['python']}, load at start {m['loadavg_start'][0]:.2f}",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()),
+        f"seeds: {meta['seeds']}; reflexd retrains (Train request, then waits for the client's hot-swap) after "
+        f"{meta['first']}, {2 * meta['first']}, ... examples up to K, then every K = {meta['cadence']} examples",
+        "reflexd presets: " + "; ".join(f"{p} = {json.dumps(PRESETS[p]) if PRESETS[p] else 'defaults'}" for p in meta["presets"]),
+        "VW: " + "; ".join(f"{k} = `{v} {peers.VW_COMMON}`" for k, v in peers.VW_CONFIGS.items()),
+        "reward: progressive (earned on each example before learning from it), mean ± std over seeds",
+        "",
+        f"{'stream':<15}{'n':>6}  {'learner':<22}{'progressive reward':>20}  {'/ best VW':>9}  {'wall s':>7}  notes",
+    ]
+    last = None
+    for r in rows:
+        if last is not None and r["stream"] != last:
+            lines.append("")
+        last = r["stream"]
+        ratio = f"{r['ratio_best_vw']:.3f}" if "ratio_best_vw" in r else ""
+        note = "best VW" if r["best_vw"] else ""
+        if "promoted" in r:
+            note = f"{r['promoted']:.1f}/{r['trainings']} promoted, train {r['train_seconds']:.0f} s"
+        lines.append(
+            f"{r['stream']:<15}{r['n']:>6}  {r['learner']:<22}{r['mean']:>11.4f} ± {r['std']:.4f}  {ratio:>9}  {r['wall']:>7.1f}  {note}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["streams"])
+    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 8), dpi=100, squeeze=False)
+    for j, name in enumerate(names):
+        sub = [r for r in rows if r["stream"] == name]
+        ax = axes[0][j]
+        labels = [r["learner"] for r in sub]
+        colors = ["tab:red" if lab.startswith("reflexd") else "tab:blue" if lab.startswith("vw") else "grey" for lab in labels]
+        ax.barh(labels, [r["mean"] for r in sub], xerr=[r["std"] for r in sub], color=colors)
+        ax.invert_yaxis()
+        ax.set_title(f"{name} (n={sub[0]['n']})")
+        ax.set_xlabel("progressive reward")
+        ax.tick_params(axis="y", labelsize=8)
+        ax = axes[1][j]
+        for label, runs in results["streams"][name]["learners"].items():
+            if label.startswith("full-info linear") or label == "uniform":
+                continue
+            curve = np.mean([np.cumsum(r["earned"]) / np.arange(1, len(r["earned"]) + 1) for r in runs], axis=0)
+            style = "-" if label.startswith("reflexd") else ":" if label.startswith("full") or label.startswith("oracle") else "--"
+            ax.plot(curve, style, label=label, lw=1.6 if label.startswith("reflexd") else 1.0)
+        ax.set_xlabel("example")
+        ax.set_ylabel("progressive average reward")
+        ax.grid(alpha=0.3)
+        if j == 0:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 streams, 1 seed, small: checks the command works")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--streams", nargs="+", default=None, choices=streams.ALL)
+    parser.add_argument("--limit", type=int, default=None, help="examples per stream (synthetic length; dataset cap)")
+    parser.add_argument("--cadence", type=int, default=500, help="K: retrain every K examples")
+    parser.add_argument("--first", type=int, default=50, help="first retraining point (doubling up to K)")
+    parser.add_argument("--reflexd", nargs="+", default=None, choices=list(PRESETS), help="reflexd config presets")
+    parser.add_argument("--out", default=str(OUT_DIR))
+    parser.add_argument("--tag", default="", help="suffix of the output files (learning<tag>.json)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.streams = args.streams or ["breast_cancer", "xor-ring"]
+        args.seeds = args.seeds or 1
+        args.limit = args.limit or 1500
+    args.streams = args.streams or list(streams.ALL)
+    args.seeds = args.seeds or 3
+    args.reflexd = args.reflexd or DEFAULT_PRESETS
+
+    started = time.perf_counter()
+    meta = {"machine": machine(), "seeds": args.seeds, "cadence": args.cadence, "first": args.first, "presets": args.reflexd, "quick": args.quick}
+    results = run_all(args)
+    rows = summarise(results, args)
+    meta["total_seconds"] = time.perf_counter() - started
+    text = table(rows, meta)
+    print(text)
+    print(f"\ntotal {meta['total_seconds']:.0f} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    detail = {
+        name: {
+            "note": d["note"],
+            "n": d["n"],
+            "reflexd_runs": {k: [r["runs"] for r in v] for k, v in d["learners"].items() if k.startswith("reflexd")},
+        }
+        for name, d in results["streams"].items()
+    }
+    payload = {"meta": meta, "presets": {p: PRESETS[p] for p in args.reflexd}, "rows": rows, "streams": detail, "table": text}
+    suffix = args.tag or ("-quick" if args.quick else "")
+    (out / f"learning{suffix}.json").write_text(json.dumps(payload, indent=1, default=float))
+    plot(results, rows, out / f"learning{suffix}.png")
+    progress(f"wrote {out}/learning{suffix}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
