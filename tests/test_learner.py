@@ -63,7 +63,7 @@ def fitted(problem):
 def score(model, kind, actions):
     hasher = Hasher(SPEC)
     context = torch.from_numpy(hasher.context({"kind": kind, "noise": 0.0})).unsqueeze(0)
-    acts = torch.from_numpy(hasher.actions(actions)).unsqueeze(0)
+    acts = torch.from_numpy(hasher.actions(actions).copy()).unsqueeze(0)
     with torch.inference_mode():
         scores, spread = model(context, acts)
     return scores[0].numpy(), spread[0].numpy()

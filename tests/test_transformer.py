@@ -113,7 +113,7 @@ def test_variable_action_counts_are_padded_and_scored_per_action(fitted, train_s
 def test_padding_does_not_change_real_actions_scores(fitted):
     hasher = Hasher(SPEC)
     context = torch.from_numpy(hasher.context({"urgent": True, "noise": 0.3}))[None]
-    real = torch.from_numpy(hasher.actions([{"id": "tool1", "features": {"speed": "fast"}}, "tool2", "tool3"]))[None]
+    real = torch.from_numpy(hasher.actions([{"id": "tool1", "features": {"speed": "fast"}}, "tool2", "tool3"]).copy())[None]
     with torch.inference_mode():
         alone, alone_spread = fitted(context, real)
         zeros, _ = fitted(context, torch.cat([real, torch.zeros(1, 4, SPEC.action_dim)], dim=1))
