@@ -23,13 +23,9 @@ ceiling. Prints the table, writes bench/out/learning.json and bench/out/learning
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning_peers as peers  # noqa: E402
 import learning_streams as streams  # noqa: E402
 from _daemon import HUGE, BenchDaemon  # noqa: E402
+from _host import machine  # noqa: E402
 from reflexd.client import Policy  # noqa: E402
 from reflexd.errors import ReflexdError  # noqa: E402
 from reflexd.protocol import Train  # noqa: E402
@@ -167,29 +164,6 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, first: int, cade
         "runs": runs,
         "promoted": sum(r["outcome"] == "promoted" for r in runs),
         "first_model_at": next((i for i, v in enumerate(versions) if v is not None), None),
-    }
-
-
-def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    versions = {}
-    for lib in ("reflexd", *LIBRARIES):
-        try:
-            versions[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            versions[lib] = "-"
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpu": model,
-        "python": platform.python_version(),
-        "loadavg_start": os.getloadavg(),
-        "libraries": versions,
     }
 
 
@@ -336,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args.reflexd = args.reflexd or DEFAULT_PRESETS
 
     started = time.perf_counter()
-    meta = {"machine": machine(), "seeds": args.seeds, "cadence": args.cadence, "first": args.first, "presets": args.reflexd, "quick": args.quick}
+    meta = {"machine": machine(("reflexd", *LIBRARIES)), "seeds": args.seeds, "cadence": args.cadence, "first": args.first, "presets": args.reflexd, "quick": args.quick}
     results = run_all(args)
     rows = summarise(results, args)
     meta["total_seconds"] = time.perf_counter() - started

@@ -10,13 +10,10 @@ the table to stdout; everything measured also to bench/out/results.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ import _decide  # noqa: E402
 import _ingest  # noqa: E402
 import _train  # noqa: E402
 from _daemon import BenchDaemon  # noqa: E402
+from _host import machine  # noqa: E402
 from reflexd.config import IngestConfig  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -35,31 +33,6 @@ LIBRARIES = ("msgspec", "anyio", "duckdb", "pyarrow", "numpy", "onnxruntime", "t
 
 def progress(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    versions = {}
-    for lib in LIBRARIES:
-        try:
-            versions[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            versions[lib] = "-"
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "cpu": model,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "loadavg_start": os.getloadavg(),
-        "libraries": versions,
-    }
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -217,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket-decides", type=int, default=5_000, help="Decide requests from the single client")
     args = p.parse_args(argv)
 
-    m = machine()
+    m = machine(LIBRARIES)
     started = time.perf_counter()
     r = measure(args)
     r["bench_seconds"] = time.perf_counter() - started
