@@ -82,7 +82,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     raw BLOB NOT NULL,
     raw_size BIGINT NOT NULL  -- a length prefix may claim up to 4 GiB
 );
-CREATE TABLE IF NOT EXISTS model_events (
+CREATE TABLE IF NOT EXISTS models (  -- what happened to each model version, newest last
     "at" DOUBLE NOT NULL,  -- quoted: AT is a keyword
     version VARCHAR NOT NULL,
     event VARCHAR NOT NULL,
@@ -515,7 +515,7 @@ class Store:
 
     def record_model_event(self, version: str, event: str, detail: dict[str, Any], at: float) -> None:
         with self._guard(f"recording model event {event!r} for {version}") as con:
-            con.execute("INSERT INTO model_events VALUES (?, ?, ?, ?)", [at, version, event, _json(detail).decode()])
+            con.execute("INSERT INTO models VALUES (?, ?, ?, ?)", [at, version, event, _json(detail).decode()])
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -543,7 +543,7 @@ class Store:
         """The most recent model events, newest first."""
         with self._guard("reading model events") as con:
             rows = con.execute(
-                'SELECT "at", version, event, CAST(detail AS VARCHAR) FROM model_events ORDER BY "at" DESC LIMIT ?',
+                'SELECT "at", version, event, CAST(detail AS VARCHAR) FROM models ORDER BY "at" DESC LIMIT ?',
                 [limit],
             ).fetchall()
         return [{"at": at, "version": v, "event": e, "detail": msgspec.json.decode(d)} for at, v, e, d in rows]

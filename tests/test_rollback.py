@@ -319,7 +319,7 @@ def test_a_model_made_to_be_bad_is_rolled_back_automatically(daemon_factory) -> 
 
     assert d.stop() == 0
     with duckdb.connect(str(d.state_dir / "reflexd.duckdb"), read_only=True) as con:
-        events = con.execute('SELECT version, event, CAST(detail AS VARCHAR) FROM model_events ORDER BY "at"').fetchall()
+        events = con.execute('SELECT version, event, CAST(detail AS VARCHAR) FROM models ORDER BY "at"').fetchall()
     assert [(v, e) for v, e, _ in events] == [
         ("v0001", "registered"), ("v0001", "promoted"), ("v0002", "promoted"), ("v0002", "auto_rolled_back")
     ]
