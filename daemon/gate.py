@@ -65,7 +65,8 @@ class Estimate(msgspec.Struct, frozen=True):
     upper: float
 
 
-def _z(confidence: float) -> float:
+def z_score(confidence: float) -> float:
+    """The normal quantile of a two-sided interval at ``confidence``."""
     return NormalDist().inv_cdf(0.5 + confidence / 2.0)
 
 
@@ -76,7 +77,7 @@ def estimate(terms: np.ndarray, confidence: float = 0.95) -> Estimate:
         raise ValueError(f"an interval needs at least 2 rows, got {n}")
     value = float(terms.mean())
     stderr = float(terms.std(ddof=1)) / math.sqrt(n)
-    half = _z(confidence) * stderr
+    half = z_score(confidence) * stderr
     return Estimate(value=value, stderr=stderr, lower=value - half, upper=value + half)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import time
-from statistics import NormalDist
 from typing import Any, Literal
 
 import anyio
@@ -26,6 +25,7 @@ import msgspec
 from . import log
 from .config import GateConfig
 from .errors import PointerMoved, ReflexdError
+from .gate import z_score
 from .store import RewardStats
 
 _log = log.get("reflexd.monitor")
@@ -53,10 +53,6 @@ class Comparison(msgspec.Struct, frozen=True, kw_only=True):
     confidence: float = 0.95
     margin: float = 0.0
     min_decisions: int = 0
-
-
-def _z(confidence: float) -> float:
-    return NormalDist().inv_cdf(0.5 + confidence / 2.0)
 
 
 def judge(
@@ -95,7 +91,7 @@ def judge(
         )
     diff = cur.mean - prev.mean
     stderr = math.sqrt(max(cur.variance, 0.0) / cur.count + max(prev.variance, 0.0) / prev.count)
-    half = _z(gate.confidence) * stderr
+    half = z_score(gate.confidence) * stderr
     lower, upper = diff - half, diff + half
     worse = upper < -gate.rollback_margin
     reason = (
