@@ -63,13 +63,14 @@ class Decision(_Msg, tag="decision"):
 
     def __post_init__(self) -> None:
         # msgspec turns these into validation errors, so such a frame is dead-lettered with the reason
-        ids = action_ids(self.actions)  # in-process callers may pass actions as plain dicts
-        if self.chosen not in ids:
+        # also runs for every decision a client makes in-process, so it is kept cheap
+        if self.chosen not in action_ids(self.actions):  # in-process actions may be plain dicts
             raise ValueError(f"chosen action {self.chosen!r} is not among the actions")
-        if self.probs is not None:
-            if len(self.probs) != len(ids):
-                raise ValueError(f"probs has {len(self.probs)} entries for {len(ids)} actions")
-            if not all(0.0 <= q <= 1.0 for q in self.probs) or abs(sum(self.probs) - 1.0) > 1e-3:
+        probs = self.probs
+        if probs is not None:
+            if len(probs) != len(self.actions):
+                raise ValueError(f"probs has {len(probs)} entries for {len(self.actions)} actions")
+            if not (min(probs) >= 0.0 and max(probs) <= 1.0 and abs(math.fsum(probs) - 1.0) <= 1e-3):
                 raise ValueError("probs must be probabilities summing to 1")
         _check_ts(self.ts)
 

@@ -6,10 +6,10 @@ neither torch nor duckdb: numpy, onnxruntime and msgspec are all a decision need
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
-import uuid
 from typing import Any, Callable
 
 import msgspec
@@ -215,7 +215,7 @@ class Chooser:
             strategy = "default"
         i = exploration.sample(p, self._rng.random())
         return Choice(
-            id=decision_id or uuid.uuid4().hex,
+            id=decision_id or os.urandom(16).hex(),  # as unique as uuid4, without its overhead
             action=ids[i],
             index=i,
             prob=float(p[i]),
