@@ -85,7 +85,7 @@ def demo_config(root: Path) -> dict[str, Any]:
         "socket": {"path": str(root / "run" / "reflexd.sock")},
         "rewards": {"wait_window": 1.0, "default": 0.0},
         # the demo's own agent keeps the CPU busy, so it does not wait for an idle machine
-        "trainer": {"min_new_examples": 1500, "check_interval": 1.0, "idle_load": 1000.0, "epochs": 30},
+        "trainer": {"min_new_examples": 1000, "check_interval": 1.0, "idle_load": 1000.0},
         "exploration": {"strategy": "epsilon_greedy", "epsilon": 0.1},
         "log": {"format": "json", "level": "info"},
     }
