@@ -219,7 +219,7 @@ def plot(rec: Record, path: Path) -> bool:
     for i, v in enumerate(rec.versions):
         if v != previous and v is not None:
             ax.axvline(i, color="grey", ls="--", lw=0.8)
-            ax.text(i, ax.get_ylim()[1], f" {v}", va="top", fontsize=8, color="grey")
+            ax.text(i, 0.97, f" {v}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
         previous = v
     ax.set_xlabel("decision")
     ax.set_title("reflexd demo: a simulated LLM agent learning which strategy to use")
