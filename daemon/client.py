@@ -247,6 +247,9 @@ class _Sender(threading.Thread):
         rejected = 0
         while True:
             reply = conn.receive()
+            if isinstance(reply, Error) and reply.req == self._flush_seq:
+                # the flush itself failed: nothing is acknowledged; reconnect and send again
+                raise DaemonUnavailable(self.path, f"flush failed: {reply.message}")
             if isinstance(reply, Error):
                 rejected += 1
                 _log.warning("reflexd rejected an event", code=reply.code, message=reply.message)

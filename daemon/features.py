@@ -106,6 +106,9 @@ class Hasher:
             except (TypeError, ValueError, msgspec.EncodeError, RecursionError):  # odd sets: hashed uncached
                 pass
             else:
+                if b"null" in key:
+                    key = None  # JSON writes None, NaN and ±inf alike as null: their vectors differ
+            if key is not None:
                 cached = self._sets_cache.get(key)
                 if cached is not None:
                     return cached

@@ -278,3 +278,13 @@ def test_cache_limit_does_not_change_results() -> None:
         h._slot(f"n{i}", 64, h._ctx_cache)
     assert len(h._ctx_cache) <= F._CACHE_LIMIT
     np.testing.assert_array_equal(h.context({"k": "v"}), first)
+
+
+def test_action_sets_that_encode_alike_are_not_confused() -> None:
+    # JSON writes inf, -inf, NaN and None all as null; the cached sets must still differ
+    h = Hasher(FeatureSpec())
+    rows = [h.actions([{"id": "a", "features": {"x": v}}]).copy() for v in (math.inf, -math.inf, math.nan, None)]
+    fresh = [Hasher(FeatureSpec()).actions([{"id": "a", "features": {"x": v}}]) for v in (math.inf, -math.inf, math.nan, None)]
+    for got, want in zip(rows, fresh):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(rows[0], rows[1])
