@@ -167,3 +167,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--crash-cycles", type=int, default=20, help="SIGKILL/restart cycles in tests/test_crash.py (make bench-crash runs 200)"
     )
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """Torch on one thread, as the trainer runs it: two threads on a busy two-core machine make
+    training timings swing tenfold."""
+    import torch  # here, so that tests which never train do not pay for the import
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

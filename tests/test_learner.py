@@ -9,7 +9,7 @@ from reflexd.features import FeatureSpec, Hasher
 from reflexd.plugins.learners import UnknownLearner, load_learner
 from reflexd.plugins.learners.mlp import MLPLearner
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_one_thread")]
 
 SPEC = FeatureSpec(context_dim=32, action_dim=16, seed=3)
 SETTINGS = TrainerConfig(epochs=15, min_steps=1, batch_size=64, learning_rate=0.01, hidden_size=16, ensemble=4)
@@ -17,13 +17,6 @@ SETTINGS = TrainerConfig(epochs=15, min_steps=1, batch_size=64, learning_rate=0.
 BASE, GAIN, NOISE = 1000.0, 500.0, 150.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # as the trainer runs it; two threads on a busy two-core machine make timings swing tenfold
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def known_problem(n=1200, seed=0):

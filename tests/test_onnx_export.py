@@ -8,18 +8,11 @@ from reflexd.errors import TrainingError
 from reflexd.exporters.onnx import ExportError, export_onnx, parity
 from reflexd.plugins.learners.mlp import RewardMLP
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_one_thread")]
 
 CONTEXT_DIM, ACTION_DIM = 24, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # as the trainer runs it; two threads on a busy two-core machine make timings swing tenfold
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

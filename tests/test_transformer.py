@@ -18,19 +18,13 @@ from reflexd.plugins.learners.mlp import MLPLearner
 from reflexd.plugins.learners.transformer import RewardTransformer, TransformerLearner
 from reflexd.trainer import read_result
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_one_thread")]
 
 SPEC = FeatureSpec(context_dim=32, action_dim=16, seed=3)
 SETTINGS = TrainerConfig(epochs=10, batch_size=64, learning_rate=0.01, hidden_size=32, ensemble=4)
 SPEEDS = ("fast", "medium", "slow")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def best_speed(context):
