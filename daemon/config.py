@@ -258,7 +258,11 @@ def _merge_agents(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
 
 
 def parse_config(text: str | bytes, source: str = "<config>") -> Config:
-    """Decode YAML text into a Config, raising ConfigError with every problem found."""
+    """Decode YAML text into a Config, or raise ConfigError naming what is wrong and where.
+
+    Type errors stop at the first one (msgspec validates in one pass); the checks after
+    decoding (overrides, semantics) report every problem they find.
+    """
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
