@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from reflexd.connection import request
-from reflexd.errors import DaemonUnavailable
+from reflexd.launch import LocalDaemon
 from reflexd.protocol import StatusRequest
 
 START_TIMEOUT = 60.0
@@ -103,30 +99,16 @@ class BenchDaemon:
         self.socket = str(self.sock_dir / "r.sock")
         self.state_dir = self.root / "state"
         self.config = bench_config(self.state_dir, Path(self.socket), train_rows)
-        self.log_path = self.root / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child = LocalDaemon(self.root, self.config)
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.child.proc is not None
+        return self.child.proc.pid
 
     def start(self) -> BenchDaemon:
-        config_path = self.root / "reflexd.yaml"
-        config_path.write_text(yaml.safe_dump(self.config))
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "reflexd", "run", "--config", str(config_path)], stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                self.request(StatusRequest(), timeout=5)
-                return self
-            except DaemonUnavailable:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the daemon did not start; its log:\n{self.log_tail()}") from None
-                time.sleep(0.05)
+        self.child.start(START_TIMEOUT)
+        return self
 
     def request(self, msg: Any, timeout: float = 30.0) -> Any:
         return request(msg, self.socket, timeout=timeout)
@@ -141,21 +123,12 @@ class BenchDaemon:
         return proc_status(self.pid, "VmHWM")
 
     def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""
+        return self.child.log_tail(chars)
 
     def stop(self) -> None:
-        """SIGTERM (the daemon drains and exits), SIGKILL if it hangs; then remove the temp dirs."""
+        """Stop the daemon (drain, then SIGKILL if it hangs) and remove the temp dirs."""
         try:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            self.child.stop(STOP_TIMEOUT)
         finally:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
             shutil.rmtree(self.root, ignore_errors=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from .connection import request
-from .errors import DaemonUnavailable, ReflexdError
+from .launch import LocalDaemon
 from .protocol import StatusRequest
 
 TASKS = ("chat", "code", "math", "search")
@@ -97,46 +95,6 @@ class Record:
     regrets: list[float] = field(default_factory=list)
     versions: list[str | None] = field(default_factory=list)
     latencies_us: list[float] = field(default_factory=list)
-
-
-class DemoDaemon:
-    """``reflexd run`` as a subprocess on the demo's directories; stopped on exit."""
-
-    def __init__(self, root: Path, config: dict[str, Any]) -> None:
-        self.root = root
-        self.config = config
-        self.socket = config["socket"]["path"]
-        self.log_path = root / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> DemoDaemon:
-        config_path = self.root / "reflexd.yaml"
-        config_path.write_text(yaml.safe_dump(self.config))
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "reflexd", "run", "--config", str(config_path)], stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                request(StatusRequest(), self.socket, timeout=5)
-                return self
-            except DaemonUnavailable:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise ReflexdError(f"the demo daemon did not start; its log:\n{self.log_tail()}") from None
-                time.sleep(0.1)
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def simulate(policy: Any, world: World, decisions: int, rate: float, progress: Any = None) -> Record:
@@ -243,7 +201,7 @@ def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, 
     world = World(seed)
     print(f"reflexd demo: daemon state in {root}, {decisions} decisions at {rate:g}/s", file=sys.stderr)
     try:
-        with DemoDaemon(root, config) as daemon:
+        with LocalDaemon(root, config) as daemon:
             policy = Policy("llm-router", socket=daemon.socket, state_dir=config["state_dir"], seed=seed)
             with tqdm(total=decisions, unit="dec", file=sys.stderr, dynamic_ncols=True) as bar:
 
