@@ -52,6 +52,8 @@ class IngestConfig(_Section):
     batch_size: Positive = 10_000
     flush_interval: PositiveFloat = 0.05
     queue_size: Positive = 100_000
+    spool_bytes: Positive = 256 << 20
+    segment_bytes: Positive = 16 << 20
     dead_letter_bytes: Positive = 4096
 
 

@@ -408,7 +408,8 @@ def send(
             return
         flushes += 1
         lines = {frames + i: r.line for i, r in enumerate(pending)}
-        conn.send([r.message for r in pending] + [Flush(req=flushes)])
+        # loaded: the import's counts, and a training run right after it, see every event
+        conn.send([r.message for r in pending] + [Flush(req=flushes, loaded=True)])
         frames += len(pending) + 1
         refused: set[int] = set()
         while True:

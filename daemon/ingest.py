@@ -1,9 +1,12 @@
-"""From decoded events to durable rows: one writer task batches everything into the store.
+"""From decoded events to durable rows: a writer appends batches to the spool, a loader moves them into DuckDB.
 
-Connection handlers ``submit`` events; the writer commits them in batches from a worker thread
-(DuckDB must not block the event loop) and only then releases the flush barriers that let a
-connection acknowledge. The queue between them is bounded, so a store that falls behind makes
-handlers stop reading and the kernel pushes back on senders.
+Connection handlers ``submit`` events. The writer appends them in batches to the spool
+(``reflexd.spool``) and fsyncs, from a worker thread, and only then releases the flush barriers
+that let a connection acknowledge. The loader takes whole spool segments into the store behind it,
+so DuckDB's insert rate bounds how far the spool grows, not how fast events are acknowledged.
+
+Two bounds push back on senders: events held in memory (``queue_size``) and spool bytes not yet
+loaded (``spool_bytes``). When either is full, handlers stop reading and the kernel pushes back.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from . import log
+from .config import IngestConfig
 from .errors import StorageError
 from .protocol import ExperienceEvent
+from .spool import Spool
 
 _log = log.get("reflexd.ingest")
 POLL_SECONDS = 0.002
@@ -37,35 +42,82 @@ class Counters:
     stored: int = 0
     duplicates: int = 0
     dead_letters: int = 0
-    queued: int = 0
+    queued: int = 0  # in memory, not yet in the spool
+    spooled: int = 0  # in the spool (durable), not yet loaded into DuckDB
+    recovered: int = 0  # events a previous run spooled, loaded at start-up
     write_errors: int = 0
     client_dropped: int = 0  # events clients reported dropping because their buffer was full
     unlogged: int = 0  # socket decisions served while the queue was full, so not stored
     by_type: dict[str, int] = field(default_factory=dict)
 
 
+class _Retry:
+    """Retry a failing storage call with backoff; report the failure once, and the recovery."""
+
+    def __init__(self, counters: Counters, what: str, meanwhile: str) -> None:
+        self.counters, self.what, self.meanwhile = counters, what, meanwhile
+        self.error: str | None = None
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        delay = 0.1
+        while True:
+            try:
+                result = await anyio.to_thread.run_sync(fn, *args)
+            except StorageError as exc:
+                # nothing is lost: the batch stays where it is (memory or spool) and is retried
+                self.counters.write_errors += 1
+                if self.error != str(exc):
+                    _log.error(f"{self.what} failed; {self.meanwhile}", error=str(exc))
+                self.error = str(exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self.error is not None:
+                _log.info(f"{self.what} succeeds again")
+                self.error = None
+            return result
+
+
 class Ingest:
-    def __init__(self, store: Any, batch_size: int, flush_interval: float, queue_size: int) -> None:
+    def __init__(self, store: Any, spool: Spool, limits: IngestConfig) -> None:
         self.store = store
-        self.batch_size = batch_size
-        self.flush_interval = flush_interval
-        self.queue_size = queue_size
+        self.spool = spool
+        self.limits = limits
         # the stream itself is unbounded: the bound is on events queued, checked in submit
         send, recv = anyio.create_memory_object_stream[_Item](math.inf)
         self._send: ObjectSendStream[_Item] = send
         self._recv: ObjectReceiveStream[_Item] = recv
-        self._room = anyio.Event()  # set (and replaced) after every commit
+        self._room = anyio.Event()  # set (and replaced) after every append
         self.counters = Counters()
-        self.storage_error: str | None = None
+        self._spool_retry = _Retry(self.counters, "appending to the spool", "not acknowledging until it succeeds")
+        self._load_retry = _Retry(
+            self.counters, "loading the spool into the store", "acknowledged events wait in the spool and are retried"
+        )
+        self._dead: list[Any] = []  # dead letters are not acknowledged events: they wait in memory
+        self._appended = 0  # batches appended to the spool
+        self._loaded = 0  # of those, batches loaded into the store
+        self._wake_loader = anyio.Event()
+        self._load_done = anyio.Event()  # set (and replaced) after every load
+        self._writer_done = False
 
-    def configure(self, batch_size: int, flush_interval: float, queue_size: int) -> None:
+    @property
+    def storage_error(self) -> str | None:
+        return self._spool_retry.error or self._load_retry.error
+
+    @property
+    def backlog(self) -> int:
+        """Events accepted and not yet in the store: in memory or in the spool."""
+        return self.counters.queued + self.counters.spooled
+
+    def configure(self, limits: IngestConfig) -> None:
         """Apply reloaded settings; they take effect from the next batch."""
-        self.batch_size, self.flush_interval, self.queue_size = batch_size, flush_interval, queue_size
+        self.limits = limits
+        self.spool.segment_bytes = limits.segment_bytes
 
     def _full(self, n: int) -> bool:
         # one chunk is always let through, so a chunk larger than the bound cannot wedge ingest
         queued = self.counters.queued
-        return queued > 0 and queued + n > self.queue_size
+        return queued > 0 and queued + n > self.limits.queue_size
 
     async def submit(self, events: Sequence[ExperienceEvent], dead: Sequence[Any] = ()) -> None:
         """Queue events for the writer, waiting while ``queue_size`` events are already queued.
@@ -94,18 +146,48 @@ class Ingest:
         self._send.send_nowait(_Item(events=events))
         return True
 
-    async def barrier(self) -> None:
-        """Return once everything submitted before this call is durable."""
+    async def barrier(self, loaded: bool = False) -> None:
+        """Return once everything submitted before this call is durable (in the spool).
+
+        With ``loaded``, wait until it is in the store too, so queries see it.
+        """
         done = anyio.Event()
         self._send.send_nowait(_Item(barrier=done))
         await done.wait()
+        if loaded:
+            target = self._appended
+            while self._loaded < target or self._dead:
+                self._wake_loader.set()
+                await self._load_done.wait()
 
     def close(self) -> None:
-        """No more submissions; the writer drains what is queued and returns."""
+        """No more submissions; the writer and the loader drain what is queued and return."""
         self._send.close()
 
+    async def recover(self) -> None:
+        """Load what a previous run left in the spool, before anything new is accepted."""
+        segments = self.spool.take()
+        for segment in segments:
+            result = await self._load_retry.run(self.store.load, segment)
+            self.spool.loaded(segment)
+            # counted apart: this run's received/stored balance covers only what it received
+            self.counters.recovered += result.inserted
+        if segments:
+            _log.info("spool recovered", segments=len(segments), events=self.counters.recovered)
+
     async def run(self) -> None:
-        """The writer loop; returns once closed and drained."""
+        """The writer and the loader; returns once closed, with everything loaded."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._load_loop)
+            try:
+                await self._write_loop()
+            finally:
+                self._writer_done = True
+                self._wake_loader.set()
+
+    # ---- the writer: memory → spool ------------------------------------------------------
+
+    async def _write_loop(self) -> None:
         async with self._recv:
             while True:
                 try:
@@ -113,7 +195,7 @@ class Ingest:
                 except anyio.EndOfStream:
                     return
                 batch = await self._gather(first)
-                await self._commit(batch)
+                await self._append(batch)
 
     async def _gather(self, first: _Item) -> list[_Item]:
         """Collect queued items into one batch, waiting up to flush_interval for it to fill.
@@ -124,8 +206,8 @@ class Ingest:
         """
         batch = [first]
         n = len(first.events)
-        deadline = time.monotonic() + self.flush_interval
-        while n < self.batch_size and first.barrier is None:
+        deadline = time.monotonic() + self.limits.flush_interval
+        while n < self.limits.batch_size and first.barrier is None:
             try:
                 item = self._recv.receive_nowait()
             except anyio.WouldBlock:
@@ -140,38 +222,54 @@ class Ingest:
             n += len(item.events)
         return batch
 
-    async def _commit(self, batch: list[_Item]) -> None:
+    async def _append(self, batch: list[_Item]) -> None:
         events = [e for item in batch for e in item.events]
-        dead = [d for item in batch for d in item.dead]
-        delay = 0.1
-        while True:
-            try:
-                if dead:
-                    await anyio.to_thread.run_sync(self.store.dead_letter, dead)
-                    self.counters.dead_letters += len(dead)
-                    self.counters.queued -= len(dead)
-                    dead = []
-                result = await anyio.to_thread.run_sync(self.store.write, events, time.time())
-                break
-            except StorageError as exc:
-                # Nothing is acknowledged while writes fail; the batch stays in memory and is retried.
-                self.counters.write_errors += 1
-                if self.storage_error != str(exc):
-                    _log.error("store write failed; not acknowledging until it succeeds", error=str(exc))
-                self.storage_error = str(exc)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        if self.storage_error is not None:
-            _log.info("store writes succeed again")
-            self.storage_error = None
+        self._dead.extend(d for item in batch for d in item.dead)
+        if events:
+            # the loader falling behind (or a failing store) stops the spool growing past its bound
+            while self.spool.pending_bytes >= self.limits.spool_bytes:
+                self._wake_loader.set()
+                await self._load_done.wait()
+            await self._spool_retry.run(self.spool.append, events, time.time())
+            self._appended += 1
         c = self.counters
-        c.stored += result.inserted
-        c.duplicates += result.duplicates
-        c.queued -= len(events)
-        for name in ("decisions", "outcomes", "steps", "events"):
-            c.by_type[name] = c.by_type.get(name, 0) + getattr(result, name)
+        c.queued -= len(events)  # dead letters stay queued until the loader writes them
+        c.spooled += len(events)
         for item in batch:
             if item.barrier is not None:
                 item.barrier.set()
         self._room.set()
         self._room = anyio.Event()
+        self._wake_loader.set()
+
+    # ---- the loader: spool → store -------------------------------------------------------
+
+    async def _load_loop(self) -> None:
+        while True:
+            await self._wake_loader.wait()
+            self._wake_loader = anyio.Event()
+            finished = self._writer_done  # read before taking, so nothing appended after is missed
+            target = self._appended
+            for segment in await anyio.to_thread.run_sync(self.spool.take):
+                result = await self._load_retry.run(self.store.load, segment)
+                self.spool.loaded(segment)
+                self._count_loaded(result)
+                self.counters.spooled -= result.inserted + result.duplicates
+            if self._dead:
+                dead, self._dead = self._dead, []
+                await self._load_retry.run(self.store.dead_letter, dead)
+                self.counters.dead_letters += len(dead)
+                self.counters.queued -= len(dead)
+            self._loaded = target
+            self._load_done.set()
+            self._load_done = anyio.Event()
+            if finished:
+                self.spool.close()
+                return
+
+    def _count_loaded(self, result: Any) -> None:
+        c = self.counters
+        c.stored += result.inserted
+        c.duplicates += result.duplicates
+        for name in ("decisions", "outcomes", "steps", "events"):
+            c.by_type[name] = c.by_type.get(name, 0) + getattr(result, name)

@@ -117,12 +117,15 @@ class Event(_Msg, tag="event"):
 class Flush(_Msg, tag="flush"):
     """Answered with Ack once everything the connection sent before it is durable.
 
-    ``dropped`` reports events the client had to drop (its buffer was full) since its last
-    acknowledged flush, so the loss shows in the daemon's status.
+    Durable means fsynced to the daemon's spool; with ``loaded``, the Ack waits until the events
+    are in the store too, so queries and the next training run see them. ``dropped`` reports
+    events the client had to drop (its buffer was full) since its last acknowledged flush, so the
+    loss shows in the daemon's status.
     """
 
     req: ReqId = None
     dropped: Annotated[int, msgspec.Meta(ge=0)] = 0
+    loaded: bool = False
 
 
 class Decide(_Msg, tag="decide"):

@@ -142,6 +142,7 @@ class Scheduler:
         cfg = self.config
         self.status.state = "snapshot"
         snapshot = run_dir / "snapshot.parquet"
+        await self.daemon.ingest.barrier(loaded=True)  # what was acknowledged is in the snapshot
         info = await anyio.to_thread.run_sync(
             self.daemon.store.snapshot, snapshot, time.time(), cfg, cfg.trainer.max_examples
         )

@@ -259,7 +259,7 @@ class _Connection:
             if isinstance(msg, Flush):
                 await self._hand_off()
                 self.server.ingest.counters.client_dropped += msg.dropped
-                await self.server.ingest.barrier()
+                await self.server.ingest.barrier(loaded=msg.loaded)
                 self._reply(Ack(count=self.accepted, req=req))
             elif isinstance(msg, Decide):
                 # redacted before scoring too: models are trained on redacted contexts

@@ -41,6 +41,7 @@ from .monitor import Monitor
 from .scheduler import Scheduler
 from .server import Server, prepare_path
 from .serving import Chooser, ModelSource
+from .spool import Spool
 from .store import Store
 
 _log = log.get("reflexd")
@@ -76,7 +77,9 @@ class Daemon:
         self.store = await anyio.to_thread.run_sync(Store, cfg.db_path)
         self.models.refresh()
         self.scheduler.start_from(self.models.scorer.manifest if self.models.scorer else None)
-        self.ingest = Ingest(self.store, cfg.ingest.batch_size, cfg.ingest.flush_interval, cfg.ingest.queue_size)
+        spool = await anyio.to_thread.run_sync(Spool, cfg.state_path / "spool", cfg.ingest.segment_bytes)
+        self.ingest = Ingest(self.store, spool, cfg.ingest)
+        await self.ingest.recover()
         self.server = Server(self, self.ingest)
         sock_path = Path(cfg.socket.path)
         prepare_path(sock_path)
@@ -141,7 +144,7 @@ class Daemon:
             _log.warning("socket.path and state_dir changes take effect at restart")
         self.config = new
         log.configure(new.log.level, new.log.format)
-        self.ingest.configure(new.ingest.batch_size, new.ingest.flush_interval, new.ingest.queue_size)
+        self.ingest.configure(new.ingest)
         try:
             self._apply_socket_permissions(Path(self.config.socket.path))
         except OSError as exc:
@@ -220,7 +223,7 @@ class Daemon:
         Models already trained keep what they learned.
         """
         async with self.scheduler._lock:
-            await self.ingest.barrier()
+            await self.ingest.barrier(loaded=True)
             try:
                 removed = await anyio.to_thread.run_sync(self.store.forget, agent, self.config.archive_path)
                 removed["training_snapshots"] = await anyio.to_thread.run_sync(
@@ -272,14 +275,21 @@ class Daemon:
                 "client_dropped": c.client_dropped,
                 "connections": self.server.connections,
                 "refused": self.server.refused,
+                "queued": c.queued,
+                "spooled": c.spooled,
+                "recovered_from_spool": c.recovered,
                 **{f"stored_{k}": v for k, v in c.by_type.items()},
             },
-            backlog=c.queued,
+            backlog=self.ingest.backlog,
             experience={**counts, "new_since_training": matured},
             model=model,
             trainer=self.scheduler.status.as_dict(),
             monitor=self.monitor.as_dict(),
-            storage={"error": self.ingest.storage_error, "db_bytes": _size(self.config.db_path)},
+            storage={
+                "error": self.ingest.storage_error,
+                "db_bytes": _size(self.config.db_path),
+                "spool_bytes": self.ingest.spool.pending_bytes,
+            },
             req=req,
         )
 

@@ -1,16 +1,17 @@
 """The DuckDB store: persists experience events and answers the queries the daemon needs.
 
 One connection guarded by one lock: DuckDB connections are not safe to share between threads,
-and the daemon's writers and readers run in worker threads. Batches arrive as msgspec Structs,
-become one pyarrow Table per event type and load with ``INSERT ... SELECT`` (the fast path; see
-MEASUREMENTS.md). Tables named in SQL such as ``FROM batch`` are Python locals of the calling
-function, found by DuckDB's replacement scan.
+and the daemon's writers and readers run in worker threads. Events arrive as spool segments
+(``reflexd.spool``) that DuckDB's own JSON reader loads, so no row is built in Python. Tables
+named in SQL such as ``FROM letters`` are Python locals of the calling function, found by
+DuckDB's replacement scan.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,7 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
+from . import spool
 from .config import Config
 from .errors import StorageError
 from .protocol import Decision, Event, Outcome, Step
@@ -211,176 +213,58 @@ class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True):
     window_end: float
 
 
-# ---- turning events into Arrow tables ------------------------------------------------------
+# ---- loading spool segments ----------------------------------------------------------------
 
-_json_encode = msgspec.json.Encoder().encode
+_SPOOL_COLUMNS = {
+    "received_at": "DOUBLE",
+    "line": "BIGINT",
+    "decisions": "STRUCT(id VARCHAR, agent VARCHAR, context JSON, actions JSON, chosen VARCHAR, prob DOUBLE,"
+    " probs JSON, model_version VARCHAR, strategy VARCHAR, ts DOUBLE)[]",
+    "outcomes": "STRUCT(id VARCHAR, decision_id VARCHAR, agent VARCHAR, reward DOUBLE, ts DOUBLE)[]",
+    "steps": "STRUCT(id VARCHAR, agent VARCHAR, episode VARCHAR, \"index\" INTEGER, observation JSON,"
+    " action VARCHAR, reward DOUBLE, done BOOLEAN, ts DOUBLE)[]",
+    "events": "STRUCT(id VARCHAR, agent VARCHAR, kind VARCHAR, data JSON, ts DOUBLE)[]",
+}
+# One line is one ingest batch: batch_size events of up to socket.max_frame_bytes each.
+_READ_SPOOL = f"""
+    CREATE OR REPLACE TEMP TABLE spooled AS
+    SELECT * FROM read_json($path, format='newline_delimited', maximum_object_size=2147483647,
+                            columns={{{", ".join(f"'{k}': '{v}'" for k, v in _SPOOL_COLUMNS.items())}}})
+"""
+# An event sent without an id is named after its place in the spool, so loading again is a no-op.
+_SPOOL_ID = "coalesce(e.id, $segment || '.' || line || '.' || i)"
+_FROM_SPOOL = "FROM (SELECT received_at, line, unnest({name}) AS e, unnest(range(len({name}))) AS i FROM spooled)"
+_LOAD = {
+    "decisions": f"""
+        INSERT OR IGNORE INTO decisions BY NAME
+        SELECT e.id, e.agent, coalesce(e.ts, received_at) AS ts, received_at, e.context, e.actions, e.chosen,
+               e.prob, e.probs, e.model_version, e.strategy
+        {_FROM_SPOOL.format(name="decisions")}
+    """,
+    "outcomes": f"""
+        INSERT OR IGNORE INTO outcomes BY NAME
+        SELECT {_SPOOL_ID} AS id, e.decision_id, e.agent, e.reward, coalesce(e.ts, received_at) AS ts, received_at
+        {_FROM_SPOOL.format(name="outcomes")}
+    """,
+    "steps": f"""
+        INSERT OR IGNORE INTO steps BY NAME
+        SELECT {_SPOOL_ID} AS id, e.agent, e.episode, e."index" AS idx, e.observation, e.action, e.reward, e.done,
+               coalesce(e.ts, received_at) AS ts, received_at
+        {_FROM_SPOOL.format(name="steps")}
+    """,
+    "events": f"""
+        INSERT OR IGNORE INTO events BY NAME
+        SELECT {_SPOOL_ID} AS id, e.agent, e.kind, coalesce(e.data, 'null') AS data,
+               coalesce(e.ts, received_at) AS ts, received_at
+        {_FROM_SPOOL.format(name="events")}
+    """,
+}
+_SPOOLED_COUNTS = "SELECT " + ", ".join(f"coalesce(sum(len({t})), 0)" for t in EXPERIENCE_TABLES) + " FROM spooled"
 
-
-def _json(value: Any) -> bytes:
-    """JSON text for a stored value; msgspec already writes NaN and infinities as null."""
-    try:
-        return _json_encode(value)
-    except (TypeError, msgspec.EncodeError, RecursionError):
-        # msgpack can carry what JSON cannot (Ext values, array map keys), and a value nested about
-        # as deep as the decoder admits can pass the recursion limit here; storing their repr
-        # beats failing the batch that holds them (a StorageError would be retried forever).
-        return _plain_json(value)
-
-
-class _Raw(bytes):
-    """JSON punctuation already written, as opposed to a value still to encode."""
-
-
-def _plain_json(value: Any) -> bytes:
-    """JSON text for any decoded value, without recursion; what JSON cannot hold becomes its repr."""
-    out: list[bytes] = []
-    todo: list[Any] = [value]
-    while todo:
-        item = todo.pop()
-        if type(item) is _Raw:
-            out.append(item)
-            continue
-        if isinstance(item, msgspec.Struct):  # an Action among a decision's actions
-            item = msgspec.structs.asdict(item)
-        elif isinstance(item, msgspec.msgpack.Ext):  # its repr would not keep the data
-            item = {"msgpack_ext": item.code, "data": item.data}
-        if isinstance(item, dict):
-            parts: list[Any] = [_Raw(b"{")]
-            for i, (k, v) in enumerate(item.items()):
-                key = k if isinstance(k, str) else repr(k)
-                parts += [_Raw((b"," if i else b"") + _json_encode(key) + b":"), v]
-            parts.append(_Raw(b"}"))
-        elif isinstance(item, (list, tuple)):
-            parts = [_Raw(b"[")]
-            for i, v in enumerate(item):
-                parts += [_Raw(b","), v] if i else [v]
-            parts.append(_Raw(b"]"))
-        else:
-            try:
-                out.append(_json_encode(item))
-            except (TypeError, msgspec.EncodeError):
-                out.append(_json_encode(repr(item)))
-            continue
-        todo.extend(reversed(parts))
-    return b"".join(out)
-
-
-def _new_id() -> str:
-    return uuid.uuid4().hex
-
-
-def _ts(ts: float | None, received_at: float) -> float:
-    return received_at if ts is None else ts
-
-
-_DECISIONS = pa.schema(
-    [("id", pa.string()), ("agent", pa.string()), ("ts", pa.float64()), ("received_at", pa.float64()),
-     ("context", pa.string()), ("actions", pa.string()), ("chosen", pa.string()), ("prob", pa.float64()),
-     ("probs", pa.string()), ("model_version", pa.string()), ("strategy", pa.string())]
-)
-_OUTCOMES = pa.schema(
-    [("id", pa.string()), ("decision_id", pa.string()), ("agent", pa.string()), ("reward", pa.float64()),
-     ("ts", pa.float64()), ("received_at", pa.float64())]
-)
-_STEPS = pa.schema(
-    [("id", pa.string()), ("agent", pa.string()), ("episode", pa.string()), ("idx", pa.int32()),
-     ("observation", pa.string()), ("action", pa.string()), ("reward", pa.float64()), ("done", pa.bool_()),
-     ("ts", pa.float64()), ("received_at", pa.float64())]
-)
-_EVENTS = pa.schema(
-    [("id", pa.string()), ("agent", pa.string()), ("kind", pa.string()), ("data", pa.string()),
-     ("ts", pa.float64()), ("received_at", pa.float64())]
-)
 _DEAD_LETTERS = pa.schema(
     [("received_at", pa.float64()), ("peer_uid", pa.int64()), ("peer_pid", pa.int64()), ("code", pa.string()),
      ("reason", pa.string()), ("raw", pa.binary()), ("raw_size", pa.int64())]
 )
-
-
-def _decisions(rows: list[Decision], received_at: float) -> pa.Table:
-    return pa.table(
-        {
-            "id": [r.id for r in rows],
-            "agent": [r.agent for r in rows],
-            "ts": [_ts(r.ts, received_at) for r in rows],
-            "received_at": [received_at] * len(rows),
-            "context": [_json(r.context) for r in rows],
-            "actions": [_json(r.actions) for r in rows],
-            "chosen": [r.chosen for r in rows],
-            "prob": [r.prob for r in rows],
-            "probs": [None if r.probs is None else _json(r.probs) for r in rows],
-            "model_version": [r.model_version for r in rows],
-            "strategy": [r.strategy for r in rows],
-        },
-        schema=_DECISIONS,
-    )
-
-
-def _outcomes(rows: list[Outcome], received_at: float) -> pa.Table:
-    return pa.table(
-        {
-            "id": [r.id or _new_id() for r in rows],
-            "decision_id": [r.decision_id for r in rows],
-            "agent": [r.agent for r in rows],
-            "reward": [r.reward for r in rows],
-            "ts": [_ts(r.ts, received_at) for r in rows],
-            "received_at": [received_at] * len(rows),
-        },
-        schema=_OUTCOMES,
-    )
-
-
-def _steps(rows: list[Step], received_at: float) -> pa.Table:
-    return pa.table(
-        {
-            "id": [r.id or _new_id() for r in rows],
-            "agent": [r.agent for r in rows],
-            "episode": [r.episode for r in rows],
-            "idx": [r.index for r in rows],
-            "observation": [_json(r.observation) for r in rows],
-            "action": [r.action for r in rows],
-            "reward": [r.reward for r in rows],
-            "done": [r.done for r in rows],
-            "ts": [_ts(r.ts, received_at) for r in rows],
-            "received_at": [received_at] * len(rows),
-        },
-        schema=_STEPS,
-    )
-
-
-def _events(rows: list[Event], received_at: float) -> pa.Table:
-    return pa.table(
-        {
-            "id": [r.id or _new_id() for r in rows],
-            "agent": [r.agent for r in rows],
-            "kind": [r.kind for r in rows],
-            "data": [_json(r.data) for r in rows],
-            "ts": [_ts(r.ts, received_at) for r in rows],
-            "received_at": [received_at] * len(rows),
-        },
-        schema=_EVENTS,
-    )
-
-
-_BUILDERS = {
-    Decision: ("decisions", _decisions),
-    Outcome: ("outcomes", _outcomes),
-    Step: ("steps", _steps),
-    Event: ("events", _events),
-}
-
-
-def _batch_tables(events: Sequence[Decision | Outcome | Step | Event], received_at: float) -> dict[str, pa.Table]:
-    groups: dict[type, list[Any]] = {}
-    for ev in events:
-        if type(ev) not in _BUILDERS:
-            raise TypeError(f"the store keeps decisions, outcomes, steps and events, not {type(ev).__name__}")
-        groups.setdefault(type(ev), []).append(ev)
-    tables = {}
-    for kind, rows in groups.items():
-        name, build = _BUILDERS[kind]
-        tables[name] = build(rows, received_at)
-    return tables
 
 
 def _reward_rules(config: Config) -> pa.Table:
@@ -490,21 +374,31 @@ class Store:
 
     # ---- writing ---------------------------------------------------------------------------
 
-    def write(self, events: Sequence[Decision | Outcome | Step | Event], received_at: float) -> WriteResult:
-        """Store a batch in one transaction; once this returns the batch is durable.
+    def load(self, segment: Path) -> WriteResult:
+        """Load one spool segment (``reflexd.spool``) in one transaction, with DuckDB's JSON reader.
 
-        Events whose id is already stored (or repeats within the batch) are skipped, which makes
-        a resend after a lost acknowledgement exactly-once.
+        Events whose id is already stored (or repeats in the segment) are skipped, which makes a
+        resend after a lost acknowledgement, and loading a segment again after a crash, exactly-once.
         """
-        what = f"writing a batch of {len(events)} events"
-        with _failing_as(what):
-            tables = _batch_tables(events, received_at)
         inserted: dict[str, int] = {}
-        with self._guard(what) as con, _transaction(con):
-            for name, batch in tables.items():
-                (inserted[name],) = con.execute(f"INSERT OR IGNORE INTO {name} BY NAME SELECT * FROM batch").fetchone()
+        with self._guard(f"loading spool segment {segment.name}") as con, _transaction(con):
+            con.execute(_READ_SPOOL, {"path": str(segment)})
+            (counts,) = con.execute(_SPOOLED_COUNTS).fetchall()
+            for name, count in zip(EXPERIENCE_TABLES, counts):
+                if count:
+                    params = {"segment": segment.stem} if "$segment" in _LOAD[name] else {}
+                    (inserted[name],) = con.execute(_LOAD[name], params).fetchone()
+            con.execute("DROP TABLE spooled")
         total = sum(inserted.values())
-        return WriteResult(inserted=total, duplicates=len(events) - total, **inserted)
+        return WriteResult(inserted=total, duplicates=int(sum(counts)) - total, **inserted)
+
+    def write(self, events: Sequence[Decision | Outcome | Step | Event], received_at: float) -> WriteResult:
+        """Store one batch now, through a one-line segment: for tools and tests, not the daemon's ingest."""
+        what = f"writing a batch of {len(events)} events"
+        with _failing_as(what), tempfile.TemporaryDirectory(prefix=".write-", dir=self.path.parent) as tmp:
+            segment = Path(tmp) / f"{uuid.uuid4().hex}{spool.SUFFIX}"  # its name seeds the ids it assigns
+            segment.write_bytes(spool.encode_line(events, received_at, 0))
+            return self.load(segment)
 
     def dead_letter(self, rows: Sequence[DeadLetter]) -> None:
         what = f"storing {len(rows)} dead letters"
@@ -515,7 +409,7 @@ class Store:
 
     def record_model_event(self, version: str, event: str, detail: dict[str, Any], at: float) -> None:
         with self._guard(f"recording model event {event!r} for {version}") as con:
-            con.execute("INSERT INTO models VALUES (?, ?, ?, ?)", [at, version, event, _json(detail).decode()])
+            con.execute("INSERT INTO models VALUES (?, ?, ?, ?)", [at, version, event, spool.plain_json(detail).decode()])
 
     # ---- reading ---------------------------------------------------------------------------
 

@@ -99,6 +99,10 @@ class DaemonProcess:
     def status(self) -> Any:
         return self.request(StatusRequest())
 
+    def loaded_status(self, timeout: float = 60.0) -> Any:
+        """Status once everything accepted is in the store (acknowledged events may still be spooled)."""
+        return wait_for(lambda: (s := self.status()).backlog == 0 and s, timeout, "the spool to be loaded")
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-4000:]

@@ -63,7 +63,7 @@ def test_a_full_buffer_drops_and_counts_without_blocking_the_agent(daemon_factor
         assert stats["dropped"] == 900 and stats["enqueued"] == 100
         d.start()
         assert policy.flush(timeout=60)
-        status = d.status()
+        status = d.loaded_status()
     finally:
         policy.close()
     # the overflow was reported to the daemon and shows in its status
@@ -88,4 +88,4 @@ def test_actions_given_as_plain_mappings_are_logged(daemon: DaemonProcess) -> No
         choice = policy.decide({"x": 1}, actions)
         assert choice.action in {"fast", "slow"}
         assert policy.flush(timeout=60)
-    assert daemon.status().ingest["stored_decisions"] == 1
+    assert daemon.loaded_status().ingest["stored_decisions"] == 1

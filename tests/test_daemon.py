@@ -71,7 +71,7 @@ def test_msgpack_events_are_durable_at_ack_and_resends_are_deduplicated(daemon: 
         conn.send(events + [Flush(req=1)])
         ack = conn.receive()
         assert isinstance(ack, Ack) and ack.req == 1 and ack.count == 3500
-        conn.send(events[:1000] + [Flush(req=2)])  # a client resending after a lost ack
+        conn.send(events[:1000] + [Flush(req=2, loaded=True)])  # a client resending after a lost ack
         assert conn.receive() == Ack(count=4500, req=2)
     status = daemon.status()
     assert status.ingest["stored"] == 3500
@@ -94,7 +94,7 @@ def test_ndjson_bad_lines_are_answered_dead_lettered_and_do_not_stop_the_connect
     assert replies[1]["seq"] == 1 and replies[1]["code"] == "malformed"
     assert replies[2]["seq"] == 3
     assert replies[3] == {"type": "ack", "count": 1, "req": "f"}
-    status = daemon.status()
+    status = daemon.loaded_status()
     assert status.ingest["dead_letters"] == 3 and status.ingest["stored"] == 1
     rows = query(daemon, "select code, raw from dead_letters order by received_at")
     assert sorted(r[0] for r in rows) == ["invalid", "invalid", "malformed"]

@@ -70,7 +70,7 @@ def test_agent_improves_once_a_model_is_promoted(learning_daemon: DaemonProcess)
     assert after > 0.75, f"best-action rate {before:.2f} → {after:.2f}"
     assert stats["dropped"] == 0 and stats["rejected"] == 0 and stats["settled"] == stats["enqueued"]
 
-    status = d.status()
+    status = d.loaded_status()
     assert status.trainer["promoted"] >= 1
     assert status.model["version"] == stats["model_version"]
     assert status.model["gate"]["passed"] is True

@@ -93,9 +93,9 @@ def train_now(d: DaemonProcess) -> subprocess.Popen[str]:
 
 
 def assert_still_serving(d: DaemonProcess, seed: int) -> None:
-    stored = d.status().ingest["stored"]
+    stored = d.loaded_status().ingest["stored"]
     feed(d, 30, seed=seed)
-    assert d.status().ingest["stored"] >= stored + 60  # 30 decisions and their 30 outcomes
+    assert d.loaded_status().ingest["stored"] >= stored + 60  # 30 decisions and their 30 outcomes
     reply = d.request(Decide(agent="ops", context={"kind": "a"}, actions=ACTIONS))
     assert reply.action in ACTIONS
 

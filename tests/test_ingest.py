@@ -6,14 +6,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import anyio
 import pytest
 
+from reflexd.config import IngestConfig
 from reflexd.ingest import Ingest
-from reflexd.protocol import Decision
+from reflexd.protocol import Decision, Outcome
 from reflexd.scheduler import cpu_idle
+from reflexd.spool import Spool
 from reflexd.store import Store
 
 
@@ -28,18 +31,28 @@ def store(tmp_path: Path):
     s.close()
 
 
+def make_ingest(store: Store, **settings) -> Ingest:
+    cfg = IngestConfig(**settings)
+    return Ingest(store, Spool(store.path.parent / "spool", cfg.segment_bytes), cfg)
+
+
 def test_a_barrier_returns_once_everything_before_it_is_stored(store: Store) -> None:
     async def main() -> None:
-        ingest = Ingest(store, batch_size=1000, flush_interval=0.05, queue_size=100_000)
+        ingest = make_ingest(store, batch_size=1000, flush_interval=0.05, queue_size=100_000)
         async with anyio.create_task_group() as tg:
             tg.start_soon(ingest.run)
             for k in range(10):
                 await ingest.submit(decisions(k * 300, 300))
             await ingest.barrier()
+            # durable: in the spool, whether or not the store has it yet
+            assert ingest.counters.queued == 0
+            assert ingest.counters.spooled + ingest.counters.stored == 3000
+            await ingest.barrier(loaded=True)
             assert store.counts()["decisions"] == 3000
-            assert ingest.counters.stored == 3000 and ingest.counters.queued == 0
+            assert ingest.counters.stored == 3000 and ingest.backlog == 0
+            assert ingest.spool.pending_bytes == 0 and ingest.spool.segments == 0
             await ingest.submit(decisions(0, 300))  # a resend
-            await ingest.barrier()
+            await ingest.barrier(loaded=True)
             assert ingest.counters.duplicates == 300
             ingest.close()
 
@@ -48,7 +61,7 @@ def test_a_barrier_returns_once_everything_before_it_is_stored(store: Store) -> 
 
 def test_submit_waits_while_the_queue_is_full(store: Store) -> None:
     async def main() -> None:
-        ingest = Ingest(store, batch_size=100, flush_interval=0.01, queue_size=500)
+        ingest = make_ingest(store, batch_size=100, flush_interval=0.01, queue_size=500)
         await ingest.submit(decisions(0, 400))
         blocked = anyio.Event()
         done = anyio.Event()
@@ -70,9 +83,66 @@ def test_submit_waits_while_the_queue_is_full(store: Store) -> None:
                 await done.wait()
             await ingest.barrier()
             ingest.close()
-        assert store.counts()["decisions"] == 800
+        assert store.counts()["decisions"] == 800  # closing loads everything
 
     anyio.run(main)
+
+
+def test_appends_wait_while_the_spool_is_full_and_the_store_behind(store: Store, monkeypatch) -> None:
+    """A store that cannot keep up stops the spool at spool_bytes; the queue then pushes back."""
+    loads: list[int] = []
+    real_load = store.load
+    release = threading.Event()
+
+    def slow_load(segment):
+        release.wait(60)
+        loads.append(1)
+        return real_load(segment)
+
+    monkeypatch.setattr(store, "load", slow_load)
+
+    async def main() -> None:
+        ingest = make_ingest(store, batch_size=100, flush_interval=0.01, queue_size=300, spool_bytes=1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ingest.run)
+            await ingest.submit(decisions(0, 100))
+            await ingest.barrier()  # the first batch is spooled: the spool is now over its bound
+            for k in range(1, 4):
+                await ingest.submit(decisions(k * 100, 100))
+            with anyio.move_on_after(0.5):
+                await ingest.submit(decisions(400, 100))  # the queue is full: waits
+            assert ingest.counters.queued == 300 and ingest.counters.spooled == 100
+            release.set()
+            await ingest.barrier(loaded=True)
+            assert store.counts()["decisions"] == 400 and ingest.backlog == 0
+            ingest.close()
+
+    anyio.run(main)
+    assert loads
+
+
+def test_a_restart_loads_what_the_spool_kept_exactly_once(store: Store) -> None:
+    """Segments left by a crash are loaded at start-up; loading one twice adds nothing."""
+    spool = Spool(store.path.parent / "spool", 1 << 20)
+    idless = [Outcome(decision_id="d1", reward=1.0), Outcome(decision_id="d1", reward=1.0)]
+    spool.append(decisions(0, 50) + idless, 1.0)
+    spool.append(decisions(50, 50), 2.0)
+    spool.close()
+    (segment,) = spool.take()
+    copy = segment.read_bytes()
+
+    async def recover() -> Ingest:
+        ingest = make_ingest(store)
+        await ingest.recover()
+        return ingest
+
+    ingest = anyio.run(recover)
+    assert ingest.counters.recovered == 102 and ingest.spool.segments == 0
+    assert store.counts()["decisions"] == 100 and store.counts()["outcomes"] == 2
+    segment.write_bytes(copy)  # as if the crash came after the load, before the file was removed
+    ingest = anyio.run(recover)
+    assert ingest.counters.recovered == 0
+    assert store.counts()["decisions"] == 100 and store.counts()["outcomes"] == 2
 
 
 def test_idle_check_compares_load_per_core() -> None:

@@ -242,6 +242,8 @@ def test_live_fuzz_loses_nothing_and_counters_reconcile(daemon_factory) -> None:
         assert {e["seq"] for e in out.errors} == plan.bad and len(out.errors) == len(plan.bad), f"connection {c}: one error per bad frame, by seq"
         assert sum(e["code"] == "too_large" for e in out.errors) == plan.oversize
 
+    # acknowledged means spooled; the store catches up behind
+    wait_for(lambda: d.status().backlog == 0, 120, "the spool to be loaded into the store")
     status = d.status()  # still up, still answering
     ingest = status.ingest
     assert ingest["stored"] == sum(valid.values()), ingest
@@ -358,7 +360,7 @@ def test_connections_past_the_limit_are_turned_away_and_service_continues(daemon
     # once the held connections are gone, newcomers are served again
     wait_for(lambda: _status_or_none(d) is not None, 30, "a slot for a new client")
     with Connection(d.socket) as conn:
-        conn.send([Event(agent="after", kind="k", id="after1"), Flush(req="after")])
+        conn.send([Event(agent="after", kind="k", id="after1"), Flush(req="after", loaded=True)])
         assert conn.receive() == Ack(count=1, req="after")
     assert d.status().ingest["stored"] == limit + 1
 
@@ -385,7 +387,7 @@ def test_an_oversize_length_prefix_closes_only_its_own_connection(daemon_factory
         err = decode_reply(said[4:], MSGPACK)
         assert isinstance(err, Error) and err.code == "too_large" and err.seq == 0
         # the connection opened before it carries on
-        survivor.send([Event(agent="a", kind="k", id="after"), Flush(req=2)])
+        survivor.send([Event(agent="a", kind="k", id="after"), Flush(req=2, loaded=True)])
         assert survivor.receive() == Ack(count=2, req=2)
     status = d.status()
     assert status.ingest["stored"] == 2 and status.ingest["dead_letters"] == 1

@@ -348,7 +348,7 @@ def test_a_message_too_deep_to_redact_is_refused_and_kept_without_raw_bytes(daem
         reply = conn.receive()
         assert reply.code == "invalid" and reply.seq == 0 and "cannot redact" in reply.message
         assert conn.receive() == Ack(count=1)
-    assert d.status().ingest["dead_letters"] == 1
+    assert d.loaded_status().ingest["dead_letters"] == 1
     d.stop()
     assert b"hunter2" not in stored_bytes(d)
     assert query(d, "select raw, raw_size > 300, code from dead_letters") == [(b"", True, "invalid")]

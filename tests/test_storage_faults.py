@@ -1,7 +1,8 @@
-"""A store that cannot write: stop acknowledging, say so, keep deciding, resume, lose nothing.
+"""A disk that cannot be written: stop acknowledging, say so, keep deciding, resume, lose nothing.
 
-The daemon's file-size limit is lowered from outside with prlimit(2), so DuckDB's writes fail
-with EFBIG exactly as they would on a full disk, then raised again.
+The daemon's file-size limit is lowered from outside with prlimit(2), so DuckDB's writes, and
+the spool's once its file reaches the limit, fail with EFBIG exactly as on a full disk; then it
+is raised again.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def test_failing_writes_stop_acks_keep_decisions_and_resume(daemon_factory) -> N
         wait_for(lambda: d.status().backlog > 0, 30, "a backlog")
         assert not sent.wait(2), "a stalled store should make the sender block, not drain it"
         # memory is bounded by ingest.queue_size (plus the one chunk always let through)
-        assert d.status().backlog <= 5000 + 1000
+        assert d.status().ingest["queued"] <= 5000 + 1000
         assert rss_kb(pid) < 400_000
         assert "not acknowledging" in d.log()
     finally:
@@ -82,6 +83,7 @@ def test_failing_writes_stop_acks_keep_decisions_and_resume(daemon_factory) -> N
     status = d.status()
     ing = status.ingest
     assert ing["received"] == ing["stored"] + ing["duplicates"] + ing["dead_letters"] + status.backlog
+    assert d.state_dir.joinpath("spool").is_dir()
     logged_decide = 1 - ing["unlogged_decisions"]  # logged unless the queue was already full
     d.stop()
     with duckdb.connect(str(db), read_only=True) as con:

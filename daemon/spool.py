@@ -1,0 +1,240 @@
+"""The ingest spool: accepted events are appended here and fsynced before anyone is acknowledged.
+
+DuckDB loads ~150k rows/s at best (MEASUREMENTS.md), and building its input in Python costs as
+much again; acknowledging only after the insert capped ingest below both. Appending a batch as
+one JSON line costs ~2 µs per event, after which the daemon may acknowledge: the events are on
+disk. The store later loads whole segment files with DuckDB's own JSON reader, off the event
+loop and outside the GIL (``Store.load``).
+
+A segment is a file of lines, one per batch, each line::
+
+    {"received_at": ..., "line": n, "decisions": [...], "outcomes": [...], "steps": [...], "events": [...]}
+
+Nothing is lost to a crash: segments still on disk at start-up are loaded before anything new, a
+torn last line (a batch that was never acknowledged) is cut off, and loading a segment twice
+changes nothing, because ids are keys and an event sent without an id gets one derived from its
+place in its segment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .errors import StorageError
+from .protocol import Decision, Event, Outcome, Step
+
+SUFFIX = ".ndjson"
+_NAME = re.compile(r"^(\d{12})-[0-9a-f]{12}\.ndjson$")
+_TYPES: dict[type, str] = {Decision: "decisions", Outcome: "outcomes", Step: "steps", Event: "events"}
+
+
+def _ext(value: Any) -> Any:
+    """msgpack can carry Ext values, which JSON cannot; keep their bytes rather than fail."""
+    if isinstance(value, msgspec.msgpack.Ext):
+        return {"msgpack_ext": value.code, "data": value.data}
+    raise TypeError(f"cannot store a {type(value).__name__}")
+
+
+_encode = msgspec.json.Encoder(enc_hook=_ext).encode
+
+
+class _Raw(bytes):
+    """JSON punctuation already written, as opposed to a value still to encode."""
+
+
+def plain_json(value: Any) -> bytes:
+    """JSON text for any decoded value, without recursion; what JSON cannot hold becomes its repr.
+
+    For what msgspec refuses: array map keys from msgpack, and values nested about as deep as the
+    decoder admits (encoding those recursively can pass the recursion limit).
+    """
+    out: list[bytes] = []
+    todo: list[Any] = [value]
+    while todo:
+        item = todo.pop()
+        if type(item) is _Raw:
+            out.append(item)
+            continue
+        if isinstance(item, msgspec.Struct):  # an Action among a decision's actions
+            item = msgspec.structs.asdict(item)
+        elif isinstance(item, msgspec.msgpack.Ext):
+            item = {"msgpack_ext": item.code, "data": item.data}
+        if isinstance(item, dict):
+            parts: list[Any] = [_Raw(b"{")]
+            for i, (k, v) in enumerate(item.items()):
+                key = k if isinstance(k, str) else repr(k)
+                parts += [_Raw((b"," if i else b"") + _encode(key) + b":"), v]
+            parts.append(_Raw(b"}"))
+        elif isinstance(item, (list, tuple)):
+            parts = [_Raw(b"[")]
+            for i, v in enumerate(item):
+                parts += [_Raw(b","), v] if i else [v]
+            parts.append(_Raw(b"]"))
+        else:
+            try:
+                out.append(_encode(item))
+            except (TypeError, msgspec.EncodeError):
+                out.append(_encode(repr(item)))
+            continue
+        todo.extend(reversed(parts))
+    return b"".join(out)
+
+
+def _encode_event(event: Any) -> bytes:
+    try:
+        return _encode(event)
+    except (TypeError, msgspec.EncodeError, RecursionError):
+        # every field through the fallback; the event's own JSON shape (field names) is kept
+        fields = msgspec.structs.asdict(event)
+        return _encode({k: msgspec.Raw(plain_json(v)) for k, v in fields.items()})
+
+
+def encode_line(events: Sequence[Decision | Outcome | Step | Event], received_at: float, line: int) -> bytes:
+    """One batch as one spool line (with its newline)."""
+    groups: dict[str, list[Any]] = {"decisions": [], "outcomes": [], "steps": [], "events": []}
+    for event in events:
+        name = _TYPES.get(type(event))
+        if name is None:
+            raise TypeError(f"the spool keeps decisions, outcomes, steps and events, not {type(event).__name__}")
+        groups[name].append(event)
+    head = b'{"received_at":%s,"line":%d' % (_encode(received_at), line)
+    parts = [head]
+    for name, rows in groups.items():
+        try:
+            body = _encode(rows)
+        except (TypeError, msgspec.EncodeError, RecursionError):
+            body = b"[" + b",".join(_encode_event(e) for e in rows) + b"]"
+        parts.append(b',"%s":%s' % (name.encode(), body))
+    parts.append(b"}\n")
+    return b"".join(parts)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _trim_torn_tail(path: Path) -> int:
+    """Cut a segment back to its last complete line; returns the size kept."""
+    with open(path, "r+b") as f:
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
+            f.truncate(keep)
+            os.fsync(f.fileno())
+    return keep
+
+
+class Spool:
+    """Append-only segment files in one directory; one writer appends, one loader takes segments.
+
+    ``append`` may run in a worker thread while ``take`` runs in another; a lock keeps a segment
+    from being handed to the loader in the middle of an append.
+    """
+
+    def __init__(self, directory: Path, segment_bytes: int) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._size = 0
+        self._lines = 0
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._sealed, self._sizes = self._recover()
+        except OSError as exc:
+            raise StorageError(f"cannot open the ingest spool at {directory}: {exc}") from exc
+        self._counter = max((int(_NAME.match(p.name)[1]) for p in self._sealed), default=0)  # type: ignore[index]
+        self.pending_bytes = sum(self._sizes.values())
+
+    def _recover(self) -> tuple[list[Path], dict[Path, int]]:
+        """Segments left by an earlier run, oldest first, each cut back to its last whole line."""
+        sealed, sizes = [], {}
+        for path in sorted(p for p in self.directory.iterdir() if _NAME.match(p.name)):
+            size = _trim_torn_tail(path)
+            if size == 0:
+                path.unlink()
+                continue
+            sealed.append(path)
+            sizes[path] = size
+        return sealed, sizes
+
+    @property
+    def segments(self) -> int:
+        """Segments written and not yet loaded, the open one included."""
+        return len(self._sealed) + (self._fd is not None)
+
+    def append(self, events: Sequence[Decision | Outcome | Step | Event], received_at: float) -> None:
+        """Write one batch and fsync it; once this returns the batch survives a crash."""
+        with self._lock:
+            try:
+                if self._fd is None:
+                    self._open()
+                line = encode_line(events, received_at, self._lines)
+                self._write(line)
+            except OSError as exc:
+                raise StorageError(f"appending {len(events)} events to the ingest spool failed: {exc}") from exc
+            self._size += len(line)
+            self._lines += 1
+            self.pending_bytes += len(line)
+            if self._size >= self.segment_bytes:
+                self._seal()
+
+    def _open(self) -> None:
+        self._counter += 1
+        # the random part keeps ids derived from a segment's name unique across restarts
+        path = self.directory / f"{self._counter:012d}-{uuid.uuid4().hex[:12]}{SUFFIX}"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        self._path, self._size, self._lines = path, 0, 0
+        _fsync_dir(self.directory)  # the new file's name must survive a crash too
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fdatasync(self._fd)
+        except OSError:
+            # a partial line would be cut off at recovery anyway; cutting it now keeps later
+            # lines readable once writes succeed again
+            os.ftruncate(self._fd, self._size)
+            raise
+
+    def _seal(self) -> None:
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        assert self._path is not None
+        self._sealed.append(self._path)
+        self._sizes[self._path] = self._size
+        self._fd, self._path = None, None
+
+    def take(self) -> list[Path]:
+        """Seal the open segment and return every segment not yet loaded, oldest first."""
+        with self._lock:
+            self._seal()
+            return list(self._sealed)
+
+    def loaded(self, path: Path) -> None:
+        """Forget a segment once the store has committed it."""
+        with self._lock:
+            self._sealed.remove(path)
+            self.pending_bytes -= self._sizes.pop(path)
+        path.unlink(missing_ok=True)  # a crash before this only means loading it again, harmlessly
+
+    def close(self) -> None:
+        with self._lock:
+            self._seal()

@@ -1,0 +1,100 @@
+"""The ingest spool on its own: lines, segments, torn tails, and what JSON cannot hold."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from reflexd.errors import StorageError
+from reflexd.protocol import Action, Decision, Event, Outcome, Step
+from reflexd.spool import Spool, encode_line, plain_json
+from reflexd.store import Store
+
+
+def decision(i: int) -> Decision:
+    return Decision(id=f"d{i}", agent="a", context={"i": i}, actions=["x", Action(id="y", features={"c": 1.5})], chosen="x", prob=0.5)
+
+
+def test_a_line_is_one_json_object_with_every_type_grouped() -> None:
+    events = [decision(1), Outcome(decision_id="d1", reward=2.0), Step(agent="a", episode="e", index=3, observation={}, action="x"), Event(agent="a", kind="k")]
+    line = encode_line(events, 12.5, 7)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    doc = json.loads(line)
+    assert doc["received_at"] == 12.5 and doc["line"] == 7
+    assert [len(doc[k]) for k in ("decisions", "outcomes", "steps", "events")] == [1, 1, 1, 1]
+    assert doc["decisions"][0]["actions"] == ["x", {"id": "y", "features": {"c": 1.5}}]
+    with pytest.raises(TypeError, match="not dict"):
+        encode_line([{"type": "decision"}], 1.0, 0)  # type: ignore[list-item]
+
+
+def test_values_json_cannot_hold_are_kept_as_text_not_refused() -> None:
+    ext = msgspec.msgpack.Ext(3, b"zz")
+    event = Event(agent="a", kind="k", data={"ext": ext, (1, 2): 1, "deep": [[[1]]]})
+    doc = json.loads(encode_line([event], 1.0, 0))
+    data = doc["events"][0]["data"]
+    assert data["ext"] == {"msgpack_ext": 3, "data": "eno="} and data["(1, 2)"] == 1 and data["deep"] == [[[1]]]
+    assert json.loads(plain_json({1: float("nan"), "s": {b"k": object}})) == {"1": None, "s": {"b'k'": "<class 'object'>"}}
+
+
+def test_segments_roll_over_at_their_size_and_take_hands_over_the_open_one(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", segment_bytes=1)  # every line fills a segment
+    spool.append([decision(1)], 1.0)
+    spool.append([decision(2)], 2.0)
+    assert spool.segments == 2
+    big = Spool(tmp_path / "big", segment_bytes=1 << 20)
+    big.append([decision(3)], 3.0)
+    assert big.segments == 1  # still open
+    (only,) = big.take()
+    assert big.take() == [only]  # handed over, not yet loaded
+    big.loaded(only)
+    assert big.segments == 0 and big.pending_bytes == 0 and not only.exists()
+    names = [p.name for p in spool.take()]
+    assert names == sorted(names) and len({n.split("-")[1] for n in names}) == 2  # ordered, and unique
+
+
+def test_a_torn_last_line_is_cut_off_at_start_up(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    spool.append([decision(1)], 1.0)
+    spool.close()
+    (segment,) = spool.take()
+    whole = segment.read_bytes()
+    with open(segment, "ab") as f:
+        f.write(encode_line([decision(2)], 2.0, 1)[:-9])  # a crash in the middle of an append
+    again = Spool(tmp_path / "spool", 1 << 20)
+    assert again.take() == [segment] and segment.read_bytes() == whole
+    assert again.pending_bytes == len(whole)
+    store = Store(tmp_path / "r.duckdb")
+    assert store.load(segment).decisions == 1
+    store.close()
+
+
+def test_an_empty_leftover_segment_is_removed_and_strays_are_ignored(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    root.mkdir()
+    (root / "000000000001-0123456789ab.ndjson").write_bytes(b'{"received_at": 1')  # torn first line
+    (root / "notes.txt").write_text("not a segment")
+    spool = Spool(root, 1 << 20)
+    assert spool.take() == [] and sorted(p.name for p in root.iterdir()) == ["notes.txt"]
+
+
+def test_a_failed_append_is_a_storage_error_and_leaves_no_partial_line(tmp_path: Path) -> None:
+    """The file-size limit makes the write fail part-way, as a full disk would (Python ignores SIGXFSZ)."""
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    spool.append([decision(1)], 1.0)
+    (segment,) = list((tmp_path / "spool").iterdir())
+    size = segment.stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, hard))
+    try:
+        with pytest.raises(StorageError, match="appending 1 events to the ingest spool failed"):
+            spool.append([decision(2)], 2.0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert segment.stat().st_size == size
+    spool.append([decision(3)], 3.0)  # writes resume where the good lines end
+    spool.close()
+    assert [json.loads(line)["decisions"][0]["id"] for line in segment.read_bytes().splitlines()] == ["d1", "d3"]
