@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import anyio
@@ -58,7 +59,8 @@ class _Retry:
         self.counters, self.what, self.meanwhile = counters, what, meanwhile
         self.error: str | None = None
 
-    async def run(self, fn: Any, *args: Any) -> Any:
+    async def run(self, fn: Any, *args: Any, give_up: Any = lambda: False) -> Any:
+        """``fn(*args)`` in a worker thread until it succeeds, or None once ``give_up()`` after a failure."""
         delay = 0.1
         while True:
             try:
@@ -69,6 +71,8 @@ class _Retry:
                 if self.error != str(exc):
                     _log.error(f"{self.what} failed; {self.meanwhile}", error=str(exc))
                 self.error = str(exc)
+                if give_up():
+                    return None
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -156,7 +160,7 @@ class Ingest:
         await done.wait()
         if loaded:
             target = self._appended
-            while self._loaded < target or self._dead:
+            while self._loaded < target or self._dead or self.spool.leftovers_pending:
                 self._wake_loader.set()
                 await self._load_done.wait()
 
@@ -164,20 +168,10 @@ class Ingest:
         """No more submissions; the writer and the loader drain what is queued and return."""
         self._send.close()
 
-    async def recover(self) -> None:
-        """Load what a previous run left in the spool, before anything new is accepted."""
-        segments = self.spool.take()
-        for segment in segments:
-            result = await self._load_retry.run(self.store.load, segment)
-            self.spool.loaded(segment)
-            # counted apart: this run's received/stored balance covers only what it received
-            self.counters.recovered += result.inserted
-        if segments:
-            _log.info("spool recovered", segments=len(segments), events=self.counters.recovered)
-
     async def run(self) -> None:
         """The writer and the loader; returns once closed, with everything loaded."""
         async with anyio.create_task_group() as tg:
+            self._wake_loader.set()  # segments a previous run left are loaded first
             tg.start_soon(self._load_loop)
             try:
                 await self._write_loop()
@@ -251,13 +245,16 @@ class Ingest:
             finished = self._writer_done  # read before taking, so nothing appended after is missed
             target = self._appended
             for segment in await anyio.to_thread.run_sync(self.spool.take):
-                result = await self._load_retry.run(self.store.load, segment)
+                result = await self._load_retry.run(self.store.load, segment, give_up=self._stopping)
+                if result is None:
+                    _log.warning("stopping with events in the spool; they are loaded at the next start")
+                    return
                 self.spool.loaded(segment)
-                self._count_loaded(result)
-                self.counters.spooled -= result.inserted + result.duplicates
+                self._count_loaded(segment, result)
             if self._dead:
                 dead, self._dead = self._dead, []
-                await self._load_retry.run(self.store.dead_letter, dead)
+                if await self._load_retry.run(self.store.dead_letter, dead, give_up=self._stopping) is None:
+                    return
                 self.counters.dead_letters += len(dead)
                 self.counters.queued -= len(dead)
             self._loaded = target
@@ -267,8 +264,18 @@ class Ingest:
                 self.spool.close()
                 return
 
-    def _count_loaded(self, result: Any) -> None:
+    def _stopping(self) -> bool:
+        # once the writer is done, a failing store is not waited for: the spool keeps the events
+        return self._writer_done
+
+    def _count_loaded(self, segment: Path, result: Any) -> None:
         c = self.counters
+        if segment in self.spool.leftovers:
+            # spooled by a previous run: this run's received/stored balance covers only its own
+            c.recovered += result.inserted
+            _log.info("loaded a segment a previous run left in the spool", segment=segment.name, events=result.inserted)
+            return
+        c.spooled -= result.inserted + result.duplicates
         c.stored += result.inserted
         c.duplicates += result.duplicates
         for name in ("decisions", "outcomes", "steps", "events"):

@@ -79,7 +79,6 @@ class Daemon:
         self.scheduler.start_from(self.models.scorer.manifest if self.models.scorer else None)
         spool = await anyio.to_thread.run_sync(Spool, cfg.state_path / "spool", cfg.ingest.segment_bytes)
         self.ingest = Ingest(self.store, spool, cfg.ingest)
-        await self.ingest.recover()
         self.server = Server(self, self.ingest)
         sock_path = Path(cfg.socket.path)
         prepare_path(sock_path)

@@ -154,6 +154,7 @@ class Spool:
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._sealed, self._sizes = self._recover()
+            self.leftovers = frozenset(self._sealed)  # written by an earlier run
         except OSError as exc:
             raise StorageError(f"cannot open the ingest spool at {directory}: {exc}") from exc
         self._counter = max((int(_NAME.match(p.name)[1]) for p in self._sealed), default=0)  # type: ignore[index]
@@ -175,6 +176,11 @@ class Spool:
     def segments(self) -> int:
         """Segments written and not yet loaded, the open one included."""
         return len(self._sealed) + (self._fd is not None)
+
+    @property
+    def leftovers_pending(self) -> bool:
+        """Segments an earlier run left are still waiting to be loaded."""
+        return any(p in self.leftovers for p in self._sealed)
 
     def append(self, events: Sequence[Decision | Outcome | Step | Event], received_at: float) -> None:
         """Write one batch and fsync it; once this returns the batch survives a crash."""

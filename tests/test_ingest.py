@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from reflexd.config import IngestConfig
+from reflexd.errors import StorageError
 from reflexd.ingest import Ingest
 from reflexd.protocol import Decision, Outcome
 from reflexd.scheduler import cpu_idle
@@ -133,7 +134,11 @@ def test_a_restart_loads_what_the_spool_kept_exactly_once(store: Store) -> None:
 
     async def recover() -> Ingest:
         ingest = make_ingest(store)
-        await ingest.recover()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ingest.run)
+            await ingest.barrier(loaded=True)
+            assert store.counts()["decisions"] == 100  # leftovers count as loaded before anything new
+            ingest.close()
         return ingest
 
     ingest = anyio.run(recover)
@@ -170,3 +175,33 @@ def test_the_trainer_lowers_its_own_priority() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["19", "True"]
+
+
+def test_closing_while_the_store_fails_leaves_acknowledged_events_in_the_spool(store: Store, monkeypatch) -> None:
+    def failing_load(segment):
+        raise StorageError("disk full (simulated)")
+
+    async def stop_while_failing() -> Ingest:
+        ingest = make_ingest(store)
+        monkeypatch.setattr(store, "load", failing_load)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ingest.run)
+            await ingest.submit(decisions(0, 200))
+            await ingest.barrier()  # acknowledged: in the spool
+            ingest.close()  # must return although the store never succeeds
+        return ingest
+
+    ingest = anyio.run(stop_while_failing)
+    assert ingest.storage_error == "disk full (simulated)" and ingest.spool.pending_bytes > 0
+    monkeypatch.undo()
+
+    async def restart() -> None:
+        again = make_ingest(store)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(again.run)
+            await again.barrier(loaded=True)
+            again.close()
+        assert again.counters.recovered == 200
+
+    anyio.run(restart)
+    assert store.counts()["decisions"] == 200
