@@ -60,7 +60,37 @@ class Workload:
         return decision, ctx
 
 
-def decision_frames(prefix: str, n: int, seed: int) -> list[bytes]:
+class DecideWorkload:
+    """One decision as the decide benchmark times it: a 20-key context, 10 actions × 3 features."""
+
+    def __init__(self, seed: int) -> None:
+        self.base = Workload(seed)
+        self.rng = self.base.rng
+        self.actions: list[dict[str, Any]] = [
+            {"id": name, "features": {"cost": cost, "latency": lat, "tools": tools}}
+            for name, (cost, lat, tools) in ACTIONS_10.items()
+        ]
+
+    def context(self) -> dict[str, Any]:
+        """Numbers, short strings and booleans, as an agent's own state usually is."""
+        r = self.rng
+        ctx = self.base.context()  # 10 keys
+        ctx.update(
+            client=r.choice(CLIENTS),
+            weekday=r.choice(WEEKDAYS),
+            user_id=f"u{r.randrange(5000)}",
+            budget_usd=round(r.uniform(0.0, 5.0), 2),
+            queue_depth=r.randrange(50),
+            error_rate=round(r.random() * 0.2, 4),
+            retries=r.randrange(4),
+            latency_slo_ms=r.choice((500, 1000, 2000, 5000)),
+            streaming=r.random() < 0.5,
+            tools_allowed=r.random() < 0.7,
+        )
+        return ctx
+
+
+def decision_frames(prefix: str, n: int, seed: int, framing: str = MSGPACK) -> list[bytes]:
     """``n`` framed ~400-byte decisions (context of 10 keys, 5 action ids) with unique ids."""
     w = Workload(seed)
     return [encode_frame(w.logged_decision(f"{prefix}-{i}", with_features=False)[0], MSGPACK) for i in range(n)]
