@@ -76,6 +76,10 @@ class StorageError(ReflexdError):
     """A write to the store failed (disk full, I/O error)."""
 
 
+class RejectedData(StorageError):
+    """DuckDB refused a batch for what it holds, not for the disk: retrying would fail alike."""
+
+
 class TrainingError(ReflexdError):
     """A training run failed; the message says how."""
 

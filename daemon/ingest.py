@@ -22,9 +22,10 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from . import log
 from .config import IngestConfig
-from .errors import StorageError
+from .errors import RejectedData, StorageError
 from .protocol import ExperienceEvent
 from .spool import Spool
+from .store import DeadLetter
 
 _log = log.get("reflexd.ingest")
 POLL_SECONDS = 0.002
@@ -46,6 +47,7 @@ class Counters:
     queued: int = 0  # in memory, not yet in the spool
     spooled: int = 0  # in the spool (durable), not yet loaded into DuckDB
     recovered: int = 0  # events a previous run spooled, loaded at start-up
+    refused: int = 0  # events in spool lines the store refused, kept in spool/rejected/
     write_errors: int = 0
     client_dropped: int = 0  # events clients reported dropping because their buffer was full
     unlogged: int = 0  # socket decisions served while the queue was full, so not stored
@@ -65,6 +67,8 @@ class _Retry:
         while True:
             try:
                 result = await anyio.to_thread.run_sync(fn, *args)
+            except RejectedData:
+                raise  # the same data would be refused again
             except StorageError as exc:
                 # nothing is lost: the batch stays where it is (memory or spool) and is retried
                 self.counters.write_errors += 1
@@ -245,7 +249,10 @@ class Ingest:
             finished = self._writer_done  # read before taking, so nothing appended after is missed
             target = self._appended
             for segment in await anyio.to_thread.run_sync(self.spool.take):
-                result = await self._load_retry.run(self.store.load, segment, give_up=self._stopping)
+                try:
+                    result = await self._load_retry.run(self.store.load, segment, give_up=self._stopping)
+                except RejectedData as exc:
+                    result = await self._load_line_by_line(segment, exc)
                 if result is None:
                     _log.warning("stopping with events in the spool; they are loaded at the next start")
                     return
@@ -263,6 +270,32 @@ class Ingest:
             if finished:
                 self.spool.close()
                 return
+
+    async def _load_line_by_line(self, segment: Path, exc: RejectedData) -> Any:
+        """A segment the store refuses would stop ingest for good: load what it can, set aside the rest.
+
+        Events are validated before they are spooled, so this takes a bug or a damaged file; the
+        refused lines are kept in the spool's rejected/ folder and each gets a dead letter.
+        """
+        _log.error("the store refused a spool segment; loading it line by line", segment=segment.name, error=str(exc))
+        found = await self._load_retry.run(self.store.load_each_line, segment, give_up=self._stopping)
+        if found is None:
+            return None
+        result, refused = found
+        for line, reason in refused:
+            kept = await anyio.to_thread.run_sync(self.spool.reject, segment, line)
+            events = self.spool.events_in(line)
+            letter = DeadLetter(
+                received_at=time.time(), peer_uid=None, peer_pid=None, code="refused_by_store",
+                reason=f"{reason}; {events} events kept in {kept}",
+                raw=line[: self.limits.dead_letter_bytes], raw_size=len(line),
+            )
+            # not counted as a dead letter: `refused` counts its events instead
+            await self._load_retry.run(self.store.dead_letter, [letter], give_up=self._stopping)
+            if segment not in self.spool.leftovers:
+                self.counters.spooled -= events
+            self.counters.refused += events
+        return result
 
     def _stopping(self) -> bool:
         # once the writer is done, a failing store is not waited for: the spool keeps the events

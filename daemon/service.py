@@ -277,6 +277,7 @@ class Daemon:
                 "queued": c.queued,
                 "spooled": c.spooled,
                 "recovered_from_spool": c.recovered,
+                "refused_by_store": c.refused,
                 **{f"stored_{k}": v for k, v in c.by_type.items()},
             },
             backlog=self.ingest.backlog,

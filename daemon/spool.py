@@ -241,6 +241,25 @@ class Spool:
             self.pending_bytes -= self._sizes.pop(path)
         path.unlink(missing_ok=True)  # a crash before this only means loading it again, harmlessly
 
+    def reject(self, segment: Path, line: bytes) -> Path:
+        """Keep a line the store refused in ``rejected/``, for an operator to look at."""
+        rejected = self.directory / "rejected"
+        rejected.mkdir(mode=0o700, exist_ok=True)
+        path = rejected / segment.name
+        with open(path, "ab") as f:
+            f.write(line if line.endswith(b"\n") else line + b"\n")
+            os.fsync(f.fileno())
+        return path
+
+    @staticmethod
+    def events_in(line: bytes) -> int:
+        """How many events a spool line holds (0 if it is not readable)."""
+        try:
+            batch = msgspec.json.decode(line)
+            return sum(len(batch.get(k) or ()) for k in _TYPES.values())
+        except (msgspec.DecodeError, AttributeError, TypeError):
+            return 0
+
     def close(self) -> None:
         with self._lock:
             self._seal()

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from . import spool
 from .config import Config
-from .errors import StorageError
+from .errors import RejectedData, StorageError
 from .protocol import Decision, Event, Outcome, Step
 
 EXPERIENCE_TABLES = ("decisions", "outcomes", "steps", "events")
@@ -322,6 +322,15 @@ def _agent_partitions(root: Path, agent: str) -> Iterator[Path]:
                 yield child
 
 
+# What DuckDB raises for a batch's content, as opposed to the disk or memory failing.
+_DATA_ERRORS = (
+    duckdb.ConversionException,
+    duckdb.ConstraintException,
+    duckdb.InvalidInputException,
+    duckdb.OutOfRangeException,
+    duckdb.TypeMismatchException,
+)
+
 # ---- the store -----------------------------------------------------------------------------
 
 
@@ -329,6 +338,8 @@ def _agent_partitions(root: Path, agent: str) -> Iterator[Path]:
 def _failing_as(what: str) -> Iterator[None]:
     try:
         yield
+    except _DATA_ERRORS as exc:
+        raise RejectedData(f"{what} failed: {exc}") from exc
     except (duckdb.Error, OSError, pa.ArrowException, OverflowError) as exc:
         raise StorageError(f"{what} failed: {exc}") from exc
 
@@ -391,6 +402,24 @@ class Store:
             con.execute("DROP TABLE spooled")
         total = sum(inserted.values())
         return WriteResult(inserted=total, duplicates=int(sum(counts)) - total, **inserted)
+
+    def load_each_line(self, segment: Path) -> tuple[WriteResult, list[tuple[bytes, str]]]:
+        """Load a segment DuckDB refused as a whole one line (one batch) at a time.
+
+        Returns what loaded, and each refused line with DuckDB's reason.
+        """
+        results, refused = [], []
+        with tempfile.TemporaryDirectory(prefix=".lines-", dir=self.path.parent) as tmp:
+            single = Path(tmp) / segment.name  # same name, so the ids it derives are the same
+            with _failing_as(f"reading spool segment {segment.name}"), open(segment, "rb") as lines:
+                for line in lines:
+                    single.write_bytes(line)
+                    try:
+                        results.append(self.load(single))
+                    except RejectedData as exc:
+                        refused.append((line, str(exc)))
+        total = {k: sum(getattr(r, k) for r in results) for k in ("inserted", "duplicates", *EXPERIENCE_TABLES)}
+        return WriteResult(**total), refused
 
     def write(self, events: Sequence[Decision | Outcome | Step | Event], received_at: float) -> WriteResult:
         """Store one batch now, through a one-line segment: for tools and tests, not the daemon's ingest."""

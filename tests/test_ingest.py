@@ -17,7 +17,7 @@ from reflexd.errors import StorageError
 from reflexd.ingest import Ingest
 from reflexd.protocol import Decision, Outcome
 from reflexd.scheduler import cpu_idle
-from reflexd.spool import Spool
+from reflexd.spool import Spool, encode_line
 from reflexd.store import Store
 
 
@@ -205,3 +205,31 @@ def test_closing_while_the_store_fails_leaves_acknowledged_events_in_the_spool(s
 
     anyio.run(restart)
     assert store.counts()["decisions"] == 200
+
+
+def test_a_line_the_store_refuses_is_set_aside_and_the_rest_loads(store: Store) -> None:
+    """A damaged spool line (here: a decision without an agent) must not stop ingest for good."""
+    spool = Spool(store.path.parent / "spool", 1 << 20)
+    spool.append(decisions(0, 10), 1.0)
+    spool.close()
+    (segment,) = spool.take()
+    bad = b'{"received_at":2.0,"line":1,"decisions":[{"id":"bad","agent":null,"context":{},"actions":["x"],"chosen":"x","prob":1.0}]}\n'
+    with open(segment, "ab") as f:
+        f.write(bad)
+    good = encode_line(decisions(10, 5), 3.0, 2)
+    with open(segment, "ab") as f:
+        f.write(good)
+
+    async def main() -> Ingest:
+        ingest = make_ingest(store)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ingest.run)
+            await ingest.barrier(loaded=True)
+            ingest.close()
+        return ingest
+
+    ingest = anyio.run(main)
+    assert store.counts()["decisions"] == 15 and ingest.counters.refused == 1
+    rejected = store.path.parent / "spool" / "rejected" / segment.name
+    assert rejected.read_bytes() == bad and not segment.exists()
+    assert store.counts()["dead_letters"] == 1  # naming the reason and where the line is kept
