@@ -29,6 +29,7 @@ from .store import DeadLetter
 
 _log = log.get("reflexd.ingest")
 POLL_SECONDS = 0.002
+GAVE_UP = object()  # what a retried storage call returns when it stopped trying
 
 
 @dataclass
@@ -62,7 +63,7 @@ class _Retry:
         self.error: str | None = None
 
     async def run(self, fn: Any, *args: Any, give_up: Any = lambda: False) -> Any:
-        """``fn(*args)`` in a worker thread until it succeeds, or None once ``give_up()`` after a failure."""
+        """``fn(*args)`` in a worker thread until it succeeds, or GAVE_UP once ``give_up()`` after a failure."""
         delay = 0.1
         while True:
             try:
@@ -76,7 +77,7 @@ class _Retry:
                     _log.error(f"{self.what} failed; {self.meanwhile}", error=str(exc))
                 self.error = str(exc)
                 if give_up():
-                    return None
+                    return GAVE_UP
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -253,14 +254,14 @@ class Ingest:
                     result = await self._load_retry.run(self.store.load, segment, give_up=self._stopping)
                 except RejectedData as exc:
                     result = await self._load_line_by_line(segment, exc)
-                if result is None:
+                if result is GAVE_UP:
                     _log.warning("stopping with events in the spool; they are loaded at the next start")
                     return
                 self.spool.loaded(segment)
                 self._count_loaded(segment, result)
             if self._dead:
                 dead, self._dead = self._dead, []
-                if await self._load_retry.run(self.store.dead_letter, dead, give_up=self._stopping) is None:
+                if await self._load_retry.run(self.store.dead_letter, dead, give_up=self._stopping) is GAVE_UP:
                     return
                 self.counters.dead_letters += len(dead)
                 self.counters.queued -= len(dead)
@@ -279,8 +280,8 @@ class Ingest:
         """
         _log.error("the store refused a spool segment; loading it line by line", segment=segment.name, error=str(exc))
         found = await self._load_retry.run(self.store.load_each_line, segment, give_up=self._stopping)
-        if found is None:
-            return None
+        if found is GAVE_UP:
+            return GAVE_UP
         result, refused = found
         for line, reason in refused:
             kept = await anyio.to_thread.run_sync(self.spool.reject, segment, line)

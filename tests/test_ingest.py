@@ -18,7 +18,7 @@ from reflexd.ingest import Ingest
 from reflexd.protocol import Decision, Outcome
 from reflexd.scheduler import cpu_idle
 from reflexd.spool import Spool, encode_line
-from reflexd.store import Store
+from reflexd.store import DeadLetter, Store
 
 
 def decisions(start: int, n: int) -> list[Decision]:
@@ -233,3 +233,27 @@ def test_a_line_the_store_refuses_is_set_aside_and_the_rest_loads(store: Store) 
     rejected = store.path.parent / "spool" / "rejected" / segment.name
     assert rejected.read_bytes() == bad and not segment.exists()
     assert store.counts()["dead_letters"] == 1  # naming the reason and where the line is kept
+
+
+def test_dead_letters_are_written_counted_and_loading_carries_on(store: Store) -> None:
+    letter = DeadLetter(received_at=1.0, peer_uid=0, peer_pid=1, code="malformed", reason="r", raw=b"x", raw_size=1)
+
+    async def main() -> Ingest:
+        ingest = make_ingest(store)
+        with anyio.fail_after(60):  # a loader that died would leave the barrier waiting
+            await _dead_letter_rounds(ingest)
+        return ingest
+
+    async def _dead_letter_rounds(ingest: Ingest) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ingest.run)
+            await ingest.submit(decisions(0, 5), [letter, letter])
+            await ingest.barrier(loaded=True)
+            assert ingest.counters.dead_letters == 2 and ingest.backlog == 0
+            await ingest.submit(decisions(5, 5))  # the loader is still at work afterwards
+            await ingest.barrier(loaded=True)
+            assert store.counts()["decisions"] == 10
+            ingest.close()
+
+    anyio.run(main)
+    assert store.counts()["dead_letters"] == 2
