@@ -1,7 +1,9 @@
 """What the benchmark sends: the demo's simulated LLM router, with a wider (10-key) context.
 
 The demo's World decides rewards from task, difficulty and tier; six more keys make the context
-the size a real agent logs (~10 keys), so one msgpack Decision frame is ~400 bytes.
+the size a real agent logs (~10 keys), so one msgpack Decision frame is ~400 bytes. The decide
+benchmark asks more of one decision (``DecideWorkload``): a 20-key context and 10 actions with
+3 features each.
 """
 
 from __future__ import annotations
@@ -15,6 +17,21 @@ from reflexd.protocol import MSGPACK, Decision, Outcome, encode_frame
 AGENT = "bench-router"
 LANGS = ("en", "de", "fr", "es", "ja", "pt")
 REGIONS = ("eu-west", "us-east", "us-west", "ap-south")
+CLIENTS = ("cli", "ide", "web", "api", "slack")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+# id → (cost, latency s, uses tools): the decide workload's 10 actions
+ACTIONS_10: dict[str, tuple[float, float, bool]] = {
+    "small-model": (1.0, 0.4, False),
+    "medium-model": (3.0, 0.9, False),
+    "large-model": (8.0, 2.0, False),
+    "small+tools": (2.0, 1.0, True),
+    "medium+tools": (4.5, 1.6, True),
+    "large+tools": (10.0, 3.0, True),
+    "small+retry": (2.5, 1.1, False),
+    "large+retry": (12.0, 3.5, False),
+    "small+cache": (0.6, 0.2, False),
+    "ensemble+tools": (20.0, 4.0, True),
+}
 CHUNK_BYTES = 64 << 10
 
 
@@ -93,7 +110,7 @@ class DecideWorkload:
 def decision_frames(prefix: str, n: int, seed: int, framing: str = MSGPACK) -> list[bytes]:
     """``n`` framed ~400-byte decisions (context of 10 keys, 5 action ids) with unique ids."""
     w = Workload(seed)
-    return [encode_frame(w.logged_decision(f"{prefix}-{i}", with_features=False)[0], MSGPACK) for i in range(n)]
+    return [encode_frame(w.logged_decision(f"{prefix}-{i}", with_features=False)[0], framing) for i in range(n)]
 
 
 def experience_frames(prefix: str, n: int, seed: int) -> list[bytes]:

@@ -2,9 +2,9 @@
 
 Deciding never waits on the daemon: the model is scored in-process with onnxruntime, and the
 decision event is encoded at once and appended to a bounded buffer that a background thread
-ships over the socket. That thread also reloads the model when the registry's pointer moves,
-keeps every event until the daemon acknowledges it durable, and resends after reconnecting.
-Imports neither torch nor duckdb.
+ships over the socket in batches. That thread also reloads the model when the registry's pointer
+moves, keeps every event until the daemon acknowledges it durable, and resends after
+reconnecting. Imports neither torch nor duckdb.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import threading
 import time
 import uuid
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,28 @@ __all__ = ["Choice", "Policy"]
 
 _log = log.get("reflexd.client")
 DEFAULT_MODELS = "/var/lib/reflexd/models"
-SEND_BATCH = 5000
+JOIN_FRAMES = 64  # frames joined per write: the join holds the GIL (a decision waits), so it is kept short
 MAX_BACKOFF = 0.5  # the daemon is local: a restart takes about a second
+
+
+class _DecisionFrame(msgspec.Struct, frozen=True, gc=False, tag="decision", tag_field="type"):
+    """``protocol.Decision`` as the client writes it, byte for byte, without its validation.
+
+    The Chooser made the decision, so ``chosen`` is among the actions and ``probs`` is their
+    distribution by construction; the daemon validates every frame it stores all the same.
+    Never part of a cycle (built, encoded and dropped), so the cyclic GC need not track it.
+    """
+
+    id: str
+    agent: str
+    context: Any
+    actions: Any
+    chosen: str
+    prob: float
+    probs: list[float]
+    model_version: str | None
+    strategy: str
+    ts: float
 
 
 def default_models() -> str:
@@ -87,7 +106,20 @@ class Policy:
     def decide(self, context: dict[str, Any], actions: list[Any], *, decision_id: str | None = None) -> Choice:
         """Choose among ``actions`` (ids, or dicts with ``id`` and ``features``) for ``context``."""
         choice = self._chooser.choose(self.agent, context, actions, decision_id)
-        self._sender.enqueue(choice.event(self.agent, context, actions))
+        self._sender.enqueue(
+            _DecisionFrame(
+                id=choice.id,
+                agent=self.agent,
+                context=context,
+                actions=actions,
+                chosen=choice.action,
+                prob=choice.prob,
+                probs=choice.probs,
+                model_version=choice.model_version,
+                strategy=choice.strategy,
+                ts=time.time(),
+            )
+        )
         return choice
 
     def reward(self, decision_id: str, value: float) -> None:
@@ -127,7 +159,7 @@ class Policy:
         return {
             "enqueued": s.enqueued,
             "settled": s.settled,
-            "pending": len(s.pending) + len(s.unacked),
+            "pending": s.pending,
             "dropped": s.dropped,
             "rejected": s.rejected,
             "reconnects": s.reconnects,
@@ -150,7 +182,13 @@ class Policy:
 
 
 class _Sender(threading.Thread):
-    """Ships encoded events in batches, each closed by a flush whose ack releases them."""
+    """Ships encoded events in batches, each closed by a flush whose ack releases them.
+
+    Whenever this thread runs it may hold up a decision (they share the GIL), so it wakes once per
+    ``send_interval`` (sooner only when someone waits on a flush), never per event, and its work
+    per batch does not grow with the batch: the agent's thread appends each encoded frame to a
+    list under a lock held for a few bytecodes, and this thread swaps the whole list out.
+    """
 
     def __init__(
         self, path: str, capacity: int, send_interval: float, refresh_interval: float, models: ModelSource
@@ -161,9 +199,10 @@ class _Sender(threading.Thread):
         self.send_interval = send_interval
         self.refresh_interval = refresh_interval
         self.models = models
-        # deque append/popleft are atomic, so the agent's thread never takes a lock to enqueue
-        self.pending: deque[bytes] = deque()
-        self.unacked: list[bytes] = []
+        self._lock = threading.Lock()  # guards _frames, _held, enqueued and dropped
+        self._frames: list[bytes] = []  # encoded, not yet taken by this thread
+        self._batches: list[list[bytes]] = []  # taken, not yet acknowledged; resent after a reconnect
+        self._held = 0  # frames in _batches
         self.conn: Connection | None = None
         self.enqueued = 0  # frames accepted into the buffer
         self.settled = 0  # frames the daemon stored or dead-lettered
@@ -173,20 +212,29 @@ class _Sender(threading.Thread):
         self.last_error: str | None = None
         self._reported_drops = 0
         self._stopping = threading.Event()
+        self._wake = threading.Event()
         self._settled_cv = threading.Condition()
         self._flush_seq = 0
         self._backoff = 0.05
         self._next_refresh = 0.0
 
+    @property
+    def pending(self) -> int:
+        """Frames not yet acknowledged (buffered, or sent and awaiting their flush's ack)."""
+        return len(self._frames) + self._held
+
     def enqueue(self, msg: msgspec.Struct) -> None:
-        if len(self.pending) + len(self.unacked) >= self.capacity:
-            self.dropped += 1  # never block the agent: overflow is counted and reported
-            return
-        self.pending.append(encode_frame(msg, MSGPACK))
-        self.enqueued += 1
+        frame = encode_frame(msg, MSGPACK)
+        with self._lock:
+            if len(self._frames) + self._held >= self.capacity:
+                self.dropped += 1  # never block the agent: overflow is counted and reported
+                return
+            self._frames.append(frame)
+            self.enqueued += 1
 
     def wait_settled(self, timeout: float) -> bool:
         target = self.enqueued
+        self._wake.set()  # ship now rather than at the next interval
         deadline = time.monotonic() + timeout
         with self._settled_cv:
             while self.settled < target:
@@ -198,35 +246,44 @@ class _Sender(threading.Thread):
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
         self.join(timeout=5)
         if self.conn is not None:
             self.conn.close()
 
     def run(self) -> None:
         while not self._stopping.is_set():
+            self._wake.clear()
             now = time.monotonic()
             if now >= self._next_refresh:
                 self._next_refresh = now + self.refresh_interval
                 self.models.refresh()  # loads a new model here, off the agent's thread
-            if not self.pending and not self.unacked and self.dropped == self._reported_drops:
-                self._stopping.wait(self.send_interval)
-                continue
-            try:
-                self._cycle()
-                self._backoff = 0.05
-            except (DaemonUnavailable, FrameError, OSError) as exc:
-                self._disconnect(str(exc))
-                self._stopping.wait(self._backoff)
-                self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+            self._take()
+            if self._batches or self.dropped != self._reported_drops:
+                try:
+                    self._cycle()
+                    self._backoff = 0.05
+                except (DaemonUnavailable, FrameError, OSError) as exc:
+                    self._disconnect(str(exc))
+                    self._stopping.wait(self._backoff)
+                    self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+                    continue
+            self._wake.wait(self.send_interval)
+
+    def _take(self) -> None:
+        with self._lock:
+            if not self._frames:
+                return
+            frames, self._frames = self._frames, []
+            self._held += len(frames)
+        self._batches.append(frames)
 
     def _connect(self) -> Connection:
         if self.conn is None:
             self.conn = Connection(self.path, timeout=30.0)
             if self.last_error is not None:
                 self.reconnects += 1
-                _log.info("reconnected to reflexd", socket=self.path, resending=len(self.unacked))
-            # everything unacknowledged goes again; event ids make the resend idempotent
-            self.conn.send_raw(b"".join(self.unacked))
+                _log.info("reconnected to reflexd", socket=self.path, resending=self._held)
         return self.conn
 
     def _disconnect(self, reason: str) -> None:
@@ -239,11 +296,14 @@ class _Sender(threading.Thread):
 
     def _cycle(self) -> None:
         conn = self._connect()
+        # Every held batch goes: a cycle that fails drops its connection, so on this one each
+        # batch is either new or unacknowledged. Event ids make a resend idempotent.
+        for frames in self._batches:
+            for i in range(0, len(frames), JOIN_FRAMES):
+                conn.send_raw(b"".join(frames[i : i + JOIN_FRAMES]))
         drops = self.dropped
-        batch = [self.pending.popleft() for _ in range(min(len(self.pending), SEND_BATCH))]
-        self.unacked.extend(batch)
         self._flush_seq += 1
-        conn.send_raw(b"".join(batch) + encode_frame(Flush(req=self._flush_seq, dropped=drops - self._reported_drops), MSGPACK))
+        conn.send_raw(encode_frame(Flush(req=self._flush_seq, dropped=drops - self._reported_drops), MSGPACK))
         rejected = 0
         while True:
             reply = conn.receive()
@@ -257,8 +317,11 @@ class _Sender(threading.Thread):
                 break
         self.last_error = None
         self._reported_drops = drops
+        acked = sum(len(frames) for frames in self._batches)
+        self._batches.clear()
+        with self._lock:
+            self._held -= acked
         with self._settled_cv:
-            self.settled += len(self.unacked)
+            self.settled += acked
             self.rejected += rejected
-            self.unacked.clear()
             self._settled_cv.notify_all()

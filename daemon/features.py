@@ -28,7 +28,7 @@ import numpy as np
 _ACTION_KEY = "__action="
 _CACHE_LIMIT = 200_000
 _SETS_CACHE_LIMIT = 4096
-_encode = msgspec.json.Encoder().encode
+_encode = msgspec.msgpack.Encoder().encode
 
 
 class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -57,40 +57,45 @@ class Hasher:
             cache[name] = slot
         return slot
 
-    def _fill(self, out: np.ndarray, items: Iterable[tuple[str, float]], dim: int, cache: dict) -> None:
+    def _fill(self, vec: memoryview, items: Iterable[tuple[str, float]], dim: int, cache: dict) -> None:
         for name, value in items:
             idx, sign = self._slot(name, dim, cache)
-            out[idx] += sign * value
+            vec[idx] += sign * value
 
     def context(self, context: dict[str, Any], out: np.ndarray | None = None) -> np.ndarray:
         dim = self.spec.context_dim
         if out is None:
             out = np.zeros(dim, dtype=np.float32)
         else:
-            out[:] = 0.0
+            out.fill(0.0)
+        # element writes through a memoryview cost a third of numpy's scalar indexing
+        vec = memoryview(out)
         cache = self._ctx_cache
         slot = self._slot
-        # The common case, a flat mapping of numbers and short strings, is hashed inline: it is
-        # most of a decision's cost. Everything else goes through the general rules.
+        # The common case, a flat mapping of numbers, booleans and short strings, is hashed inline:
+        # it is most of a decision's cost. Everything else goes through the general rules.
         for key, value in context.items():
             kind = type(value)
             if kind is float or kind is int:
                 try:
                     x = float(value)
                 except OverflowError:
-                    self._fill(out, _flatten_value(str(key), value), dim, cache)
+                    self._fill(vec, _flatten_value(str(key), value), dim, cache)
                     continue
                 name = key if type(key) is str else str(key)
                 v = _squash(x)
             elif kind is str and " " not in value and "\t" not in value and "\n" not in value:
                 name = f"{key}={value}"
                 v = 1.0
+            elif kind is bool:
+                name = key if type(key) is str else str(key)
+                v = 1.0 if value else 0.0
             else:
-                self._fill(out, _flatten_value(str(key), value), dim, cache)
+                self._fill(vec, _flatten_value(str(key), value), dim, cache)
                 continue
             found = cache.get(name)
             idx, sign = found if found is not None else slot(name, dim, cache)
-            out[idx] += sign * v
+            vec[idx] += sign * v
         return out
 
     def actions(self, actions: list[Any], out: np.ndarray | None = None) -> np.ndarray:
@@ -101,13 +106,7 @@ class Hasher:
         """
         key = None
         if out is None:
-            try:
-                key = _encode(actions)
-            except (TypeError, ValueError, msgspec.EncodeError, RecursionError):  # odd sets: hashed uncached
-                pass
-            else:
-                if b"null" in key:
-                    key = None  # JSON writes None, NaN and ±inf alike as null: their vectors differ
+            key = _set_key(actions)
             if key is not None:
                 cached = self._sets_cache.get(key)
                 if cached is not None:
@@ -128,12 +127,26 @@ class Hasher:
             out[:] = 0.0
         cache = self._act_cache
         for row, action in zip(out, actions):
+            vec = memoryview(row)
             aid, feats = action_parts(action)
             idx, sign = self._slot(_ACTION_KEY + aid, dim, cache)
-            row[idx] += sign
+            vec[idx] += sign
             if feats:
-                self._fill(row, flatten(feats), dim, cache)
+                self._fill(vec, flatten(feats), dim, cache)
         return out
+
+
+def _set_key(actions: list[Any]) -> bytes | None:
+    """The action-set cache's key: the actions as msgpack, or None (the set is hashed uncached).
+
+    msgpack keeps apart what a vector depends on (None, NaN and ±inf; str and bytes; bool and
+    int), as JSON does not, and costs half JSON's float formatting. It cannot encode some
+    things (ints past 64 bits, say).
+    """
+    try:
+        return _encode(actions)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError, RecursionError):
+        return None
 
 
 def action_parts(action: Any) -> tuple[str, dict[str, Any] | None]:

@@ -1,13 +1,13 @@
 """The Unix socket: who may connect, how frames are read, where each message goes.
 
 Experience events go to ingest in chunk-sized lists; requests are answered in order on the same
-connection. A bad frame gets an Error reply and a dead-letter row; the connection lives on
-unless the framing itself is lost (an oversize length prefix).
+connection. The decide requests read in one go are scored together, and all the replies to one
+read go out in one write. A bad frame gets an Error reply and a dead-letter row; the connection
+lives on unless the framing itself is lost (an oversize length prefix).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import stat
@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import msgspec
 from anyio.abc import SocketStream
+from anyio.lowlevel import checkpoint
 
 from . import log
 from .errors import FrameError, ReflexdError
@@ -90,6 +91,7 @@ class Server:
     def __init__(self, daemon: Any, ingest: Ingest) -> None:
         self.daemon = daemon
         self.ingest = ingest
+        self.decider = _Decider(self)
         self.connections = 0
         self.refused = 0
 
@@ -132,13 +134,17 @@ class Server:
             pass
 
     async def _serve(self, stream: SocketStream, pid: int, uid: int) -> None:
-        try:
-            data = await stream.receive(READ_BYTES)
-        except anyio.EndOfStream:
+        # Straight to the raw socket: the stream's send takes a turn of the event loop even when
+        # the write would not block, and its checks add up; with request/reply clients that cost
+        # 18 µs of CPU per request, against 11 µs this way. Only a read or write that would
+        # block waits.
+        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        data = await _receive(sock, None)
+        if not data:
             return
         framing = framing_of(data[0])
         reader = FrameReader(framing, self.config.socket.max_frame_bytes)
-        conn = _Connection(self, stream, framing, pid, uid)
+        conn = _Connection(self, sock, framing, pid, uid)
         frame_started: float | None = None
         while True:
             seen = conn.seq
@@ -152,24 +158,118 @@ class Server:
             elif frame_started is None or conn.seq != seen:
                 frame_started = time.monotonic()
             timeout = self.config.socket.frame_timeout
-            deadline = math.inf if frame_started is None else frame_started + timeout - time.monotonic()
-            with anyio.move_on_after(max(deadline, 0.0)) as waited:
-                try:
-                    data = await stream.receive(READ_BYTES)
-                except anyio.EndOfStream:
-                    await conn.finish()
-                    return
-            if waited.cancelled_caught:
+            data = await _receive(sock, None if frame_started is None else frame_started + timeout)
+            if data is None:
                 await conn.abandon(reader.abandon(), timeout)
+                return
+            if not data:
+                await conn.finish()
                 return
 
 
-class _Connection:
-    """Per-connection state: frame counter, events not yet handed to ingest, replies to send."""
+async def _receive(sock: socket.socket, deadline: float | None) -> bytes | None:
+    """The next bytes read (b"" once the peer is gone), or None if ``deadline`` passes first.
 
-    def __init__(self, server: Server, stream: SocketStream, framing: str, pid: int, uid: int) -> None:
+    Yields to the event loop first, so that a connection with data always waiting cannot starve
+    the others, and so that what arrives meanwhile is read in the same call.
+    """
+    await checkpoint()
+    while deadline is None or time.monotonic() < deadline:
+        try:
+            return sock.recv(READ_BYTES)
+        except BlockingIOError:
+            pass
+        except OSError:  # reset by the peer: as good as gone
+            return b""
+        if deadline is None:
+            await anyio.wait_readable(sock)
+        else:
+            with anyio.move_on_after(deadline - time.monotonic()):
+                await anyio.wait_readable(sock)
+    return None
+
+
+async def _send(sock: socket.socket, data: bytes) -> None:
+    """Write all of ``data``, waiting only while the socket's buffer is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+
+
+class _Decider:
+    """Answers decide requests from every connection at once.
+
+    A lone decision's cost is mostly fixed (a model run, a pass through the exploration code), so
+    the requests that all connections read in one turn of the event loop are decided together.
+    The first connection to bring requests leads: it lets the event loop run the other connections
+    that have data (they add theirs and wait), then decides the lot in one pass and wakes them.
+    Each reply goes into its connection's reply slot, so every connection's replies keep its order.
+    """
+
+    def __init__(self, server: Server) -> None:
         self.server = server
-        self.stream = stream
+        self._waiting: list[_Connection] = []  # the connections in the batch being formed
+        self._done: anyio.Event | None = None  # set once that batch is decided
+
+    async def decide(self, conn: _Connection) -> None:
+        """Fill the reply slots of ``conn.decides``, and log their decisions, before returning."""
+        if self._waiting:
+            self._waiting.append(conn)
+            await self._done.wait()  # type: ignore[union-attr]
+            return
+        self._waiting.append(conn)
+        self._done = done = anyio.Event()
+        try:
+            if self.server.connections > 1:  # alone, there is no one to wait for
+                await checkpoint()
+        finally:  # even if cancelled: the others are waiting on this
+            conns, self._waiting = self._waiting, []
+            try:
+                self._answer(conns)
+            finally:
+                done.set()
+
+    def _answer(self, conns: list[_Connection]) -> None:
+        pending = [(conn, slot, seq, msg) for conn in conns for slot, seq, msg in conn.decides]
+        for conn in conns:
+            conn.decides = []
+        try:
+            answers: list[Any] = self._decide([msg for *_, msg in pending])
+        except Exception:
+            # one request spoilt the batch: decided one by one, so that only it gets the error
+            answers = []
+            for *_, seq, msg in pending:
+                try:
+                    answers += self._decide([msg])
+                except Exception as exc:
+                    answers.append(_failure(exc, seq, msg))
+        for (conn, slot, _, _), answer in zip(pending, answers):
+            if type(answer) is tuple:
+                answer, decision = answer
+                conn.decided.append(decision)
+            conn.replies[slot] = encode_frame(answer, conn.framing)
+
+    def _decide(self, msgs: list[Decide]) -> list[Any]:
+        redactor = self.server.config.redaction.redactor
+        if redactor.active:  # redacted before scoring too: models are trained on redacted contexts
+            msgs = [redactor.apply(msg) for msg in msgs]
+        return self.server.daemon.decide(msgs)
+
+
+class _Connection:
+    """Per-connection state: frame counter, events not yet handed to ingest, replies to send.
+
+    Decide requests wait in ``decides`` until the next request or the end of the read, then are
+    decided together (see _Decider); their replies keep their places among the others (errors,
+    acks), and all of a read's replies go out in one write.
+    """
+
+    def __init__(self, server: Server, sock: socket.socket, framing: str, pid: int, uid: int) -> None:
+        self.server = server
+        self.sock = sock
         self.framing = framing
         self.pid = pid
         self.uid = uid
@@ -178,7 +278,8 @@ class _Connection:
         self.events: list[Any] = []
         self.decided: list[Any] = []  # decisions made by the daemon, logged without waiting
         self.dead: list[DeadLetter] = []
-        self.replies: list[bytes] = []
+        self.decides: list[tuple[int, int, Decide]] = []  # (reply slot, seq, request), not yet decided
+        self.replies: list[bytes | None] = []  # None: the slot of a decide not yet decided
         self.deaf = False  # the peer stopped taking replies; what it sent is still read to the end
 
     async def process(self, frames: Any) -> None:
@@ -194,7 +295,10 @@ class _Connection:
             except FrameError as exc:
                 self._reject(seq, exc, frame)
                 continue
-            if isinstance(msg, EXPERIENCE_TYPES):
+            if type(msg) is Decide:
+                self.decides.append((len(self.replies), seq, msg))
+                self.replies.append(None)
+            elif isinstance(msg, EXPERIENCE_TYPES):
                 if redactor.active:  # redacted once, here, before anything can store them
                     try:
                         msg = redactor.apply(msg)
@@ -204,18 +308,22 @@ class _Connection:
                 self.events.append(msg)
                 self.accepted += 1
             else:
+                if self.decides:  # whatever came before a request is done before it is answered
+                    await self.server.decider.decide(self)
                 await self._request(seq, msg)
+        if self.decides:
+            await self.server.decider.decide(self)
         await self.finish()
 
     async def finish(self) -> None:
         # replies first: a Decided must not wait behind a store that is falling behind
         if self.replies:
-            data = b"".join(self.replies)
+            data = b"".join(self.replies)  # type: ignore[arg-type]  # every slot is filled by now
             self.replies.clear()
             if not self.deaf:
                 try:
-                    await self.stream.send(data)
-                except (anyio.BrokenResourceError, ConnectionError):
+                    await _send(self.sock, data)
+                except OSError:
                     # gone without reading its replies: its events are still taken in, not dropped
                     self.deaf = True
         await self._hand_off()
@@ -261,18 +369,20 @@ class _Connection:
                 self.server.ingest.counters.client_dropped += msg.dropped
                 await self.server.ingest.barrier(loaded=msg.loaded)
                 self._reply(Ack(count=self.accepted, req=req))
-            elif isinstance(msg, Decide):
-                # redacted before scoring too: models are trained on redacted contexts
-                reply, decision = self.server.daemon.decide(self.server.config.redaction.redactor.apply(msg))
-                self.decided.append(decision)
-                self._reply(reply)
             elif isinstance(msg, Forget):
                 await self._hand_off()  # what this connection sent before the forget is forgotten too
                 self._reply(await self.server.daemon.request(msg))
             else:
                 self._reply(await self.server.daemon.request(msg))
-        except ReflexdError as exc:
-            self._reply(Error(code=type(exc).__name__, message=str(exc), seq=seq, req=req))
-        except Exception as exc:  # a bug or an unforeseen failure answers this request, not the daemon
-            _log.exception("request failed", request=type(msg).__name__)
-            self._reply(Error(code="internal", message=f"{type(exc).__name__}: {exc}", seq=seq, req=req))
+        except Exception as exc:
+            self._reply(_failure(exc, seq, msg))
+
+
+def _failure(exc: Exception, seq: int, msg: Any) -> Error:
+    """The Error answering a request that failed; called while ``exc`` is being handled."""
+    req = getattr(msg, "req", None)
+    if isinstance(exc, ReflexdError):
+        return Error(code=type(exc).__name__, message=str(exc), seq=seq, req=req)
+    # a bug or an unforeseen failure answers this request, not the daemon
+    _log.exception("request failed", request=type(msg).__name__)
+    return Error(code="internal", message=f"{type(exc).__name__}: {exc}", seq=seq, req=req)

@@ -74,7 +74,7 @@ class Daemon:
         cfg = self.config
         cfg.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.registry.ensure()
-        self.store = await anyio.to_thread.run_sync(Store, cfg.db_path)
+        self.store = await anyio.to_thread.run_sync(Store, cfg.db_path, cfg.store)
         self.models.refresh()
         self.scheduler.start_from(self.models.scorer.manifest if self.models.scorer else None)
         spool = await anyio.to_thread.run_sync(Spool, cfg.state_path / "spool", cfg.ingest.segment_bytes)
@@ -141,6 +141,8 @@ class Daemon:
             return False
         if new.socket.path != self.config.socket.path or new.state_dir != self.config.state_dir:
             _log.warning("socket.path and state_dir changes take effect at restart")
+        if new.store != self.config.store:
+            _log.warning("store changes take effect at restart")
         self.config = new
         log.configure(new.log.level, new.log.format)
         self.ingest.configure(new.ingest)
@@ -175,18 +177,23 @@ class Daemon:
 
     # ---- requests --------------------------------------------------------------------
 
-    def decide(self, msg: Decide) -> tuple[Decided, Decision]:
-        choice = self.chooser.choose(msg.agent, msg.context, msg.actions, msg.id)
-        decision = choice.event(msg.agent, msg.context, msg.actions)
-        reply = Decided(
-            id=choice.id,
-            action=choice.action,
-            prob=choice.prob,
-            model_version=choice.model_version,
-            strategy=choice.strategy,
-            req=msg.req,
-        )
-        return reply, decision
+    def decide(self, msgs: list[Decide]) -> list[tuple[Decided, Decision]]:
+        """Answer several decide requests at once (scored together), in order."""
+        choices = self.chooser.choose_many([(m.agent, m.context, m.actions, m.id) for m in msgs])
+        return [
+            (
+                Decided(
+                    id=choice.id,
+                    action=choice.action,
+                    prob=choice.prob,
+                    model_version=choice.model_version,
+                    strategy=choice.strategy,
+                    req=msg.req,
+                ),
+                choice.event(msg.agent, msg.context, msg.actions),
+            )
+            for msg, choice in zip(msgs, choices)
+        ]
 
     async def request(self, msg: msgspec.Struct) -> msgspec.Struct:
         req = getattr(msg, "req", None)
@@ -269,15 +276,15 @@ class Daemon:
                 "stored": c.stored,
                 "duplicates": c.duplicates,
                 "dead_letters": c.dead_letters,
+                "queued": c.queued,
+                "spooled": c.spooled,
+                "recovered_from_spool": c.recovered,
+                "refused_by_store": c.refused,
                 "write_errors": c.write_errors,
                 "unlogged_decisions": c.unlogged,
                 "client_dropped": c.client_dropped,
                 "connections": self.server.connections,
                 "refused": self.server.refused,
-                "queued": c.queued,
-                "spooled": c.spooled,
-                "recovered_from_spool": c.recovered,
-                "refused_by_store": c.refused,
                 **{f"stored_{k}": v for k, v in c.by_type.items()},
             },
             backlog=self.ingest.backlog,

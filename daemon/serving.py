@@ -10,6 +10,7 @@ import os
 import random
 import threading
 import time
+from math import isfinite
 from typing import Any, Callable
 
 import msgspec
@@ -75,6 +76,11 @@ class _Bound:
         self.binding.bind_cpu_input("actions", self.actions)
         for name, out in (("scores", self.scores), ("spread", self.spread)):
             self.binding.bind_output(name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        # the one row of each, viewed once here rather than on every decision
+        self.context_row = self.context[0]
+        self.actions_row = self.actions[0]
+        self.scores_row = self.scores[0]
+        self.spread_row = self.spread[0]
 
 
 class Scorer:
@@ -93,10 +99,10 @@ class Scorer:
     def score(self, context: dict[str, Any], actions: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         """Scores and spread of each action; the arrays are reused by this thread's next call."""
         bound = self._bound(len(actions))
-        self.hasher.context(context, out=bound.context[0])
-        np.copyto(bound.actions[0], self.hasher.actions(actions))
+        self.hasher.context(context, out=bound.context_row)
+        np.copyto(bound.actions_row, self.hasher.actions(actions))
         self.session.run_with_iobinding(bound.binding)
-        return bound.scores[0], bound.spread[0]
+        return bound.scores_row, bound.spread_row
 
     def _bound(self, n_actions: int) -> _Bound:
         # Inputs and outputs bound once per action count: a decision then costs one run on
@@ -123,6 +129,24 @@ class Scorer:
             empty = np.zeros((0, n_actions), dtype=np.float32)
             return empty, empty
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def score_many(self, contexts: list[dict[str, Any]], actions: list[list[Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and spread of several decisions offering the same number of actions, in one run.
+
+        The ONNX contract keeps batch rows apart (the gate scores its holdout the same way), so
+        row i is what ``score(contexts[i], actions[i])`` returns.
+        """
+        if len(contexts) == 1:  # alone, the buffers bound once cost less than a fresh run
+            scores, spread = self.score(contexts[0], actions[0])
+            return scores[None], spread[None]
+        spec = self.manifest.features
+        ctx = np.empty((len(contexts), spec.context_dim), dtype=np.float32)  # each row zeroed by the hasher
+        acts = np.empty((len(contexts), len(actions[0]), spec.action_dim), dtype=np.float32)
+        hasher = self.hasher
+        for i, (context, offered) in enumerate(zip(contexts, actions)):
+            hasher.context(context, out=ctx[i])
+            acts[i] = hasher.actions(offered)  # usually the same set every time: cached
+        return self.score_batch(ctx, acts)
 
 
 class ModelSource:
@@ -177,22 +201,108 @@ class Chooser:
         self._since_load = 0
         self._version: str | None = None
 
-    def _model_probabilities(
+    def _distribution(
         self, scorer: Scorer, cfg: ExplorationConfig, context: dict[str, Any], actions: list[Any], t: int
-    ) -> np.ndarray | None:
+    ) -> list[float] | None:
         """The model's distribution, or None (and the reason in ``source.error``) if it fails."""
         try:
             scores, spread = scorer.score(context, actions)
-            p = exploration.probabilities(cfg, scores.astype(np.float64), spread.astype(np.float64), t)
+            p = exploration.distribution(cfg, scores.tolist(), spread, t)  # spread is read by ucb alone
         except Exception as exc:  # onnxruntime's errors are untyped; a decision must still be made
             reason = f"{type(exc).__name__}: {exc}"
         else:
-            if np.isfinite(p).all():
+            if isfinite(sum(p)):  # probabilities cannot overflow a sum: it is finite when each one is
                 return p
             reason = "non-finite scores"
         if self.source is not None:
             self.source.error = f"model {scorer.version} failed while deciding ({reason}); using the default policy"
         return None
+
+    def _model_probabilities(
+        self, scorer: Scorer, cfg: ExplorationConfig, context: dict[str, Any], actions: list[Any], t: int
+    ) -> np.ndarray | None:
+        """``_distribution`` as an array."""
+        p = self._distribution(scorer, cfg, context, actions, t)
+        return None if p is None else np.array(p)
+
+    def _explore(
+        self, scorer: Scorer, cfg: ExplorationConfig, scores: list[float], spread: list[float], t: int
+    ) -> list[float] | None:
+        """``_distribution`` on scores already computed."""
+        try:
+            p = exploration.distribution(cfg, scores, spread, t)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            if isfinite(sum(p)):
+                return p
+            reason = "non-finite scores"
+        if self.source is not None:
+            self.source.error = f"model {scorer.version} failed while deciding ({reason}); using the default policy"
+        return None
+
+    def choose_many(self, requests: list[tuple[str, dict[str, Any], list[Any], str | None]]) -> list[Choice]:
+        """``choose(agent, context, actions, decision_id)`` for each request, in order.
+
+        The same choices, and the same draws from the seed, as one ``choose`` after another; but
+        requests offering the same number of actions are scored in one model run, where most of
+        a lone decision's time is the run's fixed cost.
+        """
+        scorer = self.source.scorer if self.source is not None else None
+        manifest = scorer.manifest if scorer is not None else None
+        version = scorer.version if scorer is not None else None
+        if version != self._version:
+            self._version = version
+            self._since_load = 0
+        by_agent: dict[str, ExplorationConfig] = {}
+        cfgs = []
+        for agent, *_ in requests:
+            cfg = by_agent.get(agent)
+            if cfg is None:
+                cfg = by_agent[agent] = self.exploration_for(agent, manifest)
+            cfgs.append(cfg)
+        t0 = self._since_load + (int(manifest.training.get("train_rows", 0)) if manifest else 0)
+        self._since_load += len(requests)
+        probs: list[list[float] | None] = [None] * len(requests)
+        if scorer is not None:
+            groups: dict[int, list[int]] = {}
+            for i, r in enumerate(requests):
+                groups.setdefault(len(r[2]), []).append(i)
+            for rows in groups.values():
+                try:
+                    scores, spread = scorer.score_many([requests[i][1] for i in rows], [requests[i][2] for i in rows])
+                except Exception:  # one bad decision must not fail the others: each is scored alone
+                    for i in rows:
+                        _, context, actions, _ = requests[i]
+                        probs[i] = self._distribution(scorer, cfgs[i], context, actions, t0 + i)
+                    continue
+                for k, (row, row_spread) in enumerate(zip(scores.tolist(), spread.tolist())):
+                    probs[rows[k]] = self._explore(scorer, cfgs[rows[k]], row, row_spread, t0 + rows[k])
+        fresh = os.urandom(16 * len(requests)).hex()  # ids for those that came without one
+        choices = []
+        for i, (agent, context, actions, decision_id) in enumerate(requests):
+            ids = action_ids(actions)
+            p, cfg, chosen_by = probs[i], cfgs[i], version
+            if p is not None:
+                strategy = cfg.strategy
+            else:
+                chosen_by = None  # logged as what it was: the default policy, not the model
+                default = ids.index(cfg.default_action) if cfg.default_action in ids else None
+                p = exploration.default_distribution(cfg, len(ids), default, t0 + i)
+                strategy = "default"
+            j = exploration.sample(p, self._rng.random())
+            choices.append(
+                Choice(
+                    id=decision_id or fresh[32 * i : 32 * i + 32],
+                    action=ids[j],
+                    index=j,
+                    prob=p[j],
+                    probs=p,
+                    model_version=chosen_by,
+                    strategy=strategy,
+                )
+            )
+        return choices
 
     def choose(self, agent: str, context: dict[str, Any], actions: list[Any], decision_id: str | None = None) -> Choice:
         ids = action_ids(actions)
@@ -205,21 +315,22 @@ class Chooser:
         cfg = self.exploration_for(agent, manifest)
         t = self._since_load + (int(manifest.training.get("train_rows", 0)) if manifest else 0)
         self._since_load += 1
-        p = self._model_probabilities(scorer, cfg, context, actions, t) if scorer is not None else None
+        # plain floats from here on: for one decision's few actions numpy's per-call cost dominates
+        p = self._distribution(scorer, cfg, context, actions, t) if scorer is not None else None
         if p is not None:
             strategy = cfg.strategy
         else:
             version = None  # logged as what it was: the default policy, not the model
             default = ids.index(cfg.default_action) if cfg.default_action in ids else None
-            p = exploration.fallback(cfg, len(ids), default, t)
+            p = exploration.default_distribution(cfg, len(ids), default, t)
             strategy = "default"
         i = exploration.sample(p, self._rng.random())
         return Choice(
             id=decision_id or os.urandom(16).hex(),  # as unique as uuid4, without its overhead
             action=ids[i],
             index=i,
-            prob=float(p[i]),
-            probs=p.tolist(),
+            prob=p[i],
+            probs=p,
             model_version=version,
             strategy=strategy,
         )

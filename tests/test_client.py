@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import duckdb
+import msgspec
 import pytest
 
 from conftest import DaemonProcess, wait_for
 from reflexd.client import Policy
 from reflexd.config import ExplorationConfig
-
-pytestmark = pytest.mark.e2e
+from reflexd.protocol import MSGPACK, Decision, decode_inbound, encode_frame
 
 
 def stored_ids(d: DaemonProcess) -> list[str]:
@@ -20,6 +22,7 @@ def stored_ids(d: DaemonProcess) -> list[str]:
         return [r[0] for r in con.execute("select id from decisions").fetchall()]
 
 
+@pytest.mark.e2e
 def test_events_logged_while_the_daemon_is_down_arrive_once_it_starts(daemon_factory) -> None:
     d = daemon_factory()
     d.stop()
@@ -33,6 +36,7 @@ def test_events_logged_while_the_daemon_is_down_arrive_once_it_starts(daemon_fac
     assert sorted(stored_ids(d)) == sorted(ids)
 
 
+@pytest.mark.e2e
 def test_a_killed_daemon_loses_nothing_acknowledged_and_stores_resends_once(daemon_factory) -> None:
     d = daemon_factory()
     sent: list[str] = []
@@ -50,6 +54,7 @@ def test_a_killed_daemon_loses_nothing_acknowledged_and_stores_resends_once(daem
     assert stats["dropped"] == 0 and stats["settled"] == stats["enqueued"] == len(sent)
 
 
+@pytest.mark.e2e
 def test_a_full_buffer_drops_and_counts_without_blocking_the_agent(daemon_factory) -> None:
     d = daemon_factory()
     d.stop()
@@ -71,6 +76,7 @@ def test_a_full_buffer_drops_and_counts_without_blocking_the_agent(daemon_factor
     assert status.ingest["stored_decisions"] == 100
 
 
+@pytest.mark.e2e
 def test_no_model_means_the_default_action_with_exploration(daemon: DaemonProcess) -> None:
     explore = ExplorationConfig(default_action="safe", epsilon=0.1, epsilon_min=0.0)
     with Policy("a", socket=daemon.socket, state_dir=daemon.state_dir, exploration=explore, seed=1) as policy:
@@ -82,6 +88,7 @@ def test_no_model_means_the_default_action_with_exploration(daemon: DaemonProces
     wait_for(lambda: daemon.status().ingest["stored"] == 3000, 30, "all decisions stored")
 
 
+@pytest.mark.e2e
 def test_actions_given_as_plain_mappings_are_logged(daemon: DaemonProcess) -> None:
     actions = [{"id": "fast", "features": {"cost": 1}}, {"id": "slow", "features": {"cost": 5}}]
     with Policy("a", socket=daemon.socket, state_dir=daemon.state_dir, seed=2) as policy:
@@ -89,3 +96,69 @@ def test_actions_given_as_plain_mappings_are_logged(daemon: DaemonProcess) -> No
         assert choice.action in {"fast", "slow"}
         assert policy.flush(timeout=60)
     assert daemon.loaded_status().ingest["stored_decisions"] == 1
+
+
+CONTEXT = {"task": "code", "tokens": 812, "pro": True, "user": {"langs": ["en", "de"], "age": None}}
+ACTIONS = ["small", {"id": "large", "features": {"cost": 10, "tools": True}}]
+
+
+def test_decision_frames_are_the_protocol_decision_byte_for_byte(tmp_path) -> None:
+    explore = ExplorationConfig(default_action="large", epsilon=0.2)
+    policy = Policy("a", socket=tmp_path / "nobody.sock", state_dir=tmp_path, exploration=explore, seed=3)
+    policy._sender.stop()  # the frames stay in the buffer, where they can be read back
+    try:
+        choices = [policy.decide(CONTEXT, ACTIONS) for _ in range(20)] + [policy.decide({}, ["only"], decision_id="mine")]
+        frames = list(policy._sender._frames)
+    finally:
+        policy.close(timeout=0)
+    assert len(frames) == len(choices) and {c.action for c in choices[:20]} == {"small", "large"}
+    for choice, frame, context, actions in zip(choices, frames, [CONTEXT] * 20 + [{}], [ACTIONS] * 20 + [["only"]]):
+        decoded = decode_inbound(frame[4:], MSGPACK)  # what the daemon reads: valid, and this choice
+        assert isinstance(decoded, Decision) and (decoded.id, decoded.chosen, decoded.prob) == (choice.id, choice.action, choice.prob)
+        assert abs(decoded.ts - time.time()) < 60
+        # the validated protocol message with the same timestamp encodes to the very same bytes
+        assert frame == encode_frame(msgspec.structs.replace(choice.event("a", context, actions), ts=decoded.ts), MSGPACK)
+    assert choices[-1].id == "mine" and choices[-1].prob == 1.0
+
+
+@pytest.mark.e2e
+def test_the_daemon_stores_each_decision_as_it_was_made(daemon: DaemonProcess) -> None:
+    with Policy("a", socket=daemon.socket, state_dir=daemon.state_dir, seed=4) as policy:
+        choices = {c.id: c for c in (policy.decide({**CONTEXT, "i": i}, ACTIONS) for i in range(50))}
+        assert policy.flush(timeout=60), policy.stats()
+    daemon.stop()
+    with duckdb.connect(str(daemon.state_dir / "reflexd.duckdb"), read_only=True) as con:
+        rows = con.execute("select id, agent, context, actions, chosen, prob, probs, model_version, strategy from decisions").fetchall()
+    assert len(rows) == 50
+    for id_, agent, context, actions, chosen, prob, probs, version, strategy in rows:
+        c = choices[id_]
+        assert (agent, chosen, prob, json.loads(probs), version, strategy) == ("a", c.action, c.prob, c.probs, None, "default")
+        assert json.loads(context) == {**CONTEXT, "i": json.loads(context)["i"]}
+        assert json.loads(actions) == ACTIONS
+
+
+@pytest.mark.e2e
+def test_the_sender_wakes_once_per_send_interval_however_often_the_agent_decides(daemon: DaemonProcess) -> None:
+    # Each wake-up of the sender can hold up a decision (the GIL), so it must not follow the
+    # agent's pace, nor the daemon's acks: an agent deciding every 2 ms gets one flush per interval.
+    interval = 0.05
+    pace = threading.Event()  # never set: its wait is the agent's time between decisions
+    with Policy("a", socket=daemon.socket, state_dir=daemon.state_dir, send_interval=interval) as policy:
+        started = time.monotonic()
+        for i in range(250):
+            policy.decide({"i": i}, ["x", "y"])
+            pace.wait(0.002)
+        elapsed = time.monotonic() - started
+        cycles = policy._sender._flush_seq
+        assert policy.flush(timeout=60), policy.stats()
+    assert 1 <= cycles <= elapsed / interval + 1, (cycles, elapsed)
+    wait_for(lambda: daemon.status().ingest["stored"] == 250, 60, "all decisions stored")
+
+
+@pytest.mark.e2e
+def test_flush_ships_at_once_whatever_the_send_interval(daemon: DaemonProcess) -> None:
+    with Policy("a", socket=daemon.socket, state_dir=daemon.state_dir, send_interval=3600) as policy:
+        for i in range(10):
+            policy.decide({"i": i}, ["x", "y"])
+        assert policy.flush(timeout=30), policy.stats()
+        assert policy.stats()["settled"] == 10

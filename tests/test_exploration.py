@@ -237,3 +237,37 @@ def test_sample_never_picks_zero_probability_action_under_rounding() -> None:
     u = float(np.nextafter(1.0, 0.0))
     i = X.sample(p, u)
     assert p[i] > 0, (i, np.cumsum(p)[-2:], p.sum())
+
+
+# ---- plain floats (the decision path) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        cfg(strategy="epsilon_greedy", epsilon=0.2, decay=0.5),
+        cfg(strategy="softmax", temperature=0.3, epsilon_min=0.02),
+        cfg(strategy="ucb", epsilon=0.1, ucb_c=2.0),
+        cfg(strategy="squarecb", gamma=10.0, gamma_exponent=0.5),
+    ],
+    ids=lambda c: c.strategy,
+)
+def test_distribution_is_probabilities_as_floats(config: ExplorationConfig) -> None:
+    p = X.distribution(config, SCORES.tolist(), SPREAD.tolist(), 7)
+    assert type(p) is list and all(type(x) is float for x in p)
+    assert p == X.probabilities(config, SCORES, SPREAD, 7).tolist()
+    # a float32 model output is widened first, not explored in float32
+    s32, u32 = SCORES.astype(np.float32), SPREAD.astype(np.float32)
+    assert X.distribution(config, s32, u32, 7) == X.distribution(config, s32.tolist(), u32.tolist(), 7)
+
+
+def test_default_distribution_is_fallback_as_floats() -> None:
+    c = cfg(epsilon=0.2, epsilon_min=0.01)
+    assert X.default_distribution(c, 4, 2) == X.fallback(c, 4, 2).tolist() == pytest.approx([0.05, 0.05, 0.85, 0.05])
+    assert X.default_distribution(c, 3, None) == [1 / 3] * 3
+
+
+def test_sample_takes_lists_and_arrays_alike() -> None:
+    p = [0.1] * 10 + [0.0]
+    for u in np.random.default_rng(3).random(2000).tolist() + [0.0, float(np.nextafter(1.0, 0.0))]:
+        assert X.sample(p, u) == X.sample(np.array(p), u) == int(np.searchsorted(np.cumsum(p), u * np.cumsum(p)[-1], side="right"))

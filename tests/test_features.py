@@ -288,3 +288,32 @@ def test_action_sets_that_encode_alike_are_not_confused() -> None:
     for got, want in zip(rows, fresh):
         np.testing.assert_array_equal(got, want)
     assert not np.array_equal(rows[0], rows[1])
+
+
+def test_action_sets_that_json_would_confuse_are_told_apart() -> None:
+    # JSON writes bytes as base64 text; the set cache's msgpack key keeps bytes and str apart
+    h = Hasher(FeatureSpec(action_dim=64))
+    skipped = h.actions([{"id": "a", "features": {"x": b"abc"}}]).copy()  # bytes carry no signal
+    text = h.actions([{"id": "a", "features": {"x": "YWJj"}}])  # a categorical
+    np.testing.assert_array_equal(skipped, Hasher(FeatureSpec(action_dim=64)).actions(["a"]))
+    assert not np.array_equal(skipped, text)
+
+
+def test_action_sets_msgpack_cannot_encode_are_hashed_uncached() -> None:
+    h = Hasher(FeatureSpec(action_dim=64))
+    huge = [{"id": "a", "features": {"n": 2**70}}]  # past msgpack's 64-bit integers
+    rows = h.actions(huge)
+    assert rows.flags.writeable and not h._sets_cache  # hashed, not cached
+    want = expected_vector({"__action=a": 1.0, "n": math.log1p(2.0**70)}, 64)
+    np.testing.assert_allclose(rows[0], want, rtol=1e-6)
+
+
+def test_context_into_a_strided_or_double_buffer() -> None:
+    h = Hasher(FeatureSpec(context_dim=32))
+    want = h.context(CTX)
+    cols = np.full((32, 3), 7.0, dtype=np.float32)
+    h.context(CTX, out=cols[:, 1])  # a column: every other element of memory belongs to others
+    np.testing.assert_array_equal(cols[:, 1], want)
+    assert (cols[:, [0, 2]] == 7.0).all()
+    wide = np.zeros(32, dtype=np.float64)
+    np.testing.assert_allclose(h.context(CTX, out=wide), want, rtol=1e-6, atol=1e-7)

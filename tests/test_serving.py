@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import onnx
 import pytest
@@ -383,3 +384,25 @@ def test_a_model_that_fails_while_deciding_falls_back_to_the_default_policy(live
     assert choice.model_version is None and choice.strategy == "default"
     assert choice.probs[choice.index] == choice.prob
     assert "v9999 failed while deciding" in (live.error or "")
+
+
+def test_a_model_scoring_nan_falls_back_to_the_default_policy(live: ModelSource) -> None:
+    class NaNs:
+        version = "v0042"
+        manifest = live.scorer.manifest  # type: ignore[union-attr]  # softmax: NaN scores give NaN probabilities
+
+        def score(self, context, actions):
+            n = len(actions)
+            return np.full(n, np.nan, dtype=np.float32), np.zeros(n, dtype=np.float32)
+
+    live.scorer = NaNs()  # type: ignore[assignment]
+    choice = Chooser(live, manifest_exploration, seed=0).choose("a", CTX, ACTIONS)
+    assert choice.model_version is None and choice.strategy == "default"
+    assert choice.probs == [1 / 3] * 3 and choice.prob == choice.probs[choice.index]  # the manifest names no default
+    assert "v0042 failed while deciding (non-finite scores)" in (live.error or "")
+
+
+def test_choices_carry_plain_floats(live: ModelSource) -> None:
+    choice = Chooser(live, manifest_exploration, seed=0).choose("a", CTX, ACTIONS)
+    assert type(choice.prob) is float and all(type(p) is float for p in choice.probs)
+    assert msgspec.json.decode(msgspec.json.encode(choice), type=type(choice)) == choice
