@@ -91,6 +91,35 @@ class ChildWatcher(threading.Thread):
         return (self.last_seen - self.first_seen) if self.first_seen and self.last_seen else 0.0
 
 
+class RssSampler(threading.Thread):
+    """The daemon's VmRSS every 10 ms for as long as it runs, so each step's own peak can be read.
+
+    VmHWM keeps only the highest value since start; which step reached it, and how high a later
+    step went, needs the samples (``peak(start, end)``, wall-clock times).
+    """
+
+    PERIOD = 0.01
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.samples: list[tuple[float, int]] = []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.PERIOD):
+            rss = proc_status(self.pid, "VmRSS")
+            if rss:
+                self.samples.append((time.time(), rss))
+
+    def peak(self, start: float, end: float) -> int:
+        return max((rss for t, rss in self.samples if start <= t <= end), default=0)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
 class BenchDaemon:
     def __init__(self, train_rows: int) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="reflexd-bench-"))
@@ -100,6 +129,7 @@ class BenchDaemon:
         self.state_dir = self.root / "state"
         self.config = bench_config(self.state_dir, Path(self.socket), train_rows)
         self.child = LocalDaemon(self.root, self.config)
+        self.sampler: RssSampler | None = None
 
     @property
     def pid(self) -> int:
@@ -108,6 +138,8 @@ class BenchDaemon:
 
     def start(self) -> BenchDaemon:
         self.child.start(START_TIMEOUT)
+        self.sampler = RssSampler(self.pid)
+        self.sampler.start()
         return self
 
     def request(self, msg: Any, timeout: float = 30.0) -> Any:
@@ -122,12 +154,19 @@ class BenchDaemon:
     def peak_rss(self) -> int:
         return proc_status(self.pid, "VmHWM")
 
+    def peak_rss_between(self, start: float, end: float) -> int:
+        """The highest VmRSS sampled between two ``time.time()`` readings."""
+        assert self.sampler is not None
+        return self.sampler.peak(start, end)
+
     def log_tail(self, chars: int = 3000) -> str:
         return self.child.log_tail(chars)
 
     def stop(self) -> None:
         """Stop the daemon (drain, then SIGKILL if it hangs) and remove the temp dirs."""
         try:
+            if self.sampler is not None:
+                self.sampler.stop()
             self.child.stop(STOP_TIMEOUT)
         finally:
             shutil.rmtree(self.sock_dir, ignore_errors=True)

@@ -69,6 +69,13 @@ class RetentionConfig(_Section):
     check_interval: PositiveFloat = 3600.0
 
 
+class StoreConfig(_Section):
+    # DuckDB's memory: the indexes on event ids (resident, ~70 bytes per stored event), spool loads
+    # and training snapshots (~250 MiB at trainer.max_examples), and cached table blocks (the rest)
+    memory_limit_mb: Annotated[int, msgspec.Meta(ge=64)] = 512
+    threads: Positive = 2
+
+
 class FeatureConfig(_Section):
     context_dim: Positive = 128
     action_dim: Positive = 32
@@ -116,7 +123,12 @@ class GateConfig(_Section):
     estimator: Literal["ips", "snips", "dr"] = "dr"
     confidence: Annotated[float, msgspec.Meta(gt=0.5, lt=1)] = 0.95
     margin: NonNegative = 0.0
-    min_holdout: Positive = 30
+    min_holdout: Positive = 10
+    # a first model (no incumbent) is compared with the logging policy on a gentler rule: the
+    # downside is bounded (exploration goes on, and the next run's gate judges it as an incumbent)
+    # while every decision made without a model is spent at the logging policy's value
+    first_min_holdout: Positive = 4
+    first_confidence: Annotated[float, msgspec.Meta(gt=0.5, lt=1)] = 0.8
     parity_tolerance: PositiveFloat = 1e-5
     # automatic rollback (reflexd.monitor): live reward of the current model against its predecessor's
     auto_rollback: bool = True
@@ -180,6 +192,7 @@ class Config(_Section):
     ingest: IngestConfig = IngestConfig()
     rewards: RewardConfig = RewardConfig()
     retention: RetentionConfig = RetentionConfig()
+    store: StoreConfig = StoreConfig()
     features: FeatureConfig = FeatureConfig()
     trainer: TrainerConfig = TrainerConfig()
     exploration: ExplorationConfig = ExplorationConfig()

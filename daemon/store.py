@@ -25,7 +25,7 @@ import msgspec
 import pyarrow as pa
 
 from . import spool
-from .config import Config
+from .config import Config, StoreConfig
 from .errors import RejectedData, StorageError
 from .protocol import Decision, Event, Outcome, Step
 
@@ -225,10 +225,11 @@ _SPOOL_COLUMNS = {
     " action VARCHAR, reward DOUBLE, done BOOLEAN, ts DOUBLE)[]",
     "events": "STRUCT(id VARCHAR, agent VARCHAR, kind VARCHAR, data JSON, ts DOUBLE)[]",
 }
-# One line is one ingest batch: batch_size events of up to socket.max_frame_bytes each.
+# One line is one ingest batch. DuckDB sets aside twice maximum_object_size per read, within
+# store.memory_limit_mb, so it is the segment's own size: no line is longer than its file.
 _READ_SPOOL = f"""
     CREATE OR REPLACE TEMP TABLE spooled AS
-    SELECT * FROM read_json($path, format='newline_delimited', maximum_object_size=2147483647,
+    SELECT * FROM read_json($path, format='newline_delimited', maximum_object_size=$longest,
                             columns={{{", ".join(f"'{k}': '{v}'" for k, v in _SPOOL_COLUMNS.items())}}})
 """
 # An event sent without an id is named after its place in the spool, so loading again is a no-op.
@@ -357,12 +358,23 @@ def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
 
 
 class Store:
-    def __init__(self, path: Path | str, threads: int = 2) -> None:
+    def __init__(self, path: Path | str, settings: StoreConfig = StoreConfig()) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = duckdb.connect(str(self.path), config={"threads": threads})
+            self._con = duckdb.connect(
+                str(self.path),
+                config={
+                    "threads": settings.threads,
+                    "memory_limit": f"{settings.memory_limit_mb}MiB",
+                    # what big queries (snapshots, archiving) spill stays beside the database
+                    "temp_directory": f"{self.path}.tmp",
+                    # lets DuckDB's allocator hand freed memory back to the system within a second or
+                    # so of a load or query, instead of keeping it for the next one
+                    "allocator_background_threads": True,
+                },
+            )
             self._con.execute(_SCHEMA)
         except (duckdb.Error, OSError) as exc:
             raise StorageError(f"cannot open the store at {self.path}: {exc}") from exc
@@ -393,7 +405,7 @@ class Store:
         """
         inserted: dict[str, int] = {}
         with self._guard(f"loading spool segment {segment.name}") as con, _transaction(con):
-            con.execute(_READ_SPOOL, {"path": str(segment)})
+            con.execute(_READ_SPOOL, {"path": str(segment), "longest": segment.stat().st_size})
             (counts,) = con.execute(_SPOOLED_COUNTS).fetchall()
             for name, count in zip(EXPERIENCE_TABLES, counts):
                 if count:

@@ -17,10 +17,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from reflexd.config import parse_config
+from reflexd.config import StoreConfig, parse_config
 from reflexd.errors import StorageError
 from reflexd.protocol import Action, Decision, Event, Outcome, Step, decode_inbound
 from reflexd.store import DeadLetter, SnapshotInfo, Store, WriteResult
+from reflexd.spool import Spool
 
 DAY = 86400.0
 
@@ -85,6 +86,34 @@ def test_data_survives_close_and_reopen_and_dedupe_still_applies(db: Path) -> No
         again = s.write([decision("d1"), Outcome(decision_id="d1", reward=1.0, id="o1")], received_at=20.0)
     assert again == WriteResult(inserted=0, duplicates=2)
     assert query(db, "SELECT id, received_at FROM decisions") == [("d1", 10.0)]
+
+
+def test_the_store_settings_reach_duckdb(db: Path) -> None:
+    with Store(db, StoreConfig(memory_limit_mb=300, threads=1)) as s:
+        settings = dict(
+            s._con.execute(
+                "SELECT name, value FROM duckdb_settings() WHERE name IN "
+                "('memory_limit', 'threads', 'temp_directory', 'allocator_background_threads')"
+            ).fetchall()
+        )
+    assert settings == {
+        "memory_limit": "300.0 MiB",
+        "threads": "1",
+        "temp_directory": f"{db}.tmp",
+        "allocator_background_threads": "true",
+    }
+
+
+def test_a_full_spool_segment_loads_within_a_small_memory_limit(db: Path, tmp_path: Path) -> None:
+    # DuckDB sets aside twice read_json's maximum_object_size up front: unsized, that is 4 GiB
+    spool = Spool(tmp_path / "spool", segment_bytes=64 << 20)
+    for line in range(40):
+        spool.append([decision(f"d{line}-{i}", context={"text": "x" * 400, "i": i}) for i in range(100)], float(line))
+    spool.close()
+    (segment,) = spool.take()
+    assert segment.stat().st_size > 2 << 20
+    with Store(db, StoreConfig(memory_limit_mb=64)) as s:
+        assert s.load(segment) == WriteResult(inserted=4000, duplicates=0, decisions=4000)
 
 
 def test_batch_with_all_four_event_types_is_stored_field_by_field(store: Store, db: Path) -> None:
