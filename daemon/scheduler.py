@@ -19,7 +19,7 @@ import anyio
 import msgspec
 
 from . import gate, log
-from .dataset import load_snapshot, split_holdout
+from .dataset import load_holdout
 from .errors import ReflexdError, TrainerFault, TrainingError
 from .registry import Manifest, Registry, sha256_of
 from .serving import Scorer
@@ -27,6 +27,7 @@ from .trainer import EXIT_OUT_OF_MEMORY, memory_exhausted, read_result
 
 _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3
+GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
 MIN_SNAPSHOT_ROWS = 20
 
 
@@ -141,8 +142,8 @@ class Scheduler:
     async def _train(self, run_dir: Path, reason: str) -> dict[str, Any]:
         cfg = self.config
         self.status.state = "snapshot"
-        snapshot = run_dir / "snapshot.parquet"
         await self.daemon.ingest.barrier(loaded=True)  # what was acknowledged is in the snapshot
+        snapshot = run_dir / "snapshot.parquet"
         info = await anyio.to_thread.run_sync(
             self.daemon.store.snapshot, snapshot, time.time(), cfg, cfg.trainer.max_examples
         )
@@ -171,6 +172,8 @@ class Scheduler:
         threads = str(cfg.trainer.max_threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         cmd = [sys.executable, "-m", "reflexd.trainer", str(snapshot), str(out), "--config", str(config_file)]
+        # each architecture's ONNX graph is traced once and reused by later runs (seconds each)
+        cmd += ["--graph-cache", str(self.config.state_path / GRAPHS_DIR)]
         with open(run_dir / "trainer.log", "wb") as errlog:
             proc = await anyio.open_process(cmd, stdin=None, stdout=errlog, stderr=errlog, env=env)
             self.status.trainer_pid = proc.pid
@@ -234,12 +237,10 @@ class Scheduler:
             sha256=sha256_of(model_file),
         )
         candidate = Scorer(manifest, model_file.read_bytes())
-        _, holdout = split_holdout(load_snapshot(snapshot, result.features), cfg.trainer.holdout_fraction)
+        holdout = load_holdout(snapshot, result.features, cfg.trainer.holdout_fraction)
         incumbent_holdout = None
         if incumbent is not None and incumbent.manifest.features != result.features:
-            _, incumbent_holdout = split_holdout(
-                load_snapshot(snapshot, incumbent.manifest.features), cfg.trainer.holdout_fraction
-            )
+            incumbent_holdout = load_holdout(snapshot, incumbent.manifest.features, cfg.trainer.holdout_fraction)
         verdict = gate.evaluate(
             candidate,
             incumbent,

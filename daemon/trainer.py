@@ -1,6 +1,6 @@
 """The trainer subprocess: snapshot → fit → ONNX export → parity check → result.json.
 
-    python -m reflexd.trainer SNAPSHOT OUT_DIR --config CONFIG_JSON [--seed N]
+    python -m reflexd.trainer SNAPSHOT OUT_DIR --config CONFIG_JSON [--seed N] [--graph-cache DIR]
 
 CONFIG_JSON is ``msgspec.json.encode(config)`` of a ``reflexd.config.Config``, given inline or as
 the path of a file holding it (the daemon writes a file, which keeps it out of ``ps``). The run
@@ -8,6 +8,11 @@ writes ``OUT_DIR/policy.onnx`` and ``OUT_DIR/result.json`` (a ``TrainResult``, o
 Exit status: 0 when a model was produced (even if parity failed: ``parity_ok`` says so and the
 daemon rejects it), 2 for a training failure (one line on stderr), 3 when the run ran out of
 memory (``trainer.max_memory_mb``), 1 for a bug (traceback).
+
+``--graph-cache`` names a directory where each model architecture's ONNX graph is kept once
+traced, so a later run of the same architecture writes its weights into that graph instead of
+tracing again (``reflexd.exporters.onnx``). Should such a model ever fail the parity check, it is
+traced afresh and checked again before the run gives up on it.
 
 The process caps its own address space (RLIMIT_AS) at ``trainer.max_memory_mb`` before torch is
 imported, so a runaway run fails here with an allocation error instead of taking the host's
@@ -73,8 +78,13 @@ class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     window_end: float  # received_at of the newest
     epochs: int
     train_loss: float | None  # mean over the last epoch, in squared reward units; None if not reported
+    load_seconds: float  # reading and hashing the snapshot
+    import_seconds: float  # torch and the learner
     fit_seconds: float
     export_seconds: float
+    graph_reused: bool  # the export wrote the weights into a cached graph (see --graph-cache)
+    parity_seconds: float
+    cpu_seconds: float  # the run's CPU time so far; at SCHED_IDLE its wall time depends on other load
     parity_max_abs_diff: float
     parity_ok: bool
     torch_version: str
@@ -185,6 +195,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("out_dir", help="directory for policy.onnx and result.json")
     parser.add_argument("--config", required=True, help="the daemon's Config as JSON, or a file holding it")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--graph-cache", default=None, help="directory of exported graphs to reuse across runs")
     return parser.parse_args(argv)
 
 
@@ -193,7 +204,7 @@ def _read_config(arg: str) -> Config:
     return msgspec.json.decode(text, type=Config)
 
 
-def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResult:
+def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path | None = None) -> TrainResult:
     settings = config.trainer
     features = config.features
     spec = FeatureSpec(context_dim=features.context_dim, action_dim=features.action_dim, seed=features.seed)
@@ -201,13 +212,14 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResul
     # loaded before torch is imported, so a bad or empty snapshot fails in a fraction of a second
     batch = load_snapshot(snapshot, spec)
     train_set, holdout = split_holdout(batch, settings.holdout_fraction)
+    load_seconds = time.perf_counter() - started
     _log(
         "loaded",
         rows=len(batch),
         train=len(train_set),
         holdout=len(holdout),
         dropped=batch.dropped,
-        seconds=time.perf_counter() - started,
+        seconds=load_seconds,
     )
     if len(train_set) < MIN_TRAIN_ROWS:
         raise TrainingError(
@@ -215,6 +227,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResul
             f"{len(holdout)} and dropping {batch.dropped}; at least {MIN_TRAIN_ROWS} are needed"
         )
 
+    started = time.perf_counter()
     import torch
 
     from reflexd.exporters.onnx import export_onnx, parity
@@ -222,6 +235,8 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResul
 
     torch.set_num_threads(settings.max_threads)
     learner = load_learner(settings.learner)
+    import_seconds = time.perf_counter() - started
+    _log("imported", seconds=import_seconds)
     losses: list[float] = []
 
     def progress(epoch: int, epochs: int, loss: float) -> None:
@@ -237,11 +252,30 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResul
     _log("fitted", learner=learner.name, seconds=fit_seconds, samples_per_s=samples_per_s)
 
     model_path = out_dir / MODEL_FILE
-    export_seconds = export_onnx(model, spec.context_dim, spec.action_dim, model_path)
+    exported = export_onnx(model, spec.context_dim, spec.action_dim, model_path, graphs)
+    export_seconds = exported.seconds
     check = holdout.take(range(min(len(holdout), MAX_PARITY_ROWS)))
+    started = time.perf_counter()
     diff = parity(model, model_path, check.context, check.actions)
+    parity_seconds = time.perf_counter() - started
+    if diff > config.gate.parity_tolerance and exported.reused:
+        # the cached graph does not compute this model (its code changed in a way the key
+        # missed): trace it afresh, which also replaces the cached graph
+        _log("cached_graph_failed_parity", parity_max_abs_diff=diff)
+        exported = export_onnx(model, spec.context_dim, spec.action_dim, model_path, graphs, reuse=False)
+        export_seconds += exported.seconds
+        started = time.perf_counter()
+        diff = parity(model, model_path, check.context, check.actions)
+        parity_seconds += time.perf_counter() - started
     parity_ok = diff <= config.gate.parity_tolerance
-    _log("exported", seconds=export_seconds, parity_max_abs_diff=diff, parity_ok=parity_ok)
+    _log(
+        "exported",
+        seconds=export_seconds,
+        graph_reused=exported.reused,
+        parity_max_abs_diff=diff,
+        parity_ok=parity_ok,
+        parity_seconds=parity_seconds,
+    )
 
     return TrainResult(
         learner=learner.name,
@@ -254,10 +288,15 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int) -> TrainResul
         window_end=float(batch.received_at.max()),
         epochs=epochs_run,
         train_loss=losses[-1] if losses else None,
+        load_seconds=load_seconds,
+        import_seconds=import_seconds,
         fit_seconds=fit_seconds,
         export_seconds=export_seconds,
+        graph_reused=exported.reused,
+        parity_seconds=parity_seconds,
         parity_max_abs_diff=diff,
         parity_ok=parity_ok,
+        cpu_seconds=time.process_time(),
         torch_version=str(torch.__version__),  # torch's TorchVersion is a str subclass msgspec refuses
     )
 
@@ -284,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     max_mb = config.trainer.max_memory_mb
     limit = limit_memory(max_mb)  # before torch is imported, so its mappings count too
     try:
-        _write_result(out_dir, train(args.snapshot, out_dir, config, args.seed))
+        graphs = Path(args.graph_cache) if args.graph_cache else None
+        _write_result(out_dir, train(args.snapshot, out_dir, config, args.seed, graphs))
     except Exception as exc:
         # a TrainingError says what went wrong; only its text can tell of an allocation failure
         if _out_of_memory(exc, None if isinstance(exc, TrainingError) else limit):
@@ -310,4 +350,9 @@ def _fail(out_dir: Path, message: str, status: int = 2) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the result is written: skipping the interpreter's teardown of torch (~0.3 s) hands the
+    # daemon, which waits for this process to exit, its model that much sooner
+    os._exit(status)

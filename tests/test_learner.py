@@ -1,3 +1,8 @@
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +12,8 @@ from reflexd.dataset import from_records
 from reflexd.errors import TrainingError
 from reflexd.features import FeatureSpec, Hasher
 from reflexd.plugins.learners import UnknownLearner, load_learner
-from reflexd.plugins.learners.mlp import MLPLearner
+from reflexd.plugins.learners._heads import Adam
+from reflexd.plugins.learners.mlp import MLPLearner, RewardMLP
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_one_thread")]
 
@@ -125,3 +131,43 @@ def test_unknown_learner_lists_the_available_ones():
     with pytest.raises(UnknownLearner, match=r"unknown learner 'transformerz'; available: .*mlp") as info:
         load_learner("transformerz")
     assert isinstance(info.value, TrainingError)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (dict(weight_decay=0.0), lambda p: torch.optim.Adam(p, lr=0.01, fused=True)),
+        (dict(weight_decay=0.01), lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.01, fused=True)),
+        (dict(weight_decay=0.01, decoupled=True), lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.01, fused=True)),
+    ],
+    ids=["adam", "adam-l2", "adamw"],
+)
+def test_adam_takes_exactly_torchs_steps(ours, theirs):
+    torch.manual_seed(0)
+    model = RewardMLP(6, 3, 8, 2)
+    twin = copy.deepcopy(model)
+    steppers = [(model, Adam(model.parameters(), 0.01, **ours)), (twin, theirs(twin.parameters()))]
+    for _ in range(25):
+        context, actions = torch.randn(4, 6), torch.randn(4, 3)
+        for net, optimizer in steppers:
+            optimizer.zero_grad()
+            net.head_outputs(context, actions).square().mean().backward()
+            optimizer.step()
+    for mine, reference in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(mine, reference)
+    assert not torch.equal(model.heads.weight, RewardMLP(6, 3, 8, 2).heads.weight)
+
+
+def test_fitting_leaves_torchs_compiler_unimported():
+    # torch.optim's own step imports torch._dynamo, a second of a run that needs none of it
+    code = (
+        "import sys, tests.test_learner as t\n"
+        "from reflexd.plugins.learners import load_learner\n"
+        "for name in ('mlp', 'transformer'):\n"
+        "    load_learner(name).fit(t.known_problem(200), t.SETTINGS, seed=0)\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr
+

@@ -4,14 +4,21 @@ import sys
 
 import msgspec
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from conftest import wait_for
+from reflexd.client import Policy
 from reflexd.config import Config, FeatureConfig, GateConfig, TrainerConfig
 from reflexd.errors import TrainingError
+from reflexd.exporters.onnx import export_onnx, graph_key
 from reflexd.features import FeatureSpec, Hasher
+from reflexd.plugins.learners.mlp import RewardMLP
+from reflexd.protocol import ModelsRequest, Train
 from reflexd.trainer import read_result
 
 pytestmark = pytest.mark.slow
@@ -55,10 +62,11 @@ def write_snapshot(path, n_rows, seed=0):
     return path
 
 
-def run_trainer(snapshot, out_dir, config_arg=None):
+def run_trainer(snapshot, out_dir, config_arg=None, *extra):
     config_arg = config_arg or msgspec.json.encode(CONFIG).decode()
     return subprocess.run(
-        [sys.executable, "-m", "reflexd.trainer", str(snapshot), str(out_dir), "--config", config_arg, "--seed", "3"],
+        [sys.executable, "-m", "reflexd.trainer", str(snapshot), str(out_dir), "--config", config_arg, "--seed", "3",
+         *extra],
         capture_output=True, text=True, timeout=180,
     )
 
@@ -82,7 +90,8 @@ def test_trains_exports_and_the_model_ranks_the_best_action_first(tmp_path):
     assert result.window_end == 1_700_000_000.0 + ROWS - 1
     assert result.epochs == 12
     assert 0 < result.train_loss < 0.2  # noise variance is 0.04; predicting the mean would give ~0.25
-    assert result.fit_seconds > 0 and result.export_seconds > 0
+    assert result.fit_seconds > 0 and result.export_seconds > 0 and not result.graph_reused
+    assert result.load_seconds > 0 and result.import_seconds > 0 and result.parity_seconds > 0
     assert result.parity_ok and result.parity_max_abs_diff <= 1e-5
     assert result.torch_version.startswith("2.13")
 
@@ -95,6 +104,47 @@ def test_trains_exports_and_the_model_ranks_the_best_action_first(tmp_path):
         assert int(np.argmax(scores[0])) == best, (task, scores)
         assert np.sort(scores[0])[-1] - np.sort(scores[0])[-2] > 0.5
         assert spread.shape == (1, 3)
+
+
+class TanhMLP(RewardMLP):
+    """The MLP's parameters exactly, and another function of them."""
+
+    def head_outputs(self, context, actions):
+        hidden = torch.tanh(self.context_layer(context).unsqueeze(1) + self.action_layer(actions))
+        interaction = self.context_factor(context).unsqueeze(1) * self.action_factor(actions)
+        return self.heads(torch.cat([hidden, interaction], dim=-1))
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_a_later_run_reuses_the_graph_and_a_wrong_one_is_traced_again(tmp_path):
+    snapshot = write_snapshot(tmp_path / "snap.parquet", ROWS)
+    graphs = tmp_path / "graphs"
+    first = run_trainer(snapshot, tmp_path / "run1", None, "--graph-cache", str(graphs))
+    assert first.returncode == 0, first.stderr
+    assert not read_result(tmp_path / "run1").graph_reused
+    (template,) = graphs.iterdir()
+    second = run_trainer(snapshot, tmp_path / "run2", None, "--graph-cache", str(graphs))
+    assert second.returncode == 0, second.stderr
+    result = read_result(tmp_path / "run2")
+    assert result.graph_reused and result.parity_ok
+    # the same seed and data give the same model, whichever way it was exported
+    assert (tmp_path / "run1" / "policy.onnx").read_bytes() == (tmp_path / "run2" / "policy.onnx").read_bytes()
+
+    # a graph computing something else under this architecture's key (as if its code had
+    # changed unnoticed) fails parity, and the run traces the model afresh instead
+    shape = dict(context_dim=SPEC.context_dim, action_dim=SPEC.action_dim, hidden=16, heads=3)
+    assert template.name == f"{graph_key(RewardMLP(**shape), SPEC.context_dim, SPEC.action_dim)}.onnx"
+    export_onnx(TanhMLP(**shape), SPEC.context_dim, SPEC.action_dim, tmp_path / "tanh.onnx", tmp_path / "other")
+    (wrong,) = (tmp_path / "other").iterdir()
+    wrong.replace(template)
+    third = run_trainer(snapshot, tmp_path / "run3", None, "--graph-cache", str(graphs))
+    assert third.returncode == 0, third.stderr
+    assert "event=cached_graph_failed_parity" in third.stderr
+    result = read_result(tmp_path / "run3")
+    assert result.parity_ok and not result.graph_reused
+    assert (tmp_path / "run3" / "policy.onnx").read_bytes() == (tmp_path / "run1" / "policy.onnx").read_bytes()
+    fourth = run_trainer(snapshot, tmp_path / "run4", None, "--graph-cache", str(graphs))
+    assert fourth.returncode == 0 and read_result(tmp_path / "run4").graph_reused  # the cache was mended
 
 
 def test_empty_snapshot_fails_with_a_clear_message(tmp_path):
@@ -133,3 +183,22 @@ def test_invalid_config_fails_with_the_key_path(tmp_path, in_file):
 def test_read_result_without_a_result_file(tmp_path):
     with pytest.raises(TrainingError, match="wrote no"):
         read_result(tmp_path)
+
+
+@pytest.mark.e2e
+def test_the_daemons_later_runs_reuse_the_first_runs_graph(daemon_factory):
+    d = daemon_factory({"trainer": {"ensemble": 2}})
+    rng = np.random.default_rng(0)
+    with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=1) as policy:
+        for _ in range(300):
+            choice = policy.decide({"task": str(rng.choice(["question", "arithmetic"]))}, ["search", "calc"])
+            policy.reward(choice.id, float(rng.random()))
+        assert policy.flush(60)
+    wait_for(lambda: d.status().experience["new_since_training"] >= 300, 60, "matured experience")
+
+    versions = [d.request(Train(), timeout=300).message.split(":")[0].split()[1] for _ in range(2)]
+    manifests = {m["version"]: m for m in d.request(ModelsRequest()).models}
+    first, second = (manifests[v]["training"] for v in versions)
+    assert not first["graph_reused"] and second["graph_reused"] and second["parity_ok"]
+    (template,) = (d.state_dir / "graphs").iterdir()
+    assert not any(t.raw_data for t in onnx.load(str(template)).graph.initializer)

@@ -32,6 +32,8 @@ class Learner(Protocol):
     gives ``(scores [B, A], spread [B, A])``: the predicted reward of each action (higher is
     better, in reward units) and the model's uncertainty about it (0 when it has none to offer).
     The module must be exportable to ONNX with dynamic B and A, and deterministic given ``seed``.
+    Only the chosen action has a reward: ``train.chosen_actions`` gives those [N, Da] without
+    building the padded [N, A, Da] ``train.actions``.
     """
 
     name: str

@@ -9,7 +9,6 @@ uncertainty estimate that UCB exploration and the gate can use.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -17,7 +16,7 @@ from reflexd.config import TrainerConfig
 from reflexd.dataset import Batch
 
 from . import Progress
-from ._heads import ensemble, fit_heads
+from ._heads import Adam, ensemble, fit_heads
 
 
 class RewardMLP(nn.Module):
@@ -26,15 +25,22 @@ class RewardMLP(nn.Module):
         self.context_layer = nn.Linear(context_dim, hidden)
         # the bias lives in the context layer; a second one here would be redundant
         self.action_layer = nn.Linear(action_dim, hidden, bias=False)
+        # a context × action interaction (Ux)⊙(Va) beside the hidden layer, like Vowpal Wabbit's
+        # -q sa: through the heads it is a bilinear form of full rank in the action space, so a
+        # per-action linear model is learnable from little data, which the ReLU layer needs far
+        # more examples to approximate
+        self.context_factor = nn.Linear(context_dim, action_dim, bias=False)
+        self.action_factor = nn.Linear(action_dim, action_dim, bias=False)
         # K heads of Linear(hidden, 1) stacked as one Linear(hidden, K): one matmul instead of K
-        self.heads = nn.Linear(hidden, heads)
+        self.heads = nn.Linear(hidden + action_dim, heads)
 
     def head_outputs(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Every head's prediction: [B, A, K] for actions [B, A, Da], or [B, K] for actions [B, Da]."""
-        ctx = self.context_layer(context)
+        ctx, factor = self.context_layer(context), self.context_factor(context)
         if actions.dim() == 3:
-            ctx = ctx.unsqueeze(1)
-        return self.heads(torch.relu(ctx + self.action_layer(actions)))
+            ctx, factor = ctx.unsqueeze(1), factor.unsqueeze(1)
+        hidden = torch.relu(ctx + self.action_layer(actions))
+        return self.heads(torch.cat([hidden, factor * self.action_factor(actions)], dim=-1))
 
     def forward(self, context: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return ensemble(self.head_outputs(context, actions))
@@ -48,12 +54,11 @@ class MLPLearner:
     ) -> RewardMLP:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        n = len(train)
         heads = settings.ensemble
-        model = RewardMLP(train.context.shape[1], train.actions.shape[2], settings.hidden_size, heads)
+        model = RewardMLP(train.context.shape[1], train.action_sets.shape[2], settings.hidden_size, heads)
 
         context = torch.from_numpy(train.context)
         # only the chosen action has a reward, so padding never reaches the loss
-        chosen = torch.from_numpy(train.actions[np.arange(n), train.chosen])
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+        chosen = torch.from_numpy(train.chosen_actions)
+        optimizer = Adam(model.parameters(), settings.learning_rate)
         return fit_heads(model, model.head_outputs, context, chosen, train.reward, optimizer, settings, gen, progress)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -41,7 +40,7 @@ from reflexd.dataset import Batch
 from reflexd.errors import TrainingError
 
 from . import Progress
-from ._heads import ensemble, fit_heads
+from ._heads import Adam, ensemble, fit_heads
 
 
 class _Layer(nn.Module):
@@ -122,17 +121,16 @@ class TransformerLearner:
             )
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        n = len(train)
         k = settings.ensemble
         model = RewardTransformer(
-            train.context.shape[1], train.actions.shape[2], d_model, settings.transformer_layers, heads, k
+            train.context.shape[1], train.action_sets.shape[2], d_model, settings.transformer_layers, heads, k
         )
 
         context = torch.from_numpy(train.context)
         # only the chosen action has a reward; as actions never attend to each other, scoring it
         # alone ([n, 1, Da]) gives exactly the score it has inside its full (padded) set
-        chosen = torch.from_numpy(np.ascontiguousarray(train.actions[np.arange(n), train.chosen])).unsqueeze(1)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
+        chosen = torch.from_numpy(train.chosen_actions).unsqueeze(1)
+        optimizer = Adam(model.parameters(), settings.learning_rate, weight_decay=1e-4, decoupled=True)
 
         def predict(ctx: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
             return model.head_outputs(ctx, act)[:, 0, :]  # [b, K]
