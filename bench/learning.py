@@ -13,7 +13,8 @@ per stream × seed × preset, ``reflexd.Policy`` deciding in-process (ONNX + exp
 propensities), ``policy.reward`` for rewards, and at each retraining point ``policy.flush()``,
 the protocol ``Train`` request (trainer subprocess → ONNX → gate → promotion) and a wait for the
 client to hot-swap to the promoted version — so the cadence is deterministic. Retraining happens
-after 50, 100, 200, ... examples (doubling) up to K, then every K (``--cadence``).
+after 20, 40, 80, ... examples (doubling, ``--first``; the daemon trains on no fewer than 20) up to
+K, then every K (``--cadence``): early, so the time to a first model is part of what is measured.
 
 Peers on the same streams and seeds (bench/learning_peers.py): Vowpal Wabbit --cb_explore_adf with
 epsilon-greedy 0.05 and 0.1, SquareCB and RegCB-opt; uniform random; and the full-information
@@ -132,7 +133,9 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, first: int, cade
                     tr = time.perf_counter()
                     if not policy.flush(60):
                         raise RuntimeError(f"flush timed out: {policy.stats()}")
-                    time.sleep(WAIT_WINDOW + 0.05)  # so the last decision has matured
+                    # so the last decision has matured; 0.05 s of slack proved too little on a busy
+                    # host (the snapshot then missed the newest examples, or all of them at first)
+                    time.sleep(WAIT_WINDOW + 0.9)
                     try:
                         message = daemon.request(Train(), timeout=900).message
                     except ReflexdError as exc:
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", nargs="+", default=None, choices=streams.ALL)
     parser.add_argument("--limit", type=int, default=None, help="examples per stream (synthetic length; dataset cap)")
     parser.add_argument("--cadence", type=int, default=500, help="K: retrain every K examples")
-    parser.add_argument("--first", type=int, default=50, help="first retraining point (doubling up to K)")
+    parser.add_argument("--first", type=int, default=20, help="first retraining point (doubling up to K)")
     parser.add_argument("--reflexd", nargs="+", default=None, choices=list(PRESETS), help="reflexd config presets")
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--tag", default="", help="suffix of the output files (learning<tag>.json)")

@@ -286,11 +286,50 @@ def test_without_incumbent_the_baseline_is_the_logged_reward(holdout: Log) -> No
     assert res.difference == pytest.approx(res.estimates["candidate_dr"] - holdout.reward.mean())
     # paired row by row with the reward the logging policy actually got
     dr_rows = gate.dr_terms(GOOD[holdout.x], holdout.chosen, holdout.prob, holdout.reward, Q_BIASED[holdout.x])
-    paired = gate.estimate(dr_rows - holdout.reward, 0.95)
+    paired = gate.estimate(dr_rows - holdout.reward, cfg.first_confidence)
     assert (res.lower, res.upper) == pytest.approx((paired.lower, paired.upper), abs=1e-12)
+    assert res.confidence == cfg.first_confidence
     assert true_value(GOOD) > true_value(LOGGING) > true_value(BAD)
     assert res.passed and "vs logged policy" in res.reason
     assert not run(BAD, None, holdout, cfg, name="logged policy").passed
+
+
+def test_a_first_model_is_judged_on_its_own_smaller_holdout_and_confidence(holdout: Log) -> None:
+    cfg = GateConfig(estimator="dr", min_holdout=100, confidence=0.95, first_min_holdout=10, first_confidence=0.8)
+    # the smallest prefix of the log on which the better policy beats the logging one at 80% but not at 95%
+    for n in range(10, 100):
+        small = Log(*(a[:n] for a in holdout))
+        first = run(GOOD, None, small, cfg, name="logged policy")
+        strict = run(GOOD, None, small, msgspec.structs.replace(cfg, first_confidence=0.95), name="logged policy")
+        if first.passed and not strict.passed:
+            break
+    else:
+        pytest.fail("no holdout size separates the two confidences")
+    assert "at 80%" in first.reason and first.confidence == 0.8 and first.holdout_rows == n
+    # an incumbent is still judged on the strict rule: the same rows are too few
+    assert run(GOOD, BAD, small, cfg).reason == f"holdout has {n} rows, fewer than the 100 required: rejected"
+    # a clearly worse first candidate is still rejected on the same rows, and a holdout under
+    # first_min_holdout judges nothing
+    assert not run(BAD, None, small, cfg, name="logged policy").passed
+    tiny = run(GOOD, None, Log(*(a[:9] for a in holdout)), cfg, name="logged policy")
+    assert tiny.reason == "holdout has 9 rows, fewer than the 10 required: rejected" and tiny.confidence == 0.8
+
+
+def test_the_gentle_first_rule_rarely_promotes_a_policy_no_better_than_the_logging_one() -> None:
+    # its risk, measured on holdouts of the fewest rows the defaults judge: a policy exactly as good
+    # as the logging one passes about as often as the one-sided (1 - 0.8) / 2 = 10% allows, a worse
+    # one less often still, and a better one far more often
+    cfg = GateConfig()
+    rng = np.random.default_rng(11)
+
+    def rate(policy: np.ndarray) -> float:
+        logs = [simulate(rng, cfg.first_min_holdout) for _ in range(1000)]
+        return float(np.mean([run(policy, None, log, cfg, name="logged policy").passed for log in logs]))
+
+    assert true_value(BAD) < true_value(LOGGING) < true_value(GOOD)
+    assert rate(LOGGING) <= 0.15
+    assert rate(BAD) <= 0.07
+    assert rate(GOOD) >= 0.4
 
 
 def test_non_finite_candidate_is_rejected_and_the_result_stays_storable(holdout: Log) -> None:
