@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from .config import ExplorationConfig
+from .durable import fsync_path
 from .errors import ModelIntegrityError, ModelNotFound, PointerMoved, StorageError
 from .features import FeatureSpec
 
@@ -79,14 +80,6 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -95,7 +88,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"writing {path} failed: {exc.strerror or exc}") from None
@@ -189,7 +182,7 @@ class Registry:
         )
         _atomic_write(staging / MANIFEST_FILE, msgspec.json.format(msgspec.json.encode(manifest)))
         os.rename(staging, self.root / version)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         return manifest
 
     def promote(self, version: str) -> Manifest:

@@ -248,12 +248,7 @@ class Chooser:
         requests offering the same number of actions are scored in one model run, where most of
         a lone decision's time is the run's fixed cost.
         """
-        scorer = self.source.scorer if self.source is not None else None
-        manifest = scorer.manifest if scorer is not None else None
-        version = scorer.version if scorer is not None else None
-        if version != self._version:
-            self._version = version
-            self._since_load = 0
+        scorer, manifest, version = self._live()
         by_agent: dict[str, ExplorationConfig] = {}
         cfgs = []
         for agent, *_ in requests:
@@ -304,14 +299,18 @@ class Chooser:
             )
         return choices
 
-    def choose(self, agent: str, context: dict[str, Any], actions: list[Any], decision_id: str | None = None) -> Choice:
-        ids = action_ids(actions)
+    def _live(self) -> tuple[Any, Any, str | None]:
+        """The live scorer, its manifest and version (all None without a model); a new version restarts t."""
         scorer = self.source.scorer if self.source is not None else None
-        manifest = scorer.manifest if scorer is not None else None
         version = scorer.version if scorer is not None else None
         if version != self._version:
             self._version = version
             self._since_load = 0
+        return scorer, (scorer.manifest if scorer is not None else None), version
+
+    def choose(self, agent: str, context: dict[str, Any], actions: list[Any], decision_id: str | None = None) -> Choice:
+        ids = action_ids(actions)
+        scorer, manifest, version = self._live()
         cfg = self.exploration_for(agent, manifest)
         t = self._since_load + (int(manifest.training.get("train_rows", 0)) if manifest else 0)
         self._since_load += 1

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from .durable import fsync_path
 from .errors import StorageError
 from .protocol import Decision, Event, Outcome, Step
 
@@ -117,14 +118,6 @@ def encode_line(events: Sequence[Decision | Outcome | Step | Event], received_at
     return b"".join(parts)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _trim_torn_tail(path: Path) -> int:
     """Cut a segment back to its last complete line; returns the size kept."""
     with open(path, "r+b") as f:
@@ -204,7 +197,7 @@ class Spool:
         path = self.directory / f"{self._counter:012d}-{uuid.uuid4().hex[:12]}{SUFFIX}"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         self._path, self._size, self._lines = path, 0, 0
-        _fsync_dir(self.directory)  # the new file's name must survive a crash too
+        fsync_path(self.directory)  # the new file's name must survive a crash too
 
     def _write(self, data: bytes) -> None:
         assert self._fd is not None

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from . import spool
 from .config import Config, StoreConfig
+from .durable import fsync_path
 from .errors import RejectedData, StorageError
 from .protocol import Decision, Event, Outcome, Step
 
@@ -288,14 +289,6 @@ def _sql_path(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(staging: Path, dest: Path) -> None:
     """Move a finished COPY's part files into the archive and make them durable.
 
@@ -303,13 +296,13 @@ def _publish(staging: Path, dest: Path) -> None:
     """
     dirs = set()
     for part in sorted(staging.rglob("*.parquet")):
-        _fsync(part)
+        fsync_path(part)
         target = dest / part.relative_to(staging)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, target)
         dirs.update((target.parent, target.parent.parent, dest))
     for directory in dirs:
-        _fsync(directory)
+        fsync_path(directory)
 
 
 def _agent_partitions(root: Path, agent: str) -> Iterator[Path]:
