@@ -65,6 +65,11 @@ class Estimate(msgspec.Struct, frozen=True):
     upper: float
 
 
+# An identical candidate's differences are all zero, yet their interval's lower bound can come
+# out as -1e-17; what is below this is rounding, not evidence.
+_ROUNDING = 1e-12
+
+
 def z_score(confidence: float) -> float:
     """The normal quantile of a two-sided interval at ``confidence``."""
     return NormalDist().inv_cdf(0.5 + confidence / 2.0)
@@ -272,7 +277,7 @@ def compare(
     diff = estimate(chosen_terms - baseline_terms, gate.confidence)
     candidate_value = float(chosen_terms.mean())
     baseline_value = float(baseline_terms.mean())
-    passed = diff.lower >= -gate.margin
+    passed = diff.lower >= -gate.margin - _ROUNDING
     reason = (
         f"candidate {candidate_value:.3f} vs {baseline_name} {baseline_value:.3f} ({gate.estimator}), "
         f"difference {diff.value:+.3f} [{diff.lower:+.3f}, {diff.upper:+.3f}] at {_percent(gate.confidence)} "

@@ -262,6 +262,18 @@ def test_margin_is_respected_at_its_boundary(holdout: Log) -> None:
     assert lenient.passed and lenient.margin == 0.2 and "≥ -0.200: promoted" in lenient.reason
 
 
+@pytest.mark.parametrize("estimator", ["ips", "snips", "dr"])
+def test_a_candidate_identical_to_the_incumbent_is_not_rejected_by_rounding(holdout: Log, estimator: str) -> None:
+    # the same policy computed along another float path: differences of ±1e-15, not exactly zero
+    wobble = np.random.default_rng(3).choice([-1e-15, 1e-15], size=len(MIXED))
+    recomputed = MIXED.copy()
+    recomputed[:, 0] += wobble
+    recomputed[:, 1] -= wobble
+    same = run(recomputed, MIXED, holdout, GateConfig(estimator=estimator, margin=0.0))
+    assert same.lower < 0 and same.difference == pytest.approx(0.0, abs=1e-12)
+    assert same.passed, same.reason
+
+
 def test_too_small_holdout_is_rejected_even_for_a_better_candidate(holdout: Log) -> None:
     small = Log(*(a[:50] for a in holdout))
     res = run(GOOD, BAD, small, GateConfig(min_holdout=100))
