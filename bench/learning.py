@@ -50,30 +50,26 @@ LIBRARIES = ("numpy", "onnxruntime", "torch", "vowpalwabbit", "scikit-learn", "d
 # needs: a short wait window, training only when asked, every joined example in the snapshot).
 PRESETS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    # the gate may judge a candidate on a small holdout (default needs 100 held-out rows, i.e. 500 examples)
-    "gate20": {"gate": {"min_holdout": 20}},
-    # + a learner that fits small data: more passes, smaller batches; wider hashed context; epsilon 0.05
+    # a learner that fits small data: more passes, smaller batches; wider hashed context; epsilon 0.05
     "tuned": {
-        "gate": {"min_holdout": 20},
         "trainer": {"epochs": 40, "batch_size": 64},
         "features": {"context_dim": 256},
         "exploration": {"epsilon": 0.05},
     },
-    # + a gate that promotes on a 80% interval with a 0.02 margin (default: 95%, margin 0)
+    # + a gate that promotes replacements on an 80% interval with a 0.02 margin (default: 95%, margin 0)
     "tuned-gate": {
-        "gate": {"min_holdout": 20, "confidence": 0.8, "margin": 0.02},
+        "gate": {"confidence": 0.8, "margin": 0.02},
         "trainer": {"epochs": 40, "batch_size": 64},
         "features": {"context_dim": 256},
         "exploration": {"epsilon": 0.05},
     },
     "tuned-gate-lr01": {
-        "gate": {"min_holdout": 20, "confidence": 0.8, "margin": 0.02},
+        "gate": {"confidence": 0.8, "margin": 0.02},
         "trainer": {"epochs": 40, "batch_size": 64, "learning_rate": 0.01},
         "features": {"context_dim": 256},
         "exploration": {"epsilon": 0.05},
     },
     "tuned-squarecb": {
-        "gate": {"min_holdout": 20},
         "trainer": {"epochs": 40, "batch_size": 64},
         "features": {"context_dim": 256},
         "exploration": {"strategy": "squarecb"},
