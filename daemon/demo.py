@@ -151,7 +151,10 @@ def report(rec: Record, status: Any) -> str:
     if after:
         lines.append(f"regret with the last model {last}:                {np.mean(after):.3f} over {len(after)} decisions")
     lines.append(f"total regret against the best possible choice: {sum(rec.regrets):.1f}")
-    lines.append(f"decide latency in-process: p50 {np.percentile(lat, 50):.0f} µs, p99 {np.percentile(lat, 99):.0f} µs")
+    lines.append(
+        f"decide latency in-process: p50 {np.percentile(lat, 50):.0f} µs, p99 {np.percentile(lat, 99):.0f} µs"
+        " (one call every few ms, each starting with cold CPU caches; `make bench` times calls back to back)"
+    )
     t = status.trainer
     lines.append(f"daemon: {status.ingest['stored']} events stored, {t['runs']} training runs, {t['promoted']} promoted, {t['rejected']} rejected")
     return "\n".join(lines)
