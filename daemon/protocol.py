@@ -64,13 +64,16 @@ class Decision(_Msg, tag="decision"):
     def __post_init__(self) -> None:
         # msgspec turns these into validation errors, so such a frame is dead-lettered with the reason
         # also runs for every decision a client makes in-process, so it is kept cheap
-        if self.chosen not in action_ids(self.actions):  # in-process actions may be plain dicts
+        actions = self.actions
+        # plain ids are found by the list's own (C) search; in-process actions may be plain dicts
+        if self.chosen not in actions and self.chosen not in action_ids(actions):
             raise ValueError(f"chosen action {self.chosen!r} is not among the actions")
         probs = self.probs
         if probs is not None:
-            if len(probs) != len(self.actions):
-                raise ValueError(f"probs has {len(probs)} entries for {len(self.actions)} actions")
-            if not (min(probs) >= 0.0 and max(probs) <= 1.0 and abs(math.fsum(probs) - 1.0) <= 1e-3):
+            if len(probs) != len(actions):
+                raise ValueError(f"probs has {len(probs)} entries for {len(actions)} actions")
+            # a plain sum's rounding is far inside the tolerance
+            if not (min(probs) >= 0.0 and max(probs) <= 1.0 and abs(sum(probs) - 1.0) <= 1e-3):
                 raise ValueError("probs must be probabilities summing to 1")
         _check_ts(self.ts)
 
