@@ -100,9 +100,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"reflexd {reply.version}  pid {reply.pid}  up {reply.uptime:.0f} s  socket {reply.socket}")
     print(
         f"ingest     received {ing['received']}  stored {ing['stored']}  duplicates {ing['duplicates']}"
-        f"  dead letters {ing['dead_letters']}  backlog {reply.backlog}  connections {ing['connections']}"
+        f"  dead letters {ing['dead_letters']}  backlog {reply.backlog} ({ing.get('spooled', 0)} in the spool)"
+        f"  connections {ing['connections']}"
     )
-    losses = {k: ing.get(k, 0) for k in ("client_dropped", "unlogged_decisions", "write_errors", "refused")}
+    keys = ("client_dropped", "unlogged_decisions", "write_errors", "refused", "refused_by_store")
+    losses = {k: ing.get(k, 0) for k in keys}
     if any(losses.values()):
         print("           " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in losses.items()))
     exp = reply.experience

@@ -120,3 +120,4 @@ def test_operator_cli_trains_promotes_and_rolls_back(learning_daemon: DaemonProc
 
     status = cli(d, "status")
     assert status.returncode == 0 and "trainer" in status.stdout and "model" in status.stdout
+    assert " in the spool)" in status.stdout  # how much acknowledged ingest DuckDB has yet to load
