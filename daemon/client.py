@@ -31,6 +31,10 @@ __all__ = ["Choice", "Policy"]
 _log = log.get("reflexd.client")
 DEFAULT_MODELS = "/var/lib/reflexd/models"
 JOIN_FRAMES = 64  # frames joined per write: the join holds the GIL (a decision waits), so it is kept short
+# Frames sent before the flush that closes them is awaited. Replies are read only after the
+# flush is sent, so the daemon's replies to these frames (an error of ~200 bytes for each it
+# refuses) must fit the socket's buffer, or both sides would wait on each other.
+CYCLE_FRAMES = 500
 MAX_BACKOFF = 0.5  # the daemon is local: a restart takes about a second
 
 
@@ -263,6 +267,8 @@ class _Sender(threading.Thread):
                 try:
                     self._cycle()
                     self._backoff = 0.05
+                    if self._batches:
+                        continue  # more held than one cycle sends: on at once
                 except (DaemonUnavailable, FrameError, OSError) as exc:
                     self._disconnect(str(exc))
                     self._stopping.wait(self._backoff)
@@ -276,7 +282,7 @@ class _Sender(threading.Thread):
                 return
             frames, self._frames = self._frames, []
             self._held += len(frames)
-        self._batches.append(frames)
+        self._batches += [frames[i : i + CYCLE_FRAMES] for i in range(0, len(frames), CYCLE_FRAMES)]
 
     def _connect(self) -> Connection:
         if self.conn is None:
@@ -296,9 +302,14 @@ class _Sender(threading.Thread):
 
     def _cycle(self) -> None:
         conn = self._connect()
-        # Every held batch goes: a cycle that fails drops its connection, so on this one each
-        # batch is either new or unacknowledged. Event ids make a resend idempotent.
+        # The oldest held batches go, up to CYCLE_FRAMES: a cycle that fails drops its connection,
+        # so on this one each batch is either new or unacknowledged. Event ids make a resend
+        # idempotent.
+        sending, count = 0, 0
         for frames in self._batches:
+            if sending and count + len(frames) > CYCLE_FRAMES:
+                break
+            sending, count = sending + 1, count + len(frames)
             for i in range(0, len(frames), JOIN_FRAMES):
                 conn.send_raw(b"".join(frames[i : i + JOIN_FRAMES]))
         drops = self.dropped
@@ -317,8 +328,8 @@ class _Sender(threading.Thread):
                 break
         self.last_error = None
         self._reported_drops = drops
-        acked = sum(len(frames) for frames in self._batches)
-        self._batches.clear()
+        acked = count
+        del self._batches[:sending]
         with self._lock:
             self._held -= acked
         with self._settled_cv:

@@ -162,3 +162,17 @@ def test_flush_ships_at_once_whatever_the_send_interval(daemon: DaemonProcess) -
             policy.decide({"i": i}, ["x", "y"])
         assert policy.flush(timeout=30), policy.stats()
         assert policy.stats()["settled"] == 10
+
+
+@pytest.mark.e2e
+def test_a_flood_of_refused_events_neither_wedges_the_sender_nor_the_daemon(daemon: DaemonProcess) -> None:
+    """Each refused frame is answered with an error; thousands of those must not fill both sockets."""
+    with Policy("a", socket=daemon.socket, state_dir=daemon.state_dir, send_interval=3600) as policy:
+        for i in range(20_000):
+            policy.step("ep", 2**40 + i, {"x": 1}, "a")  # past the stored column's range: refused
+        policy.step("ep", 1, {"x": 1}, "a")  # one the daemon takes
+        assert policy.flush(timeout=120)
+        stats = policy.stats()
+    assert stats["rejected"] == 20_000 and stats["settled"] == 20_001
+    status = daemon.loaded_status()
+    assert status.ingest["stored_steps"] == 1 and status.ingest["dead_letters"] == 20_000
