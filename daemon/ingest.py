@@ -108,6 +108,7 @@ class Ingest:
         self._wake_loader = anyio.Event()
         self._load_done = anyio.Event()  # set (and replaced) after every load
         self._writer_done = False
+        self._closing = False
 
     @property
     def storage_error(self) -> str | None:
@@ -170,8 +171,15 @@ class Ingest:
                 await self._load_done.wait()
 
     def close(self) -> None:
-        """No more submissions; the writer and the loader drain what is queued and return."""
+        """No more submissions; the writer and the loader drain what is queued and return.
+
+        A failing disk or store is not waited for meanwhile: what is spooled stays there for the
+        next start, and a batch that cannot be spooled was never acknowledged.
+        """
+        self._closing = True
         self._send.close()
+        self._load_done.set()  # a writer waiting for room in the spool stops waiting
+        self._wake_loader.set()
 
     async def run(self) -> None:
         """The writer and the loader; returns once closed, with everything loaded."""
@@ -226,10 +234,13 @@ class Ingest:
         self._dead.extend(d for item in batch for d in item.dead)
         if events:
             # the loader falling behind (or a failing store) stops the spool growing past its bound
-            while self.spool.pending_bytes >= self.limits.spool_bytes:
+            while self.spool.pending_bytes >= self.limits.spool_bytes and not self._closing:
                 self._wake_loader.set()
                 await self._load_done.wait()
-            await self._spool_retry.run(self.spool.append, events, time.time())
+            appended = await self._spool_retry.run(self.spool.append, events, time.time(), give_up=self._is_closing)
+            if appended is GAVE_UP:
+                _log.warning("stopping; events never acknowledged were not spooled", events=len(events))
+                return
             self._appended += 1
         c = self.counters
         c.queued -= len(events)  # dead letters stay queued until the loader writes them
@@ -261,8 +272,11 @@ class Ingest:
                 self._count_loaded(segment, result)
             if self._dead:
                 dead, self._dead = self._dead, []
-                if await self._load_retry.run(self.store.dead_letter, dead, give_up=self._stopping) is GAVE_UP:
-                    return
+                try:
+                    if await self._load_retry.run(self.store.dead_letter, dead, give_up=self._stopping) is GAVE_UP:
+                        return
+                except RejectedData as exc:  # the frames were refused anyway; losing their record is logged
+                    _log.error("the store refused dead letters", count=len(dead), error=str(exc))
                 self.counters.dead_letters += len(dead)
                 self.counters.queued -= len(dead)
             self._loaded = target
@@ -284,7 +298,11 @@ class Ingest:
             return GAVE_UP
         result, refused = found
         for line, reason in refused:
-            kept = await anyio.to_thread.run_sync(self.spool.reject, segment, line)
+            try:
+                kept: Any = await anyio.to_thread.run_sync(self.spool.reject, segment, line)
+            except OSError as exc:  # its first dead_letter_bytes are still in the dead letter
+                _log.error("could not keep a refused spool line", segment=segment.name, error=str(exc))
+                kept = "no file (it could not be written)"
             events = self.spool.events_in(line)
             letter = DeadLetter(
                 received_at=time.time(), peer_uid=None, peer_pid=None, code="refused_by_store",
@@ -292,15 +310,21 @@ class Ingest:
                 raw=line[: self.limits.dead_letter_bytes], raw_size=len(line),
             )
             # not counted as a dead letter: `refused` counts its events instead
-            await self._load_retry.run(self.store.dead_letter, [letter], give_up=self._stopping)
+            try:
+                await self._load_retry.run(self.store.dead_letter, [letter], give_up=self._stopping)
+            except RejectedData as exc:
+                _log.error("the store refused the dead letter of a refused spool line", error=str(exc))
             if segment not in self.spool.leftovers:
                 self.counters.spooled -= events
             self.counters.refused += events
         return result
 
+    def _is_closing(self) -> bool:
+        return self._closing
+
     def _stopping(self) -> bool:
-        # once the writer is done, a failing store is not waited for: the spool keeps the events
-        return self._writer_done
+        # once closing, a failing store is not waited for: the spool keeps the events
+        return self._closing or self._writer_done
 
     def _count_loaded(self, segment: Path, result: Any) -> None:
         c = self.counters

@@ -33,6 +33,9 @@ from .errors import StorageError
 from .protocol import Decision, Event, Outcome, Step
 
 SUFFIX = ".ndjson"
+# A batch whose line would be longer is split over several lines: DuckDB's reader holds a line
+# whole (twice over), within store.memory_limit_mb.
+LINE_BYTES = 8 << 20
 _NAME = re.compile(r"^(\d{12})-[0-9a-f]{12}\.ndjson$")
 _TYPES: dict[type, str] = {Decision: "decisions", Outcome: "outcomes", Step: "steps", Event: "events"}
 
@@ -181,15 +184,26 @@ class Spool:
             try:
                 if self._fd is None:
                     self._open()
-                line = encode_line(events, received_at, self._lines)
-                self._write(line)
+                lines = self._encode(events, received_at, self._lines)
+                data = b"".join(lines)
+                self._write(data)
             except OSError as exc:
                 raise StorageError(f"appending {len(events)} events to the ingest spool failed: {exc}") from exc
-            self._size += len(line)
-            self._lines += 1
-            self.pending_bytes += len(line)
+            self._size += len(data)
+            self._lines += len(lines)
+            self.pending_bytes += len(data)
             if self._size >= self.segment_bytes:
                 self._seal()
+
+    @staticmethod
+    def _encode(events: Sequence[Any], received_at: float, first: int) -> list[bytes]:
+        """The batch as one line, or halved until each line is within LINE_BYTES."""
+        line = encode_line(events, received_at, first)
+        if len(line) <= LINE_BYTES or len(events) == 1:
+            return [line]
+        half = len(events) // 2
+        head = Spool._encode(events[:half], received_at, first)
+        return head + Spool._encode(events[half:], received_at, first + len(head))
 
     def _open(self) -> None:
         self._counter += 1
@@ -232,7 +246,10 @@ class Spool:
         with self._lock:
             self._sealed.remove(path)
             self.pending_bytes -= self._sizes.pop(path)
-        path.unlink(missing_ok=True)  # a crash before this only means loading it again, harmlessly
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # left behind, it is loaded again at the next start, harmlessly (ids are keys)
 
     def reject(self, segment: Path, line: bytes) -> Path:
         """Keep a line the store refused in ``rejected/``, for an operator to look at."""

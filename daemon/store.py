@@ -226,8 +226,8 @@ _SPOOL_COLUMNS = {
     " action VARCHAR, reward DOUBLE, done BOOLEAN, ts DOUBLE)[]",
     "events": "STRUCT(id VARCHAR, agent VARCHAR, kind VARCHAR, data JSON, ts DOUBLE)[]",
 }
-# One line is one ingest batch. DuckDB sets aside twice maximum_object_size per read, within
-# store.memory_limit_mb, so it is the segment's own size: no line is longer than its file.
+# DuckDB sets aside twice maximum_object_size per read, within store.memory_limit_mb, so it is
+# the segment's longest line (the spool keeps lines to spool.LINE_BYTES unless one event is bigger).
 _READ_SPOOL = f"""
     CREATE OR REPLACE TEMP TABLE spooled AS
     SELECT * FROM read_json($path, format='newline_delimited', maximum_object_size=$longest,
@@ -282,6 +282,19 @@ def _reward_rules(config: Config) -> pa.Table:
 
 
 # ---- files ---------------------------------------------------------------------------------
+
+
+def _longest_line(path: Path) -> int:
+    """The length of a file's longest line: what DuckDB's JSON reader must hold at once."""
+    longest = pending = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            start = 0
+            while (end := chunk.find(b"\n", start)) >= 0:
+                longest = max(longest, pending + end + 1 - start)
+                pending, start = 0, end + 1
+            pending += len(chunk) - start
+    return max(longest, pending, 1)
 
 
 def _sql_path(path: Path) -> str:
@@ -398,7 +411,7 @@ class Store:
         """
         inserted: dict[str, int] = {}
         with self._guard(f"loading spool segment {segment.name}") as con, _transaction(con):
-            con.execute(_READ_SPOOL, {"path": str(segment), "longest": segment.stat().st_size})
+            con.execute(_READ_SPOOL, {"path": str(segment), "longest": _longest_line(segment)})
             (counts,) = con.execute(_SPOOLED_COUNTS).fetchall()
             for name, count in zip(EXPERIENCE_TABLES, counts):
                 if count:

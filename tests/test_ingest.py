@@ -257,3 +257,25 @@ def test_dead_letters_are_written_counted_and_loading_carries_on(store: Store) -
 
     anyio.run(main)
     assert store.counts()["dead_letters"] == 2
+
+
+def test_closing_while_the_spool_is_full_and_the_store_failing_does_not_hang(store: Store, monkeypatch) -> None:
+    def failing_load(segment):
+        raise StorageError("disk full (simulated)")
+
+    monkeypatch.setattr(store, "load", failing_load)
+
+    async def main() -> Ingest:
+        ingest = make_ingest(store, batch_size=100, flush_interval=0.01, spool_bytes=1)
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ingest.run)
+                await ingest.submit(decisions(0, 100))
+                await ingest.barrier()  # spooled: the spool is now past its bound, and never drains
+                await ingest.submit(decisions(100, 100))  # the writer waits for room that never comes
+                await anyio.wait_all_tasks_blocked()
+                ingest.close()
+        return ingest
+
+    ingest = anyio.run(main)
+    assert ingest.spool.pending_bytes > 0  # what was acknowledged stays for the next start

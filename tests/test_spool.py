@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from reflexd import spool as spool_module
 from reflexd.errors import StorageError
 from reflexd.protocol import Action, Decision, Event, Outcome, Step
 from reflexd.spool import Spool, encode_line, plain_json
@@ -98,3 +99,20 @@ def test_a_failed_append_is_a_storage_error_and_leaves_no_partial_line(tmp_path:
     spool.append([decision(3)], 3.0)  # writes resume where the good lines end
     spool.close()
     assert [json.loads(line)["decisions"][0]["id"] for line in segment.read_bytes().splitlines()] == ["d1", "d3"]
+
+
+def test_a_big_batch_is_split_into_lines_of_bounded_length(tmp_path: Path, monkeypatch) -> None:
+    """DuckDB's reader holds a line whole (twice), so a batch is spread over lines of LINE_BYTES."""
+    monkeypatch.setattr(spool_module, "LINE_BYTES", 64 << 10)
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    events = [Event(agent="a", kind="k", data={"s": "x" * 1000}) for _ in range(2_000)]  # no ids: derived
+    spool.append(events, 1.0)  # ~2 MiB
+    spool.append(events[:10], 2.0)
+    spool.close()
+    (segment,) = spool.take()
+    lines = segment.read_bytes().splitlines()
+    assert len(lines) > 32 and max(map(len, lines)) <= 64 << 10
+    assert [json.loads(line)["line"] for line in lines] == list(range(len(lines)))
+    store = Store(tmp_path / "r.duckdb")
+    assert store.load(segment).events == 2_010  # ids derived per line stay unique
+    store.close()
