@@ -85,6 +85,9 @@ class FeatureConfig(_Section):
 class TrainerConfig(_Section):
     learner: str = "mlp"
     min_new_examples: Positive = 1000
+    # while experience is scarce, a run is also due once it has grown by this fraction (see
+    # reflexd.scheduler.due_after); 0 leaves min_new_examples alone in charge
+    growth: NonNegative = 0.25
     check_interval: PositiveFloat = 5.0
     idle_load: PositiveFloat = 0.8
     max_threads: Positive = 1
@@ -108,7 +111,7 @@ class TrainerConfig(_Section):
 
 
 class ExplorationConfig(_Section):
-    strategy: Literal["epsilon_greedy", "softmax", "ucb", "squarecb"] = "epsilon_greedy"
+    strategy: Literal["epsilon_greedy", "softmax", "ucb", "squarecb"] = "squarecb"
     epsilon: Probability = 0.1
     epsilon_min: Probability = 0.01
     decay: NonNegative = 0.0
@@ -122,7 +125,7 @@ class ExplorationConfig(_Section):
 class GateConfig(_Section):
     estimator: Literal["ips", "snips", "dr"] = "dr"
     confidence: Annotated[float, msgspec.Meta(gt=0.5, lt=1)] = 0.95
-    margin: NonNegative = 0.0
+    margin: NonNegative = 0.02
     min_holdout: Positive = 10
     # a first model (no incumbent) is compared with the logging policy on a gentler rule: the
     # downside is bounded (exploration goes on, and the next run's gate judges it as an incumbent)

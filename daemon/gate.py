@@ -225,7 +225,7 @@ def compare(
     difference is at least ``-gate.margin`` and the holdout has at least ``gate.min_holdout`` rows
     (and at least 2, the fewest an interval can be computed from). Against the logging policy
     (a first model) ``gate.first_min_holdout`` and ``gate.first_confidence`` take the place of
-    ``min_holdout`` and ``confidence``: until a model passes, every decision is made at the
+    ``min_holdout`` and ``confidence``, and the margin is 0: until a model passes, every decision is made at the
     logging policy's value, while a first model that disappoints is still explored around and
     is replaced as soon as a candidate beats it under the strict rule. A candidate whose
     probabilities or reward predictions are not finite is rejected; a malformed log raises
@@ -242,8 +242,11 @@ def compare(
     prob = np.asarray(prob, dtype=np.float64)
     reward = np.asarray(reward, dtype=np.float64)
     if baseline_pi is None:
-        # a first model: judged by its own rule (GateConfig.first_min_holdout, first_confidence)
-        gate = msgspec.structs.replace(gate, min_holdout=gate.first_min_holdout, confidence=gate.first_confidence)
+        # a first model: judged by its own rule (GateConfig.first_min_holdout, first_confidence),
+        # with no margin, which is for replacing an incumbent trained on less experience
+        gate = msgspec.structs.replace(
+            gate, min_holdout=gate.first_min_holdout, confidence=gate.first_confidence, margin=0.0
+        )
     n = reward.shape[0]
     needed = max(gate.min_holdout, 2)
     if n < needed:

@@ -327,6 +327,16 @@ def test_a_first_model_is_judged_on_its_own_smaller_holdout_and_confidence(holdo
     assert tiny.reason == "holdout has 9 rows, fewer than the 10 required: rejected" and tiny.confidence == 0.8
 
 
+def test_the_margin_lets_a_replacement_through_but_never_a_first_model(holdout: Log) -> None:
+    # a candidate a little worse than its baseline: within a generous margin of an incumbent,
+    # yet a first model must beat the logging policy outright, margin or not
+    cfg = GateConfig(estimator="dr", margin=0.5, first_min_holdout=10, first_confidence=0.8)
+    assert run(LOGGING, GOOD, holdout, cfg).passed
+    first = run(BAD, None, holdout, cfg, name="logged policy")
+    assert first.difference > -0.5 and not first.passed and first.margin == 0.0
+    assert "< +0.000: rejected" in first.reason or "< -0.000: rejected" in first.reason
+
+
 def test_the_gentle_first_rule_rarely_promotes_a_policy_no_better_than_the_logging_one() -> None:
     # its risk, measured on holdouts of the fewest rows the defaults judge: a policy exactly as good
     # as the logging one passes about as often as the one-sided (1 - 0.8) / 2 = 10% allows, a worse
