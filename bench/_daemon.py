@@ -29,7 +29,7 @@ def bench_config(state_dir: Path, socket_path: Path, train_rows: int) -> dict[st
         "rewards": {"wait_window": 0.2},
         # never trains by itself (only when asked), whatever the load; max_examples bounds the
         # snapshot to the newest joined experience, which the bench sends just before training
-        "trainer": {"min_new_examples": HUGE, "idle_load": float(HUGE), "max_examples": train_rows},
+        "trainer": {"min_new_examples": HUGE, "growth": 0, "idle_load": float(HUGE), "max_examples": train_rows},
         "retention": {"check_interval": 86400},
         "log": {"format": "json", "level": "info"},
     }

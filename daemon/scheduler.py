@@ -6,6 +6,7 @@ CPU priority, with a wall-time limit, on a Parquet snapshot rather than the live
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import msgspec
 
 from . import gate, log
 from .dataset import load_holdout
+from .config import TrainerConfig
 from .errors import ReflexdError, TrainerFault, TrainingError
 from .registry import Manifest, Registry, sha256_of
 from .serving import Scorer
@@ -29,6 +31,19 @@ _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
 MIN_SNAPSHOT_ROWS = 20
+
+
+def due_after(cfg: TrainerConfig, trained_on: int) -> int:
+    """How many new matured experiences make a run due, when the last run's snapshot held ``trained_on``.
+
+    ``min_new_examples``, or fewer while experience is scarce: once it has grown by
+    ``cfg.growth`` since the last run, and the first run as soon as there are MIN_SNAPSHOT_ROWS.
+    Learning early and often is what an agent with little experience gains most from; as
+    experience grows the gaps widen geometrically until ``min_new_examples`` governs.
+    """
+    if cfg.growth <= 0:
+        return cfg.min_new_examples
+    return min(cfg.min_new_examples, max(math.ceil(cfg.growth * trained_on), MIN_SNAPSHOT_ROWS - trained_on, 1))
 
 
 def cpu_idle(threshold: float) -> bool:
@@ -48,6 +63,7 @@ class TrainerStatus:
     last_run: dict[str, Any] | None = None
     next_attempt: float = 0.0
     cutoff: float = 0.0  # newest experience the last snapshot held
+    trained_on: int = 0  # experiences the last snapshot held (train and holdout)
     trainer_pid: int | None = None  # the running trainer subprocess, if any
 
     def as_dict(self) -> dict[str, Any]:
@@ -71,7 +87,9 @@ class Scheduler:
 
     def start_from(self, manifest: Manifest | None) -> None:
         if manifest is not None:
-            self.status.cutoff = float(manifest.training.get("window_end", 0.0))
+            training = manifest.training
+            self.status.cutoff = float(training.get("window_end", 0.0))
+            self.status.trained_on = int(training.get("train_rows", 0)) + int(training.get("holdout_rows", 0))
 
     async def run(self) -> None:
         while True:
@@ -85,7 +103,7 @@ class Scheduler:
         if now < self.status.next_attempt or not cpu_idle(cfg.idle_load):
             return False
         new = await anyio.to_thread.run_sync(self.daemon.store.matured_count, self.status.cutoff, now, self.config)
-        return new >= cfg.min_new_examples
+        return new >= due_after(cfg, self.status.trained_on)
 
     async def train_once(self, reason: str) -> dict[str, Any]:
         async with self._lock:
@@ -163,6 +181,7 @@ class Scheduler:
         self.status.state = "gating"
         manifest, verdict = await anyio.to_thread.run_sync(self._gate, snapshot, out, result)
         self.status.cutoff = max(self.status.cutoff, info.window_end)
+        self.status.trained_on = info.rows
         return await anyio.to_thread.run_sync(self._register, out, manifest, verdict)
 
     async def _run_trainer(self, run_dir: Path, snapshot: Path, out: Path) -> None:

@@ -136,7 +136,8 @@ def base_config(root: Path, sock_dir: Path) -> dict[str, Any]:
         "socket": {"path": str(sock_dir / "reflexd.sock")},
         "ingest": {"flush_interval": 0.01},
         "rewards": {"wait_window": 0.5},
-        "trainer": {"check_interval": 0.5, "idle_load": 1000.0, "min_new_examples": 1_000_000, "epochs": 5},
+        # trains only when a test asks (or sets min_new_examples / growth itself)
+        "trainer": {"check_interval": 0.5, "idle_load": 1000.0, "min_new_examples": 1_000_000, "growth": 0, "epochs": 5},
         "log": {"format": "json", "level": "info"},
     }
 

@@ -1,0 +1,77 @@
+"""When a training run is due: min_new_examples, and early runs while experience is scarce (trainer.growth)."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import pytest
+
+from conftest import DaemonProcess, wait_for
+from reflexd.client import Policy
+from reflexd.config import TrainerConfig
+from reflexd.scheduler import MIN_SNAPSHOT_ROWS, due_after
+
+
+def run_points(cfg: TrainerConfig, until: int) -> list[int]:
+    """The experience totals at which runs come due, each run training on everything so far."""
+    points, total = [], 0
+    while total < until:
+        total += due_after(cfg, total)
+        points.append(total)
+    return points
+
+
+def test_due_after_by_hand() -> None:
+    cfg = TrainerConfig(min_new_examples=1000, growth=0.25)
+    assert due_after(cfg, 0) == MIN_SNAPSHOT_ROWS == 20
+    assert due_after(cfg, 20) == 5
+    assert due_after(cfg, 25) == 7  # ceil(6.25)
+    assert due_after(cfg, 3999) == 1000  # 0.25 × 3999 rounds up to 1000
+    assert due_after(cfg, 100_000) == 1000
+    assert due_after(TrainerConfig(min_new_examples=1000, growth=0), 0) == 1000
+    assert due_after(TrainerConfig(min_new_examples=10, growth=0.25), 0) == 10  # never later than asked
+    assert due_after(TrainerConfig(growth=0.001), 100) == 1  # at least one new experience
+
+
+def test_runs_come_early_and_geometrically_until_min_new_examples_governs() -> None:
+    cfg = TrainerConfig(min_new_examples=1000, growth=0.25)
+    points = run_points(cfg, 8000)
+    assert points[:8] == [20, 25, 32, 40, 50, 63, 79, 99]
+    gaps = [b - a for a, b in zip(points, points[1:])]
+    assert all(g2 >= g1 for g1, g2 in zip(gaps, gaps[1:]))  # never closer together as data grows
+    assert gaps[-4:] == [1000] * 4
+    # the early runs cost a few dozen runs over the first 4000 experiences, not one per experience
+    assert len([p for p in points if p <= 4000]) < 30
+    assert run_points(msgspec.structs.replace(cfg, growth=0), 3000) == [1000, 2000, 3000]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_daemon_trains_on_its_own_as_soon_as_experience_is_scarce_but_sufficient(daemon_factory) -> None:
+    # min_new_examples far away: only the growth rule can start these runs
+    d: DaemonProcess = daemon_factory(
+        {"rewards": {"wait_window": 0.2}, "trainer": {"growth": 0.25, "check_interval": 0.2, "min_new_examples": 1_000_000}}
+    )
+    rng = random.Random(1)
+    with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=1) as policy:
+
+        def send(n: int) -> None:
+            for _ in range(n):
+                kind = rng.choice("abc")
+                choice = policy.decide({"kind": kind}, ["x", "y", "z"])
+                policy.reward(choice.id, float(choice.action == {"a": "x", "b": "y", "c": "z"}[kind]))
+            assert policy.flush(60), policy.stats()
+
+        send(15)
+        # fewer than 20 experiences: nothing is due however long the daemon looks
+        wait_for(lambda: d.status().experience["new_since_training"] == 15, 60, "15 matured experiences")
+        assert d.status().trainer["runs"] == 0
+        send(15)
+        first = wait_for(lambda: d.status().trainer["last_run"], 120, f"a first run on its own\n{d.log()}")
+        assert first.get("outcome") in ("promoted", "rejected"), first
+        assert 20 <= d.status().trainer["trained_on"] <= 30
+        trained_on = d.status().trainer["trained_on"]
+        send(int(trained_on * 0.25) + 3)
+        wait_for(lambda: d.status().trainer["trained_on"] > trained_on, 120, f"a second run after 25% more\n{d.log()}")
+        assert d.status().trainer["runs"] >= 2 and d.status().trainer["failures"] == 0
