@@ -13,8 +13,9 @@ per stream × seed × preset, ``reflexd.Policy`` deciding in-process (ONNX + exp
 propensities), ``policy.reward`` for rewards, and at each retraining point ``policy.flush()``,
 the protocol ``Train`` request (trainer subprocess → ONNX → gate → promotion) and a wait for the
 client to hot-swap to the promoted version — so the cadence is deterministic. Retraining happens
-after 20, 40, 80, ... examples (doubling, ``--first``; the daemon trains on no fewer than 20) up to
-K, then every K (``--cadence``): early, so the time to a first model is part of what is measured.
+after 20 examples (``--first``; the daemon trains on no fewer than 20), then each time the stream
+has grown 1.25× (``--growth``: 25, 31, 39, 49, ...) up to K, then every K (``--cadence``, 500):
+early and often, so the time to a first model is part of what is measured.
 
 Peers on the same streams and seeds (bench/learning_peers.py): Vowpal Wabbit --cb_explore_adf with
 epsilon-greedy 0.05 and 0.1, SquareCB and RegCB-opt; uniform random; and the full-information
@@ -25,8 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,7 @@ from _host import machine  # noqa: E402
 from reflexd.client import Policy  # noqa: E402
 from reflexd.errors import ReflexdError  # noqa: E402
 from reflexd.protocol import Train  # noqa: E402
+from reflexd.registry import Registry  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 WAIT_WINDOW = 0.1  # rewards.wait_window: decisions mature right after they are sent
@@ -50,34 +55,15 @@ LIBRARIES = ("numpy", "onnxruntime", "torch", "vowpalwabbit", "scikit-learn", "d
 # needs: a short wait window, training only when asked, every joined example in the snapshot).
 PRESETS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    # a learner that fits small data: more passes, smaller batches; wider hashed context; epsilon 0.05
-    "tuned": {
-        "trainer": {"epochs": 40, "batch_size": 64},
-        "features": {"context_dim": 256},
-        "exploration": {"epsilon": 0.05},
-    },
-    # + a gate that promotes replacements on an 80% interval with a 0.02 margin (default: 95%, margin 0)
-    "tuned-gate": {
-        "gate": {"confidence": 0.8, "margin": 0.02},
-        "trainer": {"epochs": 40, "batch_size": 64},
-        "features": {"context_dim": 256},
-        "exploration": {"epsilon": 0.05},
-    },
-    "tuned-gate-lr01": {
-        "gate": {"confidence": 0.8, "margin": 0.02},
-        "trainer": {"epochs": 40, "batch_size": 64, "learning_rate": 0.01},
-        "features": {"context_dim": 256},
-        "exploration": {"epsilon": 0.05},
-    },
-    "tuned-squarecb": {
-        "trainer": {"epochs": 40, "batch_size": 64},
-        "features": {"context_dim": 256},
-        "exploration": {"strategy": "squarecb"},
-    },
+    # the other built-in learner: the action set as tokens attending to the context
+    "transformer": {"trainer": {"learner": "transformer"}},
+    # what the defaults were before the benchmark tuned them: epsilon-greedy 0.1 and a gate that
+    # promotes a replacement only on a 95% interval with no margin
+    "previous": {"exploration": {"strategy": "epsilon_greedy"}, "gate": {"confidence": 0.95, "margin": 0.0}},
 }
 
 
-DEFAULT_PRESETS = ["defaults", "tuned"]
+DEFAULT_PRESETS = ["defaults", "transformer"]
 
 
 def progress(msg: str) -> None:
@@ -91,17 +77,18 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def schedule(n: int, first: int, cadence: int) -> list[int]:
-    """Example counts after which reflexd retrains: first, 2·first, ... below cadence, then every cadence."""
-    points, k = [], first
+def schedule(n: int, first: int, cadence: int, growth: float) -> list[int]:
+    """Example counts after which reflexd retrains: first, then each ``growth`` times the last
+    (rounded, at least one more) below cadence, then every cadence."""
+    points, k = [], float(first)
     while k < cadence and k < n:
-        points.append(k)
-        k *= 2
+        points.append(round(k))
+        k = max(round(k) + 1, k * growth)
     points += list(range(cadence, n, cadence))
     return sorted(set(points))
 
 
-def run_reflexd(stream: streams.Stream, seed: int, preset: str, first: int, cadence: int) -> dict[str, Any]:
+def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int]) -> dict[str, Any]:
     daemon = BenchDaemon(train_rows=HUGE)
     daemon.config = deep_merge(
         daemon.config,
@@ -110,7 +97,8 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, first: int, cade
     earned = np.zeros(stream.n)
     versions: list[str | None] = []
     runs: list[dict[str, Any]] = []
-    points = set(schedule(stream.n, first, cadence))
+    registry = Registry(daemon.state_dir / "models")
+    due = set(points)
     t0 = time.perf_counter()
     train_seconds = 0.0
     try:
@@ -125,21 +113,26 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, first: int, cade
                 earned[i] = r
                 versions.append(choice.model_version)
                 policy.reward(choice.id, r)
-                if i + 1 in points:
+                if i + 1 in due:
                     tr = time.perf_counter()
                     if not policy.flush(60):
                         raise RuntimeError(f"flush timed out: {policy.stats()}")
-                    # so the last decision has matured; 0.05 s of slack proved too little on a busy
-                    # host (the snapshot then missed the newest examples, or all of them at first)
-                    time.sleep(WAIT_WINDOW + 0.9)
+                    # the flush is acknowledged after the daemon stamped the events' arrival, so
+                    # past the wait window they have all matured (the rows check below proves it)
+                    time.sleep(WAIT_WINDOW + 0.05)
                     try:
                         message = daemon.request(Train(), timeout=900).message
                     except ReflexdError as exc:
                         message = f"failed: {exc}"
                     outcome = message.split()[0]
                     run = {"at": i + 1, "outcome": outcome, "message": message}
-                    if outcome == "promoted":
+                    if outcome in ("promoted", "rejected"):
                         version = message.split()[1].rstrip(":")
+                        training = registry.manifest(version).training
+                        run["rows"] = training["train_rows"] + training["holdout_rows"]
+                        if run["rows"] != i + 1:
+                            progress(f"{stream.name} seed {seed}: trained on {run['rows']} of {i + 1} examples")
+                    if outcome == "promoted":
                         deadline = time.monotonic() + 60
                         while policy.model_version != version:
                             if time.monotonic() > deadline:
@@ -166,33 +159,43 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, first: int, cade
     }
 
 
+def run_pair(name: str, seed: int, args: argparse.Namespace) -> tuple[str, int, dict[str, dict[str, Any]]]:
+    """Every learner on one stream and seed: (stream note, length, label → result)."""
+    stream = streams.build(name, seed, args.limit)
+    points = schedule(stream.n, args.first, args.cadence, args.growth)
+    jobs: list[tuple[str, Any]] = [
+        ("uniform", lambda: peers.run_uniform(stream, seed)),
+        *[(label, lambda a=a: peers.run_vw(stream, a, seed)) for label, a in peers.VW_CONFIGS.items()],
+        ("full-info linear", lambda: peers.run_full_info_linear(stream, seed)),
+        ("full-info mlp", lambda: peers.run_full_info_mlp(stream, seed)),
+        *[(f"reflexd {p}", lambda p=p: run_reflexd(stream, seed, p, points)) for p in args.reflexd],
+    ]
+    out: dict[str, dict[str, Any]] = {}
+    for label, job in jobs:
+        r = job()
+        r["mean"] = float(np.mean(r["earned"]))
+        progress(f"{name} seed {seed} {label}: {r['mean']:.4f} ({r['wall']:.1f} s)")
+        out[label] = r
+    best = stream.expected.max(axis=1)
+    out["oracle (expected)"] = {"mean": float(best.mean()), "wall": 0.0, "earned": best}
+    return stream.note, stream.n, out
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Stream × seed pairs in ``args.jobs`` worker processes: each pair runs its own daemons and
+    peers, so pairs are independent and only their wall times feel the sharing."""
+    pairs = [(name, seed) for name in args.streams for seed in range(args.seeds)]
+    # longest streams first, so no worker is left with a long one at the end
+    length = {name: streams.build(name, 0, args.limit).n for name in args.streams}
+    queue = sorted(pairs, key=lambda pair: -length[pair[0]])
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = dict(zip(queue, pool.map(run_pair, *zip(*queue), [args] * len(queue))))
     results: dict[str, Any] = {"streams": {}}
-    for name in args.streams:
-        per: dict[str, list[dict[str, Any]]] = {}
-        note = ""
-        for seed in range(args.seeds):
-            stream = streams.build(name, seed, args.limit)
-            note = stream.note
-            jobs: list[tuple[str, Any]] = [
-                ("uniform", lambda s=stream, sd=seed: peers.run_uniform(s, sd)),
-                *[(label, lambda s=stream, a=a, sd=seed: peers.run_vw(s, a, sd)) for label, a in peers.VW_CONFIGS.items()],
-                ("full-info linear", lambda s=stream, sd=seed: peers.run_full_info_linear(s, sd)),
-                ("full-info mlp", lambda s=stream, sd=seed: peers.run_full_info_mlp(s, sd)),
-                *[
-                    (f"reflexd {p}", lambda s=stream, p=p, sd=seed: run_reflexd(s, sd, p, args.first, args.cadence))
-                    for p in args.reflexd
-                ],
-            ]
-            for label, job in jobs:
-                r = job()
-                r["mean"] = float(np.mean(r["earned"]))
-                progress(f"{name} seed {seed} {label}: {r['mean']:.4f} ({r['wall']:.1f} s)")
-                per.setdefault(label, []).append(r)
-            per.setdefault("oracle (expected)", []).append(
-                {"mean": float(stream.expected.max(axis=1).mean()), "wall": 0.0, "earned": stream.expected.max(axis=1)}
-            )
-        results["streams"][name] = {"note": note, "n": stream.n, "learners": per}
+    for name, seed in pairs:
+        note, n, learners = done[name, seed]
+        entry = results["streams"].setdefault(name, {"note": note, "n": n, "learners": {}})
+        for label, r in learners.items():
+            entry["learners"].setdefault(label, []).append(r)
     return results
 
 
@@ -231,7 +234,8 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"machine: {m['nproc']} cpus, {m['cpu']}, python {m['python']}, load at start {m['loadavg_start'][0]:.2f}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()),
         f"seeds: {meta['seeds']}; reflexd retrains (Train request, then waits for the client's hot-swap) after "
-        f"{meta['first']}, {2 * meta['first']}, ... examples up to K, then every K = {meta['cadence']} examples",
+        f"{meta['first']} examples, then each time the stream has grown {meta['growth']}× up to K, then every "
+        f"K = {meta['cadence']} examples ({', '.join(map(str, schedule(4000, meta['first'], meta['cadence'], meta['growth'])[:8]))}, ...)",
         "reflexd presets: " + "; ".join(f"{p} = {json.dumps(PRESETS[p]) if PRESETS[p] else 'defaults'}" for p in meta["presets"]),
         "VW: " + "; ".join(f"{k} = `{v} {peers.VW_COMMON}`" for k, v in peers.VW_CONFIGS.items()),
         "reward: progressive (earned on each example before learning from it), mean ± std over seeds",
@@ -295,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", nargs="+", default=None, choices=streams.ALL)
     parser.add_argument("--limit", type=int, default=None, help="examples per stream (synthetic length; dataset cap)")
     parser.add_argument("--cadence", type=int, default=500, help="K: retrain every K examples")
-    parser.add_argument("--first", type=int, default=20, help="first retraining point (doubling up to K)")
+    parser.add_argument("--first", type=int, default=20, help="first retraining point")
+    parser.add_argument("--growth", type=float, default=1.25, help="each retraining point below K is this many times the last")
     parser.add_argument("--reflexd", nargs="+", default=None, choices=list(PRESETS), help="reflexd config presets")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="stream × seed pairs run at once (default: one per CPU)")
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--tag", default="", help="suffix of the output files (learning<tag>.json)")
     args = parser.parse_args(argv)
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args.reflexd = args.reflexd or DEFAULT_PRESETS
 
     started = time.perf_counter()
-    meta = {"machine": machine(("reflexd", *LIBRARIES)), "seeds": args.seeds, "cadence": args.cadence, "first": args.first, "presets": args.reflexd, "quick": args.quick}
+    meta = {"machine": machine(("reflexd", *LIBRARIES)), "seeds": args.seeds, "cadence": args.cadence, "first": args.first, "growth": args.growth, "jobs": args.jobs, "presets": args.reflexd, "quick": args.quick}
     results = run_all(args)
     rows = summarise(results, args)
     meta["total_seconds"] = time.perf_counter() - started
