@@ -120,14 +120,23 @@ class RssSampler(threading.Thread):
         self.join()
 
 
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra``'s keys laid over it, section by section."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class BenchDaemon:
-    def __init__(self, train_rows: int) -> None:
+    def __init__(self, train_rows: int, overrides: dict[str, Any] | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="reflexd-bench-"))
         # socket paths are capped at 108 bytes, so the socket gets its own short directory
         self.sock_dir = Path(tempfile.mkdtemp(prefix="rxb-", dir="/tmp"))
         self.socket = str(self.sock_dir / "r.sock")
         self.state_dir = self.root / "state"
-        self.config = bench_config(self.state_dir, Path(self.socket), train_rows)
+        # fixed here: the daemon is started with the config written from this very dict
+        self.config = deep_merge(bench_config(self.state_dir, Path(self.socket), train_rows), overrides or {})
         self.child = LocalDaemon(self.root, self.config)
         self.sampler: RssSampler | None = None
 

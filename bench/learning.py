@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning_peers as peers  # noqa: E402
 import learning_streams as streams  # noqa: E402
-from _daemon import HUGE, BenchDaemon  # noqa: E402
+from _daemon import HUGE, BenchDaemon, deep_merge  # noqa: E402
 from _host import machine  # noqa: E402
 from reflexd.client import Policy  # noqa: E402
 from reflexd.errors import ReflexdError  # noqa: E402
@@ -70,13 +70,6 @@ def progress(msg: str) -> None:
     print(f"[learning {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def schedule(n: int, first: int, cadence: int, growth: float) -> list[int]:
     """Example counts after which reflexd retrains: first, then each ``growth`` times the last
     (rounded, at least one more) below cadence, then every cadence."""
@@ -89,10 +82,9 @@ def schedule(n: int, first: int, cadence: int, growth: float) -> list[int]:
 
 
 def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int]) -> dict[str, Any]:
-    daemon = BenchDaemon(train_rows=HUGE)
-    daemon.config = deep_merge(
-        daemon.config,
-        deep_merge({"rewards": {"wait_window": WAIT_WINDOW}, "log": {"level": "warning"}}, PRESETS[preset]),
+    daemon = BenchDaemon(
+        train_rows=HUGE,
+        overrides=deep_merge({"rewards": {"wait_window": WAIT_WINDOW}, "log": {"level": "warning"}}, PRESETS[preset]),
     )
     earned = np.zeros(stream.n)
     versions: list[str | None] = []
@@ -128,7 +120,9 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int
                     run = {"at": i + 1, "outcome": outcome, "message": message}
                     if outcome in ("promoted", "rejected"):
                         version = message.split()[1].rstrip(":")
-                        training = registry.manifest(version).training
+                        manifest = registry.manifest(version)
+                        training = manifest.training
+                        run["learner"] = manifest.learner
                         run["rows"] = training["train_rows"] + training["holdout_rows"]
                         if run["rows"] != i + 1:
                             progress(f"{stream.name} seed {seed}: trained on {run['rows']} of {i + 1} examples")
