@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import hashlib
 import math
+import random
 import os
 import subprocess
 import sys
@@ -54,6 +56,21 @@ def expected_vector(items: dict[str, float], dim: int, seed: int = 0) -> np.ndar
         idx, sign = slot(name, dim, seed)
         out[idx] += sign * value
     return out
+
+
+def expected_action(aid: str, features: dict[str, float], dim: int, seed: int = 0) -> np.ndarray:
+    """The documented action scheme: the id in two slots (the second moved on if it hits the first)."""
+    out = expected_vector(features, dim, seed)
+    first, sign = slot("__action=" + aid, dim, seed)
+    second, sign2 = second_slot(aid, dim, seed)
+    out[first] += sign
+    out[(first + 1) % dim if second == first else second] += sign2
+    return out
+
+
+def second_slot(aid: str, dim: int, seed: int = 0) -> tuple[int, float]:
+    h = int.from_bytes(hashlib.blake2b(aid.encode(), digest_size=4, key=seed.to_bytes(4, "little")).digest(), "little")
+    return h % dim, (1.0 if h & 0x80000000 else -1.0)
 
 
 # ---- determinism and seeding ------------------------------------------------------------------
@@ -215,19 +232,40 @@ def test_action_id_feature_present() -> None:
     rows = Hasher(spec).actions(["small", "large"])
     assert rows.shape == (2, 64) and rows.dtype == np.float32
     for row, aid in zip(rows, ["small", "large"]):
-        np.testing.assert_array_equal(row, expected_vector({"__action=" + aid: 1.0}, 64))
+        np.testing.assert_array_equal(row, expected_action(aid, {}, 64))
+        assert np.count_nonzero(row) == 2
 
 
 def test_action_features_hashed_in_action_space() -> None:
     spec = FeatureSpec(context_dim=1024, action_dim=64, seed=5)
     h = Hasher(spec)
     row = h.actions([{"id": "large", "features": {"cost": 3.0, "family": "gpt"}}])[0]
-    want = expected_vector({"__action=large": 1.0, "cost": math.log1p(3.0), "family=gpt": 1.0}, 64, 5)
+    want = expected_action("large", {"cost": math.log1p(3.0), "family=gpt": 1.0}, 64, 5)
     np.testing.assert_allclose(row, want, rtol=1e-6)
     # the same features as a context land in the context space (different width, different vector)
     ctx = h.context({"cost": 3.0, "family": "gpt"})
     assert ctx.shape == (1024,)
     np.testing.assert_allclose(ctx, expected_vector({"cost": math.log1p(3.0), "family=gpt": 1.0}, 1024, 5), rtol=1e-6)
+
+
+def test_an_id_whose_two_slots_collide_still_takes_two() -> None:
+    dim = 4  # small enough that some ids hash both names to one slot
+    aid = next(f"id{i}" for i in range(1000) if slot(f"__action=id{i}", dim)[0] == second_slot(f"id{i}", dim)[0])
+    row = Hasher(FeatureSpec(action_dim=dim)).actions([aid])[0]
+    np.testing.assert_array_equal(row, expected_action(aid, {}, dim))
+    assert np.count_nonzero(row) == 2  # never one slot, where opposite signs could cancel to zero
+
+
+def test_ten_action_ids_are_almost_never_indistinguishable() -> None:
+    # with one signed slot per id, two of ten ids shared slot and sign about half the time at the
+    # default width (1 - (63/64)**45); two slots make that about 1% (45 pairs × 1/(32·31·4))
+    h = Hasher(FeatureSpec())
+    rng = random.Random(0)
+    sets = [[f"tool-{rng.getrandbits(32):x}" for _ in range(10)] for _ in range(2000)]
+    clashes = sum(len({h.actions(ids)[i].tobytes() for i in range(10)}) < 10 for ids in sets)
+    assert clashes / len(sets) < 0.03
+    one_slot = sum(len({slot("__action=" + a, 32) for a in ids}) < 10 for ids in sets)
+    assert one_slot / len(sets) > 0.35  # what the single slot did
 
 
 def test_action_forms_are_equivalent() -> None:
@@ -304,7 +342,7 @@ def test_action_sets_msgpack_cannot_encode_are_hashed_uncached() -> None:
     huge = [{"id": "a", "features": {"n": 2**70}}]  # past msgpack's 64-bit integers
     rows = h.actions(huge)
     assert rows.flags.writeable and not h._sets_cache  # hashed, not cached
-    want = expected_vector({"__action=a": 1.0, "n": math.log1p(2.0**70)}, 64)
+    want = expected_action("a", {"n": math.log1p(2.0**70)}, 64)
     np.testing.assert_allclose(rows[0], want, rtol=1e-6)
 
 

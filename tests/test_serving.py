@@ -180,6 +180,17 @@ def test_unloadable_onnx_keeps_last_good(live: ModelSource, registry: Registry, 
     assert live.error is not None and "v0002" in live.error
 
 
+def test_a_model_hashed_with_another_feature_scheme_is_refused(live: ModelSource, registry: Registry, tmp_path: Path) -> None:
+    # scoring it with this version's hashing would feed it inputs it was never trained on
+    src = build_model(tmp_path / "old-scheme.onnx", Weights(3))
+    old = msgspec.structs.replace(SPEC, scheme="crc32-signed-log1p-v1")
+    registry.add(src, {"parent": None, "created": 0.0, "learner": "test", "features": old, "exploration": SOFTMAX})
+    registry.promote("v0002")
+    assert live.refresh() is False
+    assert live.scorer is not None and live.scorer.version == "v0001"
+    assert live.error is not None and "v0002" in live.error and "crc32-signed-log1p-v1" in live.error
+
+
 def test_error_clears_when_pointer_returns_to_the_live_model(
     live: ModelSource, registry: Registry, tmp_path: Path
 ) -> None:
