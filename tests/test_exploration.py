@@ -198,10 +198,19 @@ def test_sample_frequencies_match_p() -> None:
     assert chi_square(counts, np.array([0.45, 0.35, 0.15, 0.04, 0.01])) > CHI2_999[len(p) - 1]
 
 
-def test_sample_from_strategy_distribution_matches_logged_probability() -> None:
+@pytest.mark.parametrize(
+    "c",
+    [
+        cfg(strategy="epsilon_greedy", epsilon=0.3, decay=0.01, epsilon_min=0.05),
+        cfg(strategy="softmax", temperature=0.5),
+        cfg(strategy="ucb", epsilon=0.2, ucb_c=1.0),
+        cfg(strategy="squarecb", gamma=10.0, gamma_exponent=0.5),
+    ],
+    ids=lambda c: c.strategy,
+)
+def test_sample_from_strategy_distribution_matches_logged_probability(c: ExplorationConfig) -> None:
     """The probability logged with a choice is the one it was drawn with: frequencies agree."""
-    c = cfg(strategy="squarecb", gamma=10.0, gamma_exponent=0.5)
-    p = X.probabilities(c, np.array([0.5, 1.0, 0.0, 0.9]), t=3)
+    p = X.probabilities(c, np.array([0.5, 1.0, 0.0, 0.9]), np.array([0.1, 0.0, 0.9, 0.2]), t=3)
     rng = np.random.default_rng(7)
     counts = np.zeros(4)
     logged = {}
