@@ -63,7 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-DEFAULT_PRESETS = ["defaults", "transformer"]
+DEFAULT_PRESETS = ["defaults", "transformer", "previous"]
 
 
 def progress(msg: str) -> None:

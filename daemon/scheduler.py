@@ -20,8 +20,8 @@ import anyio
 import msgspec
 
 from . import gate, log
-from .dataset import load_holdout
 from .config import TrainerConfig
+from .dataset import load_holdout
 from .errors import ReflexdError, TrainerFault, TrainingError
 from .registry import Manifest, Registry, sha256_of
 from .serving import Scorer
