@@ -24,7 +24,7 @@ import numpy as np
 
 from .connection import request
 from .launch import LocalDaemon
-from .protocol import StatusRequest
+from .protocol import Flush, StatusRequest
 
 TASKS = ("chat", "code", "math", "search")
 
@@ -216,6 +216,8 @@ def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, 
                 rec = simulate(policy, world, decisions, rate, progress)
                 bar.update(decisions - bar.n)
             policy.close()
+            # acknowledged events may still be in the spool: the count reported is of stored ones
+            request(Flush(loaded=True), daemon.socket, timeout=60)
             status = request(StatusRequest(), daemon.socket)
             shutil.copy(daemon.log_path, out / "daemon.log")
     finally:

@@ -41,5 +41,7 @@ def test_the_demo_command_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert done.returncode in (0, 1), done.stderr[-2000:]
     report = (out / "report.txt").read_text()
     assert "mean regret" in report and "decide latency in-process" in report
+    # every decision and its outcome, counted once they are in the store, not while still spooled
+    assert "daemon: 3000 events stored" in report, report
     assert (out / "learning-curve.png").stat().st_size > 10_000
     assert (out / "daemon.log").exists()
