@@ -110,7 +110,8 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int
                     if not policy.flush(60):
                         raise RuntimeError(f"flush timed out: {policy.stats()}")
                     # the flush is acknowledged after the daemon stamped the events' arrival, so
-                    # past the wait window they have all matured (the rows check below proves it)
+                    # past the wait window they have all matured (checked below, and counted in
+                    # the table should a run ever train on fewer)
                     time.sleep(WAIT_WINDOW + 0.05)
                     try:
                         message = daemon.request(Train(), timeout=900).message
@@ -217,6 +218,8 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> list[dict[st
                 row["trainings"] = len(runs[0]["runs"])
                 row["first_model_at"] = [r["first_model_at"] for r in runs]
                 row["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
+                # runs whose snapshot lacked some of the stream so far: their result is suspect
+                row["short_runs"] = sum(run.get("rows", run["at"]) != run["at"] for r in runs for run in r["runs"])
             rows.append(row)
     return rows
 
@@ -245,6 +248,8 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         note = "best VW" if r["best_vw"] else ""
         if "promoted" in r:
             note = f"{r['promoted']:.1f}/{r['trainings']} promoted, train {r['train_seconds']:.0f} s"
+            if r["short_runs"]:
+                note += f"; {r['short_runs']} runs trained on fewer examples than seen (see the log)"
         lines.append(
             f"{r['stream']:<15}{r['n']:>6}  {r['learner']:<22}{r['mean']:>11.4f} ± {r['std']:.4f}  {ratio:>9}  {r['wall']:>7.1f}  {note}"
         )

@@ -215,6 +215,8 @@ def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, 
 
                 rec = simulate(policy, world, decisions, rate, progress)
                 bar.update(decisions - bar.n)
+            if not policy.flush(60):
+                print(f"warning: events not acknowledged within 60 s: {policy.stats()}", file=sys.stderr)
             policy.close()
             # acknowledged events may still be in the spool: the count reported is of stored ones
             request(Flush(loaded=True), daemon.socket, timeout=60)

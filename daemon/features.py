@@ -15,9 +15,9 @@ Flattening rules, applied recursively with dotted key paths:
   input (the decoder admits nesting near the recursion limit) can exhaust the stack.
 An action is hashed from its id plus its own features, in its own space. The id takes two slots:
 ``__action=id`` as above, and a second from blake2b (4 bytes, keyed by the seed) of the id, moved
-to the next slot should it land on the first. With one slot, two of ten actions would share a slot
-and sign, and so be indistinguishable, about half the time at action_dim 32; with two, about 1% of
-the time. The second hash cannot be crc32 of another name: crc32 is affine, so two ids of equal
+to the next slot should it land on the first (one slot only when action_dim is 1). With one slot,
+two of ten actions would share a slot and sign, and so be indistinguishable, about half the time
+at action_dim 32; with two, about 2% of the time. The second hash cannot be crc32 of another name: crc32 is affine, so two ids of equal
 length that collide under one prefix collide under every prefix (and every seed).
 """
 
@@ -32,7 +32,6 @@ import msgspec
 import numpy as np
 
 _ACTION_KEY = "__action="
-_ACTION_KEY_2 = "\x00second:"  # the second slot's cache key; no flattened name starts with NUL
 SCHEME = "crc32-signed-log1p-v2"  # v2: action ids take two slots
 _CACHE_LIMIT = 200_000
 _SETS_CACHE_LIMIT = 4096
@@ -54,6 +53,7 @@ class Hasher:
         self._ctx_cache: dict[str, tuple[int, float]] = {}
         self._act_cache: dict[str, tuple[int, float]] = {}
         self._sets_cache: dict[bytes, np.ndarray] = {}
+        self._second_cache: dict[str, tuple[int, float]] = {}
         self._key = spec.seed.to_bytes(4, "little")
 
     def _slot(self, name: str, dim: int, cache: dict[str, tuple[int, float]]) -> tuple[int, float]:
@@ -66,9 +66,10 @@ class Hasher:
             cache[name] = slot
         return slot
 
-    def _second_slot(self, aid: str, first: int, dim: int, cache: dict[str, tuple[int, float]]) -> tuple[int, float]:
-        key = _ACTION_KEY_2 + aid
-        slot = cache.get(key)
+    def _second_slot(self, aid: str, first: int, dim: int) -> tuple[int, float]:
+        # a cache of its own, keyed by the bare id: any string can be a feature name
+        cache = self._second_cache
+        slot = cache.get(aid)
         if slot is None:
             digest = hashlib.blake2b(aid.encode("utf-8", "surrogatepass"), digest_size=4, key=self._key).digest()
             h = int.from_bytes(digest, "little")
@@ -76,7 +77,7 @@ class Hasher:
             slot = ((first + 1) % dim if idx == first else idx, 1.0 if h & 0x80000000 else -1.0)
             if len(cache) >= _CACHE_LIMIT:
                 cache.clear()
-            cache[key] = slot
+            cache[aid] = slot
         return slot
 
     def _fill(self, vec: memoryview, items: Iterable[tuple[str, float]], dim: int, cache: dict) -> None:
@@ -153,8 +154,9 @@ class Hasher:
             aid, feats = action_parts(action)
             idx, sign = self._slot(_ACTION_KEY + aid, dim, cache)
             vec[idx] += sign
-            idx2, sign2 = self._second_slot(aid, idx, dim, cache)
-            vec[idx2] += sign2
+            if dim > 1:  # in one slot, opposite signs could cancel the id to nothing
+                idx2, sign2 = self._second_slot(aid, idx, dim)
+                vec[idx2] += sign2
             if feats:
                 self._fill(vec, flatten(feats), dim, cache)
         return out

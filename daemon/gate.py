@@ -227,7 +227,7 @@ def compare(
     (a first model) ``gate.first_min_holdout`` and ``gate.first_confidence`` take the place of
     ``min_holdout`` and ``confidence``, and the margin is 0: until a model passes, every decision is made at the
     logging policy's value, while a first model that disappoints is still explored around and
-    is replaced as soon as a candidate beats it under the strict rule. A candidate whose
+    is replaced by the next candidate that passes the rule for replacements. A candidate whose
     probabilities or reward predictions are not finite is rejected; a malformed log raises
     ValueError.
 

@@ -39,11 +39,16 @@ def due_after(cfg: TrainerConfig, trained_on: int) -> int:
     ``min_new_examples``, or fewer while experience is scarce: once it has grown by
     ``cfg.growth`` since the last run, and the first run as soon as there are MIN_SNAPSHOT_ROWS.
     Learning early and often is what an agent with little experience gains most from; as
-    experience grows the gaps widen geometrically until ``min_new_examples`` governs.
+    experience grows the gaps widen geometrically until ``min_new_examples`` governs. A snapshot
+    as large as ``max_examples`` means experience is no longer scarce, however small that cap.
+    Never fewer than a run needs: a run on under MIN_SNAPSHOT_ROWS would only fail.
     """
-    if cfg.growth <= 0:
-        return cfg.min_new_examples
-    return min(cfg.min_new_examples, max(math.ceil(cfg.growth * trained_on), MIN_SNAPSHOT_ROWS - trained_on, 1))
+    needed = max(MIN_SNAPSHOT_ROWS - trained_on, 1)
+    if cfg.growth <= 0 or trained_on >= cfg.max_examples:
+        return max(cfg.min_new_examples, needed)
+    # rounded up, less a hair, so 0.07 × 100 asks for 7 and not the 8 of its float (7.000000000000001)
+    grown = math.ceil(cfg.growth * trained_on - 1e-9)
+    return max(min(cfg.min_new_examples, grown), needed)
 
 
 def cpu_idle(threshold: float) -> bool:

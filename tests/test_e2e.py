@@ -49,7 +49,7 @@ def learning_daemon(daemon_factory) -> DaemonProcess:
         {
             "rewards": {"wait_window": 0.3},
             "trainer": {"min_new_examples": 400, "epochs": 10, "ensemble": 2},
-            "exploration": {"epsilon": 0.2, "epsilon_min": 0.05},
+            "exploration": {"strategy": "epsilon_greedy", "epsilon": 0.2, "epsilon_min": 0.05},
             "gate": {"min_holdout": 50},
         }
     )

@@ -256,9 +256,26 @@ def test_an_id_whose_two_slots_collide_still_takes_two() -> None:
     assert np.count_nonzero(row) == 2  # never one slot, where opposite signs could cancel to zero
 
 
+def test_an_action_vector_never_depends_on_what_was_hashed_before() -> None:
+    # whatever names features carry, the slots cached for one action cannot leak into another's
+    odd = [{"id": "a", "features": {name: 1.0}} for name in ("\x00second:foo", "__action=foo", "foo", "__action#2=foo")]
+    warm = Hasher(FeatureSpec())
+    warm.actions(odd)
+    np.testing.assert_array_equal(warm.actions(["foo"]), Hasher(FeatureSpec()).actions(["foo"]))
+    fresh = Hasher(FeatureSpec())
+    fresh.actions(["foo"])
+    np.testing.assert_array_equal(fresh.actions(odd), Hasher(FeatureSpec()).actions(odd))
+
+
+def test_with_one_slot_an_id_takes_it_once() -> None:
+    rows = Hasher(FeatureSpec(action_dim=1)).actions([f"id{i}" for i in range(20)])
+    assert set(rows[:, 0].tolist()) == {1.0, -1.0}  # never cancelled to zero, never doubled
+
+
 def test_ten_action_ids_are_almost_never_indistinguishable() -> None:
     # with one signed slot per id, two of ten ids shared slot and sign about half the time at the
-    # default width (1 - (63/64)**45); two slots make that about 1% (45 pairs × 1/(32·31·4))
+    # default width (1 - (63/64)**45); two slots make that about 2% (45 pairs, each matching in
+    # both slots, in order or swapped, with both signs: 2 × 1/(32·31·4))
     h = Hasher(FeatureSpec())
     rng = random.Random(0)
     sets = [[f"tool-{rng.getrandbits(32):x}" for _ in range(10)] for _ in range(2000)]

@@ -272,7 +272,7 @@ def test_a_model_made_to_be_bad_is_rolled_back_automatically(daemon_factory) -> 
         {
             "rewards": {"wait_window": 0.3},
             "trainer": {"epochs": 10, "ensemble": 2},  # trains only when asked
-            "exploration": {"epsilon": 0.2, "epsilon_min": 0.05},
+            "exploration": {"strategy": "epsilon_greedy", "epsilon": 0.2, "epsilon_min": 0.05},
             "gate": {"min_holdout": 50, "rollback_check_interval": 0.3, "rollback_min_decisions": 150},
         }
     )

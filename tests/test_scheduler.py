@@ -30,8 +30,14 @@ def test_due_after_by_hand() -> None:
     assert due_after(cfg, 3999) == 1000  # 0.25 × 3999 rounds up to 1000
     assert due_after(cfg, 100_000) == 1000
     assert due_after(TrainerConfig(min_new_examples=1000, growth=0), 0) == 1000
-    assert due_after(TrainerConfig(min_new_examples=10, growth=0.25), 0) == 10  # never later than asked
+    # never so early that the run could only fail for want of rows, never later than asked
+    assert due_after(TrainerConfig(min_new_examples=10, growth=0.25), 0) == 20
+    assert due_after(TrainerConfig(min_new_examples=10, growth=0), 0) == 20
+    assert due_after(TrainerConfig(min_new_examples=10, growth=0.25), 100) == 10
     assert due_after(TrainerConfig(growth=0.001), 100) == 1  # at least one new experience
+    assert due_after(TrainerConfig(growth=0.07), 100) == 7  # not 8, as 0.07 × 100 in floats would round up to
+    # a snapshot at the max_examples cap: experience is plentiful, whatever the cap
+    assert due_after(TrainerConfig(min_new_examples=1000, max_examples=2000, growth=0.25), 2000) == 1000
 
 
 def test_runs_come_early_and_geometrically_until_min_new_examples_governs() -> None:
