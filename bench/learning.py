@@ -294,15 +294,15 @@ def plot(results: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 streams, 1 seed, small: checks the command works")
-    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per stream (default 3; 1 with --quick)")
     parser.add_argument("--streams", nargs="+", default=None, choices=streams.ALL)
     parser.add_argument("--limit", type=int, default=None, help="examples per stream (synthetic length; dataset cap)")
     parser.add_argument("--cadence", type=int, default=500, help="K: retrain every K examples")
     parser.add_argument("--first", type=int, default=20, help="first retraining point")
     parser.add_argument("--growth", type=float, default=1.25, help="each retraining point below K is this many times the last")
-    parser.add_argument("--reflexd", nargs="+", default=None, choices=list(PRESETS), help="reflexd config presets")
+    parser.add_argument("--reflexd", nargs="+", default=None, choices=list(PRESETS), help="reflexd config presets (default: all three)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="stream × seed pairs run at once (default: one per CPU)")
-    parser.add_argument("--out", default=str(OUT_DIR))
+    parser.add_argument("--out", default=str(OUT_DIR), help="where learning.json and learning.png go (default bench/out)")
     parser.add_argument("--tag", default="", help="suffix of the output files (learning<tag>.json)")
     args = parser.parse_args(argv)
     if args.quick:
