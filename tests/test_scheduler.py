@@ -74,10 +74,10 @@ def test_a_daemon_trains_on_its_own_as_soon_as_experience_is_scarce_but_sufficie
         wait_for(lambda: d.status().experience["new_since_training"] == 15, 60, "15 matured experiences")
         assert d.status().trainer["runs"] == 0
         send(15)
-        first = wait_for(lambda: d.status().trainer["last_run"], 120, f"a first run on its own\n{d.log()}")
+        first = wait_for(lambda: d.status().trainer["last_run"], 300, f"a first run on its own\n{d.log()}")
         assert first.get("outcome") in ("promoted", "rejected"), first
         assert 20 <= d.status().trainer["trained_on"] <= 30
         trained_on = d.status().trainer["trained_on"]
         send(int(trained_on * 0.25) + 3)
-        wait_for(lambda: d.status().trainer["trained_on"] > trained_on, 120, f"a second run after 25% more\n{d.log()}")
+        wait_for(lambda: d.status().trainer["trained_on"] > trained_on, 300, f"a second run after 25% more\n{d.log()}")
         assert d.status().trainer["runs"] >= 2 and d.status().trainer["failures"] == 0
