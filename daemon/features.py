@@ -17,8 +17,9 @@ An action is hashed from its id plus its own features, in its own space. The id 
 ``__action=id`` as above, and a second from blake2b (4 bytes, keyed by the seed) of the id, moved
 to the next slot should it land on the first (one slot only when action_dim is 1). With one slot,
 two of ten actions would share a slot and sign, and so be indistinguishable, about half the time
-at action_dim 32; with two, about 2% of the time. The second hash cannot be crc32 of another name: crc32 is affine, so two ids of equal
-length that collide under one prefix collide under every prefix (and every seed).
+at action_dim 32; with two, about 2% of the time. The second hash cannot be crc32 of another
+name: crc32 is affine, so two ids of equal length that collide under one prefix collide under
+every prefix (and every seed).
 """
 
 from __future__ import annotations

@@ -225,9 +225,9 @@ def compare(
     difference is at least ``-gate.margin`` and the holdout has at least ``gate.min_holdout`` rows
     (and at least 2, the fewest an interval can be computed from). Against the logging policy
     (a first model) ``gate.first_min_holdout`` and ``gate.first_confidence`` take the place of
-    ``min_holdout`` and ``confidence``, and the margin is 0: until a model passes, every decision is made at the
-    logging policy's value, while a first model that disappoints is still explored around and
-    is replaced by the next candidate that passes the rule for replacements. A candidate whose
+    ``min_holdout`` and ``confidence``, and the margin is 0: until a model passes, every decision
+    is made at the logging policy's value, while a first model that disappoints is still explored
+    around and is replaced by the next candidate that passes the rule for replacements. A candidate whose
     probabilities or reward predictions are not finite is rejected; a malformed log raises
     ValueError.
 
