@@ -13,9 +13,11 @@ per stream × seed × preset, ``reflexd.Policy`` deciding in-process (ONNX + exp
 propensities), ``policy.reward`` for rewards, and at each retraining point ``policy.flush()``,
 the protocol ``Train`` request (trainer subprocess → ONNX → gate → promotion) and a wait for the
 client to hot-swap to the promoted version — so the cadence is deterministic. Retraining happens
-after 20 examples (``--first``; the daemon trains on no fewer than 20), then each time the stream
-has grown 1.25× (``--growth``: 25, 31, 39, 49, ...) up to K, then every K (``--cadence``, 500):
-early and often, so the time to a first model is part of what is measured.
+where the daemon's own scheduler (``reflexd.scheduler.due_after``) would run it with the default
+``trainer`` settings: after 20 examples, then each time the stream has grown by ``growth`` (25%:
+25, 32, 40, 50, ...) until that is ``min_new_examples`` (1000), then every 1000 (``--growth`` and
+``--cadence`` change them). Early and often, so the time to a first model is part of what is
+measured.
 
 Peers on the same streams and seeds (bench/learning_peers.py): Vowpal Wabbit --cb_explore_adf with
 epsilon-greedy 0.05 and 0.1, SquareCB and RegCB-opt; uniform random; and the full-information
@@ -43,9 +45,11 @@ import learning_streams as streams  # noqa: E402
 from _daemon import HUGE, BenchDaemon, deep_merge  # noqa: E402
 from _host import machine  # noqa: E402
 from reflexd.client import Policy  # noqa: E402
+from reflexd.config import TrainerConfig  # noqa: E402
 from reflexd.errors import ReflexdError  # noqa: E402
 from reflexd.protocol import Train  # noqa: E402
 from reflexd.registry import Registry  # noqa: E402
+from reflexd.scheduler import due_after  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 WAIT_WINDOW = 0.1  # rewards.wait_window: decisions mature right after they are sent
@@ -70,15 +74,17 @@ def progress(msg: str) -> None:
     print(f"[learning {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def schedule(n: int, first: int, cadence: int, growth: float) -> list[int]:
-    """Example counts after which reflexd retrains: first, then each ``growth`` times the last
-    (rounded, at least one more) below cadence, then every cadence."""
-    points, k = [], float(first)
-    while k < cadence and k < n:
-        points.append(round(k))
-        k = max(round(k) + 1, k * growth)
-    points += list(range(cadence, n, cadence))
-    return sorted(set(points))
+def retraining(args: argparse.Namespace) -> TrainerConfig:
+    """The trainer settings the schedule follows: the defaults with ``--growth`` and ``--cadence``."""
+    return TrainerConfig(growth=args.growth, min_new_examples=args.cadence)
+
+
+def schedule(n: int, settings: TrainerConfig) -> list[int]:
+    """Example counts below ``n`` after which reflexd retrains: where its scheduler would with ``settings``."""
+    points, k = [], 0
+    while (k := k + due_after(settings, k)) < n:
+        points.append(k)
+    return points
 
 
 def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int]) -> dict[str, Any]:
@@ -157,7 +163,7 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int
 def run_pair(name: str, seed: int, args: argparse.Namespace) -> tuple[str, int, dict[str, dict[str, Any]]]:
     """Every learner on one stream and seed: (stream note, length, label → result)."""
     stream = streams.build(name, seed, args.limit)
-    points = schedule(stream.n, args.first, args.cadence, args.growth)
+    points = schedule(stream.n, retraining(args))
     jobs: list[tuple[str, Any]] = [
         ("uniform", lambda: peers.run_uniform(stream, seed)),
         *[(label, lambda a=a: peers.run_vw(stream, a, seed)) for label, a in peers.VW_CONFIGS.items()],
@@ -230,9 +236,9 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"reflexd learning benchmark — {m['date']}",
         f"machine: {m['nproc']} cpus, {m['cpu']}, python {m['python']}, load at start {m['loadavg_start'][0]:.2f}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()),
-        f"seeds: {meta['seeds']}; reflexd retrains (Train request, then waits for the client's hot-swap) after "
-        f"{meta['first']} examples, then each time the stream has grown {meta['growth']}× up to K, then every "
-        f"K = {meta['cadence']} examples ({', '.join(map(str, schedule(4000, meta['first'], meta['cadence'], meta['growth'])[:8]))}, ...)",
+        f"seeds: {meta['seeds']}; reflexd retrains (Train request, then waits for the client's hot-swap) where its "
+        f"scheduler would with trainer.growth {meta['growth']:g} and min_new_examples {meta['cadence']}: after "
+        f"{', '.join(map(str, schedule(10**6, retraining(argparse.Namespace(**meta)))[:12]))}, ... then every {meta['cadence']}",
         "reflexd presets: " + "; ".join(f"{p} = {json.dumps(PRESETS[p]) if PRESETS[p] else 'defaults'}" for p in meta["presets"]),
         "VW: " + "; ".join(f"{k} = `{v} {peers.VW_COMMON}`" for k, v in peers.VW_CONFIGS.items()),
         "reward: progressive (earned on each example before learning from it), mean ± std over seeds",
@@ -297,9 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per stream (default 3; 1 with --quick)")
     parser.add_argument("--streams", nargs="+", default=None, choices=streams.ALL)
     parser.add_argument("--limit", type=int, default=None, help="examples per stream (synthetic length; dataset cap)")
-    parser.add_argument("--cadence", type=int, default=500, help="K: retrain every K examples")
-    parser.add_argument("--first", type=int, default=20, help="first retraining point")
-    parser.add_argument("--growth", type=float, default=1.25, help="each retraining point below K is this many times the last")
+    parser.add_argument(
+        "--cadence", type=int, default=TrainerConfig().min_new_examples,
+        help="trainer.min_new_examples: retrain every this many examples once growth asks for more (default %(default)s)",
+    )
+    parser.add_argument(
+        "--growth", type=float, default=TrainerConfig().growth,
+        help="trainer.growth: retrain sooner, once the stream has grown by this fraction (default %(default)s)",
+    )
     parser.add_argument("--reflexd", nargs="+", default=None, choices=list(PRESETS), help="reflexd config presets (default: all three)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="stream × seed pairs run at once (default: one per CPU)")
     parser.add_argument("--out", default=str(OUT_DIR), help="where learning.json and learning.png go (default bench/out)")
@@ -314,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args.reflexd = args.reflexd or DEFAULT_PRESETS
 
     started = time.perf_counter()
-    meta = {"machine": machine(("reflexd", *LIBRARIES)), "seeds": args.seeds, "cadence": args.cadence, "first": args.first, "growth": args.growth, "jobs": args.jobs, "presets": args.reflexd, "quick": args.quick}
+    meta = {"machine": machine(("reflexd", *LIBRARIES)), "seeds": args.seeds, "cadence": args.cadence, "growth": args.growth, "jobs": args.jobs, "presets": args.reflexd, "quick": args.quick}
     results = run_all(args)
     rows = summarise(results, args)
     meta["total_seconds"] = time.perf_counter() - started

@@ -87,11 +87,10 @@ class TanhMLP(RewardMLP):
     """The MLP's parameters exactly, and another function of them."""
 
     def head_outputs(self, context, actions):
-        ctx, factor = self.context_layer(context), self.context_factor(context)
+        ctx = self.context_layer(context)
         if actions.dim() == 3:
-            ctx, factor = ctx.unsqueeze(1), factor.unsqueeze(1)
-        hidden = torch.tanh(ctx + self.action_layer(actions))
-        return self.heads(torch.cat([hidden, factor * self.action_factor(actions)], dim=-1))
+            ctx = ctx.unsqueeze(1)
+        return self.heads(torch.tanh(ctx + self.action_layer(actions))) + self.bilinear(context, actions)
 
 
 def mlp(seed, hidden=16, heads=4, cls=RewardMLP, context_dim=CONTEXT_DIM):

@@ -111,8 +111,7 @@ class TanhMLP(RewardMLP):
 
     def head_outputs(self, context, actions):
         hidden = torch.tanh(self.context_layer(context).unsqueeze(1) + self.action_layer(actions))
-        interaction = self.context_factor(context).unsqueeze(1) * self.action_factor(actions)
-        return self.heads(torch.cat([hidden, interaction], dim=-1))
+        return self.heads(hidden) + self.bilinear(context, actions)
 
 
 @pytest.mark.usefixtures("torch_one_thread")

@@ -77,11 +77,14 @@ def fit_heads(
     settings: TrainerConfig,
     gen: torch.Generator,
     progress: Progress | None,
+    scaled: Iterable[torch.nn.Linear] = (),
 ) -> torch.nn.Module:
     """Fit ``model.heads`` (a Linear to K outputs) on the chosen actions' rewards.
 
     ``predict(context, chosen)`` gives [b, K]. Each head sees its own Poisson(1) bootstrap
     weights, fixed per example for the run, so their spread estimates the model's uncertainty.
+    ``scaled`` are bias-free layers whose outputs the model adds to the heads' (the MLP's
+    bilinear term): they are rescaled to reward units with the heads.
     """
     n = len(reward)
     # rewards come in any unit; training on standardised targets keeps one learning rate
@@ -109,6 +112,8 @@ def fit_heads(
         if progress is not None:
             progress(epoch, epochs, total.item() / n * scale * scale)
     with torch.no_grad():
+        for layer in scaled:
+            layer.weight.mul_(scale)
         model.heads.weight.mul_(scale)
         model.heads.bias.mul_(scale).add_(offset)
     return model.eval()

@@ -25,22 +25,29 @@ class RewardMLP(nn.Module):
         self.context_layer = nn.Linear(context_dim, hidden)
         # the bias lives in the context layer; a second one here would be redundant
         self.action_layer = nn.Linear(action_dim, hidden, bias=False)
-        # a context × action interaction (Ux)⊙(Va) beside the hidden layer, like Vowpal Wabbit's
-        # -q sa: through the heads it is a bilinear form of full rank in the action space, so a
-        # per-action linear model is learnable from little data, which the ReLU layer needs far
-        # more examples to approximate
-        self.context_factor = nn.Linear(context_dim, action_dim, bias=False)
-        self.action_factor = nn.Linear(action_dim, action_dim, bias=False)
+        # beside the hidden layer, each head's bilinear form x^T W_k a, like Vowpal Wabbit's -q sa:
+        # a per-action linear model, learnable from the few dozen examples per action the ReLU
+        # layer cannot yet use. It starts at zero, so early on it adds nothing the data did not
+        # put there. Stored as one Linear(context, heads × action): one matmul per decision.
+        self.interaction = nn.Linear(context_dim, heads * action_dim, bias=False)
+        nn.init.zeros_(self.interaction.weight)
         # K heads of Linear(hidden, 1) stacked as one Linear(hidden, K): one matmul instead of K
-        self.heads = nn.Linear(hidden + action_dim, heads)
+        self.heads = nn.Linear(hidden, heads)
+        self.head_count, self.action_dim = heads, action_dim
+
+    def bilinear(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Every head's x^T W_k a: [B, A, K] for actions [B, A, Da], or [B, K] for actions [B, Da]."""
+        weights = self.interaction(context).unflatten(-1, (self.head_count, self.action_dim))  # [B, K, Da]
+        if actions.dim() == 3:
+            return actions @ weights.transpose(1, 2)
+        return (weights @ actions.unsqueeze(-1)).squeeze(-1)
 
     def head_outputs(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Every head's prediction: [B, A, K] for actions [B, A, Da], or [B, K] for actions [B, Da]."""
-        ctx, factor = self.context_layer(context), self.context_factor(context)
+        ctx = self.context_layer(context)
         if actions.dim() == 3:
-            ctx, factor = ctx.unsqueeze(1), factor.unsqueeze(1)
-        hidden = torch.relu(ctx + self.action_layer(actions))
-        return self.heads(torch.cat([hidden, factor * self.action_factor(actions)], dim=-1))
+            ctx = ctx.unsqueeze(1)
+        return self.heads(torch.relu(ctx + self.action_layer(actions))) + self.bilinear(context, actions)
 
     def forward(self, context: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return ensemble(self.head_outputs(context, actions))
@@ -61,4 +68,7 @@ class MLPLearner:
         # only the chosen action has a reward, so padding never reaches the loss
         chosen = torch.from_numpy(train.chosen_actions)
         optimizer = Adam(model.parameters(), settings.learning_rate)
-        return fit_heads(model, model.head_outputs, context, chosen, train.reward, optimizer, settings, gen, progress)
+        return fit_heads(
+            model, model.head_outputs, context, chosen, train.reward, optimizer, settings, gen, progress,
+            scaled=(model.interaction,),
+        )
