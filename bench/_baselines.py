@@ -59,6 +59,13 @@ def _compile(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> Callable[..
         axes = tuple(int(x) for x in (second if second is not None else attrs.get("axes", ()))) or None
         keep = bool(attrs.get("keepdims", 1))
         return lambda a, *_: a.mean(axis=axes, keepdims=keep)
+    if op == "Shape":  # a dynamic batch's size, read at run time
+        start, end = attrs.get("start", 0), attrs.get("end")
+        return lambda a: np.array(a.shape[start:end], dtype=np.int64)
+    if op == "Squeeze":
+        axes = second if second is not None else attrs.get("axes")
+        squeeze_axes = None if axes is None else tuple(int(x) for x in np.atleast_1d(axes))
+        return lambda a, *_: np.squeeze(a, axis=squeeze_axes)
     if op == "Reshape":
         allowzero = attrs.get("allowzero", 0)
 

@@ -74,9 +74,20 @@ def progress(msg: str) -> None:
     print(f"[learning {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def retraining(args: argparse.Namespace) -> TrainerConfig:
+def retraining(growth: float, cadence: int) -> TrainerConfig:
     """The trainer settings the schedule follows: the defaults with ``--growth`` and ``--cadence``."""
-    return TrainerConfig(growth=args.growth, min_new_examples=args.cadence)
+    return TrainerConfig(growth=growth, min_new_examples=cadence)
+
+
+def _points(settings: TrainerConfig) -> str:
+    """The schedule in words: its first points, where growth hands over, and the cadence after."""
+    points = [0, *schedule(10**7, settings)]
+    # the last point reached by growth: the next gap is the cadence
+    grown = next(i for i in range(1, len(points) - 1) if points[i + 1] - points[i] == settings.min_new_examples)
+    shown = [str(p) for p in points[1 : grown + 1]]
+    if len(shown) > 10:
+        shown = [*shown[:8], "...", *shown[-2:]]
+    return f"{', '.join(shown)}, then every {settings.min_new_examples}"
 
 
 def schedule(n: int, settings: TrainerConfig) -> list[int]:
@@ -163,7 +174,7 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int
 def run_pair(name: str, seed: int, args: argparse.Namespace) -> tuple[str, int, dict[str, dict[str, Any]]]:
     """Every learner on one stream and seed: (stream note, length, label → result)."""
     stream = streams.build(name, seed, args.limit)
-    points = schedule(stream.n, retraining(args))
+    points = schedule(stream.n, retraining(args.growth, args.cadence))
     jobs: list[tuple[str, Any]] = [
         ("uniform", lambda: peers.run_uniform(stream, seed)),
         *[(label, lambda a=a: peers.run_vw(stream, a, seed)) for label, a in peers.VW_CONFIGS.items()],
@@ -238,7 +249,7 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "versions: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()),
         f"seeds: {meta['seeds']}; reflexd retrains (Train request, then waits for the client's hot-swap) where its "
         f"scheduler would with trainer.growth {meta['growth']:g} and min_new_examples {meta['cadence']}: after "
-        f"{', '.join(map(str, schedule(10**6, retraining(argparse.Namespace(**meta)))[:12]))}, ... then every {meta['cadence']}",
+        f"{_points(retraining(meta['growth'], meta['cadence']))}",
         "reflexd presets: " + "; ".join(f"{p} = {json.dumps(PRESETS[p]) if PRESETS[p] else 'defaults'}" for p in meta["presets"]),
         "VW: " + "; ".join(f"{k} = `{v} {peers.VW_COMMON}`" for k, v in peers.VW_CONFIGS.items()),
         "reward: progressive (earned on each example before learning from it), mean ± std over seeds",

@@ -180,7 +180,7 @@ class Scheduler:
         result = read_result(out)
         if not result.parity_ok:
             raise TrainingError(
-                f"ONNX export differs from torch by {result.parity_max_abs_diff:.2e} "
+                f"ONNX export differs from torch by {result.parity_diff:.2e} "
                 f"(tolerance {cfg.gate.parity_tolerance:.0e}); candidate rejected"
             )
         self.status.state = "gating"

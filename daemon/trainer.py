@@ -85,7 +85,7 @@ class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     graph_reused: bool  # the export wrote the weights into a cached graph (see --graph-cache)
     parity_seconds: float
     cpu_seconds: float  # the run's CPU time so far; at SCHED_IDLE its wall time depends on other load
-    parity_max_abs_diff: float
+    parity_diff: float
     parity_ok: bool
     torch_version: str
 
@@ -261,7 +261,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     if diff > config.gate.parity_tolerance and exported.reused:
         # the cached graph does not compute this model (its code changed in a way the key
         # missed): trace it afresh, which also replaces the cached graph
-        _log("cached_graph_failed_parity", parity_max_abs_diff=diff)
+        _log("cached_graph_failed_parity", parity_diff=diff)
         exported = export_onnx(model, spec.context_dim, spec.action_dim, model_path, graphs, reuse=False)
         export_seconds += exported.seconds
         started = time.perf_counter()
@@ -272,7 +272,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
         "exported",
         seconds=export_seconds,
         graph_reused=exported.reused,
-        parity_max_abs_diff=diff,
+        parity_diff=diff,
         parity_ok=parity_ok,
         parity_seconds=parity_seconds,
     )
@@ -294,7 +294,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
         export_seconds=export_seconds,
         graph_reused=exported.reused,
         parity_seconds=parity_seconds,
-        parity_max_abs_diff=diff,
+        parity_diff=diff,
         parity_ok=parity_ok,
         cpu_seconds=time.process_time(),
         torch_version=str(torch.__version__),  # torch's TorchVersion is a str subclass msgspec refuses

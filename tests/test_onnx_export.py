@@ -18,10 +18,16 @@ CONTEXT_DIM, ACTION_DIM = 24, 8
 
 
 
+def with_bilinear(module):
+    """A trained MLP's bilinear term is not zero, as a fresh one's is: give it weights to export."""
+    torch.nn.init.normal_(module.bilinear.weight, std=0.05)
+    return module
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     torch.manual_seed(0)
-    module = RewardMLP(CONTEXT_DIM, ACTION_DIM, hidden=16, heads=4)
+    module = with_bilinear(RewardMLP(CONTEXT_DIM, ACTION_DIM, hidden=16, heads=4))
     path = tmp_path_factory.mktemp("onnx") / "policy.onnx"
     exported = export_onnx(module, CONTEXT_DIM, ACTION_DIM, path)
     return module, path, exported
@@ -49,6 +55,23 @@ def test_parity_detects_a_model_that_differs_from_the_file(exported, tmp_path):
     with torch.no_grad():
         changed.heads.bias.add_(0.01)
     assert parity(changed, path, *random_inputs(4, 3, seed=0)) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_parity_is_relative_beyond_one(tmp_path):
+    """Scores in the thousands (rewards in such units) pass however float32 rounds them, and a
+    change of one part in ten thousand is still seen."""
+    torch.manual_seed(0)
+    module = with_bilinear(RewardMLP(CONTEXT_DIM, ACTION_DIM, hidden=16, heads=4))
+    with torch.no_grad():
+        module.heads.weight.mul_(1000.0)
+        module.bilinear.weight.mul_(1000.0)
+        module.heads.bias.add_(5000.0)
+    export_onnx(module, CONTEXT_DIM, ACTION_DIM, tmp_path / "large.onnx")
+    inputs = random_inputs(64, 5, seed=1)
+    assert parity(module, tmp_path / "large.onnx", *inputs) <= 1e-5
+    with torch.no_grad():
+        module.heads.bias.mul_(1.0001)
+    assert parity(module, tmp_path / "large.onnx", *inputs) > 5e-5
 
 
 def test_graph_names_shapes_and_outputs(exported):
@@ -90,12 +113,12 @@ class TanhMLP(RewardMLP):
         ctx = self.context_layer(context)
         if actions.dim() == 3:
             ctx = ctx.unsqueeze(1)
-        return self.heads(torch.tanh(ctx + self.action_layer(actions))) + self.bilinear(context, actions)
+        return self.heads(torch.tanh(ctx + self.action_layer(actions))) + self.bilinear_term(context, actions)
 
 
 def mlp(seed, hidden=16, heads=4, cls=RewardMLP, context_dim=CONTEXT_DIM):
     torch.manual_seed(seed)
-    return cls(context_dim, ACTION_DIM, hidden=hidden, heads=heads)
+    return with_bilinear(cls(context_dim, ACTION_DIM, hidden=hidden, heads=heads))
 
 
 def transformer(seed, heads=4):

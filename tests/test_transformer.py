@@ -176,7 +176,7 @@ def test_trainer_subprocess_with_the_transformer_learner_ranks_correctly(tmp_pat
     assert done.returncode == 0, done.stderr
     result = read_result(out)
     assert result.learner == "transformer"
-    assert result.parity_ok and result.parity_max_abs_diff <= 1e-5
+    assert result.parity_ok and result.parity_diff <= 1e-5
     assert 0 < result.train_loss < 0.2
 
     session = ort.InferenceSession(str(out / "policy.onnx"), providers=["CPUExecutionProvider"])

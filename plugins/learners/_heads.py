@@ -83,8 +83,9 @@ def fit_heads(
 
     ``predict(context, chosen)`` gives [b, K]. Each head sees its own Poisson(1) bootstrap
     weights, fixed per example for the run, so their spread estimates the model's uncertainty.
-    ``scaled`` are bias-free layers whose outputs the model adds to the heads' (the MLP's
-    bilinear term): they are rescaled to reward units with the heads.
+    ``scaled`` are Linear layers whose outputs the model adds to the heads' (the MLP's bilinear
+    term): they are rescaled to reward units with the heads (the offset goes into the heads'
+    bias alone).
     """
     n = len(reward)
     # rewards come in any unit; training on standardised targets keeps one learning rate
@@ -114,6 +115,8 @@ def fit_heads(
     with torch.no_grad():
         for layer in scaled:
             layer.weight.mul_(scale)
+            if layer.bias is not None:
+                layer.bias.mul_(scale)
         model.heads.weight.mul_(scale)
         model.heads.bias.mul_(scale).add_(offset)
     return model.eval()

@@ -4,7 +4,8 @@ The first layer is split into a context part and an action part so the context t
 once per decision and broadcast over its actions; that is exactly a Linear over the concatenation,
 without materialising it. The K heads share the hidden layer and each is trained on its own
 Poisson(1) bootstrap resample of the data, so their disagreement (``spread``) is a cheap
-uncertainty estimate that UCB exploration and the gate can use.
+uncertainty estimate that UCB exploration and the gate can use. Beside the hidden layer each
+head has its own bilinear term x^T W_k a, so its size and scoring cost grow with the heads.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ class RewardMLP(nn.Module):
         # a per-action linear model, learnable from the few dozen examples per action the ReLU
         # layer cannot yet use. It starts at zero, so early on it adds nothing the data did not
         # put there. Stored as one Linear(context, heads × action): one matmul per decision.
-        self.interaction = nn.Linear(context_dim, heads * action_dim, bias=False)
-        nn.init.zeros_(self.interaction.weight)
+        self.bilinear = nn.Linear(context_dim, heads * action_dim, bias=False)
+        nn.init.zeros_(self.bilinear.weight)
         # K heads of Linear(hidden, 1) stacked as one Linear(hidden, K): one matmul instead of K
         self.heads = nn.Linear(hidden, heads)
-        self.head_count, self.action_dim = heads, action_dim
 
-    def bilinear(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def bilinear_term(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Every head's x^T W_k a: [B, A, K] for actions [B, A, Da], or [B, K] for actions [B, Da]."""
-        weights = self.interaction(context).unflatten(-1, (self.head_count, self.action_dim))  # [B, K, Da]
+        shape = (self.heads.out_features, self.action_layer.in_features)
+        weights = self.bilinear(context).unflatten(-1, shape)  # [B, K, Da]
         if actions.dim() == 3:
             return actions @ weights.transpose(1, 2)
         return (weights @ actions.unsqueeze(-1)).squeeze(-1)
@@ -47,7 +48,7 @@ class RewardMLP(nn.Module):
         ctx = self.context_layer(context)
         if actions.dim() == 3:
             ctx = ctx.unsqueeze(1)
-        return self.heads(torch.relu(ctx + self.action_layer(actions))) + self.bilinear(context, actions)
+        return self.heads(torch.relu(ctx + self.action_layer(actions))) + self.bilinear_term(context, actions)
 
     def forward(self, context: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return ensemble(self.head_outputs(context, actions))
@@ -70,5 +71,5 @@ class MLPLearner:
         optimizer = Adam(model.parameters(), settings.learning_rate)
         return fit_heads(
             model, model.head_outputs, context, chosen, train.reward, optimizer, settings, gen, progress,
-            scaled=(model.interaction,),
+            scaled=(model.bilinear,),
         )
