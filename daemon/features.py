@@ -34,6 +34,7 @@ import numpy as np
 
 _ACTION_KEY = "__action="
 SCHEME = "crc32-signed-log1p-v2"  # v2: action ids take two slots
+
 _CACHE_LIMIT = 200_000
 _SETS_CACHE_LIMIT = 4096
 _encode = msgspec.msgpack.Encoder().encode
@@ -44,6 +45,16 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     action_dim: int = 32
     seed: int = 0
     scheme: str = SCHEME
+
+
+def scheme_refusal(spec: FeatureSpec) -> str | None:
+    """Why a model hashed with ``spec`` cannot be served by this version, or None if it can."""
+    if spec.scheme == SCHEME:
+        return None
+    return (
+        f"its features were hashed with scheme {spec.scheme!r} and this reflexd hashes with "
+        f"{SCHEME!r}: train a new model"
+    )
 
 
 class Hasher:

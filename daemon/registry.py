@@ -26,7 +26,7 @@ import msgspec
 from .config import ExplorationConfig
 from .durable import fsync_path
 from .errors import ModelIntegrityError, ModelNotFound, PointerMoved, StorageError
-from .features import FeatureSpec
+from .features import FeatureSpec, scheme_refusal
 
 MODEL_FILE = "policy.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -145,8 +145,13 @@ class Registry:
             raise ModelIntegrityError(HISTORY_FILE, f"unreadable promotion history: {exc}") from None
 
     def load(self, version: str) -> tuple[Manifest, bytes]:
-        """The manifest and model bytes, refused unless the bytes match the manifest's sha256."""
+        """The manifest and model bytes, refused unless the bytes match the manifest's sha256 and
+        its features were hashed the way this version hashes them (so neither promote nor rollback
+        ever points agents at a model they would refuse)."""
         manifest = self.manifest(version)
+        refusal = scheme_refusal(manifest.features)
+        if refusal is not None:
+            raise ModelIntegrityError(version, refusal)
         path = self.root / version / manifest.file
         try:
             data = path.read_bytes()

@@ -224,6 +224,26 @@ def test_rollback_refuses_tampered_target(registry: Registry, tmp_path: Path) ->
     assert registry.history() == ["v0001", "v0002"]
 
 
+def test_a_model_of_another_feature_scheme_is_never_made_live(registry: Registry, tmp_path: Path) -> None:
+    """After an upgrade, history can name a model hashed the old way: agents would refuse it, so
+    neither promote nor rollback points at it."""
+    old = msgspec.structs.replace(FeatureSpec(context_dim=8, action_dim=4, seed=1), scheme="crc32-signed-log1p-v1")
+    registry.add(identity_model(tmp_path / "old.onnx", name="old"), fields(features=old))
+    add_n(registry, tmp_path, 1)
+    # the pointer and history an older reflexd left behind
+    (registry.root / HISTORY_FILE).write_text('["v0001"]')
+    (registry.root / CURRENT_FILE).write_text("v0001\n")
+    registry.promote("v0002")
+    with pytest.raises(ModelIntegrityError, match="scheme 'crc32-signed-log1p-v1'") as info:
+        registry.rollback()
+    assert info.value.version == "v0001"
+    assert registry.current() == "v0002"
+    assert registry.history() == ["v0001", "v0002"]
+    with pytest.raises(ModelIntegrityError, match="train a new model"):
+        registry.promote("v0001")
+    assert registry.manifest("v0001").features == old  # still listed, with what it was
+
+
 @pytest.mark.parametrize("version", ["v0009", "v1", "latest", "", "V0001"])
 def test_unknown_version(registry: Registry, tmp_path: Path, version: str) -> None:
     add_n(registry, tmp_path, 1)

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from reflexd.config import ExplorationConfig
 from reflexd.features import FeatureSpec, Hasher
 from reflexd.plugins import exploration
-from reflexd.registry import MODEL_FILE, Manifest, Registry
+from reflexd.errors import ModelIntegrityError
+from reflexd.registry import CURRENT_FILE, MODEL_FILE, Manifest, Registry
 from reflexd.serving import BATCH_ROWS, Chooser, ModelSource
 
 DC, DA = 16, 8
@@ -185,7 +186,10 @@ def test_a_model_hashed_with_another_feature_scheme_is_refused(live: ModelSource
     src = build_model(tmp_path / "old-scheme.onnx", Weights(3))
     old = msgspec.structs.replace(SPEC, scheme="crc32-signed-log1p-v1")
     registry.add(src, {"parent": None, "created": 0.0, "learner": "test", "features": old, "exploration": SOFTMAX})
-    registry.promote("v0002")
+    with pytest.raises(ModelIntegrityError, match="crc32-signed-log1p-v1"):
+        registry.promote("v0002")
+    # the pointer an older reflexd left behind, as after an upgrade
+    (registry.root / CURRENT_FILE).write_text("v0002\n")
     assert live.refresh() is False
     assert live.scorer is not None and live.scorer.version == "v0001"
     assert live.error is not None and "v0002" in live.error and "crc32-signed-log1p-v1" in live.error
