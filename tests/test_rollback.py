@@ -22,10 +22,10 @@ from onnx import helper
 from conftest import DaemonProcess, wait_for
 from reflexd.client import Policy
 from reflexd.config import Config, GateConfig, parse_config
-from reflexd.errors import PointerMoved
+from reflexd.errors import ModelIntegrityError, PointerMoved
 from reflexd.monitor import Monitor, judge
 from reflexd.protocol import Decision, ModelsRequest, Outcome, Promote, Train
-from reflexd.registry import Registry
+from reflexd.registry import CURRENT_FILE, HISTORY_FILE, Registry
 from reflexd.store import RewardStats, Store
 
 GATE = GateConfig(confidence=0.95, rollback_min_decisions=100, rollback_margin=0.0)
@@ -144,7 +144,11 @@ def identity_model(path: Path, name: str) -> Path:
     return path
 
 
-def monitor_world(tmp_path: Path, auto_rollback: bool, bad_mean: float) -> tuple[Monitor, Any]:
+def monitor_world(
+    tmp_path: Path, auto_rollback: bool, bad_mean: float, first_scheme: str | None = None
+) -> tuple[Monitor, Any]:
+    """v0001 then v0002 live, with 80 decisions each; ``first_scheme`` hashes v0001 another way,
+    as a model left from before an upgrade."""
     config = Config(
         state_dir=str(tmp_path),
         rewards=parse_config("rewards: {wait_window: 1}").rewards,
@@ -152,11 +156,19 @@ def monitor_world(tmp_path: Path, auto_rollback: bool, bad_mean: float) -> tuple
     )
     registry = Registry(tmp_path / "models")
     for v in ("v0001", "v0002"):
+        features: dict[str, Any] = {"context_dim": 2, "action_dim": 2, "seed": 0}
+        if first_scheme is not None and v == "v0001":
+            features["scheme"] = first_scheme
         registry.add(identity_model(tmp_path / f"{v}.onnx", v), {
-            "parent": None, "created": 1.0, "learner": "mlp", "features": {"context_dim": 2, "action_dim": 2, "seed": 0},
+            "parent": None, "created": 1.0, "learner": "mlp", "features": features,
             "exploration": {}, "training": {},
         })
-        registry.promote(v)
+    if first_scheme is not None:  # promoted by an older reflexd, which wrote the pointer itself
+        (registry.root / HISTORY_FILE).write_text('["v0001"]')
+        (registry.root / CURRENT_FILE).write_text("v0001\n")
+    else:
+        registry.promote("v0001")
+    registry.promote("v0002")
     store = Store(tmp_path / "db.duckdb")
     rng = np.random.default_rng(7)
     for version, p in (("v0001", 0.8), ("v0002", bad_mean)):
@@ -188,6 +200,18 @@ def test_monitor_rolls_back_a_worse_model_and_records_why(tmp_path: Path) -> Non
         again = anyio.run(monitor.check)
         assert again.verdict == "no_predecessor" and not again.rollback
         assert monitor.daemon.registry.current() == "v0001"
+    finally:
+        monitor.daemon.store.close()
+
+
+def test_monitor_never_rolls_back_to_a_model_agents_would_refuse(tmp_path: Path) -> None:
+    old = "crc32-signed-log1p-v1"
+    monitor, refreshed = monitor_world(tmp_path, auto_rollback=True, bad_mean=0.1, first_scheme=old)
+    try:
+        with pytest.raises(ModelIntegrityError, match="v0001 refused: its features were hashed with scheme"):
+            anyio.run(monitor.check)
+        assert monitor.daemon.registry.current() == "v0002" and not refreshed
+        assert monitor.daemon.store.model_events() == [] and monitor.rollbacks == 0
     finally:
         monitor.daemon.store.close()
 
