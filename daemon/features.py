@@ -34,7 +34,6 @@ import numpy as np
 
 _ACTION_KEY = "__action="
 SCHEME = "crc32-signed-log1p-v2"  # v2: action ids take two slots
-
 _CACHE_LIMIT = 200_000
 _SETS_CACHE_LIMIT = 4096
 _encode = msgspec.msgpack.Encoder().encode

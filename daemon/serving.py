@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from .config import ExplorationConfig
 from .errors import ModelIntegrityError, ReflexdError
-from .features import Hasher, action_ids, scheme_refusal
+from .features import Hasher, action_ids
 from .protocol import Decision
 from .registry import Manifest, Registry
 from .plugins import exploration
@@ -89,9 +89,6 @@ class Scorer:
     def __init__(self, manifest: Manifest, model: bytes, threads: int = 1) -> None:
         self.manifest = manifest
         self.version = manifest.version
-        refusal = scheme_refusal(manifest.features)
-        if refusal is not None:
-            raise ModelIntegrityError(manifest.version, refusal)
         self.hasher = Hasher(manifest.features)
         try:
             self.session = _session(model, threads)
