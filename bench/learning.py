@@ -1,6 +1,6 @@
 """reflexd learning-quality benchmark: contextual-bandit streams, reflexd through its real path vs VW.
 
-    python bench/learning.py [--quick] [--seeds N] [--reflexd PRESET ...]
+    python bench/learning.py [--quick] [--seeds N] [--min-decisions N] [--reflexd PRESET ...]
 
 Streams are made the standard way for contextual-bandit evaluation (Bietti, Agarwal & Langford,
 "A Contextual Bandit Bake-off", JMLR 2021): scikit-learn's bundled classification datasets with
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -67,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-DEFAULT_PRESETS = ["defaults", "transformer", "previous"]
+DEFAULT_PRESETS = ["defaults", "transformer"]
 
 
 def progress(msg: str) -> None:
@@ -193,12 +194,19 @@ def run_pair(name: str, seed: int, args: argparse.Namespace) -> tuple[str, int, 
     return stream.note, stream.n, out
 
 
+def seeds_for(n: int, seeds: int, min_decisions: int) -> int:
+    """Seeds for a stream of ``n`` examples: at least ``seeds``, and enough that its mean averages
+    ``min_decisions`` decisions (a 150-example stream's mean over 3 seeds swings by ±0.05)."""
+    return max(seeds, math.ceil(min_decisions / n))
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Stream × seed pairs in ``args.jobs`` worker processes: each pair runs its own daemons and
     peers, so pairs are independent and only their wall times feel the sharing."""
-    pairs = [(name, seed) for name in args.streams for seed in range(args.seeds)]
-    # longest streams first, so no worker is left with a long one at the end
     length = {name: streams.build(name, 0, args.limit).n for name in args.streams}
+    args.stream_seeds = {name: seeds_for(length[name], args.seeds, args.min_decisions) for name in args.streams}
+    pairs = [(name, seed) for name in args.streams for seed in range(args.stream_seeds[name])]
+    # longest streams first, so no worker is left with a long one at the end
     queue = sorted(pairs, key=lambda pair: -length[pair[0]])
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         done = dict(zip(queue, pool.map(run_pair, *zip(*queue), [args] * len(queue))))
@@ -241,13 +249,20 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> list[dict[st
     return rows
 
 
+def _seeds(meta: dict[str, Any]) -> str:
+    """"3" or "3 (wine 9, iris 10)": the streams that ran more seeds than asked, to reach min_decisions."""
+    more = {name: k for name, k in meta.get("stream_seeds", {}).items() if k != meta["seeds"]}
+    extra = f" ({', '.join(f'{name} {k}' for name, k in more.items())}; at least {meta['min_decisions']} decisions a stream)"
+    return f"{meta['seeds']}{extra if more else ''}"
+
+
 def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     m = meta["machine"]
     lines = [
         f"reflexd learning benchmark — {m['date']}",
         f"machine: {m['nproc']} cpus, {m['cpu']}, python {m['python']}, load at start {m['loadavg_start'][0]:.2f}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()),
-        f"seeds: {meta['seeds']}; reflexd retrains (Train request, then waits for the client's hot-swap) where its "
+        f"seeds: {_seeds(meta)}; reflexd retrains (Train request, then waits for the client's hot-swap) where its "
         f"scheduler would with trainer.growth {meta['growth']:g} and min_new_examples {meta['cadence']}: after "
         f"{_points(retraining(meta['growth'], meta['cadence']))}",
         "reflexd presets: " + "; ".join(f"{p} = {json.dumps(PRESETS[p]) if PRESETS[p] else 'defaults'}" for p in meta["presets"]),
@@ -311,7 +326,11 @@ def plot(results: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 streams, 1 seed, small: checks the command works")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per stream (default 3; 1 with --quick)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per stream, at least (default 3; 1 with --quick)")
+    parser.add_argument(
+        "--min-decisions", type=int, default=None,
+        help="short streams get more seeds, enough for this many decisions in all (default 1500; 0 with --quick)",
+    )
     parser.add_argument("--streams", nargs="+", default=None, choices=streams.ALL)
     parser.add_argument("--limit", type=int, default=None, help="examples per stream (synthetic length; dataset cap)")
     parser.add_argument(
@@ -322,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "--growth", type=float, default=TrainerConfig().growth,
         help="trainer.growth: retrain sooner, once the stream has grown by this fraction (default %(default)s)",
     )
-    parser.add_argument("--reflexd", nargs="+", default=None, choices=list(PRESETS), help="reflexd config presets (default: all three)")
+    parser.add_argument("--reflexd", nargs="+", default=None, choices=list(PRESETS), help="reflexd config presets (default: defaults transformer)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="stream × seed pairs run at once (default: one per CPU)")
     parser.add_argument("--out", default=str(OUT_DIR), help="where learning.json and learning.png go (default bench/out)")
     parser.add_argument("--tag", default="", help="suffix of the output files (learning<tag>.json)")
@@ -331,13 +350,16 @@ def main(argv: list[str] | None = None) -> int:
         args.streams = args.streams or ["breast_cancer", "xor-ring"]
         args.seeds = args.seeds or 1
         args.limit = args.limit or 1500
+        args.min_decisions = args.min_decisions or 0
     args.streams = args.streams or list(streams.ALL)
     args.seeds = args.seeds or 3
+    args.min_decisions = 1500 if args.min_decisions is None else args.min_decisions
     args.reflexd = args.reflexd or DEFAULT_PRESETS
 
     started = time.perf_counter()
-    meta = {"machine": machine(("reflexd", *LIBRARIES)), "seeds": args.seeds, "cadence": args.cadence, "growth": args.growth, "jobs": args.jobs, "presets": args.reflexd, "quick": args.quick}
+    meta = {"machine": machine(("reflexd", *LIBRARIES)), "seeds": args.seeds, "min_decisions": args.min_decisions, "cadence": args.cadence, "growth": args.growth, "jobs": args.jobs, "presets": args.reflexd, "quick": args.quick}
     results = run_all(args)
+    meta["stream_seeds"] = args.stream_seeds
     rows = summarise(results, args)
     meta["total_seconds"] = time.perf_counter() - started
     text = table(rows, meta)

@@ -30,7 +30,8 @@ from .trainer import EXIT_OUT_OF_MEMORY, memory_exhausted, read_result
 _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
-MIN_SNAPSHOT_ROWS = 20
+# the first run: 10 experiences hold out the 2 rows a first model's gate needs (20% of 10)
+MIN_SNAPSHOT_ROWS = 10
 
 
 def due_after(cfg: TrainerConfig, trained_on: int) -> int:

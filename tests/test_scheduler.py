@@ -24,15 +24,15 @@ def run_points(cfg: TrainerConfig, until: int) -> list[int]:
 
 def test_due_after_by_hand() -> None:
     cfg = TrainerConfig(min_new_examples=1000, growth=0.25)
-    assert due_after(cfg, 0) == MIN_SNAPSHOT_ROWS == 20
-    assert due_after(cfg, 20) == 5
-    assert due_after(cfg, 25) == 7  # ceil(6.25)
+    assert due_after(cfg, 0) == MIN_SNAPSHOT_ROWS == 10
+    assert due_after(cfg, 10) == 3  # ceil(2.5)
+    assert due_after(cfg, 13) == 4  # ceil(3.25)
     assert due_after(cfg, 3999) == 1000  # 0.25 × 3999 rounds up to 1000
     assert due_after(cfg, 100_000) == 1000
     assert due_after(TrainerConfig(min_new_examples=1000, growth=0), 0) == 1000
     # never so early that the run could only fail for want of rows, never later than asked
-    assert due_after(TrainerConfig(min_new_examples=10, growth=0.25), 0) == 20
-    assert due_after(TrainerConfig(min_new_examples=10, growth=0), 0) == 20
+    assert due_after(TrainerConfig(min_new_examples=5, growth=0.25), 0) == 10
+    assert due_after(TrainerConfig(min_new_examples=5, growth=0), 0) == 10
     assert due_after(TrainerConfig(min_new_examples=10, growth=0.25), 100) == 10
     assert due_after(TrainerConfig(growth=0.001), 100) == 1  # at least one new experience
     assert due_after(TrainerConfig(growth=0.07), 100) == 7  # not 8, as 0.07 × 100 in floats would round up to
@@ -43,7 +43,7 @@ def test_due_after_by_hand() -> None:
 def test_runs_come_early_and_geometrically_until_min_new_examples_governs() -> None:
     cfg = TrainerConfig(min_new_examples=1000, growth=0.25)
     points = run_points(cfg, 8000)
-    assert points[:8] == [20, 25, 32, 40, 50, 63, 79, 99]
+    assert points[:8] == [10, 13, 17, 22, 28, 35, 44, 55]
     gaps = [b - a for a, b in zip(points, points[1:])]
     assert all(g2 >= g1 for g1, g2 in zip(gaps, gaps[1:]))  # never closer together as data grows
     assert gaps[-4:] == [1000] * 4
@@ -69,14 +69,16 @@ def test_a_daemon_trains_on_its_own_as_soon_as_experience_is_scarce_but_sufficie
                 policy.reward(choice.id, float(choice.action == {"a": "x", "b": "y", "c": "z"}[kind]))
             assert policy.flush(60), policy.stats()
 
-        send(15)
-        # fewer than 20 experiences: nothing is due however long the daemon looks
-        wait_for(lambda: d.status().experience["new_since_training"] == 15, 60, "15 matured experiences")
+        send(MIN_SNAPSHOT_ROWS - 3)
+        # fewer than MIN_SNAPSHOT_ROWS experiences: nothing is due however long the daemon looks
+        wait_for(
+            lambda: d.status().experience["new_since_training"] == MIN_SNAPSHOT_ROWS - 3, 60, "matured experiences"
+        )
         assert d.status().trainer["runs"] == 0
-        send(15)
+        send(6)
         first = wait_for(lambda: d.status().trainer["last_run"], 300, f"a first run on its own\n{d.log()}")
         assert first.get("outcome") in ("promoted", "rejected"), first
-        assert 20 <= d.status().trainer["trained_on"] <= 30
+        assert MIN_SNAPSHOT_ROWS <= d.status().trainer["trained_on"] <= MIN_SNAPSHOT_ROWS + 3
         trained_on = d.status().trainer["trained_on"]
         send(int(trained_on * 0.25) + 3)
         wait_for(lambda: d.status().trainer["trained_on"] > trained_on, 300, f"a second run after 25% more\n{d.log()}")
