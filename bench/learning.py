@@ -50,7 +50,7 @@ from reflexd.config import TrainerConfig  # noqa: E402
 from reflexd.errors import ReflexdError  # noqa: E402
 from reflexd.protocol import Train  # noqa: E402
 from reflexd.registry import Registry  # noqa: E402
-from reflexd.scheduler import due_after  # noqa: E402
+from reflexd.scheduler import run_points  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 WAIT_WINDOW = 0.1  # rewards.wait_window: decisions mature right after they are sent
@@ -82,21 +82,13 @@ def retraining(growth: float, cadence: int) -> TrainerConfig:
 
 def _points(settings: TrainerConfig) -> str:
     """The schedule in words: its first points, where growth hands over, and the cadence after."""
-    points = [0, *schedule(10**7, settings)]
+    points = [0, *run_points(settings, 10**7)]
     # the last point reached by growth: the next gap is the cadence
     grown = next(i for i in range(1, len(points) - 1) if points[i + 1] - points[i] == settings.min_new_examples)
     shown = [str(p) for p in points[1 : grown + 1]]
     if len(shown) > 10:
         shown = [*shown[:8], "...", *shown[-2:]]
     return f"{', '.join(shown)}, then every {settings.min_new_examples}"
-
-
-def schedule(n: int, settings: TrainerConfig) -> list[int]:
-    """Example counts below ``n`` after which reflexd retrains: where its scheduler would with ``settings``."""
-    points, k = [], 0
-    while (k := k + due_after(settings, k)) < n:
-        points.append(k)
-    return points
 
 
 def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int]) -> dict[str, Any]:
@@ -175,7 +167,7 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int
 def run_pair(name: str, seed: int, args: argparse.Namespace) -> tuple[str, int, dict[str, dict[str, Any]]]:
     """Every learner on one stream and seed: (stream note, length, label → result)."""
     stream = streams.build(name, seed, args.limit)
-    points = schedule(stream.n, retraining(args.growth, args.cadence))
+    points = run_points(retraining(args.growth, args.cadence), stream.n)
     jobs: list[tuple[str, Any]] = [
         ("uniform", lambda: peers.run_uniform(stream, seed)),
         *[(label, lambda a=a: peers.run_vw(stream, a, seed)) for label, a in peers.VW_CONFIGS.items()],

@@ -129,16 +129,28 @@ class Monitor:
 
     async def run(self) -> None:
         while True:
-            try:
-                await self.check()
-                self.last_error = None
-            except ReflexdError as exc:
-                self.last_error = str(exc)
-                _log.error("rollback check failed", error=str(exc))
-            except Exception as exc:  # a bug costs one check, never the daemon
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                _log.exception("rollback check failed unexpectedly")
+            await self.check_reporting()
             await anyio.sleep(self.config.gate.rollback_check_interval)
+
+    async def check_reporting(self) -> None:
+        """``check``, with a failure kept in ``last_error`` (for ``status``) rather than raised.
+
+        A failure is logged when it first appears, not at every check: a predecessor that can
+        never be loaded (hashed with another feature scheme) would otherwise log the same error
+        every ``rollback_check_interval`` for as long as it stays in history.
+        """
+        try:
+            await self.check()
+            error = None
+        except ReflexdError as exc:
+            error = str(exc)
+            if error != self.last_error:
+                _log.error("rollback check failed", error=error)
+        except Exception as exc:  # a bug costs one check, never the daemon
+            error = f"{type(exc).__name__}: {exc}"
+            if error != self.last_error:
+                _log.exception("rollback check failed unexpectedly")
+        self.last_error = error
 
     async def check(self) -> Comparison:
         """Compare the live version with its predecessor; roll back if it is worse (and allowed)."""

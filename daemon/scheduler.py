@@ -52,6 +52,15 @@ def due_after(cfg: TrainerConfig, trained_on: int) -> int:
     return max(min(cfg.min_new_examples, grown), needed)
 
 
+def run_points(cfg: TrainerConfig, below: int) -> list[int]:
+    """The experience totals under ``below`` at which ``due_after`` makes runs due, each run
+    training on everything so far: 10, 13, 17, 22, ... with the defaults."""
+    points, total = [], 0
+    while (total := total + due_after(cfg, total)) < below:
+        points.append(total)
+    return points
+
+
 def cpu_idle(threshold: float) -> bool:
     """True when the 1-minute load average per core is below ``threshold``."""
     return os.getloadavg()[0] / (os.cpu_count() or 1) < threshold

@@ -18,6 +18,7 @@ import onnx
 import pyarrow.parquet as pq
 import pytest
 from onnx import helper
+from structlog.testing import capture_logs
 
 from conftest import DaemonProcess, wait_for
 from reflexd.client import Policy
@@ -212,6 +213,20 @@ def test_monitor_never_rolls_back_to_a_model_agents_would_refuse(tmp_path: Path)
             anyio.run(monitor.check)
         assert monitor.daemon.registry.current() == "v0002" and not refreshed
         assert monitor.daemon.store.model_events() == [] and monitor.rollbacks == 0
+    finally:
+        monitor.daemon.store.close()
+
+
+def test_a_check_failing_the_same_way_each_time_is_logged_once_and_shown_in_status(tmp_path: Path) -> None:
+    monitor, _ = monitor_world(tmp_path, auto_rollback=True, bad_mean=0.1, first_scheme="crc32-signed-log1p-v1")
+    try:
+        with capture_logs() as logs:
+            for _ in range(3):
+                anyio.run(monitor.check_reporting)
+        failed = [entry for entry in logs if entry["event"] == "rollback check failed"]
+        assert len(failed) == 1 and "v0001 refused" in failed[0]["error"]
+        assert monitor.checks == 3 and "v0001 refused" in monitor.as_dict()["last_error"]
+        assert monitor.daemon.registry.current() == "v0002"
     finally:
         monitor.daemon.store.close()
 

@@ -10,16 +10,7 @@ import pytest
 from conftest import DaemonProcess, wait_for
 from reflexd.client import Policy
 from reflexd.config import TrainerConfig
-from reflexd.scheduler import MIN_SNAPSHOT_ROWS, due_after
-
-
-def run_points(cfg: TrainerConfig, until: int) -> list[int]:
-    """The experience totals at which runs come due, each run training on everything so far."""
-    points, total = [], 0
-    while total < until:
-        total += due_after(cfg, total)
-        points.append(total)
-    return points
+from reflexd.scheduler import MIN_SNAPSHOT_ROWS, due_after, run_points
 
 
 def test_due_after_by_hand() -> None:
@@ -42,14 +33,14 @@ def test_due_after_by_hand() -> None:
 
 def test_runs_come_early_and_geometrically_until_min_new_examples_governs() -> None:
     cfg = TrainerConfig(min_new_examples=1000, growth=0.25)
-    points = run_points(cfg, 8000)
+    points = run_points(cfg, 9000)
     assert points[:8] == [10, 13, 17, 22, 28, 35, 44, 55]
     gaps = [b - a for a, b in zip(points, points[1:])]
     assert all(g2 >= g1 for g1, g2 in zip(gaps, gaps[1:]))  # never closer together as data grows
     assert gaps[-4:] == [1000] * 4
     # the early runs cost a few dozen runs over the first 4000 experiences, not one per experience
     assert len([p for p in points if p <= 4000]) < 30
-    assert run_points(msgspec.structs.replace(cfg, growth=0), 3000) == [1000, 2000, 3000]
+    assert run_points(msgspec.structs.replace(cfg, growth=0), 3001) == [1000, 2000, 3000]
 
 
 @pytest.mark.e2e
