@@ -315,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
-        "forget", parents=[client], help="delete everything stored about an agent (database, archive, snapshots)"
+        "forget",
+        parents=[client],
+        help="delete everything stored about an agent (database, archive, snapshots, refused spool lines)",
     )
     p.add_argument("--agent", required=True, help="agent id")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation (needed when not on a terminal)")

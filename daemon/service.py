@@ -221,7 +221,8 @@ class Daemon:
         raise AssertionError(f"no handler for {type(msg).__name__}")  # the decoder admits no other type
 
     async def forget(self, agent: str) -> dict[str, int]:
-        """Delete what is stored about ``agent``: rows, archive partitions, training snapshots.
+        """Delete what is stored about ``agent``: rows, archive partitions, training snapshots, and
+        its events among the spool lines the store once refused (``spool/rejected/``).
 
         Events already accepted but still queued in ingest are committed first (the barrier), so
         none of them is written after the delete. A training run in progress is waited for: its
@@ -235,6 +236,7 @@ class Daemon:
                 removed["training_snapshots"] = await anyio.to_thread.run_sync(
                     _remove_snapshots, self.scheduler.runs_dir
                 )
+                removed["rejected_spool_events"] = await anyio.to_thread.run_sync(self.ingest.spool.forget, agent)
             except OSError as exc:  # deleting archive partitions or snapshot files
                 raise StorageError(f"forgetting agent {agent!r} failed: {exc}") from exc
         _log.info("agent forgotten", agent=agent, **removed)

@@ -121,6 +121,31 @@ def encode_line(events: Sequence[Decision | Outcome | Step | Event], received_at
     return b"".join(parts)
 
 
+def _without_agent(line: bytes, agent: str) -> tuple[bytes | None, int]:
+    """A spool line without ``agent``'s events (None when nothing is left), and how many went."""
+    try:
+        batch = msgspec.json.decode(line)
+        if not isinstance(batch, dict):
+            raise TypeError
+        decisions = {d.get("id") for d in batch.get("decisions") or () if d.get("agent") == agent}
+        gone = 0
+        for key in _TYPES.values():
+            events = batch.get(key) or []
+            kept = [
+                e for e in events
+                if e.get("agent") != agent and not (key == "outcomes" and e.get("agent") is None and e.get("decision_id") in decisions)
+            ]
+            gone += len(events) - len(kept)
+            batch[key] = kept
+    except (msgspec.DecodeError, AttributeError, TypeError):
+        return (None, 1) if _encode(agent) in line else (line, 0)
+    if not gone:
+        return line, 0
+    if not any(batch[key] for key in _TYPES.values()):
+        return None, gone
+    return _encode(batch), gone
+
+
 def _trim_torn_tail(path: Path) -> int:
     """Cut a segment back to its last complete line; returns the size kept."""
     with open(path, "r+b") as f:
@@ -260,6 +285,38 @@ class Spool:
             f.write(line if line.endswith(b"\n") else line + b"\n")
             os.fsync(f.fileno())
         return path
+
+    def forget(self, agent: str) -> int:
+        """Remove ``agent``'s events from the lines kept in ``rejected/``; how many went.
+
+        An outcome goes with the agent when it names the agent, or when it was sent without one
+        and its decision, in the same line, is the agent's. A line that cannot be read as a batch
+        but names the agent goes whole (counted as one): its events cannot be told apart.
+        """
+        rejected = self.directory / "rejected"
+        if not rejected.is_dir():
+            return 0
+        removed = 0
+        for path in sorted(rejected.iterdir()):
+            lines, gone = [], 0
+            for line in path.read_bytes().splitlines():
+                kept, n = _without_agent(line, agent)
+                gone += n
+                if kept is not None:
+                    lines.append(kept + b"\n")
+            if not gone:
+                continue
+            removed += gone
+            if lines:
+                scratch = path.with_name(path.name + ".forget")
+                with open(scratch, "wb") as f:
+                    f.writelines(lines)
+                    os.fsync(f.fileno())
+                os.replace(scratch, path)
+            else:
+                path.unlink()
+            fsync_path(rejected)
+        return removed
 
     @staticmethod
     def events_in(line: bytes) -> int:

@@ -20,6 +20,7 @@ from reflexd.connection import Connection
 from reflexd.errors import ConfigError
 from reflexd.protocol import Ack, Action, Decide, Decision, Done, Event, Flush, Forget, Outcome, Step
 from reflexd.redact import MAX_DEPTH, RedactionError, Redactor, canonical_json
+from reflexd.spool import encode_line
 from reflexd.store import Store
 
 KEY = b"k" * 32
@@ -356,7 +357,8 @@ def test_a_message_too_deep_to_redact_is_refused_and_kept_without_raw_bytes(daem
 
 
 def _seed_store(state_dir: Path) -> None:
-    """Agents x and y, each with archived (40 days old) and live rows, and a training snapshot."""
+    """Agents x and y, each with archived (40 days old) and live rows, a training snapshot and a
+    refused spool line."""
     now = time.time()
     with Store(state_dir / "reflexd.duckdb") as store:
         for when, tag in ((now - 40 * 86400, "old"), (now, "new")):
@@ -372,6 +374,11 @@ def _seed_store(state_dir: Path) -> None:
     run = state_dir / "runs" / "20240101T000000-1-1"
     run.mkdir(parents=True)
     (run / "snapshot.parquet").write_bytes(b"PAR1 every agent's rows PAR1")
+    # a spool line the store once refused, kept for an operator: both agents' events in one line
+    rejected = state_dir / "spool" / "rejected"
+    rejected.mkdir(parents=True)
+    line = encode_line([decision({"n": 0}, id=f"{agent}-refused", agent=agent) for agent in ("x", "y")], now, 0)
+    (rejected / "000000000001-0123456789ab.ndjson").write_bytes(line)
 
 
 @pytest.mark.e2e
@@ -393,6 +400,7 @@ def test_forget_removes_an_agent_everywhere_and_leaves_the_others(daemon_factory
     assert isinstance(reply, Done) and reply.req == "f"
     assert "55 decisions" in reply.message and "1 outcomes" in reply.message  # the other outcome is archived
     assert "4 archive partitions" in reply.message and "1 training snapshots" in reply.message
+    assert "1 rejected spool events" in reply.message
 
     proc = subprocess.run(cli + ["--yes"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -400,6 +408,8 @@ def test_forget_removes_an_agent_everywhere_and_leaves_the_others(daemon_factory
 
     archive = state / "archive"
     assert sorted(p.name for p in archive.glob("*/agent=*")) == ["agent=y"] * 4
+    refused = (state / "spool" / "rejected" / "000000000001-0123456789ab.ndjson").read_bytes()
+    assert b"y-refused" in refused and b"x-refused" not in refused
     assert not (state / "runs" / "20240101T000000-1-1" / "snapshot.parquet").exists()
     counts = query(
         d,

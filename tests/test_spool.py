@@ -116,3 +116,42 @@ def test_a_big_batch_is_split_into_lines_of_bounded_length(tmp_path: Path, monke
     store = Store(tmp_path / "r.duckdb")
     assert store.load(segment).events == 2_010  # ids derived per line stay unique
     store.close()
+
+
+def test_forget_removes_an_agents_events_from_the_rejected_lines_and_nothing_else(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    rejected = tmp_path / "spool" / "rejected"
+    rejected.mkdir()
+
+    def dec(i: str, agent: str) -> Decision:
+        return Decision(id=i, agent=agent, context={}, actions=["x"], chosen="x", prob=1.0)
+
+    mixed = encode_line(
+        [dec("dx", "x"), dec("dy", "y"), Outcome(decision_id="dx", reward=1.0), Outcome(decision_id="dy", reward=0.0),
+         Outcome(decision_id="elsewhere", agent="x", reward=1.0), Event(agent="x", kind="k"), Event(agent="y", kind="k")],
+        1.0, 0,
+    )
+    only_x = encode_line([dec("dx2", "x"), Step(agent="x", episode="e", index=0, observation={}, action="x")], 2.0, 1)
+    unreadable_x, unreadable = b'{"decisions": [{"agent": "x", "id": "d', b'{"decisions": [{"agent": "y", "id": "d'
+    (rejected / "000000000001-aaaaaaaaaaaa.ndjson").write_bytes(mixed + unreadable_x + b"\n" + unreadable + b"\n")
+    (rejected / "000000000002-bbbbbbbbbbbb.ndjson").write_bytes(only_x)
+
+    assert spool.forget("x") == 4 + 2 + 1
+    assert not (rejected / "000000000002-bbbbbbbbbbbb.ndjson").exists()
+    assert sorted(p.name for p in rejected.iterdir()) == ["000000000001-aaaaaaaaaaaa.ndjson"]
+    kept = (rejected / "000000000001-aaaaaaaaaaaa.ndjson").read_bytes().splitlines()
+    assert kept[1] == unreadable and len(kept) == 2
+    doc = json.loads(kept[0])
+    assert doc["received_at"] == 1.0
+    assert [d["id"] for d in doc["decisions"]] == ["dy"] and [o["decision_id"] for o in doc["outcomes"]] == ["dy"]
+    assert [e["agent"] for e in doc["events"]] == ["y"] and doc["steps"] == []
+    # forgetting again finds nothing, and another agent's lines were never touched
+    assert spool.forget("x") == 0 and spool.forget("nobody") == 0
+    assert (rejected / "000000000001-aaaaaaaaaaaa.ndjson").read_bytes().splitlines() == kept
+    spool.close()
+
+
+def test_forget_with_nothing_ever_rejected_is_a_no_op(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    assert spool.forget("x") == 0 and not (tmp_path / "spool" / "rejected").exists()
+    spool.close()
