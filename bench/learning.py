@@ -14,10 +14,11 @@ propensities), ``policy.reward`` for rewards, and at each retraining point ``pol
 the protocol ``Train`` request (trainer subprocess → ONNX → gate → promotion) and a wait for the
 client to hot-swap to the promoted version — so the cadence is deterministic. Retraining happens
 where the daemon's own scheduler (``reflexd.scheduler.due_after``) would run it with the default
-``trainer`` settings: after 20 examples, then each time the stream has grown by ``growth`` (25%:
-25, 32, 40, 50, ...) until that is ``min_new_examples`` (1000), then every 1000 (``--growth`` and
-``--cadence`` change them). Early and often, so the time to a first model is part of what is
-measured.
+``trainer`` settings: after 13 examples (``first_run_rows``), then each time the stream has grown
+by ``growth`` (25%: 17, 22, 28, ...) until that is ``min_new_examples`` (1000), then every 1000
+(``--growth`` and ``--cadence`` change them). Early and often, so the time to a first model is
+part of what is measured. Streams shorter than ``--min-decisions`` / ``--seeds`` examples run
+more seeds, so that every stream's mean averages at least that many decisions.
 
 Peers on the same streams and seeds (bench/learning_peers.py): Vowpal Wabbit --cb_explore_adf with
 epsilon-greedy 0.05 and 0.1, SquareCB and RegCB-opt; uniform random; and the full-information
@@ -37,6 +38,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,11 +48,11 @@ import learning_streams as streams  # noqa: E402
 from _daemon import HUGE, BenchDaemon, deep_merge  # noqa: E402
 from _host import machine  # noqa: E402
 from reflexd.client import Policy  # noqa: E402
-from reflexd.config import TrainerConfig  # noqa: E402
+from reflexd.config import Config, TrainerConfig  # noqa: E402
 from reflexd.errors import ReflexdError  # noqa: E402
 from reflexd.protocol import Train  # noqa: E402
 from reflexd.registry import Registry  # noqa: E402
-from reflexd.scheduler import run_points  # noqa: E402
+from reflexd.scheduler import first_run_rows, run_points  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 WAIT_WINDOW = 0.1  # rewards.wait_window: decisions mature right after they are sent
@@ -63,8 +65,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the other built-in learner: the action set as tokens attending to the context
     "transformer": {"trainer": {"learner": "transformer"}},
     # what the defaults were before the benchmark tuned them: epsilon-greedy 0.1 and a gate that
-    # promotes a replacement only on a 95% interval with no margin
-    "previous": {"exploration": {"strategy": "epsilon_greedy"}, "gate": {"confidence": 0.95, "margin": 0.0}},
+    # promotes a replacement only on a 95% interval with no margin and at least 10 holdout rows
+    # (a first model on 4), so the first run comes at 18
+    "previous": {
+        "exploration": {"strategy": "epsilon_greedy"},
+        "gate": {"confidence": 0.95, "margin": 0.0, "min_holdout": 10, "first_min_holdout": 4},
+    },
 }
 
 
@@ -75,20 +81,23 @@ def progress(msg: str) -> None:
     print(f"[learning {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def retraining(growth: float, cadence: int) -> TrainerConfig:
-    """The trainer settings the schedule follows: the defaults with ``--growth`` and ``--cadence``."""
-    return TrainerConfig(growth=growth, min_new_examples=cadence)
+def schedule(preset: str, n: int, growth: float, cadence: int) -> list[int]:
+    """Example counts under ``n`` after which reflexd retrains with ``preset``: where its scheduler
+    would, with ``trainer.growth`` and ``min_new_examples`` set to ``--growth`` and ``--cadence``."""
+    config = msgspec.convert(deep_merge(msgspec.to_builtins(Config()), PRESETS[preset]), Config)
+    trainer = msgspec.structs.replace(config.trainer, growth=growth, min_new_examples=cadence)
+    return run_points(trainer, n, first_run_rows(config))
 
 
-def _points(settings: TrainerConfig) -> str:
-    """The schedule in words: its first points, where growth hands over, and the cadence after."""
-    points = [0, *run_points(settings, 10**7)]
+def _points(growth: float, cadence: int) -> str:
+    """The defaults' schedule in words: its first points, where growth hands over, the cadence after."""
+    points = [0, *schedule("defaults", 10**7, growth, cadence)]
     # the last point reached by growth: the next gap is the cadence
-    grown = next(i for i in range(1, len(points) - 1) if points[i + 1] - points[i] == settings.min_new_examples)
+    grown = next(i for i in range(1, len(points) - 1) if points[i + 1] - points[i] == cadence)
     shown = [str(p) for p in points[1 : grown + 1]]
     if len(shown) > 10:
         shown = [*shown[:8], "...", *shown[-2:]]
-    return f"{', '.join(shown)}, then every {settings.min_new_examples}"
+    return f"{', '.join(shown)}, then every {cadence}"
 
 
 def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int]) -> dict[str, Any]:
@@ -167,13 +176,12 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int
 def run_pair(name: str, seed: int, args: argparse.Namespace) -> tuple[str, int, dict[str, dict[str, Any]]]:
     """Every learner on one stream and seed: (stream note, length, label → result)."""
     stream = streams.build(name, seed, args.limit)
-    points = run_points(retraining(args.growth, args.cadence), stream.n)
     jobs: list[tuple[str, Any]] = [
         ("uniform", lambda: peers.run_uniform(stream, seed)),
         *[(label, lambda a=a: peers.run_vw(stream, a, seed)) for label, a in peers.VW_CONFIGS.items()],
         ("full-info linear", lambda: peers.run_full_info_linear(stream, seed)),
         ("full-info mlp", lambda: peers.run_full_info_mlp(stream, seed)),
-        *[(f"reflexd {p}", lambda p=p: run_reflexd(stream, seed, p, points)) for p in args.reflexd],
+        *[(f"reflexd {p}", lambda p=p: run_reflexd(stream, seed, p, schedule(p, stream.n, args.growth, args.cadence))) for p in args.reflexd],
     ]
     out: dict[str, dict[str, Any]] = {}
     for label, job in jobs:
@@ -242,7 +250,7 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> list[dict[st
 
 
 def _seeds(meta: dict[str, Any]) -> str:
-    """"3" or "3 (wine 9, iris 10)": the streams that ran more seeds than asked, to reach min_decisions."""
+    """"3", or "3 (wine 9, iris 10; at least 1500 decisions a stream)" when short streams ran more."""
     more = {name: k for name, k in meta.get("stream_seeds", {}).items() if k != meta["seeds"]}
     extra = f" ({', '.join(f'{name} {k}' for name, k in more.items())}; at least {meta['min_decisions']} decisions a stream)"
     return f"{meta['seeds']}{extra if more else ''}"
@@ -256,7 +264,7 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "versions: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()),
         f"seeds: {_seeds(meta)}; reflexd retrains (Train request, then waits for the client's hot-swap) where its "
         f"scheduler would with trainer.growth {meta['growth']:g} and min_new_examples {meta['cadence']}: after "
-        f"{_points(retraining(meta['growth'], meta['cadence']))}",
+        f"{_points(meta['growth'], meta['cadence'])}",
         "reflexd presets: " + "; ".join(f"{p} = {json.dumps(PRESETS[p]) if PRESETS[p] else 'defaults'}" for p in meta["presets"]),
         "VW: " + "; ".join(f"{k} = `{v} {peers.VW_COMMON}`" for k, v in peers.VW_CONFIGS.items()),
         "reward: progressive (earned on each example before learning from it), mean ± std over seeds",

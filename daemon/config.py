@@ -130,7 +130,7 @@ class GateConfig(_Section):
     # a first model (no incumbent) is compared with the logging policy on a gentler rule: the
     # downside is bounded (exploration goes on, and the next run's gate judges it as an incumbent)
     # while every decision made without a model is spent at the logging policy's value
-    first_min_holdout: Positive = 2
+    first_min_holdout: Positive = 3
     first_confidence: Annotated[float, msgspec.Meta(gt=0.5, lt=1)] = 0.8
     parity_tolerance: PositiveFloat = 1e-5
     # automatic rollback (reflexd.monitor): live reward of the current model against its predecessor's

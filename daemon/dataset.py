@@ -157,10 +157,14 @@ def split_holdout(batch: Batch, fraction: float) -> tuple[Batch, Batch]:
     return batch.take(train), batch.take(holdout)
 
 
+def holdout_rows(n: int, fraction: float) -> int:
+    """How many of ``n`` rows ``split_holdout`` holds out."""
+    return min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
+
+
 def _split(received_at: np.ndarray, fraction: float) -> tuple[slice | np.ndarray, slice | np.ndarray]:
     n = len(received_at)
-    n_hold = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
-    cut = n - n_hold
+    cut = n - holdout_rows(n, fraction)
     if np.all(received_at[1:] >= received_at[:-1]):
         # snapshots are normally written in time order; slices then share the arrays, not copy them
         return slice(0, cut), slice(cut, n)

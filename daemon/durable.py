@@ -1,9 +1,11 @@
-"""Making what was written survive a crash: fsync by path, for files and directories alike."""
+"""Making what was written survive a crash: fsync by path, and whole-file replacement."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from .errors import StorageError
 
 
 def fsync_path(path: Path) -> None:
@@ -13,3 +15,18 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: after a crash it holds the old bytes or the new, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"writing {path} failed: {exc.strerror or exc}") from None

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from .config import ExplorationConfig
-from .durable import fsync_path
+from .durable import atomic_write, fsync_path
 from .errors import ModelIntegrityError, ModelNotFound, PointerMoved, StorageError
 from .features import FeatureSpec, scheme_refusal
 
@@ -78,20 +78,6 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(f"writing {path} failed: {exc.strerror or exc}") from None
 
 
 class Registry:
@@ -185,7 +171,7 @@ class Registry:
             Manifest,
             from_attributes=True,
         )
-        _atomic_write(staging / MANIFEST_FILE, msgspec.json.format(msgspec.json.encode(manifest)))
+        atomic_write(staging / MANIFEST_FILE, msgspec.json.format(msgspec.json.encode(manifest)))
         os.rename(staging, self.root / version)
         fsync_path(self.root)
         return manifest
@@ -196,8 +182,8 @@ class Registry:
             history = self.history()
             if not history or history[-1] != version:
                 history.append(version)
-            _atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
-            _atomic_write(self.root / CURRENT_FILE, version.encode() + b"\n")
+            atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
+            atomic_write(self.root / CURRENT_FILE, version.encode() + b"\n")
         return manifest
 
     def rollback(self, expect: str | None = None) -> str:
@@ -218,8 +204,8 @@ class Registry:
             history.pop()
             target = history[-1]
             self.load(target)
-            _atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
-            _atomic_write(self.root / CURRENT_FILE, target.encode() + b"\n")
+            atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
+            atomic_write(self.root / CURRENT_FILE, target.encode() + b"\n")
         return target
 
     def predecessor(self) -> tuple[str | None, str | None]:

@@ -20,31 +20,41 @@ import anyio
 import msgspec
 
 from . import gate, log
-from .config import TrainerConfig
-from .dataset import load_holdout
+from .config import Config, TrainerConfig
+from .dataset import holdout_rows, load_holdout
 from .errors import ReflexdError, TrainerFault, TrainingError
 from .registry import Manifest, Registry, sha256_of
 from .serving import Scorer
-from .trainer import EXIT_OUT_OF_MEMORY, memory_exhausted, read_result
+from .trainer import EXIT_OUT_OF_MEMORY, MIN_TRAIN_ROWS, memory_exhausted, read_result
 
 _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
-# the first run: 10 experiences hold out the 2 rows a first model's gate needs (20% of 10)
-MIN_SNAPSHOT_ROWS = 10
+def first_run_rows(config: Config) -> int:
+    """The fewest joined experiences a run can use: 13 with the defaults.
+
+    Holding out ``trainer.holdout_fraction`` of them must leave the trainer its MIN_TRAIN_ROWS
+    and the gate ``gate.first_min_holdout`` rows (and the 2 an interval needs); a run on fewer
+    could only fail, or be refused for want of rows.
+    """
+    fraction, wanted = config.trainer.holdout_fraction, max(2, config.gate.first_min_holdout)
+    n = MIN_TRAIN_ROWS
+    while n - holdout_rows(n, fraction) < MIN_TRAIN_ROWS or holdout_rows(n, fraction) < wanted:
+        n += 1
+    return n
 
 
-def due_after(cfg: TrainerConfig, trained_on: int) -> int:
+def due_after(cfg: TrainerConfig, trained_on: int, first: int) -> int:
     """How many new matured experiences make a run due, when the last run's snapshot held ``trained_on``.
 
     ``min_new_examples``, or fewer while experience is scarce: once it has grown by
-    ``cfg.growth`` since the last run, and the first run as soon as there are MIN_SNAPSHOT_ROWS.
-    Learning early and often is what an agent with little experience gains most from; as
-    experience grows the gaps widen geometrically until ``min_new_examples`` governs. A snapshot
-    as large as ``max_examples`` means experience is no longer scarce, however small that cap.
-    Never fewer than a run needs: a run on under MIN_SNAPSHOT_ROWS would only fail.
+    ``cfg.growth`` since the last run, and the first run as soon as there are ``first``
+    (``first_run_rows``). Learning early and often is what an agent with little experience gains
+    most from; as experience grows the gaps widen geometrically until ``min_new_examples``
+    governs. A snapshot as large as ``max_examples`` means experience is no longer scarce,
+    however small that cap. Never fewer than ``first`` in all: a run on fewer would only fail.
     """
-    needed = max(MIN_SNAPSHOT_ROWS - trained_on, 1)
+    needed = max(first - trained_on, 1)
     if cfg.growth <= 0 or trained_on >= cfg.max_examples:
         return max(cfg.min_new_examples, needed)
     # rounded up, less a hair, so 0.07 × 100 asks for 7 and not the 8 of its float (7.000000000000001)
@@ -52,11 +62,11 @@ def due_after(cfg: TrainerConfig, trained_on: int) -> int:
     return max(min(cfg.min_new_examples, grown), needed)
 
 
-def run_points(cfg: TrainerConfig, below: int) -> list[int]:
+def run_points(cfg: TrainerConfig, below: int, first: int) -> list[int]:
     """The experience totals under ``below`` at which ``due_after`` makes runs due, each run
-    training on everything so far: 10, 13, 17, 22, ... with the defaults."""
+    training on everything so far: 13, 17, 22, 28, ... with the defaults."""
     points, total = [], 0
-    while (total := total + due_after(cfg, total)) < below:
+    while (total := total + due_after(cfg, total, first)) < below:
         points.append(total)
     return points
 
@@ -118,7 +128,7 @@ class Scheduler:
         if now < self.status.next_attempt or not cpu_idle(cfg.idle_load):
             return False
         new = await anyio.to_thread.run_sync(self.daemon.store.matured_count, self.status.cutoff, now, self.config)
-        return new >= due_after(cfg, self.status.trained_on)
+        return new >= due_after(cfg, self.status.trained_on, first_run_rows(self.config))
 
     async def train_once(self, reason: str) -> dict[str, Any]:
         async with self._lock:
@@ -180,8 +190,9 @@ class Scheduler:
         info = await anyio.to_thread.run_sync(
             self.daemon.store.snapshot, snapshot, time.time(), cfg, cfg.trainer.max_examples
         )
-        if info.rows < MIN_SNAPSHOT_ROWS:
-            raise TrainingError(f"only {info.rows} joined experiences so far; need at least {MIN_SNAPSHOT_ROWS}")
+        needed = first_run_rows(cfg)
+        if info.rows < needed:
+            raise TrainingError(f"only {info.rows} joined experiences so far; need at least {needed}")
         _log.info("training started", reason=reason, rows=info.rows)
         self.status.state = "training"
         out = run_dir / "out"

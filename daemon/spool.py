@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from .durable import fsync_path
+from .durable import atomic_write, fsync_path
 from .errors import StorageError
 from .protocol import Decision, Event, Outcome, Step
 
@@ -121,6 +121,13 @@ def encode_line(events: Sequence[Decision | Outcome | Step | Event], received_at
     return b"".join(parts)
 
 
+def names_agent(raw: bytes, agent: str) -> bool:
+    """Whether raw JSON or msgpack, however damaged or cut short, has an ``agent`` member ``agent``."""
+    if msgspec.msgpack.encode("agent") + msgspec.msgpack.encode(agent) in raw:
+        return True
+    return re.search(rb'"agent"\s*:\s*' + re.escape(_encode(agent)), raw) is not None
+
+
 def _without_agent(line: bytes, agent: str) -> tuple[bytes | None, int]:
     """A spool line without ``agent``'s events (None when nothing is left), and how many went."""
     try:
@@ -131,19 +138,23 @@ def _without_agent(line: bytes, agent: str) -> tuple[bytes | None, int]:
         gone = 0
         for key in _TYPES.values():
             events = batch.get(key) or []
-            kept = [
-                e for e in events
-                if e.get("agent") != agent and not (key == "outcomes" and e.get("agent") is None and e.get("decision_id") in decisions)
-            ]
+            kept = [e for e in events if not _belongs(e, key, agent, decisions)]
             gone += len(events) - len(kept)
             batch[key] = kept
-    except (msgspec.DecodeError, AttributeError, TypeError):
-        return (None, 1) if _encode(agent) in line else (line, 0)
+    except (msgspec.DecodeError, AttributeError, TypeError, RecursionError):
+        return (None, 1) if names_agent(line, agent) else (line, 0)
     if not gone:
         return line, 0
     if not any(batch[key] for key in _TYPES.values()):
         return None, gone
-    return _encode(batch), gone
+    # plain_json: the line may hold values nested deeper than msgspec encodes recursively
+    return plain_json(batch), gone
+
+
+def _belongs(event: dict[str, Any], key: str, agent: str, decisions: set[Any]) -> bool:
+    if event.get("agent") == agent:
+        return True
+    return key == "outcomes" and event.get("agent") is None and event.get("decision_id") in decisions
 
 
 def _trim_torn_tail(path: Path) -> int:
@@ -168,6 +179,7 @@ class Spool:
         self.directory = directory
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
+        self._rejected_lock = threading.Lock()  # reject appends from the loader's thread, forget rewrites
         self._fd: int | None = None
         self._path: Path | None = None
         self._size = 0
@@ -276,47 +288,53 @@ class Spool:
         except OSError:
             pass  # left behind, it is loaded again at the next start, harmlessly (ids are keys)
 
+    @property
+    def rejected(self) -> Path:
+        """Where lines the store refused are kept, one file per segment they came from."""
+        return self.directory / "rejected"
+
     def reject(self, segment: Path, line: bytes) -> Path:
         """Keep a line the store refused in ``rejected/``, for an operator to look at."""
-        rejected = self.directory / "rejected"
-        rejected.mkdir(mode=0o700, exist_ok=True)
-        path = rejected / segment.name
-        with open(path, "ab") as f:
-            f.write(line if line.endswith(b"\n") else line + b"\n")
-            os.fsync(f.fileno())
-        return path
+        with self._rejected_lock:
+            self.rejected.mkdir(mode=0o700, exist_ok=True)
+            path = self.rejected / segment.name
+            with open(path, "ab") as f:
+                f.write(line if line.endswith(b"\n") else line + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            return path
 
     def forget(self, agent: str) -> int:
         """Remove ``agent``'s events from the lines kept in ``rejected/``; how many went.
 
         An outcome goes with the agent when it names the agent, or when it was sent without one
         and its decision, in the same line, is the agent's. A line that cannot be read as a batch
-        but names the agent goes whole (counted as one): its events cannot be told apart.
+        but names the agent (``names_agent``) goes whole, counted as one: its events cannot be
+        told apart. Each file is replaced whole (``atomic_write``), under the lock ``reject``
+        appends under, so a line refused meanwhile is never lost.
         """
-        rejected = self.directory / "rejected"
-        if not rejected.is_dir():
-            return 0
-        removed = 0
-        for path in sorted(rejected.iterdir()):
-            lines, gone = [], 0
-            for line in path.read_bytes().splitlines():
-                kept, n = _without_agent(line, agent)
-                gone += n
-                if kept is not None:
-                    lines.append(kept + b"\n")
-            if not gone:
-                continue
-            removed += gone
-            if lines:
-                scratch = path.with_name(path.name + ".forget")
-                with open(scratch, "wb") as f:
-                    f.writelines(lines)
-                    os.fsync(f.fileno())
-                os.replace(scratch, path)
-            else:
-                path.unlink()
-            fsync_path(rejected)
-        return removed
+        with self._rejected_lock:
+            if not self.rejected.is_dir():
+                return 0
+            removed = 0
+            for path in sorted(p for p in self.rejected.iterdir() if _NAME.match(p.name)):
+                lines, gone = [], 0
+                for line in path.read_bytes().split(b"\n"):
+                    if not line:
+                        continue
+                    kept, n = _without_agent(line, agent)
+                    gone += n
+                    if kept is not None:
+                        lines.append(kept + b"\n")
+                if not gone:
+                    continue
+                removed += gone
+                if lines:
+                    atomic_write(path, b"".join(lines))
+                else:
+                    path.unlink()
+                    fsync_path(self.rejected)
+            return removed
 
     @staticmethod
     def events_in(line: bytes) -> int:

@@ -566,7 +566,11 @@ class Store:
             shutil.rmtree(staging, ignore_errors=True)
 
     def forget(self, agent: str, archive_root: Path | None) -> dict[str, int]:
-        """Delete everything stored about ``agent``, in the database and in the archive."""
+        """Delete everything stored about ``agent``, in the database and in the archive.
+
+        Dead letters go when their raw bytes name the agent (``spool.names_agent``), so a refused
+        frame or spool line that held its events does not keep them.
+        """
         removed: dict[str, int] = {}
         with self._guard(f"forgetting agent {agent!r}") as con, _transaction(con):
             # Before the decisions go: outcomes sent without an agent belong to their decision's.
@@ -576,6 +580,14 @@ class Store:
             ).fetchone()
             for table in ("decisions", "steps", "events"):
                 (removed[table],) = con.execute(f"DELETE FROM {table} WHERE agent = ?", [agent]).fetchone()
+            # a dead letter keeps the first bytes of what was refused; an agent's events in them go too
+            doomed: list[int] = []
+            letters = con.execute("SELECT rowid, raw FROM dead_letters")
+            while batch := letters.fetchmany(1000):
+                doomed += [rowid for rowid, raw in batch if spool.names_agent(raw, agent)]
+            if doomed:
+                con.execute("DELETE FROM dead_letters WHERE rowid IN (SELECT unnest($ids))", {"ids": doomed})
+            removed["dead_letters"] = len(doomed)
         if archive_root is not None:
             partitions = list(_agent_partitions(Path(archive_root), agent))
             for partition in partitions:

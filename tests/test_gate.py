@@ -337,26 +337,27 @@ def test_the_margin_lets_a_replacement_through_but_never_a_first_model(holdout: 
     assert "< +0.000: rejected" in first.reason or "< -0.000: rejected" in first.reason
 
 
-def test_the_gentle_first_rule_rarely_promotes_a_policy_worse_than_the_logging_one() -> None:
+def test_the_gentle_first_rule_rarely_promotes_a_policy_no_better_than_the_logging_one() -> None:
     # its risk, measured by simulation. On 5 rows a policy exactly as good as the logging one
     # passes about as often as the one-sided (1 - 0.8) / 2 = 10% allows, a worse one less often
-    # still, and a better one far more often. On the 2 rows of the first run (the fewest the
-    # defaults judge) a normal interval is rough: no better passes about 1 time in 4, but worse
-    # still seldom, which is the risk the README and the config state.
+    # still, and a better one far more often. On the 3 rows of the first run (the fewest the
+    # defaults judge) the normal interval is rougher: no better passes about 1 time in 7, and a
+    # better one still three times as often; the README and the config state these rates.
     cfg = GateConfig()
     rng = np.random.default_rng(11)
 
     def rate(policy: np.ndarray, rows: int) -> float:
-        logs = [simulate(rng, rows) for _ in range(1000)]
+        logs = [simulate(rng, rows) for _ in range(2000)]
         return float(np.mean([run(policy, None, log, cfg, name="logged policy").passed for log in logs]))
 
     assert true_value(BAD) < true_value(LOGGING) < true_value(GOOD)
     assert rate(LOGGING, 5) <= 0.15
     assert rate(BAD, 5) <= 0.07
     assert rate(GOOD, 5) >= 0.4
-    assert cfg.first_min_holdout == 2
-    assert rate(BAD, 2) <= 0.1
-    assert rate(LOGGING, 2) <= 0.3
+    assert cfg.first_min_holdout == 3
+    assert rate(BAD, 3) <= 0.09
+    assert rate(LOGGING, 3) <= 0.2
+    assert rate(GOOD, 3) >= 0.38
 
 
 def test_non_finite_candidate_is_rejected_and_the_result_stays_storable(holdout: Log) -> None:

@@ -9,38 +9,40 @@ import pytest
 
 from conftest import DaemonProcess, wait_for
 from reflexd.client import Policy
-from reflexd.config import TrainerConfig
-from reflexd.scheduler import MIN_SNAPSHOT_ROWS, due_after, run_points
+from reflexd.config import Config, TrainerConfig
+from reflexd.scheduler import due_after, first_run_rows, run_points
+
+FIRST = first_run_rows(Config())
 
 
 def test_due_after_by_hand() -> None:
     cfg = TrainerConfig(min_new_examples=1000, growth=0.25)
-    assert due_after(cfg, 0) == MIN_SNAPSHOT_ROWS == 10
-    assert due_after(cfg, 10) == 3  # ceil(2.5)
-    assert due_after(cfg, 13) == 4  # ceil(3.25)
-    assert due_after(cfg, 3999) == 1000  # 0.25 × 3999 rounds up to 1000
-    assert due_after(cfg, 100_000) == 1000
-    assert due_after(TrainerConfig(min_new_examples=1000, growth=0), 0) == 1000
+    assert due_after(cfg, 0, FIRST) == FIRST == 13  # holds out 3 and trains on 10
+    assert due_after(cfg, 13, FIRST) == 4  # ceil(3.25)
+    assert due_after(cfg, 17, FIRST) == 5  # ceil(4.25)
+    assert due_after(cfg, 3999, FIRST) == 1000  # 0.25 × 3999 rounds up to 1000
+    assert due_after(cfg, 100_000, FIRST) == 1000
+    assert due_after(TrainerConfig(min_new_examples=1000, growth=0), 0, FIRST) == 1000
     # never so early that the run could only fail for want of rows, never later than asked
-    assert due_after(TrainerConfig(min_new_examples=5, growth=0.25), 0) == 10
-    assert due_after(TrainerConfig(min_new_examples=5, growth=0), 0) == 10
-    assert due_after(TrainerConfig(min_new_examples=10, growth=0.25), 100) == 10
-    assert due_after(TrainerConfig(growth=0.001), 100) == 1  # at least one new experience
-    assert due_after(TrainerConfig(growth=0.07), 100) == 7  # not 8, as 0.07 × 100 in floats would round up to
+    assert due_after(TrainerConfig(min_new_examples=5, growth=0.25), 0, FIRST) == 13
+    assert due_after(TrainerConfig(min_new_examples=5, growth=0), 0, FIRST) == 13
+    assert due_after(TrainerConfig(min_new_examples=10, growth=0.25), 100, FIRST) == 10
+    assert due_after(TrainerConfig(growth=0.001), 100, FIRST) == 1  # at least one new experience
+    assert due_after(TrainerConfig(growth=0.07), 100, FIRST) == 7  # not 8, as 0.07 × 100 in floats would round up to
     # a snapshot at the max_examples cap: experience is plentiful, whatever the cap
-    assert due_after(TrainerConfig(min_new_examples=1000, max_examples=2000, growth=0.25), 2000) == 1000
+    assert due_after(TrainerConfig(min_new_examples=1000, max_examples=2000, growth=0.25), 2000, FIRST) == 1000
 
 
 def test_runs_come_early_and_geometrically_until_min_new_examples_governs() -> None:
     cfg = TrainerConfig(min_new_examples=1000, growth=0.25)
-    points = run_points(cfg, 9000)
-    assert points[:8] == [10, 13, 17, 22, 28, 35, 44, 55]
+    points = run_points(cfg, 9000, FIRST)
+    assert points[:8] == [13, 17, 22, 28, 35, 44, 55, 69]
     gaps = [b - a for a, b in zip(points, points[1:])]
     assert all(g2 >= g1 for g1, g2 in zip(gaps, gaps[1:]))  # never closer together as data grows
     assert gaps[-4:] == [1000] * 4
     # the early runs cost a few dozen runs over the first 4000 experiences, not one per experience
     assert len([p for p in points if p <= 4000]) < 30
-    assert run_points(msgspec.structs.replace(cfg, growth=0), 3001) == [1000, 2000, 3000]
+    assert run_points(msgspec.structs.replace(cfg, growth=0), 3001, FIRST) == [1000, 2000, 3000]
 
 
 @pytest.mark.e2e
@@ -60,16 +62,14 @@ def test_a_daemon_trains_on_its_own_as_soon_as_experience_is_scarce_but_sufficie
                 policy.reward(choice.id, float(choice.action == {"a": "x", "b": "y", "c": "z"}[kind]))
             assert policy.flush(60), policy.stats()
 
-        send(MIN_SNAPSHOT_ROWS - 3)
-        # fewer than MIN_SNAPSHOT_ROWS experiences: nothing is due however long the daemon looks
-        wait_for(
-            lambda: d.status().experience["new_since_training"] == MIN_SNAPSHOT_ROWS - 3, 60, "matured experiences"
-        )
+        send(FIRST - 1)
+        # one experience short of a first run: nothing is due however long the daemon looks
+        wait_for(lambda: d.status().experience["new_since_training"] == FIRST - 1, 60, "matured experiences")
         assert d.status().trainer["runs"] == 0
-        send(6)
+        send(1)
         first = wait_for(lambda: d.status().trainer["last_run"], 300, f"a first run on its own\n{d.log()}")
         assert first.get("outcome") in ("promoted", "rejected"), first
-        assert MIN_SNAPSHOT_ROWS <= d.status().trainer["trained_on"] <= MIN_SNAPSHOT_ROWS + 3
+        assert d.status().trainer["trained_on"] == FIRST
         trained_on = d.status().trainer["trained_on"]
         send(int(trained_on * 0.25) + 3)
         wait_for(lambda: d.status().trainer["trained_on"] > trained_on, 300, f"a second run after 25% more\n{d.log()}")

@@ -132,14 +132,19 @@ def test_forget_removes_an_agents_events_from_the_rejected_lines_and_nothing_els
         1.0, 0,
     )
     only_x = encode_line([dec("dx2", "x"), Step(agent="x", episode="e", index=0, observation={}, action="x")], 2.0, 1)
-    unreadable_x, unreadable = b'{"decisions": [{"agent": "x", "id": "d', b'{"decisions": [{"agent": "y", "id": "d'
+    # damaged lines: one names x as its agent, the other names x only as an action (and a \r)
+    unreadable_x = b'{"decisions": [{"agent": "x", "id": "d'
+    unreadable = b'{"decisions": [{"agent": "y", "chosen": "x", "actions": ["x"], "id": "d\r'
     (rejected / "000000000001-aaaaaaaaaaaa.ndjson").write_bytes(mixed + unreadable_x + b"\n" + unreadable + b"\n")
     (rejected / "000000000002-bbbbbbbbbbbb.ndjson").write_bytes(only_x)
+    stray = rejected / "notes.txt"  # not a segment's file: never read or rewritten
+    stray.write_bytes(only_x)
 
     assert spool.forget("x") == 4 + 2 + 1
     assert not (rejected / "000000000002-bbbbbbbbbbbb.ndjson").exists()
-    assert sorted(p.name for p in rejected.iterdir()) == ["000000000001-aaaaaaaaaaaa.ndjson"]
-    kept = (rejected / "000000000001-aaaaaaaaaaaa.ndjson").read_bytes().splitlines()
+    assert sorted(p.name for p in rejected.iterdir()) == ["000000000001-aaaaaaaaaaaa.ndjson", "notes.txt"]
+    assert stray.read_bytes() == only_x
+    kept = (rejected / "000000000001-aaaaaaaaaaaa.ndjson").read_bytes().split(b"\n")[:-1]
     assert kept[1] == unreadable and len(kept) == 2
     doc = json.loads(kept[0])
     assert doc["received_at"] == 1.0
@@ -147,11 +152,26 @@ def test_forget_removes_an_agents_events_from_the_rejected_lines_and_nothing_els
     assert [e["agent"] for e in doc["events"]] == ["y"] and doc["steps"] == []
     # forgetting again finds nothing, and another agent's lines were never touched
     assert spool.forget("x") == 0 and spool.forget("nobody") == 0
-    assert (rejected / "000000000001-aaaaaaaaaaaa.ndjson").read_bytes().splitlines() == kept
+    assert (rejected / "000000000001-aaaaaaaaaaaa.ndjson").read_bytes().split(b"\n")[:-1] == kept
     spool.close()
 
 
 def test_forget_with_nothing_ever_rejected_is_a_no_op(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", 1 << 20)
     assert spool.forget("x") == 0 and not (tmp_path / "spool" / "rejected").exists()
+    spool.close()
+
+
+def test_forget_reads_lines_nested_too_deep_to_decode_as_damaged(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    deep: dict = {}
+    for _ in range(3000):
+        deep = {"d": deep}
+    line = encode_line([Event(agent="x", kind="k", data=deep), Event(agent="y", kind="k")], 1.0, 0)
+    other = encode_line([Event(agent="y", kind="k", data=deep)], 2.0, 1)
+    spool.rejected.mkdir()
+    (spool.rejected / "000000000001-aaaaaaaaaaaa.ndjson").write_bytes(line + other)
+    # the first line names x and cannot be told apart, so it goes whole; the second stays
+    assert spool.forget("x") == 1
+    assert (spool.rejected / "000000000001-aaaaaaaaaaaa.ndjson").read_bytes() == other
     spool.close()

@@ -461,7 +461,7 @@ def test_forget_removes_an_agent_from_database_and_archive(store: Store, tmp_pat
     store.archive(older_than=20 * DAY, root=root, compression="zstd")
 
     removed = store.forget("a", archive_root=root)
-    assert removed == {"outcomes": 1, "decisions": 1, "steps": 1, "events": 0, "archive_partitions": 3}
+    assert removed == {"outcomes": 1, "decisions": 1, "steps": 1, "events": 0, "dead_letters": 0, "archive_partitions": 3}
     assert store.counts() == {"decisions": 1, "outcomes": 0, "steps": 0, "events": 1, "dead_letters": 0}
     assert not list(root.rglob("agent=a"))
     assert read_archive(root, "decisions") == [("old-b", "team/b c", "1970-01-11")]
@@ -473,8 +473,30 @@ def test_forget_removes_an_agent_from_database_and_archive(store: Store, tmp_pat
 
 def test_forget_without_an_archive_touches_only_the_database(store: Store) -> None:
     store.write([decision("d1", agent="x"), decision("d2", agent="y")], 1.0)
-    assert store.forget("x", archive_root=None) == {"outcomes": 0, "decisions": 1, "steps": 0, "events": 0}
+    removed = store.forget("x", archive_root=None)
+    assert removed == {"outcomes": 0, "decisions": 1, "steps": 0, "events": 0, "dead_letters": 0}
     assert store.counts()["decisions"] == 1
+
+
+def test_forget_removes_the_dead_letters_whose_raw_bytes_name_the_agent(store: Store) -> None:
+    def letter(raw: bytes) -> DeadLetter:
+        return DeadLetter(received_at=1.0, peer_uid=None, peer_pid=None, code="invalid", reason="r", raw=raw,
+                          raw_size=len(raw))
+
+    naming_x = [
+        b'{"type": "decision", "agent" : "x", "context": {"cut sh',  # JSON, cut short
+        b"\x92" + msgspec.msgpack.encode({"type": "event", "agent": "x", "kind": "k"}),  # msgpack
+    ]
+    others = [
+        b'{"type": "decision", "agent": "y", "chosen": "x", "actions": ["x"]}',  # x only as an action
+        msgspec.msgpack.encode({"agent": "xx"}),
+        b"",  # raw bytes not kept
+    ]
+    store.dead_letter([letter(raw) for raw in naming_x + others])
+    assert store.forget("x", archive_root=None)["dead_letters"] == 2
+    with store._guard("reading") as con:
+        left = sorted(raw for (raw,) in con.execute("SELECT raw FROM dead_letters").fetchall())
+    assert left == sorted(others)
 
 
 # ---- model events and status -----------------------------------------------------------------

@@ -14,12 +14,14 @@ import torch
 from conftest import wait_for
 from reflexd.client import Policy
 from reflexd.config import Config, FeatureConfig, GateConfig, TrainerConfig
+from reflexd.dataset import holdout_rows
 from reflexd.errors import TrainingError
 from reflexd.exporters.onnx import export_onnx, graph_key
 from reflexd.features import FeatureSpec, Hasher
 from reflexd.plugins.learners.mlp import RewardMLP
 from reflexd.protocol import ModelsRequest, Train
-from reflexd.trainer import read_result
+from reflexd.scheduler import first_run_rows
+from reflexd.trainer import MIN_TRAIN_ROWS, read_result
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +34,7 @@ SPEC = FeatureSpec(context_dim=32, action_dim=8, seed=11)
 ROWS, UNUSABLE = 800, 5
 
 
-def write_snapshot(path, n_rows, seed=0):
+def write_snapshot(path, n_rows, seed=0, unusable=UNUSABLE):
     """Tool 'search' is best for questions, 'calc' for arithmetic; rewards are noisy; a few rows
     name a chosen action that was not offered and must be dropped."""
     rng = np.random.default_rng(seed)
@@ -40,7 +42,7 @@ def write_snapshot(path, n_rows, seed=0):
     for i in range(n_rows):
         task = str(rng.choice(["question", "arithmetic"]))
         actions = ["search", "calc", {"id": "ask_human", "features": {"cost": 10}}]
-        chosen = "teleport" if i < UNUSABLE else str(rng.choice(["search", "calc", "ask_human"]))
+        chosen = "teleport" if i < unusable else str(rng.choice(["search", "calc", "ask_human"]))
         best = (task, chosen) in {("question", "search"), ("arithmetic", "calc")}
         columns["id"].append(f"d{i}")
         columns["agent"].append("agent-1")
@@ -163,6 +165,24 @@ def test_too_few_rows_fails(tmp_path):
     done = run_trainer(write_snapshot(tmp_path / "small.parquet", UNUSABLE + 11), tmp_path / "run")
     assert done.returncode == 2
     assert "9 training rows after holding out 2 and dropping 5; at least 10 are needed" in done.stderr
+
+
+@pytest.mark.parametrize("fraction, first_min_holdout", [(0.2, 3), (0.5, 6)])
+def test_the_fewest_rows_the_scheduler_waits_for_are_enough_to_train_and_gate(tmp_path, fraction, first_min_holdout):
+    config = msgspec.structs.replace(
+        CONFIG,
+        trainer=msgspec.structs.replace(CONFIG.trainer, holdout_fraction=fraction),
+        gate=msgspec.structs.replace(CONFIG.gate, first_min_holdout=first_min_holdout),
+    )
+    n = first_run_rows(config)
+    # one fewer would leave the trainer or the first model's gate short of rows
+    fewer = n - 1
+    assert fewer - holdout_rows(fewer, fraction) < MIN_TRAIN_ROWS or holdout_rows(fewer, fraction) < first_min_holdout
+    done = run_trainer(write_snapshot(tmp_path / "s.parquet", n, unusable=0), tmp_path / "run", msgspec.json.encode(config).decode())
+    assert done.returncode == 0, done.stderr
+    result = read_result(tmp_path / "run")
+    assert result.train_rows >= MIN_TRAIN_ROWS and result.holdout_rows >= first_min_holdout
+    assert result.train_rows + result.holdout_rows == n
 
 
 @pytest.mark.parametrize("in_file", [False, True])
