@@ -130,7 +130,7 @@ _JOINED_REWARD = "coalesce(r.reward, m.default_reward)"
 
 _EXPERIENCES = f"""
     WITH recent AS (
-        SELECT * FROM ({_MATURED}) ORDER BY received_at DESC, id DESC LIMIT $max_rows
+        SELECT * FROM ({_MATURED}) ORDER BY received_at DESC, ts DESC, id DESC LIMIT $max_rows
     ),
     {_REWARDS}
     SELECT
@@ -142,7 +142,9 @@ _EXPERIENCES = f"""
         m.model_version,
         CAST(coalesce(r.outcomes, 0) AS INTEGER) AS outcomes
     FROM recent m LEFT JOIN rewards r ON r.id = m.id
-    ORDER BY m.received_at, m.id
+    -- decisions sent in one frame share received_at; their own ts keeps them in the order they
+    -- were made, where their random ids would shuffle them (and with them the model trained)
+    ORDER BY m.received_at, m.ts, m.id
 """
 
 # Live reward per model version: every matured decision a version made, joined as for training.

@@ -354,6 +354,16 @@ def test_snapshot_keeps_the_newest_rows_in_time_order_with_the_stated_columns(st
     assert (first["chosen"], first["prob"], first["model_version"]) == ("left", 0.5, "v3")
 
 
+def test_decisions_sent_together_keep_the_order_they_were_made_in(store: Store, tmp_path: Path) -> None:
+    # one frame: one receipt time, ids in no particular order; the snapshot (and so the training
+    # order and the holdout) follows the decisions' own times, the same on every run
+    ids = ["f3", "a9", "z1", "c4", "m0"]
+    store.write([decision(i, ts=100.0 + n) for n, i in enumerate(ids)], received_at=500.0)
+    dest = tmp_path / "train.parquet"
+    store.snapshot(dest, now=1000.0, config=parse_config(""), max_rows=4)
+    assert pq.read_table(dest).column("id").to_pylist() == ids[1:]
+
+
 def test_a_failed_snapshot_leaves_the_previous_file_whole(store: Store, tmp_path: Path) -> None:
     dest = tmp_path / "snap.parquet"
     store.write([decision("small")], received_at=1.0)
