@@ -148,7 +148,8 @@ def from_records(records: Iterable[Mapping[str, Any]], spec: FeatureSpec) -> Bat
 
 
 def split_holdout(batch: Batch, fraction: float) -> tuple[Batch, Batch]:
-    """(train, holdout): the newest ``fraction`` of rows by received_at is held out.
+    """(train, holdout): the newest ``fraction`` of rows by received_at is held out (rows that
+    share a received_at keep the snapshot's order, the order they were made in).
 
     Holding out the newest rows rather than a random sample makes the gate judge a model on the
     data it will face next. With two rows or more, at least one is held out and one is trained on.

@@ -142,8 +142,8 @@ _EXPERIENCES = f"""
         m.model_version,
         CAST(coalesce(r.outcomes, 0) AS INTEGER) AS outcomes
     FROM recent m LEFT JOIN rewards r ON r.id = m.id
-    -- decisions sent in one frame share received_at; their own ts keeps them in the order they
-    -- were made, where their random ids would shuffle them (and with them the model trained)
+    -- decisions spooled in one ingest batch share received_at; their own ts keeps them in the
+    -- order they were made, where their random ids would shuffle them (and the model trained)
     ORDER BY m.received_at, m.ts, m.id
 """
 
