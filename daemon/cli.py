@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "forget",
         parents=[client],
-        help="delete everything stored about an agent (database, archive, snapshots, refused spool lines)",
+        help="delete everything stored about an agent (database, archive, snapshots, refused lines, dead letters)",
     )
     p.add_argument("--agent", required=True, help="agent id")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation (needed when not on a terminal)")

@@ -30,6 +30,8 @@ from .trainer import EXIT_OUT_OF_MEMORY, MIN_TRAIN_ROWS, memory_exhausted, read_
 _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
+
+
 def first_run_rows(config: Config) -> int:
     """The fewest joined experiences a run can use: 13 with the defaults.
 
