@@ -181,7 +181,10 @@ def run_pair(name: str, seed: int, args: argparse.Namespace) -> tuple[str, int, 
         *[(label, lambda a=a: peers.run_vw(stream, a, seed)) for label, a in peers.VW_CONFIGS.items()],
         ("full-info linear", lambda: peers.run_full_info_linear(stream, seed)),
         ("full-info mlp", lambda: peers.run_full_info_mlp(stream, seed)),
-        *[(f"reflexd {p}", lambda p=p: run_reflexd(stream, seed, p, schedule(p, stream.n, args.growth, args.cadence))) for p in args.reflexd],
+        *[
+            (f"reflexd {p}", lambda p=p: run_reflexd(stream, seed, p, schedule(p, stream.n, args.growth, args.cadence)))
+            for p in args.reflexd
+        ],
     ]
     out: dict[str, dict[str, Any]] = {}
     for label, job in jobs:

@@ -25,7 +25,7 @@ import msgspec
 
 from .config import ExplorationConfig
 from .durable import atomic_write, fsync_path
-from .errors import ModelIntegrityError, ModelNotFound, PointerMoved, StorageError
+from .errors import ModelIntegrityError, ModelNotFound, PointerMoved
 from .features import FeatureSpec, scheme_refusal
 
 MODEL_FILE = "policy.onnx"

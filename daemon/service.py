@@ -221,8 +221,9 @@ class Daemon:
         raise AssertionError(f"no handler for {type(msg).__name__}")  # the decoder admits no other type
 
     async def forget(self, agent: str) -> dict[str, int]:
-        """Delete what is stored about ``agent``: rows, archive partitions, training snapshots, and
-        its events among the spool lines the store once refused (``spool/rejected/``).
+        """Delete what is stored about ``agent``: rows, dead letters naming it, archive partitions,
+        training snapshots, and its events among the spool lines the store once refused
+        (``spool/rejected/``).
 
         Events already accepted but still queued in ingest are committed first (the barrier), so
         none of them is written after the delete. A training run in progress is waited for: its
