@@ -52,7 +52,8 @@ from reflexd.config import Config, TrainerConfig  # noqa: E402
 from reflexd.errors import ReflexdError  # noqa: E402
 from reflexd.protocol import Train  # noqa: E402
 from reflexd.registry import Registry  # noqa: E402
-from reflexd.scheduler import first_run_rows, run_points  # noqa: E402
+from reflexd.scheduler import run_points  # noqa: E402
+from reflexd.split import first_run_rows  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 WAIT_WINDOW = 0.1  # rewards.wait_window: decisions mature right after they are sent
@@ -64,12 +65,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     # the other built-in learner: the action set as tokens attending to the context
     "transformer": {"trainer": {"learner": "transformer"}},
-    # what the defaults were before the benchmark tuned them: epsilon-greedy 0.1 and a gate that
+    # the defaults, deploying the gated candidate itself rather than its refit on every row
+    "no-refit": {"trainer": {"refit_below": 0}},
+    # what the defaults were before the benchmark tuned them: epsilon-greedy 0.1, a gate that
     # promotes a replacement only on a 95% interval with no margin and at least 10 holdout rows
-    # (a first model on 4), so the first run comes at 18
+    # (a first model on 4, so the first run comes at 18), and no refit
     "previous": {
         "exploration": {"strategy": "epsilon_greedy"},
         "gate": {"confidence": 0.95, "margin": 0.0, "min_holdout": 10, "first_min_holdout": 4},
+        "trainer": {"refit_below": 0},
     },
 }
 

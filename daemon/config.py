@@ -18,6 +18,7 @@ import msgspec
 import yaml
 
 from .errors import ConfigError
+from .split import first_run_rows, holdout_rows
 
 DEFAULT_PATH = "/etc/reflexd/reflexd.yaml"
 
@@ -94,6 +95,9 @@ class TrainerConfig(_Section):
     max_wall_time: PositiveFloat = 600.0
     max_examples: Positive = 200_000
     holdout_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.2
+    # a candidate the gate passes from a snapshot of fewer rows goes live refit on every row, its
+    # holdout included (see reflexd.trainer); 0 always deploys the gated candidate itself
+    refit_below: Annotated[int, msgspec.Meta(ge=0)] = 50_000
     epochs: Positive = 5
     min_steps: Positive = 1000
     learning_rate: PositiveFloat = 0.003
@@ -333,8 +337,28 @@ def _check_semantics(config: Config, source: str) -> None:
         problems.append(
             f"trainer.transformer_dim: must be a multiple of trainer.transformer_heads ({config.trainer.transformer_heads})"
         )
+    problems += _check_run_size(config)
     if problems:
         raise ConfigError(source, problems)
+
+
+def _check_run_size(config: Config) -> list[str]:
+    """A snapshot capped at ``trainer.max_examples`` must hold enough rows for a run to pass."""
+    trainer, gate = config.trainer, config.gate
+    needed = first_run_rows(config)
+    if trainer.max_examples < needed:
+        return [
+            f"trainer.max_examples: a run needs at least {needed} experiences (trainer.holdout_fraction "
+            f"{trainer.holdout_fraction:g}, gate.first_min_holdout {gate.first_min_holdout}), so {trainer.max_examples} "
+            "would fail every run"
+        ]
+    held = holdout_rows(trainer.max_examples, trainer.holdout_fraction)
+    if held < gate.min_holdout:
+        return [
+            f"trainer.max_examples: its holdout of {held} rows (trainer.holdout_fraction {trainer.holdout_fraction:g}) "
+            f"is below gate.min_holdout ({gate.min_holdout}), so no model could ever replace another"
+        ]
+    return []
 
 
 def _read_redaction_key(cfg: RedactionConfig, base: Path) -> tuple[bytes | None, list[str]]:

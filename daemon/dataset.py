@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from .errors import TrainingError
 from .features import FeatureSpec, Hasher, action_ids
+from .split import holdout_rows
 
 COLUMNS = ("id", "agent", "received_at", "context", "actions", "chosen", "prob", "reward")
 
@@ -156,11 +157,6 @@ def split_holdout(batch: Batch, fraction: float) -> tuple[Batch, Batch]:
     """
     train, holdout = _split(batch.received_at, fraction)
     return batch.take(train), batch.take(holdout)
-
-
-def holdout_rows(n: int, fraction: float) -> int:
-    """How many of ``n`` rows ``split_holdout`` holds out."""
-    return min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
 
 
 def _split(received_at: np.ndarray, fraction: float) -> tuple[slice | np.ndarray, slice | np.ndarray]:

@@ -51,6 +51,7 @@ __all__ = [
     "snips",
     "snips_terms",
     "target_probs",
+    "with_refit",
 ]
 
 LOGGED_POLICY = "logged policy"
@@ -361,4 +362,24 @@ def evaluate(
 
     return compare(
         candidate_pi, baseline_pi, holdout.chosen, holdout.prob, holdout.reward, q_hat, gate, baseline_name
+    )
+
+
+def with_refit(verdict: GateResult, refit: GateResult, rows: int) -> GateResult:
+    """The candidate's passing ``verdict``, with what became of its refit on all ``rows``.
+
+    ``refit`` is the refit judged on the candidate's holdout, which it was fit on: that cannot
+    show it generalises (the candidate's verdict does, for the learner and its settings), only
+    that the refit did not go wrong. It goes live if it passes; otherwise the candidate does.
+    """
+    if refit.passed:
+        note = (
+            f"; went live refit on all {rows} rows (on the holdout, which it was fit on: "
+            f"difference {refit.difference:+.3f} [{refit.lower:+.3f}, {refit.upper:+.3f}])"
+        )
+    else:
+        note = f"; its refit on all {rows} rows failed on the holdout ({refit.reason}), so the candidate went live"
+    estimates = {**verdict.estimates, "refit_difference": refit.difference, "refit_lower": refit.lower}
+    return msgspec.structs.replace(
+        verdict, reason=verdict.reason + note, estimates=estimates, refit_rows=rows if refit.passed else 0
     )

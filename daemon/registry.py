@@ -2,7 +2,7 @@
 
 Layout under ``models/``::
 
-    v0001/policy.onnx      the model, byte for byte what the gate evaluated
+    v0001/policy.onnx      the live model, byte for byte what the gate evaluated
     v0001/manifest.json    what it is, what it was trained on, how it passed the gate, sha256
     CURRENT                the live version's name (replaced by atomic rename)
     history.json           stack of promoted versions; rollback pops it
@@ -49,6 +49,8 @@ class GateResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     margin: float
     holdout_rows: int
     estimates: dict[str, float] = {}
+    # > 0: the live model is the candidate refit on this many rows, holdout included (trainer.refit_below)
+    refit_rows: int = 0
 
 
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -21,29 +21,16 @@ import msgspec
 
 from . import gate, log
 from .config import Config, TrainerConfig
-from .dataset import holdout_rows, load_holdout
+from .dataset import load_holdout
 from .errors import ReflexdError, TrainerFault, TrainingError
 from .registry import Manifest, Registry, sha256_of
 from .serving import Scorer
-from .trainer import EXIT_OUT_OF_MEMORY, MIN_TRAIN_ROWS, memory_exhausted, read_result
+from .split import first_run_rows
+from .trainer import EXIT_OUT_OF_MEMORY, MODEL_FILE, REFIT_FILE, memory_exhausted, read_result
 
 _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
-
-
-def first_run_rows(config: Config) -> int:
-    """The fewest joined experiences a run can use: 13 with the defaults.
-
-    Holding out ``trainer.holdout_fraction`` of them must leave the trainer its MIN_TRAIN_ROWS
-    and the gate ``gate.first_min_holdout`` rows (and the 2 an interval needs); a run on fewer
-    could only fail, or be refused for want of rows.
-    """
-    fraction, wanted = config.trainer.holdout_fraction, max(2, config.gate.first_min_holdout)
-    n = MIN_TRAIN_ROWS
-    while n - holdout_rows(n, fraction) < MIN_TRAIN_ROWS or holdout_rows(n, fraction) < wanted:
-        n += 1
-    return n
 
 
 def due_after(cfg: TrainerConfig, trained_on: int, first: int) -> int:
@@ -116,7 +103,9 @@ class Scheduler:
         if manifest is not None:
             training = manifest.training
             self.status.cutoff = float(training.get("window_end", 0.0))
-            self.status.trained_on = int(training.get("train_rows", 0)) + int(training.get("holdout_rows", 0))
+            # a refit was fit on its holdout too
+            held = 0 if training.get("refit") else int(training.get("holdout_rows", 0))
+            self.status.trained_on = int(training.get("train_rows", 0)) + held
 
     async def run(self) -> None:
         while True:
@@ -207,10 +196,10 @@ class Scheduler:
                 f"(tolerance {cfg.gate.parity_tolerance:.0e}); candidate rejected"
             )
         self.status.state = "gating"
-        manifest, verdict = await anyio.to_thread.run_sync(self._gate, snapshot, out, result)
+        model_file, manifest, verdict = await anyio.to_thread.run_sync(self._gate, snapshot, out, result)
         self.status.cutoff = max(self.status.cutoff, info.window_end)
         self.status.trained_on = info.rows
-        return await anyio.to_thread.run_sync(self._register, out, manifest, verdict)
+        return await anyio.to_thread.run_sync(self._register, model_file, manifest, verdict)
 
     async def _run_trainer(self, run_dir: Path, snapshot: Path, out: Path) -> None:
         cfg = self.config
@@ -268,10 +257,18 @@ class Scheduler:
             return TrainerFault("killed", f"trainer was killed by {name}{who}, exit status {code}; last output: {tail}", code)
         return TrainerFault("exit", f"trainer exited with status {code}: {reported or tail}", code)
 
-    def _gate(self, snapshot: Path, out: Path, result: Any) -> tuple[Manifest, Any]:
+    def _gate(self, snapshot: Path, out: Path, result: Any) -> tuple[Path, Manifest, Any]:
+        """(the model file to register, its manifest, the gate's verdict) for the trainer's ``result``.
+
+        The candidate fit without the holdout is judged on it. When it passes and the trainer also
+        refit it on every row (``trainer.refit_below``), the refit is what goes live, provided it passes
+        on the same rows too: it has seen them, so this cannot vouch for it the way the
+        candidate's verdict does, but it does stop a refit that went wrong. Otherwise the
+        candidate itself goes live.
+        """
         cfg = self.config
         incumbent = self.daemon.models.scorer
-        model_file = out / "policy.onnx"
+        model_file = out / MODEL_FILE
         manifest = Manifest(
             version="candidate",
             parent=incumbent.version if incumbent else None,
@@ -280,30 +277,44 @@ class Scheduler:
             features=result.features,
             exploration=cfg.exploration,
             agent_exploration={a: c.exploration for a, c in cfg.agents.items()},
-            training=msgspec.to_builtins(result),
+            training={**msgspec.to_builtins(result), "refit": False},
             sha256=sha256_of(model_file),
         )
-        candidate = Scorer(manifest, model_file.read_bytes())
         holdout = load_holdout(snapshot, result.features, cfg.trainer.holdout_fraction)
         incumbent_holdout = None
         if incumbent is not None and incumbent.manifest.features != result.features:
             incumbent_holdout = load_holdout(snapshot, incumbent.manifest.features, cfg.trainer.holdout_fraction)
-        verdict = gate.evaluate(
-            candidate,
-            incumbent,
-            holdout,
-            cfg.exploration,
-            cfg.gate,
-            incumbent_holdout,
-            incumbent.manifest.exploration if incumbent is not None else None,
-        )
-        return manifest, verdict
 
-    def _register(self, out: Path, manifest: Manifest, verdict: Any) -> dict[str, Any]:
+        def judge(file: Path, manifest: Manifest) -> Any:
+            return gate.evaluate(
+                Scorer(manifest, file.read_bytes()),
+                incumbent,
+                holdout,
+                cfg.exploration,
+                cfg.gate,
+                incumbent_holdout,
+                incumbent.manifest.exploration if incumbent is not None else None,
+            )
+
+        verdict = judge(model_file, manifest)
+        if not (verdict.passed and result.refit):
+            return model_file, manifest, verdict
+        refit_file = out / REFIT_FILE
+        refit_rows = result.train_rows + result.holdout_rows
+        refit = msgspec.structs.replace(
+            manifest,
+            training={**manifest.training, "train_rows": refit_rows, "refit": True},
+            sha256=sha256_of(refit_file),
+        )
+        refit_verdict = judge(refit_file, refit)
+        verdict = gate.with_refit(verdict, refit_verdict, refit_rows)
+        return (refit_file, refit, verdict) if refit_verdict.passed else (model_file, manifest, verdict)
+
+    def _register(self, model_file: Path, manifest: Manifest, verdict: Any) -> dict[str, Any]:
         registry: Registry = self.daemon.registry
         fields = msgspec.structs.asdict(manifest)
         fields["gate"] = verdict
-        added = registry.add(out / "policy.onnx", fields)
+        added = registry.add(model_file, fields)
         store = self.daemon.store
         store.record_model_event(added.version, "registered", msgspec.to_builtins(verdict), time.time())
         if verdict.passed:

@@ -4,7 +4,9 @@
 
 CONFIG_JSON is ``msgspec.json.encode(config)`` of a ``reflexd.config.Config``, given inline or as
 the path of a file holding it (the daemon writes a file, which keeps it out of ``ps``). The run
-writes ``OUT_DIR/policy.onnx`` and ``OUT_DIR/result.json`` (a ``TrainResult``, or ``{"error": ...}``).
+writes ``OUT_DIR/policy.onnx``, the candidate fit on all but the holdout, which the gate judges;
+below ``trainer.refit_below`` rows, ``OUT_DIR/refit.onnx``, the same learner fit on every row, which goes live
+if the candidate passes; and ``OUT_DIR/result.json`` (a ``TrainResult``, or ``{"error": ...}``).
 Exit status: 0 when a model was produced (even if parity failed: ``parity_ok`` says so and the
 daemon rejects it), 2 for a training failure (one line on stderr), 3 when the run ran out of
 memory (``trainer.max_memory_mb``), 1 for a bug (traceback).
@@ -34,7 +36,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -42,10 +44,11 @@ from .config import Config
 from .dataset import load_snapshot, split_holdout
 from .errors import TrainingError
 from .features import FeatureSpec
+from .split import MIN_TRAIN_ROWS
 
 RESULT_FILE = "result.json"
 MODEL_FILE = "policy.onnx"
-MIN_TRAIN_ROWS = 10
+REFIT_FILE = "refit.onnx"
 MAX_PARITY_ROWS = 2000
 EXIT_OUT_OF_MEMORY = 3
 # how allocation failures read once the address-space limit is hit: numpy and Python
@@ -71,21 +74,22 @@ class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     learner: str
     features: FeatureSpec
     seed: int
-    train_rows: int
+    train_rows: int  # the candidate the gate judges was fit on these; the refit on these and the holdout
     holdout_rows: int
     dropped_rows: int
+    refit: bool  # REFIT_FILE holds the same learner fit on every row (trainer.refit_below)
     window_start: float  # received_at of the oldest row in the snapshot (train and holdout)
     window_end: float  # received_at of the newest
     epochs: int
     train_loss: float | None  # mean over the last epoch, in squared reward units; None if not reported
     load_seconds: float  # reading and hashing the snapshot
     import_seconds: float  # torch and the learner
-    fit_seconds: float
+    fit_seconds: float  # the candidate's and the refit's
     export_seconds: float
     graph_reused: bool  # the export wrote the weights into a cached graph (see --graph-cache)
     parity_seconds: float
     cpu_seconds: float  # the run's CPU time so far; at SCHED_IDLE its wall time depends on other load
-    parity_diff: float
+    parity_diff: float  # the larger of the candidate's and the refit's
     parity_ok: bool
     torch_version: str
 
@@ -230,7 +234,6 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     started = time.perf_counter()
     import torch
 
-    from reflexd.exporters.onnx import export_onnx, parity
     from reflexd.plugins.learners import load_learner
 
     torch.set_num_threads(settings.max_threads)
@@ -246,35 +249,33 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
 
     started = time.perf_counter()
     model = learner.fit(train_set, settings, seed, progress)
-    fit_seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     epochs_run = len(losses) or settings.epochs  # min_steps may have asked for more than epochs
-    samples_per_s = len(train_set) * epochs_run / fit_seconds
-    _log("fitted", learner=learner.name, seconds=fit_seconds, samples_per_s=samples_per_s)
+    train_loss = losses[-1] if losses else None
+    _log("fitted", learner=learner.name, seconds=seconds, samples_per_s=len(train_set) * epochs_run / seconds)
+    refit = None
+    if len(batch) < settings.refit_below:
+        # the gate can only judge a model on rows it was not fit on, so it judges the candidate
+        # fit without the holdout; the model that goes live is the same learner, seed and
+        # settings fit on every row, the newest included, which are what it will face next
+        refit_started = time.perf_counter()
+        refit = learner.fit(batch, settings, seed, None)
+        _log("refitted", rows=len(batch), seconds=time.perf_counter() - refit_started)
+    fit_seconds = time.perf_counter() - started
 
-    model_path = out_dir / MODEL_FILE
-    exported = export_onnx(model, spec.context_dim, spec.action_dim, model_path, graphs)
-    export_seconds = exported.seconds
     check = holdout.take(range(min(len(holdout), MAX_PARITY_ROWS)))
-    started = time.perf_counter()
-    diff = parity(model, model_path, check.context, check.actions)
-    parity_seconds = time.perf_counter() - started
-    if diff > config.gate.parity_tolerance and exported.reused:
-        # the cached graph does not compute this model (its code changed in a way the key
-        # missed): trace it afresh, which also replaces the cached graph
-        _log("cached_graph_failed_parity", parity_diff=diff)
-        exported = export_onnx(model, spec.context_dim, spec.action_dim, model_path, graphs, reuse=False)
-        export_seconds += exported.seconds
-        started = time.perf_counter()
-        diff = parity(model, model_path, check.context, check.actions)
-        parity_seconds += time.perf_counter() - started
-    parity_ok = diff <= config.gate.parity_tolerance
+    exported = _export_checked(model, out_dir / MODEL_FILE, spec, check, config.gate.parity_tolerance, graphs)
+    if refit is not None:
+        refit_export = _export_checked(refit, out_dir / REFIT_FILE, spec, check, config.gate.parity_tolerance, graphs)
+        exported = exported.join(refit_export)
+    parity_ok = exported.diff <= config.gate.parity_tolerance
     _log(
         "exported",
-        seconds=export_seconds,
+        seconds=exported.seconds,
         graph_reused=exported.reused,
-        parity_diff=diff,
+        parity_diff=exported.diff,
         parity_ok=parity_ok,
-        parity_seconds=parity_seconds,
+        parity_seconds=exported.parity_seconds,
     )
 
     return TrainResult(
@@ -284,21 +285,58 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
         train_rows=len(train_set),
         holdout_rows=len(holdout),
         dropped_rows=batch.dropped,
+        refit=refit is not None,
         window_start=float(batch.received_at.min()),
         window_end=float(batch.received_at.max()),
         epochs=epochs_run,
-        train_loss=losses[-1] if losses else None,
+        train_loss=train_loss,
         load_seconds=load_seconds,
         import_seconds=import_seconds,
         fit_seconds=fit_seconds,
-        export_seconds=export_seconds,
+        export_seconds=exported.seconds,
         graph_reused=exported.reused,
-        parity_seconds=parity_seconds,
-        parity_diff=diff,
+        parity_seconds=exported.parity_seconds,
+        parity_diff=exported.diff,
         parity_ok=parity_ok,
         cpu_seconds=time.process_time(),
         torch_version=str(torch.__version__),  # torch's TorchVersion is a str subclass msgspec refuses
     )
+
+
+class _Export(NamedTuple):
+    seconds: float
+    reused: bool  # every graph came from the cache
+    parity_seconds: float
+    diff: float
+
+    def join(self, other: _Export) -> _Export:
+        return _Export(
+            self.seconds + other.seconds,
+            self.reused and other.reused,
+            self.parity_seconds + other.parity_seconds,
+            max(self.diff, other.diff),
+        )
+
+
+def _export_checked(model: Any, path: Path, spec: FeatureSpec, check: Any, tolerance: float, graphs: Path | None) -> _Export:
+    """Export ``model`` to ``path`` and measure how far onnxruntime's scores are from torch's on ``check``."""
+    from reflexd.exporters.onnx import export_onnx, parity
+
+    exported = export_onnx(model, spec.context_dim, spec.action_dim, path, graphs)
+    seconds = exported.seconds
+    started = time.perf_counter()
+    diff = parity(model, path, check.context, check.actions)
+    parity_seconds = time.perf_counter() - started
+    if diff > tolerance and exported.reused:
+        # the cached graph does not compute this model (its code changed in a way the key
+        # missed): trace it afresh, which also replaces the cached graph
+        _log("cached_graph_failed_parity", parity_diff=diff)
+        exported = export_onnx(model, spec.context_dim, spec.action_dim, path, graphs, reuse=False)
+        seconds += exported.seconds
+        started = time.perf_counter()
+        diff = parity(model, path, check.context, check.actions)
+        parity_seconds += time.perf_counter() - started
+    return _Export(seconds, exported.reused, parity_seconds, diff)
 
 
 def main(argv: list[str] | None = None) -> int:

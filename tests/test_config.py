@@ -14,6 +14,7 @@ import yaml
 
 from reflexd.config import AgentConfig, Config, ExplorationConfig, RewardConfig, load_config, parse_config
 from reflexd.errors import ConfigError
+from reflexd.split import first_run_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "reflexd.yaml"
@@ -195,6 +196,26 @@ def test_epsilon_min_above_epsilon_rejected() -> None:
     assert msg.startswith("exploration.epsilon_min:")
     # equal is fine
     assert parse_config("exploration:\n  epsilon: 0.2\n  epsilon_min: 0.2\n").exploration.epsilon_min == 0.2
+
+
+def test_max_examples_too_small_for_any_run_is_rejected() -> None:
+    needed = first_run_rows(Config())
+    msg = one_problem(f"trainer:\n  max_examples: {needed - 1}\n")
+    assert msg.startswith("trainer.max_examples:") and f"at least {needed} experiences" in msg, msg
+    assert parse_config(f"trainer:\n  max_examples: {needed}\n").trainer.max_examples == needed
+    # a larger holdout fraction raises the floor with it
+    wider = first_run_rows(parse_config("trainer:\n  holdout_fraction: 0.5\n"))
+    assert wider > needed
+    assert one_problem(f"trainer:\n  holdout_fraction: 0.5\n  max_examples: {wider - 1}\n").startswith(
+        "trainer.max_examples:"
+    )
+
+
+def test_max_examples_whose_holdout_cannot_judge_a_replacement_is_rejected() -> None:
+    # 20 rows hold out 4: enough for a first model (3) but not for gate.min_holdout 5
+    msg = one_problem("trainer:\n  max_examples: 20\ngate:\n  min_holdout: 5\n")
+    assert msg.startswith("trainer.max_examples:") and "gate.min_holdout (5)" in msg, msg
+    assert parse_config("trainer:\n  max_examples: 25\ngate:\n  min_holdout: 5\n").trainer.max_examples == 25
 
 
 def test_invalid_yaml_gives_line_and_column() -> None:

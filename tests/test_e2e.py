@@ -82,6 +82,10 @@ def test_agent_improves_once_a_model_is_promoted(learning_daemon: DaemonProcess)
 
     manifest = d.request(ModelsRequest()).models[0]
     assert manifest["gate"]["holdout_rows"] >= 50
+    # the live model is the gated candidate refit on its holdout too
+    training = manifest["training"]
+    assert training["refit"] and manifest["gate"]["refit_rows"] == training["train_rows"], manifest
+    assert training["train_rows"] > manifest["gate"]["holdout_rows"] * 4, manifest
     onnx = d.state_dir / "models" / manifest["version"] / "policy.onnx"
     import hashlib
 

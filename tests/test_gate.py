@@ -371,6 +371,20 @@ def test_non_finite_candidate_is_rejected_and_the_result_stays_storable(holdout:
     assert msgspec.json.decode(msgspec.json.encode(res), type=GateResult) == res
 
 
+def test_a_refit_that_passes_goes_live_and_one_that_fails_leaves_the_candidate(holdout: Log) -> None:
+    cfg = GateConfig()
+    verdict = run(GOOD, BAD, holdout, cfg)
+    kept = gate.with_refit(verdict, run(GOOD, BAD, holdout, cfg), 25_000)
+    assert kept.passed and kept.refit_rows == 25_000 and kept.difference == verdict.difference
+    assert kept.reason.startswith(verdict.reason) and "went live refit on all 25000 rows" in kept.reason
+    assert kept.estimates["refit_lower"] > 0
+    # a refit worse than the incumbent on the very rows it was fit on went wrong: the candidate goes live
+    dropped = gate.with_refit(verdict, run(BAD, GOOD, holdout, cfg), 25_000)
+    assert dropped.passed and dropped.refit_rows == 0
+    assert "failed on the holdout" in dropped.reason and dropped.reason.endswith("so the candidate went live")
+    assert msgspec.json.decode(msgspec.json.encode(kept), type=GateResult) == kept
+
+
 # ---- target probabilities --------------------------------------------------------------------
 
 STRATEGIES = [

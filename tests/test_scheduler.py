@@ -10,7 +10,8 @@ import pytest
 from conftest import DaemonProcess, wait_for
 from reflexd.client import Policy
 from reflexd.config import Config, TrainerConfig
-from reflexd.scheduler import due_after, first_run_rows, run_points
+from reflexd.scheduler import due_after, run_points
+from reflexd.split import first_run_rows
 
 FIRST = first_run_rows(Config())
 

@@ -14,14 +14,13 @@ import torch
 from conftest import wait_for
 from reflexd.client import Policy
 from reflexd.config import Config, FeatureConfig, GateConfig, TrainerConfig
-from reflexd.dataset import holdout_rows
 from reflexd.errors import TrainingError
 from reflexd.exporters.onnx import export_onnx, graph_key
 from reflexd.features import FeatureSpec, Hasher
 from reflexd.plugins.learners.mlp import RewardMLP
 from reflexd.protocol import ModelsRequest, Train
-from reflexd.scheduler import first_run_rows
-from reflexd.trainer import MIN_TRAIN_ROWS, read_result
+from reflexd.split import MIN_TRAIN_ROWS, first_run_rows, holdout_rows
+from reflexd.trainer import read_result
 
 pytestmark = pytest.mark.slow
 
@@ -97,15 +96,31 @@ def test_trains_exports_and_the_model_ranks_the_best_action_first(tmp_path):
     assert result.parity_ok and result.parity_diff <= 1e-5
     assert result.torch_version.startswith("2.13")
 
-    session = ort.InferenceSession(str(out / "policy.onnx"), providers=["CPUExecutionProvider"])
+    # the candidate the gate judges, and the same learner refit on every row (trainer.refit_below)
+    assert result.refit
     hasher = Hasher(SPEC)
     actions = ["search", "calc", {"id": "ask_human", "features": {"cost": 10}}]
-    for task, best in [("question", 0), ("arithmetic", 1)]:
-        context = hasher.context({"task": task, "length": 50})[None]
-        scores, spread = session.run(None, {"context": context, "actions": hasher.actions(actions)[None]})
-        assert int(np.argmax(scores[0])) == best, (task, scores)
-        assert np.sort(scores[0])[-1] - np.sort(scores[0])[-2] > 0.5
-        assert spread.shape == (1, 3)
+    found = {}
+    for name in ("policy.onnx", "refit.onnx"):
+        session = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        for task, best in [("question", 0), ("arithmetic", 1)]:
+            context = hasher.context({"task": task, "length": 50})[None]
+            scores, spread = session.run(None, {"context": context, "actions": hasher.actions(actions)[None]})
+            assert int(np.argmax(scores[0])) == best, (name, task, scores)
+            assert np.sort(scores[0])[-1] - np.sort(scores[0])[-2] > 0.5
+            assert spread.shape == (1, 3)
+            found[name, task] = scores[0]
+    # fit on more rows, the refit is another model
+    assert not np.allclose(found["policy.onnx", "question"], found["refit.onnx", "question"])
+
+
+def test_from_refit_below_rows_on_only_the_candidate_is_written(tmp_path):
+    config = msgspec.structs.replace(CONFIG, trainer=msgspec.structs.replace(CONFIG.trainer, refit_below=ROWS - UNUSABLE))
+    out = tmp_path / "run"
+    done = run_trainer(write_snapshot(tmp_path / "snap.parquet", ROWS), out, msgspec.json.encode(config).decode())
+    assert done.returncode == 0, done.stderr
+    assert not read_result(out).refit and "event=refitted" not in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["policy.onnx", "result.json"]
 
 
 class TanhMLP(RewardMLP):

@@ -1,0 +1,34 @@
+"""How a snapshot's experiences divide between training and the gate, and the fewest a run can use.
+
+Plain arithmetic on the config's numbers, so the config check, the dataset, the trainer and the
+scheduler all count rows the same way without importing one another.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Config
+
+MIN_TRAIN_ROWS = 10
+
+
+def holdout_rows(n: int, fraction: float) -> int:
+    """How many of ``n`` rows ``dataset.split_holdout`` holds out: at least one and at most
+    ``n - 1`` (none below two rows)."""
+    return min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
+
+
+def first_run_rows(config: Config) -> int:
+    """The fewest joined experiences a run can use: 13 with the defaults.
+
+    Holding out ``trainer.holdout_fraction`` of them must leave the trainer its MIN_TRAIN_ROWS
+    and the gate ``gate.first_min_holdout`` rows (and the 2 an interval needs); a run on fewer
+    could only fail, or be refused for want of rows.
+    """
+    fraction, wanted = config.trainer.holdout_fraction, max(2, config.gate.first_min_holdout)
+    n = MIN_TRAIN_ROWS
+    while n - holdout_rows(n, fraction) < MIN_TRAIN_ROWS or holdout_rows(n, fraction) < wanted:
+        n += 1
+    return n
