@@ -52,6 +52,7 @@ from reflexd.config import Config, TrainerConfig  # noqa: E402
 from reflexd.errors import ReflexdError  # noqa: E402
 from reflexd.protocol import Train  # noqa: E402
 from reflexd.registry import Registry  # noqa: E402
+from reflexd.registry import experience  # noqa: E402
 from reflexd.scheduler import run_points  # noqa: E402
 from reflexd.split import first_run_rows  # noqa: E402
 
@@ -147,7 +148,7 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int
                         manifest = registry.manifest(version)
                         training = manifest.training
                         run["learner"] = manifest.learner
-                        run["rows"] = training["train_rows"] + training["holdout_rows"]
+                        run["rows"] = experience(training)
                         if run["rows"] != i + 1:
                             progress(f"{stream.name} seed {seed}: trained on {run['rows']} of {i + 1} examples")
                     if outcome == "promoted":

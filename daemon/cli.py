@@ -192,11 +192,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"{'':2}{'version':8} {'created':20} {'rows':>8}  gate")
     import datetime as dt
 
+    from .registry import fit_rows
+
     for m in reply.models:
         live = "*" if m.get("version") == reply.current else " "
         created = dt.datetime.fromtimestamp(m.get("created", 0)).strftime("%Y-%m-%d %H:%M:%S")
         gate = (m.get("gate") or {}).get("reason", m.get("error", ""))
-        rows = (m.get("training") or {}).get("train_rows", "")
+        rows = fit_rows(m["training"]) if m.get("training") else ""
         print(f"{live:2}{m.get('version', '?'):8} {created:20} {rows!s:>8}  {gate}")
     return 0
 

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import msgspec
 import numpy as np
 
 from .config import ExplorationConfig, GateConfig
 from .plugins import exploration as _exploration
-from .registry import GateResult
+from .registry import GateResult, experience
 
 if TYPE_CHECKING:
     # serving imports onnxruntime; the gate itself only needs score_batch, version and manifest
@@ -51,6 +51,8 @@ __all__ = [
     "snips",
     "snips_terms",
     "target_probs",
+    "check_refit",
+    "unseen_rows",
     "with_refit",
 ]
 
@@ -305,9 +307,22 @@ def compare(
 
 
 def _deployed_t(scorer: Scorer) -> int:
-    # the Chooser starts a freshly loaded model at its training rows, which sets epsilon decay and
-    # SquareCB's gamma; judging the policy at t=0 would judge a far more exploratory one
-    return int(scorer.manifest.training.get("train_rows", 0))
+    # the Chooser starts a freshly loaded model at its run's experience, which sets epsilon decay
+    # and SquareCB's gamma; judging the policy at t=0 would judge a far more exploratory one
+    return experience(scorer.manifest.training)
+
+
+def unseen_rows(incumbent_training: Mapping[str, Any], received_at: np.ndarray) -> np.ndarray | None:
+    """The holdout rows newer than a refit incumbent's snapshot, or None for any other incumbent.
+
+    A model fit without its holdout has seen none of a later run's holdout (the newest fifth of a
+    larger snapshot). A refit was fit on its whole snapshot, and once runs come every
+    ``min_new_examples`` rather than by growth, the next holdout reaches back into it: judged on
+    rows it was fit on, the incumbent would look better than it is.
+    """
+    if not incumbent_training.get("refit"):
+        return None
+    return np.flatnonzero(np.asarray(received_at) > float(incumbent_training.get("window_end", -math.inf)))
 
 
 def evaluate(
@@ -365,21 +380,36 @@ def evaluate(
     )
 
 
-def with_refit(verdict: GateResult, refit: GateResult, rows: int) -> GateResult:
-    """The candidate's passing ``verdict``, with what became of its refit on all ``rows``.
+def check_refit(
+    refit: Scorer, candidate: Scorer, holdout: Any, exploration: ExplorationConfig, gate: GateConfig
+) -> GateResult:
+    """Did the refit go wrong? It passes unless, on the candidate's holdout, its value falls below
+    the candidate's by more than ``gate.margin`` (point estimates, by ``gate.estimator``).
 
-    ``refit`` is the refit judged on the candidate's holdout, which it was fit on: that cannot
-    show it generalises (the candidate's verdict does, for the learner and its settings), only
-    that the refit did not go wrong. It goes live if it passes; otherwise the candidate does.
+    The refit was fit on these rows, so they cannot show that it generalises (the candidate's
+    verdict shows that of the learner and its settings), and no interval is asked for: only that
+    a model that has seen the rows does about as well on them as one that has not. A refit whose
+    output is not finite fails.
     """
-    if refit.passed:
-        note = (
-            f"; went live refit on all {rows} rows (on the holdout, which it was fit on: "
-            f"difference {refit.difference:+.3f} [{refit.lower:+.3f}, {refit.upper:+.3f}])"
-        )
+    found = evaluate(refit, candidate, holdout, exploration, msgspec.structs.replace(gate, min_holdout=2))
+    if not found.estimates:  # refused before any estimate: its output is not finite
+        return found
+    passed = found.difference >= -gate.margin - _ROUNDING
+    reason = (
+        f"refit {found.candidate_value:.3f} vs candidate {found.baseline_value:.3f} ({gate.estimator}) on the holdout "
+        f"it was fit on, difference {found.difference:+.3f} {'≥' if passed else '<'} {-gate.margin:+.3f}"
+    )
+    return msgspec.structs.replace(found, passed=passed, reason=reason)
+
+
+def with_refit(verdict: GateResult, check: GateResult, rows: int) -> GateResult:
+    """The candidate's passing ``verdict``, with what became of its refit on all ``rows``:
+    it goes live if it passed ``check_refit`` (``check``), otherwise the candidate does."""
+    if check.passed:
+        note = f"; went live refit on all {rows} rows ({check.reason})"
     else:
-        note = f"; its refit on all {rows} rows failed on the holdout ({refit.reason}), so the candidate went live"
-    estimates = {**verdict.estimates, "refit_difference": refit.difference, "refit_lower": refit.lower}
+        note = f"; its refit on all {rows} rows failed ({check.reason}), so the candidate went live"
+    estimates = {**verdict.estimates, "refit_difference": check.difference}
     return msgspec.structs.replace(
-        verdict, reason=verdict.reason + note, estimates=estimates, refit_rows=rows if refit.passed else 0
+        verdict, reason=verdict.reason + note, estimates=estimates, refit_rows=rows if check.passed else 0
     )

@@ -2,7 +2,8 @@
 
 Layout under ``models/``::
 
-    v0001/policy.onnx      the live model, byte for byte what the gate evaluated
+    v0001/policy.onnx      the model (the candidate, or its refit: see gate.refit_rows), byte for
+                           byte what the gate evaluated
     v0001/manifest.json    what it is, what it was trained on, how it passed the gate, sha256
     CURRENT                the live version's name (replaced by atomic rename)
     history.json           stack of promoted versions; rollback pops it
@@ -19,7 +20,7 @@ import re
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import msgspec
 
@@ -51,6 +52,18 @@ class GateResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     estimates: dict[str, float] = {}
     # > 0: the live model is the candidate refit on this many rows, holdout included (trainer.refit_below)
     refit_rows: int = 0
+
+
+def experience(training: Mapping[str, Any]) -> int:
+    """The joined experiences of the run that made a model (a manifest's ``training``): its
+    training and holdout rows. A client's exploration clock starts there when it loads the model,
+    and the scheduler counts new experience from there."""
+    return int(training.get("train_rows", 0)) + int(training.get("holdout_rows", 0))
+
+
+def fit_rows(training: Mapping[str, Any]) -> int:
+    """The rows a model was fit on: a refit's include its holdout (``trainer.refit_below``)."""
+    return experience(training) if training.get("refit") else int(training.get("train_rows", 0))
 
 
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

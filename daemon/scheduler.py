@@ -23,7 +23,7 @@ from . import gate, log
 from .config import Config, TrainerConfig
 from .dataset import load_holdout
 from .errors import ReflexdError, TrainerFault, TrainingError
-from .registry import Manifest, Registry, sha256_of
+from .registry import Manifest, Registry, experience, sha256_of
 from .serving import Scorer
 from .split import first_run_rows
 from .trainer import EXIT_OUT_OF_MEMORY, MODEL_FILE, REFIT_FILE, memory_exhausted, read_result
@@ -103,9 +103,7 @@ class Scheduler:
         if manifest is not None:
             training = manifest.training
             self.status.cutoff = float(training.get("window_end", 0.0))
-            # a refit was fit on its holdout too
-            held = 0 if training.get("refit") else int(training.get("holdout_rows", 0))
-            self.status.trained_on = int(training.get("train_rows", 0)) + held
+            self.status.trained_on = experience(training)
 
     async def run(self) -> None:
         while True:
@@ -260,11 +258,10 @@ class Scheduler:
     def _gate(self, snapshot: Path, out: Path, result: Any) -> tuple[Path, Manifest, Any]:
         """(the model file to register, its manifest, the gate's verdict) for the trainer's ``result``.
 
-        The candidate fit without the holdout is judged on it. When it passes and the trainer also
-        refit it on every row (``trainer.refit_below``), the refit is what goes live, provided it passes
-        on the same rows too: it has seen them, so this cannot vouch for it the way the
-        candidate's verdict does, but it does stop a refit that went wrong. Otherwise the
-        candidate itself goes live.
+        The candidate fit without the holdout is judged on it (against a refit incumbent, only on
+        the rows newer than its snapshot). When it passes and the trainer also refit it on every
+        row (``trainer.refit_below``), the refit goes live unless it went wrong
+        (``gate.check_refit``); otherwise the candidate itself does.
         """
         cfg = self.config
         incumbent = self.daemon.models.scorer
@@ -284,31 +281,37 @@ class Scheduler:
         incumbent_holdout = None
         if incumbent is not None and incumbent.manifest.features != result.features:
             incumbent_holdout = load_holdout(snapshot, incumbent.manifest.features, cfg.trainer.holdout_fraction)
+        held = len(holdout)
+        unseen = gate.unseen_rows(incumbent.manifest.training, holdout.received_at) if incumbent else None
+        if unseen is not None and len(unseen) < held:
+            holdout = holdout.take(unseen)
+            incumbent_holdout = incumbent_holdout.take(unseen) if incumbent_holdout is not None else None
 
-        def judge(file: Path, manifest: Manifest) -> Any:
-            return gate.evaluate(
-                Scorer(manifest, file.read_bytes()),
-                incumbent,
-                holdout,
-                cfg.exploration,
-                cfg.gate,
-                incumbent_holdout,
-                incumbent.manifest.exploration if incumbent is not None else None,
-            )
-
-        verdict = judge(model_file, manifest)
-        if not (verdict.passed and result.refit):
+        candidate = Scorer(manifest, model_file.read_bytes())
+        verdict = gate.evaluate(
+            candidate,
+            incumbent,
+            holdout,
+            cfg.exploration,
+            cfg.gate,
+            incumbent_holdout,
+            incumbent.manifest.exploration if incumbent is not None else None,
+        )
+        if incumbent is not None and len(holdout) < held:
+            note = f" (on the {len(holdout)} of {held} holdout rows newer than what {incumbent.version} was fit on)"
+            verdict = msgspec.structs.replace(verdict, reason=verdict.reason + note)
+        if not (verdict.passed and result.refitted):
             return model_file, manifest, verdict
         refit_file = out / REFIT_FILE
-        refit_rows = result.train_rows + result.holdout_rows
         refit = msgspec.structs.replace(
             manifest,
-            training={**manifest.training, "train_rows": refit_rows, "refit": True},
+            # the candidate's file is pruned with its run; its digest says which model was judged
+            training={**manifest.training, "refit": True, "candidate_sha256": manifest.sha256},
             sha256=sha256_of(refit_file),
         )
-        refit_verdict = judge(refit_file, refit)
-        verdict = gate.with_refit(verdict, refit_verdict, refit_rows)
-        return (refit_file, refit, verdict) if refit_verdict.passed else (model_file, manifest, verdict)
+        check = gate.check_refit(Scorer(refit, refit_file.read_bytes()), candidate, holdout, cfg.exploration, cfg.gate)
+        verdict = gate.with_refit(verdict, check, result.train_rows + result.holdout_rows)
+        return (refit_file, refit, verdict) if check.passed else (model_file, manifest, verdict)
 
     def _register(self, model_file: Path, manifest: Manifest, verdict: Any) -> dict[str, Any]:
         registry: Registry = self.daemon.registry

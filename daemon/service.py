@@ -36,7 +36,7 @@ from .protocol import (
     StatusRequest,
     Train,
 )
-from .registry import Registry
+from .registry import Registry, fit_rows
 from .monitor import Monitor
 from .scheduler import Scheduler
 from .server import Server, prepare_path
@@ -263,7 +263,7 @@ class Daemon:
                 "version": m.version,
                 "created": m.created,
                 "learner": m.learner,
-                "train_rows": m.training.get("train_rows"),
+                "train_rows": fit_rows(m.training),
                 "gate": msgspec.to_builtins(m.gate) if m.gate else None,
             }
         if self.models.error:

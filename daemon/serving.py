@@ -21,7 +21,7 @@ from .config import ExplorationConfig
 from .errors import ModelIntegrityError, ReflexdError
 from .features import Hasher, action_ids
 from .protocol import Decision
-from .registry import Manifest, Registry
+from .registry import Manifest, Registry, experience
 from .plugins import exploration
 
 BATCH_ROWS = 4096
@@ -256,7 +256,7 @@ class Chooser:
             if cfg is None:
                 cfg = by_agent[agent] = self.exploration_for(agent, manifest)
             cfgs.append(cfg)
-        t0 = self._since_load + (int(manifest.training.get("train_rows", 0)) if manifest else 0)
+        t0 = self._since_load + (experience(manifest.training) if manifest else 0)
         self._since_load += len(requests)
         probs: list[list[float] | None] = [None] * len(requests)
         if scorer is not None:
@@ -312,7 +312,7 @@ class Chooser:
         ids = action_ids(actions)
         scorer, manifest, version = self._live()
         cfg = self.exploration_for(agent, manifest)
-        t = self._since_load + (int(manifest.training.get("train_rows", 0)) if manifest else 0)
+        t = self._since_load + (experience(manifest.training) if manifest else 0)
         self._since_load += 1
         # plain floats from here on: for one decision's few actions numpy's per-call cost dominates
         p = self._distribution(scorer, cfg, context, actions, t) if scorer is not None else None

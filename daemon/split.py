@@ -1,11 +1,13 @@
 """How a snapshot's experiences divide between training and the gate, and the fewest a run can use.
 
-Plain arithmetic on the config's numbers, so the config check, the dataset, the trainer and the
-scheduler all count rows the same way without importing one another.
+Plain arithmetic on the config's numbers, in a module of its own so the config check can use what
+the dataset, the trainer and the scheduler use without importing them (the scheduler imports the
+config).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,7 +30,9 @@ def first_run_rows(config: Config) -> int:
     could only fail, or be refused for want of rows.
     """
     fraction, wanted = config.trainer.holdout_fraction, max(2, config.gate.first_min_holdout)
-    n = MIN_TRAIN_ROWS
+    # round(fraction * n) reaches ``wanted`` only from (wanted - 0.5) / fraction on: start just
+    # below that, so a tiny fraction costs a few steps rather than billions
+    n = max(MIN_TRAIN_ROWS, math.floor((wanted - 0.5) / fraction) - 2)
     while n - holdout_rows(n, fraction) < MIN_TRAIN_ROWS or holdout_rows(n, fraction) < wanted:
         n += 1
     return n

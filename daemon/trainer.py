@@ -74,23 +74,25 @@ class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     learner: str
     features: FeatureSpec
     seed: int
-    train_rows: int  # the candidate the gate judges was fit on these; the refit on these and the holdout
+    train_rows: int  # the candidate (MODEL_FILE) was fit on these; a refit on these and the holdout
     holdout_rows: int
     dropped_rows: int
-    refit: bool  # REFIT_FILE holds the same learner fit on every row (trainer.refit_below)
+    refitted: bool  # REFIT_FILE holds the same learner fit on every row, and passed the parity check
     window_start: float  # received_at of the oldest row in the snapshot (train and holdout)
     window_end: float  # received_at of the newest
-    epochs: int
-    train_loss: float | None  # mean over the last epoch, in squared reward units; None if not reported
+    epochs: int  # the candidate's
+    # the candidate's mean over its last epoch, in squared reward units; None if not reported
+    train_loss: float | None
     load_seconds: float  # reading and hashing the snapshot
     import_seconds: float  # torch and the learner
     fit_seconds: float  # the candidate's and the refit's
     export_seconds: float
-    graph_reused: bool  # the export wrote the weights into a cached graph (see --graph-cache)
+    graph_reused: bool  # every export wrote its weights into a cached graph (see --graph-cache)
     parity_seconds: float
     cpu_seconds: float  # the run's CPU time so far; at SCHED_IDLE its wall time depends on other load
-    parity_diff: float  # the larger of the candidate's and the refit's
+    parity_diff: float  # the candidate's
     parity_ok: bool
+    refit_parity_diff: float | None  # None when no refit was fit
     torch_version: str
 
 
@@ -196,7 +198,7 @@ def _out_of_memory(exc: BaseException, limit: int | None) -> bool:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m reflexd.trainer", description=__doc__.splitlines()[0])
     parser.add_argument("snapshot", help="training snapshot (Parquet)")
-    parser.add_argument("out_dir", help="directory for policy.onnx and result.json")
+    parser.add_argument("out_dir", help="directory for policy.onnx, refit.onnx and result.json")
     parser.add_argument("--config", required=True, help="the daemon's Config as JSON, or a file holding it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--graph-cache", default=None, help="directory of exported graphs to reuse across runs")
@@ -212,7 +214,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     settings = config.trainer
     features = config.features
     spec = FeatureSpec(context_dim=features.context_dim, action_dim=features.action_dim, seed=features.seed)
-    started = time.perf_counter()
+    started = run_started = time.perf_counter()
     # loaded before torch is imported, so a bad or empty snapshot fails in a fraction of a second
     batch = load_snapshot(snapshot, spec)
     train_set, holdout = split_holdout(batch, settings.holdout_fraction)
@@ -254,27 +256,41 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     train_loss = losses[-1] if losses else None
     _log("fitted", learner=learner.name, seconds=seconds, samples_per_s=len(train_set) * epochs_run / seconds)
     refit = None
-    if len(batch) < settings.refit_below:
+    # on a large snapshot the newest fifth changes the model less than a second fit costs
+    wanted = len(batch) < settings.refit_below
+    if wanted and time.perf_counter() - run_started + 1.5 * seconds > settings.max_wall_time:
+        # a second fit on 25% more rows would likely overrun the limit and take the candidate with it
+        _log("refit_skipped", reason="max_wall_time", fit_seconds=seconds)
+    elif wanted:
         # the gate can only judge a model on rows it was not fit on, so it judges the candidate
-        # fit without the holdout; the model that goes live is the same learner, seed and
-        # settings fit on every row, the newest included, which are what it will face next
+        # fit without the holdout; what goes live is the same learner, seed and settings fit on
+        # every row, the newest included, which are the most like those it will face next
         refit_started = time.perf_counter()
         refit = learner.fit(batch, settings, seed, None)
         _log("refitted", rows=len(batch), seconds=time.perf_counter() - refit_started)
     fit_seconds = time.perf_counter() - started
 
+    tolerance = config.gate.parity_tolerance
     check = holdout.take(range(min(len(holdout), MAX_PARITY_ROWS)))
-    exported = _export_checked(model, out_dir / MODEL_FILE, spec, check, config.gate.parity_tolerance, graphs)
+    exported = _export_checked(model, out_dir / MODEL_FILE, spec, check, tolerance, graphs)
+    parity_ok = exported.diff <= tolerance
+    refit_diff = None
     if refit is not None:
-        refit_export = _export_checked(refit, out_dir / REFIT_FILE, spec, check, config.gate.parity_tolerance, graphs)
+        refit_export = _export_checked(refit, out_dir / REFIT_FILE, spec, check, tolerance, graphs)
+        refit_diff = refit_export.diff
+        if not refit_export.diff <= tolerance:  # NaN included
+            # the candidate stands on its own: it goes live instead, if it passes
+            _log("refit_failed_parity", parity_diff=refit_export.diff)
+            (out_dir / REFIT_FILE).unlink()
+            refit = None
         exported = exported.join(refit_export)
-    parity_ok = exported.diff <= config.gate.parity_tolerance
     _log(
         "exported",
         seconds=exported.seconds,
         graph_reused=exported.reused,
         parity_diff=exported.diff,
         parity_ok=parity_ok,
+        refit_parity_diff=refit_diff,
         parity_seconds=exported.parity_seconds,
     )
 
@@ -285,7 +301,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
         train_rows=len(train_set),
         holdout_rows=len(holdout),
         dropped_rows=batch.dropped,
-        refit=refit is not None,
+        refitted=refit is not None,
         window_start=float(batch.received_at.min()),
         window_end=float(batch.received_at.max()),
         epochs=epochs_run,
@@ -298,6 +314,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
         parity_seconds=exported.parity_seconds,
         parity_diff=exported.diff,
         parity_ok=parity_ok,
+        refit_parity_diff=refit_diff,
         cpu_seconds=time.process_time(),
         torch_version=str(torch.__version__),  # torch's TorchVersion is a str subclass msgspec refuses
     )
@@ -305,20 +322,23 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
 
 class _Export(NamedTuple):
     seconds: float
-    reused: bool  # every graph came from the cache
+    reused: bool
     parity_seconds: float
     diff: float
 
     def join(self, other: _Export) -> _Export:
+        """Both exports' costs; the parity difference stays this one's."""
         return _Export(
             self.seconds + other.seconds,
             self.reused and other.reused,
             self.parity_seconds + other.parity_seconds,
-            max(self.diff, other.diff),
+            self.diff,
         )
 
 
-def _export_checked(model: Any, path: Path, spec: FeatureSpec, check: Any, tolerance: float, graphs: Path | None) -> _Export:
+def _export_checked(
+    model: Any, path: Path, spec: FeatureSpec, check: Any, tolerance: float, graphs: Path | None
+) -> _Export:
     """Export ``model`` to ``path`` and measure how far onnxruntime's scores are from torch's on ``check``."""
     from reflexd.exporters.onnx import export_onnx, parity
 

@@ -80,16 +80,17 @@ def test_agent_improves_once_a_model_is_promoted(learning_daemon: DaemonProcess)
     maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
     assert "libtorch" not in maps and "torch/lib" not in maps
 
-    manifest = d.request(ModelsRequest()).models[0]
-    assert manifest["gate"]["holdout_rows"] >= 50
+    live = {m["version"]: m for m in d.request(ModelsRequest()).models}[status.model["version"]]
+    assert live["gate"]["holdout_rows"] >= 50
     # the live model is the gated candidate refit on its holdout too
-    training = manifest["training"]
-    assert training["refit"] and manifest["gate"]["refit_rows"] == training["train_rows"], manifest
-    assert training["train_rows"] > manifest["gate"]["holdout_rows"] * 4, manifest
-    onnx = d.state_dir / "models" / manifest["version"] / "policy.onnx"
+    training = live["training"]
+    assert training["refit"], live
+    assert live["gate"]["refit_rows"] == training["train_rows"] + training["holdout_rows"], live
+    assert status.model["train_rows"] == live["gate"]["refit_rows"]
+    onnx = d.state_dir / "models" / live["version"] / "policy.onnx"
     import hashlib
 
-    assert hashlib.sha256(onnx.read_bytes()).hexdigest() == manifest["sha256"]
+    assert hashlib.sha256(onnx.read_bytes()).hexdigest() == live["sha256"]
 
 
 def test_operator_cli_trains_promotes_and_rolls_back(learning_daemon: DaemonProcess) -> None:

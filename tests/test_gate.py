@@ -371,18 +371,14 @@ def test_non_finite_candidate_is_rejected_and_the_result_stays_storable(holdout:
     assert msgspec.json.decode(msgspec.json.encode(res), type=GateResult) == res
 
 
-def test_a_refit_that_passes_goes_live_and_one_that_fails_leaves_the_candidate(holdout: Log) -> None:
-    cfg = GateConfig()
-    verdict = run(GOOD, BAD, holdout, cfg)
-    kept = gate.with_refit(verdict, run(GOOD, BAD, holdout, cfg), 25_000)
-    assert kept.passed and kept.refit_rows == 25_000 and kept.difference == verdict.difference
-    assert kept.reason.startswith(verdict.reason) and "went live refit on all 25000 rows" in kept.reason
-    assert kept.estimates["refit_lower"] > 0
-    # a refit worse than the incumbent on the very rows it was fit on went wrong: the candidate goes live
-    dropped = gate.with_refit(verdict, run(BAD, GOOD, holdout, cfg), 25_000)
-    assert dropped.passed and dropped.refit_rows == 0
-    assert "failed on the holdout" in dropped.reason and dropped.reason.endswith("so the candidate went live")
-    assert msgspec.json.decode(msgspec.json.encode(kept), type=GateResult) == kept
+def test_a_refit_incumbent_is_judged_only_on_rows_newer_than_its_snapshot() -> None:
+    received_at = np.array([98.0, 99.0, 100.0, 100.0, 101.0, 102.5])
+    # fit without its holdout, an incumbent has seen none of a later holdout
+    assert gate.unseen_rows({"train_rows": 80, "holdout_rows": 20, "window_end": 100.0}, received_at) is None
+    assert gate.unseen_rows({}, received_at) is None  # a manifest from before refits
+    refit = {"train_rows": 80, "holdout_rows": 20, "refit": True, "window_end": 100.0}
+    assert gate.unseen_rows(refit, received_at).tolist() == [4, 5]
+    assert gate.unseen_rows({**refit, "window_end": 103.0}, received_at).tolist() == []
 
 
 # ---- target probabilities --------------------------------------------------------------------
@@ -528,6 +524,32 @@ def test_evaluate_needs_the_incumbents_own_features_when_specs_differ(holdout: L
     shuffled = SimpleNamespace(**{**vars(rehashed), "ids": rehashed.ids[::-1]})
     with pytest.raises(ValueError, match="same order"):
         gate.evaluate(candidate, incumbent, batch, explore, GateConfig(), incumbent_holdout=shuffled)
+
+
+def test_a_refit_goes_live_unless_it_does_worse_than_its_candidate_on_the_holdout(holdout: Log) -> None:
+    explore, cfg = ExplorationConfig(strategy="epsilon_greedy", epsilon=0.1), GateConfig()
+    batch = as_batch(holdout)
+    candidate = FakeScorer("candidate", MU, SPEC)
+    verdict = gate.evaluate(candidate, FakeScorer("v0003", -MU, SPEC), batch, explore, cfg)
+    assert verdict.passed
+
+    # as good as its candidate (the same policy): no interval is asked for, the point estimate will do
+    same = gate.check_refit(FakeScorer("refit", MU, SPEC), candidate, batch, explore, cfg)
+    assert same.passed and same.difference == 0.0 and "difference +0.000 ≥ -0.020" in same.reason
+    kept = gate.with_refit(verdict, same, 25_000)
+    assert kept.passed and kept.refit_rows == 25_000 and kept.difference == verdict.difference
+    assert kept.reason.startswith(verdict.reason) and "; went live refit on all 25000 rows (refit " in kept.reason
+
+    # a refit that does worse than the candidate on rows it was fit on went wrong: the candidate goes live
+    worse = gate.check_refit(FakeScorer("refit", -MU, SPEC), candidate, batch, explore, cfg)
+    assert not worse.passed and worse.difference < -cfg.margin
+    dropped = gate.with_refit(verdict, worse, 25_000)
+    assert dropped.passed and dropped.refit_rows == 0 and dropped.reason.endswith("so the candidate went live")
+
+    # so does one whose output is not finite
+    broken = gate.check_refit(FakeScorer("refit", MU * np.nan, SPEC), candidate, batch, explore, cfg)
+    assert not broken.passed and "not finite" in broken.reason
+    assert msgspec.json.decode(msgspec.json.encode(kept), type=GateResult) == kept
 
 
 def test_the_incumbent_is_judged_with_its_own_exploration(holdout: Log) -> None:

@@ -16,7 +16,16 @@ from onnx import TensorProto, helper
 from reflexd.config import ExplorationConfig
 from reflexd.errors import ModelIntegrityError, ModelNotFound
 from reflexd.features import FeatureSpec
-from reflexd.registry import CURRENT_FILE, HISTORY_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, Registry
+from reflexd.registry import (
+    CURRENT_FILE,
+    HISTORY_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Manifest,
+    Registry,
+    experience,
+    fit_rows,
+)
 
 
 def identity_model(path: Path, name: str = "identity") -> Path:
@@ -60,6 +69,15 @@ def leftovers(root: Path) -> list[str]:
 
 
 # ---- adding --------------------------------------------------------------------------------
+
+
+def test_experience_counts_the_run_and_fit_rows_what_the_model_saw() -> None:
+    candidate = {"train_rows": 80, "holdout_rows": 20, "refit": False}
+    refit = {**candidate, "refit": True}
+    assert experience(candidate) == experience(refit) == 100
+    assert fit_rows(candidate) == 80 and fit_rows(refit) == 100
+    # manifests written before refits: no refit key
+    assert experience({"train_rows": 80, "holdout_rows": 20}) == 100 and fit_rows({"train_rows": 80}) == 80
 
 
 def test_empty_registry(registry: Registry) -> None:
