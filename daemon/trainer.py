@@ -5,8 +5,9 @@
 CONFIG_JSON is ``msgspec.json.encode(config)`` of a ``reflexd.config.Config``, given inline or as
 the path of a file holding it (the daemon writes a file, which keeps it out of ``ps``). The run
 writes ``OUT_DIR/policy.onnx``, the candidate fit on all but the holdout, which the gate judges;
-below ``trainer.refit_below`` rows, ``OUT_DIR/refit.onnx``, the same learner fit on every row, which goes live
-if the candidate passes; and ``OUT_DIR/result.json`` (a ``TrainResult``, or ``{"error": ...}``).
+below ``trainer.refit_below`` rows, ``OUT_DIR/refit.onnx``, the same learner fit on every row,
+which goes live if the candidate passes; and ``OUT_DIR/result.json`` (a ``TrainResult``, or
+``{"error": ...}``).
 Exit status: 0 when a model was produced (even if parity failed: ``parity_ok`` says so and the
 daemon rejects it), 2 for a training failure (one line on stderr), 3 when the run ran out of
 memory (``trainer.max_memory_mb``), 1 for a bug (traceback).
@@ -283,7 +284,12 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
             _log("refit_failed_parity", parity_diff=refit_export.diff)
             (out_dir / REFIT_FILE).unlink()
             refit = None
-        exported = exported.join(refit_export)
+        # the costs of both exports; the parity difference stays the candidate's
+        exported = exported._replace(
+            seconds=exported.seconds + refit_export.seconds,
+            reused=exported.reused and refit_export.reused,
+            parity_seconds=exported.parity_seconds + refit_export.parity_seconds,
+        )
     _log(
         "exported",
         seconds=exported.seconds,
@@ -325,15 +331,6 @@ class _Export(NamedTuple):
     reused: bool
     parity_seconds: float
     diff: float
-
-    def join(self, other: _Export) -> _Export:
-        """Both exports' costs; the parity difference stays this one's."""
-        return _Export(
-            self.seconds + other.seconds,
-            self.reused and other.reused,
-            self.parity_seconds + other.parity_seconds,
-            self.diff,
-        )
 
 
 def _export_checked(
