@@ -87,6 +87,24 @@ def test_ensemble_spread_is_positive_and_zero_for_a_single_head(problem, fitted)
     np.testing.assert_array_equal(spread, 0.0)
 
 
+@pytest.mark.parametrize("learner", ["mlp", "transformer"])
+def test_scores_stay_within_the_rewards_fit_where_the_heads_extrapolate(problem, learner):
+    model = load_learner(learner).fit(problem, TrainerConfig(epochs=3, hidden_size=8, ensemble=3), seed=1)
+    low, high = float(problem.reward.min()), float(problem.reward.max())
+    assert (float(model.reward_low), float(model.reward_high)) == pytest.approx((low, high))
+    # inputs far outside the training data, where the MLP's heads' own mean leaves the reward
+    # range (the transformer's layer norms make it blind to their scale)
+    context = torch.from_numpy(problem.context[:8]) * 1e3
+    actions = torch.from_numpy(problem.actions[:8])
+    with torch.inference_mode():
+        raw = model.head_outputs(context, actions).mean(-1)
+        scores, _ = model(context, actions)
+    if learner == "mlp":
+        assert ((raw < low) | (raw > high)).any()
+    assert ((scores >= np.float32(low)) & (scores <= np.float32(high))).all()
+    np.testing.assert_allclose(scores, raw.clamp(low, high), rtol=1e-6)
+
+
 def test_scores_have_one_column_per_action_including_padding(problem, fitted):
     context = torch.from_numpy(problem.context[:5])
     actions = torch.from_numpy(problem.actions[:5])

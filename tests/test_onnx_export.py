@@ -130,11 +130,15 @@ def transformer(seed, heads=4):
 def test_a_cached_graph_takes_new_weights_and_equals_a_fresh_export(make, tmp_path):
     graphs = tmp_path / "graphs"
     first, second = make(0), make(1)
+    # the reward bounds are weights like any other: the second model's must reach the graph
+    second.reward_low.fill_(-0.05)
+    second.reward_high.fill_(0.05)
     assert not export_onnx(first, CONTEXT_DIM, ACTION_DIM, tmp_path / "first.onnx", graphs).reused
     (template,) = graphs.iterdir()
     # the template keeps the graph, not the weights of the model it came from
     kept = onnx.load(str(template))
-    assert {t.name for t in kept.graph.initializer} == {name for name, _ in first.named_parameters()}
+    weights = {name for name, _ in (*first.named_parameters(), *first.named_buffers())}
+    assert {t.name for t in kept.graph.initializer} == weights
     assert all(not t.raw_data and not t.float_data for t in kept.graph.initializer)
 
     reused = export_onnx(second, CONTEXT_DIM, ACTION_DIM, tmp_path / "reused.onnx", graphs)

@@ -7,6 +7,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.optim.adam import adam
 
 from reflexd.config import TrainerConfig
@@ -14,12 +15,40 @@ from reflexd.config import TrainerConfig
 from . import Progress
 
 
-def ensemble(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (the heads' mean) and spread (their population std) from [..., K] head outputs."""
+def ensemble(out: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (the heads' mean, clamped to [low, high]) and spread (their population std) from
+    [..., K] head outputs."""
     scores = out.mean(dim=-1)
     # the std written out, so the exported graph is plain ONNX ops on every exporter
     spread = torch.sqrt(((out - scores.unsqueeze(-1)) ** 2).mean(dim=-1))
-    return scores, spread
+    return scores.clamp(low, high), spread
+
+
+class RewardModel(nn.Module):
+    """A reward model with bootstrap heads: ``head_outputs`` gives every head's prediction, and
+    the model scores an action by their mean, within the rewards it was fit on.
+
+    The clamp is what keeps exploration alive where the model knows least. A regression
+    extrapolates: an action never tried in some region of contexts, and bad everywhere it was
+    tried, is predicted well below the lowest reward there is, and SquareCB then gives it so
+    little probability that it is never tried there, so the model is never corrected. Clamped,
+    such an action ties with the other bad ones and is explored like them. (Vowpal Wabbit clamps
+    its predictions to the labels it has seen for the same reason.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # set by fit_heads; unbounded until then
+        self.register_buffer("reward_low", torch.tensor(-math.inf))
+        self.register_buffer("reward_high", torch.tensor(math.inf))
+        self.reward_low: torch.Tensor
+        self.reward_high: torch.Tensor
+
+    def head_outputs(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, context: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ensemble(self.head_outputs(context, actions), self.reward_low, self.reward_high)
 
 
 class Adam:
@@ -68,7 +97,7 @@ class Adam:
 
 
 def fit_heads(
-    model: torch.nn.Module,
+    model: RewardModel,
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     context: torch.Tensor,
     chosen: torch.Tensor,
@@ -78,14 +107,14 @@ def fit_heads(
     gen: torch.Generator,
     progress: Progress | None,
     scaled: Iterable[torch.nn.Linear] = (),
-) -> torch.nn.Module:
+) -> RewardModel:
     """Fit ``model.heads`` (a Linear to K outputs) on the chosen actions' rewards.
 
     ``predict(context, chosen)`` gives [b, K]. Each head sees its own Poisson(1) bootstrap
     weights, fixed per example for the run, so their spread estimates the model's uncertainty.
     ``scaled`` are Linear layers whose outputs the model adds to the heads' (the MLP's bilinear
     term): they are rescaled to reward units with the heads (the offset goes into the heads'
-    bias alone).
+    bias alone). The model's scores are then bounded by the lowest and highest reward fit.
     """
     n = len(reward)
     # rewards come in any unit; training on standardised targets keeps one learning rate
@@ -119,4 +148,6 @@ def fit_heads(
                 layer.bias.mul_(scale)
         model.heads.weight.mul_(scale)
         model.heads.bias.mul_(scale).add_(offset)
+        model.reward_low.fill_(float(reward.min()))
+        model.reward_high.fill_(float(reward.max()))
     return model.eval()

@@ -17,10 +17,10 @@ from reflexd.config import TrainerConfig
 from reflexd.dataset import Batch
 
 from . import Progress
-from ._heads import Adam, ensemble, fit_heads
+from ._heads import Adam, RewardModel, fit_heads
 
 
-class RewardMLP(nn.Module):
+class RewardMLP(RewardModel):
     def __init__(self, context_dim: int, action_dim: int, hidden: int, heads: int) -> None:
         super().__init__()
         self.context_layer = nn.Linear(context_dim, hidden)
@@ -49,9 +49,6 @@ class RewardMLP(nn.Module):
         if actions.dim() == 3:
             ctx = ctx.unsqueeze(1)
         return self.heads(torch.relu(ctx + self.action_layer(actions))) + self.bilinear_term(context, actions)
-
-    def forward(self, context: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ensemble(self.head_outputs(context, actions))
 
 
 class MLPLearner:

@@ -40,7 +40,7 @@ from reflexd.dataset import Batch
 from reflexd.errors import TrainingError
 
 from . import Progress
-from ._heads import Adam, ensemble, fit_heads
+from ._heads import Adam, RewardModel, fit_heads
 
 
 class _Layer(nn.Module):
@@ -82,7 +82,7 @@ class _Layer(nn.Module):
         return ctx, act
 
 
-class RewardTransformer(nn.Module):
+class RewardTransformer(RewardModel):
     def __init__(
         self, context_dim: int, action_dim: int, d_model: int, layers: int, heads: int, ensemble: int
     ) -> None:
@@ -103,9 +103,6 @@ class RewardTransformer(nn.Module):
         for layer in self.layers:
             ctx, act = layer(ctx, act)
         return self.heads(self.norm(act))
-
-    def forward(self, context: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ensemble(self.head_outputs(context, actions))
 
 
 class TransformerLearner:
