@@ -125,6 +125,19 @@ def test_from_refit_below_rows_on_only_the_candidate_is_written(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["policy.onnx", "result.json"]
 
 
+def test_a_refit_that_would_overrun_max_wall_time_is_skipped_and_the_candidate_kept(tmp_path):
+    # nothing kills a trainer run by hand: the limit here only shapes the trainer's own plan
+    trainer = msgspec.structs.replace(CONFIG.trainer, max_wall_time=0.01)
+    config = msgspec.structs.replace(CONFIG, trainer=trainer)
+    out = tmp_path / "run"
+    done = run_trainer(write_snapshot(tmp_path / "snap.parquet", ROWS), out, msgspec.json.encode(config).decode())
+    assert done.returncode == 0, done.stderr
+    assert "event=refit_skipped reason=max_wall_time" in done.stderr
+    result = read_result(out)
+    assert not result.refitted and result.parity_ok
+    assert sorted(p.name for p in out.iterdir()) == ["policy.onnx", "result.json"]
+
+
 class TanhMLP(RewardMLP):
     """The MLP's parameters exactly, and another function of them."""
 
