@@ -22,6 +22,7 @@ from onnx import numpy_helper
 _ELEMENTWISE: dict[str, Callable[..., np.ndarray]] = {
     "MatMul": np.matmul, "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
     "Pow": np.power, "Sqrt": np.sqrt, "Tanh": np.tanh, "Relu": lambda a: np.maximum(a, 0.0),
+    "Max": np.maximum, "Min": np.minimum, "CastLike": lambda a, like: a.astype(like.dtype),
 }
 
 
