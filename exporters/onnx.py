@@ -10,7 +10,7 @@ or more), while a retrained model of the same architecture differs only in its w
 ``export_onnx`` can keep each architecture's graph as a template in a cache directory and, for
 a later model of that architecture, write the new weights into the template's initializers
 (milliseconds). The graph is exported unoptimised for that: each initializer is then exactly
-one parameter, named after it, whereas the exporter's optimiser folds transposes of weights
+one parameter or buffer, named after it, whereas the exporter's optimiser folds transposes of weights
 into new constants and merges initializers that happen to be equal (fresh layer norms), which
 would tie the graph to one model's values. onnxruntime applies the same folding when it loads
 the model, so serving costs the same. The parity check still runs on every model, cached or not.
@@ -79,7 +79,7 @@ def export_onnx(
     module's weights, if ``reuse``; otherwise the module is traced with the torch.export-based
     exporter (dynamo=True) and its graph kept there as the architecture's template. The
     template is keyed by everything that can shape the graph (see ``graph_key``) and holds no
-    weights. A template that cannot be used (unreadable, or not this module's parameters) is
+    weights. A template that cannot be used (unreadable, or not this module's parameters and buffers) is
     ignored and replaced. Without ``graphs`` every export is traced afresh.
 
     The legacy TorchScript exporter would take ~0.05 s instead of seconds, but it is deprecated
@@ -228,7 +228,7 @@ def _fill(template: Path, module: torch.nn.Module, path: str) -> bool:
 
 
 def _keep_template(path: str, template: Path, module: torch.nn.Module) -> None:
-    """Save the graph at ``path`` as ``template``, its parameters emptied; a failure only costs speed."""
+    """Save the graph at ``path`` as ``template``, its weights emptied; a failure only costs speed."""
     model = onnx.load(path)
     weights = _weights(module)
     initializers = {init.name: init for init in model.graph.initializer}

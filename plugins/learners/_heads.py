@@ -32,8 +32,9 @@ class RewardModel(nn.Module):
     extrapolates: an action never tried in some region of contexts, and bad everywhere it was
     tried, is predicted well below the lowest reward there is, and SquareCB then gives it so
     little probability that it is never tried there, so the model is never corrected. Clamped,
-    such an action ties with the other bad ones and is explored like them. (Vowpal Wabbit clamps
-    its predictions to the labels it has seen for the same reason.)
+    such an action ties with the other bad ones and is explored like them. Actions extrapolated
+    above the highest reward tie likewise, and the first of them counts as the best. (Vowpal
+    Wabbit clamps its predictions to the labels it has seen likewise.)
     """
 
     def __init__(self) -> None:
@@ -45,6 +46,7 @@ class RewardModel(nn.Module):
         self.reward_high: torch.Tensor
 
     def head_outputs(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Every head's prediction, [B, A, K], for context [B, Dc] and actions [B, A, Da]."""
         raise NotImplementedError
 
     def forward(self, context: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
