@@ -51,8 +51,7 @@ from reflexd.client import Policy  # noqa: E402
 from reflexd.config import Config, TrainerConfig  # noqa: E402
 from reflexd.errors import ReflexdError  # noqa: E402
 from reflexd.protocol import Train  # noqa: E402
-from reflexd.registry import Registry  # noqa: E402
-from reflexd.registry import experience  # noqa: E402
+from reflexd.registry import Registry, experience  # noqa: E402
 from reflexd.scheduler import run_points  # noqa: E402
 from reflexd.split import first_run_rows  # noqa: E402
 
