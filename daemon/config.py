@@ -131,6 +131,9 @@ class GateConfig(_Section):
     confidence: Annotated[float, msgspec.Meta(gt=0.5, lt=1)] = 0.95
     margin: NonNegative = 0.02
     min_holdout: Positive = 3
+    # on fewer holdout rows a replacement's interval is too wide to decide anything (and its normal
+    # approximation too rough to trust), so its point estimate decides; 0: the interval always does
+    point_estimate_below: Annotated[int, msgspec.Meta(ge=0)] = 10
     # a first model (no incumbent) is compared with the logging policy on a gentler rule: the
     # downside is bounded (exploration goes on, and the next run's gate judges it as an incumbent)
     # while every decision made without a model is spent at the logging policy's value

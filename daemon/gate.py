@@ -226,13 +226,17 @@ def compare(
     ``baseline_pi=None`` means the baseline is the logging policy itself, whose unbiased per-row
     value is simply the observed reward. The candidate passes when the lower bound of the
     difference is at least ``-gate.margin`` and the holdout has at least ``gate.min_holdout`` rows
-    (and at least 2, the fewest an interval can be computed from). Against the logging policy
-    (a first model) ``gate.first_min_holdout`` and ``gate.first_confidence`` take the place of
-    ``min_holdout`` and ``confidence``, and the margin is 0: until a model passes, every decision
-    is made at the logging policy's value, while a first model that disappoints is still explored
-    around and is replaced by the next candidate that passes the rule for replacements. A candidate whose
-    probabilities or reward predictions are not finite is rejected; a malformed log raises
-    ValueError.
+    (and at least 2, the fewest an interval can be computed from). On fewer than
+    ``gate.point_estimate_below`` rows the difference itself is held to ``-gate.margin`` instead:
+    there, replacements fit on more of the same experience were refused on the interval's width
+    alone, and its normal approximation is rough on so few heavy-tailed terms anyway.
+
+    Against the logging policy (a first model) ``gate.first_min_holdout`` and
+    ``gate.first_confidence`` take the place of ``min_holdout`` and ``confidence``, the margin is 0
+    and only the interval decides: until a model passes, every decision is made at the logging
+    policy's value, while a first model that disappoints is still explored around and is replaced
+    by the next candidate that passes the rule for replacements. A candidate whose probabilities
+    or reward predictions are not finite is rejected; a malformed log raises ValueError.
 
     ``estimates`` holds every estimator's value for the candidate (``candidate_ips``, ``_snips``,
     ``_dm``, ``_dr``) and for a baseline policy (``baseline_ips`` ...); the logging policy's DM and
@@ -246,9 +250,14 @@ def compare(
     reward = np.asarray(reward, dtype=np.float64)
     if baseline_pi is None:
         # a first model: judged by its own rule (GateConfig.first_min_holdout, first_confidence),
-        # with no margin, which is for replacing an incumbent trained on less experience
+        # with no margin, which is for replacing an incumbent trained on less experience, and
+        # always by its interval: replacing the logging policy is where a point estimate misleads
         gate = msgspec.structs.replace(
-            gate, min_holdout=gate.first_min_holdout, confidence=gate.first_confidence, margin=0.0
+            gate,
+            min_holdout=gate.first_min_holdout,
+            confidence=gate.first_confidence,
+            margin=0.0,
+            point_estimate_below=0,
         )
     n = reward.shape[0]
     needed = max(gate.min_holdout, 2)
@@ -283,10 +292,17 @@ def compare(
     diff = estimate(chosen_terms - baseline_terms, gate.confidence)
     candidate_value = float(chosen_terms.mean())
     baseline_value = float(baseline_terms.mean())
-    passed = diff.lower >= -gate.margin - _ROUNDING
+    interval = f"[{diff.lower:+.3f}, {diff.upper:+.3f}] at {_percent(gate.confidence)}"
+    if n < gate.point_estimate_below:
+        passed = diff.value >= -gate.margin - _ROUNDING
+        decided = f"{interval}; on {n} rows, under {gate.point_estimate_below}, the point estimate decides:"
+        decided += f" {diff.value:+.3f}"
+    else:
+        passed = diff.lower >= -gate.margin - _ROUNDING
+        decided = interval
     reason = (
         f"candidate {candidate_value:.3f} vs {baseline_name} {baseline_value:.3f} ({gate.estimator}), "
-        f"difference {diff.value:+.3f} [{diff.lower:+.3f}, {diff.upper:+.3f}] at {_percent(gate.confidence)} "
+        f"difference {diff.value:+.3f} {decided} "
         f"{'≥' if passed else '<'} {-gate.margin:+.3f}: {'promoted' if passed else 'rejected'}"
     )
     return GateResult(
