@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WHEELS ?= $(wildcard /opt/wheels)
 PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: install demo test test-fast bench bench-learning bench-crash check-config clean
+.PHONY: install demo test test-fast bench bench-learning bench-replay bench-crash check-config clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ bench: install
 bench-learning: install
 	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[bench]'
 	$(PY) bench/learning.py
+
+# e.g. make bench-replay ARGS="--streams wine --seeds 12 --set gate.margin=0.05"
+bench-replay: install
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[bench]'
+	$(PY) bench/replay.py $(ARGS)
 
 bench-crash: install
 	$(PY) -m pytest -q -s tests/test_crash.py --crash-cycles=200

@@ -1,0 +1,212 @@
+"""In-process replay of bench/learning.py's protocol: try a learning setting in minutes, not an hour.
+
+    python bench/replay.py [--streams wine iris] [--seeds 12] [--set gate.margin=0.05 ...] [-v]
+
+Kept from the real path: the streams and their shuffles, feature hashing, exploration with exact
+propensities and the client's exploration clock, the daemon's run schedule
+(``scheduler.run_points`` from ``split.first_run_rows``), the holdout split, the learner's fit,
+the refit on every row, and the gate itself (``gate.evaluate`` against an incumbent judged only
+on rows newer than a refit incumbent's snapshot, then ``gate.check_refit``), all with the
+config the ``--set`` options make. Left out: the daemon, the store and the trainer subprocess,
+and ONNX, whose scores the parity check holds to torch's. A seed is not the same run as in
+bench/learning.py, since exploration draws its own random numbers, so compare settings with
+each other here and confirm a winner there.
+
+Prints each stream's mean reward ± std over seeds, its ratio to the best VW configuration of
+the latest bench/out/learning.json (if it has the stream), and the mean reward by decision
+range; ``-v`` adds each seed's run outcomes (13P: promoted at 13 experiences, 17r: rejected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import msgspec
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import learning_streams as streams  # noqa: E402
+from _daemon import deep_merge  # noqa: E402
+from reflexd import gate  # noqa: E402
+from reflexd.config import Config  # noqa: E402
+from reflexd.dataset import Batch, split_holdout  # noqa: E402
+from reflexd.features import FeatureSpec, Hasher, action_ids  # noqa: E402
+from reflexd.plugins import exploration  # noqa: E402
+from reflexd.scheduler import run_points  # noqa: E402
+from reflexd.split import first_run_rows  # noqa: E402
+
+LATEST = Path(__file__).resolve().parent / "out" / "learning.json"
+RANGES = (0, 20, 50, 100, 200, 500, 1000, 10**9)
+
+
+class TorchScorer:
+    """A fitted model where the gate expects a ``reflexd.serving.Scorer``: scores, version and
+    the manifest fields the gate reads (the feature spec, and the run's rows and window)."""
+
+    def __init__(self, model: Any, version: str, spec: FeatureSpec, training: dict[str, Any]) -> None:
+        self.model, self.version = model, version
+        self.manifest = SimpleNamespace(features=spec, training=training)
+
+    def score_batch(self, context: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            scores, spread = self.model(torch.from_numpy(context), torch.from_numpy(actions))
+        return scores.numpy(), spread.numpy()
+
+
+def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarray, list[str]]:
+    """(reward earned on each example, each run's outcome) for one stream and seed."""
+    from reflexd.plugins.learners import load_learner
+
+    spec = FeatureSpec(config.features.context_dim, config.features.action_dim, config.features.seed)
+    hasher = Hasher(spec)
+    contexts = np.stack([hasher.context(c) for c in stream.contexts]).astype(np.float32)
+    action_set = hasher.actions(stream.actions).astype(np.float32)
+    n, n_actions = stream.n, len(stream.actions)
+    ids = action_ids(stream.actions)
+    learner = load_learner(config.trainer.learner)
+    points = set(run_points(config.trainer, n, first_run_rows(config)))
+    rng = np.random.default_rng(seed)
+    chosen, prob, earned = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
+    live: TorchScorer | None = None
+    clock = 0  # the client's: the live model's run experience plus decisions since it loaded
+    outcomes: list[str] = []
+    for i in range(n):
+        if live is None:
+            p = exploration.default_distribution(config.exploration, n_actions, None)
+        else:
+            scores, spread = live.score_batch(contexts[i : i + 1], action_set[None])
+            p = exploration.distribution(config.exploration, scores[0], spread[0], clock)
+            clock += 1
+        a = exploration.sample(p, rng.random())
+        chosen[i], prob[i], earned[i] = a, p[a], stream.reward[i, a]
+        if i + 1 not in points:
+            continue
+        m = i + 1
+        batch = Batch(
+            ids=[str(j) for j in range(m)],
+            agents=[stream.name] * m,
+            context=contexts[:m],
+            action_sets=action_set[None],
+            action_set=np.zeros(m, np.int64),
+            mask=np.ones((m, n_actions), bool),
+            action_ids=[ids] * m,
+            chosen=chosen[:m].copy(),
+            prob=prob[:m].copy(),
+            reward=earned[:m].copy(),
+            received_at=np.arange(m, dtype=np.float64),
+        )
+        promoted, verdict = _run(batch, learner, config, live, spec, len(outcomes) + 1)
+        outcomes.append(f"{m}{'P' if verdict.passed else 'r'}")
+        if promoted is not None:
+            live, clock = promoted, m
+    return earned, outcomes
+
+
+def _run(
+    batch: Batch, learner: Any, config: Config, incumbent: TorchScorer | None, spec: FeatureSpec, run: int
+) -> tuple[TorchScorer | None, Any]:
+    """What the scheduler does with one run: (the model that goes live or None, the verdict)."""
+    train, holdout = split_holdout(batch, config.trainer.holdout_fraction)
+    m = len(batch)
+    training = {"train_rows": len(train), "holdout_rows": len(holdout), "window_end": m - 1.0, "refit": False}
+    candidate = TorchScorer(learner.fit(train, config.trainer, 0, None), f"v{run:04d}", spec, training)
+    if incumbent is not None:
+        unseen = gate.unseen_rows(incumbent.manifest.training, holdout.received_at)
+        if unseen is not None and len(unseen) < len(holdout):
+            holdout = holdout.take(unseen)
+    verdict = gate.evaluate(candidate, incumbent, holdout, config.exploration, config.gate)
+    if not verdict.passed:
+        return None, verdict
+    if m >= config.trainer.refit_below:
+        return candidate, verdict
+    refit_model = learner.fit(batch, config.trainer, 0, None)
+    refit = TorchScorer(refit_model, candidate.version, spec, {**training, "refit": True})
+    check = gate.check_refit(refit, candidate, holdout, config.exploration, config.gate)
+    return (refit if check.passed else candidate), verdict
+
+
+def _setting(text: str) -> dict[str, Any]:
+    """``gate.margin=0.05`` as ``{"gate": {"margin": 0.05}}`` (the value read as JSON, else a string)."""
+    path, sep, raw = text.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"expected SECTION.KEY=VALUE, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    for key in reversed(path.split(".")):
+        value = {key: value}
+    return value
+
+
+def best_vw() -> dict[str, float]:
+    """Each stream's best VW mean in the latest full benchmark, if one was run here."""
+    try:
+        rows = json.loads(LATEST.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {r["stream"]: r["mean"] for r in rows if r.get("best_vw")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--streams", nargs="+", default=list(streams.ALL), choices=streams.ALL, metavar="STREAM",
+        help=f"streams to replay (default all: {', '.join(streams.ALL)})",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per stream (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (default 0)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many examples per stream")
+    parser.add_argument(
+        "--set", dest="settings", type=_setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="a config setting, as in reflexd.yaml (repeatable): --set gate.margin=0.05",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each seed's run outcomes")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for setting in args.settings:
+        overrides = deep_merge(overrides, setting)
+    try:
+        config = msgspec.convert(deep_merge(msgspec.to_builtins(Config()), overrides), Config)
+    except msgspec.ValidationError as exc:
+        parser.error(f"invalid --set: {exc}")
+
+    import torch
+
+    torch.set_num_threads(config.trainer.max_threads)
+    vw = best_vw()
+    started = time.perf_counter()
+    settings = json.dumps(overrides) if overrides else "the defaults"
+    print(f"replay of {', '.join(args.streams)}, {args.seeds} seeds, settings: {settings}")
+    for name in args.streams:
+        runs = []
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            earned, outcomes = replay(streams.build(name, seed, args.limit), seed, config)
+            runs.append(earned)
+            if args.verbose:
+                print(f"  {name} seed {seed}: {earned.mean():.3f}  {' '.join(outcomes)}", flush=True)
+        means = np.array([r.mean() for r in runs])
+        spread = means.std(ddof=1) if len(means) > 1 else 0.0
+        ratio = f"  {means.mean() / vw[name]:.3f} × VW's best ({vw[name]:.3f})" if name in vw else ""
+        rewards = np.stack(runs)
+        ranges = " ".join(
+            f"[{a},{min(b, rewards.shape[1])}) {rewards[:, a:b].mean():.3f}"
+            for a, b in zip(RANGES, RANGES[1:])
+            if a < rewards.shape[1]
+        )
+        print(f"{name:15s} {means.mean():.3f} ± {spread:.3f}{ratio}\n  by decision: {ranges}", flush=True)
+    print(f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
