@@ -8,12 +8,14 @@ propensities and the client's exploration clock, the daemon's run schedule
 the refit on every row, and the gate itself (``gate.evaluate`` against an incumbent judged only
 on rows newer than a refit incumbent's snapshot, then ``gate.check_refit``), all with the
 config the ``--set`` options make. Left out: the daemon, the store and the trainer subprocess,
-and ONNX, whose scores the parity check holds to torch's. A seed is not the same run as in
-bench/learning.py, since exploration draws its own random numbers, so compare settings with
-each other here and confirm a winner there.
+ONNX (the parity check holds its scores to torch's), the live-reward rollback monitor, the
+``trainer.max_examples`` cap and ``max_wall_time``, per-agent settings and ``default_action``
+(the benchmark's client sets none). A seed is not the same run as in bench/learning.py, since
+exploration draws its own random numbers, so compare settings with each other here and confirm
+a winner there.
 
 Prints each stream's mean reward ± std over seeds, its ratio to the best VW configuration of
-the latest bench/out/learning.json (if it has the stream), and the mean reward by decision
+the latest bench/out/learning.json (if it has the stream; it may average other seeds), and the mean reward by decision
 range; ``-v`` adds each seed's run outcomes (13P: promoted at 13 experiences, 17r: rejected).
 """
 
@@ -27,7 +29,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning_streams as streams  # noqa: E402
 from _daemon import deep_merge  # noqa: E402
 from reflexd import gate  # noqa: E402
-from reflexd.config import Config  # noqa: E402
+from reflexd.config import Config, ConfigError, parse_config  # noqa: E402
 from reflexd.dataset import Batch, split_holdout  # noqa: E402
 from reflexd.features import FeatureSpec, Hasher, action_ids  # noqa: E402
 from reflexd.plugins import exploration  # noqa: E402
+from reflexd.registry import GateResult  # noqa: E402
 from reflexd.scheduler import run_points  # noqa: E402
 from reflexd.split import first_run_rows  # noqa: E402
 
@@ -88,9 +90,9 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
             clock += 1
         a = exploration.sample(p, rng.random())
         chosen[i], prob[i], earned[i] = a, p[a], stream.reward[i, a]
-        if i + 1 not in points:
-            continue
         m = i + 1
+        if m not in points:
+            continue
         batch = Batch(
             ids=[str(j) for j in range(m)],
             agents=[stream.name] * m,
@@ -113,7 +115,7 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
 
 def _run(
     batch: Batch, learner: Any, config: Config, incumbent: TorchScorer | None, spec: FeatureSpec, run: int
-) -> tuple[TorchScorer | None, Any]:
+) -> tuple[TorchScorer | None, GateResult]:
     """What the scheduler does with one run: (the model that goes live or None, the verdict)."""
     train, holdout = split_holdout(batch, config.trainer.holdout_fraction)
     m = len(batch)
@@ -176,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     for setting in args.settings:
         overrides = deep_merge(overrides, setting)
     try:
-        config = msgspec.convert(deep_merge(msgspec.to_builtins(Config()), overrides), Config)
-    except msgspec.ValidationError as exc:
-        parser.error(f"invalid --set: {exc}")
+        # JSON is YAML: the daemon's own loader applies its checks to the settings
+        config = parse_config(json.dumps(overrides), "--set")
+    except ConfigError as exc:
+        parser.error(str(exc))
 
     import torch
 

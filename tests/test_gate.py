@@ -295,40 +295,44 @@ FEW_PROB = np.full(4, 0.5)
 TAKES_0, TAKES_1 = np.tile([1.0, 0.0], (4, 1)), np.tile([0.0, 1.0], (4, 1))
 
 
-def few(candidate: np.ndarray, baseline: np.ndarray | None, reward: list[float], cfg: GateConfig) -> GateResult:
-    rewards = np.array(reward)
-    return gate.compare(candidate, baseline, FEW_CHOSEN, FEW_PROB, rewards, np.zeros((4, 2)), cfg, "incumbent v0001")
+def compare_on_four_rows(
+    candidate: np.ndarray, baseline: np.ndarray | None, reward: list[float], cfg: GateConfig
+) -> GateResult:
+    rewards, q_hat = np.array(reward), np.zeros((4, 2))
+    return gate.compare(candidate, baseline, FEW_CHOSEN, FEW_PROB, rewards, q_hat, cfg, "incumbent v0001")
 
 
 def test_on_few_rows_a_replacement_is_judged_on_its_point_estimate() -> None:
     # differences (2, 0, -2, 0): a point estimate of 0, an interval of about ±1.6
     cfg = GateConfig(estimator="ips", margin=0.02, point_estimate_below=10)
-    level = few(TAKES_0, TAKES_1, [1, 0, 1, 0], cfg)
-    assert level.difference == 0.0 and level.lower < -1.0
-    assert level.passed, level.reason
-    assert level.reason == (
+    even = compare_on_four_rows(TAKES_0, TAKES_1, [1, 0, 1, 0], cfg)
+    assert even.difference == 0.0 and even.lower < -1.0
+    assert even.passed, even.reason
+    assert even.reason == (
         "candidate 0.500 vs incumbent v0001 0.500 (ips), difference +0.000 "
-        f"[{level.lower:+.3f}, {level.upper:+.3f}] at 95%; on 4 rows, under 10, the point estimate decides: "
+        f"[{even.lower:+.3f}, {even.upper:+.3f}] at 95%; on 4 rows, under 10, the point estimate decides: "
         "+0.000 ≥ -0.020: promoted"
     )
     # the interval decides when told to, and from point_estimate_below rows on
     for below in (0, 4):
-        interval = few(TAKES_0, TAKES_1, [1, 0, 1, 0], msgspec.structs.replace(cfg, point_estimate_below=below))
+        strict = msgspec.structs.replace(cfg, point_estimate_below=below)
+        interval = compare_on_four_rows(TAKES_0, TAKES_1, [1, 0, 1, 0], strict)
         assert not interval.passed and "point estimate" not in interval.reason
         assert interval.reason.endswith("at 95% < -0.020: rejected")
     # differences (0, 0, -2, 0): a point estimate of -0.5 is below the margin
-    worse = few(TAKES_0, TAKES_1, [0, 0, 1, 0], cfg)
+    worse = compare_on_four_rows(TAKES_0, TAKES_1, [0, 0, 1, 0], cfg)
     assert worse.difference == -0.5 and not worse.passed
     assert worse.reason.endswith("the point estimate decides: -0.500 < -0.020: rejected")
     # min_holdout still comes first
-    assert not few(TAKES_0, TAKES_1, [1, 0, 1, 0], msgspec.structs.replace(cfg, min_holdout=5)).passed
+    five_needed = msgspec.structs.replace(cfg, min_holdout=5)
+    assert not compare_on_four_rows(TAKES_0, TAKES_1, [1, 0, 1, 0], five_needed).passed
 
 
 def test_a_first_model_on_few_rows_is_still_judged_by_its_interval() -> None:
     # against the observed rewards (1, 0, 0, 0) its IPS terms (2, 0, 0, 0): better by 0.25 on
     # the point estimate, but not at 80% on four rows
     cfg = GateConfig(estimator="ips", point_estimate_below=100, first_min_holdout=3, first_confidence=0.8)
-    first = few(TAKES_0, None, [1, 0, 0, 0], cfg)
+    first = compare_on_four_rows(TAKES_0, None, [1, 0, 0, 0], cfg)
     assert first.difference == 0.25 and first.lower < 0.0
     assert not first.passed and "point estimate" not in first.reason
 
