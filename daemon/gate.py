@@ -227,9 +227,10 @@ def compare(
     value is simply the observed reward. The candidate passes when the lower bound of the
     difference is at least ``-gate.margin`` and the holdout has at least ``gate.min_holdout`` rows
     (and at least 2, the fewest an interval can be computed from). On fewer than
-    ``gate.point_estimate_below`` rows the difference itself is held to ``-gate.margin`` instead:
-    there, replacements fit on more of the same experience were refused on the interval's width
-    alone, and its normal approximation is rough on so few heavy-tailed terms anyway.
+    ``gate.point_estimate_below`` rows the point estimate of the difference is held to
+    ``-gate.margin`` instead: on so few heavy-tailed terms the interval is too wide to tell a
+    replacement fit on more of the same experience from the incumbent, and its normal
+    approximation too rough to trust.
 
     Against the logging policy (a first model) ``gate.first_min_holdout`` and
     ``gate.first_confidence`` take the place of ``min_holdout`` and ``confidence``, the margin is 0
@@ -293,17 +294,20 @@ def compare(
     candidate_value = float(chosen_terms.mean())
     baseline_value = float(baseline_terms.mean())
     interval = f"[{diff.lower:+.3f}, {diff.upper:+.3f}] at {_percent(gate.confidence)}"
-    if n < gate.point_estimate_below:
-        passed = diff.value >= -gate.margin - _ROUNDING
-        decided = f"{interval}; on {n} rows, under {gate.point_estimate_below}, the point estimate decides:"
-        decided += f" {diff.value:+.3f}"
+    by_point = n < gate.point_estimate_below
+    # an overflowed term makes the point estimate infinite, which must not pass
+    passed = math.isfinite(diff.value) and (diff.value if by_point else diff.lower) >= -gate.margin - _ROUNDING
+    verdict = f"{'≥' if passed else '<'} {-gate.margin:+.3f}"
+    if by_point:
+        judged = (
+            f"{diff.value:+.3f} {verdict} on its point estimate ({n} holdout rows, under "
+            f"gate.point_estimate_below {gate.point_estimate_below}; interval {interval})"
+        )
     else:
-        passed = diff.lower >= -gate.margin - _ROUNDING
-        decided = interval
+        judged = f"{diff.value:+.3f} {interval} {verdict}"
     reason = (
         f"candidate {candidate_value:.3f} vs {baseline_name} {baseline_value:.3f} ({gate.estimator}), "
-        f"difference {diff.value:+.3f} {decided} "
-        f"{'≥' if passed else '<'} {-gate.margin:+.3f}: {'promoted' if passed else 'rejected'}"
+        f"difference {judged}: {'promoted' if passed else 'rejected'}"
     )
     return GateResult(
         passed=passed,

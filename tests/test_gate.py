@@ -309,9 +309,9 @@ def test_on_few_rows_a_replacement_is_judged_on_its_point_estimate() -> None:
     assert even.difference == 0.0 and even.lower < -1.0
     assert even.passed, even.reason
     assert even.reason == (
-        "candidate 0.500 vs incumbent v0001 0.500 (ips), difference +0.000 "
-        f"[{even.lower:+.3f}, {even.upper:+.3f}] at 95%; on 4 rows, under 10, the point estimate decides: "
-        "+0.000 ≥ -0.020: promoted"
+        "candidate 0.500 vs incumbent v0001 0.500 (ips), difference +0.000 ≥ -0.020 on its point estimate "
+        f"(4 holdout rows, under gate.point_estimate_below 10; interval [{even.lower:+.3f}, {even.upper:+.3f}] "
+        "at 95%): promoted"
     )
     # the interval decides when told to, and from point_estimate_below rows on
     for below in (0, 4):
@@ -322,10 +322,17 @@ def test_on_few_rows_a_replacement_is_judged_on_its_point_estimate() -> None:
     # differences (0, 0, -2, 0): a point estimate of -0.5 is below the margin
     worse = compare_on_four_rows(TAKES_0, TAKES_1, [0, 0, 1, 0], cfg)
     assert worse.difference == -0.5 and not worse.passed
-    assert worse.reason.endswith("the point estimate decides: -0.500 < -0.020: rejected")
+    assert "difference -0.500 < -0.020 on its point estimate" in worse.reason
+    assert worse.reason.endswith("at 95%): rejected")
     # min_holdout still comes first
     five_needed = msgspec.structs.replace(cfg, min_holdout=5)
     assert not compare_on_four_rows(TAKES_0, TAKES_1, [1, 0, 1, 0], five_needed).passed
+    # a propensity so small that its weight overflows makes the point estimate infinite: rejected
+    tiny = np.array([0.5, 5e-324, 0.5, 0.5])
+    q_hat = np.zeros((4, 2))
+    with np.errstate(over="ignore", invalid="ignore"):
+        overflow = gate.compare(TAKES_0, TAKES_1, FEW_CHOSEN, tiny, np.ones(4), q_hat, cfg, "incumbent v0001")
+    assert overflow.difference == np.inf and not overflow.passed
 
 
 def test_a_first_model_on_few_rows_is_still_judged_by_its_interval() -> None:
