@@ -296,8 +296,15 @@ def compare(
     interval = f"[{diff.lower:+.3f}, {diff.upper:+.3f}] at {_percent(gate.confidence)}"
     by_point = n < gate.point_estimate_below
     # an overflowed term makes the point estimate infinite, which must not pass
-    passed = math.isfinite(diff.value) and (diff.value if by_point else diff.lower) >= -gate.margin - _ROUNDING
-    verdict = f"{'≥' if passed else '<'} {-gate.margin:+.3f}"
+    bound = (diff.value if by_point else diff.lower) if math.isfinite(diff.value) else math.nan
+    if baseline_pi is None:
+        # likely better, strictly: an interval of [0, 0], every row's difference exactly 0, is a
+        # policy the holdout cannot tell from the logging one (a model fit on rewards all equal)
+        passed = bound > _ROUNDING
+        verdict = f"{'>' if passed else '≤'} +0.000"
+    else:
+        passed = bound >= -gate.margin - _ROUNDING
+        verdict = f"{'≥' if passed else '<'} {-gate.margin:+.3f}"
     if by_point:
         judged = (
             f"{diff.value:+.3f} {verdict} on its point estimate ({n} holdout rows, under "

@@ -332,7 +332,22 @@ def test_on_few_rows_a_replacement_is_judged_on_its_point_estimate() -> None:
     q_hat = np.zeros((4, 2))
     with np.errstate(over="ignore", invalid="ignore"):
         overflow = gate.compare(TAKES_0, TAKES_1, FEW_CHOSEN, tiny, np.ones(4), q_hat, cfg, "incumbent v0001")
-    assert overflow.difference == np.inf and not overflow.passed
+    assert overflow.difference == np.inf and not overflow.passed and "< -0.020" in overflow.reason
+
+
+def test_a_first_model_the_holdout_cannot_tell_from_the_logging_policy_is_rejected() -> None:
+    # a model fit on rewards all 0 scores every action alike and explores uniformly, as the
+    # logging policy did: on rows whose rewards are all 0 each difference is exactly 0, and so is
+    # the interval, which must not count as likely better
+    cfg = GateConfig(estimator="dr", first_min_holdout=3, first_confidence=0.8)
+    uniform = np.full((4, 2), 0.5)
+    same = gate.compare(uniform, None, FEW_CHOSEN, FEW_PROB, np.zeros(4), np.zeros((4, 2)), cfg, "logged policy")
+    assert (same.lower, same.difference, same.upper) == (0.0, 0.0, 0.0)
+    assert not same.passed and same.reason.endswith("at 80% ≤ +0.000: rejected")
+    # one that takes the rewarded action where the logging policy earned nothing still passes
+    rewards = np.array([1.0, 1.0, 0.0, 0.0])
+    better = gate.compare(TAKES_0, None, FEW_CHOSEN, FEW_PROB, rewards, np.zeros((4, 2)), cfg, "logged policy")
+    assert better.lower > 0 and better.passed and better.reason.endswith("> +0.000: promoted")
 
 
 def test_a_first_model_on_few_rows_is_still_judged_by_its_interval() -> None:
@@ -390,7 +405,7 @@ def test_the_margin_lets_a_replacement_through_but_never_a_first_model(holdout: 
     assert run(LOGGING, GOOD, holdout, cfg).passed
     first = run(BAD, None, holdout, cfg, name="logged policy")
     assert first.difference > -0.5 and not first.passed and first.margin == 0.0
-    assert "< +0.000: rejected" in first.reason or "< -0.000: rejected" in first.reason
+    assert "≤ +0.000: rejected" in first.reason
 
 
 def test_the_gentle_first_rule_rarely_promotes_a_policy_no_better_than_the_logging_one() -> None:
