@@ -72,7 +72,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (a first model on 4, so the first run comes at 18), and no refit
     "previous": {
         "exploration": {"strategy": "epsilon_greedy"},
-        "gate": {"confidence": 0.95, "margin": 0.0, "min_holdout": 10, "first_min_holdout": 4, "point_estimate_below": 0},
+        "gate": {
+            "confidence": 0.95, "margin": 0.0, "min_holdout": 10, "first_min_holdout": 4, "point_estimate_below": 0
+        },
         "trainer": {"refit_below": 0},
     },
 }

@@ -233,8 +233,9 @@ def compare(
     approximation too rough to trust.
 
     Against the logging policy (a first model) ``gate.first_min_holdout`` and
-    ``gate.first_confidence`` take the place of ``min_holdout`` and ``confidence``, the margin is 0
-    and only the interval decides: until a model passes, every decision is made at the logging
+    ``gate.first_confidence`` take the place of ``min_holdout`` and ``confidence``, and only the
+    interval decides, its lower bound above 0 (an interval of [0, 0] is a policy the holdout cannot
+    tell from the logging one): until a model passes, every decision is made at the logging
     policy's value, while a first model that disappoints is still explored around and is replaced
     by the next candidate that passes the rule for replacements. A candidate whose probabilities
     or reward predictions are not finite is rejected; a malformed log raises ValueError.
