@@ -14,8 +14,9 @@ propensities), ``policy.reward`` for rewards, and at each retraining point ``pol
 the protocol ``Train`` request (trainer subprocess → ONNX → gate → promotion) and a wait for the
 client to hot-swap to the promoted version — so the cadence is deterministic. Retraining happens
 where the daemon's own scheduler (``reflexd.scheduler.due_after``) would run it with the default
-``trainer`` settings: after 13 examples (``first_run_rows``), then each time the stream has grown
-by ``growth`` (25%: 17, 22, 28, ...) until that is ``min_new_examples`` (1000), then every 1000
+``trainer`` settings: after 6 examples (``first_run_rows``; runs on fewer than 13 are
+cross-fitted), then each time the stream has grown by ``growth`` (25%: 8, 10, 13, 17, 22, ...)
+until that is ``min_new_examples`` (1000), then every 1000
 (``--growth`` and ``--cadence`` change them). Early and often, so the time to a first model is
 part of what is measured. Streams shorter than ``--min-decisions`` / ``--seeds`` examples run
 more seeds, so that every stream's mean averages at least that many decisions.
@@ -69,13 +70,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "no-refit": {"trainer": {"refit_below": 0}},
     # what the defaults were before the benchmark tuned them: epsilon-greedy 0.1, a gate that
     # promotes a replacement only on a 95% interval with no margin and at least 10 holdout rows
-    # (a first model on 4, so the first run comes at 18), and no refit
+    # (a first model on 4, so the first run comes at 18), no refit and no cross-fitted early runs
     "previous": {
         "exploration": {"strategy": "epsilon_greedy"},
         "gate": {
             "confidence": 0.95, "margin": 0.0, "min_holdout": 10, "first_min_holdout": 4, "point_estimate_below": 0
         },
-        "trainer": {"refit_below": 0},
+        "trainer": {"refit_below": 0, "cross_fit_from": 0},
     },
 }
 

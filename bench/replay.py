@@ -6,8 +6,9 @@ Kept from the real path: the streams and their shuffles, feature hashing, explor
 propensities and the client's exploration clock, the daemon's run schedule
 (``scheduler.run_points`` from ``split.first_run_rows``), the holdout split, the learner's fit,
 the refit on every row, and the gate itself (``gate.evaluate`` against an incumbent judged only
-on rows newer than a refit incumbent's snapshot, then ``gate.check_refit``), all with the
-config the ``--set`` options make. Left out: the daemon, the store and the trainer subprocess,
+on rows newer than a refit incumbent's snapshot, then ``gate.check_refit``), and below a holdout
+run's size the trainer's own cross-fitting (``trainer.cross_fit``) judged by
+``gate.evaluate_cross_fit``, all with the config the ``--set`` options make. Left out: the daemon, the store and the trainer subprocess,
 ONNX (the parity check holds its scores to torch's), the live-reward rollback monitor, the
 ``trainer.max_examples`` cap and ``max_wall_time``, per-agent settings and ``default_action``
 (the benchmark's client sets none). A seed is not the same run as in bench/learning.py, since
@@ -42,7 +43,8 @@ from reflexd.features import FeatureSpec, Hasher, action_ids  # noqa: E402
 from reflexd.plugins import exploration  # noqa: E402
 from reflexd.registry import GateResult  # noqa: E402
 from reflexd.scheduler import run_points  # noqa: E402
-from reflexd.split import first_run_rows  # noqa: E402
+from reflexd.split import cross_fitted, first_run_rows  # noqa: E402
+from reflexd.trainer import cross_fit  # noqa: E402
 
 LATEST = Path(__file__).resolve().parent / "out" / "learning.json"
 RANGES = (0, 20, 50, 100, 200, 500, 1000, 10**9)
@@ -117,8 +119,16 @@ def _run(
     batch: Batch, learner: Any, config: Config, incumbent: TorchScorer | None, spec: FeatureSpec, run: int
 ) -> tuple[TorchScorer | None, GateResult]:
     """What the scheduler does with one run: (the model that goes live or None, the verdict)."""
-    train, holdout = split_holdout(batch, config.trainer.holdout_fraction)
     m = len(batch)
+    if cross_fitted(config, m):
+        found = cross_fit(learner, batch, config.trainer, 0)
+        scores, spread = np.asarray(found.scores), np.asarray(found.spread)
+        verdict = gate.evaluate_cross_fit(batch, scores, spread, config.exploration, config.gate)
+        if not verdict.passed:
+            return None, verdict
+        training = {"train_rows": m, "holdout_rows": 0, "window_end": m - 1.0, "refit": True}
+        return TorchScorer(learner.fit(batch, config.trainer, 0, None), f"v{run:04d}", spec, training), verdict
+    train, holdout = split_holdout(batch, config.trainer.holdout_fraction)
     training = {"train_rows": len(train), "holdout_rows": len(holdout), "window_end": m - 1.0, "refit": False}
     candidate = TorchScorer(learner.fit(train, config.trainer, 0, None), f"v{run:04d}", spec, training)
     if incumbent is not None:

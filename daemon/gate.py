@@ -46,6 +46,7 @@ __all__ = [
     "dr_terms",
     "estimate",
     "evaluate",
+    "evaluate_cross_fit",
     "ips",
     "ips_terms",
     "snips",
@@ -406,6 +407,29 @@ def evaluate(
     return compare(
         candidate_pi, baseline_pi, holdout.chosen, holdout.prob, holdout.reward, q_hat, gate, baseline_name
     )
+
+
+def evaluate_cross_fit(
+    rows: Any, scores: np.ndarray, spread: np.ndarray, exploration: ExplorationConfig, gate: GateConfig
+) -> GateResult:
+    """Judge a learner on a cross-fitted run's out-of-fold predictions against the logging policy.
+
+    ``rows`` is every row of the run's snapshot (a ``reflexd.dataset.Batch``) and ``scores`` and
+    ``spread`` [N, A_max] row i's predictions by the learner fit on all the others, so each row is
+    one the policy judged on it has not seen. The rule is a first model's (``compare`` with no
+    baseline policy) even when a model is live: that model was fit on these same rows, so they
+    cannot judge it, and it came from the same learner on fewer of them. What goes live if this
+    passes is the learner fit on every row, deployed at their count on the exploration clock.
+    """
+    mask = np.asarray(rows.mask, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n = mask.shape[0]
+    pi = target_probs(exploration, scores, spread, mask, n)
+    verdict = compare(
+        pi, None, rows.chosen, rows.prob, rows.reward, np.where(mask, scores, 0.0), gate, LOGGED_POLICY
+    )
+    note = f" (cross-fitted: each of the {n} rows scored by the learner fit on the other {n - 1})"
+    return msgspec.structs.replace(verdict, reason=verdict.reason + note)
 
 
 def check_refit(

@@ -18,10 +18,11 @@ from typing import Any
 
 import anyio
 import msgspec
+import numpy as np
 
 from . import gate, log
 from .config import Config, TrainerConfig
-from .dataset import load_holdout
+from .dataset import load_holdout, load_snapshot
 from .errors import ReflexdError, TrainerFault, TrainingError
 from .registry import Manifest, Registry, experience, sha256_of
 from .serving import Scorer
@@ -261,11 +262,16 @@ class Scheduler:
         The candidate fit without the holdout is judged on it (against a refit incumbent, only on
         the rows newer than its snapshot). When it passes and the trainer also refit it on every
         row (``trainer.refit_below``), the refit goes live unless it went wrong
-        (``gate.check_refit``); otherwise the candidate itself does.
+        (``gate.check_refit``); otherwise the candidate itself does. A cross-fitted run's model,
+        fit on every row, goes live if its learner's out-of-fold predictions pass
+        (``gate.evaluate_cross_fit``).
         """
         cfg = self.config
         incumbent = self.daemon.models.scorer
         model_file = out / MODEL_FILE
+        training = msgspec.to_builtins(result)
+        # the out-of-fold predictions are the gate's evidence, not the model's description
+        training["cross_fitted"] = training.pop("cross_fit", None) is not None
         manifest = Manifest(
             version="candidate",
             parent=incumbent.version if incumbent else None,
@@ -274,9 +280,12 @@ class Scheduler:
             features=result.features,
             exploration=cfg.exploration,
             agent_exploration={a: c.exploration for a, c in cfg.agents.items()},
-            training={**msgspec.to_builtins(result), "refit": False},
+            # a cross-fitted model was fit on every row of its snapshot, as a refit is
+            training={**training, "refit": result.cross_fit is not None},
             sha256=sha256_of(model_file),
         )
+        if result.cross_fit is not None:
+            return model_file, manifest, self._gate_cross_fit(snapshot, result)
         holdout = load_holdout(snapshot, result.features, cfg.trainer.holdout_fraction)
         incumbent_holdout = None
         if incumbent is not None and incumbent.manifest.features != result.features:
@@ -312,6 +321,23 @@ class Scheduler:
         check = gate.check_refit(Scorer(refit, refit_file.read_bytes()), candidate, holdout, cfg.exploration, cfg.gate)
         verdict = gate.with_refit(verdict, check, result.train_rows + result.holdout_rows)
         return (refit_file, refit, verdict) if check.passed else (model_file, manifest, verdict)
+
+    def _gate_cross_fit(self, snapshot: Path, result: Any) -> Any:
+        """The gate's verdict on a cross-fitted run's learner (``gate.evaluate_cross_fit``)."""
+        rows = load_snapshot(snapshot, result.features)
+        found = result.cross_fit
+        if list(rows.ids) != found.ids:
+            raise TrainingError(
+                f"the trainer's out-of-fold predictions cover {len(found.ids)} rows that are not the "
+                f"{len(rows)} of snapshot {snapshot}, row for row"
+            )
+        scores, spread = np.asarray(found.scores, dtype=np.float64), np.asarray(found.spread, dtype=np.float64)
+        if scores.shape != rows.mask.shape or spread.shape != rows.mask.shape:
+            raise TrainingError(
+                f"the trainer's out-of-fold predictions are {scores.shape} and {spread.shape}, "
+                f"not one per action of each row {rows.mask.shape}"
+            )
+        return gate.evaluate_cross_fit(rows, scores, spread, self.config.exploration, self.config.gate)
 
     def _register(self, model_file: Path, manifest: Manifest, verdict: Any) -> dict[str, Any]:
         registry: Registry = self.daemon.registry

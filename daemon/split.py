@@ -1,5 +1,9 @@
 """How a snapshot's experiences divide between training and the gate, and the fewest a run can use.
 
+A run on enough rows holds out the newest ``trainer.holdout_fraction`` for the gate. One on fewer
+(from ``trainer.cross_fit_from`` on) is cross-fitted instead: the gate judges the learner on
+every row, each scored by the learner fit on the others (``reflexd.trainer``).
+
 Plain arithmetic on the config's numbers, in a module of its own so the config check can use what
 the dataset, the trainer and the scheduler use without importing them (the scheduler imports the
 config).
@@ -22,12 +26,12 @@ def holdout_rows(n: int, fraction: float) -> int:
     return min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
 
 
-def first_run_rows(config: Config) -> int:
-    """The fewest joined experiences a run can use: 13 with the defaults.
+def holdout_run_rows(config: Config) -> int:
+    """The fewest joined experiences a run with a holdout can use: 13 with the defaults.
 
     Holding out ``trainer.holdout_fraction`` of them must leave the trainer its MIN_TRAIN_ROWS
     and the gate ``gate.first_min_holdout`` rows (and the 2 an interval needs); a run on fewer
-    could only fail, or be refused for want of rows.
+    is cross-fitted (``cross_fitted``), or with cross-fitting off could only fail.
     """
     fraction, wanted = config.trainer.holdout_fraction, max(2, config.gate.first_min_holdout)
     # round(fraction * n) reaches ``wanted`` only from (wanted - 0.5) / fraction on: start just
@@ -36,3 +40,15 @@ def first_run_rows(config: Config) -> int:
     while n - holdout_rows(n, fraction) < MIN_TRAIN_ROWS or holdout_rows(n, fraction) < wanted:
         n += 1
     return n
+
+
+def first_run_rows(config: Config) -> int:
+    """The fewest joined experiences a run can use: ``trainer.cross_fit_from`` (6 with the
+    defaults) when cross-fitting is on and below ``holdout_run_rows``, else ``holdout_run_rows``."""
+    start, holdout_run = config.trainer.cross_fit_from, holdout_run_rows(config)
+    return start if 0 < start < holdout_run else holdout_run
+
+
+def cross_fitted(config: Config, rows: int) -> bool:
+    """Is a run on ``rows`` experiences cross-fitted? Those too few for a holdout run are."""
+    return rows < holdout_run_rows(config)

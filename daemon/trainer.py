@@ -8,6 +8,11 @@ writes ``OUT_DIR/policy.onnx``, the candidate fit on all but the holdout, which 
 below ``trainer.refit_below`` rows, ``OUT_DIR/refit.onnx``, the same learner fit on every row,
 which goes live if the candidate passes; and ``OUT_DIR/result.json`` (a ``TrainResult``, or
 ``{"error": ...}``).
+
+A snapshot too small to hold any rows out (``reflexd.split.cross_fitted``) is cross-fitted
+instead: the learner is fit once per row on all the others, each row's scores from the fit that
+did not see it go to ``TrainResult.cross_fit`` for the gate to judge the learner by, and
+``policy.onnx`` is the learner fit on every row, which goes live if they pass.
 Exit status: 0 when a model was produced (even if parity failed: ``parity_ok`` says so and the
 daemon rejects it), 2 for a training failure (one line on stderr), 3 when the run ran out of
 memory (``trainer.max_memory_mb``), 1 for a bug (traceback).
@@ -41,11 +46,11 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from .config import Config
-from .dataset import load_snapshot, split_holdout
+from .config import Config, TrainerConfig
+from .dataset import Batch, load_snapshot, split_holdout
 from .errors import TrainingError
 from .features import FeatureSpec
-from .split import MIN_TRAIN_ROWS
+from .split import cross_fitted, holdout_run_rows
 
 RESULT_FILE = "result.json"
 MODEL_FILE = "policy.onnx"
@@ -71,11 +76,23 @@ _MEMORY_MARKERS = (
 _NEAR_LIMIT_BYTES = 64 << 20
 
 
+class CrossFit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A cross-fitted run's out-of-fold predictions, row for row in the snapshot's order (as
+    ``dataset.load_snapshot`` reads it): row i's scores and spread [A_max] for its actions, padded
+    like ``Batch.actions``, from the learner fit on every row but i."""
+
+    ids: list[str]
+    scores: list[list[float]]
+    spread: list[list[float]]
+
+
 class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     learner: str
     features: FeatureSpec
     seed: int
-    train_rows: int  # the candidate (MODEL_FILE) was fit on these; a refit on these and the holdout
+    # the candidate (MODEL_FILE) was fit on these; a refit on these and the holdout; a cross-fitted
+    # run's on every row
+    train_rows: int
     holdout_rows: int
     dropped_rows: int
     refitted: bool  # REFIT_FILE holds the same learner fit on every row, and passed the parity check
@@ -95,6 +112,7 @@ class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     parity_ok: bool
     refit_parity_diff: float | None  # None when no refit was fit
     torch_version: str
+    cross_fit: CrossFit | None = None  # a cross-fitted run's (holdout_rows is then 0)
 
 
 class _Failure(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -218,7 +236,11 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     started = run_started = time.perf_counter()
     # loaded before torch is imported, so a bad or empty snapshot fails in a fraction of a second
     batch = load_snapshot(snapshot, spec)
-    train_set, holdout = split_holdout(batch, settings.holdout_fraction)
+    crossed = cross_fitted(config, len(batch))
+    if crossed:
+        train_set, holdout = batch, batch.take(slice(0, 0))
+    else:
+        train_set, holdout = split_holdout(batch, settings.holdout_fraction)
     load_seconds = time.perf_counter() - started
     _log(
         "loaded",
@@ -226,12 +248,17 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
         train=len(train_set),
         holdout=len(holdout),
         dropped=batch.dropped,
+        cross_fitted=crossed,
         seconds=load_seconds,
     )
-    if len(train_set) < MIN_TRAIN_ROWS:
+    if crossed and not 0 < settings.cross_fit_from <= len(batch):
+        if settings.cross_fit_from:
+            wanted = f"{settings.cross_fit_from} (trainer.cross_fit_from)"
+        else:
+            wanted = f"{holdout_run_rows(config)} to hold some out, with trainer.cross_fit_from 0"
         raise TrainingError(
-            f"snapshot {snapshot} has {len(train_set)} training rows after holding out "
-            f"{len(holdout)} and dropping {batch.dropped}; at least {MIN_TRAIN_ROWS} are needed"
+            f"snapshot {snapshot} has {len(batch)} usable rows after dropping {batch.dropped}; "
+            f"a run needs at least {wanted}"
         )
 
     started = time.perf_counter()
@@ -257,8 +284,10 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     train_loss = losses[-1] if losses else None
     _log("fitted", learner=learner.name, seconds=seconds, samples_per_s=len(train_set) * epochs_run / seconds)
     refit = None
-    # on a large snapshot the newest fifth changes the model less than a second fit costs
-    wanted = len(batch) < settings.refit_below
+    cross_fit = cross_fit(learner, batch, settings, seed) if crossed else None
+    # on a large snapshot the newest fifth changes the model less than a second fit costs (and a
+    # cross-fitted run's model was fit on every row)
+    wanted = len(batch) < settings.refit_below and not crossed
     if wanted and time.perf_counter() - run_started + 1.5 * seconds > settings.max_wall_time:
         # a second fit on 25% more rows would likely overrun the limit and take the candidate with it
         _log("refit_skipped", reason="max_wall_time", fit_seconds=seconds)
@@ -272,7 +301,9 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     fit_seconds = time.perf_counter() - started
 
     tolerance = config.gate.parity_tolerance
-    check = holdout.take(range(min(len(holdout), MAX_PARITY_ROWS)))
+    # a cross-fitted run holds nothing out, so its export is checked on the rows it was fit on
+    checked = train_set if crossed else holdout
+    check = checked.take(range(min(len(checked), MAX_PARITY_ROWS)))
     exported = _export_checked(model, out_dir / MODEL_FILE, spec, check, tolerance, graphs)
     parity_ok = exported.diff <= tolerance
     refit_diff = None
@@ -323,7 +354,34 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
         refit_parity_diff=refit_diff,
         cpu_seconds=time.process_time(),
         torch_version=str(torch.__version__),  # torch's TorchVersion is a str subclass msgspec refuses
+        cross_fit=cross_fit,
     )
+
+
+def cross_fit(learner: Any, batch: Batch, settings: TrainerConfig, seed: int) -> CrossFit:
+    """Leave-one-out predictions: each row scored by the learner, with the run's settings and
+    seed, fit on every other row. On the few rows a run has before it can hold any out, each
+    fit costs a fraction of a second; the gate can then judge the learner on every row."""
+    import numpy as np
+    import torch
+
+    started = time.perf_counter()
+    everyone = np.arange(len(batch))
+    actions = batch.actions
+    scores = np.zeros(batch.mask.shape)
+    spread = np.zeros(batch.mask.shape)
+    for i in everyone:
+        model = learner.fit(batch.take(everyone[everyone != i]), settings, seed, None)
+        with torch.inference_mode():
+            row_scores, row_spread = model.eval()(
+                torch.from_numpy(batch.context[i : i + 1]), torch.from_numpy(actions[i : i + 1])
+            )
+        scores[i], spread[i] = row_scores[0].numpy(), row_spread[0].numpy()
+    broken = int((~np.isfinite(scores) | ~np.isfinite(spread)).any(axis=1).sum())
+    if broken:
+        raise TrainingError(f"the learner's out-of-fold predictions are not finite on {broken} of {len(batch)} rows")
+    _log("cross_fitted", folds=len(batch), seconds=time.perf_counter() - started)
+    return CrossFit(ids=list(batch.ids), scores=scores.tolist(), spread=spread.tolist())
 
 
 class _Export(NamedTuple):

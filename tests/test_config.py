@@ -14,7 +14,7 @@ import yaml
 
 from reflexd.config import AgentConfig, Config, ExplorationConfig, RewardConfig, load_config, parse_config
 from reflexd.errors import ConfigError
-from reflexd.split import first_run_rows
+from reflexd.split import cross_fitted, first_run_rows, holdout_run_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "reflexd.yaml"
@@ -198,17 +198,31 @@ def test_epsilon_min_above_epsilon_rejected() -> None:
     assert parse_config("exploration:\n  epsilon: 0.2\n  epsilon_min: 0.2\n").exploration.epsilon_min == 0.2
 
 
-def test_max_examples_too_small_for_any_run_is_rejected() -> None:
-    needed = first_run_rows(Config())
+def test_max_examples_too_small_for_a_holdout_run_is_rejected() -> None:
+    needed = holdout_run_rows(Config())
     msg = one_problem(f"trainer:\n  max_examples: {needed - 1}\n")
     assert msg.startswith("trainer.max_examples:") and f"at least {needed} experiences" in msg, msg
     assert parse_config(f"trainer:\n  max_examples: {needed}\n").trainer.max_examples == needed
     # a larger holdout fraction raises the floor with it
-    wider = first_run_rows(parse_config("trainer:\n  holdout_fraction: 0.5\n"))
+    wider = holdout_run_rows(parse_config("trainer:\n  holdout_fraction: 0.5\n"))
     assert wider > needed
     assert one_problem(f"trainer:\n  holdout_fraction: 0.5\n  max_examples: {wider - 1}\n").startswith(
         "trainer.max_examples:"
     )
+
+
+def test_cross_fitted_runs_start_where_the_gate_can_judge_them() -> None:
+    config = Config()
+    assert first_run_rows(config) == config.trainer.cross_fit_from < holdout_run_rows(config)
+    assert [cross_fitted(config, n) for n in (6, 12, 13)] == [True, True, False]
+    off = parse_config("trainer:\n  cross_fit_from: 0\n")
+    assert first_run_rows(off) == holdout_run_rows(off)
+    # from the first holdout run's size on, the setting changes nothing
+    late = parse_config(f"trainer:\n  cross_fit_from: {holdout_run_rows(config) + 5}\n")
+    assert first_run_rows(late) == holdout_run_rows(config)
+    msg = one_problem("trainer:\n  cross_fit_from: 3\ngate:\n  first_min_holdout: 4\n")
+    assert msg.startswith("trainer.cross_fit_from:") and "at least 4" in msg, msg
+    assert one_problem("trainer:\n  cross_fit_from: -1\n").startswith("trainer.cross_fit_from:")
 
 
 def test_max_examples_whose_holdout_cannot_judge_a_replacement_is_rejected() -> None:

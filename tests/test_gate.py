@@ -555,6 +555,27 @@ def test_evaluate_promotes_the_better_model(holdout: Log) -> None:
     assert alone.baseline_value == pytest.approx(holdout.reward.mean())
 
 
+def test_a_cross_fitted_learner_is_judged_on_its_out_of_fold_scores_by_the_first_model_rule() -> None:
+    log = simulate(np.random.default_rng(9), 400)
+    explore = ExplorationConfig(strategy="epsilon_greedy", epsilon=0.1)
+
+    def judged(table: np.ndarray, log: Log = log, cfg: GateConfig = GateConfig()) -> GateResult:
+        rows = as_batch(log)
+        scores = np.full(rows.mask.shape, 99.0)  # a padded slot that would win if it were not left out
+        scores[:, :A] = table[log.x]
+        return gate.evaluate_cross_fit(rows, scores, np.zeros_like(scores), explore, cfg)
+
+    good = judged(MU)
+    assert good.passed and good.baseline == "logged policy" and good.holdout_rows == 400
+    assert good.estimates["candidate_dm"] == pytest.approx(true_value(GOOD), abs=0.02)  # MU's own epsilon-greedy
+    assert good.confidence == GateConfig().first_confidence and good.margin == 0.0
+    assert good.reason.endswith("(cross-fitted: each of the 400 rows scored by the learner fit on the other 399)")
+    assert not judged(-MU).passed
+    # the rows are few by design, but never fewer than a first model's holdout
+    few = Log(*(column[:3] for column in log))
+    assert "fewer than the 4 required" in judged(MU, few, GateConfig(first_min_holdout=4)).reason
+
+
 def test_evaluate_judges_each_policy_as_deployed_after_its_training(holdout: Log) -> None:
     # SquareCB sharpens with t, and a freshly loaded model starts at t = its training rows
     explore = ExplorationConfig(strategy="squarecb", gamma=2.0)

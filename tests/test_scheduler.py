@@ -11,22 +11,27 @@ from conftest import DaemonProcess, wait_for
 from reflexd.client import Policy
 from reflexd.config import Config, TrainerConfig
 from reflexd.scheduler import due_after, run_points
-from reflexd.split import first_run_rows
+from reflexd.split import first_run_rows, holdout_run_rows
 
 FIRST = first_run_rows(Config())
+HOLDOUT_RUN = holdout_run_rows(Config())
 
 
 def test_due_after_by_hand() -> None:
     cfg = TrainerConfig(min_new_examples=1000, growth=0.25)
-    assert due_after(cfg, 0, FIRST) == FIRST == 13  # holds out 3 and trains on 10
+    assert due_after(cfg, 0, FIRST) == FIRST == 6  # cross-fitted (trainer.cross_fit_from)
+    assert due_after(cfg, 6, FIRST) == 2  # ceil(1.5)
+    assert due_after(cfg, 10, FIRST) == 3  # ceil(2.5): 13, which holds out 3 and trains on 10
+    assert due_after(cfg, 0, HOLDOUT_RUN) == HOLDOUT_RUN == 13  # with cross-fitting off
     assert due_after(cfg, 13, FIRST) == 4  # ceil(3.25)
     assert due_after(cfg, 17, FIRST) == 5  # ceil(4.25)
     assert due_after(cfg, 3999, FIRST) == 1000  # 0.25 × 3999 rounds up to 1000
     assert due_after(cfg, 100_000, FIRST) == 1000
     assert due_after(TrainerConfig(min_new_examples=1000, growth=0), 0, FIRST) == 1000
     # never so early that the run could only fail for want of rows, never later than asked
-    assert due_after(TrainerConfig(min_new_examples=5, growth=0.25), 0, FIRST) == 13
-    assert due_after(TrainerConfig(min_new_examples=5, growth=0), 0, FIRST) == 13
+    assert due_after(TrainerConfig(min_new_examples=5, growth=0.25), 0, HOLDOUT_RUN) == 13
+    assert due_after(TrainerConfig(min_new_examples=5, growth=0), 0, HOLDOUT_RUN) == 13
+    assert due_after(TrainerConfig(min_new_examples=5, growth=0), 0, FIRST) == 6
     assert due_after(TrainerConfig(min_new_examples=10, growth=0.25), 100, FIRST) == 10
     assert due_after(TrainerConfig(growth=0.001), 100, FIRST) == 1  # at least one new experience
     assert due_after(TrainerConfig(growth=0.07), 100, FIRST) == 7  # not 8, as 0.07 × 100 in floats would round up to
@@ -37,7 +42,8 @@ def test_due_after_by_hand() -> None:
 def test_runs_come_early_and_geometrically_until_min_new_examples_governs() -> None:
     cfg = TrainerConfig(min_new_examples=1000, growth=0.25)
     points = run_points(cfg, 9000, FIRST)
-    assert points[:8] == [13, 17, 22, 28, 35, 44, 55, 69]
+    assert points[:11] == [6, 8, 10, 13, 17, 22, 28, 35, 44, 55, 69]
+    assert run_points(cfg, 70, HOLDOUT_RUN) == points[3:11]
     gaps = [b - a for a, b in zip(points, points[1:])]
     assert all(g2 >= g1 for g1, g2 in zip(gaps, gaps[1:]))  # never closer together as data grows
     assert gaps[-4:] == [1000] * 4
@@ -71,6 +77,8 @@ def test_a_daemon_trains_on_its_own_as_soon_as_experience_is_scarce_but_sufficie
         first = wait_for(lambda: d.status().trainer["last_run"], 300, f"a first run on its own\n{d.log()}")
         assert first.get("outcome") in ("promoted", "rejected"), first
         assert d.status().trainer["trained_on"] == FIRST
+        # too few to hold any out: the gate judged the learner's out-of-fold predictions
+        assert f"(cross-fitted: each of the {FIRST} rows scored by the learner fit on the other" in first["gate"], first
         trained_on = d.status().trainer["trained_on"]
         send(int(trained_on * 0.25) + 3)
         wait_for(lambda: d.status().trainer["trained_on"] > trained_on, 300, f"a second run after 25% more\n{d.log()}")

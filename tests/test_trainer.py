@@ -19,7 +19,9 @@ from reflexd.exporters.onnx import export_onnx, graph_key
 from reflexd.features import FeatureSpec, Hasher
 from reflexd.plugins.learners.mlp import RewardMLP
 from reflexd.protocol import ModelsRequest, Train
-from reflexd.split import MIN_TRAIN_ROWS, first_run_rows, holdout_rows
+from reflexd.dataset import load_snapshot
+from reflexd.plugins.learners.mlp import MLPLearner
+from reflexd.split import MIN_TRAIN_ROWS, cross_fitted, first_run_rows, holdout_rows, holdout_run_rows
 from reflexd.trainer import read_result
 
 pytestmark = pytest.mark.slow
@@ -184,27 +186,33 @@ def test_empty_snapshot_fails_with_a_clear_message(tmp_path):
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("reflexd.trainer: error: ")
-    assert "0 training rows" in last and "at least 10" in last
+    assert "0 usable rows" in last and f"at least {first_run_rows(CONFIG)} (trainer.cross_fit_from)" in last
     assert json.loads((out / "result.json").read_text()) == {"error": last.removeprefix("reflexd.trainer: error: ")}
     assert not (out / "policy.onnx").exists()
-    with pytest.raises(TrainingError, match="0 training rows"):
+    with pytest.raises(TrainingError, match="0 usable rows"):
         read_result(out)
 
 
 def test_too_few_rows_fails(tmp_path):
-    done = run_trainer(write_snapshot(tmp_path / "small.parquet", UNUSABLE + 11), tmp_path / "run")
+    first = first_run_rows(CONFIG)
+    done = run_trainer(write_snapshot(tmp_path / "small.parquet", UNUSABLE + first - 1), tmp_path / "run")
     assert done.returncode == 2
-    assert "9 training rows after holding out 2 and dropping 5; at least 10 are needed" in done.stderr
+    assert f"{first - 1} usable rows after dropping 5; a run needs at least {first} (trainer.cross_fit_from)" in done.stderr
+    # with cross-fitting off, a run needs enough rows to hold some out
+    off = msgspec.structs.replace(CONFIG, trainer=msgspec.structs.replace(CONFIG.trainer, cross_fit_from=0))
+    done = run_trainer(tmp_path / "small.parquet", tmp_path / "run2", msgspec.json.encode(off).decode())
+    assert done.returncode == 2
+    assert f"a run needs at least {holdout_run_rows(off)} to hold some out" in done.stderr
 
 
 @pytest.mark.parametrize("fraction, first_min_holdout", [(0.2, 3), (0.5, 6)])
-def test_the_fewest_rows_the_scheduler_waits_for_are_enough_to_train_and_gate(tmp_path, fraction, first_min_holdout):
+def test_the_fewest_rows_a_holdout_run_needs_are_enough_to_train_and_gate(tmp_path, fraction, first_min_holdout):
     config = msgspec.structs.replace(
         CONFIG,
         trainer=msgspec.structs.replace(CONFIG.trainer, holdout_fraction=fraction),
         gate=msgspec.structs.replace(CONFIG.gate, first_min_holdout=first_min_holdout),
     )
-    n = first_run_rows(config)
+    n = holdout_run_rows(config)
     # one fewer would leave the trainer or the first model's gate short of rows
     fewer = n - 1
     assert fewer - holdout_rows(fewer, fraction) < MIN_TRAIN_ROWS or holdout_rows(fewer, fraction) < first_min_holdout
@@ -212,7 +220,39 @@ def test_the_fewest_rows_the_scheduler_waits_for_are_enough_to_train_and_gate(tm
     assert done.returncode == 0, done.stderr
     result = read_result(tmp_path / "run")
     assert result.train_rows >= MIN_TRAIN_ROWS and result.holdout_rows >= first_min_holdout
-    assert result.train_rows + result.holdout_rows == n
+    assert result.train_rows + result.holdout_rows == n and result.cross_fit is None
+
+
+def test_a_run_too_small_to_hold_rows_out_is_cross_fitted_leave_one_out(tmp_path):
+    n = first_run_rows(CONFIG)
+    assert cross_fitted(CONFIG, n) and n < holdout_run_rows(CONFIG)
+    snapshot = write_snapshot(tmp_path / "s.parquet", n, unusable=0)
+    done = run_trainer(snapshot, tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    assert f"event=cross_fitted folds={n}" in done.stderr
+    result = read_result(tmp_path / "run")
+    assert (result.train_rows, result.holdout_rows, result.refitted) == (n, 0, False)
+    assert result.parity_ok and not (tmp_path / "run" / "refit.onnx").exists()
+    batch = load_snapshot(str(snapshot), SPEC)
+    found = result.cross_fit
+    assert found is not None and found.ids == batch.ids
+    scores = np.asarray(found.scores)
+    assert scores.shape == batch.mask.shape == np.asarray(found.spread).shape
+    # row i's predictions come from the learner, seed and settings fit on every row but i ...
+    learner = MLPLearner()
+    for i in (0, n - 1):
+        without = learner.fit(batch.take([j for j in range(n) if j != i]), CONFIG.trainer, 3)
+        with torch.inference_mode():
+            want = without(torch.from_numpy(batch.context[i : i + 1]), torch.from_numpy(batch.actions[i : i + 1]))
+        np.testing.assert_allclose(scores[i], want[0][0].numpy(), rtol=1e-5, atol=1e-6)
+    # ... and what goes live is that learner fit on every row
+    everyone = learner.fit(batch, CONFIG.trainer, 3)
+    with torch.inference_mode():
+        want = everyone(torch.from_numpy(batch.context), torch.from_numpy(batch.actions))[0].numpy()
+    session = ort.InferenceSession(str(tmp_path / "run" / "policy.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["scores"], {"context": batch.context, "actions": batch.actions})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(scores, want, atol=1e-3)  # out of fold, not the full fit's own scores
 
 
 @pytest.mark.parametrize("in_file", [False, True])
