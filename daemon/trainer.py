@@ -284,7 +284,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     train_loss = losses[-1] if losses else None
     _log("fitted", learner=learner.name, seconds=seconds, samples_per_s=len(train_set) * epochs_run / seconds)
     refit = None
-    cross_fit = cross_fit(learner, batch, settings, seed) if crossed else None
+    out_of_fold = cross_fit(learner, batch, settings, seed) if crossed else None
     # on a large snapshot the newest fifth changes the model less than a second fit costs (and a
     # cross-fitted run's model was fit on every row)
     wanted = len(batch) < settings.refit_below and not crossed
@@ -354,7 +354,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
         refit_parity_diff=refit_diff,
         cpu_seconds=time.process_time(),
         torch_version=str(torch.__version__),  # torch's TorchVersion is a str subclass msgspec refuses
-        cross_fit=cross_fit,
+        cross_fit=out_of_fold,
     )
 
 
