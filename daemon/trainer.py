@@ -103,7 +103,7 @@ class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     train_loss: float | None
     load_seconds: float  # reading and hashing the snapshot
     import_seconds: float  # torch and the learner
-    fit_seconds: float  # the candidate's and the refit's
+    fit_seconds: float  # the candidate's and the refit's, or a cross-fitted run's with its folds
     export_seconds: float
     graph_reused: bool  # every export wrote its weights into a cached graph (see --graph-cache)
     parity_seconds: float
@@ -284,7 +284,11 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     train_loss = losses[-1] if losses else None
     _log("fitted", learner=learner.name, seconds=seconds, samples_per_s=len(train_set) * epochs_run / seconds)
     refit = None
-    out_of_fold = cross_fit(learner, batch, settings, seed) if crossed else None
+    out_of_fold = None
+    if crossed:
+        folds_started = time.perf_counter()
+        out_of_fold = cross_fit(learner, batch, settings, seed)
+        _log("cross_fitted", folds=len(batch), seconds=time.perf_counter() - folds_started)
     # on a large snapshot the newest fifth changes the model less than a second fit costs (and a
     # cross-fitted run's model was fit on every row)
     wanted = len(batch) < settings.refit_below and not crossed
@@ -365,7 +369,6 @@ def cross_fit(learner: Any, batch: Batch, settings: TrainerConfig, seed: int) ->
     import numpy as np
     import torch
 
-    started = time.perf_counter()
     everyone = np.arange(len(batch))
     actions = batch.actions
     scores = np.zeros(batch.mask.shape)
@@ -380,7 +383,6 @@ def cross_fit(learner: Any, batch: Batch, settings: TrainerConfig, seed: int) ->
     broken = int((~np.isfinite(scores) | ~np.isfinite(spread)).any(axis=1).sum())
     if broken:
         raise TrainingError(f"the learner's out-of-fold predictions are not finite on {broken} of {len(batch)} rows")
-    _log("cross_fitted", folds=len(batch), seconds=time.perf_counter() - started)
     return CrossFit(ids=list(batch.ids), scores=scores.tolist(), spread=spread.tolist())
 
 
