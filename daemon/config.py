@@ -95,12 +95,13 @@ class TrainerConfig(_Section):
     max_wall_time: PositiveFloat = 600.0
     max_examples: Positive = 200_000
     holdout_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.2
-    # runs on too few experiences to hold any out (13 with the defaults) start at this many: each
-    # row is scored by the learner fit on the others, and the gate judges those scores (see
-    # reflexd.split); 0 waits for a holdout run
+    # runs on too few experiences to hold any out (13 with the defaults) start at this many (at
+    # least gate.first_min_holdout): each row is scored by the learner fit on the others, and the
+    # gate judges those scores (see reflexd.split); 0 waits for a holdout run
     cross_fit_from: Annotated[int, msgspec.Meta(ge=0)] = 6
     # a candidate the gate passes from a snapshot of fewer rows goes live refit on every row, its
-    # holdout included (see reflexd.trainer); 0 always deploys the gated candidate itself
+    # holdout included (see reflexd.trainer); 0 always deploys the gated candidate itself (and a
+    # cross-fitted run the learner fit on every row, as ever)
     refit_below: Annotated[int, msgspec.Meta(ge=0)] = 50_000
     epochs: Positive = 5
     min_steps: Positive = 1000
@@ -139,8 +140,9 @@ class GateConfig(_Section):
     # approximation too rough to trust), so its point estimate decides; 0: the interval always does
     point_estimate_below: Annotated[int, msgspec.Meta(ge=0)] = 10
     # a first model (no incumbent) is compared with the logging policy on a gentler rule: the
-    # downside is bounded (exploration goes on, and the next run's gate judges it as an incumbent)
-    # while every decision made without a model is spent at the logging policy's value
+    # downside is bounded (exploration goes on, and a later run's gate judges it as an incumbent,
+    # or replaces it by a cross-fitted run's rule) while every decision made without a model is
+    # spent at the logging policy's value
     first_min_holdout: Positive = 3
     first_confidence: Annotated[float, msgspec.Meta(gt=0.5, lt=1)] = 0.8
     parity_tolerance: PositiveFloat = 1e-5
@@ -350,31 +352,22 @@ def _check_semantics(config: Config, source: str) -> None:
 
 
 def _check_run_size(config: Config) -> list[str]:
-    """A snapshot capped at ``trainer.max_examples`` must hold enough rows for a run to pass, and
-    a cross-fitted run enough for the gate to judge."""
+    """A snapshot capped at ``trainer.max_examples`` must hold enough rows for a run to pass."""
     trainer, gate = config.trainer, config.gate
-    problems = []
-    judged = max(2, gate.first_min_holdout)
-    if 0 < trainer.cross_fit_from < judged:
-        problems.append(
-            f"trainer.cross_fit_from: the gate judges a cross-fitted run on its rows, so it needs at least "
-            f"{judged} (gate.first_min_holdout {gate.first_min_holdout}); {trainer.cross_fit_from} would fail "
-            "every such run (0 turns cross-fitting off)"
-        )
     needed = holdout_run_rows(config)
     if trainer.max_examples < needed:
-        return problems + [
+        return [
             f"trainer.max_examples: a run with a holdout needs at least {needed} experiences "
             f"(trainer.holdout_fraction {trainer.holdout_fraction:g}, gate.first_min_holdout {gate.first_min_holdout}), "
             f"so with {trainer.max_examples} no run could hold any out for the gate"
         ]
     held = holdout_rows(trainer.max_examples, trainer.holdout_fraction)
     if held < gate.min_holdout:
-        problems.append(
+        return [
             f"trainer.max_examples: its holdout of {held} rows (trainer.holdout_fraction {trainer.holdout_fraction:g}) "
             f"is below gate.min_holdout ({gate.min_holdout}), so no model could ever replace another"
-        )
-    return problems
+        ]
+    return []
 
 
 def _read_redaction_key(cfg: RedactionConfig, base: Path) -> tuple[bytes | None, list[str]]:

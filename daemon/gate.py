@@ -238,7 +238,8 @@ def compare(
     interval decides, its lower bound above 0 (an interval of [0, 0] is a policy the holdout cannot
     tell from the logging one): until a model passes, every decision is made at the logging
     policy's value, while a first model that disappoints is still explored around and is replaced
-    by the next candidate that passes the rule for replacements. A candidate whose probabilities
+    by the next candidate that passes the rule for replacements (or, while runs are cross-fitted,
+    this rule: ``evaluate_cross_fit``). A candidate whose probabilities
     or reward predictions are not finite is rejected; a malformed log raises ValueError.
 
     ``estimates`` holds every estimator's value for the candidate (``candidate_ips``, ``_snips``,
@@ -410,26 +411,45 @@ def evaluate(
 
 
 def evaluate_cross_fit(
-    rows: Any, scores: np.ndarray, spread: np.ndarray, exploration: ExplorationConfig, gate: GateConfig
+    rows: Any,
+    scores: np.ndarray,
+    spread: np.ndarray,
+    exploration: ExplorationConfig,
+    gate: GateConfig,
+    incumbent: Scorer | None = None,
 ) -> GateResult:
     """Judge a learner on a cross-fitted run's out-of-fold predictions against the logging policy.
 
     ``rows`` is every row of the run's snapshot (a ``reflexd.dataset.Batch``) and ``scores`` and
-    ``spread`` [N, A_max] row i's predictions by the learner fit on all the others, so each row is
+    ``spread`` [N, A_max] each row's predictions by the learner fit without it, so each row is
     one the policy judged on it has not seen. The rule is a first model's (``compare`` with no
-    baseline policy) even when a model is live: that model was fit on these same rows, so they
-    cannot judge it, and it came from the same learner on fewer of them. What goes live if this
-    passes is the learner fit on every row, deployed at their count on the exploration clock.
+    baseline policy) even when a cross-fitted model is live: that model was fit on these same
+    rows, so they cannot judge it, and it came from the same learner on fewer of them. Any other
+    incumbent (from a run with a holdout, or cross-fitted on more rows, as after retention has
+    shrunk the snapshot) is kept: these rows cannot judge it either, and it was judged on more.
+    What goes live if this passes is the learner fit on every row (``refit_rows``), deployed at
+    their count on the exploration clock.
     """
     mask = np.asarray(rows.mask, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
     n = mask.shape[0]
+    if incumbent is not None:
+        training = incumbent.manifest.training
+        if not training.get("cross_fitted") or experience(training) > n:
+            what = "came from a run with a holdout"
+            if training.get("cross_fitted"):
+                what = f"was cross-fitted on {experience(training)}"
+            reason = (
+                f"a cross-fitted run on {n} rows replaces only a model cross-fitted on as many or fewer, "
+                f"and incumbent {incumbent.version} {what}: rejected"
+            )
+            return _rejected(reason, gate, f"incumbent {incumbent.version}", n)
     pi = target_probs(exploration, scores, spread, mask, n)
     verdict = compare(
         pi, None, rows.chosen, rows.prob, rows.reward, np.where(mask, scores, 0.0), gate, LOGGED_POLICY
     )
-    note = f" (cross-fitted: each of the {n} rows scored by the learner fit on the other {n - 1})"
-    return msgspec.structs.replace(verdict, reason=verdict.reason + note)
+    note = f" (cross-fitted: each of the {n} rows scored by the learner fit without it)"
+    return msgspec.structs.replace(verdict, reason=verdict.reason + note, refit_rows=n if verdict.passed else 0)
 
 
 def check_refit(

@@ -24,10 +24,10 @@ from . import gate, log
 from .config import Config, TrainerConfig
 from .dataset import load_holdout, load_snapshot
 from .errors import ReflexdError, TrainerFault, TrainingError
-from .registry import Manifest, Registry, experience, sha256_of
+from .registry import GateResult, Manifest, Registry, experience, sha256_of
 from .serving import Scorer
 from .split import first_run_rows
-from .trainer import EXIT_OUT_OF_MEMORY, MODEL_FILE, REFIT_FILE, memory_exhausted, read_result
+from .trainer import EXIT_OUT_OF_MEMORY, MODEL_FILE, REFIT_FILE, TrainResult, memory_exhausted, read_result
 
 _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3
@@ -54,7 +54,7 @@ def due_after(cfg: TrainerConfig, trained_on: int, first: int) -> int:
 
 def run_points(cfg: TrainerConfig, below: int, first: int) -> list[int]:
     """The experience totals under ``below`` at which ``due_after`` makes runs due, each run
-    training on everything so far: 13, 17, 22, 28, ... with the defaults."""
+    training on everything so far: 6, 8, 10, 13, 17, 22, 28, ... with the defaults."""
     points, total = [], 0
     while (total := total + due_after(cfg, total, first)) < below:
         points.append(total)
@@ -322,7 +322,7 @@ class Scheduler:
         verdict = gate.with_refit(verdict, check, result.train_rows + result.holdout_rows)
         return (refit_file, refit, verdict) if check.passed else (model_file, manifest, verdict)
 
-    def _gate_cross_fit(self, snapshot: Path, result: Any) -> Any:
+    def _gate_cross_fit(self, snapshot: Path, result: TrainResult) -> GateResult:
         """The gate's verdict on a cross-fitted run's learner (``gate.evaluate_cross_fit``)."""
         rows = load_snapshot(snapshot, result.features)
         found = result.cross_fit
@@ -337,7 +337,9 @@ class Scheduler:
                 f"the trainer's out-of-fold predictions are {scores.shape} and {spread.shape}, "
                 f"not one per action of each row {rows.mask.shape}"
             )
-        return gate.evaluate_cross_fit(rows, scores, spread, self.config.exploration, self.config.gate)
+        return gate.evaluate_cross_fit(
+            rows, scores, spread, self.config.exploration, self.config.gate, self.daemon.models.scorer
+        )
 
     def _register(self, model_file: Path, manifest: Manifest, verdict: Any) -> dict[str, Any]:
         registry: Registry = self.daemon.registry

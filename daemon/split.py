@@ -17,7 +17,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .config import Config
 
+# the fewest a holdout run trains on; a cross-fitted run's folds train on fewer
 MIN_TRAIN_ROWS = 10
+# a cross-fitted run on more rows than this (only with a large holdout run size) fits this many
+# folds of consecutive rows rather than one per row, so its cost stays a dozen fits or so
+MAX_FOLDS = 12
 
 
 def holdout_rows(n: int, fraction: float) -> int:
@@ -43,12 +47,21 @@ def holdout_run_rows(config: Config) -> int:
 
 
 def first_run_rows(config: Config) -> int:
-    """The fewest joined experiences a run can use: ``trainer.cross_fit_from`` (6 with the
-    defaults) when cross-fitting is on and below ``holdout_run_rows``, else ``holdout_run_rows``."""
-    start, holdout_run = config.trainer.cross_fit_from, holdout_run_rows(config)
+    """The fewest joined experiences a run can use: 6 with the defaults.
+
+    With cross-fitting on (``trainer.cross_fit_from`` > 0), that setting, raised to the
+    ``gate.first_min_holdout`` rows (and the 2 an interval needs) the gate judges a cross-fitted
+    run on, if it is below them; ``holdout_run_rows`` if that is no more, or cross-fitting is off.
+    """
+    start = config.trainer.cross_fit_from
+    if start:
+        start = max(start, 2, config.gate.first_min_holdout)
+    holdout_run = holdout_run_rows(config)
     return start if 0 < start < holdout_run else holdout_run
 
 
 def cross_fitted(config: Config, rows: int) -> bool:
-    """Is a run on ``rows`` experiences cross-fitted? Those too few for a holdout run are."""
-    return rows < holdout_run_rows(config)
+    """Is a run on ``rows`` experiences cross-fitted? Those too few for a holdout run are, when
+    cross-fitting is on (a run on fewer than ``first_run_rows`` fails either way)."""
+    holdout_run = holdout_run_rows(config)
+    return first_run_rows(config) < holdout_run and rows < holdout_run

@@ -10,9 +10,10 @@ which goes live if the candidate passes; and ``OUT_DIR/result.json`` (a ``TrainR
 ``{"error": ...}``).
 
 A snapshot too small to hold any rows out (``reflexd.split.cross_fitted``) is cross-fitted
-instead: the learner is fit once per row on all the others, each row's scores from the fit that
-did not see it go to ``TrainResult.cross_fit`` for the gate to judge the learner by, and
-``policy.onnx`` is the learner fit on every row, which goes live if they pass.
+instead: the learner is fit once per row on all the others (at most ``split.MAX_FOLDS`` times,
+on all but a fold of consecutive rows), each row's scores from the fit that did not see it go to
+``TrainResult.cross_fit`` for the gate to judge the learner by, and ``policy.onnx`` is the
+learner fit on every row, which goes live if they pass.
 Exit status: 0 when a model was produced (even if parity failed: ``parity_ok`` says so and the
 daemon rejects it), 2 for a training failure (one line on stderr), 3 when the run ran out of
 memory (``trainer.max_memory_mb``), 1 for a bug (traceback).
@@ -50,7 +51,7 @@ from .config import Config, TrainerConfig
 from .dataset import Batch, load_snapshot, split_holdout
 from .errors import TrainingError
 from .features import FeatureSpec
-from .split import cross_fitted, holdout_run_rows
+from .split import MAX_FOLDS, cross_fitted, first_run_rows, holdout_run_rows
 
 RESULT_FILE = "result.json"
 MODEL_FILE = "policy.onnx"
@@ -95,7 +96,9 @@ class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     train_rows: int
     holdout_rows: int
     dropped_rows: int
-    refitted: bool  # REFIT_FILE holds the same learner fit on every row, and passed the parity check
+    # REFIT_FILE holds the same learner fit on every row, and passed the parity check (False for a
+    # cross-fitted run, whose MODEL_FILE is fit on every row: its manifest says refit all the same)
+    refitted: bool
     window_start: float  # received_at of the oldest row in the snapshot (train and holdout)
     window_end: float  # received_at of the newest
     epochs: int  # the candidate's
@@ -236,6 +239,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     started = run_started = time.perf_counter()
     # loaded before torch is imported, so a bad or empty snapshot fails in a fraction of a second
     batch = load_snapshot(snapshot, spec)
+    needed = first_run_rows(config)
     crossed = cross_fitted(config, len(batch))
     if crossed:
         train_set, holdout = batch, batch.take(slice(0, 0))
@@ -251,14 +255,11 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
         cross_fitted=crossed,
         seconds=load_seconds,
     )
-    if crossed and not 0 < settings.cross_fit_from <= len(batch):
-        if settings.cross_fit_from:
-            wanted = f"{settings.cross_fit_from} (trainer.cross_fit_from)"
-        else:
-            wanted = f"{holdout_run_rows(config)} to hold some out, with trainer.cross_fit_from 0"
+    if len(batch) < needed:
+        how = "(trainer.cross_fit_from)" if needed < holdout_run_rows(config) else "to hold some out for the gate"
         raise TrainingError(
             f"snapshot {snapshot} has {len(batch)} usable rows after dropping {batch.dropped}; "
-            f"a run needs at least {wanted}"
+            f"a run needs at least {needed} {how}"
         )
 
     started = time.perf_counter()
@@ -288,7 +289,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     if crossed:
         folds_started = time.perf_counter()
         out_of_fold = cross_fit(learner, batch, settings, seed)
-        _log("cross_fitted", folds=len(batch), seconds=time.perf_counter() - folds_started)
+        _log("cross_fitted", folds=min(len(batch), MAX_FOLDS), seconds=time.perf_counter() - folds_started)
     # on a large snapshot the newest fifth changes the model less than a second fit costs (and a
     # cross-fitted run's model was fit on every row)
     wanted = len(batch) < settings.refit_below and not crossed
@@ -363,9 +364,10 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
 
 
 def cross_fit(learner: Any, batch: Batch, settings: TrainerConfig, seed: int) -> CrossFit:
-    """Leave-one-out predictions: each row scored by the learner, with the run's settings and
-    seed, fit on every other row. On the few rows a run has before it can hold any out, each
-    fit costs a fraction of a second; the gate can then judge the learner on every row."""
+    """Out-of-fold predictions: each row scored by the learner, with the run's settings and
+    seed, fit on every other row (leave-one-out), or on every row outside its fold of
+    consecutive rows beyond ``MAX_FOLDS`` rows. On the few rows a run has before it can hold any
+    out, each fit costs a fraction of a second; the gate can then judge the learner on every row."""
     import numpy as np
     import torch
 
@@ -373,13 +375,15 @@ def cross_fit(learner: Any, batch: Batch, settings: TrainerConfig, seed: int) ->
     actions = batch.actions
     scores = np.zeros(batch.mask.shape)
     spread = np.zeros(batch.mask.shape)
-    for i in everyone:
-        model = learner.fit(batch.take(everyone[everyone != i]), settings, seed, None)
+    for fold in np.array_split(everyone, min(len(batch), MAX_FOLDS)):
+        model = learner.fit(batch.take(np.setdiff1d(everyone, fold)), settings, seed, None)
         with torch.inference_mode():
-            row_scores, row_spread = model.eval()(
-                torch.from_numpy(batch.context[i : i + 1]), torch.from_numpy(actions[i : i + 1])
+            fold_scores, fold_spread = model.eval()(
+                torch.from_numpy(batch.context[fold]), torch.from_numpy(actions[fold])
             )
-        scores[i], spread[i] = row_scores[0].numpy(), row_spread[0].numpy()
+        scores[fold], spread[fold] = fold_scores.numpy(), fold_spread.numpy()
+    # whatever a model makes of a padded slot is never used
+    scores, spread = np.where(batch.mask, scores, 0.0), np.where(batch.mask, spread, 0.0)
     broken = int((~np.isfinite(scores) | ~np.isfinite(spread)).any(axis=1).sum())
     if broken:
         raise TrainingError(f"the learner's out-of-fold predictions are not finite on {broken} of {len(batch)} rows")

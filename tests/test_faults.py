@@ -246,7 +246,7 @@ def test_allocation_failures_read_as_out_of_memory(text: str) -> None:
 
 
 def test_ordinary_errors_do_not_read_as_out_of_memory() -> None:
-    assert not memory_exhausted("reflexd.trainer: error: snapshot has 3 training rows; at least 10 are needed")
+    assert not memory_exhausted("reflexd.trainer: error: snapshot s.parquet has 3 usable rows after dropping 0; a run needs at least 6 (trainer.cross_fit_from)")
     assert not memory_exhausted("reflexd.trainer event=epoch epoch=3/5 loss=0.1")
 
 

@@ -411,8 +411,8 @@ def test_the_margin_lets_a_replacement_through_but_never_a_first_model(holdout: 
 def test_the_gentle_first_rule_rarely_promotes_a_policy_no_better_than_the_logging_one() -> None:
     # its risk, measured by simulation. On 5 rows a policy exactly as good as the logging one
     # passes about as often as the one-sided (1 - 0.8) / 2 = 10% allows, a worse one less often
-    # still, and a better one far more often. On the 3 rows of the first run (the fewest the
-    # defaults judge) the normal interval is rougher: no better passes about 1 time in 7, and a
+    # still, and a better one far more often. On the 3 rows of the first run with a holdout (the
+    # fewest the defaults judge) the normal interval is rougher: no better passes about 1 time in 7, and a
     # better one still three times as often; the README and the config state these rates.
     cfg = GateConfig()
     rng = np.random.default_rng(11)
@@ -569,11 +569,53 @@ def test_a_cross_fitted_learner_is_judged_on_its_out_of_fold_scores_by_the_first
     assert good.passed and good.baseline == "logged policy" and good.holdout_rows == 400
     assert good.estimates["candidate_dm"] == pytest.approx(true_value(GOOD), abs=0.02)  # MU's own epsilon-greedy
     assert good.confidence == GateConfig().first_confidence and good.margin == 0.0
-    assert good.reason.endswith("(cross-fitted: each of the 400 rows scored by the learner fit on the other 399)")
-    assert not judged(-MU).passed
+    assert good.reason.endswith("(cross-fitted: each of the 400 rows scored by the learner fit without it)")
+    assert good.refit_rows == 400  # what goes live is the learner fit on every row
+    bad = judged(-MU)
+    assert not bad.passed and bad.refit_rows == 0
     # the rows are few by design, but never fewer than a first model's holdout
     few = Log(*(column[:3] for column in log))
     assert "fewer than the 4 required" in judged(MU, few, GateConfig(first_min_holdout=4)).reason
+
+
+def test_a_cross_fitted_policy_is_judged_as_deployed_at_its_rows_on_the_clock() -> None:
+    # SquareCB sharpens with t: the policy judged is the one a client starts at t = the rows
+    log = simulate(np.random.default_rng(4), 300)
+    rows = as_batch(log)
+    explore = ExplorationConfig(strategy="squarecb", gamma=2.0)
+    scores = np.zeros(rows.mask.shape)
+    scores[:, :A] = MU[log.x]
+    found = gate.evaluate_cross_fit(rows, scores, np.zeros_like(scores), explore, GateConfig())
+
+    def dr_value(t: int) -> float:
+        pi = gate.target_probs(explore, scores, None, rows.mask, t)
+        return float(gate.dr_terms(pi, log.chosen, log.prob, log.reward, scores).mean())
+
+    assert found.candidate_value == pytest.approx(dr_value(300), abs=1e-12)
+    assert abs(dr_value(300) - dr_value(0)) > 0.05
+
+
+def test_a_cross_fitted_run_replaces_only_a_model_cross_fitted_on_no_more_rows() -> None:
+    log = simulate(np.random.default_rng(9), 8)
+    rows = as_batch(log)
+    scores = np.zeros(rows.mask.shape)
+    scores[:, :A] = MU[log.x]
+
+    def judged(training: dict) -> GateResult:
+        incumbent = SimpleNamespace(version="v0003", manifest=SimpleNamespace(training=training))
+        return gate.evaluate_cross_fit(rows, scores, np.zeros_like(scores), ExplorationConfig(), GateConfig(), incumbent)
+
+    fresh = gate.evaluate_cross_fit(rows, scores, np.zeros_like(scores), ExplorationConfig(), GateConfig())
+    earlier = judged({"train_rows": 6, "holdout_rows": 0, "refit": True, "cross_fitted": True})
+    # the same verdict as with no model live: against the logging policy, on all 8 rows
+    assert earlier.baseline == "logged policy" and earlier.reason == fresh.reason
+    for training, what in [
+        ({"train_rows": 4000, "holdout_rows": 1000, "refit": False}, "came from a run with a holdout"),
+        ({"train_rows": 10, "holdout_rows": 0, "refit": True, "cross_fitted": True}, "was cross-fitted on 10"),
+    ]:
+        kept = judged(training)
+        assert not kept.passed and kept.baseline == "incumbent v0003", kept
+        assert kept.reason.endswith(f"incumbent v0003 {what}: rejected"), kept.reason
 
 
 def test_evaluate_judges_each_policy_as_deployed_after_its_training(holdout: Log) -> None:

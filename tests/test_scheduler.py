@@ -10,6 +10,7 @@ import pytest
 from conftest import DaemonProcess, wait_for
 from reflexd.client import Policy
 from reflexd.config import Config, TrainerConfig
+from reflexd.protocol import ModelsRequest
 from reflexd.scheduler import due_after, run_points
 from reflexd.split import first_run_rows, holdout_run_rows
 
@@ -78,8 +79,33 @@ def test_a_daemon_trains_on_its_own_as_soon_as_experience_is_scarce_but_sufficie
         assert first.get("outcome") in ("promoted", "rejected"), first
         assert d.status().trainer["trained_on"] == FIRST
         # too few to hold any out: the gate judged the learner's out-of-fold predictions
-        assert f"(cross-fitted: each of the {FIRST} rows scored by the learner fit on the other" in first["gate"], first
+        assert first["gate"].endswith(f"(cross-fitted: each of the {FIRST} rows scored by the learner fit without it)")
         trained_on = d.status().trainer["trained_on"]
         send(int(trained_on * 0.25) + 3)
         wait_for(lambda: d.status().trainer["trained_on"] > trained_on, 300, f"a second run after 25% more\n{d.log()}")
         assert d.status().trainer["runs"] >= 2 and d.status().trainer["failures"] == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_cross_fitted_first_model_goes_live_fit_on_every_row(daemon_factory) -> None:
+    d: DaemonProcess = daemon_factory(
+        {"rewards": {"wait_window": 0.2}, "trainer": {"check_interval": 0.2, "min_new_examples": 1_000_000}}
+    )
+    with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=3, refresh_interval=0.1) as policy:
+        for _ in range(FIRST):
+            choice = policy.decide({"task": "fetch"}, ["good", "bad"])
+            policy.reward(choice.id, float(choice.action == "good"))
+        assert policy.flush(60), policy.stats()
+        run = wait_for(lambda: d.status().trainer["last_run"], 300, f"a first run on its own\n{d.log()}")
+        assert run.get("outcome") == "promoted", run
+        live = {m["version"]: m for m in d.request(ModelsRequest()).models}[run["version"]]
+        training, verdict = live["training"], live["gate"]
+        assert (training["train_rows"], training["holdout_rows"]) == (FIRST, 0), training
+        assert training["cross_fitted"] and training["refit"] and "cross_fit" not in training, training
+        assert verdict["baseline"] == "logged policy" and verdict["holdout_rows"] == verdict["refit_rows"] == FIRST
+        # the agent picks it up and, six decisions in, prefers the action that paid
+        wait_for(lambda: policy.decide({"task": "fetch"}, ["good", "bad"]) and policy.model_version == run["version"],
+                 60, "the client loading the model")
+        chosen = [policy.decide({"task": "fetch"}, ["good", "bad"]).action for _ in range(50)]
+        assert chosen.count("good") > 40, chosen

@@ -14,14 +14,13 @@ import torch
 from conftest import wait_for
 from reflexd.client import Policy
 from reflexd.config import Config, FeatureConfig, GateConfig, TrainerConfig
+from reflexd.dataset import load_snapshot
 from reflexd.errors import TrainingError
 from reflexd.exporters.onnx import export_onnx, graph_key
 from reflexd.features import FeatureSpec, Hasher
-from reflexd.plugins.learners.mlp import RewardMLP
+from reflexd.plugins.learners.mlp import MLPLearner, RewardMLP
 from reflexd.protocol import ModelsRequest, Train
-from reflexd.dataset import load_snapshot
-from reflexd.plugins.learners.mlp import MLPLearner
-from reflexd.split import MIN_TRAIN_ROWS, cross_fitted, first_run_rows, holdout_rows, holdout_run_rows
+from reflexd.split import MAX_FOLDS, MIN_TRAIN_ROWS, cross_fitted, first_run_rows, holdout_rows, holdout_run_rows
 from reflexd.trainer import read_result
 
 pytestmark = pytest.mark.slow
@@ -35,15 +34,18 @@ SPEC = FeatureSpec(context_dim=32, action_dim=8, seed=11)
 ROWS, UNUSABLE = 800, 5
 
 
-def write_snapshot(path, n_rows, seed=0, unusable=UNUSABLE):
+def write_snapshot(path, n_rows, seed=0, unusable=UNUSABLE, ragged=False):
     """Tool 'search' is best for questions, 'calc' for arithmetic; rewards are noisy; a few rows
-    name a chosen action that was not offered and must be dropped."""
+    name a chosen action that was not offered and must be dropped. ``ragged``: every other row
+    offers two actions rather than three, so those rows are padded."""
     rng = np.random.default_rng(seed)
     columns = {name: [] for name in ("id", "agent", "received_at", "context", "actions", "chosen", "prob", "reward")}
     for i in range(n_rows):
         task = str(rng.choice(["question", "arithmetic"]))
         actions = ["search", "calc", {"id": "ask_human", "features": {"cost": 10}}]
-        chosen = "teleport" if i < unusable else str(rng.choice(["search", "calc", "ask_human"]))
+        if ragged and i % 2:
+            actions = actions[:2]
+        chosen = "teleport" if i < unusable else str(rng.choice(["search", "calc", "ask_human"][: len(actions)]))
         best = (task, chosen) in {("question", "search"), ("arithmetic", "calc")}
         columns["id"].append(f"d{i}")
         columns["agent"].append("agent-1")
@@ -202,7 +204,11 @@ def test_too_few_rows_fails(tmp_path):
     off = msgspec.structs.replace(CONFIG, trainer=msgspec.structs.replace(CONFIG.trainer, cross_fit_from=0))
     done = run_trainer(tmp_path / "small.parquet", tmp_path / "run2", msgspec.json.encode(off).decode())
     assert done.returncode == 2
-    assert f"a run needs at least {holdout_run_rows(off)} to hold some out" in done.stderr
+    assert f"a run needs at least {holdout_run_rows(off)} to hold some out for the gate" in done.stderr
+    # cross-fitting from no fewer rows than a holdout run needs is none at all
+    late = msgspec.structs.replace(CONFIG, trainer=msgspec.structs.replace(CONFIG.trainer, cross_fit_from=20))
+    done = run_trainer(tmp_path / "small.parquet", tmp_path / "run3", msgspec.json.encode(late).decode())
+    assert f"a run needs at least {holdout_run_rows(late)} to hold some out for the gate" in done.stderr
 
 
 @pytest.mark.parametrize("fraction, first_min_holdout", [(0.2, 3), (0.5, 6)])
@@ -213,7 +219,7 @@ def test_the_fewest_rows_a_holdout_run_needs_are_enough_to_train_and_gate(tmp_pa
         gate=msgspec.structs.replace(CONFIG.gate, first_min_holdout=first_min_holdout),
     )
     n = holdout_run_rows(config)
-    # one fewer would leave the trainer or the first model's gate short of rows
+    # one fewer would leave the trainer or the first model's gate short of rows (and be cross-fitted)
     fewer = n - 1
     assert fewer - holdout_rows(fewer, fraction) < MIN_TRAIN_ROWS or holdout_rows(fewer, fraction) < first_min_holdout
     done = run_trainer(write_snapshot(tmp_path / "s.parquet", n, unusable=0), tmp_path / "run", msgspec.json.encode(config).decode())
@@ -223,10 +229,26 @@ def test_the_fewest_rows_a_holdout_run_needs_are_enough_to_train_and_gate(tmp_pa
     assert result.train_rows + result.holdout_rows == n and result.cross_fit is None
 
 
-def test_a_run_too_small_to_hold_rows_out_is_cross_fitted_leave_one_out(tmp_path):
+@pytest.fixture
+def one_thread():
+    """The trainer fits on trainer.max_threads (1): so must a test that redoes its fits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def scores_without(batch, fit_on, rows):
+    """What the learner, with the trainer's seed, fit on rows ``fit_on`` predicts for ``rows``."""
+    model = MLPLearner().fit(batch.take(fit_on), CONFIG.trainer, 3)
+    with torch.inference_mode():
+        return model(torch.from_numpy(batch.context[rows]), torch.from_numpy(batch.actions[rows]))[0].numpy()
+
+
+def test_a_run_too_small_to_hold_rows_out_is_cross_fitted_leave_one_out(tmp_path, one_thread):
     n = first_run_rows(CONFIG)
     assert cross_fitted(CONFIG, n) and n < holdout_run_rows(CONFIG)
-    snapshot = write_snapshot(tmp_path / "s.parquet", n, unusable=0)
+    snapshot = write_snapshot(tmp_path / "s.parquet", n, unusable=0, ragged=True)
     done = run_trainer(snapshot, tmp_path / "run")
     assert done.returncode == 0, done.stderr
     assert f"event=cross_fitted folds={n}" in done.stderr
@@ -238,21 +260,32 @@ def test_a_run_too_small_to_hold_rows_out_is_cross_fitted_leave_one_out(tmp_path
     assert found is not None and found.ids == batch.ids
     scores = np.asarray(found.scores)
     assert scores.shape == batch.mask.shape == np.asarray(found.spread).shape
+    assert not batch.mask.all() and not scores[~batch.mask].any()  # padded slots are left at 0
     # row i's predictions come from the learner, seed and settings fit on every row but i ...
-    learner = MLPLearner()
     for i in (0, n - 1):
-        without = learner.fit(batch.take([j for j in range(n) if j != i]), CONFIG.trainer, 3)
-        with torch.inference_mode():
-            want = without(torch.from_numpy(batch.context[i : i + 1]), torch.from_numpy(batch.actions[i : i + 1]))
-        np.testing.assert_allclose(scores[i], want[0][0].numpy(), rtol=1e-5, atol=1e-6)
+        want = scores_without(batch, [j for j in range(n) if j != i], [i])[0]
+        np.testing.assert_allclose(scores[i][batch.mask[i]], want[batch.mask[i]], rtol=1e-5, atol=1e-6)
     # ... and what goes live is that learner fit on every row
-    everyone = learner.fit(batch, CONFIG.trainer, 3)
-    with torch.inference_mode():
-        want = everyone(torch.from_numpy(batch.context), torch.from_numpy(batch.actions))[0].numpy()
+    want = scores_without(batch, range(n), range(n))
     session = ort.InferenceSession(str(tmp_path / "run" / "policy.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(["scores"], {"context": batch.context, "actions": batch.actions})[0]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(scores, want, atol=1e-3)  # out of fold, not the full fit's own scores
+    np.testing.assert_allclose(got[batch.mask], want[batch.mask], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(scores[batch.mask], want[batch.mask], atol=1e-3)  # out of fold, not the full fit's
+
+
+def test_a_cross_fitted_run_on_more_rows_than_max_folds_fits_folds_of_consecutive_rows(tmp_path, one_thread):
+    # a tiny holdout fraction makes a holdout run wait for many rows; cross-fitting fills the gap
+    config = msgspec.structs.replace(CONFIG, trainer=msgspec.structs.replace(CONFIG.trainer, holdout_fraction=0.05))
+    n = MAX_FOLDS + 8
+    assert cross_fitted(config, n)
+    snapshot = write_snapshot(tmp_path / "s.parquet", n, unusable=0)
+    done = run_trainer(snapshot, tmp_path / "run", msgspec.json.encode(config).decode())
+    assert done.returncode == 0, done.stderr
+    assert f"event=cross_fitted folds={MAX_FOLDS}" in done.stderr
+    scores = np.asarray(read_result(tmp_path / "run").cross_fit.scores)
+    batch = load_snapshot(str(snapshot), SPEC)
+    # np.array_split: the first 8 folds hold two rows each, so rows 0 and 1 come from one fit
+    np.testing.assert_allclose(scores[:2], scores_without(batch, range(2, n), [0, 1]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("in_file", [False, True])

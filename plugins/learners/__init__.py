@@ -32,6 +32,8 @@ class Learner(Protocol):
     gives ``(scores [B, A], spread [B, A])``: the predicted reward of each action (higher is
     better, in reward units) and the model's uncertainty about it (0 when it has none to offer).
     The module must be exportable to ONNX with dynamic B and A, and deterministic given ``seed``.
+    A run may call ``fit`` a dozen times on as few as ``trainer.cross_fit_from - 1`` rows: a
+    cross-fitted run (``reflexd.trainer.cross_fit``) fits once per fold, then on every row.
     Only the chosen action has a reward: ``train.chosen_actions`` gives those [N, Da] without
     building the padded [N, A, Da] ``train.actions``.
     """
