@@ -17,7 +17,8 @@ a winner there.
 
 Prints each stream's mean reward ± std over seeds, its ratio to the best VW configuration of
 the latest bench/out/learning.json (if it has the stream; it may average other seeds), and the mean reward by decision
-range; ``-v`` adds each seed's run outcomes (13P: promoted at 13 experiences, 17r: rejected).
+range; ``-v`` adds each seed's run outcomes (13P: promoted at 13 experiences, 17r: rejected, 8f:
+failed).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from _daemon import deep_merge  # noqa: E402
 from reflexd import gate  # noqa: E402
 from reflexd.config import Config, ConfigError, parse_config  # noqa: E402
 from reflexd.dataset import Batch, split_holdout  # noqa: E402
+from reflexd.errors import TrainingError  # noqa: E402
 from reflexd.features import FeatureSpec, Hasher, action_ids  # noqa: E402
 from reflexd.plugins import exploration  # noqa: E402
 from reflexd.registry import GateResult  # noqa: E402
@@ -109,7 +111,7 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
             received_at=np.arange(m, dtype=np.float64),
         )
         promoted, verdict = _run(batch, learner, config, live, spec, len(outcomes) + 1)
-        outcomes.append(f"{m}{'P' if verdict.passed else 'r'}")
+        outcomes.append(f"{m}{'f' if verdict is None else 'P' if verdict.passed else 'r'}")
         if promoted is not None:
             live, clock = promoted, m
     return earned, outcomes
@@ -117,16 +119,20 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
 
 def _run(
     batch: Batch, learner: Any, config: Config, incumbent: TorchScorer | None, spec: FeatureSpec, run: int
-) -> tuple[TorchScorer | None, GateResult]:
-    """What the scheduler does with one run: (the model that goes live or None, the verdict)."""
+) -> tuple[TorchScorer | None, GateResult | None]:
+    """What the scheduler does with one run: (the model that goes live or None, the verdict, or
+    None for a run that failed)."""
     m = len(batch)
     if cross_fitted(config, m):
-        found = cross_fit(learner, batch, config.trainer, 0)
+        try:
+            found = cross_fit(learner, batch, config.trainer, 0)
+        except TrainingError:  # the daemon records a failed run, and its model stays live
+            return None, None
         scores, spread = np.asarray(found.scores), np.asarray(found.spread)
-        verdict = gate.evaluate_cross_fit(batch, scores, spread, config.exploration, config.gate)
+        verdict = gate.evaluate_cross_fit(batch, scores, spread, config.exploration, config.gate, incumbent)
         if not verdict.passed:
             return None, verdict
-        training = {"train_rows": m, "holdout_rows": 0, "window_end": m - 1.0, "refit": True}
+        training = {"train_rows": m, "holdout_rows": 0, "window_end": m - 1.0, "refit": True, "cross_fitted": True}
         return TorchScorer(learner.fit(batch, config.trainer, 0, None), f"v{run:04d}", spec, training), verdict
     train, holdout = split_holdout(batch, config.trainer.holdout_fraction)
     training = {"train_rows": len(train), "holdout_rows": len(holdout), "window_end": m - 1.0, "refit": False}
