@@ -90,7 +90,7 @@ def test_a_daemon_trains_on_its_own_as_soon_as_experience_is_scarce_but_sufficie
 @pytest.mark.slow
 def test_a_cross_fitted_first_model_goes_live_fit_on_every_row(daemon_factory) -> None:
     d: DaemonProcess = daemon_factory(
-        {"rewards": {"wait_window": 0.2}, "trainer": {"check_interval": 0.2, "min_new_examples": 1_000_000}}
+        {"rewards": {"wait_window": 0.2}, "trainer": {"growth": 0.25, "check_interval": 0.2, "min_new_examples": 1_000_000}}
     )
     with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=3, refresh_interval=0.1) as policy:
         for _ in range(FIRST):
