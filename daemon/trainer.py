@@ -14,6 +14,7 @@ instead: the learner is fit once per row on all the others (at most ``split.MAX_
 on all but a fold of consecutive rows), each row's scores from the fit that did not see it go to
 ``TrainResult.cross_fit`` for the gate to judge the learner by, and ``policy.onnx`` is the
 learner fit on every row, which goes live if they pass.
+
 Exit status: 0 when a model was produced (even if parity failed: ``parity_ok`` says so and the
 daemon rejects it), 2 for a training failure (one line on stderr), 3 when the run ran out of
 memory (``trainer.max_memory_mb``), 1 for a bug (traceback).
@@ -79,8 +80,8 @@ _NEAR_LIMIT_BYTES = 64 << 20
 
 class CrossFit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A cross-fitted run's out-of-fold predictions, row for row in the snapshot's order (as
-    ``dataset.load_snapshot`` reads it): row i's scores and spread [A_max] for its actions, padded
-    like ``Batch.actions``, from the learner fit on every row but i."""
+    ``dataset.load_snapshot`` reads it): row i's scores and spread [A_max] for its actions, 0 on
+    padded slots, from the learner fit without row i (``cross_fit``)."""
 
     ids: list[str]
     scores: list[list[float]]
