@@ -46,6 +46,12 @@ def holdout_run_rows(config: Config) -> int:
     return n
 
 
+def folds(rows: int) -> int:
+    """How many fits a cross-fitted run on ``rows`` rows makes before the one on every row: one
+    per row (leave-one-out), at most MAX_FOLDS."""
+    return min(rows, MAX_FOLDS)
+
+
 def first_run_rows(config: Config) -> int:
     """The fewest joined experiences a run can use: 6 with the defaults.
 

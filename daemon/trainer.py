@@ -52,7 +52,7 @@ from .config import Config, TrainerConfig
 from .dataset import Batch, load_snapshot, split_holdout
 from .errors import TrainingError
 from .features import FeatureSpec
-from .split import MAX_FOLDS, cross_fitted, first_run_rows, holdout_run_rows
+from .split import cross_fitted, first_run_rows, folds, holdout_run_rows
 
 RESULT_FILE = "result.json"
 MODEL_FILE = "policy.onnx"
@@ -290,7 +290,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     if crossed:
         folds_started = time.perf_counter()
         out_of_fold = cross_fit(learner, batch, settings, seed)
-        _log("cross_fitted", folds=min(len(batch), MAX_FOLDS), seconds=time.perf_counter() - folds_started)
+        _log("cross_fitted", folds=folds(len(batch)), seconds=time.perf_counter() - folds_started)
     # on a large snapshot the newest fifth changes the model less than a second fit costs (and a
     # cross-fitted run's model was fit on every row)
     wanted = len(batch) < settings.refit_below and not crossed
@@ -366,9 +366,10 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
 
 def cross_fit(learner: Any, batch: Batch, settings: TrainerConfig, seed: int) -> CrossFit:
     """Out-of-fold predictions: each row scored by the learner, with the run's settings and
-    seed, fit on every other row (leave-one-out), or on every row outside its fold of
-    consecutive rows beyond ``MAX_FOLDS`` rows. On the few rows a run has before it can hold any
-    out, each fit costs a fraction of a second; the gate can then judge the learner on every row."""
+    seed, fit on every other row (leave-one-out), or beyond ``split.MAX_FOLDS`` rows on every row
+    outside its fold of consecutive rows (``split.folds``). On the few rows a run has before it
+    can hold any out, each fit costs a fraction of a second; the gate can then judge the learner
+    on every row."""
     import numpy as np
     import torch
 
@@ -376,7 +377,7 @@ def cross_fit(learner: Any, batch: Batch, settings: TrainerConfig, seed: int) ->
     actions = batch.actions
     scores = np.zeros(batch.mask.shape)
     spread = np.zeros(batch.mask.shape)
-    for fold in np.array_split(everyone, min(len(batch), MAX_FOLDS)):
+    for fold in np.array_split(everyone, folds(len(batch))):
         model = learner.fit(batch.take(np.setdiff1d(everyone, fold)), settings, seed, None)
         with torch.inference_mode():
             fold_scores, fold_spread = model.eval()(
