@@ -246,9 +246,16 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> list[dict[st
                 "seeds": [float(x) for x in m],
                 "wall": float(np.mean([r["wall"] for r in runs])),
                 "best_vw": label == best_vw,
+                "by_decision": streams.by_decision(np.stack([r["earned"] for r in runs])),
             }
             if label.startswith("reflexd"):
                 row["ratio_best_vw"] = float(m.mean() / means[best_vw].mean())
+                # seed by seed, on the same stream order: far tighter than the two stds suggest
+                paired = m - means[best_vw]
+                row["paired_best_vw"] = {
+                    "mean": float(paired.mean()),
+                    "stderr": float(paired.std(ddof=1) / math.sqrt(len(paired))) if len(paired) > 1 else math.nan,
+                }
                 row["promoted"] = float(np.mean([r["promoted"] for r in runs]))
                 row["trainings"] = len(runs[0]["runs"])
                 row["first_model_at"] = [r["first_model_at"] for r in runs]
@@ -289,12 +296,21 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ratio = f"{r['ratio_best_vw']:.3f}" if "ratio_best_vw" in r else ""
         note = "best VW" if r["best_vw"] else ""
         if "promoted" in r:
-            note = f"{r['promoted']:.1f}/{r['trainings']} promoted, train {r['train_seconds']:.0f} s"
+            paired = r["paired_best_vw"]
+            note = (
+                f"{paired['mean']:+.3f} ± {paired['stderr']:.3f} s.e. vs best VW seed by seed; "
+                f"{r['promoted']:.1f}/{r['trainings']} promoted, train {r['train_seconds']:.0f} s"
+            )
             if r["short_runs"]:
                 note += f"; {r['short_runs']} runs trained on fewer examples than seen (see the log)"
         lines.append(
             f"{r['stream']:<15}{r['n']:>6}  {r['learner']:<22}{r['mean']:>11.4f} ± {r['std']:.4f}  {ratio:>9}  {r['wall']:>7.1f}  {note}"
         )
+    lines += ["", "by decision: mean reward over each range of decisions, over seeds (best VW and reflexd)"]
+    for r in rows:
+        if r["best_vw"] or r["learner"].startswith("reflexd"):
+            ranges = "  ".join(f"{k} {v:.3f}" for k, v in r["by_decision"].items())
+            lines.append(f"{r['stream']:<15}{r['learner']:<22}{ranges}")
     return "\n".join(lines)
 
 

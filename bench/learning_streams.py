@@ -44,6 +44,19 @@ class Stream:
         return self.reward.shape[1]
 
 
+# where a progressive reward is split to show when a learner earns it: the start is where a
+# learner that waits for evidence pays, the rest is what it learns
+RANGES = (0, 20, 50, 100, 200, 500, 1000)
+
+
+def by_decision(earned: np.ndarray) -> dict[str, float]:
+    """Mean reward over each range of decisions (``[0,20)``, ``[20,50)``, ... to the stream's end)
+    of ``earned`` [seeds, n], every seed's run of one stream."""
+    n = earned.shape[1]
+    edges = [a for a in RANGES if a < n] + [n]
+    return {f"[{a},{b})": float(earned[:, a:b].mean()) for a, b in zip(edges, edges[1:])}
+
+
 def _standardise(X: np.ndarray) -> np.ndarray:
     sd = X.std(axis=0)
     sd[sd == 0] = 1.0

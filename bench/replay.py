@@ -49,7 +49,6 @@ from reflexd.split import cross_fitted, first_run_rows  # noqa: E402
 from reflexd.trainer import cross_fit  # noqa: E402
 
 LATEST = Path(__file__).resolve().parent / "out" / "learning.json"
-RANGES = (0, 20, 50, 100, 200, 500, 1000, 10**9)
 
 
 class TorchScorer:
@@ -216,12 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         means = np.array([r.mean() for r in runs])
         spread = means.std(ddof=1) if len(means) > 1 else 0.0
         ratio = f"  {means.mean() / vw[name]:.3f} × VW's best ({vw[name]:.3f})" if name in vw else ""
-        rewards = np.stack(runs)
-        ranges = " ".join(
-            f"[{a},{min(b, rewards.shape[1])}) {rewards[:, a:b].mean():.3f}"
-            for a, b in zip(RANGES, RANGES[1:])
-            if a < rewards.shape[1]
-        )
+        ranges = " ".join(f"{k} {v:.3f}" for k, v in streams.by_decision(np.stack(runs)).items())
         print(f"{name:15s} {means.mean():.3f} ± {spread:.3f}{ratio}\n  by decision: {ranges}", flush=True)
     print(f"({time.perf_counter() - started:.0f} s)")
     return 0
