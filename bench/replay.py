@@ -8,23 +8,25 @@ propensities and the client's exploration clock, the daemon's run schedule
 the refit on every row, and the gate itself (``gate.evaluate`` against an incumbent judged only
 on rows newer than a refit incumbent's snapshot, then ``gate.check_refit``), and below a holdout
 run's size the trainer's own cross-fitting (``trainer.cross_fit``) judged by
-``gate.evaluate_cross_fit``, all with the config the ``--set`` options make. Left out: the daemon, the store and the trainer subprocess,
-ONNX (the parity check holds its scores to torch's), the live-reward rollback monitor, the
-``trainer.max_examples`` cap and ``max_wall_time``, per-agent settings and ``default_action``
-(the benchmark's client sets none). A seed is not the same run as in bench/learning.py, since
-exploration draws its own random numbers, so compare settings with each other here and confirm
-a winner there.
+``gate.evaluate_cross_fit``, all with the config the ``--set`` options make. Left out: the
+daemon, the store and the trainer subprocess, ONNX (the parity check holds its scores to
+torch's), the live-reward rollback monitor, the ``trainer.max_examples`` cap and
+``max_wall_time``, per-agent settings and ``default_action`` (the benchmark's client sets none).
+Exploration draws from the client's own generator, so a seed is the same run as in
+bench/learning.py: with the defaults, the replay earned what the benchmark's daemons earned, with
+the same run outcomes, on each of wine's 27 seeds and iris's 10.
 
-Prints each stream's mean reward ± std over seeds, its ratio to the best VW configuration of
-the latest bench/out/learning.json (if it has the stream; it may average other seeds), and the mean reward by decision
-range; ``-v`` adds each seed's run outcomes (13P: promoted at 13 experiences, 17r: rejected, 8f:
-failed).
+Prints each stream's mean reward ± std over seeds, its ratio to the best VW configuration on the
+same seeds (every configuration of bench/learning.py is run on each) and the difference from it
+seed by seed, and both by decision range; ``-v`` adds each seed's run outcomes (13P: promoted at
+13 experiences, 17r: rejected, 8f: failed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import learning_peers as peers  # noqa: E402
 import learning_streams as streams  # noqa: E402
 from _daemon import deep_merge  # noqa: E402
 from reflexd import gate  # noqa: E402
@@ -48,7 +51,6 @@ from reflexd.scheduler import run_points  # noqa: E402
 from reflexd.split import cross_fitted, first_run_rows  # noqa: E402
 from reflexd.trainer import cross_fit  # noqa: E402
 
-LATEST = Path(__file__).resolve().parent / "out" / "learning.json"
 
 
 class TorchScorer:
@@ -79,7 +81,9 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
     ids = action_ids(stream.actions)
     learner = load_learner(config.trainer.learner)
     points = set(run_points(config.trainer, n, first_run_rows(config)))
-    rng = np.random.default_rng(seed)
+    # the client's own generator, drawn once per decision as its Chooser does: a seed makes the
+    # decisions bench/learning.py's client makes, and so the same run
+    rng = random.Random(seed)
     chosen, prob, earned = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
     live: TorchScorer | None = None
     clock = 0  # the client's: the live model's run experience plus decisions since it loaded
@@ -165,13 +169,25 @@ def _setting(text: str) -> dict[str, Any]:
     return value
 
 
-def best_vw() -> dict[str, float]:
-    """Each stream's best VW mean in the latest full benchmark, if one was run here."""
-    try:
-        rows = json.loads(LATEST.read_text())["rows"]
-    except (OSError, ValueError, KeyError):
-        return {}
-    return {r["stream"]: r["mean"] for r in rows if r.get("best_vw")}
+def summary(name: str, ours: np.ndarray, vw: dict[str, np.ndarray]) -> str:
+    """A stream's lines: reflexd's mean ± std over seeds, its ratio to the best VW configuration on
+    the same seeds and its difference from it seed by seed, and both by decision range.
+    ``ours`` and each of ``vw`` are [seeds, n] rewards earned."""
+    means = ours.mean(axis=1)
+    best = max(vw, key=lambda label: vw[label].mean())
+    theirs = vw[best].mean(axis=1)
+    paired = means - theirs
+    spread = means.std(ddof=1) if len(means) > 1 else 0.0
+    stderr = paired.std(ddof=1) / np.sqrt(len(paired)) if len(paired) > 1 else float("nan")
+    lines = [
+        f"{name:15s} {means.mean():.3f} ± {spread:.3f}  {means.mean() / theirs.mean():.3f} × the best VW on these "
+        f"seeds ({best} {theirs.mean():.3f}); seed by seed {paired.mean():+.3f} ± {stderr:.3f} s.e.",
+        "  by decision:",
+    ]
+    for label, earned in (("reflexd", ours), (best, vw[best])):
+        ranges = " ".join(f"{k} {v:.3f}" for k, v in streams.by_decision(earned).items())
+        lines.append(f"    {label:<14}{ranges}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,25 +217,23 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(config.trainer.max_threads)
-    vw = best_vw()
     started = time.perf_counter()
     settings = json.dumps(overrides) if overrides else "the defaults"
     print(f"replay of {', '.join(args.streams)}, {args.seeds} seeds, settings: {settings}")
     for name in args.streams:
-        runs = []
+        ours: list[np.ndarray] = []
+        vw: dict[str, list[np.ndarray]] = {label: [] for label in peers.VW_CONFIGS}
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            earned, outcomes = replay(streams.build(name, seed, args.limit), seed, config)
-            runs.append(earned)
+            stream = streams.build(name, seed, args.limit)
+            earned, outcomes = replay(stream, seed, config)
+            ours.append(earned)
+            for label, vw_args in peers.VW_CONFIGS.items():
+                vw[label].append(peers.run_vw(stream, vw_args, seed)["earned"])
             if args.verbose:
                 print(f"  {name} seed {seed}: {earned.mean():.3f}  {' '.join(outcomes)}", flush=True)
-        means = np.array([r.mean() for r in runs])
-        spread = means.std(ddof=1) if len(means) > 1 else 0.0
-        ratio = f"  {means.mean() / vw[name]:.3f} × VW's best ({vw[name]:.3f})" if name in vw else ""
-        ranges = " ".join(f"{k} {v:.3f}" for k, v in streams.by_decision(np.stack(runs)).items())
-        print(f"{name:15s} {means.mean():.3f} ± {spread:.3f}{ratio}\n  by decision: {ranges}", flush=True)
+        print(summary(name, np.stack(ours), {label: np.stack(runs) for label, runs in vw.items()}), flush=True)
     print(f"({time.perf_counter() - started:.0f} s)")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
