@@ -23,7 +23,8 @@ more seeds, so that every stream's mean averages at least that many decisions.
 
 Peers on the same streams and seeds (bench/learning_peers.py): Vowpal Wabbit --cb_explore_adf with
 epsilon-greedy 0.05 and 0.1, SquareCB and RegCB-opt; uniform random; and the full-information
-ceiling. Prints the table, writes bench/out/learning.json and bench/out/learning.png.
+ceiling. Prints the table (with reflexd's difference from the best VW seed by seed, and reward by
+decision range), writes bench/out/learning.json and bench/out/learning.png.
 """
 
 from __future__ import annotations
@@ -250,12 +251,9 @@ def summarise(results: dict[str, Any], args: argparse.Namespace) -> list[dict[st
             }
             if label.startswith("reflexd"):
                 row["ratio_best_vw"] = float(m.mean() / means[best_vw].mean())
-                # seed by seed, on the same stream order: far tighter than the two stds suggest
-                paired = m - means[best_vw]
-                row["paired_best_vw"] = {
-                    "mean": float(paired.mean()),
-                    "stderr": float(paired.std(ddof=1) / math.sqrt(len(paired))) if len(paired) > 1 else math.nan,
-                }
+                # seed by seed, each pair on the same stream: usually far tighter than the two stds
+                mean, stderr = streams.paired(m, means[best_vw])
+                row["paired_best_vw"] = {"mean": mean, "stderr": stderr}
                 row["promoted"] = float(np.mean([r["promoted"] for r in runs]))
                 row["trainings"] = len(runs[0]["runs"])
                 row["first_model_at"] = [r["first_model_at"] for r in runs]
@@ -298,7 +296,7 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if "promoted" in r:
             paired = r["paired_best_vw"]
             note = (
-                f"{paired['mean']:+.3f} ± {paired['stderr']:.3f} s.e. vs best VW seed by seed; "
+                f"{streams.describe_paired(paired['mean'], paired['stderr'])} vs best VW seed by seed; "
                 f"{r['promoted']:.1f}/{r['trainings']} promoted, train {r['train_seconds']:.0f} s"
             )
             if r["short_runs"]:
@@ -309,8 +307,7 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines += ["", "by decision: mean reward over each range of decisions, over seeds (best VW and reflexd)"]
     for r in rows:
         if r["best_vw"] or r["learner"].startswith("reflexd"):
-            ranges = "  ".join(f"{k} {v:.3f}" for k, v in r["by_decision"].items())
-            lines.append(f"{r['stream']:<15}{r['learner']:<22}{ranges}")
+            lines.append(f"{r['stream']:<15}{r['learner']:<22}{streams.describe_ranges(r['by_decision'])}")
     return "\n".join(lines)
 
 

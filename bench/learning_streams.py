@@ -57,6 +57,21 @@ def by_decision(earned: np.ndarray) -> dict[str, float]:
     return {f"[{a},{b})": float(earned[:, a:b].mean()) for a, b in zip(edges, edges[1:])}
 
 
+def paired(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float | None]:
+    """The mean of ``ours − theirs`` over seeds, each pair run on the same stream, and its standard
+    error (None from a single seed)."""
+    d = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+
+
+def describe_paired(mean: float, stderr: float | None) -> str:
+    return f"{mean:+.3f} ± {stderr:.3f} s.e." if stderr is not None else f"{mean:+.3f} (1 seed)"
+
+
+def describe_ranges(ranges: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.3f}" for k, v in ranges.items())
+
+
 def _standardise(X: np.ndarray) -> np.ndarray:
     sd = X.std(axis=0)
     sd[sd == 0] = 1.0

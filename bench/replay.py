@@ -12,8 +12,9 @@ run's size the trainer's own cross-fitting (``trainer.cross_fit``) judged by
 daemon, the store and the trainer subprocess, ONNX (the parity check holds its scores to
 torch's), the live-reward rollback monitor, the ``trainer.max_examples`` cap and
 ``max_wall_time``, per-agent settings and ``default_action`` (the benchmark's client sets none).
-Exploration draws from the client's own generator, so a seed is the same run as in
-bench/learning.py: with the defaults, the replay earned what the benchmark's daemons earned, with
+Exploration draws as the client does (``random.Random(seed)``, one ``.random()`` per decision),
+so a seed makes the decisions of bench/learning.py's run wherever torch's scores match ONNX's:
+with the defaults, the replay earned what the benchmark's daemons earned, with
 the same run outcomes, on each of wine's 27 seeds and iris's 10.
 
 Prints each stream's mean reward ± std over seeds, its ratio to the best VW configuration on the
@@ -50,7 +51,6 @@ from reflexd.registry import GateResult  # noqa: E402
 from reflexd.scheduler import run_points  # noqa: E402
 from reflexd.split import cross_fitted, first_run_rows  # noqa: E402
 from reflexd.trainer import cross_fit  # noqa: E402
-
 
 
 class TorchScorer:
@@ -176,17 +176,14 @@ def summary(name: str, ours: np.ndarray, vw: dict[str, np.ndarray]) -> str:
     means = ours.mean(axis=1)
     best = max(vw, key=lambda label: vw[label].mean())
     theirs = vw[best].mean(axis=1)
-    paired = means - theirs
     spread = means.std(ddof=1) if len(means) > 1 else 0.0
-    stderr = paired.std(ddof=1) / np.sqrt(len(paired)) if len(paired) > 1 else float("nan")
     lines = [
         f"{name:15s} {means.mean():.3f} ± {spread:.3f}  {means.mean() / theirs.mean():.3f} × the best VW on these "
-        f"seeds ({best} {theirs.mean():.3f}); seed by seed {paired.mean():+.3f} ± {stderr:.3f} s.e.",
+        f"seeds ({best} {theirs.mean():.3f}); seed by seed {streams.describe_paired(*streams.paired(means, theirs))}",
         "  by decision:",
     ]
     for label, earned in (("reflexd", ours), (best, vw[best])):
-        ranges = " ".join(f"{k} {v:.3f}" for k, v in streams.by_decision(earned).items())
-        lines.append(f"    {label:<14}{ranges}")
+        lines.append(f"    {label:<14}{streams.describe_ranges(streams.by_decision(earned))}")
     return "\n".join(lines)
 
 
@@ -234,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(name, np.stack(ours), {label: np.stack(runs) for label, runs in vw.items()}), flush=True)
     print(f"({time.perf_counter() - started:.0f} s)")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
