@@ -216,7 +216,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     peers, so pairs are independent and only their wall times feel the sharing."""
     length = {name: streams.build(name, 0, args.limit).n for name in args.streams}
     args.stream_seeds = {name: seeds_for(length[name], args.seeds, args.min_decisions) for name in args.streams}
-    pairs = [(name, seed) for name in args.streams for seed in range(args.stream_seeds[name])]
+    pairs = [
+        (name, seed)
+        for name in args.streams
+        for seed in range(args.first_seed, args.first_seed + args.stream_seeds[name])
+    ]
     # longest streams first, so no worker is left with a long one at the end
     queue = sorted(pairs, key=lambda pair: -length[pair[0]])
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -268,7 +272,9 @@ def _seeds(meta: dict[str, Any]) -> str:
     """"3", or "3 (wine 9, iris 10; at least 1500 decisions a stream)" when short streams ran more."""
     more = {name: k for name, k in meta.get("stream_seeds", {}).items() if k != meta["seeds"]}
     extra = f" ({', '.join(f'{name} {k}' for name, k in more.items())}; at least {meta['min_decisions']} decisions a stream)"
-    return f"{meta['seeds']}{extra if more else ''}"
+    first = meta.get("first_seed", 0)
+    start = f", from seed {first}" if first else ""
+    return f"{meta['seeds']}{extra if more else ''}{start}"
 
 
 def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -354,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "--min-decisions", type=int, default=None,
         help="short streams get more seeds, enough for this many decisions in all (default 1500; 0 with --quick)",
     )
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (default 0)")
     parser.add_argument("--streams", nargs="+", default=None, choices=streams.ALL)
     parser.add_argument("--limit", type=int, default=None, help="examples per stream (synthetic length; dataset cap)")
     parser.add_argument(
@@ -380,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     args.reflexd = args.reflexd or DEFAULT_PRESETS
 
     started = time.perf_counter()
-    meta = {"machine": machine(("reflexd", *LIBRARIES)), "seeds": args.seeds, "min_decisions": args.min_decisions, "cadence": args.cadence, "growth": args.growth, "jobs": args.jobs, "presets": args.reflexd, "quick": args.quick}
+    meta = {"machine": machine(("reflexd", *LIBRARIES)), "seeds": args.seeds, "first_seed": args.first_seed, "min_decisions": args.min_decisions, "cadence": args.cadence, "growth": args.growth, "jobs": args.jobs, "presets": args.reflexd, "quick": args.quick}
     results = run_all(args)
     meta["stream_seeds"] = args.stream_seeds
     rows = summarise(results, args)
