@@ -14,8 +14,8 @@ torch's), the live-reward rollback monitor, the ``trainer.max_examples`` cap and
 ``max_wall_time``, per-agent settings and ``default_action`` (the benchmark's client sets none).
 Exploration draws as the client does (``random.Random(seed)``, one ``.random()`` per decision),
 so a seed makes the decisions of bench/learning.py's run wherever torch's scores match ONNX's:
-with the defaults, the replay earned what the benchmark's daemons earned, with
-the same run outcomes, on each of wine's 27 seeds and iris's 10.
+with the defaults, the replay earned what the benchmark's daemons earned, with the same run
+outcomes, on each of wine's seeds 0–38 and iris's 0–9.
 
 Prints each stream's mean reward ± std over seeds, its ratio to the best VW configuration on the
 same seeds (every configuration of bench/learning.py is run on each) and the difference from it
