@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 
-from reflexd.connection import request
-from reflexd.launch import LocalDaemon
-from reflexd.protocol import StatusRequest
+from reflexd.wire.connection import request
+from reflexd.testing import LocalDaemon
+from reflexd.wire.protocol import StatusRequest
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0

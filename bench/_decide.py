@@ -14,9 +14,9 @@ from typing import Any, Callable
 import msgspec
 import numpy as np
 
-from reflexd.client import Policy
-from reflexd.connection import Connection
-from reflexd.protocol import MSGPACK, Decide, Decided, encode_frame
+from reflexd.client.policy import Policy
+from reflexd.wire.connection import Connection
+from reflexd.wire.protocol import MSGPACK, Decide, Decided, encode_frame
 
 from _baselines import VW_ARGS, VW_TRAIN, NumpyGraph, VowpalWabbit, vw_lines
 from _procs import Gate, run_together

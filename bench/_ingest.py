@@ -16,9 +16,9 @@ from typing import Any
 
 import msgspec
 
-from reflexd.protocol import JSON, MSGPACK, Ack, Flush, FrameReader, Inbound, decode_inbound, decode_reply, encode_frame
-from reflexd.spool import Spool
-from reflexd.store import Store
+from reflexd.wire.protocol import JSON, MSGPACK, Ack, Flush, FrameReader, Inbound, decode_inbound, decode_reply, encode_frame
+from reflexd.service.spool import Spool
+from reflexd.service.store import Store
 
 from _procs import Gate, run_together
 from _workload import chunks, decision_frames

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reflexd.client import Policy
-from reflexd.connection import Connection
-from reflexd.protocol import Ack, Flush, ModelsRequest, Promote, Train
+from reflexd.client.policy import Policy
+from reflexd.wire.connection import Connection
+from reflexd.wire.protocol import Ack, Flush, ModelsRequest, Promote, Train
 
 from _daemon import BenchDaemon, ChildWatcher
 from _workload import AGENT, Workload, chunks, experience_frames

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from reflexd.demo import World
-from reflexd.protocol import MSGPACK, Decision, Outcome, encode_frame
+from reflexd.tools.demo import World
+from reflexd.wire.protocol import MSGPACK, Decision, Outcome, encode_frame
 
 AGENT = "bench-router"
 LANGS = ("en", "de", "fr", "es", "ja", "pt")

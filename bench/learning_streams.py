@@ -133,7 +133,7 @@ def xor_ring(seed: int, n: int = 4000) -> Stream:
 # ---- the "agent strategy" world (as daemon/demo.py's World), rewards mapped into [0, 1] ------------
 
 # the demo's own tables, so the benchmark and `reflexd demo` can never drift apart
-from reflexd.demo import STRATEGIES, TASKS, WEIGHTS  # noqa: E402
+from reflexd.tools.demo import STRATEGIES, TASKS, WEIGHTS  # noqa: E402
 
 # demo rewards lie in about [-0.45, 1]: success − cost and latency penalties; mapped affinely
 LOW, SPAN = -0.45, 1.45

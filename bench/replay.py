@@ -41,20 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning_peers as peers  # noqa: E402
 import learning_streams as streams  # noqa: E402
 from _daemon import deep_merge  # noqa: E402
-from reflexd import gate  # noqa: E402
+from reflexd.learning import gate  # noqa: E402
 from reflexd.config import Config, ConfigError, parse_config  # noqa: E402
-from reflexd.dataset import Batch, split_holdout  # noqa: E402
+from reflexd.learning.dataset import Batch, split_holdout  # noqa: E402
 from reflexd.errors import TrainingError  # noqa: E402
 from reflexd.features import FeatureSpec, Hasher, action_ids  # noqa: E402
 from reflexd.plugins import exploration  # noqa: E402
 from reflexd.registry import GateResult  # noqa: E402
-from reflexd.scheduler import run_points  # noqa: E402
+from reflexd.service.scheduler import run_points  # noqa: E402
 from reflexd.split import cross_fitted, first_run_rows  # noqa: E402
-from reflexd.trainer import cross_fit  # noqa: E402
+from reflexd.trainer.fit import cross_fit  # noqa: E402
 
 
 class TorchScorer:
-    """A fitted model where the gate expects a ``reflexd.serving.Scorer``: scores, version and
+    """A fitted model where the gate expects a ``reflexd.deciding.scoring.Scorer``: scores, version and
     the manifest fields the gate reads (the feature spec, and the run's rows and window)."""
 
     def __init__(self, model: Any, version: str, spec: FeatureSpec, training: dict[str, Any]) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import Config, load_config, parse_config
-from .errors import (
+from reflexd.config import Config, load_config, parse_config
+from reflexd.errors import (
     ConfigError,
     DaemonUnavailable,
     FrameError,
@@ -24,7 +24,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .client import Choice, Policy
+    from reflexd.client.policy import Choice, Policy
 
 __version__ = "0.1.0"
 
@@ -49,7 +49,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("Policy", "Choice"):
-        from . import client
+        from reflexd.client import policy
 
-        return getattr(client, name)
+        return getattr(policy, name)
     raise AttributeError(f"module 'reflexd' has no attribute {name!r}")

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from .errors import ConfigError
-from .split import holdout_rows, holdout_run_rows
+from reflexd.errors import ConfigError
+from reflexd.split import holdout_rows, holdout_run_rows
 
 DEFAULT_PATH = "/etc/reflexd/reflexd.yaml"
 
@@ -87,7 +87,7 @@ class TrainerConfig(_Section):
     learner: str = "mlp"
     min_new_examples: Positive = 1000
     # while experience is scarce, a run is also due once it has grown by this fraction (see
-    # reflexd.scheduler.due_after); 0 leaves min_new_examples alone in charge
+    # reflexd.service.scheduler.due_after); 0 leaves min_new_examples alone in charge
     growth: NonNegative = 0.25
     check_interval: PositiveFloat = 5.0
     idle_load: PositiveFloat = 0.8
@@ -146,7 +146,7 @@ class GateConfig(_Section):
     first_min_holdout: Positive = 3
     first_confidence: Annotated[float, msgspec.Meta(gt=0.5, lt=1)] = 0.8
     parity_tolerance: PositiveFloat = 1e-5
-    # automatic rollback (reflexd.monitor): live reward of the current model against its predecessor's
+    # automatic rollback (reflexd.service.monitor): live reward of the current model against its predecessor's
     auto_rollback: bool = True
     rollback_check_interval: PositiveFloat = 60.0
     rollback_min_decisions: Annotated[int, msgspec.Meta(ge=2)] = 500
@@ -186,10 +186,10 @@ class RedactionConfig(_Section, dict=True):
 
     @property
     def redactor(self) -> Any:
-        """The compiled ``reflexd.redact.Redactor``, built once per loaded config."""
+        """The compiled ``reflexd.service.redact.Redactor``, built once per loaded config."""
         found = self.__dict__.get("_redactor")
         if found is None:
-            from .redact import Redactor
+            from reflexd.service.redact import Redactor
 
             found = self.__dict__["_redactor"] = Redactor.from_config(self)
         return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import StorageError
+from reflexd.errors import StorageError
 
 
 def fsync_path(path: Path) -> None:

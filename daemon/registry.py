@@ -24,10 +24,10 @@ from typing import Any, Mapping
 
 import msgspec
 
-from .config import ExplorationConfig
-from .durable import atomic_write, fsync_path
-from .errors import ModelIntegrityError, ModelNotFound, PointerMoved
-from .features import FeatureSpec, scheme_refusal
+from reflexd.config import ExplorationConfig
+from reflexd.durable import atomic_write, fsync_path
+from reflexd.errors import ModelIntegrityError, ModelNotFound, PointerMoved
+from reflexd.features import FeatureSpec, scheme_refusal
 
 MODEL_FILE = "policy.onnx"
 MANIFEST_FILE = "manifest.json"

@@ -2,7 +2,7 @@
 
 A run on enough rows holds out the newest ``trainer.holdout_fraction`` for the gate. One on fewer
 (from ``trainer.cross_fit_from`` on) is cross-fitted instead: the gate judges the learner on
-every row, each scored by the learner fit on the others (``reflexd.trainer``).
+every row, each scored by the learner fit on the others (``reflexd.trainer.fit``).
 
 Plain arithmetic on the config's numbers, in a module of its own so the config check can use what
 the dataset, the trainer and the scheduler use without importing them (the scheduler imports the
@@ -15,7 +15,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import Config
+    from reflexd.config import Config
 
 # the fewest a holdout run trains on; a cross-fitted run's folds train on fewer
 MIN_TRAIN_ROWS = 10

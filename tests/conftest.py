@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from reflexd.connection import request
+from reflexd.wire.connection import request
 from reflexd.errors import DaemonUnavailable
-from reflexd.protocol import StatusRequest
+from reflexd.wire.protocol import StatusRequest
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0

@@ -11,9 +11,9 @@ import msgspec
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.client import Policy
+from reflexd.client.policy import Policy
 from reflexd.config import ExplorationConfig
-from reflexd.protocol import MSGPACK, Decision, decode_inbound, encode_frame
+from reflexd.wire.protocol import MSGPACK, Decision, decode_inbound, encode_frame
 
 
 def stored_ids(d: DaemonProcess) -> list[str]:

@@ -12,7 +12,7 @@ import duckdb
 import pytest
 
 from conftest import DaemonProcess
-from reflexd.client import Policy
+from reflexd.client.policy import Policy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -21,9 +21,9 @@ import msgspec
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.connection import Connection
+from reflexd.wire.connection import Connection
 from reflexd.errors import RequestFailed
-from reflexd.protocol import (
+from reflexd.wire.protocol import (
     Ack,
     Decide,
     Decided,
@@ -215,7 +215,7 @@ def test_model_requests_fail_clearly_without_models(daemon: DaemonProcess) -> No
     with pytest.raises(RequestFailed, match="nothing to roll back"):
         daemon.request(Rollback())
     with Connection(daemon.socket) as conn:
-        conn.send([msgspec.convert({"type": "promote", "version": "v0042"}, type=__import__("reflexd.protocol").protocol.Promote)])
+        conn.send([msgspec.convert({"type": "promote", "version": "v0042"}, type=__import__("reflexd.wire.protocol").protocol.Promote)])
         reply = conn.receive()
     assert isinstance(reply, Error) and "v0042" in reply.message
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reflexd.dataset import Batch, SnapshotError, from_records, load_holdout, load_snapshot, split_holdout
+from reflexd.learning.dataset import Batch, SnapshotError, from_records, load_holdout, load_snapshot, split_holdout
 from reflexd.errors import TrainingError
 from reflexd.features import FeatureSpec, Hasher
 
@@ -252,7 +252,7 @@ def test_take_keeps_rows_aligned_and_the_load_drop_count():
 
 def test_torch_free_modules_do_not_import_torch():
     code = (
-        "import reflexd.dataset, reflexd.trainer, reflexd.plugins.learners, reflexd.exporters.onnx, sys; "
+        "import reflexd.learning.dataset, reflexd.trainer.fit, reflexd.plugins.learners, reflexd.exporters.onnx, sys; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

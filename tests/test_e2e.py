@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.client import Policy
-from reflexd.protocol import ModelsRequest
+from reflexd.client.policy import Policy
+from reflexd.wire.protocol import ModelsRequest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -19,12 +19,12 @@ import msgspec
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.client import Policy
+from reflexd.client.policy import Policy
 from reflexd.config import Config, TrainerConfig
 from reflexd.errors import RequestFailed
-from reflexd.protocol import Decide, Train
-from reflexd.scheduler import Scheduler
-from reflexd.trainer import EXIT_OUT_OF_MEMORY, memory_exhausted, read_result
+from reflexd.wire.protocol import Decide, Train
+from reflexd.service.scheduler import Scheduler
+from reflexd.trainer.fit import EXIT_OUT_OF_MEMORY, memory_exhausted, read_result
 from test_trainer import write_snapshot
 
 e2e = pytest.mark.e2e

@@ -17,7 +17,7 @@ import pytest
 
 from reflexd import features as F
 from reflexd.features import FeatureSpec, Hasher, action_ids, action_parts, flatten
-from reflexd.protocol import Action
+from reflexd.wire.protocol import Action
 
 CTX = {
     "task": "code review for the parser",

@@ -26,11 +26,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reflexd import features as F
-from reflexd import protocol as p
+from reflexd.wire import protocol as p
 from reflexd.config import Config, parse_config
 from reflexd.errors import ConfigError, FrameError, FrameTooLarge
 from reflexd.features import FeatureSpec, Hasher
-from reflexd.store import DeadLetter, Store
+from reflexd.service.store import DeadLetter, Store
 
 FRAMINGS = [p.JSON, p.MSGPACK]
 INBOUND_TYPES = tuple(p.Inbound.__args__)  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from reflexd import gate
+from reflexd.learning import gate
 from reflexd.config import ExplorationConfig, GateConfig
 from reflexd.features import FeatureSpec
 from reflexd.plugins import exploration

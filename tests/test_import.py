@@ -13,9 +13,9 @@ import msgspec
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.client import Policy
-from reflexd.importer import Record, Rejected, detect_format, parse, parse_dsjson, parse_ndjson, parse_timestamp
-from reflexd.protocol import Decision, ModelsRequest, Outcome
+from reflexd.client.policy import Policy
+from reflexd.tools.importer import Record, Rejected, detect_format, parse, parse_dsjson, parse_ndjson, parse_timestamp
+from reflexd.wire.protocol import Decision, ModelsRequest, Outcome
 
 
 def write_lines(path: Path, lines: list) -> Path:

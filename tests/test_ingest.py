@@ -14,11 +14,11 @@ import pytest
 
 from reflexd.config import IngestConfig
 from reflexd.errors import StorageError
-from reflexd.ingest import Ingest
-from reflexd.protocol import Decision, Outcome
-from reflexd.scheduler import cpu_idle
-from reflexd.spool import Spool, encode_line
-from reflexd.store import DeadLetter, Store
+from reflexd.service.ingest import Ingest
+from reflexd.wire.protocol import Decision, Outcome
+from reflexd.service.scheduler import cpu_idle
+from reflexd.service.spool import Spool, encode_line
+from reflexd.service.store import DeadLetter, Store
 
 
 def decisions(start: int, n: int) -> list[Decision]:
@@ -170,7 +170,7 @@ def test_logs_are_json_off_a_terminal_and_columns_on_one() -> None:
 
 def test_the_trainer_lowers_its_own_priority() -> None:
     code = (
-        "import os; from reflexd.trainer import _lower_priority; _lower_priority();"
+        "import os; from reflexd.trainer.fit import _lower_priority; _lower_priority();"
         "print(os.nice(0), os.sched_getscheduler(0) == os.SCHED_IDLE)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

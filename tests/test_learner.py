@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reflexd.config import TrainerConfig
-from reflexd.dataset import from_records
+from reflexd.learning.dataset import from_records
 from reflexd.errors import TrainingError
 from reflexd.features import FeatureSpec, Hasher
 from reflexd.plugins.learners import UnknownLearner, load_learner

@@ -24,9 +24,9 @@ import msgspec
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.connection import Connection
+from reflexd.wire.connection import Connection
 from reflexd.errors import FrameError
-from reflexd.protocol import JSON, MSGPACK, Ack, Error, Event, Flush, FrameReader, StatusRequest, decode_reply, encode_frame
+from reflexd.wire.protocol import JSON, MSGPACK, Ack, Error, Event, Flush, FrameReader, StatusRequest, decode_reply, encode_frame
 
 pytestmark = pytest.mark.e2e
 

@@ -15,10 +15,10 @@ import yaml
 from structlog.testing import capture_logs
 
 from reflexd.config import load_config
-from reflexd.connection import request
+from reflexd.wire.connection import request
 from reflexd.errors import DaemonUnavailable
-from reflexd.protocol import StatusReply, StatusRequest
-from reflexd.service import Daemon
+from reflexd.wire.protocol import StatusReply, StatusRequest
+from reflexd.service.daemon import Daemon
 
 START_TIMEOUT = 60.0
 
@@ -75,7 +75,7 @@ def test_the_daemon_opens_its_store_with_the_configured_settings_until_restart(t
 def test_a_daemon_at_rest_imports_neither_torch_nor_parquet_reading() -> None:
     # pyarrow.parquet is needed only to gate a candidate, and costs resident memory from start-up
     code = (
-        "import sys, reflexd.cli, reflexd.service; "
+        "import sys, reflexd.tools.cli, reflexd.service.daemon; "
         "bad = [m for m in ('torch', 'pyarrow.parquet') if m in sys.modules]; assert not bad, bad"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -23,7 +23,7 @@ def test_every_folder_with_an_init_is_a_listed_package() -> None:
 
 def test_serving_path_imports_neither_torch_nor_duckdb() -> None:
     code = (
-        "import sys, reflexd; from reflexd import Policy; import reflexd.serving, reflexd.gate, reflexd.dataset;"
+        "import sys, reflexd; from reflexd import Policy; import reflexd.deciding.scoring, reflexd.learning.gate, reflexd.learning.dataset;"
         "bad = [m for m in ('torch', 'duckdb') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

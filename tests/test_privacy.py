@@ -16,12 +16,12 @@ import pytest
 
 from conftest import DaemonProcess, wait_for
 from reflexd.config import Config, RedactionConfig, load_config, parse_config
-from reflexd.connection import Connection
+from reflexd.wire.connection import Connection
 from reflexd.errors import ConfigError
-from reflexd.protocol import Ack, Action, Decide, Decision, Done, Event, Flush, Forget, Outcome, Step
-from reflexd.redact import MAX_DEPTH, RedactionError, Redactor, canonical_json
-from reflexd.spool import encode_line
-from reflexd.store import Store
+from reflexd.wire.protocol import Ack, Action, Decide, Decision, Done, Event, Flush, Forget, Outcome, Step
+from reflexd.service.redact import MAX_DEPTH, RedactionError, Redactor, canonical_json
+from reflexd.service.spool import encode_line
+from reflexd.service.store import Store
 
 KEY = b"k" * 32
 EMAIL = "alice.privacy@example.com"

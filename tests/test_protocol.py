@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from reflexd import protocol as p
+from reflexd.wire import protocol as p
 from reflexd.errors import FrameError, FrameTooLarge
 
 FRAMINGS = [p.JSON, p.MSGPACK]

@@ -21,13 +21,13 @@ from onnx import helper
 from structlog.testing import capture_logs
 
 from conftest import DaemonProcess, wait_for
-from reflexd.client import Policy
+from reflexd.client.policy import Policy
 from reflexd.config import Config, GateConfig, parse_config
 from reflexd.errors import ModelIntegrityError, PointerMoved
-from reflexd.monitor import Monitor, judge
-from reflexd.protocol import Decision, ModelsRequest, Outcome, Promote, Train
+from reflexd.service.monitor import Monitor, judge
+from reflexd.wire.protocol import Decision, ModelsRequest, Outcome, Promote, Train
 from reflexd.registry import CURRENT_FILE, HISTORY_FILE, Registry
-from reflexd.store import RewardStats, Store
+from reflexd.service.store import RewardStats, Store
 
 GATE = GateConfig(confidence=0.95, rollback_min_decisions=100, rollback_margin=0.0)
 

@@ -8,10 +8,10 @@ import msgspec
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.client import Policy
+from reflexd.client.policy import Policy
 from reflexd.config import Config, TrainerConfig
-from reflexd.protocol import ModelsRequest
-from reflexd.scheduler import due_after, run_points
+from reflexd.wire.protocol import ModelsRequest
+from reflexd.service.scheduler import due_after, run_points
 from reflexd.split import first_run_rows, holdout_run_rows
 
 FIRST = first_run_rows(Config())

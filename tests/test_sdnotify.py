@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from reflexd import sdnotify
+from reflexd.service import sdnotify
 
 
 @pytest.fixture

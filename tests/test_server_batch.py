@@ -18,9 +18,9 @@ import msgspec
 import pytest
 
 from conftest import DaemonProcess
-from reflexd.connection import Connection
+from reflexd.wire.connection import Connection
 from reflexd.plugins import exploration
-from reflexd.protocol import (
+from reflexd.wire.protocol import (
     MSGPACK,
     Ack,
     Decide,
@@ -34,7 +34,7 @@ from reflexd.protocol import (
     encode_frame,
 )
 from reflexd.registry import Registry
-from reflexd.serving import Chooser, ModelSource, Scorer
+from reflexd.deciding.scoring import Chooser, ModelSource, Scorer
 from test_serving import ACTIONS, CTX, SOFTMAX, add_version, manifest_exploration
 
 TIMEOUT = 30.0

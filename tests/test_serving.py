@@ -17,7 +17,7 @@ from reflexd.features import FeatureSpec, Hasher
 from reflexd.plugins import exploration
 from reflexd.errors import ModelIntegrityError
 from reflexd.registry import CURRENT_FILE, MODEL_FILE, Manifest, Registry
-from reflexd.serving import BATCH_ROWS, Chooser, ModelSource
+from reflexd.deciding.scoring import BATCH_ROWS, Chooser, ModelSource
 
 DC, DA = 16, 8
 SPEC = FeatureSpec(context_dim=DC, action_dim=DA, seed=3)
@@ -387,7 +387,7 @@ def test_chooser_frequencies_match_logged_probabilities(live: ModelSource, explo
 
 
 def test_chooser_handles_unseen_context_and_action_forms(live: ModelSource) -> None:
-    from reflexd.protocol import Action
+    from reflexd.wire.protocol import Action
 
     chooser = Chooser(live, manifest_exploration, seed=0)
     actions = ["small", Action(id="new_tool", features={"latency": 0.3}), {"id": "brand_new"}]

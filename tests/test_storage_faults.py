@@ -15,8 +15,8 @@ import duckdb
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.connection import Connection
-from reflexd.protocol import Ack, Decide, Decided, Decision, Flush, encode_frame
+from reflexd.wire.connection import Connection
+from reflexd.wire.protocol import Ack, Decide, Decided, Decision, Flush, encode_frame
 
 pytestmark = pytest.mark.e2e
 

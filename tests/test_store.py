@@ -19,9 +19,9 @@ import pytest
 
 from reflexd.config import StoreConfig, parse_config
 from reflexd.errors import StorageError
-from reflexd.protocol import Action, Decision, Event, Outcome, Step, decode_inbound
-from reflexd.store import DeadLetter, SnapshotInfo, Store, WriteResult
-from reflexd.spool import Spool
+from reflexd.wire.protocol import Action, Decision, Event, Outcome, Step, decode_inbound
+from reflexd.service.store import DeadLetter, SnapshotInfo, Store, WriteResult
+from reflexd.service.spool import Spool
 
 DAY = 86400.0
 

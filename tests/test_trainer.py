@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from conftest import wait_for
-from reflexd.client import Policy
+from reflexd.client.policy import Policy
 from reflexd.config import Config, FeatureConfig, GateConfig, TrainerConfig
-from reflexd.dataset import load_snapshot
+from reflexd.learning.dataset import load_snapshot
 from reflexd.errors import TrainingError
 from reflexd.exporters.onnx import export_onnx, graph_key
 from reflexd.features import FeatureSpec, Hasher
 from reflexd.plugins.learners.mlp import MLPLearner, RewardMLP
-from reflexd.protocol import ModelsRequest, Train
+from reflexd.wire.protocol import ModelsRequest, Train
 from reflexd.split import MAX_FOLDS, MIN_TRAIN_ROWS, cross_fitted, first_run_rows, holdout_rows, holdout_run_rows
-from reflexd.trainer import read_result
+from reflexd.trainer.fit import read_result
 
 pytestmark = pytest.mark.slow
 

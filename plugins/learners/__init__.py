@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from reflexd.config import TrainerConfig
-    from reflexd.dataset import Batch
+    from reflexd.learning.dataset import Batch
 
 GROUP = "reflexd.learners"
 
@@ -33,7 +33,7 @@ class Learner(Protocol):
     better, in reward units) and the model's uncertainty about it (0 when it has none to offer).
     The module must be exportable to ONNX with dynamic B and A, and deterministic given ``seed``.
     A run may call ``fit`` a dozen times on as few as ``trainer.cross_fit_from - 1`` rows: a
-    cross-fitted run (``reflexd.trainer.cross_fit``) fits once per fold, then on every row.
+    cross-fitted run (``reflexd.trainer.fit.cross_fit``) fits once per fold, then on every row.
     Only the chosen action has a reward: ``train.chosen_actions`` gives those [N, Da] without
     building the padded [N, A, Da] ``train.actions``.
     """

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from reflexd.config import TrainerConfig
-from reflexd.dataset import Batch
+from reflexd.learning.dataset import Batch
 
 from . import Progress
 from ._heads import Adam, RewardModel, fit_heads

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from reflexd.config import TrainerConfig
-from reflexd.dataset import Batch
+from reflexd.learning.dataset import Batch
 from reflexd.errors import TrainingError
 
 from . import Progress

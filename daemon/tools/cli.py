@@ -10,9 +10,9 @@ from typing import Any, Sequence
 
 import msgspec
 
-from . import __version__
-from .config import DEFAULT_PATH, load_config
-from .errors import ConfigError, ReflexdError
+from reflexd import __version__
+from reflexd.config import DEFAULT_PATH, load_config
+from reflexd.errors import ConfigError, ReflexdError
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 
@@ -51,13 +51,13 @@ def _socket_path(args: argparse.Namespace) -> str:
         return load_config(explicit).socket.path  # a config named but missing is an error, not a default
     if os.path.exists(DEFAULT_PATH):
         return load_config(DEFAULT_PATH).socket.path
-    from .connection import DEFAULT_SOCKET
+    from reflexd.wire.connection import DEFAULT_SOCKET
 
     return DEFAULT_SOCKET
 
 
 def _request(args: argparse.Namespace, msg: msgspec.Struct, timeout: float = 30.0) -> Any:
-    from .connection import request
+    from reflexd.wire.connection import request
 
     return request(msg, _socket_path(args), timeout=timeout)
 
@@ -70,7 +70,7 @@ def _print(obj: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .service import run
+    from reflexd.service.daemon import run
 
     run(args.config)
     return 0
@@ -90,7 +90,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .protocol import StatusRequest
+    from reflexd.wire.protocol import StatusRequest
 
     reply = _request(args, StatusRequest())
     if args.json:
@@ -138,7 +138,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    from .protocol import Decide
+    from reflexd.wire.protocol import Decide
 
     try:
         context = json.loads(args.context)
@@ -158,7 +158,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .protocol import Train
+    from reflexd.wire.protocol import Train
 
     print("training… (the daemon snapshots, trains, exports and gates; this can take a minute)", file=sys.stderr)
     reply = _request(args, Train(), timeout=args.timeout)
@@ -167,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .protocol import ModelsRequest, Promote, Rollback
+    from reflexd.wire.protocol import ModelsRequest, Promote, Rollback
 
     if args.action == "promote":
         if not args.version:
@@ -192,7 +192,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"{'':2}{'version':8} {'created':20} {'rows':>8}  gate")
     import datetime as dt
 
-    from .registry import fit_rows
+    from reflexd.registry import fit_rows
 
     for m in reply.models:
         live = "*" if m.get("version") == reply.current else " "
@@ -204,7 +204,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from .protocol import Forget
+    from reflexd.wire.protocol import Forget
 
     if not args.yes:
         if not sys.stdin.isatty():
@@ -228,9 +228,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import importer
-    from .connection import Connection, request
-    from .protocol import StatusRequest
+    from reflexd.tools import importer
+    from reflexd.wire.connection import Connection, request
+    from reflexd.wire.protocol import StatusRequest
 
     fmt = args.format if args.format != "auto" else importer.detect_format(args.file)
     items = importer.parse(args.file, fmt, args.agent)  # a generator: the file is read as it is sent
@@ -263,7 +263,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from reflexd.tools.demo import run_demo
 
     return run_demo(decisions=args.decisions, out_dir=args.out, seed=args.seed, rate=args.rate)
 

@@ -48,11 +48,11 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from .config import Config, TrainerConfig
-from .dataset import Batch, load_snapshot, split_holdout
-from .errors import TrainingError
-from .features import FeatureSpec
-from .split import cross_fitted, first_run_rows, folds, holdout_run_rows
+from reflexd.config import Config, TrainerConfig
+from reflexd.learning.dataset import Batch, load_snapshot, split_holdout
+from reflexd.errors import TrainingError
+from reflexd.features import FeatureSpec
+from reflexd.split import cross_fitted, first_run_rows, folds, holdout_run_rows
 
 RESULT_FILE = "result.json"
 MODEL_FILE = "policy.onnx"
@@ -469,11 +469,3 @@ def _fail(out_dir: Path, message: str, status: int = 2) -> int:
         pass  # the exit status and the line above still tell the daemon
     return status
 
-
-if __name__ == "__main__":
-    status = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # the result is written: skipping the interpreter's teardown of torch (~0.3 s) hands the
-    # daemon, which waits for this process to exit, its model that much sooner
-    os._exit(status)

@@ -11,8 +11,8 @@ from typing import Iterable
 
 import msgspec
 
-from .errors import DaemonUnavailable, FrameError, RequestFailed
-from .protocol import MSGPACK, Error, FrameReader, Reply, decode_reply, encode_frame
+from reflexd.errors import DaemonUnavailable, FrameError, RequestFailed
+from reflexd.wire.protocol import MSGPACK, Error, FrameReader, Reply, decode_reply, encode_frame
 
 DEFAULT_SOCKET = "/run/reflexd/reflexd.sock"
 MAX_REPLY_BYTES = 64 << 20

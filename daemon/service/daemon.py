@@ -18,11 +18,13 @@ from typing import Any
 import anyio
 import msgspec
 
-from . import __version__, log, sdnotify
-from .config import Config, load_config
-from .errors import ConfigError, ReflexdError, StorageError, TrainingError
-from .ingest import Ingest
-from .protocol import (
+from reflexd import __version__, log
+
+from reflexd.service import sdnotify
+from reflexd.config import Config, load_config
+from reflexd.errors import ConfigError, ReflexdError, StorageError, TrainingError
+from reflexd.service.ingest import Ingest
+from reflexd.wire.protocol import (
     Decide,
     Decided,
     Decision,
@@ -36,13 +38,13 @@ from .protocol import (
     StatusRequest,
     Train,
 )
-from .registry import Registry, fit_rows
-from .monitor import Monitor
-from .scheduler import Scheduler
-from .server import Server, prepare_path
-from .serving import Chooser, ModelSource
-from .spool import Spool
-from .store import Store
+from reflexd.registry import Registry, fit_rows
+from reflexd.service.monitor import Monitor
+from reflexd.service.scheduler import Scheduler
+from reflexd.service.server import Server, prepare_path
+from reflexd.deciding.scoring import Chooser, ModelSource
+from reflexd.service.spool import Spool
+from reflexd.service.store import Store
 
 _log = log.get("reflexd")
 MODEL_POLL_SECONDS = 0.5

@@ -28,9 +28,9 @@ from typing import Any
 
 import msgspec
 
-from .durable import atomic_write, fsync_path
-from .errors import StorageError
-from .protocol import Decision, Event, Outcome, Step
+from reflexd.durable import atomic_write, fsync_path
+from reflexd.errors import StorageError
+from reflexd.wire.protocol import Decision, Event, Outcome, Step
 
 SUFFIX = ".ndjson"
 # A batch whose line would be longer is split over several lines: DuckDB's reader holds a line

@@ -17,9 +17,9 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-from .errors import TrainingError
-from .features import FeatureSpec, Hasher, action_ids
-from .split import holdout_rows
+from reflexd.errors import TrainingError
+from reflexd.features import FeatureSpec, Hasher, action_ids
+from reflexd.split import holdout_rows
 
 COLUMNS = ("id", "agent", "received_at", "context", "actions", "chosen", "prob", "reward")
 

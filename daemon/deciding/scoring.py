@@ -17,12 +17,12 @@ import msgspec
 import numpy as np
 import onnxruntime as ort
 
-from .config import ExplorationConfig
-from .errors import ModelIntegrityError, ReflexdError
-from .features import Hasher, action_ids
-from .protocol import Decision
-from .registry import Manifest, Registry, experience
-from .plugins import exploration
+from reflexd.config import ExplorationConfig
+from reflexd.errors import ModelIntegrityError, ReflexdError
+from reflexd.features import Hasher, action_ids
+from reflexd.wire.protocol import Decision
+from reflexd.registry import Manifest, Registry, experience
+from reflexd.plugins import exploration
 
 BATCH_ROWS = 4096
 

@@ -2,7 +2,7 @@
 
 One connection guarded by one lock: DuckDB connections are not safe to share between threads,
 and the daemon's writers and readers run in worker threads. Events arrive as spool segments
-(``reflexd.spool``) that DuckDB's own JSON reader loads, so no row is built in Python. Tables
+(``reflexd.service.spool``) that DuckDB's own JSON reader loads, so no row is built in Python. Tables
 named in SQL such as ``FROM letters`` are Python locals of the calling function, found by
 DuckDB's replacement scan.
 """
@@ -24,11 +24,11 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
-from . import spool
-from .config import Config, StoreConfig
-from .durable import fsync_path
-from .errors import RejectedData, StorageError
-from .protocol import Decision, Event, Outcome, Step
+from reflexd.service import spool
+from reflexd.config import Config, StoreConfig
+from reflexd.durable import fsync_path
+from reflexd.errors import RejectedData, StorageError
+from reflexd.wire.protocol import Decision, Event, Outcome, Step
 
 EXPERIENCE_TABLES = ("decisions", "outcomes", "steps", "events")
 COUNTED_TABLES = (*EXPERIENCE_TABLES, "dead_letters")
@@ -406,7 +406,7 @@ class Store:
     # ---- writing ---------------------------------------------------------------------------
 
     def load(self, segment: Path) -> WriteResult:
-        """Load one spool segment (``reflexd.spool``) in one transaction, with DuckDB's JSON reader.
+        """Load one spool segment (``reflexd.service.spool``) in one transaction, with DuckDB's JSON reader.
 
         Events whose id is already stored (or repeats in the segment) are skipped, which makes a
         resend after a lost acknowledgement, and loading a segment again after a crash, exactly-once.

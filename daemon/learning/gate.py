@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import msgspec
 import numpy as np
 
-from .config import ExplorationConfig, GateConfig
-from .plugins import exploration as _exploration
-from .registry import GateResult, experience
+from reflexd.config import ExplorationConfig, GateConfig
+from reflexd.plugins import exploration as _exploration
+from reflexd.registry import GateResult, experience
 
 if TYPE_CHECKING:
     # serving imports onnxruntime; the gate itself only needs score_batch, version and manifest
-    from .serving import Scorer
+    from reflexd.deciding.scoring import Scorer
 
 __all__ = [
     "ESTIMATORS",
@@ -366,7 +366,7 @@ def evaluate(
 ) -> GateResult:
     """Score the holdout with both models and ``compare`` their deployed policies on it.
 
-    ``holdout`` is a ``reflexd.dataset.Batch`` (anything with context, actions, mask, chosen, prob,
+    ``holdout`` is a ``reflexd.learning.dataset.Batch`` (anything with context, actions, mask, chosen, prob,
     reward and ids), hashed with the candidate's feature spec. The candidate's scores are the
     reward model q_hat for both sides, so DM and DR differences are paired on one model.
 
@@ -420,7 +420,7 @@ def evaluate_cross_fit(
 ) -> GateResult:
     """Judge a learner on a cross-fitted run's out-of-fold predictions against the logging policy.
 
-    ``rows`` is every row of the run's snapshot (a ``reflexd.dataset.Batch``) and ``scores`` and
+    ``rows`` is every row of the run's snapshot (a ``reflexd.learning.dataset.Batch``) and ``scores`` and
     ``spread`` [N, A_max] each row's predictions by the learner fit without it, so each row is
     one the policy judged on it has not seen. The rule is a first model's (``compare`` with no
     baseline policy) even when a cross-fitted model is live: that model was fit on these same

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .connection import request
-from .launch import LocalDaemon
-from .protocol import Flush, StatusRequest
+from reflexd.wire.connection import request
+from reflexd.testing import LocalDaemon
+from reflexd.wire.protocol import Flush, StatusRequest
 
 TASKS = ("chat", "code", "math", "search")
 
@@ -195,7 +195,7 @@ def plot(rec: Record, path: Path) -> bool:
 def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, rate: float = 300.0) -> int:
     from tqdm import tqdm
 
-    from .client import Policy
+    from reflexd.client.policy import Policy
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """From decoded events to durable rows: a writer appends batches to the spool, a loader moves them into DuckDB.
 
 Connection handlers ``submit`` events. The writer appends them in batches to the spool
-(``reflexd.spool``) and fsyncs, from a worker thread, and only then releases the flush barriers
+(``reflexd.service.spool``) and fsyncs, from a worker thread, and only then releases the flush barriers
 that let a connection acknowledge. The loader takes whole spool segments into the store behind it,
 so DuckDB's insert rate bounds how far the spool grows, not how fast events are acknowledged.
 
@@ -20,12 +20,12 @@ from typing import Any, Sequence
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from . import log
-from .config import IngestConfig
-from .errors import RejectedData, StorageError
-from .protocol import ExperienceEvent
-from .spool import Spool
-from .store import DeadLetter
+from reflexd import log
+from reflexd.config import IngestConfig
+from reflexd.errors import RejectedData, StorageError
+from reflexd.wire.protocol import ExperienceEvent
+from reflexd.service.spool import Spool
+from reflexd.service.store import DeadLetter
 
 _log = log.get("reflexd.ingest")
 POLL_SECONDS = 0.002

@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Union
 
 import msgspec
 
-from .errors import ReflexdError
-from .protocol import Ack, Decision, Error, Flush, Outcome
+from reflexd.errors import ReflexdError
+from reflexd.wire.protocol import Ack, Decision, Error, Flush, Outcome
 
 Format = Literal["ndjson", "dsjson"]
 FORMATS: tuple[str, ...] = ("ndjson", "dsjson")
@@ -390,7 +390,7 @@ def send(
     batch_size: int = DEFAULT_BATCH,
     on_line: Callable[[int], None] | None = None,
 ) -> Summary:
-    """Stream records over ``conn`` (a ``reflexd.connection.Connection``), flushing every batch.
+    """Stream records over ``conn`` (a ``reflexd.wire.connection.Connection``), flushing every batch.
 
     A batch is cut only between a decision's group (the decision and the outcomes that follow
     it), so a decision and its outcomes are written in the same ingest batch. Frames the daemon

@@ -18,13 +18,13 @@ from typing import Any
 
 import msgspec
 
-from . import log
-from .config import ExplorationConfig
-from .connection import Connection, default_socket
-from .errors import DaemonUnavailable, FrameError
-from .protocol import MSGPACK, Ack, Error, Event, Flush, Outcome, Step, encode_frame
-from .registry import Manifest, Registry
-from .serving import Choice, Chooser, ModelSource
+from reflexd import log
+from reflexd.config import ExplorationConfig
+from reflexd.wire.connection import Connection, default_socket
+from reflexd.errors import DaemonUnavailable, FrameError
+from reflexd.wire.protocol import MSGPACK, Ack, Error, Event, Flush, Outcome, Step, encode_frame
+from reflexd.registry import Manifest, Registry
+from reflexd.deciding.scoring import Choice, Chooser, ModelSource
 
 __all__ = ["Choice", "Policy"]
 

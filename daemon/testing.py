@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
-from .connection import request
-from .errors import DaemonUnavailable, ReflexdError
-from .protocol import StatusRequest
+from reflexd.wire.connection import request
+from reflexd.errors import DaemonUnavailable, ReflexdError
+from reflexd.wire.protocol import StatusRequest
 
 
 class DaemonStartFailed(ReflexdError):

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Iterator, Literal, Union
 
 import msgspec
 
-from .errors import FrameError, FrameTooLarge
-from .features import action_ids
+from reflexd.errors import FrameError, FrameTooLarge
+from reflexd.features import action_ids
 
 Prob = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]

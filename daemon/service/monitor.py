@@ -22,11 +22,11 @@ from typing import Any, Literal
 import anyio
 import msgspec
 
-from . import log
-from .config import GateConfig
-from .errors import PointerMoved, ReflexdError
-from .gate import z_score
-from .store import RewardStats
+from reflexd import log
+from reflexd.config import GateConfig
+from reflexd.errors import PointerMoved, ReflexdError
+from reflexd.learning.gate import z_score
+from reflexd.service.store import RewardStats
 
 _log = log.get("reflexd.monitor")
 

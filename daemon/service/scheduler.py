@@ -20,14 +20,16 @@ import anyio
 import msgspec
 import numpy as np
 
-from . import gate, log
-from .config import Config, TrainerConfig
-from .dataset import load_holdout, load_snapshot
-from .errors import ReflexdError, TrainerFault, TrainingError
-from .registry import GateResult, Manifest, Registry, experience, sha256_of
-from .serving import Scorer
-from .split import first_run_rows
-from .trainer import EXIT_OUT_OF_MEMORY, MODEL_FILE, REFIT_FILE, TrainResult, memory_exhausted, read_result
+from reflexd import log
+
+from reflexd.learning import gate
+from reflexd.config import Config, TrainerConfig
+from reflexd.learning.dataset import load_holdout, load_snapshot
+from reflexd.errors import ReflexdError, TrainerFault, TrainingError
+from reflexd.registry import GateResult, Manifest, Registry, experience, sha256_of
+from reflexd.deciding.scoring import Scorer
+from reflexd.split import first_run_rows
+from reflexd.trainer.fit import EXIT_OUT_OF_MEMORY, MODEL_FILE, REFIT_FILE, TrainResult, memory_exhausted, read_result
 
 _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3

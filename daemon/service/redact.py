@@ -35,8 +35,8 @@ from typing import Any, Iterable, Sequence
 
 import msgspec
 
-from .errors import FrameError
-from .protocol import Action, Decide, Decision, Event, Step
+from reflexd.errors import FrameError
+from reflexd.wire.protocol import Action, Decide, Decision, Event, Step
 
 HASH_PREFIX = "h:"
 HASH_HEX_CHARS = 32

@@ -21,11 +21,11 @@ import msgspec
 from anyio.abc import SocketStream
 from anyio.lowlevel import checkpoint
 
-from . import log
-from .errors import FrameError, ReflexdError
-from .ingest import Ingest
-from .store import DeadLetter
-from .protocol import (
+from reflexd import log
+from reflexd.errors import FrameError, ReflexdError
+from reflexd.service.ingest import Ingest
+from reflexd.service.store import DeadLetter
+from reflexd.wire.protocol import (
     EXPERIENCE_TYPES,
     Ack,
     Decide,
