@@ -13,8 +13,9 @@ import random
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 import vowpalwabbit
+
+import onnx
 from onnx import numpy_helper
 
 # ---- numpy ---------------------------------------------------------------------------------------

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-from reflexd.wire.connection import request
 from reflexd.testing import LocalDaemon
+from reflexd.wire.connection import request
 from reflexd.wire.protocol import StatusRequest
 
 START_TIMEOUT = 60.0

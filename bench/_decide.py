@@ -14,13 +14,13 @@ from typing import Any, Callable
 import msgspec
 import numpy as np
 
-from reflexd.client.policy import Policy
-from reflexd.wire.connection import Connection
-from reflexd.wire.protocol import MSGPACK, Decide, Decided, encode_frame
-
 from _baselines import VW_ARGS, VW_TRAIN, NumpyGraph, VowpalWabbit, vw_lines
 from _procs import Gate, run_together
 from _workload import AGENT, DecideWorkload
+from reflexd.client.policy import Policy
+from reflexd.wire.connection import Connection
+from reflexd.wire.framing import MSGPACK, encode_frame
+from reflexd.wire.protocol import Decide, Decided
 
 MODEL_WAIT = 30.0
 BLOCK = 500  # calls of one kind in a row before the next kind's turn

@@ -16,12 +16,12 @@ from typing import Any
 
 import msgspec
 
-from reflexd.wire.protocol import JSON, MSGPACK, Ack, Flush, FrameReader, Inbound, decode_inbound, decode_reply, encode_frame
-from reflexd.service.spool import Spool
-from reflexd.service.store import Store
-
 from _procs import Gate, run_together
 from _workload import chunks, decision_frames
+from reflexd.service.spool import Spool
+from reflexd.service.store import Store
+from reflexd.wire.framing import JSON, MSGPACK, FrameReader, decode_inbound, decode_reply, encode_frame
+from reflexd.wire.protocol import Ack, Flush, Inbound
 
 ACK_TIMEOUT = 600.0
 

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _daemon import BenchDaemon, ChildWatcher
+from _workload import AGENT, Workload, chunks, experience_frames
 from reflexd.client.policy import Policy
 from reflexd.wire.connection import Connection
 from reflexd.wire.protocol import Ack, Flush, ModelsRequest, Promote, Train
-
-from _daemon import BenchDaemon, ChildWatcher
-from _workload import AGENT, Workload, chunks, experience_frames
 
 TRAIN_TIMEOUT = 900.0
 MATURE_TIMEOUT = 60.0

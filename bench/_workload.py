@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from reflexd.tools.demo import World
-from reflexd.wire.protocol import MSGPACK, Decision, Outcome, encode_frame
+from reflexd.wire.framing import MSGPACK, encode_frame
+from reflexd.wire.protocol import Decision, Outcome
 
 AGENT = "bench-router"
 LANGS = ("en", "de", "fr", "es", "ja", "pt")

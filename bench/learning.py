@@ -13,7 +13,7 @@ per stream × seed × preset, ``reflexd.Policy`` deciding in-process (ONNX + exp
 propensities), ``policy.reward`` for rewards, and at each retraining point ``policy.flush()``,
 the protocol ``Train`` request (trainer subprocess → ONNX → gate → promotion) and a wait for the
 client to hot-swap to the promoted version — so the cadence is deterministic. Retraining happens
-where the daemon's own scheduler (``reflexd.service.scheduler.due_after``) would run it with the default
+where the daemon's own scheduler (``reflexd.learning.runs.due_after``) would run it with the default
 ``trainer`` settings: after 6 examples (``first_run_rows``; runs on fewer than 13 are
 cross-fitted), then each time the stream has grown by ``growth`` (25%: 8, 10, 13, 17, 22, ...)
 until that is ``min_new_examples`` (1000), then every 1000
@@ -52,10 +52,11 @@ from _host import machine  # noqa: E402
 from reflexd.client.policy import Policy  # noqa: E402
 from reflexd.config import Config, TrainerConfig  # noqa: E402
 from reflexd.errors import ReflexdError  # noqa: E402
-from reflexd.wire.protocol import Train  # noqa: E402
-from reflexd.registry import Registry, experience  # noqa: E402
-from reflexd.service.scheduler import run_points  # noqa: E402
+from reflexd.learning.runs import run_points
+from reflexd.manifest import experience
+from reflexd.registry import Registry
 from reflexd.split import first_run_rows  # noqa: E402
+from reflexd.wire.protocol import Train
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 WAIT_WINDOW = 0.1  # rewards.wait_window: decisions mature right after they are sent

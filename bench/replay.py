@@ -4,9 +4,9 @@
 
 Kept from the real path: the streams and their shuffles, feature hashing, exploration with exact
 propensities and the client's exploration clock, the daemon's run schedule
-(``scheduler.run_points`` from ``split.first_run_rows``), the holdout split, the learner's fit,
-the refit on every row, and the gate itself (``gate.evaluate`` against an incumbent judged only
-on rows newer than a refit incumbent's snapshot, then ``gate.check_refit``), and below a holdout
+(``learning.runs.run_points`` from ``split.first_run_rows``), the holdout split, the learner's fit,
+the refit on every row, and the daemon's own rule for which model goes live
+(``learning.runs.judge_run``), and below a holdout
 run's size the trainer's own cross-fitting (``trainer.cross_fit``) judged by
 ``gate.evaluate_cross_fit``, all with the config the ``--set`` options make. Left out: the
 daemon, the store and the trainer subprocess, ONNX (the parity check holds its scores to
@@ -34,6 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,23 +42,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning_peers as peers  # noqa: E402
 import learning_streams as streams  # noqa: E402
 from _daemon import deep_merge  # noqa: E402
-from reflexd.learning import gate  # noqa: E402
 from reflexd.config import Config, ConfigError, parse_config  # noqa: E402
-from reflexd.learning.dataset import Batch, split_holdout  # noqa: E402
+from reflexd.deciding import exploring  # noqa: E402
 from reflexd.errors import TrainingError  # noqa: E402
 from reflexd.features import FeatureSpec, Hasher, action_ids  # noqa: E402
-from reflexd.plugins import exploration  # noqa: E402
-from reflexd.registry import GateResult  # noqa: E402
-from reflexd.service.scheduler import run_points  # noqa: E402
+from reflexd.learning import gate, runs  # noqa: E402
+from reflexd.learning.dataset import Batch, split_holdout
+from reflexd.learning.runs import run_points
+from reflexd.manifest import GateResult, Training  # noqa: E402
 from reflexd.split import cross_fitted, first_run_rows  # noqa: E402
-from reflexd.trainer.fit import cross_fit  # noqa: E402
+from reflexd.trainer.fit import cross_fit
 
 
 class TorchScorer:
     """A fitted model where the gate expects a ``reflexd.deciding.scoring.Scorer``: scores, version and
     the manifest fields the gate reads (the feature spec, and the run's rows and window)."""
 
-    def __init__(self, model: Any, version: str, spec: FeatureSpec, training: dict[str, Any]) -> None:
+    def __init__(self, model: Any, version: str, spec: FeatureSpec, training: Training) -> None:
         self.model, self.version = model, version
         self.manifest = SimpleNamespace(features=spec, training=training)
 
@@ -71,7 +72,7 @@ class TorchScorer:
 
 def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarray, list[str]]:
     """(reward earned on each example, each run's outcome) for one stream and seed."""
-    from reflexd.plugins.learners import load_learner
+    from reflexd.extensions import load_learner
 
     spec = FeatureSpec(config.features.context_dim, config.features.action_dim, config.features.seed)
     hasher = Hasher(spec)
@@ -90,12 +91,12 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
     outcomes: list[str] = []
     for i in range(n):
         if live is None:
-            p = exploration.default_distribution(config.exploration, n_actions, None)
+            p = exploring.default_distribution(config.exploration, n_actions, None)
         else:
             scores, spread = live.score_batch(contexts[i : i + 1], action_set[None])
-            p = exploration.distribution(config.exploration, scores[0], spread[0], clock)
+            p = exploring.distribution(config.exploration, scores[0], spread[0], clock)
             clock += 1
-        a = exploration.sample(p, rng.random())
+        a = exploring.sample(p, rng.random())
         chosen[i], prob[i], earned[i] = a, p[a], stream.reward[i, a]
         m = i + 1
         if m not in points:
@@ -135,24 +136,21 @@ def _run(
         verdict = gate.evaluate_cross_fit(batch, scores, spread, config.exploration, config.gate, incumbent)
         if not verdict.passed:
             return None, verdict
-        training = {"train_rows": m, "holdout_rows": 0, "window_end": m - 1.0, "refit": True, "cross_fitted": True}
+        training = Training(train_rows=m, window_end=m - 1.0, refit=True, cross_fitted=True)
         return TorchScorer(learner.fit(batch, config.trainer, 0, None), f"v{run:04d}", spec, training), verdict
     train, holdout = split_holdout(batch, config.trainer.holdout_fraction)
-    training = {"train_rows": len(train), "holdout_rows": len(holdout), "window_end": m - 1.0, "refit": False}
+    training = Training(train_rows=len(train), holdout_rows=len(holdout), window_end=m - 1.0)
     candidate = TorchScorer(learner.fit(train, config.trainer, 0, None), f"v{run:04d}", spec, training)
-    if incumbent is not None:
-        unseen = gate.unseen_rows(incumbent.manifest.training, holdout.received_at)
-        if unseen is not None and len(unseen) < len(holdout):
-            holdout = holdout.take(unseen)
-    verdict = gate.evaluate(candidate, incumbent, holdout, config.exploration, config.gate)
-    if not verdict.passed:
-        return None, verdict
-    if m >= config.trainer.refit_below:
-        return candidate, verdict
-    refit_model = learner.fit(batch, config.trainer, 0, None)
-    refit = TorchScorer(refit_model, candidate.version, spec, {**training, "refit": True})
-    check = gate.check_refit(refit, candidate, holdout, config.exploration, config.gate)
-    return (refit if check.passed else candidate), verdict
+
+    def refit() -> TorchScorer:
+        refit_model = learner.fit(batch, config.trainer, 0, None)
+        return TorchScorer(refit_model, candidate.version, spec, msgspec.structs.replace(training, refit=True))
+
+    judged = runs.judge_run(
+        candidate, incumbent, holdout, config.exploration, config.gate,
+        refit if m < config.trainer.refit_below else None,
+    )
+    return judged.live, judged.verdict
 
 
 def _setting(text: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import msgspec
 import yaml
 
 from reflexd.errors import ConfigError
+from reflexd.extensions import EXPLORATION, available
 from reflexd.split import holdout_rows, holdout_run_rows
 
 DEFAULT_PATH = "/etc/reflexd/reflexd.yaml"
@@ -87,7 +88,7 @@ class TrainerConfig(_Section):
     learner: str = "mlp"
     min_new_examples: Positive = 1000
     # while experience is scarce, a run is also due once it has grown by this fraction (see
-    # reflexd.service.scheduler.due_after); 0 leaves min_new_examples alone in charge
+    # reflexd.learning.runs.due_after); 0 leaves min_new_examples alone in charge
     growth: NonNegative = 0.25
     check_interval: PositiveFloat = 5.0
     idle_load: PositiveFloat = 0.8
@@ -120,7 +121,7 @@ class TrainerConfig(_Section):
 
 
 class ExplorationConfig(_Section):
-    strategy: Literal["epsilon_greedy", "softmax", "ucb", "squarecb"] = "squarecb"
+    strategy: str = "squarecb"  # a name in the reflexd.exploration entry-point group
     epsilon: Probability = 0.1
     epsilon_min: Probability = 0.01
     decay: NonNegative = 0.0
@@ -161,38 +162,18 @@ class LogConfig(_Section):
 MIN_KEY_BYTES = 16
 
 
-class RedactionConfig(_Section, dict=True):
+class RedactionConfig(_Section):
     """Fields removed (``drop``) or replaced by a keyed hash (``hash``) before anything is stored.
 
-    ``dict=True`` lets the instance carry the key read from ``key_file`` at load time and its
-    compiled Redactor outside the fields, so neither takes part in equality or encoding (the
-    trainer's copy of the config never holds the key).
+    Holds data only: the key is read from ``key_file`` (``read_key``) by whoever compiles the rules,
+    so neither the key nor the compiled rules travel with the config (the trainer's copy included).
+    ``parse_config`` makes a relative ``key_file`` relative to the config file's folder.
     """
 
     drop: list[str] = []
     hash: list[str] = []
     key_file: str | None = None
     dead_letter_raw: bool = True
-
-    @property
-    def key(self) -> bytes | None:
-        """The hashing key, read from ``key_file`` when the config was loaded (None without one)."""
-        if "_key" not in self.__dict__:  # built in code rather than by parse_config
-            key, problems = _read_redaction_key(self, Path.cwd())
-            if problems:
-                raise ConfigError("<config>", problems)
-            self.__dict__["_key"] = key
-        return self.__dict__["_key"]
-
-    @property
-    def redactor(self) -> Any:
-        """The compiled ``reflexd.service.redact.Redactor``, built once per loaded config."""
-        found = self.__dict__.get("_redactor")
-        if found is None:
-            from reflexd.service.redact import Redactor
-
-            found = self.__dict__["_redactor"] = Redactor.from_config(self)
-        return found
 
 
 class AgentConfig(_Section):
@@ -323,16 +304,25 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
         raise ConfigError(source, [_problem(exc)]) from None
     _check_semantics(config, source)
     _check_redaction(config.redaction, source)
+    key_file = config.redaction.key_file
+    if key_file is not None:  # from here on the config is read without knowing where it came from
+        resolved = str(Path(source).parent / os.path.expanduser(key_file))
+        config = msgspec.structs.replace(
+            config, redaction=msgspec.structs.replace(config.redaction, key_file=resolved)
+        )
     return config
 
 
 def _check_semantics(config: Config, source: str) -> None:
     problems = []
+    strategies = available(EXPLORATION)
     for where, exp in [("exploration", config.exploration)] + [
         (f"agents.{a}.exploration", c.exploration) for a, c in config.agents.items()
     ]:
         if exp.epsilon_min > exp.epsilon:
             problems.append(f"{where}.epsilon_min: must not exceed epsilon ({exp.epsilon})")
+        if exp.strategy not in strategies:
+            problems.append(f"{where}.strategy: {exp.strategy!r} is not an exploration strategy; expected one of {', '.join(strategies)}")
     group = config.socket.group
     if isinstance(group, str):
         try:
@@ -370,6 +360,14 @@ def _check_run_size(config: Config) -> list[str]:
     return []
 
 
+def read_key(cfg: RedactionConfig) -> bytes | None:
+    """The hashing key in ``key_file`` (None without one), or ConfigError if it cannot be used."""
+    key, problems = _read_redaction_key(cfg, Path.cwd())
+    if problems:
+        raise ConfigError("redaction", problems)
+    return key
+
+
 def _read_redaction_key(cfg: RedactionConfig, base: Path) -> tuple[bytes | None, list[str]]:
     """The stripped key in ``key_file`` (relative to ``base``), or the problems found reading it."""
     if cfg.key_file is None:
@@ -402,11 +400,10 @@ def _check_redaction(cfg: RedactionConfig, source: str) -> None:
             else:
                 seen[path] = section
     # a relative key_file is taken from the config file's folder
-    key, key_problems = _read_redaction_key(cfg, Path(source).parent)
+    _, key_problems = _read_redaction_key(cfg, Path(source).parent)
     problems += key_problems
     if problems:
         raise ConfigError(source, problems)
-    cfg.__dict__["_key"] = key
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

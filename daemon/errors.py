@@ -1,14 +1,28 @@
-"""Every failure reflexd reports has its own exception type with its message built in."""
+"""Every failure reflexd reports on purpose: one exception type each, its message built in.
+
+Each type carries a stable ``code``: the daemon sends it in the wire's ``error`` replies and the
+CLI's ``--json`` output, so renaming a class never changes the protocol. ``tests`` keep the codes
+unique and check that no other module defines an exception.
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class ReflexdError(Exception):
     """Base of every error reflexd raises on purpose."""
 
+    code: ClassVar[str] = "error"
+
+
+# ---- configuration and start-up -----------------------------------------------------------
+
 
 class ConfigError(ReflexdError):
     """The configuration file is missing, unreadable or invalid."""
+
+    code = "config"
 
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
@@ -16,12 +30,62 @@ class ConfigError(ReflexdError):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
-class FrameError(ReflexdError):
-    """A frame on the socket could not be read as a message."""
+class SocketError(ReflexdError):
+    """The socket path cannot be used."""
 
-    def __init__(self, reason: str, code: str = "malformed") -> None:
+    code = "socket"
+
+
+class DaemonStartFailed(ReflexdError):
+    """A daemon started as a child process (tests, benchmarks, the demo) did not come up."""
+
+    code = "start_failed"
+
+    def __init__(self, log_tail: str) -> None:
+        super().__init__(f"the daemon did not start; its log:\n{log_tail}")
+
+
+class UsageError(ReflexdError):
+    """A command line that cannot be carried out as given."""
+
+    code = "usage"
+
+
+class UnknownPlugin(ReflexdError):
+    """No plugin of that name is registered in an entry-point group."""
+
+    code = "unknown_plugin"
+    kind = "plugin"
+
+    def __init__(self, group: str, name: str, available: list[str]) -> None:
+        self.group = group
+        self.name = name
+        self.available = available
+        choices = ", ".join(available) if available else "none installed"
+        super().__init__(f"unknown {self.kind} {name!r}; available: {choices}")
+
+
+class UnknownExplorer(UnknownPlugin, ValueError):
+    code = "unknown_exploration"
+    kind = "exploration strategy"
+
+
+# ---- the wire -----------------------------------------------------------------------------
+
+
+class FrameError(ReflexdError):
+    """A frame on the socket could not be read as a message.
+
+    ``code`` says how: ``malformed`` (not JSON/msgpack), ``invalid`` (not a valid message),
+    ``timeout`` (left half-sent), ``too_large``.
+    """
+
+    code = "malformed"
+
+    def __init__(self, reason: str, code: str | None = None) -> None:
         self.reason = reason
-        self.code = code
+        if code is not None:
+            self.code = code  # type: ignore[misc]  # one type, several wire codes
         super().__init__(reason)
 
 
@@ -32,8 +96,40 @@ class FrameTooLarge(FrameError):
         super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes", code="too_large")
 
 
+class RedactionError(FrameError):
+    """A message could not be redacted, so it is refused rather than stored as it came."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"cannot redact: {reason}", code="invalid")
+
+
+class DaemonUnavailable(ReflexdError):
+    """The daemon's socket could not be reached."""
+
+    code = "unavailable"
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        super().__init__(f"cannot reach reflexd at {path}: {reason}")
+
+
+class RequestFailed(ReflexdError):
+    """The daemon answered a request with an error; ``code`` is the one it sent."""
+
+    code = "request_failed"
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code  # type: ignore[misc]  # the daemon's code, passed on
+        super().__init__(f"{code}: {message}")
+
+
+# ---- models -------------------------------------------------------------------------------
+
+
 class ModelIntegrityError(ReflexdError):
     """A model file in the registry does not match its manifest."""
+
+    code = "model_integrity"
 
     def __init__(self, version: str, reason: str) -> None:
         self.version = version
@@ -42,6 +138,8 @@ class ModelIntegrityError(ReflexdError):
 
 
 class ModelNotFound(ReflexdError):
+    code = "model_not_found"
+
     def __init__(self, version: str) -> None:
         self.version = version
         super().__init__(f"no model version {version!r} in the registry")
@@ -50,38 +148,47 @@ class ModelNotFound(ReflexdError):
 class PointerMoved(ReflexdError):
     """The live model changed while a decision about it was being taken."""
 
+    code = "pointer_moved"
+
     def __init__(self, expected: str, current: str | None) -> None:
         self.expected = expected
         self.current = current
         super().__init__(f"the live model is {current or 'none'}, no longer {expected}")
 
 
-class DaemonUnavailable(ReflexdError):
-    """The daemon's socket could not be reached."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        super().__init__(f"cannot reach reflexd at {path}: {reason}")
-
-
-class RequestFailed(ReflexdError):
-    """The daemon answered a request with an error."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        super().__init__(f"{code}: {message}")
+# ---- storage ------------------------------------------------------------------------------
 
 
 class StorageError(ReflexdError):
     """A write to the store failed (disk full, I/O error)."""
 
+    code = "storage"
+
 
 class RejectedData(StorageError):
     """DuckDB refused a batch for what it holds, not for the disk: retrying would fail alike."""
 
+    code = "rejected_data"
+
+
+class ImportFileError(ReflexdError):
+    """A file as a whole cannot be imported (missing, unreadable, unknown format)."""
+
+    code = "import_file"
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot import {path}: {reason}")
+
+
+# ---- training -----------------------------------------------------------------------------
+
 
 class TrainingError(ReflexdError):
     """A training run failed; the message says how."""
+
+    code = "training"
 
 
 class TrainerFault(TrainingError):
@@ -89,7 +196,41 @@ class TrainerFault(TrainingError):
     (``trainer.max_wall_time``), "out_of_memory" (``trainer.max_memory_mb``) or "exit" (a non-zero
     exit status); ``returncode`` is its exit status (negative: the signal that ended it)."""
 
+    code = "trainer_fault"
+
     def __init__(self, kind: str, message: str, returncode: int | None = None) -> None:
         self.kind = kind
         self.returncode = returncode
         super().__init__(message)
+
+
+class SnapshotError(TrainingError):
+    """A snapshot file cannot be read as training data."""
+
+    code = "snapshot"
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"snapshot {path}: {reason}")
+
+
+class ExportError(TrainingError):
+    """A trained model could not be written as the file clients load."""
+
+    code = "export"
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"ONNX export to {path} failed: {reason}")
+
+
+class UnknownLearner(UnknownPlugin, TrainingError):
+    code = "unknown_learner"
+    kind = "learner"
+
+
+class UnknownExporter(UnknownPlugin, TrainingError):
+    code = "unknown_exporter"
+    kind = "exporter"

@@ -20,70 +20,26 @@ import re
 import shutil
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import msgspec
 
-from reflexd.config import ExplorationConfig
 from reflexd.durable import atomic_write, fsync_path
 from reflexd.errors import ModelIntegrityError, ModelNotFound, PointerMoved
-from reflexd.features import FeatureSpec, scheme_refusal
+from reflexd.features import scheme_refusal
+from reflexd.manifest import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Manifest,
+    build_manifest,
+    decode_manifest,
+)
 
-MODEL_FILE = "policy.onnx"
-MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
 HISTORY_FILE = "history.json"
 _VERSION_RE = re.compile(r"v(\d{4,})")
 
 
-class GateResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    passed: bool
-    reason: str
-    estimator: str
-    baseline: str  # "incumbent vNNNN" or "logged policy"
-    candidate_value: float
-    baseline_value: float
-    difference: float
-    lower: float
-    upper: float
-    confidence: float
-    margin: float
-    holdout_rows: int
-    estimates: dict[str, float] = {}
-    # > 0: the live model is the candidate refit on this many rows, holdout included (trainer.refit_below)
-    refit_rows: int = 0
-
-
-def experience(training: Mapping[str, Any]) -> int:
-    """The joined experiences of the run that made a model (a manifest's ``training``): its
-    training and holdout rows. A client's exploration clock starts there when it loads the model,
-    and the scheduler counts new experience from there."""
-    return int(training.get("train_rows", 0)) + int(training.get("holdout_rows", 0))
-
-
-def fit_rows(training: Mapping[str, Any]) -> int:
-    """The rows a model was fit on: a refit's include its holdout (``trainer.refit_below``)."""
-    return experience(training) if training.get("refit") else int(training.get("train_rows", 0))
-
-
-class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    version: str
-    parent: str | None
-    created: float
-    learner: str
-    features: FeatureSpec
-    exploration: ExplorationConfig
-    agent_exploration: dict[str, ExplorationConfig] = {}
-    training: dict[str, Any] = {}
-    gate: GateResult | None = None
-    sha256: str
-    file: str = MODEL_FILE
-
-    def exploration_for(self, agent: str) -> ExplorationConfig:
-        return self.agent_exploration.get(agent, self.exploration)
-
-
-_manifest_decoder = msgspec.json.Decoder(Manifest)
 _history_decoder = msgspec.json.Decoder(list[str])
 
 
@@ -118,7 +74,7 @@ class Registry:
         if not _VERSION_RE.fullmatch(version) or not path.is_file():
             raise ModelNotFound(version)
         try:
-            return _manifest_decoder.decode(path.read_bytes())
+            return decode_manifest(path.read_bytes())
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ModelIntegrityError(version, f"unreadable manifest: {exc}") from None
 
@@ -181,10 +137,8 @@ class Registry:
         shutil.copyfile(model_file, dest_model)
         with open(dest_model, "rb+") as f:
             os.fsync(f.fileno())
-        manifest = msgspec.convert(
-            {**manifest_fields, "version": version, "sha256": sha256_of(dest_model), "file": MODEL_FILE},
-            Manifest,
-            from_attributes=True,
+        manifest = build_manifest(
+            {**manifest_fields, "version": version, "sha256": sha256_of(dest_model), "file": MODEL_FILE}
         )
         atomic_write(staging / MANIFEST_FILE, msgspec.json.format(msgspec.json.encode(manifest)))
         os.rename(staging, self.root / version)

@@ -5,17 +5,35 @@ A run on enough rows holds out the newest ``trainer.holdout_fraction`` for the g
 every row, each scored by the learner fit on the others (``reflexd.trainer.fit``).
 
 Plain arithmetic on the config's numbers, in a module of its own so the config check can use what
-the dataset, the trainer and the scheduler use without importing them (the scheduler imports the
-config).
+the dataset, the trainer and the scheduler use without importing them. It reads a ``Config`` by
+the three settings it needs and imports nothing of reflexd's, so the config can import it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from reflexd.config import Config
+
+class _Trainer(Protocol):
+    @property
+    def holdout_fraction(self) -> float: ...
+    @property
+    def cross_fit_from(self) -> int: ...
+
+
+class _Gate(Protocol):
+    @property
+    def first_min_holdout(self) -> int: ...
+
+
+class Config(Protocol):
+    """The settings run sizes depend on; ``reflexd.config.Config`` has them."""
+
+    @property
+    def trainer(self) -> _Trainer: ...
+    @property
+    def gate(self) -> _Gate: ...
 
 # the fewest a holdout run trains on; a cross-fitted run's folds train on fewer
 MIN_TRAIN_ROWS = 10

@@ -10,14 +10,9 @@ from typing import Any
 
 import yaml
 
+from reflexd.errors import DaemonStartFailed, DaemonUnavailable
 from reflexd.wire.connection import request
-from reflexd.errors import DaemonUnavailable, ReflexdError
 from reflexd.wire.protocol import StatusRequest
-
-
-class DaemonStartFailed(ReflexdError):
-    def __init__(self, log_tail: str) -> None:
-        super().__init__(f"the daemon did not start; its log:\n{log_tail}")
 
 
 class LocalDaemon:

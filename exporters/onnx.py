@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import onnx
 from google.protobuf.message import DecodeError
-from onnx import numpy_helper
 
-from reflexd.errors import TrainingError
+import onnx
+from onnx import numpy_helper
+from reflexd.errors import ExportError
 
 if TYPE_CHECKING:
     import torch
@@ -51,12 +51,6 @@ _TEMPLATE_FORMAT = "dynamo-unoptimized-v1"
 # old ones behind (tens to hundreds of KB each)
 _KEEP_TEMPLATES = 16
 
-
-class ExportError(TrainingError):
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"ONNX export to {path} failed: {reason}")
 
 
 class Exported(NamedTuple):

@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from reflexd.wire.connection import request
 from reflexd.errors import DaemonUnavailable
+from reflexd.wire.connection import request
 from reflexd.wire.protocol import StatusRequest
 
 START_TIMEOUT = 60.0

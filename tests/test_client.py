@@ -13,7 +13,8 @@ import pytest
 from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
 from reflexd.config import ExplorationConfig
-from reflexd.wire.protocol import MSGPACK, Decision, decode_inbound, encode_frame
+from reflexd.wire.framing import MSGPACK, decode_inbound, encode_frame
+from reflexd.wire.protocol import Decision
 
 
 def stored_ids(d: DaemonProcess) -> list[str]:

@@ -12,7 +12,14 @@ import msgspec
 import pytest
 import yaml
 
-from reflexd.config import AgentConfig, Config, ExplorationConfig, RewardConfig, load_config, parse_config
+from reflexd.config import (
+    AgentConfig,
+    Config,
+    ExplorationConfig,
+    RewardConfig,
+    load_config,
+    parse_config,
+)
 from reflexd.errors import ConfigError
 from reflexd.split import cross_fitted, first_run_rows, holdout_run_rows
 

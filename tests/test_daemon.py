@@ -21,19 +21,10 @@ import msgspec
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.wire.connection import Connection
 from reflexd.errors import RequestFailed
-from reflexd.wire.protocol import (
-    Ack,
-    Decide,
-    Decided,
-    Decision,
-    Error,
-    Flush,
-    Outcome,
-    Rollback,
-    decode_reply,
-)
+from reflexd.wire.connection import Connection
+from reflexd.wire.framing import decode_reply
+from reflexd.wire.protocol import Ack, Decide, Decided, Decision, Error, Flush, Outcome, Promote, Rollback
 
 pytestmark = pytest.mark.e2e
 
@@ -215,7 +206,7 @@ def test_model_requests_fail_clearly_without_models(daemon: DaemonProcess) -> No
     with pytest.raises(RequestFailed, match="nothing to roll back"):
         daemon.request(Rollback())
     with Connection(daemon.socket) as conn:
-        conn.send([msgspec.convert({"type": "promote", "version": "v0042"}, type=__import__("reflexd.wire.protocol").protocol.Promote)])
+        conn.send([msgspec.convert({"type": "promote", "version": "v0042"}, type=Promote)])
         reply = conn.receive()
     assert isinstance(reply, Error) and "v0042" in reply.message
 

@@ -7,9 +7,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reflexd.learning.dataset import Batch, SnapshotError, from_records, load_holdout, load_snapshot, split_holdout
-from reflexd.errors import TrainingError
+from reflexd.errors import SnapshotError, TrainingError
 from reflexd.features import FeatureSpec, Hasher
+from reflexd.learning.dataset import (
+    Batch,
+    from_records,
+    load_holdout,
+    load_snapshot,
+    split_holdout,
+)
 
 SPEC = FeatureSpec(context_dim=16, action_dim=8, seed=7)
 

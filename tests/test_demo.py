@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reflexd.tools.demo import STRATEGIES, World, windows, Record
+from reflexd.tools.demo import STRATEGIES, Record, World, windows
 
 
 def test_the_world_has_no_single_best_strategy() -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
 from reflexd.config import ExplorationConfig
-from reflexd.plugins import exploration as X
+from reflexd.deciding import exploring as X
 
 SCORES = np.array([0.2, 1.0, -0.5, 0.9, 0.0])
 SPREAD = np.array([0.1, 0.0, 0.3, 0.05, 2.0])

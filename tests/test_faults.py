@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -22,9 +21,9 @@ from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
 from reflexd.config import Config, TrainerConfig
 from reflexd.errors import RequestFailed
+from reflexd.service.scheduler import trainer_fault
+from reflexd.trainer.result import EXIT_OUT_OF_MEMORY, memory_exhausted, read_result
 from reflexd.wire.protocol import Decide, Train
-from reflexd.service.scheduler import Scheduler
-from reflexd.trainer.fit import EXIT_OUT_OF_MEMORY, memory_exhausted, read_result
 from test_trainer import write_snapshot
 
 e2e = pytest.mark.e2e
@@ -251,13 +250,12 @@ def test_ordinary_errors_do_not_read_as_out_of_memory() -> None:
 
 
 def fault(tmp_path: Path, code: int, log: str, result: dict | None = None) -> Exception:
-    scheduler = Scheduler(SimpleNamespace(config=Config(trainer=TrainerConfig(max_memory_mb=512))))
     (tmp_path / "trainer.log").write_text(log)
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     if result is not None:
         (out / "result.json").write_bytes(msgspec.json.encode(result))
-    return scheduler._trainer_fault(code, tmp_path / "trainer.log", out)
+    return trainer_fault(code, tmp_path / "trainer.log", out, max_mb=512)
 
 
 def test_trainer_exit_statuses_become_clear_messages(tmp_path: Path) -> None:

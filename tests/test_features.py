@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import math
-import random
 import os
+import random
 import subprocess
 import sys
 import zlib

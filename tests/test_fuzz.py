@@ -26,13 +26,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reflexd import features as F
-from reflexd.wire import protocol as p
 from reflexd.config import Config, parse_config
 from reflexd.errors import ConfigError, FrameError, FrameTooLarge
 from reflexd.features import FeatureSpec, Hasher
 from reflexd.service.store import DeadLetter, Store
+from reflexd.wire import framing as fr
+from reflexd.wire import protocol as p
 
-FRAMINGS = [p.JSON, p.MSGPACK]
+FRAMINGS = [fr.JSON, fr.MSGPACK]
 INBOUND_TYPES = tuple(p.Inbound.__args__)  # type: ignore[attr-defined]
 
 
@@ -100,7 +101,7 @@ def _deep_bytes(framing: str, depth: int, shape: str, leaf: bytes) -> bytes:
     opens, closes = [], []
     for i in range(depth):
         as_list = shape == "list" or (shape == "mixed" and i % 2)
-        if framing == p.JSON:
+        if framing == fr.JSON:
             opens.append(b"[" if as_list else b'{"k":')
             closes.append(b"]" if as_list else b"}")
         else:
@@ -129,31 +130,31 @@ def raw_values(draw: st.DrawFn, framing: str) -> bytes:
     """A value as wire bytes, including what no well-behaved encoder would write."""
     kind = draw(st.sampled_from(["fixed", "deep", "huge_string", "huge_digits"]))
     if kind == "fixed":
-        return draw(st.sampled_from(JSON_RAW if framing == p.JSON else MSGPACK_RAW))
+        return draw(st.sampled_from(JSON_RAW if framing == fr.JSON else MSGPACK_RAW))
     if kind == "deep":
-        leaf = b"1" if framing == p.JSON else b"\x01"
+        leaf = b"1" if framing == fr.JSON else b"\x01"
         if draw(st.booleans()):
-            leaf = draw(st.sampled_from(JSON_RAW if framing == p.JSON else MSGPACK_RAW))
+            leaf = draw(st.sampled_from(JSON_RAW if framing == fr.JSON else MSGPACK_RAW))
         return _deep_bytes(framing, draw(st.integers(1, 3_000)), draw(st.sampled_from(["dict", "list", "mixed"])), leaf)
     if kind == "huge_string":
         n = draw(st.integers(10_000, 400_000))
         body = draw(st.sampled_from([b"x", b"\xc3\xa9", b"\xff", b"\\u12"])) * (n // 4)
-        if framing == p.JSON:
+        if framing == fr.JSON:
             return b'"' + body + b'"'
         return b"\xdb" + struct.pack(">I", len(body)) + body
     digits = b"7" * draw(st.integers(20, 20_000))
-    return digits if framing == p.JSON else b"\xda" + struct.pack(">H", min(len(digits), 65535)) + digits[:65535]
+    return digits if framing == fr.JSON else b"\xda" + struct.pack(">H", min(len(digits), 65535)) + digits[:65535]
 
 
 def _encode_any(obj: Any, framing: str) -> bytes:
     try:
-        return msgspec.json.encode(obj) if framing == p.JSON else msgspec.msgpack.encode(obj)
+        return msgspec.json.encode(obj) if framing == fr.JSON else msgspec.msgpack.encode(obj)
     except (OverflowError, TypeError, msgspec.EncodeError, RecursionError, UnicodeEncodeError):
-        return msgspec.json.encode(SPLICE) if framing == p.JSON else msgspec.msgpack.encode(SPLICE)
+        return msgspec.json.encode(SPLICE) if framing == fr.JSON else msgspec.msgpack.encode(SPLICE)
 
 
 def _splice(encoded: bytes, framing: str, raws: list[bytes]) -> bytes:
-    marker = msgspec.json.encode(SPLICE) if framing == p.JSON else msgspec.msgpack.encode(SPLICE)
+    marker = msgspec.json.encode(SPLICE) if framing == fr.JSON else msgspec.msgpack.encode(SPLICE)
     for raw in raws:
         encoded = encoded.replace(marker, raw, 1)
     return encoded
@@ -173,7 +174,7 @@ def _ids() -> st.SearchStrategy[str]:
 @functools.cache
 def _free(framing: str) -> st.SearchStrategy[Any]:
     """A free-form field's value: JSON-like (with msgpack extras), or a marker to splice raw bytes into."""
-    return st.one_of(json_like(exotic=framing == p.MSGPACK, max_depth=300), st.just(SPLICE), st.just({"deep": SPLICE}))
+    return st.one_of(json_like(exotic=framing == fr.MSGPACK, max_depth=300), st.just(SPLICE), st.just({"deep": SPLICE}))
 
 
 @functools.cache
@@ -182,7 +183,7 @@ def _fields(framing: str) -> dict[str, st.SearchStrategy[Any]]:
     num = st.one_of(NUMBERS, st.just(SPLICE))
     return {
         "decision": st.fixed_dictionaries(
-            {"id": _ids(), "agent": _ids(), "context": contexts(exotic=framing == p.MSGPACK, max_depth=300) | st.just(SPLICE),
+            {"id": _ids(), "agent": _ids(), "context": contexts(exotic=framing == fr.MSGPACK, max_depth=300) | st.just(SPLICE),
              "actions": st.lists(_ids() | st.fixed_dictionaries({"id": _ids(), "features": free}), min_size=1, max_size=3),
              "chosen": _ids(), "prob": st.floats(0, 1, exclude_min=True) | num},
             optional={"probs": st.lists(num, max_size=4), "model_version": _ids() | st.none(), "strategy": _ids(), "ts": num},
@@ -192,7 +193,7 @@ def _fields(framing: str) -> dict[str, st.SearchStrategy[Any]]:
         ),
         "step": st.fixed_dictionaries(
             {"agent": _ids(), "episode": _ids(), "index": st.integers(0, 2**31 - 1) | st.sampled_from(HUGE_INTS + [-1]),
-             "observation": contexts(exotic=framing == p.MSGPACK, max_depth=300) | st.just(SPLICE), "action": _ids()},
+             "observation": contexts(exotic=framing == fr.MSGPACK, max_depth=300) | st.just(SPLICE), "action": _ids()},
             optional={"reward": num, "done": st.booleans(), "id": _ids(), "ts": num},
         ),
         "event": st.fixed_dictionaries({"agent": _ids(), "kind": _ids()}, optional={"data": free, "id": _ids(), "ts": num}),
@@ -222,7 +223,7 @@ def message_payloads(draw: st.DrawFn, framing: str, experience_only: bool = Fals
                 body.pop(draw(st.sampled_from(sorted(map(str, body)))))
     msg = {"type": tag, **body} if draw(st.integers(0, 9)) else {**body, "type": tag}  # tag last is legal too
     encoded = _encode_any(msg, framing)
-    n_splices = encoded.count(msgspec.json.encode(SPLICE) if framing == p.JSON else msgspec.msgpack.encode(SPLICE))
+    n_splices = encoded.count(msgspec.json.encode(SPLICE) if framing == fr.JSON else msgspec.msgpack.encode(SPLICE))
     return _splice(encoded, framing, [draw(raw_values(framing)) for _ in range(n_splices)])
 
 
@@ -246,15 +247,15 @@ def payloads(draw: st.DrawFn, framing: str) -> bytes:
 def _check_decoded(payload: bytes, framing: str) -> p.Inbound | FrameError:
     """The property every decoder must keep: a valid message or FrameError, nothing else."""
     try:
-        msg = p.decode_inbound(payload, framing)
+        msg = fr.decode_inbound(payload, framing)
     except FrameError as exc:
         assert exc.code in ("invalid", "malformed") and isinstance(exc.reason, str)
         # the daemon answers every bad frame, so the answer itself must be encodable
-        p.encode_frame(p.Error(code=exc.code, message=exc.reason, seq=0), framing)
+        fr.encode_frame(p.Error(code=exc.code, message=exc.reason, seq=0), framing)
         return exc
     assert isinstance(msg, INBOUND_TYPES)
     req = getattr(msg, "req", None)
-    p.encode_frame(p.Ack(count=0, req=req), framing)  # a request's req is echoed in its answer
+    fr.encode_frame(p.Ack(count=0, req=req), framing)  # a request's req is echoed in its answer
     return msg
 
 
@@ -269,10 +270,10 @@ def test_decode_inbound_returns_a_message_or_raises_frame_error(framing: str, da
 
 
 DEEP_CASES = [
-    (p.JSON, b'{"type":"event","agent":"a","kind":"k","data":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-    (p.JSON, b'{"type":"decision","context":' + b'{"k":' * 5_000),
-    (p.MSGPACK, msgspec.msgpack.encode({"type": "event", "agent": "a", "kind": "k", "data": None})[:-1] + b"\x91" * 100_000 + b"\x90"),
-    (p.MSGPACK, b"\x84\xa4type\xa5event\xa5agent\xa1a\xa4kind\xa1k\xa4data" + b"\x81\xa1k" * 5_000 + b"\x01"),
+    (fr.JSON, b'{"type":"event","agent":"a","kind":"k","data":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    (fr.JSON, b'{"type":"decision","context":' + b'{"k":' * 5_000),
+    (fr.MSGPACK, msgspec.msgpack.encode({"type": "event", "agent": "a", "kind": "k", "data": None})[:-1] + b"\x91" * 100_000 + b"\x90"),
+    (fr.MSGPACK, b"\x84\xa4type\xa5event\xa5agent\xa1a\xa4kind\xa1k\xa4data" + b"\x81\xa1k" * 5_000 + b"\x01"),
 ]
 
 
@@ -280,7 +281,7 @@ DEEP_CASES = [
 def test_nesting_past_the_recursion_limit_is_a_frame_error(framing: str, payload: bytes) -> None:
     # msgspec raises RecursionError here; it used to escape and take the daemon down
     with pytest.raises(FrameError) as err:
-        p.decode_inbound(payload, framing)
+        fr.decode_inbound(payload, framing)
     assert err.value.code == "malformed" and "deep" in err.value.reason
 
 
@@ -290,7 +291,7 @@ def test_invalid_utf8_in_msgpack_strings_is_a_frame_error(raw: bytes) -> None:
     head = msgspec.msgpack.encode({"type": "event", "agent": "a", "kind": "k", "data": None})[:-1]
     for payload in (head + raw, b"\x84\xa4type\xa5event\xa5agent\xa1a\xa4kind\xa1k" + raw + b"\x01"):
         with pytest.raises(FrameError) as err:
-            p.decode_inbound(payload, p.MSGPACK)
+            fr.decode_inbound(payload, fr.MSGPACK)
         assert err.value.code == "malformed"
 
 
@@ -301,10 +302,10 @@ def test_step_index_past_the_stored_column_is_rejected_at_decode(framing: str) -
     def step(index: int) -> bytes:
         return _encode_any({"type": "step", "agent": "a", "episode": "e", "index": index, "observation": {}, "action": "x"}, framing)
 
-    assert p.decode_inbound(step(2**31 - 1), framing).index == 2**31 - 1
+    assert fr.decode_inbound(step(2**31 - 1), framing).index == 2**31 - 1
     for index in (2**31, 2**40, 2**63 - 1):
         with pytest.raises(FrameError, match="index"):
-            p.decode_inbound(step(index), framing)
+            fr.decode_inbound(step(index), framing)
 
 
 # ---- framing ------------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def _normal(items: Iterator[bytes | FrameError], cap: int) -> list[Any]:
 def _oracle(framing: str, data: bytes, cap: int) -> list[Any]:
     """What the framer must produce for ``data`` as a whole, written the obvious way."""
     out: list[Any] = []
-    if framing == p.JSON:
+    if framing == fr.JSON:
         *lines, rest = data.split(b"\n")
         for line in lines:
             if len(line) > cap:
@@ -354,7 +355,7 @@ def streams(draw: st.DrawFn, framing: str, cap: int) -> bytes:
     if draw(st.integers(0, 4)) == 0:
         return draw(st.binary(max_size=3 * cap + 8))
     parts = draw(st.lists(st.binary(max_size=2 * cap) | st.sampled_from([b"", b" ", b"\r", b"\t \x0b"]), max_size=12))
-    if framing == p.JSON:
+    if framing == fr.JSON:
         data = b"\n".join(parts)
         return data + (b"\n" if draw(st.booleans()) else b"")
     out = b""
@@ -369,15 +370,15 @@ def streams(draw: st.DrawFn, framing: str, cap: int) -> bytes:
 @given(data=st.data(), cap=st.integers(1, 48))
 def test_frame_reader_never_raises_caps_frames_and_ignores_chunking(framing: str, data: st.DataObject, cap: int) -> None:
     stream = data.draw(streams(framing, cap))
-    whole = _normal(p.FrameReader(framing, cap).feed(stream), cap)
+    whole = _normal(fr.FrameReader(framing, cap).feed(stream), cap)
     assert whole == _oracle(framing, stream, cap)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
-    reader = p.FrameReader(framing, cap)
+    reader = fr.FrameReader(framing, cap)
     chunked: list[Any] = []
     for a, b in zip([0, *cuts], [*cuts, len(stream)]):
         chunked += _normal(reader.feed(stream[a:b]), cap)
     assert chunked == whole
-    bytewise = p.FrameReader(framing, cap)
+    bytewise = fr.FrameReader(framing, cap)
     assert [x for i in range(len(stream)) for x in _normal(bytewise.feed(stream[i : i + 1]), cap)] == whole
 
 
@@ -430,12 +431,12 @@ def test_every_inbound_type_is_fuzzed() -> None:
 @fuzz(150)
 @given(msgs=st.lists(st.one_of(*MESSAGES.values()), min_size=1, max_size=6), data=st.data())
 def test_valid_messages_survive_encode_frame_decode(framing: str, msgs: list[Any], data: st.DataObject) -> None:
-    stream = p.encode_frames(msgs, framing)
+    stream = fr.encode_frames(msgs, framing)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
-    reader = p.FrameReader(framing, 1 << 20)
+    reader = fr.FrameReader(framing, 1 << 20)
     frames = [f for a, b in zip([0, *cuts], [*cuts, len(stream)]) for f in reader.feed(stream[a:b])]
     assert reader.pending == 0
-    assert [p.decode_inbound(f, framing) for f in frames] == msgs
+    assert [fr.decode_inbound(f, framing) for f in frames] == msgs
 
 
 # ---- configuration ------------------------------------------------------------------------------

@@ -9,11 +9,11 @@ import msgspec
 import numpy as np
 import pytest
 
-from reflexd.learning import gate
 from reflexd.config import ExplorationConfig, GateConfig
+from reflexd.deciding import exploring
 from reflexd.features import FeatureSpec
-from reflexd.plugins import exploration
-from reflexd.registry import GateResult
+from reflexd.learning import gate
+from reflexd.manifest import GateResult, Training
 
 Z95 = 1.959963984540054
 
@@ -442,14 +442,18 @@ def test_non_finite_candidate_is_rejected_and_the_result_stays_storable(holdout:
     assert msgspec.json.decode(msgspec.json.encode(res), type=GateResult) == res
 
 
+def unseen_rows(training: dict, received_at: np.ndarray) -> np.ndarray | None:
+    return gate.unseen_rows(msgspec.convert(training, Training), received_at)
+
+
 def test_a_refit_incumbent_is_judged_only_on_rows_newer_than_its_snapshot() -> None:
     received_at = np.array([98.0, 99.0, 100.0, 100.0, 101.0, 102.5])
     # fit without its holdout, an incumbent has seen none of a later holdout
-    assert gate.unseen_rows({"train_rows": 80, "holdout_rows": 20, "window_end": 100.0}, received_at) is None
-    assert gate.unseen_rows({}, received_at) is None  # a manifest from before refits
+    assert unseen_rows({"train_rows": 80, "holdout_rows": 20, "window_end": 100.0}, received_at) is None
+    assert unseen_rows({}, received_at) is None  # a manifest from before refits
     refit = {"train_rows": 80, "holdout_rows": 20, "refit": True, "window_end": 100.0}
-    assert gate.unseen_rows(refit, received_at).tolist() == [4, 5]
-    assert gate.unseen_rows({**refit, "window_end": 103.0}, received_at).tolist() == []
+    assert unseen_rows(refit, received_at).tolist() == [4, 5]
+    assert unseen_rows({**refit, "window_end": 103.0}, received_at).tolist() == []
 
 
 # ---- target probabilities --------------------------------------------------------------------
@@ -478,7 +482,7 @@ def test_target_probs_explore_over_valid_actions_only(cfg: ExplorationConfig) ->
     assert (p[mask] > 0).all()
     np.testing.assert_array_equal(p[0], [1.0, 0, 0, 0, 0])
     for i in range(50):
-        expected = exploration.probabilities(cfg, scores[i, mask[i]], spread[i, mask[i]], 3)
+        expected = exploring.probabilities(cfg, scores[i, mask[i]], spread[i, mask[i]], 3)
         np.testing.assert_allclose(p[i, mask[i]], expected)
 
 
@@ -512,7 +516,7 @@ class FakeScorer:
     ) -> None:
         self.version = version
         self.table = table if context_order is None else table[context_order]
-        self.manifest = SimpleNamespace(features=spec, training={"train_rows": train_rows})
+        self.manifest = SimpleNamespace(features=spec, training=Training(train_rows=train_rows))
 
     def score_batch(self, context: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores = np.einsum("nk,ka,nja->nj", context, self.table, actions).astype(np.float32)
@@ -602,7 +606,7 @@ def test_a_cross_fitted_run_replaces_only_a_model_cross_fitted_on_no_more_rows()
     scores[:, :A] = MU[log.x]
 
     def judged(training: dict) -> GateResult:
-        incumbent = SimpleNamespace(version="v0003", manifest=SimpleNamespace(training=training))
+        incumbent = SimpleNamespace(version="v0003", manifest=SimpleNamespace(training=msgspec.convert(training, Training)))
         return gate.evaluate_cross_fit(rows, scores, np.zeros_like(scores), ExplorationConfig(), GateConfig(), incumbent)
 
     fresh = gate.evaluate_cross_fit(rows, scores, np.zeros_like(scores), ExplorationConfig(), GateConfig())

@@ -14,7 +14,15 @@ import pytest
 
 from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
-from reflexd.tools.importer import Record, Rejected, detect_format, parse, parse_dsjson, parse_ndjson, parse_timestamp
+from reflexd.tools.importer import (
+    Record,
+    Rejected,
+    detect_format,
+    parse,
+    parse_dsjson,
+    parse_ndjson,
+    parse_timestamp,
+)
 from reflexd.wire.protocol import Decision, ModelsRequest, Outcome
 
 

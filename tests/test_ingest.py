@@ -15,10 +15,10 @@ import pytest
 from reflexd.config import IngestConfig
 from reflexd.errors import StorageError
 from reflexd.service.ingest import Ingest
-from reflexd.wire.protocol import Decision, Outcome
 from reflexd.service.scheduler import cpu_idle
 from reflexd.service.spool import Spool, encode_line
 from reflexd.service.store import DeadLetter, Store
+from reflexd.wire.protocol import Decision, Outcome
 
 
 def decisions(start: int, n: int) -> list[Decision]:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from reflexd.config import TrainerConfig
-from reflexd.learning.dataset import from_records
 from reflexd.errors import TrainingError
+from reflexd.extensions import UnknownLearner, load_learner
 from reflexd.features import FeatureSpec, Hasher
-from reflexd.plugins.learners import UnknownLearner, load_learner
+from reflexd.learning.dataset import from_records
 from reflexd.plugins.learners._heads import Adam
 from reflexd.plugins.learners.mlp import MLPLearner, RewardMLP
 

@@ -24,9 +24,10 @@ import msgspec
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.wire.connection import Connection
 from reflexd.errors import FrameError
-from reflexd.wire.protocol import JSON, MSGPACK, Ack, Error, Event, Flush, FrameReader, StatusRequest, decode_reply, encode_frame
+from reflexd.wire.connection import Connection
+from reflexd.wire.framing import JSON, MSGPACK, FrameReader, decode_reply, encode_frame
+from reflexd.wire.protocol import Ack, Error, Event, Flush, StatusRequest
 
 pytestmark = pytest.mark.e2e
 

@@ -15,10 +15,10 @@ import yaml
 from structlog.testing import capture_logs
 
 from reflexd.config import load_config
-from reflexd.wire.connection import request
 from reflexd.errors import DaemonUnavailable
-from reflexd.wire.protocol import StatusReply, StatusRequest
 from reflexd.service.daemon import Daemon
+from reflexd.wire.connection import request
+from reflexd.wire.protocol import StatusReply, StatusRequest
 
 START_TIMEOUT = 60.0
 

@@ -1,13 +1,13 @@
 import os
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
-from reflexd.errors import TrainingError
-from reflexd.exporters.onnx import ExportError, export_onnx, graph_key, parity
+import onnx
+from reflexd.errors import ExportError, TrainingError
+from reflexd.exporters.onnx import export_onnx, graph_key, parity
 from reflexd.plugins.learners.mlp import RewardMLP
 from reflexd.plugins.learners.transformer import RewardTransformer
 

@@ -15,13 +15,13 @@ import msgspec
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.config import Config, RedactionConfig, load_config, parse_config
-from reflexd.wire.connection import Connection
-from reflexd.errors import ConfigError
-from reflexd.wire.protocol import Ack, Action, Decide, Decision, Done, Event, Flush, Forget, Outcome, Step
-from reflexd.service.redact import MAX_DEPTH, RedactionError, Redactor, canonical_json
+from reflexd.config import Config, RedactionConfig, load_config, parse_config, read_key
+from reflexd.errors import ConfigError, RedactionError
+from reflexd.service.redact import MAX_DEPTH, Redactor, canonical_json
 from reflexd.service.spool import encode_line
 from reflexd.service.store import Store
+from reflexd.wire.connection import Connection
+from reflexd.wire.protocol import Ack, Action, Decide, Decision, Done, Event, Flush, Forget, Outcome, Step
 
 KEY = b"k" * 32
 EMAIL = "alice.privacy@example.com"
@@ -137,7 +137,7 @@ def test_nothing_to_redact_returns_the_same_objects(redactor: Redactor) -> None:
 
 def test_no_op_fast_path() -> None:
     msgs = [decision({"prompt": PROMPT, "email": EMAIL}), Event(agent="a", kind="k", data={"prompt": 1})]
-    for r in (Redactor(), Config().redaction.redactor, Redactor.from_config(RedactionConfig(dead_letter_raw=False))):
+    for r in (Redactor(), Redactor.from_config(Config().redaction), Redactor.from_config(RedactionConfig(dead_letter_raw=False))):
         assert r.active is False
         assert all(r.apply(m) is m for m in msgs)
         assert r.apply_all(msgs) is msgs
@@ -186,11 +186,12 @@ def problems_of(text: str) -> list[str]:
     return info.value.problems
 
 
-def test_config_reads_the_key_stripped_and_compiles_the_redactor_once(key_file: Path) -> None:
+def test_the_key_is_read_stripped_and_kept_out_of_the_config(key_file: Path) -> None:
     cfg = parse_config(f"redaction: {{drop: [prompt], hash: [user.email], key_file: {key_file}}}")
-    assert cfg.redaction.key == KEY
-    r = cfg.redaction.redactor
-    assert r is cfg.redaction.redactor and r.active
+    assert read_key(cfg.redaction) == KEY
+    assert KEY not in msgspec.json.encode(cfg)  # the config holds data only: its copies never carry the key
+    r = Redactor.from_config(cfg.redaction)
+    assert r.active
     assert r.apply(decision({"user": {"email": EMAIL}, "prompt": 1})).context == {"user": {"email": hashed(EMAIL)}}
     # the key lives outside the fields: not in equality, not in the encoded config the trainer gets
     assert cfg.redaction == RedactionConfig(drop=["prompt"], hash=["user.email"], key_file=str(key_file))
@@ -247,7 +248,7 @@ def test_relative_key_file_is_taken_from_the_config_files_folder(tmp_path: Path)
     (tmp_path / "keys" / "h.key").write_bytes(KEY)
     config = tmp_path / "reflexd.yaml"
     config.write_text("redaction: {hash: [email], key_file: keys/h.key}\n")
-    assert load_config(config).redaction.key == KEY
+    assert read_key(load_config(config).redaction) == KEY
 
 
 def test_check_config_exits_78_naming_the_key(tmp_path: Path) -> None:

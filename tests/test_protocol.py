@@ -10,10 +10,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from reflexd.wire import protocol as p
 from reflexd.errors import FrameError, FrameTooLarge
+from reflexd.wire import framing as fr
+from reflexd.wire import protocol as p
 
-FRAMINGS = [p.JSON, p.MSGPACK]
+FRAMINGS = [fr.JSON, fr.MSGPACK]
 
 CTX: dict[str, Any] = {"task": "code review", "tokens": 1234, "flags": [True, False], "nested": {"a": 1.5, "b": None}}
 
@@ -69,8 +70,8 @@ REPLIES: list[msgspec.Struct] = [
 ]
 
 
-def _frames(framing: p.Framing, data: bytes, max_bytes: int = 1 << 20) -> list[bytes | FrameError]:
-    reader = p.FrameReader(framing, max_bytes)
+def _frames(framing: fr.Framing, data: bytes, max_bytes: int = 1 << 20) -> list[bytes | FrameError]:
+    reader = fr.FrameReader(framing, max_bytes)
     return list(reader.feed(data))
 
 
@@ -86,39 +87,39 @@ def test_every_message_type_is_covered() -> None:
 
 @pytest.mark.parametrize("framing", FRAMINGS)
 @pytest.mark.parametrize("msg", INBOUND, ids=lambda m: type(m).__name__)
-def test_inbound_round_trip(framing: p.Framing, msg: msgspec.Struct) -> None:
-    frames = _frames(framing, p.encode_frame(msg, framing))
+def test_inbound_round_trip(framing: fr.Framing, msg: msgspec.Struct) -> None:
+    frames = _frames(framing, fr.encode_frame(msg, framing))
     assert len(frames) == 1 and isinstance(frames[0], bytes)
-    decoded = p.decode_inbound(frames[0], framing)
+    decoded = fr.decode_inbound(frames[0], framing)
     assert type(decoded) is type(msg)
     assert decoded == msg
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
 @pytest.mark.parametrize("msg", REPLIES, ids=lambda m: type(m).__name__)
-def test_reply_round_trip(framing: p.Framing, msg: msgspec.Struct) -> None:
-    frames = _frames(framing, p.encode_frame(msg, framing))
+def test_reply_round_trip(framing: fr.Framing, msg: msgspec.Struct) -> None:
+    frames = _frames(framing, fr.encode_frame(msg, framing))
     assert len(frames) == 1 and isinstance(frames[0], bytes)
-    decoded = p.decode_reply(frames[0], framing)
+    decoded = fr.decode_reply(frames[0], framing)
     assert type(decoded) is type(msg)
     assert decoded == msg
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
-def test_many_frames_in_one_buffer(framing: p.Framing) -> None:
-    data = p.encode_frames(INBOUND, framing)
+def test_many_frames_in_one_buffer(framing: fr.Framing) -> None:
+    data = fr.encode_frames(INBOUND, framing)
     frames = _frames(framing, data)
-    assert [p.decode_inbound(f, framing) for f in frames] == INBOUND  # type: ignore[arg-type]
+    assert [fr.decode_inbound(f, framing) for f in frames] == INBOUND  # type: ignore[arg-type]
 
 
 def test_json_frame_is_one_line_with_type_tag() -> None:
-    frame = p.encode_frame(p.Outcome(decision_id="d", reward=1.0), p.JSON)
+    frame = fr.encode_frame(p.Outcome(decision_id="d", reward=1.0), fr.JSON)
     assert frame.endswith(b"\n") and frame.count(b"\n") == 1
     assert json.loads(frame)["type"] == "outcome"
 
 
 def test_msgpack_frame_has_length_prefix() -> None:
-    frame = p.encode_frame(p.Flush(), p.MSGPACK)
+    frame = fr.encode_frame(p.Flush(), fr.MSGPACK)
     (size,) = struct.unpack(">I", frame[:4])
     assert size == len(frame) - 4
     assert frame[0] == 0
@@ -126,7 +127,7 @@ def test_msgpack_frame_has_length_prefix() -> None:
 
 def test_actions_as_strings_and_structs() -> None:
     raw = b'{"type":"decide","agent":"a","context":{},"actions":["x",{"id":"y","features":{"cost":2}},{"id":"z"}]}'
-    msg = p.decode_inbound(raw, p.JSON)
+    msg = fr.decode_inbound(raw, fr.JSON)
     assert isinstance(msg, p.Decide)
     assert msg.actions[0] == "x"
     assert msg.actions[1] == p.Action(id="y", features={"cost": 2})
@@ -136,14 +137,14 @@ def test_actions_as_strings_and_structs() -> None:
 def test_action_with_unknown_field_rejected() -> None:
     raw = b'{"type":"decide","agent":"a","context":{},"actions":[{"id":"y","cost":2}]}'
     with pytest.raises(FrameError) as info:
-        p.decode_inbound(raw, p.JSON)
+        fr.decode_inbound(raw, fr.JSON)
     assert "cost" in str(info.value)
 
 
 def test_empty_actions_rejected() -> None:
     raw = b'{"type":"decide","agent":"a","context":{},"actions":[]}'
     with pytest.raises(FrameError) as info:
-        p.decode_inbound(raw, p.JSON)
+        fr.decode_inbound(raw, fr.JSON)
     assert "actions" in str(info.value)
 
 
@@ -151,18 +152,18 @@ def test_empty_actions_rejected() -> None:
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
-def test_unknown_type_rejected(framing: p.Framing) -> None:
+def test_unknown_type_rejected(framing: fr.Framing) -> None:
     obj = {"type": "teleport", "agent": "a"}
-    payload = json.dumps(obj).encode() if framing == p.JSON else msgspec.msgpack.encode(obj)
+    payload = json.dumps(obj).encode() if framing == fr.JSON else msgspec.msgpack.encode(obj)
     with pytest.raises(FrameError) as info:
-        p.decode_inbound(payload, framing)
+        fr.decode_inbound(payload, framing)
     assert info.value.code == "invalid"
     assert "teleport" in str(info.value) or "type" in str(info.value)
 
 
 def test_missing_type_rejected() -> None:
     with pytest.raises(FrameError) as info:
-        p.decode_inbound(b'{"decision_id":"d","reward":1}', p.JSON)
+        fr.decode_inbound(b'{"decision_id":"d","reward":1}', fr.JSON)
     assert "type" in str(info.value)
 
 
@@ -177,20 +178,20 @@ def test_missing_type_rejected() -> None:
     ],
 )
 @pytest.mark.parametrize("framing", FRAMINGS)
-def test_missing_required_field_named(framing: p.Framing, obj: dict[str, Any], field: str) -> None:
-    payload = json.dumps(obj).encode() if framing == p.JSON else msgspec.msgpack.encode(obj)
+def test_missing_required_field_named(framing: fr.Framing, obj: dict[str, Any], field: str) -> None:
+    payload = json.dumps(obj).encode() if framing == fr.JSON else msgspec.msgpack.encode(obj)
     with pytest.raises(FrameError) as info:
-        p.decode_inbound(payload, framing)
+        fr.decode_inbound(payload, framing)
     assert f"`{field}`" in str(info.value)
     assert info.value.code == "invalid"
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
-def test_unknown_field_named(framing: p.Framing) -> None:
+def test_unknown_field_named(framing: fr.Framing) -> None:
     obj = {"type": "outcome", "decision_id": "d", "reward": 1.0, "surprise": 1}
-    payload = json.dumps(obj).encode() if framing == p.JSON else msgspec.msgpack.encode(obj)
+    payload = json.dumps(obj).encode() if framing == fr.JSON else msgspec.msgpack.encode(obj)
     with pytest.raises(FrameError) as info:
-        p.decode_inbound(payload, framing)
+        fr.decode_inbound(payload, framing)
     assert "surprise" in str(info.value)
 
 
@@ -198,37 +199,37 @@ def test_unknown_field_named(framing: p.Framing) -> None:
 def test_prob_outside_unit_interval_rejected(prob: float) -> None:
     obj = {"type": "decision", "id": "d", "agent": "a", "context": {}, "actions": ["x"], "chosen": "x", "prob": prob}
     with pytest.raises(FrameError) as info:
-        p.decode_inbound(json.dumps(obj).encode(), p.JSON)
+        fr.decode_inbound(json.dumps(obj).encode(), fr.JSON)
     assert "prob" in str(info.value)
 
 
 @pytest.mark.parametrize("prob", [1e-9, 0.5, 1.0])
 def test_prob_inside_unit_interval_accepted(prob: float) -> None:
     obj = {"type": "decision", "id": "d", "agent": "a", "context": {}, "actions": ["x"], "chosen": "x", "prob": prob}
-    msg = p.decode_inbound(json.dumps(obj).encode(), p.JSON)
+    msg = fr.decode_inbound(json.dumps(obj).encode(), fr.JSON)
     assert isinstance(msg, p.Decision) and msg.prob == prob
 
 
 def test_empty_id_rejected() -> None:
     with pytest.raises(FrameError):
-        p.decode_inbound(b'{"type":"outcome","decision_id":"","reward":1}', p.JSON)
+        fr.decode_inbound(b'{"type":"outcome","decision_id":"","reward":1}', fr.JSON)
 
 
 def test_malformed_json_is_malformed_not_invalid() -> None:
     with pytest.raises(FrameError) as info:
-        p.decode_inbound(b'{"type": "outcome", ', p.JSON)
+        fr.decode_inbound(b'{"type": "outcome", ', fr.JSON)
     assert info.value.code == "malformed"
 
 
 def test_decode_reply_rejects_garbage() -> None:
     with pytest.raises(FrameError):
-        p.decode_reply(b'{"type":"nope"}', p.JSON)
+        fr.decode_reply(b'{"type":"nope"}', fr.JSON)
 
 
 # ---- FrameReader ------------------------------------------------------------------------------
 
 
-def _feed_chunks(reader: p.FrameReader, data: bytes, sizes: list[int]) -> list[bytes | FrameError]:
+def _feed_chunks(reader: fr.FrameReader, data: bytes, sizes: list[int]) -> list[bytes | FrameError]:
     out: list[bytes | FrameError] = []
     pos = 0
     for size in sizes:
@@ -246,10 +247,10 @@ def _random_sizes(rng: random.Random, total: int, biggest: int) -> list[int]:
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
-def test_byte_by_byte_gives_same_frames(framing: p.Framing) -> None:
-    data = p.encode_frames(INBOUND, framing)
+def test_byte_by_byte_gives_same_frames(framing: fr.Framing) -> None:
+    data = fr.encode_frames(INBOUND, framing)
     whole = _frames(framing, data)
-    reader = p.FrameReader(framing, 1 << 20)
+    reader = fr.FrameReader(framing, 1 << 20)
     pieces = _feed_chunks(reader, data, [1] * len(data))
     assert pieces == whole
     assert len(whole) == len(INBOUND)
@@ -258,30 +259,30 @@ def test_byte_by_byte_gives_same_frames(framing: p.Framing) -> None:
 
 @pytest.mark.parametrize("framing", FRAMINGS)
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_random_chunks_give_same_frames(framing: p.Framing, seed: int) -> None:
-    data = p.encode_frames(INBOUND * 3, framing)
+def test_random_chunks_give_same_frames(framing: fr.Framing, seed: int) -> None:
+    data = fr.encode_frames(INBOUND * 3, framing)
     whole = _frames(framing, data)
     rng = random.Random(seed)
-    reader = p.FrameReader(framing, 1 << 20)
+    reader = fr.FrameReader(framing, 1 << 20)
     pieces = _feed_chunks(reader, data, _random_sizes(rng, len(data), 97))
     assert pieces == whole
     assert len(pieces) == 3 * len(INBOUND)
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
-def test_incomplete_frame_is_held_back(framing: p.Framing) -> None:
-    frame = p.encode_frame(p.Outcome(decision_id="d", reward=1.0), framing)
-    reader = p.FrameReader(framing, 1 << 20)
+def test_incomplete_frame_is_held_back(framing: fr.Framing) -> None:
+    frame = fr.encode_frame(p.Outcome(decision_id="d", reward=1.0), framing)
+    reader = fr.FrameReader(framing, 1 << 20)
     assert list(reader.feed(frame[:-1])) == []
     assert reader.pending == len(frame) - 1
     got = list(reader.feed(frame[-1:]))
-    assert len(got) == 1 and p.decode_inbound(got[0], framing) == p.Outcome(decision_id="d", reward=1.0)  # type: ignore[arg-type]
+    assert len(got) == 1 and fr.decode_inbound(got[0], framing) == p.Outcome(decision_id="d", reward=1.0)  # type: ignore[arg-type]
 
 
 def _json_with_long_line(limit: int) -> tuple[bytes, bytes, bytes]:
-    good1 = p.encode_frame(p.Outcome(decision_id="before", reward=1.0), p.JSON)
-    long = p.encode_frame(p.Event(agent="a", kind="k", data="x" * (3 * limit)), p.JSON)
-    good2 = p.encode_frame(p.Outcome(decision_id="after", reward=2.0), p.JSON)
+    good1 = fr.encode_frame(p.Outcome(decision_id="before", reward=1.0), fr.JSON)
+    long = fr.encode_frame(p.Event(agent="a", kind="k", data="x" * (3 * limit)), fr.JSON)
+    good2 = fr.encode_frame(p.Outcome(decision_id="after", reward=2.0), fr.JSON)
     assert len(good1) < limit and len(good2) < limit and len(long) > 3 * limit
     return good1, long, good2
 
@@ -296,14 +297,14 @@ def test_json_overlong_line_reported_once_and_skipped() -> None:
     data = good1 + long + good2
     expected = [good1[:-1], "too_large", good2[:-1]]
     # in one piece
-    assert _summarise(_frames(p.JSON, data, limit)) == expected
+    assert _summarise(_frames(fr.JSON, data, limit)) == expected
     # byte by byte (the line is detected before its newline arrives)
-    reader = p.FrameReader(p.JSON, limit)
+    reader = fr.FrameReader(fr.JSON, limit)
     assert _summarise(_feed_chunks(reader, data, [1] * len(data))) == expected
     assert not reader.fatal
     # random chunk sizes
     for seed in range(5):
-        reader = p.FrameReader(p.JSON, limit)
+        reader = fr.FrameReader(fr.JSON, limit)
         got = _feed_chunks(reader, data, _random_sizes(random.Random(seed), len(data), 3 * limit))
         assert _summarise(got) == expected, seed
         assert reader.pending == 0
@@ -312,29 +313,29 @@ def test_json_overlong_line_reported_once_and_skipped() -> None:
 def test_json_overlong_line_error_carries_sizes() -> None:
     limit = 200
     _, long, _ = _json_with_long_line(limit)
-    (err,) = _frames(p.JSON, long, limit)
+    (err,) = _frames(fr.JSON, long, limit)
     assert isinstance(err, FrameTooLarge)
     assert err.limit == limit and err.size > limit and err.code == "too_large"
 
 
 def test_json_line_of_exactly_the_limit_accepted() -> None:
     line = b'{"type":"flush","req":"' + b"a" * 50 + b'"}'
-    assert _frames(p.JSON, line + b"\n", len(line)) == [line]
-    err = _frames(p.JSON, line + b"\n", len(line) - 1)
+    assert _frames(fr.JSON, line + b"\n", len(line)) == [line]
+    err = _frames(fr.JSON, line + b"\n", len(line) - 1)
     assert len(err) == 1 and isinstance(err[0], FrameTooLarge)
 
 
 def test_json_blank_lines_ignored() -> None:
-    frame = p.encode_frame(p.Flush(req=1), p.JSON)
+    frame = fr.encode_frame(p.Flush(req=1), fr.JSON)
     data = b"\n\n   \n" + frame + b"\r\n\t\n" + frame + b"\n"
-    assert _frames(p.JSON, data) == [frame[:-1], frame[:-1]]
+    assert _frames(fr.JSON, data) == [frame[:-1], frame[:-1]]
 
 
 def test_msgpack_oversize_prefix_is_fatal() -> None:
     limit = 1000
-    good = p.encode_frame(p.Flush(req=1), p.MSGPACK)
+    good = fr.encode_frame(p.Flush(req=1), fr.MSGPACK)
     oversize = struct.pack(">I", limit + 1) + b"\x00" * 10
-    reader = p.FrameReader(p.MSGPACK, limit)
+    reader = fr.FrameReader(fr.MSGPACK, limit)
     got = list(reader.feed(good + oversize + good))
     assert got[0] == good[4:]
     assert len(got) == 2 and isinstance(got[1], FrameTooLarge)
@@ -348,16 +349,16 @@ def test_msgpack_oversize_prefix_is_fatal() -> None:
 def test_msgpack_prefix_at_limit_accepted() -> None:
     body = msgspec.msgpack.encode(p.Flush(req="x" * 20))
     frame = struct.pack(">I", len(body)) + body
-    reader = p.FrameReader(p.MSGPACK, len(body))
+    reader = fr.FrameReader(fr.MSGPACK, len(body))
     assert list(reader.feed(frame)) == [body]
     assert not reader.fatal
 
 
 def test_framing_of_first_byte() -> None:
-    assert p.framing_of(0) == p.MSGPACK
-    assert p.framing_of(ord("{")) == p.JSON
-    assert p.framing_of(p.encode_frame(p.Flush(), p.MSGPACK)[0]) == p.MSGPACK
-    assert p.framing_of(p.encode_frame(p.Flush(), p.JSON)[0]) == p.JSON
+    assert fr.framing_of(0) == fr.MSGPACK
+    assert fr.framing_of(ord("{")) == fr.JSON
+    assert fr.framing_of(fr.encode_frame(p.Flush(), fr.MSGPACK)[0]) == fr.MSGPACK
+    assert fr.framing_of(fr.encode_frame(p.Flush(), fr.JSON)[0]) == fr.JSON
 
 
 @pytest.mark.parametrize(
@@ -373,7 +374,7 @@ def test_inconsistent_decisions_are_refused_with_the_reason(fields: dict, reason
     base = {"type": "decision", "id": "d", "agent": "a", "context": {}, "actions": ["x", "y"], "chosen": "x", "prob": 0.5}
     frame = msgspec.msgpack.encode({**base, **fields})  # msgpack carries NaN, which JSON cannot
     with pytest.raises(FrameError, match=reason):
-        p.decode_inbound(frame, "msgpack")
+        fr.decode_inbound(frame, "msgpack")
 
 
 @pytest.mark.parametrize("kind", ["outcome", "step"])
@@ -382,4 +383,4 @@ def test_non_finite_rewards_are_refused(kind: str) -> None:
         "type": "step", "agent": "a", "episode": "e", "index": 0, "observation": {}, "action": "x", "reward": float("nan")
     }
     with pytest.raises(FrameError, match="reward must be a finite number"):
-        p.decode_inbound(msgspec.msgpack.encode(msg), "msgpack")
+        fr.decode_inbound(msgspec.msgpack.encode(msg), "msgpack")

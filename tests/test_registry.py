@@ -9,23 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
+import onnx
+from onnx import TensorProto, helper
 from reflexd.config import ExplorationConfig
 from reflexd.errors import ModelIntegrityError, ModelNotFound
 from reflexd.features import FeatureSpec
-from reflexd.registry import (
-    CURRENT_FILE,
-    HISTORY_FILE,
-    MANIFEST_FILE,
-    MODEL_FILE,
-    Manifest,
-    Registry,
-    experience,
-    fit_rows,
-)
+from reflexd.manifest import FORMAT, MANIFEST_FILE, MODEL_FILE, Manifest, Training
+from reflexd.registry import CURRENT_FILE, HISTORY_FILE, Registry
 
 
 def identity_model(path: Path, name: str = "identity") -> Path:
@@ -68,6 +60,14 @@ def leftovers(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp"))
 
 
+def experience(training: dict[str, Any]) -> int:
+    return msgspec.convert(training, Training).experience
+
+
+def fit_rows(training: dict[str, Any]) -> int:
+    return msgspec.convert(training, Training).fit_rows
+
+
 # ---- adding --------------------------------------------------------------------------------
 
 
@@ -78,6 +78,25 @@ def test_experience_counts_the_run_and_fit_rows_what_the_model_saw() -> None:
     assert fit_rows(candidate) == 80 and fit_rows(refit) == 100
     # manifests written before refits: no refit key
     assert experience({"train_rows": 80, "holdout_rows": 20}) == 100 and fit_rows({"train_rows": 80}) == 80
+
+
+def test_a_manifest_written_by_0_1_0_still_loads(registry: Registry, tmp_path: Path) -> None:
+    # 0.1.0 wrote no format key and kept the trainer's whole result, untyped, under training
+    added = registry.add(identity_model(tmp_path / "m.onnx"), fields())
+    path = registry.root / added.version / MANIFEST_FILE
+    old = json.loads(path.read_text())
+    del old["format"]
+    old["training"] = {
+        "learner": "mlp", "features": {"context_dim": 8, "action_dim": 4, "seed": 1}, "seed": 0,
+        "train_rows": 80, "holdout_rows": 20, "dropped_rows": 0, "refitted": True, "window_start": 1.0,
+        "window_end": 2.0, "epochs": 5, "train_loss": 0.1, "torch_version": "2.13.0", "cross_fitted": False,
+        "refit": True, "candidate_sha256": "ab" * 32,
+    }
+    path.write_text(json.dumps(old))
+    manifest = registry.manifest(added.version)
+    assert manifest.format == 1 and added.format == FORMAT > 1
+    assert manifest.training.fit_rows == 100 and manifest.training.window_end == 2.0
+    assert manifest.training.candidate_sha256 == "ab" * 32
 
 
 def test_empty_registry(registry: Registry) -> None:

@@ -14,20 +14,20 @@ import anyio
 import duckdb
 import msgspec
 import numpy as np
-import onnx
 import pyarrow.parquet as pq
 import pytest
-from onnx import helper
 from structlog.testing import capture_logs
 
+import onnx
 from conftest import DaemonProcess, wait_for
+from onnx import helper
 from reflexd.client.policy import Policy
 from reflexd.config import Config, GateConfig, parse_config
 from reflexd.errors import ModelIntegrityError, PointerMoved
-from reflexd.service.monitor import Monitor, judge
-from reflexd.wire.protocol import Decision, ModelsRequest, Outcome, Promote, Train
 from reflexd.registry import CURRENT_FILE, HISTORY_FILE, Registry
+from reflexd.service.monitor import Monitor, judge
 from reflexd.service.store import RewardStats, Store
+from reflexd.wire.protocol import Decision, ModelsRequest, Outcome, Promote, Train
 
 GATE = GateConfig(confidence=0.95, rollback_min_decisions=100, rollback_margin=0.0)
 
@@ -178,9 +178,8 @@ def monitor_world(
         outcomes = [Outcome(decision_id=d.id, reward=float(rng.random() < p)) for d in decisions]
         store.write([*decisions, *outcomes], received_at=time.time() - 10)
     refreshed: list[bool] = []
-    daemon = SimpleNamespace(config=config, registry=registry, store=store,
-                             models=SimpleNamespace(refresh=lambda: refreshed.append(True)))
-    return Monitor(daemon), refreshed
+    models = SimpleNamespace(refresh=lambda: refreshed.append(True))  # stands in for the ModelSource
+    return Monitor(lambda: config, registry, store, models), refreshed
 
 
 def test_monitor_rolls_back_a_worse_model_and_records_why(tmp_path: Path) -> None:
@@ -188,8 +187,8 @@ def test_monitor_rolls_back_a_worse_model_and_records_why(tmp_path: Path) -> Non
     try:
         result = anyio.run(monitor.check)
         assert result.rollback and result.current == "v0002" and result.predecessor == "v0001"
-        assert monitor.daemon.registry.current() == "v0001" and refreshed
-        events = monitor.daemon.store.model_events()
+        assert monitor.registry.current() == "v0001" and refreshed
+        events = monitor.store.model_events()
         assert [(e["version"], e["event"]) for e in events] == [("v0002", "auto_rolled_back")]
         detail = events[0]["detail"]
         assert (detail["from"], detail["to"], detail["current_decisions"]) == ("v0002", "v0001", 80)
@@ -200,9 +199,9 @@ def test_monitor_rolls_back_a_worse_model_and_records_why(tmp_path: Path) -> Non
         # now v0001 is live with nothing before it: nothing more to compare
         again = anyio.run(monitor.check)
         assert again.verdict == "no_predecessor" and not again.rollback
-        assert monitor.daemon.registry.current() == "v0001"
+        assert monitor.registry.current() == "v0001"
     finally:
-        monitor.daemon.store.close()
+        monitor.store.close()
 
 
 def test_monitor_never_rolls_back_to_a_model_agents_would_refuse(tmp_path: Path) -> None:
@@ -211,10 +210,10 @@ def test_monitor_never_rolls_back_to_a_model_agents_would_refuse(tmp_path: Path)
     try:
         with pytest.raises(ModelIntegrityError, match="v0001 refused: its features were hashed with scheme"):
             anyio.run(monitor.check)
-        assert monitor.daemon.registry.current() == "v0002" and not refreshed
-        assert monitor.daemon.store.model_events() == [] and monitor.rollbacks == 0
+        assert monitor.registry.current() == "v0002" and not refreshed
+        assert monitor.store.model_events() == [] and monitor.rollbacks == 0
     finally:
-        monitor.daemon.store.close()
+        monitor.store.close()
 
 
 def test_a_check_failing_the_same_way_each_time_is_logged_once_and_shown_in_status(tmp_path: Path) -> None:
@@ -226,9 +225,9 @@ def test_a_check_failing_the_same_way_each_time_is_logged_once_and_shown_in_stat
         failed = [entry for entry in logs if entry["event"] == "rollback check failed"]
         assert len(failed) == 1 and "v0001 refused" in failed[0]["error"]
         assert monitor.checks == 3 and "v0001 refused" in monitor.as_dict()["last_error"]
-        assert monitor.daemon.registry.current() == "v0002"
+        assert monitor.registry.current() == "v0002"
     finally:
-        monitor.daemon.store.close()
+        monitor.store.close()
 
 
 def test_monitor_only_reports_when_auto_rollback_is_off(tmp_path: Path) -> None:
@@ -236,20 +235,20 @@ def test_monitor_only_reports_when_auto_rollback_is_off(tmp_path: Path) -> None:
     try:
         result = anyio.run(monitor.check)
         assert result.rollback and result.verdict == "worse"
-        assert monitor.daemon.registry.current() == "v0002" and not refreshed
-        assert monitor.daemon.store.model_events() == []
+        assert monitor.registry.current() == "v0002" and not refreshed
+        assert monitor.store.model_events() == []
         assert monitor.as_dict()["rollbacks"] == 0 and monitor.as_dict()["last"]["verdict"] == "worse"
     finally:
-        monitor.daemon.store.close()
+        monitor.store.close()
 
 
 def test_monitor_keeps_a_model_as_good_as_its_predecessor(tmp_path: Path) -> None:
     monitor, _ = monitor_world(tmp_path, auto_rollback=True, bad_mean=0.8)
     try:
         assert anyio.run(monitor.check).verdict == "not_worse"
-        assert monitor.daemon.registry.current() == "v0002"
+        assert monitor.registry.current() == "v0002"
     finally:
-        monitor.daemon.store.close()
+        monitor.store.close()
 
 
 def test_rollback_refuses_when_the_pointer_moved(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ import pytest
 from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
 from reflexd.config import Config, TrainerConfig
-from reflexd.wire.protocol import ModelsRequest
-from reflexd.service.scheduler import due_after, run_points
+from reflexd.learning.runs import due_after, run_points
 from reflexd.split import first_run_rows, holdout_run_rows
+from reflexd.wire.protocol import ModelsRequest
 
 FIRST = first_run_rows(Config())
 HOLDOUT_RUN = holdout_run_rows(Config())

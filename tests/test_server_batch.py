@@ -18,23 +18,13 @@ import msgspec
 import pytest
 
 from conftest import DaemonProcess
-from reflexd.wire.connection import Connection
-from reflexd.plugins import exploration
-from reflexd.wire.protocol import (
-    MSGPACK,
-    Ack,
-    Decide,
-    Decided,
-    Decision,
-    Error,
-    Flush,
-    FrameReader,
-    Promote,
-    decode_reply,
-    encode_frame,
-)
+from reflexd.deciding import exploring as exploration
+from reflexd.deciding.choosing import Chooser
+from reflexd.deciding.scoring import ModelSource, Scorer
 from reflexd.registry import Registry
-from reflexd.deciding.scoring import Chooser, ModelSource, Scorer
+from reflexd.wire.connection import Connection
+from reflexd.wire.framing import MSGPACK, FrameReader, decode_reply, encode_frame
+from reflexd.wire.protocol import Ack, Decide, Decided, Decision, Error, Flush, Promote
 from test_serving import ACTIONS, CTX, SOFTMAX, add_version, manifest_exploration
 
 TIMEOUT = 30.0

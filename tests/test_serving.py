@@ -8,16 +8,18 @@ from typing import Any
 
 import msgspec
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 from reflexd.config import ExplorationConfig
-from reflexd.features import FeatureSpec, Hasher
-from reflexd.plugins import exploration
+from reflexd.deciding import exploring
+from reflexd.deciding.choosing import Chooser
+from reflexd.deciding.scoring import BATCH_ROWS, ModelSource
 from reflexd.errors import ModelIntegrityError
-from reflexd.registry import CURRENT_FILE, MODEL_FILE, Manifest, Registry
-from reflexd.deciding.scoring import BATCH_ROWS, Chooser, ModelSource
+from reflexd.features import FeatureSpec, Hasher
+from reflexd.manifest import MODEL_FILE, Manifest
+from reflexd.registry import CURRENT_FILE, Registry
 
 DC, DA = 16, 8
 SPEC = FeatureSpec(context_dim=DC, action_dim=DA, seed=3)
@@ -295,7 +297,7 @@ def test_chooser_uses_manifest_exploration(live: ModelSource) -> None:
     assert choice.model_version == "v0001"
     assert choice.strategy == "softmax"
     scores, spread = live.scorer.score(CTX, ACTIONS)  # type: ignore[union-attr]
-    want = exploration.probabilities(SOFTMAX, scores.astype(np.float64), spread.astype(np.float64), 10)
+    want = exploring.probabilities(SOFTMAX, scores.astype(np.float64), spread.astype(np.float64), 10)
     np.testing.assert_allclose(choice.probs, want, rtol=1e-12)
     assert choice.prob == choice.probs[choice.index]
     assert choice.action == ["small", "medium", "large"][choice.index]
@@ -307,7 +309,7 @@ def test_chooser_uses_per_agent_exploration_and_training_rows(live: ModelSource)
     for t in (10, 11, 12):  # train_rows (10) plus the decisions made since the model went live
         choice = chooser.choose("router", CTX, ACTIONS)
         assert choice.strategy == "squarecb"
-        want = exploration.probabilities(ROUTER, scores.astype(np.float64), spread.astype(np.float64), t)
+        want = exploring.probabilities(ROUTER, scores.astype(np.float64), spread.astype(np.float64), t)
         np.testing.assert_allclose(choice.probs, want, rtol=1e-12)
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from reflexd.service import spool as spool_module
 from reflexd.errors import StorageError
-from reflexd.wire.protocol import Action, Decision, Event, Outcome, Step
+from reflexd.service import spool as spool_module
 from reflexd.service.spool import Spool, encode_line, plain_json
 from reflexd.service.store import Store
+from reflexd.wire.protocol import Action, Decision, Event, Outcome, Step
 
 
 def decision(i: int) -> Decision:

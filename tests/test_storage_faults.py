@@ -16,7 +16,8 @@ import pytest
 
 from conftest import DaemonProcess, wait_for
 from reflexd.wire.connection import Connection
-from reflexd.wire.protocol import Ack, Decide, Decided, Decision, Flush, encode_frame
+from reflexd.wire.framing import encode_frame
+from reflexd.wire.protocol import Ack, Decide, Decided, Decision, Flush
 
 pytestmark = pytest.mark.e2e
 

@@ -19,9 +19,10 @@ import pytest
 
 from reflexd.config import StoreConfig, parse_config
 from reflexd.errors import StorageError
-from reflexd.wire.protocol import Action, Decision, Event, Outcome, Step, decode_inbound
-from reflexd.service.store import DeadLetter, SnapshotInfo, Store, WriteResult
 from reflexd.service.spool import Spool
+from reflexd.service.store import DeadLetter, SnapshotInfo, Store, WriteResult
+from reflexd.wire.framing import decode_inbound
+from reflexd.wire.protocol import Action, Decision, Event, Outcome, Step
 
 DAY = 86400.0
 

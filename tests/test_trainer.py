@@ -4,24 +4,31 @@ import sys
 
 import msgspec
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+import onnx
 from conftest import wait_for
 from reflexd.client.policy import Policy
 from reflexd.config import Config, FeatureConfig, GateConfig, TrainerConfig
-from reflexd.learning.dataset import load_snapshot
 from reflexd.errors import TrainingError
 from reflexd.exporters.onnx import export_onnx, graph_key
 from reflexd.features import FeatureSpec, Hasher
+from reflexd.learning.dataset import load_snapshot
 from reflexd.plugins.learners.mlp import MLPLearner, RewardMLP
+from reflexd.split import (
+    MAX_FOLDS,
+    MIN_TRAIN_ROWS,
+    cross_fitted,
+    first_run_rows,
+    holdout_rows,
+    holdout_run_rows,
+)
+from reflexd.trainer.result import read_result
 from reflexd.wire.protocol import ModelsRequest, Train
-from reflexd.split import MAX_FOLDS, MIN_TRAIN_ROWS, cross_fitted, first_run_rows, holdout_rows, holdout_run_rows
-from reflexd.trainer.fit import read_result
 
 pytestmark = pytest.mark.slow
 

@@ -8,15 +8,21 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from reflexd.config import Config, FeatureConfig, GateConfig, TrainerConfig, parse_config
-from reflexd.learning.dataset import from_records
+from reflexd.config import (
+    Config,
+    FeatureConfig,
+    GateConfig,
+    TrainerConfig,
+    parse_config,
+)
 from reflexd.errors import ConfigError, TrainingError
 from reflexd.exporters.onnx import export_onnx, parity
+from reflexd.extensions import load_learner
 from reflexd.features import FeatureSpec, Hasher
-from reflexd.plugins.learners import load_learner
+from reflexd.learning.dataset import from_records
 from reflexd.plugins.learners.mlp import MLPLearner
 from reflexd.plugins.learners.transformer import RewardTransformer, TransformerLearner
-from reflexd.trainer.fit import read_result
+from reflexd.trainer.result import read_result
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_one_thread")]
 

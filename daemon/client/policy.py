@@ -20,11 +20,14 @@ import msgspec
 
 from reflexd import log
 from reflexd.config import ExplorationConfig
-from reflexd.wire.connection import Connection, default_socket
+from reflexd.deciding.choosing import Choice, Chooser
+from reflexd.deciding.scoring import ModelSource
 from reflexd.errors import DaemonUnavailable, FrameError
-from reflexd.wire.protocol import MSGPACK, Ack, Error, Event, Flush, Outcome, Step, encode_frame
-from reflexd.registry import Manifest, Registry
-from reflexd.deciding.scoring import Choice, Chooser, ModelSource
+from reflexd.manifest import Manifest
+from reflexd.registry import Registry
+from reflexd.wire.connection import Connection, default_socket
+from reflexd.wire.framing import MSGPACK, encode_frame
+from reflexd.wire.protocol import Ack, Error, Event, Flush, Outcome, Step
 
 __all__ = ["Choice", "Policy"]
 

@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-from reflexd.errors import TrainingError
+from reflexd.errors import SnapshotError
 from reflexd.features import FeatureSpec, Hasher, action_ids
 from reflexd.split import holdout_rows
 
@@ -29,14 +29,6 @@ _json = msgspec.json.Decoder()
 _ACTIONS_CACHE_LIMIT = 10_000
 _CHUNK_ROWS = 8192
 
-
-class SnapshotError(TrainingError):
-    """A snapshot file cannot be read as training data."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"snapshot {path}: {reason}")
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgspec
 import numpy as np
 
 from reflexd.config import ExplorationConfig, GateConfig
-from reflexd.plugins import exploration as _exploration
-from reflexd.registry import GateResult, experience
+from reflexd.deciding import exploring as _exploration
+from reflexd.manifest import GateResult, Training
 
 if TYPE_CHECKING:
     # serving imports onnxruntime; the gate itself only needs score_batch, version and manifest
@@ -339,10 +339,10 @@ def compare(
 def _deployed_t(scorer: Scorer) -> int:
     # the Chooser starts a freshly loaded model at its run's experience, which sets epsilon decay
     # and SquareCB's gamma; judging the policy at t=0 would judge a far more exploratory one
-    return experience(scorer.manifest.training)
+    return scorer.manifest.training.experience
 
 
-def unseen_rows(incumbent_training: Mapping[str, Any], received_at: np.ndarray) -> np.ndarray | None:
+def unseen_rows(incumbent_training: Training, received_at: np.ndarray) -> np.ndarray | None:
     """The holdout rows newer than a refit incumbent's snapshot, or None for any other incumbent.
 
     A model fit without its holdout has seen none of a later run's holdout (the newest fifth of a
@@ -350,9 +350,10 @@ def unseen_rows(incumbent_training: Mapping[str, Any], received_at: np.ndarray) 
     ``min_new_examples`` rather than by growth, the next holdout reaches back into it: judged on
     rows it was fit on, the incumbent would look better than it is.
     """
-    if not incumbent_training.get("refit"):
+    if not incumbent_training.refit:
         return None
-    return np.flatnonzero(np.asarray(received_at) > float(incumbent_training.get("window_end", -math.inf)))
+    end = incumbent_training.window_end
+    return np.flatnonzero(np.asarray(received_at) > (-math.inf if end is None else end))
 
 
 def evaluate(
@@ -435,10 +436,10 @@ def evaluate_cross_fit(
     n = mask.shape[0]
     if incumbent is not None:
         training = incumbent.manifest.training
-        if not training.get("cross_fitted") or experience(training) > n:
+        if not training.cross_fitted or training.experience > n:
             what = "came from a run with a holdout"
-            if training.get("cross_fitted"):
-                what = f"was cross-fitted on {experience(training)}"
+            if training.cross_fitted:
+                what = f"was cross-fitted on {training.experience}"
             reason = (
                 f"a cross-fitted run on {n} rows replaces only a model cross-fitted on as many or fewer, "
                 f"and incumbent {incumbent.version} {what}: rejected"

@@ -19,11 +19,18 @@ import anyio
 import msgspec
 
 from reflexd import __version__, log
-
-from reflexd.service import sdnotify
 from reflexd.config import Config, load_config
+from reflexd.deciding.choosing import Chooser
+from reflexd.deciding.scoring import ModelSource
 from reflexd.errors import ConfigError, ReflexdError, StorageError, TrainingError
+from reflexd.registry import Registry
+from reflexd.service import sdnotify
 from reflexd.service.ingest import Ingest
+from reflexd.service.monitor import Monitor
+from reflexd.service.scheduler import Scheduler
+from reflexd.service.server import Server, prepare_path
+from reflexd.service.spool import Spool
+from reflexd.service.store import Store
 from reflexd.wire.protocol import (
     Decide,
     Decided,
@@ -38,31 +45,32 @@ from reflexd.wire.protocol import (
     StatusRequest,
     Train,
 )
-from reflexd.registry import Registry, fit_rows
-from reflexd.service.monitor import Monitor
-from reflexd.service.scheduler import Scheduler
-from reflexd.service.server import Server, prepare_path
-from reflexd.deciding.scoring import Chooser, ModelSource
-from reflexd.service.spool import Spool
-from reflexd.service.store import Store
 
 _log = log.get("reflexd")
 MODEL_POLL_SECONDS = 0.5
 
 
 class Daemon:
+    """Owns the parts and wires them: each gets the collaborators it uses, and the config by a getter
+    (``settings``) so that a reload reaches them all at once."""
+
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.started = time.time()
-        self.store: Store | None = None
         self.registry = Registry(config.models_path)
         self.models = ModelSource(self.registry)
         self.chooser = Chooser(self.models, self._exploration_for)
-        self.scheduler = Scheduler(self)
-        self.monitor = Monitor(self)
-        self.ingest: Ingest | None = None
-        self.server: Server | None = None
+        # held by a training run, and by forget: no snapshot is taken while an agent is deleted
+        self.training_lock = anyio.Lock()
+        self.store: Store
+        self.ingest: Ingest
+        self.server: Server
+        self.scheduler: Scheduler
+        self.monitor: Monitor
+
+    def settings(self) -> Config:
+        return self.config
 
     def _exploration_for(self, agent: str, manifest: Any) -> Any:
         # exploration travels with the model, so socket and in-process decisions explore alike
@@ -78,10 +86,12 @@ class Daemon:
         self.registry.ensure()
         self.store = await anyio.to_thread.run_sync(Store, cfg.db_path, cfg.store)
         self.models.refresh()
-        self.scheduler.start_from(self.models.scorer.manifest if self.models.scorer else None)
         spool = await anyio.to_thread.run_sync(Spool, cfg.state_path / "spool", cfg.ingest.segment_bytes)
         self.ingest = Ingest(self.store, spool, cfg.ingest)
-        self.server = Server(self, self.ingest)
+        self.scheduler = Scheduler(self.settings, self.store, self.ingest, self.registry, self.models, self.training_lock)
+        self.scheduler.start_from(self.models.scorer.manifest if self.models.scorer else None)
+        self.monitor = Monitor(self.settings, self.registry, self.store, self.models)
+        self.server = Server(cfg, self.ingest, self)
         sock_path = Path(cfg.socket.path)
         prepare_path(sock_path)
         listener = await anyio.create_unix_listener(sock_path, mode=cfg.socket.mode_bits)
@@ -145,6 +155,12 @@ class Daemon:
             _log.warning("socket.path and state_dir changes take effect at restart")
         if new.store != self.config.store:
             _log.warning("store changes take effect at restart")
+        try:
+            self.server.configure(new)  # reads the redaction key: the one step that can still fail
+        except ConfigError as exc:
+            _log.error("config reload failed; keeping the running config", error=str(exc))
+            sdnotify.notify("READY=1", "STATUS=reload failed; old config in force")
+            return False
         self.config = new
         log.configure(new.log.level, new.log.format)
         self.ingest.configure(new.ingest)
@@ -232,7 +248,7 @@ class Daemon:
         snapshot may hold the agent's rows, and no new snapshot is taken until this is done.
         Models already trained keep what they learned.
         """
-        async with self.scheduler._lock:
+        async with self.training_lock:
             await self.ingest.barrier(loaded=True)
             try:
                 removed = await anyio.to_thread.run_sync(self.store.forget, agent, self.config.archive_path)
@@ -265,7 +281,7 @@ class Daemon:
                 "version": m.version,
                 "created": m.created,
                 "learner": m.learner,
-                "train_rows": fit_rows(m.training),
+                "train_rows": m.training.fit_rows,
                 "gate": msgspec.to_builtins(m.gate) if m.gate else None,
             }
         if self.models.error:

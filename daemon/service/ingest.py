@@ -23,9 +23,9 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from reflexd import log
 from reflexd.config import IngestConfig
 from reflexd.errors import RejectedData, StorageError
-from reflexd.wire.protocol import ExperienceEvent
 from reflexd.service.spool import Spool
 from reflexd.service.store import DeadLetter
+from reflexd.wire.protocol import ExperienceEvent
 
 _log = log.get("reflexd.ingest")
 POLL_SECONDS = 0.002

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import anyio
 import msgspec
 
 from reflexd import log
-from reflexd.config import GateConfig
+from reflexd.config import Config, GateConfig
+from reflexd.deciding.scoring import ModelSource
 from reflexd.errors import PointerMoved, ReflexdError
 from reflexd.learning.gate import z_score
-from reflexd.service.store import RewardStats
+from reflexd.registry import Registry
+from reflexd.service.store import RewardStats, Store
 
 _log = log.get("reflexd.monitor")
 
@@ -114,8 +116,11 @@ def judge(
 class Monitor:
     """Runs ``check`` every ``gate.rollback_check_interval`` seconds inside the daemon."""
 
-    def __init__(self, daemon: Any) -> None:
-        self.daemon = daemon
+    def __init__(self, settings: Callable[[], Config], registry: Registry, store: Store, models: ModelSource) -> None:
+        self._settings = settings
+        self.registry = registry
+        self.store = store
+        self.models = models
         self.checks = 0
         self.rollbacks = 0
         self.last: Comparison | None = None
@@ -124,8 +129,8 @@ class Monitor:
         self._reported: set[tuple[str, str]] = set()  # (current, predecessor) pairs warned about
 
     @property
-    def config(self) -> Any:
-        return self.daemon.config
+    def config(self) -> Config:
+        return self._settings()
 
     async def run(self) -> None:
         while True:
@@ -155,7 +160,7 @@ class Monitor:
     async def check(self) -> Comparison:
         """Compare the live version with its predecessor; roll back if it is worse (and allowed)."""
         cfg = self.config
-        registry = self.daemon.registry
+        registry = self.registry
         current, predecessor = await anyio.to_thread.run_sync(registry.predecessor)
         now = time.time()
         self.checks += 1
@@ -165,7 +170,7 @@ class Monitor:
             self.last = Comparison(at=now, verdict=verdict, rollback=False, reason=reason, current=current)
             return self.last
         stats = await anyio.to_thread.run_sync(
-            self.daemon.store.live_rewards, [current, predecessor], now, cfg
+            self.store.live_rewards, [current, predecessor], now, cfg
         )
         result = judge(current, stats.get(current), predecessor, stats.get(predecessor), cfg.gate, now)
         self.last = result
@@ -181,7 +186,7 @@ class Monitor:
         except PointerMoved as exc:
             _log.info("live model changed during the rollback check; checking again later", detail=str(exc))
             return result
-        self.daemon.models.refresh()
+        self.models.refresh()
         self.rollbacks += 1
         detail = {**msgspec.to_builtins(result), "from": current, "to": target}
         self.last_rollback = detail
@@ -193,7 +198,7 @@ class Monitor:
             difference=round(result.difference or 0.0, 4),
             upper=round(result.upper or 0.0, 4),
         )
-        await anyio.to_thread.run_sync(self.daemon.store.record_model_event, current, "auto_rolled_back", detail, time.time())
+        await anyio.to_thread.run_sync(self.store.record_model_event, current, "auto_rolled_back", detail, time.time())
         return result
 
     def as_dict(self) -> dict[str, Any]:

@@ -35,7 +35,8 @@ from typing import Any, Iterable, Sequence
 
 import msgspec
 
-from reflexd.errors import FrameError
+from reflexd.config import read_key
+from reflexd.errors import RedactionError
 from reflexd.wire.protocol import Action, Decide, Decision, Event, Step
 
 HASH_PREFIX = "h:"
@@ -50,12 +51,6 @@ _Tree = dict[str, tuple[int, "_Tree"]]
 
 _canonical_encode = msgspec.json.Encoder(order="sorted").encode
 
-
-class RedactionError(FrameError):
-    """A message could not be redacted, so it is refused rather than stored as it came."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"cannot redact: {reason}", code="invalid")
 
 
 def canonical_json(value: Any) -> bytes:
@@ -113,10 +108,10 @@ class Redactor:
 
     @classmethod
     def from_config(cls, cfg: Any) -> Redactor:
-        """From a ``RedactionConfig``; prefer ``cfg.redactor``, which builds this once per config."""
+        """From a ``RedactionConfig``, reading its key (ConfigError if it cannot be used)."""
         if not cfg.drop and not cfg.hash:
             return _INACTIVE
-        return cls(cfg.drop, cfg.hash, cfg.key if cfg.hash else None)
+        return cls(cfg.drop, cfg.hash, read_key(cfg) if cfg.hash else None)
 
     def hash_value(self, value: Any) -> str:
         """``h:`` and the first 32 hex digits of HMAC-SHA256 over the value's canonical JSON."""

@@ -6,7 +6,6 @@ CPU priority, with a wall-time limit, on a Parquet snapshot rather than the live
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -14,53 +13,34 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 import msgspec
 import numpy as np
 
 from reflexd import log
-
-from reflexd.learning import gate
-from reflexd.config import Config, TrainerConfig
-from reflexd.learning.dataset import load_holdout, load_snapshot
+from reflexd.config import Config
+from reflexd.deciding.scoring import ModelSource, Scorer
 from reflexd.errors import ReflexdError, TrainerFault, TrainingError
-from reflexd.registry import GateResult, Manifest, Registry, experience, sha256_of
-from reflexd.deciding.scoring import Scorer
+from reflexd.learning import gate, runs
+from reflexd.learning.dataset import load_holdout, load_snapshot
+from reflexd.manifest import MODEL_FILE, GateResult, Manifest, Training
+from reflexd.registry import Registry, sha256_of
+from reflexd.service.ingest import Ingest
+from reflexd.service.store import Store
 from reflexd.split import first_run_rows
-from reflexd.trainer.fit import EXIT_OUT_OF_MEMORY, MODEL_FILE, REFIT_FILE, TrainResult, memory_exhausted, read_result
+from reflexd.trainer.result import (
+    EXIT_OUT_OF_MEMORY,
+    REFIT_FILE,
+    TrainResult,
+    memory_exhausted,
+    read_result,
+)
 
 _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
-
-
-def due_after(cfg: TrainerConfig, trained_on: int, first: int) -> int:
-    """How many new matured experiences make a run due, when the last run's snapshot held ``trained_on``.
-
-    ``min_new_examples``, or fewer while experience is scarce: once it has grown by
-    ``cfg.growth`` since the last run, and the first run as soon as there are ``first``
-    (``first_run_rows``). Learning early and often is what an agent with little experience gains
-    most from; as experience grows the gaps widen geometrically until ``min_new_examples``
-    governs. A snapshot as large as ``max_examples`` means experience is no longer scarce,
-    however small that cap. Never fewer than ``first`` in all: a run on fewer would only fail.
-    """
-    needed = max(first - trained_on, 1)
-    if cfg.growth <= 0 or trained_on >= cfg.max_examples:
-        return max(cfg.min_new_examples, needed)
-    # rounded up, less a hair, so 0.07 × 100 asks for 7 and not the 8 of its float (7.000000000000001)
-    grown = math.ceil(cfg.growth * trained_on - 1e-9)
-    return max(min(cfg.min_new_examples, grown), needed)
-
-
-def run_points(cfg: TrainerConfig, below: int, first: int) -> list[int]:
-    """The experience totals under ``below`` at which ``due_after`` makes runs due, each run
-    training on everything so far: 6, 8, 10, 13, 17, 22, 28, ... with the defaults."""
-    points, total = [], 0
-    while (total := total + due_after(cfg, total, first)) < below:
-        points.append(total)
-    return points
 
 
 def cpu_idle(threshold: float) -> bool:
@@ -88,15 +68,29 @@ class TrainerStatus:
 
 
 class Scheduler:
-    def __init__(self, daemon: Any) -> None:
-        self.daemon = daemon
+    """Starts training runs when they are due, gates their candidates, registers the verdicts."""
+
+    def __init__(
+        self,
+        settings: Callable[[], Config],
+        store: Store,
+        ingest: Ingest,
+        registry: Registry,
+        models: ModelSource,
+        lock: anyio.Lock,
+    ) -> None:
+        self._settings = settings  # read afresh each time: a reload takes effect at the next run
+        self.store = store
+        self.ingest = ingest
+        self.registry = registry
+        self.models = models
         self.status = TrainerStatus()
-        self._lock = anyio.Lock()
+        self._lock = lock  # one run at a time, and none while an agent is being forgotten
         self._run_seq = 0
 
     @property
-    def config(self) -> Any:
-        return self.daemon.config
+    def config(self) -> Config:
+        return self._settings()
 
     @property
     def runs_dir(self) -> Path:
@@ -104,9 +98,8 @@ class Scheduler:
 
     def start_from(self, manifest: Manifest | None) -> None:
         if manifest is not None:
-            training = manifest.training
-            self.status.cutoff = float(training.get("window_end", 0.0))
-            self.status.trained_on = experience(training)
+            self.status.cutoff = manifest.training.window_end or 0.0
+            self.status.trained_on = manifest.training.experience
 
     async def run(self) -> None:
         while True:
@@ -119,8 +112,8 @@ class Scheduler:
         now = time.time()
         if now < self.status.next_attempt or not cpu_idle(cfg.idle_load):
             return False
-        new = await anyio.to_thread.run_sync(self.daemon.store.matured_count, self.status.cutoff, now, self.config)
-        return new >= due_after(cfg, self.status.trained_on, first_run_rows(self.config))
+        new = await anyio.to_thread.run_sync(self.store.matured_count, self.status.cutoff, now, self.config)
+        return new >= runs.due_after(cfg, self.status.trained_on, first_run_rows(self.config))
 
     async def train_once(self, reason: str) -> dict[str, Any]:
         async with self._lock:
@@ -177,10 +170,10 @@ class Scheduler:
     async def _train(self, run_dir: Path, reason: str) -> dict[str, Any]:
         cfg = self.config
         self.status.state = "snapshot"
-        await self.daemon.ingest.barrier(loaded=True)  # what was acknowledged is in the snapshot
+        await self.ingest.barrier(loaded=True)  # what was acknowledged is in the snapshot
         snapshot = run_dir / "snapshot.parquet"
         info = await anyio.to_thread.run_sync(
-            self.daemon.store.snapshot, snapshot, time.time(), cfg, cfg.trainer.max_examples
+            self.store.snapshot, snapshot, time.time(), cfg, cfg.trainer.max_examples
         )
         needed = first_run_rows(cfg)
         if info.rows < needed:
@@ -230,33 +223,7 @@ class Scheduler:
                 proc.returncode,
             )
         if proc.returncode != 0:
-            raise self._trainer_fault(proc.returncode, run_dir / "trainer.log", out)
-
-    def _trainer_fault(self, code: int, log_file: Path, out: Path) -> TrainerFault:
-        """Why the trainer exited with ``code``, in words an operator can act on."""
-        log_text = log_file.read_text(errors="replace").strip()
-        tail = (log_text.splitlines() or ["no output"])[-1]
-        max_mb = self.config.trainer.max_memory_mb
-        try:
-            read_result(out)
-            reported = None
-        except TrainingError as exc:
-            reported = str(exc) if (out / "result.json").exists() else None
-        if code == EXIT_OUT_OF_MEMORY:
-            return TrainerFault("out_of_memory", reported or f"trainer ran out of memory (max_memory_mb={max_mb})", code)
-        if code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            if memory_exhausted(log_text[-4000:]):  # what it printed last, not a whole run's chatter
-                # an allocation failure some native code could not survive (std::bad_alloc → SIGABRT)
-                return TrainerFault(
-                    "out_of_memory", f"trainer ran out of memory (max_memory_mb={max_mb}) and was killed by {name}", code
-                )
-            who = " (by another process, or the kernel's OOM killer)" if -code == signal.SIGKILL else ""
-            return TrainerFault("killed", f"trainer was killed by {name}{who}, exit status {code}; last output: {tail}", code)
-        return TrainerFault("exit", f"trainer exited with status {code}: {reported or tail}", code)
+            raise trainer_fault(proc.returncode, run_dir / "trainer.log", out, cfg.trainer.max_memory_mb)
 
     def _gate(self, snapshot: Path, out: Path, result: Any) -> tuple[Path, Manifest, Any]:
         """(the model file to register, its manifest, the gate's verdict) for the trainer's ``result``.
@@ -269,11 +236,14 @@ class Scheduler:
         (``gate.evaluate_cross_fit``).
         """
         cfg = self.config
-        incumbent = self.daemon.models.scorer
+        incumbent = self.models.scorer
         model_file = out / MODEL_FILE
-        training = msgspec.to_builtins(result)
-        # the out-of-fold predictions are the gate's evidence, not the model's description
-        training["cross_fitted"] = training.pop("cross_fit", None) is not None
+        # the out-of-fold predictions are the gate's evidence, not the model's description; a
+        # cross-fitted model was fit on every row of its snapshot, as a refit is
+        cross_fitted = result.cross_fit is not None
+        training = msgspec.convert(
+            {**msgspec.to_builtins(result), "cross_fitted": cross_fitted, "refit": cross_fitted}, Training
+        )
         manifest = Manifest(
             version="candidate",
             parent=incumbent.version if incumbent else None,
@@ -282,8 +252,7 @@ class Scheduler:
             features=result.features,
             exploration=cfg.exploration,
             agent_exploration={a: c.exploration for a, c in cfg.agents.items()},
-            # a cross-fitted model was fit on every row of its snapshot, as a refit is
-            training={**training, "refit": result.cross_fit is not None},
+            training=training,
             sha256=sha256_of(model_file),
         )
         if result.cross_fit is not None:
@@ -292,37 +261,28 @@ class Scheduler:
         incumbent_holdout = None
         if incumbent is not None and incumbent.manifest.features != result.features:
             incumbent_holdout = load_holdout(snapshot, incumbent.manifest.features, cfg.trainer.holdout_fraction)
-        held = len(holdout)
-        unseen = gate.unseen_rows(incumbent.manifest.training, holdout.received_at) if incumbent else None
-        if unseen is not None and len(unseen) < held:
-            holdout = holdout.take(unseen)
-            incumbent_holdout = incumbent_holdout.take(unseen) if incumbent_holdout is not None else None
-
         candidate = Scorer(manifest, model_file.read_bytes())
-        verdict = gate.evaluate(
+        refit_file, refit = out / REFIT_FILE, None
+        if result.refitted:
+            refit = msgspec.structs.replace(
+                manifest,
+                # the candidate's file is pruned with its run; its digest says which model was judged
+                training=msgspec.structs.replace(manifest.training, refit=True, candidate_sha256=manifest.sha256),
+                sha256=sha256_of(refit_file),
+            )
+        judged = runs.judge_run(
             candidate,
             incumbent,
             holdout,
             cfg.exploration,
             cfg.gate,
+            (lambda: Scorer(refit, refit_file.read_bytes())) if refit is not None else None,
             incumbent_holdout,
             incumbent.manifest.exploration if incumbent is not None else None,
         )
-        if incumbent is not None and len(holdout) < held:
-            note = f" (on the {len(holdout)} of {held} holdout rows newer than what {incumbent.version} was fit on)"
-            verdict = msgspec.structs.replace(verdict, reason=verdict.reason + note)
-        if not (verdict.passed and result.refitted):
-            return model_file, manifest, verdict
-        refit_file = out / REFIT_FILE
-        refit = msgspec.structs.replace(
-            manifest,
-            # the candidate's file is pruned with its run; its digest says which model was judged
-            training={**manifest.training, "refit": True, "candidate_sha256": manifest.sha256},
-            sha256=sha256_of(refit_file),
-        )
-        check = gate.check_refit(Scorer(refit, refit_file.read_bytes()), candidate, holdout, cfg.exploration, cfg.gate)
-        verdict = gate.with_refit(verdict, check, result.train_rows + result.holdout_rows)
-        return (refit_file, refit, verdict) if check.passed else (model_file, manifest, verdict)
+        if judged.live is not None and judged.live is not candidate:
+            return refit_file, refit, judged.verdict
+        return model_file, manifest, judged.verdict
 
     def _gate_cross_fit(self, snapshot: Path, result: TrainResult) -> GateResult:
         """The gate's verdict on a cross-fitted run's learner (``gate.evaluate_cross_fit``)."""
@@ -340,22 +300,22 @@ class Scheduler:
                 f"not one per action of each row {rows.mask.shape}"
             )
         return gate.evaluate_cross_fit(
-            rows, scores, spread, self.config.exploration, self.config.gate, self.daemon.models.scorer
+            rows, scores, spread, self.config.exploration, self.config.gate, self.models.scorer
         )
 
     def _register(self, model_file: Path, manifest: Manifest, verdict: Any) -> dict[str, Any]:
-        registry: Registry = self.daemon.registry
+        registry = self.registry
         fields = msgspec.structs.asdict(manifest)
         fields["gate"] = verdict
         added = registry.add(model_file, fields)
-        store = self.daemon.store
+        store = self.store
         store.record_model_event(added.version, "registered", msgspec.to_builtins(verdict), time.time())
         if verdict.passed:
             registry.promote(added.version)
             store.record_model_event(added.version, "promoted", {"reason": verdict.reason}, time.time())
             self.status.promoted += 1
             _log.info("model promoted", version=added.version, gate=verdict.reason)
-            self.daemon.models.refresh()
+            self.models.refresh()
         else:
             self.status.rejected += 1
             _log.info("candidate rejected by the gate", version=added.version, gate=verdict.reason)
@@ -363,6 +323,32 @@ class Scheduler:
             "outcome": "promoted" if verdict.passed else "rejected",
             "version": added.version,
             "gate": verdict.reason,
-            "train_rows": added.training.get("train_rows"),
+            "train_rows": added.training.train_rows,
             "at": added.created,
         }
+
+
+def trainer_fault(code: int, log_file: Path, out: Path, max_mb: int) -> TrainerFault:
+    """Why the trainer exited with ``code``, in words an operator can act on."""
+    log_text = log_file.read_text(errors="replace").strip()
+    tail = (log_text.splitlines() or ["no output"])[-1]
+    try:
+        read_result(out)
+        reported = None
+    except TrainingError as exc:
+        reported = str(exc) if (out / "result.json").exists() else None
+    if code == EXIT_OUT_OF_MEMORY:
+        return TrainerFault("out_of_memory", reported or f"trainer ran out of memory (max_memory_mb={max_mb})", code)
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        if memory_exhausted(log_text[-4000:]):  # what it printed last, not a whole run's chatter
+            # an allocation failure some native code could not survive (std::bad_alloc → SIGABRT)
+            return TrainerFault(
+                "out_of_memory", f"trainer ran out of memory (max_memory_mb={max_mb}) and was killed by {name}", code
+            )
+        who = " (by another process, or the kernel's OOM killer)" if -code == signal.SIGKILL else ""
+        return TrainerFault("killed", f"trainer was killed by {name}{who}, exit status {code}; last output: {tail}", code)
+    return TrainerFault("exit", f"trainer exited with status {code}: {reported or tail}", code)

@@ -14,7 +14,7 @@ import stat
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -22,29 +22,18 @@ from anyio.abc import SocketStream
 from anyio.lowlevel import checkpoint
 
 from reflexd import log
-from reflexd.errors import FrameError, ReflexdError
+from reflexd.config import Config
+from reflexd.errors import FrameError, ReflexdError, SocketError
 from reflexd.service.ingest import Ingest
+from reflexd.service.redact import Redactor
 from reflexd.service.store import DeadLetter
-from reflexd.wire.protocol import (
-    EXPERIENCE_TYPES,
-    Ack,
-    Decide,
-    Error,
-    Flush,
-    Forget,
-    FrameReader,
-    decode_inbound,
-    encode_frame,
-    framing_of,
-)
+from reflexd.wire.framing import FrameReader, decode_inbound, encode_frame, framing_of
+from reflexd.wire.protocol import EXPERIENCE_TYPES, Ack, Decide, Decided, Decision, Error, Flush, Forget
 
 _log = log.get("reflexd.server")
 _CRED = struct.Struct("3i")
 READ_BYTES = 1 << 16
 
-
-class SocketError(ReflexdError):
-    """The socket path cannot be used."""
 
 
 def prepare_path(path: Path) -> None:
@@ -85,19 +74,29 @@ def peer_credentials(stream: SocketStream) -> tuple[int, int, int]:
     return _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
 
 
-class Server:
-    """Accepts connections; ``daemon`` answers requests (``decide`` and the async ``request``)."""
+class Handler(Protocol):
+    """What answers the requests a connection reads (the daemon)."""
 
-    def __init__(self, daemon: Any, ingest: Ingest) -> None:
-        self.daemon = daemon
+    def decide(self, msgs: list[Decide]) -> list[tuple[Decided, Decision]]: ...
+
+    async def request(self, msg: msgspec.Struct) -> msgspec.Struct: ...
+
+
+class Server:
+    """Accepts connections, hands experience to ``ingest`` and requests to ``handler``."""
+
+    def __init__(self, config: Config, ingest: Ingest, handler: Handler) -> None:
         self.ingest = ingest
+        self.handler = handler
         self.decider = _Decider(self)
         self.connections = 0
         self.refused = 0
+        self.configure(config)
 
-    @property
-    def config(self) -> Any:
-        return self.daemon.config
+    def configure(self, config: Config) -> None:
+        """Take a (re)loaded config: its redaction rules are compiled here, once, with their key."""
+        self.redactor = Redactor.from_config(config.redaction)
+        self.config = config
 
     def allowed(self, uid: int, gid: int) -> bool:
         sock = self.config.socket
@@ -253,10 +252,10 @@ class _Decider:
             conn.replies[slot] = encode_frame(answer, conn.framing)
 
     def _decide(self, msgs: list[Decide]) -> list[Any]:
-        redactor = self.server.config.redaction.redactor
+        redactor = self.server.redactor
         if redactor.active:  # redacted before scoring too: models are trained on redacted contexts
             msgs = [redactor.apply(msg) for msg in msgs]
-        return self.server.daemon.decide(msgs)
+        return self.server.handler.decide(msgs)
 
 
 class _Connection:
@@ -283,7 +282,7 @@ class _Connection:
         self.deaf = False  # the peer stopped taking replies; what it sent is still read to the end
 
     async def process(self, frames: Any) -> None:
-        redactor = self.server.config.redaction.redactor
+        redactor = self.server.redactor
         for frame in frames:
             seq = self.seq
             self.seq += 1
@@ -371,9 +370,9 @@ class _Connection:
                 self._reply(Ack(count=self.accepted, req=req))
             elif isinstance(msg, Forget):
                 await self._hand_off()  # what this connection sent before the forget is forgotten too
-                self._reply(await self.server.daemon.request(msg))
+                self._reply(await self.server.handler.request(msg))
             else:
-                self._reply(await self.server.daemon.request(msg))
+                self._reply(await self.server.handler.request(msg))
         except Exception as exc:
             self._reply(_failure(exc, seq, msg))
 
@@ -382,7 +381,7 @@ def _failure(exc: Exception, seq: int, msg: Any) -> Error:
     """The Error answering a request that failed; called while ``exc`` is being handled."""
     req = getattr(msg, "req", None)
     if isinstance(exc, ReflexdError):
-        return Error(code=type(exc).__name__, message=str(exc), seq=seq, req=req)
+        return Error(code=exc.code, message=str(exc), seq=seq, req=req)
     # a bug or an unforeseen failure answers this request, not the daemon
     _log.exception("request failed", request=type(msg).__name__)
     return Error(code="internal", message=f"{type(exc).__name__}: {exc}", seq=seq, req=req)

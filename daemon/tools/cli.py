@@ -12,7 +12,7 @@ import msgspec
 
 from reflexd import __version__
 from reflexd.config import DEFAULT_PATH, load_config
-from reflexd.errors import ConfigError, ReflexdError
+from reflexd.errors import ConfigError, ReflexdError, UsageError
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 
@@ -28,12 +28,17 @@ _EPILOG = """\
 Client commands find the socket from --socket, else $REFLEXD_SOCKET, else socket.path in the
 config file (--config, $REFLEXD_CONFIG or /etc/reflexd/reflexd.yaml), else /run/reflexd/reflexd.sock.
 
+Commands that print data (check-config, status, decide, train, models, forget, import) take
+--json: the same data as one JSON document on stdout and nothing else there; exit codes do not change.
+`reflexd COMMAND --help` describes each command, with examples.
+
 examples:
   reflexd run --config configs/reflexd.yaml
   reflexd check-config /etc/reflexd/reflexd.yaml
   reflexd status
+  reflexd status --json
   reflexd decide --agent router --context '{"task": "code"}' --actions small,large
-  reflexd train --now
+  reflexd train
   reflexd models list
   reflexd forget --agent router
   reflexd import logged.dsjson --agent router
@@ -66,6 +71,28 @@ def _print(obj: Any) -> None:
     print(json.dumps(msgspec.to_builtins(obj), indent=2, sort_keys=False))
 
 
+def _parse_done(message: str, pattern: str) -> dict[str, str] | None:
+    """The fields of a daemon ``ok`` message of a known shape, or None if it has another."""
+    import re
+
+    found = re.fullmatch(pattern, message, flags=re.DOTALL)
+    return found.groupdict() if found else None
+
+
+def _removed_counts(message: str) -> dict[str, int] | None:
+    """``forgot agent 'a': removed 3 decisions, 1 dead letters`` → {"decisions": 3, "dead_letters": 1}."""
+    fields = _parse_done(message, r"forgot agent .*: removed (?P<counts>.*)")
+    if fields is None:
+        return None
+    counts: dict[str, int] = {}
+    for part in filter(None, fields["counts"].split(", ")):
+        number, _, what = part.partition(" ")
+        if not number.isdigit() or not what:
+            return None
+        counts[what.replace(" ", "_")] = int(number)
+    return counts
+
+
 # ---- commands ----------------------------------------------------------------------------
 
 
@@ -81,10 +108,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         load_config(path)
     except ConfigError as exc:
+        if args.json:
+            _print({"ok": False, "path": exc.source, "problems": exc.problems})
+            return EX_CONFIG
         print(f"{exc.source}: invalid configuration", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return EX_CONFIG
+    if args.json:
+        _print({"ok": True, "path": str(path), "problems": []})
+        return 0
     print(f"{path}: ok")
     return 0
 
@@ -148,43 +181,75 @@ def cmd_decide(args: argparse.Namespace) -> int:
             else [a.strip() for a in args.actions.split(",") if a.strip()]
         )
     except json.JSONDecodeError as exc:
-        raise _UsageError(f"--context or --actions is not valid JSON: {exc}") from None
+        raise UsageError(f"--context or --actions is not valid JSON: {exc}") from None
     try:
         msg = msgspec.convert({"type": "decide", "agent": args.agent, "context": context, "actions": actions}, Decide)
     except msgspec.ValidationError as exc:
-        raise _UsageError(f"not a valid decide request: {exc}") from None
-    _print(_request(args, msg))
+        raise UsageError(f"not a valid decide request: {exc}") from None
+    _print(_request(args, msg))  # JSON with or without --json
     return 0
 
 
+def _last_run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The trainer's last run as the daemon's status reports it (None if it cannot be had)."""
+    from reflexd.wire.protocol import StatusRequest
+
+    try:
+        return _request(args, StatusRequest()).trainer.get("last_run")
+    except ReflexdError:
+        return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from reflexd.errors import RequestFailed
     from reflexd.wire.protocol import Train
 
+    # --now is the default and accepted for compatibility: a request always trains now
     print("training… (the daemon snapshots, trains, exports and gates; this can take a minute)", file=sys.stderr)
-    reply = _request(args, Train(), timeout=args.timeout)
-    print(reply.message)
+    try:
+        reply = _request(args, Train(), timeout=args.timeout)
+    except RequestFailed as exc:
+        if args.json:
+            last = _last_run(args)
+            failed = {"outcome": "failed", "code": exc.code, "error": str(exc)}
+            if last and last.get("outcome") == "failed" and str(last.get("error")) in str(exc):
+                failed = {**last, "code": exc.code}
+            _print(failed)
+        raise  # reported on stderr by main; exit 1 as without --json
+    if not args.json:
+        print(reply.message)
+        return 0
+    run = _parse_done(reply.message, r"(?P<outcome>\S+) (?P<version>\S+): (?P<gate>.*)") or {}
+    last = _last_run(args)
+    if last and run and last.get("version") == run.get("version"):
+        run = last  # the scheduler's summary of this very run: adds train_rows, at, seconds
+    _print({**run, "message": reply.message})
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from reflexd.wire.protocol import ModelsRequest, Promote, Rollback
 
-    if args.action == "promote":
-        if not args.version:
-            raise _UsageError("models promote needs a VERSION")
-        print(_request(args, Promote(version=args.version)).message)
-        return 0
-    if args.action == "rollback":
-        print(_request(args, Rollback()).message)
+    if args.action in ("promote", "rollback"):
+        if args.action == "promote" and not args.version:
+            raise UsageError("models promote needs a VERSION")
+        done = _request(args, Promote(version=args.version) if args.action == "promote" else Rollback())
+        if args.json:
+            _print({"message": done.message, "current": _request(args, ModelsRequest()).current})
+        else:
+            print(done.message)
         return 0
     reply = _request(args, ModelsRequest())
     if args.action == "show":
         if not args.version:
-            raise _UsageError("models show needs a VERSION")
+            raise UsageError("models show needs a VERSION")
         found = [m for m in reply.models if m.get("version") == args.version]
         if not found:
-            raise _UsageError(f"no model version {args.version!r}; see `reflexd models list`")
-        _print(found[0])
+            raise UsageError(f"no model version {args.version!r}; see `reflexd models list`")
+        _print(found[0])  # the manifest, JSON with or without --json
+        return 0
+    if args.json:
+        _print({"current": reply.current, "models": reply.models})
         return 0
     if not reply.models:
         print("no models yet")
@@ -192,13 +257,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"{'':2}{'version':8} {'created':20} {'rows':>8}  gate")
     import datetime as dt
 
-    from reflexd.registry import fit_rows
+    from reflexd.manifest import Training
 
     for m in reply.models:
         live = "*" if m.get("version") == reply.current else " "
         created = dt.datetime.fromtimestamp(m.get("created", 0)).strftime("%Y-%m-%d %H:%M:%S")
         gate = (m.get("gate") or {}).get("reason", m.get("error", ""))
-        rows = fit_rows(m["training"]) if m.get("training") else ""
+        rows = msgspec.convert(m["training"], Training).fit_rows if m.get("training") else ""
         print(f"{live:2}{m.get('version', '?'):8} {created:20} {rows!s:>8}  {gate}")
     return 0
 
@@ -208,19 +273,27 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     if not args.yes:
         if not sys.stdin.isatty():
-            raise _UsageError("forget deletes data for good; say --yes to confirm when not on a terminal")
+            raise UsageError("forget deletes data for good; say --yes to confirm when not on a terminal")
         question = (
             f"Delete everything reflexd stores about agent {args.agent!r} (database rows, Parquet archive,"
             " training snapshots)? Models already trained are kept. [y/N] "
         )
         try:
-            answer = input(question)
+            if args.json:  # stdout carries the JSON only: ask on stderr
+                print(question, end="", file=sys.stderr, flush=True)
+                answer = sys.stdin.readline()
+            else:
+                answer = input(question)
         except EOFError:
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted", file=sys.stderr)
             return 1
     reply = _request(args, Forget(agent=args.agent), timeout=args.timeout)
+    if args.json:
+        removed = _removed_counts(reply.message)
+        _print({"agent": args.agent, "message": reply.message, **({"removed": removed} if removed is not None else {})})
+        return 0
     print(reply.message)
     return 0
 
@@ -250,6 +323,22 @@ def cmd_import(args: argparse.Namespace) -> int:
     # the daemon counts duplicates for everyone: another agent's resends in this window count too
     duplicates = request(StatusRequest(), socket).ingest.get("duplicates", 0) - before
     sent = summary.decisions + summary.outcomes
+    status = 1 if summary.rejected and not (summary.decisions or summary.outcomes) else 0
+    if args.json:
+        _print(
+            {
+                "file": args.file,
+                "format": fmt,
+                "decisions": summary.decisions,
+                "outcomes": summary.outcomes,
+                "imported": max(0, sent - duplicates),
+                "duplicates": duplicates,
+                "rejected_lines": len(summary.rejected),
+                # the first --show-rejected of them, as {"path", "line", "reason"}
+                "rejected": summary.rejected[: args.show_rejected],
+            }
+        )
+        return status
     print(
         f"sent {summary.decisions} decisions and {summary.outcomes} outcomes from {args.file} ({fmt}):"
         f" imported {max(0, sent - duplicates)}, duplicates (already stored) {duplicates},"
@@ -259,7 +348,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"  rejected {rejected}")
     if len(summary.rejected) > args.show_rejected:
         print(f"  … and {len(summary.rejected) - args.show_rejected} more")
-    return 1 if summary.rejected and not (summary.decisions or summary.outcomes) else 0
+    return status
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -268,8 +357,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(decisions=args.decisions, out_dir=args.out, seed=args.seed, rate=args.rate)
 
 
-class _UsageError(ReflexdError):
-    pass
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "".join(f"  {line}\n" for line in lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,55 +372,141 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--socket", help="daemon socket path (overrides the config)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    def command(name: str, short: str, description: str, examples: list[str], **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=short,
+            description=description,
+            epilog=_examples(*examples),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kw,
+        )
+
+    def json_flag(p: argparse.ArgumentParser, what: str, text: str | None = None) -> None:
+        p.add_argument(
+            "--json", action="store_true", help=text or f"print {what} as JSON on stdout (and nothing else there)"
+        )
+
+    p = command(
+        "run",
+        "run the daemon in the foreground",
+        "Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config (a bad file\n"
+        "leaves the old one in force). Logs go to stderr, nothing to stdout. Exit 0 after a clean stop,\n"
+        "78 if the config is invalid.",
+        ["reflexd run --config configs/reflexd.yaml", "REFLEXD_CONFIG=/etc/reflexd/reflexd.yaml reflexd run"],
+        parents=[common],
+    )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check-config", parents=[common], help="validate a config file (exit 0, or 78 with the errors)")
+    p = command(
+        "check-config",
+        "validate a config file (exit 0, or 78 with the errors)",
+        "Validate a config file without starting anything. Prints 'PATH: ok' and exits 0, or lists every\n"
+        "problem with its key path on stderr and exits 78 (EX_CONFIG, which the systemd unit's\n"
+        'ExecStartPre= relies on). --json prints {"ok": true|false, "path": ..., "problems": [...]}\n'
+        "instead, with the same exit codes.",
+        ["reflexd check-config /etc/reflexd/reflexd.yaml", "reflexd check-config --json configs/reflexd.yaml"],
+        parents=[common],
+    )
     p.add_argument("path", nargs="?", help="file to check (default: --config, $REFLEXD_CONFIG or /etc/reflexd/reflexd.yaml)")
+    json_flag(p, '{"ok", "path", "problems"}')
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("status", parents=[client], help="ingest counts, backlog, live model and its gate, trainer state")
-    p.add_argument("--json", action="store_true", help="print the full status as JSON")
+    p = command(
+        "status",
+        "ingest counts, backlog, live model and its gate, trainer state",
+        "Ask the running daemon how it is doing: ingest counters and backlog, stored experience, the live\n"
+        "model and its gate verdict, the trainer and the automatic-rollback monitor. --json prints the\n"
+        "whole status reply (its fields are described in the README). Exit 1 if the daemon cannot be reached.",
+        ["reflexd status", "reflexd status --json", "reflexd status --socket /run/reflexd/reflexd.sock"],
+        parents=[client],
+    )
+    json_flag(p, "the full status reply")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("decide", parents=[client], help="ask the daemon for one decision (logged like any other)")
+    p = command(
+        "decide",
+        "ask the daemon for one decision (logged like any other)",
+        "Ask the daemon to choose one of --actions for --context, as an agent would; the decision is\n"
+        "logged like any other, so an outcome can be sent for its id. Prints the reply as JSON: id,\n"
+        "action, prob, model_version, strategy (--json prints the same). Exit 1 on a bad --context or\n"
+        "--actions, or if the daemon cannot be reached.",
+        [
+            """reflexd decide --agent router --context '{"task": "code"}' --actions small,large""",
+            """reflexd decide --agent router --actions '[{"id": "small", "features": {"cost": 1}}, "large"]'""",
+        ],
+        parents=[client],
+    )
     p.add_argument("--agent", required=True, help="agent id")
     p.add_argument("--context", default="{}", help="context as a JSON object")
     p.add_argument("--actions", required=True, help='comma-separated action ids, or a JSON list of ids / {"id", "features"}')
+    json_flag(p, "", "accepted for uniformity: the decision is printed as JSON either way")
     p.set_defaults(func=cmd_decide)
 
-    p = sub.add_parser("train", parents=[client], help="start a training run now and wait for its result")
-    p.add_argument(
-        "--now", action="store_true", required=True,
-        help="required: train now, ignoring the idle, new-data and retry-backoff conditions",
+    p = command(
+        "train",
+        "start a training run now and wait for its result",
+        "Start a training run now and wait for its result, ignoring the idle, new-data and retry-backoff\n"
+        "conditions the scheduler waits for: the daemon snapshots its experience, trains a candidate in a\n"
+        "subprocess, exports it and gates it by off-policy evaluation; a candidate that passes goes live.\n"
+        "Prints 'promoted VERSION: REASON' or 'rejected VERSION: REASON' and exits 0 (a rejected candidate\n"
+        "is not an error); a failed run exits 1. --json prints the run's summary (outcome, version, gate,\n"
+        'train_rows, at, seconds, message), or {"outcome": "failed", "error": ...} with exit 1.',
+        ["reflexd train", "reflexd train --json --timeout 300"],
+        parents=[client],
     )
+    p.add_argument("--now", action="store_true", help="train now (default; kept for compatibility)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the run (default 900)")
+    json_flag(p, "the run's summary")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("models", parents=[client], help="list, show, promote or roll back model versions")
+    p = command(
+        "models",
+        "list, show, promote or roll back model versions",
+        "List the model versions in the registry with their creation time, rows and gate verdict (* marks\n"
+        "the live one); show one version's manifest (JSON); make a version live (promote); or go back to\n"
+        "the version live before the current one (rollback). Exit 1 for an unknown version. --json: list\n"
+        'prints {"current", "models"} with every manifest, show the manifest, promote and rollback\n'
+        '{"message", "current"}.',
+        ["reflexd models list", "reflexd models show v0003", "reflexd models promote v0002", "reflexd models --json"],
+        parents=[client],
+    )
     p.add_argument(
         "action", nargs="?", default="list", choices=["list", "show", "promote", "rollback"],
         help="list (the default; * marks the live version), show VERSION, promote VERSION, or rollback",
     )
     p.add_argument("version", nargs="?", help="model version for show and promote (e.g. v0003)")
+    json_flag(p, "the result")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser(
+    p = command(
         "forget",
+        "delete everything stored about an agent (database, archive, snapshots, refused lines, dead letters)",
+        "Delete everything the daemon stores about one agent: database rows, dead letters, Parquet archive\n"
+        "partitions, training snapshots and refused spool lines; models already trained are kept. Asks\n"
+        "first on a terminal (--yes otherwise). Prints what was removed and exits 0; exits 1 if the answer\n"
+        'is not yes. --json prints {"agent", "message", "removed": {what: count}}.',
+        ["reflexd forget --agent router", "reflexd forget --agent router --yes --json"],
         parents=[client],
-        help="delete everything stored about an agent (database, archive, snapshots, refused lines, dead letters)",
     )
     p.add_argument("--agent", required=True, help="agent id")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation (needed when not on a terminal)")
     p.add_argument(
         "--timeout", type=float, default=900.0, help="seconds to wait (a training run in progress is waited for)"
     )
+    json_flag(p, "what was removed")
     p.set_defaults(func=cmd_forget)
 
-    p = sub.add_parser(
+    p = command(
         "import",
+        "send decisions logged by another policy (reflexd NDJSON or VW DSJSON) to the daemon",
+        "Send decisions and outcomes logged by another policy to the daemon: reflexd NDJSON (decision and\n"
+        "outcome lines) or Vowpal Wabbit DSJSON (cb_explore_adf). Events already stored count as\n"
+        "duplicates, so an import can be repeated. Progress goes to stderr, a summary to stdout (--json:\n"
+        "file, format, decisions, outcomes, imported, duplicates, rejected_lines and the first rejected\n"
+        "lines). Exit 1 if no line could be sent.",
+        ["reflexd import logged.dsjson --agent router", "reflexd import decisions.ndjson --format ndjson --json"],
         parents=[client],
-        help="send decisions logged by another policy (reflexd NDJSON or VW DSJSON) to the daemon",
     )
     p.add_argument("file", help="the log: one JSON object per line")
     p.add_argument(
@@ -342,10 +517,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1000, help="messages per acknowledged batch (default 1000)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each acknowledgement")
     p.add_argument("--show-rejected", type=int, default=20, help="rejected lines to list (default 20)")
+    json_flag(p, "the summary")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser(
-        "demo", help="start a daemon on a temporary state directory and watch a simulated agent learn"
+    p = command(
+        "demo",
+        "start a daemon on a temporary state directory and watch a simulated agent learn",
+        "Start a daemon on a temporary state directory, let a simulated agent decide and earn rewards,\n"
+        "and watch the daemon train and promote models. Progress goes to stderr; a report is printed and\n"
+        "written with the daemon log (and, with matplotlib, a learning-curve plot) under --out.\n"
+        "Exit 1 if no model was promoted.",
+        ["reflexd demo", "reflexd demo --decisions 3000 --rate 1000 --out /tmp/reflexd-demo"],
     )
     p.add_argument("--decisions", type=int, default=12_000, help="interactions to simulate (default 12000)")
     p.add_argument("--rate", type=float, default=300.0, help="agent decisions per second (default 300)")

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from reflexd.wire.connection import request
 from reflexd.testing import LocalDaemon
+from reflexd.wire.connection import request
 from reflexd.wire.protocol import Flush, StatusRequest
 
 TASKS = ("chat", "code", "math", "search")

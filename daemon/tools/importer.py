@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Union
 
 import msgspec
 
-from reflexd.errors import ReflexdError
+from reflexd.errors import ImportFileError
 from reflexd.wire.protocol import Ack, Decision, Error, Flush, Outcome
 
 Format = Literal["ndjson", "dsjson"]
@@ -60,14 +60,6 @@ class Rejected(msgspec.Struct, frozen=True):
 
 Item = Union[Record, Rejected]
 
-
-class ImportFileError(ReflexdError):
-    """The file as a whole cannot be imported (missing, unreadable, unknown format)."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"cannot import {path}: {reason}")
 
 
 class _LineError(Exception):

@@ -49,102 +49,24 @@ from typing import Any, NamedTuple
 import msgspec
 
 from reflexd.config import Config, TrainerConfig
-from reflexd.learning.dataset import Batch, load_snapshot, split_holdout
 from reflexd.errors import TrainingError
 from reflexd.features import FeatureSpec
+from reflexd.learning.dataset import Batch, load_snapshot, split_holdout
+from reflexd.manifest import MODEL_FILE
 from reflexd.split import cross_fitted, first_run_rows, folds, holdout_run_rows
-
-RESULT_FILE = "result.json"
-MODEL_FILE = "policy.onnx"
-REFIT_FILE = "refit.onnx"
-MAX_PARITY_ROWS = 2000
-EXIT_OUT_OF_MEMORY = 3
-# how allocation failures read once the address-space limit is hit: numpy and Python
-# (MemoryError, "Unable to allocate"), pyarrow ("malloc of size"), torch's allocator ("can't
-# allocate memory"), onnxruntime ("failed to allocate memory"), the dynamic loader ("failed to
-# map segment"), C++ (std::bad_alloc)
-_MEMORY_MARKERS = (
-    "cannot allocate memory",
-    "can't allocate memory",
-    "unable to allocate",
-    "out of memory",
-    "failed to map segment",
-    "bad_alloc",
-    "malloc of size",
-    "failed to allocate memory",
-    "memoryerror",
+from reflexd.trainer.result import (
+    EXIT_OUT_OF_MEMORY,
+    REFIT_FILE,
+    CrossFit,
+    Failure,
+    TrainResult,
+    memory_exhausted,
+    write_result,
 )
+
+MAX_PARITY_ROWS = 2000
 # an unexplained failure this close to the limit is taken for one
 _NEAR_LIMIT_BYTES = 64 << 20
-
-
-class CrossFit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A cross-fitted run's out-of-fold predictions, row for row in the snapshot's order (as
-    ``dataset.load_snapshot`` reads it): row i's scores and spread [A_max] for its actions, 0 on
-    padded slots, from the learner fit without row i (``cross_fit``)."""
-
-    ids: list[str]
-    scores: list[list[float]]
-    spread: list[list[float]]
-
-
-class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    learner: str
-    features: FeatureSpec
-    seed: int
-    # the candidate (MODEL_FILE) was fit on these; a refit on these and the holdout; a cross-fitted
-    # run's on every row
-    train_rows: int
-    holdout_rows: int
-    dropped_rows: int
-    # REFIT_FILE holds the same learner fit on every row, and passed the parity check (False for a
-    # cross-fitted run, whose MODEL_FILE is fit on every row: its manifest says refit all the same)
-    refitted: bool
-    window_start: float  # received_at of the oldest row in the snapshot (train and holdout)
-    window_end: float  # received_at of the newest
-    epochs: int  # the candidate's
-    # the candidate's mean over its last epoch, in squared reward units; None if not reported
-    train_loss: float | None
-    load_seconds: float  # reading and hashing the snapshot
-    import_seconds: float  # torch and the learner
-    fit_seconds: float  # the candidate's and the refit's, or a cross-fitted run's with its folds
-    export_seconds: float
-    graph_reused: bool  # every export wrote its weights into a cached graph (see --graph-cache)
-    parity_seconds: float
-    cpu_seconds: float  # the run's CPU time so far; at SCHED_IDLE its wall time depends on other load
-    parity_diff: float  # the candidate's
-    parity_ok: bool
-    refit_parity_diff: float | None  # None when no refit was fit
-    torch_version: str
-    cross_fit: CrossFit | None = None  # a cross-fitted run's (holdout_rows is then 0)
-
-
-class _Failure(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    error: str
-
-
-_result_decoder = msgspec.json.Decoder(dict[str, Any])
-
-
-def read_result(out_dir: str | os.PathLike[str]) -> TrainResult:
-    """The run's result, or TrainingError with the trainer's own error message."""
-    path = Path(out_dir) / RESULT_FILE
-    try:
-        found = _result_decoder.decode(path.read_bytes())
-        if "error" in found:
-            raise TrainingError(msgspec.convert(found, _Failure).error)
-        return msgspec.convert(found, TrainResult)
-    except FileNotFoundError:
-        raise TrainingError(f"trainer wrote no {path} (killed, or crashed before starting)") from None
-    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise TrainingError(f"unreadable trainer result {path}: {exc}") from None
-
-
-def _write_result(out_dir: Path, result: TrainResult | _Failure) -> None:
-    # written whole then renamed, so the daemon never reads half a result
-    tmp = out_dir / (RESULT_FILE + ".tmp")
-    tmp.write_bytes(msgspec.json.encode(result))
-    os.replace(tmp, out_dir / RESULT_FILE)
 
 
 def _log(event: str, **fields: object) -> None:
@@ -181,12 +103,6 @@ def limit_memory(max_mb: int) -> int | None:
         _log("memory_limit_not_set", max_memory_mb=max_mb, error=str(exc).replace(" ", "_"))
         return None
     return limit
-
-
-def memory_exhausted(text: str) -> bool:
-    """True when an error message (or a trainer log) reads as an allocation failure."""
-    lowered = text.lower()
-    return any(marker in lowered for marker in _MEMORY_MARKERS)
 
 
 def _peak_address_space() -> int | None:
@@ -266,7 +182,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     started = time.perf_counter()
     import torch
 
-    from reflexd.plugins.learners import load_learner
+    from reflexd.extensions import load_learner
 
     torch.set_num_threads(settings.max_threads)
     learner = load_learner(settings.learner)
@@ -445,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = limit_memory(max_mb)  # before torch is imported, so its mappings count too
     try:
         graphs = Path(args.graph_cache) if args.graph_cache else None
-        _write_result(out_dir, train(args.snapshot, out_dir, config, args.seed, graphs))
+        write_result(out_dir, train(args.snapshot, out_dir, config, args.seed, graphs))
     except Exception as exc:
         # a TrainingError says what went wrong; only its text can tell of an allocation failure
         if _out_of_memory(exc, None if isinstance(exc, TrainingError) else limit):
@@ -455,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, TrainingError):
             return _fail(out_dir, str(exc))
         traceback.print_exc()
-        _write_result(out_dir, _Failure(f"trainer bug: {type(exc).__name__}: {exc}"))
+        write_result(out_dir, Failure(f"trainer bug: {type(exc).__name__}: {exc}"))
         return 1
     return 0
 
@@ -464,7 +380,7 @@ def _fail(out_dir: Path, message: str, status: int = 2) -> int:
     message = " ".join(message.split())  # the daemon and operators read it as one line
     print(f"reflexd.trainer: error: {message}", file=sys.stderr, flush=True)
     try:
-        _write_result(out_dir, _Failure(message))
+        write_result(out_dir, Failure(message))
     except (OSError, MemoryError):
         pass  # the exit status and the line above still tell the daemon
     return status

@@ -12,7 +12,8 @@ from typing import Iterable
 import msgspec
 
 from reflexd.errors import DaemonUnavailable, FrameError, RequestFailed
-from reflexd.wire.protocol import MSGPACK, Error, FrameReader, Reply, decode_reply, encode_frame
+from reflexd.wire.framing import MSGPACK, FrameReader, decode_reply, encode_frame
+from reflexd.wire.protocol import Error, Reply
 
 DEFAULT_SOCKET = "/run/reflexd/reflexd.sock"
 MAX_REPLY_BYTES = 64 << 20

@@ -11,8 +11,7 @@ from torch import nn
 from torch.optim.adam import adam
 
 from reflexd.config import TrainerConfig
-
-from . import Progress
+from reflexd.extensions import Progress
 
 
 def ensemble(out: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

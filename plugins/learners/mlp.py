@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from reflexd.config import TrainerConfig
+from reflexd.extensions import Progress
 from reflexd.learning.dataset import Batch
 
-from . import Progress
 from ._heads import Adam, RewardModel, fit_heads
 
 

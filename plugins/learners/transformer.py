@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from reflexd.config import TrainerConfig
-from reflexd.learning.dataset import Batch
 from reflexd.errors import TrainingError
+from reflexd.extensions import Progress
+from reflexd.learning.dataset import Batch
 
-from . import Progress
 from ._heads import Adam, RewardModel, fit_heads
 
 

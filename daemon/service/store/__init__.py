@@ -24,10 +24,10 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
-from reflexd.service import spool
 from reflexd.config import Config, StoreConfig
 from reflexd.durable import fsync_path
 from reflexd.errors import RejectedData, StorageError
+from reflexd.service import spool
 from reflexd.wire.protocol import Decision, Event, Outcome, Step
 
 EXPERIENCE_TABLES = ("decisions", "outcomes", "steps", "events")

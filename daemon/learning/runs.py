@@ -1,0 +1,93 @@
+"""When runs happen, and which model a run leaves live: the scheduler's rules, free of I/O.
+
+The daemon's scheduler and ``bench/replay.py`` both call these, so the benchmark's replay is the
+daemon's own decision, not a copy of it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+import msgspec
+
+from reflexd.config import ExplorationConfig, GateConfig, TrainerConfig
+from reflexd.learning import gate
+from reflexd.manifest import GateResult
+
+if TYPE_CHECKING:
+    from reflexd.deciding.scoring import Scorer
+
+
+def due_after(cfg: TrainerConfig, trained_on: int, first: int) -> int:
+    """How many new matured experiences make a run due, when the last run's snapshot held ``trained_on``.
+
+    ``min_new_examples``, or fewer while experience is scarce: once it has grown by
+    ``cfg.growth`` since the last run, and the first run as soon as there are ``first``
+    (``first_run_rows``). Learning early and often is what an agent with little experience gains
+    most from; as experience grows the gaps widen geometrically until ``min_new_examples``
+    governs. A snapshot as large as ``max_examples`` means experience is no longer scarce,
+    however small that cap. Never fewer than ``first`` in all: a run on fewer would only fail.
+    """
+    needed = max(first - trained_on, 1)
+    if cfg.growth <= 0 or trained_on >= cfg.max_examples:
+        return max(cfg.min_new_examples, needed)
+    # rounded up, less a hair, so 0.07 × 100 asks for 7 and not the 8 of its float (7.000000000000001)
+    grown = math.ceil(cfg.growth * trained_on - 1e-9)
+    return max(min(cfg.min_new_examples, grown), needed)
+
+
+def run_points(cfg: TrainerConfig, below: int, first: int) -> list[int]:
+    """The experience totals under ``below`` at which ``due_after`` makes runs due, each run
+    training on everything so far: 6, 8, 10, 13, 17, 22, 28, ... with the defaults."""
+    points, total = [], 0
+    while (total := total + due_after(cfg, total, first)) < below:
+        points.append(total)
+    return points
+
+
+class Judged(NamedTuple):
+    """What a run with a holdout leaves live: ``live`` is the candidate, its refit, or None (refused)."""
+
+    live: Any  # a Scorer, or None
+    verdict: GateResult
+
+
+def judge_run(
+    candidate: Scorer,
+    incumbent: Scorer | None,
+    holdout: Any,
+    exploration: ExplorationConfig,
+    settings: GateConfig,
+    refit: Callable[[], Scorer] | None = None,
+    incumbent_holdout: Any | None = None,
+    incumbent_exploration: ExplorationConfig | None = None,
+) -> Judged:
+    """The rule for which model goes live after a run with a holdout.
+
+    The candidate, fit without the holdout, is judged on it (``gate.evaluate``); against a refit
+    incumbent only on the rows newer than that incumbent's snapshot (``gate.unseen_rows``). When it
+    passes and ``refit`` gives the same learner fit on every row (``trainer.refit_below``), the refit
+    goes live unless it went wrong (``gate.check_refit``); otherwise the candidate does. ``refit`` is
+    called only for a candidate that passed, so a caller may fit it lazily.
+    """
+    held = len(holdout)
+    if incumbent is not None:
+        unseen = gate.unseen_rows(incumbent.manifest.training, holdout.received_at)
+        if unseen is not None and len(unseen) < held:
+            holdout = holdout.take(unseen)
+            incumbent_holdout = incumbent_holdout.take(unseen) if incumbent_holdout is not None else None
+    verdict = gate.evaluate(
+        candidate, incumbent, holdout, exploration, settings, incumbent_holdout, incumbent_exploration
+    )
+    if incumbent is not None and len(holdout) < held:
+        note = f" (on the {len(holdout)} of {held} holdout rows newer than what {incumbent.version} was fit on)"
+        verdict = msgspec.structs.replace(verdict, reason=verdict.reason + note)
+    if not verdict.passed:
+        return Judged(None, verdict)
+    if refit is None:
+        return Judged(candidate, verdict)
+    refitted = refit()
+    check = gate.check_refit(refitted, candidate, holdout, exploration, settings)
+    verdict = gate.with_refit(verdict, check, candidate.manifest.training.experience)
+    return Judged(refitted if check.passed else candidate, verdict)

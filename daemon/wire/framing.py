@@ -1,0 +1,148 @@
+"""Framing: messages to bytes and back, for both of the socket's framings.
+
+Two framings share one socket, told apart by a connection's first byte: a zero byte starts a
+4-byte big-endian length prefix followed by msgpack; anything else is newline-delimited JSON.
+Replies use the framing of the connection they answer.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterator, Literal
+
+import msgspec
+
+from reflexd.errors import FrameError, FrameTooLarge
+from reflexd.wire.protocol import Inbound, Reply
+
+JSON = "json"
+MSGPACK = "msgpack"
+Framing = Literal["json", "msgpack"]
+
+_json_in = msgspec.json.Decoder(Inbound)
+_msgpack_in = msgspec.msgpack.Decoder(Inbound)
+_json_reply = msgspec.json.Decoder(Reply)
+_msgpack_reply = msgspec.msgpack.Decoder(Reply)
+_json_enc = msgspec.json.Encoder()
+_msgpack_enc = msgspec.msgpack.Encoder()
+_LEN = struct.Struct(">I")
+
+
+def framing_of(first_byte: int) -> Framing:
+    return MSGPACK if first_byte == 0 else JSON
+
+
+def decode_inbound(payload: bytes | memoryview, framing: Framing) -> Inbound:
+    """Decode one frame's payload into a typed message, or raise FrameError naming the problem."""
+    try:
+        if framing == JSON:
+            return _json_in.decode(payload)
+        return _msgpack_in.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise FrameError(str(exc), code="invalid" if isinstance(exc, msgspec.ValidationError) else "malformed") from None
+    except RecursionError:  # msgspec recurses once per level of nesting
+        raise FrameError("nested too deep to decode", code="malformed") from None
+    except UnicodeDecodeError as exc:  # msgpack strings that are not UTF-8
+        raise FrameError(f"invalid UTF-8 in a string: {exc.reason}", code="malformed") from None
+
+
+def decode_reply(payload: bytes | memoryview, framing: Framing) -> Reply:
+    try:
+        if framing == JSON:
+            return _json_reply.decode(payload)
+        return _msgpack_reply.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise FrameError(f"unreadable reply: {exc}") from None
+
+
+def encode_frame(msg: msgspec.Struct, framing: Framing) -> bytes:
+    """One framed message, ready to write."""
+    if framing == JSON:
+        return _json_enc.encode(msg) + b"\n"
+    body = _msgpack_enc.encode(msg)
+    return _LEN.pack(len(body)) + body
+
+
+def encode_frames(msgs: list[msgspec.Struct], framing: Framing) -> bytes:
+    return b"".join(encode_frame(m, framing) for m in msgs)
+
+
+class FrameReader:
+    """Sans-IO framer: feed bytes in, get whole frame payloads out, with a size cap.
+
+    An over-long NDJSON line is reported once and skipped up to its newline, so the connection
+    survives it. An over-long length prefix cannot be skipped safely and is fatal to the
+    connection: ``fatal`` becomes true and no further frames are produced.
+    """
+
+    def __init__(self, framing: Framing, max_bytes: int) -> None:
+        self.framing = framing
+        self.max_bytes = max_bytes
+        self.fatal = False
+        self._buf = bytearray()
+        self._skipping = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buf)
+
+    @property
+    def incomplete(self) -> bool:
+        """A frame has started and not finished (including an over-long line being skipped)."""
+        return bool(self._buf) or self._skipping
+
+    def abandon(self) -> bytes:
+        """Give up on the incomplete frame: return its bytes and stop producing frames."""
+        self.fatal = True
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def feed(self, data: bytes) -> Iterator[bytes | FrameError]:
+        if self.fatal:
+            return
+        self._buf += data
+        if self.framing == JSON:
+            yield from self._lines()
+        else:
+            yield from self._prefixed()
+
+    def _lines(self) -> Iterator[bytes | FrameError]:
+        buf = self._buf
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            if self._skipping:
+                self._skipping = False
+            else:
+                line = bytes(buf[start:nl])
+                if len(line) > self.max_bytes:
+                    yield FrameTooLarge(len(line), self.max_bytes)
+                elif line.strip():
+                    yield line
+            start = nl + 1
+        del buf[:start]
+        if len(buf) > self.max_bytes:
+            if not self._skipping:
+                yield FrameTooLarge(len(buf), self.max_bytes)
+            self._skipping = True
+            buf.clear()
+
+    def _prefixed(self) -> Iterator[bytes | FrameError]:
+        buf = self._buf
+        start = 0
+        while len(buf) - start >= 4:
+            (size,) = _LEN.unpack_from(buf, start)
+            if size > self.max_bytes:
+                self.fatal = True
+                buf.clear()
+                yield FrameTooLarge(size, self.max_bytes)
+                return
+            if len(buf) - start - 4 < size:
+                break
+            yield bytes(buf[start + 4 : start + 4 + size])
+            start += 4 + size
+        del buf[:start]

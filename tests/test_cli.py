@@ -1,0 +1,192 @@
+"""The ``reflexd`` command line as installed: help text with examples, ``--json`` output, exit codes.
+
+Every test runs the real console script (``.venv/bin/reflexd``) as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import DaemonProcess, wait_for
+from reflexd.tools.cli import _removed_counts, build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "configs" / "reflexd.yaml"
+REFLEXD = Path(sys.executable).parent / "reflexd"
+COMMANDS = ["run", "check-config", "status", "decide", "train", "models", "forget", "import", "demo"]
+EX_CONFIG = 78
+
+
+def reflexd(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    assert REFLEXD.exists(), REFLEXD
+    return subprocess.run(
+        [str(REFLEXD), *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
+    )
+
+
+def as_json(proc: subprocess.CompletedProcess[str], code: int = 0) -> Any:
+    """stdout parsed as one JSON document (nothing else may be there), once the exit code is checked."""
+    assert proc.returncode == code, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        pytest.fail(f"stdout is not pure JSON ({exc}):\n{proc.stdout}")
+
+
+# ---- help ----------------------------------------------------------------------------------
+
+
+def test_every_command_is_covered_here() -> None:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_a_description_and_examples(command: str) -> None:
+    proc = reflexd(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "examples:" in out and f"reflexd {command}" in out.split("examples:", 1)[1], out
+    # a description paragraph between the usage lines and the argument list
+    description = out.split("\n\n", 2)[1]
+    assert not description.lstrip().startswith(("options:", "positional arguments:")), out
+    assert len(description.split()) >= 15, description
+
+
+def test_top_level_help_has_examples() -> None:
+    proc = reflexd("--help")
+    assert proc.returncode == 0 and "examples:" in proc.stdout
+    assert "--json" in proc.stdout
+
+
+def test_train_needs_no_flag_and_keeps_now_as_a_no_op() -> None:
+    assert "(default; kept for compatibility)" in " ".join(reflexd("train", "--help").stdout.split())
+    # without a daemon both reach the socket (exit 1), neither is a usage error (exit 2)
+    for args in (["train"], ["train", "--now"], ["train", "--json"]):
+        proc = reflexd(*args, "--socket", "/nonexistent/reflexd.sock")
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert "cannot reach reflexd" in proc.stderr and proc.stdout == ""
+
+
+# ---- check-config --json -------------------------------------------------------------------
+
+
+def test_check_config_json_accepts_the_shipped_file() -> None:
+    doc = as_json(reflexd("check-config", "--json", str(SHIPPED)))
+    assert doc == {"ok": True, "path": str(SHIPPED), "problems": []}
+
+
+def test_check_config_json_names_each_problem_and_exits_78(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("agents:\n  a:\n    bogus: {}\n  b:\n    exploration: {epsilon: 2}\n")
+    doc = as_json(reflexd("check-config", "--json", str(bad)), code=EX_CONFIG)
+    assert doc["ok"] is False and doc["path"] == str(bad)
+    assert any("agents.a" in p for p in doc["problems"]), doc
+    assert any("agents.b.exploration.epsilon" in p for p in doc["problems"]), doc
+
+    missing = as_json(reflexd("check-config", "--json", str(tmp_path / "absent.yaml")), code=EX_CONFIG)
+    assert missing["ok"] is False and missing["problems"]
+
+
+def test_json_commands_print_nothing_on_stdout_when_the_daemon_is_away() -> None:
+    for args in (["status"], ["models", "list"], ["decide", "--agent", "a", "--actions", "x,y"]):
+        proc = reflexd(*args, "--json", "--socket", "/nonexistent/reflexd.sock")
+        assert proc.returncode == 1 and proc.stdout == "", (args, proc.stdout)
+
+
+def test_forget_counts_are_read_from_the_daemon_message() -> None:
+    message = "forgot agent 'bot': removed 3 decisions, 0 dead letters, 2 archive files"
+    assert _removed_counts(message) == {"decisions": 3, "dead_letters": 0, "archive_files": 2}
+    assert _removed_counts("forgot agent 'bot': removed ") == {}
+    assert _removed_counts("something else") is None
+
+
+# ---- against a daemon ----------------------------------------------------------------------
+
+
+def cli(d: DaemonProcess, *args: str, code: int = 0) -> Any:
+    return as_json(reflexd(*args, "--json", "--socket", d.socket, timeout=300), code=code)
+
+
+def decisions_file(path: Path, n: int) -> Path:
+    lines = []
+    for i in range(n):
+        kind = "ab"[i % 2]
+        chosen = "xy"[(i // 2) % 2]
+        lines.append(
+            {
+                "type": "decision",
+                "id": f"d{i}",
+                "agent": "bot",
+                "context": {"kind": kind},
+                "actions": ["x", "y"],
+                "chosen": chosen,
+                "prob": 0.5,
+            }
+        )
+        lines.append({"type": "outcome", "decision_id": f"d{i}", "reward": float({"a": "x", "b": "y"}[kind] == chosen)})
+    lines.append("{not json")
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.e2e
+def test_status_decide_models_and_forget_print_json(daemon: DaemonProcess) -> None:
+    status = cli(daemon, "status")
+    assert {"version", "pid", "ingest", "backlog", "experience", "model", "trainer"} <= status.keys()
+    assert status["pid"] == daemon.proc.pid and status["model"] is None
+
+    # nothing to train on: the run fails, exit 1 as without --json, and says why on stdout too
+    failed = cli(daemon, "train", code=1)
+    assert failed["outcome"] == "failed" and "experiences" in failed["error"] and failed["code"], failed
+
+    decided = cli(daemon, "decide", "--agent", "bot", "--context", '{"kind": "a"}', "--actions", "x,y")
+    assert {"id", "action", "prob", "model_version", "strategy"} <= decided.keys()
+    assert decided["action"] in ("x", "y") and decided["model_version"] is None
+    # the same without --json: the reply is JSON either way
+    plain = reflexd("decide", "--agent", "bot", "--actions", "x", "--socket", daemon.socket)
+    assert plain.returncode == 0 and json.loads(plain.stdout)["action"] == "x"
+
+    assert cli(daemon, "models", "list") == {"current": None, "models": []}
+    unknown = reflexd("models", "show", "v0099", "--json", "--socket", daemon.socket)
+    assert unknown.returncode == 1 and unknown.stdout == "" and "v0099" in unknown.stderr
+
+    wait_for(lambda: daemon.status().experience.get("decisions", 0) >= 2, 30, "the decisions to be stored")
+    forgot = cli(daemon, "forget", "--agent", "bot", "--yes")
+    assert forgot["agent"] == "bot" and "forgot agent" in forgot["message"]
+    assert forgot["removed"]["decisions"] == 2, forgot
+    assert daemon.status().experience.get("decisions", 0) == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_import_then_train_then_models_print_json(daemon: DaemonProcess, tmp_path: Path) -> None:
+    n = 40
+    summary = cli(daemon, "import", str(decisions_file(tmp_path / "log.ndjson", n)), "--format", "ndjson")
+    assert summary["decisions"] == n and summary["outcomes"] == n and summary["imported"] == 2 * n, summary
+    assert summary["duplicates"] == 0 and summary["rejected_lines"] == 1
+    assert summary["rejected"][0]["line"] == 2 * n + 1 and summary["format"] == "ndjson"
+
+    again = cli(daemon, "import", str(tmp_path / "log.ndjson"))
+    assert again["imported"] == 0 and again["duplicates"] == 2 * n, again
+
+    # every decision past the reward window, so the run sees them all
+    wait_for(lambda: daemon.status().experience["new_since_training"] >= n, 30, "the imported decisions to mature")
+    run = cli(daemon, "train")
+    assert run["outcome"] in ("promoted", "rejected"), run
+    assert run["version"] == "v0001" and run["gate"] and run["message"].startswith(run["outcome"])
+    assert run["train_rows"] is not None and run["seconds"] > 0, run
+
+    listing = cli(daemon, "models", "list")
+    assert [m["version"] for m in listing["models"]] == ["v0001"]
+    assert listing["current"] == ("v0001" if run["outcome"] == "promoted" else None)
+    shown = cli(daemon, "models", "show", "v0001")
+    assert shown["version"] == "v0001" and shown["gate"]["reason"] == run["gate"]
+
+    assert cli(daemon, "status")["trainer"]["last_run"]["version"] == "v0001"
