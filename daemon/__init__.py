@@ -1,6 +1,7 @@
 """reflexd: a local learning sidecar for autonomous agents.
 
-The public face is small: ``Policy`` (the in-process client), ``load_config`` and the errors.
+The public face is small: ``Policy`` (the in-process client), ``load_config`` and every error
+type (each with its stable ``code``).
 ``Policy`` is imported lazily so that ``import reflexd`` stays light for tools that only read
 configuration.
 """
@@ -9,18 +10,33 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from reflexd.config import Config, load_config, parse_config
+from reflexd.config import Config, ExplorationConfig, load_config, parse_config
 from reflexd.errors import (
+    BadLine,
     ConfigError,
+    DaemonStartFailed,
     DaemonUnavailable,
+    ExportError,
     FrameError,
     FrameTooLarge,
+    ImportFileError,
     ModelIntegrityError,
     ModelNotFound,
+    PointerMoved,
+    RedactionError,
     ReflexdError,
+    RejectedData,
     RequestFailed,
+    SnapshotError,
+    SocketError,
     StorageError,
+    TrainerFault,
     TrainingError,
+    UnknownExplorer,
+    UnknownExporter,
+    UnknownLearner,
+    UnknownPlugin,
+    UsageError,
 )
 
 if TYPE_CHECKING:
@@ -29,19 +45,35 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BadLine",
     "Choice",
     "Config",
     "ConfigError",
+    "DaemonStartFailed",
     "DaemonUnavailable",
+    "ExplorationConfig",
+    "ExportError",
     "FrameError",
     "FrameTooLarge",
+    "ImportFileError",
     "ModelIntegrityError",
     "ModelNotFound",
+    "PointerMoved",
     "Policy",
+    "RedactionError",
     "ReflexdError",
+    "RejectedData",
     "RequestFailed",
+    "SnapshotError",
+    "SocketError",
     "StorageError",
+    "TrainerFault",
     "TrainingError",
+    "UnknownExplorer",
+    "UnknownExporter",
+    "UnknownLearner",
+    "UnknownPlugin",
+    "UsageError",
     "load_config",
     "parse_config",
 ]

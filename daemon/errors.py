@@ -182,6 +182,16 @@ class ImportFileError(ReflexdError):
         super().__init__(f"cannot import {path}: {reason}")
 
 
+class BadLine(ReflexdError):
+    """One line of a file being imported cannot be read as an event; the import goes on without it."""
+
+    code = "bad_line"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 # ---- training -----------------------------------------------------------------------------
 
 

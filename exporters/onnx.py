@@ -26,7 +26,7 @@ import time
 import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 import onnx
 from onnx import numpy_helper
 from reflexd.errors import ExportError
+from reflexd.extensions import Exported
 
 if TYPE_CHECKING:
     import torch
@@ -52,10 +53,6 @@ _TEMPLATE_FORMAT = "dynamo-unoptimized-v1"
 _KEEP_TEMPLATES = 16
 
 
-
-class Exported(NamedTuple):
-    seconds: float
-    reused: bool  # the weights went into a cached graph rather than a freshly traced one
 
 
 def export_onnx(
@@ -261,3 +258,18 @@ def _version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "none"
+
+
+class OnnxExporter:
+    """The ``onnx`` entry of the ``reflexd.exporters`` group: the format clients load."""
+
+    name = "onnx"
+
+    def export(
+        self, module: torch.nn.Module, context_dim: int, action_dim: int, path: str | Path,
+        graphs: Path | None = None, reuse: bool = True,
+    ) -> Exported:
+        return export_onnx(module, context_dim, action_dim, path, graphs, reuse=reuse)
+
+    def parity(self, module: torch.nn.Module, path: str | Path, context: np.ndarray, actions: np.ndarray) -> float:
+        return parity(module, path, context, actions)

@@ -12,7 +12,7 @@ import pytest
 from reflexd.config import ExplorationConfig, GateConfig
 from reflexd.deciding import exploring
 from reflexd.features import FeatureSpec
-from reflexd.learning import gate
+from reflexd.learning import gate, ope
 from reflexd.manifest import GateResult, Training
 
 Z95 = 1.959963984540054
@@ -27,7 +27,7 @@ QHAT = np.array([[0.8, 0.0, 9.0], [0.5, 0.5, 0.5], [0.0, 1.0, 1.5], [1.0, 0.5, 0
 # w = pi(chosen)/prob = [0.5/0.5, 0/0.25, 0.5/0.25, 1/0.5] = [1, 0, 2, 2]
 
 
-def _check(est: gate.Estimate, value: float, stderr: float) -> None:
+def _check(est: ope.Estimate, value: float, stderr: float) -> None:
     assert est.value == pytest.approx(value, abs=1e-12)
     assert est.stderr == pytest.approx(stderr, abs=1e-6)
     assert est.lower == pytest.approx(value - Z95 * stderr, abs=1e-6)
@@ -37,46 +37,46 @@ def _check(est: gate.Estimate, value: float, stderr: float) -> None:
 def test_ips_by_hand() -> None:
     # terms w·r = [1, 0, 4, 2], mean 7/4 = 1.75
     # deviations [-0.75, -1.75, 2.25, 0.25], squares sum 8.75, s² = 8.75/3, se = sqrt(8.75/3/4)
-    _check(gate.ips(PI, CHOSEN, PROB, REWARD), 1.75, 0.853913)
+    _check(ope.ips(PI, CHOSEN, PROB, REWARD), 1.75, 0.853913)
 
 
 def test_snips_by_hand() -> None:
     # sum(w·r) / sum(w) = 7 / 5 = 1.4; mean(w) = 1.25
     # linearised terms 1.4 + w(r - 1.4)/1.25 = [1.08, 1.4, 2.36, 0.76] (mean 1.4)
     # deviations [-0.32, 0, 0.96, -0.64], squares sum 1.4336, se = sqrt(1.4336/3/4)
-    np.testing.assert_allclose(gate.snips_terms(PI, CHOSEN, PROB, REWARD), [1.08, 1.4, 2.36, 0.76])
-    _check(gate.snips(PI, CHOSEN, PROB, REWARD), 1.4, 0.345640)
+    np.testing.assert_allclose(ope.snips_terms(PI, CHOSEN, PROB, REWARD), [1.08, 1.4, 2.36, 0.76])
+    _check(ope.snips(PI, CHOSEN, PROB, REWARD), 1.4, 0.345640)
 
 
 def test_dm_by_hand() -> None:
     # sum_a pi·q = [0.5·0.8 + 0.5·0 + 0·9, 0.5, 0.3·1 + 0.5·1.5, 1·0.5] = [0.4, 0.5, 1.05, 0.5]
     # mean 2.45/4 = 0.6125; deviations [-0.2125, -0.1125, 0.4375, -0.1125], squares sum 0.261875
-    _check(gate.dm(PI, QHAT), 0.6125, 0.147726)
+    _check(ope.dm(PI, QHAT), 0.6125, 0.147726)
 
 
 def test_dr_by_hand() -> None:
     # dm + w(r - q(chosen)) = [0.4 + 1(1 - 0.8), 0.5 + 0, 1.05 + 2(2 - 1.5), 0.5 + 2(1 - 0.5)]
     #                       = [0.6, 0.5, 2.05, 1.5], mean 4.65/4 = 1.1625
     # deviations [-0.5625, -0.6625, 0.8875, 0.3375], squares sum 1.656875, se = sqrt(1.656875/12)
-    _check(gate.dr(PI, CHOSEN, PROB, REWARD, QHAT), 1.1625, 0.371582)
+    _check(ope.dr(PI, CHOSEN, PROB, REWARD, QHAT), 1.1625, 0.371582)
 
 
 def test_interval_width_follows_confidence() -> None:
-    est = gate.ips(PI, CHOSEN, PROB, REWARD, confidence=0.90)
+    est = ope.ips(PI, CHOSEN, PROB, REWARD, confidence=0.90)
     # z at 90% two-sided is 1.644854
     assert est.upper - est.value == pytest.approx(1.644854 * est.stderr, abs=1e-6)
 
 
 def test_a_log_without_positive_propensities_is_refused() -> None:
     with pytest.raises(ValueError, match="propensity"):
-        gate.ips(PI, CHOSEN, np.array([0.5, 0.0, 0.25, 0.5]), REWARD)
+        ope.ips(PI, CHOSEN, np.array([0.5, 0.0, 0.25, 0.5]), REWARD)
     with pytest.raises(ValueError, match="propensity"):
-        gate.dr(PI, CHOSEN, np.array([0.5, np.nan, 0.25, 0.5]), REWARD, QHAT)
+        ope.dr(PI, CHOSEN, np.array([0.5, np.nan, 0.25, 0.5]), REWARD, QHAT)
 
 
 def test_an_interval_needs_two_rows() -> None:
     with pytest.raises(ValueError, match="2 rows"):
-        gate.ips(PI[:1], CHOSEN[:1], PROB[:1], REWARD[:1])
+        ope.ips(PI[:1], CHOSEN[:1], PROB[:1], REWARD[:1])
 
 
 # ---- a simulated contextual problem with known truth ---------------------------------------
@@ -126,13 +126,13 @@ def simulate(rng: np.random.Generator, n: int) -> Log:
     return Log(x, chosen, LOGGING[x, chosen], reward)
 
 
-def estimate_all(log: Log, policy: np.ndarray, confidence: float = 0.95) -> dict[str, gate.Estimate]:
+def estimate_all(log: Log, policy: np.ndarray, confidence: float = 0.95) -> dict[str, ope.Estimate]:
     pi, q_hat = policy[log.x], Q_BIASED[log.x]
     return {
-        "ips": gate.ips(pi, log.chosen, log.prob, log.reward, confidence),
-        "snips": gate.snips(pi, log.chosen, log.prob, log.reward, confidence),
-        "dm": gate.dm(pi, q_hat, confidence),
-        "dr": gate.dr(pi, log.chosen, log.prob, log.reward, q_hat, confidence),
+        "ips": ope.ips(pi, log.chosen, log.prob, log.reward, confidence),
+        "snips": ope.snips(pi, log.chosen, log.prob, log.reward, confidence),
+        "dm": ope.dm(pi, q_hat, confidence),
+        "dr": ope.dr(pi, log.chosen, log.prob, log.reward, q_hat, confidence),
     }
 
 
@@ -368,8 +368,8 @@ def test_without_incumbent_the_baseline_is_the_logged_reward(holdout: Log) -> No
     assert not any(k.startswith("baseline_") and k != "baseline_observed" for k in res.estimates)
     assert res.difference == pytest.approx(res.estimates["candidate_dr"] - holdout.reward.mean())
     # paired row by row with the reward the logging policy actually got
-    dr_rows = gate.dr_terms(GOOD[holdout.x], holdout.chosen, holdout.prob, holdout.reward, Q_BIASED[holdout.x])
-    paired = gate.estimate(dr_rows - holdout.reward, cfg.first_confidence)
+    dr_rows = ope.dr_terms(GOOD[holdout.x], holdout.chosen, holdout.prob, holdout.reward, Q_BIASED[holdout.x])
+    paired = ope.estimate(dr_rows - holdout.reward, cfg.first_confidence)
     assert (res.lower, res.upper) == pytest.approx((paired.lower, paired.upper), abs=1e-12)
     assert res.confidence == cfg.first_confidence
     assert true_value(GOOD) > true_value(LOGGING) > true_value(BAD)
@@ -413,7 +413,7 @@ def test_the_gentle_first_rule_rarely_promotes_a_policy_no_better_than_the_loggi
     # passes about as often as the one-sided (1 - 0.8) / 2 = 10% allows, a worse one less often
     # still, and a better one far more often. On the 3 rows of the first run with a holdout (the
     # fewest the defaults judge) the normal interval is rougher: no better passes about 1 time in 7, and a
-    # better one still three times as often; the README and the config state these rates.
+    # better one still three times as often; docs/learning.md and the config state these rates.
     cfg = GateConfig()
     rng = np.random.default_rng(11)
 
@@ -593,7 +593,7 @@ def test_a_cross_fitted_policy_is_judged_as_deployed_at_its_rows_on_the_clock() 
 
     def dr_value(t: int) -> float:
         pi = gate.target_probs(explore, scores, None, rows.mask, t)
-        return float(gate.dr_terms(pi, log.chosen, log.prob, log.reward, scores).mean())
+        return float(ope.dr_terms(pi, log.chosen, log.prob, log.reward, scores).mean())
 
     assert found.candidate_value == pytest.approx(dr_value(300), abs=1e-12)
     assert abs(dr_value(300) - dr_value(0)) > 0.05

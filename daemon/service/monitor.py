@@ -26,7 +26,7 @@ from reflexd import log
 from reflexd.config import Config, GateConfig
 from reflexd.deciding.scoring import ModelSource
 from reflexd.errors import PointerMoved, ReflexdError
-from reflexd.learning.gate import z_score
+from reflexd.learning.ope import z_score
 from reflexd.registry import Registry
 from reflexd.service.store import RewardStats, Store
 

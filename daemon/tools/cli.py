@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest counts, backlog, live model and its gate, trainer state",
         "Ask the running daemon how it is doing: ingest counters and backlog, stored experience, the live\n"
         "model and its gate verdict, the trainer and the automatic-rollback monitor. --json prints the\n"
-        "whole status reply (its fields are described in the README). Exit 1 if the daemon cannot be reached.",
+        "whole status reply (its fields are described in docs/operations.md). Exit 1 if the daemon cannot be reached.",
         ["reflexd status", "reflexd status --json", "reflexd status --socket /run/reflexd/reflexd.sock"],
         parents=[client],
     )

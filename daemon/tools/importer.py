@@ -5,7 +5,7 @@ Two formats are read, one function each, both yielding, in the order they should
 line that could not be used, and why: ``file:line: reason``). A bad line never stops the import.
 
 - ``ndjson``: reflexd's own events, one JSON object per line as on the socket (``decision`` and
-  ``outcome`` messages; see the README's protocol table). Every decision is sent together with
+  ``outcome`` messages; see docs/protocol.md). Every decision is sent together with
   its outcomes, wherever they are in the file, so the daemon's reward join (which compares
   arrival times) sees them arrive together. Outcomes without an ``id`` get one derived from the
   line's bytes (and how often the same bytes came before), so re-importing stores nothing twice.
@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Union
 
 import msgspec
 
-from reflexd.errors import ImportFileError
+from reflexd.errors import BadLine, ImportFileError
 from reflexd.wire.protocol import Ack, Decision, Error, Flush, Outcome
 
 Format = Literal["ndjson", "dsjson"]
@@ -61,11 +61,6 @@ class Rejected(msgspec.Struct, frozen=True):
 Item = Union[Record, Rejected]
 
 
-
-class _LineError(Exception):
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
 
 
 _any = msgspec.json.Decoder()
@@ -117,10 +112,10 @@ def _ndjson_event(raw: bytes, agent: str | None) -> Decision | Outcome:
         except msgspec.DecodeError:
             pass
         if isinstance(obj, dict) and kind not in ("decision", "outcome"):
-            raise _LineError(f"expected a decision or an outcome, got type {kind!r}") from None
-        raise _LineError(f"invalid {kind}: {_problem(exc)}") from None
+            raise BadLine(f"expected a decision or an outcome, got type {kind!r}") from None
+        raise BadLine(f"invalid {kind}: {_problem(exc)}") from None
     except msgspec.DecodeError as exc:
-        raise _LineError(f"not valid JSON ({exc})") from None
+        raise BadLine(f"not valid JSON ({exc})") from None
     if agent is not None:
         msg = msgspec.structs.replace(msg, agent=agent)
     return msg
@@ -140,7 +135,7 @@ def parse_ndjson(path: str | os.PathLike[str], agent: str | None = None) -> Iter
     for number, raw in _lines(path):
         try:
             msg = _ndjson_event(raw, agent)
-        except _LineError as exc:
+        except BadLine as exc:
             rejected[number] = exc.reason
             continue
         if isinstance(msg, Outcome):
@@ -157,7 +152,7 @@ def parse_ndjson(path: str | os.PathLike[str], agent: str | None = None) -> Iter
         elif number not in skip:
             try:
                 decision = _ndjson_event(raw, agent)
-            except _LineError as exc:  # only if the file changed between the two passes
+            except BadLine as exc:  # only if the file changed between the two passes
                 yield Rejected(path, number, exc.reason)
                 continue
             if not isinstance(decision, Decision):
@@ -177,12 +172,12 @@ _FRACTION = re.compile(r"(\.\d{6})\d+")
 def parse_timestamp(text: Any) -> float:
     """Unix seconds of an ISO-8601 time as DSJSON writes it (``2019-06-11T18:33:27.0000000Z``)."""
     if not isinstance(text, str):
-        raise _LineError(f"Timestamp must be an ISO-8601 string, not {text!r}")
+        raise BadLine(f"Timestamp must be an ISO-8601 string, not {text!r}")
     cleaned = _FRACTION.sub(r"\1", text.strip()).replace("Z", "+00:00").replace("z", "+00:00")
     try:
         when = dt.datetime.fromisoformat(cleaned)
     except ValueError:
-        raise _LineError(f"Timestamp {text!r} is not an ISO-8601 time") from None
+        raise BadLine(f"Timestamp {text!r} is not an ISO-8601 time") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     return when.timestamp()
@@ -191,13 +186,13 @@ def parse_timestamp(text: Any) -> float:
 def _number(obj: dict[str, Any], key: str) -> float:
     value = obj.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _LineError(f"{key} must be a finite number, not {value!r}" if key in obj else f"no {key}")
+        raise BadLine(f"{key} must be a finite number, not {value!r}" if key in obj else f"no {key}")
     return float(value)
 
 
 def _index(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _LineError(f"{what} must be an integer, not {value!r}")
+        raise BadLine(f"{what} must be an integer, not {value!r}")
     return value
 
 
@@ -208,7 +203,7 @@ def _action(item: Any, position: int) -> dict[str, Any]:
     namespaces (``{"action": {"id": "x", ...}}``), else its 1-based position (``action-2``).
     """
     if not isinstance(item, dict):
-        raise _LineError(f"c._multi[{position}] must be an object, not {type(item).__name__}")
+        raise BadLine(f"c._multi[{position}] must be an object, not {type(item).__name__}")
     for key in ("id", "_id"):
         value = item.get(key)
         if isinstance(value, (str, int)) and not isinstance(value, bool):
@@ -225,17 +220,17 @@ def _dsjson_record(raw: bytes, agent: str) -> list[Decision | Outcome]:
     try:
         obj = _any.decode(raw)
     except msgspec.DecodeError as exc:
-        raise _LineError(f"not valid JSON ({exc})") from None
+        raise BadLine(f"not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
-        raise _LineError("a DSJSON line must be a JSON object")
+        raise BadLine("a DSJSON line must be a JSON object")
     event_id = obj.get("EventId")
     if event_id is not None and (not isinstance(event_id, str) or not event_id):
-        raise _LineError(f"EventId must be a non-empty string, not {event_id!r}")
+        raise BadLine(f"EventId must be a non-empty string, not {event_id!r}")
     ts = parse_timestamp(obj["Timestamp"]) if "Timestamp" in obj else None
 
     if "RewardValue" in obj and "c" not in obj:  # a reward that arrived after its decision was logged
         if event_id is None:
-            raise _LineError("a reward line (RewardValue) needs the EventId of its decision")
+            raise BadLine("a reward line (RewardValue) needs the EventId of its decision")
         reward = _number(obj, "RewardValue")
         when = parse_timestamp(obj["EnqueuedTimeUtc"]) if "EnqueuedTimeUtc" in obj else ts
         msg = {"type": "outcome", "decision_id": event_id, "reward": reward, "id": "r-" + _digest(raw), "agent": agent}
@@ -244,25 +239,25 @@ def _dsjson_record(raw: bytes, agent: str) -> list[Decision | Outcome]:
         return [_convert(msg, Outcome)]
 
     if obj.get("_skipLearn") is True:
-        raise _LineError("marked _skipLearn (the logging service kept it out of learning)")
+        raise BadLine("marked _skipLearn (the logging service kept it out of learning)")
     c = obj.get("c")
     if not isinstance(c, dict):
-        raise _LineError("no context object c" if c is None else "c must be an object")
+        raise BadLine("no context object c" if c is None else "c must be an object")
     multi = c.get("_multi")
     if not isinstance(multi, list) or not multi:
-        raise _LineError("c._multi must be a non-empty list of action objects (cb_explore_adf)")
+        raise BadLine("c._multi must be a non-empty list of action objects (cb_explore_adf)")
     actions = [_action(item, i) for i, item in enumerate(multi)]
     if len({a["id"] for a in actions}) < len(actions):
-        raise _LineError("two actions in c._multi share an id")
+        raise BadLine("two actions in c._multi share an id")
     n = len(actions)
 
     ranking = obj.get("a")
     if ranking is not None:
         if not isinstance(ranking, list) or not ranking:
-            raise _LineError("a must be a non-empty list of 1-based action indices")
+            raise BadLine("a must be a non-empty list of 1-based action indices")
         ranking = [_index(v, "a[i]") for v in ranking]
         if any(not 1 <= v <= n for v in ranking):
-            raise _LineError(f"a {ranking} names an action outside 1..{n}")
+            raise BadLine(f"a {ranking} names an action outside 1..{n}")
     if "_labelIndex" in obj:
         chosen = _index(obj["_labelIndex"], "_labelIndex")
     elif "_label_Action" in obj:
@@ -270,15 +265,15 @@ def _dsjson_record(raw: bytes, agent: str) -> list[Decision | Outcome]:
     elif ranking is not None:
         chosen = ranking[0] - 1
     else:
-        raise _LineError("no chosen action (_labelIndex, _label_Action or a)")
+        raise BadLine("no chosen action (_labelIndex, _label_Action or a)")
     if not 0 <= chosen < n:
-        raise _LineError(f"chosen action index {chosen} is outside the {n} actions of c._multi")
+        raise BadLine(f"chosen action index {chosen} is outside the {n} actions of c._multi")
     if ranking is not None and ranking[0] - 1 != chosen:
-        raise _LineError(f"a[0] ({ranking[0]}) and _labelIndex ({chosen}, 0-based) disagree on the chosen action")
+        raise BadLine(f"a[0] ({ranking[0]}) and _labelIndex ({chosen}, 0-based) disagree on the chosen action")
 
     prob = _number(obj, "_label_probability")
     if not 0.0 < prob <= 1.0:
-        raise _LineError(f"_label_probability must be in (0, 1], not {prob!r}: off-policy evaluation divides by it")
+        raise BadLine(f"_label_probability must be in (0, 1], not {prob!r}: off-policy evaluation divides by it")
     cost = _number(obj, "_label_cost")
 
     probs = None
@@ -313,7 +308,7 @@ def _convert(obj: dict[str, Any], kind: type) -> Any:
     try:
         return msgspec.convert(obj, kind)
     except msgspec.ValidationError as exc:
-        raise _LineError(f"does not make a valid {obj['type']}: {_problem(exc)}") from None
+        raise BadLine(f"does not make a valid {obj['type']}: {_problem(exc)}") from None
 
 
 def parse_dsjson(path: str | os.PathLike[str], agent: str | None = None) -> Iterator[Item]:
@@ -323,7 +318,7 @@ def parse_dsjson(path: str | os.PathLike[str], agent: str | None = None) -> Iter
     for number, raw in _lines(path):
         try:
             messages = _dsjson_record(raw, agent)
-        except _LineError as exc:
+        except BadLine as exc:
             yield Rejected(path, number, exc.reason)
             continue
         for msg in messages:

@@ -31,8 +31,8 @@ anyio's ``open_process`` has no ``preexec_fn`` (and a pre-exec hook is unsafe in
 which runs threads), and setting it after spawn with ``prlimit`` would race the imports.
 
 Training runs in its own process so torch's memory returns to the host when it exits, and at
-the lowest CPU priority so it only uses cycles the agents leave idle. The daemon imports this
-module for ``read_result``, so torch is imported only inside ``main``.
+the lowest CPU priority so it only uses cycles the agents leave idle. The daemon imports only
+``reflexd.trainer.result``; torch is imported inside ``train``, after the memory cap is set.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import msgspec
 
 from reflexd.config import Config, TrainerConfig
 from reflexd.errors import TrainingError
+from reflexd.extensions import load_exporter, load_learner
 from reflexd.features import FeatureSpec
 from reflexd.learning.dataset import Batch, load_snapshot, split_holdout
 from reflexd.manifest import MODEL_FILE
@@ -181,8 +182,6 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
 
     started = time.perf_counter()
     import torch
-
-    from reflexd.extensions import load_learner
 
     torch.set_num_threads(settings.max_threads)
     learner = load_learner(settings.learner)
@@ -319,21 +318,20 @@ def _export_checked(
     model: Any, path: Path, spec: FeatureSpec, check: Any, tolerance: float, graphs: Path | None
 ) -> _Export:
     """Export ``model`` to ``path`` and measure how far onnxruntime's scores are from torch's on ``check``."""
-    from reflexd.exporters.onnx import export_onnx, parity
-
-    exported = export_onnx(model, spec.context_dim, spec.action_dim, path, graphs)
+    exporter = load_exporter("onnx")
+    exported = exporter.export(model, spec.context_dim, spec.action_dim, path, graphs)
     seconds = exported.seconds
     started = time.perf_counter()
-    diff = parity(model, path, check.context, check.actions)
+    diff = exporter.parity(model, path, check.context, check.actions)
     parity_seconds = time.perf_counter() - started
     if diff > tolerance and exported.reused:
         # the cached graph does not compute this model (its code changed in a way the key
         # missed): trace it afresh, which also replaces the cached graph
         _log("cached_graph_failed_parity", parity_diff=diff)
-        exported = export_onnx(model, spec.context_dim, spec.action_dim, path, graphs, reuse=False)
+        exported = exporter.export(model, spec.context_dim, spec.action_dim, path, graphs, reuse=False)
         seconds += exported.seconds
         started = time.perf_counter()
-        diff = parity(model, path, check.context, check.actions)
+        diff = exporter.parity(model, path, check.context, check.actions)
         parity_seconds += time.perf_counter() - started
     return _Export(seconds, exported.reused, parity_seconds, diff)
 

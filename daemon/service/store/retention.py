@@ -1,0 +1,127 @@
+"""Retention: old experience moved to the Parquet archive, and an agent forgotten everywhere."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote
+
+import duckdb
+
+from reflexd.durable import fsync_path
+from reflexd.service import spool
+from reflexd.service.store.db import EXPERIENCE_TABLES, sql_path, transaction
+
+COMPRESSIONS = frozenset({"zstd", "snappy", "gzip", "uncompressed"})
+
+
+def _utc_date(column: str) -> str:
+    return f"CAST(make_timestamp(CAST({column} * 1e6 AS BIGINT)) AS DATE) AS date"
+
+
+# Outcomes sent without an agent are filed under their decision's agent, so `forget` finds them
+# in the archive ('_' when the decision is gone too). That needs the decisions still in the
+# database, so outcomes are archived first.
+_ARCHIVE_SELECT = {
+    "outcomes": f"""
+        SELECT o.* REPLACE (coalesce(o.agent, d.agent, '_') AS agent),
+               {_utc_date("o.received_at")}
+        FROM outcomes o LEFT JOIN decisions d ON d.id = o.decision_id
+        WHERE o.received_at < $cutoff
+    """,
+    "decisions": f"SELECT *, {_utc_date('received_at')} FROM decisions WHERE received_at < $cutoff",
+    "steps": f"SELECT *, {_utc_date('received_at')} FROM steps WHERE received_at < $cutoff",
+    "events": f"SELECT *, {_utc_date('received_at')} FROM events WHERE received_at < $cutoff",
+}
+# outcomes first: an outcome sent without an agent takes its decision's, which must still be there
+ARCHIVE_ORDER = tuple(_ARCHIVE_SELECT)
+
+
+def _publish(staging: Path, dest: Path) -> None:
+    """Move a finished COPY's part files into the archive and make them durable.
+
+    The rows are deleted from DuckDB right after this, so the files must survive a power cut.
+    """
+    dirs = set()
+    for part in sorted(staging.rglob("*.parquet")):
+        fsync_path(part)
+        target = dest / part.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, target)
+        dirs.update((target.parent, target.parent.parent, dest))
+    for directory in dirs:
+        fsync_path(directory)
+
+
+def _agent_partitions(root: Path, agent: str) -> Iterator[Path]:
+    """The archive's ``agent=...`` folders for ``agent``; DuckDB percent-encodes their names."""
+    for table in EXPERIENCE_TABLES:
+        base = root / table
+        if not base.is_dir():
+            continue
+        for child in base.iterdir():
+            if child.is_dir() and child.name.startswith("agent=") and unquote(child.name[6:]) == agent:
+                yield child
+
+
+def check_compression(compression: str) -> None:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, not {compression!r}")
+
+
+def archive_table(con: duckdb.DuckDBPyConnection, table: str, older_than: float, root: Path, compression: str) -> int:
+    """Move ``table``'s rows received before ``older_than`` to Parquet under ``root/<table>/agent=../date=..``.
+
+    The COPY writes into a staging folder first; rows are deleted only after its files are in
+    place, so a failed COPY loses nothing and leaves no partial files behind.
+    """
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    copy = (
+        f"COPY ({_ARCHIVE_SELECT[table]}) TO {sql_path(staging / table)} (FORMAT parquet, "
+        f"PARTITION_BY (agent, date), COMPRESSION {compression}, FILENAME_PATTERN 'part-{{uuid}}')"
+    )
+    try:
+        with transaction(con):
+            staging.mkdir(parents=True)
+            (copied,) = con.execute(copy, {"cutoff": older_than}).fetchone()
+            if not copied:
+                return 0
+            _publish(staging / table, root / table)
+            (deleted,) = con.execute(f"DELETE FROM {table} WHERE received_at < ?", [older_than]).fetchone()
+            return deleted
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def forget(con: duckdb.DuckDBPyConnection, agent: str, archive_root: Path | None) -> dict[str, int]:
+    """Delete everything stored about ``agent``, in the database and in the archive.
+
+    Dead letters go when their raw bytes name the agent (``spool.names_agent``), so a refused
+    frame or spool line that held its events does not keep them.
+    """
+    removed: dict[str, int] = {}
+    with transaction(con):
+        # Before the decisions go: outcomes sent without an agent belong to their decision's.
+        (removed["outcomes"],) = con.execute(
+            "DELETE FROM outcomes WHERE agent = $a OR decision_id IN (SELECT id FROM decisions WHERE agent = $a)",
+            {"a": agent},
+        ).fetchone()
+        for table in ("decisions", "steps", "events"):
+            (removed[table],) = con.execute(f"DELETE FROM {table} WHERE agent = ?", [agent]).fetchone()
+        # a dead letter keeps the first bytes of what was refused; an agent's events in them go too
+        doomed: list[int] = []
+        letters = con.execute("SELECT rowid, raw FROM dead_letters")
+        while batch := letters.fetchmany(1000):
+            doomed += [rowid for rowid, raw in batch if spool.names_agent(raw, agent)]
+        if doomed:
+            con.execute("DELETE FROM dead_letters WHERE rowid IN (SELECT unnest($ids))", {"ids": doomed})
+        removed["dead_letters"] = len(doomed)
+    if archive_root is not None:
+        partitions = list(_agent_partitions(Path(archive_root), agent))
+        for partition in partitions:
+            shutil.rmtree(partition)
+        removed["archive_partitions"] = len(partitions)
+    return removed
