@@ -26,19 +26,19 @@ test-fast: install
 
 bench: install
 	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[bench]'
-	$(PY) bench/run.py
+	$(PY) -m bench.perf
 
 bench-learning: install
 	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[bench]'
-	$(PY) bench/learning.py
+	$(PY) -m bench.learning
 
 # e.g. make bench-replay ARGS="--streams wine --seeds 12 --set gate.margin=0.05"
 bench-replay: install
 	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[bench]'
-	$(PY) bench/replay.py $(ARGS)
+	$(PY) -m bench.replay $(ARGS)
 
 bench-crash: install
-	$(PY) -m pytest -q -s tests/test_crash.py --crash-cycles=200
+	$(PY) -m pytest -q -s tests/e2e/test_crash.py --crash-cycles=200
 
 check-config: install
 	$(VENV)/bin/reflexd check-config configs/reflexd.yaml

@@ -1,4 +1,4 @@
-"""The daemon under test: ``python -m reflexd run`` as a subprocess on temporary directories."""
+"""The daemon under test: ``reflexd.testing.LocalDaemon`` on temporary directories, with its memory sampled."""
 
 from __future__ import annotations
 
@@ -10,12 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reflexd.testing import LocalDaemon
-from reflexd.wire.connection import request
-from reflexd.wire.protocol import StatusRequest
+from reflexd.testing import START_TIMEOUT, STOP_TIMEOUT, LocalDaemon, deep_merge
 
-START_TIMEOUT = 60.0
-STOP_TIMEOUT = 30.0
 HUGE = 1_000_000_000
 
 
@@ -119,47 +115,32 @@ class RssSampler(threading.Thread):
         self.join()
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra``'s keys laid over it, section by section."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+class BenchDaemon(LocalDaemon):
+    """A ``LocalDaemon`` on fresh temporary directories (removed by ``stop``), ``bench_config`` with
+    ``overrides`` laid over it, and its RSS sampled from start to stop."""
 
-
-class BenchDaemon:
     def __init__(self, train_rows: int, overrides: dict[str, Any] | None = None) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="reflexd-bench-"))
+        root = Path(tempfile.mkdtemp(prefix="reflexd-bench-"))
         # socket paths are capped at 108 bytes, so the socket gets its own short directory
         self.sock_dir = Path(tempfile.mkdtemp(prefix="rxb-", dir="/tmp"))
-        self.socket = str(self.sock_dir / "r.sock")
-        self.state_dir = self.root / "state"
         # fixed here: the daemon is started with the config written from this very dict
-        self.config = deep_merge(bench_config(self.state_dir, Path(self.socket), train_rows), overrides or {})
-        self.child = LocalDaemon(self.root, self.config)
+        config = bench_config(root / "state", self.sock_dir / "r.sock", train_rows)
+        super().__init__(root, deep_merge(config, overrides or {}))
         self.sampler: RssSampler | None = None
 
-    @property
-    def pid(self) -> int:
-        assert self.child.proc is not None
-        return self.child.proc.pid
-
-    def start(self) -> BenchDaemon:
-        self.child.start(START_TIMEOUT)
+    def start(self, timeout: float = START_TIMEOUT) -> BenchDaemon:
+        super().start(timeout)
+        assert self.pid is not None
         self.sampler = RssSampler(self.pid)
         self.sampler.start()
         return self
 
-    def request(self, msg: Any, timeout: float = 30.0) -> Any:
-        return request(msg, self.socket, timeout=timeout)
-
-    def status(self) -> Any:
-        return self.request(StatusRequest())
-
     def rss(self) -> int:
+        assert self.pid is not None
         return proc_status(self.pid, "VmRSS")
 
     def peak_rss(self) -> int:
+        assert self.pid is not None
         return proc_status(self.pid, "VmHWM")
 
     def peak_rss_between(self, start: float, end: float) -> int:
@@ -167,15 +148,21 @@ class BenchDaemon:
         assert self.sampler is not None
         return self.sampler.peak(start, end)
 
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.child.log_tail(chars)
+    def restart(self, timeout: float = START_TIMEOUT) -> BenchDaemon:
+        """Stop and start again on the same directories (``stop`` would remove them)."""
+        if self.sampler is not None:
+            self.sampler.stop()
+            self.sampler = None
+        LocalDaemon.stop(self)
+        return self.start(timeout)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """Stop the daemon (drain, then SIGKILL if it hangs) and remove the temp dirs."""
         try:
             if self.sampler is not None:
                 self.sampler.stop()
-            self.child.stop(STOP_TIMEOUT)
+                self.sampler = None
+            return super().stop(timeout)
         finally:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
             shutil.rmtree(self.root, ignore_errors=True)

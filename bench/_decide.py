@@ -14,9 +14,9 @@ from typing import Any, Callable
 import msgspec
 import numpy as np
 
-from _baselines import VW_ARGS, VW_TRAIN, NumpyGraph, VowpalWabbit, vw_lines
-from _procs import Gate, run_together
-from _workload import AGENT, DecideWorkload
+from bench._baselines import VW_ARGS, VW_TRAIN, NumpyGraph, VowpalWabbit, vw_lines
+from bench._procs import Gate, run_together
+from bench._workload import AGENT, DecideWorkload
 from reflexd.client.policy import Policy
 from reflexd.wire.connection import Connection
 from reflexd.wire.framing import MSGPACK, encode_frame

@@ -16,8 +16,8 @@ from typing import Any
 
 import msgspec
 
-from _procs import Gate, run_together
-from _workload import chunks, decision_frames
+from bench._procs import Gate, run_together
+from bench._workload import chunks, decision_frames
 from reflexd.service.spool import Spool
 from reflexd.service.store import Store
 from reflexd.wire.framing import JSON, MSGPACK, FrameReader, decode_inbound, decode_reply, encode_frame

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _daemon import BenchDaemon, ChildWatcher
-from _workload import AGENT, Workload, chunks, experience_frames
+from bench._daemon import BenchDaemon, ChildWatcher
+from bench._workload import AGENT, Workload, chunks, experience_frames
 from reflexd.client.policy import Policy
 from reflexd.wire.connection import Connection
 from reflexd.wire.protocol import Ack, Flush, ModelsRequest, Promote, Train

@@ -1,6 +1,6 @@
 """reflexd learning-quality benchmark: contextual-bandit streams, reflexd through its real path vs VW.
 
-    python bench/learning.py [--quick] [--seeds N] [--min-decisions N] [--reflexd PRESET ...]
+    python -m bench.learning [--quick] [--seeds N] [--min-decisions N] [--reflexd PRESET ...]
 
 Streams are made the standard way for contextual-bandit evaluation (Bietti, Agarwal & Langford,
 "A Contextual Bandit Bake-off", JMLR 2021): scikit-learn's bundled classification datasets with
@@ -43,19 +43,17 @@ from typing import Any
 import msgspec
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import learning_peers as peers  # noqa: E402
-import learning_streams as streams  # noqa: E402
-from _daemon import HUGE, BenchDaemon, deep_merge  # noqa: E402
-from _host import machine  # noqa: E402
-from reflexd.client.policy import Policy  # noqa: E402
-from reflexd.config import Config, TrainerConfig  # noqa: E402
-from reflexd.errors import ReflexdError  # noqa: E402
+from bench import learning_peers as peers
+from bench import learning_streams as streams
+from bench._daemon import HUGE, BenchDaemon
+from bench._host import machine
+from reflexd.client.policy import Policy
+from reflexd.config import Config, TrainerConfig
+from reflexd.errors import ReflexdError
 from reflexd.learning.runs import run_points
-from reflexd.manifest import experience
 from reflexd.registry import Registry
-from reflexd.split import first_run_rows  # noqa: E402
+from reflexd.split import first_run_rows
+from reflexd.testing import deep_merge
 from reflexd.wire.protocol import Train
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -150,9 +148,8 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int
                     if outcome in ("promoted", "rejected"):
                         version = message.split()[1].rstrip(":")
                         manifest = registry.manifest(version)
-                        training = manifest.training
                         run["learner"] = manifest.learner
-                        run["rows"] = experience(training)
+                        run["rows"] = manifest.training.experience
                         if run["rows"] != i + 1:
                             progress(f"{stream.name} seed {seed}: trained on {run['rows']} of {i + 1} examples")
                     if outcome == "promoted":
@@ -354,7 +351,7 @@ def plot(results: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.learning", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 streams, 1 seed, small: checks the command works")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per stream, at least (default 3; 1 with --quick)")
     parser.add_argument(

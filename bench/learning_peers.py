@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from learning_streams import Stream
+from bench.learning_streams import Stream
 
 VW_CONFIGS = {
     "vw eps=0.05": "--cb_explore_adf --epsilon 0.05",

@@ -1,6 +1,6 @@
 """In-process replay of bench/learning.py's protocol: try a learning setting in minutes, not an hour.
 
-    python bench/replay.py [--streams wine iris] [--seeds 12] [--set gate.margin=0.05 ...] [-v]
+    python -m bench.replay [--streams wine iris] [--seeds 12] [--set gate.margin=0.05 ...] [-v]
 
 Kept from the real path: the streams and their shuffles, feature hashing, exploration with exact
 propensities and the client's exploration clock, the daemon's run schedule
@@ -30,27 +30,24 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import msgspec
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import learning_peers as peers  # noqa: E402
-import learning_streams as streams  # noqa: E402
-from _daemon import deep_merge  # noqa: E402
-from reflexd.config import Config, ConfigError, parse_config  # noqa: E402
-from reflexd.deciding import exploring  # noqa: E402
-from reflexd.errors import TrainingError  # noqa: E402
-from reflexd.features import FeatureSpec, Hasher, action_ids  # noqa: E402
-from reflexd.learning import gate, runs  # noqa: E402
+from bench import learning_peers as peers
+from bench import learning_streams as streams
+from reflexd.config import Config, ConfigError, parse_config
+from reflexd.deciding import exploring
+from reflexd.errors import TrainingError
+from reflexd.features import FeatureSpec, Hasher, action_ids
+from reflexd.learning import gate, runs
 from reflexd.learning.dataset import Batch, split_holdout
 from reflexd.learning.runs import run_points
-from reflexd.manifest import GateResult, Training  # noqa: E402
-from reflexd.split import cross_fitted, first_run_rows  # noqa: E402
+from reflexd.manifest import GateResult, Training
+from reflexd.split import cross_fitted, first_run_rows
+from reflexd.testing import deep_merge
 from reflexd.trainer.fit import cross_fit
 
 
@@ -186,7 +183,7 @@ def summary(name: str, ours: np.ndarray, vw: dict[str, np.ndarray]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--streams", nargs="+", default=list(streams.ALL), choices=streams.ALL, metavar="STREAM",
         help=f"streams to replay (default all: {', '.join(streams.ALL)})",

@@ -43,7 +43,10 @@ class SocketConfig(_Section):
     allowed_gids: list[int] = []
     max_frame_bytes: Positive = 1 << 20
     max_connections: Positive = 256
+    reserved_connections: Positive = 4  # beyond max_connections, for root and the daemon's own user
     frame_timeout: PositiveFloat = 30.0
+    idle_timeout: PositiveFloat = 600.0  # a connection silent this long between frames is closed
+    request_timeout: PositiveFloat = 120.0  # bound on a request waiting on the store (flush, train, forget)
 
     @property
     def mode_bits(self) -> int:
@@ -76,6 +79,8 @@ class StoreConfig(_Section):
     # and training snapshots (~250 MiB at trainer.max_examples), and cached table blocks (the rest)
     memory_limit_mb: Annotated[int, msgspec.Meta(ge=64)] = 512
     threads: Positive = 2
+    # seconds a loaded spool segment waits for a CHECKPOINT (into the database file) before it is deleted
+    checkpoint_interval: PositiveFloat = 10.0
 
 
 class FeatureConfig(_Section):
@@ -358,6 +363,28 @@ def _check_run_size(config: Config) -> list[str]:
             f"is below gate.min_holdout ({gate.min_holdout}), so no model could ever replace another"
         ]
     return []
+
+
+# Settings a running daemon cannot change: a reload keeps the running values until a restart.
+RESTART_ONLY = ("state_dir", "socket.path", "store")
+
+
+def keep_restart_only(new: Config, running: Config) -> tuple[Config, list[str]]:
+    """``new`` with every RESTART_ONLY setting as ``running`` has it, and the names of those that differ."""
+    changed = []
+    if new.state_dir != running.state_dir:
+        changed.append("state_dir")
+    if new.socket.path != running.socket.path:
+        changed.append("socket.path")
+    if new.store != running.store:
+        changed.append("store")
+    kept = msgspec.structs.replace(
+        new,
+        state_dir=running.state_dir,
+        store=running.store,
+        socket=msgspec.structs.replace(new.socket, path=running.socket.path),
+    )
+    return kept, changed
 
 
 def read_key(cfg: RedactionConfig) -> bytes | None:

@@ -1,8 +1,10 @@
-"""Making what was written survive a crash: fsync by path, and whole-file replacement."""
+"""Files that survive a crash and folders no one else can tamper with: fsync by path, whole-file
+replacement, private directories."""
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from reflexd.errors import StorageError
@@ -30,3 +32,21 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"writing {path} failed: {exc.strerror or exc}") from None
+
+
+def private_dir(path: Path, what: str) -> str | None:
+    """Make ``path`` (0750) if missing; why it cannot be trusted with ``what``, or None if it can.
+
+    Whoever else can write to a directory can swap what the daemon keeps there, so it must belong
+    to the daemon's user and not be writable by group or others.
+    """
+    path.mkdir(mode=0o750, parents=True, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to uid {st.st_uid}, not to the daemon (uid {os.geteuid()}); refusing to keep {what} there"
+    if st.st_mode & 0o022:
+        return (
+            f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"refusing to keep {what} there (chmod go-w {path})"
+        )
+    return None

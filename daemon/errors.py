@@ -90,17 +90,21 @@ class FrameError(ReflexdError):
 
 
 class FrameTooLarge(FrameError):
+    code = "too_large"
+
     def __init__(self, size: int, limit: int) -> None:
         self.size = size
         self.limit = limit
-        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes", code="too_large")
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
 
 
 class RedactionError(FrameError):
     """A message could not be redacted, so it is refused rather than stored as it came."""
 
+    code = "invalid"
+
     def __init__(self, reason: str) -> None:
-        super().__init__(f"cannot redact: {reason}", code="invalid")
+        super().__init__(f"cannot redact: {reason}")
 
 
 class DaemonUnavailable(ReflexdError):
@@ -121,6 +125,17 @@ class RequestFailed(ReflexdError):
     def __init__(self, code: str, message: str) -> None:
         self.code = code  # type: ignore[misc]  # the daemon's code, passed on
         super().__init__(f"{code}: {message}")
+
+
+class RequestTimeout(ReflexdError):
+    """A request waited on storage or training longer than ``socket.request_timeout``."""
+
+    code = "request_timeout"
+
+    def __init__(self, what: str, seconds: float, cause: str | None = None) -> None:
+        self.seconds = seconds
+        why = f"; the store reports: {cause}" if cause else ""
+        super().__init__(f"{what} after {seconds:g} s (socket.request_timeout){why}")
 
 
 # ---- models -------------------------------------------------------------------------------
@@ -165,10 +180,47 @@ class StorageError(ReflexdError):
     code = "storage"
 
 
+class StateDirError(StorageError):
+    """The state directory cannot be trusted (someone else owns it, or others may write to it)."""
+
+    code = "state_dir"
+
+
 class RejectedData(StorageError):
     """DuckDB refused a batch for what it holds, not for the disk: retrying would fail alike."""
 
     code = "rejected_data"
+
+
+class StoreDamaged(StorageError):
+    """The database file fails its integrity check (a block's checksum, or bytes cut off); nothing is written to it."""
+
+    code = "store_damaged"
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"the store {path} is damaged: {detail}. reflexd will not use it. Stop the daemon, move the file"
+            f" aside with its write-ahead log (mv {path} {path}.damaged; mv {path}.wal {path}.damaged.wal,"
+            " if there is one) and start again: the spool's acknowledged events are loaded into a new store,"
+            " the Parquet archive keeps older experience, and tables still readable can be copied out of the"
+            " damaged file (docs/operations.md, 'A damaged store')"
+        )
+
+
+class StoreInUse(StorageError):
+    """Another process (a running daemon) holds the database file's lock."""
+
+    code = "store_in_use"
+
+    def __init__(self, path: str, holder: str) -> None:
+        self.path = path
+        self.holder = holder
+        super().__init__(
+            f"the store {path} is open in {holder}, most likely the running daemon; DuckDB lets one process"
+            " open it at a time: stop the daemon (systemctl stop reflexd) to check it"
+        )
 
 
 class ImportFileError(ReflexdError):

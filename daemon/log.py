@@ -8,6 +8,21 @@ import sys
 import structlog
 
 
+class _Lines(structlog.PrintLogger):
+    """Writes each line to stderr; one that cannot be written (a full disk under a log file, a
+    closed pipe) is counted and dropped, never raised into the daemon."""
+
+    dropped = 0
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except (OSError, ValueError):
+            _Lines.dropped += 1
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -21,7 +36,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=lambda *args: _Lines(sys.stderr),
         cache_logger_on_first_use=False,
     )
 

@@ -64,9 +64,16 @@ class Registry:
     # ---- reading ----------------------------------------------------------------------
 
     def versions(self) -> list[str]:
+        return [v for v in self._directories() if (self.root / v / MANIFEST_FILE).is_file()]
+
+    def broken(self) -> list[str]:
+        """Version folders without a manifest (lost or never written): skipped, never reused."""
+        return [v for v in self._directories() if not (self.root / v / MANIFEST_FILE).is_file()]
+
+    def _directories(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        found = [p.name for p in self.root.iterdir() if _VERSION_RE.fullmatch(p.name) and (p / MANIFEST_FILE).is_file()]
+        found = [p.name for p in self.root.iterdir() if _VERSION_RE.fullmatch(p.name) and p.is_dir()]
         return sorted(found, key=lambda v: int(v[1:]))
 
     def manifest(self, version: str) -> Manifest:
@@ -122,7 +129,7 @@ class Registry:
     # ---- writing (the daemon's side) ---------------------------------------------------
 
     def next_version(self) -> str:
-        existing = self.versions()
+        existing = self._directories()  # a folder that lost its manifest still holds its number
         n = int(existing[-1][1:]) + 1 if existing else 1
         return f"v{n:04d}"
 
@@ -188,9 +195,11 @@ class Registry:
 
     def summary(self) -> list[dict[str, Any]]:
         out = []
-        for v in self.versions():
+        for v in self._directories():
             try:
                 out.append(msgspec.to_builtins(self.manifest(v)))
+            except ModelNotFound:
+                out.append({"version": v, "error": f"{v} has no {MANIFEST_FILE}: skipped, and its number is not reused"})
             except ModelIntegrityError as exc:
                 out.append({"version": v, "error": str(exc)})
         return out

@@ -7,6 +7,7 @@ neither torch nor duckdb: numpy, onnxruntime and msgspec are all a decision need
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -118,20 +119,27 @@ class Scorer:
 class ModelSource:
     """Follows the registry's CURRENT pointer; a model that fails to load leaves the last good one.
 
-    ``refresh`` is cheap when nothing changed (one stat), so callers may poll it often.
+    ``refresh`` is cheap when nothing changed (one stat), so callers may poll it often. A version
+    that failed to load is tried again every RETRY_SECONDS (its file may be restored);
+    ``verify`` re-reads the served version's file, which someone may change on disk.
     """
+
+    RETRY_SECONDS = 5.0
 
     def __init__(self, registry: Registry, threads: int = 1) -> None:
         self.registry = registry
         self.threads = threads
         self.scorer: Scorer | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # why CURRENT is not what is served (or a decision failed)
+        self.file_error: str | None = None  # the served version's file no longer matches its manifest
         self._stamp: tuple[int, int] | None = None
+        self._retry_at = 0.0
 
     def refresh(self) -> bool:
         """Load the current version if the pointer moved; True when the live model changed."""
         stamp = self.registry.current_stamp()
-        if stamp == self._stamp:
+        retry = self.error is not None and time.monotonic() >= self._retry_at
+        if stamp == self._stamp and not retry:
             return False
         self._stamp = stamp
         version = self.registry.current()
@@ -145,6 +153,21 @@ class ModelSource:
             self.scorer = Scorer(manifest, model, self.threads)
         except ReflexdError as exc:
             self.error = str(exc)
+            self._retry_at = time.monotonic() + self.RETRY_SECONDS
             return False
-        self.error = None
+        self.error = self.file_error = None
+        return True
+
+    def verify(self) -> bool:
+        """Check the served version's file against its manifest again; False (``file_error`` says why)
+        if it changed. The copy loaded when it was sound goes on serving."""
+        scorer = self.scorer
+        if scorer is None:
+            return True
+        try:
+            self.registry.load(scorer.version)
+        except ReflexdError as exc:
+            self.file_error = f"{exc}; still serving the copy loaded before the file changed"
+            return False
+        self.file_error = None
         return True

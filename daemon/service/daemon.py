@@ -19,16 +19,17 @@ import anyio
 import msgspec
 
 from reflexd import __version__, log
-from reflexd.config import Config, load_config
+from reflexd.config import Config, keep_restart_only, load_config
 from reflexd.deciding.choosing import Chooser
 from reflexd.deciding.scoring import ModelSource
-from reflexd.errors import ConfigError, ReflexdError, StorageError, TrainingError
+from reflexd.durable import private_dir
+from reflexd.errors import ConfigError, ReflexdError, StateDirError, StorageError, TrainingError
 from reflexd.registry import Registry
 from reflexd.service import sdnotify
 from reflexd.service.ingest import Ingest
 from reflexd.service.monitor import Monitor
 from reflexd.service.scheduler import Scheduler
-from reflexd.service.server import Server, prepare_path
+from reflexd.service.server import Server, fd_budget_problems, prepare_path
 from reflexd.service.spool import Spool
 from reflexd.service.store import Store
 from reflexd.wire.protocol import (
@@ -48,6 +49,7 @@ from reflexd.wire.protocol import (
 
 _log = log.get("reflexd")
 MODEL_POLL_SECONDS = 0.5
+MODEL_VERIFY_SECONDS = 30.0  # and at every status request
 
 
 class Daemon:
@@ -82,7 +84,9 @@ class Daemon:
 
     async def run(self) -> None:
         cfg = self.config
-        cfg.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
+        refusal = private_dir(cfg.state_path, "its database, spool and models")
+        if refusal is not None:
+            raise StateDirError(refusal)
         self.registry.ensure()
         self.store = await anyio.to_thread.run_sync(Store, cfg.db_path, cfg.store)
         self.models.refresh()
@@ -92,6 +96,8 @@ class Daemon:
         self.scheduler.start_from(self.models.scorer.manifest if self.models.scorer else None)
         self.monitor = Monitor(self.settings, self.registry, self.store, self.models)
         self.server = Server(cfg, self.ingest, self)
+        for warning in fd_budget_problems(cfg):
+            _log.warning("file descriptors", problem=warning)
         sock_path = Path(cfg.socket.path)
         prepare_path(sock_path)
         listener = await anyio.create_unix_listener(sock_path, mode=cfg.socket.mode_bits)
@@ -101,7 +107,7 @@ class Daemon:
                 writer_tg.start_soon(self.ingest.run)
                 try:
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(listener.serve, self.server.handle)
+                        tg.start_soon(self.server.serve, listener)
                         tg.start_soon(self.scheduler.run)
                         tg.start_soon(self._follow_models)
                         tg.start_soon(self._retention)
@@ -151,10 +157,10 @@ class Daemon:
             _log.error("config reload failed; keeping the running config", error=str(exc))
             sdnotify.notify("READY=1", "STATUS=reload failed; old config in force")
             return False
-        if new.socket.path != self.config.socket.path or new.state_dir != self.config.state_dir:
-            _log.warning("socket.path and state_dir changes take effect at restart")
-        if new.store != self.config.store:
-            _log.warning("store changes take effect at restart")
+        # until a restart the running values stay: nothing moves to a new state_dir half-way
+        new, pending = keep_restart_only(new, self.config)
+        for setting in pending:
+            _log.warning(f"{setting} changes take effect at restart")
         try:
             self.server.configure(new)  # reads the redaction key: the one step that can still fail
         except ConfigError as exc:
@@ -173,10 +179,20 @@ class Daemon:
         return True
 
     async def _follow_models(self) -> None:
+        checked = time.monotonic()
         while True:
             if await anyio.to_thread.run_sync(self.models.refresh):
                 _log.info("serving model", version=self.models.scorer.version)
+            if time.monotonic() - checked >= MODEL_VERIFY_SECONDS:
+                checked = time.monotonic()
+                await self._verify_model()
             await anyio.sleep(MODEL_POLL_SECONDS)
+
+    async def _verify_model(self) -> None:
+        """Re-read the served model's file (``ModelSource.verify``); a change is logged once."""
+        before = self.models.file_error
+        if not await anyio.to_thread.run_sync(self.models.verify) and self.models.file_error != before:
+            _log.error("the served model's file changed on disk", error=self.models.file_error)
 
     async def _retention(self) -> None:
         while True:
@@ -218,7 +234,13 @@ class Daemon:
         if isinstance(msg, StatusRequest):
             return await self.status(req)
         if isinstance(msg, ModelsRequest):
-            return ModelsReply(current=self.registry.current(), models=self.registry.summary(), req=req)
+            scorer = self.models.scorer
+            return ModelsReply(
+                current=self.registry.current(),
+                models=self.registry.summary(),
+                serving=scorer.version if scorer is not None else None,
+                req=req,
+            )
         if isinstance(msg, Promote):
             await anyio.to_thread.run_sync(self.registry.promote, msg.version)
             await self._model_event(msg.version, "promoted", "by request")
@@ -249,7 +271,9 @@ class Daemon:
         Models already trained keep what they learned.
         """
         async with self.training_lock:
-            await self.ingest.barrier(loaded=True)
+            await self.ingest.barrier_within(
+                self.config.socket.request_timeout, f"forget: the store did not take in {agent!r}'s queued events", loaded=True
+            )
             try:
                 removed = await anyio.to_thread.run_sync(self.store.forget, agent, self.config.archive_path)
                 removed["training_snapshots"] = await anyio.to_thread.run_sync(
@@ -284,8 +308,17 @@ class Daemon:
                 "train_rows": m.training.fit_rows,
                 "gate": msgspec.to_builtins(m.gate) if m.gate else None,
             }
+        await self._verify_model()
         if self.models.error:
             model = {**(model or {}), "load_error": self.models.error}
+        if self.models.file_error:
+            model = {**(model or {}), "file_error": self.models.file_error}
+        current = self.registry.current()
+        if model is not None and current != model.get("version"):
+            model["current"] = current  # CURRENT names a version the daemon does not serve
+        broken = self.registry.broken()
+        if broken:
+            model = {**(model or {}), "broken_versions": broken}
         return StatusReply(
             version=__version__,
             pid=os.getpid(),
@@ -306,6 +339,9 @@ class Daemon:
                 "client_dropped": c.client_dropped,
                 "connections": self.server.connections,
                 "refused": self.server.refused,
+                "shed": self.server.shed,  # turned away while out of file descriptors
+                "idle_closed": self.server.idle_closed,
+                "revoked": self.server.revoked,  # ended by a reload that no longer allows their peer
                 **{f"stored_{k}": v for k, v in c.by_type.items()},
             },
             backlog=self.ingest.backlog,
@@ -341,6 +377,8 @@ def run(config_path: str | None) -> None:
     """Entry point of ``reflexd run``."""
     config = load_config(config_path)
     log.configure(config.log.level, config.log.format)
+    # What the daemon creates (database, archive, models) is its user's and its group's alone.
+    os.umask(0o027)
     # Past a file-size limit a write should fail (EFBIG, retried like a full disk), not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # Queued events are many small containers: with the default thresholds the cyclic collector

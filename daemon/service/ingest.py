@@ -22,7 +22,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from reflexd import log
 from reflexd.config import IngestConfig
-from reflexd.errors import RejectedData, StorageError
+from reflexd.errors import RejectedData, RequestTimeout, StorageError
 from reflexd.service.spool import Spool
 from reflexd.service.store import DeadLetter
 from reflexd.wire.protocol import ExperienceEvent
@@ -169,6 +169,13 @@ class Ingest:
             while self._loaded < target or self._dead or self.spool.leftovers_pending:
                 self._wake_loader.set()
                 await self._load_done.wait()
+
+    async def barrier_within(self, seconds: float, what: str, loaded: bool = False) -> None:
+        """``barrier``, or RequestTimeout naming ``what`` (and the store's error) after ``seconds``."""
+        with anyio.move_on_after(seconds) as waited:
+            await self.barrier(loaded=loaded)
+        if waited.cancelled_caught:
+            raise RequestTimeout(what, seconds, self.storage_error)
 
     def close(self) -> None:
         """No more submissions; the writer and the loader drain what is queued and return.

@@ -170,7 +170,8 @@ class Scheduler:
     async def _train(self, run_dir: Path, reason: str) -> dict[str, Any]:
         cfg = self.config
         self.status.state = "snapshot"
-        await self.ingest.barrier(loaded=True)  # what was acknowledged is in the snapshot
+        # what was acknowledged is in the snapshot
+        await self.ingest.barrier_within(cfg.socket.request_timeout, "training: the store did not take in the events", loaded=True)
         snapshot = run_dir / "snapshot.parquet"
         info = await anyio.to_thread.run_sync(
             self.store.snapshot, snapshot, time.time(), cfg, cfg.trainer.max_examples

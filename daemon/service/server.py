@@ -8,6 +8,7 @@ lives on unless the framing itself is lost (an oversize length prefix).
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -18,11 +19,12 @@ from typing import Any, Protocol
 
 import anyio
 import msgspec
-from anyio.abc import SocketStream
+from anyio.abc import SocketListener, SocketStream
 from anyio.lowlevel import checkpoint
 
 from reflexd import log
 from reflexd.config import Config
+from reflexd.durable import private_dir
 from reflexd.errors import FrameError, ReflexdError, SocketError
 from reflexd.service.ingest import Ingest
 from reflexd.service.redact import Redactor
@@ -33,21 +35,15 @@ from reflexd.wire.protocol import EXPERIENCE_TYPES, Ack, Decide, Decided, Decisi
 _log = log.get("reflexd.server")
 _CRED = struct.Struct("3i")
 READ_BYTES = 1 << 16
+FD_HEADROOM = 64
 
 
 
 def prepare_path(path: Path) -> None:
     """Make the socket's directory (0750, ours) and clear a stale socket; refuse anything else."""
-    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    # whoever can write to the directory can swap the socket under us
-    dir_st = os.stat(path.parent)
-    if dir_st.st_uid != os.geteuid():
-        raise SocketError(f"{path.parent} belongs to uid {dir_st.st_uid}, not to the daemon; refusing to put the socket there")
-    if dir_st.st_mode & 0o022:
-        raise SocketError(
-            f"{path.parent} is writable by group or others (mode {stat.S_IMODE(dir_st.st_mode):04o}); "
-            "refusing to put the socket there"
-        )
+    refusal = private_dir(path.parent, "the socket")
+    if refusal is not None:
+        raise SocketError(refusal)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -91,16 +87,62 @@ class Server:
         self.decider = _Decider(self)
         self.connections = 0
         self.refused = 0
+        self.shed = 0  # connections turned away because the daemon was out of file descriptors
+        self.idle_closed = 0
+        self.revoked = 0
+        self._peers: set[_Peer] = set()
         self.configure(config)
 
     def configure(self, config: Config) -> None:
-        """Take a (re)loaded config: its redaction rules are compiled here, once, with their key."""
+        """Take a (re)loaded config: its redaction rules are compiled here, once, with their key, and
+        open connections of peers it no longer allows are ended."""
         self.redactor = Redactor.from_config(config.redaction)
         self.config = config
+        for peer in list(self._peers):
+            if not self.allowed(peer.uid, peer.gid):
+                peer.revoke()
+                self.revoked += 1
+                _log.warning("connection ended: its peer is no longer allowed", peer_uid=peer.uid, peer_pid=peer.pid)
 
     def allowed(self, uid: int, gid: int) -> bool:
         sock = self.config.socket
         return uid in (0, os.getuid()) or uid in sock.allowed_uids or gid in sock.allowed_gids
+
+    async def serve(self, listener: SocketListener) -> None:
+        """Accept connections until cancelled. Out of file descriptors, the daemon turns new
+        connections away with a "busy" error (a descriptor is kept spare for that) and goes on."""
+        spare: int | None = _spare_fd()
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except anyio.BrokenResourceError as exc:
+                    cause = exc.__cause__
+                    if not (isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE)):
+                        raise
+                    spare = await self._shed(listener, spare, cause)
+                    continue
+                tg.start_soon(self.handle, stream)
+
+    async def _shed(self, listener: SocketListener, spare: int | None, cause: OSError) -> int | None:
+        if not self.shed:
+            _log.error(
+                "out of file descriptors: turning connections away (raise LimitNOFILE, or lower socket.max_connections)",
+                error=str(cause),
+            )
+        self.shed += 1
+        self.refused += 1
+        if spare is not None:
+            os.close(spare)  # room for one: accept the connection waiting, tell it why, close it
+            try:
+                stream = await listener.accept()
+            except anyio.BrokenResourceError:
+                pass
+            else:
+                async with stream:
+                    await self._try_send(stream, _busy("the daemon is out of file descriptors"))
+        await anyio.sleep(0.05)  # the backlog waits in the kernel meanwhile
+        return _spare_fd()
 
     async def handle(self, stream: SocketStream) -> None:
         async with stream:
@@ -113,16 +155,22 @@ class Server:
                 _log.warning("connection refused", peer_uid=uid, peer_gid=gid, peer_pid=pid)
                 await self._try_send(stream, encode_frame(Error(code="forbidden", message=f"uid {uid} is not allowed"), "json"))
                 return
-            if self.connections >= self.config.socket.max_connections:
+            sock_cfg = self.config.socket
+            # root and the daemon's own user keep a few slots others cannot fill, so status always answers
+            cap = sock_cfg.max_connections + (sock_cfg.reserved_connections if uid in (0, os.getuid()) else 0)
+            if self.connections >= cap:
                 self.refused += 1
-                await self._try_send(stream, encode_frame(Error(code="busy", message="too many connections"), "json"))
+                await self._try_send(stream, _busy("too many connections"))
                 return
             self.connections += 1
+            peer = _Peer(stream.extra(anyio.abc.SocketAttribute.raw_socket), pid, uid, gid)
+            self._peers.add(peer)
             try:
-                await self._serve(stream, pid, uid)
+                await self._serve(stream, peer)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
                 pass
             finally:
+                self._peers.discard(peer)
                 self.connections -= 1
 
     @staticmethod
@@ -132,38 +180,100 @@ class Server:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
 
-    async def _serve(self, stream: SocketStream, pid: int, uid: int) -> None:
+    async def _serve(self, stream: SocketStream, peer: _Peer) -> None:
         # Straight to the raw socket: the stream's send takes a turn of the event loop even when
         # the write would not block, and its checks add up; with request/reply clients that cost
         # 18 µs of CPU per request, against 11 µs this way. Only a read or write that would
         # block waits.
-        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-        data = await _receive(sock, None)
-        if not data:
+        sock = peer.sock
+        data = await _receive(sock, time.monotonic() + self.config.socket.idle_timeout)
+        if not data or peer.revoked:
+            if data is None:
+                self.idle_closed += 1
             return
         framing = framing_of(data[0])
         reader = FrameReader(framing, self.config.socket.max_frame_bytes)
-        conn = _Connection(self, sock, framing, pid, uid)
+        conn = _Connection(self, sock, framing, peer.pid, peer.uid)
         frame_started: float | None = None
         while True:
             seen = conn.seq
             await conn.process(reader.feed(data))
             if reader.fatal:
                 return
-            # Waiting between frames is fine; a frame left half-sent is not, however slowly its
-            # bytes trickle in: the clock runs from the frame's first byte.
+            # Waiting between frames is fine, up to socket.idle_timeout; a frame left half-sent
+            # is not, however slowly its bytes trickle in: the clock runs from its first byte.
             if not reader.incomplete:
                 frame_started = None
             elif frame_started is None or conn.seq != seen:
                 frame_started = time.monotonic()
-            timeout = self.config.socket.frame_timeout
-            data = await _receive(sock, None if frame_started is None else frame_started + timeout)
+            cfg = self.config.socket
+            idle_until = time.monotonic() + cfg.idle_timeout
+            deadline = idle_until if frame_started is None else min(idle_until, frame_started + cfg.frame_timeout)
+            data = await _receive(sock, deadline)
+            if peer.revoked:
+                await conn.refuse(Error(code="forbidden", message=f"uid {peer.uid} is no longer allowed"))
+                return
             if data is None:
-                await conn.abandon(reader.abandon(), timeout)
+                short = reader.cut_short()
+                if short is not None:
+                    conn.reject(short)
+                if reader.incomplete:
+                    await conn.abandon(reader.abandon(), cfg.frame_timeout)
+                else:
+                    self.idle_closed += 1
+                    await conn.finish()
                 return
             if not data:
+                short = reader.cut_short()
+                if short is not None:
+                    conn.reject(short)
                 await conn.finish()
                 return
+
+
+class _Peer:
+    """An open connection's socket and credentials, so a reload can end it."""
+
+    __slots__ = ("sock", "pid", "uid", "gid", "revoked")
+
+    def __init__(self, sock: socket.socket, pid: int, uid: int, gid: int) -> None:
+        self.sock, self.pid, self.uid, self.gid = sock, pid, uid, gid
+        self.revoked = False
+
+    def revoke(self) -> None:
+        self.revoked = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)  # wakes its reader, which sees ``revoked``
+        except OSError:
+            pass
+
+
+def _busy(message: str) -> bytes:
+    return encode_frame(Error(code="busy", message=message), "json")
+
+
+def _spare_fd() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def fd_budget_problems(config: Config) -> list[str]:
+    """Warnings when the connection caps cannot fit the process's file-descriptor limit."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    sock = config.socket
+    # besides connections: the store, the spool, the trainer's pipes, models, logs
+    needed = sock.max_connections + sock.reserved_connections + FD_HEADROOM
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return []
+    return [
+        f"socket.max_connections: {sock.max_connections} connections, {sock.reserved_connections} reserved "
+        f"and about {FD_HEADROOM} other files need {needed} file descriptors, but this process may open "
+        f"{soft} (ulimit -n, or LimitNOFILE= in the unit); connections past that are turned away"
+    ]
 
 
 async def _receive(sock: socket.socket, deadline: float | None) -> bytes | None:
@@ -329,8 +439,17 @@ class _Connection:
 
     async def abandon(self, partial: bytes, waited: float) -> None:
         err = FrameError(f"incomplete frame: {len(partial)} bytes, then nothing for {waited:g} s", code="timeout")
-        self._reject(self.seq, err, partial)
+        self.reject(err, partial)
+        await self.finish()
+
+    def reject(self, err: FrameError, raw: bytes = b"") -> None:
+        """Dead-letter the next frame, read outside ``process`` (one cut short or left half-sent)."""
+        self._reject(self.seq, err, raw)
         self.seq += 1
+
+    async def refuse(self, err: Error) -> None:
+        """End a connection whose peer is no longer allowed: what it sent since is not taken in."""
+        self.replies.append(encode_frame(err, self.framing))
         await self.finish()
 
     async def _hand_off(self) -> None:
@@ -366,7 +485,10 @@ class _Connection:
             if isinstance(msg, Flush):
                 await self._hand_off()
                 self.server.ingest.counters.client_dropped += msg.dropped
-                await self.server.ingest.barrier(loaded=msg.loaded)
+                what = "in the store" if msg.loaded else "durable in the spool"
+                await self.server.ingest.barrier_within(
+                    self.server.config.socket.request_timeout, f"flush: the events are not {what}", loaded=msg.loaded
+                )
                 self._reply(Ack(count=self.accepted, req=req))
             elif isinstance(msg, Forget):
                 await self._hand_off()  # what this connection sent before the forget is forgotten too

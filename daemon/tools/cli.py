@@ -105,20 +105,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.path or args.config or os.environ.get("REFLEXD_CONFIG") or DEFAULT_PATH
+    from reflexd.service.server import fd_budget_problems
+
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         if args.json:
-            _print({"ok": False, "path": exc.source, "problems": exc.problems})
+            _print({"ok": False, "path": exc.source, "problems": exc.problems, "warnings": []})
             return EX_CONFIG
         print(f"{exc.source}: invalid configuration", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return EX_CONFIG
+    # valid, but this process's limits would not let it work as configured
+    warnings = fd_budget_problems(config)
     if args.json:
-        _print({"ok": True, "path": str(path), "problems": []})
+        _print({"ok": True, "path": str(path), "problems": [], "warnings": warnings})
         return 0
     print(f"{path}: ok")
+    for warning in warnings:
+        print(f"  warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -249,7 +255,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         _print(found[0])  # the manifest, JSON with or without --json
         return 0
     if args.json:
-        _print({"current": reply.current, "models": reply.models})
+        _print({"current": reply.current, "serving": reply.serving, "models": reply.models})
         return 0
     if not reply.models:
         print("no models yet")
@@ -260,7 +266,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     from reflexd.manifest import Training
 
     for m in reply.models:
-        live = "*" if m.get("version") == reply.current else " "
+        # * marks what the daemon serves; ! a CURRENT it could not load (status says why)
+        version = m.get("version")
+        live = "*" if version == reply.serving else "!" if version == reply.current else " "
         created = dt.datetime.fromtimestamp(m.get("created", 0)).strftime("%Y-%m-%d %H:%M:%S")
         gate = (m.get("gate") or {}).get("reason", m.get("error", ""))
         rows = msgspec.convert(m["training"], Training).fit_rows if m.get("training") else ""
@@ -464,16 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
         "models",
         "list, show, promote or roll back model versions",
         "List the model versions in the registry with their creation time, rows and gate verdict (* marks\n"
-        "the live one); show one version's manifest (JSON); make a version live (promote); or go back to\n"
+        "the version the daemon serves, ! a CURRENT it could not load); show one version's manifest (JSON); make a version live (promote); or go back to\n"
         "the version live before the current one (rollback). Exit 1 for an unknown version. --json: list\n"
-        'prints {"current", "models"} with every manifest, show the manifest, promote and rollback\n'
+        'prints {"current", "serving", "models"} with every manifest, show the manifest, promote and rollback\n'
         '{"message", "current"}.',
         ["reflexd models list", "reflexd models show v0003", "reflexd models promote v0002", "reflexd models --json"],
         parents=[client],
     )
     p.add_argument(
         "action", nargs="?", default="list", choices=["list", "show", "promote", "rollback"],
-        help="list (the default; * marks the live version), show VERSION, promote VERSION, or rollback",
+        help="list (the default; * marks the served version), show VERSION, promote VERSION, or rollback",
     )
     p.add_argument("version", nargs="?", help="model version for show and promote (e.g. v0003)")
     json_flag(p, "the result")

@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 
 from reflexd.testing import LocalDaemon
-from reflexd.wire.connection import request
-from reflexd.wire.protocol import Flush, StatusRequest
+from reflexd.wire.protocol import Flush
 
 TASKS = ("chat", "code", "math", "search")
 
@@ -219,8 +218,8 @@ def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, 
                 print(f"warning: events not acknowledged within 60 s: {policy.stats()}", file=sys.stderr)
             policy.close()
             # acknowledged events may still be in the spool: the count reported is of stored ones
-            request(Flush(loaded=True), daemon.socket, timeout=60)
-            status = request(StatusRequest(), daemon.socket)
+            daemon.request(Flush(loaded=True), timeout=60)
+            status = daemon.status()
             shutil.copy(daemon.log_path, out / "daemon.log")
     finally:
         shutil.rmtree(root, ignore_errors=True)

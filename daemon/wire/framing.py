@@ -70,9 +70,10 @@ def encode_frames(msgs: list[msgspec.Struct], framing: Framing) -> bytes:
 class FrameReader:
     """Sans-IO framer: feed bytes in, get whole frame payloads out, with a size cap.
 
-    An over-long NDJSON line is reported once and skipped up to its newline, so the connection
-    survives it. An over-long length prefix cannot be skipped safely and is fatal to the
-    connection: ``fatal`` becomes true and no further frames are produced.
+    An over-long NDJSON line is skipped up to its newline, so the connection survives it, and
+    reported there with its whole length (``FrameTooLarge.size``); one the peer never ends is
+    reported by ``cut_short``. An over-long length prefix cannot be skipped safely and is fatal to
+    the connection: ``fatal`` becomes true and no further frames are produced.
     """
 
     def __init__(self, framing: Framing, max_bytes: int) -> None:
@@ -81,6 +82,7 @@ class FrameReader:
         self.fatal = False
         self._buf = bytearray()
         self._skipping = False
+        self._skipped = 0  # bytes of the over-long line skipped so far
 
     @property
     def pending(self) -> int:
@@ -117,6 +119,7 @@ class FrameReader:
                 break
             if self._skipping:
                 self._skipping = False
+                yield FrameTooLarge(self._skipped + nl - start, self.max_bytes)
             else:
                 line = bytes(buf[start:nl])
                 if len(line) > self.max_bytes:
@@ -125,11 +128,18 @@ class FrameReader:
                     yield line
             start = nl + 1
         del buf[:start]
-        if len(buf) > self.max_bytes:
-            if not self._skipping:
-                yield FrameTooLarge(len(buf), self.max_bytes)
+        if self._skipping or len(buf) > self.max_bytes:
+            # not kept: only its length is counted until its newline comes
+            self._skipped = (self._skipped if self._skipping else 0) + len(buf)
             self._skipping = True
             buf.clear()
+
+    def cut_short(self) -> FrameTooLarge | None:
+        """The over-long line being skipped when the peer stopped sending, if any (its size so far)."""
+        if self.framing != JSON or not self._skipping:
+            return None
+        self._skipping = False
+        return FrameTooLarge(self._skipped, self.max_bytes)
 
     def _prefixed(self) -> Iterator[bytes | FrameError]:
         buf = self._buf

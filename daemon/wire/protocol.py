@@ -217,8 +217,9 @@ class StatusReply(_Msg, tag="status"):
 
 
 class ModelsReply(_Msg, tag="models"):
-    current: str | None
+    current: str | None  # what the registry's CURRENT names
     models: list[dict[str, Any]]
+    serving: str | None = None  # what the daemon serves (another when CURRENT cannot be loaded)
     req: ReqId = None
 
 

@@ -23,6 +23,7 @@ from reflexd.deciding.choosing import Chooser
 from reflexd.deciding.scoring import ModelSource, Scorer
 from reflexd.registry import Registry
 from reflexd.wire.connection import Connection
+from reflexd.errors import RedactionError
 from reflexd.wire.framing import MSGPACK, FrameReader, decode_reply, encode_frame
 from reflexd.wire.protocol import Ack, Decide, Decided, Decision, Error, Flush, Promote
 from test_serving import ACTIONS, CTX, SOFTMAX, add_version, manifest_exploration
@@ -175,7 +176,8 @@ def test_pipelined_decides_are_answered_in_order_with_bad_frames_answered_in_pla
         elif i == 30:  # fine on the wire, but too deep to redact: refused without spoiling its batch
             deep = Decide(agent="agent", context={"deep": nested(150, {"secret": 1})}, actions=["p", "q"], req="deep")
             frames.append(encode_frame(deep, MSGPACK))
-            expect.append("RedactionError")
+            deep_seq = len(expect)
+            expect.append(RedactionError.code)  # the wire sends the stable code, not the class name
         elif i == 40:
             event = Decision(id="logged", agent="agent", context={}, actions=["p"], chosen="p", prob=1.0)
             frames.append(encode_frame(event, MSGPACK))
@@ -198,7 +200,7 @@ def test_pipelined_decides_are_answered_in_order_with_bad_frames_answered_in_pla
             assert reply == Ack(count=1, req="f")
         else:
             assert isinstance(reply, Error) and reply.code == want and reply.seq == seq, (seq, reply)
-    assert replies[seqs.index(expect.index("RedactionError"))].req == "deep"
+    assert replies[seqs.index(deep_seq)].req == "deep"
     # a lone decide, request and reply, gives what the pipelined ones gave
     with Connection(d.socket, timeout=TIMEOUT) as conn:
         for decide in decides[:5]:

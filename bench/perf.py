@@ -1,6 +1,6 @@
 """reflexd benchmark: one command, one table, every figure measured in this run on real parts.
 
-    python bench/run.py            (or: make bench)
+    python -m bench.perf           (or: make bench)
 
 A real daemon subprocess on a temporary state dir, its real Unix socket and DuckDB file, a model
 trained by its real trainer subprocess and loaded by the real client. Progress goes to stderr;
@@ -17,14 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench's own helpers (bench/_*.py)
-
-import _decide  # noqa: E402
-import _ingest  # noqa: E402
-import _train  # noqa: E402
-from _daemon import BenchDaemon  # noqa: E402
-from _host import machine  # noqa: E402
-from reflexd.config import IngestConfig  # noqa: E402
+from bench import _decide, _ingest, _train
+from bench._daemon import BenchDaemon
+from bench._host import machine
+from reflexd.config import IngestConfig
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 SETTLE_SECONDS = 1.0
@@ -194,7 +190,7 @@ def table(r: dict[str, Any], m: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.splitlines()[0])
     p.add_argument("--events", type=int, default=200_000, help="decisions per ingest run (default 200k)")
     p.add_argument("--store-events", type=int, default=100_000, help="events for the spool-append and DuckDB-load references")
     p.add_argument("--train-rows", type=int, default=100_000, help="joined decisions per adaptation run")

@@ -23,7 +23,7 @@ from reflexd.config import (
 from reflexd.errors import ConfigError
 from reflexd.split import cross_fitted, first_run_rows, holdout_run_rows
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "configs" / "reflexd.yaml"
 REFLEXD = Path(sys.executable).parent / "reflexd"
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import DaemonProcess, wait_for
 from reflexd.tools.cli import _removed_counts, build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "configs" / "reflexd.yaml"
 REFLEXD = Path(sys.executable).parent / "reflexd"
 COMMANDS = ["run", "check-config", "status", "decide", "train", "models", "forget", "import", "demo"]
@@ -79,7 +79,7 @@ def test_train_needs_no_flag_and_keeps_now_as_a_no_op() -> None:
 
 def test_check_config_json_accepts_the_shipped_file() -> None:
     doc = as_json(reflexd("check-config", "--json", str(SHIPPED)))
-    assert doc == {"ok": True, "path": str(SHIPPED), "problems": []}
+    assert doc == {"ok": True, "path": str(SHIPPED), "problems": [], "warnings": []}
 
 
 def test_check_config_json_names_each_problem_and_exits_78(tmp_path: Path) -> None:

@@ -183,13 +183,13 @@ def test_adam_takes_exactly_torchs_steps(ours, theirs):
 def test_fitting_leaves_torchs_compiler_unimported():
     # torch.optim's own step imports torch._dynamo, a second of a run that needs none of it
     code = (
-        "import sys, tests.test_learner as t\n"
-        "from reflexd.plugins.learners import load_learner\n"
+        "import sys, tests.integration.test_learner as t\n"
+        "from reflexd.extensions import load_learner\n"
         "for name in ('mlp', 'transformer'):\n"
         "    load_learner(name).fit(t.known_problem(200), t.SETTINGS, seed=0)\n"
         "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
     assert done.returncode == 0, done.stderr
 

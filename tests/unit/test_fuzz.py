@@ -370,16 +370,33 @@ def streams(draw: st.DrawFn, framing: str, cap: int) -> bytes:
 @given(data=st.data(), cap=st.integers(1, 48))
 def test_frame_reader_never_raises_caps_frames_and_ignores_chunking(framing: str, data: st.DataObject, cap: int) -> None:
     stream = data.draw(streams(framing, cap))
-    whole = _normal(fr.FrameReader(framing, cap).feed(stream), cap)
+    whole = _normal(_frames(fr.FrameReader(framing, cap), [stream]), cap)
     assert whole == _oracle(framing, stream, cap)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
-    reader = fr.FrameReader(framing, cap)
-    chunked: list[Any] = []
-    for a, b in zip([0, *cuts], [*cuts, len(stream)]):
-        chunked += _normal(reader.feed(stream[a:b]), cap)
-    assert chunked == whole
-    bytewise = fr.FrameReader(framing, cap)
-    assert [x for i in range(len(stream)) for x in _normal(bytewise.feed(stream[i : i + 1]), cap)] == whole
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    assert _normal(_frames(fr.FrameReader(framing, cap), chunks), cap) == whole
+    bytewise = [stream[i : i + 1] for i in range(len(stream))]
+    assert _normal(_frames(fr.FrameReader(framing, cap), bytewise), cap) == whole
+
+
+def _frames(reader: fr.FrameReader, chunks: list[bytes]) -> list[bytes | FrameError]:
+    """What a connection reads from ``chunks`` before its peer stops sending."""
+    out = [frame for chunk in chunks for frame in reader.feed(chunk)]
+    short = reader.cut_short()
+    return out + ([short] if short is not None else [])
+
+
+def test_an_oversize_line_is_reported_with_its_whole_length() -> None:
+    reader = fr.FrameReader(fr.JSON, 100)
+    line = b"x" * 8000
+    found = [f for i in range(0, len(line), 1000) for f in reader.feed(line[i : i + 1000])]
+    assert found == []  # nothing to report until the line ends: its length is not known yet
+    (err,) = reader.feed(b"\n")
+    assert isinstance(err, FrameTooLarge) and err.size == 8000 and "8000 bytes" in str(err)
+    assert list(reader.feed(b'{"a":1}\n')) == [b'{"a":1}']
+    assert list(reader.feed(b"y" * 300)) == []
+    short = reader.cut_short()
+    assert isinstance(short, FrameTooLarge) and short.size == 300
 
 
 def _finite(x: float) -> bool:
@@ -441,7 +458,7 @@ def test_valid_messages_survive_encode_frame_decode(framing: str, msgs: list[Any
 
 # ---- configuration ------------------------------------------------------------------------------
 
-DEFAULT_YAML = (Path(__file__).resolve().parents[1] / "configs" / "reflexd.yaml").read_text()
+DEFAULT_YAML = (Path(__file__).resolve().parents[2] / "configs" / "reflexd.yaml").read_text()
 SECTIONS = {
     name: list(type(getattr(Config(), name)).__struct_fields__)
     for name in Config.__struct_fields__

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"daemon": "reflexd", "plugins": "reflexd.plugins", "exporters": "reflexd.exporters"}
 KERNEL = {"reflexd.errors", "reflexd.config", "reflexd.features", "reflexd.split", "reflexd.durable",
           "reflexd.log", "reflexd.manifest", "reflexd.registry", "reflexd.extensions"}

@@ -7,7 +7,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAPPING = {"daemon": "reflexd", "plugins": "reflexd.plugins", "exporters": "reflexd.exporters"}
 
 
