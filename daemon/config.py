@@ -24,6 +24,7 @@ from reflexd.split import holdout_rows, holdout_run_rows
 DEFAULT_PATH = "/etc/reflexd/reflexd.yaml"
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
@@ -43,7 +44,7 @@ class SocketConfig(_Section):
     allowed_gids: list[int] = []
     max_frame_bytes: Positive = 1 << 20
     max_connections: Positive = 256
-    reserved_connections: Positive = 4  # beyond max_connections, for root and the daemon's own user
+    reserved_connections: Count = 4  # beyond max_connections, for root and the daemon's own user
     frame_timeout: PositiveFloat = 30.0
     idle_timeout: PositiveFloat = 600.0  # a connection silent this long between frames is closed
     request_timeout: PositiveFloat = 120.0  # bound on a request waiting on the store (flush, train, forget)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from reflexd.errors import DaemonStartFailed
 from reflexd.testing import START_TIMEOUT, STOP_TIMEOUT, LocalDaemon, deep_merge, poll  # noqa: F401
 
 
@@ -20,8 +21,33 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         pytest.fail(str(timed_out))
 
 
+class StartFailed(DaemonStartFailed, pytest.fail.Exception):
+    """A daemon that did not start, in a test: both the launcher's ``DaemonStartFailed`` and
+    pytest's ``Failed`` (what ``pytest.fail`` raises), so ``pytest.raises`` of either catches it and,
+    uncaught, it fails the test with the daemon's log in the message."""
+
+    def __init__(self, failed: DaemonStartFailed) -> None:
+        message = str(failed)
+        Exception.__init__(self, message)
+        self.msg, self.pytrace = message, True
+
+
 class DaemonProcess(LocalDaemon):
-    """The tests' name for :class:`reflexd.testing.LocalDaemon` (one launcher for tests, bench and demo)."""
+    """:class:`reflexd.testing.LocalDaemon`, the one launcher of the tests, the bench and the demo,
+    whose failures are test failures (``pytest.fail``), the log's tail in the message."""
+
+    def start(self, timeout: float = START_TIMEOUT) -> DaemonProcess:
+        try:
+            super().start(timeout)
+        except DaemonStartFailed as failed:
+            raise StartFailed(failed) from None
+        return self
+
+    def loaded_status(self, timeout: float = 60.0) -> Any:
+        try:
+            return super().loaded_status(timeout)
+        except TimeoutError as timed_out:
+            pytest.fail(str(timed_out))
 
 
 def base_config(root: Path, sock_dir: Path) -> dict[str, Any]:

@@ -88,6 +88,8 @@ class Daemon:
         if refusal is not None:
             raise StateDirError(refusal)
         self.registry.ensure()
+        # a damaged database file is refused (StoreDamaged) before anything writes to it
+        await anyio.to_thread.run_sync(Store.check_file, cfg.db_path, cfg.store)
         self.store = await anyio.to_thread.run_sync(Store, cfg.db_path, cfg.store)
         self.models.refresh()
         spool = await anyio.to_thread.run_sync(Spool, cfg.state_path / "spool", cfg.ingest.segment_bytes)
@@ -181,8 +183,11 @@ class Daemon:
     async def _follow_models(self) -> None:
         checked = time.monotonic()
         while True:
-            if await anyio.to_thread.run_sync(self.models.refresh):
-                _log.info("serving model", version=self.models.scorer.version)
+            try:
+                if await anyio.to_thread.run_sync(self.models.refresh):
+                    _log.info("serving model", version=self.models.scorer.version)
+            except OSError as exc:  # the registry unreadable for now (out of descriptors, say): next poll
+                _log.warning("cannot read the model registry", error=str(exc))
             if time.monotonic() - checked >= MODEL_VERIFY_SECONDS:
                 checked = time.monotonic()
                 await self._verify_model()
@@ -275,7 +280,11 @@ class Daemon:
                 self.config.socket.request_timeout, f"forget: the store did not take in {agent!r}'s queued events", loaded=True
             )
             try:
+                # checkpoints on both sides: spool/loaded/ must not give the agent's events back after
+                # a crash, and the delete must not live in the write-ahead log alone
+                await self.ingest.checkpoint()
                 removed = await anyio.to_thread.run_sync(self.store.forget, agent, self.config.archive_path)
+                await self.ingest.checkpoint()
                 removed["training_snapshots"] = await anyio.to_thread.run_sync(
                     _remove_snapshots, self.scheduler.runs_dir
                 )
@@ -334,6 +343,7 @@ class Daemon:
                 "spooled": c.spooled,
                 "recovered_from_spool": c.recovered,
                 "refused_by_store": c.refused,
+                "restored_after_loss": c.restored,
                 "write_errors": c.write_errors,
                 "unlogged_decisions": c.unlogged,
                 "client_dropped": c.client_dropped,

@@ -29,6 +29,8 @@ from reflexd.wire.protocol import ExperienceEvent
 
 _log = log.get("reflexd.ingest")
 POLL_SECONDS = 0.002
+# loaded spool bytes kept for a checkpoint, past which one is taken without waiting for the interval
+CHECKPOINT_BYTES = 64 << 20
 GAVE_UP = object()  # what a retried storage call returns when it stopped trying
 
 
@@ -49,6 +51,7 @@ class Counters:
     spooled: int = 0  # in the spool (durable), not yet loaded into DuckDB
     recovered: int = 0  # events a previous run spooled, loaded at start-up
     refused: int = 0  # events in spool lines the store refused, kept in spool/rejected/
+    restored: int = 0  # events the store had lost (a damaged or missing WAL), loaded again from spool/loaded/
     write_errors: int = 0
     client_dropped: int = 0  # events clients reported dropping because their buffer was full
     unlogged: int = 0  # socket decisions served while the queue was full, so not stored
@@ -109,6 +112,8 @@ class Ingest:
         self._load_done = anyio.Event()  # set (and replaced) after every load
         self._writer_done = False
         self._closing = False
+        self._unchecked_since: float | None = None  # when a loaded segment first waited for a checkpoint
+        self._checkpoint_error: str | None = None
 
     @property
     def storage_error(self) -> str | None:
@@ -262,21 +267,30 @@ class Ingest:
     # ---- the loader: spool → store -------------------------------------------------------
 
     async def _load_loop(self) -> None:
+        if not await self._restore():
+            return
         while True:
-            await self._wake_loader.wait()
+            with anyio.move_on_after(self._checkpoint_wait()):
+                await self._wake_loader.wait()
+            if not self._wake_loader.is_set():  # store.checkpoint_interval passed with nothing to load
+                await self._checkpoint()
+                continue
             self._wake_loader = anyio.Event()
             finished = self._writer_done  # read before taking, so nothing appended after is missed
             target = self._appended
             for segment in await anyio.to_thread.run_sync(self.spool.take):
-                try:
-                    result = await self._load_retry.run(self.store.load, segment, give_up=self._stopping)
-                except RejectedData as exc:
-                    result = await self._load_line_by_line(segment, exc)
+                result = await self._load(segment)
                 if result is GAVE_UP:
                     _log.warning("stopping with events in the spool; they are loaded at the next start")
                     return
                 self.spool.loaded(segment)
                 self._count_loaded(segment, result)
+                if self._unchecked_since is None:
+                    self._unchecked_since = time.monotonic()
+                if self.spool.unchecked_bytes >= CHECKPOINT_BYTES:
+                    await self._checkpoint()
+            if self._checkpoint_wait() <= 0:
+                await self._checkpoint()
             if self._dead:
                 dead, self._dead = self._dead, []
                 try:
@@ -290,8 +304,74 @@ class Ingest:
             self._load_done.set()
             self._load_done = anyio.Event()
             if finished:
+                await self._checkpoint()  # a clean stop leaves nothing for the next start to load again
                 self.spool.close()
                 return
+
+    async def _load(self, segment: Path, restoring: bool = False) -> Any:
+        """Load one segment, retried while the store fails; line by line if it refuses the whole."""
+        try:
+            return await self._load_retry.run(self.store.load, segment, give_up=self._stopping)
+        except RejectedData as exc:
+            if restoring:  # its refused lines were set aside when it was first loaded
+                found = await self._load_retry.run(self.store.load_each_line, segment, give_up=self._stopping)
+                return found if found is GAVE_UP else found[0]
+            return await self._load_line_by_line(segment, exc)
+
+    async def _restore(self) -> bool:
+        """Load spool/loaded/ again, before anything else: segments an earlier run loaded and had not
+        seen checkpointed. Ids are keys, so this adds nothing unless the store lost what the
+        segments hold, with a write-ahead log that was damaged or deleted; then it says so.
+        False if it stopped (the segments stay for the next start)."""
+        restored = 0
+        for segment in list(self.spool.to_restore):
+            result = await self._load(segment, restoring=True)
+            if result is GAVE_UP:
+                _log.warning("stopping with segments in spool/loaded/; they are loaded again at the next start")
+                return False
+            self.spool.restored(segment)
+            restored += result.inserted
+        if restored:
+            self.counters.restored += restored
+            _log.error(
+                "the store had lost acknowledged events it had loaded (a damaged or missing write-ahead log,"
+                " or an older database file); restored them from spool/loaded/",
+                events=restored, store=str(getattr(self.store, "path", "")),
+            )
+        if self.spool.unchecked():
+            await self._checkpoint()
+        return True
+
+    def _checkpoint_wait(self) -> float:
+        """Seconds until loaded segments are due a checkpoint (inf with none waiting)."""
+        if self._unchecked_since is None:
+            return math.inf
+        return max(0.0, self._unchecked_since + self.store.checkpoint_interval - time.monotonic())
+
+    async def _checkpoint(self) -> None:
+        """Checkpoint the store, then delete the loaded segments it made redundant. A failure is
+        logged (once) and the segments are kept: the next attempt comes an interval later."""
+        try:
+            await self.checkpoint()
+        except StorageError as exc:
+            if self._checkpoint_error != str(exc):
+                _log.error("checkpointing the store failed; loaded spool segments are kept until one succeeds", error=str(exc))
+            self._checkpoint_error = str(exc)
+        else:
+            if self._checkpoint_error is not None:
+                _log.info("checkpointing the store succeeds again")
+            self._checkpoint_error = None
+        self._unchecked_since = time.monotonic() if self.spool.unchecked() else None
+
+    async def checkpoint(self) -> None:
+        """Write everything loaded so far into the database file, then delete those segments from
+        spool/loaded/; StorageError if the checkpoint fails (the segments are kept)."""
+        await anyio.to_thread.run_sync(self._checkpoint_now)
+
+    def _checkpoint_now(self) -> None:
+        done = self.spool.unchecked()  # loaded (committed) before the checkpoint starts
+        self.store.checkpoint()
+        self.spool.checkpointed(done)
 
     async def _load_line_by_line(self, segment: Path, exc: RejectedData) -> Any:
         """A segment the store refuses would stop ingest for good: load what it can, set aside the rest.
@@ -304,16 +384,21 @@ class Ingest:
         if found is GAVE_UP:
             return GAVE_UP
         result, refused = found
-        for line, reason in refused:
+        for aside in refused:
+            line, events = aside.line, aside.events
             try:
                 kept: Any = await anyio.to_thread.run_sync(self.spool.reject, segment, line)
             except OSError as exc:  # its first dead_letter_bytes are still in the dead letter
                 _log.error("could not keep a refused spool line", segment=segment.name, error=str(exc))
                 kept = "no file (it could not be written)"
-            events = self.spool.events_in(line)
+            others = f"; the line's other {aside.loaded} events were loaded" if aside.loaded else ""
+            _log.error(
+                "events of a spool line the store refused were set aside",
+                segment=segment.name, events=events, loaded=aside.loaded, kept=str(kept), error=aside.reason,
+            )
             letter = DeadLetter(
                 received_at=time.time(), peer_uid=None, peer_pid=None, code="refused_by_store",
-                reason=f"{reason}; {events} events kept in {kept}",
+                reason=f"{aside.reason}; {events} events set aside in {kept}{others}",
                 raw=line[: self.limits.dead_letter_bytes], raw_size=len(line),
             )
             # not counted as a dead letter: `refused` counts its events instead

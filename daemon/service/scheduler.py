@@ -102,9 +102,18 @@ class Scheduler:
             self.status.trained_on = manifest.training.experience
 
     async def run(self) -> None:
+        failed: str | None = None
         while True:
             await anyio.sleep(self.config.trainer.check_interval)
-            if await self._due():
+            try:
+                due = await self._due()
+            except (ReflexdError, OSError) as exc:  # a failing store costs a check, never the daemon
+                if str(exc) != failed:
+                    _log.error("cannot tell whether a training run is due", error=str(exc))
+                failed = str(exc)
+                continue
+            failed = None
+            if due:
                 await self.train_once("new experience")
 
     async def _due(self) -> bool:

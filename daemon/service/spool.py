@@ -18,6 +18,7 @@ place in its segment.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -157,6 +158,98 @@ def _belongs(event: dict[str, Any], key: str, agent: str, decisions: set[Any]) -
     return key == "outcomes" and event.get("agent") is None and event.get("decision_id") in decisions
 
 
+# ---- a damaged line, event by event ------------------------------------------------------
+
+_GROUPS = {"decision": "decisions", "outcome": "outcomes", "step": "steps", "event": "events"}
+_STRUCTS: dict[str, type] = {"decision": Decision, "outcome": Outcome, "step": Step, "event": Event}
+# every event is encoded with its type tag first, so this is where each one starts
+_START = re.compile(rb'\{"type":"(decision|outcome|step|event)"')
+_HEAD = re.compile(rb'\{"received_at":[-+0-9.eE]+,"line":(\d+)')
+_KEY = re.compile(rb'"(decisions|outcomes|steps|events)":')
+# what lies between the events of a line: commas, brackets, the names of the groups
+_GLUE = re.compile(rb'(?:[\[\]{},:\s]|"(?:decisions|outcomes|steps|events)":)*')
+_GLUE_END = re.compile(rb'(?:[\[\]{},:\s]|"(?:decisions|outcomes|steps|events)":)*\Z')
+
+
+class LineParts(msgspec.Struct, frozen=True, kw_only=True):
+    """A spool line taken apart by ``split_line``."""
+
+    head: bytes  # '{"received_at":...,"line":n', as the line had it
+    events: list[tuple[str, bytes]]  # each event that still reads as one: (group, its JSON, with its id)
+    damaged: list[tuple[str, bytes]]  # the bytes between them that do not: (group, bytes)
+    damaged_events: int  # how many events those bytes held, counted by where each starts (at least 1 a span)
+
+
+def split_line(line: bytes, segment: str) -> LineParts | None:
+    """A line the store refused, taken apart event by event; None if its head cannot be read.
+
+    Each event is read on its own from where its type tag starts: one damaged byte costs the event
+    it is in, not the line. An event sent without an id is given the one loading the line would have
+    given it (``segment.line.index``, from its place in its group), so loading the parts again, or
+    the whole line after a repair, stores nothing twice.
+    """
+    head = _HEAD.match(line)
+    if head is None:
+        return None
+    number = int(head[1])
+    text = line.decode("latin-1")  # a character per byte: offsets in the text are offsets in the line
+    decoder = json.JSONDecoder()
+    events: list[tuple[str, bytes]] = []
+    damaged: list[tuple[str, bytes]] = []
+    group, index, lost = "decisions", 0, 0  # the group being read, the next event's place in it
+
+    def between(start: int, end: int) -> None:
+        """Read the bytes between two events: glue, or damage (kept, and its events counted)."""
+        nonlocal group, index, lost
+        gap = line[start:end]
+        lead = _GLUE.match(gap).end()  # type: ignore[union-attr]
+        for key in _KEY.findall(gap[:lead]):
+            group, index = key.decode(), 0
+        if lead == len(gap):
+            return
+        trail = _GLUE_END.search(gap, lead).start()  # type: ignore[union-attr]
+        core = gap[lead:trail]
+        starts = [m.start() for m in _START.finditer(core)]
+        damaged.append((group, core))
+        lost += max(1, len(starts))
+        keys = list(_KEY.finditer(core))
+        if keys:  # the damage runs into the next group
+            group, index = keys[-1][1].decode(), sum(1 for s in starts if s > keys[-1].start())
+        else:
+            index += max(1, len(starts))
+        for key in _KEY.findall(gap[trail:]):
+            group, index = key.decode(), 0
+
+    pos = head.end()
+    for found in _START.finditer(line, pos):
+        start = found.start()
+        if start < pos or line[start - 1 : start] not in (b",", b"["):
+            continue  # inside an event already read, or not where an event can start
+        try:
+            end = decoder.raw_decode(text, start)[1]
+            event = msgspec.json.decode(line[start:end], type=_STRUCTS[found[1].decode()])
+        except (ValueError, msgspec.DecodeError, RecursionError):
+            continue  # damaged: its bytes are kept with the gap they lie in
+        between(pos, start)
+        raw = line[start:end]
+        if event.id is None:
+            raw = _encode(msgspec.structs.replace(event, id=f"{segment}.{number}.{index}"))
+        index += 1
+        events.append((_GROUPS[found[1].decode()], raw))
+        pos = end
+    between(pos, len(line))
+    return LineParts(head=head[0], events=events, damaged=damaged, damaged_events=lost)
+
+
+def build_line(head: bytes, events: Sequence[tuple[str, bytes]]) -> bytes:
+    """A spool line of ``head`` (as ``LineParts`` has it) and JSON events, each with its group."""
+    groups: dict[str, list[bytes]] = {name: [] for name in _TYPES.values()}
+    for group, raw in events:
+        groups.setdefault(group, []).append(raw)
+    body = b"".join(b',"%s":[%s]' % (name.encode(), b",".join(rows)) for name, rows in groups.items())
+    return head + body + b"}\n"
+
+
 def _trim_torn_tail(path: Path) -> int:
     """Cut a segment back to its last complete line; returns the size kept."""
     with open(path, "r+b") as f:
@@ -184,10 +277,13 @@ class Spool:
         self._path: Path | None = None
         self._size = 0
         self._lines = 0
+        self._unchecked: dict[Path, int] = {}  # in loaded/: loaded into the store, not yet checkpointed
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._sealed, self._sizes = self._recover()
-            self.leftovers = frozenset(self._sealed)  # written by an earlier run
+            # loaded by an earlier run, perhaps never checkpointed: loaded again before anything else
+            self.to_restore = sorted(p for p in self.loaded_dir.glob("*" + SUFFIX) if _NAME.match(p.name))
+            self.leftovers = frozenset(self._sealed + self.to_restore)  # written by an earlier run
         except OSError as exc:
             raise StorageError(f"cannot open the ingest spool at {directory}: {exc}") from exc
         self._counter = max((int(_NAME.match(p.name)[1]) for p in self._sealed), default=0)  # type: ignore[index]
@@ -213,7 +309,7 @@ class Spool:
     @property
     def leftovers_pending(self) -> bool:
         """Segments an earlier run left are still waiting to be loaded."""
-        return any(p in self.leftovers for p in self._sealed)
+        return bool(self.to_restore) or any(p in self.leftovers for p in self._sealed)
 
     def append(self, events: Sequence[Decision | Outcome | Step | Event], received_at: float) -> None:
         """Write one batch and fsync it; once this returns the batch survives a crash."""
@@ -278,15 +374,57 @@ class Spool:
             self._seal()
             return list(self._sealed)
 
+    @property
+    def loaded_dir(self) -> Path:
+        """Where loaded segments wait for the store's next checkpoint, one file per segment."""
+        return self.directory / "loaded"
+
     def loaded(self, path: Path) -> None:
-        """Forget a segment once the store has committed it."""
+        """Set a segment aside in loaded/ once the store has committed it, until ``checkpointed``.
+
+        Until DuckDB checkpoints, what it committed lives in its write-ahead log alone, and a
+        damaged or lost log would lose it silently. A rename is atomic, so after a crash the
+        segment is in one folder or the other, and loaded again from either (ids are keys).
+        """
         with self._lock:
             self._sealed.remove(path)
-            self.pending_bytes -= self._sizes.pop(path)
+            size = self._sizes.pop(path)
+            self.pending_bytes -= size
         try:
-            path.unlink(missing_ok=True)
+            self.loaded_dir.mkdir(mode=0o700, exist_ok=True)
+            kept = path.rename(self.loaded_dir / path.name)
         except OSError:
-            pass  # left behind, it is loaded again at the next start, harmlessly (ids are keys)
+            return  # left behind, it is loaded again at the next start, harmlessly (ids are keys)
+        with self._lock:
+            self._unchecked[kept] = size
+
+    def restored(self, path: Path) -> None:
+        """A segment of ``to_restore`` is loaded again; it waits for the next checkpoint like the others."""
+        with self._lock:
+            self.to_restore.remove(path)
+            self._unchecked[path] = path.stat().st_size if path.exists() else 0
+
+    @property
+    def unchecked_bytes(self) -> int:
+        """Bytes of the segments in loaded/ that wait for a checkpoint."""
+        with self._lock:
+            return sum(self._unchecked.values())
+
+    def unchecked(self) -> list[Path]:
+        """The segments in loaded/ a checkpoint taken now makes redundant."""
+        with self._lock:
+            return list(self._unchecked)
+
+    def checkpointed(self, paths: Sequence[Path]) -> None:
+        """Delete segments whose events a checkpoint has written into the database file."""
+        with self._lock:
+            for path in paths:
+                self._unchecked.pop(path, None)
+        for path in paths:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # loaded again at the next start, harmlessly
 
     @property
     def rejected(self) -> Path:
@@ -338,12 +476,12 @@ class Spool:
 
     @staticmethod
     def events_in(line: bytes) -> int:
-        """How many events a spool line holds (0 if it is not readable)."""
+        """How many events a spool line holds; of a damaged line, how many start in it (at least 1)."""
         try:
             batch = msgspec.json.decode(line)
             return sum(len(batch.get(k) or ()) for k in _TYPES.values())
-        except (msgspec.DecodeError, AttributeError, TypeError):
-            return 0
+        except (msgspec.DecodeError, AttributeError, TypeError, RecursionError):
+            return max(1, len(_START.findall(line)))
 
     def close(self) -> None:
         with self._lock:

@@ -12,9 +12,11 @@ import msgspec
 
 from reflexd import __version__
 from reflexd.config import DEFAULT_PATH, load_config
-from reflexd.errors import ConfigError, ReflexdError, UsageError
+from reflexd.errors import ConfigError, ReflexdError, StoreDamaged, UsageError
 
 EX_CONFIG = 78  # sysexits.h: configuration error
+EX_DATAERR = 65  # sysexits.h: input data incorrect (a damaged store)
+EX_TEMPFAIL = 75  # sysexits.h: temporary failure (the store is in use)
 
 _DESCRIPTION = """\
 reflexd: a local learning sidecar for autonomous agents.
@@ -28,13 +30,14 @@ _EPILOG = """\
 Client commands find the socket from --socket, else $REFLEXD_SOCKET, else socket.path in the
 config file (--config, $REFLEXD_CONFIG or /etc/reflexd/reflexd.yaml), else /run/reflexd/reflexd.sock.
 
-Commands that print data (check-config, status, decide, train, models, forget, import) take
+Commands that print data (check-config, check-store, status, decide, train, models, forget, import) take
 --json: the same data as one JSON document on stdout and nothing else there; exit codes do not change.
 `reflexd COMMAND --help` describes each command, with examples.
 
 examples:
   reflexd run --config configs/reflexd.yaml
   reflexd check-config /etc/reflexd/reflexd.yaml
+  reflexd check-store
   reflexd status
   reflexd status --json
   reflexd decide --agent router --context '{"task": "code"}' --actions small,large
@@ -128,6 +131,47 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_store(args: argparse.Namespace) -> int:
+    import time
+
+    from reflexd.errors import StorageError, StoreDamaged, StoreInUse
+    from reflexd.service.store import Store
+
+    config = load_config(args.config or os.environ.get("REFLEXD_CONFIG") or DEFAULT_PATH)
+    path = config.db_path
+    started = time.monotonic()
+    rows: dict[str, int] | None = None
+    error: StorageError | None = None
+    try:
+        rows = Store.check_file(path, config.store)
+    except StorageError as exc:
+        error = exc
+    seconds = round(time.monotonic() - started, 3)
+    state, status = "sound" if rows is not None else "missing", 0
+    if isinstance(error, StoreDamaged):
+        state, status = "damaged", EX_DATAERR
+    elif isinstance(error, StoreInUse):
+        state, status = "in_use", EX_TEMPFAIL
+    elif error is not None:
+        state, status = "unchecked", 1
+    if args.json:
+        _print(
+            {
+                "ok": status == 0, "path": str(path), "state": state, "rows": rows or {}, "seconds": seconds,
+                "code": error.code if error else None, "error": str(error) if error else None,
+            }
+        )
+        return status
+    if error is not None:
+        print(f"reflexd: {error}", file=sys.stderr)
+    elif rows is None:
+        print(f"{path}: no store yet (the daemon creates it at its first start)")
+    else:
+        counts = "  ".join(f"{table} {n}" for table, n in rows.items())
+        print(f"{path}: sound, every column of every table read back in {seconds:.1f} s ({counts})")
+    return status
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from reflexd.wire.protocol import StatusRequest
 
@@ -142,7 +186,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  dead letters {ing['dead_letters']}  backlog {reply.backlog} ({ing.get('spooled', 0)} in the spool)"
         f"  connections {ing['connections']}"
     )
-    keys = ("client_dropped", "unlogged_decisions", "write_errors", "refused", "refused_by_store")
+    keys = ("client_dropped", "unlogged_decisions", "write_errors", "refused", "refused_by_store", "restored_after_loss")
     losses = {k: ing.get(k, 0) for k in keys}
     if any(losses.values()):
         print("           " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in losses.items()))
@@ -400,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run the daemon in the foreground",
         "Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config (a bad file\n"
         "leaves the old one in force). Logs go to stderr, nothing to stdout. Exit 0 after a clean stop,\n"
-        "78 if the config is invalid.",
+        "78 if the config is invalid, 65 if the store is damaged (see check-store).",
         ["reflexd run --config configs/reflexd.yaml", "REFLEXD_CONFIG=/etc/reflexd/reflexd.yaml reflexd run"],
         parents=[common],
     )
@@ -419,6 +463,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", help="file to check (default: --config, $REFLEXD_CONFIG or /etc/reflexd/reflexd.yaml)")
     json_flag(p, '{"ok", "path", "problems"}')
     p.set_defaults(func=cmd_check_config)
+
+    p = command(
+        "check-store",
+        "check the database file for damage (exit 0, or 65 if damaged)",
+        "Read every column of every table of the store (<state_dir>/reflexd.duckdb) read-only, so that\n"
+        "DuckDB checks each data block against its checksum, and report. The daemon runs the same check\n"
+        "at start and refuses a damaged store. Run it with the daemon stopped: DuckDB lets one process\n"
+        "open the file, so a running daemon's lock is reported (exit 75). Exit 0 if the store is sound or\n"
+        "does not exist yet, 65 (EX_DATAERR) if it is damaged (docs/operations.md says how to recover),\n"
+        '1 if it could not be checked. --json prints {"ok", "path", "state": sound|missing|damaged|\n'
+        'in_use|unchecked, "rows", "seconds", "code", "error"}.',
+        ["reflexd check-store --config /etc/reflexd/reflexd.yaml", "reflexd check-store --json"],
+        parents=[common],
+    )
+    json_flag(p, '{"ok", "path", "state", "rows", "error"}')
+    p.set_defaults(func=cmd_check_store)
 
     p = command(
         "status",
@@ -553,6 +613,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"reflexd: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except StoreDamaged as exc:  # `run` refusing a damaged store, as check-store would
+        print(f"reflexd: {exc}", file=sys.stderr)
+        return EX_DATAERR
     except ReflexdError as exc:
         print(f"reflexd: {exc}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ from reflexd.tools.cli import _removed_counts, build_parser
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "configs" / "reflexd.yaml"
 REFLEXD = Path(sys.executable).parent / "reflexd"
-COMMANDS = ["run", "check-config", "status", "decide", "train", "models", "forget", "import", "demo"]
+COMMANDS = ["run", "check-config", "check-store", "status", "decide", "train", "models", "forget", "import", "demo"]
 EX_CONFIG = 78
 
 
@@ -153,7 +153,7 @@ def test_status_decide_models_and_forget_print_json(daemon: DaemonProcess) -> No
     plain = reflexd("decide", "--agent", "bot", "--actions", "x", "--socket", daemon.socket)
     assert plain.returncode == 0 and json.loads(plain.stdout)["action"] == "x"
 
-    assert cli(daemon, "models", "list") == {"current": None, "models": []}
+    assert cli(daemon, "models", "list") == {"current": None, "serving": None, "models": []}
     unknown = reflexd("models", "show", "v0099", "--json", "--socket", daemon.socket)
     assert unknown.returncode == 1 and unknown.stdout == "" and "v0099" in unknown.stderr
 

@@ -21,16 +21,19 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
+from reflexd import log
 from reflexd.config import Config, StoreConfig
 from reflexd.errors import RejectedData, StorageError
 from reflexd.service import spool
-from reflexd.service.store import retention, rewards
+from reflexd.service.store import integrity, retention, rewards
 from reflexd.service.store.db import COUNTED_TABLES, EXPERIENCE_TABLES, SCHEMA, failing_as
 from reflexd.service.store.load import WriteResult, load_segment
 from reflexd.service.store.rewards import RewardStats, SnapshotInfo
 from reflexd.wire.protocol import Decision, Event, Outcome, Step
 
-__all__ = ["DeadLetter", "RewardStats", "SnapshotInfo", "Store", "WriteResult", "EXPERIENCE_TABLES"]
+__all__ = ["DeadLetter", "RewardStats", "SetAside", "SnapshotInfo", "Store", "WriteResult", "EXPERIENCE_TABLES"]
+
+_log = log.get("reflexd.store")
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,14 +61,35 @@ _DEAD_LETTERS = pa.schema(
 )
 
 
+class SetAside(msgspec.Struct, frozen=True, kw_only=True):
+    """What the store could not load of one spool line, as a spool line of its own."""
+
+    line: bytes
+    reason: str
+    events: int  # events in it (those too damaged to read counted by where each starts)
+    loaded: int  # events of the same line that were loaded
+
+
 class Store:
-    def __init__(self, path: Path | str, settings: StoreConfig = StoreConfig()) -> None:
+    def __init__(self, path: Path | str, settings: StoreConfig = StoreConfig(), read_only: bool = False) -> None:
+        """Open (or create) the database; ``read_only`` opens an existing one without writing to it,
+        and tells a damaged or locked file (StoreDamaged, StoreInUse) from other failures."""
         self.path = Path(path)
+        self.settings = settings
+        self.read_only = read_only
+        self.checkpoint_interval = settings.checkpoint_interval
         self._lock = threading.Lock()
+        self._invalidated: str | None = None  # why DuckDB refuses the connection until it is reopened
+        self._con = self._connect()
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        settings = self.settings
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = duckdb.connect(
+            if not self.read_only:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            con = duckdb.connect(
                 str(self.path),
+                read_only=self.read_only,
                 config={
                     "threads": settings.threads,
                     "memory_limit": f"{settings.memory_limit_mb}MiB",
@@ -76,9 +100,24 @@ class Store:
                     "allocator_background_threads": True,
                 },
             )
-            self._con.execute(SCHEMA)
-        except (duckdb.Error, OSError) as exc:
+            if not self.read_only:
+                con.execute(SCHEMA)
+        except duckdb.Error as exc:
+            if self.read_only:
+                raise integrity.classify(exc, self.path, "opening it") from exc
             raise StorageError(f"cannot open the store at {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot open the store at {self.path}: {exc}") from exc
+        return con
+
+    @classmethod
+    def check_file(cls, path: Path | str, settings: StoreConfig = StoreConfig()) -> dict[str, int] | None:
+        """``verify`` the database at ``path`` opened read-only, before anything writes to it: its
+        rows per table, None if there is no file yet; StoreDamaged or StoreInUse otherwise."""
+        if not Path(path).exists():
+            return None
+        with cls(path, settings, read_only=True) as store:
+            return store.verify()
 
     def close(self) -> None:
         with self._lock:
@@ -92,9 +131,47 @@ class Store:
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Hold the lock and report any database or file failure as StorageError."""
-        with self._lock, failing_as(what):
-            yield self._con
+        """Hold the lock and report any database or file failure as StorageError.
+
+        After a fatal error (a checkpoint that failed on a full disk, say) DuckDB refuses the
+        connection for good; the next call opens the database again, which replays its
+        write-ahead log, so a store that failed once works again once the disk does.
+        """
+        with self._lock:
+            if self._invalidated is not None:
+                self._reopen(what)
+            try:
+                with failing_as(what):
+                    yield self._con
+            except StorageError as exc:
+                if isinstance(exc.__cause__, duckdb.FatalException):
+                    self._invalidated = str(exc)
+                raise
+
+    def _reopen(self, what: str) -> None:
+        try:
+            self._con.close()
+        except duckdb.Error:
+            pass
+        try:
+            self._con = self._connect()
+        except StorageError as exc:
+            raise StorageError(f"{what} failed: the store cannot be opened again: {exc}") from exc
+        _log.warning("the store was opened again after a fatal error", error=self._invalidated)
+        self._invalidated = None
+
+    # ---- integrity -------------------------------------------------------------------------
+
+    def verify(self) -> dict[str, int]:
+        """Read every column of every table, so DuckDB checks every data block against its checksum
+        (``integrity``): the rows of each table, or StoreDamaged."""
+        with self._lock:
+            return integrity.verify(self._con, self.path)
+
+    def checkpoint(self) -> None:
+        """Write what the write-ahead log holds into the database file (DuckDB's CHECKPOINT)."""
+        with self._guard("checkpointing the store") as con:
+            con.execute("CHECKPOINT")
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -107,12 +184,14 @@ class Store:
         with self._guard(f"loading spool segment {segment.name}") as con:
             return load_segment(con, segment)
 
-    def load_each_line(self, segment: Path) -> tuple[WriteResult, list[tuple[bytes, str]]]:
-        """Load a segment DuckDB refused as a whole one line (one batch) at a time.
+    def load_each_line(self, segment: Path) -> tuple[WriteResult, list[SetAside]]:
+        """Load a segment DuckDB refused as a whole one line (one batch) at a time, and of a line
+        it refuses, every event that can still be read and is not refused on its own.
 
-        Returns what loaded, and each refused line with DuckDB's reason.
+        Returns what loaded, and what was left of each refused line, with DuckDB's reason.
         """
-        results, refused = [], []
+        results: list[WriteResult] = []
+        refused = []
         with tempfile.TemporaryDirectory(prefix=".lines-", dir=self.path.parent) as tmp:
             single = Path(tmp) / segment.name  # same name, so the ids it derives are the same
             with failing_as(f"reading spool segment {segment.name}"), open(segment, "rb") as lines:
@@ -121,9 +200,45 @@ class Store:
                     try:
                         results.append(self.load(single))
                     except RejectedData as exc:
-                        refused.append((line, str(exc)))
+                        left = self._salvage(single, line, str(exc), results)
+                        if left is not None:
+                            refused.append(left)
         total = {k: sum(getattr(r, k) for r in results) for k in ("inserted", "duplicates", *EXPERIENCE_TABLES)}
         return WriteResult(**total), refused
+
+    def _salvage(self, single: Path, line: bytes, reason: str, results: list[WriteResult]) -> SetAside | None:
+        """Load the events of a refused line one by one (``spool.split_line``); what is left, set aside."""
+        parts = spool.split_line(line, single.stem)
+        if parts is None:  # not even its head can be read
+            return SetAside(line=line, reason=reason, events=spool.Spool.events_in(line), loaded=0)
+        before = len(results)
+        refused = self._load_events(single, parts.head, parts.events, results)
+        loaded = sum(r.inserted + r.duplicates for r in results[before:])
+        events = parts.damaged_events + len(refused)
+        if not events:
+            return None
+        if refused and not parts.damaged_events:
+            reason = refused[0][2]  # the reason of an event refused on its own
+        kept = line if not loaded else spool.build_line(parts.head, parts.damaged + [(g, raw) for g, raw, _ in refused])
+        return SetAside(line=kept, reason=reason, events=events, loaded=loaded)
+
+    def _load_events(
+        self, single: Path, head: bytes, events: list[tuple[str, bytes]], results: list[WriteResult]
+    ) -> list[tuple[str, bytes, str]]:
+        """Load ``events`` as one line, or halves of it while one is refused; the events refused alone."""
+        if not events:
+            return []
+        single.write_bytes(spool.build_line(head, events))
+        try:
+            results.append(self.load(single))
+            return []
+        except RejectedData as exc:
+            if len(events) == 1:
+                return [(*events[0], str(exc))]
+        half = len(events) // 2
+        return self._load_events(single, head, events[:half], results) + self._load_events(
+            single, head, events[half:], results
+        )
 
     def write(self, events: Sequence[Decision | Outcome | Step | Event], received_at: float) -> WriteResult:
         """Store one batch now, through a one-line segment: for tools and tests, not the daemon's ingest."""
