@@ -244,6 +244,27 @@ class BadLine(ReflexdError):
         super().__init__(reason)
 
 
+# ---- evaluation ---------------------------------------------------------------------------
+
+
+class PolicySpecError(ReflexdError):
+    """A policy given to ``evaluate`` cannot be read: its spelling, an exploration setting, or its file."""
+
+    code = "policy_spec"
+
+    def __init__(self, policy: str, reason: str) -> None:
+        self.policy = policy
+        self.reason = reason
+        super().__init__(f"policy {policy!r}: {reason}")
+
+
+class EvaluationError(ReflexdError):
+    """A window of logged decisions cannot be evaluated as asked (too few decisions, a policy that
+    does not cover them)."""
+
+    code = "evaluation"
+
+
 # ---- training -----------------------------------------------------------------------------
 
 

@@ -27,7 +27,19 @@ from reflexd.manifest import Manifest
 from reflexd.registry import Registry
 from reflexd.wire.connection import Connection, default_socket
 from reflexd.wire.framing import MSGPACK, encode_frame
-from reflexd.wire.protocol import Ack, Error, Event, Flush, Outcome, Step
+from reflexd.wire.protocol import (
+    Ack,
+    Error,
+    Evaluate,
+    Evaluation,
+    Event,
+    Explanation,
+    Flush,
+    Outcome,
+    Scored,
+    Step,
+    absolute_policies,
+)
 
 __all__ = ["Choice", "Policy"]
 
@@ -59,6 +71,8 @@ class _DecisionFrame(msgspec.Struct, frozen=True, gc=False, tag="decision", tag_
     model_version: str | None
     strategy: str
     ts: float
+    slot: int | None = None  # set for a slot of a slate (decide_slate)
+    slate: str | None = None
 
 
 def default_models() -> str:
@@ -128,6 +142,86 @@ class Policy:
             )
         )
         return choice
+
+    def decide_slate(
+        self, context: dict[str, Any], actions: list[Any], slots: int, *, slate_id: str | None = None
+    ) -> list[Choice]:
+        """Rank ``slots`` of ``actions`` for ``context``: one Choice per slot (position 0 first).
+
+        Each slot is drawn without replacement from the actions left, with the model's exploration
+        applied to them, and logged as a decision of its own: the actions left, the chosen one, its
+        exact probability at that slot given the slots before it, and the ``slot`` and ``slate`` id
+        that group them. Report each slot's reward with ``reward(choice.id, r)``.
+        """
+        choices = self._chooser.choose_slate(self.agent, context, actions, slots, slate_id)
+        ts = time.time()
+        left = list(range(len(actions)))
+        for choice in choices:
+            self._sender.enqueue(
+                _DecisionFrame(
+                    id=choice.id,
+                    agent=self.agent,
+                    context=context,
+                    actions=[actions[i] for i in left],
+                    chosen=choice.action,
+                    prob=choice.prob,
+                    probs=choice.probs,
+                    model_version=choice.model_version,
+                    strategy=choice.strategy,
+                    ts=ts,
+                    slot=choice.slot,
+                    slate=choice.slate,
+                )
+            )
+            left.remove(choice.index)
+        return choices
+
+    def score(self, context: dict[str, Any], actions: list[Any]) -> Scored:
+        """Every action's score and spread and the probabilities ``decide`` would sample from now;
+        nothing is logged, learned from or counted by exploration's clock.
+
+        Without a model, ``scores`` and ``spread`` are None and ``probs`` the default policy's.
+        """
+        return self._chooser.score(self.agent, context, actions)
+
+    def explain(self, context: dict[str, Any], actions: list[Any], *, top: int | None = None) -> Explanation:
+        """Each action's score, spread and probability, and the context keys that moved the choice
+        most (by occlusion: see ``reflexd.deciding.explaining``), the ``top`` ones; nothing is logged."""
+        return self._chooser.explain(self.agent, context, actions, top)
+
+    def evaluate(
+        self,
+        policies: list[str],
+        since: float | None = None,
+        until: float | None = None,
+        *,
+        reward_model: str | None = None,
+        discover: bool = False,
+        timeout: float = 600.0,
+    ) -> Evaluation:
+        """Estimate off-policy what each of ``policies`` would have earned on this agent's matured
+        logged decisions made from ``since`` and before ``until`` (epoch seconds), beside the
+        logging policy (``rows[0]``, the baseline).
+
+        A policy is ``"v0003"`` or ``"live"``, ``"action:ID"``, ``"file:PATH"`` (per-decision
+        probabilities, NDJSON ``{"id", "probs"}``, read by the daemon) or
+        ``"v0003@strategy=softmax,temperature=0.5"``; see ``reflexd evaluate --help``. The daemon
+        answers over a connection of its own; a policy it cannot read or apply raises RequestFailed.
+
+        >>> found = policy.evaluate(["live", "action:small"], since=time.time() - 86400)
+        >>> [(row.policy, row.value.value, row.value.lower) for row in found.rows]
+        """
+        from reflexd.wire.connection import request
+
+        msg = Evaluate(
+            policies=absolute_policies(list(policies)),
+            agent=self.agent,
+            since=since,
+            until=until,
+            reward_model=reward_model,
+            discover=discover,
+        )
+        return request(msg, self._sender.path, timeout=timeout)  # type: ignore[return-value]
 
     def reward(self, decision_id: str, value: float) -> None:
         """Report an outcome of a decision; several outcomes combine as the daemon is configured."""

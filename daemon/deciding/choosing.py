@@ -15,11 +15,11 @@ import msgspec
 import numpy as np
 
 from reflexd.config import ExplorationConfig
-from reflexd.deciding import exploring
+from reflexd.deciding import explaining, exploring
 from reflexd.deciding.scoring import ModelSource, Scorer
 from reflexd.features import action_ids
 from reflexd.manifest import Manifest
-from reflexd.wire.protocol import Decision
+from reflexd.wire.protocol import Decision, Explanation, Scored
 
 
 class Choice(msgspec.Struct, frozen=True):
@@ -32,6 +32,10 @@ class Choice(msgspec.Struct, frozen=True):
     probs: list[float]
     model_version: str | None
     strategy: str
+    # a slot of a slate (``Chooser.choose_slate``): ``prob`` and ``probs`` are then over the
+    # actions left at this slot, and ``index`` the action's place among all the actions offered
+    slot: int | None = None
+    slate: str | None = None
 
     def event(self, agent: str, context: dict[str, Any], actions: list[Any]) -> Decision:
         """The decision event that logs this choice."""
@@ -46,7 +50,19 @@ class Choice(msgspec.Struct, frozen=True):
             model_version=self.model_version,
             strategy=self.strategy,
             ts=time.time(),
+            slot=self.slot,
+            slate=self.slate,
         )
+
+
+def slate_events(choices: list[Choice], agent: str, context: dict[str, Any], actions: list[Any]) -> list[Decision]:
+    """The decisions that log a slate (``Chooser.choose_slate``): each slot's over the actions left."""
+    left = list(range(len(actions)))
+    events = []
+    for choice in choices:
+        events.append(choice.event(agent, context, [actions[i] for i in left]))
+        left.remove(choice.index)
+    return events
 
 
 ExplorationFor = Callable[[str, Manifest | None], ExplorationConfig]
@@ -198,3 +214,139 @@ class Chooser:
             model_version=version,
             strategy=strategy,
         )
+
+    def choose_slate(
+        self, agent: str, context: dict[str, Any], actions: list[Any], slots: int, slate_id: str | None = None
+    ) -> list[Choice]:
+        """Rank ``slots`` of ``actions``: one Choice per slot, in order, each action used once.
+
+        The model scores the actions once; each slot is then drawn from the exploration applied to
+        the scores of the actions still left, so a Choice's ``prob`` is exactly its action's
+        probability at its slot given the slots before it, and ``probs`` is over the actions left
+        (in the order offered). ``t`` moves by one per slot, as for as many decisions.
+        """
+        ids = action_ids(actions)
+        if not 1 <= slots <= len(ids):
+            raise ValueError(f"slots must be from 1 to the number of actions ({len(ids)}), not {slots}")
+        if len(set(ids)) < len(ids):
+            raise ValueError("the actions of a slate must have distinct ids")
+        scorer, manifest, version = self._live()
+        cfg = self.exploration_for(agent, manifest)
+        t = self._since_load + (manifest.training.experience if manifest else 0)
+        self._since_load += slots
+        scores: list[float] | None = None
+        spread: list[float] = []
+        if scorer is not None:
+            try:
+                raw_scores, raw_spread = scorer.score(context, actions)
+                scores, spread = raw_scores.tolist(), raw_spread.tolist()
+            except Exception as exc:  # as in choose: the default policy, and the reason kept
+                if self.source is not None:
+                    self.source.error = (
+                        f"model {scorer.version} failed while deciding ({type(exc).__name__}: {exc});"
+                        " using the default policy"
+                    )
+        slate = slate_id or os.urandom(16).hex()
+        fresh = os.urandom(16 * slots).hex()
+        default_index = ids.index(cfg.default_action) if cfg.default_action in ids else None
+        left = list(range(len(ids)))  # the actions not yet placed, as indices into ids
+        choices = []
+        for slot in range(slots):
+            p = None
+            if scores is not None:
+                p = self._explore(scorer, cfg, [scores[i] for i in left], [spread[i] for i in left], t + slot)
+            if p is not None:
+                strategy, chosen_by = cfg.strategy, version
+            else:
+                scores = None  # a model that failed is not asked again for this slate's later slots
+                default = left.index(default_index) if default_index in left else None
+                p = exploring.default_distribution(cfg, len(left), default, t + slot)
+                strategy, chosen_by = "default", None
+            j = exploring.sample(p, self._rng.random())
+            index = left.pop(j)
+            choices.append(
+                Choice(
+                    id=fresh[32 * slot : 32 * slot + 32],
+                    action=ids[index],
+                    index=index,
+                    prob=p[j],
+                    probs=p,
+                    model_version=chosen_by,
+                    strategy=strategy,
+                    slot=slot,
+                    slate=slate,
+                )
+            )
+        return choices
+
+    # ---- looking without choosing: nothing drawn, nothing logged, the clock (t) left alone ----
+
+    def score_many(self, requests: list[tuple[str, dict[str, Any], list[Any]]]) -> list[Scored]:
+        """Each request's scores, spread and the probabilities a decision would sample from now.
+
+        Requests offering the same number of actions are scored in one model run. No action is
+        drawn and ``t`` does not move, so scoring changes no later decision. Without a model (or
+        with one that fails) scores and spread are None and the probabilities the default policy's.
+        """
+        scorer, manifest, version = self._live()
+        t = self._since_load + (manifest.training.experience if manifest else 0)
+        scored: list[tuple[list[float], list[float]] | None] = [None] * len(requests)
+        if scorer is not None:
+            groups: dict[int, list[int]] = {}
+            for i, r in enumerate(requests):
+                groups.setdefault(len(r[2]), []).append(i)
+            for rows in groups.values():
+                try:
+                    scores, spread = scorer.score_many([requests[i][1] for i in rows], [requests[i][2] for i in rows])
+                    for k, i in enumerate(rows):
+                        scored[i] = (scores[k].tolist(), spread[k].tolist())
+                except Exception:  # as in choose_many: each alone, so that one bad request fails alone
+                    for i in rows:
+                        try:
+                            scores1, spread1 = scorer.score(requests[i][1], requests[i][2])
+                            scored[i] = (scores1.tolist(), spread1.tolist())
+                        except Exception as exc:
+                            if self.source is not None:
+                                self.source.error = (
+                                    f"model {scorer.version} failed while scoring ({type(exc).__name__}: {exc});"
+                                    " using the default policy"
+                                )
+        by_agent: dict[str, ExplorationConfig] = {}
+        results = []
+        for (agent, _, actions), found in zip(requests, scored):
+            cfg = by_agent.get(agent)
+            if cfg is None:
+                cfg = by_agent[agent] = self.exploration_for(agent, manifest)
+            ids = action_ids(actions)
+            p = None if found is None else self._explore(scorer, cfg, found[0], found[1], t)
+            if p is not None and found is not None:
+                results.append(Scored(id=None, actions=ids, scores=found[0], spread=found[1], probs=p,
+                                      model_version=version, strategy=cfg.strategy))
+                continue
+            default = ids.index(cfg.default_action) if cfg.default_action in ids else None
+            p = exploring.default_distribution(cfg, len(ids), default, t)
+            results.append(Scored(id=None, actions=ids, scores=None, spread=None, probs=p,
+                                  model_version=None, strategy="default"))
+        return results
+
+    def score(self, agent: str, context: dict[str, Any], actions: list[Any]) -> Scored:
+        """``score_many`` for one request."""
+        return self.score_many([(agent, context, actions)])[0]
+
+    def explain(
+        self, agent: str, context: dict[str, Any], actions: list[Any], top: int | None = None
+    ) -> Explanation:
+        """``explaining.explain`` with the live model, its exploration and the current ``t`` (left alone)."""
+        scorer, manifest, _ = self._live()
+        cfg = self.exploration_for(agent, manifest)
+        t = self._since_load + (manifest.training.experience if manifest else 0)
+        if scorer is not None:
+            try:
+                return explaining.explain(scorer, cfg, agent, context, actions, t, top)
+            except Exception as exc:  # as a decision would: the default policy, and the reason kept
+                if self.source is not None:
+                    self.source.error = (
+                        f"model {scorer.version} failed while explaining ({type(exc).__name__}: {exc});"
+                        " using the default policy"
+                    )
+        return explaining.explain(None, cfg, agent, context, actions, t, top)

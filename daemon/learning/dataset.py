@@ -4,7 +4,8 @@ This module must stay torch-free: the daemon's gate imports it, and the daemon n
 
 A snapshot is a Parquet file of joined decisions (one row per decision with its final reward):
 ``id, agent, received_at, context (JSON object), actions (JSON list of ids or {"id", "features"}),
-chosen, prob, reward, model_version, outcomes``. Every row is hashed with ``reflexd.features``,
+chosen, prob, reward, model_version, outcomes, slot, slate`` (the last two null unless the
+decision is a slot of a slate). Every row is hashed with ``reflexd.features``,
 the same code the client uses when deciding, so train-time and decide-time features agree.
 """
 

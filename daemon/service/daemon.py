@@ -20,12 +20,13 @@ import msgspec
 
 from reflexd import __version__, log
 from reflexd.config import Config, keep_restart_only, load_config
-from reflexd.deciding.choosing import Chooser
+from reflexd.deciding.choosing import Chooser, slate_events
 from reflexd.deciding.scoring import ModelSource
 from reflexd.durable import private_dir
 from reflexd.errors import ConfigError, ReflexdError, StateDirError, StorageError, TrainingError
 from reflexd.registry import Registry
 from reflexd.service import sdnotify
+from reflexd.service.evaluation import WINDOWS_DIR, Models, evaluate_window
 from reflexd.service.ingest import Ingest
 from reflexd.service.monitor import Monitor
 from reflexd.service.scheduler import Scheduler
@@ -35,13 +36,18 @@ from reflexd.service.store import Store
 from reflexd.wire.protocol import (
     Decide,
     Decided,
+    DecidedSlate,
     Decision,
     Done,
+    Evaluate,
+    Explain,
     Forget,
     ModelsReply,
     ModelsRequest,
     Promote,
     Rollback,
+    Scored,
+    SlotDecided,
     StatusReply,
     StatusRequest,
     Train,
@@ -65,6 +71,9 @@ class Daemon:
         self.chooser = Chooser(self.models, self._exploration_for)
         # held by a training run, and by forget: no snapshot is taken while an agent is deleted
         self.training_lock = anyio.Lock()
+        # evaluate requests: one at a time (each holds a window of decisions in memory), models kept loaded
+        self.evaluation_lock = anyio.Lock()
+        self.evaluation_models = Models(self.registry, lambda: self.models.scorer)
         self.store: Store
         self.ingest: Ingest
         self.server: Server
@@ -216,26 +225,54 @@ class Daemon:
 
     # ---- requests --------------------------------------------------------------------
 
-    def decide(self, msgs: list[Decide]) -> list[tuple[Decided, Decision]]:
-        """Answer several decide requests at once (scored together), in order."""
-        choices = self.chooser.choose_many([(m.agent, m.context, m.actions, m.id) for m in msgs])
-        return [
-            (
-                Decided(
-                    id=choice.id,
-                    action=choice.action,
-                    prob=choice.prob,
-                    model_version=choice.model_version,
-                    strategy=choice.strategy,
-                    req=msg.req,
-                ),
-                choice.event(msg.agent, msg.context, msg.actions),
+    def decide(self, msgs: list[Decide]) -> list[tuple[Any, list[Decision]] | Scored]:
+        """Answer several decide requests at once, in order: each answer with the decisions it logs.
+
+        Plain requests are scored together in one pass; ``log`` false ones are only scored (a
+        Scored reply, nothing logged, exploration's clock left alone); ``slots`` ones are ranked.
+        """
+        answers: list[Any] = [None] * len(msgs)
+        plain = [i for i, m in enumerate(msgs) if m.log and m.slots is None]
+        choices = self.chooser.choose_many([(msgs[i].agent, msgs[i].context, msgs[i].actions, msgs[i].id) for i in plain])
+        for i, choice in zip(plain, choices):
+            msg = msgs[i]
+            reply = Decided(
+                id=choice.id,
+                action=choice.action,
+                prob=choice.prob,
+                model_version=choice.model_version,
+                strategy=choice.strategy,
+                req=msg.req,
             )
-            for msg, choice in zip(msgs, choices)
+            answers[i] = (reply, [choice.event(msg.agent, msg.context, msg.actions)])
+        unlogged = [i for i, m in enumerate(msgs) if not m.log]
+        scored = self.chooser.score_many([(msgs[i].agent, msgs[i].context, msgs[i].actions) for i in unlogged])
+        for i, reply in zip(unlogged, scored):
+            answers[i] = msgspec.structs.replace(reply, id=msgs[i].id, req=msgs[i].req)
+        for i, msg in enumerate(msgs):
+            if msg.log and msg.slots is not None:
+                answers[i] = self._slate(msg)
+        return answers
+
+    def _slate(self, msg: Decide) -> tuple[DecidedSlate, list[Decision]]:
+        choices = self.chooser.choose_slate(msg.agent, msg.context, msg.actions, msg.slots or 1, msg.id)
+        slots = [
+            SlotDecided(
+                id=c.id, slot=c.slot or 0, action=c.action, prob=c.prob, model_version=c.model_version, strategy=c.strategy
+            )
+            for c in choices
         ]
+        reply = DecidedSlate(slate=choices[0].slate or "", slots=slots, req=msg.req)
+        return reply, slate_events(choices, msg.agent, msg.context, msg.actions)
 
     async def request(self, msg: msgspec.Struct) -> msgspec.Struct:
         req = getattr(msg, "req", None)
+        if isinstance(msg, Explain):
+            msg = self.server.redactor.apply(msg)  # explained as decided: on the redacted context
+            explanation = await anyio.to_thread.run_sync(
+                self.chooser.explain, msg.agent, msg.context, msg.actions, msg.top
+            )
+            return msgspec.structs.replace(explanation, req=req)
         if isinstance(msg, StatusRequest):
             return await self.status(req)
         if isinstance(msg, ModelsRequest):
@@ -263,6 +300,8 @@ class Daemon:
             removed = await self.forget(msg.agent)
             counts = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in removed.items())
             return Done(message=f"forgot agent {msg.agent!r}: removed {counts}", req=req)
+        if isinstance(msg, Evaluate):
+            return await self.evaluate(msg)
         raise AssertionError(f"no handler for {type(msg).__name__}")  # the decoder admits no other type
 
     async def forget(self, agent: str) -> dict[str, int]:
@@ -288,11 +327,23 @@ class Daemon:
                 removed["training_snapshots"] = await anyio.to_thread.run_sync(
                     _remove_snapshots, self.scheduler.runs_dir
                 )
+                # evaluation windows are deleted once read; any a crash left behind hold the agent's rows too
+                removed["training_snapshots"] += await anyio.to_thread.run_sync(
+                    _remove_windows, self.config.state_path / WINDOWS_DIR
+                )
                 removed["rejected_spool_events"] = await anyio.to_thread.run_sync(self.ingest.spool.forget, agent)
             except OSError as exc:  # deleting archive partitions or snapshot files
                 raise StorageError(f"forgetting agent {agent!r} failed: {exc}") from exc
         _log.info("agent forgotten", agent=agent, **removed)
         return removed
+
+    async def evaluate(self, msg: Evaluate) -> Any:
+        """Evaluate policies on a window of logged decisions (``reflexd.service.evaluation``): the
+        snapshot, loading and estimates run in a worker thread, one evaluation at a time."""
+        async with self.evaluation_lock:
+            return await anyio.to_thread.run_sync(
+                evaluate_window, self.store, self.evaluation_models, self.config, msg, time.time()
+            )
 
     async def _model_event(self, version: str, event: str, reason: str) -> None:
         self.models.refresh()
@@ -366,6 +417,13 @@ class Daemon:
             },
             req=req,
         )
+
+
+def _remove_windows(directory: Path) -> int:
+    windows = list(directory.glob("*.parquet")) if directory.is_dir() else []
+    for window in windows:
+        window.unlink(missing_ok=True)
+    return len(windows)
 
 
 def _remove_snapshots(runs: Path) -> int:

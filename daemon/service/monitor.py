@@ -1,16 +1,29 @@
-"""Automatic rollback: the live model's real reward against its predecessor's.
+"""Automatic rollback: the live model against its predecessor, judged on the same decisions.
 
 The gate judges a candidate off-policy, on logged data, before it goes live. The monitor checks
-the promise afterwards, on the decisions the model actually made: every
-``gate.rollback_check_interval`` seconds it compares the mean joined reward of the live version's
-matured decisions with that of its predecessor (the version live before it in the registry's
-history, on the decisions that one made), using the same reward join as training.
+the promise afterwards: every ``gate.rollback_check_interval`` seconds it takes the live
+version's newest matured decisions (at most ``WINDOW_ROWS``: those logged with its
+``model_version``, with their rewards joined as for training; a ``decide`` with ``log: false`` is
+never logged, so it never counts) and evaluates on those same rows both the live version's policy
+and its predecessor's (the version live before it in the registry's history), each exploring as
+its manifest says, by ``gate.estimator`` (default ``dr``, with the live model's scores as the
+reward model). Both are judged on the same traffic, so a change in the mix of contexts (easier or
+harder requests, a burst of probing decides that got the default reward) moves both alike and is
+not mistaken for a worse model.
 
-The rule (``judge``) is Welch's difference of means with a normal interval at ``gate.confidence``
-(two-sided, like the gate's): once both versions have ``gate.rollback_min_decisions`` decisions,
-the live model is rolled back when the interval's upper bound of (current − predecessor) is below
-``−gate.rollback_margin``, that is when it is worse by more than the margin with that confidence.
-With ``gate.auto_rollback: false`` the comparison is still made and shown in ``status``.
+The rule (``judge_window``): once the window holds ``gate.rollback_min_decisions`` decisions, the
+live model is rolled back when the upper bound of the paired interval of (live − predecessor), at
+``gate.confidence`` (two-sided, like the gate's), is below ``−gate.rollback_margin``: when it is
+worse by more than the margin with that confidence. With ``gate.auto_rollback: false`` the
+comparison is still made and shown in ``status``.
+
+Never a cascade: after an automatic rollback, the version rolled back to is not itself rolled
+back automatically (the comparison is still made and shown, verdict ``held``) until a version is
+promoted. The store's model events (``auto_rolled_back``, ``promoted``) say which came last, so a
+restart keeps the hold.
+
+``judge`` is the rule for two independent samples (Welch's interval on two means), which the
+monitor applied to each version's own live rewards before it compared them on one window.
 """
 
 from __future__ import annotations
@@ -21,19 +34,23 @@ from typing import Any, Callable, Literal
 
 import anyio
 import msgspec
+import numpy as np
 
 from reflexd import log
 from reflexd.config import Config, GateConfig
 from reflexd.deciding.scoring import ModelSource
 from reflexd.errors import PointerMoved, ReflexdError
-from reflexd.learning.ope import z_score
+from reflexd.learning.ope import estimate, z_score
 from reflexd.registry import Registry
+from reflexd.service.evaluation import Models, same_window
 from reflexd.service.store import RewardStats, Store
 
 _log = log.get("reflexd.monitor")
 
-Verdict = Literal["no_model", "no_predecessor", "too_few_decisions", "not_worse", "worse"]
+Verdict = Literal["no_model", "no_predecessor", "too_few_decisions", "not_worse", "worse", "held"]
 _NONE = RewardStats(count=0, mean=0.0, variance=0.0)
+# the live version's newest matured decisions a check judges both versions on
+WINDOW_ROWS = 20_000
 
 
 class Comparison(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,6 +72,11 @@ class Comparison(msgspec.Struct, frozen=True, kw_only=True):
     confidence: float = 0.95
     margin: float = 0.0
     min_decisions: int = 0
+    # judged on one window (judge_window): the estimator, and the window's mean observed reward;
+    # current_mean and predecessor_mean are then the two policies' estimated values on it
+    estimator: str | None = None
+    observed_mean: float | None = None
+    held: bool = False  # the live version is where the last automatic rollback went: never rolled back automatically
 
 
 def judge(
@@ -65,7 +87,8 @@ def judge(
     gate: GateConfig,
     at: float | None = None,
 ) -> Comparison:
-    """Compare two versions' live rewards by the rule in the module docstring."""
+    """Two independent samples' means (say, each version's own live reward) by Welch's interval:
+    rolled back when its upper bound of (current − predecessor) is below ``−gate.rollback_margin``."""
     cur = cur or _NONE
     prev = prev or _NONE
     common = dict(
@@ -113,6 +136,65 @@ def judge(
     )
 
 
+
+def judge_window(
+    current: str,
+    predecessor: str,
+    rows: int,
+    current_terms: np.ndarray | None,
+    predecessor_terms: np.ndarray | None,
+    gate: GateConfig,
+    at: float | None = None,
+    estimator: str | None = None,
+    observed: float | None = None,
+) -> Comparison:
+    """Both versions' policies on the same ``rows`` decisions (per-row terms of one estimator):
+    the rule in the module docstring, on the paired differences."""
+    common = dict(
+        at=time.time() if at is None else at,
+        current=current,
+        predecessor=predecessor,
+        current_decisions=rows,
+        predecessor_decisions=rows,  # the same decisions: both are judged on the live version's
+        confidence=gate.confidence,
+        margin=gate.rollback_margin,
+        min_decisions=gate.rollback_min_decisions,
+        estimator=estimator,
+        observed_mean=observed,
+    )
+    needed = max(gate.rollback_min_decisions, 2)
+    if rows < needed or current_terms is None or predecessor_terms is None:
+        return Comparison(
+            verdict="too_few_decisions",
+            rollback=False,
+            reason=(
+                f"{current} has {rows} matured decisions; {needed} are needed to compare it with {predecessor} on them"
+            ),
+            **common,
+        )
+    cur = float(np.mean(current_terms))
+    prev = float(np.mean(predecessor_terms))
+    diff = estimate(np.asarray(current_terms) - np.asarray(predecessor_terms), gate.confidence)
+    worse = diff.upper < -gate.rollback_margin
+    reason = (
+        f"on {current}'s {rows} newest matured decisions ({estimator or gate.estimator}): {current} {cur:.3f} vs "
+        f"{predecessor} {prev:.3f}, difference {diff.value:+.3f} [{diff.lower:+.3f}, {diff.upper:+.3f}] at "
+        f"{gate.confidence * 100:g}% {'<' if worse else '≥'} {-gate.rollback_margin:+.3f}"
+        + (f": roll back to {predecessor}" if worse else "")
+    )
+    return Comparison(
+        verdict="worse" if worse else "not_worse",
+        rollback=worse,
+        reason=reason,
+        current_mean=cur,
+        predecessor_mean=prev,
+        difference=diff.value,
+        lower=diff.lower,
+        upper=diff.upper,
+        **common,
+    )
+
+
 class Monitor:
     """Runs ``check`` every ``gate.rollback_check_interval`` seconds inside the daemon."""
 
@@ -127,6 +209,9 @@ class Monitor:
         self.last_rollback: dict[str, Any] | None = None
         self.last_error: str | None = None
         self._reported: set[tuple[str, str]] = set()  # (current, predecessor) pairs warned about
+        self._scorers = Models(registry, lambda: getattr(models, "scorer", None))
+        self._cached: tuple[Any, Comparison] | None = None  # the last comparison and what it was made on
+        self._rolled_to: str | None = None  # where this process last rolled back to, while it stays live
 
     @property
     def config(self) -> Config:
@@ -169,10 +254,19 @@ class Monitor:
             reason = "no live model" if current is None else f"{current} has no predecessor to compare with"
             self.last = Comparison(at=now, verdict=verdict, rollback=False, reason=reason, current=current)
             return self.last
-        stats = await anyio.to_thread.run_sync(
-            self.store.live_rewards, [current, predecessor], now, cfg
-        )
-        result = judge(current, stats.get(current), predecessor, stats.get(predecessor), cfg.gate, now)
+        # the snapshot, loading and scoring block: a worker thread, never the event loop
+        result = await anyio.to_thread.run_sync(self._compare, current, predecessor, now, cfg)
+        if await anyio.to_thread.run_sync(self._held, current):
+            result = msgspec.structs.replace(result, held=True)
+            if result.rollback:
+                result = msgspec.structs.replace(
+                    result,
+                    verdict="held",
+                    rollback=False,
+                    reason=result.reason
+                    + f"; but {current} is where the last automatic rollback went: it is not rolled back "
+                    "automatically until a version is promoted",
+                )
         self.last = result
         if not result.rollback:
             return result
@@ -188,6 +282,7 @@ class Monitor:
             return result
         self.models.refresh()
         self.rollbacks += 1
+        self._rolled_to = target  # held at once, even if the event below cannot be recorded
         detail = {**msgspec.to_builtins(result), "from": current, "to": target}
         self.last_rollback = detail
         _log.warning(
@@ -200,6 +295,38 @@ class Monitor:
         )
         await anyio.to_thread.run_sync(self.store.record_model_event, current, "auto_rolled_back", detail, time.time())
         return result
+
+    def _compare(self, current: str, predecessor: str, now: float, cfg: Config) -> Comparison:
+        """``judge_window`` on the live version's newest matured decisions (blocking: a worker thread).
+
+        Nothing is snapshotted or scored again while the live version has no newly matured
+        decision and the settings are the same: the last comparison stands.
+        """
+        gate = cfg.gate
+        stats = self.store.live_rewards([current], now, cfg).get(current) or _NONE
+        key = (current, predecessor, stats.count, stats.mean, gate)
+        if self._cached is not None and self._cached[0] == key:
+            return msgspec.structs.replace(self._cached[1], at=now)
+        if stats.count < max(gate.rollback_min_decisions, 2):
+            result = judge_window(current, predecessor, stats.count, None, None, gate, now)
+        else:
+            found = same_window(
+                self.store, cfg, now, self._scorers.load(current), self._scorers.load(predecessor), WINDOW_ROWS
+            )
+            result = judge_window(
+                current, predecessor, found.rows, found.current, found.predecessor, gate, now,
+                estimator=found.estimator, observed=found.observed,
+            )
+        self._cached = (key, result)
+        return result
+
+    def _held(self, current: str) -> bool:
+        """Is ``current`` where the last automatic rollback went, with no promotion since?"""
+        if self._rolled_to != current:
+            self._rolled_to = None  # another version went live since
+        last = self.store.last_model_event(("auto_rolled_back", "promoted"))
+        recorded = last is not None and last["event"] == "auto_rolled_back" and last["detail"].get("to") == current
+        return recorded or self._rolled_to == current
 
     def as_dict(self) -> dict[str, Any]:
         gate = self.config.gate

@@ -3,7 +3,7 @@
 A field path is a dotted list of mapping keys (``user.email``) looked up in the free-form parts
 of a message:
 
-- ``decision`` and ``decide``: ``context``, and the ``features`` of each action given as a mapping
+- ``decision``, ``decide`` and ``explain``: ``context``, and the ``features`` of each action given as a mapping
 - ``step``: ``observation``
 - ``event``: ``data``
 
@@ -37,7 +37,7 @@ import msgspec
 
 from reflexd.config import read_key
 from reflexd.errors import RedactionError
-from reflexd.wire.protocol import Action, Decide, Decision, Event, Step
+from reflexd.wire.protocol import Action, Decide, Decision, Event, Explain, Step
 
 HASH_PREFIX = "h:"
 HASH_HEX_CHARS = 32
@@ -131,7 +131,7 @@ class Redactor:
         if not self.active:
             return msg
         kind = type(msg)
-        if kind is Decision or kind is Decide:
+        if kind is Decision or kind is Decide or kind is Explain:
             context = self.mapping(msg.context)
             actions = self.actions(msg.actions)
             if context is msg.context and actions is msg.actions:

@@ -30,7 +30,7 @@ from reflexd.service.ingest import Ingest
 from reflexd.service.redact import Redactor
 from reflexd.service.store import DeadLetter
 from reflexd.wire.framing import FrameReader, decode_inbound, encode_frame, framing_of
-from reflexd.wire.protocol import EXPERIENCE_TYPES, Ack, Decide, Decided, Decision, Error, Flush, Forget
+from reflexd.wire.protocol import EXPERIENCE_TYPES, Ack, Decide, Decision, Error, Flush, Forget
 
 _log = log.get("reflexd.server")
 _CRED = struct.Struct("3i")
@@ -73,7 +73,8 @@ def peer_credentials(stream: SocketStream) -> tuple[int, int, int]:
 class Handler(Protocol):
     """What answers the requests a connection reads (the daemon)."""
 
-    def decide(self, msgs: list[Decide]) -> list[tuple[Decided, Decision]]: ...
+    # (reply, decisions to log) for each decide; the reply alone (Scored) for one with ``log`` false
+    def decide(self, msgs: list[Decide]) -> list[tuple[Any, list[Decision]] | Any]: ...
 
     async def request(self, msg: msgspec.Struct) -> msgspec.Struct: ...
 
@@ -357,8 +358,8 @@ class _Decider:
                     answers.append(_failure(exc, seq, msg))
         for (conn, slot, _, _), answer in zip(pending, answers):
             if type(answer) is tuple:
-                answer, decision = answer
-                conn.decided.append(decision)
+                answer, decisions = answer
+                conn.decided.extend(decisions)
             conn.replies[slot] = encode_frame(answer, conn.framing)
 
     def _decide(self, msgs: list[Decide]) -> list[Any]:

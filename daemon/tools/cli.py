@@ -30,7 +30,8 @@ _EPILOG = """\
 Client commands find the socket from --socket, else $REFLEXD_SOCKET, else socket.path in the
 config file (--config, $REFLEXD_CONFIG or /etc/reflexd/reflexd.yaml), else /run/reflexd/reflexd.sock.
 
-Commands that print data (check-config, check-store, status, decide, train, models, forget, import) take
+Commands that print data (check-config, check-store, status, decide, explain, train, models, forget, import,
+evaluate) take
 --json: the same data as one JSON document on stdout and nothing else there; exit codes do not change.
 `reflexd COMMAND --help` describes each command, with examples.
 
@@ -41,10 +42,13 @@ examples:
   reflexd status
   reflexd status --json
   reflexd decide --agent router --context '{"task": "code"}' --actions small,large
+  reflexd decide --agent router --context '{"task": "code"}' --actions small,large --no-log
+  reflexd explain --agent router --context '{"task": "code"}' --actions small,large
   reflexd train
   reflexd models list
   reflexd forget --agent router
   reflexd import logged.dsjson --agent router
+  reflexd evaluate v0003 action:large --agent router
   reflexd demo
 """
 
@@ -233,10 +237,45 @@ def cmd_decide(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise UsageError(f"--context or --actions is not valid JSON: {exc}") from None
     try:
-        msg = msgspec.convert({"type": "decide", "agent": args.agent, "context": context, "actions": actions}, Decide)
+        fields = {"type": "decide", "agent": args.agent, "context": context, "actions": actions, "log": not args.no_log}
+        if args.slots is not None:
+            fields["slots"] = args.slots
+        msg = msgspec.convert(fields, Decide)
     except msgspec.ValidationError as exc:
         raise UsageError(f"not a valid decide request: {exc}") from None
     _print(_request(args, msg))  # JSON with or without --json
+    return 0
+
+
+def _context_and_actions(args: argparse.Namespace) -> tuple[Any, Any]:
+    """--context (a JSON object) and --actions (comma-separated ids, or a JSON list) as given."""
+    try:
+        context = json.loads(args.context)
+        spec = args.actions.lstrip()
+        actions = json.loads(spec) if spec.startswith("[") else [a.strip() for a in spec.split(",") if a.strip()]
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--context or --actions is not valid JSON: {exc}") from None
+    return context, actions
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from reflexd.deciding.explaining import render
+    from reflexd.wire.protocol import Explain
+
+    context, actions = _context_and_actions(args)
+    if args.top is not None and args.top < 1:
+        raise UsageError("--top must be at least 1")
+    try:
+        msg = msgspec.convert(
+            {"type": "explain", "agent": args.agent, "context": context, "actions": actions, "top": args.top}, Explain
+        )
+    except msgspec.ValidationError as exc:
+        raise UsageError(f"not a valid explain request: {exc}") from None
+    reply = _request(args, msg)
+    if args.json:
+        _print(reply)
+    else:
+        print(render(reply))
     return 0
 
 
@@ -403,6 +442,112 @@ def cmd_import(args: argparse.Namespace) -> int:
     return status
 
 
+def _when(text: str | None, flag: str) -> float | None:
+    """A time given as epoch seconds or ISO-8601 (a time without a zone is local) as epoch seconds."""
+    if text is None:
+        return None
+    import datetime as dt
+    import math
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            seconds = dt.datetime.fromisoformat(text.strip()).timestamp()
+        except ValueError:
+            raise UsageError(f"{flag}: {text!r} is neither epoch seconds nor an ISO-8601 time (2026-03-01T12:00:00Z)") from None
+    if not math.isfinite(seconds):
+        raise UsageError(f"{flag}: {text!r} is not a finite time")
+    return seconds
+
+
+def _num(x: float) -> str:
+    return f"{x:.3f}" if abs(x) < 1000 else f"{x:.4g}"
+
+
+def _interval(found: Any, signed: bool = False) -> str:
+    if found is None:
+        return "-"
+    num = (lambda x: ("+" if x >= 0 else "") + _num(x)) if signed else _num
+    return f"{num(found.value)} [{num(found.lower)}, {num(found.upper)}]" + ("*" if found.clipped else "")
+
+
+def render_evaluation(reply: Any) -> str:
+    """An Evaluation as one comparison table, the logging policy first, then any discovery."""
+    import datetime as dt
+
+    def when(t: float | None) -> str:
+        return dt.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds") if t is not None else ""
+
+    window = [f"agent {reply.agent}"] if reply.agent else ["every agent"]
+    window += [f"from {when(reply.since)}"] if reply.since is not None else []
+    window += [f"before {when(reply.until)}"] if reply.until is not None else []
+    scoring = f"DR and DM score with {reply.reward_model}" if reply.reward_model else "no reward model: no DR or DM"
+    lines = [
+        f"{reply.decisions} matured decisions ({', '.join(window)}; {reply.dropped} left out), rewards observed in "
+        f"[{_num(reply.reward_min)}, {_num(reply.reward_max)}], {reply.confidence * 100:g}% intervals, {scoring}",
+    ]
+    header = ["policy", "IPS", "SNIPS", "DR", f"vs logging ({reply.estimator})", "ESS", "agrees"]
+    table = [header]
+    notes = []
+    for row in reply.rows:
+        name = f"{row.policy} (baseline)" if row.kind == "logging" else row.policy
+        table.append(
+            [
+                name,
+                _interval(row.ips),
+                _interval(row.snips),
+                _interval(row.dr),
+                _interval(row.versus_logging, signed=True),
+                f"{row.ess:.1f}",
+                "-" if row.agreement is None else f"{row.agreement * 100:.1f}%",
+            ]
+        )
+        for estimator in ("ips", "snips", "dr"):
+            found = getattr(row, estimator)
+            if found is not None and found.clipped and row.kind != "logging":
+                notes.append(
+                    f"* {row.policy} {estimator.upper()}: the interval [{_num(found.lower)}, {_num(found.upper)}] reaches "
+                    f"beyond the rewards observed; bounded to them it is [{_num(found.bounded_lower)}, {_num(found.bounded_upper)}]"
+                )
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip())
+    lines += notes
+    if reply.discovery is not None:
+        found = reply.discovery
+        lines.append("")
+        lines.append(f"discovery on {found.model} ({found.estimator}, {len(found.candidates)} exploration settings):")
+        lines.append(f"  {'recommended ' + found.policy + ': ' + _interval(found.value) if found.policy else found.reason}")
+        if found.policy:
+            lines.append(f"  ({found.reason})")
+        for row in found.candidates[:5]:
+            lines.append(f"    {row.policy}: {_interval(row.value)}  ESS {row.ess:.1f}")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from reflexd.wire.protocol import Evaluate, absolute_policies
+
+    try:
+        msg = Evaluate(
+            policies=absolute_policies(list(args.policies)),
+            agent=args.agent,
+            since=_when(args.since, "--since"),
+            until=_when(args.until, "--until"),
+            reward_model=args.reward_model,
+            discover=args.discover,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    reply = _request(args, msg, timeout=args.timeout)
+    if args.json:
+        _print(reply)
+    else:
+        print(render_evaluation(reply))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from reflexd.tools.demo import run_demo
 
@@ -497,19 +642,55 @@ def build_parser() -> argparse.ArgumentParser:
         "ask the daemon for one decision (logged like any other)",
         "Ask the daemon to choose one of --actions for --context, as an agent would; the decision is\n"
         "logged like any other, so an outcome can be sent for its id. Prints the reply as JSON: id,\n"
-        "action, prob, model_version, strategy (--json prints the same). Exit 1 on a bad --context or\n"
-        "--actions, or if the daemon cannot be reached.",
+        "action, prob, model_version, strategy (--json prints the same). With --no-log nothing is chosen or\n"
+        "logged, and exploration's clock does not move: it prints every action's score, spread and\n"
+        "probability (id, actions, scores, spread, probs, model_version, strategy; scores and spread are\n"
+        "null without a model). With --slots K it ranks K of the actions (a slate): one decision is logged\n"
+        "per slot, and it prints the slate id and each slot's id, action and probability given the slots\n"
+        "before it. Exit 1 on a bad --context or --actions, or if the daemon cannot be reached.",
         [
             """reflexd decide --agent router --context '{"task": "code"}' --actions small,large""",
+            """reflexd decide --agent feed --context '{"user": "u1"}' --actions a,b,c,d --slots 3""",
             """reflexd decide --agent router --actions '[{"id": "small", "features": {"cost": 1}}, "large"]'""",
+            """reflexd decide --agent router --context '{"task": "code"}' --actions small,large --no-log""",
         ],
         parents=[client],
     )
     p.add_argument("--agent", required=True, help="agent id")
     p.add_argument("--context", default="{}", help="context as a JSON object")
     p.add_argument("--actions", required=True, help='comma-separated action ids, or a JSON list of ids / {"id", "features"}')
+    p.add_argument(
+        "--no-log", action="store_true",
+        help="only score: print every action's score, spread and probability; nothing is logged or learned",
+    )
+    p.add_argument("--slots", type=int, metavar="K", help="rank K of the actions (a slate), one decision per slot")
     json_flag(p, "", "accepted for uniformity: the decision is printed as JSON either way")
     p.set_defaults(func=cmd_decide)
+
+    p = command(
+        "explain",
+        "why the live model ranks the actions as it does: scores, probabilities, the keys that moved it",
+        "Ask the daemon why its live model ranks --actions as it does for --context: each action's score,\n"
+        "spread and probability, and the context keys that moved the choice most. Each key (a dotted path\n"
+        "such as user.tier; a list counts as one key) is removed in turn and the actions scored again: its\n"
+        "'margin' is how much it widens the chosen action's lead over the runner-up, its 'score' how much it\n"
+        "adds to the chosen action's score (docs/learning.md, Explaining). Largest |margin| first. Nothing\n"
+        "is logged. With no model live, the default policy's probabilities and no keys. --json prints the\n"
+        "explanation: agent, actions [{id, score, spread, prob}], chosen, runner_up, keys [{key, score,\n"
+        "margin, best_without}], model_version, strategy. Exit 1 on a bad --context or --actions, or if the\n"
+        "daemon cannot be reached.",
+        [
+            """reflexd explain --agent router --context '{"task": "code", "user": {"tier": "pro"}}' --actions small,large""",
+            """reflexd explain --agent router --context '{"task": "code"}' --actions small,large --top 5 --json""",
+        ],
+        parents=[client],
+    )
+    p.add_argument("--agent", required=True, help="agent id")
+    p.add_argument("--context", default="{}", help="context as a JSON object")
+    p.add_argument("--actions", required=True, help='comma-separated action ids, or a JSON list of ids / {"id", "features"}')
+    p.add_argument("--top", type=int, help="show only the N keys that moved the choice most (default: every key)")
+    json_flag(p, "the explanation")
+    p.set_defaults(func=cmd_explain)
 
     p = command(
         "train",
@@ -567,26 +748,73 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "import",
-        "send decisions logged by another policy (reflexd NDJSON or VW DSJSON) to the daemon",
+        "send decisions logged by another policy (reflexd NDJSON, VW DSJSON, Open Bandit Dataset CSV) to the daemon",
         "Send decisions and outcomes logged by another policy to the daemon: reflexd NDJSON (decision and\n"
-        "outcome lines) or Vowpal Wabbit DSJSON (cb_explore_adf). Events already stored count as\n"
+        "outcome lines), Vowpal Wabbit DSJSON (cb_explore_adf) or an Open Bandit Dataset CSV (each row a\n"
+        "slot of a slate: a slot decision and its click). Events already stored count as\n"
         "duplicates, so an import can be repeated. Progress goes to stderr, a summary to stdout (--json:\n"
         "file, format, decisions, outcomes, imported, duplicates, rejected_lines and the first rejected\n"
         "lines). Exit 1 if no line could be sent.",
-        ["reflexd import logged.dsjson --agent router", "reflexd import decisions.ndjson --format ndjson --json"],
+        [
+            "reflexd import logged.dsjson --agent router",
+            "reflexd import decisions.ndjson --format ndjson --json",
+            "reflexd import bts/all/all.csv --format obd --agent zozo",
+        ],
         parents=[client],
     )
-    p.add_argument("file", help="the log: one JSON object per line")
+    p.add_argument("file", help="the log: one JSON object per line, or an Open Bandit Dataset CSV")
     p.add_argument(
-        "--format", choices=["auto", "ndjson", "dsjson"], default="auto",
-        help="ndjson (reflexd decision/outcome lines) or dsjson (Vowpal Wabbit cb_explore_adf); default: by the file",
+        "--format", choices=["auto", "ndjson", "dsjson", "obd"], default="auto",
+        help="ndjson (reflexd decision/outcome lines), dsjson (Vowpal Wabbit cb_explore_adf) or obd (Open Bandit"
+        " Dataset CSV); default: by the file (.dsjson, .csv, else by its first line)",
     )
-    p.add_argument("--agent", help="agent id for the imported decisions (dsjson default: imported; ndjson: replaces the logged one)")
+    p.add_argument(
+        "--agent", help="agent id for the imported decisions (dsjson, obd default: imported; ndjson: replaces the logged one)"
+    )
     p.add_argument("--batch", type=int, default=1000, help="messages per acknowledged batch (default 1000)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each acknowledgement")
     p.add_argument("--show-rejected", type=int, default=20, help="rejected lines to list (default 20)")
     json_flag(p, "the summary")
     p.set_defaults(func=cmd_import)
+
+    p = command(
+        "evaluate",
+        "estimate what other policies would have earned on the logged decisions (IPS, SNIPS, DR)",
+        "Estimate off-policy, on the matured decisions the daemon has logged, what each POLICY would have\n"
+        "earned, beside the logging policy (the baseline: its value is the mean observed reward). A POLICY\n"
+        "is a model version (v0003; live: the live one) exploring as its manifest says, action:ID (always\n"
+        "that action), file:PATH (per-decision probabilities, NDJSON lines {\"id\": decision id, \"probs\":\n"
+        "{action id: p}}, read by the daemon), or a version with exploration settings of one's own\n"
+        "(v0003@strategy=softmax,temperature=0.5; any key of the exploration config section). Prints one\n"
+        "table: IPS, SNIPS and DR with intervals at gate.confidence, the difference from the logging policy,\n"
+        "the effective sample size (Σw)²/Σw² and the share of decisions where the policy's likeliest action\n"
+        "is the logged one. An interval reaching beyond the rewards observed is marked * and given bounded\n"
+        "to them. DR and DM score with the live model (--reward-model to choose; without any model they are\n"
+        "left out). --discover also tries a grid of exploration settings on the first model named (else\n"
+        "the live one) and recommends the one with the best lower bound, if that is above the logging\n"
+        "policy's lower bound (docs/learning.md). --since/--until select decisions by their own time (ts;\n"
+        "an imported decision keeps its logged time): epoch seconds or ISO-8601 (local time without a zone).\n"
+        "--json prints the evaluation (decisions, rows [{policy, kind, value, ips, snips, dm, dr,\n"
+        "versus_logging, ess, agreement}], discovery, ...). Exit 1 on a policy that cannot be read or\n"
+        "applied, too few decisions, or if the daemon cannot be reached.",
+        [
+            "reflexd evaluate v0003 action:large",
+            "reflexd evaluate live v0002 'live@strategy=epsilon_greedy,epsilon=0.05' --agent router --since 2026-03-01",
+            "reflexd evaluate file:/tmp/probs.ndjson --since 1767225600 --until 1767312000 --json",
+            "reflexd evaluate live --discover",
+            "reflexd evaluate v0002 --reward-model v0003",
+        ],
+        parents=[client],
+    )
+    p.add_argument("policies", nargs="*", metavar="POLICY", help="vNNNN, live, action:ID, file:PATH or VERSION@key=value,...")
+    p.add_argument("--agent", help="only this agent's decisions (default: every agent's)")
+    p.add_argument("--since", help="decisions made at or after this time (epoch seconds or ISO-8601)")
+    p.add_argument("--until", help="decisions made before this time (epoch seconds or ISO-8601)")
+    p.add_argument("--reward-model", metavar="VERSION", help="the model whose scores DR and DM use (default: the live one)")
+    p.add_argument("--discover", action="store_true", help="search exploration settings on a model and recommend one")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the evaluation (default 600)")
+    json_flag(p, "the evaluation")
+    p.set_defaults(func=cmd_evaluate)
 
     p = command(
         "demo",

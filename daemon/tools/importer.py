@@ -14,6 +14,10 @@ line that could not be used, and why: ``file:line: reason``). A bad line never s
   0-based, or ``_label_Action`` / ``a[0]``, 1-based), its probability ``_label_probability``,
   the ranking ``a`` with probabilities ``p``, the cost ``_label_cost`` (reward = -cost),
   ``EventId`` and ``Timestamp``. Reward-only lines (``RewardValue`` + ``EventId``) become outcomes.
+- ``obd``: the Open Bandit Dataset's CSV (``timestamp, item_id, position, click, propensity_score``
+  and user columns). Each row is one slot of a three-slot slate: a decision with ``slot`` =
+  position - 1 and the ``slate`` of its impression (the rows sharing a timestamp and user), offering
+  every item of the campaign, with OBD's propensity as ``prob``, and an outcome (reward = click).
 
 Ids are stable (the decision id is the logged ``id`` / ``EventId``), so importing a file twice
 stores every event once; the daemon counts the second copy as duplicates. Imported decisions keep
@@ -25,6 +29,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import hashlib
 import math
@@ -38,9 +43,10 @@ import msgspec
 from reflexd.errors import BadLine, ImportFileError
 from reflexd.wire.protocol import Ack, Decision, Error, Flush, Outcome
 
-Format = Literal["ndjson", "dsjson"]
-FORMATS: tuple[str, ...] = ("ndjson", "dsjson")
+Format = Literal["ndjson", "dsjson", "obd"]
+FORMATS: tuple[str, ...] = ("ndjson", "dsjson", "obd")
 DSJSON_AGENT = "imported"
+OBD_AGENT = "imported"
 DEFAULT_BATCH = 1000
 
 
@@ -325,14 +331,142 @@ def parse_dsjson(path: str | os.PathLike[str], agent: str | None = None) -> Iter
             yield Record(number, msg)
 
 
+# ---- Open Bandit Dataset CSV -------------------------------------------------------------
+
+_OBD_COLUMNS = ("timestamp", "item_id", "position", "click", "propensity_score")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _obd_rows(path: str) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) of every row of an OBD CSV, its header checked."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in _OBD_COLUMNS if c not in (reader.fieldnames or ())]
+            if missing:
+                raise ImportFileError(path, f"not an Open Bandit Dataset CSV: no column {', '.join(missing)}")
+            for row in reader:
+                yield reader.line_num, row
+    except OSError as exc:
+        raise ImportFileError(path, exc.strerror or str(exc)) from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ImportFileError(path, f"cannot read the CSV: {exc}") from None
+
+
+def _obd_int(row: dict[str, str], key: str, least: int) -> int:
+    text = (row.get(key) or "").strip()
+    if not (text.isascii() and text.isdigit() and len(text) < 10 and int(text) >= least):
+        raise BadLine(f"{key} must be an integer from {least}, not {text!r}")
+    return int(text)
+
+
+def _obd_context(row: dict[str, str]) -> dict[str, Any]:
+    """Every other named column: user features as strings (they are hashes), numbers as numbers."""
+    context: dict[str, Any] = {}
+    for key, text in row.items():
+        if not key or key in _OBD_COLUMNS or text is None:  # the unnamed column is pandas' row index
+            continue
+        if not key.startswith("user_feature") and _NUMBER.match(text):
+            context[key] = float(text)
+        else:
+            context[key] = text
+    return context
+
+
+def _obd_actions(path: str) -> int:
+    """How many items the campaign has: one more than the largest item_id in the file."""
+    largest = -1
+    for _, row in _obd_rows(path):
+        try:
+            largest = max(largest, _obd_int(row, "item_id", 0))
+        except BadLine:
+            pass  # reported when the row itself is read
+    return largest + 1
+
+
+def _obd_record(row: dict[str, str], agent: str, actions: list[str]) -> list[Decision | Outcome]:
+    stamp = (row.get("timestamp") or "").strip()
+    ts = parse_timestamp(stamp)
+    item = _obd_int(row, "item_id", 0)
+    if item >= len(actions):
+        raise BadLine(f"item_id {item} is outside the campaign's {len(actions)} items")
+    slot = _obd_int(row, "position", 1) - 1  # OBD counts positions from 1
+    click = (row.get("click") or "").strip()
+    if not _NUMBER.match(click):
+        raise BadLine(f"click must be a number, not {click!r}")
+    prob_text = (row.get("propensity_score") or "").strip()
+    prob = float(prob_text) if _NUMBER.match(prob_text) else math.nan
+    if not 0.0 < prob <= 1.0:
+        raise BadLine(f"propensity_score must be in (0, 1], not {prob_text!r}: off-policy evaluation divides by it")
+    context = _obd_context(row)
+    # an impression: its rows share the timestamp and the user
+    user = [f"{k}={v}".encode() for k, v in sorted(context.items()) if k.startswith("user_feature")]
+    slate = "obd-" + _digest(stamp.encode(), *user)
+    decision_id = f"{slate}-{slot}"
+    decision = {
+        "type": "decision",
+        "id": decision_id,
+        "agent": agent,
+        "context": context,
+        "actions": actions,
+        "chosen": actions[item],
+        "prob": prob,
+        "strategy": "imported:obd",
+        "ts": ts,
+        "slot": slot,
+        "slate": slate,
+    }
+    outcome = {
+        "type": "outcome",
+        "decision_id": decision_id,
+        "reward": float(click),
+        "id": decision_id + ":click",
+        "agent": agent,
+        "ts": ts,
+    }
+    return [_convert(decision, Decision), _convert(outcome, Outcome)]
+
+
+def parse_obd(path: str | os.PathLike[str], agent: str | None = None, n_actions: int | None = None) -> Iterator[Item]:
+    """Open Bandit Dataset rows as slot decisions with their outcome (reward = click).
+
+    Every decision offers the campaign's items ``0`` .. ``n_actions - 1`` (by default one more
+    than the largest item_id in the file); ``prob`` is OBD's propensity_score, the probability of
+    the item at that position. A position logged twice for one impression is refused (OBD files
+    are sorted by time, so an impression's rows are together).
+    """
+    path = _check(path)
+    agent = agent or OBD_AGENT
+    actions = [str(i) for i in range(n_actions if n_actions is not None else _obd_actions(path))]
+    stamp, seen = None, set()
+    for number, row in _obd_rows(path):
+        try:
+            messages = _obd_record(row, agent, actions)
+        except BadLine as exc:
+            yield Rejected(path, number, exc.reason)
+            continue
+        decision = messages[0]
+        if decision.ts != stamp:
+            stamp, seen = decision.ts, set()
+        if decision.id in seen:
+            yield Rejected(path, number, f"position {decision.slot + 1} of this impression is logged twice")
+            continue
+        seen.add(decision.id)
+        for msg in messages:
+            yield Record(number, msg)
+
+
 # ---- either ------------------------------------------------------------------------------
 
 
 def detect_format(path: str | os.PathLike[str]) -> Format:
-    """``dsjson`` for a .dsjson file or one whose first line looks like DSJSON, else ``ndjson``."""
+    """``dsjson`` for a .dsjson file or one whose first line looks like DSJSON, ``obd`` for a .csv
+    file, else ``ndjson``."""
     path = _check(path)
     if path.endswith(".dsjson"):
         return "dsjson"
+    if path.endswith(".csv"):
+        return "obd"
     for _, raw in _lines(path):
         try:
             obj = _any.decode(raw)
@@ -350,6 +484,8 @@ def parse(path: str | os.PathLike[str], format: str | None = None, agent: str | 
         return parse_ndjson(path, agent)
     if fmt == "dsjson":
         return parse_dsjson(path, agent)
+    if fmt == "obd":
+        return parse_obd(path, agent)
     raise ImportFileError(os.fspath(path), f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 

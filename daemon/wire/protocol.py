@@ -7,6 +7,7 @@ turns them into bytes and back.
 from __future__ import annotations
 
 import math
+import os
 from typing import Annotated, Any, Union
 
 import msgspec
@@ -57,6 +58,10 @@ class Decision(_Msg, tag="decision"):
     model_version: str | None = None
     strategy: str | None = None
     ts: float | None = None
+    # a slate (rank k of n actions) is logged as one decision per slot: its 0-based position and
+    # the id its slots share; ``prob`` is then the chosen action's probability at this slot
+    slot: int | None = None
+    slate: Id | None = None
 
     def __post_init__(self) -> None:
         # msgspec turns these into validation errors, so such a frame is dead-lettered with the reason
@@ -73,6 +78,15 @@ class Decision(_Msg, tag="decision"):
             if not (min(probs) >= 0.0 and max(probs) <= 1.0 and abs(sum(probs) - 1.0) <= 1e-3):
                 raise ValueError("probs must be probabilities summing to 1")
         _check_ts(self.ts)
+        if self.slot is not None or self.slate is not None:
+            _check_slot(self.slot, self.slate)
+
+
+def _check_slot(slot: int | None, slate: str | None) -> None:
+    if slot is None or slate is None:
+        raise ValueError("slot and slate go together: a slot decision names its slate, a slate decision its slot")
+    if not 0 <= slot <= 2**31 - 1:  # stored as a 32-bit INTEGER
+        raise ValueError(f"slot must be a position counted from 0, not {slot}")
 
 
 class Outcome(_Msg, tag="outcome"):
@@ -129,11 +143,21 @@ class Flush(_Msg, tag="flush"):
 
 
 class Decide(_Msg, tag="decide"):
+    """Answered with Decided, and the decision logged; with ``log`` false, answered with Scored
+    and nothing logged, learned from or counted by exploration's clock."""
+
     agent: Id
     context: Context
     actions: Annotated[list[ActionSpec], msgspec.Meta(min_length=1)]
     id: Id | None = None
     req: ReqId = None
+    log: bool = True
+    # rank this many of the actions (a slate): answered with DecidedSlate, one decision logged per slot
+    slots: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.slots is not None and self.slots > len(self.actions):
+            raise ValueError(f"slots ({self.slots}) must not exceed the {len(self.actions)} actions offered")
 
 
 class StatusRequest(_Msg, tag="status"):
@@ -166,10 +190,57 @@ class Forget(_Msg, tag="forget"):
     req: ReqId = None
 
 
+class Explain(_Msg, tag="explain"):
+    """Why the live model ranks ``actions`` as it does for ``context``; answered with Explanation.
+
+    Nothing is logged. ``top`` keeps the context keys that moved the choice most (all without it).
+    """
+
+    agent: Id
+    context: Context
+    actions: Annotated[list[ActionSpec], msgspec.Meta(min_length=1)]
+    top: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    req: ReqId = None
+
+
+class Evaluate(_Msg, tag="evaluate"):
+    """Evaluate policies off-policy on the logged decisions of a window; answered with Evaluation.
+
+    Each policy is ``vNNNN`` or ``live`` (a model with its manifest's exploration), ``action:ID``
+    (always that action), ``file:PATH`` (per-decision probabilities, NDJSON lines
+    ``{"id": decision id, "probs": {action id: p}}``, read by the daemon: give an absolute path) or
+    ``VERSION@key=value,...`` (a model with exploration settings of one's own). The window is the
+    matured decisions of ``agent`` (every agent without it) logged at ``since`` or later and before
+    ``until`` (epoch seconds, the decision's own ``ts``). DR and DM score each row with
+    ``reward_model`` (default: the live model). ``discover`` also searches exploration settings for
+    the first model policy (the live model without one) and recommends one.
+    """
+
+    policies: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]], msgspec.Meta(max_length=64)] = []
+    agent: Id | None = None
+    since: float | None = None
+    until: float | None = None
+    reward_model: Id | None = None
+    discover: bool = False
+    req: ReqId = None
+
+    def __post_init__(self) -> None:
+        _check_ts(self.since)
+        _check_ts(self.until)
+        if not self.policies and not self.discover:
+            raise ValueError("name at least one policy to evaluate, or ask to discover")
+
+
+def absolute_policies(policies: list[str]) -> list[str]:
+    """``policies`` with every ``file:PATH`` made absolute: the daemon reads the file, from its own directory."""
+    return [f"file:{os.path.abspath(os.path.expanduser(p[5:]))}" if p.startswith("file:") and p[5:] else p for p in policies]
+
+
 ExperienceEvent = Union[Decision, Outcome, Step, Event]
-Request = Union[Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget]
+Request = Union[Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget, Explain, Evaluate]
 Inbound = Union[
-    Decision, Outcome, Step, Event, Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget
+    Decision, Outcome, Step, Event, Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget,
+    Explain, Evaluate,
 ]
 EXPERIENCE_TYPES = (Decision, Outcome, Step, Event)
 
@@ -197,6 +268,154 @@ class Decided(_Msg, tag="decided"):
     prob: float
     model_version: str | None
     strategy: str
+    req: ReqId = None
+
+
+class SlotDecided(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One slot of a slate, as logged: ``prob`` is its action's probability given the slots before it."""
+
+    id: str
+    slot: int
+    action: str
+    prob: float
+    model_version: str | None
+    strategy: str
+
+
+class DecidedSlate(_Msg, tag="decided_slate"):
+    slate: str
+    slots: list[SlotDecided]
+    req: ReqId = None
+
+
+class Scored(_Msg, tag="scored"):
+    """A decide with ``log`` false: every action's score, spread and probability; nothing logged.
+
+    ``id`` echoes the request's (nothing is logged under it); ``scores`` and ``spread`` are None
+    without a model, and ``probs`` then the default policy's.
+    """
+
+    id: str | None
+    actions: list[str]
+    scores: list[float] | None
+    spread: list[float] | None
+    probs: list[float]
+    model_version: str | None
+    strategy: str
+    req: ReqId = None
+
+
+class ActionExplained(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One action in an explanation: its score and spread (None without a model) and probability."""
+
+    id: str
+    score: float | None
+    spread: float | None
+    prob: float
+
+
+class KeyEffect(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What one context key (a dotted leaf path) did, found by scoring the context without it.
+
+    ``score``: the chosen action's score with the key minus without it. ``margin``: the chosen
+    action's lead over the runner-up with the key minus without it (None with one action).
+    ``best_without``: the action the model scores highest without the key.
+    """
+
+    key: str
+    score: float
+    margin: float | None
+    best_without: str
+
+
+class Explanation(_Msg, tag="explanation"):
+    """The answer to Explain (and ``Policy.explain``): scores, probabilities and the keys that
+    moved the choice most, largest ``|margin|`` first. ``chosen`` is the action the model scores
+    highest (the default policy's likeliest without a model, and then ``keys`` is empty)."""
+
+    agent: str
+    actions: list[ActionExplained]
+    chosen: str
+    runner_up: str | None
+    keys: list[KeyEffect]
+    model_version: str | None
+    strategy: str
+    req: ReqId = None
+
+
+class Interval(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A policy value (or a difference of two) with its standard error and normal interval.
+
+    ``bounded_lower``/``bounded_upper`` are the interval bounded to the rewards observed in the
+    window, [reward_min, reward_max] (a difference: to [min − max, max − min]); ``clipped`` says
+    whether the raw ``lower``/``upper`` fell outside it and were bounded.
+    """
+
+    value: float
+    stderr: float
+    lower: float
+    upper: float
+    bounded_lower: float
+    bounded_upper: float
+    clipped: bool
+
+
+class PolicyValue(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One row of an evaluation: a policy's value by each estimator on the window.
+
+    ``kind``: ``logging`` (the policy that logged the window: its value is the mean observed reward,
+    reported under every estimator), ``model``, ``action``, ``file`` or ``exploration``.
+    ``dm``/``dr`` are None without a reward model. ``value`` is the headline estimate (the
+    evaluation's ``estimator``) and ``versus_logging`` its paired difference from the logging
+    policy's observed reward, row by row. ``ess`` is the effective sample size (Σw)²/Σw² of the
+    importance weights w = π(chosen)/prob; ``agreement`` the share of decisions where the policy's
+    most likely action is the logged one (None for the logging policy). ``exploration`` is the
+    setting a model policy was evaluated with (the manifest's for a plain version).
+    """
+
+    policy: str
+    kind: str
+    value: Interval
+    ips: Interval
+    snips: Interval | None = None  # None: 0/0, the policy never takes a logged action
+    dm: Interval | None = None
+    dr: Interval | None = None
+    versus_logging: Interval | None = None
+    ess: float
+    agreement: float | None = None
+    version: str | None = None
+    exploration: dict[str, Any] | None = None
+
+
+class Recommendation(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What ``discover`` found: every exploration setting tried on ``model``, best lower bound first,
+    and the one recommended (``policy``, None when none is better than the logging policy: the rule
+    is in ``reason`` and docs/learning.md)."""
+
+    model: str
+    estimator: str
+    policy: str | None
+    value: Interval | None
+    reason: str
+    candidates: list[PolicyValue]
+
+
+class Evaluation(_Msg, tag="evaluation"):
+    """The answer to Evaluate: one row per policy, the logging policy first (the baseline)."""
+
+    decisions: int  # rows evaluated: matured decisions of the window
+    dropped: int  # decisions of the window left out (chosen action not offered, no usable prob or reward)
+    agent: str | None
+    since: float | None
+    until: float | None
+    estimator: str  # the headline: dr with a reward model, else snips
+    reward_model: str | None  # the model whose scores DR and DM use; None: no model, no DR or DM
+    confidence: float
+    reward_min: float
+    reward_max: float
+    rows: list[PolicyValue]
+    discovery: Recommendation | None = None
+    seconds: float = 0.0  # how long the evaluation took, the window's snapshot included
     req: ReqId = None
 
 
@@ -228,4 +447,4 @@ class Done(_Msg, tag="ok"):
     req: ReqId = None
 
 
-Reply = Union[Ack, Error, Decided, StatusReply, ModelsReply, Done]
+Reply = Union[Ack, Error, Decided, DecidedSlate, StatusReply, ModelsReply, Done, Scored, Explanation, Evaluation]

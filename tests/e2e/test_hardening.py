@@ -84,8 +84,9 @@ def test_requests_waiting_on_a_store_that_cannot_write_are_answered_within_the_b
             d.request(Train(), timeout=120)
     finally:
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    # nothing was lost meanwhile: the events went in once writes succeeded again
-    assert d.loaded_status().experience["decisions"] == 100
+    # nothing was lost meanwhile: the events go in once writes succeed again (the writer's retry
+    # backs off up to 5 s, longer than this daemon's 2 s request bound, so poll rather than flush)
+    wait_for(lambda: d.status().experience["decisions"] == 100, 60, "the 100 decisions stored")
 
 
 # ---- 5: out of file descriptors -----------------------------------------------------------
@@ -291,3 +292,12 @@ def test_an_oversize_line_is_dead_lettered_with_its_whole_length(daemon: DaemonP
         rows = con.execute("SELECT raw_size, reason FROM dead_letters WHERE code = 'too_large'").fetchall()
     # before: the size recorded was what had been buffered when the limit was crossed (about 1 MB)
     assert rows == [(len(line) - 1, f"frame of {len(line) - 1} bytes exceeds the limit of 1048576 bytes")]
+
+
+def test_forget_removes_evaluation_windows_a_crash_left_behind(daemon: DaemonProcess) -> None:
+    windows = daemon.state_dir / "windows"
+    windows.mkdir(exist_ok=True)
+    (windows / "left-behind.parquet").write_bytes(b"rows of every agent")
+    done = daemon.request(Forget(agent="a"))
+    assert "1 training snapshots" in done.message
+    assert not list(windows.glob("*.parquet"))

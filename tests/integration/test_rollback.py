@@ -19,11 +19,13 @@ import pytest
 from structlog.testing import capture_logs
 
 import onnx
-from conftest import DaemonProcess, wait_for
+from conftest import DaemonProcess, poll, wait_for
+from linear_models import register
 from onnx import helper
 from reflexd.client.policy import Policy
 from reflexd.config import Config, GateConfig, parse_config
 from reflexd.errors import ModelIntegrityError, PointerMoved
+from reflexd.features import FeatureSpec
 from reflexd.registry import CURRENT_FILE, HISTORY_FILE, Registry
 from reflexd.service.monitor import Monitor, judge
 from reflexd.service.store import RewardStats, Store
@@ -149,21 +151,27 @@ def monitor_world(
     tmp_path: Path, auto_rollback: bool, bad_mean: float, first_scheme: str | None = None
 ) -> tuple[Monitor, Any]:
     """v0001 then v0002 live, with 80 decisions each; ``first_scheme`` hashes v0001 another way,
-    as a model left from before an upgrade."""
+    as a model left from before an upgrade.
+
+    The monitor judges both on v0002's decisions, so each model is a real one with a preference:
+    v0001 ranks x first and v0002 y, both exploring (epsilon-greedy, 0.5) with the exact probability
+    logged; x pays 0.8 of the time, y ``bad_mean`` of the time.
+    """
     config = Config(
         state_dir=str(tmp_path),
         rewards=parse_config("rewards: {wait_window: 1}").rewards,
         gate=GateConfig(auto_rollback=auto_rollback, rollback_min_decisions=50),
     )
     registry = Registry(tmp_path / "models")
+    spec = FeatureSpec(context_dim=4, action_dim=8, seed=0)
+    explore = {"strategy": "epsilon_greedy", "epsilon": 0.5, "epsilon_min": 0.01}
+    prefers = {"v0001": "x", "v0002": "y"}
     for v in ("v0001", "v0002"):
-        features: dict[str, Any] = {"context_dim": 2, "action_dim": 2, "seed": 0}
+        features: dict[str, Any] = msgspec.to_builtins(spec)
         if first_scheme is not None and v == "v0001":
             features["scheme"] = first_scheme
-        registry.add(identity_model(tmp_path / f"{v}.onnx", v), {
-            "parent": None, "created": 1.0, "learner": "mlp", "features": features,
-            "exploration": {}, "training": {},
-        })
+        scores = {"x": 0.9, "y": 0.2} if prefers[v] == "x" else {"x": 0.2, "y": 0.9}
+        register(registry, tmp_path, spec, scores, explore, features=features)
     if first_scheme is not None:  # promoted by an older reflexd, which wrote the pointer itself
         (registry.root / HISTORY_FILE).write_text('["v0001"]')
         (registry.root / CURRENT_FILE).write_text("v0001\n")
@@ -172,10 +180,13 @@ def monitor_world(
     registry.promote("v0002")
     store = Store(tmp_path / "db.duckdb")
     rng = np.random.default_rng(7)
-    for version, p in (("v0001", 0.8), ("v0002", bad_mean)):
-        decisions = [Decision(id=f"{version}-{i}", agent="a", context={}, actions=["x"], chosen="x", prob=1.0,
-                              model_version=version) for i in range(80)]
-        outcomes = [Outcome(decision_id=d.id, reward=float(rng.random() < p)) for d in decisions]
+    pays = {"x": 0.8, "y": bad_mean}
+    for version in ("v0001", "v0002"):
+        probs = {prefers[version]: 0.75, ("y" if prefers[version] == "x" else "x"): 0.25}
+        chosen = [str(rng.choice(["x", "y"], p=[probs["x"], probs["y"]])) for _ in range(80)]
+        decisions = [Decision(id=f"{version}-{i}", agent="a", context={}, actions=["x", "y"], chosen=c, prob=probs[c],
+                              model_version=version) for i, c in enumerate(chosen)]
+        outcomes = [Outcome(decision_id=d.id, reward=float(rng.random() < pays[d.chosen])) for d in decisions]
         store.write([*decisions, *outcomes], received_at=time.time() - 10)
     refreshed: list[bool] = []
     models = SimpleNamespace(refresh=lambda: refreshed.append(True))  # stands in for the ModelSource
@@ -336,9 +347,22 @@ def test_a_model_made_to_be_bad_is_rolled_back_automatically(daemon_factory) -> 
         monitor = d.status().monitor
         assert monitor["last"] is None or not monitor["last"]["rollback"]
 
-        bad = play(policy, rng, 200)
-        assert policy.flush(60)
-        wait_for(lambda: d.request(ModelsRequest()).current == "v0001", 30, f"the automatic rollback\n{d.log()}")
+        # the monitor judges v0002 against v0001 on v0002's own decisions: v0001's choices are
+        # among them only as v0002 explores (1 in 15), so it takes hundreds (800 in a trial) to find it out
+        def rolled() -> bool:
+            return d.request(ModelsRequest()).current == "v0001"
+
+        earned = []
+        for _ in range(25):
+            earned.append(play(policy, rng, 100))
+            assert policy.flush(60)
+            try:
+                poll(rolled, 3, "the automatic rollback")
+                break
+            except TimeoutError:
+                continue
+        bad = sum(earned) / len(earned)
+        wait_for(rolled, 30, f"the automatic rollback\n{d.status().monitor}\n{d.log()}")
         wait_for(lambda: policy.model_version == "v0001", 30, "the client to swap back to v0001")
         after = play(policy, rng, 300)
         assert policy.flush(60)

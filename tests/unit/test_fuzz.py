@@ -419,6 +419,10 @@ MESSAGES = {
             chosen=st.sampled_from([a if isinstance(a, str) else a.id for a in acts]), prob=st.floats(0, 1, exclude_min=True),
             probs=st.none() | st.just([1.0 / len(acts)] * len(acts)), model_version=st.none() | texts(),
             strategy=st.none() | texts(), ts=OPT_FLOAT,
+        ).flatmap(  # a plain decision, or a slot of a slate
+            lambda d: st.just(d) | st.builds(
+                lambda slot, slate: msgspec.structs.replace(d, slot=slot, slate=slate), st.integers(0, 2**31 - 1), IDS
+            )
         )
     ),
     p.Outcome: st.builds(p.Outcome, decision_id=IDS, reward=FINITE, id=st.none() | IDS, agent=st.none() | IDS, ts=OPT_FLOAT),
@@ -437,6 +441,14 @@ MESSAGES = {
 }
 if hasattr(p, "Forget"):
     MESSAGES[p.Forget] = st.builds(p.Forget, agent=IDS, req=REQ)
+MESSAGES[p.Decide] = MESSAGES[p.Decide].flatmap(lambda d: st.sampled_from([d, msgspec.structs.replace(d, log=False)]))
+MESSAGES[p.Explain] = st.builds(
+    p.Explain, agent=IDS, context=SAFE_CTX, actions=ACTIONS, top=st.none() | st.integers(1, 2**63 - 1), req=REQ
+)
+MESSAGES[p.Evaluate] = st.builds(
+    p.Evaluate, policies=st.lists(st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40), min_size=1, max_size=4),
+    agent=st.none() | IDS, since=OPT_FLOAT, until=OPT_FLOAT, reward_model=st.none() | IDS, discover=st.booleans(), req=REQ,
+)
 
 
 def test_every_inbound_type_is_fuzzed() -> None:

@@ -39,18 +39,27 @@ INBOUND: list[msgspec.Struct] = [
     p.Event(agent="bot", kind="metric"),
     p.Flush(req=7),
     p.Decide(agent="router", context=CTX, actions=[p.Action(id="a"), "b"], id="x", req="r1"),
+    p.Decide(agent="feed", context=CTX, actions=["a", "b", "c"], slots=2),
     p.StatusRequest(),
     p.ModelsRequest(req=1),
     p.Promote(version="v0002", req=2),
     p.Rollback(),
     p.Train(req="t"),
     p.Forget(agent="router", req="f"),
+    p.Decide(agent="router", context=CTX, actions=["a", "b"], log=False, req=2),
+    p.Explain(agent="router", context=CTX, actions=["a", p.Action(id="b", features={"cost": 1})], top=3, req="e"),
+    p.Evaluate(policies=["v0003", "action:a", "file:/tmp/p.ndjson", "v0003@epsilon=0.05"], agent="router", since=1.0, req="v"),
 ]
 
 REPLIES: list[msgspec.Struct] = [
     p.Ack(count=12, req=7),
     p.Error(code="invalid", message="bad frame", seq=4, req=None),
     p.Decided(id="d", action="a", prob=0.5, model_version=None, strategy="default", req=3),
+    p.DecidedSlate(
+        slate="s",
+        slots=[p.SlotDecided(id="d0", slot=0, action="b", prob=0.5, model_version=None, strategy="default")],
+        req=4,
+    ),
     p.StatusReply(
         version="0.1.0",
         pid=42,
@@ -67,6 +76,30 @@ REPLIES: list[msgspec.Struct] = [
     ),
     p.ModelsReply(current="v0001", models=[{"version": "v0001"}]),
     p.Done(message="promoted v0002"),
+    p.Scored(id=None, actions=["a", "b"], scores=None, spread=None, probs=[0.5, 0.5], model_version=None, strategy="default"),
+    p.Scored(id="x", actions=["a"], scores=[0.25], spread=[0.0], probs=[1.0], model_version="v0001", strategy="softmax", req=1),
+    p.Explanation(
+        agent="router",
+        actions=[p.ActionExplained(id="a", score=1.5, spread=0.1, prob=0.9), p.ActionExplained(id="b", score=0.5, spread=0.2, prob=0.1)],
+        chosen="a",
+        runner_up="b",
+        keys=[p.KeyEffect(key="user.tier", score=0.75, margin=0.5, best_without="b")],
+        model_version="v0002",
+        strategy="squarecb",
+        req="e",
+    ),
+    p.Evaluation(
+        decisions=2, dropped=0, agent=None, since=None, until=2.5, estimator="dr", reward_model="v0003", confidence=0.95,
+        reward_min=0.0, reward_max=1.0, req="v",
+        rows=[
+            p.PolicyValue(
+                policy="action:a", kind="action", ess=1.5, agreement=0.5,
+                value=p.Interval(value=0.5, stderr=0.1, lower=-0.1, upper=0.7, bounded_lower=0.0, bounded_upper=0.7, clipped=True),
+                ips=p.Interval(value=0.5, stderr=0.1, lower=0.3, upper=0.7, bounded_lower=0.3, bounded_upper=0.7, clipped=False),
+            )
+        ],
+        discovery=p.Recommendation(model="v0003", estimator="dr", policy=None, value=None, reason="none", candidates=[]),
+    ),
 ]
 
 
@@ -384,3 +417,10 @@ def test_non_finite_rewards_are_refused(kind: str) -> None:
     }
     with pytest.raises(FrameError, match="reward must be a finite number"):
         fr.decode_inbound(msgspec.msgpack.encode(msg), "msgpack")
+
+
+def test_a_slate_cannot_ask_for_more_slots_than_actions() -> None:
+    with pytest.raises(FrameError, match=r"slots \(3\) must not exceed the 2 actions offered"):
+        fr.decode_inbound(b'{"type":"decide","agent":"a","context":{},"actions":["x","y"],"slots":3}', fr.JSON)
+    with pytest.raises(FrameError, match="slots"):
+        fr.decode_inbound(b'{"type":"decide","agent":"a","context":{},"actions":["x"],"slots":0}', fr.JSON)

@@ -26,7 +26,7 @@ from reflexd.config import Config, StoreConfig
 from reflexd.errors import RejectedData, StorageError
 from reflexd.service import spool
 from reflexd.service.store import integrity, retention, rewards
-from reflexd.service.store.db import COUNTED_TABLES, EXPERIENCE_TABLES, SCHEMA, failing_as
+from reflexd.service.store.db import COUNTED_TABLES, EXPERIENCE_TABLES, MIGRATIONS, SCHEMA, failing_as
 from reflexd.service.store.load import WriteResult, load_segment
 from reflexd.service.store.rewards import RewardStats, SnapshotInfo
 from reflexd.wire.protocol import Decision, Event, Outcome, Step
@@ -102,6 +102,7 @@ class Store:
             )
             if not self.read_only:
                 con.execute(SCHEMA)
+                con.execute(MIGRATIONS)
         except duckdb.Error as exc:
             if self.read_only:
                 raise integrity.classify(exc, self.path, "opening it") from exc
@@ -302,10 +303,25 @@ class Store:
         with self._guard("computing live rewards per model") as con:
             return rewards.live_rewards(con, versions, now, config)
 
-    def snapshot(self, dest: Path, now: float, config: Config, max_rows: int) -> SnapshotInfo:
-        """Write the newest ``max_rows`` matured decisions with their joined reward to one Parquet file."""
-        with self._guard(f"writing the training snapshot {dest}") as con:
-            return rewards.snapshot(con, dest, now, config, max_rows)
+    def snapshot(self, dest: Path, now: float, config: Config, max_rows: int, **window: Any) -> SnapshotInfo:
+        """Write the newest ``max_rows`` matured decisions with their joined reward to one Parquet file;
+        ``window`` narrows them (``agent``, ``since``, ``until``, ``model_version``: ``rewards.snapshot``)."""
+        what = "the window's snapshot" if window else "the training snapshot"
+        with self._guard(f"writing {what} {dest}") as con:
+            return rewards.snapshot(con, dest, now, config, max_rows, **window)
+
+    def last_model_event(self, events: Sequence[str]) -> dict[str, Any] | None:
+        """The newest model event of one of the kinds ``events`` (as ``model_events`` gives them), or None."""
+        with self._guard("reading model events") as con:
+            row = con.execute(
+                'SELECT "at", version, event, CAST(detail AS VARCHAR) FROM models WHERE list_contains($events, event)'
+                ' ORDER BY "at" DESC LIMIT 1',
+                {"events": list(events)},
+            ).fetchone()
+        if row is None:
+            return None
+        at, version, event, detail = row
+        return {"at": at, "version": version, "event": event, "detail": msgspec.json.decode(detail)}
 
     # ---- retention -------------------------------------------------------------------------
 

@@ -30,7 +30,9 @@ CREATE TABLE IF NOT EXISTS decisions (
     prob DOUBLE NOT NULL,
     probs JSON,
     model_version VARCHAR,
-    strategy VARCHAR
+    strategy VARCHAR,
+    slot INTEGER,  -- a slate's position, from 0 (NULL: not part of a slate)
+    slate VARCHAR  -- the id the slots of one slate share
 );
 CREATE TABLE IF NOT EXISTS outcomes (
     id VARCHAR PRIMARY KEY,
@@ -75,6 +77,12 @@ CREATE TABLE IF NOT EXISTS models (  -- what happened to each model version, new
     event VARCHAR NOT NULL,
     detail JSON NOT NULL
 );
+"""
+# Columns added since a table was first created: a database made by an older version gains them
+# when opened (CREATE TABLE IF NOT EXISTS leaves an existing table as it is).
+MIGRATIONS = """
+ALTER TABLE decisions ADD COLUMN IF NOT EXISTS slot INTEGER;
+ALTER TABLE decisions ADD COLUMN IF NOT EXISTS slate VARCHAR;
 """
 
 

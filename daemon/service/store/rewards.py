@@ -65,7 +65,11 @@ _JOINED_REWARD = "coalesce(r.reward, m.default_reward)"
 
 _EXPERIENCES = f"""
     WITH recent AS (
-        SELECT * FROM ({_MATURED}) ORDER BY received_at DESC, ts DESC, id DESC LIMIT $max_rows
+        SELECT * FROM ({_MATURED})
+        -- a window of them (reflexd evaluate, the rollback monitor): each filter is off when NULL
+        WHERE ($agent IS NULL OR agent = $agent) AND ($since IS NULL OR ts >= $since)
+            AND ($until IS NULL OR ts < $until) AND ($version IS NULL OR model_version = $version)
+        ORDER BY received_at DESC, ts DESC, id DESC LIMIT $max_rows
     ),
     {_REWARDS}
     SELECT
@@ -75,7 +79,8 @@ _EXPERIENCES = f"""
         m.chosen, m.prob,
         {_JOINED_REWARD} AS reward,
         m.model_version,
-        CAST(coalesce(r.outcomes, 0) AS INTEGER) AS outcomes
+        CAST(coalesce(r.outcomes, 0) AS INTEGER) AS outcomes,
+        m.slot, m.slate
     FROM recent m LEFT JOIN rewards r ON r.id = m.id
     -- decisions spooled in one ingest batch share received_at; their own ts keeps them in the
     -- order they were made, where their random ids would shuffle them (and the model trained)
@@ -132,8 +137,22 @@ def live_rewards(
     return {v: RewardStats(count=n, mean=float(mean), variance=float(var)) for v, n, mean, var in rows}
 
 
-def snapshot(con: duckdb.DuckDBPyConnection, dest: Path, now: float, config: Config, max_rows: int) -> SnapshotInfo:
+def snapshot(
+    con: duckdb.DuckDBPyConnection,
+    dest: Path,
+    now: float,
+    config: Config,
+    max_rows: int,
+    *,
+    agent: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    model_version: str | None = None,
+) -> SnapshotInfo:
     """Write the newest ``max_rows`` matured decisions with their joined reward to one Parquet file.
+
+    ``agent``, ``since``/``until`` (the decision's own ``ts``: from ``since``, before ``until``) and
+    ``model_version`` narrow it to a window; each is off when None.
 
     The file appears at ``dest`` complete or not at all, so a trainer never reads half of it.
     """
@@ -144,7 +163,7 @@ def snapshot(con: duckdb.DuckDBPyConnection, dest: Path, now: float, config: Con
     try:
         con.execute(
             f"COPY ({_EXPERIENCES}) TO {sql_path(partial)} (FORMAT parquet)",
-            {"now": now, "max_rows": max_rows},
+            {"now": now, "max_rows": max_rows, "agent": agent, "since": since, "until": until, "version": model_version},
         )
         os.replace(partial, dest)
     finally:
