@@ -8,6 +8,7 @@ checked exactly like the section it overrides.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import math
 import os
 import re
@@ -182,6 +183,15 @@ class RedactionConfig(_Section):
     dead_letter_raw: bool = True
 
 
+class MetricsConfig(_Section):
+    """The HTTP endpoint for Prometheus and health checks (``reflexd.service.http``); off by default."""
+
+    path: str | None = None  # a Unix socket, checked like socket.path's directory; mode 0660
+    host: str = "127.0.0.1"  # loopback only: the config check refuses any other address
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    timeout: PositiveFloat = 10.0  # longest one HTTP exchange may take
+
+
 class AgentConfig(_Section):
     """The sections an agent may override; anything not given comes from the global section."""
 
@@ -202,6 +212,7 @@ class Config(_Section):
     gate: GateConfig = GateConfig()
     log: LogConfig = LogConfig()
     redaction: RedactionConfig = RedactionConfig()
+    metrics: MetricsConfig = MetricsConfig()
     agents: dict[str, AgentConfig] = {}
 
     @property
@@ -343,8 +354,31 @@ def _check_semantics(config: Config, source: str) -> None:
             f"trainer.transformer_dim: must be a multiple of trainer.transformer_heads ({config.trainer.transformer_heads})"
         )
     problems += _check_run_size(config)
+    problems += _check_metrics(config)
     if problems:
         raise ConfigError(source, problems)
+
+
+def _check_metrics(config: Config) -> list[str]:
+    """The metrics endpoint listens on loopback only, and never on the agents' socket."""
+    metrics, problems = config.metrics, []
+    if not _is_loopback(metrics.host):
+        problems.append(
+            f"metrics.host: {metrics.host!r} is not a loopback address; the endpoint listens on loopback only"
+            " (127.0.0.1, ::1 or localhost)"
+        )
+    if metrics.path is not None and (not metrics.path or metrics.path == config.socket.path):
+        problems.append(f"metrics.path: {metrics.path!r} must be a path of its own, not socket.path")
+    return problems
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_run_size(config: Config) -> list[str]:
@@ -367,7 +401,7 @@ def _check_run_size(config: Config) -> list[str]:
 
 
 # Settings a running daemon cannot change: a reload keeps the running values until a restart.
-RESTART_ONLY = ("state_dir", "socket.path", "store")
+RESTART_ONLY = ("state_dir", "socket.path", "store", "metrics")
 
 
 def keep_restart_only(new: Config, running: Config) -> tuple[Config, list[str]]:
@@ -379,10 +413,13 @@ def keep_restart_only(new: Config, running: Config) -> tuple[Config, list[str]]:
         changed.append("socket.path")
     if new.store != running.store:
         changed.append("store")
+    if new.metrics != running.metrics:
+        changed.append("metrics")
     kept = msgspec.structs.replace(
         new,
         state_dir=running.state_dir,
         store=running.store,
+        metrics=running.metrics,
         socket=msgspec.structs.replace(new.socket, path=running.socket.path),
     )
     return kept, changed

@@ -45,8 +45,10 @@ def private_dir(path: Path, what: str) -> str | None:
     if st.st_uid != os.geteuid():
         return f"{path} belongs to uid {st.st_uid}, not to the daemon (uid {os.geteuid()}); refusing to keep {what} there"
     if st.st_mode & 0o022:
-        return (
-            f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"refusing to keep {what} there (chmod go-w {path})"
+        fix = (
+            f"use a directory of its own below it, such as {path / 'reflexd'}, which the daemon creates 0750"
+            if st.st_mode & stat.S_ISVTX  # a shared directory like /tmp: not one to chmod
+            else f"chmod go-w {path}"
         )
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); refusing to keep {what} there ({fix})"
     return None

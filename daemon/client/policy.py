@@ -38,7 +38,7 @@ from reflexd.wire.protocol import (
     Outcome,
     Scored,
     Step,
-    absolute_policies,
+    probability_tables,
 )
 
 __all__ = ["Choice", "Policy"]
@@ -204,7 +204,7 @@ class Policy:
         logging policy (``rows[0]``, the baseline).
 
         A policy is ``"v0003"`` or ``"live"``, ``"action:ID"``, ``"file:PATH"`` (per-decision
-        probabilities, NDJSON ``{"id", "probs"}``, read by the daemon) or
+        probabilities, NDJSON ``{"id", "probs"}``, read here and sent with the request) or
         ``"v0003@strategy=softmax,temperature=0.5"``; see ``reflexd evaluate --help``. The daemon
         answers over a connection of its own; a policy it cannot read or apply raises RequestFailed.
 
@@ -214,7 +214,8 @@ class Policy:
         from reflexd.wire.connection import request
 
         msg = Evaluate(
-            policies=absolute_policies(list(policies)),
+            policies=list(policies),
+            tables=probability_tables(list(policies)),
             agent=self.agent,
             since=since,
             until=until,

@@ -12,7 +12,6 @@ from math import isfinite
 from typing import Any, Callable
 
 import msgspec
-import numpy as np
 
 from reflexd.config import ExplorationConfig
 from reflexd.deciding import explaining, exploring
@@ -88,36 +87,23 @@ class Chooser:
         """The model's distribution, or None (and the reason in ``source.error``) if it fails."""
         try:
             scores, spread = scorer.score(context, actions)
-            p = exploring.distribution(cfg, scores.tolist(), spread, t)  # spread is read by ucb alone
         except Exception as exc:  # onnxruntime's errors are untyped; a decision must still be made
-            reason = f"{type(exc).__name__}: {exc}"
-        else:
-            if isfinite(sum(p)):  # probabilities cannot overflow a sum: it is finite when each one is
-                return p
-            reason = "non-finite scores"
-        if self.source is not None:
-            self.source.error = f"model {scorer.version} failed while deciding ({reason}); using the default policy"
-        return None
-
-    def _model_probabilities(
-        self, scorer: Scorer, cfg: ExplorationConfig, context: dict[str, Any], actions: list[Any], t: int
-    ) -> np.ndarray | None:
-        """``_distribution`` as an array."""
-        p = self._distribution(scorer, cfg, context, actions, t)
-        return None if p is None else np.array(p)
+            return self._failed(scorer, f"{type(exc).__name__}: {exc}")
+        return self._explore(scorer, cfg, scores.tolist(), spread, t)  # spread is read by ucb alone
 
     def _explore(
-        self, scorer: Scorer, cfg: ExplorationConfig, scores: list[float], spread: list[float], t: int
+        self, scorer: Scorer, cfg: ExplorationConfig, scores: list[float], spread: Any, t: int
     ) -> list[float] | None:
         """``_distribution`` on scores already computed."""
         try:
             p = exploring.distribution(cfg, scores, spread, t)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        else:
-            if isfinite(sum(p)):
-                return p
-            reason = "non-finite scores"
+            return self._failed(scorer, f"{type(exc).__name__}: {exc}")
+        if isfinite(sum(p)):  # probabilities cannot overflow a sum: it is finite when each one is
+            return p
+        return self._failed(scorer, "non-finite scores")
+
+    def _failed(self, scorer: Scorer, reason: str) -> None:
         if self.source is not None:
             self.source.error = f"model {scorer.version} failed while deciding ({reason}); using the default policy"
         return None

@@ -134,9 +134,14 @@ class ModelSource:
         self.file_error: str | None = None  # the served version's file no longer matches its manifest
         self._stamp: tuple[int, int] | None = None
         self._retry_at = 0.0
+        self._lock = threading.Lock()  # the daemon refreshes from worker threads, more than one at times
 
     def refresh(self) -> bool:
         """Load the current version if the pointer moved; True when the live model changed."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         stamp = self.registry.current_stamp()
         retry = self.error is not None and time.monotonic() >= self._retry_at
         if stamp == self._stamp and not retry:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import msgspec
@@ -251,57 +252,42 @@ def constant_probs(policy: str, action: str, action_ids: Sequence[Sequence[str]]
     return pi
 
 
-_probs_line = msgspec.json.Decoder(dict[str, Any])
-
-
 def file_probs(
-    policy: str, path: str, ids: Sequence[str], action_ids: Sequence[Sequence[str]], mask: np.ndarray
+    policy: str,
+    table: Mapping[str, Mapping[str, Any]] | None,
+    ids: Sequence[str],
+    action_ids: Sequence[Sequence[str]],
+    mask: np.ndarray,
 ) -> np.ndarray:
-    """The distributions a file gives for the window's decisions (NDJSON ``{"id", "probs"}``).
+    """The distributions a file gave for the window's decisions: ``table`` maps a decision id to
+    ``{action id: p}``, as the sender read the file (``protocol.probability_tables``).
 
-    Every decision of the window needs a line; lines for other decisions are ignored. A
-    distribution must give a finite, non-negative probability to actions the decision offered only
-    (an action left out has 0) and sum to 1 (within 1e-6).
+    Every decision of the window needs one; others are ignored. A distribution must give a finite,
+    non-negative probability to actions the decision offered only (an action left out has 0) and
+    sum to 1 (within 1e-6).
     """
-    wanted = {decision: i for i, decision in enumerate(ids)}
+    if table is None:
+        raise PolicySpecError(
+            policy, "its probabilities did not come with the request (reflexd evaluate and Policy.evaluate read the file)"
+        )
     pi = np.zeros(np.shape(mask), dtype=np.float64)
-    found = np.zeros(len(ids), dtype=bool)
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise PolicySpecError(policy, f"cannot read {path}: {exc.strerror or exc}") from None
-    with f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                line = _probs_line.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise PolicySpecError(policy, f'{where}: not a JSON object {{"id", "probs"}} ({exc})') from None
-            decision, probs = line.get("id"), line.get("probs")
-            if not isinstance(decision, str) or not isinstance(probs, dict):
-                raise PolicySpecError(policy, f'{where}: needs "id" (a decision id) and "probs" (action id: probability)')
-            i = wanted.get(decision)
-            if i is None:
-                continue
-            if found[i]:
-                raise PolicySpecError(policy, f"{where}: decision {decision!r} has a line already")
-            offered = list(action_ids[i])
-            for action, p in probs.items():
-                if action not in offered:
-                    raise PolicySpecError(policy, f"{where}: decision {decision!r} did not offer {action!r}")
-                if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0:
-                    raise PolicySpecError(policy, f"{where}: the probability of {action!r} must be a finite number ≥ 0")
-                pi[i, offered.index(action)] = float(p)
-            if abs(pi[i].sum() - 1.0) > 1e-6:
-                raise PolicySpecError(policy, f"{where}: probabilities sum to {pi[i].sum():.9g}, not 1")
-            found[i] = True
-    if not found.all():
-        first = ids[int(np.argmin(found))]
+    missing = [decision for decision in ids if decision not in table]
+    for i, decision in enumerate(ids):
+        if decision not in table:
+            continue
+        offered = list(action_ids[i])
+        for action, p in table[decision].items():
+            if action not in offered:
+                raise PolicySpecError(policy, f"decision {decision!r} did not offer {action!r}")
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0:
+                raise PolicySpecError(policy, f"decision {decision!r}: the probability of {action!r} must be a finite number ≥ 0")
+            pi[i, offered.index(action)] = float(p)
+        if abs(pi[i].sum() - 1.0) > 1e-6:
+            raise PolicySpecError(policy, f"decision {decision!r}: probabilities sum to {pi[i].sum():.9g}, not 1")
+    if missing:
         raise EvaluationError(
-            f"{policy}: {path} has no line for {int((~found).sum())} of the {len(ids)} decisions in the window "
-            f"(the first: {first!r}); give every decision's probabilities, or narrow the window"
+            f"{policy}: no probabilities for {len(missing)} of the {len(ids)} decisions in the window "
+            f"(the first: {missing[0]!r}); give every decision's probabilities, or narrow the window"
         )
     return pi
 
@@ -531,8 +517,10 @@ def run(
     agent: str | None = None,
     since: float | None = None,
     until: float | None = None,
+    tables: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> Evaluation:
-    """Evaluate ``policies`` (names as in the module docstring) on the window ``batch_for`` loads.
+    """Evaluate ``policies`` (names as in the module docstring) on the window ``batch_for`` loads;
+    ``tables`` holds each ``file:`` policy's probabilities, as its sender read them.
 
     ``batch_for(spec)`` gives the window's rows hashed with ``spec`` (None: any spec, for policies
     that need no model), the same rows in the same order whatever the spec. ``load_model(version)``
@@ -540,6 +528,7 @@ def run(
     and which scores DR and DM unless ``reward_model`` names another.
     """
     started = time.perf_counter()
+    tables = tables or {}
     specs = [parse_policy(p) for p in policies]  # every name is checked before anything is loaded
     scorers: dict[str, Scorer] = {}
     scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -586,7 +575,7 @@ def run(
             values.append((spec.text, spec.kind, constant_probs(spec.text, spec.action, batch.action_ids, mask), {}))
         elif spec.kind == "file":
             assert spec.path is not None
-            values.append((spec.text, spec.kind, file_probs(spec.text, spec.path, batch.ids, batch.action_ids, mask), {}))
+            values.append((spec.text, spec.kind, file_probs(spec.text, tables.get(spec.text), batch.ids, batch.action_ids, mask), {}))
         else:
             assert spec.version is not None
             version = version_of(spec.version, spec.text)

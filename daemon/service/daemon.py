@@ -23,9 +23,10 @@ from reflexd.config import Config, keep_restart_only, load_config
 from reflexd.deciding.choosing import Chooser, slate_events
 from reflexd.deciding.scoring import ModelSource
 from reflexd.durable import private_dir
-from reflexd.errors import ConfigError, ReflexdError, StateDirError, StorageError, TrainingError
+from reflexd.errors import ConfigError, ReflexdError, RequestTimeout, StateDirError, StorageError, TrainingError
 from reflexd.registry import Registry
 from reflexd.service import sdnotify
+from reflexd.service.endpoint import Endpoint
 from reflexd.service.evaluation import WINDOWS_DIR, Models, evaluate_window
 from reflexd.service.ingest import Ingest
 from reflexd.service.monitor import Monitor
@@ -74,6 +75,8 @@ class Daemon:
         # evaluate requests: one at a time (each holds a window of decisions in memory), models kept loaded
         self.evaluation_lock = anyio.Lock()
         self.evaluation_models = Models(self.registry, lambda: self.models.scorer)
+        self.rollbacks_requested = 0  # `reflexd rollback`; the monitor counts its automatic ones
+        self.endpoint = Endpoint(config, self)  # metrics and health over HTTP, if metrics.path/port say so
         self.store: Store
         self.ingest: Ingest
         self.server: Server
@@ -114,6 +117,7 @@ class Daemon:
         listener = await anyio.create_unix_listener(sock_path, mode=cfg.socket.mode_bits)
         self._apply_socket_permissions(sock_path)
         try:
+            await self.endpoint.open_listeners()
             async with anyio.create_task_group() as writer_tg:
                 writer_tg.start_soon(self.ingest.run)
                 try:
@@ -125,12 +129,15 @@ class Daemon:
                         tg.start_soon(self.monitor.run)
                         tg.start_soon(sdnotify.watchdog)
                         tg.start_soon(self._signals, tg.cancel_scope)
+                        if self.endpoint.enabled:
+                            tg.start_soon(self.endpoint.serve)
                         _log.info("reflexd ready", socket=str(sock_path), state_dir=cfg.state_dir, pid=os.getpid())
                         sdnotify.notify("READY=1", "STATUS=accepting events")
                 finally:
                     # the listener is stopped; the writer commits what was accepted, then returns
                     self.ingest.close()
         finally:
+            await self.endpoint.aclose()
             await listener.aclose()
             sock_path.unlink(missing_ok=True)
             await anyio.to_thread.run_sync(self.store.close)
@@ -289,6 +296,7 @@ class Daemon:
             return Done(message=f"{msg.version} is live", req=req)
         if isinstance(msg, Rollback):
             target = await anyio.to_thread.run_sync(self.registry.rollback)
+            self.rollbacks_requested += 1
             await self._model_event(target, "rolled_back", "by request")
             return Done(message=f"rolled back to {target}", req=req)
         if isinstance(msg, Train):
@@ -328,7 +336,7 @@ class Daemon:
                     _remove_snapshots, self.scheduler.runs_dir
                 )
                 # evaluation windows are deleted once read; any a crash left behind hold the agent's rows too
-                removed["training_snapshots"] += await anyio.to_thread.run_sync(
+                removed["evaluation_windows"] = await anyio.to_thread.run_sync(
                     _remove_windows, self.config.state_path / WINDOWS_DIR
                 )
                 removed["rejected_spool_events"] = await anyio.to_thread.run_sync(self.ingest.spool.forget, agent)
@@ -340,13 +348,20 @@ class Daemon:
     async def evaluate(self, msg: Evaluate) -> Any:
         """Evaluate policies on a window of logged decisions (``reflexd.service.evaluation``): the
         snapshot, loading and estimates run in a worker thread, one evaluation at a time."""
-        async with self.evaluation_lock:
+        limit = self.config.socket.request_timeout
+        with anyio.move_on_after(limit) as waited:
+            await self.evaluation_lock.acquire()
+        if waited.cancelled_caught:
+            raise RequestTimeout("evaluate: another evaluation is still running", limit)
+        try:
             return await anyio.to_thread.run_sync(
                 evaluate_window, self.store, self.evaluation_models, self.config, msg, time.time()
             )
+        finally:
+            self.evaluation_lock.release()
 
     async def _model_event(self, version: str, event: str, reason: str) -> None:
-        self.models.refresh()
+        await anyio.to_thread.run_sync(self.models.refresh)  # loading a model is no work for the event loop
         _log.info(f"model {event}", version=version, reason=reason)
         await anyio.to_thread.run_sync(self.store.record_model_event, version, event, {"reason": reason}, time.time())
 
@@ -420,15 +435,16 @@ class Daemon:
 
 
 def _remove_windows(directory: Path) -> int:
-    windows = list(directory.glob("*.parquet")) if directory.is_dir() else []
+    windows = list(directory.glob("*.parquet*")) if directory.is_dir() else []  # .partial ones too
     for window in windows:
         window.unlink(missing_ok=True)
     return len(windows)
 
 
 def _remove_snapshots(runs: Path) -> int:
-    """Delete the Parquet snapshots kept in finished run folders (they hold every agent's rows)."""
-    snapshots = list(runs.glob("*/snapshot.parquet")) if runs.is_dir() else []
+    """Delete what run folders keep of the rows they trained on: snapshots (a crash's ``.partial``
+    ones too) and results (a cross-fitted run's lists every decision id)."""
+    snapshots = [*runs.glob("*/snapshot.parquet*"), *runs.glob("*/out/result.json")] if runs.is_dir() else []
     for snapshot in snapshots:
         snapshot.unlink(missing_ok=True)
     return len(snapshots)

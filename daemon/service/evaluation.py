@@ -138,6 +138,7 @@ def evaluate_window(store: Store, models: Models, config: Config, msg: Evaluate,
             agent=msg.agent,
             since=msg.since,
             until=msg.until,
+            tables=msg.tables,
         )
     # the whole of it, the snapshot included
     return msgspec.structs.replace(result, req=msg.req, seconds=round(time.perf_counter() - started, 3))

@@ -280,7 +280,7 @@ class Monitor:
         except PointerMoved as exc:
             _log.info("live model changed during the rollback check; checking again later", detail=str(exc))
             return result
-        self.models.refresh()
+        await anyio.to_thread.run_sync(self.models.refresh)
         self.rollbacks += 1
         self._rolled_to = target  # held at once, even if the event below cannot be recorded
         detail = {**msgspec.to_builtins(result), "from": current, "to": target}

@@ -43,9 +43,14 @@ KEEP_RUNS = 3
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
 
 
+def cpu_load() -> float:
+    """The 1-minute load average per core."""
+    return os.getloadavg()[0] / (os.cpu_count() or 1)
+
+
 def cpu_idle(threshold: float) -> bool:
     """True when the 1-minute load average per core is below ``threshold``."""
-    return os.getloadavg()[0] / (os.cpu_count() or 1) < threshold
+    return cpu_load() < threshold
 
 
 @dataclass
@@ -62,6 +67,7 @@ class TrainerStatus:
     cutoff: float = 0.0  # newest experience the last snapshot held
     trained_on: int = 0  # experiences the last snapshot held (train and holdout)
     trainer_pid: int | None = None  # the running trainer subprocess, if any
+    waiting: str | None = None  # why no run has started, as of the last check
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -119,10 +125,20 @@ class Scheduler:
     async def _due(self) -> bool:
         cfg = self.config.trainer
         now = time.time()
-        if now < self.status.next_attempt or not cpu_idle(cfg.idle_load):
+        if now < self.status.next_attempt:
+            self.status.waiting = f"backing off after a failed run, {self.status.next_attempt - now:.0f} s more"
+            return False
+        load = cpu_load()
+        if load >= cfg.idle_load:
+            self.status.waiting = f"waiting for idle CPU: load {load:.2f} per core, trainer.idle_load {cfg.idle_load:g}"
             return False
         new = await anyio.to_thread.run_sync(self.store.matured_count, self.status.cutoff, now, self.config)
-        return new >= runs.due_after(cfg, self.status.trained_on, first_run_rows(self.config))
+        needed = runs.due_after(cfg, self.status.trained_on, first_run_rows(self.config))
+        if new < needed:
+            self.status.waiting = f"{new} new matured experiences of the {needed} the next run needs"
+            return False
+        self.status.waiting = None
+        return True
 
     async def train_once(self, reason: str) -> dict[str, Any]:
         async with self._lock:

@@ -27,6 +27,7 @@ from reflexd.config import Config
 from reflexd.durable import private_dir
 from reflexd.errors import FrameError, ReflexdError, SocketError
 from reflexd.service.ingest import Ingest
+from reflexd.service.metrics import DecideLatency
 from reflexd.service.redact import Redactor
 from reflexd.service.store import DeadLetter
 from reflexd.wire.framing import FrameReader, decode_inbound, encode_frame, framing_of
@@ -323,6 +324,7 @@ class _Decider:
         self.server = server
         self._waiting: list[_Connection] = []  # the connections in the batch being formed
         self._done: anyio.Event | None = None  # set once that batch is decided
+        self.latency = DecideLatency()  # one observation per batch, weighted by its requests
 
     async def decide(self, conn: _Connection) -> None:
         """Fill the reply slots of ``conn.decides``, and log their decisions, before returning."""
@@ -332,17 +334,19 @@ class _Decider:
             return
         self._waiting.append(conn)
         self._done = done = anyio.Event()
+        started = time.perf_counter()
         try:
             if self.server.connections > 1:  # alone, there is no one to wait for
                 await checkpoint()
         finally:  # even if cancelled: the others are waiting on this
             conns, self._waiting = self._waiting, []
             try:
-                self._answer(conns)
+                decided = self._answer(conns)
+                self.latency.observe(time.perf_counter() - started, decided)
             finally:
                 done.set()
 
-    def _answer(self, conns: list[_Connection]) -> None:
+    def _answer(self, conns: list[_Connection]) -> int:
         pending = [(conn, slot, seq, msg) for conn in conns for slot, seq, msg in conn.decides]
         for conn in conns:
             conn.decides = []
@@ -361,6 +365,7 @@ class _Decider:
                 answer, decisions = answer
                 conn.decided.extend(decisions)
             conn.replies[slot] = encode_frame(answer, conn.framing)
+        return len(pending)
 
     def _decide(self, msgs: list[Decide]) -> list[Any]:
         redactor = self.server.redactor

@@ -12,7 +12,7 @@ import msgspec
 
 from reflexd import __version__
 from reflexd.config import DEFAULT_PATH, load_config
-from reflexd.errors import ConfigError, ReflexdError, StoreDamaged, UsageError
+from reflexd.errors import ConfigError, DaemonUnavailable, ReflexdError, StoreDamaged, UsageError
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 EX_DATAERR = 65  # sysexits.h: input data incorrect (a damaged store)
@@ -211,6 +211,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"trainer    {t['state']}  runs {t['runs']}  promoted {t['promoted']}  rejected {t['rejected']}"
         f"  failures {t['failures']}" + (f"  last error: {t['last_error']}" if t.get("last_error") else "")
     )
+    if t.get("waiting") and t["state"] == "idle":
+        print(f"           no run yet: {t['waiting']}")
     if t.get("consecutive_failures"):
         import time
 
@@ -527,11 +529,12 @@ def render_evaluation(reply: Any) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from reflexd.wire.protocol import Evaluate, absolute_policies
+    from reflexd.wire.protocol import Evaluate, probability_tables
 
     try:
         msg = Evaluate(
-            policies=absolute_policies(list(args.policies)),
+            policies=list(args.policies),
+            tables=probability_tables(list(args.policies)),
             agent=args.agent,
             since=_when(args.since, "--since"),
             until=_when(args.until, "--until"),
@@ -784,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
         "earned, beside the logging policy (the baseline: its value is the mean observed reward). A POLICY\n"
         "is a model version (v0003; live: the live one) exploring as its manifest says, action:ID (always\n"
         "that action), file:PATH (per-decision probabilities, NDJSON lines {\"id\": decision id, \"probs\":\n"
-        "{action id: p}}, read by the daemon), or a version with exploration settings of one's own\n"
+        "{action id: p}}, read here and sent with the request), or a version with exploration settings of one's own\n"
         "(v0003@strategy=softmax,temperature=0.5; any key of the exploration config section). Prints one\n"
         "table: IPS, SNIPS and DR with intervals at gate.confidence, the difference from the logging policy,\n"
         "the effective sample size (Σw)²/Σw² and the share of decisions where the policy's likeliest action\n"
@@ -840,10 +843,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"reflexd: {exc}", file=sys.stderr)
+        if exc.source == DEFAULT_PATH and not os.path.exists(DEFAULT_PATH):
+            print("reflexd: name your config with --config FILE or $REFLEXD_CONFIG", file=sys.stderr)
         return EX_CONFIG
     except StoreDamaged as exc:  # `run` refusing a damaged store, as check-store would
         print(f"reflexd: {exc}", file=sys.stderr)
         return EX_DATAERR
+    except DaemonUnavailable as exc:
+        print(f"reflexd: {exc}", file=sys.stderr)
+        print(
+            "reflexd: point at your daemon with --socket PATH, $REFLEXD_SOCKET, or its config (--config FILE or "
+            "$REFLEXD_CONFIG)",
+            file=sys.stderr,
+        )
+        return 1
     except ReflexdError as exc:
         print(f"reflexd: {exc}", file=sys.stderr)
         return 1

@@ -156,8 +156,11 @@ class Decide(_Msg, tag="decide"):
     slots: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
     def __post_init__(self) -> None:
-        if self.slots is not None and self.slots > len(self.actions):
-            raise ValueError(f"slots ({self.slots}) must not exceed the {len(self.actions)} actions offered")
+        if self.slots is not None:
+            if self.slots > len(self.actions):
+                raise ValueError(f"slots ({self.slots}) must not exceed the {len(self.actions)} actions offered")
+            if len(set(action_ids(self.actions))) < len(self.actions):
+                raise ValueError("the actions of a slate must have distinct ids")
 
 
 class StatusRequest(_Msg, tag="status"):
@@ -207,8 +210,9 @@ class Evaluate(_Msg, tag="evaluate"):
     """Evaluate policies off-policy on the logged decisions of a window; answered with Evaluation.
 
     Each policy is ``vNNNN`` or ``live`` (a model with its manifest's exploration), ``action:ID``
-    (always that action), ``file:PATH`` (per-decision probabilities, NDJSON lines
-    ``{"id": decision id, "probs": {action id: p}}``, read by the daemon: give an absolute path) or
+    (always that action), ``file:PATH`` (per-decision probabilities: the sender reads the NDJSON
+    lines ``{"id": decision id, "probs": {action id: p}}`` and sends them in ``tables`` under the
+    policy's name; the daemon never opens a path a peer names) or
     ``VERSION@key=value,...`` (a model with exploration settings of one's own). The window is the
     matured decisions of ``agent`` (every agent without it) logged at ``since`` or later and before
     ``until`` (epoch seconds, the decision's own ``ts``). DR and DM score each row with
@@ -222,18 +226,52 @@ class Evaluate(_Msg, tag="evaluate"):
     until: float | None = None
     reward_model: Id | None = None
     discover: bool = False
+    # each file: policy's probabilities, by its name: {decision id: {action id: p}}
+    tables: dict[str, dict[str, dict[str, float]]] = {}
     req: ReqId = None
 
     def __post_init__(self) -> None:
         _check_ts(self.since)
         _check_ts(self.until)
         if not self.policies and not self.discover:
-            raise ValueError("name at least one policy to evaluate, or ask to discover")
+            raise ValueError("name at least one policy to evaluate, or ask to discover (--discover)")
 
 
-def absolute_policies(policies: list[str]) -> list[str]:
-    """``policies`` with every ``file:PATH`` made absolute: the daemon reads the file, from its own directory."""
-    return [f"file:{os.path.abspath(os.path.expanduser(p[5:]))}" if p.startswith("file:") and p[5:] else p for p in policies]
+_probs_line = msgspec.json.Decoder(dict[str, Any])
+
+
+def probability_tables(policies: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Read the file of each ``file:PATH`` policy, as the sender of an Evaluate does.
+
+    Each NDJSON line is ``{"id": decision id, "probs": {action id: p}}``; ValueError names the
+    file and line of anything else.
+    """
+    tables: dict[str, dict[str, dict[str, float]]] = {}
+    for policy in policies:
+        if not policy.startswith("file:") or not policy[5:]:
+            continue
+        path = os.path.expanduser(policy[5:])
+        table: dict[str, dict[str, float]] = {}
+        try:
+            with open(path, "rb") as f:
+                for number, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    where = f"{path}:{number}"
+                    try:
+                        line = _probs_line.decode(raw)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        raise ValueError(f'{where}: not a JSON object {{"id", "probs"}} ({exc})') from None
+                    decision, probs = line.get("id"), line.get("probs")
+                    if not isinstance(decision, str) or not isinstance(probs, dict):
+                        raise ValueError(f'{where}: needs "id" (a decision id) and "probs" (action id: probability)')
+                    if decision in table:
+                        raise ValueError(f"{where}: decision {decision!r} has a line already")
+                    table[decision] = probs
+        except OSError as exc:
+            raise ValueError(f"{policy}: cannot read {path}: {exc.strerror or exc}") from None
+        tables[policy] = table
+    return tables
 
 
 ExperienceEvent = Union[Decision, Outcome, Step, Event]

@@ -299,5 +299,5 @@ def test_forget_removes_evaluation_windows_a_crash_left_behind(daemon: DaemonPro
     windows.mkdir(exist_ok=True)
     (windows / "left-behind.parquet").write_bytes(b"rows of every agent")
     done = daemon.request(Forget(agent="a"))
-    assert "1 training snapshots" in done.message
+    assert "1 evaluation windows" in done.message
     assert not list(windows.glob("*.parquet"))

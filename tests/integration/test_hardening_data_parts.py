@@ -205,7 +205,8 @@ def test_split_line_reads_every_intact_event_and_counts_the_damaged() -> None:
 
 
 def test_loaded_segments_wait_in_loaded_until_a_checkpoint(tmp_path: Path) -> None:
-    store = Store(tmp_path / "r.duckdb", StoreConfig(checkpoint_interval=0.3))
+    # long enough that no checkpoint can come between a load and the check after it on a slow machine
+    store = Store(tmp_path / "r.duckdb", StoreConfig(checkpoint_interval=5.0))
     loaded = tmp_path / "spool" / "loaded"
 
     async def main() -> None:

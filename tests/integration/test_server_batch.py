@@ -21,9 +21,9 @@ from conftest import DaemonProcess
 from reflexd.deciding import exploring as exploration
 from reflexd.deciding.choosing import Chooser
 from reflexd.deciding.scoring import ModelSource, Scorer
+from reflexd.errors import RedactionError
 from reflexd.registry import Registry
 from reflexd.wire.connection import Connection
-from reflexd.errors import RedactionError
 from reflexd.wire.framing import MSGPACK, FrameReader, decode_reply, encode_frame
 from reflexd.wire.protocol import Ack, Decide, Decided, Decision, Error, Flush, Promote
 from test_serving import ACTIONS, CTX, SOFTMAX, add_version, manifest_exploration

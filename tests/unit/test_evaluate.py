@@ -19,6 +19,7 @@ from reflexd.learning import ope
 from reflexd.learning.dataset import from_records
 from reflexd.learning.gate import target_probs
 from reflexd.manifest import build_manifest
+from reflexd.wire.protocol import probability_tables
 
 SPEC = FeatureSpec(context_dim=8, action_dim=8, seed=0)
 
@@ -173,11 +174,16 @@ def write_lines(path: Path, lines: list[Any]) -> str:
     return str(path)
 
 
+def table(path: str) -> dict[str, Any]:
+    """What reflexd evaluate and Policy.evaluate send for ``file:PATH``."""
+    return probability_tables([f"file:{path}"])[f"file:{path}"]
+
+
 def test_a_file_gives_each_decisions_distribution(tmp_path: Path) -> None:
     batch = from_records(records(6), SPEC)
     lines = [{"id": f"d{i}", "probs": {"a": 0.25, "b": 0.75}} for i in range(6)]
     lines.insert(2, {"id": "elsewhere", "probs": {"z": 1.0}})  # another window's decision: ignored
-    pi = ev.file_probs("file:p", write_lines(tmp_path / "p.ndjson", lines + [""]), batch.ids, batch.action_ids, batch.mask)
+    pi = ev.file_probs("file:p", table(write_lines(tmp_path / "p.ndjson", lines + [""])), batch.ids, batch.action_ids, batch.mask)
     np.testing.assert_array_equal(pi[:, :2], np.tile([0.25, 0.75], (6, 1)))
     assert (pi[:, 2] == 0).all()
 
@@ -185,24 +191,40 @@ def test_a_file_gives_each_decisions_distribution(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "lines, error, message",
     [
-        ([{"id": "d0", "probs": {"a": 1.0}}], EvaluationError, r"has no line for 5 of the 6 decisions in the window \(the first: 'd1'\)"),
-        (["not json"], PolicySpecError, r"p.ndjson:1: not a JSON object"),
-        ([{"id": "d0"}], PolicySpecError, r'p.ndjson:1: needs "id" \(a decision id\) and "probs"'),
-        ([{"id": "d0", "probs": {"a": 0.5, "b": 0.4}}], PolicySpecError, r"p.ndjson:1: probabilities sum to 0.9, not 1"),
-        ([{"id": "d0", "probs": {"c": 1.0}}], PolicySpecError, r"p.ndjson:1: decision 'd0' did not offer 'c'"),
+        ([{"id": "d0", "probs": {"a": 1.0}}], EvaluationError, r"no probabilities for 5 of the 6 decisions in the window \(the first: 'd1'\)"),
+        ([{"id": "d0", "probs": {"a": 0.5, "b": 0.4}}], PolicySpecError, r"decision 'd0': probabilities sum to 0.9, not 1"),
+        ([{"id": "d0", "probs": {"c": 1.0}}], PolicySpecError, r"decision 'd0' did not offer 'c'"),
         ([{"id": "d1", "probs": {"a": -0.5, "b": 1.5}}], PolicySpecError, r"the probability of 'a' must be a finite number ≥ 0"),
-        ([{"id": "d1", "probs": {"a": 1}}, {"id": "d1", "probs": {"b": 1}}], PolicySpecError, r"p.ndjson:2: decision 'd1' has a line already"),
     ],
 )
 def test_a_file_that_does_not_cover_the_window_is_refused(tmp_path: Path, lines: list[Any], error: type, message: str) -> None:
     batch = from_records(records(6), SPEC)
     with pytest.raises(error, match=message):
-        ev.file_probs("file:p", write_lines(tmp_path / "p.ndjson", lines), batch.ids, batch.action_ids, batch.mask)
+        ev.file_probs("file:p", table(write_lines(tmp_path / "p.ndjson", lines)), batch.ids, batch.action_ids, batch.mask)
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (["not json"], r"p.ndjson:1: not a JSON object"),
+        ([{"id": "d0"}], r'p.ndjson:1: needs "id" \(a decision id\) and "probs"'),
+        ([{"id": "d1", "probs": {"a": 1}}, {"id": "d1", "probs": {"b": 1}}], r"p.ndjson:2: decision 'd1' has a line already"),
+    ],
+)
+def test_the_sender_names_the_line_of_a_file_it_cannot_read(tmp_path: Path, lines: list[Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        table(write_lines(tmp_path / "p.ndjson", lines))
 
 
 def test_a_missing_file_is_named() -> None:
-    with pytest.raises(PolicySpecError, match="cannot read /nonexistent/p.ndjson: No such file"):
-        ev.file_probs("file:/nonexistent/p.ndjson", "/nonexistent/p.ndjson", ["d0"], [["a"]], np.ones((1, 1), bool))
+    with pytest.raises(ValueError, match="cannot read /nonexistent/p.ndjson: No such file"):
+        table("/nonexistent/p.ndjson")
+
+
+def test_the_daemon_never_opens_a_path_a_peer_names() -> None:
+    # file: policies' probabilities come with the request; without them the policy is refused
+    with pytest.raises(PolicySpecError, match="did not come with the request"):
+        ev.file_probs("file:/dev/zero", None, ["d0"], [["a"]], np.ones((1, 1), bool))
 
 
 # ---- the evaluation on known truth ---------------------------------------------------------------
