@@ -826,7 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and watch the daemon train and promote models. Progress goes to stderr; a report is printed and\n"
         "written with the daemon log (and, with matplotlib, a learning-curve plot) under --out.\n"
         "Exit 1 if no model was promoted.",
-        ["reflexd demo", "reflexd demo --decisions 3000 --rate 1000 --out /tmp/reflexd-demo"],
+        ["reflexd demo", "reflexd demo --decisions 20000 --out /tmp/reflexd-demo --seed 3"],
     )
     p.add_argument("--decisions", type=int, default=12_000, help="interactions to simulate (default 12000)")
     p.add_argument("--rate", type=float, default=300.0, help="agent decisions per second (default 300)")

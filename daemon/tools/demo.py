@@ -155,7 +155,7 @@ def report(rec: Record, status: Any) -> str:
         " (one call every few ms, each starting with cold CPU caches; `make bench` times calls back to back)"
     )
     t = status.trainer
-    lines.append(f"daemon: {status.ingest['stored']} events stored, {t['runs']} training runs, {t['promoted']} promoted, {t['rejected']} rejected")
+    lines.append(f"daemon: {status.ingest['stored']} events stored, {t['runs']} training run{'s' if t['runs'] != 1 else ''}, {t['promoted']} promoted, {t['rejected']} rejected")
     return "\n".join(lines)
 
 
