@@ -322,10 +322,16 @@ class Chooser:
     def explain(
         self, agent: str, context: dict[str, Any], actions: list[Any], top: int | None = None
     ) -> Explanation:
-        """``explaining.explain`` with the live model, its exploration and the current ``t`` (left alone)."""
-        scorer, manifest, _ = self._live()
+        """``explaining.explain`` with the live model, its exploration and the current ``t`` (left alone).
+
+        Reads the clock without resetting it on a model swap (the daemon explains in a worker
+        thread, beside decisions on the event loop): a newer model than the clock's counts from 0.
+        """
+        scorer = self.source.scorer if self.source is not None else None
+        manifest = scorer.manifest if scorer is not None else None
+        since_load = self._since_load if (scorer.version if scorer is not None else None) == self._version else 0
         cfg = self.exploration_for(agent, manifest)
-        t = self._since_load + (manifest.training.experience if manifest else 0)
+        t = since_load + (manifest.training.experience if manifest else 0)
         if scorer is not None:
             try:
                 return explaining.explain(scorer, cfg, agent, context, actions, t, top)
