@@ -286,7 +286,8 @@ class Spool:
             self.leftovers = frozenset(self._sealed + self.to_restore)  # written by an earlier run
         except OSError as exc:
             raise StorageError(f"cannot open the ingest spool at {directory}: {exc}") from exc
-        self._counter = max((int(_NAME.match(p.name)[1]) for p in self._sealed), default=0)  # type: ignore[index]
+        # names in loaded/ count too: a new segment must sort after every one still waiting there
+        self._counter = max((int(_NAME.match(p.name)[1]) for p in [*self._sealed, *self.to_restore]), default=0)  # type: ignore[index]
         self.pending_bytes = sum(self._sizes.values())
 
     def _recover(self) -> tuple[list[Path], dict[Path, int]]:

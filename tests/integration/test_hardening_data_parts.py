@@ -331,3 +331,14 @@ def test_a_damaged_store_is_named_damaged_and_left_as_it_was(tmp_path: Path, dam
     assert caught.value.code == "store_damaged" and str(db) in str(caught.value)
     assert "mv " in str(caught.value) and "docs/operations.md" in str(caught.value)
     assert db.read_bytes() == before and not db.with_name(db.name + ".wal").exists()
+
+
+def test_a_new_segment_sorts_after_those_still_waiting_in_loaded(tmp_path: Path) -> None:
+    waiting = tmp_path / "spool" / "loaded"
+    waiting.mkdir(parents=True)
+    (waiting / "000000000009-0123456789ab.ndjson").write_bytes(encode_line([], 1.0, 0))
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    spool.append([Decision(id="d", agent="a", context={}, actions=["x"], chosen="x", prob=1.0)], 2.0)
+    (new,) = spool.take()
+    # before: numbering restarted below it, so a second crash restored them out of order
+    assert new.name > "000000000009"
