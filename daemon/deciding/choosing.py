@@ -64,6 +64,32 @@ def slate_events(choices: list[Choice], agent: str, context: dict[str, Any], act
     return events
 
 
+def _score_by_size(
+    scorer: Scorer, requests: list[tuple[dict[str, Any], list[Any]]]
+) -> list[tuple[list[float], list[float]] | Exception]:
+    """Each (context, actions)'s scores and spread, or what failed: requests offering the same number
+    of actions are scored in one model run, where most of a lone decision's time is the run's fixed
+    cost; a run that fails is redone one request at a time, so that one bad request fails alone."""
+    found: list[tuple[list[float], list[float]] | Exception] = [ValueError("not scored")] * len(requests)
+    groups: dict[int, list[int]] = {}
+    for i, (_, actions) in enumerate(requests):
+        groups.setdefault(len(actions), []).append(i)
+    for rows in groups.values():
+        try:
+            scores, spread = scorer.score_many([requests[i][0] for i in rows], [requests[i][1] for i in rows])
+        except Exception:  # onnxruntime's errors are untyped
+            for i in rows:
+                try:
+                    one, one_spread = scorer.score(*requests[i])
+                    found[i] = (one.tolist(), one_spread.tolist())
+                except Exception as exc:
+                    found[i] = exc
+            continue
+        for k, i in enumerate(rows):
+            found[i] = (scores[k].tolist(), spread[k].tolist())
+    return found
+
+
 ExplorationFor = Callable[[str, Manifest | None], ExplorationConfig]
 
 
@@ -127,19 +153,11 @@ class Chooser:
         self._since_load += len(requests)
         probs: list[list[float] | None] = [None] * len(requests)
         if scorer is not None:
-            groups: dict[int, list[int]] = {}
-            for i, r in enumerate(requests):
-                groups.setdefault(len(r[2]), []).append(i)
-            for rows in groups.values():
-                try:
-                    scores, spread = scorer.score_many([requests[i][1] for i in rows], [requests[i][2] for i in rows])
-                except Exception:  # one bad decision must not fail the others: each is scored alone
-                    for i in rows:
-                        _, context, actions, _ = requests[i]
-                        probs[i] = self._distribution(scorer, cfgs[i], context, actions, t0 + i)
-                    continue
-                for k, (row, row_spread) in enumerate(zip(scores.tolist(), spread.tolist())):
-                    probs[rows[k]] = self._explore(scorer, cfgs[rows[k]], row, row_spread, t0 + rows[k])
+            for i, found in enumerate(_score_by_size(scorer, [(r[1], r[2]) for r in requests])):
+                if isinstance(found, Exception):
+                    probs[i] = self._failed(scorer, f"{type(found).__name__}: {found}")
+                else:
+                    probs[i] = self._explore(scorer, cfgs[i], found[0], found[1], t0 + i)
         fresh = os.urandom(16 * len(requests)).hex()  # ids for those that came without one
         choices = []
         for i, (agent, context, actions, decision_id) in enumerate(requests):
@@ -278,25 +296,15 @@ class Chooser:
         t = self._since_load + (manifest.training.experience if manifest else 0)
         scored: list[tuple[list[float], list[float]] | None] = [None] * len(requests)
         if scorer is not None:
-            groups: dict[int, list[int]] = {}
-            for i, r in enumerate(requests):
-                groups.setdefault(len(r[2]), []).append(i)
-            for rows in groups.values():
-                try:
-                    scores, spread = scorer.score_many([requests[i][1] for i in rows], [requests[i][2] for i in rows])
-                    for k, i in enumerate(rows):
-                        scored[i] = (scores[k].tolist(), spread[k].tolist())
-                except Exception:  # as in choose_many: each alone, so that one bad request fails alone
-                    for i in rows:
-                        try:
-                            scores1, spread1 = scorer.score(requests[i][1], requests[i][2])
-                            scored[i] = (scores1.tolist(), spread1.tolist())
-                        except Exception as exc:
-                            if self.source is not None:
-                                self.source.error = (
-                                    f"model {scorer.version} failed while scoring ({type(exc).__name__}: {exc});"
-                                    " using the default policy"
-                                )
+            for i, found in enumerate(_score_by_size(scorer, [(r[1], r[2]) for r in requests])):
+                if isinstance(found, Exception):
+                    if self.source is not None:
+                        self.source.error = (
+                            f"model {scorer.version} failed while scoring ({type(found).__name__}: {found});"
+                            " using the default policy"
+                        )
+                else:
+                    scored[i] = found
         by_agent: dict[str, ExplorationConfig] = {}
         results = []
         for (agent, _, actions), found in zip(requests, scored):
