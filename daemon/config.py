@@ -99,6 +99,9 @@ class TrainerConfig(_Section):
     growth: NonNegative = 0.25
     check_interval: PositiveFloat = 5.0
     idle_load: PositiveFloat = 0.8
+    # the load average alone must not stall learning on a busy host (the trainer's idle priority is
+    # what protects the agents): a due run waits at most this many seconds for idle CPU; 0: forever
+    max_idle_wait: NonNegative = 900.0
     max_threads: Positive = 1
     max_wall_time: PositiveFloat = 600.0
     max_examples: Positive = 200_000

@@ -93,6 +93,7 @@ class Scheduler:
         self.status = TrainerStatus()
         self._lock = lock  # one run at a time, and none while an agent is being forgotten
         self._run_seq = 0
+        self._due_since: float | None = None  # when the data first made a run due, while the CPU is busy
 
     @property
     def config(self) -> Config:
@@ -119,26 +120,43 @@ class Scheduler:
                 failed = str(exc)
                 continue
             failed = None
-            if due:
-                await self.train_once("new experience")
+            if due is not None:
+                await self.train_once(due)
 
-    async def _due(self) -> bool:
+    async def _due(self) -> str | None:
+        """Why a run should start now, or None (and ``status.waiting`` says why not)."""
         cfg = self.config.trainer
+        status = self.status
         now = time.time()
-        if now < self.status.next_attempt:
-            self.status.waiting = f"backing off after a failed run, {self.status.next_attempt - now:.0f} s more"
-            return False
+        if now < status.next_attempt:
+            status.waiting = f"backing off after a failed run, {status.next_attempt - now:.0f} s more"
+            return None
+        new = await anyio.to_thread.run_sync(self.store.matured_count, status.cutoff, now, self.config)
+        needed = runs.due_after(cfg, status.trained_on, first_run_rows(self.config))
+        if new < needed:
+            status.waiting = f"{new} new matured experiences of the {needed} the next run needs"
+            self._due_since = None
+            return None
+        if self._due_since is None:
+            self._due_since = now
         load = cpu_load()
         if load >= cfg.idle_load:
-            self.status.waiting = f"waiting for idle CPU: load {load:.2f} per core, trainer.idle_load {cfg.idle_load:g}"
-            return False
-        new = await anyio.to_thread.run_sync(self.store.matured_count, self.status.cutoff, now, self.config)
-        needed = runs.due_after(cfg, self.status.trained_on, first_run_rows(self.config))
-        if new < needed:
-            self.status.waiting = f"{new} new matured experiences of the {needed} the next run needs"
-            return False
-        self.status.waiting = None
-        return True
+            waited = now - self._due_since
+            busy = f"load {load:.2f} per core, trainer.idle_load {cfg.idle_load:g}"
+            if not cfg.max_idle_wait:
+                status.waiting = f"waiting for idle CPU: {busy}"
+                return None
+            if waited < cfg.max_idle_wait:
+                left = cfg.max_idle_wait - waited
+                status.waiting = f"waiting for idle CPU: {busy}; starts anyway in {left:.0f} s (trainer.max_idle_wait)"
+                return None
+            _log.info("training on a busy host", load=round(load, 2), waited=round(waited, 1))
+            reason = f"new experience; waited {waited:.0f} s for idle CPU ({busy})"
+        else:
+            reason = "new experience"
+        self._due_since = None
+        status.waiting = None
+        return reason
 
     async def train_once(self, reason: str) -> dict[str, Any]:
         async with self._lock:

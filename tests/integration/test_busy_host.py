@@ -1,0 +1,99 @@
+"""On a host that is never idle, a due run still starts, after trainer.max_idle_wait (issue 19).
+
+The load average is the one fake here (``busy``): a real one cannot be raised on demand.
+The store is a real DuckDB file holding real matured experiences.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from reflexd.config import Config, parse_config
+from reflexd.registry import Registry
+from reflexd.service import scheduler as scheduler_module
+from reflexd.service.scheduler import Scheduler
+from reflexd.service.store import Store
+from reflexd.wire.protocol import Decision, Outcome
+
+
+def _config(tmp_path: Path, **trainer: object) -> Config:
+    return parse_config(
+        msgspec.json.encode(
+            {
+                "state_dir": str(tmp_path / "state"),
+                "rewards": {"wait_window": 0.0},
+                "trainer": {"idle_load": 0.8, "min_new_examples": 1000, **trainer},
+            }
+        )
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "state" / "reflexd.duckdb")
+    long_ago = time.time() - 3600
+    events: list[Decision | Outcome] = []
+    for i in range(40):
+        events.append(Decision(id=f"d{i}", agent="a", context={"x": i % 3}, actions=["l", "r"], chosen="l", prob=0.5, ts=long_ago))
+        events.append(Outcome(decision_id=f"d{i}", reward=1.0, ts=long_ago))
+    s.write(events, long_ago)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake: a 1-minute load average of 3 per core, far above trainer.idle_load."""
+    monkeypatch.setattr(scheduler_module, "cpu_load", lambda: 3.0)
+
+
+def _scheduler(config: Config, store: Store) -> Scheduler:
+    # _due reads only the settings and the store; the other collaborators are never reached
+    return Scheduler(lambda: config, store, None, Registry(config.state_path / "models"), None, anyio.Lock())  # type: ignore[arg-type]
+
+
+def test_a_due_run_waits_for_idle_cpu_then_starts_anyway(tmp_path: Path, store: Store, busy: None, monkeypatch) -> None:
+    config = _config(tmp_path, max_idle_wait=600)
+    sched = _scheduler(config, store)
+    clock = [time.time()]
+    monkeypatch.setattr(scheduler_module.time, "time", lambda: clock[0])
+
+    assert anyio.run(sched._due) is None
+    waiting = sched.status.waiting
+    assert waiting is not None and "waiting for idle CPU" in waiting and "load 3.00" in waiting
+    assert "starts anyway in 600 s" in waiting and "trainer.max_idle_wait" in waiting
+
+    clock[0] += 599
+    assert anyio.run(sched._due) is None
+    assert "starts anyway in 1 s" in sched.status.waiting
+
+    clock[0] += 2
+    reason = anyio.run(sched._due)
+    assert reason is not None and "waited 601 s for idle CPU" in reason
+    assert sched.status.waiting is None
+    # the bound counts from when the run became due again, not from the first wait
+    assert anyio.run(sched._due) is None and "starts anyway in 600 s" in sched.status.waiting
+
+
+def test_max_idle_wait_zero_waits_for_idle_cpu_forever(tmp_path: Path, store: Store, busy: None, monkeypatch) -> None:
+    sched = _scheduler(_config(tmp_path, max_idle_wait=0), store)
+    clock = [time.time()]
+    monkeypatch.setattr(scheduler_module.time, "time", lambda: clock[0])
+    for _ in range(3):
+        assert anyio.run(sched._due) is None
+        assert sched.status.waiting.startswith("waiting for idle CPU") and "starts anyway" not in sched.status.waiting
+        clock[0] += 10**6
+
+
+def test_without_enough_new_experience_the_wait_is_for_data_not_cpu(tmp_path: Path, store: Store, busy: None) -> None:
+    sched = _scheduler(_config(tmp_path, max_idle_wait=1), store)
+    sched.status.trained_on = 40
+    sched.status.cutoff = time.time()
+    assert anyio.run(sched._due) is None
+    assert "new matured experiences" in sched.status.waiting
