@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[dev,demo]'
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[dev,demo,fleet]'
 	touch $@
 
 demo: install
@@ -42,6 +42,20 @@ bench-crash: install
 
 check-config: install
 	$(VENV)/bin/reflexd check-config configs/reflexd.yaml
+
+# Install as a systemd service (docs/operations.md): a venv of its own under PREFIX with reflexd
+# and the CPU build of torch, the units, sysusers and tmpfiles snippets, and
+# /etc/reflexd/reflexd.yaml (an existing one is kept). Needs only python3 with its venv module
+# (python3-venv on Debian and Ubuntu), not .venv. DESTDIR stages it all under another root.
+# torch comes from TORCH_INDEX (the CPU-only builds) unless a local wheel directory is used;
+# INSTALL_ARGS adds options (python3 daemon/tools/install.py --help).
+PREFIX ?= /opt/reflexd
+DESTDIR ?=
+TORCH_INDEX ?= $(if $(WHEELS),,https://download.pytorch.org/whl/cpu)
+.PHONY: install-service
+install-service:
+	$(PYTHON) daemon/tools/install.py --prefix '$(PREFIX)' --destdir '$(DESTDIR)' --torch-index '$(TORCH_INDEX)' \
+		$(if $(WHEELS),--find-links '$(WHEELS)',) $(INSTALL_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

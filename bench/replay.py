@@ -40,6 +40,7 @@ from bench import learning_peers as peers
 from bench import learning_streams as streams
 from reflexd.config import Config, ConfigError, parse_config
 from reflexd.deciding import exploring
+from reflexd.deciding.online import OnlineHead
 from reflexd.errors import TrainingError
 from reflexd.features import FeatureSpec, Hasher, action_ids
 from reflexd.learning import gate, runs
@@ -86,15 +87,29 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
     live: TorchScorer | None = None
     clock = 0  # the client's: the live model's run experience plus decisions since it loaded
     outcomes: list[str] = []
+    # the client's online head, as reflexd.deciding.choosing uses it (the benchmark sets no default)
+    head = OnlineHead(config.online) if config.online.enabled else None
     for i in range(n):
+        x = head.features(stream.contexts[i]) if head is not None else None
+        base = None
         if live is None:
-            p = exploring.default_distribution(config.exploration, n_actions, None)
+            if x is not None and head.knows(stream.name, ids):
+                means = head.means(stream.name, x, ids)
+                spread = head.spread(stream.name, x, ids) if config.exploration.strategy == "ucb" else None
+                p = exploring.distribution(config.exploration, means, spread, clock)
+            else:
+                p = exploring.default_distribution(config.exploration, n_actions, None, clock)
         else:
             scores, spread = live.score_batch(contexts[i : i + 1], action_set[None])
-            p = exploring.distribution(config.exploration, scores[0], spread[0], clock)
-            clock += 1
+            base = scores[0].tolist()
+            combined = base if x is None else head.means(stream.name, x, ids, base)
+            p = exploring.distribution(config.exploration, combined, spread[0], clock)
+        clock += 1
         a = exploring.sample(p, rng.random())
         chosen[i], prob[i], earned[i] = a, p[a], stream.reward[i, a]
+        if x is not None:
+            head.remember(str(i), stream.name, ids[a], x, base[a] if base is not None else None)
+            head.learn(str(i), float(earned[i]))
         m = i + 1
         if m not in points:
             continue
@@ -114,7 +129,10 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
         promoted, verdict = _run(batch, learner, config, live, spec, len(outcomes) + 1)
         outcomes.append(f"{m}{'f' if verdict is None else 'P' if verdict.passed else 'r'}")
         if promoted is not None:
+            # the client's clock: the model's experience, or with the head all its decisions (m)
             live, clock = promoted, m
+            if head is not None:
+                head.follow(promoted.version)
     return earned, outcomes
 
 

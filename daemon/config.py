@@ -74,6 +74,11 @@ class RetentionConfig(_Section):
     days: PositiveFloat = 30.0
     compression: Literal["zstd", "snappy", "gzip", "uncompressed"] = "zstd"
     check_interval: PositiveFloat = 3600.0
+    # pruning the archive after each pass, whole days oldest first (reflexd.service.store.retention):
+    # days whose rows are all older than this; None keeps them (must exceed `days`)
+    archive_max_days: PositiveFloat | None = None
+    # the archive's size in MiB; past it the oldest days go; None: no limit
+    archive_max_mb: Positive | None = None
 
 
 class StoreConfig(_Section):
@@ -140,6 +145,15 @@ class ExplorationConfig(_Section):
     gamma: PositiveFloat = 10.0
     gamma_exponent: NonNegative = 0.5
     default_action: str | None = None
+
+
+class OnlineConfig(_Section):
+    # a Bayesian linear head every reward updates at once, between batch models (see
+    # reflexd.deciding.online): the policy before any model, a correction beside a live one
+    enabled: bool = True
+    prior: PositiveFloat = 1.0  # ridge penalty: larger keeps the head nearer zero for longer
+    max_arms: Positive = 256  # (agent, action) regressions kept, ~130 KB each; least recent dropped
+    pending: Positive = 10_000  # decisions remembered until their reward comes
 
 
 class GateConfig(_Section):
@@ -212,6 +226,7 @@ class Config(_Section):
     features: FeatureConfig = FeatureConfig()
     trainer: TrainerConfig = TrainerConfig()
     exploration: ExplorationConfig = ExplorationConfig()
+    online: OnlineConfig = OnlineConfig()
     gate: GateConfig = GateConfig()
     log: LogConfig = LogConfig()
     redaction: RedactionConfig = RedactionConfig()
@@ -357,6 +372,12 @@ def _check_semantics(config: Config, source: str) -> None:
             f"trainer.transformer_dim: must be a multiple of trainer.transformer_heads ({config.trainer.transformer_heads})"
         )
     problems += _check_run_size(config)
+    retention = config.retention
+    if retention.archive_max_days is not None and retention.archive_max_days <= retention.days:
+        problems.append(
+            f"retention.archive_max_days: must exceed retention.days ({retention.days:g}): rows reach the archive"
+            f" {retention.days:g} days after they were received, and would be deleted at once"
+        )
     problems += _check_metrics(config)
     if problems:
         raise ConfigError(source, problems)

@@ -171,6 +171,19 @@ class PointerMoved(ReflexdError):
         super().__init__(f"the live model is {current or 'none'}, no longer {expected}")
 
 
+class InstallError(ReflexdError):
+    """``reflexd install-service`` cannot go on; the message says why and what to do."""
+
+    code = "install"
+
+
+class FeatureMismatch(ReflexdError):
+    """A model brought in from elsewhere (``reflexd models pull``) hashes features differently
+    from this host: it would be judged and served on inputs unlike those it was trained on."""
+
+    code = "feature_mismatch"
+
+
 # ---- storage ------------------------------------------------------------------------------
 
 
@@ -242,6 +255,23 @@ class BadLine(ReflexdError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+# ---- reading the data out -----------------------------------------------------------------
+
+
+class SnapshotRefused(ReflexdError):
+    """The daemon will not write another read-out snapshot now: it keeps a few at a time, and
+    never fills the disk with them."""
+
+    code = "snapshot_refused"
+
+
+class QueryError(ReflexdError):
+    """``reflexd query`` or ``reflexd export`` cannot run as asked: SQL DuckDB refuses (the message
+    names the problem), a statement that is not a query, or snapshot files that cannot be read."""
+
+    code = "query"
 
 
 # ---- evaluation ---------------------------------------------------------------------------
@@ -317,3 +347,13 @@ class UnknownLearner(UnknownPlugin, TrainingError):
 class UnknownExporter(UnknownPlugin, TrainingError):
     code = "unknown_exporter"
     kind = "exporter"
+
+
+# ---- the fleet ----------------------------------------------------------------------------
+
+
+class FleetError(ReflexdError):
+    """``reflexd fleet train`` cannot go on: the fleet extra (Ray) is missing, an archive cannot be
+    read, the hosts hold too few experiences, or a learner does not train data-parallel."""
+
+    code = "fleet"

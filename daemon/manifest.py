@@ -79,6 +79,31 @@ class Training(msgspec.Struct, frozen=True, kw_only=True):
         return self.experience if self.refit else self.train_rows
 
 
+class FleetHost(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One host's archive in a fleet model's training: where it was read and what it gave."""
+
+    path: str  # as named to `reflexd fleet train` (a local path or a URI pyarrow reads)
+    rows: int  # its joined experiences (train and holdout)
+    train_rows: int
+    holdout_rows: int  # its newest, in the pooled holdout
+    window_start: float | None = None  # received_at of its oldest experience
+    window_end: float | None = None
+
+
+class FleetOrigin(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A fleet model's origin (``reflexd fleet train``): the hosts it learned from, the workers that
+    trained it, and the pooled holdout's verdict (a host that pulls it judges it again on its own
+    holdout, and that verdict is the manifest's ``gate``)."""
+
+    hosts: list[FleetHost]
+    rows: int  # every host's joined experiences
+    train_rows: int
+    holdout_rows: int
+    workers: int  # Ray Train workers, training data-parallel
+    gate: GateResult  # on the pooled holdout
+    ray_version: str
+
+
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     version: str
     parent: str | None
@@ -92,6 +117,7 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     sha256: str
     file: str = MODEL_FILE
     format: int = 1  # absent in 0.1.0's manifests; new ones are written with FORMAT
+    fleet: FleetOrigin | None = None  # a fleet model's (reflexd fleet train); None for a host's own
 
     def exploration_for(self, agent: str) -> ExplorationConfig:
         return self.agent_exploration.get(agent, self.exploration)

@@ -51,6 +51,42 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_model(manifest: Manifest, data: bytes, name: str) -> None:
+    """ModelIntegrityError naming ``name`` unless ``data`` is the file ``manifest`` describes (its
+    sha256) and its features were hashed the way this version hashes them."""
+    refusal = scheme_refusal(manifest.features)
+    if refusal is not None:
+        raise ModelIntegrityError(name, refusal)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.sha256:
+        raise ModelIntegrityError(name, f"sha256 {digest[:12]}… does not match manifest {manifest.sha256[:12]}…")
+
+
+def read_model_dir(path: Path | str) -> tuple[Manifest, bytes, bytes]:
+    """(manifest, its raw bytes, the model's bytes) of a model written outside a registry (a fleet
+    model: ``MANIFEST_FILE`` and the file it names, in ``path`` or beside ``path`` when that is the
+    manifest itself), checked with ``check_model``; ModelIntegrityError says what is wrong."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE if path.is_dir() else path
+    try:
+        raw = manifest_path.read_bytes()
+    except OSError as exc:
+        raise ModelIntegrityError(str(path), f"cannot read {manifest_path}: {exc.strerror or exc}") from None
+    try:
+        manifest = decode_manifest(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ModelIntegrityError(str(path), f"unreadable manifest {manifest_path}: {exc}") from None
+    model_path = manifest_path.parent / manifest.file
+    if Path(manifest.file).name != manifest.file:
+        raise ModelIntegrityError(str(path), f"the manifest names {manifest.file!r}, not a file beside it")
+    try:
+        data = model_path.read_bytes()
+    except OSError as exc:
+        raise ModelIntegrityError(str(path), f"cannot read {model_path}: {exc.strerror or exc}") from None
+    check_model(manifest, data, str(path))
+    return manifest, raw, data
+
+
 class Registry:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -121,9 +157,7 @@ class Registry:
             data = path.read_bytes()
         except OSError as exc:
             raise ModelIntegrityError(version, f"cannot read {manifest.file}: {exc.strerror or exc}") from None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != manifest.sha256:
-            raise ModelIntegrityError(version, f"sha256 {digest[:12]}… does not match manifest {manifest.sha256[:12]}…")
+        check_model(manifest, data, version)
         return manifest, data
 
     # ---- writing (the daemon's side) ---------------------------------------------------

@@ -65,6 +65,10 @@ class LocalDaemon:
         self.config = config
         self.env: dict[str, str] = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
+        # run through a wrapper command, handing it these descriptors (a test playing systemd's
+        # socket activation sets both: the wrapper puts the socket at fd 3 and sets LISTEN_PID)
+        self.wrapper: list[str] = []
+        self.pass_fds: tuple[int, ...] = ()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, socket={self.socket!r}, pid={self.pid})"
@@ -105,10 +109,11 @@ class LocalDaemon:
         self.write_config()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "reflexd", "run", "--config", str(self.config_path)],
+                [*self.wrapper, sys.executable, "-m", "reflexd", "run", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env} if self.env else None,
+                pass_fds=self.pass_fds,
             )
         deadline = time.monotonic() + timeout
         while True:

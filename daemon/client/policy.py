@@ -19,8 +19,9 @@ from typing import Any
 import msgspec
 
 from reflexd import log
-from reflexd.config import ExplorationConfig
+from reflexd.config import ExplorationConfig, OnlineConfig
 from reflexd.deciding.choosing import Choice, Chooser
+from reflexd.deciding.online import OnlineHead
 from reflexd.deciding.scoring import ModelSource
 from reflexd.errors import DaemonUnavailable, FrameError
 from reflexd.manifest import Manifest
@@ -91,7 +92,8 @@ class Policy:
     >>> policy.reward(choice.id, 1.0)
 
     ``exploration`` applies until a model is live (then the model's manifest says how to
-    explore); its ``default_action`` is what the agent does before any model exists.
+    explore); its ``default_action`` is what the agent does before any model exists. ``online``
+    sets the head that learns from every reward at once (``reflexd.deciding.online``).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class Policy:
         state_dir: str | os.PathLike[str] | None = None,
         models: str | os.PathLike[str] | None = None,
         exploration: ExplorationConfig | None = None,
+        online: OnlineConfig | None = None,
         buffer_size: int = 100_000,
         refresh_interval: float = 0.5,
         send_interval: float = 0.02,
@@ -112,7 +115,8 @@ class Policy:
         self.models = ModelSource(Registry(models_dir))
         self.models.refresh()
         self._fallback = exploration or ExplorationConfig()
-        self._chooser = Chooser(self.models, self._exploration_for, seed)
+        online = online or OnlineConfig()
+        self._chooser = Chooser(self.models, self._exploration_for, seed, OnlineHead(online) if online.enabled else None)
         self._sender = _Sender(os.fspath(socket or default_socket()), buffer_size, send_interval, refresh_interval, self.models)
         self._sender.start()
 
@@ -124,9 +128,16 @@ class Policy:
         scorer = self.models.scorer
         return scorer.version if scorer is not None else None
 
-    def decide(self, context: dict[str, Any], actions: list[Any], *, decision_id: str | None = None) -> Choice:
-        """Choose among ``actions`` (ids, or dicts with ``id`` and ``features``) for ``context``."""
-        choice = self._chooser.choose(self.agent, context, actions, decision_id)
+    def decide(
+        self, context: dict[str, Any], actions: list[Any], *, decision_id: str | None = None, default: str | None = None
+    ) -> Choice:
+        """Choose among ``actions`` (ids, or dicts with ``id`` and ``features``) for ``context``.
+
+        ``default``: the agent's own choice (apprentice mode). Until a model is live it is served,
+        with the exploration's share given to the others, while the online head learns beside it;
+        ``stats()["apprentice"]`` says how often the learned policy would have agreed.
+        """
+        choice = self._chooser.choose(self.agent, context, actions, decision_id, default)
         self._sender.enqueue(
             _DecisionFrame(
                 id=choice.id,
@@ -225,7 +236,11 @@ class Policy:
         return request(msg, self._sender.path, timeout=timeout)  # type: ignore[return-value]
 
     def reward(self, decision_id: str, value: float) -> None:
-        """Report an outcome of a decision; several outcomes combine as the daemon is configured."""
+        """Report an outcome of a decision; several outcomes combine as the daemon is configured.
+
+        The online head learns from the first outcome of each of this policy's decisions at once.
+        """
+        self._chooser.learn(decision_id, value)
         self._sender.enqueue(
             Outcome(id=uuid.uuid4().hex, decision_id=decision_id, reward=float(value), agent=self.agent, ts=time.time())
         )
@@ -269,6 +284,8 @@ class Policy:
             "last_error": s.last_error,
             "model_version": self.model_version,
             "model_error": self.models.error,
+            "online": self._chooser.online.stats() if self._chooser.online is not None else None,
+            "apprentice": dict(self._chooser.apprentice),
         }
 
     def close(self, timeout: float = 10.0) -> None:

@@ -15,6 +15,7 @@ import msgspec
 
 from reflexd.config import ExplorationConfig
 from reflexd.deciding import explaining, exploring
+from reflexd.deciding.online import OnlineHead
 from reflexd.deciding.scoring import ModelSource, Scorer
 from reflexd.features import action_ids
 from reflexd.manifest import Manifest
@@ -100,27 +101,104 @@ class Chooser:
     training rows plus the decisions this chooser made since that model went live.
     """
 
-    def __init__(self, source: ModelSource | None, exploration_for: ExplorationFor, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        source: ModelSource | None,
+        exploration_for: ExplorationFor,
+        seed: int | None = None,
+        online: OnlineHead | None = None,
+    ) -> None:
         self.source = source
         self.exploration_for = exploration_for
+        self.online = online  # learns from the rewards of this chooser's decisions (``learn``)
         self._rng = random.Random(seed)
         self._since_load = 0
+        self._decided = 0  # every decision this chooser made, whichever model was live
         self._version: str | None = None
+        # decisions with the agent's own default for which the learned policy had a best action,
+        # and how many of those it agreed with
+        self.apprentice = {"compared": 0, "agreed": 0}
 
-    def _distribution(
-        self, scorer: Scorer, cfg: ExplorationConfig, context: dict[str, Any], actions: list[Any], t: int
-    ) -> list[float] | None:
-        """The model's distribution, or None (and the reason in ``source.error``) if it fails."""
+    def _clock(self, manifest: Manifest | None, since_load: int | None = None) -> int:
+        """Exploration's ``t``: the live model's training experience plus the decisions made since
+        it loaded. The online head carries its learning over a model change, so with the head the
+        clock does not go back below the decisions made in all."""
+        t = (self._since_load if since_load is None else since_load) + (manifest.training.experience if manifest else 0)
+        return max(t, self._decided) if self.online is not None else t
+
+    def _tick(self, n: int) -> None:
+        self._since_load += n
+        self._decided += n
+
+    def learn(self, decision_id: str, reward: float) -> bool:
+        """Update the online head on a reward for one of this chooser's decisions (False: not one it remembers)."""
+        return self.online is not None and self.online.learn(decision_id, reward)
+
+    def _policy(
+        self,
+        scorer: Scorer | None,
+        cfg: ExplorationConfig,
+        agent: str,
+        context: dict[str, Any],
+        ids: list[str],
+        found: tuple[list[float], Any] | None,
+        t: int,
+        default: str | None = None,
+    ) -> tuple[list[float] | None, str, Any, list[float] | None]:
+        """(probabilities, or None for the default policy; strategy; the head's features, or None
+        if the head is not to learn from this decision; the model's scores, one of the head's inputs,
+        or None for none) for one decision, given the model's (scores,
+        spread), or None without a model.
+
+        With a live model the head's means given the model's scores are what exploration works on
+        (the model's own scores for actions it has learned nothing about); without one, once the
+        head has learned anything for this agent's actions, its means are, unless a default
+        (the agent's own ``default`` for this decision, or ``default_action``) is to be served
+        until a model is live. With an agent's own ``default``, whether the learned policy's best
+        action agrees with it is counted (``apprentice``).
+        """
+        head = self.online
+        x = head.features(context) if head is not None else None
+        if found is not None:
+            scores, spread = found
+            if x is not None:
+                scores = head.means(agent, x, ids, scores)
+            p = self._explore(scorer, cfg, scores, spread, t)
+            if p is None:  # the model failed: the default policy, and nothing for the head to learn
+                return None, "default", None, None
+            if default is not None:
+                self._agrees(ids, scores, default)
+            return p, cfg.strategy, x, found[0]
+        if x is None or scorer is not None:  # no head, or a model that failed: the default policy
+            return None, "default", None, None
+        if head.knows(agent, ids):
+            means = head.means(agent, x, ids)
+            if default is not None:
+                self._agrees(ids, means, default)
+            elif cfg.default_action is None:
+                spread = head.spread(agent, x, ids) if cfg.strategy == "ucb" else None
+                # logged with no model version and the strategy's name: the head alone chose
+                return exploring.distribution(cfg, means, spread, t), cfg.strategy, x, None
+        return None, "default", x, None
+
+    def _agrees(self, ids: list[str], scores: list[float], default: str) -> None:
+        counts = self.apprentice
+        counts["compared"] += 1
+        counts["agreed"] += ids[exploring.argmax(scores)] == default
+
+    def _scores(self, scorer: Scorer, context: dict[str, Any], actions: list[Any]) -> tuple[list[float], Any] | None:
+        """The model's (scores, spread), or None (and the reason in ``source.error``) if it fails."""
         try:
             scores, spread = scorer.score(context, actions)
         except Exception as exc:  # onnxruntime's errors are untyped; a decision must still be made
             return self._failed(scorer, f"{type(exc).__name__}: {exc}")
-        return self._explore(scorer, cfg, scores.tolist(), spread, t)  # spread is read by ucb alone
+        return scores.tolist(), spread  # spread is read by ucb alone
 
     def _explore(
         self, scorer: Scorer, cfg: ExplorationConfig, scores: list[float], spread: Any, t: int
     ) -> list[float] | None:
-        """``_distribution`` on scores already computed."""
+        """The exploration strategy's distribution over ``scores``, or None (and the reason in
+        ``source.error``) if it fails."""
         try:
             p = exploring.distribution(cfg, scores, spread, t)
         except Exception as exc:
@@ -134,8 +212,8 @@ class Chooser:
             self.source.error = f"model {scorer.version} failed while deciding ({reason}); using the default policy"
         return None
 
-    def choose_many(self, requests: list[tuple[str, dict[str, Any], list[Any], str | None]]) -> list[Choice]:
-        """``choose(agent, context, actions, decision_id)`` for each request, in order.
+    def choose_many(self, requests: list[tuple[str, dict[str, Any], list[Any], str | None, str | None]]) -> list[Choice]:
+        """``choose(agent, context, actions, decision_id, default)`` for each request, in order.
 
         The same choices, and the same draws from the seed, as one ``choose`` after another; but
         requests offering the same number of actions are scored in one model run, where most of
@@ -149,40 +227,47 @@ class Chooser:
             if cfg is None:
                 cfg = by_agent[agent] = self.exploration_for(agent, manifest)
             cfgs.append(cfg)
-        t0 = self._since_load + (manifest.training.experience if manifest else 0)
-        self._since_load += len(requests)
-        probs: list[list[float] | None] = [None] * len(requests)
+        t0 = self._clock(manifest)
+        self._tick(len(requests))
+        model: list[tuple[list[float], Any] | None] = [None] * len(requests)
         if scorer is not None:
             for i, found in enumerate(_score_by_size(scorer, [(r[1], r[2]) for r in requests])):
                 if isinstance(found, Exception):
-                    probs[i] = self._failed(scorer, f"{type(found).__name__}: {found}")
+                    self._failed(scorer, f"{type(found).__name__}: {found}")
                 else:
-                    probs[i] = self._explore(scorer, cfgs[i], found[0], found[1], t0 + i)
+                    model[i] = found
         fresh = os.urandom(16 * len(requests)).hex()  # ids for those that came without one
-        choices = []
-        for i, (agent, context, actions, decision_id) in enumerate(requests):
-            ids = action_ids(actions)
-            p, cfg, chosen_by = probs[i], cfgs[i], version
-            if p is not None:
-                strategy = cfg.strategy
-            else:
-                chosen_by = None  # logged as what it was: the default policy, not the model
-                default = ids.index(cfg.default_action) if cfg.default_action in ids else None
-                p = exploring.default_distribution(cfg, len(ids), default, t0 + i)
-                strategy = "default"
-            j = exploring.sample(p, self._rng.random())
-            choices.append(
-                Choice(
-                    id=decision_id or fresh[32 * i : 32 * i + 32],
-                    action=ids[j],
-                    index=j,
-                    prob=p[j],
-                    probs=p,
-                    model_version=chosen_by,
-                    strategy=strategy,
-                )
-            )
-        return choices
+        return [
+            self._choice(agent, context, action_ids(actions), cfgs[i], scorer, version, model[i], t0 + i,
+                         decision_id or fresh[32 * i : 32 * i + 32], default)
+            for i, (agent, context, actions, decision_id, default) in enumerate(requests)
+        ]
+
+    def _choice(
+        self,
+        agent: str,
+        context: dict[str, Any],
+        ids: list[str],
+        cfg: ExplorationConfig,
+        scorer: Scorer | None,
+        version: str | None,
+        found: tuple[list[float], Any] | None,
+        t: int,
+        decision_id: str,
+        default: str | None,
+    ) -> Choice:
+        """One decision, given the model's (scores, spread) or None: drawn, remembered for the head."""
+        if default is not None and default not in ids:
+            raise ValueError(f"default {default!r} is not among the actions")
+        p, strategy, x, base = self._policy(scorer, cfg, agent, context, ids, found, t, default)
+        if p is None:
+            version = None  # logged as what it was: the default policy, not the model
+            wanted = default if default is not None else cfg.default_action
+            p = exploring.default_distribution(cfg, len(ids), ids.index(wanted) if wanted in ids else None, t)
+        i = exploring.sample(p, self._rng.random())
+        if x is not None:
+            self.online.remember(decision_id, agent, ids[i], x, base[i] if base is not None else None)
+        return Choice(id=decision_id, action=ids[i], index=i, prob=p[i], probs=p, model_version=version, strategy=strategy)
 
     def _live(self) -> tuple[Any, Any, str | None]:
         """The live scorer, its manifest and version (all None without a model); a new version restarts t."""
@@ -191,33 +276,29 @@ class Chooser:
         if version != self._version:
             self._version = version
             self._since_load = 0
+            if self.online is not None:
+                self.online.follow(version)
         return scorer, (scorer.manifest if scorer is not None else None), version
 
-    def choose(self, agent: str, context: dict[str, Any], actions: list[Any], decision_id: str | None = None) -> Choice:
+    def choose(
+        self,
+        agent: str,
+        context: dict[str, Any],
+        actions: list[Any],
+        decision_id: str | None = None,
+        default: str | None = None,
+    ) -> Choice:
+        """One decision. ``default``: the agent's own choice, served (with exploration) until a
+        model is live while the head learns beside it (apprentice mode)."""
         ids = action_ids(actions)
         scorer, manifest, version = self._live()
         cfg = self.exploration_for(agent, manifest)
-        t = self._since_load + (manifest.training.experience if manifest else 0)
-        self._since_load += 1
+        t = self._clock(manifest)
+        self._tick(1)
         # plain floats from here on: for one decision's few actions numpy's per-call cost dominates
-        p = self._distribution(scorer, cfg, context, actions, t) if scorer is not None else None
-        if p is not None:
-            strategy = cfg.strategy
-        else:
-            version = None  # logged as what it was: the default policy, not the model
-            default = ids.index(cfg.default_action) if cfg.default_action in ids else None
-            p = exploring.default_distribution(cfg, len(ids), default, t)
-            strategy = "default"
-        i = exploring.sample(p, self._rng.random())
-        return Choice(
-            id=decision_id or os.urandom(16).hex(),  # as unique as uuid4, without its overhead
-            action=ids[i],
-            index=i,
-            prob=p[i],
-            probs=p,
-            model_version=version,
-            strategy=strategy,
-        )
+        found = self._scores(scorer, context, actions) if scorer is not None else None
+        # as unique as uuid4, without its overhead
+        return self._choice(agent, context, ids, cfg, scorer, version, found, t, decision_id or os.urandom(16).hex(), default)
 
     def choose_slate(
         self, agent: str, context: dict[str, Any], actions: list[Any], slots: int, slate_id: str | None = None
@@ -236,8 +317,8 @@ class Chooser:
             raise ValueError("the actions of a slate must have distinct ids")
         scorer, manifest, version = self._live()
         cfg = self.exploration_for(agent, manifest)
-        t = self._since_load + (manifest.training.experience if manifest else 0)
-        self._since_load += slots
+        t = self._clock(manifest)
+        self._tick(slots)
         scores: list[float] | None = None
         spread: list[float] = []
         if scorer is not None:
@@ -289,11 +370,12 @@ class Chooser:
         """Each request's scores, spread and the probabilities a decision would sample from now.
 
         Requests offering the same number of actions are scored in one model run. No action is
-        drawn and ``t`` does not move, so scoring changes no later decision. Without a model (or
-        with one that fails) scores and spread are None and the probabilities the default policy's.
+        drawn and ``t`` does not move, so scoring changes no later decision. With the online head,
+        the scores are the model's plus the head's means (or the head's alone before any model).
+        When the default policy would decide, scores and spread are None.
         """
         scorer, manifest, version = self._live()
-        t = self._since_load + (manifest.training.experience if manifest else 0)
+        t = self._clock(manifest)
         scored: list[tuple[list[float], list[float]] | None] = [None] * len(requests)
         if scorer is not None:
             for i, found in enumerate(_score_by_size(scorer, [(r[1], r[2]) for r in requests])):
@@ -307,15 +389,22 @@ class Chooser:
                     scored[i] = found
         by_agent: dict[str, ExplorationConfig] = {}
         results = []
-        for (agent, _, actions), found in zip(requests, scored):
+        for (agent, context, actions), found in zip(requests, scored):
             cfg = by_agent.get(agent)
             if cfg is None:
                 cfg = by_agent[agent] = self.exploration_for(agent, manifest)
             ids = action_ids(actions)
-            p = None if found is None else self._explore(scorer, cfg, found[0], found[1], t)
-            if p is not None and found is not None:
-                results.append(Scored(id=None, actions=ids, scores=found[0], spread=found[1], probs=p,
-                                      model_version=version, strategy=cfg.strategy))
+            p, strategy, x, _ = self._policy(scorer, cfg, agent, context, ids, found, t)
+            if p is not None:
+                # the scores exploration worked on: the model's, plus the head's means beside it
+                if found is not None:
+                    scores, spread, by = found[0], found[1], version
+                    if x is not None:
+                        scores = self.online.means(agent, x, ids, scores)
+                else:
+                    scores, spread, by = self.online.means(agent, x, ids), self.online.spread(agent, x, ids), None
+                results.append(Scored(id=None, actions=ids, scores=scores, spread=spread, probs=p,
+                                      model_version=by, strategy=strategy))
                 continue
             default = ids.index(cfg.default_action) if cfg.default_action in ids else None
             p = exploring.default_distribution(cfg, len(ids), default, t)
@@ -339,7 +428,7 @@ class Chooser:
         manifest = scorer.manifest if scorer is not None else None
         since_load = self._since_load if (scorer.version if scorer is not None else None) == self._version else 0
         cfg = self.exploration_for(agent, manifest)
-        t = since_load + (manifest.training.experience if manifest else 0)
+        t = self._clock(manifest, since_load)
         if scorer is not None:
             try:
                 return explaining.explain(scorer, cfg, agent, context, actions, t, top)

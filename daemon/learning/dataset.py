@@ -179,6 +179,26 @@ def _load(path: str, spec: FeatureSpec, holdout: float | None) -> Batch:
         raise SnapshotError(path, "no such file") from None
     except (OSError, pa.ArrowInvalid) as exc:
         raise SnapshotError(path, f"cannot read ({exc})") from None
+    batch = _from_table(table, spec, holdout, path)
+    del table
+    # the long-lived daemon loads snapshots too (the gate), and Arrow's allocator would otherwise
+    # keep the file's buffers as its own reserve (~80 MB after a 200k-row snapshot)
+    pa.default_memory_pool().release_unused()
+    return batch
+
+
+def from_table(table: pa.Table, spec: FeatureSpec, where: str = "<table>") -> Batch:
+    """A Batch from rows with a snapshot's columns already in memory (``COLUMNS``; context and
+    actions as JSON text), as ``load_snapshot`` makes one from its file: ``reflexd fleet train``
+    hashes each worker's shard of the hosts' joined experience this way. ``where`` names the rows
+    in errors."""
+    missing = [name for name in COLUMNS if name not in table.column_names]
+    if missing:
+        raise SnapshotError(where, f"missing column(s) {', '.join(missing)}")
+    return _from_table(table.select(list(COLUMNS)), spec, None, where)
+
+
+def _from_table(table: pa.Table, spec: FeatureSpec, holdout: float | None, path: str) -> Batch:
     hasher = Hasher(spec)
     ids = table.column("id").to_pylist()
     received_at = _floats(table.column("received_at"))
@@ -196,7 +216,7 @@ def _load(path: str, spec: FeatureSpec, holdout: float | None) -> Batch:
         rows = rows[held]
         actions = actions[held] if isinstance(held, slice) else [actions[i] for i in held]
         chosen = chosen[held]
-    batch = _build(
+    return _build(
         ids=ids,
         agents=table.column("agent").to_pylist(),
         received_at=received_at,
@@ -210,11 +230,6 @@ def _load(path: str, spec: FeatureSpec, holdout: float | None) -> Batch:
         where=path,
         dropped=dropped,
     )
-    del table
-    # the long-lived daemon loads snapshots too (the gate), and Arrow's allocator would otherwise
-    # keep the file's buffers as its own reserve (~80 MB after a 200k-row snapshot)
-    pa.default_memory_pool().release_unused()
-    return batch
 
 
 def _floats(column: pa.ChunkedArray) -> np.ndarray:

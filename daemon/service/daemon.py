@@ -17,24 +17,28 @@ from typing import Any
 
 import anyio
 import msgspec
+from anyio.abc import SocketListener
 
 from reflexd import __version__, log
 from reflexd.config import Config, keep_restart_only, load_config
 from reflexd.deciding.choosing import Chooser, slate_events
+from reflexd.deciding.online import OnlineHead
 from reflexd.deciding.scoring import ModelSource
 from reflexd.durable import private_dir
 from reflexd.errors import ConfigError, ReflexdError, RequestTimeout, StateDirError, StorageError, TrainingError
 from reflexd.registry import Registry
-from reflexd.service import sdnotify
+from reflexd.service import activation, sdnotify
 from reflexd.service.endpoint import Endpoint
 from reflexd.service.evaluation import WINDOWS_DIR, Models, evaluate_window
 from reflexd.service.ingest import Ingest
 from reflexd.service.monitor import Monitor
 from reflexd.service.scheduler import Scheduler
-from reflexd.service.server import Server, fd_budget_problems, prepare_path
+from reflexd.service.server import Server, fd_budget_problems, give_group, prepare_path
+from reflexd.service.snapshots import Snapshots
 from reflexd.service.spool import Spool
 from reflexd.service.store import Store
 from reflexd.wire.protocol import (
+    Adopt,
     Decide,
     Decided,
     DecidedSlate,
@@ -46,9 +50,11 @@ from reflexd.wire.protocol import (
     ModelsReply,
     ModelsRequest,
     Promote,
+    Release,
     Rollback,
     Scored,
     SlotDecided,
+    Snapshot,
     StatusReply,
     StatusRequest,
     Train,
@@ -69,7 +75,8 @@ class Daemon:
         self.started = time.time()
         self.registry = Registry(config.models_path)
         self.models = ModelSource(self.registry)
-        self.chooser = Chooser(self.models, self._exploration_for)
+        # the head learns from the rewards of the decisions this daemon makes over the socket
+        self.chooser = Chooser(self.models, self._exploration_for, online=OnlineHead(config.online) if config.online.enabled else None)
         # held by a training run, and by forget: no snapshot is taken while an agent is deleted
         self.training_lock = anyio.Lock()
         # evaluate requests: one at a time (each holds a window of decisions in memory), models kept loaded
@@ -82,6 +89,8 @@ class Daemon:
         self.server: Server
         self.scheduler: Scheduler
         self.monitor: Monitor
+        self.snapshots: Snapshots  # read-out snapshots: `reflexd query` and `reflexd export`
+        self.socket_activated = False  # the agents' socket came from systemd (reflexd.socket)
 
     def settings(self) -> Config:
         return self.config
@@ -96,6 +105,9 @@ class Daemon:
 
     async def run(self) -> None:
         cfg = self.config
+        # a socket systemd passed (reflexd.socket) is checked before anything else is opened
+        inherited = activation.inherited_socket(cfg.socket.path)
+        self.socket_activated = inherited is not None
         refusal = private_dir(cfg.state_path, "its database, spool and models")
         if refusal is not None:
             raise StateDirError(refusal)
@@ -106,16 +118,31 @@ class Daemon:
         self.models.refresh()
         spool = await anyio.to_thread.run_sync(Spool, cfg.state_path / "spool", cfg.ingest.segment_bytes)
         self.ingest = Ingest(self.store, spool, cfg.ingest)
+        if self.chooser.online is not None:
+            self.ingest.on_outcome = lambda outcome: self.chooser.learn(outcome.decision_id, outcome.reward)
         self.scheduler = Scheduler(self.settings, self.store, self.ingest, self.registry, self.models, self.training_lock)
         self.scheduler.start_from(self.models.scorer.manifest if self.models.scorer else None)
         self.monitor = Monitor(self.settings, self.registry, self.store, self.models)
+        self.snapshots = Snapshots(self.settings, self.store)
         self.server = Server(cfg, self.ingest, self)
         for warning in fd_budget_problems(cfg):
             _log.warning("file descriptors", problem=warning)
-        sock_path = Path(cfg.socket.path)
-        prepare_path(sock_path)
-        listener = await anyio.create_unix_listener(sock_path, mode=cfg.socket.mode_bits)
-        self._apply_socket_permissions(sock_path)
+        if inherited is None:
+            sock_path = Path(cfg.socket.path)
+            prepare_path(sock_path)
+            listener = await anyio.create_unix_listener(sock_path, mode=cfg.socket.mode_bits)
+            self._apply_socket_permissions(sock_path)
+        else:
+            # systemd made the file, with its unit's mode and group, and keeps it: not ours to change
+            sock, bound = inherited
+            listener = await SocketListener.from_socket(sock)
+            sock_path = Path(bound)
+            if bound != cfg.socket.path:
+                _log.warning(
+                    "the socket systemd passed is not at socket.path; clients that read socket.path will not find it",
+                    socket=bound,
+                    socket_path=cfg.socket.path,
+                )
         try:
             await self.endpoint.open_listeners()
             async with anyio.create_task_group() as writer_tg:
@@ -126,12 +153,19 @@ class Daemon:
                         tg.start_soon(self.scheduler.run)
                         tg.start_soon(self._follow_models)
                         tg.start_soon(self._retention)
+                        tg.start_soon(self.snapshots.run)
                         tg.start_soon(self.monitor.run)
                         tg.start_soon(sdnotify.watchdog)
                         tg.start_soon(self._signals, tg.cancel_scope)
                         if self.endpoint.enabled:
                             tg.start_soon(self.endpoint.serve)
-                        _log.info("reflexd ready", socket=str(sock_path), state_dir=cfg.state_dir, pid=os.getpid())
+                        _log.info(
+                            "reflexd ready",
+                            socket=str(sock_path),
+                            socket_activated=self.socket_activated,
+                            state_dir=cfg.state_dir,
+                            pid=os.getpid(),
+                        )
                         sdnotify.notify("READY=1", "STATUS=accepting events")
                 finally:
                     # the listener is stopped; the writer commits what was accepted, then returns
@@ -139,7 +173,8 @@ class Daemon:
         finally:
             await self.endpoint.aclose()
             await listener.aclose()
-            sock_path.unlink(missing_ok=True)
+            if not self.socket_activated:
+                sock_path.unlink(missing_ok=True)
             await anyio.to_thread.run_sync(self.store.close)
             _log.info("reflexd stopped", stored=self.ingest.counters.stored)
 
@@ -153,8 +188,8 @@ class Daemon:
         if sock.group is None:
             return
         gid = sock.group if isinstance(sock.group, int) else grp.getgrnam(sock.group).gr_gid
-        os.chown(path.parent, -1, gid)
-        os.chown(path, -1, gid)
+        give_group(path.parent, gid)
+        give_group(path, gid)
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
@@ -189,7 +224,8 @@ class Daemon:
         log.configure(new.log.level, new.log.format)
         self.ingest.configure(new.ingest)
         try:
-            self._apply_socket_permissions(Path(self.config.socket.path))
+            if not self.socket_activated:
+                self._apply_socket_permissions(Path(self.config.socket.path))
         except OSError as exc:
             _log.error("cannot apply the socket's new mode or group", error=str(exc))
         _log.info("config reloaded", path=self.config_path)
@@ -228,7 +264,23 @@ class Daemon:
             else:
                 if any(moved.values()):
                     _log.info("archived old experience", **moved)
+            if cfg.archive_max_days is not None or cfg.archive_max_mb is not None:
+                await self._prune_archive(cfg)
             await anyio.sleep(cfg.check_interval)
+
+    async def _prune_archive(self, cfg: Any) -> None:
+        """Delete the archive's oldest day partitions past ``retention.archive_max_days`` or
+        ``retention.archive_max_mb`` (``retention.prune_archive``), after each archiving pass."""
+        max_bytes = cfg.archive_max_mb << 20 if cfg.archive_max_mb is not None else None
+        try:
+            pruned = await anyio.to_thread.run_sync(
+                self.store.prune_archive, self.config.archive_path, time.time(), cfg.archive_max_days, max_bytes
+            )
+        except ReflexdError as exc:
+            _log.error("pruning the archive failed", error=str(exc))
+            return
+        if pruned.partitions:
+            _log.info("pruned the archive", **msgspec.structs.asdict(pruned))
 
     # ---- requests --------------------------------------------------------------------
 
@@ -240,7 +292,9 @@ class Daemon:
         """
         answers: list[Any] = [None] * len(msgs)
         plain = [i for i, m in enumerate(msgs) if m.log and m.slots is None]
-        choices = self.chooser.choose_many([(msgs[i].agent, msgs[i].context, msgs[i].actions, msgs[i].id) for i in plain])
+        choices = self.chooser.choose_many(
+            [(msgs[i].agent, msgs[i].context, msgs[i].actions, msgs[i].id, msgs[i].default) for i in plain]
+        )
         for i, choice in zip(plain, choices):
             msg = msgs[i]
             reply = Decided(
@@ -310,6 +364,13 @@ class Daemon:
             return Done(message=f"forgot agent {msg.agent!r}: removed {counts}", req=req)
         if isinstance(msg, Evaluate):
             return await self.evaluate(msg)
+        if isinstance(msg, Adopt):
+            summary = await self.scheduler.adopt(msg.manifest, msg.model, msg.source)
+            return Done(message=f"{summary['outcome']} {summary['version']}: {summary['gate']}", req=req)
+        if isinstance(msg, Snapshot):
+            return await self.snapshots.take(msg)  # writes in a worker thread, one at a time
+        if isinstance(msg, Release):
+            return await self.snapshots.release(msg.id, req)
         raise AssertionError(f"no handler for {type(msg).__name__}")  # the decoder admits no other type
 
     async def forget(self, agent: str) -> dict[str, int]:
@@ -327,19 +388,22 @@ class Daemon:
                 self.config.socket.request_timeout, f"forget: the store did not take in {agent!r}'s queued events", loaded=True
             )
             try:
-                # checkpoints on both sides: spool/loaded/ must not give the agent's events back after
-                # a crash, and the delete must not live in the write-ahead log alone
-                await self.ingest.checkpoint()
-                removed = await anyio.to_thread.run_sync(self.store.forget, agent, self.config.archive_path)
-                await self.ingest.checkpoint()
-                removed["training_snapshots"] = await anyio.to_thread.run_sync(
-                    _remove_snapshots, self.scheduler.runs_dir
-                )
-                # evaluation windows are deleted once read; any a crash left behind hold the agent's rows too
-                removed["evaluation_windows"] = await anyio.to_thread.run_sync(
-                    _remove_windows, self.config.state_path / WINDOWS_DIR
-                )
-                removed["rejected_spool_events"] = await anyio.to_thread.run_sync(self.ingest.spool.forget, agent)
+                # no read-out snapshot is written meanwhile; those kept may hold the agent's rows
+                async with self.snapshots.lock:
+                    # checkpoints on both sides: spool/loaded/ must not give the agent's events back after
+                    # a crash, and the delete must not live in the write-ahead log alone
+                    await self.ingest.checkpoint()
+                    removed = await anyio.to_thread.run_sync(self.store.forget, agent, self.config.archive_path)
+                    removed["query_snapshots"] = await self.snapshots.remove_all()
+                    await self.ingest.checkpoint()
+                    removed["training_snapshots"] = await anyio.to_thread.run_sync(
+                        _remove_snapshots, self.scheduler.runs_dir
+                    )
+                    # evaluation windows are deleted once read; any a crash left behind hold the agent's rows too
+                    removed["evaluation_windows"] = await anyio.to_thread.run_sync(
+                        _remove_windows, self.config.state_path / WINDOWS_DIR
+                    )
+                    removed["rejected_spool_events"] = await anyio.to_thread.run_sync(self.ingest.spool.forget, agent)
             except OSError as exc:  # deleting archive partitions or snapshot files
                 raise StorageError(f"forgetting agent {agent!r} failed: {exc}") from exc
         _log.info("agent forgotten", agent=agent, **removed)
@@ -425,6 +489,11 @@ class Daemon:
             model=model,
             trainer=self.scheduler.status.as_dict(),
             monitor=self.monitor.as_dict(),
+            online=(
+                {**self.chooser.online.stats(), "apprentice": dict(self.chooser.apprentice)}
+                if self.chooser.online is not None
+                else None
+            ),
             storage={
                 "error": self.ingest.storage_error,
                 "db_bytes": _size(self.config.db_path),

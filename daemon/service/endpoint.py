@@ -24,7 +24,7 @@ from reflexd import log
 from reflexd.config import Config
 from reflexd.errors import SocketError
 from reflexd.service.metrics import Metrics
-from reflexd.service.server import prepare_path
+from reflexd.service.server import give_group, prepare_path
 
 _log = log.get("reflexd.endpoint")
 MAX_REQUEST_BYTES = 8192
@@ -73,8 +73,8 @@ class Endpoint:
             group = self.config.socket.group
             if group is not None:
                 gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
-                os.chown(path.parent, -1, gid)
-                os.chown(path, -1, gid)
+                give_group(path.parent, gid)
+                give_group(path, gid)
         if m.port is not None:
             try:
                 multi = await anyio.create_tcp_listener(local_host=m.host, local_port=m.port)

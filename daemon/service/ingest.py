@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -25,7 +25,7 @@ from reflexd.config import IngestConfig
 from reflexd.errors import RejectedData, RequestTimeout, StorageError
 from reflexd.service.spool import Spool
 from reflexd.service.store import DeadLetter
-from reflexd.wire.protocol import ExperienceEvent
+from reflexd.wire.protocol import ExperienceEvent, Outcome
 
 _log = log.get("reflexd.ingest")
 POLL_SECONDS = 0.002
@@ -114,6 +114,8 @@ class Ingest:
         self._closing = False
         self._unchecked_since: float | None = None  # when a loaded segment first waited for a checkpoint
         self._checkpoint_error: str | None = None
+        # told of each accepted outcome at once (the online head learns before the store has it)
+        self.on_outcome: Callable[[Outcome], object] | None = None
 
     @property
     def storage_error(self) -> str | None:
@@ -147,6 +149,10 @@ class Ingest:
         self.counters.received += n
         self.counters.queued += n
         self._send.send_nowait(_Item(events=events, dead=dead))
+        if self.on_outcome is not None:
+            for event in events:
+                if type(event) is Outcome:
+                    self.on_outcome(event)
 
     def offer(self, events: Sequence[ExperienceEvent]) -> bool:
         """Queue events without waiting; False (and counted) when the queue is full.

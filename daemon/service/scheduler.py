@@ -22,11 +22,12 @@ import numpy as np
 from reflexd import log
 from reflexd.config import Config
 from reflexd.deciding.scoring import ModelSource, Scorer
-from reflexd.errors import ReflexdError, TrainerFault, TrainingError
+from reflexd.errors import FeatureMismatch, ModelIntegrityError, ReflexdError, TrainerFault, TrainingError
+from reflexd.features import FeatureSpec
 from reflexd.learning import gate, runs
 from reflexd.learning.dataset import load_holdout, load_snapshot
-from reflexd.manifest import MODEL_FILE, GateResult, Manifest, Training
-from reflexd.registry import Registry, sha256_of
+from reflexd.manifest import MODEL_FILE, GateResult, Manifest, Training, decode_manifest
+from reflexd.registry import Registry, check_model, sha256_of
 from reflexd.service.ingest import Ingest
 from reflexd.service.store import Store
 from reflexd.split import first_run_rows
@@ -68,6 +69,7 @@ class TrainerStatus:
     trained_on: int = 0  # experiences the last snapshot held (train and holdout)
     trainer_pid: int | None = None  # the running trainer subprocess, if any
     waiting: str | None = None  # why no run has started, as of the last check
+    pulled: int = 0  # models brought in from elsewhere (adopt), promoted or rejected; counted in those too
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -269,6 +271,75 @@ class Scheduler:
         if proc.returncode != 0:
             raise trainer_fault(proc.returncode, run_dir / "trainer.log", out, cfg.trainer.max_memory_mb)
 
+    async def adopt(self, manifest_data: bytes, model: bytes, source: str | None = None) -> dict[str, Any]:
+        """Judge a model trained elsewhere (a fleet model: ``reflexd models pull``) as this host judges
+        its own runs, and register it, promoted or rejected; its summary as ``train_once`` gives one.
+
+        ``manifest_data`` and ``model`` are what the sender read (the daemon opens no path a peer
+        names; ``source`` is only recorded). The model must match its manifest's sha256, hash
+        features exactly as this host does (FeatureMismatch otherwise) and load in onnxruntime with
+        inputs of those widths. Under the training lock, a fresh snapshot's holdout judges it against
+        the live model by ``runs.judge_run``, the rule a run's candidate goes live by (``_judge``);
+        it explores as this host's config says, whatever the fleet's did.
+        """
+        async with self._lock:
+            run_dir = self._new_run_dir()
+            try:
+                return await self._adopt(run_dir, manifest_data, model, source)
+            finally:
+                self.status.state = "idle"
+                self._prune_runs()
+
+    async def _adopt(self, run_dir: Path, manifest_data: bytes, model: bytes, source: str | None) -> dict[str, Any]:
+        cfg = self.config
+        started = time.time()
+        name = source or "the pulled model"
+        try:
+            pulled = decode_manifest(manifest_data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ModelIntegrityError(name, f"unreadable manifest: {exc}") from None
+        check_model(pulled, model, name)
+        host = FeatureSpec(context_dim=cfg.features.context_dim, action_dim=cfg.features.action_dim, seed=cfg.features.seed)
+        if pulled.features != host:
+            theirs, ours = msgspec.to_builtins(pulled.features), msgspec.to_builtins(host)
+            differ = ", ".join(f"{k} {theirs[k]!r} (this host: {ours[k]!r})" for k in ours if theirs.get(k) != ours[k])
+            raise FeatureMismatch(
+                f"{name} hashes features differently from this host: {differ}; train it with this host's "
+                "features section (reflexd fleet train --config), or change the host's"
+            )
+        manifest = msgspec.structs.replace(
+            pulled,
+            version="candidate",
+            parent=self.models.scorer.version if self.models.scorer is not None else None,
+            created=started,
+            exploration=cfg.exploration,
+            agent_exploration={a: c.exploration for a, c in cfg.agents.items()},
+            gate=None,
+        )
+        candidate = Scorer(manifest, model)  # ModelIntegrityError if onnxruntime cannot load it
+        widths = {i.name: i.shape for i in candidate.session.get_inputs()}
+        expected = {"context": host.context_dim, "actions": host.action_dim}
+        if any(not isinstance(widths.get(k, [None])[-1], int) or widths[k][-1] != w for k, w in expected.items()):
+            raise FeatureMismatch(
+                f"{name}'s ONNX inputs {widths} are not context [batch, {host.context_dim}] and actions "
+                f"[batch, n, {host.action_dim}], the widths its manifest and this host hash to"
+            )
+        model_file = run_dir / MODEL_FILE
+        model_file.write_bytes(model)
+        self.status.state = "snapshot"
+        await self.ingest.barrier_within(cfg.socket.request_timeout, "pull: the store did not take in the events", loaded=True)
+        snapshot = run_dir / "snapshot.parquet"
+        info = await anyio.to_thread.run_sync(self.store.snapshot, snapshot, time.time(), cfg, cfg.trainer.max_examples)
+        if info.rows == 0:
+            raise TrainingError(f"no joined experiences yet to judge {name} on: this host's gate needs a holdout")
+        self.status.state = "gating"
+        model_file, manifest, verdict = await anyio.to_thread.run_sync(self._judge, snapshot, model_file, manifest, candidate)
+        origin = {"pulled_from": source, "pulled_version": pulled.version, "pulled_sha256": pulled.sha256}
+        summary = await anyio.to_thread.run_sync(self._register, model_file, manifest, verdict, origin)
+        self.status.pulled += 1
+        _log.info("pulled model judged", source=source, version=summary["version"], outcome=summary["outcome"])
+        return {**summary, "pulled_from": source, "holdout_rows": verdict.holdout_rows, "seconds": round(time.time() - started, 3)}
+
     def _gate(self, snapshot: Path, out: Path, result: Any) -> tuple[Path, Manifest, Any]:
         """(the model file to register, its manifest, the gate's verdict) for the trainer's ``result``.
 
@@ -301,11 +372,6 @@ class Scheduler:
         )
         if result.cross_fit is not None:
             return model_file, manifest, self._gate_cross_fit(snapshot, result)
-        holdout = load_holdout(snapshot, result.features, cfg.trainer.holdout_fraction)
-        incumbent_holdout = None
-        if incumbent is not None and incumbent.manifest.features != result.features:
-            incumbent_holdout = load_holdout(snapshot, incumbent.manifest.features, cfg.trainer.holdout_fraction)
-        candidate = Scorer(manifest, model_file.read_bytes())
         refit_file, refit = out / REFIT_FILE, None
         if result.refitted:
             refit = msgspec.structs.replace(
@@ -314,17 +380,37 @@ class Scheduler:
                 training=msgspec.structs.replace(manifest.training, refit=True, candidate_sha256=manifest.sha256),
                 sha256=sha256_of(refit_file),
             )
+        return self._judge(snapshot, model_file, manifest, Scorer(manifest, model_file.read_bytes()), refit_file, refit)
+
+    def _judge(
+        self,
+        snapshot: Path,
+        model_file: Path,
+        manifest: Manifest,
+        candidate: Scorer,
+        refit_file: Path | None = None,
+        refit: Manifest | None = None,
+    ) -> tuple[Path, Manifest, GateResult]:
+        """The candidate judged on ``snapshot``'s holdout against the live model (``runs.judge_run``):
+        (the file to register, its manifest, the verdict). A run's candidate, and a model pulled in
+        from elsewhere (``adopt``), go live by this one rule."""
+        cfg = self.config
+        incumbent = self.models.scorer
+        holdout = load_holdout(snapshot, manifest.features, cfg.trainer.holdout_fraction)
+        incumbent_holdout = None
+        if incumbent is not None and incumbent.manifest.features != manifest.features:
+            incumbent_holdout = load_holdout(snapshot, incumbent.manifest.features, cfg.trainer.holdout_fraction)
         judged = runs.judge_run(
             candidate,
             incumbent,
             holdout,
             cfg.exploration,
             cfg.gate,
-            (lambda: Scorer(refit, refit_file.read_bytes())) if refit is not None else None,
+            (lambda: Scorer(refit, refit_file.read_bytes())) if refit is not None and refit_file is not None else None,
             incumbent_holdout,
             incumbent.manifest.exploration if incumbent is not None else None,
         )
-        if judged.live is not None and judged.live is not candidate:
+        if refit is not None and refit_file is not None and judged.live is not None and judged.live is not candidate:
             return refit_file, refit, judged.verdict
         return model_file, manifest, judged.verdict
 
@@ -347,13 +433,17 @@ class Scheduler:
             rows, scores, spread, self.config.exploration, self.config.gate, self.models.scorer
         )
 
-    def _register(self, model_file: Path, manifest: Manifest, verdict: Any) -> dict[str, Any]:
+    def _register(
+        self, model_file: Path, manifest: Manifest, verdict: Any, origin: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         registry = self.registry
         fields = msgspec.structs.asdict(manifest)
         fields["gate"] = verdict
         added = registry.add(model_file, fields)
         store = self.store
-        store.record_model_event(added.version, "registered", msgspec.to_builtins(verdict), time.time())
+        # origin: where a model brought in from elsewhere came from (adopt)
+        detail = {**msgspec.to_builtins(verdict), **(origin or {})}
+        store.record_model_event(added.version, "registered", detail, time.time())
         if verdict.passed:
             registry.promote(added.version)
             store.record_model_event(added.version, "promoted", {"reason": verdict.reason}, time.time())

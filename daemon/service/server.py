@@ -9,6 +9,7 @@ lives on unless the framing itself is lost (an oversize length prefix).
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import socket
 import stat
@@ -35,6 +36,10 @@ from reflexd.wire.protocol import EXPERIENCE_TYPES, Ack, Decide, Decision, Error
 
 _log = log.get("reflexd.server")
 _CRED = struct.Struct("3i")
+_GID = struct.Struct("I")  # gid_t
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; the socket module does not name it
+_MAX_GROUPS_BYTES = 65536 * _GID.size  # NGROUPS_MAX
+_groups_unreadable_logged = False
 READ_BYTES = 1 << 16
 FD_HEADROOM = 64
 
@@ -71,6 +76,56 @@ def peer_credentials(stream: SocketStream) -> tuple[int, int, int]:
     return _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
 
 
+def peer_groups(sock: socket.socket, pid: int, gid: int) -> frozenset[int]:
+    """The peer's primary group and its supplementary groups, read once per connection.
+
+    SO_PEERGROUPS (Linux 4.13) gives the groups the peer had when it connected, from the socket
+    itself. Without it they are read from ``/proc/PID/status`` (``Groups:``), which reflects the
+    process now and which ``ProtectProc=invisible`` hides for other users' processes; if neither
+    can be read, only the primary group counts.
+    """
+    groups = _socket_groups(sock)
+    if groups is None:
+        groups = _proc_groups(pid)
+    if groups is None:
+        global _groups_unreadable_logged
+        if not _groups_unreadable_logged:
+            _groups_unreadable_logged = True
+            _log.warning(
+                "cannot read peers' supplementary groups (no SO_PEERGROUPS, /proc/PID/status unreadable);"
+                " only their primary group is checked",
+                peer_pid=pid,
+            )
+        groups = ()
+    return frozenset((gid, *groups))
+
+
+def _socket_groups(sock: socket.socket) -> tuple[int, ...] | None:
+    size = 64 * _GID.size
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < _MAX_GROUPS_BYTES:
+                size = min(size * 16, _MAX_GROUPS_BYTES)  # more groups than the buffer holds
+                continue
+            return None  # ENOPROTOOPT: a kernel older than 4.13
+        return tuple(gid for (gid,) in _GID.iter_unpack(raw[: len(raw) - len(raw) % _GID.size]))
+
+
+def _proc_groups(pid: int) -> tuple[int, ...] | None:
+    if pid <= 0:  # a peer in a pid namespace that does not map to ours
+        return None
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return tuple(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 class Handler(Protocol):
     """What answers the requests a connection reads (the daemon)."""
 
@@ -100,15 +155,19 @@ class Server:
         open connections of peers it no longer allows are ended."""
         self.redactor = Redactor.from_config(config.redaction)
         self.config = config
+        self.allowed_gids = frozenset(config.socket.allowed_gids) | _group_ids(config.socket.group)
         for peer in list(self._peers):
-            if not self.allowed(peer.uid, peer.gid):
+            if not self.allowed(peer.uid, peer.groups):
                 peer.revoke()
                 self.revoked += 1
                 _log.warning("connection ended: its peer is no longer allowed", peer_uid=peer.uid, peer_pid=peer.pid)
 
-    def allowed(self, uid: int, gid: int) -> bool:
-        sock = self.config.socket
-        return uid in (0, os.getuid()) or uid in sock.allowed_uids or gid in sock.allowed_gids
+    def allowed(self, uid: int, groups: frozenset[int]) -> bool:
+        """Root, the daemon's own uid, ``socket.allowed_uids``, and members (primary or supplementary)
+        of ``socket.allowed_gids`` or of ``socket.group``, the group the socket is given."""
+        if uid in (0, os.getuid()) or uid in self.config.socket.allowed_uids:
+            return True
+        return not groups.isdisjoint(self.allowed_gids)
 
     async def serve(self, listener: SocketListener) -> None:
         """Accept connections until cancelled. Out of file descriptors, the daemon turns new
@@ -150,9 +209,10 @@ class Server:
         async with stream:
             try:
                 pid, uid, gid = peer_credentials(stream)
+                groups = peer_groups(stream.extra(anyio.abc.SocketAttribute.raw_socket), pid, gid)
             except OSError:
                 return
-            if not self.allowed(uid, gid):
+            if not self.allowed(uid, groups):
                 self.refused += 1
                 _log.warning("connection refused", peer_uid=uid, peer_gid=gid, peer_pid=pid)
                 await self._try_send(stream, encode_frame(Error(code="forbidden", message=f"uid {uid} is not allowed"), "json"))
@@ -165,7 +225,7 @@ class Server:
                 await self._try_send(stream, _busy("too many connections"))
                 return
             self.connections += 1
-            peer = _Peer(stream.extra(anyio.abc.SocketAttribute.raw_socket), pid, uid, gid)
+            peer = _Peer(stream.extra(anyio.abc.SocketAttribute.raw_socket), pid, uid, groups)
             self._peers.add(peer)
             try:
                 await self._serve(stream, peer)
@@ -236,10 +296,10 @@ class Server:
 class _Peer:
     """An open connection's socket and credentials, so a reload can end it."""
 
-    __slots__ = ("sock", "pid", "uid", "gid", "revoked")
+    __slots__ = ("sock", "pid", "uid", "groups", "revoked")
 
-    def __init__(self, sock: socket.socket, pid: int, uid: int, gid: int) -> None:
-        self.sock, self.pid, self.uid, self.gid = sock, pid, uid, gid
+    def __init__(self, sock: socket.socket, pid: int, uid: int, groups: frozenset[int]) -> None:
+        self.sock, self.pid, self.uid, self.groups = sock, pid, uid, groups
         self.revoked = False
 
     def revoke(self) -> None:
@@ -248,6 +308,24 @@ class _Peer:
             self.sock.shutdown(socket.SHUT_RD)  # wakes its reader, which sees ``revoked``
         except OSError:
             pass
+
+
+def _group_ids(group: str | int | None) -> frozenset[int]:
+    if group is None:
+        return frozenset()
+    if isinstance(group, int):
+        return frozenset((group,))
+    try:
+        return frozenset((grp.getgrnam(group).gr_gid,))
+    except KeyError:  # removed since the config was checked: no one is let in by it
+        return frozenset()
+
+
+def give_group(path: Path, gid: int) -> None:
+    """chown ``path`` to group ``gid``, only if it has another: under the unit's system-call filter
+    (no @chown) a chown fails even when it would change nothing."""
+    if os.stat(path).st_gid != gid:
+        os.chown(path, -1, gid)
 
 
 def _busy(message: str) -> bytes:

@@ -31,7 +31,7 @@ Client commands find the socket from --socket, else $REFLEXD_SOCKET, else socket
 config file (--config, $REFLEXD_CONFIG or /etc/reflexd/reflexd.yaml), else /run/reflexd/reflexd.sock.
 
 Commands that print data (check-config, check-store, status, decide, explain, train, models, forget, import,
-evaluate) take
+evaluate, query, export, fleet train) take
 --json: the same data as one JSON document on stdout and nothing else there; exit codes do not change.
 `reflexd COMMAND --help` describes each command, with examples.
 
@@ -49,6 +49,10 @@ examples:
   reflexd forget --agent router
   reflexd import logged.dsjson --agent router
   reflexd evaluate v0003 action:large --agent router
+  reflexd query "SELECT agent, count(*) FROM decisions GROUP BY agent"
+  reflexd export --format dsjson --agent router --out router.dsjson
+  reflexd fleet train /srv/hosts/a/archive s3://archives/b --out fleet-model
+  reflexd models pull fleet-model
   reflexd demo
 """
 
@@ -242,6 +246,8 @@ def cmd_decide(args: argparse.Namespace) -> int:
         fields = {"type": "decide", "agent": args.agent, "context": context, "actions": actions, "log": not args.no_log}
         if args.slots is not None:
             fields["slots"] = args.slots
+        if args.default is not None:
+            fields["default"] = args.default
         msg = msgspec.convert(fields, Decide)
     except msgspec.ValidationError as exc:
         raise UsageError(f"not a valid decide request: {exc}") from None
@@ -318,9 +324,68 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _max_frame_bytes(args: argparse.Namespace) -> tuple[int, str]:
+    """The daemon's ``socket.max_frame_bytes`` as its config says (--config, $REFLEXD_CONFIG or the
+    default file), else the default; and where it was found."""
+    from reflexd.config import SocketConfig
+
+    path = args.config or os.environ.get("REFLEXD_CONFIG") or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
+    if path:
+        return load_config(path).socket.max_frame_bytes, path
+    return SocketConfig().max_frame_bytes, "the default (name the daemon's config with --config)"
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    """``models pull PATH``: read a model and its manifest here, check them, and send them to the
+    daemon, whose own gate judges them (the daemon opens no path a peer names)."""
+    from reflexd.errors import RequestFailed
+    from reflexd.registry import read_model_dir
+    from reflexd.wire.framing import MSGPACK, encode_frame
+    from reflexd.wire.protocol import Adopt
+
+    if not args.version:
+        raise UsageError("models pull needs a PATH: a folder holding manifest.json and the model, or the manifest")
+    manifest, raw, model = read_model_dir(args.version)  # sha256 and feature scheme checked here first
+    msg = Adopt(manifest=raw, model=model, source=os.path.abspath(args.version))
+    size = len(encode_frame(msg, MSGPACK))
+    limit, where = _max_frame_bytes(args)
+    too_large = (
+        f"{args.version}: the model and its manifest make a {size}-byte request, over the daemon's "
+        f"socket.max_frame_bytes ({limit}, {where}): raise socket.max_frame_bytes in the daemon's config "
+        f"to at least {size} and reload it (SIGHUP), then pull again"
+    )
+    if size > limit:
+        raise UsageError(too_large)
+    origin = manifest.fleet
+    if not args.json:
+        described = (
+            f"fleet model {manifest.version} ({origin.rows} rows from {len(origin.hosts)} hosts; pooled gate: "
+            f"{'passed' if origin.gate.passed else 'REJECTED'})" if origin is not None else f"model {manifest.version}"
+        )
+        print(f"pulling {described}: the daemon judges it on its own holdout…", file=sys.stderr)
+    try:
+        done = _request(args, msg, timeout=args.timeout)
+    except RequestFailed as exc:
+        if exc.code == "too_large":
+            raise UsageError(f"{too_large} (the daemon said: {exc})") from None
+        raise
+    except DaemonUnavailable as exc:
+        if "closed" in str(exc) or "reset" in str(exc).lower() or "broken pipe" in str(exc).lower():
+            raise UsageError(f"{too_large}? the daemon closed the connection: {exc}") from None
+        raise
+    found = _parse_done(done.message, r"(?P<outcome>\S+) (?P<version>\S+): (?P<gate>.*)") or {}
+    if args.json:
+        _print({**found, "message": done.message, "source": msg.source, "sha256": manifest.sha256})
+    else:
+        print(done.message)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from reflexd.wire.protocol import ModelsRequest, Promote, Rollback
 
+    if args.action == "pull":
+        return cmd_models_pull(args)
     if args.action in ("promote", "rollback"):
         if args.action == "promote" and not args.version:
             raise UsageError("models promote needs a VERSION")
@@ -551,10 +616,111 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_config(args: argparse.Namespace) -> Any:
+    """The config whose store a stopped daemon left, or None when none is named or found (a socket
+    named on its own may be another daemon's)."""
+    named = args.config or os.environ.get("REFLEXD_CONFIG")
+    if named:
+        return load_config(named)
+    if not (args.socket or os.environ.get("REFLEXD_SOCKET")) and os.path.exists(DEFAULT_PATH):
+        return load_config(DEFAULT_PATH)
+    return None
+
+
+def _data(args: argparse.Namespace) -> Any:
+    """What query and export read (``reflexd.tools.readout.Source``): a snapshot the running daemon
+    writes, or, when it is not running, its database file opened read-only."""
+    from reflexd.errors import StoreInUse
+    from reflexd.tools import readout
+    from reflexd.wire.protocol import Release, Snapshot
+
+    archive = not args.no_archive
+    try:
+        reply = _request(args, Snapshot(archive=archive), timeout=args.timeout)
+    except DaemonUnavailable as unreachable:
+        config = _read_config(args)
+        if config is None:
+            raise
+        try:
+            source = readout.from_store(config, archive=archive)
+        except StoreInUse as held:
+            raise UsageError(
+                f"{unreachable}; and {held.path} is held by {held.holder}: a daemon runs there, reach it with --socket"
+            ) from None
+        print(f"reflexd: the daemon is not running; reading {config.db_path} read-only", file=sys.stderr)
+        return source
+
+    def release() -> None:
+        try:
+            _request(args, Release(id=reply.id))
+        except ReflexdError:
+            pass  # the daemon deletes it on its own minutes later
+
+    return readout.from_snapshot(reply, release)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from reflexd.tools import readout
+
+    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    if args.max_rows is not None and args.max_rows < 0:
+        raise UsageError("--max-rows must be 0 (every row) or more")
+    with _data(args) as source:
+        result = readout.run_query(source, sql)
+        if args.json:
+            readout.write_json(result, sys.stdout)
+        elif args.csv:
+            readout.write_csv(result, sys.stdout)
+        else:
+            readout.write_table(result, sys.stdout, max_rows=args.max_rows or None, width=args.width)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from reflexd.tools import exporter
+
+    if args.format == "parquet" and args.out == "-":
+        raise UsageError("a Parquet export is a folder of files: name it with --out DIR")
+    if args.json and args.out == "-":
+        raise UsageError("--json prints a summary on stdout, where the export would go: name a file with --out")
+    window = exporter.Window(agent=args.agent, since=_when(args.since, "--since"), until=_when(args.until, "--until"))
+    with _data(args) as source:
+        counts = exporter.export(source, args.format, args.out, window)
+    where = "stdout" if args.out == "-" else args.out
+    if args.json:
+        _print({"format": args.format, "out": args.out, "counts": counts})
+        return 0
+    written = ", ".join(f"{n} {table.replace('_', ' ')}" for table, n in counts.items() if table != "not_matured")
+    print(f"exported {written} to {where} ({args.format})", file=sys.stderr)
+    if counts.get("not_matured"):
+        print(
+            f"  {counts['not_matured']} decisions left out: their reward wait window is not over yet", file=sys.stderr
+        )
+    return 0
+
+
+def cmd_fleet_train(args: argparse.Namespace) -> int:
+    # Ray (the fleet extra) is imported by reflexd.fleet.train when this runs, and by no other command
+    from reflexd.fleet.command import train
+
+    return train(args, _when(args.since, "--since"))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from reflexd.tools.demo import run_demo
 
     return run_demo(decisions=args.decisions, out_dir=args.out, seed=args.seed, rate=args.rate)
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from reflexd.tools.install import InstallError, install
+
+    try:
+        install(args)
+    except InstallError as exc:
+        print(f"reflexd: install-service: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _examples(*lines: str) -> str:
@@ -656,6 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
             """reflexd decide --agent feed --context '{"user": "u1"}' --actions a,b,c,d --slots 3""",
             """reflexd decide --agent router --actions '[{"id": "small", "features": {"cost": 1}}, "large"]'""",
             """reflexd decide --agent router --context '{"task": "code"}' --actions small,large --no-log""",
+            """reflexd decide --agent router --context '{"task": "code"}' --actions small,large --default small""",
         ],
         parents=[client],
     )
@@ -667,6 +834,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="only score: print every action's score, spread and probability; nothing is logged or learned",
     )
     p.add_argument("--slots", type=int, metavar="K", help="rank K of the actions (a slate), one decision per slot")
+    p.add_argument(
+        "--default", metavar="ACTION",
+        help="the agent's own choice (apprentice mode): served, with exploration, until a model is live",
+    )
     json_flag(p, "", "accepted for uniformity: the decision is printed as JSON either way")
     p.set_defaults(func=cmd_decide)
 
@@ -714,20 +885,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "models",
-        "list, show, promote or roll back model versions",
+        "list, show, promote, roll back or pull model versions",
         "List the model versions in the registry with their creation time, rows and gate verdict (* marks\n"
         "the version the daemon serves, ! a CURRENT it could not load); show one version's manifest (JSON); make a version live (promote); or go back to\n"
         "the version live before the current one (rollback). Exit 1 for an unknown version. --json: list\n"
         'prints {"current", "serving", "models"} with every manifest, show the manifest, promote and rollback\n'
-        '{"message", "current"}.',
-        ["reflexd models list", "reflexd models show v0003", "reflexd models promote v0002", "reflexd models --json"],
+        '{"message", "current"}.\n\n'
+        "pull PATH brings in a model trained elsewhere (a fleet model from `reflexd fleet train`): PATH is the\n"
+        "folder holding manifest.json and policy.onnx, or the manifest. The files are read and checked here\n"
+        "(sha256, feature scheme) and sent to the daemon, which never opens the path: it judges the model on\n"
+        "its own latest snapshot's holdout against its live model by the rule its own runs go live by, and\n"
+        "registers it, promoted or rejected (docs/fleet.md). A model whose features are hashed differently\n"
+        "from the daemon's (features: context_dim, action_dim, seed) is refused. Prints 'promoted VERSION:\n"
+        "REASON' or 'rejected VERSION: REASON' and exits 0; exits 1 if it cannot be judged, or if the request\n"
+        "is larger than the daemon's socket.max_frame_bytes (read from --config when given). --json prints\n"
+        '{"outcome", "version", "gate", "message", "source", "sha256"}.',
+        [
+            "reflexd models list",
+            "reflexd models show v0003",
+            "reflexd models promote v0002",
+            "reflexd models --json",
+            "reflexd models pull /srv/fleet/model-2026-12-06",
+            "reflexd models pull fleet-out/manifest.json --config /etc/reflexd/reflexd.yaml --json",
+        ],
         parents=[client],
     )
     p.add_argument(
-        "action", nargs="?", default="list", choices=["list", "show", "promote", "rollback"],
-        help="list (the default; * marks the served version), show VERSION, promote VERSION, or rollback",
+        "action", nargs="?", default="list", choices=["list", "show", "promote", "rollback", "pull"],
+        help="list (the default; * marks the served version), show VERSION, promote VERSION, rollback, or pull PATH",
     )
-    p.add_argument("version", nargs="?", help="model version for show and promote (e.g. v0003)")
+    p.add_argument("version", nargs="?", help="model version for show and promote (e.g. v0003); PATH for pull")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for a pull to be judged (default 900)")
     json_flag(p, "the result")
     p.set_defaults(func=cmd_models)
 
@@ -818,6 +1006,157 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the evaluation (default 600)")
     json_flag(p, "the evaluation")
     p.set_defaults(func=cmd_evaluate)
+
+    p = command(
+        "install-service",
+        "install reflexd as a systemd service: a venv under /opt/reflexd, the units, /etc/reflexd",
+        "Install reflexd on this host as a systemd service, from the source tree this command comes from\n"
+        "(--source names another): a venv of its own under --prefix (/opt/reflexd) with reflexd and the\n"
+        "CPU-only torch in it, so the units run PREFIX/bin/reflexd; reflexd.service and reflexd.socket in\n"
+        "/etc/systemd/system, the sysusers and tmpfiles snippets in /etc/sysusers.d and /etc/tmpfiles.d,\n"
+        "and the documented default config at /etc/reflexd/reflexd.yaml with socket.group: reflexd (an\n"
+        "existing config is kept). Installing again upgrades the venv and the units. Nothing is started:\n"
+        "it prints the systemd commands that create the user and enable the units. --destdir stages every\n"
+        "file under another root, for a package or an image. `make install-service` runs the same code\n"
+        "with the system's python3. Exit 0, or 1 with the reason (docs/operations.md).",
+        [
+            "sudo reflexd install-service",
+            "sudo reflexd install-service --prefix /srv/reflexd --find-links /opt/wheels --torch-index ''",
+            "reflexd install-service --destdir /tmp/stage",
+        ],
+    )
+    from reflexd.tools.install import add_arguments as install_arguments
+
+    install_arguments(p)
+    p.set_defaults(func=cmd_install_service)
+
+    p = command(
+        "query",
+        "run a read-only SQL query on the stored experience and the archive, while the daemon runs",
+        "Run one SQL query (DuckDB's dialect) on the daemon's data: the tables decisions, outcomes, steps,\n"
+        "events, dead_letters and models, each experience table with its rows in the Parquet archive too,\n"
+        "so every row is there once. The daemon writes a snapshot of every table as of one moment (the\n"
+        "snapshot request; it runs on while it does) and the query runs on it here, in a DuckDB of its\n"
+        "own: it can never write to the store. When the daemon is not running, its database file (from\n"
+        "--config) is opened read-only instead. Columns are as docs/operations.md describes them (steps'\n"
+        "index; context, actions, probs, observation, data and detail are JSON: context->>'task').\n"
+        "Only queries run (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN). Prints a table (at\n"
+        "most --max-rows rows, cells cut at --width), --json a JSON array of objects (JSON columns\n"
+        "nested), --csv CSV with a header. SQL - reads it from stdin. Exit 1 with DuckDB's message on\n"
+        "SQL it refuses, or if neither the daemon nor its store can be read.",
+        [
+            'reflexd query "SELECT agent, count(*) AS decisions, avg(prob) FROM decisions GROUP BY agent"',
+            """reflexd query "SELECT d.chosen, avg(o.reward) FROM decisions d JOIN outcomes o ON o.decision_id = d.id GROUP BY 1" --csv""",
+            """reflexd query "SELECT context->>'task' AS task, count(*) FROM decisions WHERE ts > epoch(now()) - 86400 GROUP BY 1" --json""",
+            "reflexd query 'DESCRIBE decisions'",
+            "reflexd query --no-archive - < report.sql",
+        ],
+        parents=[client],
+    )
+    p.add_argument("sql", metavar="SQL", help="one query; - reads it from stdin")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print the rows as a JSON array of objects on stdout")
+    shape.add_argument("--csv", action="store_true", help="print the rows as CSV with a header on stdout")
+    p.add_argument("--max-rows", type=int, default=1000, help="rows the table shows (default 1000; 0: all)")
+    p.add_argument("--width", type=int, default=60, help="characters a table cell shows (default 60; 0: all)")
+    p.add_argument("--no-archive", action="store_true", help="leave the Parquet archive out (only what DuckDB holds)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the snapshot (default 300)")
+    p.set_defaults(func=cmd_query)
+
+    p = command(
+        "export",
+        "write the stored experience out as Parquet, reflexd NDJSON or Vowpal Wabbit DSJSON",
+        "Write the daemon's data out, from the same snapshot as query (or the stopped daemon's store\n"
+        "read-only), the Parquet archive included. --format parquet writes a folder (--out DIR) with a\n"
+        "file per table, columns as the archive has them. ndjson writes decision and outcome lines, what\n"
+        "`reflexd import` reads: importing them into another daemon stores the same decisions and\n"
+        "outcomes. dsjson writes one Vowpal Wabbit cb_explore_adf line per matured decision (vw\n"
+        "--cb_explore_adf --dsjson reads it): _label_cost is minus the reward joined as training joins it,\n"
+        "_label_probability the logged probability; decisions whose wait window is not over are left out\n"
+        "and counted. --agent, --since and --until narrow it (the decision's own time, epoch seconds or\n"
+        "ISO-8601); outcomes go with their decisions. NDJSON and DSJSON go to stdout unless --out FILE\n"
+        "(written whole or not at all). A summary goes to stderr; --json prints it on stdout (needs\n"
+        "--out). Exit 1 if the data cannot be read or written.",
+        [
+            "reflexd export --format ndjson --out experience.ndjson",
+            "reflexd export --format dsjson --agent router --since 2026-03-01 --out router.dsjson",
+            "reflexd export --format parquet --out /tmp/reflexd-export --json",
+            "reflexd export --format ndjson --agent router | gzip > router.ndjson.gz",
+        ],
+        parents=[client],
+    )
+    p.add_argument("--format", choices=["parquet", "ndjson", "dsjson"], default="ndjson",
+                   help="parquet (a folder, a file per table), ndjson (what reflexd import reads; default) or dsjson"
+                   " (Vowpal Wabbit cb_explore_adf)")
+    p.add_argument("--agent", help="only this agent's data (default: every agent's)")
+    p.add_argument("--since", help="decisions made at or after this time (epoch seconds or ISO-8601)")
+    p.add_argument("--until", help="decisions made before this time (epoch seconds or ISO-8601)")
+    p.add_argument("--out", default="-", help="the file (ndjson, dsjson) or new folder (parquet); default - (stdout)")
+    p.add_argument("--no-archive", action="store_true", help="leave the Parquet archive out (only what DuckDB holds)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the snapshot (default 300)")
+    json_flag(p, "a summary (format, out, counts by table)")
+    p.set_defaults(func=cmd_export)
+
+    p = command(
+        "fleet",
+        "train one model on many hosts' archives with Ray (the fleet extra), for hosts to pull",
+        "Commands that work across hosts. They need the optional fleet extra (Ray):\n"
+        "pip install 'reflexd[fleet]'. `reflexd fleet train --help` describes the one there is.",
+        ["reflexd fleet train /srv/archives/host-* --out fleet-model", "reflexd fleet train --help"],
+    )
+    fleet = p.add_subparsers(dest="fleet_command", metavar="SUBCOMMAND", required=True)
+    p = fleet.add_parser(
+        "train",
+        help="read hosts' Parquet archives, train one model on Ray workers, gate it, write ONNX + manifest",
+        description=(
+            "Read many hosts' Parquet archives (each a host's <state_dir>/archive, or its state directory; a\n"
+            "local path or any filesystem pyarrow opens: file://, s3://, gs://, hdfs://, abfs://), join their\n"
+            "decisions and rewards as each host's own snapshot does (the config's rewards and agents sections),\n"
+            "and train one model with Ray: a Ray task reads each host, and Ray Train's TorchTrainer fits the\n"
+            "config's learner data-parallel on --workers CPU workers. Each host's newest trainer.holdout_fraction\n"
+            "of experiences is held out; the model is gated on that pooled holdout by off-policy evaluation\n"
+            "against the logging policy (the gate section: a host's first-model rule), and written to --out as\n"
+            "policy.onnx and manifest.json, the files a host's registry holds (the manifest's `fleet` names the\n"
+            "hosts, rows, workers and the pooled verdict). A host brings it in with `reflexd models pull OUT`,\n"
+            "where its own gate decides whether it goes live. Settings (features, trainer, gate, exploration,\n"
+            "rewards) come from --config ($REFLEXD_CONFIG, /etc/reflexd/reflexd.yaml, else the defaults): use\n"
+            "the hosts' features section, or they refuse the model. Progress goes to stderr, a summary to\n"
+            "stdout (--json: out, model, manifest, sha256, passed, gate, hosts, rows, train_rows, holdout_rows,\n"
+            "workers and the seconds each stage took). Exit 0 once the model is written (a model the pooled gate\n"
+            "rejects is written too, and the summary says so); 1 if it cannot be trained (no archive, too few\n"
+            "experiences, Ray missing or failing). docs/fleet.md describes the architecture and its costs."
+        ),
+        epilog=_examples(
+            "reflexd fleet train /srv/reflexd/host-a/archive /srv/reflexd/host-b/archive --out fleet-model",
+            "reflexd fleet train s3://reflexd-archives/host-1 s3://reflexd-archives/host-2 --out /srv/fleet/m1 --workers 4",
+            "reflexd fleet train /srv/hosts/*/ --out fleet-model --address auto --storage s3://bucket/ray",
+            "reflexd fleet train /srv/hosts/*/ --out fleet-model --agent router --since 2026-11-01 --json",
+            "reflexd models pull fleet-model",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    p.add_argument("archives", nargs="+", metavar="ARCHIVE", help="a host's archive (or state directory): a path or URI")
+    p.add_argument("--out", required=True, help="folder to write policy.onnx and manifest.json to")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (one CPU each; default 2)")
+    p.add_argument(
+        "--address",
+        help="a running Ray cluster to use (ray.init's address: auto on one of its nodes, or HOST:PORT); "
+        "default: start a local one on this machine's CPUs",
+    )
+    p.add_argument(
+        "--storage", help="where Ray Train keeps the model it hands back (default: a temporary folder; a multi-node "
+        "cluster needs a path or URI every node reaches)",
+    )
+    p.add_argument("--agent", help="only this agent's decisions (default: every agent's)")
+    p.add_argument("--since", help="only decisions made at or after this time (epoch seconds or ISO-8601)")
+    p.add_argument(
+        "--max-rows-per-host", type=int, metavar="N", help="the newest N experiences of each host (default: trainer.max_examples)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="the learner's seed (default 0)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    json_flag(p, "the run's summary")
+    p.set_defaults(func=cmd_fleet_train)
 
     p = command(
         "demo",

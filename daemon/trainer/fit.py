@@ -225,11 +225,11 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
     # a cross-fitted run holds nothing out, so its export is checked on the rows it was fit on
     checked = train_set if crossed else holdout
     check = checked.take(range(min(len(checked), MAX_PARITY_ROWS)))
-    exported = _export_checked(model, out_dir / MODEL_FILE, spec, check, tolerance, graphs)
+    exported = export_checked(model, out_dir / MODEL_FILE, spec, check, tolerance, graphs)
     parity_ok = exported.diff <= tolerance
     refit_diff = None
     if refit is not None:
-        refit_export = _export_checked(refit, out_dir / REFIT_FILE, spec, check, tolerance, graphs)
+        refit_export = export_checked(refit, out_dir / REFIT_FILE, spec, check, tolerance, graphs)
         refit_diff = refit_export.diff
         if not refit_export.diff <= tolerance:  # NaN included
             # the candidate stands on its own: it goes live instead, if it passes
@@ -307,16 +307,16 @@ def cross_fit(learner: Any, batch: Batch, settings: TrainerConfig, seed: int) ->
     return CrossFit(ids=list(batch.ids), scores=scores.tolist(), spread=spread.tolist())
 
 
-class _Export(NamedTuple):
+class Export(NamedTuple):
     seconds: float
     reused: bool
     parity_seconds: float
     diff: float
 
 
-def _export_checked(
+def export_checked(
     model: Any, path: Path, spec: FeatureSpec, check: Any, tolerance: float, graphs: Path | None
-) -> _Export:
+) -> Export:
     """Export ``model`` to ``path`` and measure how far onnxruntime's scores are from torch's on ``check``."""
     exporter = load_exporter("onnx")
     exported = exporter.export(model, spec.context_dim, spec.action_dim, path, graphs)
@@ -333,7 +333,7 @@ def _export_checked(
         started = time.perf_counter()
         diff = exporter.parity(model, path, check.context, check.actions)
         parity_seconds += time.perf_counter() - started
-    return _Export(seconds, exported.reused, parity_seconds, diff)
+    return Export(seconds, exported.reused, parity_seconds, diff)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,8 +154,12 @@ class Decide(_Msg, tag="decide"):
     log: bool = True
     # rank this many of the actions (a slate): answered with DecidedSlate, one decision logged per slot
     slots: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # the agent's own choice (apprentice mode): served, with exploration, until a model is live
+    default: Id | None = None
 
     def __post_init__(self) -> None:
+        if self.default is not None and self.default not in action_ids(self.actions):
+            raise ValueError(f"default {self.default!r} is not among the actions")
         if self.slots is not None:
             if self.slots > len(self.actions):
                 raise ValueError(f"slots ({self.slots}) must not exceed the {len(self.actions)} actions offered")
@@ -190,6 +194,19 @@ class Forget(_Msg, tag="forget"):
     """Delete everything stored about ``agent`` (database, archive, training snapshots); answered with Done."""
 
     agent: Id
+    req: ReqId = None
+
+
+class Adopt(_Msg, tag="adopt"):
+    """Bring in a model trained elsewhere (``reflexd models pull``, a fleet model): its manifest as
+    written (JSON) and its model file's bytes, which must match the manifest's sha256. The daemon
+    judges it on its own latest snapshot's holdout against its live model, by the rule its own runs
+    go live by, and registers it, promoted or rejected; answered with Done. The sender reads the
+    files: the daemon never opens a path a peer names (``source`` is recorded, not read)."""
+
+    manifest: bytes
+    model: bytes
+    source: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
     req: ReqId = None
 
 
@@ -274,11 +291,35 @@ def probability_tables(policies: list[str]) -> dict[str, dict[str, dict[str, flo
     return tables
 
 
+class Snapshot(_Msg, tag="snapshot"):
+    """Write every table of the store to Parquet as of one moment, in a folder of the daemon's own
+    under its state directory (the peer names no path); answered with SnapshotTaken.
+
+    With ``archive``, the Parquet archive's files as of the same moment are linked beside them, so
+    a row is in exactly one of the two. The daemon deletes the folder on Release, or once it has
+    kept it for its time (``SnapshotTaken.expires``); it keeps a few at a time and refuses more.
+    ``reflexd query`` and ``reflexd export`` read the daemon's data this way while it runs.
+    """
+
+    archive: bool = True
+    req: ReqId = None
+
+
+class Release(_Msg, tag="release"):
+    """The sender is done with snapshot ``id``: the daemon deletes it now; answered with Done."""
+
+    id: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+    req: ReqId = None
+
+
 ExperienceEvent = Union[Decision, Outcome, Step, Event]
-Request = Union[Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget, Explain, Evaluate]
+Request = Union[
+    Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget, Explain, Evaluate, Adopt, Snapshot,
+    Release,
+]
 Inbound = Union[
     Decision, Outcome, Step, Event, Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget,
-    Explain, Evaluate,
+    Explain, Evaluate, Adopt, Snapshot, Release,
 ]
 EXPERIENCE_TYPES = (Decision, Outcome, Step, Event)
 
@@ -470,6 +511,8 @@ class StatusReply(_Msg, tag="status"):
     trainer: dict[str, Any]
     storage: dict[str, Any]
     monitor: dict[str, Any] = {}  # automatic rollback: the live model's last comparison
+    # the online head of the daemon's own (socket) decisions: arms, pending, updates, base; None when off
+    online: dict[str, Any] | None = None
     req: ReqId = None
 
 
@@ -485,4 +528,36 @@ class Done(_Msg, tag="ok"):
     req: ReqId = None
 
 
-Reply = Union[Ack, Error, Decided, DecidedSlate, StatusReply, ModelsReply, Done, Scored, Explanation, Evaluation]
+class RewardRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How an agent's outcomes become one reward (the ``rewards`` config section)."""
+
+    wait_window: float
+    default: float
+    aggregation: str
+
+
+class SnapshotTaken(_Msg, tag="snapshot"):
+    """The answer to Snapshot: where its files are. Every path is the daemon's, readable by its group.
+
+    ``tables``: each table's Parquet file, columns as the Parquet archive names and types them (JSON
+    as text). ``archive``: each experience table's archive files (their paths hold ``agent=``
+    and ``date=`` folders, hive-style), hard links inside ``directory`` when ``linked``.
+    ``rewards``: the reward rules in force, by agent ("" for the global ones), so a reader can join
+    rewards as training does; ``taken_at`` is the moment the snapshot shows.
+    """
+
+    id: str
+    directory: str
+    taken_at: float
+    expires: float
+    tables: dict[str, str]
+    rows: dict[str, int]
+    archive: dict[str, list[str]]
+    linked: bool
+    rewards: dict[str, RewardRule]
+    req: ReqId = None
+
+
+Reply = Union[
+    Ack, Error, Decided, DecidedSlate, StatusReply, ModelsReply, Done, Scored, Explanation, Evaluation, SnapshotTaken
+]

@@ -116,8 +116,21 @@ def fit_heads(
     ``scaled`` are Linear layers whose outputs the model adds to the heads' (the MLP's bilinear
     term): they are rescaled to reward units with the heads (the offset goes into the heads'
     bias alone). The model's scores are then bounded by the lowest and highest reward fit.
+
+    Data-parallel when ``torch.distributed`` is initialised with more than one process (``reflexd
+    fleet train`` runs it on Ray Train's workers): each process fits on its own shard of the rows,
+    and what DistributedDataParallel would do is done here, since the loop calls ``predict``
+    rather than the module's forward, which DDP's hooks need: the parameters start as rank 0's,
+    the reward statistics (offset, scale, bounds) and the number of steps are the whole data's,
+    each step's minibatch is split between the processes (about ``batch_size`` rows in all) and
+    the gradients are averaged across them (one all-reduce per step) before every process takes
+    the same step. So every process ends with the same model, trained as one process would be on
+    all the rows with the same settings, up to the order of the rows.
     """
+    group = _data_parallel()
     n = len(reward)
+    if group is not None:
+        return _fit_heads_parallel(model, predict, context, chosen, reward, optimizer, settings, gen, progress, scaled, *group)
     # rewards come in any unit; training on standardised targets keeps one learning rate
     # sensible for all of them, and the affine map is folded back into the heads at the end
     offset = float(reward.mean())
@@ -142,6 +155,12 @@ def fit_heads(
             total += loss.detach() * idx.shape[0]
         if progress is not None:
             progress(epoch, epochs, total.item() / n * scale * scale)
+    _fold(model, scaled, offset, scale, float(reward.min()), float(reward.max()))
+    return model.eval()
+
+
+def _fold(model: RewardModel, scaled: Iterable[torch.nn.Linear], offset: float, scale: float, low: float, high: float) -> None:
+    """Fold the standardisation back into the heads (and ``scaled``), and set the reward bounds."""
     with torch.no_grad():
         for layer in scaled:
             layer.weight.mul_(scale)
@@ -149,6 +168,87 @@ def fit_heads(
                 layer.bias.mul_(scale)
         model.heads.weight.mul_(scale)
         model.heads.bias.mul_(scale).add_(offset)
-        model.reward_low.fill_(float(reward.min()))
-        model.reward_high.fill_(float(reward.max()))
+        model.reward_low.fill_(low)
+        model.reward_high.fill_(high)
+
+
+def _data_parallel() -> tuple[int, int] | None:
+    """(rank, world size) when this process is one of several in a torch.distributed group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _fit_heads_parallel(
+    model: RewardModel,
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    context: torch.Tensor,
+    chosen: torch.Tensor,
+    reward: np.ndarray,
+    optimizer: Adam,
+    settings: TrainerConfig,
+    gen: torch.Generator,
+    progress: Progress | None,
+    scaled: Iterable[torch.nn.Linear],
+    rank: int,
+    world: int,
+) -> RewardModel:
+    """``fit_heads`` on this process's shard, in step with the others (see there)."""
+    import torch.distributed as dist
+
+    n = len(reward)
+    params = list(model.parameters())
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+    reward64 = reward.astype(np.float64)
+    sums = torch.tensor([n, reward64.sum(), (reward64**2).sum()], dtype=torch.float64)
+    dist.all_reduce(sums)
+    low = torch.tensor(float(reward64.min()) if n else math.inf, dtype=torch.float64)
+    high = torch.tensor(float(reward64.max()) if n else -math.inf, dtype=torch.float64)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    total_n = int(sums[0].item())
+    if total_n == 0:
+        raise ValueError("no rows to fit on any process")
+    offset = float(sums[1] / total_n)
+    scale = math.sqrt(max(float(sums[2] / total_n) - offset * offset, 0.0)) or 1.0
+    target = torch.from_numpy(((reward64 - offset) / scale).astype(np.float32)).unsqueeze(1)
+    # each process draws its own shuffles and bootstrap weights from the run's seed
+    gen = torch.Generator().manual_seed(gen.initial_seed() * 1_000_003 + rank)
+    weights = torch.poisson(torch.ones(n, model.heads.out_features), generator=gen)
+    # about batch_size rows per step in all, and as many steps per epoch as one process would take
+    local_batch = max(1, math.ceil(settings.batch_size / world))
+    steps_per_epoch = math.ceil(total_n / settings.batch_size)
+    epochs = max(settings.epochs, math.ceil(settings.min_steps / steps_per_epoch))
+    model.train()
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(n, generator=gen) if n else torch.zeros(0, dtype=torch.int64)
+        total = torch.zeros(2, dtype=torch.float64)  # summed loss, rows
+        for step in range(steps_per_epoch):
+            optimizer.zero_grad()
+            if n:
+                # a shard shorter than its share of the epoch starts its rows over
+                idx = order[torch.arange(step * local_batch, (step + 1) * local_batch) % n]
+                pred = predict(context[idx], chosen[idx])
+                loss = (weights[idx] * (pred - target[idx]) ** 2).mean()
+                loss.backward()
+                total[0] += loss.detach() * idx.shape[0]
+                total[1] += idx.shape[0]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= world
+            offset_in = 0
+            for p in params:
+                size = p.numel()
+                p.grad = flat[offset_in : offset_in + size].view_as(p).clone()
+                offset_in += size
+            optimizer.step()
+        dist.all_reduce(total)  # on every process, whether it reports progress or not
+        if progress is not None:
+            progress(epoch, epochs, float(total[0] / max(total[1], 1.0)) * scale * scale)
+    _fold(model, scaled, offset, scale, float(low), float(high))
     return model.eval()

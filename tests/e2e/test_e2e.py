@@ -15,6 +15,7 @@ import pytest
 
 from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
+from reflexd.config import OnlineConfig
 from reflexd.wire.protocol import ModelsRequest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -58,7 +59,8 @@ def learning_daemon(daemon_factory) -> DaemonProcess:
 def test_agent_improves_once_a_model_is_promoted(learning_daemon: DaemonProcess) -> None:
     d = learning_daemon
     rng = random.Random(3)
-    with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=5) as policy:
+    # the batch path alone: with the online head the agent would improve before any model
+    with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=5, online=OnlineConfig(enabled=False)) as policy:
         before = play(policy, rng, 1500)
         assert policy.flush(60), policy.stats()
         assert policy.model_version is None

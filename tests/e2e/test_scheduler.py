@@ -9,7 +9,7 @@ import pytest
 
 from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
-from reflexd.config import Config, TrainerConfig
+from reflexd.config import Config, OnlineConfig, TrainerConfig
 from reflexd.learning.runs import due_after, run_points
 from reflexd.split import first_run_rows, holdout_run_rows
 from reflexd.wire.protocol import ModelsRequest
@@ -92,7 +92,9 @@ def test_a_cross_fitted_first_model_goes_live_fit_on_every_row(daemon_factory) -
     d: DaemonProcess = daemon_factory(
         {"rewards": {"wait_window": 0.2}, "trainer": {"growth": 0.25, "check_interval": 0.2, "min_new_examples": 1_000_000}}
     )
-    with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=3, refresh_interval=0.1) as policy:
+    # the logging policy uniform, as this test reckons with; the online head would learn to beat any first model
+    offline = OnlineConfig(enabled=False)
+    with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=3, refresh_interval=0.1, online=offline) as policy:
         for _ in range(FIRST):
             choice = policy.decide({"task": "fetch"}, ["good", "bad"])
             policy.reward(choice.id, float(choice.action == "good"))

@@ -52,14 +52,14 @@ def requests(n: int) -> list[tuple[str, dict[str, Any], list[Any], str | None]]:
     """Two agents exploring differently, three action-set sizes, with and without decision ids."""
     sets = [ACTIONS, ACTIONS[:2], ["solo"], ["a", "b", "c", "d"]]
     return [
-        ("router" if i % 3 == 0 else "agent", ctx, sets[i % len(sets)], None if i % 4 == 1 else f"d{i}")
+        ("router" if i % 3 == 0 else "agent", ctx, sets[i % len(sets)], None if i % 4 == 1 else f"d{i}", None)
         for i, ctx in enumerate(contexts(n))
     ]
 
 
 def same_choices(together: list[Any], one_by_one: list[Any], reqs: list[Any]) -> None:
     assert len(together) == len(one_by_one) == len(reqs)
-    for got, want, (_, _, _, decision_id) in zip(together, one_by_one, reqs):
+    for got, want, (_, _, _, decision_id, _) in zip(together, one_by_one, reqs):
         if decision_id is None:  # a fresh id each: unique, and the rest equal
             assert got.id != want.id and len(got.id) == 32
             got = msgspec.structs.replace(got, id=want.id)
@@ -109,7 +109,7 @@ class Flaky:
 def test_a_decision_the_model_fails_on_falls_back_alone(live: ModelSource) -> None:
     live.scorer = Flaky(live.scorer)  # type: ignore[arg-type,assignment]
     reqs = requests(9)
-    reqs[4] = (reqs[4][0], {**reqs[4][1], "boom": 1}, ACTIONS, "d4")
+    reqs[4] = (reqs[4][0], {**reqs[4][1], "boom": 1}, ACTIONS, "d4", None)
     one = Chooser(live, manifest_exploration, seed=1)
     want = [one.choose(*r) for r in reqs]
     live.error = None

@@ -1,7 +1,7 @@
 """The package's rooms and the rules between them, read from the source (no module is imported).
 
 Rooms: the kernel (top-level modules), ``wire``, ``deciding``, ``client``, ``learning``,
-``trainer``, ``service``, ``tools``; the plugins (``reflexd.plugins``, ``reflexd.exporters``) are
+``trainer``, ``service``, ``tools``, ``fleet``; the plugins (``reflexd.plugins``, ``reflexd.exporters``) are
 reached only through their entry-point groups.
 """
 
@@ -17,6 +17,8 @@ FOLDERS = {"daemon": "reflexd", "plugins": "reflexd.plugins", "exporters": "refl
 KERNEL = {"reflexd.errors", "reflexd.config", "reflexd.features", "reflexd.split", "reflexd.durable",
           "reflexd.log", "reflexd.manifest", "reflexd.registry", "reflexd.extensions"}
 HEAVY = ("torch", "duckdb")
+# third-party packages whose importers are tracked too: Ray (the fleet extra) belongs to the fleet alone
+TRACKED = (*HEAVY, "ray")
 
 
 def _module_name(path: Path) -> str:
@@ -68,7 +70,7 @@ def _graph() -> dict[str, set[str]]:
         # a parent package is always imported before its modules: an edge to it says nothing
         ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
         graph[name] = {m for m in raw if m in modules and m != name and m not in ancestors}
-        graph[name] |= {m for m in raw if m.split(".")[0] in HEAVY}
+        graph[name] |= {m for m in raw if m.split(".")[0] in TRACKED}
     return graph
 
 
@@ -120,6 +122,32 @@ def test_the_trainer_never_imports_the_service_and_the_service_reaches_it_only_t
     for module, deps in _in("service").items():
         assert {d for d in deps if _room(d) == "trainer"} <= {"reflexd.trainer", "reflexd.trainer.result"}, module
         assert "torch" not in deps, module
+
+
+def test_only_the_fleet_imports_ray_and_nothing_that_serves_imports_the_fleet() -> None:
+    # the fleet may use the kernel, learning (the join, the gate's rule), the trainer (its export),
+    # deciding (the Scorer the gate judges with); the daemon and the client never see it
+    assert "ray" in GRAPH["reflexd.fleet.train"] and "reflexd.fleet.archive" in GRAPH["reflexd.fleet.train"]
+    for module, deps in _in("fleet").items():
+        rooms = {_room(d) for d in deps if d.split(".")[0] not in TRACKED}
+        assert rooms <= {"kernel", "learning", "trainer", "deciding", "fleet"}, (module, sorted(deps))
+    for room in ("service", "client", "deciding", "wire", "learning", "trainer", "kernel", "face"):
+        for module, deps in _in(room).items():
+            assert not {d for d in deps if _room(d) == "fleet"}, (module, sorted(deps))
+    for module, deps in GRAPH.items():
+        if _room(module) != "fleet":
+            assert not {d for d in deps if d.split(".")[0] == "ray"}, module
+
+
+def test_the_command_line_imports_the_fleet_only_when_a_fleet_command_runs() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from reflexd.tools import cli; cli.build_parser().parse_args(['fleet', 'train', 'a', '--out', 'b']);"
+        "bad = [m for m in ('ray', 'reflexd.fleet') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_the_core_never_imports_a_plugin_by_path() -> None:

@@ -46,9 +46,12 @@ INBOUND: list[msgspec.Struct] = [
     p.Rollback(),
     p.Train(req="t"),
     p.Forget(agent="router", req="f"),
+    p.Adopt(manifest=b'{"version": "fleet-1"}', model=bytes(range(256)) * 3, source="/srv/fleet/m1", req="a"),
     p.Decide(agent="router", context=CTX, actions=["a", "b"], log=False, req=2),
     p.Explain(agent="router", context=CTX, actions=["a", p.Action(id="b", features={"cost": 1})], top=3, req="e"),
     p.Evaluate(policies=["v0003", "action:a", "file:/tmp/p.ndjson", "v0003@epsilon=0.05"], agent="router", since=1.0, req="v"),
+    p.Snapshot(archive=False, req="s"),
+    p.Release(id="0123456789abcdef0123456789abcdef", req=2),
 ]
 
 REPLIES: list[msgspec.Struct] = [
@@ -99,6 +102,12 @@ REPLIES: list[msgspec.Struct] = [
             )
         ],
         discovery=p.Recommendation(model="v0003", estimator="dr", policy=None, value=None, reason="none", candidates=[]),
+    ),
+    p.SnapshotTaken(
+        id="0123456789abcdef0123456789abcdef", directory="/var/lib/reflexd/snapshots/0123456789abcdef0123456789abcdef",
+        taken_at=10.5, expires=910.5, tables={"decisions": "/s/decisions.parquet"}, rows={"decisions": 3},
+        archive={"decisions": ["/s/archive/decisions/agent=a/date=2026-01-01/part-1.parquet"]}, linked=True,
+        rewards={"": p.RewardRule(wait_window=30.0, default=0.0, aggregation="sum")}, req="s",
     ),
 ]
 

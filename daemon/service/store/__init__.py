@@ -25,7 +25,7 @@ from reflexd import log
 from reflexd.config import Config, StoreConfig
 from reflexd.errors import RejectedData, StorageError
 from reflexd.service import spool
-from reflexd.service.store import integrity, retention, rewards
+from reflexd.service.store import export, integrity, retention, rewards
 from reflexd.service.store.db import COUNTED_TABLES, EXPERIENCE_TABLES, MIGRATIONS, SCHEMA, failing_as
 from reflexd.service.store.load import WriteResult, load_segment
 from reflexd.service.store.rewards import RewardStats, SnapshotInfo
@@ -339,3 +339,35 @@ class Store:
         """Delete everything stored about ``agent``, in the database and in the archive."""
         with self._guard(f"forgetting agent {agent!r}") as con:
             return retention.forget(con, agent, archive_root)
+
+    def prune_archive(
+        self, root: Path, now: float, max_days: float | None, max_bytes: int | None
+    ) -> retention.Pruned:
+        """Delete the archive's oldest day partitions past ``max_days`` or ``max_bytes``
+        (``retention.prune_archive``), under the lock a snapshot links the archive under."""
+        with self._guard(f"pruning the archive {root}"):
+            return retention.prune_archive(Path(root), now, max_days, max_bytes)
+
+    # ---- read-out snapshots ----------------------------------------------------------------
+
+    def read_out(self, dest: Path, archive_root: Path | None) -> export.Written:
+        """Write every table to ``dest/<table>.parquet`` as of one moment, with the archive's files
+        linked under ``dest/archive`` as of the same moment (``export``); loads are held up only
+        while the transaction starts and the archive is linked."""
+        dest = Path(dest)
+        with self._guard(f"taking a snapshot into {dest}") as con:
+            dest.mkdir(parents=True, exist_ok=True)
+            cur = con.cursor()
+            try:
+                export.begin(cur)
+                archive, linked = export.link_archive(archive_root, dest / "archive")
+            except BaseException:
+                cur.close()
+                raise
+        try:
+            with failing_as(f"writing the snapshot {dest}"):
+                tables, rows = export.copy_tables(cur, dest)
+                cur.commit()
+        finally:
+            cur.close()
+        return export.Written(tables=tables, rows=rows, archive=archive, linked=linked)

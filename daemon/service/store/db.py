@@ -85,6 +85,92 @@ ALTER TABLE decisions ADD COLUMN IF NOT EXISTS slot INTEGER;
 ALTER TABLE decisions ADD COLUMN IF NOT EXISTS slate VARCHAR;
 """
 
+# How the tables look outside the store: in the Parquet archive, in read-out snapshots (the
+# `snapshot` request) and in `reflexd query` / `reflexd export`. Each column is (name, type,
+# expression over the store's columns). JSON columns are written as text (a Parquet string, which
+# pyarrow, polars and DuckDB read without a cast; DuckDB's JSON type would be a binary column to
+# some readers), and steps' `idx` is named `index`, as the step message names it. `reflexd query`
+# shows the JSON columns with DuckDB's JSON type again.
+OUTSIDE: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "decisions": (
+        ("id", "VARCHAR", "id"),
+        ("agent", "VARCHAR", "agent"),
+        ("ts", "DOUBLE", "ts"),
+        ("received_at", "DOUBLE", "received_at"),
+        ("context", "JSON", "context"),
+        ("actions", "JSON", "actions"),
+        ("chosen", "VARCHAR", "chosen"),
+        ("prob", "DOUBLE", "prob"),
+        ("probs", "JSON", "probs"),
+        ("model_version", "VARCHAR", "model_version"),
+        ("strategy", "VARCHAR", "strategy"),
+        ("slot", "INTEGER", "slot"),
+        ("slate", "VARCHAR", "slate"),
+    ),
+    "outcomes": (
+        ("id", "VARCHAR", "id"),
+        ("decision_id", "VARCHAR", "decision_id"),
+        ("agent", "VARCHAR", "agent"),
+        ("reward", "DOUBLE", "reward"),
+        ("ts", "DOUBLE", "ts"),
+        ("received_at", "DOUBLE", "received_at"),
+    ),
+    "steps": (
+        ("id", "VARCHAR", "id"),
+        ("agent", "VARCHAR", "agent"),
+        ("episode", "VARCHAR", "episode"),
+        ("index", "INTEGER", "idx"),
+        ("observation", "JSON", "observation"),
+        ("action", "VARCHAR", "action"),
+        ("reward", "DOUBLE", "reward"),
+        ("done", "BOOLEAN", "done"),
+        ("ts", "DOUBLE", "ts"),
+        ("received_at", "DOUBLE", "received_at"),
+    ),
+    "events": (
+        ("id", "VARCHAR", "id"),
+        ("agent", "VARCHAR", "agent"),
+        ("kind", "VARCHAR", "kind"),
+        ("data", "JSON", "data"),
+        ("ts", "DOUBLE", "ts"),
+        ("received_at", "DOUBLE", "received_at"),
+    ),
+    "dead_letters": (
+        ("received_at", "DOUBLE", "received_at"),
+        ("peer_uid", "BIGINT", "peer_uid"),
+        ("peer_pid", "INTEGER", "peer_pid"),
+        ("code", "VARCHAR", "code"),
+        ("reason", "VARCHAR", "reason"),
+        ("raw", "BLOB", "raw"),
+        ("raw_size", "BIGINT", "raw_size"),
+    ),
+    "models": (
+        ("at", "DOUBLE", '"at"'),
+        ("version", "VARCHAR", "version"),
+        ("event", "VARCHAR", "event"),
+        ("detail", "JSON", "detail"),
+    ),
+}
+# Other names a column had in files written by earlier versions (read by `reflexd query`).
+OUTSIDE_ALIASES = {("steps", "index"): ("idx",)}
+
+
+def quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def outside_select(table: str, alias: str = "", **override: str) -> str:
+    """The SELECT list that turns ``table``'s rows (``alias.`` before each column) into the outside
+    form: JSON as text, columns named as outside; ``override`` gives other expressions by name."""
+    prefix = f"{alias}." if alias else ""
+    columns = []
+    for name, kind, source in OUTSIDE[table]:
+        expr = override.get(name) or f"{prefix}{source}"
+        if kind == "JSON":
+            expr = f"CAST({expr} AS VARCHAR)"
+        columns.append(f"{expr} AS {quoted(name)}")
+    return ", ".join(columns)
+
 
 # A decision has matured once its agent's wait window has passed; `rules` holds one row per
 # agent with overrides plus the global settings under the agent id '' (ids are never empty).

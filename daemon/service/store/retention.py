@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -10,10 +12,11 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import duckdb
+import msgspec
 
 from reflexd.durable import fsync_path
 from reflexd.service import spool
-from reflexd.service.store.db import EXPERIENCE_TABLES, sql_path, transaction
+from reflexd.service.store.db import EXPERIENCE_TABLES, outside_select, sql_path, transaction
 
 COMPRESSIONS = frozenset({"zstd", "snappy", "gzip", "uncompressed"})
 
@@ -25,16 +28,18 @@ def _utc_date(column: str) -> str:
 # Outcomes sent without an agent are filed under their decision's agent, so `forget` finds them
 # in the archive ('_' when the decision is gone too). That needs the decisions still in the
 # database, so outcomes are archived first.
+# Columns are written in their outside form (``db.OUTSIDE``): JSON as text, steps' index named so.
 _ARCHIVE_SELECT = {
     "outcomes": f"""
-        SELECT o.* REPLACE (coalesce(o.agent, d.agent, '_') AS agent),
+        SELECT {outside_select("outcomes", "o", agent="coalesce(o.agent, d.agent, '_')")},
                {_utc_date("o.received_at")}
         FROM outcomes o LEFT JOIN decisions d ON d.id = o.decision_id
         WHERE o.received_at < $cutoff
     """,
-    "decisions": f"SELECT *, {_utc_date('received_at')} FROM decisions WHERE received_at < $cutoff",
-    "steps": f"SELECT *, {_utc_date('received_at')} FROM steps WHERE received_at < $cutoff",
-    "events": f"SELECT *, {_utc_date('received_at')} FROM events WHERE received_at < $cutoff",
+    **{
+        table: f"SELECT {outside_select(table)}, {_utc_date('received_at')} FROM {table} WHERE received_at < $cutoff"
+        for table in ("decisions", "steps", "events")
+    },
 }
 # outcomes first: an outcome sent without an agent takes its decision's, which must still be there
 ARCHIVE_ORDER = tuple(_ARCHIVE_SELECT)
@@ -125,3 +130,87 @@ def forget(con: duckdb.DuckDBPyConnection, agent: str, archive_root: Path | None
             shutil.rmtree(partition)
         removed["archive_partitions"] = len(partitions)
     return removed
+
+
+# ---- pruning ---------------------------------------------------------------------------------
+
+_DATE_FOLDER = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+DAY = 86400.0
+
+
+class Pruned(msgspec.Struct, frozen=True, kw_only=True):
+    """What one pruning pass removed from the archive, and what it left."""
+
+    partitions: int  # <table>/agent=../date=.. folders removed
+    files: int
+    bytes: int
+    kept_bytes: int
+    oldest_kept: str | None  # the oldest day left (YYYY-MM-DD), None when the archive is empty
+
+
+class _Partition(msgspec.Struct, frozen=True):
+    day: str
+    path: Path
+    bytes: int
+    files: int
+
+
+def _partitions(root: Path) -> list[_Partition]:
+    """Every ``<table>/agent=../date=..`` folder of the archive, with its size."""
+    found = []
+    for table in EXPERIENCE_TABLES:
+        base = root / table
+        if not base.is_dir():
+            continue
+        for agent in base.iterdir():
+            if not (agent.is_dir() and agent.name.startswith("agent=")):
+                continue
+            for day in agent.iterdir():
+                match = _DATE_FOLDER.match(day.name)
+                if match is None or not day.is_dir():
+                    continue
+                sizes = [f.stat().st_size for f in day.rglob("*") if f.is_file()]
+                found.append(_Partition(match[1], day, sum(sizes), len(sizes)))
+    return found
+
+
+def prune_archive(root: Path, now: float, max_days: float | None, max_bytes: int | None) -> Pruned:
+    """Delete whole day partitions of the archive, oldest first: every one whose rows are all older
+    than ``max_days`` (a day's partition holds the rows received that UTC day), then the oldest
+    days, every table's and agent's at once, until what is left fits in ``max_bytes``. None turns
+    a limit off. Agent folders left empty go too."""
+    root = Path(root)
+    partitions = _partitions(root) if root.is_dir() else []
+    doomed: set[str] = set()
+    if max_days is not None:
+        for part in partitions:
+            day = dt.datetime.fromisoformat(part.day).replace(tzinfo=dt.timezone.utc).timestamp()
+            if day + DAY <= now - max_days * DAY:
+                doomed.add(part.day)
+    if max_bytes is not None:
+        by_day: dict[str, int] = {}
+        for part in partitions:
+            by_day[part.day] = by_day.get(part.day, 0) + part.bytes
+        left = sum(size for day, size in by_day.items() if day not in doomed)
+        for day in sorted(by_day):
+            if left <= max_bytes:
+                break
+            if day not in doomed:
+                doomed.add(day)
+                left -= by_day[day]
+    removed = [p for p in partitions if p.day in doomed]
+    for part in removed:
+        shutil.rmtree(part.path, ignore_errors=True)
+    for agent in {part.path.parent for part in removed}:
+        try:
+            agent.rmdir()  # only if nothing is left in it
+        except OSError:
+            pass
+    kept = [p for p in partitions if p.day not in doomed]
+    return Pruned(
+        partitions=len(removed),
+        files=sum(p.files for p in removed),
+        bytes=sum(p.bytes for p in removed),
+        kept_bytes=sum(p.bytes for p in kept),
+        oldest_kept=min((p.day for p in kept), default=None),
+    )

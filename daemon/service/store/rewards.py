@@ -11,6 +11,7 @@ import msgspec
 import pyarrow as pa
 
 from reflexd.config import Config
+from reflexd.learning import join
 from reflexd.service.store.db import sql_path
 
 
@@ -30,62 +31,12 @@ class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 # ---- loading spool segments ----------------------------------------------------------------
 
-_MATURED = """
-    SELECT d.*, r.wait_window, r.default_reward, r.aggregation
-    FROM decisions d
-    LEFT JOIN rules own ON own.agent = d.agent
-    JOIN rules r ON r.agent = coalesce(own.agent, '')
-    WHERE d.received_at <= $now - r.wait_window
-"""
-
-# The reward join, shared by training snapshots and live rewards: given a CTE `recent` of matured
-# decisions, `rewards` aggregates each one's outcomes within its wait window, and _JOINED_REWARD
-# (over `recent m LEFT JOIN rewards r`) falls back to the default reward when none came.
-# Outcomes sharing a received_at (one ingest batch) are ordered by the agent's ts, then id, so
-# first/last are deterministic. Rewards are aggregated before joining back, so the wide JSON
-# columns are never grouped on.
-_REWARDS = """
-    rewards AS (
-        SELECT m.id,
-            CASE m.aggregation
-                WHEN 'sum' THEN sum(o.reward)
-                WHEN 'mean' THEN avg(o.reward)
-                WHEN 'min' THEN min(o.reward)
-                WHEN 'max' THEN max(o.reward)
-                WHEN 'first' THEN arg_min(o.reward, (o.received_at, o.ts, o.id))
-                WHEN 'last' THEN arg_max(o.reward, (o.received_at, o.ts, o.id))
-            END AS reward,
-            count(*) AS outcomes
-        FROM recent m
-        JOIN outcomes o ON o.decision_id = m.id AND o.received_at <= m.received_at + m.wait_window
-        GROUP BY m.id, m.aggregation
-    )
-"""
-_JOINED_REWARD = "coalesce(r.reward, m.default_reward)"
-
-_EXPERIENCES = f"""
-    WITH recent AS (
-        SELECT * FROM ({_MATURED})
-        -- a window of them (reflexd evaluate, the rollback monitor): each filter is off when NULL
-        WHERE ($agent IS NULL OR agent = $agent) AND ($since IS NULL OR ts >= $since)
-            AND ($until IS NULL OR ts < $until) AND ($version IS NULL OR model_version = $version)
-        ORDER BY received_at DESC, ts DESC, id DESC LIMIT $max_rows
-    ),
-    {_REWARDS}
-    SELECT
-        m.id, m.agent, m.received_at,
-        CAST(m.context AS VARCHAR) AS context,
-        CAST(m.actions AS VARCHAR) AS actions,
-        m.chosen, m.prob,
-        {_JOINED_REWARD} AS reward,
-        m.model_version,
-        CAST(coalesce(r.outcomes, 0) AS INTEGER) AS outcomes,
-        m.slot, m.slate
-    FROM recent m LEFT JOIN rewards r ON r.id = m.id
-    -- decisions spooled in one ingest batch share received_at; their own ts keeps them in the
-    -- order they were made, where their random ids would shuffle them (and the model trained)
-    ORDER BY m.received_at, m.ts, m.id
-"""
+# The reward join's SQL lives in reflexd.learning.join, which ``reflexd fleet train`` runs on hosts'
+# Parquet archives too: one join, wherever the experience is.
+_MATURED = join.MATURED
+_REWARDS = join.REWARDS
+_JOINED_REWARD = join.JOINED_REWARD
+_EXPERIENCES = join.EXPERIENCES
 
 # Live reward per model version: every matured decision a version made, joined as for training.
 _LIVE_REWARDS = f"""
@@ -98,17 +49,7 @@ _LIVE_REWARDS = f"""
     GROUP BY m.model_version
 """
 
-
-def _reward_rules(config: Config) -> pa.Table:
-    rules = {"": config.rewards} | {agent: override.rewards for agent, override in config.agents.items()}
-    return pa.table(
-        {
-            "agent": list(rules),
-            "wait_window": [r.wait_window for r in rules.values()],
-            "default_reward": [r.default for r in rules.values()],
-            "aggregation": [r.aggregation for r in rules.values()],
-        }
-    )
+_reward_rules = join.reward_rules
 
 
 # ---- files ---------------------------------------------------------------------------------

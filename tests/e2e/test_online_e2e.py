@@ -1,0 +1,61 @@
+"""The online head in a live daemon: rewards for socket decisions teach the next ones at once,
+and an agent's Policy learns from its own rewards before any model exists."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import DaemonProcess
+from reflexd.client.policy import Policy
+from reflexd.wire.connection import Connection
+from reflexd.wire.protocol import Ack, Decide, Decided, Flush, Outcome
+
+pytestmark = pytest.mark.e2e
+
+BEST = {"code": "large", "chat": "small", "math": "tools"}
+ACTIONS = ["small", "large", "tools"]
+
+
+def test_socket_decisions_learn_from_their_rewards_before_any_model(daemon_factory) -> None:
+    d: DaemonProcess = daemon_factory()  # min_new_examples out of reach: no batch model in this test
+    rng = random.Random(4)
+    hits = []
+    with Connection(d.socket) as conn:
+        for i in range(500):
+            task = rng.choice(list(BEST))
+            reply = conn.request(Decide(agent="router", context={"task": task, "n": rng.random()}, actions=ACTIONS))
+            assert isinstance(reply, Decided) and reply.model_version is None
+            hits.append(reply.action == BEST[task])
+            reward = (1.0 if reply.action == BEST[task] else 0.0) + rng.gauss(0, 0.2)
+            conn.send([Outcome(decision_id=reply.id, reward=reward, id=f"o{i}")])
+        conn.send([Flush()])
+        while not isinstance(conn.receive(), Ack):
+            pass
+    assert sum(hits[:30]) < 25
+    assert sum(hits[-200:]) / 200 > 0.8, sum(hits[-200:])
+    online = d.status().online
+    assert online is not None and online["updates"] >= 450 and online["base"] is None
+
+
+def test_online_learning_can_be_turned_off(daemon_factory) -> None:
+    d: DaemonProcess = daemon_factory({"online": {"enabled": False}})
+    with Connection(d.socket) as conn:
+        replies = [conn.request(Decide(agent="a", context={"task": "code"}, actions=ACTIONS)) for _ in range(20)]
+    assert {r.strategy for r in replies} == {"default"}
+    assert d.status().online is None
+
+
+def test_a_policy_learns_from_its_own_rewards_at_once(daemon_factory) -> None:
+    d: DaemonProcess = daemon_factory()
+    rng = random.Random(9)
+    with Policy("router", socket=d.socket, state_dir=d.state_dir, seed=3) as policy:
+        hits = []
+        for _ in range(500):
+            task = rng.choice(list(BEST))
+            choice = policy.decide({"task": task}, ACTIONS)
+            hits.append(choice.action == BEST[task])
+            policy.reward(choice.id, 1.0 if choice.action == BEST[task] else 0.0)
+        assert sum(hits[-200:]) / 200 > 0.8
+        assert policy.stats()["online"]["updates"] == 500

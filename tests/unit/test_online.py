@@ -1,0 +1,193 @@
+"""The online head (reflexd.deciding.online): exact ridge regression, learning from the first
+decisions, and probabilities that stay exactly the ones each choice was drawn from."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from reflexd.config import ExplorationConfig, OnlineConfig
+from reflexd.deciding import exploring
+from reflexd.deciding.choosing import Chooser
+from reflexd.deciding.online import OnlineHead
+
+CHI2_999 = {2: 13.816, 3: 16.266}  # chi-square critical values at the 0.999 quantile
+
+
+def contexts(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {"task": rng.choice(["code", "chat", "math"]), "difficulty": rng.random(), "user": f"u{rng.randrange(40)}"}
+        for _ in range(n)
+    ]
+
+
+def chooser(head: OnlineHead, seed: int = 1, **exploration: object) -> Chooser:
+    cfg = ExplorationConfig(**exploration)
+    return Chooser(None, lambda agent, manifest: cfg, seed, head)
+
+
+def test_the_head_is_exactly_the_ridge_regression_and_its_posterior() -> None:
+    head = OnlineHead(OnlineConfig(prior=2.0))
+    rng = np.random.default_rng(3)
+    rows, targets = [], []
+    for i, ctx in enumerate(contexts(400)):
+        x = head.features(ctx)
+        y = float(rng.normal(0.3, 1.0))
+        head.remember(f"d{i}", "a", "left", x, None)
+        assert head.learn(f"d{i}", y)
+        rows.append(x)
+        targets.append(y)
+    X, Y = np.array(rows), np.array(targets)
+    precision = X.T @ X + 2.0 * np.eye(X.shape[1])
+    theta = np.linalg.solve(precision, X.T @ Y)
+    probe = head.features({"task": "chat", "difficulty": 0.25, "user": "u7", "new_key": "unseen"})
+    (mean,) = head.means("a", probe, ["left"])
+    assert mean == pytest.approx(float(theta @ probe), abs=1e-9)
+    (spread,) = head.spread("a", probe, ["left"])
+    assert spread == pytest.approx(float(np.sqrt(probe @ np.linalg.solve(precision, probe))), rel=1e-9)
+    # an action never rewarded keeps its prior: mean 0, variance |x|²/prior
+    assert head.means("a", probe, ["right"]) == [0.0]
+    assert head.spread("a", probe, ["right"]) == pytest.approx([float(np.sqrt(probe @ probe / 2.0))])
+    # another agent's arm is its own
+    assert head.means("b", probe, ["left"]) == [0.0]
+
+
+def test_only_the_first_reward_of_a_remembered_decision_is_learned() -> None:
+    head = OnlineHead(OnlineConfig(pending=3))
+    x = head.features({"k": 1})
+    for i in range(5):
+        head.remember(f"d{i}", "a", "left", x, None)
+    assert not head.learn("d0", 1.0) and not head.learn("d1", 1.0)  # the oldest were let go
+    assert head.learn("d4", 1.0) and not head.learn("d4", 1.0)
+    assert head.stats()["updates"] == 1 and head.stats()["pending"] == 2
+
+
+def test_arms_are_bounded() -> None:
+    head = OnlineHead(OnlineConfig(max_arms=4))
+    x = head.features({"k": 1})
+    for i in range(10):
+        head.remember(f"d{i}", "a", f"act{i}", x, None)
+        head.learn(f"d{i}", 1.0)
+    assert head.stats()["arms"] == 4
+    assert head.knows("a", ["act9"]) and not head.knows("a", ["act0"])
+
+
+def test_a_model_going_live_neither_undoes_the_head_nor_is_ignored_once_the_rewards_back_it() -> None:
+    """The head learned 'large' is best for code before any model; then a model goes live whose
+    scores are exactly the expected rewards. The head's means stay what it learned at first (the
+    model's weight starts at 0), then follow the model's scores as rewards show they predict them."""
+    rng = random.Random(8)
+    truth = {("code", "small"): 0.2, ("code", "large"): 0.8, ("chat", "small"): 0.7, ("chat", "large"): 0.3}
+    head = OnlineHead(OnlineConfig())
+    ids = ["small", "large"]
+    for i in range(300):
+        task, action = rng.choice(["code", "chat"]), rng.choice(ids)
+        head.remember(f"a{i}", "agent", action, head.features({"task": task}), None)
+        head.learn(f"a{i}", truth[task, action] + rng.gauss(0, 0.1))
+    x = head.features({"task": "code"})
+    before = head.means("agent", x, ids)
+    assert before[1] - before[0] > 0.4
+    head.follow("v0001")
+    # a model whose scores are the truth plus an offset the head has never seen
+    model = {k: v + 5.0 for k, v in truth.items()}
+    scores = [model["code", a] for a in ids]
+    assert head.means("agent", x, ids, scores) == pytest.approx(before, abs=1e-9)  # carried over
+    for i in range(600):
+        task, action = rng.choice(["code", "chat"]), rng.choice(ids)
+        head.remember(f"b{i}", "agent", action, head.features({"task": task}), model[task, action])
+        head.learn(f"b{i}", truth[task, action] + rng.gauss(0, 0.1))
+    after = head.means("agent", x, ids, scores)
+    assert after[1] - after[0] == pytest.approx(0.6, abs=0.1)
+    # an action the head has learned nothing about is scored as the model scores it
+    assert head.means("agent", x, ["small", "tools"], [5.2, 4.0])[1] == 4.0
+    assert head.stats()["base"] == "v0001"
+
+
+def test_an_arm_born_beside_a_model_starts_from_the_models_score() -> None:
+    head = OnlineHead(OnlineConfig())
+    x = head.features({"task": "code"})
+    head.remember("d", "agent", "small", x, 0.7)
+    head.learn("d", 0.7)  # the reward the model expected: nothing to correct
+    assert head.means("agent", x, ["small"], [0.7]) == pytest.approx([0.7], abs=1e-9)
+
+
+def test_before_any_model_the_head_learns_the_best_action_within_a_few_hundred_decisions() -> None:
+    """A world where the best action depends on the task; no model, so only the head can learn it."""
+    best = {"code": "large", "chat": "small", "math": "tools"}
+    head = OnlineHead(OnlineConfig())
+    c = chooser(head, strategy="squarecb")
+    rng = random.Random(11)
+    hits = []
+    for ctx in contexts(600, seed=5):
+        choice = c.choose("agent", ctx, ["small", "large", "tools"])
+        assert choice.model_version is None
+        reward = (1.0 if choice.action == best[ctx["task"]] else 0.0) + rng.gauss(0, 0.3)
+        c.learn(choice.id, reward)
+        hits.append(choice.action == best[ctx["task"]])
+    assert sum(hits[:30]) < 24  # it starts knowing nothing...
+    assert sum(hits[-200:]) / 200 > 0.85  # ...and is mostly right within a few hundred decisions
+    assert c.score("agent", {"task": "math", "difficulty": 0.5}, ["small", "large", "tools"]).probs[2] > 0.5
+
+
+def test_with_a_default_action_the_default_is_served_while_the_head_learns() -> None:
+    head = OnlineHead(OnlineConfig())
+    c = chooser(head, strategy="epsilon_greedy", epsilon=0.2, default_action="small")
+    for i, ctx in enumerate(contexts(50)):
+        choice = c.choose("agent", ctx, ["small", "large"])
+        assert choice.strategy == "default" and choice.probs == pytest.approx([0.9, 0.1])
+        c.learn(choice.id, 1.0 if choice.action == "large" else 0.0)
+    assert head.stats()["updates"] == 50
+
+
+@pytest.mark.parametrize("strategy", ["squarecb", "epsilon_greedy", "softmax", "ucb"])
+def test_each_logged_probability_is_the_one_the_choice_was_drawn_with(strategy: str) -> None:
+    head = OnlineHead(OnlineConfig())
+    # gamma_exponent 0: squarecb's distribution does not narrow with t, so it is still for the count below
+    c = chooser(head, seed=42, strategy=strategy, epsilon=0.2, temperature=0.5, gamma_exponent=0.0)
+    mirror = random.Random(42)  # the chooser's draws, replayed
+    world = random.Random(1)
+    for ctx in contexts(300, seed=2):
+        choice = c.choose("agent", ctx, ["a", "b", "c"])
+        assert exploring.sample(choice.probs, mirror.random()) == choice.index
+        assert choice.prob == choice.probs[choice.index] and abs(sum(choice.probs) - 1.0) < 1e-9
+        c.learn(choice.id, world.random() + (0.5 if choice.action == "b" else 0.0))
+    # with the head held still, the frequencies of many draws agree with the logged probabilities
+    ctx = {"task": "code", "difficulty": 0.5, "user": "u1"}
+    counts = np.zeros(3)
+    logged = None
+    for _ in range(30_000):
+        choice = c.choose("agent", ctx, ["a", "b", "c"])
+        counts[choice.index] += 1
+        logged = choice.probs if logged is None else logged
+        assert choice.probs == logged
+    p = np.array(logged)
+    kept = p > 0
+    expected = counts.sum() * p[kept]
+    stat = float(((counts[kept] - expected) ** 2 / expected).sum())
+    assert stat < CHI2_999[max(int(kept.sum()) - 1, 2)], (stat, counts, p)
+
+
+def test_apprentice_mode_serves_the_agents_own_choice_and_counts_agreement() -> None:
+    """The agent's own default is right for code and wrong for chat; the head learns both beside it."""
+    best = {"code": "large", "chat": "small"}
+    head = OnlineHead(OnlineConfig())
+    c = chooser(head, strategy="epsilon_greedy", epsilon=0.3, epsilon_min=0.0)
+    rng = random.Random(2)
+    agreed = {"code": 0, "chat": 0}
+    for i in range(800):
+        task = rng.choice(["code", "chat"])
+        before = dict(c.apprentice)
+        choice = c.choose("agent", {"task": task}, ["small", "large"], default="large")
+        assert choice.strategy == "default" and choice.model_version is None
+        assert choice.probs == pytest.approx([0.15, 0.85])  # the default, and epsilon's share elsewhere
+        if i >= 400:
+            agreed[task] += c.apprentice["agreed"] - before["agreed"]
+        c.learn(choice.id, 1.0 if choice.action == best[task] else 0.0)
+    # the learned policy agrees with the agent where the agent is right, and not where it is wrong
+    assert agreed["code"] > 0.9 * 200 * 0.9 and agreed["chat"] < 20
+    assert c.apprentice["compared"] >= 795
+    with pytest.raises(ValueError, match="not among the actions"):
+        c.choose("agent", {"task": "code"}, ["small", "large"], default="medium")
