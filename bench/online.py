@@ -56,7 +56,7 @@ def update_cost(keys: int, n: int = 20_000) -> dict[str, float]:
         "features_seen": len(arm.features),
         "p50_us": _percentile(times, 0.5),
         "p99_us": _percentile(times, 0.99),
-        "arm_bytes": arm.cov.nbytes + arm.theta.nbytes + arm.weights.nbytes + arm.row_of.nbytes + arm.features.nbytes,
+        "arm_bytes": sum(a.nbytes for a in arm.state) + arm.features.nbytes,
     }
 
 

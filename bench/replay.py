@@ -93,7 +93,7 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
         x = head.features(stream.contexts[i]) if head is not None else None
         base = None
         if live is None:
-            if x is not None and head.knows(stream.name, ids):
+            if x is not None and config.exploration.default_action not in ids and head.knows(stream.name, ids):
                 means = head.means(stream.name, x, ids)
                 spread = head.spread(stream.name, x, ids) if config.exploration.strategy == "ucb" else None
                 p = exploring.distribution(config.exploration, means, spread, clock)

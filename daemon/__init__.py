@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from reflexd.config import Config, ExplorationConfig, load_config, parse_config
+from reflexd.config import Config, ExplorationConfig, OnlineConfig, load_config, parse_config
 from reflexd.errors import (
     BadLine,
     ConfigError,
     DaemonStartFailed,
     DaemonUnavailable,
+    DuplicateModel,
     EvaluationError,
     ExportError,
     FeatureMismatch,
     FleetError,
+    Forbidden,
     FrameError,
     FrameTooLarge,
     ImportFileError,
@@ -62,11 +64,14 @@ __all__ = [
     "ConfigError",
     "DaemonStartFailed",
     "DaemonUnavailable",
+    "DuplicateModel",
     "EvaluationError",
     "ExplorationConfig",
+    "OnlineConfig",
     "ExportError",
     "FeatureMismatch",
     "FleetError",
+    "Forbidden",
     "FrameError",
     "FrameTooLarge",
     "ImportFileError",

@@ -43,6 +43,10 @@ class SocketConfig(_Section):
     group: str | int | None = None
     allowed_uids: list[int] = []
     allowed_gids: list[int] = []
+    # administrative requests (adopt, promote, rollback, forget): root, the daemon's own uid, these
+    # uids and members of these gids (reflexd.service.server.ADMIN_REQUESTS)
+    admin_uids: list[int] = []
+    admin_gids: list[int] = []
     max_frame_bytes: Positive = 1 << 20
     max_connections: Positive = 256
     reserved_connections: Count = 4  # beyond max_connections, for root and the daemon's own user
@@ -256,6 +260,43 @@ class Config(_Section):
         return AgentConfig(rewards=self.rewards, exploration=self.exploration)
 
 
+CLIENT_SETTINGS_FILE = "clients.json"  # in the models directory, which agents already read
+
+
+class ClientSettings(msgspec.Struct, frozen=True):
+    """What the daemon's config says to the agents' in-process clients (``reflexd.Policy``): the
+    daemon writes it to ``<state_dir>/models/clients.json`` at start and on each reload, so the
+    one YAML file governs the clients too. A file a client cannot read (from a newer daemon that
+    says more, say) leaves it on its own defaults.
+    """
+
+    features: FeatureConfig = FeatureConfig()
+    online: OnlineConfig = OnlineConfig()
+    rewards: RewardConfig = RewardConfig()
+    agent_rewards: dict[str, RewardConfig] = {}
+
+    def rewards_for(self, agent: str) -> RewardConfig:
+        return self.agent_rewards.get(agent, self.rewards)
+
+
+def client_settings(config: Config) -> ClientSettings:
+    return ClientSettings(
+        features=config.features,
+        online=config.online,
+        rewards=config.rewards,
+        agent_rewards={agent: c.rewards for agent, c in config.agents.items()},
+    )
+
+
+def read_client_settings(models: Path) -> ClientSettings | None:
+    """The settings a daemon published in ``models``, or None if it has published none (or they
+    cannot be read: a client then keeps its own defaults rather than fail)."""
+    try:
+        return msgspec.json.decode((models / CLIENT_SETTINGS_FILE).read_bytes(), type=ClientSettings)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
 _PATH_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
@@ -425,7 +466,7 @@ def _check_run_size(config: Config) -> list[str]:
 
 
 # Settings a running daemon cannot change: a reload keeps the running values until a restart.
-RESTART_ONLY = ("state_dir", "socket.path", "store", "metrics")
+RESTART_ONLY = ("state_dir", "socket.path", "store", "metrics", "online.enabled")
 
 
 def keep_restart_only(new: Config, running: Config) -> tuple[Config, list[str]]:
@@ -439,12 +480,15 @@ def keep_restart_only(new: Config, running: Config) -> tuple[Config, list[str]]:
         changed.append("store")
     if new.metrics != running.metrics:
         changed.append("metrics")
+    if new.online.enabled != running.online.enabled:
+        changed.append("online.enabled")
     kept = msgspec.structs.replace(
         new,
         state_dir=running.state_dir,
         store=running.store,
         metrics=running.metrics,
         socket=msgspec.structs.replace(new.socket, path=running.socket.path),
+        online=msgspec.structs.replace(new.online, enabled=running.online.enabled),
     )
     return kept, changed
 

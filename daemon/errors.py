@@ -108,12 +108,21 @@ class RedactionError(FrameError):
 
 
 class DaemonUnavailable(ReflexdError):
-    """The daemon's socket could not be reached."""
+    """The daemon's socket could not be reached, or the connection failed.
+
+    ``connecting``: it failed while connecting (``errno`` says why: ENOENT, ECONNREFUSED when no
+    daemon listens); ``timed_out``: no answer came within the timeout.
+    """
 
     code = "unavailable"
 
-    def __init__(self, path: str, reason: str) -> None:
+    def __init__(
+        self, path: str, reason: str, errno: int | None = None, connecting: bool = False, timed_out: bool = False
+    ) -> None:
         self.path = path
+        self.errno = errno
+        self.connecting = connecting
+        self.timed_out = timed_out
         super().__init__(f"cannot reach reflexd at {path}: {reason}")
 
 
@@ -125,6 +134,22 @@ class RequestFailed(ReflexdError):
     def __init__(self, code: str, message: str) -> None:
         self.code = code  # type: ignore[misc]  # the daemon's code, passed on
         super().__init__(f"{code}: {message}")
+
+
+class Forbidden(ReflexdError):
+    """A peer the socket lets in sent a request reserved to administrators (``adopt``, ``promote``,
+    ``rollback``, ``forget``): root, the daemon's own user, ``socket.admin_uids`` and members of
+    ``socket.admin_gids`` may send those."""
+
+    code = "forbidden"
+
+    def __init__(self, request: str, uid: int) -> None:
+        self.request = request
+        self.uid = uid
+        super().__init__(
+            f"{request}: uid {uid} may not send it; it changes what is served or deletes data, which root, the"
+            " daemon's own user and the peers in socket.admin_uids or socket.admin_gids may do"
+        )
 
 
 class RequestTimeout(ReflexdError):
@@ -182,6 +207,17 @@ class FeatureMismatch(ReflexdError):
     from this host: it would be judged and served on inputs unlike those it was trained on."""
 
     code = "feature_mismatch"
+
+
+class DuplicateModel(ReflexdError):
+    """A model brought in from elsewhere (``reflexd models pull``) is already in the registry: the
+    same file (its sha256) was registered before, as ``version``."""
+
+    code = "duplicate_model"
+
+    def __init__(self, version: str, message: str) -> None:
+        self.version = version
+        super().__init__(message)
 
 
 # ---- storage ------------------------------------------------------------------------------

@@ -122,6 +122,13 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     def exploration_for(self, agent: str) -> ExplorationConfig:
         return self.agent_exploration.get(agent, self.exploration)
 
+    @property
+    def fit_rows(self) -> int:
+        """The rows the live file was fit on: a fleet model's are the fleet's (``fleet.train_rows``).
+        Once a host has pulled it, ``training`` describes that host's judging snapshot instead
+        (``Scheduler.adopt``), which it was not fit on."""
+        return self.fleet.train_rows if self.fleet is not None else self.training.fit_rows
+
 
 _decoder = msgspec.json.Decoder(Manifest)
 

@@ -14,16 +14,17 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 
 from reflexd import log
-from reflexd.config import ExplorationConfig, OnlineConfig
+from reflexd.config import CLIENT_SETTINGS_FILE, ClientSettings, ExplorationConfig, OnlineConfig, read_client_settings
 from reflexd.deciding.choosing import Choice, Chooser
 from reflexd.deciding.online import OnlineHead
 from reflexd.deciding.scoring import ModelSource
 from reflexd.errors import DaemonUnavailable, FrameError
+from reflexd.features import FeatureSpec
 from reflexd.manifest import Manifest
 from reflexd.registry import Registry
 from reflexd.wire.connection import Connection, default_socket
@@ -76,6 +77,14 @@ class _DecisionFrame(msgspec.Struct, frozen=True, gc=False, tag="decision", tag_
     slate: str | None = None
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino
+
+
 def default_models() -> str:
     if os.environ.get("REFLEXD_MODELS"):
         return os.environ["REFLEXD_MODELS"]
@@ -115,10 +124,37 @@ class Policy:
         self.models = ModelSource(Registry(models_dir))
         self.models.refresh()
         self._fallback = exploration or ExplorationConfig()
-        online = online or OnlineConfig()
-        self._chooser = Chooser(self.models, self._exploration_for, seed, OnlineHead(online) if online.enabled else None)
-        self._sender = _Sender(os.fspath(socket or default_socket()), buffer_size, send_interval, refresh_interval, self.models)
+        # what the daemon's config says to its clients (models/clients.json): the online head's
+        # settings unless ``online`` is given, and each agent's wait window and default reward
+        self._settings_file = models_dir / CLIENT_SETTINGS_FILE
+        self._settings_stamp = _stamp(self._settings_file)
+        self._settings = read_client_settings(models_dir) or ClientSettings()
+        self._online_given = online is not None
+        online = online or self._settings.online
+        head = None
+        if online.enabled:
+            f = self._settings.features
+            head = OnlineHead(online, FeatureSpec(f.context_dim, f.action_dim, f.seed), self._rewards_for)
+        self._chooser = Chooser(self.models, self._exploration_for, seed, head)
+        self._sender = _Sender(
+            os.fspath(socket or default_socket()), buffer_size, send_interval, refresh_interval, self.models, self._refresh
+        )
         self._sender.start()
+
+    def _rewards_for(self, agent: str) -> Any:
+        return self._settings.rewards_for(agent)
+
+    def _refresh(self) -> None:
+        """On the sender thread, every ``refresh_interval``: the daemon's settings if they changed,
+        and the default reward for decisions whose wait window passed with no outcome."""
+        stamp = _stamp(self._settings_file)
+        if stamp != self._settings_stamp:
+            self._settings_stamp = stamp
+            self._settings = read_client_settings(self._settings_file.parent) or self._settings
+            if self._chooser.online is not None and not self._online_given:
+                self._chooser.online.settings = self._settings.online
+        if self._chooser.online is not None:
+            self._chooser.online.expire()
 
     def _exploration_for(self, agent: str, manifest: Manifest | None) -> ExplorationConfig:
         return manifest.exploration_for(agent) if manifest is not None else self._fallback
@@ -187,13 +223,14 @@ class Policy:
             left.remove(choice.index)
         return choices
 
-    def score(self, context: dict[str, Any], actions: list[Any]) -> Scored:
-        """Every action's score and spread and the probabilities ``decide`` would sample from now;
-        nothing is logged, learned from or counted by exploration's clock.
+    def score(self, context: dict[str, Any], actions: list[Any], *, default: str | None = None) -> Scored:
+        """Every action's score and spread and the probabilities ``decide`` would sample from now
+        (with the same ``default``); nothing is logged, learned from or counted by exploration's clock.
 
-        Without a model, ``scores`` and ``spread`` are None and ``probs`` the default policy's.
+        ``scores`` are what exploration works on: the online head's means, given the model's scores
+        when one is live. When the default policy would decide, ``scores`` and ``spread`` are None.
         """
-        return self._chooser.score(self.agent, context, actions)
+        return self._chooser.score(self.agent, context, actions, default)
 
     def explain(self, context: dict[str, Any], actions: list[Any], *, top: int | None = None) -> Explanation:
         """Each action's score, spread and probability, and the context keys that moved the choice
@@ -240,10 +277,10 @@ class Policy:
 
         The online head learns from the first outcome of each of this policy's decisions at once.
         """
-        self._chooser.learn(decision_id, value)
-        self._sender.enqueue(
-            Outcome(id=uuid.uuid4().hex, decision_id=decision_id, reward=float(value), agent=self.agent, ts=time.time())
-        )
+        # built first: Outcome refuses a reward that is not a finite number, before anything learns it
+        outcome = Outcome(id=uuid.uuid4().hex, decision_id=decision_id, reward=float(value), agent=self.agent, ts=time.time())
+        self._sender.enqueue(outcome)
+        self._chooser.learn(decision_id, outcome.reward)
 
     def step(
         self, episode: str, index: int, observation: dict[str, Any], action: str, reward: float = 0.0, done: bool = False
@@ -310,7 +347,13 @@ class _Sender(threading.Thread):
     """
 
     def __init__(
-        self, path: str, capacity: int, send_interval: float, refresh_interval: float, models: ModelSource
+        self,
+        path: str,
+        capacity: int,
+        send_interval: float,
+        refresh_interval: float,
+        models: ModelSource,
+        on_refresh: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name="reflexd-sender", daemon=True)
         self.path = path
@@ -318,6 +361,7 @@ class _Sender(threading.Thread):
         self.send_interval = send_interval
         self.refresh_interval = refresh_interval
         self.models = models
+        self.on_refresh = on_refresh
         self._lock = threading.Lock()  # guards _frames, _held, enqueued and dropped
         self._frames: list[bytes] = []  # encoded, not yet taken by this thread
         self._batches: list[list[bytes]] = []  # taken, not yet acknowledged; resent after a reconnect
@@ -377,6 +421,11 @@ class _Sender(threading.Thread):
             if now >= self._next_refresh:
                 self._next_refresh = now + self.refresh_interval
                 self.models.refresh()  # loads a new model here, off the agent's thread
+                if self.on_refresh is not None:
+                    try:
+                        self.on_refresh()
+                    except Exception:  # the learning beside must never stop the shipping of events
+                        _log.exception("refreshing the client's settings or online head failed")
             self._take()
             if self._batches or self.dropped != self._reported_drops:
                 try:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from math import isfinite
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import msgspec
 
@@ -55,6 +56,14 @@ class Choice(msgspec.Struct, frozen=True):
         )
 
 
+def _check_default(default: str | None, actions: list[Any]) -> list[str]:
+    """The actions' ids, once ``default`` (the agent's own choice, if any) is found among them."""
+    ids = action_ids(actions)
+    if default is not None and default not in ids:
+        raise ValueError(f"default {default!r} is not among the actions")
+    return ids
+
+
 def slate_events(choices: list[Choice], agent: str, context: dict[str, Any], actions: list[Any]) -> list[Decision]:
     """The decisions that log a slate (``Chooser.choose_slate``): each slot's over the actions left."""
     left = list(range(len(actions)))
@@ -94,6 +103,17 @@ def _score_by_size(
 ExplorationFor = Callable[[str, Manifest | None], ExplorationConfig]
 
 
+class _Policy(NamedTuple):
+    """How one decision is made (``Chooser._policy``)."""
+
+    probs: list[float] | None  # None: the default policy decides
+    strategy: str
+    inputs: Any  # the head's inputs to remember for the reward, or None: nothing to learn
+    model: list[float] | None  # the live model's own scores (one of the head's inputs)
+    scores: list[float] | None  # what exploration worked on
+    spread: Any
+
+
 class Chooser:
     """Turns (agent, context, actions) into a Choice using the live model and exploration.
 
@@ -118,11 +138,13 @@ class Chooser:
         # decisions with the agent's own default for which the learned policy had a best action,
         # and how many of those it agreed with
         self.apprentice = {"compared": 0, "agreed": 0}
+        self._counting = threading.Lock()
 
     def _clock(self, manifest: Manifest | None, since_load: int | None = None) -> int:
         """Exploration's ``t``: the live model's training experience plus the decisions made since
-        it loaded. The online head carries its learning over a model change, so with the head the
-        clock does not go back below the decisions made in all."""
+        it loaded. With the online head the policy before a model learned from every decision, so
+        the clock does not go back below the decisions made in all when a model (whose snapshot
+        lags them by a run's duration) goes live."""
         t = (self._since_load if since_load is None else since_load) + (manifest.training.experience if manifest else 0)
         return max(t, self._decided) if self.online is not None else t
 
@@ -144,47 +166,49 @@ class Chooser:
         found: tuple[list[float], Any] | None,
         t: int,
         default: str | None = None,
-    ) -> tuple[list[float] | None, str, Any, list[float] | None]:
-        """(probabilities, or None for the default policy; strategy; the head's features, or None
-        if the head is not to learn from this decision; the model's scores, one of the head's inputs,
-        or None for none) for one decision, given the model's (scores,
-        spread), or None without a model.
+    ) -> _Policy:
+        """How one decision is to be made, given the model's (scores, spread), or None without one.
 
         With a live model the head's means given the model's scores are what exploration works on
-        (the model's own scores for actions it has learned nothing about); without one, once the
-        head has learned anything for this agent's actions, its means are, unless a default
-        (the agent's own ``default`` for this decision, or ``default_action``) is to be served
-        until a model is live. With an agent's own ``default``, whether the learned policy's best
-        action agrees with it is counted (``apprentice``).
+        (the model's own scores for actions it has learned nothing about). Without one, once the
+        head has learned anything for this agent's actions its means are, unless a default is to
+        be served until a model is live: the agent's own ``default`` for this decision, or an
+        offered ``default_action``. With an agent's own ``default``, whether the learned policy's
+        best action agrees with it is counted (``apprentice``).
         """
         head = self.online
         x = head.features(context) if head is not None else None
         if found is not None:
-            scores, spread = found
-            if x is not None:
-                scores = head.means(agent, x, ids, scores)
+            model, spread = found
+            scores = head.means(agent, x, ids, model) if x is not None else model
             p = self._explore(scorer, cfg, scores, spread, t)
             if p is None:  # the model failed: the default policy, and nothing for the head to learn
-                return None, "default", None, None
+                return _Policy(None, "default", None, None, None, None)
             if default is not None:
                 self._agrees(ids, scores, default)
-            return p, cfg.strategy, x, found[0]
+            return _Policy(p, cfg.strategy, x, model, scores, spread)
         if x is None or scorer is not None:  # no head, or a model that failed: the default policy
-            return None, "default", None, None
+            return _Policy(None, "default", None, None, None, None)
         if head.knows(agent, ids):
             means = head.means(agent, x, ids)
             if default is not None:
                 self._agrees(ids, means, default)
-            elif cfg.default_action is None:
+            elif cfg.default_action not in ids:
                 spread = head.spread(agent, x, ids) if cfg.strategy == "ucb" else None
-                # logged with no model version and the strategy's name: the head alone chose
-                return exploring.distribution(cfg, means, spread, t), cfg.strategy, x, None
-        return None, "default", x, None
+                try:
+                    p = exploring.distribution(cfg, means, spread, t)
+                except Exception:  # as for a model that fails: the default policy decides
+                    p = None
+                if p is not None and isfinite(sum(p)):
+                    # logged with no model version and the strategy's name: the head alone chose
+                    return _Policy(p, cfg.strategy, x, None, means, spread)
+        return _Policy(None, "default", x, None, None, None)
 
     def _agrees(self, ids: list[str], scores: list[float], default: str) -> None:
-        counts = self.apprentice
-        counts["compared"] += 1
-        counts["agreed"] += ids[exploring.argmax(scores)] == default
+        agreed = ids[exploring.argmax(scores)] == default
+        with self._counting:  # agent threads decide at once
+            self.apprentice["compared"] += 1
+            self.apprentice["agreed"] += agreed
 
     def _scores(self, scorer: Scorer, context: dict[str, Any], actions: list[Any]) -> tuple[list[float], Any] | None:
         """The model's (scores, spread), or None (and the reason in ``source.error``) if it fails."""
@@ -219,6 +243,8 @@ class Chooser:
         requests offering the same number of actions are scored in one model run, where most of
         a lone decision's time is the run's fixed cost.
         """
+        for _, _, actions, _, default in requests:
+            _check_default(default, actions)
         scorer, manifest, version = self._live()
         by_agent: dict[str, ExplorationConfig] = {}
         cfgs = []
@@ -257,17 +283,22 @@ class Chooser:
         default: str | None,
     ) -> Choice:
         """One decision, given the model's (scores, spread) or None: drawn, remembered for the head."""
-        if default is not None and default not in ids:
-            raise ValueError(f"default {default!r} is not among the actions")
-        p, strategy, x, base = self._policy(scorer, cfg, agent, context, ids, found, t, default)
+        how = self._policy(scorer, cfg, agent, context, ids, found, t, default)
+        p, strategy = how.probs, how.strategy
         if p is None:
             version = None  # logged as what it was: the default policy, not the model
-            wanted = default if default is not None else cfg.default_action
-            p = exploring.default_distribution(cfg, len(ids), ids.index(wanted) if wanted in ids else None, t)
+            p = self._default(cfg, ids, default, t)
         i = exploring.sample(p, self._rng.random())
-        if x is not None:
-            self.online.remember(decision_id, agent, ids[i], x, base[i] if base is not None else None)
+        if how.inputs is not None:
+            self.online.remember(decision_id, agent, ids[i], how.inputs, how.model[i] if how.model is not None else None)
         return Choice(id=decision_id, action=ids[i], index=i, prob=p[i], probs=p, model_version=version, strategy=strategy)
+
+    @staticmethod
+    def _default(cfg: ExplorationConfig, ids: list[str], default: str | None, t: int) -> list[float]:
+        """The default policy: the agent's own ``default`` or an offered ``default_action`` with
+        exploration's share elsewhere, else uniform."""
+        wanted = default if default is not None else cfg.default_action
+        return exploring.default_distribution(cfg, len(ids), ids.index(wanted) if wanted in ids else None, t)
 
     def _live(self) -> tuple[Any, Any, str | None]:
         """The live scorer, its manifest and version (all None without a model); a new version restarts t."""
@@ -290,7 +321,7 @@ class Chooser:
     ) -> Choice:
         """One decision. ``default``: the agent's own choice, served (with exploration) until a
         model is live while the head learns beside it (apprentice mode)."""
-        ids = action_ids(actions)
+        ids = _check_default(default, actions)
         scorer, manifest, version = self._live()
         cfg = self.exploration_for(agent, manifest)
         t = self._clock(manifest)
@@ -366,8 +397,9 @@ class Chooser:
 
     # ---- looking without choosing: nothing drawn, nothing logged, the clock (t) left alone ----
 
-    def score_many(self, requests: list[tuple[str, dict[str, Any], list[Any]]]) -> list[Scored]:
-        """Each request's scores, spread and the probabilities a decision would sample from now.
+    def score_many(self, requests: list[tuple[Any, ...]]) -> list[Scored]:
+        """Each (agent, context, actions[, default]) request's scores, spread and the probabilities
+        a decision would sample from now.
 
         Requests offering the same number of actions are scored in one model run. No action is
         drawn and ``t`` does not move, so scoring changes no later decision. With the online head,
@@ -389,32 +421,27 @@ class Chooser:
                     scored[i] = found
         by_agent: dict[str, ExplorationConfig] = {}
         results = []
-        for (agent, context, actions), found in zip(requests, scored):
+        for (agent, context, actions, *rest), found in zip(requests, scored):
+            default = rest[0] if rest else None
             cfg = by_agent.get(agent)
             if cfg is None:
                 cfg = by_agent[agent] = self.exploration_for(agent, manifest)
-            ids = action_ids(actions)
-            p, strategy, x, _ = self._policy(scorer, cfg, agent, context, ids, found, t)
-            if p is not None:
-                # the scores exploration worked on: the model's, plus the head's means beside it
-                if found is not None:
-                    scores, spread, by = found[0], found[1], version
-                    if x is not None:
-                        scores = self.online.means(agent, x, ids, scores)
-                else:
-                    scores, spread, by = self.online.means(agent, x, ids), self.online.spread(agent, x, ids), None
-                results.append(Scored(id=None, actions=ids, scores=scores, spread=spread, probs=p,
-                                      model_version=by, strategy=strategy))
+            ids = _check_default(default, actions)
+            how = self._policy(scorer, cfg, agent, context, ids, found, t, default)
+            if how.probs is not None:
+                spread = how.spread
+                if spread is None:  # the head alone: its posterior spread, which ucb alone reads
+                    spread = self.online.spread(agent, how.inputs, ids)
+                results.append(Scored(id=None, actions=ids, scores=how.scores, spread=list(spread), probs=how.probs,
+                                      model_version=version if found is not None else None, strategy=how.strategy))
                 continue
-            default = ids.index(cfg.default_action) if cfg.default_action in ids else None
-            p = exploring.default_distribution(cfg, len(ids), default, t)
-            results.append(Scored(id=None, actions=ids, scores=None, spread=None, probs=p,
+            results.append(Scored(id=None, actions=ids, scores=None, spread=None, probs=self._default(cfg, ids, default, t),
                                   model_version=None, strategy="default"))
         return results
 
-    def score(self, agent: str, context: dict[str, Any], actions: list[Any]) -> Scored:
+    def score(self, agent: str, context: dict[str, Any], actions: list[Any], default: str | None = None) -> Scored:
         """``score_many`` for one request."""
-        return self.score_many([(agent, context, actions)])[0]
+        return self.score_many([(agent, context, actions, default)])[0]
 
     def explain(
         self, agent: str, context: dict[str, Any], actions: list[Any], top: int | None = None

@@ -43,7 +43,7 @@ from reflexd.config import Config
 from reflexd.durable import atomic_write
 from reflexd.errors import FleetError, ReflexdError
 from reflexd.features import FeatureSpec
-from reflexd.fleet.archive import HostRows, open_archive, read_host
+from reflexd.fleet.archive import HostRows, open_archive, public_path, read_host
 from reflexd.learning import runs
 from reflexd.learning.dataset import from_table
 from reflexd.manifest import MANIFEST_FILE, MODEL_FILE, FleetHost, FleetOrigin, GateResult, Manifest, build_manifest
@@ -151,7 +151,7 @@ def train_fleet(
 ) -> FleetRun:
     """Read ``paths`` (hosts' archives), train one model on Ray, gate it on the pooled holdout and
     write it to ``out``. ``address`` is a Ray cluster's (``ray.init(address=...)``; default: start a
-    local one with this machine's CPUs, stopped at the end). ``storage`` is where Ray Train keeps
+    new local one with this machine's CPUs, stopped at the end: ``_init_ray``). ``storage`` is where Ray Train keeps
     the checkpoint it hands back (default: a temporary folder; on a multi-node cluster, a shared
     path or a URI every node reaches). FleetError for what the operator can fix."""
     ray_version = require_ray()
@@ -170,15 +170,7 @@ def train_fleet(
     spec = _spec(config)
     started_ray = False
     if not ray.is_initialized():
-        import logging
-
-        ray.init(
-            address=address,
-            num_cpus=None if address else max(workers, os.cpu_count() or 1),
-            include_dashboard=False,
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.WARNING,
-        )
+        _init_ray(ray, address, workers, verbose)
         started_ray = True
     scratch = Path(tempfile.mkdtemp(prefix="reflexd-fleet-"))
     try:
@@ -222,7 +214,7 @@ def train_fleet(
         model_file = checkpoint_dir / MODEL_FILE
         fleet_hosts = [
             FleetHost(
-                path=h.path,
+                path=h.path,  # credentials in a URI left out (archive.public_path)
                 rows=h.table.num_rows,
                 train_rows=p[0].num_rows,
                 holdout_rows=p[1].num_rows,
@@ -302,10 +294,35 @@ def train_fleet(
             verdict=verdict,
             timings=timings,
         )
+    except ray.exceptions.RayError as exc:  # the cluster failed under a step (a node lost, the object store full)
+        raise FleetError(f"Ray failed: {_root_cause(exc)}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if started_ray:
             ray.shutdown()
+
+
+def _init_ray(ray: Any, address: str | None, workers: int, verbose: bool) -> None:
+    """Connect to the cluster at ``address``, or start a local one of this machine's CPUs.
+
+    Without ``address`` the cluster is always a new local one (``address="local"``): plain
+    ``ray.init()`` would join a cluster already running on this machine (or named by
+    ``RAY_ADDRESS``), which refuses the ``num_cpus`` given here. Ray's own failures become
+    FleetError, saying which cluster could not be used.
+    """
+    import logging
+
+    try:
+        ray.init(
+            address=address or "local",
+            num_cpus=None if address else max(workers, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+    except Exception as exc:  # ValueError, ConnectionError, RuntimeError, Ray's own: all mean no cluster
+        what = f"connect to the Ray cluster at {address!r} (--address)" if address else "start a local Ray cluster"
+        raise FleetError(f"cannot {what}: {_root_cause(exc)}") from None
 
 
 def _stage(progress: Progress, name: str) -> None:
@@ -349,7 +366,7 @@ def _read_hosts(
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ReflexdError):
                 raise FleetError(str(cause)) from None
-            raise FleetError(f"reading {paths[i]} failed: {exc}") from None
+            raise FleetError(f"reading {public_path(paths[i])} failed: {exc}") from None
         found[i] = host
         if progress.host_read is not None:
             progress.host_read(host)

@@ -20,12 +20,13 @@ import msgspec
 from anyio.abc import SocketListener
 
 from reflexd import __version__, log
-from reflexd.config import Config, keep_restart_only, load_config
+from reflexd.config import CLIENT_SETTINGS_FILE, Config, client_settings, keep_restart_only, load_config
 from reflexd.deciding.choosing import Chooser, slate_events
 from reflexd.deciding.online import OnlineHead
 from reflexd.deciding.scoring import ModelSource
-from reflexd.durable import private_dir
+from reflexd.durable import atomic_write, private_dir
 from reflexd.errors import ConfigError, ReflexdError, RequestTimeout, StateDirError, StorageError, TrainingError
+from reflexd.features import FeatureSpec
 from reflexd.registry import Registry
 from reflexd.service import activation, sdnotify
 from reflexd.service.endpoint import Endpoint
@@ -76,7 +77,11 @@ class Daemon:
         self.registry = Registry(config.models_path)
         self.models = ModelSource(self.registry)
         # the head learns from the rewards of the decisions this daemon makes over the socket
-        self.chooser = Chooser(self.models, self._exploration_for, online=OnlineHead(config.online) if config.online.enabled else None)
+        head = None
+        if config.online.enabled:
+            spec = FeatureSpec(config.features.context_dim, config.features.action_dim, config.features.seed)
+            head = OnlineHead(config.online, spec, lambda agent: self.config.for_agent(agent).rewards)
+        self.chooser = Chooser(self.models, self._exploration_for, online=head)
         # held by a training run, and by forget: no snapshot is taken while an agent is deleted
         self.training_lock = anyio.Lock()
         # evaluate requests: one at a time (each holds a window of decisions in memory), models kept loaded
@@ -112,6 +117,7 @@ class Daemon:
         if refusal is not None:
             raise StateDirError(refusal)
         self.registry.ensure()
+        await anyio.to_thread.run_sync(self._publish_client_settings)
         # a damaged database file is refused (StoreDamaged) before anything writes to it
         await anyio.to_thread.run_sync(Store.check_file, cfg.db_path, cfg.store)
         self.store = await anyio.to_thread.run_sync(Store, cfg.db_path, cfg.store)
@@ -223,6 +229,12 @@ class Daemon:
         self.config = new
         log.configure(new.log.level, new.log.format)
         self.ingest.configure(new.ingest)
+        if self.chooser.online is not None:
+            self.chooser.online.settings = new.online
+        try:
+            await anyio.to_thread.run_sync(self._publish_client_settings)
+        except OSError as exc:
+            _log.error("cannot publish the clients' settings", error=str(exc))
         try:
             if not self.socket_activated:
                 self._apply_socket_permissions(Path(self.config.socket.path))
@@ -232,9 +244,16 @@ class Daemon:
         sdnotify.notify("READY=1", "STATUS=config reloaded")
         return True
 
+    def _publish_client_settings(self) -> None:
+        """``models/clients.json``: what the config says to the agents' in-process clients."""
+        atomic_write(self.config.models_path / CLIENT_SETTINGS_FILE, msgspec.json.encode(client_settings(self.config)))
+
     async def _follow_models(self) -> None:
         checked = time.monotonic()
         while True:
+            if self.chooser.online is not None:
+                # the default reward for socket decisions whose wait window passed with no outcome
+                await anyio.to_thread.run_sync(self.chooser.online.expire)
             try:
                 if await anyio.to_thread.run_sync(self.models.refresh):
                     _log.info("serving model", version=self.models.scorer.version)
@@ -261,6 +280,8 @@ class Daemon:
                 )
             except ReflexdError as exc:
                 _log.error("archiving failed", error=str(exc))
+            except Exception as exc:  # a bug must not end the retention task, and the daemon with it
+                _log.exception("archiving failed unexpectedly", error=f"{type(exc).__name__}: {exc}")
             else:
                 if any(moved.values()):
                     _log.info("archived old experience", **moved)
@@ -278,6 +299,9 @@ class Daemon:
             )
         except ReflexdError as exc:
             _log.error("pruning the archive failed", error=str(exc))
+            return
+        except Exception as exc:  # a bug must not end the retention task, and the daemon with it
+            _log.exception("pruning the archive failed unexpectedly", error=f"{type(exc).__name__}: {exc}")
             return
         if pruned.partitions:
             _log.info("pruned the archive", **msgspec.structs.asdict(pruned))
@@ -307,7 +331,9 @@ class Daemon:
             )
             answers[i] = (reply, [choice.event(msg.agent, msg.context, msg.actions)])
         unlogged = [i for i, m in enumerate(msgs) if not m.log]
-        scored = self.chooser.score_many([(msgs[i].agent, msgs[i].context, msgs[i].actions) for i in unlogged])
+        scored = self.chooser.score_many(
+            [(msgs[i].agent, msgs[i].context, msgs[i].actions, msgs[i].default) for i in unlogged]
+        )
         for i, reply in zip(unlogged, scored):
             answers[i] = msgspec.structs.replace(reply, id=msgs[i].id, req=msgs[i].req)
         for i, msg in enumerate(msgs):
@@ -370,6 +396,8 @@ class Daemon:
         if isinstance(msg, Snapshot):
             return await self.snapshots.take(msg)  # writes in a worker thread, one at a time
         if isinstance(msg, Release):
+            if msg.renew:  # its reader is still reading it
+                return await self.snapshots.renew(msg.id, req)
             return await self.snapshots.release(msg.id, req)
         raise AssertionError(f"no handler for {type(msg).__name__}")  # the decoder admits no other type
 
@@ -444,7 +472,7 @@ class Daemon:
                 "version": m.version,
                 "created": m.created,
                 "learner": m.learner,
-                "train_rows": m.training.fit_rows,
+                "train_rows": m.fit_rows,  # a pulled fleet model's: the fleet's
                 "gate": msgspec.to_builtins(m.gate) if m.gate else None,
             }
         await self._verify_model()
@@ -482,6 +510,7 @@ class Daemon:
                 "shed": self.server.shed,  # turned away while out of file descriptors
                 "idle_closed": self.server.idle_closed,
                 "revoked": self.server.revoked,  # ended by a reload that no longer allows their peer
+                "forbidden": self.server.forbidden,  # administrative requests refused (socket.admin_uids/admin_gids)
                 **{f"stored_{k}": v for k, v in c.by_type.items()},
             },
             backlog=self.ingest.backlog,

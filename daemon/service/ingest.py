@@ -150,9 +150,12 @@ class Ingest:
         self.counters.queued += n
         self._send.send_nowait(_Item(events=events, dead=dead))
         if self.on_outcome is not None:
-            for event in events:
-                if type(event) is Outcome:
-                    self.on_outcome(event)
+            try:
+                for event in events:
+                    if type(event) is Outcome:
+                        self.on_outcome(event)
+            except Exception:  # the events are queued: learning from them beside must not fail the batch
+                _log.exception("the online head could not learn from an outcome")
 
     def offer(self, events: Sequence[ExperienceEvent]) -> bool:
         """Queue events without waiting; False (and counted) when the queue is full.

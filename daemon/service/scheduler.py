@@ -22,7 +22,15 @@ import numpy as np
 from reflexd import log
 from reflexd.config import Config
 from reflexd.deciding.scoring import ModelSource, Scorer
-from reflexd.errors import FeatureMismatch, ModelIntegrityError, ReflexdError, TrainerFault, TrainingError
+from reflexd.errors import (
+    DuplicateModel,
+    FeatureMismatch,
+    ModelIntegrityError,
+    ReflexdError,
+    RequestTimeout,
+    TrainerFault,
+    TrainingError,
+)
 from reflexd.features import FeatureSpec
 from reflexd.learning import gate, runs
 from reflexd.learning.dataset import load_holdout, load_snapshot
@@ -30,7 +38,7 @@ from reflexd.manifest import MODEL_FILE, GateResult, Manifest, Training, decode_
 from reflexd.registry import Registry, check_model, sha256_of
 from reflexd.service.ingest import Ingest
 from reflexd.service.store import Store
-from reflexd.split import first_run_rows
+from reflexd.split import first_run_rows, holdout_rows
 from reflexd.trainer.result import (
     EXIT_OUT_OF_MEMORY,
     REFIT_FILE,
@@ -96,6 +104,7 @@ class Scheduler:
         self._lock = lock  # one run at a time, and none while an agent is being forgotten
         self._run_seq = 0
         self._due_since: float | None = None  # when the data first made a run due, while the CPU is busy
+        self._clock: Callable[[], float] = time.monotonic
 
     @property
     def config(self) -> Config:
@@ -139,11 +148,12 @@ class Scheduler:
             status.waiting = f"{new} new matured experiences of the {needed} the next run needs"
             self._due_since = None
             return None
+        since = self._clock()  # monotonic: a step of the wall clock neither skips nor stretches the wait
         if self._due_since is None:
-            self._due_since = now
+            self._due_since = since
         load = cpu_load()
         if load >= cfg.idle_load:
-            waited = now - self._due_since
+            waited = since - self._due_since
             busy = f"load {load:.2f} per core, trainer.idle_load {cfg.idle_load:g}"
             if not cfg.max_idle_wait:
                 status.waiting = f"waiting for idle CPU: {busy}"
@@ -161,6 +171,7 @@ class Scheduler:
         return reason
 
     async def train_once(self, reason: str) -> dict[str, Any]:
+        self._due_since = None  # a run asked for by hand ends any wait for idle CPU too
         async with self._lock:
             self.status.runs += 1
             started = time.time()
@@ -276,24 +287,45 @@ class Scheduler:
         its own runs, and register it, promoted or rejected; its summary as ``train_once`` gives one.
 
         ``manifest_data`` and ``model`` are what the sender read (the daemon opens no path a peer
-        names; ``source`` is only recorded). The model must match its manifest's sha256, hash
-        features exactly as this host does (FeatureMismatch otherwise) and load in onnxruntime with
-        inputs of those widths. Under the training lock, a fresh snapshot's holdout judges it against
-        the live model by ``runs.judge_run``, the rule a run's candidate goes live by (``_judge``);
-        it explores as this host's config says, whatever the fleet's did.
+        names; ``source`` is only recorded). First, in a worker thread and before anything is
+        waited for or written: the model must match its manifest's sha256, hash features exactly as
+        this host does (FeatureMismatch otherwise), load in onnxruntime with inputs of those widths,
+        and not be in the registry already (DuplicateModel, naming the version). Then, under the
+        training lock, waited for at most ``socket.request_timeout`` (RequestTimeout: a run or a
+        forget is in progress), a fresh snapshot's holdout judges it against the live model by
+        ``runs.judge_run``, the rule a run's candidate goes live by (``_judge``); it explores as
+        this host's config says, whatever the fleet's did. A holdout too small for the gate to
+        decide anything registers nothing (TrainingError: pull again once new experience has come in).
+
+        The registered manifest's ``training`` rows and window are the host's judging snapshot,
+        where its exploration clock starts and its scheduler counts new experience from, as for a
+        run of its own on that snapshot; its other fields (epochs, loss, costs) and ``fleet`` are
+        the fleet run's.
         """
-        async with self._lock:
+        name = source or "the pulled model"
+        pulled = await anyio.to_thread.run_sync(self._check_pulled, manifest_data, model, name)
+        await anyio.to_thread.run_sync(self._refuse_duplicate, pulled, name)
+        limit = self.config.socket.request_timeout
+        with anyio.move_on_after(limit) as waited:
+            await self._lock.acquire()
+        if waited.cancelled_caught:
+            raise RequestTimeout(
+                "pull: a training run (or a forget) is in progress, pull again once it has ended; it was still running", limit
+            )
+        try:
+            await anyio.to_thread.run_sync(self._refuse_duplicate, pulled, name)  # the same model, pulled meanwhile
             run_dir = self._new_run_dir()
             try:
-                return await self._adopt(run_dir, manifest_data, model, source)
+                return await self._adopt(run_dir, pulled, model, source)
             finally:
                 self.status.state = "idle"
                 self._prune_runs()
+        finally:
+            self._lock.release()
 
-    async def _adopt(self, run_dir: Path, manifest_data: bytes, model: bytes, source: str | None) -> dict[str, Any]:
+    def _check_pulled(self, manifest_data: bytes, model: bytes, name: str) -> Manifest:
+        """The pulled model's manifest, once the model matches it and fits this host (see ``adopt``)."""
         cfg = self.config
-        started = time.time()
-        name = source or "the pulled model"
         try:
             pulled = decode_manifest(manifest_data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -307,16 +339,7 @@ class Scheduler:
                 f"{name} hashes features differently from this host: {differ}; train it with this host's "
                 "features section (reflexd fleet train --config), or change the host's"
             )
-        manifest = msgspec.structs.replace(
-            pulled,
-            version="candidate",
-            parent=self.models.scorer.version if self.models.scorer is not None else None,
-            created=started,
-            exploration=cfg.exploration,
-            agent_exploration={a: c.exploration for a, c in cfg.agents.items()},
-            gate=None,
-        )
-        candidate = Scorer(manifest, model)  # ModelIntegrityError if onnxruntime cannot load it
+        candidate = Scorer(msgspec.structs.replace(pulled, version=name), model)  # ModelIntegrityError if onnxruntime cannot load it
         widths = {i.name: i.shape for i in candidate.session.get_inputs()}
         expected = {"context": host.context_dim, "actions": host.action_dim}
         if any(not isinstance(widths.get(k, [None])[-1], int) or widths[k][-1] != w for k, w in expected.items()):
@@ -324,19 +347,79 @@ class Scheduler:
                 f"{name}'s ONNX inputs {widths} are not context [batch, {host.context_dim}] and actions "
                 f"[batch, n, {host.action_dim}], the widths its manifest and this host hash to"
             )
+        return pulled
+
+    def _refuse_duplicate(self, pulled: Manifest, name: str) -> None:
+        """DuplicateModel if a version in the registry is the pulled model's file (its sha256)."""
+        for version in self.registry.versions():
+            try:
+                found = self.registry.manifest(version)
+            except ReflexdError:
+                continue
+            if found.sha256 != pulled.sha256:
+                continue
+            same = f"{name} is already registered as {version} (sha256 {pulled.sha256[:12]}…), and a model is registered once"
+            if self.registry.current() == version:
+                raise DuplicateModel(version, f"{same}: {version} is the live version, so nothing was done")
+            verdict = found.gate
+            judged = f"; this host's gate {'passed' if verdict.passed else 'rejected'} it: {verdict.reason}" if verdict else ""
+            raise DuplicateModel(
+                version, f"{same}{judged}. Nothing was done; `reflexd models promote {version}` serves it without a new verdict"
+            )
+
+    async def _adopt(self, run_dir: Path, pulled: Manifest, model: bytes, source: str | None) -> dict[str, Any]:
+        cfg = self.config
+        started = time.time()
+        name = source or "the pulled model"
         model_file = run_dir / MODEL_FILE
-        model_file.write_bytes(model)
+        await anyio.to_thread.run_sync(model_file.write_bytes, model)
         self.status.state = "snapshot"
         await self.ingest.barrier_within(cfg.socket.request_timeout, "pull: the store did not take in the events", loaded=True)
         snapshot = run_dir / "snapshot.parquet"
         info = await anyio.to_thread.run_sync(self.store.snapshot, snapshot, time.time(), cfg, cfg.trainer.max_examples)
         if info.rows == 0:
             raise TrainingError(f"no joined experiences yet to judge {name} on: this host's gate needs a holdout")
+        held = holdout_rows(info.rows, cfg.trainer.holdout_fraction)
+        incumbent = self.models.scorer
+        manifest = msgspec.structs.replace(
+            pulled,
+            version="candidate",
+            parent=incumbent.version if incumbent is not None else None,
+            created=started,
+            exploration=cfg.exploration,
+            agent_exploration={a: c.exploration for a, c in cfg.agents.items()},
+            gate=None,
+            # the host's judging snapshot, as a run of its own on it would say: the exploration clock
+            # starts at its rows, and the scheduler counts new experience from its window (start_from);
+            # the fleet's rows and windows stay in `fleet`
+            training=msgspec.structs.replace(
+                pulled.training,
+                train_rows=info.rows - held,
+                holdout_rows=held,
+                dropped_rows=0,
+                window_start=info.window_start,
+                window_end=info.window_end,
+                refit=False,  # fit on none of this snapshot's rows, let alone all of them
+                cross_fitted=False,
+                candidate_sha256=None,
+            ),
+        )
         self.status.state = "gating"
-        model_file, manifest, verdict = await anyio.to_thread.run_sync(self._judge, snapshot, model_file, manifest, candidate)
+        model_file, manifest, verdict = await anyio.to_thread.run_sync(
+            lambda: self._judge(snapshot, model_file, manifest, Scorer(manifest, model))
+        )
+        needed = max(cfg.gate.min_holdout if incumbent is not None else cfg.gate.first_min_holdout, 2)
+        if not verdict.passed and verdict.holdout_rows < needed:
+            raise TrainingError(
+                f"{name} cannot be judged yet: {verdict.reason}; nothing was registered: pull again once new "
+                "experience has come in"
+            )
         origin = {"pulled_from": source, "pulled_version": pulled.version, "pulled_sha256": pulled.sha256}
         summary = await anyio.to_thread.run_sync(self._register, model_file, manifest, verdict, origin)
         self.status.pulled += 1
+        if verdict.passed:  # as after a restart (start_from the live manifest): counted from the judging snapshot
+            self.status.cutoff = max(self.status.cutoff, info.window_end)
+            self.status.trained_on = info.rows
         _log.info("pulled model judged", source=source, version=summary["version"], outcome=summary["outcome"])
         return {**summary, "pulled_from": source, "holdout_rows": verdict.holdout_rows, "seconds": round(time.time() - started, 3)}
 

@@ -26,13 +26,24 @@ from anyio.lowlevel import checkpoint
 from reflexd import log
 from reflexd.config import Config
 from reflexd.durable import private_dir
-from reflexd.errors import FrameError, ReflexdError, SocketError
+from reflexd.errors import Forbidden, FrameError, ReflexdError, SocketError
 from reflexd.service.ingest import Ingest
 from reflexd.service.metrics import DecideLatency
 from reflexd.service.redact import Redactor
 from reflexd.service.store import DeadLetter
 from reflexd.wire.framing import FrameReader, decode_inbound, encode_frame, framing_of
-from reflexd.wire.protocol import EXPERIENCE_TYPES, Ack, Decide, Decision, Error, Flush, Forget
+from reflexd.wire.protocol import (
+    EXPERIENCE_TYPES,
+    Ack,
+    Adopt,
+    Decide,
+    Decision,
+    Error,
+    Flush,
+    Forget,
+    Promote,
+    Rollback,
+)
 
 _log = log.get("reflexd.server")
 _CRED = struct.Struct("3i")
@@ -42,6 +53,8 @@ _MAX_GROUPS_BYTES = 65536 * _GID.size  # NGROUPS_MAX
 _groups_unreadable_logged = False
 READ_BYTES = 1 << 16
 FD_HEADROOM = 64
+# requests that change what is served or delete data: answered only for administrators (Server.admin)
+ADMIN_REQUESTS = (Adopt, Promote, Rollback, Forget)
 
 
 
@@ -127,7 +140,8 @@ def _proc_groups(pid: int) -> tuple[int, ...] | None:
 
 
 class Handler(Protocol):
-    """What answers the requests a connection reads (the daemon)."""
+    """What answers the requests a connection reads (the daemon). The server checks the peer first:
+    ``ADMIN_REQUESTS`` reach ``request`` only from administrators (``Server.admin``)."""
 
     # (reply, decisions to log) for each decide; the reply alone (Scored) for one with ``log`` false
     def decide(self, msgs: list[Decide]) -> list[tuple[Any, list[Decision]] | Any]: ...
@@ -147,6 +161,7 @@ class Server:
         self.shed = 0  # connections turned away because the daemon was out of file descriptors
         self.idle_closed = 0
         self.revoked = 0
+        self.forbidden = 0  # administrative requests refused to peers that are not administrators
         self._peers: set[_Peer] = set()
         self.configure(config)
 
@@ -156,6 +171,7 @@ class Server:
         self.redactor = Redactor.from_config(config.redaction)
         self.config = config
         self.allowed_gids = frozenset(config.socket.allowed_gids) | _group_ids(config.socket.group)
+        self.admin_gids = frozenset(config.socket.admin_gids)
         for peer in list(self._peers):
             if not self.allowed(peer.uid, peer.groups):
                 peer.revoke()
@@ -164,10 +180,19 @@ class Server:
 
     def allowed(self, uid: int, groups: frozenset[int]) -> bool:
         """Root, the daemon's own uid, ``socket.allowed_uids``, and members (primary or supplementary)
-        of ``socket.allowed_gids`` or of ``socket.group``, the group the socket is given."""
+        of ``socket.allowed_gids`` or of ``socket.group``, the group the socket is given; and the
+        administrators (``admin``)."""
         if uid in (0, os.getuid()) or uid in self.config.socket.allowed_uids:
             return True
-        return not groups.isdisjoint(self.allowed_gids)
+        return not groups.isdisjoint(self.allowed_gids) or self.admin(uid, groups)
+
+    def admin(self, uid: int, groups: frozenset[int]) -> bool:
+        """Who may send ``ADMIN_REQUESTS``: root, the daemon's own uid, ``socket.admin_uids``, and
+        members (primary or supplementary) of ``socket.admin_gids``. Checked at each request, so a
+        reload applies from the next one."""
+        if uid in (0, os.getuid()) or uid in self.config.socket.admin_uids:
+            return True
+        return not groups.isdisjoint(self.admin_gids)
 
     async def serve(self, listener: SocketListener) -> None:
         """Accept connections until cancelled. Out of file descriptors, the daemon turns new
@@ -255,7 +280,7 @@ class Server:
             return
         framing = framing_of(data[0])
         reader = FrameReader(framing, self.config.socket.max_frame_bytes)
-        conn = _Connection(self, sock, framing, peer.pid, peer.uid)
+        conn = _Connection(self, sock, framing, peer.pid, peer.uid, peer.groups)
         frame_started: float | None = None
         while True:
             seen = conn.seq
@@ -460,12 +485,15 @@ class _Connection:
     acks), and all of a read's replies go out in one write.
     """
 
-    def __init__(self, server: Server, sock: socket.socket, framing: str, pid: int, uid: int) -> None:
+    def __init__(
+        self, server: Server, sock: socket.socket, framing: str, pid: int, uid: int, groups: frozenset[int] = frozenset()
+    ) -> None:
         self.server = server
         self.sock = sock
         self.framing = framing
         self.pid = pid
         self.uid = uid
+        self.groups = groups  # the peer's primary and supplementary groups, read when it connected
         self.seq = 0
         self.accepted = 0
         self.events: list[Any] = []
@@ -566,6 +594,11 @@ class _Connection:
     async def _request(self, seq: int, msg: Any) -> None:
         req = getattr(msg, "req", None)
         try:
+            if isinstance(msg, ADMIN_REQUESTS) and not self.server.admin(self.uid, self.groups):
+                # refused before anything is handed off or waited for
+                self.server.forbidden += 1
+                _log.warning("administrative request refused", request=msg.__struct_config__.tag, peer_uid=self.uid, peer_pid=self.pid)
+                raise Forbidden(str(msg.__struct_config__.tag), self.uid)
             if isinstance(msg, Flush):
                 await self._hand_off()
                 self.server.ingest.counters.client_dropped += msg.dropped

@@ -3,18 +3,22 @@
 A snapshot is a folder ``<state_dir>/snapshots/<id>/`` (the id is random: the peer names no path)
 holding every table of the store as Parquet as of one moment, and hard links to the Parquet
 archive's files as of the same moment (``Store.read_out``). Its files are the daemon's, readable by
-its group (the state directory is 0750 and the daemon's umask 0027), so ``reflexd query`` and
-``reflexd export`` run as a member of the group can read them while the daemon holds the database.
+its primary group, the state directory's (the state directory is 0750 and the daemon's umask
+0027), so ``reflexd query`` and ``reflexd export`` run as a member of that group can read them
+while the daemon holds the database.
 
 Bounded, so that a flood of requests cannot fill the disk: one snapshot is written at a time; at
 most ``MAX_KEPT`` exist at once (more are refused until one is released or expires); one is
 refused when it could leave the disk with less free space than the store itself takes. Each is
-deleted on ``release``, ``KEEP_SECONDS`` after it was taken, by ``forget`` (it may hold the
-agent's rows), and, if the daemon stopped before, at its next start.
+deleted on ``release``, ``KEEP_SECONDS`` after it was taken or last renewed (its reader renews it
+while it reads, so a long export is not cut off, but never past ``MAX_AGE_SECONDS`` after it was
+taken), by ``forget`` (it may hold the agent's rows), and, if the daemon stopped before, at its
+next start.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import shutil
 import time
@@ -30,7 +34,8 @@ from reflexd.service.store import Store
 from reflexd.wire.protocol import Done, RewardRule, Snapshot, SnapshotTaken
 
 SNAPSHOTS_DIR = "snapshots"
-KEEP_SECONDS = 900.0  # a snapshot not released is deleted this long after it was taken
+KEEP_SECONDS = 900.0  # a snapshot not released is deleted this long after it was taken or last renewed
+MAX_AGE_SECONDS = 86400.0  # and this long after it was taken, renewed or not
 MAX_KEPT = 4
 SWEEP_SECONDS = 15.0
 RESERVE_BYTES = 64 << 20  # free space a snapshot must leave beyond the store's own size
@@ -54,6 +59,7 @@ class Snapshots:
         # taken before the delete outlives it
         self.lock = anyio.Lock()
         self._kept: dict[str, float] = {}  # id -> when it is deleted (inf while it is being written)
+        self._taken: dict[str, float] = {}  # id -> when it was taken
 
     @property
     def kept(self) -> int:
@@ -70,7 +76,7 @@ class Snapshots:
             if len(self._kept) >= MAX_KEPT:
                 raise SnapshotRefused(
                     f"{MAX_KEPT} snapshots are kept already; each is deleted when its reader releases it, or"
-                    f" {KEEP_SECONDS / 60:g} minutes after it was taken: try again later"
+                    f" {KEEP_SECONDS / 60:g} minutes after its reader last renewed it: try again later"
                 )
             room = await anyio.to_thread.run_sync(self._room)
             if room is not None:
@@ -91,6 +97,7 @@ class Snapshots:
                 raise
             expires = time.time() + KEEP_SECONDS
             self._kept[snapshot_id] = expires
+            self._taken[snapshot_id] = taken_at
         finally:
             self.lock.release()
         return SnapshotTaken(
@@ -131,8 +138,23 @@ class Snapshots:
         if math.isinf(expires):  # still being written: its taker has not been given it yet
             return Done(message=f"snapshot {snapshot_id} is still being written", req=req)
         del self._kept[snapshot_id]
+        self._taken.pop(snapshot_id, None)
         await anyio.to_thread.run_sync(shutil.rmtree, self.directory / snapshot_id, True)
         return Done(message=f"snapshot {snapshot_id} deleted", req=req)
+
+    async def renew(self, snapshot_id: str, req: object = None) -> Done:
+        """Keep snapshot ``snapshot_id`` ``KEEP_SECONDS`` from now, its reader still reading it, but
+        not past ``MAX_AGE_SECONDS`` after it was taken (a release with ``renew``)."""
+        expires = self._kept.get(snapshot_id)
+        if expires is None:
+            return Done(message=f"snapshot {snapshot_id} is gone already", req=req)
+        if math.isinf(expires):
+            return Done(message=f"snapshot {snapshot_id} is still being written", req=req)
+        limit = self._taken.get(snapshot_id, expires) + MAX_AGE_SECONDS
+        self._kept[snapshot_id] = expires = max(expires, min(time.time() + KEEP_SECONDS, limit))
+        until = dt.datetime.fromtimestamp(expires, dt.timezone.utc).isoformat(timespec="seconds")
+        last = f" (no later: one is kept at most {MAX_AGE_SECONDS / 3600:g} hours after it was taken)" if expires >= limit else ""
+        return Done(message=f"snapshot {snapshot_id} kept until {until}{last}", req=req)
 
     async def run(self) -> None:
         """Delete expired snapshots, and at start what an earlier run left."""
@@ -146,12 +168,14 @@ class Snapshots:
         now = time.time()
         for snapshot_id in [i for i, expires in self._kept.items() if expires <= now]:
             del self._kept[snapshot_id]
+            self._taken.pop(snapshot_id, None)
         await anyio.to_thread.run_sync(self._remove_except, set(self._kept))
 
     async def remove_all(self) -> int:
         """Delete every snapshot (``forget``: they may hold the agent's rows; called with the lock
         held, so none is being written); how many there were."""
         self._kept.clear()
+        self._taken.clear()
         return await anyio.to_thread.run_sync(self._remove_except, set())
 
     def _remove_except(self, keep: set[str]) -> int:

@@ -422,6 +422,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         created = dt.datetime.fromtimestamp(m.get("created", 0)).strftime("%Y-%m-%d %H:%M:%S")
         gate = (m.get("gate") or {}).get("reason", m.get("error", ""))
         rows = msgspec.convert(m["training"], Training).fit_rows if m.get("training") else ""
+        if isinstance(m.get("fleet"), dict):  # a pulled fleet model: fit on the fleet's rows
+            rows = m["fleet"].get("train_rows", rows)
         print(f"{live:2}{m.get('version', '?'):8} {created:20} {rows!s:>8}  {gate}")
     return 0
 
@@ -630,7 +632,9 @@ def _read_config(args: argparse.Namespace) -> Any:
 def _data(args: argparse.Namespace) -> Any:
     """What query and export read (``reflexd.tools.readout.Source``): a snapshot the running daemon
     writes, or, when it is not running, its database file opened read-only."""
-    from reflexd.errors import StoreInUse
+    import errno
+
+    from reflexd.errors import QueryError, StoreInUse
     from reflexd.tools import readout
     from reflexd.wire.protocol import Release, Snapshot
 
@@ -638,6 +642,15 @@ def _data(args: argparse.Namespace) -> Any:
     try:
         reply = _request(args, Snapshot(archive=archive), timeout=args.timeout)
     except DaemonUnavailable as unreachable:
+        if unreachable.timed_out:
+            raise QueryError(
+                f"the daemon at {unreachable.path} did not answer the snapshot request within --timeout"
+                f" {args.timeout:g} s: a snapshot of a big store takes a while, give it a longer --timeout (the"
+                " daemon deletes the one it writes on its own)"
+            ) from None
+        # only a daemon that is not there (no socket, nobody listening) lets the store be read itself
+        if not (unreachable.connecting and unreachable.errno in (errno.ENOENT, errno.ECONNREFUSED)):
+            raise
         config = _read_config(args)
         if config is None:
             raise
@@ -647,7 +660,11 @@ def _data(args: argparse.Namespace) -> Any:
             raise UsageError(
                 f"{unreachable}; and {held.path} is held by {held.holder}: a daemon runs there, reach it with --socket"
             ) from None
-        print(f"reflexd: the daemon is not running; reading {config.db_path} read-only", file=sys.stderr)
+        print(
+            f"reflexd: the daemon is not running; reading {config.db_path} read-only (a daemon started before"
+            " this command ends cannot open it)",
+            file=sys.stderr,
+        )
         return source
 
     def release() -> None:
@@ -656,7 +673,13 @@ def _data(args: argparse.Namespace) -> Any:
         except ReflexdError:
             pass  # the daemon deletes it on its own minutes later
 
-    return readout.from_snapshot(reply, release)
+    def renew() -> None:
+        try:
+            _request(args, Release(id=reply.id, renew=True))
+        except ReflexdError:
+            pass  # tried again in a while; unrenewed, the snapshot lasts its first 15 minutes
+
+    return readout.from_snapshot(reply, release, renew)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -896,9 +919,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(sha256, feature scheme) and sent to the daemon, which never opens the path: it judges the model on\n"
         "its own latest snapshot's holdout against its live model by the rule its own runs go live by, and\n"
         "registers it, promoted or rejected (docs/fleet.md). A model whose features are hashed differently\n"
-        "from the daemon's (features: context_dim, action_dim, seed) is refused. Prints 'promoted VERSION:\n"
-        "REASON' or 'rejected VERSION: REASON' and exits 0; exits 1 if it cannot be judged, or if the request\n"
-        "is larger than the daemon's socket.max_frame_bytes (read from --config when given). --json prints\n"
+        "from the daemon's (features: context_dim, action_dim, seed) is refused, and so is one already in the\n"
+        "registry (the same sha256: the message names its version). A training run in progress is waited for\n"
+        "at most the daemon's socket.request_timeout; then pull again. Prints 'promoted VERSION: REASON' or\n"
+        "'rejected VERSION: REASON' and exits 0; exits 1 if it cannot be judged (a holdout too small registers\n"
+        "nothing: pull again once new experience has come in), or if the request is larger than the daemon's\n"
+        "socket.max_frame_bytes (read from --config when given). If --timeout passes first, the daemon still\n"
+        "registers the model. promote, rollback and pull are for administrators: root, the daemon's user,\n"
+        "socket.admin_uids and socket.admin_gids (others get a forbidden error). --json prints\n"
         '{"outcome", "version", "gate", "message", "source", "sha256"}.',
         [
             "reflexd models list",
@@ -923,7 +951,8 @@ def build_parser() -> argparse.ArgumentParser:
         "forget",
         "delete everything stored about an agent (database, archive, snapshots, refused lines, dead letters)",
         "Delete everything the daemon stores about one agent: database rows, dead letters, Parquet archive\n"
-        "partitions, training snapshots and refused spool lines; models already trained are kept. Asks\n"
+        "partitions, training snapshots and refused spool lines; models already trained are kept. Only\n"
+        "administrators may (root, the daemon's user, socket.admin_uids and socket.admin_gids). Asks\n"
         "first on a terminal (--yes otherwise). Prints what was removed and exits 0; exits 1 if the answer\n"
         'is not yes. --json prints {"agent", "message", "removed": {what: count}}.',
         ["reflexd forget --agent router", "reflexd forget --agent router --yes --json"],
@@ -1036,14 +1065,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Run one SQL query (DuckDB's dialect) on the daemon's data: the tables decisions, outcomes, steps,\n"
         "events, dead_letters and models, each experience table with its rows in the Parquet archive too,\n"
         "so every row is there once. The daemon writes a snapshot of every table as of one moment (the\n"
-        "snapshot request; it runs on while it does) and the query runs on it here, in a DuckDB of its\n"
-        "own: it can never write to the store. When the daemon is not running, its database file (from\n"
-        "--config) is opened read-only instead. Columns are as docs/operations.md describes them (steps'\n"
-        "index; context, actions, probs, observation, data and detail are JSON: context->>'task').\n"
-        "Only queries run (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN). Prints a table (at\n"
-        "most --max-rows rows, cells cut at --width), --json a JSON array of objects (JSON columns\n"
-        "nested), --csv CSV with a header. SQL - reads it from stdin. Exit 1 with DuckDB's message on\n"
-        "SQL it refuses, or if neither the daemon nor its store can be read.",
+        "snapshot request; it runs on while it does, and the query renews it while it reads) and the\n"
+        "query runs on it here, in a DuckDB of its own that reads no other file: it can never write to\n"
+        "the store. When no daemon is there (no socket, nobody listening), its database file (from\n"
+        "--config) is opened read-only instead, and a daemon started meanwhile cannot open it until the\n"
+        "query ends. Columns are as docs/operations.md describes them (steps' index; context, actions,\n"
+        "probs, observation, data and detail are JSON: context->>'task'). Only queries run (SELECT,\n"
+        "WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN of a query). Prints a table (at most --max-rows\n"
+        "rows, cells cut at --width), --json a JSON array of objects (JSON columns nested), --csv CSV\n"
+        "with a header. SQL - reads it from stdin. Exit 1 with DuckDB's message on SQL it refuses, if the\n"
+        "snapshot is not written within --timeout, or if neither the daemon nor its store can be read.",
         [
             'reflexd query "SELECT agent, count(*) AS decisions, avg(prob) FROM decisions GROUP BY agent"',
             """reflexd query "SELECT d.chosen, avg(o.reward) FROM decisions d JOIN outcomes o ON o.decision_id = d.id GROUP BY 1" --csv""",
@@ -1060,15 +1091,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=1000, help="rows the table shows (default 1000; 0: all)")
     p.add_argument("--width", type=int, default=60, help="characters a table cell shows (default 60; 0: all)")
     p.add_argument("--no-archive", action="store_true", help="leave the Parquet archive out (only what DuckDB holds)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the snapshot (default 300)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for the snapshot to be written (default 300), then exit 1")
     p.set_defaults(func=cmd_query)
 
     p = command(
         "export",
         "write the stored experience out as Parquet, reflexd NDJSON or Vowpal Wabbit DSJSON",
-        "Write the daemon's data out, from the same snapshot as query (or the stopped daemon's store\n"
-        "read-only), the Parquet archive included. --format parquet writes a folder (--out DIR) with a\n"
-        "file per table, columns as the archive has them. ndjson writes decision and outcome lines, what\n"
+        "Write the daemon's data out, from the same snapshot as query, renewed while the export runs (or\n"
+        "the stopped daemon's store read-only, which a daemon cannot open until the export ends), the\n"
+        "Parquet archive included. --format parquet writes a folder (--out DIR) with a file per table,\n"
+        "columns as the archive has them. ndjson writes decision and outcome lines, what\n"
         "`reflexd import` reads: importing them into another daemon stores the same decisions and\n"
         "outcomes. dsjson writes one Vowpal Wabbit cb_explore_adf line per matured decision (vw\n"
         "--cb_explore_adf --dsjson reads it): _label_cost is minus the reward joined as training joins it,\n"
@@ -1093,7 +1126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", help="decisions made before this time (epoch seconds or ISO-8601)")
     p.add_argument("--out", default="-", help="the file (ndjson, dsjson) or new folder (parquet); default - (stdout)")
     p.add_argument("--no-archive", action="store_true", help="leave the Parquet archive out (only what DuckDB holds)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the snapshot (default 300)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for the snapshot to be written (default 300), then exit 1")
     json_flag(p, "a summary (format, out, counts by table)")
     p.set_defaults(func=cmd_export)
 
@@ -1111,7 +1145,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Read many hosts' Parquet archives (each a host's <state_dir>/archive, or its state directory; a\n"
             "local path or any filesystem pyarrow opens: file://, s3://, gs://, hdfs://, abfs://), join their\n"
-            "decisions and rewards as each host's own snapshot does (the config's rewards and agents sections),\n"
+            "decisions and rewards as each host's own snapshot does (the config's rewards and agents sections;\n"
+            "the archive holds only rows older than the host's retention.days, so the fleet sees none newer),\n"
             "and train one model with Ray: a Ray task reads each host, and Ray Train's TorchTrainer fits the\n"
             "config's learner data-parallel on --workers CPU workers. Each host's newest trainer.holdout_fraction\n"
             "of experiences is held out; the model is gated on that pooled holdout by off-policy evaluation\n"
@@ -1142,16 +1177,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address",
         help="a running Ray cluster to use (ray.init's address: auto on one of its nodes, or HOST:PORT); "
-        "default: start a local one on this machine's CPUs",
+        "default: start a new local one on this machine's CPUs, even with one already running here or RAY_ADDRESS set",
     )
     p.add_argument(
         "--storage", help="where Ray Train keeps the model it hands back (default: a temporary folder; a multi-node "
         "cluster needs a path or URI every node reaches)",
     )
     p.add_argument("--agent", help="only this agent's decisions (default: every agent's)")
-    p.add_argument("--since", help="only decisions made at or after this time (epoch seconds or ISO-8601)")
     p.add_argument(
-        "--max-rows-per-host", type=int, metavar="N", help="the newest N experiences of each host (default: trainer.max_examples)"
+        "--since", help="only decisions made at or after this time (epoch seconds or ISO-8601); older archive days are not read"
+    )
+    p.add_argument(
+        "--max-rows-per-host", type=int, metavar="N",
+        help="the newest N experiences of each host (default: trainer.max_examples); only the newest archive days "
+        "holding them are read",
     )
     p.add_argument("--seed", type=int, default=0, help="the learner's seed (default 0)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs")

@@ -75,6 +75,14 @@ class World:
     def best(self, context: dict[str, Any]) -> float:
         return max(self.expected(context, a) for a in STRATEGIES)
 
+    def uniform(self, context: dict[str, Any]) -> float:
+        """What the default policy (uniform, with no model and nothing learned) expects to earn."""
+        return sum(self.expected(context, a) for a in STRATEGIES) / len(STRATEGIES)
+
+
+# the agent's Policy explores so before any model, as the daemon's models do after
+DEMO_EXPLORATION = {"strategy": "epsilon_greedy", "epsilon": 0.1}
+
 
 def demo_config(root: Path) -> dict[str, Any]:
     return {
@@ -83,7 +91,7 @@ def demo_config(root: Path) -> dict[str, Any]:
         "rewards": {"wait_window": 1.0, "default": 0.0},
         # the demo's own agent keeps the CPU busy, so it does not wait for an idle machine
         "trainer": {"min_new_examples": 1000, "check_interval": 1.0, "idle_load": 1000.0},
-        "exploration": {"strategy": "epsilon_greedy", "epsilon": 0.1},
+        "exploration": DEMO_EXPLORATION,
         "log": {"format": "json", "level": "info"},
     }
 
@@ -94,6 +102,21 @@ class Record:
     regrets: list[float] = field(default_factory=list)
     versions: list[str | None] = field(default_factory=list)
     latencies_us: list[float] = field(default_factory=list)
+    gains: list[float] = field(default_factory=list)  # reward earned less the default policy's expected
+
+
+ADAPTATION_WINDOW = 200
+
+
+def first_adaptation(gains: list[float], window: int = ADAPTATION_WINDOW) -> int | None:
+    """The first decision from which the next ``window`` decisions earned more than the default
+    policy would have (uniform: the expected reward of each context averaged over the actions),
+    with a 95% interval that excludes it; None if no window did."""
+    for start in range(0, len(gains) - window + 1, 50):
+        part = np.asarray(gains[start : start + window])
+        if part.mean() - 1.96 * part.std(ddof=1) / math.sqrt(window) > 0:
+            return start + 1
+    return None
 
 
 def simulate(policy: Any, world: World, decisions: int, rate: float, progress: Any = None) -> Record:
@@ -109,6 +132,7 @@ def simulate(policy: Any, world: World, decisions: int, rate: float, progress: A
         policy.reward(choice.id, r)
         rec.rewards.append(r)
         rec.regrets.append(world.best(ctx) - world.expected(ctx, choice.action))
+        rec.gains.append(r - world.uniform(ctx))
         rec.versions.append(choice.model_version)
         if progress is not None:
             progress(i, rec)
@@ -146,10 +170,23 @@ def report(rec: Record, status: Any) -> str:
     after = [r for r, v in zip(rec.regrets, rec.versions) if v == last and v is not None]
     lines.append("")
     if before:
-        lines.append(f"regret with no model (default policy, exploring): {np.mean(before):.3f} over {len(before)} decisions")
+        lines.append(f"regret before any model (online head):  {np.mean(before):.3f} over {len(before)} decisions")
     if after:
-        lines.append(f"regret with the last model {last}:                {np.mean(after):.3f} over {len(after)} decisions")
-    lines.append(f"total regret against the best possible choice: {sum(rec.regrets):.1f}")
+        lines.append(f"regret with the last model {last}:         {np.mean(after):.3f} over {len(after)} decisions")
+    adapted = first_adaptation(rec.gains)
+    lines.append(
+        "first adaptation: "
+        + (
+            f"decisions {adapted}–{adapted + ADAPTATION_WINDOW - 1} earned more than the default policy would have, "
+            "95% interval excluding it"
+            if adapted is not None
+            else "none (no 200-decision window earned more than the default policy, 95%)"
+        )
+    )
+    lines.append(
+        f"total regret against the best possible choice: {sum(rec.regrets):.1f} "
+        f"(first 2,000 decisions: {sum(rec.regrets[:2000]):.1f})"
+    )
     lines.append(
         f"decide latency in-process: p50 {np.percentile(lat, 50):.0f} µs, p99 {np.percentile(lat, 99):.0f} µs"
         " (one call every few ms, each starting with cold CPU caches; `make bench` times calls back to back)"
@@ -195,6 +232,7 @@ def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, 
     from tqdm import tqdm
 
     from reflexd.client.policy import Policy
+    from reflexd.config import ExplorationConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +242,8 @@ def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, 
     print(f"reflexd demo: daemon state in {root}, {decisions} decisions at {rate:g}/s", file=sys.stderr)
     try:
         with LocalDaemon(root, config) as daemon:
-            policy = Policy("llm-router", socket=daemon.socket, state_dir=config["state_dir"], seed=seed)
+            explore = ExplorationConfig(**DEMO_EXPLORATION)
+            policy = Policy("llm-router", socket=daemon.socket, state_dir=config["state_dir"], seed=seed, exploration=explore)
             with tqdm(total=decisions, unit="dec", file=sys.stderr, dynamic_ncols=True) as bar:
 
                 def progress(i: int, rec: Record) -> None:

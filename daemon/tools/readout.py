@@ -6,13 +6,17 @@ A ``Source`` is an in-memory DuckDB whose views are named like the store's table
 - a read-out snapshot the running daemon wrote (the ``snapshot`` request: every table as Parquet
   as of one moment, with the Parquet archive's files as of the same moment), or
 - the database file attached read-only, when the daemon is not running (DuckDB lets one process
-  hold the file), with the archive's files.
+  hold the file), with the archive's files. The attachment holds DuckDB's lock on the file until
+  the Source is closed: a daemon started meanwhile cannot open its store (StoreInUse).
 
 Each experience view unites the table's rows with its archived ones, so a query sees all the
-experience there is, each row once. Columns are the outside form (``db.OUTSIDE``: steps'
-``index``), JSON columns typed JSON. Nothing written through the views reaches the store: the
-snapshot's files are the daemon's (read-only to its group) and the database is attached
-READ_ONLY; ``run_query`` also refuses anything but a query.
+experience there is, each row once. The archive is read by folder (``<table>/agent=*/date=*/``,
+hive partitions), never by a list of its files. Columns are the outside form (``db.OUTSIDE``:
+steps' ``index``), JSON columns typed JSON. Nothing written through the views reaches the store:
+the snapshot's files are the daemon's (read-only to its group) and the database is attached
+READ_ONLY; ``run_query`` refuses anything but a query (an ``EXPLAIN`` only of a query: ``EXPLAIN
+ANALYZE`` runs what it explains), and before the first one locks the connection down
+(``Source.lock_down``: no file but the Source's own, no extension, no setting changed).
 
 This module never imports torch.
 """
@@ -23,6 +27,7 @@ import base64
 import csv
 import datetime as dt
 import decimal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -42,22 +47,62 @@ from reflexd.service.store.integrity import classify
 TABLES = tuple(OUTSIDE)
 _QUERY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 _HIVE = "hive_partitioning = true, union_by_name = true, hive_types = {'agent': 'VARCHAR', 'date': 'DATE'}"
+PARTS = "agent=*/date=*/*.parquet"  # an archive table's files, below its folder
+_ANALYZE = frozenset({"ANALYZE", "ANALYSE"})
 
 
 class Source:
     """An in-memory DuckDB with the store's tables as views; ``now`` is the moment they show, and
-    ``rules`` the reward rules in force (as ``reflexd.learning.join`` reads them)."""
+    ``rules`` the reward rules in force (as ``reflexd.learning.join`` reads them).
+
+    ``readable``: the folders the views read, the only ones left readable by ``lock_down``.
+    ``renew``, called every ``renew_every`` seconds in a thread of its own until the Source is
+    closed, keeps a snapshot from expiring while it is read.
+    """
 
     def __init__(self, con: duckdb.DuckDBPyConnection, now: float, rules: pa.Table, origin: str,
-                 release: Callable[[], None] | None = None) -> None:
+                 release: Callable[[], None] | None = None, readable: Sequence[str | Path] = (),
+                 renew: Callable[[], None] | None = None, renew_every: float = 300.0) -> None:
         self.con = con
         self.now = now
         self.rules = rules
         self.origin = origin  # where the data comes from, for messages
+        self.readable = [str(p) for p in readable]
+        self.locked = False
         self._release = release
+        self._closed = threading.Event()
         con.register("rules", rules)
+        if renew is not None:
+            threading.Thread(
+                target=self._keep, args=(renew, max(1.0, renew_every)), name="reflexd-snapshot-renewal", daemon=True
+            ).start()
+
+    def _keep(self, renew: Callable[[], None], every: float) -> None:
+        while not self._closed.wait(every):
+            renew()
+
+    def lock_down(self) -> None:
+        """Let the connection read the Source's own folders only, write nothing, load no extension
+        and change no setting from now on: what the SQL a user gives ``run_query`` runs under.
+
+        DuckDB's ``enable_external_access = false`` stops every file access but to
+        ``allowed_directories`` (the views read their files when queried, so their folders are
+        those); ``lock_configuration`` then keeps any statement from turning it back on."""
+        if self.locked:
+            return
+        folders = ", ".join("'" + (p.rstrip("/") + "/").replace("'", "''") + "'" for p in self.readable)
+        for setting in (
+            f"allowed_directories = [{folders}]",
+            "enable_external_access = false",
+            "autoinstall_known_extensions = false",
+            "autoload_known_extensions = false",
+            "lock_configuration = true",
+        ):
+            self.con.execute(f"SET {setting}")
+        self.locked = True
 
     def close(self) -> None:
+        self._closed.set()
         try:
             self.con.close()
         finally:
@@ -89,28 +134,30 @@ def _part(con: duckdb.DuckDBPyConnection, table: str, relation: str) -> str:
     return f"SELECT {columns} FROM {relation}"
 
 
-def _files(paths: Sequence[str]) -> str:
-    return "[" + ", ".join(sql_path(Path(p)) for p in paths) + "]"
-
-
-def create_views(con: duckdb.DuckDBPyConnection, tables: dict[str, str], archive: dict[str, list[str]]) -> None:
+def create_views(
+    con: duckdb.DuckDBPyConnection, tables: dict[str, str], archive: dict[str, str], dedupe: bool = False
+) -> None:
     """A view per table over ``tables`` (a relation each: a Parquet file or an attached table) and,
-    for the experience tables, the archive's files of it."""
+    for the experience tables, the archive's files of it: those under its folder in ``archive``
+    (``<folder>/agent=*/date=*/*.parquet``). ``dedupe`` leaves out archived rows whose id the
+    table's relation holds too (a snapshot that names the archive's own folders: rows archived
+    after it was taken are in both)."""
     for table in TABLES:
         parts = [_part(con, table, tables[table])]
-        if archive.get(table):
-            parts.append(_part(con, table, f"read_parquet({_files(archive[table])}, {_HIVE})"))
+        folder = archive.get(table)
+        pattern = f"{str(folder).rstrip('/')}/{PARTS}" if folder else None
+        if pattern and con.execute("SELECT 1 FROM glob(?) LIMIT 1", [pattern]).fetchone():
+            files = f"read_parquet({sql_path(Path(pattern))}, {_HIVE})"
+            if dedupe:
+                files = f"(SELECT * FROM {files} AS a WHERE a.id NOT IN (SELECT id FROM {tables[table]}))"
+            parts.append(_part(con, table, files))
         con.execute(f"CREATE VIEW {quoted(table)} AS " + " UNION ALL ".join(parts))
 
 
-def archive_files(root: Path) -> dict[str, list[str]]:
-    """The Parquet files of the archive at ``root``, by table (staging folders left out)."""
-    files: dict[str, list[str]] = {}
-    for table in EXPERIENCE_TABLES:
-        base = root / table
-        found = base.rglob("*.parquet") if base.is_dir() else ()
-        files[table] = sorted(str(p) for p in found if not any(x.startswith(".") for x in p.relative_to(root).parts))
-    return files
+def archive_folders(root: Path) -> dict[str, str]:
+    """The folder of each experience table in the archive at ``root`` (staging folders, hidden,
+    are beside them), for the tables that have one."""
+    return {table: str(root / table) for table in EXPERIENCE_TABLES if (root / table).is_dir()}
 
 
 def _rules_table(rules: dict[str, Any]) -> pa.Table:
@@ -124,18 +171,24 @@ def _rules_table(rules: dict[str, Any]) -> pa.Table:
     )
 
 
-def from_snapshot(reply: Any, release: Callable[[], None] | None = None) -> Source:
+def from_snapshot(
+    reply: Any, release: Callable[[], None] | None = None, renew: Callable[[], None] | None = None
+) -> Source:
     """A Source over a read-out snapshot (a ``SnapshotTaken`` reply); ``release`` tells the daemon
-    it may delete it, when the Source is closed."""
+    it may delete it, when the Source is closed; ``renew`` that it is still being read, called
+    three times per lifetime the daemon gave it (``expires``) until then."""
     con = duckdb.connect()
     try:
         tables = {table: f"read_parquet({sql_path(Path(path))})" for table, path in reply.tables.items()}
         try:
-            create_views(con, tables, reply.archive)
+            # not linked: the archive's own folders, which rows archived since the snapshot join
+            create_views(con, tables, reply.archive, dedupe=not reply.linked)
         except duckdb.Error as exc:
             raise QueryError(_unreadable(exc, reply.directory)) from None
         origin = f"a snapshot of the running daemon ({reply.directory})"
-        return Source(con, reply.taken_at, _rules_table(reply.rewards), origin, release)
+        readable = [reply.directory, *([] if reply.linked else reply.archive.values())]
+        every = (reply.expires - time.time()) / 3
+        return Source(con, reply.taken_at, _rules_table(reply.rewards), origin, release, readable, renew, every)
     except BaseException:
         con.close()
         if release is not None:
@@ -156,11 +209,13 @@ def from_store(config: Config, archive: bool = True) -> Source:
         except duckdb.Error as exc:
             raise classify(exc, path, "opening it read-only") from None
         tables = {table: f"store.{quoted(table)}" for table in TABLES}
+        folders = archive_folders(config.archive_path) if archive else {}
         try:
-            create_views(con, tables, archive_files(config.archive_path) if archive else {})
+            create_views(con, tables, folders)
         except duckdb.Error as exc:
             raise QueryError(_unreadable(exc, str(config.archive_path))) from None
-        return Source(con, time.time(), reward_rules(config), f"{path} (read-only; the daemon is not running)")
+        origin = f"{path} (read-only; the daemon is not running)"
+        return Source(con, time.time(), reward_rules(config), origin, readable=list(folders.values()))
     except BaseException:
         con.close()
         raise
@@ -170,7 +225,10 @@ def _unreadable(exc: duckdb.Error, where: str) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     hint = ""
     if "Permission denied" in str(exc):
-        hint = " (the files are the daemon's: run this as its user or a member of its group, socket.group)"
+        hint = (
+            " (the files are the daemon's, readable by the group of its state directory, the daemon's"
+            " primary group: run this as its user or a member of that group)"
+        )
     elif "No files found" in str(exc) or "No such file" in str(exc):
         hint = " (the snapshot expired or was released, or the archive was pruned meanwhile: run it again)"
     return f"cannot read {where}: {first}{hint}"
@@ -207,7 +265,45 @@ def failure(exc: duckdb.Error, source: str, what: str = "the query") -> str:
         return _unreadable(exc, source)
     if isinstance(exc, (duckdb.CatalogException, duckdb.BinderException)):
         message += f"\n(tables: {', '.join(TABLES)}; `DESCRIBE decisions` lists a table's columns)"
+    if isinstance(exc, duckdb.PermissionException):
+        message += f"\n(a query reads the tables {', '.join(TABLES)} and no other file)"
     return f"{what} failed: {message}"
+
+
+def _explained(sql: str) -> str | None:
+    """Why an EXPLAIN statement is refused, None if what it explains is one query.
+
+    ``EXPLAIN ANALYZE`` runs the statement it explains (``EXPLAIN ANALYZE COPY ... TO`` writes
+    the file), and DuckDB calls every EXPLAIN statement EXPLAIN, so what follows ``EXPLAIN``,
+    ``ANALYZE`` and an option list is parsed again on its own and must be a query.
+    """
+    raw = sql.encode()  # the tokenizer counts bytes
+    found = duckdb.tokenize(sql)
+    ends = [pos for pos, _ in found[1:]] + [len(raw)]
+    words = [
+        (pos, raw[pos:end].decode(errors="replace").strip())
+        for (pos, kind), end in zip(found, ends)
+        if kind != duckdb.token_type.comment
+    ]
+    i = 1  # words[0] is EXPLAIN
+    if i < len(words) and words[i][1].upper() in _ANALYZE:
+        i += 1
+    if i < len(words) and words[i][1].startswith("("):  # EXPLAIN (FORMAT json, ANALYZE) ...
+        depth = 0
+        while i < len(words):
+            depth += words[i][1].count("(") - words[i][1].count(")")
+            i += 1
+            if depth <= 0:
+                break
+    inner = raw[words[i][0]:].decode() if i < len(words) else ""
+    try:
+        statements = duckdb.extract_statements(inner)
+    except duckdb.Error:
+        return "EXPLAIN of a statement that cannot be read"
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        kind = statements[0].type.name if len(statements) == 1 else f"{len(statements)} statements"
+        return f"EXPLAIN of {kind}"
+    return None
 
 
 def run_query(source: Source, sql: str) -> Result:
@@ -221,12 +317,16 @@ def run_query(source: Source, sql: str) -> Result:
     if len(statements) > 1:
         raise QueryError(f"one statement at a time, not {len(statements)}")
     kind = statements[0].type
-    if kind not in _QUERY_TYPES:
+    refused = None if kind in _QUERY_TYPES else kind.name
+    if kind == duckdb.StatementType.EXPLAIN:
+        refused = _explained(statements[0].query)
+    if refused is not None:
         raise QueryError(
-            f"reflexd query runs queries only (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN), not"
-            f" {kind.name}: nothing can be written to the store this way; `reflexd export` writes the data out"
+            f"reflexd query runs queries only (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN of a query),"
+            f" not {refused}: nothing can be written this way; `reflexd export` writes the data out"
         )
     try:
+        source.lock_down()
         cursor = source.con.execute(sql)
     except duckdb.Error as exc:
         raise QueryError(failure(exc, source.origin)) from None

@@ -23,6 +23,12 @@ def default_socket() -> str:
     return os.environ.get("REFLEXD_SOCKET", DEFAULT_SOCKET)
 
 
+def _unavailable(path: str, exc: OSError, connecting: bool = False) -> DaemonUnavailable:
+    return DaemonUnavailable(
+        path, exc.strerror or str(exc), errno=exc.errno, connecting=connecting, timed_out=isinstance(exc, TimeoutError)
+    )
+
+
 class Connection:
     def __init__(self, path: str | os.PathLike[str] | None = None, timeout: float | None = 30.0) -> None:
         self.path = os.fspath(path or default_socket())
@@ -32,7 +38,7 @@ class Connection:
             self._sock.connect(self.path)
         except OSError as exc:
             self._sock.close()
-            raise DaemonUnavailable(self.path, exc.strerror or str(exc)) from None
+            raise _unavailable(self.path, exc, connecting=True) from None
         self._reader = FrameReader(MSGPACK, MAX_REPLY_BYTES)
         self._replies: list[Reply] = []
 
@@ -55,7 +61,7 @@ class Connection:
         try:
             self._sock.sendall(data)
         except OSError as exc:
-            raise DaemonUnavailable(self.path, exc.strerror or str(exc)) from None
+            raise _unavailable(self.path, exc) from None
 
     def receive(self) -> Reply:
         """The next reply, blocking up to the timeout."""
@@ -63,7 +69,7 @@ class Connection:
             try:
                 data = self._sock.recv(1 << 16)
             except OSError as exc:
-                raise DaemonUnavailable(self.path, exc.strerror or str(exc)) from None
+                raise _unavailable(self.path, exc) from None
             if not data:
                 raise DaemonUnavailable(self.path, "connection closed by the daemon")
             for frame in self._reader.feed(data):

@@ -158,8 +158,11 @@ class Decide(_Msg, tag="decide"):
     default: Id | None = None
 
     def __post_init__(self) -> None:
-        if self.default is not None and self.default not in action_ids(self.actions):
-            raise ValueError(f"default {self.default!r} is not among the actions")
+        if self.default is not None:
+            if self.default not in action_ids(self.actions):
+                raise ValueError(f"default {self.default!r} is not among the actions")
+            if self.slots is not None and self.log:
+                raise ValueError("default is for single decisions: a slate (slots) has none")
         if self.slots is not None:
             if self.slots > len(self.actions):
                 raise ValueError(f"slots ({self.slots}) must not exceed the {len(self.actions)} actions offered")
@@ -297,8 +300,9 @@ class Snapshot(_Msg, tag="snapshot"):
 
     With ``archive``, the Parquet archive's files as of the same moment are linked beside them, so
     a row is in exactly one of the two. The daemon deletes the folder on Release, or once it has
-    kept it for its time (``SnapshotTaken.expires``); it keeps a few at a time and refuses more.
-    ``reflexd query`` and ``reflexd export`` read the daemon's data this way while it runs.
+    kept it for its time (``SnapshotTaken.expires``, which a Release with ``renew`` puts off); it
+    keeps a few at a time and refuses more. ``reflexd query`` and ``reflexd export`` read the
+    daemon's data this way while it runs.
     """
 
     archive: bool = True
@@ -306,9 +310,14 @@ class Snapshot(_Msg, tag="snapshot"):
 
 
 class Release(_Msg, tag="release"):
-    """The sender is done with snapshot ``id``: the daemon deletes it now; answered with Done."""
+    """The sender is done with snapshot ``id``: the daemon deletes it now; answered with Done.
+
+    With ``renew`` the sender is still reading it instead: the daemon keeps it its full time again
+    from now (up to a limit from when it was taken); answered with Done, which says until when.
+    """
 
     id: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+    renew: bool = False
     req: ReqId = None
 
 
@@ -537,11 +546,13 @@ class RewardRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class SnapshotTaken(_Msg, tag="snapshot"):
-    """The answer to Snapshot: where its files are. Every path is the daemon's, readable by its group.
+    """The answer to Snapshot: where its files are, the daemon's, readable by its primary group.
 
     ``tables``: each table's Parquet file, columns as the Parquet archive names and types them (JSON
-    as text). ``archive``: each experience table's archive files (their paths hold ``agent=``
-    and ``date=`` folders, hive-style), hard links inside ``directory`` when ``linked``.
+    as text). ``archive``: the folder of each experience table that has archive files, which are
+    below it in ``agent=``/``date=`` folders (hive-style, ``<folder>/agent=*/date=*/*.parquet``):
+    hard links inside ``directory`` when ``linked``, else the archive's own folders, where rows
+    archived since ``taken_at`` (also in ``tables``) and pruned files come and go.
     ``rewards``: the reward rules in force, by agent ("" for the global ones), so a reader can join
     rewards as training does; ``taken_at`` is the moment the snapshot shows.
     """
@@ -552,7 +563,7 @@ class SnapshotTaken(_Msg, tag="snapshot"):
     expires: float
     tables: dict[str, str]
     rows: dict[str, int]
-    archive: dict[str, list[str]]
+    archive: dict[str, str]
     linked: bool
     rewards: dict[str, RewardRule]
     req: ReqId = None

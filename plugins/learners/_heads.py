@@ -181,6 +181,13 @@ def _data_parallel() -> tuple[int, int] | None:
     return dist.get_rank(), dist.get_world_size()
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s generator, derived from the run's ``seed``: one of its own per
+    rank, and within what ``torch.Generator.manual_seed`` takes (a generator's ``initial_seed``
+    may be anything up to 2**64 - 1, and a product of it overflows)."""
+    return (seed * 1_000_003 + rank) % 2**63
+
+
 def _fit_heads_parallel(
     model: RewardModel,
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -217,7 +224,7 @@ def _fit_heads_parallel(
     scale = math.sqrt(max(float(sums[2] / total_n) - offset * offset, 0.0)) or 1.0
     target = torch.from_numpy(((reward64 - offset) / scale).astype(np.float32)).unsqueeze(1)
     # each process draws its own shuffles and bootstrap weights from the run's seed
-    gen = torch.Generator().manual_seed(gen.initial_seed() * 1_000_003 + rank)
+    gen = torch.Generator().manual_seed(rank_seed(gen.initial_seed(), rank))
     weights = torch.poisson(torch.ones(n, model.heads.out_features), generator=gen)
     # about batch_size rows per step in all, and as many steps per epoch as one process would take
     local_batch = max(1, math.ceil(settings.batch_size / world))

@@ -205,6 +205,18 @@ def test_a_live_daemon_pulls_the_fleet_model_and_its_own_gate_decides(fleet: dic
     assert judged.verdict == manifest.gate
     assert pulled["outcome"] == ("promoted" if judged.verdict.passed else "rejected")
     assert pulled["gate"] == judged.verdict.reason
+    # its training rows and window are the judging snapshot's (the host's clock starts there); the fleet's stay in fleet
+    import pyarrow.parquet as pq
+
+    judged_on = pq.read_table(snapshot, columns=["received_at"]).column("received_at").to_pylist()
+    assert manifest.training.experience == len(judged_on) and manifest.training.window_end == max(judged_on)
+    assert manifest.fit_rows == fleet_manifest.training.train_rows == manifest.fleet.train_rows
+
+    # the same model again: refused, naming the version, and nothing registered
+    versions = registry.versions()
+    again = _pull(d, fleet["out"])
+    assert again.returncode == 1 and f"is already registered as {version}" in again.stderr, again.stderr
+    assert registry.versions() == versions
     print(f"host model: {trained.message}; before={before}; host gate on the pulled fleet model: {pulled['outcome']}: {pulled['gate']}")
 
     # the model events, read from the store once the daemon has stopped

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from conftest import DaemonProcess
+from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
 from reflexd.wire.connection import Connection
 from reflexd.wire.protocol import Ack, Decide, Decided, Flush, Outcome
@@ -59,3 +59,17 @@ def test_a_policy_learns_from_its_own_rewards_at_once(daemon_factory) -> None:
             policy.reward(choice.id, 1.0 if choice.action == BEST[task] else 0.0)
         assert sum(hits[-200:]) / 200 > 0.8
         assert policy.stats()["online"]["updates"] == 500
+
+
+def test_policies_follow_the_daemons_online_and_rewards_settings(daemon_factory) -> None:
+    """models/clients.json carries the config to in-process clients: the head's switch, and each
+    agent's wait window and default reward (decisions with no outcome teach the default)."""
+    off: DaemonProcess = daemon_factory({"online": {"enabled": False}})
+    with Policy("router", socket=off.socket, state_dir=off.state_dir) as policy:
+        assert policy.stats()["online"] is None
+    on: DaemonProcess = daemon_factory({"agents": {"clicks": {"rewards": {"wait_window": 0.2, "default": 0.0}}}})
+    with Policy("clicks", socket=on.socket, state_dir=on.state_dir, refresh_interval=0.05) as policy:
+        for _ in range(20):
+            policy.decide({"task": "code"}, ACTIONS)  # no outcome: the default, once 0.2 s have passed
+        wait_for(lambda: policy.stats()["online"]["defaults"] == 20, 30, "the default reward learned")
+        assert policy.stats()["online"]["updates"] == 20

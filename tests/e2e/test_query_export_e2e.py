@@ -99,6 +99,14 @@ def test_bad_sql_is_named_and_nothing_is_left_behind(daemon: DaemonProcess) -> N
     assert bad.stdout == "" and "decisons does not exist" in bad.stderr and 'Did you mean "decisions"' in bad.stderr
     refused = reflexd("query", "--socket", daemon.socket, "DELETE FROM decisions", code=1)
     assert "not DELETE" in refused.stderr
+    # EXPLAIN ANALYZE runs what it explains: a COPY that would rewrite the registry's pointer is refused
+    pointer = daemon.state_dir / "models" / "CURRENT"
+    before = pointer.read_bytes() if pointer.exists() else None
+    sneaky = f"EXPLAIN ANALYZE COPY (SELECT 'v9999' AS x) TO '{pointer}' (FORMAT csv, HEADER false)"
+    assert "not EXPLAIN of COPY" in reflexd("query", "--socket", daemon.socket, sneaky, code=1).stderr
+    assert (pointer.read_bytes() if pointer.exists() else None) == before
+    outside = reflexd("query", "--socket", daemon.socket, "SELECT * FROM read_csv('/etc/passwd')", code=1)
+    assert "Permission Error" in outside.stderr and outside.stdout == ""
     assert snapshot_folders(daemon) == []
 
 
@@ -181,7 +189,7 @@ def test_pruning_runs_where_archiving_runs_and_is_logged(daemon_factory: Any) ->
     state = d.state_dir
     today = dt.datetime.now(dt.timezone.utc).date().isoformat()
     table = pa.table({"id": ["x"], "ts": [1.0]})
-    for day in ("2000-01-01", today):
+    for day in ("2000-01-01", today, "2026-02-30"):  # the last names no day: left alone, logged
         folder = state / "archive" / "decisions" / "agent=a" / f"date={day}"
         folder.mkdir(parents=True)
         pq.write_table(table, folder / "part-0.parquet")
@@ -199,6 +207,10 @@ def test_pruning_runs_where_archiving_runs_and_is_logged(daemon_factory: Any) ->
     assert logged["partitions"] == 1 and logged["oldest_kept"] == today and logged["level"] == "info"
     assert not (state / "archive" / "decisions" / "agent=a" / "date=2000-01-01").exists()
     assert (state / "archive" / "decisions" / "agent=a" / f"date={today}" / "part-0.parquet").exists()
+    assert (state / "archive" / "decisions" / "agent=a" / "date=2026-02-30" / "part-0.parquet").exists()
+    # each pass logs it and goes on: the retention task, and the daemon, live on
+    wait_for(lambda: d.log_tail(100_000).count("an archive folder names no day") >= 2, 30, "another pruning pass")
+    assert d.running and d.request(Flush()) is not None
 
 
 def test_query_reads_the_store_itself_once_the_daemon_stops(daemon: DaemonProcess) -> None:

@@ -204,14 +204,17 @@ def test_a_read_out_snapshot_holds_each_row_once_with_the_archive_linked(store: 
 
     written = store.read_out(tmp_path / "snap", root)
     assert written.linked and written.rows["decisions"] == 3 and written.rows["models"] == 1
-    linked = written.archive["decisions"]
-    assert len(linked) == 2 and all(Path(p).is_relative_to(tmp_path / "snap" / "archive") for p in linked)
+    # a folder per table, not its files: the reply does not grow with the archive
+    assert written.archive == {t: str(tmp_path / "snap" / "archive" / t) for t in ("decisions", "outcomes", "steps", "events")}
+    linked = sorted(Path(written.archive["decisions"]).rglob("*.parquet"))
+    assert len(linked) == 2
     for path in linked:  # hard links: the same file as the archive's, no copy
-        original = root / Path(path).relative_to(tmp_path / "snap" / "archive")
+        original = root / path.relative_to(tmp_path / "snap" / "archive")
         assert os.stat(path).st_ino == os.stat(original).st_ino
+    files = f"{written.archive['decisions']}/agent=*/date=*/*.parquet"
     every = duckdb.sql(
         f"SELECT id FROM read_parquet('{written.tables['decisions']}') UNION ALL "
-        f"SELECT id FROM read_parquet({linked}, hive_partitioning = true)"
+        f"SELECT id FROM read_parquet('{files}', hive_partitioning = true)"
     ).fetchall()
     assert sorted(i for (i,) in every) == sorted(f"a-{d}-{i}" for d in (1, 2, 30) for i in range(3))
     # the snapshot's columns are the archive's, agent included
@@ -221,7 +224,79 @@ def test_a_read_out_snapshot_holds_each_row_once_with_the_archive_linked(store: 
     # pruning the archive afterwards leaves the snapshot's files readable
     prune_archive(root, now=100 * DAY, max_days=1, max_bytes=None)
     assert not list(root.rglob("*.parquet"))
-    assert duckdb.sql(f"SELECT count(*) FROM read_parquet({linked})").fetchall() == [(6,)]
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{files}')").fetchall() == [(6,)]
+
+
+def test_a_snapshot_waits_for_no_archive_walk_under_the_stores_lock_and_misses_no_row(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the archive is linked, loads go on (the store's lock is free) but archiving waits: the
+    rows it would move are in the snapshot's tables, and its files must not join the links."""
+    root = tmp_path / "archive"
+    for day in range(1, 6):
+        day_of_experience(store, day, n=2)
+    store.archive(3 * DAY, root, "zstd")  # days 1 and 2 archived, 3 to 5 in DuckDB
+    link = export.link_archive
+    archiver: list[threading.Thread] = []
+
+    def link_while_others_load_and_archive(archive_root, dest):
+        loader = threading.Thread(target=day_of_experience, args=(store, 9), kwargs={"n": 1})
+        loader.start()
+        loader.join(timeout=60)
+        assert not loader.is_alive(), "a load waited for the archive walk"
+        archiver.append(threading.Thread(target=store.archive, args=(5 * DAY, root, "zstd")))
+        archiver[0].start()
+        archiver[0].join(timeout=1)
+        assert archiver[0].is_alive(), "archiving did not wait for the archive walk"
+        return link(archive_root, dest)
+
+    monkeypatch.setattr(export, "link_archive", link_while_others_load_and_archive)
+    written = store.read_out(tmp_path / "snap", root)
+    archiver[0].join(timeout=60)
+    assert store.counts()["decisions"] == 2 + 1  # days 3 and 4 went to the archive after the walk
+    ids = duckdb.sql(
+        f"SELECT id FROM read_parquet('{written.tables['decisions']}') UNION ALL "
+        f"SELECT id FROM read_parquet('{written.archive['decisions']}/agent=*/date=*/*.parquet')"
+    ).fetchall()
+    assert sorted(i for (i,) in ids) == sorted(f"a-{d}-{i}" for d in range(1, 6) for i in range(2))
+
+
+def test_a_snapshot_of_an_archive_it_cannot_link_names_its_folders_and_reads_each_row_once(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reflexd.tools import readout
+
+    root = tmp_path / "archive"
+    for day in (1, 2, 30):
+        day_of_experience(store, day, n=3)
+    store.archive(10 * DAY, root, "zstd")
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    written = store.read_out(tmp_path / "snap", root)
+    assert not written.linked and written.archive["decisions"] == str(root / "decisions")
+    assert not (tmp_path / "snap" / "archive").exists()
+    store.archive(40 * DAY, root, "zstd")  # day 30 joins the archive after the snapshot: in both now
+
+    reply = type("Reply", (), {"tables": written.tables, "archive": written.archive, "linked": False,
+                               "directory": str(tmp_path / "snap"), "taken_at": 0.0, "expires": 1e12, "rewards": {}})()
+    with readout.from_snapshot(reply) as source:
+        rows = source.con.execute("SELECT count(*), count(DISTINCT id) FROM decisions").fetchall()
+    assert rows == [(9, 9)]
+
+
+def test_a_date_folder_that_names_no_day_is_left_alone_by_pruning(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    day_of_experience(store, 3)
+    store.archive(10 * DAY, root, "zstd")
+    odd = root / "decisions" / "agent=a" / "date=2026-02-30"
+    odd.mkdir(parents=True)
+    (odd / "part-x.parquet").write_bytes(b"not written by reflexd")
+    pruned = store.prune_archive(root, now=100 * DAY, max_days=1, max_bytes=None)
+    assert pruned.partitions == 4 and odd.is_dir()
+    assert not [p for p in root.rglob("*.parquet") if p.parent != odd]
 
 
 def test_loads_go_on_while_a_snapshot_is_written_and_it_does_not_see_them(

@@ -1,6 +1,7 @@
 """On a host that is never idle, a due run still starts, after trainer.max_idle_wait (issue 19).
 
-The load average is the one fake here (``busy``): a real one cannot be raised on demand.
+The load average is the one fake here (``busy``): a real one cannot be raised on demand; the
+scheduler's monotonic clock is stepped by hand.
 The store is a real DuckDB file holding real matured experiences.
 """
 
@@ -58,11 +59,11 @@ def _scheduler(config: Config, store: Store) -> Scheduler:
     return Scheduler(lambda: config, store, None, Registry(config.state_path / "models"), None, anyio.Lock())  # type: ignore[arg-type]
 
 
-def test_a_due_run_waits_for_idle_cpu_then_starts_anyway(tmp_path: Path, store: Store, busy: None, monkeypatch) -> None:
+def test_a_due_run_waits_for_idle_cpu_then_starts_anyway(tmp_path: Path, store: Store, busy: None) -> None:
     config = _config(tmp_path, max_idle_wait=600)
     sched = _scheduler(config, store)
-    clock = [time.time()]
-    monkeypatch.setattr(scheduler_module.time, "time", lambda: clock[0])
+    clock = [0.0]
+    sched._clock = lambda: clock[0]
 
     assert anyio.run(sched._due) is None
     waiting = sched.status.waiting
@@ -81,10 +82,10 @@ def test_a_due_run_waits_for_idle_cpu_then_starts_anyway(tmp_path: Path, store: 
     assert anyio.run(sched._due) is None and "starts anyway in 600 s" in sched.status.waiting
 
 
-def test_max_idle_wait_zero_waits_for_idle_cpu_forever(tmp_path: Path, store: Store, busy: None, monkeypatch) -> None:
+def test_max_idle_wait_zero_waits_for_idle_cpu_forever(tmp_path: Path, store: Store, busy: None) -> None:
     sched = _scheduler(_config(tmp_path, max_idle_wait=0), store)
-    clock = [time.time()]
-    monkeypatch.setattr(scheduler_module.time, "time", lambda: clock[0])
+    clock = [0.0]
+    sched._clock = lambda: clock[0]
     for _ in range(3):
         assert anyio.run(sched._due) is None
         assert sched.status.waiting.startswith("waiting for idle CPU") and "starts anyway" not in sched.status.waiting

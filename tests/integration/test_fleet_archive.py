@@ -130,3 +130,99 @@ def test_what_is_not_a_hosts_archive_is_named(tmp_path: Path) -> None:
     store.close()
     (row,) = read_host(str(tmp_path / "h"), CONFIG, now=NOW).table.to_pylist()
     assert (row["id"], row["reward"], row["outcomes"]) == ("d3", -0.25, 0)
+
+
+DAY = 86400.0
+MIDNIGHT = 1_700_006_400.0  # 2023-11-15 00:00 UTC
+
+
+def _days_host(root: Path, days: int, per_day: int) -> Path:
+    """A host's archive of ``days`` UTC days, ``per_day`` decisions a day (agents fast and slow), an
+    outcome for every other one, and outcomes received across midnight, before and after their decision."""
+    store = Store(root / "reflexd.duckdb")
+    for d in range(days):
+        at = MIDNIGHT + d * DAY + 3600
+        store.write(
+            [
+                Decision(id=f"d{d}-{k}", agent=("fast", "slow")[k % 2], context={"k": k}, actions=["left", "right"],
+                         chosen="left", prob=0.5, ts=at + k)
+                for k in range(per_day)
+            ],
+            received_at=at,
+        )
+        store.write([Outcome(decision_id=f"d{d}-{k}", reward=float(k), id=f"o{d}-{k}", ts=at + k) for k in range(0, per_day, 2)], at + 5)
+        # just before midnight; its outcome comes just after, on the next day
+        store.write([Decision(id=f"late{d}", agent="fast", context={}, actions=["left", "right"], chosen="right", prob=0.5, ts=at)],
+                    MIDNIGHT + (d + 1) * DAY - 2)
+        store.write([Outcome(decision_id=f"late{d}", reward=7.0, id=f"ol{d}", ts=at)], MIDNIGHT + (d + 1) * DAY + 2)
+        # an outcome received the evening before its decision (from another connection)
+        store.write([Outcome(decision_id=f"early{d}", reward=3.0, id=f"oe{d}", ts=at)], MIDNIGHT + d * DAY - 3)
+        store.write([Decision(id=f"early{d}", agent="fast", context={}, actions=["left", "right"], chosen="right", prob=0.5, ts=at)],
+                    MIDNIGHT + d * DAY + 1)
+    moved = store.archive(older_than=MIDNIGHT + (days + 1) * DAY, root=root / "archive", compression="zstd")
+    store.close()
+    assert moved["decisions"] == days * (per_day + 2)
+    return root / "archive"
+
+
+def test_only_the_newest_days_the_rows_need_are_read(tmp_path: Path) -> None:
+    archive = str(_days_host(tmp_path / "h", days=6, per_day=10))
+    now = MIDNIGHT + 30 * DAY
+    whole = read_host(archive, CONFIG, now=now, max_rows=10_000)
+    rows = whole.table.to_pylist()
+    assert (whole.decisions, len(rows)) == (72, 72)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["late2"]["reward"] == 7.0 and by_id["early3"]["reward"] == 3.0  # across midnight, both ways
+
+    # the newest 15: the newest day holds 12 decisions, so two days are read, not all six
+    newest = read_host(archive, CONFIG, now=now, max_rows=15)
+    assert newest.table.to_pylist() == rows[-15:]
+    assert newest.decisions == 24
+    assert newest.decisions < whole.decisions and newest.outcomes < whole.outcomes
+
+    # decisions not yet matured (slow waits 100 s) do not count: the read goes a day further back
+    fresh = MIDNIGHT + 6 * DAY - 2 + 50  # late5 is 50 s old: past fast's 10 s window
+    young = read_host(archive, CONFIG, now=fresh, max_rows=1)
+    assert young.table.to_pylist() == read_host(archive, CONFIG, now=fresh, max_rows=10_000).table.to_pylist()[-1:]
+
+    # since: the days before it (less one) are not read, nor the decisions made before it
+    since = MIDNIGHT + 3 * DAY
+    recent = read_host(archive, CONFIG, now=now, since=since, max_rows=10_000)
+    made = {f"d{d}-{k}": MIDNIGHT + d * DAY + 3600 + k for d in range(6) for k in range(10)}
+    made |= {f"{kind}{d}": MIDNIGHT + d * DAY + 3600 for d in range(6) for kind in ("late", "early")}
+    assert recent.table.to_pylist() == [r for r in rows if made[r["id"]] >= since]
+    assert recent.decisions == 36
+    # one agent, newest few: its partitions alone, its newest day first
+    slow = read_host(archive, CONFIG, now=now, agent="slow", max_rows=4)
+    assert slow.table.to_pylist() == [r for r in rows if r["agent"] == "slow"][-4:]
+    assert slow.decisions == 5
+
+
+def test_credentials_in_an_archive_uri_are_not_recorded() -> None:
+    from reflexd.fleet.archive import public_path
+
+    assert public_path("s3://AKIAXXX:s3cr3t@bucket/hosts/a?region=eu-west-1") == "s3://bucket/hosts/a?region=eu-west-1"
+    assert public_path("gs://user:pw@bucket/a") == "gs://bucket/a"
+    assert public_path("hdfs://alice@namenode:8020/a") == "hdfs://namenode:8020/a"
+    # abfs names the container where a user would be: only its password goes
+    assert public_path("abfss://archives:KEY==@acct.dfs.core.windows.net/a") == "abfss://archives@acct.dfs.core.windows.net/a"
+    assert (
+        public_path("abfs://acct.blob.core.windows.net/c/a?client_id=app&client_secret=shh&sig=abc%3D")
+        == "abfs://acct.blob.core.windows.net/c/a?client_id=app&client_secret=***&sig=***"
+    )
+    assert public_path("s3://bucket/a?access_key=AK&secret_key=SK&session_token=T") == "s3://bucket/a?access_key=***&secret_key=***&session_token=***"
+    for local in ("/srv/h@1/archive", "relative/dir", "file:///srv/h/archive"):
+        assert public_path(local) == local
+
+
+def test_a_hosts_rows_and_errors_name_it_without_credentials(tmp_path: Path) -> None:
+    store = _host(tmp_path / "state")
+    store.archive(older_than=NOW, root=tmp_path / "state" / "archive", compression="zstd")
+    store.close()
+    host = read_host(str(tmp_path / "state"), CONFIG, now=NOW)
+    assert host.path == str(tmp_path / "state")
+    # pyarrow quotes the URI in its errors: the message names it without them
+    with pytest.raises(FleetError) as refused:
+        open_archive("nosuchscheme://AKIAXXX:s3cr3t@bucket/a?secret_key=sk123")
+    assert "s3cr3t" not in str(refused.value) and "AKIAXXX" not in str(refused.value) and "sk123" not in str(refused.value)
+    assert str(refused.value).startswith("nosuchscheme://bucket/a?secret_key=***: pyarrow cannot open this filesystem")

@@ -92,3 +92,15 @@ def test_two_processes_fit_one_model_as_good_as_one_process_on_every_row(
     # on rewards of variance 0.16 to 0.24 per action, both fits land well below a constant's error
     assert _mse(parallel, fresh) == pytest.approx(_mse(whole, fresh), rel=0.15)
     assert _mse(parallel, fresh) < 0.2
+
+
+def test_each_ranks_seed_is_its_own_and_fits_torch_whatever_the_runs_seed() -> None:
+    from reflexd.plugins.learners._heads import rank_seed
+
+    # a generator's initial_seed reaches 2**64 - 1 (a seed of -1 reads back so); times 1_000_003 it overflowed manual_seed
+    for seed in (0, 7, 2**63 - 1, torch.Generator().manual_seed(-1).initial_seed(), 2**64 - 1):
+        seeds = [rank_seed(seed, rank) for rank in range(4)]
+        assert len(set(seeds)) == 4
+        for s in seeds:
+            assert torch.Generator().manual_seed(s).initial_seed() == s
+    assert rank_seed(7, 1) == 7 * 1_000_003 + 1  # small seeds draw as before

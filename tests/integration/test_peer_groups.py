@@ -147,3 +147,76 @@ def test_a_reload_that_drops_the_group_ends_the_peers_connection(daemon_factory,
     finally:
         client.kill()
         client.wait()
+
+
+# ---- administrative requests ----------------------------------------------------------------
+
+# A client as another user: sends the frames given as JSON, prints the replies (one line each).
+FRAMES_CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(60)
+s.connect(sys.argv[1])
+frames = json.loads(sys.argv[2])
+s.sendall(b"".join(json.dumps(f).encode() + b"\\n" for f in frames))
+want = sum(1 for f in frames if f["type"] not in ("decision", "outcome", "step", "event"))
+buf = b""
+while buf.count(b"\\n") < want:
+    chunk = s.recv(1 << 16)
+    if not chunk:
+        break
+    buf += chunk
+print(buf.decode(), end="")
+"""
+
+
+def replies_as_nobody(python: str, path: str, groups: list[int], frames: list[dict]) -> list[dict]:
+    import json
+
+    out = subprocess.run(
+        [python, "-c", FRAMES_CLIENT, path, json.dumps(frames)], user=NOBODY, group=NOBODY, extra_groups=groups,
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_a_peer_let_in_may_decide_and_log_but_only_an_admin_may_adopt_or_forget(
+    daemon_factory, open_dir: Path, python: str
+) -> None:
+    import base64
+
+    d = daemon_factory({"socket": {"path": str(open_dir / "r.sock"), "mode": "0666", "allowed_gids": [AGENTS]}})
+    garbage = base64.b64encode(b"not a manifest").decode()
+    decision = {"type": "decision", "id": "n1", "agent": "a", "context": {}, "actions": ["x", "y"], "chosen": "x", "prob": 0.5}
+    frames = [
+        {"type": "decide", "agent": "a", "context": {"k": 1}, "actions": ["x", "y"], "req": 1},
+        decision,
+        {"type": "flush", "loaded": True, "req": 2},
+        {"type": "adopt", "manifest": garbage, "model": garbage, "source": "/x", "req": 3},
+        {"type": "forget", "agent": "a", "req": 4},
+        {"type": "promote", "version": "v0001", "req": 5},
+        {"type": "rollback", "req": 6},
+        {"type": "status", "req": 7},
+    ]
+    replies = replies_as_nobody(python, d.socket, [AGENTS], frames)
+    assert [(r["type"], r.get("req")) for r in replies] == [
+        ("decided", 1), ("ack", 2), ("error", 3), ("error", 4), ("error", 5), ("error", 6), ("status", 7),
+    ]
+    assert replies[1]["count"] == 1
+    for reply, name in zip(replies[2:6], ["adopt", "forget", "promote", "rollback"]):
+        assert reply["code"] == "forbidden", reply
+        assert reply["message"].startswith(f"{name}: uid {NOBODY} may not send it"), reply
+    status = d.status()
+    assert status.ingest["forbidden"] == 4
+    assert status.experience["decisions"] == 2  # the logged one and the daemon's own decide: nothing forgotten
+
+    # named in socket.admin_gids (a reload applies from the next request), the same peer may
+    d.config["socket"]["admin_gids"] = [AGENTS]
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: "config reloaded" in d.log_path.read_text(), 30, "the reload")
+    adopt, forget = replies_as_nobody(python, d.socket, [AGENTS], frames[3:5])
+    assert adopt["code"] == "model_integrity" and "unreadable manifest" in adopt["message"], adopt  # reached the daemon
+    assert (forget["type"], forget["req"]) == ("ok", 4) and "forgot agent 'a'" in forget["message"], forget
+    assert d.status().ingest["forbidden"] == 4

@@ -132,14 +132,43 @@ def test_query_prints_a_table_and_csv(source: readout.Source) -> None:
         ("DROP VIEW decisions", ["not DROP"]),
         ("COPY decisions TO '/tmp/x.csv'", ["not COPY"]),
         ("ATTACH '/tmp/other.duckdb'", ["not ATTACH"]),
+        ("INSTALL httpfs", ["not LOAD"]),
+        ("LOAD httpfs", ["not LOAD"]),
+        ("SET enable_external_access = true", ["not SET"]),
         ("SELECT 1; SELECT 2", ["one statement at a time"]),
         ("", ["no SQL statement"]),
+        # EXPLAIN ANALYZE runs what it explains: only a query may follow EXPLAIN
+        ("EXPLAIN ANALYZE COPY (SELECT 'v9999' AS x) TO '{out}' (FORMAT csv, HEADER false)", ["not EXPLAIN of COPY"]),
+        ("/* ä */ explain  analyse  -- a comment\n COPY decisions TO '{out}'", ["not EXPLAIN of COPY"]),
+        ("EXPLAIN (ANALYZE, FORMAT json) COPY decisions TO '{out}'", ["not EXPLAIN of COPY"]),
+        ("EXPLAIN COPY decisions TO '{out}'", ["not EXPLAIN of COPY"]),
+        ("EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1", ["not EXPLAIN of CREATE"]),
+        ("EXPLAIN ANALYZE VERBOSE COPY decisions TO '{out}'", ["cannot be read"]),
+        # what a query reads is the Source's own files, nothing else
+        ("SELECT * FROM read_csv('/etc/passwd')", ["Permission Error", "/etc/passwd", "and no other file"]),
+        ("SELECT * FROM read_text('{out}')", ["Permission Error", "and no other file"]),
+        ("SELECT * FROM read_text('{state}/spool/x')", ["Permission Error"]),
+        ("SELECT * FROM read_parquet('{archive}/../../x/*.parquet')", ["Permission Error"]),
+        ("SELECT * FROM glob('/etc/*')", ["Permission Error"]),
     ],
 )
-def test_sql_that_is_refused_says_why(source: readout.Source, sql: str, says: list[str]) -> None:
+def test_sql_that_is_refused_says_why(source: readout.Source, sql: str, says: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "CURRENT"
+    out.write_text("v0001\n")
+    sql = sql.replace("{out}", str(out)).replace("{state}", str(tmp_path / "state"))
+    sql = sql.replace("{archive}", str(tmp_path / "state" / "archive" / "decisions"))
     with pytest.raises(QueryError) as refused:
         readout.run_query(source, sql)
     assert all(part in str(refused.value) for part in says), str(refused.value)
+    assert out.read_text() == "v0001\n" and sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "state"]
+
+
+def test_explain_of_a_query_runs_and_the_locked_down_source_still_reads(source: readout.Source) -> None:
+    assert query(source, "EXPLAIN SELECT count(*) FROM decisions", "csv")[0] == ["explain_key", "explain_value"]
+    plan = query(source, "EXPLAIN ANALYZE SELECT count(*) FROM decisions")
+    assert plan and source.locked
+    assert query(source, "SELECT count(*) AS n FROM decisions") == [{"n": 11}]  # the archive's files too
+    assert query(source, "EXPLAIN (FORMAT json) SELECT 1") != []
 
 
 def test_reading_leaves_the_database_file_as_it_was(config: Config) -> None:

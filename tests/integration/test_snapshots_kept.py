@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import anyio
@@ -99,3 +100,56 @@ def test_release_names_no_path() -> None:
     assert msgspec.json.decode(b'{"type":"snapshot"}', type=Snapshot) == Snapshot(archive=True)
     with pytest.raises(msgspec.ValidationError):  # no field names a path
         msgspec.json.decode(b'{"type":"snapshot","directory":"/tmp/x"}', type=Snapshot)
+
+
+def test_a_snapshot_its_reader_renews_outlives_its_first_expiry(kept: Snapshots, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshots, "KEEP_SECONDS", 0.5)
+    taken = anyio.run(kept.take, Snapshot())
+    renewed = anyio.run(kept.take, Snapshot())
+
+    async def sweep() -> None:
+        async with kept.lock:
+            await kept._sweep()
+
+    for _ in range(3):  # a reader that renews every 0.3 s keeps it past its first 0.5 s
+        time.sleep(0.3)
+        assert "kept until" in anyio.run(kept.renew, renewed.id).message
+    anyio.run(sweep)
+    assert not Path(taken.directory).exists() and Path(renewed.directory).is_dir()
+    assert "gone already" in anyio.run(kept.renew, taken.id).message
+
+    # never past MAX_AGE_SECONDS after it was taken, renewed or not, and never shortened
+    monkeypatch.setattr(snapshots, "MAX_AGE_SECONDS", 0.0)
+    before = kept._kept[renewed.id]
+    assert "no later: one is kept at most 0 hours after it was taken" in anyio.run(kept.renew, renewed.id).message
+    assert kept._kept[renewed.id] == before
+    time.sleep(0.6)
+    anyio.run(sweep)
+    assert not Path(renewed.directory).exists() and kept.kept == 0
+
+
+def test_a_source_renews_its_snapshot_while_open(kept: Snapshots, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reflexd.tools import readout
+
+    monkeypatch.setattr(snapshots, "KEEP_SECONDS", 3.0)  # renewed every second
+    taken = anyio.run(kept.take, Snapshot())
+    renewals: list[str] = []
+
+    def renew() -> None:
+        renewals.append(anyio.run(kept.renew, taken.id).message)
+
+    released = []
+    with readout.from_snapshot(taken, lambda: released.append(True), renew) as source:
+        assert readout.run_query(source, "SELECT count(*) FROM decisions").batches().__next__() == [(1,)]
+        deadline = time.monotonic() + 30
+        while len(renewals) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert len(renewals) >= 2 and all("kept until" in m for m in renewals) and released == [True]
+    count = len(renewals)
+    time.sleep(1.5)
+    assert len(renewals) == count  # no renewal once the source is closed
+
+
+def test_a_release_may_ask_to_renew_instead() -> None:
+    msg = msgspec.json.decode(b'{"type":"release","id":"0123456789abcdef0123456789abcdef","renew":true}', type=Release)
+    assert msg.renew and not Release(id="0123456789abcdef0123456789abcdef").renew

@@ -468,6 +468,93 @@ def test_a_failed_archive_copy_deletes_nothing_and_leaves_no_files(store: Store,
     assert read_archive(root, "decisions") == [("big", "a", "1970-01-02")]
 
 
+class _FailingCommit:
+    """The store's connection, whose next commit fails: before it takes effect (``through`` false,
+    the transaction rolled back) or after (an error that hides a commit that went through)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, through: bool) -> None:
+        self._con = con
+        self._through = through
+
+    def __getattr__(self, name: str):
+        return getattr(self._con, name)
+
+    def commit(self) -> None:
+        if self._through:
+            self._con.commit()
+        else:
+            self._con.rollback()
+        raise duckdb.IOException("IO Error: could not write the write-ahead log (injected)")
+
+
+def every_id(store: Store, root: Path, table: str = "decisions") -> list[str]:
+    """The ids of ``table`` in the database and in the archive, with repeats."""
+    with store._guard("reading") as con:
+        live = [i for (i,) in con.execute(f"SELECT id FROM {table}").fetchall()]
+    archived = [i for i, _, _ in read_archive(root, table)] if list((root / table).rglob("*.parquet")) else []
+    return sorted(live + archived)
+
+
+@pytest.mark.parametrize("through", [False, True], ids=["commit-failed", "commit-went-through"])
+def test_a_failed_archiving_commit_leaves_each_row_in_one_place(store: Store, tmp_path: Path, through: bool) -> None:
+    store.write([decision("old1"), decision("old2")], received_at=DAY)
+    store.write([decision("new")], received_at=10 * DAY)
+    root = tmp_path / "archive"
+    real = store._con
+    store._con = _FailingCommit(real, through)  # type: ignore[assignment]
+    try:
+        with pytest.raises(StorageError, match="archiving outcomes|archiving decisions"):
+            store.archive(older_than=5 * DAY, root=root, compression="zstd")
+    finally:
+        store._con = real
+    # no row is in the archive while it may still be in DuckDB; what the commit did is decided
+    # by the record it leaves, at the next pass, snapshot or forget
+    [staging] = list(root.glob(".staging-*"))
+    assert [p.relative_to(staging).parts[0] for p in root.rglob("*.parquet")] == ["decisions"]
+    snap = store.read_out(tmp_path / "snap", root)  # it finishes or undoes the pass first
+    assert not list(root.glob(".staging-*"))
+    assert every_id(store, root) == ["new", "old1", "old2"]
+    assert snap.rows["decisions"] == (1 if through else 3)
+    with store._guard("reading") as con:
+        assert con.execute("SELECT count(*) FROM archive_passes").fetchone() == (0,)
+
+    store.archive(older_than=5 * DAY, root=root, compression="zstd")
+    assert every_id(store, root) == ["new", "old1", "old2"]
+    assert read_archive(root, "decisions") == [("old1", "a", "1970-01-02"), ("old2", "a", "1970-01-02")]
+
+
+def test_files_a_pass_could_not_move_into_place_are_published_by_the_next(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reflexd.service.store import retention
+
+    store.write([decision("old")], received_at=DAY)
+    root = tmp_path / "archive"
+    replace = os.replace
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(retention.os, "replace", full_disk)
+    with pytest.raises(StorageError, match="No space left"):
+        store.archive(older_than=5 * DAY, root=root, compression="zstd")
+    assert store.counts()["decisions"] == 0 and list(root.glob(".staging-*"))  # the rows wait in staging
+    monkeypatch.setattr(retention.os, "replace", replace)
+    assert store.archive(older_than=5 * DAY, root=root, compression="zstd")["decisions"] == 0
+    assert read_archive(root, "decisions") == [("old", "a", "1970-01-02")] and not list(root.glob(".staging-*"))
+
+
+def test_a_staging_folder_no_pass_recorded_is_deleted(store: Store, tmp_path: Path) -> None:
+    """What a crash during a pass leaves (or an older version's): the rows are still in DuckDB."""
+    store.write([decision("d1")], received_at=DAY)
+    root = tmp_path / "archive"
+    stale = root / ".staging-0123" / "decisions" / "agent=a" / "date=1970-01-02"
+    stale.mkdir(parents=True)
+    (stale / "part-x.parquet").write_bytes(b"half a file")
+    assert store.archive(older_than=5 * DAY, root=root, compression="zstd")["decisions"] == 1
+    assert not list(root.glob(".staging-*")) and read_archive(root, "decisions") == [("d1", "a", "1970-01-02")]
+
+
 def test_forget_removes_an_agent_from_database_and_archive(store: Store, tmp_path: Path) -> None:
     old_and_new_experience(store)
     root = tmp_path / "archive"

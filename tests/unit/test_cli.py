@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,49 @@ def test_json_commands_print_nothing_on_stdout_when_the_daemon_is_away() -> None
     for args in (["status"], ["models", "list"], ["decide", "--agent", "a", "--actions", "x,y"]):
         proc = reflexd(*args, "--json", "--socket", "/nonexistent/reflexd.sock")
         assert proc.returncode == 1 and proc.stdout == "", (args, proc.stdout)
+
+
+def test_query_reads_the_store_itself_only_when_no_daemon_listens(tmp_path: Path) -> None:
+    """No socket or nobody listening: the stopped daemon's store, read-only. A daemon that does not
+    answer in --timeout, or a connection that breaks, is said so, and the store is left alone."""
+    import socket
+
+    from reflexd.service.store import Store
+
+    state = tmp_path / "state"
+    config = tmp_path / "reflexd.yaml"
+    config.write_text(f"state_dir: {state}\n")
+    Store(state / "reflexd.duckdb").close()
+    sock = str(tmp_path / "reflexd.sock")
+
+    def query(*flags: str) -> subprocess.CompletedProcess[str]:
+        return reflexd("query", "--config", str(config), "--socket", sock, "--json", *flags, "SELECT count(*) AS n FROM decisions")
+
+    gone = query()  # ENOENT
+    assert as_json(gone) == [{"n": 0}] and "the daemon is not running" in gone.stderr
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(sock)  # the file, and nobody listening: ECONNREFUSED
+        refused = query()
+        assert as_json(refused) == [{"n": 0}] and "not running" in refused.stderr
+        listener.listen(1)  # connections wait in the backlog, and no answer comes
+        slow = query("--timeout", "1")
+        assert slow.returncode == 1 and slow.stdout == "", slow.stderr
+        assert "did not answer the snapshot request within --timeout 1 s" in slow.stderr
+        assert "not running" not in slow.stderr
+        while True:  # the one left in the backlog
+            listener.settimeout(0)
+            try:
+                listener.accept()[0].close()
+            except BlockingIOError:
+                break
+        listener.settimeout(None)
+        hangs_up = threading.Thread(target=lambda: listener.accept()[0].close())
+        hangs_up.start()
+        broken = query()
+        hangs_up.join(timeout=60)
+        # closed by the daemon, or a broken pipe: either way a daemon was there, so the store is left alone
+        assert broken.returncode == 1 and broken.stdout == "" and "cannot reach reflexd" in broken.stderr, broken.stderr
+        assert "not running" not in broken.stderr
 
 
 def test_forget_counts_are_read_from_the_daemon_message() -> None:

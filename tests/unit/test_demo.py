@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reflexd.tools.demo import STRATEGIES, Record, World, windows
+from reflexd.tools.demo import STRATEGIES, Record, World, first_adaptation, windows
 
 
 def test_the_world_has_no_single_best_strategy() -> None:
@@ -28,6 +28,17 @@ def test_windows_cover_every_decision_once() -> None:
     assert rows[0]["models"] == "none" and rows[-1]["models"] == "v0001"
 
 
+def test_first_adaptation_is_the_first_window_clearly_above_the_default_policy() -> None:
+    world = World(2)
+    contexts = [world.context() for _ in range(1000)]
+    assert all(min(world.expected(c, a) for a in STRATEGIES) <= world.uniform(c) <= world.best(c) for c in contexts)
+    noise = [(-1) ** i * 0.3 for i in range(1000)]
+    assert first_adaptation(noise) is None  # no better than the default on average
+    better = [g + (0.2 if i >= 400 else 0.0) for i, g in enumerate(noise)]
+    # windows start every 50 decisions; 251–450 is the first with enough better ones to be sure
+    assert first_adaptation(better) == 251
+
+
 @pytest.mark.e2e
 def test_the_demo_command_runs_and_writes_its_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -41,6 +52,8 @@ def test_the_demo_command_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert done.returncode in (0, 1), done.stderr[-2000:]
     report = (out / "report.txt").read_text()
     assert "mean regret" in report and "decide latency in-process" in report
+    # the online head adapts long before 1,500 decisions, with no model needed
+    assert "first adaptation: decisions " in report, report
     # every decision and its outcome, counted once they are in the store, not while still spooled
     assert "daemon: 3000 events stored" in report, report
     assert (out / "learning-curve.png").stat().st_size > 10_000

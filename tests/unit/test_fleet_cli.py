@@ -82,3 +82,32 @@ def test_the_summary_names_each_host_the_costs_the_verdict_and_the_next_step() -
     assert "/srv/h2/archive" in text and "all 2 hosts" in text and "1970-01-01 00:00 – 1970-01-01 00:01" in text
     assert "pooled gate REJECTED: candidate 0.1" in text and "on 2 Ray workers" in text
     assert text.endswith("reflexd models pull m")
+
+
+def test_without_address_a_new_local_cluster_is_started_and_rays_refusals_are_fleet_errors() -> None:
+    from reflexd.errors import FleetError
+    from reflexd.fleet.train import _init_ray
+
+    class Ray:  # stands in for the ray module: records what ray.init is given, or refuses as Ray does
+        def __init__(self, refusal: Exception | None = None) -> None:
+            self.calls: list[dict] = []
+            self.refusal = refusal
+
+        def init(self, **kwargs: object) -> None:
+            self.calls.append(kwargs)
+            if self.refusal is not None:
+                raise self.refusal
+
+    ray = Ray()
+    _init_ray(ray, None, 3, False)
+    # "local": never a cluster already running here (or RAY_ADDRESS's), which refuses num_cpus
+    assert ray.calls[0]["address"] == "local" and ray.calls[0]["num_cpus"] >= 3
+    _init_ray(ray, "auto", 3, False)
+    assert ray.calls[1]["address"] == "auto" and ray.calls[1]["num_cpus"] is None
+
+    joined = Ray(ValueError("When connecting to an existing cluster, num_cpus and num_gpus must not be provided."))
+    with pytest.raises(FleetError, match="cannot start a local Ray cluster: ValueError: When connecting to an existing"):
+        _init_ray(joined, None, 2, False)
+    unreachable = Ray(ConnectionError("Could not find any running Ray instance."))
+    with pytest.raises(FleetError, match=r"cannot connect to the Ray cluster at 'ray://h:10001' \(--address\): ConnectionError"):
+        _init_ray(unreachable, "ray://h:10001", 2, False)

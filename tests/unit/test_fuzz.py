@@ -451,7 +451,9 @@ MESSAGES[p.Evaluate] = st.builds(
 )
 
 MESSAGES[p.Snapshot] = st.builds(p.Snapshot, archive=st.booleans(), req=REQ)
-MESSAGES[p.Release] = st.builds(p.Release, id=st.text("0123456789abcdef", min_size=32, max_size=32), req=REQ)
+MESSAGES[p.Release] = st.builds(
+    p.Release, id=st.text("0123456789abcdef", min_size=32, max_size=32), renew=st.booleans(), req=REQ
+)
 MESSAGES[p.Adopt] = st.builds(
     p.Adopt, manifest=st.binary(max_size=200), model=st.binary(max_size=2000),
     source=st.none() | st.text(st.characters(exclude_categories=("Cs",)), max_size=60), req=REQ,

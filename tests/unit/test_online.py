@@ -75,10 +75,10 @@ def test_arms_are_bounded() -> None:
     assert head.knows("a", ["act9"]) and not head.knows("a", ["act0"])
 
 
-def test_a_model_going_live_neither_undoes_the_head_nor_is_ignored_once_the_rewards_back_it() -> None:
-    """The head learned 'large' is best for code before any model; then a model goes live whose
-    scores are exactly the expected rewards. The head's means stay what it learned at first (the
-    model's weight starts at 0), then follow the model's scores as rewards show they predict them."""
+def test_beside_a_new_model_the_head_starts_from_its_scores_and_learns_what_it_misses() -> None:
+    """Before any model the head learned the task's best action; a model goes live whose scores
+    are right for code and wrong for chat. The head starts from the model's scores, then learns
+    the correction where the model is wrong."""
     rng = random.Random(8)
     truth = {("code", "small"): 0.2, ("code", "large"): 0.8, ("chat", "small"): 0.7, ("chat", "large"): 0.3}
     head = OnlineHead(OnlineConfig())
@@ -87,23 +87,22 @@ def test_a_model_going_live_neither_undoes_the_head_nor_is_ignored_once_the_rewa
         task, action = rng.choice(["code", "chat"]), rng.choice(ids)
         head.remember(f"a{i}", "agent", action, head.features({"task": task}), None)
         head.learn(f"a{i}", truth[task, action] + rng.gauss(0, 0.1))
-    x = head.features({"task": "code"})
-    before = head.means("agent", x, ids)
-    assert before[1] - before[0] > 0.4
+    head.remember("pending", "agent", "small", head.features({"task": "code"}), None)
     head.follow("v0001")
-    # a model whose scores are the truth plus an offset the head has never seen
-    model = {k: v + 5.0 for k, v in truth.items()}
-    scores = [model["code", a] for a in ids]
-    assert head.means("agent", x, ids, scores) == pytest.approx(before, abs=1e-9)  # carried over
-    for i in range(600):
+    assert head.stats()["arms"] == 0 and not head.learn("pending", 1.0)  # afresh, old inputs dropped
+    model = {("code", "small"): 0.2, ("code", "large"): 0.8, ("chat", "small"): 0.3, ("chat", "large"): 0.7}
+    chat, code = head.features({"task": "chat"}), head.features({"task": "code"})
+    assert head.means("agent", chat, ids, [model["chat", a] for a in ids]) == [0.3, 0.7]
+    for i in range(400):
         task, action = rng.choice(["code", "chat"]), rng.choice(ids)
         head.remember(f"b{i}", "agent", action, head.features({"task": task}), model[task, action])
         head.learn(f"b{i}", truth[task, action] + rng.gauss(0, 0.1))
-    after = head.means("agent", x, ids, scores)
-    assert after[1] - after[0] == pytest.approx(0.6, abs=0.1)
-    # an action the head has learned nothing about is scored as the model scores it
-    assert head.means("agent", x, ["small", "tools"], [5.2, 4.0])[1] == 4.0
-    assert head.stats()["base"] == "v0001"
+    small, large = head.means("agent", chat, ids, [model["chat", a] for a in ids])
+    assert small - large == pytest.approx(0.4, abs=0.1)  # corrected where the model was wrong
+    small, large = head.means("agent", code, ids, [model["code", a] for a in ids])
+    assert large - small == pytest.approx(0.6, abs=0.1)  # and left where it was right
+    head.follow("v0001")
+    assert head.stats()["arms"] == 2  # the same model again changes nothing
 
 
 def test_an_arm_born_beside_a_model_starts_from_the_models_score() -> None:
@@ -191,3 +190,62 @@ def test_apprentice_mode_serves_the_agents_own_choice_and_counts_agreement() -> 
     assert c.apprentice["compared"] >= 795
     with pytest.raises(ValueError, match="not among the actions"):
         c.choose("agent", {"task": "code"}, ["small", "large"], default="medium")
+
+
+class Rewards:
+    """An agent's reward settings, as RewardConfig gives them."""
+
+    def __init__(self, wait_window: float, default: float) -> None:
+        self.wait_window, self.default = wait_window, default
+
+
+def test_decisions_without_an_outcome_teach_the_default_reward_once_their_wait_window_passes() -> None:
+    """Only clicks are reported (reward 1), as many agents do; no click means rewards.default (0).
+    Learning the clicks alone, the head would favour whichever action it tried most."""
+    rates = {"a": 0.35, "b": 0.5}
+    clock = [0.0]
+    head = OnlineHead(OnlineConfig(), rewards=lambda agent: Rewards(wait_window=5.0, default=0.0), clock=lambda: clock[0])
+    c = Chooser(None, lambda agent, manifest: ExplorationConfig(), 3, head)
+    rng = random.Random(6)
+    chose_b = []
+    for _ in range(3000):
+        choice = c.choose("agent", {"k": 1}, ["a", "b"])
+        chose_b.append(choice.action == "b")
+        if rng.random() < rates[choice.action]:
+            c.learn(choice.id, 1.0)
+        clock[0] += 0.1
+        head.expire()
+    assert sum(chose_b[-1000:]) > 800
+    assert head.stats()["defaults"] > 1000
+
+
+def test_the_default_is_not_learned_before_the_wait_window_ends_nor_after_an_outcome() -> None:
+    clock = [0.0]
+    head = OnlineHead(OnlineConfig(), rewards=lambda agent: Rewards(wait_window=30.0, default=-1.0), clock=lambda: clock[0])
+    x = head.features({"k": 1})
+    head.remember("waits", "agent", "a", x, None)
+    head.remember("rewarded", "agent", "a", x, None)
+    assert head.learn("rewarded", 1.0)
+    clock[0] = 29.0
+    assert head.expire() == 0
+    clock[0] = 31.0
+    assert head.expire() == 1
+    assert head.stats()["defaults"] == 1 and head.stats()["updates"] == 2 and head.stats()["pending"] == 0
+
+
+def test_a_reward_that_is_not_a_finite_number_teaches_nothing() -> None:
+    head = OnlineHead(OnlineConfig())
+    c = Chooser(None, lambda agent, manifest: ExplorationConfig(), 1, head)
+    choice = c.choose("agent", {"k": 1}, ["a", "b"])
+    assert not c.learn(choice.id, float("nan")) and not c.learn(choice.id, float("inf"))
+    assert c.learn(choice.id, 1.0)  # still remembered: the bad reward did not consume it
+    c.choose("agent", {"k": 1}, ["a", "b"])  # and deciding still works
+
+
+def test_a_default_action_the_agent_does_not_offer_leaves_the_head_in_charge() -> None:
+    head = OnlineHead(OnlineConfig())
+    c = chooser(head, strategy="epsilon_greedy", epsilon=0.1, default_action="elsewhere")
+    for _ in range(100):
+        choice = c.choose("agent", {"k": 1}, ["a", "b"])
+        c.learn(choice.id, 1.0 if choice.action == "b" else 0.0)
+    assert c.choose("agent", {"k": 1}, ["a", "b"]).probs == pytest.approx([0.05, 0.95])

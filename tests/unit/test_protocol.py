@@ -52,6 +52,7 @@ INBOUND: list[msgspec.Struct] = [
     p.Evaluate(policies=["v0003", "action:a", "file:/tmp/p.ndjson", "v0003@epsilon=0.05"], agent="router", since=1.0, req="v"),
     p.Snapshot(archive=False, req="s"),
     p.Release(id="0123456789abcdef0123456789abcdef", req=2),
+    p.Release(id="0123456789abcdef0123456789abcdef", renew=True),
 ]
 
 REPLIES: list[msgspec.Struct] = [
@@ -106,7 +107,7 @@ REPLIES: list[msgspec.Struct] = [
     p.SnapshotTaken(
         id="0123456789abcdef0123456789abcdef", directory="/var/lib/reflexd/snapshots/0123456789abcdef0123456789abcdef",
         taken_at=10.5, expires=910.5, tables={"decisions": "/s/decisions.parquet"}, rows={"decisions": 3},
-        archive={"decisions": ["/s/archive/decisions/agent=a/date=2026-01-01/part-1.parquet"]}, linked=True,
+        archive={"decisions": "/s/archive/decisions"}, linked=True,
         rewards={"": p.RewardRule(wait_window=30.0, default=0.0, aggregation="sum")}, req="s",
     ),
 ]

@@ -79,6 +79,9 @@ class Store:
         self.read_only = read_only
         self.checkpoint_interval = settings.checkpoint_interval
         self._lock = threading.Lock()
+        # held while the archive's set of files changes (archiving, recovery, pruning, forget) and
+        # while a snapshot links it; taken before ``_lock``, never while holding it
+        self._archive_lock = threading.Lock()
         self._invalidated: str | None = None  # why DuckDB refuses the connection until it is reopened
         self._con = self._connect()
 
@@ -327,40 +330,62 @@ class Store:
 
     def archive(self, older_than: float, root: Path, compression: str) -> dict[str, int]:
         """Move rows received before ``older_than`` to Parquet under ``root/<table>/agent=../date=..``,
-        a table at a time (``retention.archive_table``)."""
+        a table at a time (``retention.archive_table``), after finishing or undoing any pass a
+        failure interrupted (``retention.recover``)."""
         retention.check_compression(compression)
         moved = {}
         for table in retention.ARCHIVE_ORDER:
-            with self._guard(f"archiving {table} to {root}") as con:
+            with self._archive_lock, self._guard(f"archiving {table} to {root}") as con:
+                retention.recover(con, Path(root))
                 moved[table] = retention.archive_table(con, table, older_than, Path(root), compression)
         return moved
 
     def forget(self, agent: str, archive_root: Path | None) -> dict[str, int]:
         """Delete everything stored about ``agent``, in the database and in the archive."""
-        with self._guard(f"forgetting agent {agent!r}") as con:
+        with self._archive_lock, self._guard(f"forgetting agent {agent!r}") as con:
+            if archive_root is not None:
+                retention.recover(con, Path(archive_root))  # an interrupted pass's files are the agent's too
             return retention.forget(con, agent, archive_root)
 
     def prune_archive(
         self, root: Path, now: float, max_days: float | None, max_bytes: int | None
     ) -> retention.Pruned:
         """Delete the archive's oldest day partitions past ``max_days`` or ``max_bytes``
-        (``retention.prune_archive``), under the lock a snapshot links the archive under."""
-        with self._guard(f"pruning the archive {root}"):
+        (``retention.prune_archive``), under the lock a snapshot links the archive under (not the
+        store's: loads go on)."""
+        with self._archive_lock, failing_as(f"pruning the archive {root}"):
             return retention.prune_archive(Path(root), now, max_days, max_bytes)
 
     # ---- read-out snapshots ----------------------------------------------------------------
 
     def read_out(self, dest: Path, archive_root: Path | None) -> export.Written:
         """Write every table to ``dest/<table>.parquet`` as of one moment, with the archive's files
-        linked under ``dest/archive`` as of the same moment (``export``); loads are held up only
-        while the transaction starts and the archive is linked."""
+        linked under ``dest/archive`` as of the same moment (``export``).
+
+        Each row is in exactly one of the two: the read transaction starts under the store's lock
+        and the archive's lock, and the archive is linked before the archive's lock is let go.
+        Archiving moves rows under both (files published as the rows' deletion commits), pruning
+        and ``forget`` delete files under the archive's, so no file comes or goes between the
+        transaction's start and the last link: the links are the archive as of that moment. Loads
+        are held up only while the transaction starts (the store's lock is let go before the
+        archive is walked), whatever the number of archive files; archiving, pruning and
+        ``forget`` wait for the walk.
+        """
         dest = Path(dest)
-        with self._guard(f"taking a snapshot into {dest}") as con:
-            dest.mkdir(parents=True, exist_ok=True)
-            cur = con.cursor()
+        with self._archive_lock:
+            with self._guard(f"taking a snapshot into {dest}") as con:
+                dest.mkdir(parents=True, exist_ok=True)
+                if archive_root is not None:
+                    retention.recover(con, Path(archive_root))  # rows a failed pass left in staging
+                cur = con.cursor()
+                try:
+                    export.begin(cur)
+                except BaseException:
+                    cur.close()
+                    raise
             try:
-                export.begin(cur)
-                archive, linked = export.link_archive(archive_root, dest / "archive")
+                with failing_as(f"linking the archive into the snapshot {dest}"):
+                    archive, linked = export.link_archive(archive_root, dest / "archive")
             except BaseException:
                 cur.close()
                 raise

@@ -77,6 +77,12 @@ CREATE TABLE IF NOT EXISTS models (  -- what happened to each model version, new
     event VARCHAR NOT NULL,
     detail JSON NOT NULL
 );
+-- archiving passes whose rows were deleted and whose files may not all be in the archive yet
+-- (reflexd.service.store.retention: its staging folder .staging-<id> is published, then the row goes)
+CREATE TABLE IF NOT EXISTS archive_passes (
+    id VARCHAR PRIMARY KEY,
+    "at" DOUBLE NOT NULL
+);
 """
 # Columns added since a table was first created: a database made by an older version gains them
 # when opened (CREATE TABLE IF NOT EXISTS leaves an existing table as it is).

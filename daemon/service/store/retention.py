@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,15 @@ from urllib.parse import unquote
 import duckdb
 import msgspec
 
+from reflexd import log
 from reflexd.durable import fsync_path
 from reflexd.service import spool
 from reflexd.service.store.db import EXPERIENCE_TABLES, outside_select, sql_path, transaction
 
 COMPRESSIONS = frozenset({"zstd", "snappy", "gzip", "uncompressed"})
+STAGING = ".staging-"  # <archive>/.staging-<pass id>/<table>/agent=../date=../part-*.parquet
+
+_log = log.get("reflexd.store")
 
 
 def _utc_date(column: str) -> str:
@@ -45,20 +50,51 @@ _ARCHIVE_SELECT = {
 ARCHIVE_ORDER = tuple(_ARCHIVE_SELECT)
 
 
-def _publish(staging: Path, dest: Path) -> None:
-    """Move a finished COPY's part files into the archive and make them durable.
-
-    The rows are deleted from DuckDB right after this, so the files must survive a power cut.
-    """
-    dirs = set()
+def _sync(staging: Path) -> None:
+    """Make a finished COPY's part files in ``staging`` and their folders durable: the rows are
+    deleted from DuckDB once they are, so they must survive a power cut."""
+    dirs = {staging, staging.parent}
     for part in sorted(staging.rglob("*.parquet")):
         fsync_path(part)
+        dirs.update(parent for parent in part.parents if parent.is_relative_to(staging))
+    for directory in dirs:
+        fsync_path(directory)
+
+
+def _publish(staging: Path, dest: Path) -> None:
+    """Move the part files of ``staging`` (``<table>/agent=../date=..``) into the archive ``dest``,
+    durably; staging, emptied, goes."""
+    dirs = set()
+    for part in sorted(staging.rglob("*.parquet")):
         target = dest / part.relative_to(staging)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, target)
-        dirs.update((target.parent, target.parent.parent, dest))
+        dirs.update(p for p in target.parents if p.is_relative_to(dest))
     for directory in dirs:
         fsync_path(directory)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def recover(con: duckdb.DuckDBPyConnection, root: Path) -> int:
+    """Finish or undo the archiving passes a failure interrupted; how many staging folders there were.
+
+    A staging folder left in the archive is published when its pass is recorded in
+    ``archive_passes`` (its rows were deleted: the commit went through) and deleted otherwise
+    (the rows are still in DuckDB). Called with the archive's lock held, so no pass is under way.
+    """
+    root = Path(root)
+    leftovers = sorted(p for p in root.glob(f"{STAGING}*") if p.is_dir()) if root.is_dir() else []
+    committed = {pass_id for (pass_id,) in con.execute("SELECT id FROM archive_passes").fetchall()}
+    for staging in leftovers:
+        pass_id = staging.name[len(STAGING):]
+        if pass_id in committed:
+            _publish(staging, root)
+            _log.warning("published the files of an interrupted archiving pass", staging=str(staging))
+        else:
+            shutil.rmtree(staging)
+    if committed:
+        con.execute("DELETE FROM archive_passes")
+    return len(leftovers)
 
 
 def _agent_partitions(root: Path, agent: str) -> Iterator[Path]:
@@ -80,25 +116,44 @@ def check_compression(compression: str) -> None:
 def archive_table(con: duckdb.DuckDBPyConnection, table: str, older_than: float, root: Path, compression: str) -> int:
     """Move ``table``'s rows received before ``older_than`` to Parquet under ``root/<table>/agent=../date=..``.
 
-    The COPY writes into a staging folder first; rows are deleted only after its files are in
-    place, so a failed COPY loses nothing and leaves no partial files behind.
+    Each row is in exactly one place, DuckDB or the archive, whatever fails. In one transaction
+    the COPY writes into a staging folder (``.staging-<pass id>``, made durable), the rows are
+    deleted and the pass is recorded in ``archive_passes``; only after the commit are the files
+    moved into the archive, then the record dropped. A failure before the commit deletes the
+    staging folder (the rows are still in DuckDB); once the commit was tried (an error from it
+    may hide one that went through, or one that did not) the folder stays, and ``recover``, run
+    before the next pass, a snapshot or ``forget``, publishes it if the record is there and
+    deletes it if not. Called with the archive's lock held (``recover`` must not meet a pass).
     """
-    staging = root / f".staging-{uuid.uuid4().hex}"
+    pass_id = uuid.uuid4().hex
+    staging = root / f"{STAGING}{pass_id}"
     copy = (
         f"COPY ({_ARCHIVE_SELECT[table]}) TO {sql_path(staging / table)} (FORMAT parquet, "
         f"PARTITION_BY (agent, date), COMPRESSION {compression}, FILENAME_PATTERN 'part-{{uuid}}')"
     )
+    committing = False
     try:
-        with transaction(con):
+        con.begin()
+        try:
             staging.mkdir(parents=True)
             (copied,) = con.execute(copy, {"cutoff": older_than}).fetchone()
             if not copied:
+                con.rollback()
                 return 0
-            _publish(staging / table, root / table)
+            _sync(staging)
             (deleted,) = con.execute(f"DELETE FROM {table} WHERE received_at < ?", [older_than]).fetchone()
-            return deleted
+            con.execute("INSERT INTO archive_passes VALUES (?, ?)", [pass_id, time.time()])
+        except BaseException:
+            con.rollback()
+            raise
+        committing = True
+        con.commit()
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not committing:
+            shutil.rmtree(staging, ignore_errors=True)
+    _publish(staging, root)
+    con.execute("DELETE FROM archive_passes WHERE id = ?", [pass_id])
+    return deleted
 
 
 def forget(con: duckdb.DuckDBPyConnection, agent: str, archive_root: Path | None) -> dict[str, int]:
@@ -156,7 +211,8 @@ class _Partition(msgspec.Struct, frozen=True):
 
 
 def _partitions(root: Path) -> list[_Partition]:
-    """Every ``<table>/agent=../date=..`` folder of the archive, with its size."""
+    """Every ``<table>/agent=../date=..`` folder of the archive, with its size; a ``date=`` folder
+    whose name is no day (``date=2026-02-30``: not written by reflexd) is logged and left alone."""
     found = []
     for table in EXPERIENCE_TABLES:
         base = root / table
@@ -168,6 +224,11 @@ def _partitions(root: Path) -> list[_Partition]:
             for day in agent.iterdir():
                 match = _DATE_FOLDER.match(day.name)
                 if match is None or not day.is_dir():
+                    continue
+                try:
+                    dt.date.fromisoformat(match[1])
+                except ValueError:
+                    _log.warning("an archive folder names no day; pruning leaves it alone", folder=str(day))
                     continue
                 sizes = [f.stat().st_size for f in day.rglob("*") if f.is_file()]
                 found.append(_Partition(match[1], day, sum(sizes), len(sizes)))
