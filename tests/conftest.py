@@ -92,6 +92,18 @@ def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
     return daemon_factory()
 
 
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (socket paths are limited to 108 bytes), 0755 like /run, so
+    that other users may enter it and the daemon's peer check, not the directory's mode, decides."""
+    path = Path(tempfile.mkdtemp(prefix="rx-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--crash-cycles", type=int, default=20, help="SIGKILL/restart cycles in tests/e2e/test_crash.py (make bench-crash runs 200)"

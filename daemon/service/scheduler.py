@@ -11,7 +11,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +49,7 @@ from reflexd.trainer.result import (
 
 _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3
+KEEP_REFUSALS = 5  # gate refusals kept in status
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
 
 
@@ -78,9 +79,28 @@ class TrainerStatus:
     trainer_pid: int | None = None  # the running trainer subprocess, if any
     waiting: str | None = None  # why no run has started, as of the last check
     pulled: int = 0  # models brought in from elsewhere (adopt), promoted or rejected; counted in those too
+    # candidates refused since the last promotion, and the last few refusals (version, when, the
+    # gate's numbers): a gate that refuses run after run says here why
+    refused_in_a_row: int = 0
+    refusals: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "refusals": list(self.refusals)}
+
+    def refused(self, version: str, verdict: GateResult) -> None:
+        self.refused_in_a_row += 1
+        self.refusals = [
+            *self.refusals[-(KEEP_REFUSALS - 1) :],
+            {
+                "version": version,
+                "at": time.time(),
+                "holdout_rows": verdict.holdout_rows,
+                "difference": verdict.difference,
+                "lower": verdict.lower,
+                "upper": verdict.upper,
+                "reason": verdict.reason,
+            },
+        ]
 
 
 class Scheduler:
@@ -531,10 +551,12 @@ class Scheduler:
             registry.promote(added.version)
             store.record_model_event(added.version, "promoted", {"reason": verdict.reason}, time.time())
             self.status.promoted += 1
+            self.status.refused_in_a_row = 0
             _log.info("model promoted", version=added.version, gate=verdict.reason)
             self.models.refresh()
         else:
             self.status.rejected += 1
+            self.status.refused(added.version, verdict)
             _log.info("candidate rejected by the gate", version=added.version, gate=verdict.reason)
         return {
             "outcome": "promoted" if verdict.passed else "rejected",

@@ -9,9 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import uuid
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -76,17 +74,11 @@ def test_when_no_groups_can_be_read_only_the_primary_one_counts(monkeypatch: pyt
 
 
 @pytest.fixture
-def open_dir() -> Iterator[Path]:
+def open_dir(short_dir: Path) -> Path:
     """A socket directory others may enter, so that the daemon's check decides, not the file's mode."""
     if os.getuid() != 0:
         pytest.skip("needs root to run clients as another user with chosen groups")
-    path = Path(f"/tmp/rx-grp-{uuid.uuid4().hex[:8]}")
-    path.mkdir(mode=0o755)
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    return short_dir
 
 
 @pytest.fixture

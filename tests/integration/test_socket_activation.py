@@ -11,7 +11,6 @@ import socket
 import stat
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -43,15 +42,9 @@ NOBODY = 65534
 
 
 @pytest.fixture
-def run_dir() -> Iterator[Path]:
+def run_dir(short_dir: Path) -> Path:
     """A short directory for sockets (their paths are limited to 108 bytes), 0755 like /run."""
-    path = Path(f"/tmp/rx-act-{uuid.uuid4().hex[:8]}")
-    path.mkdir(mode=0o755)
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    return short_dir
 
 
 def listening(path: Path, mode: int = 0o660) -> socket.socket:
