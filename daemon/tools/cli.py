@@ -732,7 +732,7 @@ def cmd_fleet_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from reflexd.tools.demo import run_demo
 
-    return run_demo(decisions=args.decisions, out_dir=args.out, seed=args.seed, rate=args.rate)
+    return run_demo(decisions=args.decisions, out_dir=args.out, seed=args.seed, rate=args.rate, agents=args.agents)
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
@@ -1203,13 +1203,23 @@ def build_parser() -> argparse.ArgumentParser:
         "Start a daemon on a temporary state directory, let a simulated agent decide and earn rewards,\n"
         "and watch the daemon train and promote models. Progress goes to stderr; a report is printed and\n"
         "written with the daemon log (and, with matplotlib, a learning-curve plot) under --out.\n"
+        "With --agents 2 or 3, agents with other actions and preferences decide in turn beside the\n"
+        "first, each learning on its own, and a line per agent is added to the report.\n"
         "Exit 1 if no model was promoted.",
-        ["reflexd demo", "reflexd demo --decisions 20000 --out /tmp/reflexd-demo --seed 3"],
+        [
+            "reflexd demo",
+            "reflexd demo --decisions 20000 --out /tmp/reflexd-demo --seed 3",
+            "reflexd demo --agents 3 --decisions 18000",
+        ],
     )
     p.add_argument("--decisions", type=int, default=12_000, help="interactions to simulate (default 12000)")
     p.add_argument("--rate", type=float, default=300.0, help="agent decisions per second (default 300)")
     p.add_argument("--out", default="demo-out", help="where to write the report and plot (default ./demo-out)")
     p.add_argument("--seed", type=int, default=7, help="random seed of the simulated world (default 7)")
+    p.add_argument(
+        "--agents", type=int, default=1, choices=(1, 2, 3),
+        help="agents deciding in turn, each with its own actions and preferences (default 1)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

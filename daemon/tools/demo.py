@@ -40,13 +40,25 @@ WEIGHTS = {"free": (0.035, 0.02), "pro": (0.01, 0.08)}
 
 
 class World:
-    """The simulated environment; ``expected`` is exact, so regret is exact too."""
+    """The simulated environment; ``expected`` is exact, so regret is exact too.
 
-    def __init__(self, seed: int) -> None:
+    ``strategies`` (a subset of STRATEGIES) and ``weights`` (a tier's cost and latency weights)
+    make the world of another agent: other actions, other preferences.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        strategies: tuple[str, ...] = tuple(STRATEGIES),
+        weights: dict[str, tuple[float, float]] = WEIGHTS,
+    ) -> None:
         self.rng = random.Random(seed)
+        self.strategies = strategies
+        self.weights = weights
         self.actions = [
             {"id": name, "features": {"cost": cost, "latency": lat, "tools": "tools" in name, "retry": "retry" in name}}
             for name, (cost, lat, _, _) in STRATEGIES.items()
+            if name in strategies
         ]
 
     def context(self) -> dict[str, Any]:
@@ -58,26 +70,35 @@ class World:
             "prompt_tokens": int(r.lognormvariate(6, 0.8)),
         }
 
-    @staticmethod
-    def expected(context: dict[str, Any], action: str) -> float:
+    def expected(self, context: dict[str, Any], action: str) -> float:
         cost, latency, skill, slope = STRATEGIES[action]
         p = min(0.99, max(0.02, skill[context["task"]] - slope * context["difficulty"]))
-        wc, wl = WEIGHTS[context["tier"]]
+        wc, wl = self.weights[context["tier"]]
         return p - wc * cost - wl * latency
 
     def reward(self, context: dict[str, Any], action: str) -> float:
         cost, latency, skill, slope = STRATEGIES[action]
         p = min(0.99, max(0.02, skill[context["task"]] - slope * context["difficulty"]))
-        wc, wl = WEIGHTS[context["tier"]]
+        wc, wl = self.weights[context["tier"]]
         success = 1.0 if self.rng.random() < p else 0.0
         return success - wc * cost - wl * latency * self.rng.uniform(0.7, 1.3)
 
     def best(self, context: dict[str, Any]) -> float:
-        return max(self.expected(context, a) for a in STRATEGIES)
+        return max(self.expected(context, a) for a in self.strategies)
 
     def uniform(self, context: dict[str, Any]) -> float:
         """What the default policy (uniform, with no model and nothing learned) expects to earn."""
-        return sum(self.expected(context, a) for a in STRATEGIES) / len(STRATEGIES)
+        return sum(self.expected(context, a) for a in self.strategies) / len(self.strategies)
+
+
+# ``reflexd demo --agents 3``: agents with their own actions and preferences, one daemon
+AGENTS: tuple[tuple[str, tuple[str, ...], dict[str, tuple[float, float]]], ...] = (
+    ("llm-router", tuple(STRATEGIES), WEIGHTS),
+    # a coding assistant: no retries, and cost weighs on every tier
+    ("code-assistant", ("small-model", "large-model", "large+tools"), {"free": (0.05, 0.01), "pro": (0.03, 0.02)}),
+    # a search agent: small models only, latency weighs on every tier
+    ("search-agent", ("small-model", "small+tools", "small+retry"), {"free": (0.01, 0.10), "pro": (0.01, 0.15)}),
+)
 
 
 # the agent's Policy explores so before any model, as the daemon's models do after
@@ -119,11 +140,14 @@ def first_adaptation(gains: list[float], window: int = ADAPTATION_WINDOW) -> int
     return None
 
 
-def simulate(policy: Any, world: World, decisions: int, rate: float, progress: Any = None) -> Record:
-    """Run the agent at ``rate`` decisions per second; reward comes back at once."""
-    rec = Record()
+def simulate(agents: list[tuple[Any, World]], decisions: int, rate: float, progress: Any = None) -> list[Record]:
+    """Run the agents, (policy, world) each, in turn at ``rate`` decisions per second in all;
+    reward comes back at once. One record per agent."""
+    recs = [Record() for _ in agents]
     start = time.monotonic()
     for i in range(decisions):
+        policy, world = agents[i % len(agents)]
+        rec = recs[i % len(agents)]
         ctx = world.context()
         t0 = time.perf_counter_ns()
         choice = policy.decide(ctx, world.actions)
@@ -135,11 +159,11 @@ def simulate(policy: Any, world: World, decisions: int, rate: float, progress: A
         rec.gains.append(r - world.uniform(ctx))
         rec.versions.append(choice.model_version)
         if progress is not None:
-            progress(i, rec)
+            progress(i, recs[0])
         lag = start + (i + 1) / rate - time.monotonic()
         if lag > 0:
             time.sleep(lag)
-    return rec
+    return recs
 
 
 def windows(rec: Record, n: int = 12) -> list[dict[str, Any]]:
@@ -196,6 +220,19 @@ def report(rec: Record, status: Any) -> str:
     return "\n".join(lines)
 
 
+def agents_report(names: list[str], worlds: list[World], recs: list[Record]) -> str:
+    """One line per agent: its actions, its regret early and late, and when it first adapted."""
+    lines = ["", f"{'agent':<16}{'actions':>8}{'decisions':>11}{'regret, first 500':>19}{'regret, last 1,000':>20}  first adaptation"]
+    for name, world, rec in zip(names, worlds, recs):
+        adapted = first_adaptation(rec.gains)
+        lines.append(
+            f"{name:<16}{len(world.actions):>8}{len(rec.regrets):>11}{np.mean(rec.regrets[:500]):>19.3f}"
+            f"{np.mean(rec.regrets[-1000:]):>20.3f}  "
+            + (f"decisions {adapted}–{adapted + ADAPTATION_WINDOW - 1}" if adapted is not None else "none")
+        )
+    return "\n".join(lines)
+
+
 def plot(rec: Record, path: Path) -> bool:
     try:
         import matplotlib
@@ -228,7 +265,9 @@ def plot(rec: Record, path: Path) -> bool:
     return True
 
 
-def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, rate: float = 300.0) -> int:
+def run_demo(
+    decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, rate: float = 300.0, agents: int = 1
+) -> int:
     from tqdm import tqdm
 
     from reflexd.client.policy import Policy
@@ -238,12 +277,18 @@ def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, 
     out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="reflexd-demo-"))
     config = demo_config(root)
-    world = World(seed)
+    if not 1 <= agents <= len(AGENTS):
+        raise ValueError(f"--agents must be from 1 to {len(AGENTS)}, not {agents}")
+    names = [name for name, _, _ in AGENTS[:agents]]
+    worlds = [World(seed + k, strategies, weights) for k, (_, strategies, weights) in enumerate(AGENTS[:agents])]
     print(f"reflexd demo: daemon state in {root}, {decisions} decisions at {rate:g}/s", file=sys.stderr)
     try:
         with LocalDaemon(root, config) as daemon:
             explore = ExplorationConfig(**DEMO_EXPLORATION)
-            policy = Policy("llm-router", socket=daemon.socket, state_dir=config["state_dir"], seed=seed, exploration=explore)
+            policies = [
+                Policy(name, socket=daemon.socket, state_dir=config["state_dir"], seed=seed + k, exploration=explore)
+                for k, name in enumerate(names)
+            ]
             with tqdm(total=decisions, unit="dec", file=sys.stderr, dynamic_ncols=True) as bar:
 
                 def progress(i: int, rec: Record) -> None:
@@ -251,18 +296,22 @@ def run_demo(decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, 
                         bar.update(100)
                         bar.set_postfix(model=rec.versions[-1] or "none", reward=f"{np.mean(rec.rewards[-500:]):.3f}")
 
-                rec = simulate(policy, world, decisions, rate, progress)
+                recs = simulate(list(zip(policies, worlds)), decisions, rate, progress)
                 bar.update(decisions - bar.n)
-            if not policy.flush(60):
-                print(f"warning: events not acknowledged within 60 s: {policy.stats()}", file=sys.stderr)
-            policy.close()
+            for policy in policies:
+                if not policy.flush(60):
+                    print(f"warning: events not acknowledged within 60 s: {policy.stats()}", file=sys.stderr)
+                policy.close()
             # acknowledged events may still be in the spool: the count reported is of stored ones
             daemon.request(Flush(loaded=True), timeout=60)
             status = daemon.status()
             shutil.copy(daemon.log_path, out / "daemon.log")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    rec = recs[0]
     text = report(rec, status)
+    if agents > 1:
+        text += "\n" + agents_report(names, worlds, recs)
     print(text)
     (out / "report.txt").write_text(text + "\n")
     if plot(rec, out / "learning-curve.png"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reflexd.tools.demo import STRATEGIES, Record, World, first_adaptation, windows
+from reflexd.tools.demo import AGENTS, STRATEGIES, Record, World, first_adaptation, windows
 
 
 def test_the_world_has_no_single_best_strategy() -> None:
@@ -37,6 +37,35 @@ def test_first_adaptation_is_the_first_window_clearly_above_the_default_policy()
     better = [g + (0.2 if i >= 400 else 0.0) for i, g in enumerate(noise)]
     # windows start every 50 decisions; 251–450 is the first with enough better ones to be sure
     assert first_adaptation(better) == 251
+
+
+def test_the_agents_of_the_multi_agent_demo_want_different_things() -> None:
+    """Each agent has its own actions, and where they share actions they often disagree on the best."""
+    worlds = [World(3, strategies, weights) for _, strategies, weights in AGENTS]
+    assert [len(w.actions) for w in worlds] == [5, 3, 3]
+    contexts = [worlds[0].context() for _ in range(2000)]
+    shared = ("small-model",)
+    for w in worlds:
+        assert all(a["id"] in w.strategies for a in w.actions) and set(shared) <= set(w.strategies)
+    best = [[max(w.strategies, key=lambda a, c=c, w=w: w.expected(c, a)) for c in contexts] for w in worlds]
+    assert best[1] != best[2] and len(set(best[1])) >= 2 and len(set(best[2])) >= 2
+
+
+@pytest.mark.e2e
+def test_the_multi_agent_demo_reports_each_agent(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "reflexd", "demo", "--agents", "3", "--decisions", "1500", "--rate", "2000", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    report = (out / "report.txt").read_text()
+    for name, strategies, _ in AGENTS:
+        line = next(line for line in report.splitlines() if line.startswith(name))
+        assert line.split()[1:3] == [str(len(strategies)), "500"], line
+    assert "daemon: 3000 events stored" in report, report
 
 
 @pytest.mark.e2e
