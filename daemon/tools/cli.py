@@ -23,7 +23,8 @@ reflexd: a local learning sidecar for autonomous agents.
 
 Agents log decisions and rewards over a Unix socket; reflexd stores them, trains small models
 when the CPU is idle, gates each candidate by off-policy evaluation, and publishes the winner as
-an ONNX file that agents load in-process.
+an ONNX file that agents load in-process. Between models, each reward updates the agent's online
+head at once, so an agent adapts from its first decisions.
 """
 
 _EPILOG = """\
