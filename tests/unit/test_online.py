@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from reflexd.config import ExplorationConfig, OnlineConfig
+from reflexd.config import ExplorationConfig, OnlineConfig, RewardConfig
 from reflexd.deciding import exploring
 from reflexd.deciding.choosing import Chooser
 from reflexd.deciding.online import OnlineHead
@@ -192,19 +192,12 @@ def test_apprentice_mode_serves_the_agents_own_choice_and_counts_agreement() -> 
         c.choose("agent", {"task": "code"}, ["small", "large"], default="medium")
 
 
-class Rewards:
-    """An agent's reward settings, as RewardConfig gives them."""
-
-    def __init__(self, wait_window: float, default: float) -> None:
-        self.wait_window, self.default = wait_window, default
-
-
 def test_decisions_without_an_outcome_teach_the_default_reward_once_their_wait_window_passes() -> None:
     """Only clicks are reported (reward 1), as many agents do; no click means rewards.default (0).
     Learning the clicks alone, the head would favour whichever action it tried most."""
     rates = {"a": 0.35, "b": 0.5}
     clock = [0.0]
-    head = OnlineHead(OnlineConfig(), rewards=lambda agent: Rewards(wait_window=5.0, default=0.0), clock=lambda: clock[0])
+    head = OnlineHead(OnlineConfig(), rewards=lambda agent: RewardConfig(wait_window=5.0, default=0.0), clock=lambda: clock[0])
     c = Chooser(None, lambda agent, manifest: ExplorationConfig(), 3, head)
     rng = random.Random(6)
     chose_b = []
@@ -221,7 +214,7 @@ def test_decisions_without_an_outcome_teach_the_default_reward_once_their_wait_w
 
 def test_the_default_is_not_learned_before_the_wait_window_ends_nor_after_an_outcome() -> None:
     clock = [0.0]
-    head = OnlineHead(OnlineConfig(), rewards=lambda agent: Rewards(wait_window=30.0, default=-1.0), clock=lambda: clock[0])
+    head = OnlineHead(OnlineConfig(), rewards=lambda agent: RewardConfig(wait_window=30.0, default=-1.0), clock=lambda: clock[0])
     x = head.features({"k": 1})
     head.remember("waits", "agent", "a", x, None)
     head.remember("rewarded", "agent", "a", x, None)
