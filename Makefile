@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[dev,demo,fleet]'
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[dev,demo,report,fleet]'
 	touch $@
 
 demo: install

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from reflexd.config import Config, ExplorationConfig, OnlineConfig, load_config, parse_config
 from reflexd.errors import (
+    AnalysisError,
     BadLine,
     ConfigError,
     DaemonStartFailed,
@@ -43,6 +44,7 @@ from reflexd.errors import (
     StorageError,
     StoreDamaged,
     StoreInUse,
+    TraceError,
     TrainerFault,
     TrainingError,
     UnknownExplorer,
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalysisError",
     "BadLine",
     "Choice",
     "Config",
@@ -94,6 +97,7 @@ __all__ = [
     "StorageError",
     "StoreDamaged",
     "StoreInUse",
+    "TraceError",
     "TrainerFault",
     "TrainingError",
     "UnknownExplorer",

@@ -213,6 +213,81 @@ class MetricsConfig(_Section):
     timeout: PositiveFloat = 10.0  # longest one HTTP exchange may take
 
 
+class TracesConfig(_Section):
+    """The OTLP/HTTP trace receiver (``reflexd.collect``): OpenTelemetry GenAI spans in as steps; off by default.
+
+    Which attributes become a step's observation, the reward expressions and the step operations
+    are checked by ``reflexd.collect.spans.problems`` (the kernel reads no room); this section's own
+    checks are the listeners'.
+    """
+
+    enabled: bool = False
+    path: str = "/run/reflexd/traces.sock"  # a Unix socket of its own, mode 0660, peers checked as on socket.path
+    host: str = "127.0.0.1"  # loopback only: the config check refuses any other address
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None  # 0: a free port the kernel picks
+    max_body_bytes: Positive = 16 << 20  # a request's body as sent, and again once decompressed
+    timeout: PositiveFloat = 30.0  # longest reading one request may take (and a kept-alive connection idle)
+    # span (and resource) attributes a step's observation may hold: exact keys or prefixes ending in "*"
+    attributes: list[str] = msgspec.field(
+        default_factory=lambda: [
+            "gen_ai.operation.name",
+            "gen_ai.provider.name",
+            "gen_ai.request.model",
+            "gen_ai.request.temperature",
+            "gen_ai.request.top_p",
+            "gen_ai.request.max_tokens",
+            "gen_ai.tool.type",
+            "gen_ai.output.type",
+        ]
+    )
+    capture_content: bool = False  # keep message content and every other attribute, redacted
+    # operation name -> the attribute naming the action a step of that operation took
+    steps: dict[str, str] = msgspec.field(
+        default_factory=lambda: {
+            "execute_tool": "gen_ai.tool.name",
+            "chat": "gen_ai.request.model",
+            "generate_content": "gen_ai.request.model",
+            "text_completion": "gen_ai.request.model",
+        }
+    )
+    reward: str = "success"  # an episode's reward, credited at its last step
+    step_reward: str = "0"  # each step's own reward
+    missing_agent: Literal["service", "reject"] = "service"  # an invoke_agent span without gen_ai.agent.name
+    episode_timeout: PositiveFloat = 300.0  # steps whose invoke_agent span never comes wait this long
+    max_pending_spans: Positive = 100_000  # steps (and the spans linking them) waiting for their episode
+
+
+class InsightsConfig(_Section):
+    """Knowledge extraction (``reflexd.analysis``): patterns, rules, anomalies and trends."""
+
+    enabled: bool = True  # extract on a schedule; `reflexd insights --now` works either way
+    interval: PositiveFloat = 3600.0  # seconds between scheduled extractions, with min_new new experiences
+    min_new: Positive = 500  # new matured experiences that make a scheduled extraction due
+    max_examples: Positive = 1_000_000  # newest matured decisions an extraction reads
+    max_wall_time: PositiveFloat = 1800.0  # the extraction subprocess is killed after this many seconds
+    keep_runs: Annotated[int, msgspec.Meta(ge=2)] = 20  # extractions kept in the store, to compare
+
+    # two-sided level of every interval reported (rules, patterns, trends, change evidence)
+    confidence: Annotated[float, msgspec.Meta(gt=0.5, lt=1)] = 0.95
+    # chance per run that any rule check passes for a rule that does not hold: Bonferroni over the run's checks
+    false_rule_rate: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.05
+    # share of a snapshot's decisions, oldest first, that segments are found on; the rest checks them
+    find_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.5
+    min_support: Annotated[int, msgspec.Meta(ge=10)] = 200  # fewest decisions a pattern, rule or check rests on
+    max_conditions: Annotated[int, msgspec.Meta(ge=1, le=8)] = 3  # the segment trees' depth
+    max_segments: Annotated[int, msgspec.Meta(ge=2, le=64)] = 8  # the segment trees' leaves
+    split_z: PositiveFloat = 4.0  # a tree splits only where the halves differ by this many standard errors
+    reward_model: Literal["auto", "cross_fit"] = "auto"  # auto: the live model when the run has one
+    change_size: PositiveFloat = 0.1  # reward change (reward units) the change detectors are tuned for
+    false_alarms_per_100k: PositiveFloat = 1.0  # change detectors' false alarms per 100,000 decisions of a stream
+    drift_psi: PositiveFloat = 0.1  # population stability index from which a feature's drift is reported
+    min_propensity: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.01
+    trend_windows: Annotated[int, msgspec.Meta(ge=2, le=100)] = 8
+    burst_seconds: PositiveFloat = 300.0  # bin of the dead-letter and error burst counts
+    keep_days: PositiveFloat = 30.0  # retired rules and unconfirmed candidates are forgotten after this
+    max_memory_mb: Positive = 4096  # the extraction subprocess's address-space cap, as trainer.max_memory_mb
+
+
 class AgentConfig(_Section):
     """The sections an agent may override; anything not given comes from the global section."""
 
@@ -235,6 +310,8 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     redaction: RedactionConfig = RedactionConfig()
     metrics: MetricsConfig = MetricsConfig()
+    traces: TracesConfig = TracesConfig()
+    insights: InsightsConfig = InsightsConfig()
     agents: dict[str, AgentConfig] = {}
 
     @property
@@ -420,6 +497,7 @@ def _check_semantics(config: Config, source: str) -> None:
             f" {retention.days:g} days after they were received, and would be deleted at once"
         )
     problems += _check_metrics(config)
+    problems += _check_traces(config)
     if problems:
         raise ConfigError(source, problems)
 
@@ -434,6 +512,21 @@ def _check_metrics(config: Config) -> list[str]:
         )
     if metrics.path is not None and (not metrics.path or metrics.path == config.socket.path):
         problems.append(f"metrics.path: {metrics.path!r} must be a path of its own, not socket.path")
+    return problems
+
+
+def _check_traces(config: Config) -> list[str]:
+    """The trace receiver listens on loopback only, on a socket path and port of its own."""
+    traces, problems = config.traces, []
+    if not _is_loopback(traces.host):
+        problems.append(
+            f"traces.host: {traces.host!r} is not a loopback address; the receiver listens on loopback only"
+            " (127.0.0.1, ::1 or localhost)"
+        )
+    if not traces.path or traces.path in (config.socket.path, config.metrics.path):
+        problems.append(f"traces.path: {traces.path!r} must be a path of its own, not socket.path or metrics.path")
+    if traces.port and traces.port == config.metrics.port:
+        problems.append(f"traces.port: {traces.port} is metrics.port already")
     return problems
 
 
@@ -466,7 +559,10 @@ def _check_run_size(config: Config) -> list[str]:
 
 
 # Settings a running daemon cannot change: a reload keeps the running values until a restart.
-RESTART_ONLY = ("state_dir", "socket.path", "store", "metrics", "online.enabled")
+RESTART_ONLY = (
+    "state_dir", "socket.path", "store", "metrics", "online.enabled",
+    "traces.enabled", "traces.path", "traces.host", "traces.port",
+)
 
 
 def keep_restart_only(new: Config, running: Config) -> tuple[Config, list[str]]:
@@ -482,6 +578,8 @@ def keep_restart_only(new: Config, running: Config) -> tuple[Config, list[str]]:
         changed.append("metrics")
     if new.online.enabled != running.online.enabled:
         changed.append("online.enabled")
+    listening = ("enabled", "path", "host", "port")  # the receiver's sockets are opened once
+    changed += [f"traces.{key}" for key in listening if getattr(new.traces, key) != getattr(running.traces, key)]
     kept = msgspec.structs.replace(
         new,
         state_dir=running.state_dir,
@@ -489,6 +587,7 @@ def keep_restart_only(new: Config, running: Config) -> tuple[Config, list[str]]:
         metrics=running.metrics,
         socket=msgspec.structs.replace(new.socket, path=running.socket.path),
         online=msgspec.structs.replace(new.online, enabled=running.online.enabled),
+        traces=msgspec.structs.replace(new.traces, **{key: getattr(running.traces, key) for key in listening}),
     )
     return kept, changed
 

@@ -393,3 +393,29 @@ class FleetError(ReflexdError):
     read, the hosts hold too few experiences, or a learner does not train data-parallel."""
 
     code = "fleet"
+
+
+# ---- traces -------------------------------------------------------------------------------
+
+
+class TraceError(ReflexdError):
+    """An OTLP trace export that cannot be taken in (``reflexd.collect``): a body that does not
+    decode, is too large or comes in a media type or encoding the receiver does not read.
+    ``status`` is the HTTP status it is answered with (400, 413 or 415)."""
+
+    code = "bad_trace"
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        self.reason = reason
+        self.status = status
+        super().__init__(reason)
+
+
+# ---- knowledge extraction -----------------------------------------------------------------
+
+
+class AnalysisError(ReflexdError):
+    """A knowledge extraction (``reflexd.analysis``) cannot run as asked: its inputs or snapshot
+    cannot be read, or the extraction subprocess failed; the message says which."""
+
+    code = "analysis"

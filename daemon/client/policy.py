@@ -37,6 +37,8 @@ from reflexd.wire.protocol import (
     Event,
     Explanation,
     Flush,
+    Insights,
+    InsightsRequest,
     Outcome,
     Scored,
     Step,
@@ -270,6 +272,21 @@ class Policy:
             reward_model=reward_model,
             discover=discover,
         )
+        return request(msg, self._sender.path, timeout=timeout)  # type: ignore[return-value]
+
+    def insights(self, since: float | None = None, *, now: bool = False, timeout: float = 30.0) -> Insights:
+        """What the daemon's newest knowledge extraction found about this agent: ``rules``
+        (published ones held on decisions they were not found on), ``patterns``, ``anomalies`` (from
+        ``since`` on) and ``trends``; ``now`` runs an extraction first (give it a longer timeout).
+
+        Each published rule carries ``text``, one sentence an agent can put in a prompt:
+
+        >>> found = policy.insights()
+        >>> prompt += "\n".join(r["text"] for r in found.rules if r["status"] == "published")
+        """
+        from reflexd.wire.connection import request
+
+        msg = InsightsRequest(agent=self.agent, since=since, now=now)
         return request(msg, self._sender.path, timeout=timeout)  # type: ignore[return-value]
 
     def reward(self, decision_id: str, value: float) -> None:

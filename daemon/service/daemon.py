@@ -28,10 +28,12 @@ from reflexd.durable import atomic_write, private_dir
 from reflexd.errors import ConfigError, ReflexdError, RequestTimeout, StateDirError, StorageError, TrainingError
 from reflexd.features import FeatureSpec
 from reflexd.registry import Registry
+from reflexd.collect.receiver import TraceReceiver, durably
 from reflexd.service import activation, sdnotify
 from reflexd.service.endpoint import Endpoint
 from reflexd.service.evaluation import WINDOWS_DIR, Models, evaluate_window
 from reflexd.service.ingest import Ingest
+from reflexd.service.insights import Extractor
 from reflexd.service.monitor import Monitor
 from reflexd.service.scheduler import Scheduler
 from reflexd.service.server import Server, fd_budget_problems, give_group, prepare_path
@@ -48,6 +50,7 @@ from reflexd.wire.protocol import (
     Evaluate,
     Explain,
     Forget,
+    InsightsRequest,
     ModelsReply,
     ModelsRequest,
     Promote,
@@ -95,6 +98,8 @@ class Daemon:
         self.scheduler: Scheduler
         self.monitor: Monitor
         self.snapshots: Snapshots  # read-out snapshots: `reflexd query` and `reflexd export`
+        self.extractor: Extractor  # knowledge extraction: `reflexd insights`
+        self.traces: TraceReceiver  # OTLP/HTTP trace ingest, when traces.enabled
         self.socket_activated = False  # the agents' socket came from systemd (reflexd.socket)
 
     def settings(self) -> Config:
@@ -130,6 +135,7 @@ class Daemon:
         self.scheduler.start_from(self.models.scorer.manifest if self.models.scorer else None)
         self.monitor = Monitor(self.settings, self.registry, self.store, self.models)
         self.snapshots = Snapshots(self.settings, self.store)
+        self.extractor = Extractor(self.settings, self.store, self.ingest, self.registry, self.training_lock)
         self.server = Server(cfg, self.ingest, self)
         for warning in fd_budget_problems(cfg):
             _log.warning("file descriptors", problem=warning)
@@ -156,10 +162,14 @@ class Daemon:
                 try:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self.server.serve, listener)
+                        # spans become steps and episodes, made durable as the socket's events are
+                        self.traces = TraceReceiver(self.settings, self.server, durably(self.ingest, self.settings))
+                        await tg.start(self.traces.run)
                         tg.start_soon(self.scheduler.run)
                         tg.start_soon(self._follow_models)
                         tg.start_soon(self._retention)
                         tg.start_soon(self.snapshots.run)
+                        tg.start_soon(self.extractor.run)
                         tg.start_soon(self.monitor.run)
                         tg.start_soon(sdnotify.watchdog)
                         tg.start_soon(self._signals, tg.cancel_scope)
@@ -393,6 +403,8 @@ class Daemon:
         if isinstance(msg, Adopt):
             summary = await self.scheduler.adopt(msg.manifest, msg.model, msg.source)
             return Done(message=f"{summary['outcome']} {summary['version']}: {summary['gate']}", req=req)
+        if isinstance(msg, InsightsRequest):
+            return await self.extractor.answer(msg)
         if isinstance(msg, Snapshot):
             return await self.snapshots.take(msg)  # writes in a worker thread, one at a time
         if isinstance(msg, Release):
@@ -427,6 +439,9 @@ class Daemon:
                     removed["training_snapshots"] = await anyio.to_thread.run_sync(
                         _remove_snapshots, self.scheduler.runs_dir
                     )
+                    removed["training_snapshots"] += await anyio.to_thread.run_sync(
+                        _remove_snapshots, self.extractor.runs_dir
+                    )
                     # evaluation windows are deleted once read; any a crash left behind hold the agent's rows too
                     removed["evaluation_windows"] = await anyio.to_thread.run_sync(
                         _remove_windows, self.config.state_path / WINDOWS_DIR
@@ -451,6 +466,12 @@ class Daemon:
             )
         finally:
             self.evaluation_lock.release()
+
+    def _traces_status(self) -> dict[str, Any] | None:
+        traces = getattr(self, "traces", None)  # made once the server runs
+        if traces is None or not self.config.traces.enabled:
+            return None
+        return {**msgspec.to_builtins(traces.counters), "waiting": traces.waiting, "path": str(traces.path) if traces.path else None, "ports": list(traces.ports)}
 
     async def _model_event(self, version: str, event: str, reason: str) -> None:
         await anyio.to_thread.run_sync(self.models.refresh)  # loading a model is no work for the event loop
@@ -523,6 +544,8 @@ class Daemon:
                 if self.chooser.online is not None
                 else None
             ),
+            insights=self.extractor.summary(),
+            traces=self._traces_status(),
             storage={
                 "error": self.ingest.storage_error,
                 "db_bytes": _size(self.config.db_path),
@@ -542,7 +565,8 @@ def _remove_windows(directory: Path) -> int:
 def _remove_snapshots(runs: Path) -> int:
     """Delete what run folders keep of the rows they trained on: snapshots (a crash's ``.partial``
     ones too) and results (a cross-fitted run's lists every decision id)."""
-    snapshots = [*runs.glob("*/snapshot.parquet*"), *runs.glob("*/out/result.json")] if runs.is_dir() else []
+    kept = ("*/snapshot.parquet*", "*/out/result.json", "*/out/insights.json", "*/inputs.json")
+    snapshots = [p for pattern in kept for p in runs.glob(pattern)] if runs.is_dir() else []
     for snapshot in snapshots:
         snapshot.unlink(missing_ok=True)
     return len(snapshots)

@@ -137,7 +137,7 @@ class Endpoint:
                 continue
             failing = False
             if self.open >= MAX_CONNECTIONS:
-                await _close(stream)
+                await close_stream(stream)
                 continue
             self.open += 1
             tg.start_soon(self._handle, stream)
@@ -155,7 +155,7 @@ class Endpoint:
             _log.exception("metrics request failed")
         finally:
             self.open -= 1
-            await _close(stream)
+            await close_stream(stream)
 
     async def _exchange(self, stream: Any) -> bytes | None:
         head = b""
@@ -199,7 +199,7 @@ def _reply(status: int, body: bytes, content_type: str = "text/plain; charset=ut
     return head + extra + b"\r\n" + body
 
 
-async def _close(stream: Any) -> None:
+async def close_stream(stream: Any) -> None:
     with anyio.CancelScope(shield=True):
         try:
             await stream.aclose()

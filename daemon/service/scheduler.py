@@ -36,6 +36,7 @@ from reflexd.learning import gate, runs
 from reflexd.learning.dataset import load_holdout, load_snapshot
 from reflexd.manifest import MODEL_FILE, GateResult, Manifest, Training, decode_manifest
 from reflexd.registry import Registry, check_model, sha256_of
+from reflexd.service.child import run_child
 from reflexd.service.ingest import Ingest
 from reflexd.service.store import Store
 from reflexd.split import first_run_rows, holdout_rows
@@ -281,26 +282,19 @@ class Scheduler:
         cmd = [sys.executable, "-m", "reflexd.trainer", str(snapshot), str(out), "--config", str(config_file)]
         # each architecture's ONNX graph is traced once and reused by later runs (seconds each)
         cmd += ["--graph-cache", str(self.config.state_path / GRAPHS_DIR)]
-        with open(run_dir / "trainer.log", "wb") as errlog:
-            proc = await anyio.open_process(cmd, stdin=None, stdout=errlog, stderr=errlog, env=env)
-            self.status.trainer_pid = proc.pid
-            try:
-                with anyio.move_on_after(cfg.trainer.max_wall_time) as limit:
-                    await proc.wait()
-            finally:
-                self.status.trainer_pid = None
-                if proc.returncode is None:  # over the wall-time limit, or the daemon is stopping
-                    proc.kill()
-                    with anyio.CancelScope(shield=True):
-                        await proc.wait()
-        if limit.cancelled_caught:
+
+        def started(pid: int | None) -> None:
+            self.status.trainer_pid = pid
+
+        done = await run_child(cmd, run_dir / "trainer.log", env, cfg.trainer.max_wall_time, started)
+        if done.timed_out:
             raise TrainerFault(
                 "timeout",
                 f"trainer exceeded max_wall_time ({cfg.trainer.max_wall_time:g} s) and was killed",
-                proc.returncode,
+                done.returncode,
             )
-        if proc.returncode != 0:
-            raise trainer_fault(proc.returncode, run_dir / "trainer.log", out, cfg.trainer.max_memory_mb)
+        if done.returncode != 0:
+            raise trainer_fault(done.returncode, run_dir / "trainer.log", out, cfg.trainer.max_memory_mb)
 
     async def adopt(self, manifest_data: bytes, model: bytes, source: str | None = None) -> dict[str, Any]:
         """Judge a model trained elsewhere (a fleet model: ``reflexd models pull``) as this host judges

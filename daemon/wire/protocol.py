@@ -321,14 +321,32 @@ class Release(_Msg, tag="release"):
     req: ReqId = None
 
 
+class InsightsRequest(_Msg, tag="insights"):
+    """Answered with Insights: what the newest knowledge extraction found (``reflexd.analysis``).
+
+    ``agent`` keeps the findings about that agent (and those about no one agent); ``since`` keeps
+    anomalies from then on and trends whose window ends after it; ``now`` runs an extraction first
+    and waits for it, as ``train`` does.
+    """
+
+    agent: Id | None = None
+    since: float | None = None
+    now: bool = False
+    req: ReqId = None
+
+    def __post_init__(self) -> None:
+        if self.since is not None and not math.isfinite(self.since):
+            raise ValueError("since must be a finite number of seconds")
+
+
 ExperienceEvent = Union[Decision, Outcome, Step, Event]
 Request = Union[
     Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget, Explain, Evaluate, Adopt, Snapshot,
-    Release,
+    Release, InsightsRequest,
 ]
 Inbound = Union[
     Decision, Outcome, Step, Event, Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget,
-    Explain, Evaluate, Adopt, Snapshot, Release,
+    Explain, Evaluate, Adopt, Snapshot, Release, InsightsRequest,
 ]
 EXPERIENCE_TYPES = (Decision, Outcome, Step, Event)
 
@@ -522,6 +540,10 @@ class StatusReply(_Msg, tag="status"):
     monitor: dict[str, Any] = {}  # automatic rollback: the live model's last comparison
     # the online head of the daemon's own (socket) decisions: arms, pending, updates, base; None when off
     online: dict[str, Any] | None = None
+    # knowledge extraction: its state, last run, rules published, the newest anomaly
+    insights: dict[str, Any] | None = None
+    # OTLP trace ingest (traces.enabled): requests, spans, steps, episodes, rejected spans; None when off
+    traces: dict[str, Any] | None = None
     req: ReqId = None
 
 
@@ -569,6 +591,23 @@ class SnapshotTaken(_Msg, tag="snapshot"):
     req: ReqId = None
 
 
+class Insights(_Msg, tag="insights"):
+    """The answer to InsightsRequest. ``run`` says which extraction and on what window (``id``,
+    ``at``, ``window_start``, ``window_end``, ``experiences``), None before the first; each list
+    holds findings as ``reflexd.analysis.findings`` defines them (a rule: ``agent``, ``action``,
+    ``baseline``, ``when``, ``lift``, ``ci``, ``support``, ``status``, ``first_seen``,
+    ``last_confirmed``, ...). ``summary``: counts and the newest anomaly, as ``status`` shows them."""
+
+    run: dict[str, Any] | None
+    rules: list[dict[str, Any]] = []
+    patterns: list[dict[str, Any]] = []
+    anomalies: list[dict[str, Any]] = []
+    trends: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    req: ReqId = None
+
+
 Reply = Union[
-    Ack, Error, Decided, DecidedSlate, StatusReply, ModelsReply, Done, Scored, Explanation, Evaluation, SnapshotTaken
+    Ack, Error, Decided, DecidedSlate, StatusReply, ModelsReply, Done, Scored, Explanation, Evaluation, SnapshotTaken,
+    Insights,
 ]

@@ -20,7 +20,7 @@ from reflexd.tools.cli import _removed_counts, build_parser
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "configs" / "reflexd.yaml"
 REFLEXD = Path(sys.executable).parent / "reflexd"
-COMMANDS = ["run", "check-config", "check-store", "status", "decide", "explain", "train", "models", "forget", "import", "evaluate", "query", "export", "install-service", "fleet", "demo"]
+COMMANDS = ["run", "check-config", "check-store", "status", "decide", "explain", "train", "models", "forget", "import", "evaluate", "insights", "report", "query", "export", "install-service", "fleet", "demo"]
 EX_CONFIG = 78
 
 

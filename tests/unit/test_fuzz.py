@@ -450,6 +450,7 @@ MESSAGES[p.Evaluate] = st.builds(
     agent=st.none() | IDS, since=OPT_FLOAT, until=OPT_FLOAT, reward_model=st.none() | IDS, discover=st.booleans(), req=REQ,
 )
 
+MESSAGES[p.InsightsRequest] = st.builds(p.InsightsRequest, agent=st.none() | IDS, since=OPT_FLOAT, now=st.booleans(), req=REQ)
 MESSAGES[p.Snapshot] = st.builds(p.Snapshot, archive=st.booleans(), req=REQ)
 MESSAGES[p.Release] = st.builds(
     p.Release, id=st.text("0123456789abcdef", min_size=32, max_size=32), renew=st.booleans(), req=REQ

@@ -1,7 +1,7 @@
 """The package's rooms and the rules between them, read from the source (no module is imported).
 
 Rooms: the kernel (top-level modules), ``wire``, ``deciding``, ``client``, ``learning``,
-``trainer``, ``service``, ``tools``, ``fleet``; the plugins (``reflexd.plugins``, ``reflexd.exporters``) are
+``trainer``, ``analysis``, ``collect``, ``service``, ``tools``, ``fleet``; the plugins (``reflexd.plugins``, ``reflexd.exporters``) are
 reached only through their entry-point groups.
 """
 
@@ -122,6 +122,24 @@ def test_the_trainer_never_imports_the_service_and_the_service_reaches_it_only_t
     for module, deps in _in("service").items():
         assert {d for d in deps if _room(d) == "trainer"} <= {"reflexd.trainer", "reflexd.trainer.result"}, module
         assert "torch" not in deps, module
+
+
+def test_analysis_is_numbers_in_findings_out_and_the_service_reaches_it_only_through_its_result() -> None:
+    # the extraction runs as a subprocess: numpy and scikit-learn never enter the daemon's memory
+    for module, deps in _in("analysis").items():
+        assert not {d for d in deps if _room(d) in ("service", "trainer", "tools", "client", "collect")}, module
+        assert not _heavy(deps), module
+    for room in ("service", "tools", "client"):
+        for module, deps in _in(room).items():
+            reached = {d for d in deps if _room(d) == "analysis"}
+            assert reached <= {"reflexd.analysis", "reflexd.analysis.result", "reflexd.analysis.findings"}, module
+
+
+def test_trace_ingest_sees_the_wire_and_the_service_it_hands_events_to_never_the_learners() -> None:
+    for module, deps in _in("collect").items():
+        rooms = {_room(d) for d in deps if not _heavy({d})}
+        assert rooms <= {"kernel", "wire", "service", "collect"}, (module, sorted(deps))
+        assert not _heavy(deps), module
 
 
 def test_only_the_fleet_imports_ray_and_nothing_that_serves_imports_the_fleet() -> None:

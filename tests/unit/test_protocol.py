@@ -53,6 +53,7 @@ INBOUND: list[msgspec.Struct] = [
     p.Snapshot(archive=False, req="s"),
     p.Release(id="0123456789abcdef0123456789abcdef", req=2),
     p.Release(id="0123456789abcdef0123456789abcdef", renew=True),
+    p.InsightsRequest(agent="router", since=1.0, now=True, req="i"),
 ]
 
 REPLIES: list[msgspec.Struct] = [
@@ -109,6 +110,13 @@ REPLIES: list[msgspec.Struct] = [
         taken_at=10.5, expires=910.5, tables={"decisions": "/s/decisions.parquet"}, rows={"decisions": 3},
         archive={"decisions": "/s/archive/decisions"}, linked=True,
         rewards={"": p.RewardRule(wait_window=30.0, default=0.0, aggregation="sum")}, req="s",
+    ),
+    p.Insights(run=None, req="i"),
+    p.Insights(
+        run={"id": "r1", "at": 10.0, "experiences": 3},
+        rules=[{"agent": "router", "action": "a", "baseline": "b", "when": [{"feature": "task", "op": "==", "value": "code"}],
+                "lift": 0.2, "ci": [0.1, 0.3], "support": 300, "status": "published"}],
+        summary={"rules_published": 1},
     ),
 ]
 

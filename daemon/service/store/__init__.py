@@ -25,7 +25,7 @@ from reflexd import log
 from reflexd.config import Config, StoreConfig
 from reflexd.errors import RejectedData, StorageError
 from reflexd.service import spool
-from reflexd.service.store import export, integrity, retention, rewards
+from reflexd.service.store import export, findings, integrity, retention, rewards
 from reflexd.service.store.db import COUNTED_TABLES, EXPERIENCE_TABLES, MIGRATIONS, SCHEMA, failing_as
 from reflexd.service.store.load import WriteResult, load_segment
 from reflexd.service.store.rewards import RewardStats, SnapshotInfo
@@ -325,6 +325,31 @@ class Store:
             return None
         at, version, event, detail = row
         return {"at": at, "version": version, "event": event, "detail": msgspec.json.decode(detail)}
+
+    # ---- knowledge extraction --------------------------------------------------------------
+
+    def save_insights(self, run: findings.Run, found: dict[str, list[dict[str, Any]]], keep: int) -> None:
+        with self._guard(f"storing insights run {run.id}") as con:
+            findings.save(con, run, found, keep)
+
+    def trouble_times(self, since: float) -> tuple[list[float], dict[str, list[float]]]:
+        """When dead letters arrived since ``since``, and each agent's ``error`` events: what the
+        extraction looks for bursts in."""
+        with self._guard("reading dead letters and error events") as con:
+            dead = [t for (t,) in con.execute(
+                "SELECT received_at FROM dead_letters WHERE received_at >= ? ORDER BY received_at", [since]
+            ).fetchall()]
+            errors: dict[str, list[float]] = {}
+            for agent, at in con.execute(
+                "SELECT agent, received_at FROM events WHERE kind = 'error' AND received_at >= ? ORDER BY received_at",
+                [since],
+            ).fetchall():
+                errors.setdefault(agent, []).append(at)
+        return dead, errors
+
+    def latest_insights(self, agent: str | None = None) -> tuple[findings.Run, dict[str, list[dict[str, Any]]]] | None:
+        with self._guard("reading insights") as con:
+            return findings.latest(con, agent)
 
     # ---- retention -------------------------------------------------------------------------
 

@@ -83,6 +83,22 @@ CREATE TABLE IF NOT EXISTS archive_passes (
     id VARCHAR PRIMARY KEY,
     "at" DOUBLE NOT NULL
 );
+-- knowledge extractions (reflexd.service.insights): the window each read, and what it found, a
+-- finding a row, so that two runs can be compared and an agent's findings forgotten with it
+CREATE TABLE IF NOT EXISTS insight_runs (
+    id VARCHAR PRIMARY KEY,
+    "at" DOUBLE NOT NULL,
+    window_start DOUBLE,
+    window_end DOUBLE,
+    experiences BIGINT NOT NULL,
+    summary JSON NOT NULL
+);
+CREATE TABLE IF NOT EXISTS insights (
+    run_id VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,  -- rule, pattern, anomaly, trend
+    agent VARCHAR,  -- NULL: about no one agent (dead letters, the whole host)
+    finding JSON NOT NULL
+);
 """
 # Columns added since a table was first created: a database made by an older version gains them
 # when opened (CREATE TABLE IF NOT EXISTS leaves an existing table as it is).

@@ -18,6 +18,7 @@ import msgspec
 from reflexd import log
 from reflexd.durable import fsync_path
 from reflexd.service import spool
+from reflexd.service.store import findings
 from reflexd.service.store.db import EXPERIENCE_TABLES, outside_select, sql_path, transaction
 
 COMPRESSIONS = frozenset({"zstd", "snappy", "gzip", "uncompressed"})
@@ -179,6 +180,7 @@ def forget(con: duckdb.DuckDBPyConnection, agent: str, archive_root: Path | None
         if doomed:
             con.execute("DELETE FROM dead_letters WHERE rowid IN (SELECT unnest($ids))", {"ids": doomed})
         removed["dead_letters"] = len(doomed)
+        removed["insights"] = findings.forget(con, agent)  # what extraction found about it
     if archive_root is not None:
         partitions = list(_agent_partitions(Path(archive_root), agent))
         for partition in partitions:

@@ -1,0 +1,116 @@
+"""Knowledge extraction end to end: a planted world's log imported into a real daemon, an
+extraction run by ``reflexd insights --now`` in its subprocess, the rule found and published with
+the right sign, the same findings through the socket and the client, in ``status``, in the HTML
+report, and gone with ``forget``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import DaemonProcess, wait_for
+from reflexd.client.policy import Policy
+from reflexd.wire.protocol import Forget, InsightsRequest
+
+pytestmark = pytest.mark.e2e
+
+N = 3000
+T0 = 1_767_225_600.0
+# what each action pays by task: large is better on code, small on chat
+PAYS = {("code", "large"): 0.8, ("code", "small"): 0.4, ("chat", "large"): 0.3, ("chat", "small"): 0.6}
+
+
+def write_log(path: Path) -> None:
+    """Logged by a policy that mostly takes large on code and small on chat (confounded, as real
+    logs are), with the probabilities it drew with."""
+    rng = np.random.default_rng(11)
+    with open(path, "w") as f:
+        for i in range(N):
+            task = "code" if rng.random() < 0.5 else "chat"
+            p_large = 0.8 if task == "code" else 0.2
+            chosen = "large" if rng.random() < p_large else "small"
+            prob = p_large if chosen == "large" else 1 - p_large
+            row = {"type": "decision", "id": f"d{i:05d}", "agent": "router", "ts": T0 + 60 * i,
+                   "context": {"task": task, "difficulty": round(float(rng.random()), 3)},
+                   "actions": ["small", "large"], "chosen": chosen, "prob": prob}
+            f.write(json.dumps(row) + "\n")
+            reward = float(rng.random() < PAYS[(task, chosen)])
+            f.write(json.dumps({"type": "outcome", "decision_id": row["id"], "reward": reward}) + "\n")
+
+
+def reflexd(d: DaemonProcess, *args: str, json_out: bool = True) -> Any:
+    done = subprocess.run(
+        [sys.executable, "-m", "reflexd", *args, "--socket", d.socket, *(["--json"] if json_out else [])],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr + d.log_tail()
+    return json.loads(done.stdout) if json_out else done.stdout
+
+
+def large_minus_small_on(rule: dict[str, Any], task: str) -> float | None:
+    """What the rule says large earns over small where ``task`` holds, or None if it says nothing there."""
+    for c in rule["when"]:
+        if c["feature"] != "task":
+            continue
+        value = c["value"]
+        holds = {"==": task == value, "!=": task != value, "in": task in value, "not in": task not in value}.get(c["op"])
+        if not holds:
+            return None
+    if not any(c["feature"] == "task" for c in rule["when"]):
+        return None
+    pair = (rule["action"], rule["baseline"])
+    if pair == ("large", "small"):
+        return rule["lift"]
+    if pair == ("small", "large"):
+        return -rule["lift"]
+    return None
+
+
+def test_insights_now_publishes_the_planted_rule_and_forget_removes_it(daemon_factory, tmp_path: Path) -> None:
+    d = daemon_factory({"rewards": {"wait_window": 0.3}, "insights": {"min_support": 100}})
+    log = tmp_path / "world.ndjson"
+    write_log(log)
+    reflexd(d, "import", str(log), "--format", "ndjson")
+    wait_for(lambda: d.loaded_status().experience["new_since_training"] >= N, 60, "the import to mature")
+
+    before = reflexd(d, "insights")
+    assert before["run"] is None and before["rules"] == []
+
+    found = reflexd(d, "insights", "--now", "--agent", "router")
+    assert found["run"]["experiences"] == N
+    assert set(found) >= {"rules", "patterns", "anomalies", "trends"}
+    published = [r for r in found["rules"] if r["status"] == "published"]
+    assert published, found["rules"]
+    for rule in published:  # every required field, and an interval around the lift
+        assert {"agent", "action", "baseline", "when", "lift", "ci", "support", "status", "first_seen", "last_confirmed"} <= set(rule)
+        assert rule["ci"][0] <= rule["lift"] <= rule["ci"][1]
+    on_code = [v for r in published if (v := large_minus_small_on(r, "code")) is not None]
+    on_chat = [v for r in published if (v := large_minus_small_on(r, "chat")) is not None]
+    assert on_code or on_chat, published
+    assert all(v > 0 for v in on_code) and all(v < 0 for v in on_chat), published  # the truth's signs
+
+    # the same over the socket, and through the agent's own client
+    reply = d.request(InsightsRequest(agent="router"))
+    assert [r["id"] for r in reply.rules] == [r["id"] for r in found["rules"]]
+    with Policy("router", socket=d.socket, state_dir=d.state_dir) as policy:
+        texts = [r["text"] for r in policy.insights().rules if r["status"] == "published"]
+    assert texts and all("task" in t for t in texts)
+
+    status = reflexd(d, "status")
+    assert status["insights"]["rules_published"] == len(published)
+    assert "rules published" in reflexd(d, "status", json_out=False)
+    assert "published" in reflexd(d, "insights", json_out=False)
+
+    out = tmp_path / "report"
+    reflexd(d, "report", "--out", str(out), json_out=False)
+    page = (out / "index.html").read_text()
+    assert "<svg" in page and "<script" not in page and "Published rules" in page
+
+    d.request(Forget(agent="router"))
+    assert reflexd(d, "insights", "--agent", "router")["rules"] == []
