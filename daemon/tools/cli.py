@@ -790,7 +790,10 @@ def cmd_fleet_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from reflexd.tools.demo import run_demo
 
-    return run_demo(decisions=args.decisions, out_dir=args.out, seed=args.seed, rate=args.rate, agents=args.agents)
+    return run_demo(
+        decisions=args.decisions, out_dir=args.out, seed=args.seed, rate=args.rate, agents=args.agents,
+        insights=not args.no_insights,
+    )
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
@@ -1300,6 +1303,8 @@ def build_parser() -> argparse.ArgumentParser:
         "written with the daemon log (and, with matplotlib, a learning-curve plot) under --out.\n"
         "With --agents 2 or 3, agents with other actions and preferences decide in turn beside the\n"
         "first, each learning on its own, and a line per agent is added to the report.\n"
+        "At the end the daemon extracts what the experience teaches (reflexd insights): the rules it\n"
+        "published are printed, each beside the simulated world's true lift on its segment.\n"
         "Exit 1 if no model was promoted.",
         [
             "reflexd demo",
@@ -1315,6 +1320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--agents", type=int, default=1, choices=(1, 2, 3),
         help="agents deciding in turn, each with its own actions and preferences (default 1)",
     )
+    p.add_argument("--no-insights", action="store_true", help="skip the knowledge extraction at the end")
     p.set_defaults(func=cmd_demo)
     return parser
 

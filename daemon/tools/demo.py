@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from reflexd.testing import LocalDaemon
-from reflexd.wire.protocol import Flush
+from reflexd.errors import ReflexdError
+from reflexd.wire.protocol import Flush, InsightsRequest
 
 TASKS = ("chat", "code", "math", "search")
 
@@ -220,6 +221,65 @@ def report(rec: Record, status: Any) -> str:
     return "\n".join(lines)
 
 
+RULES_SHOWN = 5
+
+
+def holds(conditions: list[dict[str, Any]], context: dict[str, Any]) -> bool:
+    """Whether a rule's ``when`` holds for one context (a missing feature matches no condition)."""
+    for c in conditions:
+        if c["feature"] not in context:
+            return False
+        v, want = context[c["feature"]], c["value"]
+        ok = {
+            "==": lambda: str(v).lower() == str(want).lower(),
+            "!=": lambda: str(v).lower() != str(want).lower(),
+            "in": lambda: str(v) in want,
+            "not in": lambda: str(v) not in want,
+            "<=": lambda: v <= want,
+            ">": lambda: v > want,
+        }[c["op"]]()
+        if not ok:
+            return False
+    return True
+
+
+def true_lift(world: World, rule: dict[str, Any], samples: int = 20_000) -> float | None:
+    """What the world itself says the rule's action earns over its baseline in its segment (None:
+    the segment is empty or names an action this world does not have)."""
+    if rule["action"] not in world.strategies or rule["baseline"] not in world.strategies:
+        return None
+    rng_state = world.rng.getstate()
+    world.rng.seed(12345)  # the same contexts for every rule, and the world's own stream untouched
+    try:
+        inside = [c for c in (world.context() for _ in range(samples)) if holds(rule["when"], c)]
+    finally:
+        world.rng.setstate(rng_state)
+    if not inside:
+        return None
+    return float(np.mean([world.expected(c, rule["action"]) - world.expected(c, rule["baseline"]) for c in inside]))
+
+
+def rules_report(found: Any, world: World) -> str:
+    """The rules the extraction published, each beside the world's true lift on its segment."""
+    rules = sorted((r for r in found.rules if r["status"] == "published"), key=lambda r: -abs(r["lift"]))
+    run = found.run or {}
+    lines = ["", f"what the experience teaches (reflexd insights, on {run.get('experiences', 0)} decisions):"]
+    if not rules:
+        lines.append("  no rule held on decisions it was not found on")
+        return "\n".join(lines)
+    right = 0
+    for rule in rules:
+        truth = true_lift(world, rule)
+        agrees = truth is not None and (truth > 0) == (rule["lift"] > 0)
+        right += agrees
+        if len(lines) - 2 < RULES_SHOWN:
+            verdict = "the world agrees" if agrees else "the world disagrees"
+            lines.append(f"  {rule['text']}")
+            lines.append(f"      true lift {truth:+.3f}: {verdict}" if truth is not None else "      (no such segment in the world)")
+    lines.append(f"rules published: {len(rules)}, of which {right} have the sign of the world's true lift")
+    return "\n".join(lines)
+
+
 def agents_report(names: list[str], worlds: list[World], recs: list[Record]) -> str:
     """One line per agent: its actions, its regret early and late, and when it first adapted."""
     lines = ["", f"{'agent':<16}{'actions':>8}{'decisions':>11}{'regret, first 500':>19}{'regret, last 1,000':>20}  first adaptation"]
@@ -266,7 +326,12 @@ def plot(rec: Record, path: Path) -> bool:
 
 
 def run_demo(
-    decisions: int = 12_000, out_dir: str = "demo-out", seed: int = 7, rate: float = 300.0, agents: int = 1
+    decisions: int = 12_000,
+    out_dir: str = "demo-out",
+    seed: int = 7,
+    rate: float = 300.0,
+    agents: int = 1,
+    insights: bool = True,
 ) -> int:
     from tqdm import tqdm
 
@@ -304,6 +369,13 @@ def run_demo(
                 policy.close()
             # acknowledged events may still be in the spool: the count reported is of stored ones
             daemon.request(Flush(loaded=True), timeout=60)
+            found = None
+            if insights:
+                print("extracting what the experience teaches…", file=sys.stderr)
+                try:
+                    found = daemon.request(InsightsRequest(agent=names[0], now=True), timeout=600)
+                except ReflexdError as exc:  # too little matured experience in a short run, say
+                    print(f"no insights: {exc}", file=sys.stderr)
             status = daemon.status()
             shutil.copy(daemon.log_path, out / "daemon.log")
     finally:
@@ -312,6 +384,8 @@ def run_demo(
     text = report(rec, status)
     if agents > 1:
         text += "\n" + agents_report(names, worlds, recs)
+    if found is not None:
+        text += "\n" + rules_report(found, worlds[0])
     print(text)
     (out / "report.txt").write_text(text + "\n")
     if plot(rec, out / "learning-curve.png"):

@@ -87,3 +87,20 @@ def test_the_demo_command_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert "daemon: 3000 events stored" in report, report
     assert (out / "learning-curve.png").stat().st_size > 10_000
     assert (out / "daemon.log").exists()
+
+
+def test_the_demo_checks_each_published_rule_against_the_worlds_true_lift() -> None:
+    from reflexd.tools.demo import holds, true_lift
+
+    world = World(4)
+    chat = {"feature": "task", "op": "==", "value": "chat"}
+    rule = {"action": "small-model", "baseline": "large+tools", "when": [chat]}
+    assert true_lift(world, rule) > 0  # on chat the small model is nearly as good and far cheaper
+    assert true_lift(world, {**rule, "when": [{"feature": "task", "op": "in", "value": ["math", "search"]}]}) < 0
+    assert true_lift(world, {**rule, "when": [{"feature": "difficulty", "op": ">", "value": 2.0}]}) is None
+    assert true_lift(world, {**rule, "action": "no-such-action"}) is None
+    assert holds([chat, {"feature": "difficulty", "op": "<=", "value": 0.5}], {"task": "chat", "difficulty": 0.2})
+    assert not holds([chat], {"difficulty": 0.2})  # a missing feature matches no condition
+    before = world.rng.getstate()
+    true_lift(world, rule)
+    assert world.rng.getstate() == before  # the world's own stream is left as it was
