@@ -19,10 +19,10 @@ demo: install
 	$(VENV)/bin/reflexd demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 test-fast: install
-	$(PY) -m pytest -q -m "not e2e and not slow"
+	$(PY) -m pytest -q -n auto -m "not e2e and not slow"
 
 bench: install
 	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[bench]'
