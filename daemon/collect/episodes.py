@@ -108,6 +108,24 @@ class Assembler:
                 self._waiting += 1
             self._journaled.add(record.key)
 
+    def forget(self, agent: str) -> int:
+        """Drop what waits for ``agent``'s episodes: every waiting record of a trace in which a
+        span names it (as its agent or, with ``missing_agent: service``, its service), and the
+        episodes of its that went out lately, so no late step is stored under it. How many went."""
+        doomed = [
+            trace for trace, spans in self._traces.items()
+            if any(agent in (r.agent, r.service) for r in spans.values())
+        ]
+        dropped = 0
+        for trace in doomed:
+            for record in self._traces.pop(trace).values():
+                self._waiting -= 1
+                self._journaled.discard(record.key)
+                dropped += 1
+        for key in [k for k, closed in self._closed.items() if closed.agent == agent]:
+            del self._closed[key]
+        return dropped
+
     # ---- deciding ------------------------------------------------------------------------
 
     def add(self, records: Iterable[SpanRecord], now: float) -> Plan:

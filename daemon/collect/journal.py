@@ -81,15 +81,23 @@ class Journal:
         if not add and not drop:
             return
         data = _encode(_Line(add=add, drop=drop)) + b"\n"
+        start = None
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            start = os.fstat(self._fd).st_size
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view):]
             os.fsync(self._fd)
         except OSError as exc:
-            self.close()  # a line half written is ended by the next rewrite, or skipped at load
+            # a line half written would run into the next one, and load would skip both: cut it off
+            if self._fd is not None and start is not None:
+                try:
+                    os.ftruncate(self._fd, start)
+                except OSError:
+                    pass
+            self.close()
             raise StorageError(f"writing {self.path} failed: {exc.strerror or exc}") from None
         self._added += len(add)
 

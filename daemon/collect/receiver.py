@@ -82,9 +82,13 @@ def durably(ingest: Any, settings: Callable[[], Config]) -> Submit:
     are in the spool (``RequestTimeout`` after ``socket.request_timeout``), as a flush waits."""
 
     async def submit(events: Sequence[ExperienceEvent], dead: Sequence[DeadLetter]) -> None:
-        await ingest.submit(events, dead)
+        limit = settings().socket.request_timeout
+        with anyio.move_on_after(limit) as queued:  # a stalled queue is a 503, never a hung exporter
+            await ingest.submit(events, dead)
+        if queued.cancelled_caught:
+            raise RequestTimeout("traces: the spans could not be queued", limit)
         if events:
-            await ingest.barrier_within(settings().socket.request_timeout, "traces: the spans are not durable in the spool")
+            await ingest.barrier_within(limit, "traces: the spans are not durable in the spool")
 
     return submit
 
@@ -277,6 +281,16 @@ class TraceReceiver:
                 except StorageError as exc:  # the file stays as it was, only larger
                     _log.warning("rewriting the waiting steps' journal failed", error=str(exc))
 
+    async def forget(self, agent: str) -> int:
+        """Drop the steps waiting for ``agent``'s episodes, in memory and in the journal."""
+        if self.assembler is None or self.journal is None:
+            return 0
+        async with self._journal_lock:
+            dropped = self.assembler.forget(agent)
+            if dropped:
+                await anyio.to_thread.run_sync(self.journal.compact, self.assembler.live())
+        return dropped
+
     # ---- HTTP ----------------------------------------------------------------------------
 
     async def _accept(self, listener: Listener[Any], tg: anyio.abc.TaskGroup) -> None:
@@ -301,7 +315,15 @@ class TraceReceiver:
 
     async def _handle(self, stream: Any) -> None:
         try:
-            peer = _peer_of(stream)
+            # /proc/net/tcp and the user database are files: read off the event loop
+            peer = await anyio.to_thread.run_sync(_peer_of, stream)
+            if not self._allowed(peer):  # refused at once: a stranger holds no slot while it dawdles
+                self.counters.forbidden += 1
+                _log.warning("trace connection refused", peer_uid=peer.uid, peer_pid=peer.pid, peer=peer.where)
+                why = f"uid {peer.uid} is not allowed" if peer.uid is not None else "cannot tell who is connecting"
+                await self._send(stream, 403, _refusal(403, why, otlp.JSON))
+                await _linger(stream)
+                return
             buffer = bytearray()
             while await self._exchange(stream, buffer, peer):
                 pass
@@ -363,15 +385,20 @@ class TraceReceiver:
 
     async def _export(self, body: bytes, headers: dict[str, str], encoding: str, peer: _Peer) -> tuple[int, bytes]:
         cfg = self.settings()
+        rules = self._current_rules()
+        now = time.time()
+
+        def decoded() -> tuple[Any, str]:
+            # decompressing, parsing and mapping a body of up to max_body_bytes: not on the event loop
+            request, found = otlp.decode_request(body, headers.get("content-type"), headers.get("content-encoding"), cfg.traces.max_body_bytes)
+            return rules.extract(request, now), found
+
         try:
-            request, encoding = otlp.decode_request(body, headers.get("content-type"), headers.get("content-encoding"), cfg.traces.max_body_bytes)
+            extracted, encoding = await anyio.to_thread.run_sync(decoded)
         except TraceError as exc:
             await self._reject(peer, exc, body, len(body))
             return exc.status, _response(exc.status, otlp.encode_status(encoding, exc.status, exc.reason), encoding)
-        rules = self._current_rules()
         assert self.assembler is not None
-        now = time.time()
-        extracted = rules.extract(request, now)
         plan = self.assembler.add(extracted.records, now)
         rejected = extracted.rejected + plan.rejected
         dead = [self._dead(peer, "refused_steps", reason, b"", 0) for reason in plan.dead]
@@ -510,7 +537,8 @@ def _content_length(headers: dict[str, str]) -> int:
     value = headers.get("content-length")
     if value is None:
         raise TraceError("a Content-Length is required", 411)
-    if not value.isdigit():
+    # ASCII digits only ("²" is a digit to str.isdigit but not to int), and no more than a byte count needs
+    if not (value.isascii() and value.isdigit() and len(value) <= 19):
         raise TraceError(f"Content-Length {value[:40]!r} is not a number of bytes")
     return int(value)
 

@@ -6,6 +6,7 @@ cancelled), and always reaped, so no run outlives the daemon or leaves a zombie 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,3 +44,10 @@ async def run_child(
                 with anyio.CancelScope(shield=True):
                     await proc.wait()
     return Finished(proc.returncode, limit.cancelled_caught)
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest run folders under ``folder``."""
+    runs = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    for old in runs[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -439,7 +439,7 @@ class Daemon:
                     removed["training_snapshots"] = await anyio.to_thread.run_sync(
                         _remove_snapshots, self.scheduler.runs_dir
                     )
-                    removed["training_snapshots"] += await anyio.to_thread.run_sync(
+                    removed["extraction_snapshots"] = await anyio.to_thread.run_sync(
                         _remove_snapshots, self.extractor.runs_dir
                     )
                     # evaluation windows are deleted once read; any a crash left behind hold the agent's rows too
@@ -447,6 +447,9 @@ class Daemon:
                         _remove_windows, self.config.state_path / WINDOWS_DIR
                     )
                     removed["rejected_spool_events"] = await anyio.to_thread.run_sync(self.ingest.spool.forget, agent)
+                    traces = getattr(self, "traces", None)
+                    removed["waiting_trace_spans"] = await traces.forget(agent) if traces is not None else 0
+                    await self.extractor.forgotten()
             except OSError as exc:  # deleting archive partitions or snapshot files
                 raise StorageError(f"forgetting agent {agent!r} failed: {exc}") from exc
         _log.info("agent forgotten", agent=agent, **removed)
@@ -565,7 +568,7 @@ def _remove_windows(directory: Path) -> int:
 def _remove_snapshots(runs: Path) -> int:
     """Delete what run folders keep of the rows they trained on: snapshots (a crash's ``.partial``
     ones too) and results (a cross-fitted run's lists every decision id)."""
-    kept = ("*/snapshot.parquet*", "*/out/result.json", "*/out/insights.json", "*/inputs.json")
+    kept = ("*/snapshot.parquet*", "*/out/result.json", "*/out/insights.json*", "*/inputs.json")
     snapshots = [p for pattern in kept for p in runs.glob(pattern)] if runs.is_dir() else []
     for snapshot in snapshots:
         snapshot.unlink(missing_ok=True)

@@ -10,7 +10,6 @@ The previous run's rules go back into the next, so each rule keeps its history.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -27,7 +26,7 @@ from reflexd.analysis.result import EXIT_FAILED, EXIT_OUT_OF_MEMORY, encode_inpu
 from reflexd.config import Config
 from reflexd.errors import AnalysisError, ReflexdError
 from reflexd.registry import Registry
-from reflexd.service.child import run_child
+from reflexd.service.child import prune, run_child
 from reflexd.service.ingest import Ingest
 from reflexd.service.store import Store
 from reflexd.service.store.findings import KINDS, Run
@@ -120,17 +119,21 @@ class Extractor:
         async with self._lock:
             self.status.runs += 1
             started = time.time()
-            run_dir = self._new_run_dir()
             try:
-                found = await self._extract(run_dir, reason)
+                run_dir = await anyio.to_thread.run_sync(self._new_run_dir)
+                try:
+                    found = await self._extract(run_dir, reason)
+                finally:
+                    await anyio.to_thread.run_sync(self._prune_runs)
             except ReflexdError as exc:
                 return self._failed(exc, started)
+            except OSError as exc:  # its run folder: a full disk, a damaged state directory
+                return self._failed(AnalysisError(f"extraction's files under {self.runs_dir}: {exc}"), started)
             except Exception as exc:  # a bug must cost one extraction, never the daemon
                 _log.exception("extraction failed unexpectedly")
                 return self._failed(AnalysisError(f"extraction failed unexpectedly: {type(exc).__name__}: {exc}"), started)
             finally:
                 self.status.state = "idle"
-                self._prune_runs()
         s = self.status
         s.consecutive_failures, s.last_error = 0, None
         self._last_at, self._last_end = started, found.window[1] if found.window else self._last_end
@@ -162,9 +165,7 @@ class Extractor:
         return path
 
     def _prune_runs(self) -> None:
-        runs = sorted(self.runs_dir.iterdir(), key=lambda p: p.stat().st_mtime)
-        for old in runs[:-KEEP_RUN_DIRS]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(self.runs_dir, KEEP_RUN_DIRS)
 
     async def _extract(self, run_dir: Path, reason: str) -> Found:
         cfg = self.config
@@ -176,11 +177,8 @@ class Extractor:
         info = await anyio.to_thread.run_sync(self.store.snapshot, snapshot, now, cfg, cfg.insights.max_examples)
         if info.rows == 0:
             raise AnalysisError("no matured experience to extract insights from yet")
-        inputs, model_dir = await anyio.to_thread.run_sync(self._inputs, now)
-        (run_dir / "inputs.json").write_bytes(encode_inputs(inputs))
-        (run_dir / "config.json").write_bytes(msgspec.json.encode(cfg))
+        model_dir = await anyio.to_thread.run_sync(self._write_inputs, run_dir, now)
         out = run_dir / "out"
-        out.mkdir()
         cmd = [sys.executable, "-m", "reflexd.analysis", str(snapshot), str(out), "--inputs", str(run_dir / "inputs.json")]
         cmd += ["--config", str(run_dir / "config.json")]
         if model_dir is not None:
@@ -193,16 +191,15 @@ class Extractor:
         if done.timed_out:
             raise AnalysisError(f"extraction exceeded insights.max_wall_time ({cfg.insights.max_wall_time:g} s) and was killed")
         if done.returncode != 0:
-            raise _fault(done.returncode, run_dir / "analysis.log", out, cfg.insights.max_memory_mb)
-        found = read_insights(out)
+            raise await anyio.to_thread.run_sync(_fault, done.returncode, run_dir / "analysis.log", out, cfg.insights.max_memory_mb)
+        found = await anyio.to_thread.run_sync(read_insights, out)
         run = Run(
             id=run_dir.name,
             at=found.generated_at,
             window_start=found.window[0] if found.window else None,
             window_end=found.window[1] if found.window else None,
             experiences=found.rows,
-            summary={
-                **msgspec.to_builtins(found.counts),
+            summary={  # counts are not kept: they are counted from the findings left (forget)
                 "reason": reason,
                 "reward_model": found.reward_model,
                 "confidence": found.confidence,
@@ -215,6 +212,15 @@ class Extractor:
         lists = {kind: msgspec.to_builtins(getattr(found, kind)) for kind in KINDS}
         await anyio.to_thread.run_sync(self.store.save_insights, run, lists, cfg.insights.keep_runs)
         return found
+
+    def _write_inputs(self, run_dir: Path, now: float) -> Path | None:
+        """Write the run's ``inputs.json`` and ``config.json`` (and make ``out/``); the live model's
+        registry folder, if there is one."""
+        inputs, model_dir = self._inputs(now)
+        (run_dir / "inputs.json").write_bytes(encode_inputs(inputs))
+        (run_dir / "config.json").write_bytes(msgspec.json.encode(self.config))
+        (run_dir / "out").mkdir()
+        return model_dir
 
     def _inputs(self, now: float) -> tuple[ExtractionInputs, Path | None]:
         """What the extraction needs beside the snapshot: the last rules (their history), the models
@@ -271,7 +277,14 @@ class Extractor:
             found["trends"] = [t for t in found["trends"] if (t.get("end") or 0) >= msg.since]
         described = {"id": run.id, "at": run.at, "window_start": run.window_start, "window_end": run.window_end,
                      "experiences": run.experiences, **run.summary}
-        return Insights(run=described, summary=self.summary(), req=msg.req, **found)
+        # what is said about the findings is said of those in the reply: one agent's, when asked so
+        summary = {**self.summary(), **_gist(found["rules"], found["anomalies"]), **_counts(found)}
+        return Insights(run=described, summary=summary, req=msg.req, **found)
+
+    async def forgotten(self) -> None:
+        """After ``forget``: the status line is counted again from the findings left."""
+        latest = await anyio.to_thread.run_sync(self.store.latest_insights, None)
+        self._gist = _gist(latest[1]["rules"], latest[1]["anomalies"]) if latest else {}
 
     def summary(self) -> dict[str, Any]:
         """For ``status``: the state, the last run, and its one-line gist."""
@@ -290,6 +303,16 @@ def _gist(rules: list[dict[str, Any]], anomalies: list[dict[str, Any]]) -> dict[
         "rules_published": sum(r.get("status") == "published" for r in rules),
         "anomalies": len(anomalies),
         "newest_anomaly": None if newest is None else {k: newest.get(k) for k in ("kind", "at", "agent", "summary")},
+    }
+
+
+def _counts(found: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    rules = found["rules"]
+    return {
+        "rules_candidate": sum(r.get("status") == "candidate" for r in rules),
+        "rules_retired": sum(r.get("status") == "retired" for r in rules),
+        "patterns": len(found["patterns"]),
+        "trends": len(found["trends"]),
     }
 
 

@@ -7,7 +7,6 @@ CPU priority, with a wall-time limit, on a Parquet snapshot rather than the live
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import time
@@ -36,7 +35,7 @@ from reflexd.learning import gate, runs
 from reflexd.learning.dataset import load_holdout, load_snapshot
 from reflexd.manifest import MODEL_FILE, GateResult, Manifest, Training, decode_manifest
 from reflexd.registry import Registry, check_model, sha256_of
-from reflexd.service.child import run_child
+from reflexd.service.child import prune, run_child
 from reflexd.service.ingest import Ingest
 from reflexd.service.store import Store
 from reflexd.split import first_run_rows, holdout_rows
@@ -240,9 +239,7 @@ class Scheduler:
         return path
 
     def _prune_runs(self) -> None:
-        runs = sorted(self.runs_dir.iterdir(), key=lambda p: p.stat().st_mtime)
-        for old in runs[:-KEEP_RUNS]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(self.runs_dir, KEEP_RUNS)
 
     async def _train(self, run_dir: Path, reason: str) -> dict[str, Any]:
         cfg = self.config

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import io
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ def _pyplot() -> Any:
     except ImportError:
         raise UsageError("reflexd report draws with matplotlib: pip install 'reflexd[report]'") from None
     matplotlib.use("Agg")  # no display: a file, never a window
+    # agent and action names are labels, never TeX: a "$" in a name must not be read as math
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
@@ -160,8 +163,18 @@ def write_report(reply: Insights, out: str | os.PathLike[str]) -> Path:
     """Write ``index.html`` into the folder ``out`` (made if missing); its path."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
+    if folder.stat().st_uid != os.getuid():  # another user's folder could hold links we would follow
+        raise UsageError(f"--out {folder} belongs to another user: name a folder of your own")
     path = folder / "index.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_html(reply), encoding="utf-8")
-    os.replace(tmp, path)
+    page = render_html(reply).encode("utf-8")
+    # a new file of our own (O_EXCL), renamed over index.html: nothing planted there is written through
+    fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".html", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(page)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

@@ -114,3 +114,40 @@ def test_insights_now_publishes_the_planted_rule_and_forget_removes_it(daemon_fa
 
     d.request(Forget(agent="router"))
     assert reflexd(d, "insights", "--agent", "router")["rules"] == []
+    after = reflexd(d, "status")["insights"]
+    assert after["rules_published"] == 0 and (after["newest_anomaly"] or {}).get("agent") != "router"
+
+
+def test_an_extraction_that_cannot_make_its_folder_fails_and_the_daemon_goes_on(daemon_factory, tmp_path: Path) -> None:
+    d = daemon_factory({"rewards": {"wait_window": 0.3}})
+    (d.state_dir / "insights").write_text("not a folder")  # where the run folders go
+    done = subprocess.run(
+        [sys.executable, "-m", "reflexd", "insights", "--now", "--socket", d.socket],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1 and "insights" in done.stderr, done.stderr
+    # before: the OSError escaped the extraction and stopped the daemon
+    assert d.running and d.status().insights["last_run"]["outcome"] == "failed"
+
+
+def test_the_report_is_written_only_into_a_folder_of_ones_own_and_names_are_not_math(tmp_path: Path) -> None:
+    import os
+
+    from reflexd.errors import UsageError
+    from reflexd.tools.report import write_report
+    from reflexd.wire.protocol import Insights
+
+    rule = {"agent": "a$\\foo$", "action": "x$", "baseline": "y", "when": [], "lift": 0.2, "ci": [0.1, 0.3],
+            "support": 300, "status": "published", "text": "everywhere, x$ earns +0.2 over y"}
+    trend = {"agent": "a$\\foo$", "points": [{"start": 0.0, "end": 1.0, "value": 0.5, "ci": [0.4, 0.6], "count": 9}],
+             "direction": "flat"}
+    reply = Insights(run={"id": "r", "at": 1.0, "experiences": 9}, rules=[rule], trends=[trend])
+    page = write_report(reply, tmp_path / "mine").read_text()
+    assert "x$ earns" in page and "<script" not in page
+    if os.getuid() != 0:
+        return  # handing a folder to another user needs root
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)  # another user's folder (the tests run as root)
+    with pytest.raises(UsageError, match="another user"):
+        write_report(reply, theirs)

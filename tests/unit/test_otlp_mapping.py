@@ -532,3 +532,39 @@ def test_the_journal_refuses_a_directory_others_may_write(tmp_path: Path) -> Non
     (tmp_path / "traces").chmod(0o777)
     with pytest.raises(Exception, match="writable by group or others"):
         Journal(tmp_path / "traces").load()
+
+
+def test_a_write_that_fails_half_way_leaves_no_half_line_before_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reflexd.errors import StorageError
+
+    j = Journal(tmp_path / "traces")
+    j.load()
+    real_write = journal_module.os.write
+    calls = {"n": 0}
+
+    def short_then_fail(fd: int, data: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_write(fd, bytes(data[:10]))  # ten bytes reach the file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_module.os, "write", short_then_fail)
+    with pytest.raises(StorageError):
+        j.write([record("00000000000000b1")], [])  # answered 503: the exporter sends it again
+    monkeypatch.setattr(journal_module.os, "write", real_write)
+    j.write([record("00000000000000b2")], [])  # answered 200: must survive a restart
+    j.close()
+    # before: the second line ran on from the first's ten bytes, and load skipped both
+    assert [r.span for r in Journal(tmp_path / "traces").load()] == ["00000000000000b2"]
+
+
+def test_forget_drops_the_steps_waiting_for_an_agents_episodes() -> None:
+    m = Mapper(missing_agent="service")
+    m.send(chat("00000000000000b1", "m1", 1.0), service="support")
+    assert m.assembler.waiting == 1
+    assert m.assembler.forget("someone-else") == 0 and m.assembler.waiting == 1
+    assert m.assembler.forget("support") == 1
+    assert m.assembler.waiting == 0 and m.assembler.live() == []
+    # nothing of it is stored when its episode comes after all
+    closing = m.send(head(agent="support"), service="support")
+    assert steps(closing) == []

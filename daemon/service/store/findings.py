@@ -73,6 +73,14 @@ def latest(con: duckdb.DuckDBPyConnection, agent: str | None) -> tuple[Run, dict
 
 
 def forget(con: duckdb.DuckDBPyConnection, agent: str) -> int:
-    """Delete the findings about ``agent`` from every run kept (inside the caller's transaction)."""
+    """Delete the findings about ``agent`` from every run kept, and the runs' notes that name it
+    (inside the caller's transaction)."""
     (removed,) = con.execute("DELETE FROM insights WHERE agent = ?", [agent]).fetchone()
+    for run_id, raw in con.execute("SELECT id, CAST(summary AS VARCHAR) FROM insight_runs").fetchall():
+        summary = msgspec.json.decode(raw)
+        notes = summary.get("notes") or []
+        kept = [n for n in notes if agent not in n]
+        if kept != notes:
+            summary["notes"] = kept
+            con.execute("UPDATE insight_runs SET summary = ? WHERE id = ?", [msgspec.json.encode(summary).decode(), run_id])
     return removed
