@@ -72,6 +72,12 @@ class RewardConfig(_Section):
     wait_window: NonNegative = 30.0
     default: float = 0.0
     aggregation: Literal["sum", "first", "last", "mean", "min", "max"] = "sum"
+    # credit a decision that names an episode with the discounted return from it to the episode's
+    # end (its own reward, then each later decision's, then the end's final reward) instead of its own
+    episode_return: bool = False
+    discount: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0  # γ of that return
+    # seconds after an episode's last decision without an end: it ends then, with `default` as its final reward
+    episode_timeout: PositiveFloat = 3600.0
 
 
 class RetentionConfig(_Section):
@@ -288,6 +294,37 @@ class InsightsConfig(_Section):
     max_memory_mb: Positive = 4096  # the extraction subprocess's address-space cap, as trainer.max_memory_mb
 
 
+class BehaviourConfig(_Section):
+    """The behaviour model (``reflexd.trainer.behaviour``): an LSTM over each agent's steps that
+    predicts its next action and its episode's success. The trainer reads every key; the daemon
+    reads ``enabled``, ``min_new_episodes`` and ``max_wall_time`` to schedule it."""
+
+    enabled: bool = True  # train one once enough episodes have ended (no steps, no run)
+    min_new_episodes: Positive = 200  # ended episodes since the last run that make the next one due
+    max_wall_time: PositiveFloat = 1800.0  # the training subprocess is killed after this many seconds
+    hidden: Positive = 256
+    layers: Positive = 3
+    dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.1
+    embedding: Positive = 16  # the action embedding's width
+    head_hidden: Positive = 64  # the decision head's hidden layer
+    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
+    learning_rate: PositiveFloat = 1e-3
+    alpha: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.99  # RMSprop's smoothing constant
+    epochs: Positive = 20
+    batch_episodes: Positive = 64
+    max_steps: Positive = 128  # longer episodes are cut to their first max_steps steps
+    max_vocab: Annotated[int, msgspec.Meta(ge=2)] = 256  # the most frequent actions; the rest share index 0
+    context_dim: Positive = 128  # the observation's hashed width (reflexd.features)
+    feature_seed: int = 0
+    holdout_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.2  # the newest episodes, for calibration
+    min_episodes: Positive = 20
+    nll_quantile: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.99  # unusual-sequence threshold: this quantile of episodes' mean NLL
+    success_weight: Annotated[float, msgspec.Meta(ge=0)] = 1.0  # the success loss's weight beside the next-action loss
+    parity_tolerance: PositiveFloat = 1e-5  # as gate.parity_tolerance
+    max_threads: Positive = 1
+    max_memory_mb: Positive = 4096
+
+
 class AgentConfig(_Section):
     """The sections an agent may override; anything not given comes from the global section."""
 
@@ -312,6 +349,7 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     traces: TracesConfig = TracesConfig()
     insights: InsightsConfig = InsightsConfig()
+    behaviour: BehaviourConfig = BehaviourConfig()
     agents: dict[str, AgentConfig] = {}
 
     @property

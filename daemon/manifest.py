@@ -140,3 +140,104 @@ def decode_manifest(data: bytes) -> Manifest:
 def build_manifest(fields: dict[str, Any]) -> Manifest:
     """A manifest from plain fields (as the scheduler assembles them), written in the current format."""
     return msgspec.convert({**fields, "format": FORMAT}, Manifest, from_attributes=True)
+
+
+# ---- the behaviour model (reflexd.trainer.behaviour) ------------------------------------------
+# A sequence model over an agent's steps, kept in its own registry line (``models/behaviour/``,
+# ``reflexd.deciding.behaviour.BehaviourRegistry``) so the reward model's registry is untouched.
+
+BEHAVIOUR_MODEL_FILE = "model.onnx"
+BEHAVIOUR_FORMAT = 1
+# the exported step graph's names: one step of a batch of episodes, recurrent state in and out
+BEHAVIOUR_INPUTS = ("observation", "action", "reward", "h", "c")
+BEHAVIOUR_OUTPUTS = ("action_probs", "success", "h_out", "c_out")
+
+
+class BehaviourArchitecture(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    cell: str = "lstm"
+    hidden: int  # the recurrent state's width (h and c are [layers, batch, hidden])
+    layers: int
+    dropout: float
+    embedding: int  # the action embedding's width
+    head_hidden: int  # the decision head's hidden layer
+
+
+class ReliabilityBin(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    lower: float
+    upper: float
+    predicted: float  # mean predicted probability of the pairs in the bin
+    observed: float  # how often those actions were the ones taken
+    count: int
+
+
+class BehaviourCalibration(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How well the next-action probabilities (and the success prediction) match what happened,
+    on held-out episodes (or the training ones when none could be held out: ``held_out`` False)."""
+
+    held_out: bool
+    episodes: int
+    steps: int
+    brier: float | None  # multi-class Brier of the next-action distribution, mean per step (0 best, 2 worst)
+    nll: float | None  # mean negative log-likelihood of the action taken, per step (nats)
+    accuracy: float | None  # how often the most likely action was the one taken
+    bins: list[ReliabilityBin] = []  # reliability of every (step, action) probability, 10 equal bins
+    success_brier: float | None = None  # of P(success) at every step of complete episodes
+    success_episodes: int = 0
+
+
+class BehaviourTraining(msgspec.Struct, frozen=True, kw_only=True):
+    agents: list[str] = []
+    episodes: int = 0
+    steps: int = 0
+    holdout_episodes: int = 0
+    complete_episodes: int = 0  # with a done step: the success head learns from these only
+    truncated_episodes: int = 0  # longer than max_steps: only their first max_steps were used
+    window_start: float | None = None
+    window_end: float | None = None
+    seed: int | None = None
+    epochs: int | None = None
+    optimizer: str | None = None
+    train_loss: float | None = None
+    load_seconds: float | None = None
+    import_seconds: float | None = None
+    fit_seconds: float | None = None
+    export_seconds: float | None = None
+    parity_seconds: float | None = None
+    parity_diff: float | None = None
+    parity_ok: bool | None = None
+    cpu_seconds: float | None = None
+    torch_version: str | None = None
+
+
+class BehaviourManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A behaviour model version: what its file computes and how to feed it.
+
+    ``vocabulary[i]`` is the action whose probability is ``action_probs[:, i]`` and whose index
+    the ``action`` input takes; index 0 is every action outside the vocabulary. Success is the
+    episode's final (done) step having a reward > 0 (``success``). ``nll_threshold`` is the mean
+    per-step negative log-likelihood above which an episode is unusual (the ``nll_quantile`` of
+    the snapshot's episodes)."""
+
+    kind: str = "behaviour"
+    format: int = BEHAVIOUR_FORMAT
+    version: str  # "" until the registry gives it one
+    parent: str | None = None
+    created: float
+    sha256: str
+    file: str = BEHAVIOUR_MODEL_FILE
+    features: FeatureSpec
+    vocabulary: list[str]
+    architecture: BehaviourArchitecture
+    max_steps: int  # episodes were cut to their first max_steps steps in training
+    success: str = "final step done with reward > 0"
+    nll_threshold: float
+    nll_quantile: float
+    calibration: BehaviourCalibration
+    training: BehaviourTraining = BehaviourTraining()
+
+
+_behaviour_decoder = msgspec.json.Decoder(BehaviourManifest)
+
+
+def decode_behaviour_manifest(data: bytes) -> BehaviourManifest:
+    return _behaviour_decoder.decode(data)

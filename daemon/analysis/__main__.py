@@ -78,7 +78,7 @@ def _limit_memory(max_mb: int) -> int | None:
     try:
         import resource
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
         limit = max_mb << 20
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
@@ -89,15 +89,20 @@ def _limit_memory(max_mb: int) -> int | None:
     return limit
 
 
-def _peak_address_space() -> int | None:
+def _status_bytes(field: str) -> int | None:
+    """A size from /proc/self/status (VmPeak: address space, VmHWM: resident memory, at their peak)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmPeak:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) << 10
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _peak_address_space() -> int | None:
+    return _status_bytes("VmPeak")
 
 
 def _read_config(arg: str | None) -> Config:
@@ -171,12 +176,14 @@ def run(args: argparse.Namespace, limit: list[int | None]) -> None:
     del exp
     insights = msgspec.structs.replace(insights, seconds=time.perf_counter() - started)
     write_insights(Path(args.out_dir), insights)
+    peak = _status_bytes("VmHWM")  # this process's own: exec started it afresh
     _log(
         "done",
         rules=insights.counts.rules_published,
         candidates=insights.counts.rules_candidate,
         anomalies=insights.counts.anomalies,
         seconds=insights.seconds,
+        peak_rss_mb=round(peak / 2**20, 1) if peak is not None else "unknown",
     )
 
 
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     limit: list[int | None] = []  # the cap, once run has read the config and set it
     try:
         run(args, limit)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- a bug too must leave a result the daemon can read
         if _out_of_memory(exc, limit[0] if limit and not isinstance(exc, ReflexdError) else None):
             traceback.print_exc()
             return _fail(out_dir, f"the extraction ran out of memory (insights.max_memory_mb): {type(exc).__name__}: {exc}",

@@ -154,9 +154,11 @@ def from_parquet(path: str, scorer: Scorer | None = None) -> Experience:
         columns = [c for c in (*REQUIRED, *OPTIONAL) if c in names]
         batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=columns)
         return _load(batches, pf.metadata.num_rows, scorer, path)
+    except MemoryError:
+        raise  # Arrow's allocation failures are MemoryErrors too: the run's cap, not the file
     except FileNotFoundError:
         raise AnalysisError(f"snapshot {path}: no such file") from None
-    except (OSError, pa.ArrowInvalid) as exc:
+    except (OSError, pa.ArrowException) as exc:  # unreadable, or a column of another type
         raise AnalysisError(f"snapshot {path}: cannot read ({exc})") from None
 
 
@@ -238,6 +240,9 @@ class _Loader:
         usable &= (set_index >= 0) & (chosen >= 0)
         usable &= self._in_set(set_index, chosen, usable)
         keep = np.flatnonzero(usable)
+        if len(keep) == 0:
+            self.dropped += n
+            return
         contexts = col["context"].take(pa.array(keep))
         parsed, objects = self._parse(contexts)
         if not objects.all():
@@ -268,7 +273,14 @@ class _Loader:
                     self.text_codes[name] = _Codes()
                 self.texts[name][at] = self.text_codes[name].encode(values)
         if self.scorer is not None:
-            self.live.append(self._score(contexts, col["actions"].take(pa.array(keep))))
+            try:
+                self.live.append(self._score(contexts, col["actions"].take(pa.array(keep))))
+            except MemoryError:
+                raise  # the run's memory cap, not the model: exit 3 says so
+            except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own untyped errors
+                raise AnalysisError(
+                    f"snapshot {self.where}: the live model {self.scorer.version} cannot score its decisions ({exc})"
+                ) from None
         self.rows += len(keep)
 
     def _action_sets(self, column: pa.Array) -> np.ndarray:

@@ -25,10 +25,13 @@ if TYPE_CHECKING:
     from reflexd.deciding.scoring import Scorer
 
 
+DEFAULTS = InsightsConfig()
+
+
 def extract(
     table: pa.Table,
     inputs: ExtractionInputs,
-    settings: InsightsConfig = InsightsConfig(),
+    settings: InsightsConfig = DEFAULTS,
     scorer: Scorer | None = None,
     seed: int = 0,
 ) -> Insights:

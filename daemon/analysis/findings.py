@@ -124,8 +124,9 @@ class Trend(_Finding, kw_only=True):
     None), what always taking ``action`` would earn (DR), or a model version's reward as earned.
 
     ``value``/``ci``/``count`` are the newest window's. ``direction`` compares the newest window
-    with the first (their difference's interval excludes zero), and ``since`` is the start of the
-    earliest window from which every window differs from the first that way.
+    with the first (their difference's interval, ``change_ci``, excludes zero; taken at the
+    Bonferroni level over the agent's series), and ``since`` is the start of the earliest window
+    from which every window differs from the first that way.
     """
 
     agent: str

@@ -170,9 +170,11 @@ def _cross_fit(exp: Experience, chosen: np.ndarray, available: np.ndarray, seed:
             train = np.sort(rng.choice(train, FIT_ROWS, replace=False))
         x, categorical = hgb_design(features, train)
         x[:, -1] = action[train]
+        # 50 rounds at a rate of 0.2: scoring a million decisions for every action is most of a
+        # run's time, and twice the rounds left the pseudo-outcomes' spread within 0.1%
         model = HistGradientBoostingRegressor(
-            max_iter=100,
-            learning_rate=0.1,
+            max_iter=50,
+            learning_rate=0.2,
             max_leaf_nodes=31,
             min_samples_leaf=20,
             categorical_features=categorical,

@@ -9,16 +9,16 @@ action is fit to that action's pseudo-outcomes on the find window, and each leaf
 mean of the pseudo-outcomes on the check window (honest estimation: the rows that chose a
 segment never estimate it, so its value is not flattered by the choice).
 
-**Rules** compare an action with the agent's *baseline*: the action that earns most over all
-its decisions (kept from the previous run while it is not significantly beaten, so rule ids stay
-stable). For every other action a tree is fit to Γ(a) − Γ(baseline) on the find window; a leaf
+**Rules** compare an action with the agent's *baseline*: the action that earns most over the
+find window's decisions, by DR (the previous run's baseline is kept while it is not
+significantly beaten, so rule ids stay stable). For every other action a tree is fit to Γ(a) − Γ(baseline) on the find window; a leaf
 whose interval there excludes zero is a *candidate*. Then each rule is checked on decisions it
 was not found on:
 
 - a new candidate on the run's check window;
 - every earlier rule (from ``ExtractionInputs.rules``) on the decisions newer than both its
   finding window and its last check (``checked_until``), so no decision is ever used twice to
-  check the same rule.
+  check the same rule; a candidate found again, or a retired rule found again, likewise.
 
 A check needs ``min_support`` decisions in the segment. With m checks in a run, each is tested at
 confidence 1 − ``false_rule_rate`` / m (Bonferroni): the chance that any rule that does not hold
@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -265,23 +266,25 @@ class RuleBook:
             if old is not None and old.status == "published":
                 continue  # found again: its checks go on as before
             ci = _interval(f.estimate)
-            fields = dict(
-                lift=f.estimate.value,
-                ci=ci,
-                support=f.support,
-                status="candidate",
-                text=rule_text(f.agent, f.action, f.baseline, f.when, f.estimate.value, ci, f.support,
-                               self.settings.confidence),
-                found_window=f.window,
-                found_lift=f.estimate.value,
-                found_ci=ci,
-                found_support=f.support,
-                checked_until=f.window[1],
-            )
+            fields: dict[str, Any] = {
+                "lift": f.estimate.value,
+                "ci": ci,
+                "support": f.support,
+                "status": "candidate",
+                "text": rule_text(f.agent, f.action, f.baseline, f.when, f.estimate.value, ci, f.support,
+                                  self.settings.confidence),
+                "found_window": f.window,
+                "found_lift": f.estimate.value,
+                "found_ci": ci,
+                "found_support": f.support,
+                "checked_until": f.window[1],
+            }
             if old is None:
                 self.rules[rid] = Rule(id=rid, agent=f.agent, action=f.action, baseline=f.baseline, when=f.when,
                                        first_seen=self.now, **fields)
-            else:  # a candidate found again, or a retired rule back: it is judged afresh
+            else:  # a candidate found again, or a retired rule back: it is judged afresh, on
+                # decisions no earlier check of it used
+                fields["checked_until"] = max(old.checked_until, f.window[1])
                 self.rules[rid] = msgspec.structs.replace(old, confirmed_window=None, check_confidence=None, **fields)
 
     def gather(self, data: AgentOutcomes) -> None:

@@ -13,7 +13,9 @@ A window with fewer than ``MIN_POINT`` decisions is left out. A series' directio
 newest point with its first: their difference (independent windows, so the standard errors add
 in quadrature) is improving or declining when its interval excludes zero, flat otherwise, and
 ``since`` is the start of the earliest window from which every point differs from the first that
-way.
+way. An agent has many series, so that interval is taken at 1 − ``false_rule_rate`` / (the
+agent's number of series), Bonferroni: a flat agent is called improving or declining anywhere at
+most that often. Points' intervals are at ``confidence``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def series(
     spans: list[tuple[float, float]],
     confidence: float,
     *,
+    decide_at: float | None = None,
     agent: str,
     metric: str,
     action: str | None = None,
@@ -66,7 +69,7 @@ def series(
         points.append(TrendPoint(start=lo, end=hi, value=e.value, ci=[e.lower, e.upper], count=len(v)))
     if not points:
         return None
-    z = z_score(confidence)
+    z = z_score(confidence if decide_at is None else decide_at)
 
     def versus_first(e: Estimate) -> tuple[float, float, float]:
         d = e.value - estimates[0].value
@@ -107,12 +110,14 @@ def trends(data: AgentOutcomes, spans: list[tuple[float, float]], settings: Insi
     exp = data.exp
     t = exp.received_at
     c = settings.confidence
-    out = [series(exp.reward, t, spans, c, agent=data.agent, metric="reward")]
+    versions = np.unique(exp.version[exp.version >= 0])
+    level = 1.0 - settings.false_rule_rate / (1 + len(data.actions) + len(versions))
+    out = [series(exp.reward, t, spans, c, decide_at=level, agent=data.agent, metric="reward")]
     for a, action in enumerate(data.actions):
-        out.append(series(data.gamma[:, a], t, spans, c, agent=data.agent, metric="dr_value", action=action))
-    for v in np.unique(exp.version[exp.version >= 0]):
+        out.append(series(data.gamma[:, a], t, spans, c, decide_at=level, agent=data.agent, metric="dr_value", action=action))
+    for v in versions:
         mine = np.where(exp.version == v, exp.reward, np.nan)
         out.append(
-            series(mine, t, spans, c, agent=data.agent, metric="reward", model_version=exp.versions[int(v)])
+            series(mine, t, spans, c, decide_at=level, agent=data.agent, metric="reward", model_version=exp.versions[int(v)])
         )
     return [trend for trend in out if trend is not None]

@@ -31,6 +31,7 @@ from reflexd.wire.connection import Connection, default_socket
 from reflexd.wire.framing import MSGPACK, encode_frame
 from reflexd.wire.protocol import (
     Ack,
+    EpisodeEnd,
     Error,
     Evaluate,
     Evaluation,
@@ -45,7 +46,7 @@ from reflexd.wire.protocol import (
     probability_tables,
 )
 
-__all__ = ["Choice", "Policy"]
+__all__ = ["Choice", "Episode", "Policy"]
 
 _log = log.get("reflexd.client")
 DEFAULT_MODELS = "/var/lib/reflexd/models"
@@ -77,6 +78,7 @@ class _DecisionFrame(msgspec.Struct, frozen=True, gc=False, tag="decision", tag_
     ts: float
     slot: int | None = None  # set for a slot of a slate (decide_slate)
     slate: str | None = None
+    episode: str | None = None  # set for a decision of an episode (Policy.episode)
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -167,13 +169,20 @@ class Policy:
         return scorer.version if scorer is not None else None
 
     def decide(
-        self, context: dict[str, Any], actions: list[Any], *, decision_id: str | None = None, default: str | None = None
+        self,
+        context: dict[str, Any],
+        actions: list[Any],
+        *,
+        decision_id: str | None = None,
+        default: str | None = None,
+        episode: str | None = None,
     ) -> Choice:
         """Choose among ``actions`` (ids, or dicts with ``id`` and ``features``) for ``context``.
 
         ``default``: the agent's own choice (apprentice mode). Until a model is live it is served,
         with the exploration's share given to the others, while the online head learns beside it;
         ``stats()["apprentice"]`` says how often the learned policy would have agreed.
+        ``episode``: the episode the decision is part of (``Policy.episode`` sets it).
         """
         choice = self._chooser.choose(self.agent, context, actions, decision_id, default)
         self._sender.enqueue(
@@ -188,9 +197,32 @@ class Policy:
                 model_version=choice.model_version,
                 strategy=choice.strategy,
                 ts=time.time(),
+                episode=episode,
             )
         )
         return choice
+
+    def episode(self, episode_id: str | None = None, **decide_kw: Any) -> Episode:
+        """A handle on one episode: its decisions carry its id, and its end can carry a final reward.
+
+        >>> with policy.episode() as ep:
+        ...     choice = ep.decide(context, actions)
+        ...     ep.reward(choice, 0.1)
+        ...     ep.end(reward=1.0)  # leaving the block without end() ends it with no final reward
+
+        With ``rewards.episode_return`` on in the daemon, each decision is credited with the
+        discounted return from it to the episode's end. ``episode_id`` defaults to a random one;
+        ``decide_kw`` (``default=...``) is passed to each ``ep.decide``.
+        """
+        return Episode(self, episode_id or uuid.uuid4().hex, decide_kw)
+
+    def end_episode(self, episode: str, reward: float | None = None) -> None:
+        """Log the end of ``episode`` with an optional final reward (``Episode.end`` calls this)."""
+        end = EpisodeEnd(
+            id=uuid.uuid4().hex, agent=self.agent, episode=episode,
+            reward=None if reward is None else float(reward), ts=time.time(),
+        )
+        self._sender.enqueue(end)
 
     def decide_slate(
         self, context: dict[str, Any], actions: list[Any], slots: int, *, slate_id: str | None = None
@@ -352,6 +384,43 @@ class Policy:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Episode:
+    """One episode of a Policy's decisions (``Policy.episode``); a context manager that ends it."""
+
+    def __init__(self, policy: Policy, episode_id: str, decide_kw: dict[str, Any]) -> None:
+        self.policy = policy
+        self.id = episode_id
+        self.decisions = 0
+        self.ended = False
+        self._decide_kw = decide_kw
+
+    def decide(self, context: dict[str, Any], actions: list[Any], **kw: Any) -> Choice:
+        """``Policy.decide``, the decision logged as part of this episode."""
+        if self.ended:
+            raise ValueError(f"episode {self.id!r} has ended: start another for more decisions")
+        choice = self.policy.decide(context, actions, **{**self._decide_kw, **kw}, episode=self.id)
+        self.decisions += 1
+        return choice
+
+    def reward(self, choice: Choice | str, value: float) -> None:
+        """Report an outcome of one of this episode's decisions (a Choice or its id)."""
+        self.policy.reward(choice if isinstance(choice, str) else choice.id, value)
+
+    def end(self, reward: float | None = None) -> None:
+        """End the episode, with ``reward`` as its final reward (none: nothing added)."""
+        if self.ended:
+            raise ValueError(f"episode {self.id!r} has ended already")
+        self.policy.end_episode(self.id, reward)
+        self.ended = True
+
+    def __enter__(self) -> Episode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.ended:
+            self.end()
 
 
 class _Sender(threading.Thread):

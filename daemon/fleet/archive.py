@@ -45,6 +45,7 @@ DECISIONS = pa.schema(
         ("model_version", pa.string()),
         ("slot", pa.int32()),
         ("slate", pa.string()),
+        ("episode", pa.string()),
     ]
 )
 OUTCOMES = pa.schema(
@@ -52,6 +53,16 @@ OUTCOMES = pa.schema(
         ("id", pa.string()),
         ("decision_id", pa.string()),
         ("reward", pa.float64()),
+        ("ts", pa.float64()),
+        ("received_at", pa.float64()),
+    ]
+)
+# events, for the episode ends among them (kind 'episode_end'; data is JSON text)
+EVENTS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("kind", pa.string()),
+        ("data", pa.string()),
         ("ts", pa.float64()),
         ("received_at", pa.float64()),
     ]
@@ -234,6 +245,16 @@ def _read(
     return read, found
 
 
+def _episode_ends(events: ds.Dataset | None, decisions: pa.Table, agent: str | None) -> pa.Table:
+    """The archived episode ends (events of kind ``episode_end``), when any decision read names an
+    episode: the reward join credits episode returns from them (``reflexd.learning.join.ENDS``)."""
+    full = pa.schema([*EVENTS, *PARTITIONS])
+    if events is None or decisions.column("episode").null_count == decisions.num_rows:
+        return full.empty_table()
+    by_agent = (ds.field("agent") == agent) if agent is not None else None
+    return events.to_table(filter=_all(by_agent, ds.field("kind") == "episode_end"))
+
+
 def read_host(
     path: str,
     config: Config,
@@ -266,10 +287,15 @@ def read_host(
     except (pa.ArrowException, OSError) as exc:
         raise FleetError(f"{shown}: cannot read the archive ({_scrubbed(exc, path)})") from None
     rules = join.reward_rules(config)
+    try:
+        ends = _episode_ends(_dataset(fs, root, "events", EVENTS), decisions, agent)
+    except (pa.ArrowException, OSError) as exc:
+        raise FleetError(f"{shown}: cannot read the archive ({_scrubbed(exc, path)})") from None
     con = duckdb.connect(":memory:", config={"threads": 1})
     try:
         con.register("decisions", decisions)
         con.register("outcomes", outcomes)
+        con.register("events", ends)
         con.register("rules", rules)
         params = {"now": now, "max_rows": max_rows, "agent": agent, "since": since, "until": None, "version": None}
         relation = con.sql(join.EXPERIENCES, params=params)

@@ -23,6 +23,8 @@ from reflexd.features import FeatureSpec, Hasher, action_ids
 from reflexd.split import holdout_rows
 
 COLUMNS = ("id", "agent", "received_at", "context", "actions", "chosen", "prob", "reward")
+# read when the snapshot has them: a decision's episode (snapshots before episodes had none)
+OPTIONAL_COLUMNS = ("episode",)
 
 _json = msgspec.json.Decoder()
 # Distinct action lists remembered across a snapshot's chunks; the cap bounds memory when every
@@ -58,6 +60,8 @@ class Batch:
     reward: np.ndarray  # float64 [N]
     received_at: np.ndarray  # float64 [N]
     dropped: int = 0
+    # each row's episode (None: none), or None when no row names one
+    episodes: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -74,13 +78,16 @@ class Batch:
 
     def take(self, index: np.ndarray | list[int] | range | slice) -> Batch:
         """The rows at ``index``; a slice gives views instead of copies."""
+        episodes = self.episodes
         if isinstance(index, slice):
             ids, agents, action_ids = self.ids[index], self.agents[index], self.action_ids[index]
+            episodes = episodes[index] if episodes is not None else None
         else:
             index = np.asarray(index, dtype=np.int64)
             ids = [self.ids[i] for i in index]
             agents = [self.agents[i] for i in index]
             action_ids = [self.action_ids[i] for i in index]
+            episodes = [episodes[i] for i in index] if episodes is not None else None
         return replace(
             self,
             ids=ids,
@@ -93,6 +100,7 @@ class Batch:
             prob=self.prob[index],
             reward=self.reward[index],
             received_at=self.received_at[index],
+            episodes=episodes,
         )
 
 
@@ -138,6 +146,7 @@ def from_records(records: Iterable[Mapping[str, Any]], spec: FeatureSpec) -> Bat
         hasher=hasher,
         where="<records>",
         dropped=len(records) - len(rows),
+        episodes=[r.get("episode") for r in records],
     )
 
 
@@ -174,7 +183,8 @@ def _load(path: str, spec: FeatureSpec, holdout: float | None) -> Batch:
             raise SnapshotError(path, f"missing column(s) {', '.join(missing)}")
         # action lists repeat from row to row: read as a dictionary, each distinct list is held,
         # decoded and hashed once, and each row is an index into them
-        table = pq.read_table(path, columns=list(COLUMNS), read_dictionary=["actions"])
+        extra = [name for name in OPTIONAL_COLUMNS if name in names]
+        table = pq.read_table(path, columns=[*COLUMNS, *extra], read_dictionary=["actions"])
     except FileNotFoundError:
         raise SnapshotError(path, "no such file") from None
     except (OSError, pa.ArrowInvalid) as exc:
@@ -195,7 +205,8 @@ def from_table(table: pa.Table, spec: FeatureSpec, where: str = "<table>") -> Ba
     missing = [name for name in COLUMNS if name not in table.column_names]
     if missing:
         raise SnapshotError(where, f"missing column(s) {', '.join(missing)}")
-    return _from_table(table.select(list(COLUMNS)), spec, None, where)
+    extra = [name for name in OPTIONAL_COLUMNS if name in table.column_names]
+    return _from_table(table.select([*COLUMNS, *extra]), spec, None, where)
 
 
 def _from_table(table: pa.Table, spec: FeatureSpec, holdout: float | None, path: str) -> Batch:
@@ -229,6 +240,7 @@ def _from_table(table: pa.Table, spec: FeatureSpec, holdout: float | None, path:
         hasher=hasher,
         where=path,
         dropped=dropped,
+        episodes=table.column("episode").to_pylist() if "episode" in table.column_names else None,
     )
 
 
@@ -332,6 +344,7 @@ def _build(
     hasher: Hasher,
     where: str,
     dropped: int,
+    episodes: list[Any] | None = None,
 ) -> Batch:
     """The Batch of ``rows`` (indices into the per-row inputs); ``contexts`` yields theirs in order."""
     m = len(rows)
@@ -373,4 +386,5 @@ def _build(
         reward=reward[rows],
         received_at=received_at[rows],
         dropped=dropped,
+        episodes=[episodes[i] for i in rows] if episodes is not None and any(e is not None for e in episodes) else None,
     )

@@ -3,18 +3,23 @@
 Both policies are evaluated on the same logged rows with ``reflexd.learning.ope`` (the deployed
 policy's exploration included, via ``target_probs``), and the candidate must be better by
 ``gate.margin`` with ``gate.confidence``; a first model must beat the logging policy.
+
+When rewards are episode returns (``rewards.episode_return``), the holdout's decisions are judged
+by episode, not as independent rows: the estimators are the per-decision ones over episodes
+(``reflexd.learning.episodes``), the interval's unit is the episode (``credited_episodes``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgspec
 import numpy as np
 
-from reflexd.config import ExplorationConfig, GateConfig
+from reflexd.config import ExplorationConfig, GateConfig, RewardConfig
 from reflexd.deciding import exploring as _exploration
+from reflexd.learning import episodes as _episodes
 from reflexd.learning.ope import ESTIMATORS, ROUNDING, estimate
 from reflexd.manifest import GateResult, Training
 
@@ -22,7 +27,61 @@ if TYPE_CHECKING:
     # serving imports onnxruntime; the gate itself only needs score_batch, version and manifest
     from reflexd.deciding.scoring import Scorer
 
-__all__ = ["LOGGED_POLICY", "check_refit", "compare", "evaluate", "evaluate_cross_fit", "target_probs", "unseen_rows", "with_refit"]
+__all__ = [
+    "LOGGED_POLICY", "check_refit", "compare", "credited_episodes", "evaluate", "evaluate_cross_fit", "target_probs",
+    "unseen_rows", "with_refit",
+]
+
+# Each row's episode number and discount (``credited_episodes``): an episode's rows in step order.
+Episodes = tuple[np.ndarray, np.ndarray]
+RewardsFor = Callable[[str], RewardConfig]
+
+
+def credited_episodes(rows: Any, rewards_for: RewardsFor | None) -> Episodes | None:
+    """(episode number, discount) per row when some row's reward is an episode return (its agent's
+    ``rewards.episode_return`` on and an episode named), else None: the rows are then judged as
+    independent decisions, as always. A row not credited so is an episode of its own."""
+    names = getattr(rows, "episodes", None)
+    if names is None or rewards_for is None:
+        return None
+    keys: list[Any] = []
+    gamma = np.ones(len(names))
+    for i, (agent, name) in enumerate(zip(rows.agents, names)):
+        rule = rewards_for(agent)
+        if name is not None and rule.episode_return:
+            keys.append((agent, name))
+            gamma[i] = rule.discount
+        else:
+            keys.append(i)
+    if len(set(keys)) == len(keys):
+        return None  # every row an episode of its own: the per-row estimators are these
+    return _episodes.episode_numbers(keys), gamma
+
+
+def _episode_terms(
+    episodes: Episodes, chosen: np.ndarray, prob: np.ndarray, reward: np.ndarray, q_hat: np.ndarray
+) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], np.ndarray]:
+    """(policy's probabilities -> every estimator's per-episode terms, the logging policy's
+    per-episode discounted returns): the rows brought together by episode, in their order (the
+    snapshot's, the order they were made in), and each step's own reward recovered from the
+    returns the join credited (``episodes.step_rewards``)."""
+    number, gamma = episodes
+    order = _episodes.grouped(number)
+    number, gamma = number[order], gamma[order]
+    chosen, prob, q_hat = chosen[order], prob[order], q_hat[order]
+    step = _episodes.step_rewards(reward[order], number, gamma)
+    first = np.r_[True, number[1:] != number[:-1]]
+
+    def terms(pi: np.ndarray) -> dict[str, np.ndarray]:
+        pi = pi[order]
+        return {
+            "ips": _episodes.pdis_terms(pi, chosen, prob, step, number, gamma),
+            "snips": _episodes.wpdis_terms(pi, chosen, prob, step, number, gamma),
+            "dm": (pi * q_hat).sum(axis=1)[first],  # q_hat of the first step: the return it expects
+            "dr": _episodes.pddr_terms(pi, chosen, prob, step, q_hat, number, gamma),
+        }
+
+    return terms, _episodes.observed(step, number, gamma)
 
 LOGGED_POLICY = "logged policy"
 
@@ -83,8 +142,10 @@ def compare(
     q_hat: np.ndarray,
     gate: GateConfig,
     baseline_name: str,
+    episodes: Episodes | None = None,
 ) -> GateResult:
-    """Candidate against baseline on the same rows: the mean and interval of per-row differences.
+    """Candidate against baseline on the same rows: the mean and interval of per-row differences
+    (per-episode differences with ``episodes``: see ``credited_episodes``).
 
     ``baseline_pi=None`` means the baseline is the logging policy itself, whose unbiased per-row
     value is simply the observed reward. The candidate passes when the lower bound of the
@@ -144,13 +205,23 @@ def compare(
             n,
         )
 
-    candidate_terms = {name: terms(candidate_pi, chosen, prob, reward, q_hat) for name, terms in ESTIMATORS.items()}
+    if episodes is None:
+        def terms_of(pi: np.ndarray) -> dict[str, np.ndarray]:
+            return {name: terms(pi, chosen, prob, reward, q_hat) for name, terms in ESTIMATORS.items()}
+
+        observed, unit = reward, ""
+    else:
+        terms_of, observed = _episode_terms(episodes, chosen, prob, reward, q_hat)
+        unit = f" over {observed.shape[0]} episodes"
+        if observed.shape[0] < 2:
+            return _rejected(f"holdout has {n} rows in 1 episode, fewer than the 2 required: rejected", gate, baseline_name, n)
+    candidate_terms = terms_of(candidate_pi)
     estimates = {f"candidate_{name}": float(t.mean()) for name, t in candidate_terms.items()}
     if baseline_pi is None:
-        baseline_terms = reward
-        estimates["baseline_observed"] = float(reward.mean())
+        baseline_terms = observed
+        estimates["baseline_observed"] = float(observed.mean())
     else:
-        all_baseline = {name: terms(baseline_pi, chosen, prob, reward, q_hat) for name, terms in ESTIMATORS.items()}
+        all_baseline = terms_of(baseline_pi)
         estimates.update({f"baseline_{name}": float(t.mean()) for name, t in all_baseline.items()})
         baseline_terms = all_baseline[gate.estimator]
 
@@ -178,7 +249,7 @@ def compare(
     else:
         judged = f"{diff.value:+.3f} {interval} {verdict}"
     reason = (
-        f"candidate {candidate_value:.3f} vs {baseline_name} {baseline_value:.3f} ({gate.estimator}), "
+        f"candidate {candidate_value:.3f} vs {baseline_name} {baseline_value:.3f} ({gate.estimator}{unit}), "
         f"difference {judged}: {'promoted' if passed else 'rejected'}"
     )
     return GateResult(
@@ -226,6 +297,7 @@ def evaluate(
     gate: GateConfig,
     incumbent_holdout: Any | None = None,
     incumbent_exploration: ExplorationConfig | None = None,
+    rewards_for: RewardsFor | None = None,
 ) -> GateResult:
     """Score the holdout with both models and ``compare`` their deployed policies on it.
 
@@ -242,6 +314,9 @@ def evaluate(
     With no incumbent the baseline is the logged policy (the observed rewards). The incumbent is
     judged exploring as it really does (``incumbent_exploration``, from its manifest), which may
     differ from the settings the candidate will be deployed with (``exploration``).
+
+    ``rewards_for`` (an agent's reward settings) tells which rows' rewards are episode returns, to
+    be judged by episode (``credited_episodes``).
     """
     mask = np.asarray(holdout.mask, dtype=bool)
     scores, spread = candidate.score_batch(holdout.context, holdout.actions)
@@ -269,7 +344,8 @@ def evaluate(
         )
 
     return compare(
-        candidate_pi, baseline_pi, holdout.chosen, holdout.prob, holdout.reward, q_hat, gate, baseline_name
+        candidate_pi, baseline_pi, holdout.chosen, holdout.prob, holdout.reward, q_hat, gate, baseline_name,
+        credited_episodes(holdout, rewards_for),
     )
 
 
@@ -280,6 +356,7 @@ def evaluate_cross_fit(
     exploration: ExplorationConfig,
     gate: GateConfig,
     incumbent: Scorer | None = None,
+    rewards_for: RewardsFor | None = None,
 ) -> GateResult:
     """Judge a learner on a cross-fitted run's out-of-fold predictions against the logging policy.
 
@@ -309,14 +386,20 @@ def evaluate_cross_fit(
             return _rejected(reason, gate, f"incumbent {incumbent.version}", n)
     pi = target_probs(exploration, scores, spread, mask, n)
     verdict = compare(
-        pi, None, rows.chosen, rows.prob, rows.reward, np.where(mask, scores, 0.0), gate, LOGGED_POLICY
+        pi, None, rows.chosen, rows.prob, rows.reward, np.where(mask, scores, 0.0), gate, LOGGED_POLICY,
+        credited_episodes(rows, rewards_for),
     )
     note = f" (cross-fitted: each of the {n} rows scored by the learner fit without it)"
     return msgspec.structs.replace(verdict, reason=verdict.reason + note, refit_rows=n if verdict.passed else 0)
 
 
 def check_refit(
-    refit: Scorer, candidate: Scorer, holdout: Any, exploration: ExplorationConfig, gate: GateConfig
+    refit: Scorer,
+    candidate: Scorer,
+    holdout: Any,
+    exploration: ExplorationConfig,
+    gate: GateConfig,
+    rewards_for: RewardsFor | None = None,
 ) -> GateResult:
     """Did the refit go wrong? It passes unless, on the candidate's holdout, its value falls below
     the candidate's by more than ``gate.margin`` (point estimates, by ``gate.estimator``).
@@ -326,7 +409,9 @@ def check_refit(
     a model that has seen the rows does about as well on them as one that has not. A refit whose
     output is not finite fails.
     """
-    found = evaluate(refit, candidate, holdout, exploration, msgspec.structs.replace(gate, min_holdout=2))
+    found = evaluate(
+        refit, candidate, holdout, exploration, msgspec.structs.replace(gate, min_holdout=2), rewards_for=rewards_for
+    )
     if not found.estimates:  # refused before any estimate: its output is not finite
         return found
     passed = found.difference >= -gate.margin - ROUNDING

@@ -62,6 +62,7 @@ def judge_run(
     refit: Callable[[], Scorer] | None = None,
     incumbent_holdout: Any | None = None,
     incumbent_exploration: ExplorationConfig | None = None,
+    rewards_for: gate.RewardsFor | None = None,
 ) -> Judged:
     """The rule for which model goes live after a run with a holdout.
 
@@ -69,7 +70,8 @@ def judge_run(
     incumbent only on the rows newer than that incumbent's snapshot (``gate.unseen_rows``). When it
     passes and ``refit`` gives the same learner fit on every row (``trainer.refit_below``), the refit
     goes live unless it went wrong (``gate.check_refit``); otherwise the candidate does. ``refit`` is
-    called only for a candidate that passed, so a caller may fit it lazily.
+    called only for a candidate that passed, so a caller may fit it lazily. ``rewards_for`` (an
+    agent's reward settings) has rows whose rewards are episode returns judged by episode.
     """
     held = len(holdout)
     if incumbent is not None:
@@ -78,7 +80,7 @@ def judge_run(
             holdout = holdout.take(unseen)
             incumbent_holdout = incumbent_holdout.take(unseen) if incumbent_holdout is not None else None
     verdict = gate.evaluate(
-        candidate, incumbent, holdout, exploration, settings, incumbent_holdout, incumbent_exploration
+        candidate, incumbent, holdout, exploration, settings, incumbent_holdout, incumbent_exploration, rewards_for
     )
     if incumbent is not None and len(holdout) < held:
         note = f" (on the {len(holdout)} of {held} holdout rows newer than what {incumbent.version} was fit on)"
@@ -88,6 +90,6 @@ def judge_run(
     if refit is None:
         return Judged(candidate, verdict)
     refitted = refit()
-    check = gate.check_refit(refitted, candidate, holdout, exploration, settings)
+    check = gate.check_refit(refitted, candidate, holdout, exploration, settings, rewards_for)
     verdict = gate.with_refit(verdict, check, candidate.manifest.training.experience)
     return Judged(refitted if check.passed else candidate, verdict)

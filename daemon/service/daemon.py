@@ -30,6 +30,7 @@ from reflexd.features import FeatureSpec
 from reflexd.registry import Registry
 from reflexd.collect.receiver import TraceReceiver, durably
 from reflexd.service import activation, sdnotify
+from reflexd.service.behaviour import BehaviourTrainer
 from reflexd.service.endpoint import Endpoint
 from reflexd.service.evaluation import WINDOWS_DIR, Models, evaluate_window
 from reflexd.service.ingest import Ingest
@@ -99,6 +100,7 @@ class Daemon:
         self.monitor: Monitor
         self.snapshots: Snapshots  # read-out snapshots: `reflexd query` and `reflexd export`
         self.extractor: Extractor  # knowledge extraction: `reflexd insights`
+        self.behaviour: BehaviourTrainer  # the behaviour model over agents' steps
         self.traces: TraceReceiver  # OTLP/HTTP trace ingest, when traces.enabled
         self.socket_activated = False  # the agents' socket came from systemd (reflexd.socket)
 
@@ -136,6 +138,7 @@ class Daemon:
         self.monitor = Monitor(self.settings, self.registry, self.store, self.models)
         self.snapshots = Snapshots(self.settings, self.store)
         self.extractor = Extractor(self.settings, self.store, self.ingest, self.registry, self.training_lock)
+        self.behaviour = BehaviourTrainer(self.settings, self.store, self.training_lock)
         self.server = Server(cfg, self.ingest, self)
         for warning in fd_budget_problems(cfg):
             _log.warning("file descriptors", problem=warning)
@@ -170,6 +173,7 @@ class Daemon:
                         tg.start_soon(self._retention)
                         tg.start_soon(self.snapshots.run)
                         tg.start_soon(self.extractor.run)
+                        tg.start_soon(self.behaviour.run)
                         tg.start_soon(self.monitor.run)
                         tg.start_soon(sdnotify.watchdog)
                         tg.start_soon(self._signals, tg.cancel_scope)
@@ -339,7 +343,10 @@ class Daemon:
                 strategy=choice.strategy,
                 req=msg.req,
             )
-            answers[i] = (reply, [choice.event(msg.agent, msg.context, msg.actions)])
+            event = choice.event(msg.agent, msg.context, msg.actions)
+            if msg.episode is not None:
+                event = msgspec.structs.replace(event, episode=msg.episode)
+            answers[i] = (reply, [event])
         unlogged = [i for i, m in enumerate(msgs) if not m.log]
         scored = self.chooser.score_many(
             [(msgs[i].agent, msgs[i].context, msgs[i].actions, msgs[i].default) for i in unlogged]
@@ -360,7 +367,10 @@ class Daemon:
             for c in choices
         ]
         reply = DecidedSlate(slate=choices[0].slate or "", slots=slots, req=msg.req)
-        return reply, slate_events(choices, msg.agent, msg.context, msg.actions)
+        events = slate_events(choices, msg.agent, msg.context, msg.actions)
+        if msg.episode is not None:
+            events = [msgspec.structs.replace(e, episode=msg.episode) for e in events]
+        return reply, events
 
     async def request(self, msg: msgspec.Struct) -> msgspec.Struct:
         req = getattr(msg, "req", None)
@@ -441,6 +451,9 @@ class Daemon:
                     )
                     removed["extraction_snapshots"] = await anyio.to_thread.run_sync(
                         _remove_snapshots, self.extractor.runs_dir
+                    )
+                    removed["behaviour_snapshots"] = await anyio.to_thread.run_sync(
+                        _remove_snapshots, self.behaviour.runs_dir
                     )
                     # evaluation windows are deleted once read; any a crash left behind hold the agent's rows too
                     removed["evaluation_windows"] = await anyio.to_thread.run_sync(
@@ -549,6 +562,7 @@ class Daemon:
             ),
             insights=self.extractor.summary(),
             traces=self._traces_status(),
+            behaviour=await anyio.to_thread.run_sync(self.behaviour.summary),
             storage={
                 "error": self.ingest.storage_error,
                 "db_bytes": _size(self.config.db_path),
@@ -568,7 +582,7 @@ def _remove_windows(directory: Path) -> int:
 def _remove_snapshots(runs: Path) -> int:
     """Delete what run folders keep of the rows they trained on: snapshots (a crash's ``.partial``
     ones too) and results (a cross-fitted run's lists every decision id)."""
-    kept = ("*/snapshot.parquet*", "*/out/result.json", "*/out/insights.json*", "*/inputs.json")
+    kept = ("*/snapshot.parquet*", "*/steps.parquet*", "*/out/result.json", "*/out/insights.json*", "*/inputs.json")
     snapshots = [p for pattern in kept for p in runs.glob(pattern)] if runs.is_dir() else []
     for snapshot in snapshots:
         snapshot.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ import msgspec
 import numpy as np
 
 from reflexd import log
-from reflexd.config import Config
+from reflexd.config import Config, RewardConfig
 from reflexd.deciding.scoring import ModelSource, Scorer
 from reflexd.errors import (
     DuplicateModel,
@@ -503,6 +503,7 @@ class Scheduler:
             (lambda: Scorer(refit, refit_file.read_bytes())) if refit is not None and refit_file is not None else None,
             incumbent_holdout,
             incumbent.manifest.exploration if incumbent is not None else None,
+            self._rewards_for,  # rows whose rewards are episode returns are judged by episode
         )
         if refit is not None and refit_file is not None and judged.live is not None and judged.live is not candidate:
             return refit_file, refit, judged.verdict
@@ -524,8 +525,13 @@ class Scheduler:
                 f"not one per action of each row {rows.mask.shape}"
             )
         return gate.evaluate_cross_fit(
-            rows, scores, spread, self.config.exploration, self.config.gate, self.models.scorer
+            rows, scores, spread, self.config.exploration, self.config.gate, self.models.scorer, self._rewards_for
         )
+
+    def _rewards_for(self, agent: str) -> RewardConfig:
+        """An agent's reward settings (its ``agents:`` override, else the global ones)."""
+        override = self.config.agents.get(agent)
+        return override.rewards if override is not None else self.config.rewards
 
     def _register(
         self, model_file: Path, manifest: Manifest, verdict: Any, origin: dict[str, Any] | None = None

@@ -45,7 +45,10 @@ def reward_rules(config: Config) -> dict[str, RewardRule]:
     """The reward rules in force by agent, "" for the global ones (as ``rewards.reward_rules``)."""
     rules = {"": config.rewards} | {agent: override.rewards for agent, override in config.agents.items()}
     return {
-        agent: RewardRule(wait_window=r.wait_window, default=r.default, aggregation=r.aggregation)
+        agent: RewardRule(
+            wait_window=r.wait_window, default=r.default, aggregation=r.aggregation,
+            episode_return=r.episode_return, discount=r.discount, episode_timeout=r.episode_timeout,
+        )
         for agent, r in rules.items()
     }
 

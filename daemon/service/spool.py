@@ -31,7 +31,7 @@ import msgspec
 
 from reflexd.durable import atomic_write, fsync_path
 from reflexd.errors import StorageError
-from reflexd.wire.protocol import Decision, Event, Outcome, Step
+from reflexd.wire.protocol import Decision, EpisodeEnd, Event, Outcome, Step
 
 SUFFIX = ".ndjson"
 # A batch whose line would be longer is split over several lines: DuckDB's reader holds a line
@@ -106,6 +106,8 @@ def encode_line(events: Sequence[Decision | Outcome | Step | Event], received_at
     """One batch as one spool line (with its newline)."""
     groups: dict[str, list[Any]] = {"decisions": [], "outcomes": [], "steps": [], "events": []}
     for event in events:
+        if type(event) is EpisodeEnd:  # kept as the event it is stored as
+            event = event.as_event()
         name = _TYPES.get(type(event))
         if name is None:
             raise TypeError(f"the spool keeps decisions, outcomes, steps and events, not {type(event).__name__}")

@@ -237,6 +237,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     ins = reply.insights
     if ins:
         print(f"insights   {_insights_line(ins)}")
+    beh = reply.behaviour
+    if beh:
+        last = beh.get("last_run") or {}
+        line = f"live {beh['live']}" if beh.get("live") else "no model yet"
+        if last.get("outcome") == "published":
+            line += f"  (brier {last['calibration']['brier']:.3f} on held-out steps, {last['episodes']} episodes)"
+        elif last.get("outcome") == "failed":
+            line += f"; last run failed: {last.get('error')}"
+        if beh.get("waiting") and not beh.get("live"):
+            line += f": {beh['waiting']}"
+        print(f"behaviour  {line}")
     if reply.storage.get("error"):
         print(f"storage    NOT ACKNOWLEDGING: {reply.storage['error']}")
     return 0

@@ -143,7 +143,7 @@ def ndjson_lines(source: Source, window: Window, counts: dict[str, int]) -> Iter
     """Decision lines, then outcome lines, as ``reflexd import`` reads them."""
     decisions = f"""
         SELECT id, agent, ts, CAST(context AS VARCHAR) AS context, CAST(actions AS VARCHAR) AS actions, chosen, prob,
-               CAST(probs AS VARCHAR) AS probs, model_version, strategy, slot, slate
+               CAST(probs AS VARCHAR) AS probs, model_version, strategy, slot, slate, episode
         FROM ({_DECISIONS}) ORDER BY ts, id
     """
     counts["decisions"] = counts["outcomes"] = 0
@@ -154,7 +154,7 @@ def ndjson_lines(source: Source, window: Window, counts: dict[str, int]) -> Iter
         line["chosen"], line["prob"] = d["chosen"], d["prob"]
         if d["probs"] is not None:
             line["probs"] = msgspec.Raw(d["probs"].encode())
-        for key in ("model_version", "strategy", "slot", "slate"):
+        for key in ("model_version", "strategy", "slot", "slate", "episode"):
             if d[key] is not None:
                 line[key] = d[key]
         counts["decisions"] += 1

@@ -167,6 +167,9 @@ def _rules_table(rules: dict[str, Any]) -> pa.Table:
             "wait_window": [float(r.wait_window) for r in rules.values()],
             "default_reward": [float(r.default) for r in rules.values()],
             "aggregation": [r.aggregation for r in rules.values()],
+            "episode_return": [bool(r.episode_return) for r in rules.values()],
+            "discount": [float(r.discount) for r in rules.values()],
+            "episode_timeout": [float(r.episode_timeout) for r in rules.values()],
         }
     )
 

@@ -62,6 +62,9 @@ class Decision(_Msg, tag="decision"):
     # the id its slots share; ``prob`` is then the chosen action's probability at this slot
     slot: int | None = None
     slate: Id | None = None
+    # the episode the decision belongs to: with ``rewards.episode_return`` it is credited with the
+    # discounted return from it to the episode's end (an EpisodeEnd, or the episode timing out)
+    episode: Id | None = None
 
     def __post_init__(self) -> None:
         # msgspec turns these into validation errors, so such a frame is dead-lettered with the reason
@@ -125,6 +128,34 @@ class Event(_Msg, tag="event"):
     ts: float | None = None
 
 
+EPISODE_END = "episode_end"  # the kind of the Event an EpisodeEnd is stored as
+
+
+class EpisodeEnd(_Msg, tag="episode_end"):
+    """``agent``'s episode ``episode`` is over; ``reward``, when given, is its final reward, credited
+    (with ``rewards.episode_return``) to the episode's last decision and, discounted, to those before.
+
+    Stored as an Event of kind ``episode_end`` whose data is ``{"episode": ..., "reward": ...}``
+    (``as_event``), so an end is kept, archived, exported and forgotten as events are.
+    """
+
+    agent: Id
+    episode: Id
+    reward: float | None = None
+    id: Id | None = None
+    ts: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.reward is not None:
+            _check_finite("reward", self.reward)
+        _check_ts(self.ts)
+
+    def as_event(self) -> Event:
+        return Event(
+            agent=self.agent, kind=EPISODE_END, data={"episode": self.episode, "reward": self.reward}, id=self.id, ts=self.ts
+        )
+
+
 # ---- requests ----------------------------------------------------------------------------
 
 
@@ -156,6 +187,8 @@ class Decide(_Msg, tag="decide"):
     slots: Annotated[int, msgspec.Meta(ge=1)] | None = None
     # the agent's own choice (apprentice mode): served, with exploration, until a model is live
     default: Id | None = None
+    # the episode the decision is part of, logged with it (Decision.episode)
+    episode: Id | None = None
 
     def __post_init__(self) -> None:
         if self.default is not None:
@@ -339,16 +372,16 @@ class InsightsRequest(_Msg, tag="insights"):
             raise ValueError("since must be a finite number of seconds")
 
 
-ExperienceEvent = Union[Decision, Outcome, Step, Event]
+ExperienceEvent = Union[Decision, Outcome, Step, Event, EpisodeEnd]
 Request = Union[
     Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget, Explain, Evaluate, Adopt, Snapshot,
     Release, InsightsRequest,
 ]
 Inbound = Union[
-    Decision, Outcome, Step, Event, Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget,
+    Decision, Outcome, Step, Event, EpisodeEnd, Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget,
     Explain, Evaluate, Adopt, Snapshot, Release, InsightsRequest,
 ]
-EXPERIENCE_TYPES = (Decision, Outcome, Step, Event)
+EXPERIENCE_TYPES = (Decision, Outcome, Step, Event, EpisodeEnd)
 
 
 # ---- replies -----------------------------------------------------------------------------
@@ -544,6 +577,8 @@ class StatusReply(_Msg, tag="status"):
     insights: dict[str, Any] | None = None
     # OTLP trace ingest (traces.enabled): requests, spans, steps, episodes, rejected spans; None when off
     traces: dict[str, Any] | None = None
+    # the behaviour model: state, runs, last run (version, calibration), the live version
+    behaviour: dict[str, Any] | None = None
     req: ReqId = None
 
 
@@ -565,6 +600,9 @@ class RewardRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     wait_window: float
     default: float
     aggregation: str
+    episode_return: bool = False
+    discount: float = 1.0
+    episode_timeout: float = 3600.0
 
 
 class SnapshotTaken(_Msg, tag="snapshot"):

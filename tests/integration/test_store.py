@@ -344,11 +344,11 @@ def test_snapshot_keeps_the_newest_rows_in_time_order_with_the_stated_columns(st
     table = pq.read_table(dest)
     assert table.schema.names == [
         "id", "agent", "received_at", "context", "actions", "chosen", "prob", "reward", "model_version", "outcomes",
-        "slot", "slate",
+        "slot", "slate", "episode",
     ]
     assert [str(t) for t in table.schema.types] == [
         "string", "string", "double", "string", "string", "string", "double", "double", "string", "int32",
-        "int32", "string",
+        "int32", "string", "string",
     ]
     assert table.column("id").to_pylist() == ["d3", "d4", "d5"]
     first = table.to_pylist()[0]
@@ -561,7 +561,7 @@ def test_forget_removes_an_agent_from_database_and_archive(store: Store, tmp_pat
     store.archive(older_than=20 * DAY, root=root, compression="zstd")
 
     removed = store.forget("a", archive_root=root)
-    assert removed == {"outcomes": 1, "decisions": 1, "steps": 1, "events": 0, "dead_letters": 0, "archive_partitions": 3}
+    assert removed == {"outcomes": 1, "decisions": 1, "steps": 1, "events": 0, "dead_letters": 0, "insights": 0, "archive_partitions": 3}
     assert store.counts() == {"decisions": 1, "outcomes": 0, "steps": 0, "events": 1, "dead_letters": 0}
     assert not list(root.rglob("agent=a"))
     assert read_archive(root, "decisions") == [("old-b", "team/b c", "1970-01-11")]
@@ -574,7 +574,7 @@ def test_forget_removes_an_agent_from_database_and_archive(store: Store, tmp_pat
 def test_forget_without_an_archive_touches_only_the_database(store: Store) -> None:
     store.write([decision("d1", agent="x"), decision("d2", agent="y")], 1.0)
     removed = store.forget("x", archive_root=None)
-    assert removed == {"outcomes": 0, "decisions": 1, "steps": 0, "events": 0, "dead_letters": 0}
+    assert removed == {"outcomes": 0, "decisions": 1, "steps": 0, "events": 0, "dead_letters": 0, "insights": 0}
     assert store.counts()["decisions"] == 1
 
 

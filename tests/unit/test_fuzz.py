@@ -160,7 +160,7 @@ def _splice(encoded: bytes, framing: str, raws: list[bytes]) -> bytes:
     return encoded
 
 
-VALID_TYPES = ["decision", "outcome", "step", "event", "flush", "decide", "status", "models", "promote", "rollback", "train", "forget"]
+VALID_TYPES = ["decision", "outcome", "step", "event", "episode_end", "flush", "decide", "status", "models", "promote", "rollback", "train", "forget"]
 
 
 @functools.cache
@@ -186,7 +186,8 @@ def _fields(framing: str) -> dict[str, st.SearchStrategy[Any]]:
             {"id": _ids(), "agent": _ids(), "context": contexts(exotic=framing == fr.MSGPACK, max_depth=300) | st.just(SPLICE),
              "actions": st.lists(_ids() | st.fixed_dictionaries({"id": _ids(), "features": free}), min_size=1, max_size=3),
              "chosen": _ids(), "prob": st.floats(0, 1, exclude_min=True) | num},
-            optional={"probs": st.lists(num, max_size=4), "model_version": _ids() | st.none(), "strategy": _ids(), "ts": num},
+            optional={"probs": st.lists(num, max_size=4), "model_version": _ids() | st.none(), "strategy": _ids(), "ts": num,
+                      "episode": _ids() | st.none()},
         ),
         "outcome": st.fixed_dictionaries(
             {"decision_id": _ids(), "reward": num}, optional={"id": _ids(), "agent": _ids(), "ts": num}
@@ -197,6 +198,9 @@ def _fields(framing: str) -> dict[str, st.SearchStrategy[Any]]:
             optional={"reward": num, "done": st.booleans(), "id": _ids(), "ts": num},
         ),
         "event": st.fixed_dictionaries({"agent": _ids(), "kind": _ids()}, optional={"data": free, "id": _ids(), "ts": num}),
+        "episode_end": st.fixed_dictionaries(
+            {"agent": _ids(), "episode": _ids()}, optional={"reward": num | st.none(), "id": _ids(), "ts": num}
+        ),
     }
 
 
@@ -418,7 +422,7 @@ MESSAGES = {
             p.Decision, id=IDS, agent=IDS, context=SAFE_CTX, actions=st.just(acts),
             chosen=st.sampled_from([a if isinstance(a, str) else a.id for a in acts]), prob=st.floats(0, 1, exclude_min=True),
             probs=st.none() | st.just([1.0 / len(acts)] * len(acts)), model_version=st.none() | texts(),
-            strategy=st.none() | texts(), ts=OPT_FLOAT,
+            strategy=st.none() | texts(), ts=OPT_FLOAT, episode=st.none() | IDS,
         ).flatmap(  # a plain decision, or a slot of a slate
             lambda d: st.just(d) | st.builds(
                 lambda slot, slate: msgspec.structs.replace(d, slot=slot, slate=slate), st.integers(0, 2**31 - 1), IDS
@@ -431,6 +435,7 @@ MESSAGES = {
         reward=FINITE, done=st.booleans(), id=st.none() | IDS, ts=OPT_FLOAT,
     ),
     p.Event: st.builds(p.Event, agent=IDS, kind=IDS, data=SAFE_VALUE, id=st.none() | IDS, ts=OPT_FLOAT),
+    p.EpisodeEnd: st.builds(p.EpisodeEnd, agent=IDS, episode=IDS, reward=OPT_FLOAT, id=st.none() | IDS, ts=OPT_FLOAT),
     p.Flush: st.builds(p.Flush, req=REQ, **({"dropped": st.integers(0, 2**63 - 1)} if "dropped" in p.Flush.__struct_fields__ else {})),
     p.Decide: st.builds(p.Decide, agent=IDS, context=SAFE_CTX, actions=ACTIONS, id=st.none() | IDS, req=REQ),
     p.StatusRequest: st.builds(p.StatusRequest, req=REQ),
@@ -618,7 +623,7 @@ def _stored(store: Store, table: str, event_id: str) -> int:
     return n
 
 
-TABLE = {p.Decision: "decisions", p.Outcome: "outcomes", p.Step: "steps", p.Event: "events"}
+TABLE = {p.Decision: "decisions", p.Outcome: "outcomes", p.Step: "steps", p.Event: "events", p.EpisodeEnd: "events"}
 
 
 @fuzz(150)

@@ -9,6 +9,7 @@ DuckDB's replacement scan.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import uuid
@@ -26,7 +27,7 @@ from reflexd.config import Config, StoreConfig
 from reflexd.errors import RejectedData, StorageError
 from reflexd.service import spool
 from reflexd.service.store import export, findings, integrity, retention, rewards
-from reflexd.service.store.db import COUNTED_TABLES, EXPERIENCE_TABLES, MIGRATIONS, SCHEMA, failing_as
+from reflexd.service.store.db import COUNTED_TABLES, EXPERIENCE_TABLES, MIGRATIONS, SCHEMA, failing_as, outside_select, sql_path
 from reflexd.service.store.load import WriteResult, load_segment
 from reflexd.service.store.rewards import RewardStats, SnapshotInfo
 from reflexd.wire.protocol import Decision, Event, Outcome, Step
@@ -346,6 +347,25 @@ class Store:
             ).fetchall():
                 errors.setdefault(agent, []).append(at)
         return dead, errors
+
+    def ended_episodes(self) -> int:
+        """Episodes with a ``done`` step: what the behaviour model learns success from."""
+        with self._guard("counting ended episodes") as con:
+            (n,) = con.execute("SELECT count(*) FROM steps WHERE done").fetchone()
+        return n
+
+    def steps_snapshot(self, dest: Path) -> int:
+        """Every step, as the outside sees them (``db.OUTSIDE``), in one Parquet file that appears
+        whole or not at all; how many steps it holds."""
+        partial = dest.with_name(dest.name + ".partial")
+        with self._guard(f"writing the steps snapshot {dest}") as con:
+            try:
+                con.execute(f"COPY (SELECT {outside_select('steps')} FROM steps) TO {sql_path(partial)} (FORMAT parquet)")
+                os.replace(partial, dest)
+            finally:
+                partial.unlink(missing_ok=True)
+            (n,) = con.execute("SELECT count(*) FROM read_parquet(?)", [str(dest)]).fetchone()
+        return n
 
     def latest_insights(self, agent: str | None = None) -> tuple[findings.Run, dict[str, list[dict[str, Any]]]] | None:
         with self._guard("reading insights") as con:

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     model_version VARCHAR,
     strategy VARCHAR,
     slot INTEGER,  -- a slate's position, from 0 (NULL: not part of a slate)
-    slate VARCHAR  -- the id the slots of one slate share
+    slate VARCHAR,  -- the id the slots of one slate share
+    episode VARCHAR  -- the episode the decision is part of (NULL: none)
 );
 CREATE TABLE IF NOT EXISTS outcomes (
     id VARCHAR PRIMARY KEY,
@@ -105,6 +106,7 @@ CREATE TABLE IF NOT EXISTS insights (
 MIGRATIONS = """
 ALTER TABLE decisions ADD COLUMN IF NOT EXISTS slot INTEGER;
 ALTER TABLE decisions ADD COLUMN IF NOT EXISTS slate VARCHAR;
+ALTER TABLE decisions ADD COLUMN IF NOT EXISTS episode VARCHAR;
 """
 
 # How the tables look outside the store: in the Parquet archive, in read-out snapshots (the
@@ -128,6 +130,7 @@ OUTSIDE: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("strategy", "VARCHAR", "strategy"),
         ("slot", "INTEGER", "slot"),
         ("slate", "VARCHAR", "slate"),
+        ("episode", "VARCHAR", "episode"),
     ),
     "outcomes": (
         ("id", "VARCHAR", "id"),

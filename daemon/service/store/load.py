@@ -25,7 +25,8 @@ _SPOOL_COLUMNS = {
     "received_at": "DOUBLE",
     "line": "BIGINT",
     "decisions": "STRUCT(id VARCHAR, agent VARCHAR, context JSON, actions JSON, chosen VARCHAR, prob DOUBLE,"
-    " probs JSON, model_version VARCHAR, strategy VARCHAR, ts DOUBLE, slot INTEGER, slate VARCHAR)[]",
+    " probs JSON, model_version VARCHAR, strategy VARCHAR, ts DOUBLE, slot INTEGER, slate VARCHAR,"
+    " episode VARCHAR)[]",
     "outcomes": "STRUCT(id VARCHAR, decision_id VARCHAR, agent VARCHAR, reward DOUBLE, ts DOUBLE)[]",
     "steps": 'STRUCT(id VARCHAR, agent VARCHAR, episode VARCHAR, "index" INTEGER, observation JSON,'
     " action VARCHAR, reward DOUBLE, done BOOLEAN, ts DOUBLE)[]",
@@ -45,7 +46,7 @@ _LOAD = {
     "decisions": f"""
         INSERT OR IGNORE INTO decisions BY NAME
         SELECT e.id, e.agent, coalesce(e.ts, received_at) AS ts, received_at, e.context, e.actions, e.chosen,
-               e.prob, e.probs, e.model_version, e.strategy, e.slot, e.slate
+               e.prob, e.probs, e.model_version, e.strategy, e.slot, e.slate, e.episode
         {_FROM_SPOOL.format(name="decisions")}
     """,
     "outcomes": f"""

@@ -1,0 +1,252 @@
+"""Running a behaviour model: its registry line, its ONNX step graph, whole episodes through it.
+
+The exported graph computes one step of a batch of episodes (``reflexd.manifest.BEHAVIOUR_INPUTS``):
+``observation`` [B, Dc] float32 (the step's hashed observation), ``action`` [B] int64 (the
+vocabulary index of the action the step took), ``reward`` [B] float32 (its reward), ``h`` and
+``c`` [layers, B, hidden] (the state after the episode's previous steps, zeros before the first)
+→ ``action_probs`` [B, V] (the distribution the model expected the step's action to come from,
+given the episode so far and this observation), ``success`` [B] (P(the episode succeeds), after
+this step), ``h_out``, ``c_out`` (the state after this step).
+
+Imports neither torch nor duckdb: the client, the daemon and ``reflexd.learning`` may use it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import onnxruntime as ort
+
+from reflexd.durable import atomic_write, fsync_path
+from reflexd.errors import ModelIntegrityError, ModelNotFound, ReflexdError, TrainingError
+from reflexd.features import Hasher, scheme_refusal
+from reflexd.manifest import (
+    BEHAVIOUR_MODEL_FILE,
+    MANIFEST_FILE,
+    BehaviourManifest,
+    decode_behaviour_manifest,
+)
+from reflexd.registry import _VERSION_RE, Registry, sha256_of
+
+BEHAVIOUR_DIR = "behaviour"  # under the models directory: models/behaviour/vNNNN/
+RESULT_FILE = "result.json"
+OTHER = 0  # the vocabulary index of every action outside it
+
+
+def check_behaviour(manifest: BehaviourManifest, data: bytes, name: str) -> None:
+    import hashlib
+
+    refusal = scheme_refusal(manifest.features)
+    if refusal is not None:
+        raise ModelIntegrityError(name, refusal)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.sha256:
+        raise ModelIntegrityError(name, f"sha256 {digest[:12]}… does not match manifest {manifest.sha256[:12]}…")
+
+
+class BehaviourRegistry(Registry):
+    """The behaviour models' own line, ``models/behaviour/``: the same layout, pointer and history
+    as the reward model's ``Registry``, with ``BehaviourManifest`` manifests and ``model.onnx`` files."""
+
+    def manifest(self, version: str) -> BehaviourManifest:  # type: ignore[override]
+        path = self.root / version / MANIFEST_FILE
+        if not _VERSION_RE.fullmatch(version) or not path.is_file():
+            raise ModelNotFound(version)
+        try:
+            return decode_behaviour_manifest(path.read_bytes())
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ModelIntegrityError(version, f"unreadable manifest: {exc}") from None
+
+    def load(self, version: str) -> tuple[BehaviourManifest, bytes]:  # type: ignore[override]
+        manifest = self.manifest(version)
+        if Path(manifest.file).name != manifest.file:
+            raise ModelIntegrityError(version, f"the manifest names {manifest.file!r}, not a file beside it")
+        try:
+            data = (self.root / version / manifest.file).read_bytes()
+        except OSError as exc:
+            raise ModelIntegrityError(version, f"cannot read {manifest.file}: {exc.strerror or exc}") from None
+        check_behaviour(manifest, data, version)
+        return manifest, data
+
+    def add(self, model_file: Path, manifest: BehaviourManifest) -> BehaviourManifest:  # type: ignore[override]
+        """Copy a trained model in as the next version (whole or not at all); its manifest gets
+        the version, the live version as parent, and the sha256 of the copy."""
+        self.ensure()
+        version = self.next_version()
+        staging = self.root / f".staging-{version}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        dest = staging / BEHAVIOUR_MODEL_FILE
+        shutil.copyfile(model_file, dest)
+        with open(dest, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_of(dest)
+        if manifest.sha256 and digest != manifest.sha256:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ModelIntegrityError(str(model_file), "the file does not match its manifest's sha256")
+        final = msgspec.structs.replace(
+            manifest, version=version, parent=self.current(), sha256=digest, file=BEHAVIOUR_MODEL_FILE
+        )
+        atomic_write(staging / MANIFEST_FILE, msgspec.json.format(msgspec.json.encode(final)))
+        os.rename(staging, self.root / version)
+        fsync_path(self.root)
+        return final
+
+    def add_run(self, out_dir: str | os.PathLike[str]) -> BehaviourManifest:
+        """Add what a training run wrote in ``out_dir`` (``read_behaviour_run``) as the next version."""
+        manifest = read_behaviour_run(out_dir)
+        return self.add(Path(out_dir) / manifest.file, manifest)
+
+
+def read_behaviour_run(out_dir: str | os.PathLike[str]) -> BehaviourManifest:
+    """The manifest a ``python -m reflexd.trainer.behaviour`` run wrote, or TrainingError with its
+    error (or saying why there is none)."""
+    path = Path(out_dir) / RESULT_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise TrainingError(f"behaviour trainer wrote no {path} (killed, or crashed before starting)") from None
+    except OSError as exc:
+        raise TrainingError(f"unreadable behaviour result {path}: {exc}") from None
+    try:
+        found = msgspec.json.decode(raw)
+        if isinstance(found, dict) and "error" in found:
+            raise TrainingError(str(found["error"]))
+        return msgspec.convert(found, BehaviourManifest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise TrainingError(f"unreadable behaviour result {path}: {exc}") from None
+
+
+def _session(model: bytes | str, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+class BehaviourModel:
+    """One loaded behaviour model version."""
+
+    def __init__(self, manifest: BehaviourManifest, model: bytes | str, threads: int = 1) -> None:
+        self.manifest = manifest
+        self.version = manifest.version
+        self.vocabulary = list(manifest.vocabulary)
+        self.index = {a: i for i, a in enumerate(self.vocabulary) if i != OTHER}
+        self.hasher = Hasher(manifest.features)
+        self.layers = manifest.architecture.layers
+        self.hidden = manifest.architecture.hidden
+        try:
+            self.session = _session(model, threads)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+            raise ModelIntegrityError(manifest.version or "candidate", f"onnxruntime cannot load it: {exc}") from None
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str], threads: int = 1) -> BehaviourModel:
+        """A model from a run's output or a version's folder (``manifest.json`` and its file), sha256 checked."""
+        path = Path(path)
+        try:
+            manifest = decode_behaviour_manifest((path / MANIFEST_FILE).read_bytes())
+            data = (path / manifest.file).read_bytes()
+        except OSError as exc:
+            raise ModelIntegrityError(str(path), f"cannot read it: {exc}") from None
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ModelIntegrityError(str(path), f"unreadable manifest: {exc}") from None
+        check_behaviour(manifest, data, str(path))
+        return cls(manifest, data, threads)
+
+    def action_index(self, action: str) -> int:
+        return self.index.get(action, OTHER)
+
+    def zero_state(self, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        shape = (self.layers, batch, self.hidden)
+        return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+
+    def run(
+        self, observation: np.ndarray, action: np.ndarray, reward: np.ndarray, h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One step of a batch: (action_probs [B, V], success [B], h_out, c_out)."""
+        probs, success, h_out, c_out = self.session.run(
+            None, {"observation": observation, "action": action, "reward": reward, "h": h, "c": c}
+        )
+        return probs, success, h_out, c_out
+
+    def run_episodes(self, episodes: Sequence[Any], batch: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every step of every episode (objects with ``observations``, ``actions``, ``rewards``):
+        per episode (action_probs [T, V], success [T]), episodes run side by side in batches."""
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        dim = self.manifest.features.context_dim
+        for start in range(0, len(episodes), batch):
+            chunk = episodes[start : start + batch]
+            n = len(chunk)
+            lengths = [len(ep.actions) for ep in chunk]
+            steps = max(lengths, default=0)
+            probs = [np.zeros((k, len(self.vocabulary)), dtype=np.float32) for k in lengths]
+            success = [np.zeros(k, dtype=np.float32) for k in lengths]
+            h, c = self.zero_state(n)
+            obs = np.zeros((n, dim), dtype=np.float32)
+            act = np.zeros(n, dtype=np.int64)
+            rew = np.zeros(n, dtype=np.float32)
+            for t in range(steps):
+                live = [i for i in range(n) if t < lengths[i]]
+                for i in live:
+                    ep = chunk[i]
+                    self.hasher.context(ep.observations[t], out=obs[i])
+                    act[i] = self.action_index(ep.actions[t])
+                    rew[i] = ep.rewards[t]
+                p, s, h_new, c_new = self.run(obs, act, rew, h, c)
+                for i in live:
+                    probs[i][t] = p[i]
+                    success[i][t] = s[i]
+                # an ended episode's slot keeps its state (its outputs are never read)
+                h, c = h_new, c_new
+            out.extend(zip(probs, success))
+        return out
+
+    def distribution(self, probs: np.ndarray) -> dict[str, float]:
+        """{action: probability} of one row of ``action_probs`` (the other actions' mass under "")."""
+        return dict(zip(self.vocabulary, probs.tolist()))
+
+
+class BehaviourSource:
+    """Follows ``models/behaviour/CURRENT``; a version that fails to load leaves the last good one
+    (as ``reflexd.deciding.scoring.ModelSource`` does for the reward model)."""
+
+    RETRY_SECONDS = 5.0
+
+    def __init__(self, registry: BehaviourRegistry, threads: int = 1) -> None:
+        self.registry = registry
+        self.threads = threads
+        self.model: BehaviourModel | None = None
+        self.error: str | None = None
+        self._stamp: tuple[int, int] | None = None
+        self._retry_at = 0.0
+
+    def refresh(self) -> bool:
+        """Load the current version if the pointer moved; True when the model changed."""
+        stamp = self.registry.current_stamp()
+        retry = self.error is not None and time.monotonic() >= self._retry_at
+        if stamp == self._stamp and not retry:
+            return False
+        self._stamp = stamp
+        version = self.registry.current()
+        if version is None or (self.model is not None and self.model.version == version):
+            self.error = None
+            return False
+        try:
+            manifest, data = self.registry.load(version)
+            self.model = BehaviourModel(manifest, data, self.threads)
+        except ReflexdError as exc:
+            self.error = str(exc)
+            self._retry_at = time.monotonic() + self.RETRY_SECONDS
+            return False
+        self.error = None
+        return True

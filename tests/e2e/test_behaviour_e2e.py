@@ -1,0 +1,43 @@
+"""The behaviour model through the daemon: a simulated tool-using agent's steps sent over the
+socket, a model trained by the daemon in its subprocess once enough episodes ended, published in
+``models/behaviour/``, and run in-process by ``EpisodeWatch`` with its state carried between steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import wait_for
+from reflexd.client.watch import EpisodeWatch
+from reflexd.learning.agentsim import POLICY, TOOLS, ToolAgent
+from reflexd.wire.connection import Connection
+from reflexd.wire.protocol import Flush, Step
+
+pytestmark = pytest.mark.e2e
+SMALL = {"min_new_episodes": 60, "hidden": 16, "layers": 1, "epochs": 10, "min_episodes": 20}
+
+
+def test_the_daemon_trains_and_publishes_a_behaviour_model_the_client_runs(daemon_factory) -> None:
+    d = daemon_factory({"behaviour": SMALL})
+    agent = ToolAgent(seed=3, agent="tools")
+    with Connection(d.socket) as conn:
+        for e in range(80):
+            ep = agent.episode(f"e{e}")
+            conn.send([
+                Step(agent="tools", episode=ep.episode, index=i, observation=obs, action=action, reward=reward,
+                     done=ep.done and i == len(ep.actions) - 1, id=f"{ep.episode}:{i}")
+                for i, (obs, action, reward) in enumerate(zip(ep.observations, ep.actions, ep.rewards))
+            ] + [Flush(req=e)])
+            conn.receive()
+    status = wait_for(lambda: (s := d.status()).behaviour["live"] and s, 180, "a published behaviour model")
+    run = status.behaviour["last_run"]
+    assert run["outcome"] == "published" and run["episodes"] >= 60
+    assert run["calibration"]["brier"] is not None
+
+    watch = EpisodeWatch(d.state_dir / "models")
+    first = watch.step("live-1", {"task": "math", "ready": False, "failures": 0}, "calculator")
+    assert first is not None and first.version == status.behaviour["live"]
+    # what the model expects next on a math task puts the calculator first, as the agent's policy does
+    expected = watch.expect("live-2", {"task": "math", "ready": False, "failures": 0})  # a new episode's first step
+    assert expected is not None
+    best = max(TOOLS, key=lambda t: expected.get(t, 0.0))
+    assert best == TOOLS[POLICY["math"].index(max(POLICY["math"]))]
