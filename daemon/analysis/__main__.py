@@ -21,7 +21,6 @@ priority on a busy host cost far more than they save (``reflexd.analysis.outcome
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import time
@@ -33,27 +32,9 @@ import msgspec
 from reflexd.analysis.result import EXIT_FAILED, EXIT_OUT_OF_MEMORY, Failure, read_inputs, write_insights
 from reflexd.config import Config, load_config
 from reflexd.errors import AnalysisError, ReflexdError
+from reflexd.worker import event_logger, limit_memory, lower_priority, out_of_memory, status_bytes
 
-
-def _log(event: str, **fields: object) -> None:
-    parts = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-    print(f"reflexd.analysis event={event} {parts}".rstrip(), file=sys.stderr, flush=True)
-
-
-def _lower_priority() -> None:
-    """Yield the CPU to everything else on the host; a run that cannot do so still runs."""
-    try:
-        os.nice(19)
-    except OSError:
-        pass
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):  # AttributeError: no SCHED_IDLE outside Linux
-        pass
-
-
-# an unexplained failure this close to the cap is taken for an allocation it refused
-_NEAR_LIMIT_BYTES = 64 << 20
+_log = event_logger("reflexd.analysis")
 
 
 def _return_freed_memory() -> None:
@@ -73,38 +54,6 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _limit_memory(max_mb: int) -> int | None:
-    """Cap this process's address space at ``max_mb`` MiB; the limit in bytes, None if not set."""
-    try:
-        import resource
-
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        limit = max_mb << 20
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    except (ImportError, OSError, ValueError) as exc:
-        _log("memory_limit_not_set", max_memory_mb=max_mb, error=str(exc).replace(" ", "_"))
-        return None
-    return limit
-
-
-def _status_bytes(field: str) -> int | None:
-    """A size from /proc/self/status (VmPeak: address space, VmHWM: resident memory, at their peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) << 10
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _peak_address_space() -> int | None:
-    return _status_bytes("VmPeak")
-
-
 def _read_config(arg: str | None) -> Config:
     if arg is None:
         return Config()
@@ -119,20 +68,6 @@ def _read_config(arg: str | None) -> Config:
         raise AnalysisError(f"cannot read --config {arg}: {exc.strerror or exc}") from None
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise AnalysisError(f"invalid --config: {exc}") from None
-
-
-def _out_of_memory(exc: BaseException, limit: int | None) -> bool:
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        # numpy's and pyarrow's allocation failures are MemoryErrors too
-        if isinstance(cause, MemoryError) or (isinstance(cause, OSError) and cause.errno == errno.ENOMEM):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    # extensions (and the import machinery) fail strangely when a malloc returns NULL: SystemError
-    peak = _peak_address_space() if limit is not None else None
-    return peak is not None and limit is not None and peak >= limit - _NEAR_LIMIT_BYTES
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -150,7 +85,7 @@ def run(args: argparse.Namespace, limit: list[int | None]) -> None:
     started = time.perf_counter()
     config = _read_config(args.config)
     settings = config.insights
-    limit.append(_limit_memory(settings.max_memory_mb))
+    limit.append(limit_memory(settings.max_memory_mb, _log))
     inputs = read_inputs(args.inputs)
     scorer = None
     if args.model_dir is not None and settings.reward_model == "auto":
@@ -176,7 +111,7 @@ def run(args: argparse.Namespace, limit: list[int | None]) -> None:
     del exp
     insights = msgspec.structs.replace(insights, seconds=time.perf_counter() - started)
     write_insights(Path(args.out_dir), insights)
-    peak = _status_bytes("VmHWM")  # this process's own: exec started it afresh
+    peak = status_bytes("VmHWM")  # this process's own: exec started it afresh
     _log(
         "done",
         rules=insights.counts.rules_published,
@@ -188,7 +123,7 @@ def run(args: argparse.Namespace, limit: list[int | None]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _lower_priority()
+    lower_priority()
     _return_freed_memory()
     # read when the OpenMP runtime loads (with scikit-learn), so set before anything imports it
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -203,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args, limit)
     except Exception as exc:  # noqa: BLE001 -- a bug too must leave a result the daemon can read
-        if _out_of_memory(exc, limit[0] if limit and not isinstance(exc, ReflexdError) else None):
+        if out_of_memory(exc, limit[0] if limit and not isinstance(exc, ReflexdError) else None):
             traceback.print_exc()
             return _fail(out_dir, f"the extraction ran out of memory (insights.max_memory_mb): {type(exc).__name__}: {exc}",
                          EXIT_OUT_OF_MEMORY)

@@ -51,8 +51,7 @@ from reflexd.collect.journal import Journal
 from reflexd.collect.spans import Rules, problems
 from reflexd.config import Config
 from reflexd.errors import ConfigError, RequestTimeout, SocketError, StorageError, TraceError
-from reflexd.service.endpoint import MAX_REQUEST_BYTES, SOCKET_MODE
-from reflexd.service.endpoint import close_stream
+from reflexd.service.endpoint import MAX_REQUEST_BYTES, SOCKET_MODE, accept_each, close_stream
 from reflexd.service.redact import Redactor
 from reflexd.service.server import give_group, peer_credentials, peer_groups, prepare_path
 from reflexd.service.store import DeadLetter
@@ -294,24 +293,13 @@ class TraceReceiver:
     # ---- HTTP ----------------------------------------------------------------------------
 
     async def _accept(self, listener: Listener[Any], tg: anyio.abc.TaskGroup) -> None:
-        failing = False
-        while True:
-            try:
-                stream = await listener.accept()
-            except anyio.ClosedResourceError:
-                return
-            except (anyio.BrokenResourceError, OSError) as exc:  # out of descriptors, say: try again
-                if not failing:
-                    _log.error("trace receiver cannot accept connections", error=str(exc.__cause__ or exc))
-                failing = True
-                await anyio.sleep(0.1)
-                continue
-            failing = False
-            if self.open >= MAX_CONNECTIONS:
-                await close_stream(stream)
-                continue
-            self.open += 1
-            tg.start_soon(self._handle, stream)
+        await accept_each(listener, tg, self._handle, self._take, "trace receiver")
+
+    def _take(self) -> bool:
+        if self.open >= MAX_CONNECTIONS:
+            return False
+        self.open += 1
+        return True
 
     async def _handle(self, stream: Any) -> None:
         try:

@@ -123,24 +123,13 @@ class Endpoint:
     # ---- HTTP ----------------------------------------------------------------------------
 
     async def _accept(self, listener: Listener[Any], tg: anyio.abc.TaskGroup) -> None:
-        failing = False
-        while True:
-            try:
-                stream = await listener.accept()
-            except anyio.ClosedResourceError:
-                return
-            except (anyio.BrokenResourceError, OSError) as exc:  # out of descriptors, say: try again
-                if not failing:
-                    _log.error("metrics endpoint cannot accept connections", error=str(exc.__cause__ or exc))
-                failing = True
-                await anyio.sleep(0.1)
-                continue
-            failing = False
-            if self.open >= MAX_CONNECTIONS:
-                await close_stream(stream)
-                continue
-            self.open += 1
-            tg.start_soon(self._handle, stream)
+        await accept_each(listener, tg, self._handle, self._take, "metrics endpoint")
+
+    def _take(self) -> bool:
+        if self.open >= MAX_CONNECTIONS:
+            return False
+        self.open += 1
+        return True
 
     async def _handle(self, stream: Any) -> None:
         try:
@@ -197,6 +186,31 @@ def _reply(status: int, body: bytes, content_type: str = "text/plain; charset=ut
         f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
     ).encode()
     return head + extra + b"\r\n" + body
+
+
+async def accept_each(
+    listener: Listener[Any], tg: anyio.abc.TaskGroup, handle: Any, take: Any, what: str
+) -> None:
+    """Accept connections until ``listener`` closes, each handled by ``handle(stream)`` in ``tg``
+    if ``take()`` (which counts it) says there is room, else closed at once. Failing to accept
+    (out of descriptors, say) is logged once and tried again."""
+    failing = False
+    while True:
+        try:
+            stream = await listener.accept()
+        except anyio.ClosedResourceError:
+            return
+        except (anyio.BrokenResourceError, OSError) as exc:
+            if not failing:
+                _log.error(f"{what} cannot accept connections", error=str(exc.__cause__ or exc))
+            failing = True
+            await anyio.sleep(0.1)
+            continue
+        failing = False
+        if not take():
+            await close_stream(stream)
+            continue
+        tg.start_soon(handle, stream)
 
 
 async def close_stream(stream: Any) -> None:

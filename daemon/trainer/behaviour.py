@@ -54,15 +54,14 @@ from reflexd.manifest import (
     BehaviourTraining,
     ReliabilityBin,
 )
-from reflexd.trainer.result import EXIT_OUT_OF_MEMORY, Failure, write_result
+from reflexd.trainer.result import EXIT_OUT_OF_MEMORY, Failure, memory_exhausted, write_result
+from reflexd.worker import event_logger, limit_memory, lower_priority, out_of_memory
 
 MAX_PARITY_EPISODES = 200
 BINS = 10
 
 
-def _log(event: str, **fields: object) -> None:
-    parts = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-    print(f"reflexd.trainer.behaviour event={event} {parts}".rstrip(), file=sys.stderr, flush=True)
+_log = event_logger("reflexd.trainer.behaviour")
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -503,9 +502,7 @@ def read_settings(arg: str) -> BehaviourSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reflexd.trainer.fit import _lower_priority, _out_of_memory, limit_memory
-
-    _lower_priority()
+    lower_priority()
     parser = argparse.ArgumentParser(prog="python -m reflexd.trainer.behaviour", description=__doc__.splitlines()[0])
     parser.add_argument("snapshot", help="steps snapshot (Parquet)")
     parser.add_argument("out_dir", help="directory for model.onnx, manifest.json and result.json")
@@ -527,11 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = str(settings.max_threads)
     os.environ.setdefault("OMP_NUM_THREADS", threads)
     os.environ.setdefault("MKL_NUM_THREADS", threads)
-    limit = limit_memory(settings.max_memory_mb)
+    limit = limit_memory(settings.max_memory_mb, _log)
     try:
         train(args.snapshot, out_dir, settings, args.seed)
     except Exception as exc:
-        if _out_of_memory(exc, None if isinstance(exc, TrainingError) else limit):
+        if out_of_memory(exc, None if isinstance(exc, TrainingError) else limit, memory_exhausted):
             traceback.print_exc()
             return _fail(out_dir, f"behaviour trainer ran out of memory (max_memory_mb={settings.max_memory_mb}): "
                          f"{type(exc).__name__}: {exc}", EXIT_OUT_OF_MEMORY)

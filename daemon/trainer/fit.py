@@ -38,7 +38,6 @@ the lowest CPU priority so it only uses cycles the agents leave idle. The daemon
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import time
@@ -48,6 +47,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from reflexd import worker
 from reflexd.config import Config, TrainerConfig
 from reflexd.errors import TrainingError
 from reflexd.extensions import load_exporter, load_learner
@@ -64,75 +64,19 @@ from reflexd.trainer.result import (
     memory_exhausted,
     write_result,
 )
+from reflexd.worker import event_logger
 
 MAX_PARITY_ROWS = 2000
-# an unexplained failure this close to the limit is taken for one
-_NEAR_LIMIT_BYTES = 64 << 20
-
-
-def _log(event: str, **fields: object) -> None:
-    parts = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-    print(f"reflexd.trainer event={event} {parts}".rstrip(), file=sys.stderr, flush=True)
-
-
-def _lower_priority() -> None:
-    """Yield the CPU to everything else on the host; a trainer that cannot do so still runs."""
-    try:
-        os.nice(19)
-    except OSError:
-        pass
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):  # AttributeError: no SCHED_IDLE outside Linux
-        pass
+_log = event_logger("reflexd.trainer")
 
 
 def limit_memory(max_mb: int) -> int | None:
-    """Cap this process's address space at ``max_mb`` MiB (never above the hard limit).
-
-    Returns the limit in bytes, or None where it cannot be set (the run then goes on unlimited).
-    """
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        limit = max_mb << 20
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    except (ImportError, OSError, ValueError) as exc:
-        _log("memory_limit_not_set", max_memory_mb=max_mb, error=str(exc).replace(" ", "_"))
-        return None
-    return limit
-
-
-def _peak_address_space() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmPeak:"):
-                    return int(line.split()[1]) << 10
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    """Cap this process's address space at ``max_mb`` MiB (``reflexd.worker.limit_memory``)."""
+    return worker.limit_memory(max_mb, _log)
 
 
 def _out_of_memory(exc: BaseException, limit: int | None) -> bool:
-    """Was ``exc`` (or what caused it) an allocation refused under the memory limit?"""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, MemoryError):
-            return True
-        if isinstance(cause, OSError) and cause.errno == errno.ENOMEM:
-            return True
-        if memory_exhausted(f"{type(cause).__name__}: {cause}"):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    # extensions sometimes fail strangely when a malloc returns NULL (SystemError, say)
-    peak = _peak_address_space() if limit is not None else None
-    return peak is not None and limit is not None and peak >= limit - _NEAR_LIMIT_BYTES
+    return worker.out_of_memory(exc, limit, memory_exhausted)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -337,7 +281,7 @@ def export_checked(
 
 
 def main(argv: list[str] | None = None) -> int:
-    _lower_priority()
+    worker.lower_priority()
     args = _parse_args(argv)
     out_dir = Path(args.out_dir)
     try:

@@ -170,7 +170,7 @@ def test_logs_are_json_off_a_terminal_and_columns_on_one() -> None:
 
 def test_the_trainer_lowers_its_own_priority() -> None:
     code = (
-        "import os; from reflexd.trainer.fit import _lower_priority; _lower_priority();"
+        "import os; from reflexd.worker import lower_priority; lower_priority();"
         "print(os.nice(0), os.sched_getscheduler(0) == os.SCHED_IDLE)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"daemon": "reflexd", "plugins": "reflexd.plugins", "exporters": "reflexd.exporters"}
-KERNEL = {"reflexd.errors", "reflexd.config", "reflexd.features", "reflexd.split", "reflexd.durable",
+KERNEL = {"reflexd.errors", "reflexd.worker", "reflexd.config", "reflexd.features", "reflexd.split", "reflexd.durable",
           "reflexd.log", "reflexd.manifest", "reflexd.registry", "reflexd.extensions"}
 HEAVY = ("torch", "duckdb")
 # third-party packages whose importers are tracked too: Ray (the fleet extra) belongs to the fleet alone
