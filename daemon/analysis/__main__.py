@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -77,6 +78,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--inputs", required=True, help="ExtractionInputs as a JSON file")
     parser.add_argument("--config", default=None, help="the daemon's YAML config, or its Config as JSON")
     parser.add_argument("--model-dir", default=None, help="the live model's directory (policy.onnx, manifest.json)")
+    parser.add_argument("--steps", default=None, help="a snapshot of the steps (Parquet), for unusual trajectories")
+    parser.add_argument("--behaviour-dir", default=None, help="the live behaviour model's directory")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -109,6 +112,8 @@ def run(args: argparse.Namespace, limit: list[int | None]) -> None:
     _log("loaded", rows=len(exp), dropped=exp.dropped, features=len(exp.features), seconds=time.perf_counter() - started)
     insights = analyse(exp, inputs, settings, version, args.seed)
     del exp
+    if args.steps is not None:
+        insights = with_trajectories(insights, args.steps, args.behaviour_dir, inputs.now)
     insights = msgspec.structs.replace(insights, seconds=time.perf_counter() - started)
     write_insights(Path(args.out_dir), insights)
     peak = status_bytes("VmHWM")  # this process's own: exec started it afresh
@@ -120,6 +125,47 @@ def run(args: argparse.Namespace, limit: list[int | None]) -> None:
         seconds=insights.seconds,
         peak_rss_mb=round(peak / 2**20, 1) if peak is not None else "unknown",
     )
+
+
+MAX_TRAJECTORIES = 50  # reported per run, the newest; the rest are counted in the notes
+
+
+def with_trajectories(insights: Any, steps: str, behaviour_dir: str | None, now: float) -> Any:
+    """``insights`` with the unusual trajectories among ``steps`` as anomalies: loops and repeated
+    failing calls always, sequences the behaviour model finds unlikely when there is one."""
+    from reflexd.analysis.findings import Anomaly
+    from reflexd.learning.propensity import unusual
+    from reflexd.learning.steps import load_steps
+
+    model = None
+    if behaviour_dir is not None:
+        from reflexd.deciding.behaviour import BehaviourModel
+
+        model = BehaviourModel.from_dir(behaviour_dir)  # sha256 checked, as every model is
+    episodes = {(e.agent, e.episode): e for e in load_steps(steps)}
+    found = unusual(list(episodes.values()), model)
+    found.sort(key=lambda u: episodes[(u.agent, u.episode)].received_at or now, reverse=True)
+    shown = [
+        Anomaly(
+            kind="unusual_trajectory",
+            agent=u.agent,
+            action=u.action,
+            at=episodes[(u.agent, u.episode)].received_at or now,
+            size=float(u.score),
+            summary=f"episode {u.episode}: {u.detail}",
+            evidence={"episode": u.episode, "pattern": u.kind, "first_index": float(u.first_index),
+                      "last_index": float(u.last_index), "count": float(u.count), "threshold": float(u.threshold)},
+        )
+        for u in found[:MAX_TRAJECTORIES]
+    ]
+    notes = list(insights.notes)
+    if len(found) > MAX_TRAJECTORIES:
+        notes.append(f"{len(found) - MAX_TRAJECTORIES} more unusual trajectories than the {MAX_TRAJECTORIES} newest shown")
+    if model is None:
+        notes.append("unlikely sequences not looked for: no behaviour model is live yet")
+    anomalies = sorted([*insights.anomalies, *shown], key=lambda a: a.at, reverse=True)
+    counts = msgspec.structs.replace(insights.counts, anomalies=len(anomalies))
+    return msgspec.structs.replace(insights, anomalies=anomalies, counts=counts, notes=notes)
 
 
 def main(argv: list[str] | None = None) -> int:

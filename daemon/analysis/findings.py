@@ -25,6 +25,7 @@ AnomalyKind = Literal[
     "context_drift",  # a feature distributed differently from the live model's training window
     "exploration",  # propensities or effective sample size too low to keep learning honestly
     "below_gate",  # a live model earning less than the gate predicted
+    "unusual_trajectory",  # an episode that loops, repeats a failing call, or the behaviour model finds unlikely
 ]
 Direction = Literal["improving", "declining", "flat"]
 

@@ -21,9 +21,11 @@ import anyio
 import msgspec
 
 from reflexd import log
-from reflexd.analysis.findings import ExtractionInputs, Insights as Found, ModelRecord, Rule
+from reflexd.analysis.findings import ExtractionInputs, ModelRecord, Rule
+from reflexd.analysis.findings import Insights as Found
 from reflexd.analysis.result import EXIT_FAILED, EXIT_OUT_OF_MEMORY, encode_inputs, read_insights
 from reflexd.config import Config
+from reflexd.deciding.behaviour import BEHAVIOUR_DIR, BehaviourRegistry
 from reflexd.errors import AnalysisError, ReflexdError
 from reflexd.registry import Registry
 from reflexd.service.child import prune, run_child
@@ -178,11 +180,13 @@ class Extractor:
         if info.rows == 0:
             raise AnalysisError("no matured experience to extract insights from yet")
         model_dir = await anyio.to_thread.run_sync(self._write_inputs, run_dir, now)
+        trajectories = await anyio.to_thread.run_sync(self._write_steps, run_dir)
         out = run_dir / "out"
         cmd = [sys.executable, "-m", "reflexd.analysis", str(snapshot), str(out), "--inputs", str(run_dir / "inputs.json")]
         cmd += ["--config", str(run_dir / "config.json")]
         if model_dir is not None:
             cmd += ["--model-dir", str(model_dir)]
+        cmd += trajectories
         threads = str(cfg.trainer.max_threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         _log.info("extraction started", reason=reason, rows=info.rows)
@@ -221,6 +225,17 @@ class Extractor:
         (run_dir / "config.json").write_bytes(msgspec.json.encode(self.config))
         (run_dir / "out").mkdir()
         return model_dir
+
+    def _write_steps(self, run_dir: Path) -> list[str]:
+        """The steps as a snapshot, and the live behaviour model, for unusual trajectories: the
+        extraction's arguments naming them (none while no episode has ended)."""
+        if not self.store.ended_episodes():
+            return []
+        steps = run_dir / "steps.parquet"
+        self.store.steps_snapshot(steps)
+        behaviour = BehaviourRegistry(self.config.models_path / BEHAVIOUR_DIR)
+        live = behaviour.current()
+        return ["--steps", str(steps)] + (["--behaviour-dir", str(behaviour.root / live)] if live else [])
 
     def _inputs(self, now: float) -> tuple[ExtractionInputs, Path | None]:
         """What the extraction needs beside the snapshot: the last rules (their history), the models
