@@ -44,6 +44,7 @@ from reflexd.wire.protocol import Event, Step
 
 _log = log.get("reflexd.collect")
 EPISODE_KIND = "episode"
+EPISODE_END_KIND = "episode_end"  # what the reward join reads (reflexd.learning.join)
 STEP_KIND = "step_outcome"
 
 
@@ -355,6 +356,11 @@ class Assembler:
                     "reward": episode_reward,
                 },
             )
+        )
+        # the episode's end as an agent would send it (episode_end): decisions its agent made with
+        # this episode id (trace id + invoke_agent span id) are credited with its return
+        plan.events.append(
+            Event(agent=agent, kind=EPISODE_END_KIND, id=episode + ":end", ts=end, data={"episode": episode, "reward": episode_reward})
         )
         plan.steps += len(steps)
         plan.episodes += 1

@@ -799,10 +799,14 @@ def cmd_fleet_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.traces:
+        from reflexd.tools.demo_traces import run_traces_demo
+
+        return run_traces_demo(episodes=args.decisions or 4000, out_dir=args.out, seed=args.seed, rate=args.rate / 6)
     from reflexd.tools.demo import run_demo
 
     return run_demo(
-        decisions=args.decisions, out_dir=args.out, seed=args.seed, rate=args.rate, agents=args.agents,
+        decisions=args.decisions or 12_000, out_dir=args.out, seed=args.seed, rate=args.rate, agents=args.agents,
         insights=not args.no_insights,
     )
 
@@ -1321,9 +1325,10 @@ def build_parser() -> argparse.ArgumentParser:
             "reflexd demo",
             "reflexd demo --decisions 20000 --out /tmp/reflexd-demo --seed 3",
             "reflexd demo --agents 3 --decisions 18000",
+            "reflexd demo --traces",
         ],
     )
-    p.add_argument("--decisions", type=int, default=12_000, help="interactions to simulate (default 12000)")
+    p.add_argument("--decisions", type=int, default=None, help="interactions to simulate (default 12000)")
     p.add_argument("--rate", type=float, default=300.0, help="agent decisions per second (default 300)")
     p.add_argument("--out", default="demo-out", help="where to write the report and plot (default ./demo-out)")
     p.add_argument("--seed", type=int, default=7, help="random seed of the simulated world (default 7)")
@@ -1332,6 +1337,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="agents deciding in turn, each with its own actions and preferences (default 1)",
     )
     p.add_argument("--no-insights", action="store_true", help="skip the knowledge extraction at the end")
+    p.add_argument(
+        "--traces", action="store_true",
+        help="a tool-using agent that teaches reflexd only through its OpenTelemetry traces "
+             "(--decisions then counts its episodes, default 4000)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -64,3 +64,38 @@ def test_the_sdk_exports_agent_runs_to_the_daemon_which_stores_them_as_episodes(
     assert SECRET not in done.stdout
     traces = d.status().traces
     assert traces["episodes"] == 5 and traces["rejected_spans"] == 0
+
+
+def test_decisions_named_after_a_traced_episode_are_credited_with_its_outcome(daemon_factory, tmp_path) -> None:
+    """The agent's only reflexd call is decide, with its invoke_agent span's ids as the episode:
+    the trace's evaluation score comes back as those decisions' reward (rewards.episode_return)."""
+    from reflexd.client.policy import Policy
+    from reflexd.wire.protocol import Evaluate
+
+    d = daemon_factory({
+        "traces": {"enabled": True, "path": str(tmp_path / "t.sock"), "port": 0, "reward": "score"},
+        "rewards": {"wait_window": 0.2, "default": 0.0, "episode_return": True},
+    })
+    (port,) = d.status().traces["ports"]
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces", timeout=30)))
+    tracer = provider.get_tracer("router.agent")
+    with Policy("router", socket=d.socket, state_dir=d.state_dir) as policy:
+        for i in range(40):
+            with tracer.start_as_current_span("invoke_agent router", attributes={
+                "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "router",
+            }) as agent:
+                ids = agent.get_span_context()
+                choice = policy.decide({"n": i}, ["search", "calculator"], episode=f"{ids.trace_id:032x}{ids.span_id:016x}")
+                with tracer.start_as_current_span(f"execute_tool {choice.action}", attributes={
+                    "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": choice.action,
+                }):
+                    pass
+                agent.add_event("gen_ai.evaluation.result", {"gen_ai.evaluation.score.value": 1.0 if i % 4 else 0.0})
+        assert policy.flush(30)
+    assert provider.force_flush(30_000)
+    provider.shutdown()
+    wait_for(lambda: d.loaded_status().experience.get("new_since_training", 0) >= 40, 60, "the decisions to mature")
+    logged = d.request(Evaluate(policies=["action:search"], agent="router"), timeout=120).rows[0]
+    # the logging policy's value is the mean joined reward: 30 of the 40 episodes scored 1
+    assert logged.value.value == pytest.approx(0.75)

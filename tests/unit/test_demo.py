@@ -104,3 +104,17 @@ def test_the_demo_checks_each_published_rule_against_the_worlds_true_lift() -> N
     before = world.rng.getstate()
     true_lift(world, rule)
     assert world.rng.getstate() == before  # the world's own stream is left as it was
+
+
+@pytest.mark.e2e
+def test_the_traces_demo_runs_an_agent_that_reports_only_through_its_traces(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "reflexd", "demo", "--traces", "--decisions", "400", "--rate", "6000", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    # too short a run for a model to be promoted (exit 1 says so); the traces must all arrive
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    report = (out / "report-traces.txt").read_text()
+    assert "400 episodes" in report and "the agent sent no reward itself" in report, report
+    assert "before any model" in report
