@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import msgspec
@@ -500,6 +501,30 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _propensities(args: argparse.Namespace) -> Any:
+    """The live behaviour model of the daemon's state directory, as the importer's estimator."""
+    from reflexd.deciding.behaviour import BEHAVIOUR_DIR, BehaviourRegistry, BehaviourSource
+    from reflexd.tools.importer import Propensities
+
+    if args.format not in ("auto", "ndjson"):
+        raise UsageError("--estimate-propensities fills in decisions of reflexd NDJSON that have no prob")
+    if args.models:
+        models = Path(args.models)
+    else:
+        config = _read_config(args)
+        if config is None:
+            raise UsageError("name the daemon's models directory with --models, or its config with --config")
+        models = config.models_path
+    source = BehaviourSource(BehaviourRegistry(models / BEHAVIOUR_DIR))
+    source.refresh()
+    if source.model is None:
+        raise UsageError(
+            f"no behaviour model is live under {models / BEHAVIOUR_DIR}: the daemon trains one from agents' steps "
+            "(behaviour.*), or log each decision's prob"
+        )
+    return Propensities(source.model)
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -508,7 +533,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from reflexd.wire.protocol import StatusRequest
 
     fmt = args.format if args.format != "auto" else importer.detect_format(args.file)
-    items = importer.parse(args.file, fmt, args.agent)  # a generator: the file is read as it is sent
+    estimate = _propensities(args) if args.estimate_propensities else None
+    items = importer.parse(args.file, fmt, args.agent, estimate)  # a generator: the file is read as it is sent
     total = importer.count_lines(args.file)
     socket = _socket_path(args)
     # status on connections of its own: the daemon numbers the import connection's frames in errors
@@ -1107,6 +1133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1000, help="messages per acknowledged batch (default 1000)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each acknowledgement")
     p.add_argument("--show-rejected", type=int, default=20, help="rejected lines to list (default 20)")
+    p.add_argument(
+        "--estimate-propensities", action="store_true",
+        help="decisions logged without prob get the live behaviour model's estimate, marked with the strategy "
+             "'estimated:behaviour VERSION' (ndjson)",
+    )
+    p.add_argument("--models", help="models directory to take the behaviour model from (default: the config's)")
     json_flag(p, "the summary")
     p.set_defaults(func=cmd_import)
 

@@ -107,7 +107,38 @@ def _check(path: str) -> str:
 # ---- reflexd NDJSON ----------------------------------------------------------------------
 
 
-def _ndjson_event(raw: bytes, agent: str | None) -> Decision | Outcome:
+class Propensities:
+    """Estimates of the logged probability for decisions logged without one, from the live
+    behaviour model (``reflexd.learning.propensity``); each such decision is marked with the
+    strategy ``estimated:behaviour <version>``, so evaluation and training can tell them apart."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.strategy = f"estimated:behaviour {model.version}"
+        self.estimated = 0
+
+    def fill(self, obj: dict[str, Any]) -> dict[str, Any]:
+        from reflexd.features import action_ids
+        from reflexd.learning.propensity import decision_propensities
+
+        offered = action_ids(obj.get("actions") or [])
+        (prob,) = decision_propensities(self.model, [obj.get("context") or {}], [offered], [obj.get("chosen")])
+        self.estimated += 1
+        return {**obj, "prob": float(prob), "probs": None, "strategy": self.strategy}
+
+
+def _ndjson_event(
+    raw: bytes, agent: str | None, estimate: Propensities | None = None, checking: bool = False
+) -> Decision | Outcome:
+    """One line as a message. With ``estimate``, a decision without ``prob`` gets the behaviour
+    model's estimate (``checking``: a stand-in, for a pass that only tells lines apart)."""
+    if estimate is not None:
+        try:
+            obj = _any.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise BadLine(f"not valid JSON ({exc})") from None
+        if isinstance(obj, dict) and obj.get("type") == "decision" and "prob" not in obj:
+            raw = msgspec.json.encode({**obj, "prob": 1.0} if checking else estimate.fill(obj))
     try:
         msg = _event.decode(raw)
     except msgspec.ValidationError as exc:
@@ -127,10 +158,13 @@ def _ndjson_event(raw: bytes, agent: str | None) -> Decision | Outcome:
     return msg
 
 
-def parse_ndjson(path: str | os.PathLike[str], agent: str | None = None) -> Iterator[Item]:
+def parse_ndjson(
+    path: str | os.PathLike[str], agent: str | None = None, estimate: Propensities | None = None
+) -> Iterator[Item]:
     """reflexd's own decision and outcome lines; each decision comes with its outcomes.
 
-    ``agent``, when given, replaces the agent of every decision and outcome.
+    ``agent``, when given, replaces the agent of every decision and outcome. ``estimate``, when
+    given, fills in the probability of decisions logged without one.
     """
     path = _check(path)
     # first pass: outcomes, grouped by decision, and every bad line (outcomes are small)
@@ -140,7 +174,7 @@ def parse_ndjson(path: str | os.PathLike[str], agent: str | None = None) -> Iter
     seen: dict[bytes, int] = {}
     for number, raw in _lines(path):
         try:
-            msg = _ndjson_event(raw, agent)
+            msg = _ndjson_event(raw, agent, estimate, checking=True)
         except BadLine as exc:
             rejected[number] = exc.reason
             continue
@@ -157,7 +191,7 @@ def parse_ndjson(path: str | os.PathLike[str], agent: str | None = None) -> Iter
             yield Rejected(path, number, rejected[number])
         elif number not in skip:
             try:
-                decision = _ndjson_event(raw, agent)
+                decision = _ndjson_event(raw, agent, estimate)
             except BadLine as exc:  # only if the file changed between the two passes
                 yield Rejected(path, number, exc.reason)
                 continue
@@ -478,10 +512,12 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
     return "ndjson"
 
 
-def parse(path: str | os.PathLike[str], format: str | None = None, agent: str | None = None) -> Iterator[Item]:
+def parse(
+    path: str | os.PathLike[str], format: str | None = None, agent: str | None = None, estimate: Propensities | None = None
+) -> Iterator[Item]:
     fmt = format or detect_format(path)
     if fmt == "ndjson":
-        return parse_ndjson(path, agent)
+        return parse_ndjson(path, agent, estimate)
     if fmt == "dsjson":
         return parse_dsjson(path, agent)
     if fmt == "obd":

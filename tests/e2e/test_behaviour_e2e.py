@@ -4,6 +4,10 @@ socket, a model trained by the daemon in its subprocess once enough episodes end
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from conftest import wait_for
@@ -16,7 +20,7 @@ pytestmark = pytest.mark.e2e
 SMALL = {"min_new_episodes": 60, "hidden": 16, "layers": 1, "epochs": 10, "min_episodes": 20}
 
 
-def test_the_daemon_trains_and_publishes_a_behaviour_model_the_client_runs(daemon_factory) -> None:
+def test_the_daemon_trains_and_publishes_a_behaviour_model_the_client_runs(daemon_factory, tmp_path) -> None:
     d = daemon_factory({"behaviour": SMALL})
     agent = ToolAgent(seed=3, agent="tools")
     with Connection(d.socket) as conn:
@@ -41,6 +45,34 @@ def test_the_daemon_trains_and_publishes_a_behaviour_model_the_client_runs(daemo
     assert expected is not None
     best = max(TOOLS, key=lambda t: expected.get(t, 0.0))
     assert best == TOOLS[POLICY["math"].index(max(POLICY["math"]))]
+
+    # a log without probabilities, imported with the behaviour model's estimates
+    log = tmp_path / "unlogged.ndjson"
+    obs = {"task": "math", "ready": False, "failures": 0}
+    log.write_text("".join(
+        json.dumps({"type": "decision", "id": f"u{i}", "agent": "tools", "context": obs, "actions": list(TOOLS),
+                    "chosen": "calculator"}) + "\n" for i in range(5)
+    ))
+    run = [sys.executable, "-m", "reflexd", "import", str(log), "--format", "ndjson", "--socket", d.socket, "--json"]
+    refused = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1  # without the flag, a decision needs its prob
+    done = subprocess.run(run + ["--estimate-propensities", "--models", str(d.state_dir / "models")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["decisions"] == 5, done.stderr
+    d.request(Flush(loaded=True))
+    rows = subprocess.run(
+        [sys.executable, "-m", "reflexd", "query", "--socket", d.socket, "--json",
+         "SELECT prob, strategy FROM decisions WHERE id LIKE 'u%'"], capture_output=True, text=True, timeout=120,
+    )
+    found = json.loads(rows.stdout)
+    assert len(found) == 5 and all(r["strategy"] == f"estimated:behaviour {status.behaviour['live']}" for r in found)
+    # the model's own probability of the calculator, among the tools offered: what the client expects
+    offered = {t: expected.get(t, 0.0) for t in TOOLS}
+    estimate = offered["calculator"] / sum(offered.values())
+    assert all(r["prob"] == pytest.approx(estimate, abs=1e-5) for r in found), (found, estimate)
+    # a model this small, on 80 episodes, is rough; it still puts the agent's favourite above chance
+    # (its accuracy at size, against the true propensities: docs/results/2026-12-06-behaviour.md)
+    assert estimate > 1 / len(TOOLS)
 
 
 def test_insights_report_the_unusual_trajectories_among_the_steps(daemon_factory) -> None:
