@@ -51,7 +51,7 @@ from reflexd.collect.journal import Journal
 from reflexd.collect.spans import Rules, problems
 from reflexd.config import Config
 from reflexd.errors import ConfigError, RequestTimeout, SocketError, StorageError, TraceError
-from reflexd.service.endpoint import MAX_REQUEST_BYTES, SOCKET_MODE, accept_each, close_stream
+from reflexd.service.endpoint import MAX_REQUEST_BYTES, SOCKET_MODE, Slots, accept_each, close_stream
 from reflexd.service.redact import Redactor
 from reflexd.service.server import give_group, peer_credentials, peer_groups, prepare_path
 from reflexd.service.store import DeadLetter
@@ -134,7 +134,7 @@ class TraceReceiver:
         self.listeners: list[Listener[Any]] = []
         self.path: Path | None = None
         self.ports: list[int] = []  # the TCP ports listened on (traces.port 0: the one picked)
-        self.open = 0
+        self.slots = Slots(MAX_CONNECTIONS)
         self.assembler: Assembler | None = None
         self.journal: Journal | None = None
         self._journal_lock = anyio.Lock()
@@ -293,13 +293,7 @@ class TraceReceiver:
     # ---- HTTP ----------------------------------------------------------------------------
 
     async def _accept(self, listener: Listener[Any], tg: anyio.abc.TaskGroup) -> None:
-        await accept_each(listener, tg, self._handle, self._take, "trace receiver")
-
-    def _take(self) -> bool:
-        if self.open >= MAX_CONNECTIONS:
-            return False
-        self.open += 1
-        return True
+        await accept_each(listener, tg, self._handle, self.slots.take, "trace receiver")
 
     async def _handle(self, stream: Any) -> None:
         try:
@@ -320,7 +314,7 @@ class TraceReceiver:
         except Exception:  # a bug costs this connection, never the daemon
             _log.exception("trace request failed")
         finally:
-            self.open -= 1
+            self.slots.give()
             await close_stream(stream)
 
     async def _exchange(self, stream: Any, buffer: bytearray, peer: _Peer) -> bool:

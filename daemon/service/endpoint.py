@@ -54,7 +54,7 @@ class Endpoint:
         self.path: Path | None = None
         self.beat = time.monotonic()  # the heartbeat's last run
         self.lag = 0.0  # how late it ran
-        self.open = 0
+        self.slots = Slots(MAX_CONNECTIONS)
 
     @property
     def enabled(self) -> bool:
@@ -123,13 +123,7 @@ class Endpoint:
     # ---- HTTP ----------------------------------------------------------------------------
 
     async def _accept(self, listener: Listener[Any], tg: anyio.abc.TaskGroup) -> None:
-        await accept_each(listener, tg, self._handle, self._take, "metrics endpoint")
-
-    def _take(self) -> bool:
-        if self.open >= MAX_CONNECTIONS:
-            return False
-        self.open += 1
-        return True
+        await accept_each(listener, tg, self._handle, self.slots.take, "metrics endpoint")
 
     async def _handle(self, stream: Any) -> None:
         try:
@@ -143,7 +137,7 @@ class Endpoint:
         except Exception:  # a bug costs this exchange, never the daemon
             _log.exception("metrics request failed")
         finally:
-            self.open -= 1
+            self.slots.give()
             await close_stream(stream)
 
     async def _exchange(self, stream: Any) -> bytes | None:
@@ -186,6 +180,23 @@ def _reply(status: int, body: bytes, content_type: str = "text/plain; charset=ut
         f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
     ).encode()
     return head + extra + b"\r\n" + body
+
+
+class Slots:
+    """Connections open at once, up to ``limit``: ``take`` one (False when none is left), ``give`` it back."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def take(self) -> bool:
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+    def give(self) -> None:
+        self.open -= 1
 
 
 async def accept_each(
