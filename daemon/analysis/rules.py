@@ -52,6 +52,7 @@ from reflexd.analysis.segments import (
     find_segments,
     mask,
     rule_id,
+    segment_key,
     tree_design,
 )
 from reflexd.config import InsightsConfig
@@ -181,6 +182,20 @@ def baseline(data: AgentOutcomes, rows: np.ndarray, previous: str | None, confid
     return best
 
 
+def essential(when: list[Condition], rows: np.ndarray, features: dict, n: int, least: int) -> list[Condition]:
+    """``when`` without the conditions that leave out fewer than ``least`` of ``rows`` beside the
+    others: a split at the edge of a feature's range (``prompt_tokens > 94.5`` where nearly every
+    decision has more) says nothing a person could act on, and the segment is the same without it."""
+    kept = list(when)
+    for c in list(kept):
+        others = [o for o in kept if o is not c]
+        with_it = int(mask(kept, features, n)[rows].sum())
+        without = int(mask(others, features, n)[rows].sum())
+        if without - with_it < least:
+            kept = others
+    return kept
+
+
 def find_rules(
     data: AgentOutcomes, split: Split, settings: InsightsConfig, previous_baseline: str | None, seed: int
 ) -> list[Found]:
@@ -199,7 +214,12 @@ def find_rules(
         if len(rows) < settings.min_support:
             continue
         diff = data.gamma[rows, a] - data.gamma[rows, b]
+        seen: set[str] = set()
         for when in _segments(data, rows, diff, settings, seed + 1000 + a):
+            when = essential(when, rows, data.exp.features, n, settings.min_support)
+            if segment_key(when) in seen:  # two leaves that differ only by conditions that cut nothing
+                continue
+            seen.add(segment_key(when))
             inside = rows[mask(when, data.exp.features, n)[rows]]
             if len(inside) < settings.min_support:
                 continue

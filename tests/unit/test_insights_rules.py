@@ -174,3 +174,20 @@ def test_nothing_is_published_without_later_decisions_to_check_it() -> None:
     assert {r.status for r in insights.rules} == {"candidate"}
     for r in insights.rules:
         assert r.confirmed_window is None and r.last_confirmed is None
+
+
+def test_a_condition_that_leaves_out_almost_nothing_is_dropped_from_a_rule() -> None:
+    from reflexd.analysis.experience import Feature
+    from reflexd.analysis.findings import Condition
+    from reflexd.analysis.rules import essential
+
+    n = 1000
+    tokens = np.linspace(100.0, 5000.0, n).astype(np.float32)
+    tokens[:50] = 50.0  # 50 decisions below the split, fewer than the support a rule needs
+    task = np.array([0, 1] * (n // 2), dtype=np.int16)
+    features = {"prompt_tokens": Feature("prompt_tokens", tokens), "task": Feature("task", task, ("chat", "code"))}
+    edge = Condition("prompt_tokens", ">", 94.5)
+    code = Condition("task", "==", "code")
+    rows = np.arange(n)
+    assert essential([edge, code], rows, features, n, least=200) == [code]  # the edge cuts 25 of the code rows
+    assert essential([edge, code], rows, features, n, least=20) == [edge, code]
