@@ -30,7 +30,6 @@ A dead letter keeps a body's bytes only with ``traces.capture_content`` (and
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 import socket
@@ -50,10 +49,17 @@ from reflexd.collect.episodes import Assembler, Plan
 from reflexd.collect.journal import Journal
 from reflexd.collect.spans import Rules, problems
 from reflexd.config import Config
-from reflexd.errors import ConfigError, RequestTimeout, SocketError, StorageError, TraceError
-from reflexd.service.endpoint import MAX_REQUEST_BYTES, SOCKET_MODE, Slots, accept_each, close_stream
+from reflexd.errors import ConfigError, RequestTimeout, StorageError, TraceError
+from reflexd.service.endpoint import (
+    MAX_REQUEST_BYTES,
+    Slots,
+    accept_each,
+    close_stream,
+    loopback_listeners,
+    unix_listener,
+)
 from reflexd.service.redact import Redactor
-from reflexd.service.server import give_group, peer_credentials, peer_groups, prepare_path
+from reflexd.service.server import peer_credentials, peer_groups
 from reflexd.service.store import DeadLetter
 from reflexd.wire.protocol import ExperienceEvent
 
@@ -195,23 +201,12 @@ class TraceReceiver:
 
     async def _open_listeners(self, cfg: Config) -> None:
         traces = cfg.traces
-        path = Path(traces.path)
-        prepare_path(path)  # the same directory checks as the agents' socket
-        self.listeners.append(await anyio.create_unix_listener(path, mode=SOCKET_MODE))
-        self.path = path
-        os.chmod(path, SOCKET_MODE)
-        group = cfg.socket.group
-        if group is not None:
-            gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
-            give_group(path.parent, gid)
-            give_group(path, gid)
+        self.path = Path(traces.path)
+        self.listeners.append(await unix_listener(self.path, cfg.socket.group))
         if traces.port is not None:
-            try:
-                multi = await anyio.create_tcp_listener(local_host=traces.host, local_port=traces.port)
-            except OSError as exc:
-                raise SocketError(f"traces.port: cannot listen on {traces.host}:{traces.port}: {exc.strerror or exc}") from None
-            self.listeners.extend(multi.listeners)
-            self.ports = sorted({listener.extra(SocketAttribute.local_port) for listener in multi.listeners})
+            tcp = await loopback_listeners("traces.port", traces.host, traces.port)
+            self.listeners.extend(tcp)
+            self.ports = sorted({listener.extra(SocketAttribute.local_port) for listener in tcp})
 
     def _current_rules(self) -> Rules:
         """The mapping for the config in force, compiled again when it (or redaction) changed.

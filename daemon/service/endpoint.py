@@ -65,22 +65,10 @@ class Endpoint:
         """Bind the Unix socket and the TCP port; SocketError if either cannot be used."""
         m = self.config.metrics
         if m.path is not None:
-            path = Path(m.path)
-            prepare_path(path)  # the same directory checks as the agents' socket
-            self.listeners.append(await anyio.create_unix_listener(path, mode=SOCKET_MODE))
-            self.path = path
-            os.chmod(path, SOCKET_MODE)
-            group = self.config.socket.group
-            if group is not None:
-                gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
-                give_group(path.parent, gid)
-                give_group(path, gid)
+            self.path = Path(m.path)
+            self.listeners.append(await unix_listener(self.path, self.config.socket.group))
         if m.port is not None:
-            try:
-                multi = await anyio.create_tcp_listener(local_host=m.host, local_port=m.port)
-            except OSError as exc:
-                raise SocketError(f"metrics.port: cannot listen on {m.host}:{m.port}: {exc.strerror or exc}") from None
-            self.listeners.extend(multi.listeners)
+            self.listeners.extend(await loopback_listeners("metrics.port", m.host, m.port))
 
     async def serve(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -180,6 +168,28 @@ def _reply(status: int, body: bytes, content_type: str = "text/plain; charset=ut
         f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
     ).encode()
     return head + extra + b"\r\n" + body
+
+
+async def unix_listener(path: Path, group: int | str | None) -> Listener[Any]:
+    """A listening socket at ``path``, mode 0660, given ``group`` (socket.group) with its directory,
+    after the same directory checks as the agents' socket."""
+    prepare_path(path)
+    listener = await anyio.create_unix_listener(path, mode=SOCKET_MODE)
+    os.chmod(path, SOCKET_MODE)
+    if group is not None:
+        gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+        give_group(path.parent, gid)
+        give_group(path, gid)
+    return listener
+
+
+async def loopback_listeners(key: str, host: str, port: int) -> list[Listener[Any]]:
+    """TCP listeners on ``host``:``port`` (0: a free one); SocketError naming ``key`` if it is taken."""
+    try:
+        multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise SocketError(f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return list(multi.listeners)
 
 
 class Slots:
