@@ -1352,7 +1352,7 @@ def build_parser() -> argparse.ArgumentParser:
         "first, each learning on its own, and a line per agent is added to the report.\n"
         "At the end the daemon extracts what the experience teaches (reflexd insights): the rules it\n"
         "published are printed, each beside the simulated world's true lift on its segment.\n"
-        "Exit 1 if no model was promoted.",
+        "Exit 1 if the agent never earned clearly more than the default policy (no first adaptation).",
         [
             "reflexd demo",
             "reflexd demo --decisions 20000 --out /tmp/reflexd-demo --seed 3",

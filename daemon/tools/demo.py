@@ -393,6 +393,9 @@ def run_demo(
     else:
         print("\n(install matplotlib for the learning-curve plot)")
     if not any(rec.versions):
+        # the gate kept the head-driven policy: no candidate was shown to beat it (daemon.log says why)
         print(f"no model was promoted during the demo; see {out / 'daemon.log'}", file=sys.stderr)
+    if first_adaptation(rec.gains) is None:
+        print("the agent never earned clearly more than the default policy", file=sys.stderr)
         return 1
     return 0
