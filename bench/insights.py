@@ -1,6 +1,7 @@
 """Knowledge extraction against planted truth: rules, Simpson's paradox, change points, drift, scale.
 
     python -m bench.insights [--quick] [--seeds N] [--rows N] [--scale N] [--json FILE]
+    python -m bench.insights --only {changes,mechanisms,calibration} [--change-seeds S ...] [--quick]
 
 Simulated agent worlds whose true expected rewards are known, logged the way reflexd logs (each
 decision with the exact probability its action was chosen with), stored through the daemon's
@@ -22,6 +23,10 @@ ingest does, one spool line per 25 decisions with its own received_at) and read 
 - **changes**: the detector (``reflexd.analysis.anomalies.changes``) on Bernoulli(0.5) rewards
   (σ = 0.5, the noisiest 0–1 reward) with shifts of ±0.1 every 100,000 decisions, and on
   stationary streams; and the whole extraction on the scale world below (its planted changes).
+  ``--only changes`` runs just this, over ``--change-seeds`` (3 11 29); ``--only mechanisms``
+  puts the candidate detectors (CUSUMs with other references, a GLR over unknown shift sizes, a
+  bank of CUSUMs, a moving sum) side by side at one false-alarm rate on 1,000 shifts per seed;
+  ``--only calibration`` measures the detector's false alarms on stationary streams of five shapes.
 - **scale** (``--scale`` decisions, 1,000,000 by default): two agents (the router with a
   +0.1 change of its reward at 40% and a −0.1 change of one action's at 70%, a model live from
   50% whose gate predicted more than it earns, two context features drifting from 75%; and the
@@ -464,8 +469,8 @@ def score_alarms(alarms: list[int], changes: list[int], n: int, horizon: int = 5
     return delays, false
 
 
-def run_changes(settings: InsightsConfig, quick: bool) -> dict[str, Any]:
-    rng = np.random.default_rng(3)
+def run_changes(settings: InsightsConfig, quick: bool, seed: int = 3) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
     gap = 100_000
     shifts = 4 if quick else 10
     level = np.empty(gap * (shifts + 1))
@@ -513,6 +518,145 @@ def run_changes(settings: InsightsConfig, quick: bool) -> dict[str, Any]:
             "reported_false_per_100k": reported / events * 100_000 if name == "reflexd" else None,
             "events": events,
         }
+    return out
+
+
+# What a detector can do at the stated rate, whatever it is: each candidate on the same streams, its
+# threshold set for the same false-alarm rate on a no-change stream, the pre-change level known
+# (in the streams above it is estimated from 100,000 decisions: the difference is negligible).
+
+
+def _sums(z: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.zeros(z.shape[:-1] + (1,)), np.cumsum(z, axis=-1)], axis=-1)
+
+
+def _cusum(z: np.ndarray, k: float) -> np.ndarray:
+    w = np.cumsum(z - k, axis=-1)
+    return w - np.minimum(np.minimum.accumulate(w, axis=-1), 0.0)
+
+
+def _glr(z: np.ndarray, lags: np.ndarray) -> np.ndarray:
+    """max over the lags m of max(0, S_n − S_{n−m})² / 2m: the GLR for an upward shift of unknown size."""
+    s, out = _sums(z), np.zeros(z.shape)
+    for m in lags[lags <= z.shape[-1]]:
+        d = np.maximum(s[..., m:] - s[..., :-m], 0.0)
+        np.maximum(out[..., m - 1 :], d * d / (2.0 * m), out=out[..., m - 1 :])
+    return out
+
+
+def _geometric_lags(longest: int, ratio: float = 1.15, dense: int = 10) -> np.ndarray:
+    lags = list(range(1, dense + 1))
+    while lags[-1] < longest:
+        lags.append(max(lags[-1] + 1, round(lags[-1] * ratio)))
+    return np.array(lags)
+
+
+def _moving_sum(z: np.ndarray, m: int) -> np.ndarray:
+    s, out = _sums(z), np.full(z.shape, -np.inf)
+    out[..., m - 1 :] = s[..., m:] - s[..., :-m]
+    return out
+
+
+MECHANISMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    # one statistic per side (upward here; the streams are symmetric); z in standard deviations
+    "CUSUM k = δ/2": lambda z: _cusum(z, 0.1),
+    "CUSUM k = 0.4 δ (the detector now)": lambda z: _cusum(z, 0.08),
+    "CUSUM k = 0.3 δ": lambda z: _cusum(z, 0.06),
+    "GLR, unknown shift, lags ≤ 3,000": lambda z: _glr(z, _geometric_lags(3000)),
+    # each CUSUM in units of its own threshold for the same run length, the bank's level set below
+    "bank of CUSUMs, k = δ/4, δ/2, δ": lambda z: np.max(
+        [_cusum(z, k) / anomalies.cusum_threshold(k, 200_000) for k in (0.05, 0.1, 0.2)], axis=0
+    ),
+    "moving sum of the last 500": lambda z: _moving_sum(z, 500),
+    # each in units of its level at 0.5 false alarms per 100,000 on its own; their common level set below
+    "CUSUM k = 0.4 δ or moving sum of 500": lambda z: np.maximum(_cusum(z, 0.08) / 47.4, _moving_sum(z, 500) / 78.0),
+}
+# the previous detector as it was set: Siegmund's threshold for twice the run length asked for
+PREVIOUS = ("CUSUM k = δ/2, h by Siegmund × 2 (the previous detector)", MECHANISMS["CUSUM k = δ/2"], 43.78)
+
+
+def _threshold(stat: Callable[[np.ndarray], np.ndarray], per_side_100k: float, seed: int = 1) -> float:
+    """The level at which a statistic, restarted after each alarm, alarms ``per_side_100k`` times per
+    100,000 no-change steps. A restart is a fresh stream, so stream after stream (rows of 20,000
+    steps) are renewal cycles: the rate at a level is the rows whose running maximum passes it over
+    the steps taken until they do."""
+    rng = np.random.default_rng(seed)
+    highs = np.concatenate([
+        np.maximum.accumulate(stat(np.where(rng.random((50, 20_000)) < 0.5, 1.0, -1.0)), axis=1).astype(np.float32)
+        for _ in range(16)
+    ])
+
+    def rate(h: float) -> float:
+        passed = highs[:, -1] > h
+        first = np.where(passed, np.argmax(highs > h, axis=1) + 1, highs.shape[1])
+        return float(passed.sum() / first.sum() * 100_000)
+
+    lo, hi = 0.0, float(highs.max())
+    for _ in range(40):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if rate(mid) > per_side_100k else (lo, mid)
+    return hi
+
+
+def _delays(stat: Callable[[np.ndarray], np.ndarray], h: float, rng: np.random.Generator, shifts: int,
+            to: float, pre: int, post: int) -> tuple[np.ndarray, int, int]:
+    """Delays of ``shifts`` shifts from 0.5 to ``to`` after ``pre`` decisions without one (``post``:
+    not found), and the false alarms and no-change steps before them."""
+    delays: list[int] = []
+    false = quiet = 0
+    for _ in range(0, shifts, 250):
+        z = np.where(rng.random((250, pre + post)) < np.r_[np.full(pre, 0.5), np.full(post, to)], 1.0, -1.0)
+        over = stat(z) > h
+        early = over[:, :pre].any(axis=1)
+        false += int(early.sum())
+        quiet += int(np.where(early, over[:, :pre].argmax(axis=1) + 1, pre).sum())
+        late = over[~early, pre:]
+        delays += np.where(late.any(axis=1), late.argmax(axis=1), post).tolist()
+    return np.array(delays), false, quiet
+
+
+def run_mechanisms(seeds: list[int], shifts: int = 1000, per_100k: float = 0.7) -> dict[str, Any]:
+    """Each mechanism at ``per_100k`` false alarms per 100,000 decisions (what the detector raises on
+    coin flips): per seed, its delays for ``shifts`` shifts of δ = 0.2 sd (0.1 at σ 0.5, Bernoulli
+    0.5 → 0.6) after 5,000 decisions without one, and its false alarms on those 5,000 (both sides:
+    twice the upward side's, the ±1 steps being symmetric); and, on the first seed, its delays for
+    shifts of half and twice the size it is tuned for."""
+    pre = 5_000
+    out: dict[str, Any] = {}
+    candidates: list[tuple[str, Callable[[np.ndarray], np.ndarray], float | None]] = [PREVIOUS]
+    candidates += [(name, stat, None) for name, stat in MECHANISMS.items()]
+    for name, stat, fixed in candidates:
+        h = fixed if fixed is not None else _threshold(stat, per_100k / 2.0)
+        rows = []
+        for seed in seeds:
+            d, false, quiet = _delays(stat, h, np.random.default_rng(seed), shifts, 0.6, pre, 3_000)
+            rows.append({"seed": seed, "shifts": len(d), "delay_mean": float(d.mean()), "delay_median": float(np.median(d)),
+                         "delay_p90": float(np.quantile(d, 0.9)), "within_500": float(np.mean(d < 500)),
+                         "false_per_100k": 2.0 * false / quiet * 100_000})
+        other = {}
+        for label, to, post in (("half", 0.55, 20_000), ("double", 0.7, 2_000)):
+            d, _, _ = _delays(stat, h, np.random.default_rng(seeds[0]), max(shifts // 4, 250), to, 1_000, post)
+            other[label] = {"delay_mean": float(d.mean()), "delay_p90": float(np.quantile(d, 0.9)), "missed": float(np.mean(d >= post))}
+        out[name] = {"threshold": h, "seeds": rows, "other_sizes": other}
+    return out
+
+
+def run_calibration(n: int, seeds: list[int], settings: InsightsConfig) -> dict[str, Any]:
+    """False alarms per 100,000 decisions the detector raises on stationary streams of several
+    shapes: the measurement ``anomalies._DESIGN_MARGIN`` is set by."""
+    out: dict[str, Any] = {}
+    for shape, draw_one in {
+        "coin flips": lambda r: (r.random(n) < 0.5).astype(np.float64),
+        "80% successes": lambda r: (r.random(n) < 0.8).astype(np.float64),
+        "95% successes": lambda r: (r.random(n) < 0.95).astype(np.float64),
+        "normal": lambda r: r.normal(2.0, 0.5, n),
+        "exponential": lambda r: r.exponential(1.0, n),
+    }.items():
+        alarms = 0
+        for seed in seeds:
+            alarms += len(anomalies.changes(draw_one(np.random.default_rng(seed)), settings.change_size, settings.false_alarms_per_100k))
+        events = n * len(seeds)
+        out[shape] = {"alarms": alarms, "events": events, "per_100k": alarms / events * 100_000}
     return out
 
 
@@ -696,6 +840,35 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def only(part: str, seeds: list[int], quick: bool, dest: Path | None) -> int:
+    settings = InsightsConfig()
+    results: dict[str, Any] = {"machine": machine(("numpy",))}
+    if part == "changes":
+        results["changes"] = {str(seed): run_changes(settings, quick, seed) for seed in seeds}
+        print(f"{'seed':>5}  {'detected':>8}  {'mean':>5}  {'median':>6}  {'p90':>5}  {'false/100k':>10}  {'reported':>8}  {'naive p90':>9}  {'naive false':>11}")
+        for seed, r in results["changes"].items():
+            ours, naive = r["reflexd"], r["naive"]
+            print(f"{seed:>5}  {ours['detected']:>8}  {ours['delay_mean']:5.0f}  {ours['delay_median']:6.0f}  {ours['delay_p90']:5.0f}"
+                  f"  {ours['false_per_100k']:10.2f}  {ours['reported_false_per_100k']:8.2f}  {naive['delay_p90']:9.0f}  {naive['false_per_100k']:11.2f}")
+    elif part == "mechanisms":
+        results["mechanisms"] = run_mechanisms(seeds, 250 if quick else 1000)
+        print(f"{'mechanism':<40} {'seed':>5} {'mean':>5} {'median':>6} {'p90':>5} {'≤ 500':>6} {'false/100k':>10}")
+        for name, r in results["mechanisms"].items():
+            for row in r["seeds"]:
+                print(f"{name:<40} {row['seed']:>5} {row['delay_mean']:5.0f} {row['delay_median']:6.0f} {row['delay_p90']:5.0f}"
+                      f" {row['within_500']:6.1%} {row['false_per_100k']:10.2f}")
+            half, double = r["other_sizes"]["half"], r["other_sizes"]["double"]
+            print(f"{name:<40} half the size: mean {half['delay_mean']:.0f}, p90 {half['delay_p90']:.0f};"
+                  f" twice: mean {double['delay_mean']:.0f}, p90 {double['delay_p90']:.0f}")
+    else:
+        results["calibration"] = run_calibration(1_000_000 if quick else 5_000_000, seeds, settings)
+        for shape, r in results["calibration"].items():
+            print(f"{shape:<15} {r['alarms']:>5} alarms in {r['events']:>11,} decisions: {r['per_100k']:.2f} per 100k")
+    if dest:
+        dest.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.insights", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller worlds, fewer seeds, no 1M run unless --scale")
@@ -703,7 +876,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=None, help="decisions per rules world (default 200,000; quick 60,000)")
     ap.add_argument("--scale", type=int, default=None, help="decisions of the scale run (default 1,000,000; quick: none)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--only", choices=("changes", "mechanisms", "calibration"), default=None,
+                    help="only the change detection on the planted shifts (over --change-seeds); the candidate"
+                         " mechanisms side by side; or the detector's false alarms on stationary streams")
+    ap.add_argument("--change-seeds", type=int, nargs="+", default=None, help="seeds of the streams for --only (default 3 11 29)")
     args = ap.parse_args(argv)
+    if args.only:
+        return only(args.only, args.change_seeds or [3, 11, 29], args.quick, args.json)
     seeds = args.seeds or (2 if args.quick else 5)
     rows = args.rows or (60_000 if args.quick else 200_000)
     scale = args.scale if args.scale is not None else (0 if args.quick else 1_000_000)

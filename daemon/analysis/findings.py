@@ -50,7 +50,7 @@ class Condition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Rule(_Finding, kw_only=True):
     """"When ``when``, ``action`` earns ``lift`` more than ``baseline``" (negative: less).
 
-    ``lift``, ``ci`` and ``support`` are the newest check's, on decisions the rule was not found
+    ``lift``, ``ci``, ``support`` and ``ess`` are the newest check's, on decisions the rule was not found
     on (for a candidate never checked yet: the finding window's, marked by ``confirmed_window``
     None). ``check_confidence`` is the level that check's interval was tested at (Bonferroni over
     the run's checks); ``ci`` is at the run's ``confidence`` for reading.
@@ -77,6 +77,9 @@ class Rule(_Finding, kw_only=True):
     confirmed_window: list[float] | None = None  # [start, end] of the decisions of the last check that held
     check_confidence: float | None = None
     checked_until: float  # received_at of the newest decision any check used: the next one starts after it
+    # effective decisions behind ``lift`` (Kish, of the smaller of the two actions' importance
+    # weights in the segment); None in findings stored before it was kept
+    ess: float | None = None
 
 
 class Pattern(_Finding, kw_only=True):
@@ -94,6 +97,7 @@ class Pattern(_Finding, kw_only=True):
     support: int
     window: list[float]
     found_window: list[float]
+    ess: float | None = None  # effective decisions behind ``value`` (Kish, of the action's importance weights)
 
 
 class Anomaly(_Finding, kw_only=True):

@@ -20,15 +20,25 @@ was not found on:
   finding window and its last check (``checked_until``), so no decision is ever used twice to
   check the same rule; a candidate found again, or a retired rule found again, likewise.
 
+Every estimate (a pattern's value, a candidate's lift, a check) needs the actions' importance
+weights in its segment to be worth ``outcomes.MIN_ESS`` effective decisions, and its interval is
+``outcomes.bounded_estimate``'s (the normal one widened for heavy weights). A rule's condition is
+kept only if it carries lift on the find window (``essential``): dropping it must move the lift
+out of the rule's interval there, the decisions it cuts must differ from the segment's by
+``split_z`` standard errors, and it must leave out at least ``min_support`` decisions.
+
 A check needs ``min_support`` decisions in the segment. With m checks in a run, each is tested at
 confidence 1 − ``false_rule_rate`` / m (Bonferroni): the chance that any rule that does not hold
 passes its check in a run is at most ``false_rule_rate``. A check *holds* when that interval
 excludes zero on the rule's side; then a candidate is published, or a published rule confirmed
 (its lift, interval and support become the check's). A check that does not hold decides
 something only if it had the power to: if the interval excludes zero on the other side, or the
-rule's lift is at least (z + 0.84) standard errors (80% power to have seen it), a published rule
-is retired (``retired_why`` gives the check's numbers) and a candidate dropped; otherwise nothing
-changes but ``checked_until``.
+rule's lift exceeds the interval's half-width by 0.84 standard errors (80% power to have seen
+it), a published rule is retired (``retired_why`` gives the check's numbers) and a candidate
+dropped; otherwise nothing changes but ``checked_until``. A check with the decisions but too
+few effective ones (the action rarely taken there) is not made and does not move
+``checked_until``: whether it is made depends only on who chose what, never on rewards, so the
+decisions can wait for more of their kind.
 
 Retired rules and candidates never confirmed are forgotten ``keep_days`` after they were last
 found or retired.
@@ -39,13 +49,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 import msgspec
 import numpy as np
 
 from reflexd.analysis.findings import Condition, Pattern, Rule
-from reflexd.analysis.outcomes import AgentOutcomes
+from reflexd.analysis.outcomes import MIN_ESS, AgentOutcomes, bounded_estimate, effective_size
 from reflexd.analysis.segments import (
     TREE_ROWS,
     describe,
@@ -56,7 +67,7 @@ from reflexd.analysis.segments import (
     tree_design,
 )
 from reflexd.config import InsightsConfig
-from reflexd.learning.ope import Estimate, estimate, z_score
+from reflexd.learning.ope import Estimate
 
 POWER_Z = 0.8416  # one-sided normal quantile of 80%: the power a check needs to refute a rule
 _DAY = 86_400.0
@@ -129,7 +140,10 @@ def patterns(data: AgentOutcomes, split: Split, settings: InsightsConfig, seed: 
             terms = data.gamma[in_check, a]
             if len(terms) < max(2, settings.min_support if when else 2):
                 continue
-            e = estimate(terms, settings.confidence)
+            ess = effective_size(data, in_check, a)
+            if ess < MIN_ESS:
+                continue
+            e = bounded_estimate(terms, settings.confidence)
             out.append(
                 Pattern(
                     agent=data.agent,
@@ -140,6 +154,7 @@ def patterns(data: AgentOutcomes, split: Split, settings: InsightsConfig, seed: 
                     support=len(terms),
                     window=split.check,
                     found_window=split.find,
+                    ess=round(ess, 1),
                 )
             )
     return out
@@ -157,6 +172,7 @@ class Found:
     estimate: Estimate
     support: int
     window: list[float]
+    ess: float | None = None
 
 
 def baseline(data: AgentOutcomes, rows: np.ndarray, previous: str | None, confidence: float) -> int | None:
@@ -176,24 +192,84 @@ def baseline(data: AgentOutcomes, rows: np.ndarray, previous: str | None, confid
         if keep == best:
             return best
         if len(both) >= 2:
-            e = estimate(data.gamma[both, best] - data.gamma[both, keep], confidence)
+            e = bounded_estimate(data.gamma[both, best] - data.gamma[both, keep], confidence)
             if e.lower <= 0.0:
                 return keep
     return best
 
 
-def essential(when: list[Condition], rows: np.ndarray, features: dict, n: int, least: int) -> list[Condition]:
-    """``when`` without the conditions that leave out fewer than ``least`` of ``rows`` beside the
-    others: a split at the edge of a feature's range (``prompt_tokens > 94.5`` where nearly every
-    decision has more) says nothing a person could act on, and the segment is the same without it."""
-    kept = list(when)
-    for c in list(kept):
-        others = [o for o in kept if o is not c]
-        with_it = int(mask(kept, features, n)[rows].sum())
-        without = int(mask(others, features, n)[rows].sum())
-        if without - with_it < least:
+def essential(
+    when: list[Condition],
+    rows: np.ndarray,
+    features: dict,
+    n: int,
+    least: int,
+    terms: np.ndarray | None = None,
+    confidence: float = 0.95,
+    z: float = 4.0,
+) -> list[Condition]:
+    """``when`` without the conditions that carry no lift.
+
+    A condition goes if it leaves out fewer than ``least`` of ``rows`` beside the others. Given
+    ``terms`` (the rule's per-decision differences, aligned with ``rows``), it also goes if the
+    lift without it lies inside the interval of the lift with it (it changes nothing a reader
+    would act on), or if the segment's decisions and those it cuts differ by fewer than ``z``
+    standard errors (the bar the tree's split had to clear, now in the segment as it ended up).
+    A tree keeps a split at the edge of a noise feature's range (``prompt_tokens > 94.5``, 3% of
+    the decisions) when those few happen to differ by ``split_z`` standard errors, the best of
+    thousands of thresholds tried; on the side that keeps most decisions it moves the lift by a
+    fraction of its standard error, and on the other it stands alone, measured on the decisions
+    that chose it, at or below the bar. What is kept is the largest subset of the conditions that
+    all pass together (of several, the one whose lift is nearest the leaf's). ``rows`` are the
+    window the rule was found on: a check's decisions must never choose its conditions.
+    """
+    each = [mask([c], features, n)[rows] for c in when]
+    kept = list(range(len(when)))
+
+    def rows_of(indices: list[int]) -> np.ndarray:
+        out = np.ones(len(rows), dtype=bool)
+        for i in indices:
+            out &= each[i]
+        return out
+
+    for i in list(kept):
+        others = [o for o in kept if o != i]
+        if int(rows_of(others).sum()) - int(rows_of(kept).sum()) < least:
             kept = others
-    return kept
+    if terms is None:
+        return [when[i] for i in kept]
+
+    whole = rows_of(kept)
+    leaf = float(terms[whole].mean()) if whole.any() else 0.0
+
+    def departure(subset: tuple[int, ...]) -> float | None:
+        """How far ``subset``'s lift is from the leaf's; None if one of its conditions fails."""
+        inside = rows_of(list(subset))
+        if inside.sum() < 2:
+            return None
+        e = bounded_estimate(terms[inside], confidence)
+        for i in subset:
+            wider = rows_of([o for o in subset if o != i])
+            cut = wider & ~inside
+            if cut.sum() < 2:
+                continue
+            if e.lower <= float(terms[wider].mean()) <= e.upper:
+                return None
+            a, b = terms[inside], terms[cut]
+            spread = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+            contrast = abs(float(a.mean() - b.mean())) / spread if spread > 0 else math.inf
+            if contrast < z:
+                return None
+        return abs(e.value - leaf)
+
+    # the most conditions that all carry lift together: dropping the failing ones one at a time
+    # misleads where a noise condition picked out an unlucky few, whose real conditions then look
+    # weak beside it too
+    for size in range(len(kept), 0, -1):
+        judged = [(d, subset) for subset in combinations(kept, size) if (d := departure(subset)) is not None]
+        if judged:
+            return [when[i] for i in min(judged)[1]]
+    return []
 
 
 def find_rules(
@@ -216,16 +292,20 @@ def find_rules(
         diff = data.gamma[rows, a] - data.gamma[rows, b]
         seen: set[str] = set()
         for when in _segments(data, rows, diff, settings, seed + 1000 + a):
-            when = essential(when, rows, data.exp.features, n, settings.min_support)
-            if segment_key(when) in seen:  # two leaves that differ only by conditions that cut nothing
+            when = essential(when, rows, data.exp.features, n, settings.min_support, diff, settings.confidence,
+                             settings.split_z)
+            if segment_key(when) in seen:  # two leaves that differ only by conditions that carry no lift
                 continue
             seen.add(segment_key(when))
             inside = rows[mask(when, data.exp.features, n)[rows]]
             if len(inside) < settings.min_support:
                 continue
-            e = estimate(data.gamma[inside, a] - data.gamma[inside, b], settings.confidence)
+            ess = effective_size(data, inside, a, b)
+            if ess < MIN_ESS:
+                continue
+            e = bounded_estimate(data.gamma[inside, a] - data.gamma[inside, b], settings.confidence)
             if e.lower > 0.0 or e.upper < 0.0:
-                out.append(Found(data.agent, action, data.actions[b], when, e, len(inside), split.find))
+                out.append(Found(data.agent, action, data.actions[b], when, e, len(inside), split.find, round(ess, 1)))
     return out
 
 
@@ -246,10 +326,12 @@ class _Check:
     rule: Rule
     terms: np.ndarray
     window: list[float]
+    ess: float
 
 
-def _check_terms(data: AgentOutcomes, rule: Rule, after: float) -> tuple[np.ndarray, list[float]] | None:
-    """Γ(action) − Γ(baseline) on the rule's segment, decisions received after ``after``."""
+def _check_terms(data: AgentOutcomes, rule: Rule, after: float) -> tuple[np.ndarray, list[float], float] | None:
+    """Γ(action) − Γ(baseline) on the rule's segment, decisions received after ``after``, and the
+    effective sample size behind them."""
     if rule.action not in data.actions or rule.baseline not in data.actions:
         return None
     a, b = data.actions.index(rule.action), data.actions.index(rule.baseline)
@@ -259,7 +341,8 @@ def _check_terms(data: AgentOutcomes, rule: Rule, after: float) -> tuple[np.ndar
     rows = rows[mask(rule.when, data.exp.features, len(t))[rows]]
     if len(rows) == 0:
         return None
-    return data.gamma[rows, a] - data.gamma[rows, b], [float(t[rows].min()), float(t[rows].max())]
+    window = [float(t[rows].min()), float(t[rows].max())]
+    return data.gamma[rows, a] - data.gamma[rows, b], window, effective_size(data, rows, a, b)
 
 
 class RuleBook:
@@ -298,6 +381,7 @@ class RuleBook:
                 "found_ci": ci,
                 "found_support": f.support,
                 "checked_until": f.window[1],
+                "ess": f.ess,
             }
             if old is None:
                 self.rules[rid] = Rule(id=rid, agent=f.agent, action=f.action, baseline=f.baseline, when=f.when,
@@ -319,9 +403,11 @@ class RuleBook:
                 if rule.status == "published" and gone is not None and gone[1] >= self.settings.min_support:
                     self.rules[rule.id] = _retire(rule, self.now, f"{gone[0]} was not offered in {gone[1]:,} newer decisions")
                 continue
-            terms, window = got
-            if len(terms) >= self.settings.min_support:
-                self.checks.append(_Check(rule, terms, window))
+            terms, window, ess = got
+            if len(terms) >= self.settings.min_support and ess >= MIN_ESS:
+                self.checks.append(_Check(rule, terms, window, ess))
+            elif len(terms) >= self.settings.min_support:
+                continue  # the action too rarely taken there: the decisions wait for more of their kind
             else:  # too few to tell; the next check starts after them all the same
                 self.rules[rule.id] = msgspec.structs.replace(rule, checked_until=max(rule.checked_until, window[1]))
 
@@ -329,15 +415,15 @@ class RuleBook:
         """Every rule after this run (published, candidates, retired) and the number of checks made."""
         settings, now, confidence = self.settings, self.now, self.settings.confidence
         level = 1.0 - settings.false_rule_rate / max(len(self.checks), 1)
-        z = z_score(level)
         for check in self.checks:
             rule = check.rule
-            strict = estimate(check.terms, level)
-            shown = estimate(check.terms, confidence)
+            strict = bounded_estimate(check.terms, level)
+            shown = bounded_estimate(check.terms, confidence)
             reference = rule.lift if rule.status == "published" else rule.found_lift
             holds = strict.lower > 0.0 if reference > 0 else strict.upper < 0.0
             against = strict.upper < 0.0 if reference > 0 else strict.lower > 0.0
-            powered = abs(reference) >= (z + POWER_Z) * strict.stderr
+            # the interval's half-width in place of z standard errors: it is wider than the normal one
+            powered = abs(reference) >= (strict.upper - strict.lower) / 2.0 + POWER_Z * strict.stderr
             ci = _interval(shown)
             support = len(check.terms)
             if holds:
@@ -354,6 +440,7 @@ class RuleBook:
                     confirmed_window=check.window,
                     check_confidence=level,
                     checked_until=check.window[1],
+                    ess=round(check.ess, 1),
                 )
             elif against or powered:
                 if rule.status == "published":

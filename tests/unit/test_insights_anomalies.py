@@ -33,10 +33,13 @@ def test_the_threshold_gives_the_run_length_it_was_asked_for() -> None:
 def test_a_shift_of_a_tenth_is_found_within_500_decisions_and_dated_near_it() -> None:
     rng = np.random.default_rng(11)
     x = (rng.random(200_000) < np.where(np.arange(200_000) < 120_000, 0.5, 0.6)).astype(float)
-    [change] = anomalies.changes(x, 0.1, 1.0)
+    found = anomalies.changes(x, 0.1, 1.0)
+    [change] = [c for c in found if c.alarm >= 120_000]
     assert change.up and 120_000 <= change.alarm < 120_500
     assert abs(change.start - 120_000) < 500
-    assert anomalies.practical(x, [change], 0.05) == [change]
+    # the 120,000 decisions before it may raise a false alarm (at 0.7 per 100,000, about one stream
+    # in two does; this one, at 67,233): it moved the stream by too little to be reported
+    assert anomalies.practical(x, found, 0.05) == [change]
 
 
 @pytest.mark.parametrize("kind", ["coin", "rare failures", "normal"])
@@ -48,7 +51,7 @@ def test_stationary_streams_raise_at_most_one_false_alarm_per_100k_decisions(kin
         "rare failures": lambda: (rng.random(n) < 0.95).astype(float),
         "normal": lambda: rng.normal(2.0, 0.5, n),
     }[kind]()
-    # about 0.5 per 100k is designed for (10 here); 20 would be the stated rate
+    # 0.3-0.7 per 100k is calibrated for (6-14 here); 20 would be the stated rate
     alarms = anomalies.changes(x, 0.1, 1.0)
     assert len(alarms) <= 20
     assert anomalies.changes(x[:20_000], 0.1, 1.0) == []
@@ -119,7 +122,7 @@ def test_the_agents_reward_change_is_found_near_its_time(bot: tuple) -> None:
     # each action's reward given the context rose too (on fewer decisions each, so found later)
     for action in ("a", "b"):
         assert any(a.action == action and a.size > 0 and abs(a.at - truth["change"]) < 3000 for a in changes)
-    # 90,000 decisions over three streams at about 0.5 false alarms per 100,000
+    # 90,000 decisions over three streams at about 0.7 false alarms per 100,000
     assert len(changes) <= 4
 
 
@@ -160,8 +163,8 @@ def test_a_stationary_agent_has_flat_trends_and_no_changes() -> None:
     table = _table(n, np.arange(n, dtype=float), [json.dumps({"k": "v"})] * n,
                    rng.choice(["a", "b"], n).tolist(), np.full(n, 0.5), rng.normal(0, 1, n))
     insights = extract(table, ExtractionInputs(now=30_000.0), SETTINGS)
-    # three streams of 20,000 decisions at about 0.5 false alarms per 100,000: about one agent in
-    # four like this one would see one (seeds 31-40: 2 of 10); the rate itself is tested above
+    # three streams of 20,000 decisions at about 0.7 false alarms per 100,000: about one agent in
+    # three like this one would see one (seeds 31-40: 2 of 10); the rate itself is tested above
     assert [a for a in insights.anomalies if a.kind == "reward_change"] == []
     assert {t.direction for t in insights.trends} == {"flat"}
     assert any("no training window" in note for note in insights.notes)
