@@ -6,7 +6,10 @@ vocabulary index of the action the step took), ``reward`` [B] float32 (its rewar
 ``c`` [layers, B, hidden] (the state after the episode's previous steps, zeros before the first)
 → ``action_probs`` [B, V] (the distribution the model expected the step's action to come from,
 given the episode so far and this observation), ``success`` [B] (P(the episode succeeds), after
-this step), ``h_out``, ``c_out`` (the state after this step).
+this step), ``h_out``, ``c_out`` (the state after this step). A version may also hold the same
+graph with int8 weights (``manifest.int8``, its own file and sha256): faster per step, its
+probabilities within a few hundredths of the float graph's; ``int8=True`` asks for it where
+there is one (the early-warning client does), everything else runs the float graph.
 
 Imports neither torch nor duckdb: the client, the daemon and ``reflexd.learning`` may use it.
 """
@@ -28,6 +31,7 @@ from reflexd.durable import atomic_write, fsync_path
 from reflexd.errors import ModelIntegrityError, ModelNotFound, ReflexdError, TrainingError
 from reflexd.features import Hasher, scheme_refusal
 from reflexd.manifest import (
+    BEHAVIOUR_INT8_FILE,
     BEHAVIOUR_MODEL_FILE,
     MANIFEST_FILE,
     BehaviourManifest,
@@ -40,15 +44,25 @@ RESULT_FILE = "result.json"
 OTHER = 0  # the vocabulary index of every action outside it
 
 
-def check_behaviour(manifest: BehaviourManifest, data: bytes, name: str) -> None:
+def check_behaviour(manifest: BehaviourManifest, data: bytes, name: str, int8: bool = False) -> None:
+    """Refuse ``data`` unless it is the file the manifest names (the int8 graph's with ``int8``)."""
     import hashlib
 
     refusal = scheme_refusal(manifest.features)
     if refusal is not None:
         raise ModelIntegrityError(name, refusal)
+    file, want = graph_file(manifest, int8), (manifest.int8.sha256 if int8 and manifest.int8 else manifest.sha256)
     digest = hashlib.sha256(data).hexdigest()
-    if digest != manifest.sha256:
-        raise ModelIntegrityError(name, f"sha256 {digest[:12]}… does not match manifest {manifest.sha256[:12]}…")
+    if digest != want:
+        raise ModelIntegrityError(name, f"{file}: sha256 {digest[:12]}… does not match manifest {want[:12]}…")
+
+
+def graph_file(manifest: BehaviourManifest, int8: bool = False) -> str:
+    """The file of the graph a client runs: the int8 one when asked for and there is one."""
+    file = manifest.int8.file if int8 and manifest.int8 is not None else manifest.file
+    if Path(file).name != file:
+        raise ModelIntegrityError(manifest.version or "candidate", f"the manifest names {file!r}, not a file beside it")
+    return file
 
 
 class BehaviourRegistry(Registry):
@@ -64,16 +78,23 @@ class BehaviourRegistry(Registry):
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ModelIntegrityError(version, f"unreadable manifest: {exc}") from None
 
-    def load(self, version: str) -> tuple[BehaviourManifest, bytes]:  # type: ignore[override]
+    def load(self, version: str, int8: bool = False) -> tuple[BehaviourManifest, bytes]:  # type: ignore[override]
+        """The manifest and the float graph's bytes, or with ``int8`` the int8 graph's where the
+        version has one (the float graph's where it has none), sha256 checked."""
         manifest = self.manifest(version)
-        if Path(manifest.file).name != manifest.file:
-            raise ModelIntegrityError(version, f"the manifest names {manifest.file!r}, not a file beside it")
+        file = graph_file(manifest, int8)
         try:
-            data = (self.root / version / manifest.file).read_bytes()
+            data = (self.root / version / file).read_bytes()
         except OSError as exc:
-            raise ModelIntegrityError(version, f"cannot read {manifest.file}: {exc.strerror or exc}") from None
-        check_behaviour(manifest, data, version)
+            raise ModelIntegrityError(version, f"cannot read {file}: {exc.strerror or exc}") from None
+        check_behaviour(manifest, data, version, int8)
         return manifest, data
+
+    def promote(self, version: str) -> BehaviourManifest:  # type: ignore[override]
+        # the early-warning client runs the int8 graph: never point it at one it would refuse
+        if self.manifest(version).int8 is not None:
+            self.load(version, int8=True)
+        return super().promote(version)  # type: ignore[return-value]
 
     def add(self, model_file: Path, manifest: BehaviourManifest) -> BehaviourManifest:  # type: ignore[override]
         """Copy a trained model in as the next version (whole or not at all); its manifest gets
@@ -91,8 +112,24 @@ class BehaviourRegistry(Registry):
         if manifest.sha256 and digest != manifest.sha256:
             shutil.rmtree(staging, ignore_errors=True)
             raise ModelIntegrityError(str(model_file), "the file does not match its manifest's sha256")
+        int8 = manifest.int8
+        if int8 is not None:
+            source = Path(model_file).parent / graph_file(manifest, int8=True)
+            dest = staging / BEHAVIOUR_INT8_FILE
+            try:
+                shutil.copyfile(source, dest)
+            except OSError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise ModelIntegrityError(str(source), f"cannot read it: {exc.strerror or exc}") from None
+            with open(dest, "rb+") as f:
+                os.fsync(f.fileno())
+            int8_digest = sha256_of(dest)
+            if int8.sha256 and int8_digest != int8.sha256:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise ModelIntegrityError(str(source), "the file does not match its manifest's int8 sha256")
+            int8 = msgspec.structs.replace(int8, sha256=int8_digest, file=BEHAVIOUR_INT8_FILE)
         final = msgspec.structs.replace(
-            manifest, version=version, parent=self.current(), sha256=digest, file=BEHAVIOUR_MODEL_FILE
+            manifest, version=version, parent=self.current(), sha256=digest, file=BEHAVIOUR_MODEL_FILE, int8=int8
         )
         atomic_write(staging / MANIFEST_FILE, msgspec.json.format(msgspec.json.encode(final)))
         os.rename(staging, self.root / version)
@@ -134,11 +171,13 @@ def _session(model: bytes | str, threads: int) -> ort.InferenceSession:
 
 
 class BehaviourModel:
-    """One loaded behaviour model version."""
+    """One loaded behaviour model version: its float graph, or its int8 one (``precision``
+    "int8"; the caller says which ``model`` is)."""
 
-    def __init__(self, manifest: BehaviourManifest, model: bytes | str, threads: int = 1) -> None:
+    def __init__(self, manifest: BehaviourManifest, model: bytes | str, threads: int = 1, int8: bool = False) -> None:
         self.manifest = manifest
         self.version = manifest.version
+        self.precision = "int8" if int8 else "fp32"
         self.vocabulary = list(manifest.vocabulary)
         self.index = {a: i for i, a in enumerate(self.vocabulary) if i != OTHER}
         self.hasher = Hasher(manifest.features)
@@ -150,18 +189,20 @@ class BehaviourModel:
             raise ModelIntegrityError(manifest.version or "candidate", f"onnxruntime cannot load it: {exc}") from None
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike[str], threads: int = 1) -> BehaviourModel:
-        """A model from a run's output or a version's folder (``manifest.json`` and its file), sha256 checked."""
+    def from_dir(cls, path: str | os.PathLike[str], threads: int = 1, int8: bool = False) -> BehaviourModel:
+        """A model from a run's output or a version's folder (``manifest.json`` and its file, the
+        int8 one with ``int8`` where there is one), sha256 checked."""
         path = Path(path)
         try:
             manifest = decode_behaviour_manifest((path / MANIFEST_FILE).read_bytes())
-            data = (path / manifest.file).read_bytes()
+            int8 = int8 and manifest.int8 is not None
+            data = (path / graph_file(manifest, int8)).read_bytes()
         except OSError as exc:
             raise ModelIntegrityError(str(path), f"cannot read it: {exc}") from None
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ModelIntegrityError(str(path), f"unreadable manifest: {exc}") from None
-        check_behaviour(manifest, data, str(path))
-        return cls(manifest, data, threads)
+        check_behaviour(manifest, data, str(path), int8)
+        return cls(manifest, data, threads, int8)
 
     def action_index(self, action: str) -> int:
         return self.index.get(action, OTHER)
@@ -218,13 +259,16 @@ class BehaviourModel:
 
 class BehaviourSource:
     """Follows ``models/behaviour/CURRENT``; a version that fails to load leaves the last good one
-    (as ``reflexd.deciding.scoring.ModelSource`` does for the reward model)."""
+    (as ``reflexd.deciding.scoring.ModelSource`` does for the reward model). With ``int8`` it
+    loads a version's int8 graph where the version has one; a version whose int8 file fails its
+    sha256 is refused as a whole, never quietly run on its float graph."""
 
     RETRY_SECONDS = 5.0
 
-    def __init__(self, registry: BehaviourRegistry, threads: int = 1) -> None:
+    def __init__(self, registry: BehaviourRegistry, threads: int = 1, *, int8: bool = False) -> None:
         self.registry = registry
         self.threads = threads
+        self.int8 = int8
         self.model: BehaviourModel | None = None
         self.error: str | None = None
         self._stamp: tuple[int, int] | None = None
@@ -242,8 +286,8 @@ class BehaviourSource:
             self.error = None
             return False
         try:
-            manifest, data = self.registry.load(version)
-            self.model = BehaviourModel(manifest, data, self.threads)
+            manifest, data = self.registry.load(version, int8=self.int8)
+            self.model = BehaviourModel(manifest, data, self.threads, int8=self.int8 and manifest.int8 is not None)
         except ReflexdError as exc:
             self.error = str(exc)
             self._retry_at = time.monotonic() + self.RETRY_SECONDS

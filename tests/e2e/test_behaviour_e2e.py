@@ -37,7 +37,9 @@ def test_the_daemon_trains_and_publishes_a_behaviour_model_the_client_runs(daemo
     assert run["outcome"] == "published" and run["episodes"] >= 60
     assert run["calibration"]["brier"] is not None
 
-    watch = EpisodeWatch(d.state_dir / "models")
+    assert EpisodeWatch(d.state_dir / "models").precision == "int8"  # the run published its int8 graph too
+    # the float graph, so that what the client expects is the importer's estimate to 1e-5
+    watch = EpisodeWatch(d.state_dir / "models", full_precision=True)
     first = watch.step("live-1", {"task": "math", "ready": False, "failures": 0}, "calculator")
     assert first is not None and first.version == status.behaviour["live"]
     # what the model expects next on a math task puts the calculator first, as the agent's policy does

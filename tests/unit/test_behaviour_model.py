@@ -129,7 +129,7 @@ def test_behaviour_watch_runs_the_published_model_step_by_step_like_torch(traine
     registry = BehaviourRegistry(tmp_path / BEHAVIOUR_DIR)
     version = registry.add_run(trained.out).version
     registry.promote(version)
-    watch = EpisodeWatch(tmp_path)
+    watch = EpisodeWatch(tmp_path, full_precision=True)  # the float graph: torch's to 1e-5 (int8: test_behaviour_int8)
     assert watch.model is not None and watch.model.version == version == "v0001"
     episodes = trained.test[:40]
     seqs = sequences(episodes, trained.manifest.vocabulary, trained.manifest.features, 128)
