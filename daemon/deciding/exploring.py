@@ -27,6 +27,25 @@ class ExplorationSettings(Protocol):
     gamma_exponent: float
 
 
+# Strategies handed the online head's posterior spread in reward units, beside a live model too
+# (whose own spread is its ensemble's disagreement): the head's stays wide where it has seen few
+# rewards, and falls as they come. Before any model, ``ucb`` is handed the head's spread at a noise
+# of 1, as it always was; other strategies none, which spares computing it on every decision.
+# Without a head, the model's.
+HEAD_SPREAD = frozenset({"linucb", "thompson"})
+
+
+def spread_from(strategy: str, model: bool) -> str | None:
+    """Whose spread exploration by ``strategy`` is handed: "head" (the online head's posterior,
+    times each action's estimated reward noise), "head at unit noise", "model" (the live model's),
+    or None; ``model``: whether a live model scored the decision."""
+    if strategy in HEAD_SPREAD:
+        return "head"
+    if model:
+        return "model"
+    return "head at unit noise" if strategy == "ucb" else None
+
+
 def epsilon_at(cfg: ExplorationSettings, t: int) -> float:
     """Epsilon after ``t`` decisions: epsilon / (1 + decay·t), floored at epsilon_min."""
     return max(cfg.epsilon_min, cfg.epsilon / (1.0 + cfg.decay * t))

@@ -50,12 +50,32 @@ class RewardSettings(Protocol):
 
 class _State(NamedTuple):
     """An arm's regression as one value: replaced whole by each update, so a decision reading it
-    in another thread sees the state before or after an update, never half of one."""
+    in another thread sees the state before or after an update, never half of one.
+
+    The covariance over the seen inputs is ``base - down[:r]ᵀ down[:r]``: each update's rank-one
+    downdate is appended as a row of ``down`` and folded into a new ``base`` every ``_DEFERRED``
+    updates (see ``_Arm.update``). Rows past ``r`` belong to later states: only ever written, by
+    the next updates, never read through this one.
+    """
 
     weights: np.ndarray  # theta spread over all d inputs: one dot product per mean
-    row_of: np.ndarray  # input -> its row in theta and cov (-1: never seen)
+    row_of: np.ndarray  # input -> its row in theta and the covariance (-1: never seen)
+    features: np.ndarray  # row -> its input
     theta: np.ndarray
-    cov: np.ndarray
+    base: np.ndarray
+    down: np.ndarray
+    r: int
+    noise: float  # the reward noise's variance, estimated (``_Arm.update``)
+
+
+# The noise estimate's prior: this many rewards' worth of a variance of 1, the scale the covariance
+# is in, so that an arm's first few rewards cannot make it all but stop exploring.
+_NOISE_PRIOR = 2.0
+
+# Downdates kept beside the base before they are folded into it. Writing a new m×m covariance on
+# every update (it cannot be changed in place under a reader) was most of an update's cost at a
+# hundred inputs; a fold is one matrix product, and the downdates kept cost O(m·r) per update.
+_DEFERRED = 16
 
 
 class _Arm:
@@ -67,40 +87,70 @@ class _Arm:
     update costs O(m²), not O(d²), with the same result as the full regression.
     """
 
-    __slots__ = ("state", "features", "offset", "n")
+    __slots__ = ("n", "offset", "residual", "state")
 
     def __init__(self, d: int, offset: float) -> None:
         # the model score's prior weight: 1 beside a model (the head starts from the model's scores
         # and corrects them), 0 before any (the score input is then always 0)
         self.offset = offset
-        self.state = _State(np.zeros(d), np.full(d, -1, dtype=np.intp), np.zeros(0), np.zeros((0, 0)))
-        self.features = np.zeros(0, dtype=np.intp)  # row -> its input
+        self.state = _State(np.zeros(d), np.full(d, -1, dtype=np.intp), np.zeros(0, dtype=np.intp), np.zeros(0),
+                            np.zeros((0, 0)), np.zeros((_DEFERRED, 0)), 0, 1.0)
         self.n = 0
+        # Σ error² / (1 + xᵀΣx) over the updates: each term's expectation is the noise variance (the
+        # error's variance is the noise's times 1 + xᵀΣx); the sum is the residuals' squares plus
+        # the ridge penalty. A linear model that fits badly shows here as noise, and explores more.
+        self.residual = 0.0
+
+    @property
+    def features(self) -> np.ndarray:
+        return self.state.features
+
+    def covariance(self) -> np.ndarray:
+        """The posterior covariance over the seen inputs, in row order (up to the noise scale)."""
+        state = self.state
+        done = state.down[: state.r]
+        return state.base - done.T @ done
 
     def update(self, x: np.ndarray, target: float, prior: float) -> None:
-        """One recursive least squares step: gain k = Σx / (1 + xᵀΣx); Σ loses k(Σx)ᵀ, θ moves by k·error."""
-        weights, row_of, theta, cov = self.state
-        nz = np.flatnonzero(x)
-        rows = row_of[nz]
-        if rows.min() < 0:  # inputs never seen: add them at their prior
-            new = nz[rows < 0]
-            m, k = len(self.features), len(new)
+        """One recursive least squares step: gain k = Σx / (1 + xᵀΣx); Σ loses k(Σx)ᵀ, θ moves by k·error.
+
+        Σ loses it as the row u = Σx / √(1 + xᵀΣx) of ``down`` (uuᵀ = k(Σx)ᵀ), so an update writes
+        O(m) numbers, and reads Σ through one product with ``base`` and two with the rows kept.
+        """
+        weights, row_of, features, theta, base, down, r, _ = self.state
+        xr = x[features]
+        if np.count_nonzero(xr) != np.count_nonzero(x):  # inputs never seen: add them at their prior
+            nz = np.flatnonzero(x)
+            new = nz[row_of[nz] < 0]
+            m, k = len(features), len(new)
             row_of = row_of.copy()
             row_of[new] = np.arange(m, m + k)
             grown = np.zeros((m + k, m + k))
-            grown[:m, :m] = cov
+            grown[:m, :m] = base if r == 0 else base - down[:r].T @ down[:r]
             grown[range(m, m + k), range(m, m + k)] = 1.0 / prior
-            cov, theta = grown, np.concatenate([theta, np.zeros(k)])
-            self.features = np.concatenate([self.features, new])
-            rows = row_of[nz]
-        xs = x[nz]
-        cx = cov[:, rows] @ xs
-        gain = cx / (1.0 + float(xs @ cx[rows]))
-        theta = theta + gain * (target - float(theta[rows] @ xs))
+            base, theta = grown, np.concatenate([theta, np.zeros(k)])
+            features = np.concatenate([features, new])
+            down, r = np.empty((_DEFERRED, m + k)), 0
+            xr = x[features]
+        # ndarray.dot, not @: on vectors of a few dozen numbers matmul's dispatch costs twice the product
+        cx = base.dot(xr)
+        if r:
+            done = down[:r]
+            cx -= done.dot(xr).dot(done)
+        s = 1.0 + float(xr.dot(cx))
+        error = target - float(theta.dot(xr))
+        theta = theta + cx * (error / s)
+        self.residual += error * error / s
+        np.multiply(cx, 1.0 / sqrt(s), out=down[r])
+        r += 1
+        if r == _DEFERRED:
+            base = base - down.T @ down
+            down, r = np.empty_like(down), 0  # a new buffer: states read before hold the old one
         weights = weights.copy()
-        weights[self.features] = theta
-        self.state = _State(weights, row_of, theta, cov - np.outer(gain, cx))
+        weights[features] = theta
         self.n += 1
+        noise = (_NOISE_PRIOR + self.residual) / (_NOISE_PRIOR + self.n)
+        self.state = _State(weights, row_of, features, theta, base, down, r, noise)
 
 
 class OnlineHead:
@@ -152,22 +202,33 @@ class OnlineHead:
         arms = self._arms
         return any((agent, aid) in arms for aid in ids)
 
-    def spread(self, agent: str, x: np.ndarray, ids: list[str]) -> list[float]:
-        """Each action's posterior standard deviation at ``x`` (up to the noise scale), no model live."""
+    def spread(
+        self, agent: str, x: np.ndarray, ids: list[str], scores: list[float] | None = None, noise: bool = False
+    ) -> list[float]:
+        """Each action's posterior standard deviation at ``x``: of its mean given the live model's
+        ``scores`` (None: no model), as ``means`` gives it. Up to the noise scale, or with ``noise``
+        in reward units: times the action's estimated noise (1 while it has no rewards)."""
         unit = 1.0 / self.settings.prior
-        nz = np.flatnonzero(x)
+        xx = float(x.dot(x))
+        arms = self._arms
         out = []
-        for aid in ids:
-            arm = self._arms.get((agent, aid))
+        for k, aid in enumerate(ids):
+            score = scores[k] if scores is not None else 0.0
+            arm = arms.get((agent, aid))
             if arm is None:
-                out.append(sqrt(unit * float(x @ x)))
+                out.append(sqrt(unit * (xx + score * score)))
                 continue
             state = arm.state
-            rows = state.row_of[nz]
-            seen = rows >= 0
-            xs, rs = x[nz[seen]], rows[seen]
-            var = float(xs @ state.cov[np.ix_(rs, rs)] @ xs) + unit * (float(x @ x) - float(xs @ xs))
-            out.append(sqrt(max(var, 0.0)))
+            xr = x[state.features]
+            if scores is not None:
+                row = state.row_of[-1]
+                if row >= 0:
+                    xr[row] = score  # the score's input, left at 0 in ``x``
+            var = xr.dot(state.base.dot(xr)) + unit * (xx + score * score - xr.dot(xr))
+            if state.r:
+                done = state.down[: state.r].dot(xr)
+                var -= done.dot(done)
+            out.append(sqrt(max(float(var), 0.0) * (state.noise if noise else 1.0)))
         return out
 
     def remember(self, decision_id: str, agent: str, action: str, x: np.ndarray, score: float | None) -> None:

@@ -182,7 +182,7 @@ def test_wrong_type_names_the_path(text: str, path: str) -> None:
         ("gate:\n  confidence: 0.5\n", "gate.confidence"),
         ("features:\n  seed: 4294967296\n", "features.seed"),
         ("rewards:\n  aggregation: median\n", "rewards.aggregation"),
-        ("exploration:\n  strategy: thompson\n", "exploration.strategy"),
+        ("exploration:\n  strategy: boltzmann\n", "exploration.strategy"),
         ("retention:\n  compression: lz4\n", "retention.compression"),
         ("socket:\n  mode: '0999'\n", "socket.mode"),
         ("socket:\n  mode: 'rw-rw----'\n", "socket.mode"),

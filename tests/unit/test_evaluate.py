@@ -69,7 +69,7 @@ def test_exploration_settings_are_laid_over_the_models_own() -> None:
         ([("epsilon", "nan")], "epsilon: 'nan' is not a finite number"),
         ([("epsilon", "2")], "exploration epsilon: Expected `float` <= 1"),
         ([("temperature", "0")], "exploration temperature: Expected `float` > 0"),
-        ([("strategy", "thompson")], "'thompson' is not an exploration strategy; expected one of epsilon_greedy"),
+        ([("strategy", "boltzmann")], "'boltzmann' is not an exploration strategy; expected one of epsilon_greedy"),
         ([("epsilon", "0.001")], r"epsilon_min \(0.01\) must not exceed epsilon \(0.001\): set epsilon_min too"),
     ],
 )

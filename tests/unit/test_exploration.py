@@ -57,9 +57,9 @@ def test_single_action_is_certain(strategy: str) -> None:
 
 def test_unknown_strategy_raises() -> None:
     class Bad:
-        strategy = "thompson"
+        strategy = "boltzmann"
 
-    with pytest.raises(ValueError, match="thompson"):
+    with pytest.raises(ValueError, match="boltzmann"):
         X.probabilities(Bad(), SCORES)  # type: ignore[arg-type]
 
 
