@@ -19,6 +19,10 @@ weights of every decision up to each reward (per-decision importance sampling, P
 Each estimator is the mean of per-episode terms, so intervals (``reflexd.learning.ope.estimate``)
 take the episode as the unit, and two policies compared on the same episodes are paired.
 
+Every judge of logged decisions (the gate, ``reflexd evaluate``, the rollback monitor) decides the
+same way whether to judge by episode (``credited_episodes``) and judges the same way then
+(``ByEpisode``), so a policy is worth the same wherever it is judged.
+
 Arrays as in ``reflexd.learning.ope``: ``pi``/``q_hat`` float [N, A], ``chosen`` int [N], ``prob``
 float [N], ``reward`` float [N] the step's own reward r_t; ``episode`` int [N] numbers each row's
 episode, whose rows come in step order (``grouped`` sorts rows that way); ``gamma`` is a number, or
@@ -27,15 +31,24 @@ one per row (the same for every row of an episode).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from reflexd.learning.ope import Estimate, _weights, estimate
 
+if TYPE_CHECKING:
+    from reflexd.config import RewardConfig
+
 __all__ = [
-    "episode_numbers", "grouped", "observed", "pddr", "pddr_terms", "pdis", "pdis_terms", "step_rewards", "wpdis", "wpdis_terms",
+    "ByEpisode", "Episodes", "RewardsFor", "credited_episodes", "episode_numbers", "grouped", "observed", "pddr",
+    "pddr_terms", "pdis", "pdis_terms", "step_rewards", "wpdis", "wpdis_terms",
 ]
+
+# Each row's episode number and discount (``credited_episodes``): an episode's rows in step order.
+Episodes = tuple[np.ndarray, np.ndarray]
+RewardsFor = Callable[[str], "RewardConfig"]
 
 
 def episode_numbers(keys: Sequence[Hashable]) -> np.ndarray:
@@ -173,3 +186,81 @@ def observed(reward: np.ndarray, episode: np.ndarray, gamma: float | np.ndarray 
     """The logging policy's own value per episode: its discounted return sum_t gamma^t r_t."""
     layout = _Layout(episode, gamma)
     return layout.per_episode(layout.discount * np.asarray(reward, dtype=np.float64))
+
+
+def credited_episodes(rows: Any, rewards_for: RewardsFor | None) -> Episodes | None:
+    """(episode number, discount) per row when some row's reward is an episode return (its agent's
+    ``rewards.episode_return`` on and an episode named), else None: the rows are then judged as
+    independent decisions, as always. A row not credited so is an episode of its own.
+
+    ``rows`` has ``agents`` and ``episodes`` (a ``reflexd.learning.dataset.Batch``)."""
+    names = getattr(rows, "episodes", None)
+    if names is None or rewards_for is None:
+        return None
+    keys: list[Any] = []
+    gamma = np.ones(len(names))
+    for i, (agent, name) in enumerate(zip(rows.agents, names)):
+        rule = rewards_for(agent)
+        if name is not None and rule.episode_return:
+            keys.append((agent, name))
+            gamma[i] = rule.discount
+        else:
+            keys.append(i)
+    if len(set(keys)) == len(keys):
+        return None  # every row an episode of its own: the per-row estimators are these
+    return episode_numbers(keys), gamma
+
+
+class ByEpisode:
+    """Logged rows judged by episode, for any policy: the estimators of ``reflexd.learning.ope``
+    by name (``ips``, ``snips``, ``dm``, ``dr``), each in its episode form.
+
+    The rows are brought together by episode in their order (a snapshot's: the order they were
+    made in), and each step's own reward is recovered from the returns the join credited
+    (``step_rewards``). ``q_hat`` [N, A] (rows in their given order, as every ``pi``) estimates
+    each action's return from a step on; without it there is no ``dm`` or ``dr``.
+    """
+
+    def __init__(
+        self, episodes: Episodes, chosen: np.ndarray, prob: np.ndarray, reward: np.ndarray, q_hat: np.ndarray | None = None
+    ) -> None:
+        number, gamma = episodes
+        self._order = order = grouped(number)
+        self._number, self._gamma = np.asarray(number)[order], np.asarray(gamma, dtype=np.float64)[order]
+        self._chosen = np.asarray(chosen, dtype=np.int64)[order]
+        self._prob = np.asarray(prob, dtype=np.float64)[order]
+        self._q_hat = None if q_hat is None else np.asarray(q_hat, dtype=np.float64)[order]
+        self._step = step_rewards(np.asarray(reward, dtype=np.float64)[order], self._number, self._gamma)
+        self._first = np.flatnonzero(np.r_[True, self._number[1:] != self._number[:-1]])
+        # the logging policy's own value per episode: what every other policy is measured against
+        self.observed = observed(self._step, self._number, self._gamma)
+        self.count = int(self._first.shape[0])
+
+    def names(self) -> tuple[str, ...]:
+        return ("ips", "snips") if self._q_hat is None else ("ips", "snips", "dm", "dr")
+
+    def term(self, name: str, pi: np.ndarray) -> np.ndarray:
+        """One estimator's per-episode terms for the policy ``pi`` [N, A]; ValueError as the
+        estimator raises it (weighted PDIS of a policy that takes no logged first step)."""
+        pi = np.asarray(pi, dtype=np.float64)[self._order]
+        args = (pi, self._chosen, self._prob, self._step)
+        if name == "ips":
+            return pdis_terms(*args, self._number, self._gamma)
+        if name == "snips":
+            return wpdis_terms(*args, self._number, self._gamma)
+        if name not in ("dm", "dr"):
+            raise ValueError(f"no estimator {name!r}")
+        if self._q_hat is None:
+            raise ValueError(f"{name} needs a reward model")
+        if name == "dm":
+            return (pi * self._q_hat).sum(axis=1)[self._first]  # q_hat of the first step: the return it expects
+        return pddr_terms(*args, self._q_hat, self._number, self._gamma)
+
+    def terms(self, pi: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: self.term(name, pi) for name in self.names()}
+
+    def weights(self, pi: np.ndarray) -> np.ndarray:
+        """Each episode's whole importance weight, the product of its decisions' (its effective
+        sample size counts episodes, as the intervals do)."""
+        pi = np.asarray(pi, dtype=np.float64)[self._order]
+        return np.multiply.reduceat(_weights(pi, self._chosen, self._prob), self._first)

@@ -19,6 +19,14 @@ A policy is named as one of:
 - ``v0003@strategy=softmax,temperature=0.5``: the model with exploration settings of one's own,
   laid over its manifest's (any key of the ``exploration`` config section).
 
+When some decision's reward is an episode return (``rewards.episode_return``), the window is
+judged by episode, exactly as the gate judges a holdout: decisions of one episode share its
+return, so as independent rows their intervals would be too narrow. Every estimator is then its
+per-decision form over episodes (``reflexd.learning.episodes.ByEpisode``: IPS → PDIS, SNIPS →
+weighted PDIS, DR → per-decision DR, DM → q_hat of each episode's first step), the logging
+policy's value is its mean discounted return per episode, and intervals, ESS and the paired
+difference take the episode as their unit; a decision without an episode is one of its own.
+
 Intervals can reach beyond what any policy could earn (a doubly robust interval below 0 on 0/1
 rewards): each ``Interval`` keeps the raw bounds and gives them bounded to the rewards observed in
 the window, with ``clipped`` saying whether that changed them.
@@ -44,6 +52,7 @@ from reflexd.errors import EvaluationError, PolicySpecError
 from reflexd.extensions import EXPLORATION, available, load_explorer
 from reflexd.features import FeatureSpec
 from reflexd.learning import ope
+from reflexd.learning.episodes import ByEpisode, Episodes, RewardsFor, credited_episodes
 from reflexd.learning.gate import target_probs
 from reflexd.wire.protocol import Evaluation, Interval, PolicyValue, Recommendation
 
@@ -332,9 +341,12 @@ class _Logged(msgspec.Struct, frozen=True):
     low: float
     high: float
     observed: Interval
+    # the logging policy's value per unit: each row's reward, or each episode's discounted return
+    baseline: np.ndarray
+    by_episode: ByEpisode | None = None
 
 
-def _logged(batch: Any, confidence: float) -> _Logged:
+def _logged(batch: Any, confidence: float, episodes: Episodes | None = None, q_hat: np.ndarray | None = None) -> _Logged:
     reward = np.asarray(batch.reward, dtype=np.float64)
     n = reward.shape[0]
     if n < 2:
@@ -342,15 +354,27 @@ def _logged(batch: Any, confidence: float) -> _Logged:
             f"the window holds {n} usable matured decision{'s' if n != 1 else ''}; at least 2 are needed for an "
             "interval (widen it, or wait for the rewards' wait window to pass)"
         )
+    chosen = np.asarray(batch.chosen, dtype=np.int64)
+    prob = np.asarray(batch.prob, dtype=np.float64)
+    by_episode = None if episodes is None else ByEpisode(episodes, chosen, prob, reward, q_hat)
+    baseline = reward if by_episode is None else by_episode.observed
+    if baseline.shape[0] < 2:
+        raise EvaluationError(
+            f"the window's {n} usable matured decisions are one episode, and its rewards are episode returns, judged "
+            "episode by episode: at least 2 episodes are needed for an interval (widen the window)"
+        )
+    # an episode's observed return is its first row's credited return, so these bound it too
     low, high = float(reward.min()), float(reward.max())
     return _Logged(
-        chosen=np.asarray(batch.chosen, dtype=np.int64),
-        prob=np.asarray(batch.prob, dtype=np.float64),
+        chosen=chosen,
+        prob=prob,
         reward=reward,
         mask=np.asarray(batch.mask, dtype=bool),
         low=low,
         high=high,
-        observed=bounded(reward, confidence, low, high),
+        observed=bounded(baseline, confidence, low, high),
+        baseline=baseline,
+        by_episode=by_episode,
     )
 
 
@@ -368,13 +392,27 @@ def _value(
         raise EvaluationError(f"{name}: its probabilities are not finite on {int((~np.isfinite(pi).all(axis=1)).sum())} rows")
     chosen, prob, reward = logged.chosen, logged.prob, logged.reward
     low, high = logged.low, logged.high
-    terms = {
-        "ips": ope.ips_terms(pi, chosen, prob, reward),
-        "snips": ope.snips_terms(pi, chosen, prob, reward) if pi[np.arange(len(chosen)), chosen].any() else None,
-    }
-    if q_hat is not None:
-        terms["dm"] = ope.dm_terms(pi, q_hat)
-        terms["dr"] = ope.dr_terms(pi, chosen, prob, reward, q_hat)
+    by_episode = logged.by_episode
+    terms: dict[str, np.ndarray | None]
+    if by_episode is None:
+        terms = {
+            "ips": ope.ips_terms(pi, chosen, prob, reward),
+            "snips": ope.snips_terms(pi, chosen, prob, reward) if pi[np.arange(len(chosen)), chosen].any() else None,
+        }
+        if q_hat is not None:
+            terms["dm"] = ope.dm_terms(pi, q_hat)
+            terms["dr"] = ope.dr_terms(pi, chosen, prob, reward, q_hat)
+        weights = pi[np.arange(len(chosen)), chosen] / prob
+    else:
+        # q_hat is the one the episodes were laid out with (_logged): the same reward model
+        terms = {"ips": by_episode.term("ips", pi)}
+        try:
+            terms["snips"] = by_episode.term("snips", pi)
+        except ValueError:  # weighted PDIS is 0/0 for a policy that takes no logged first step
+            terms["snips"] = None
+        for estimator_name in ("dm", "dr") if q_hat is not None else ():
+            terms[estimator_name] = by_episode.term(estimator_name, pi)
+        weights = by_episode.weights(pi)
     # SNIPS is 0/0 for a policy that never takes a logged action (None); IPS then says 0
     intervals = {k: None if t is None else bounded(t, confidence, low, high) for k, t in terms.items()}
     headline = terms[estimator] if terms.get(estimator) is not None else terms["ips"]
@@ -386,8 +424,8 @@ def _value(
         snips=intervals["snips"],
         dm=intervals.get("dm"),
         dr=intervals.get("dr"),
-        versus_logging=bounded(headline - reward, confidence, low - high, high - low),
-        ess=effective_sample_size(pi[np.arange(len(chosen)), chosen] / prob),
+        versus_logging=bounded(headline - logged.baseline, confidence, low - high, high - low),
+        ess=effective_sample_size(weights),
         agreement=agreement(pi, logged.mask, chosen),
         **extra,
     )
@@ -395,7 +433,7 @@ def _value(
 
 def _baseline(logged: _Logged, with_reward_model: bool) -> PolicyValue:
     observed = logged.observed
-    n = logged.reward.shape[0]
+    n = logged.baseline.shape[0]
     return PolicyValue(
         policy=LOGGING,
         kind="logging",
@@ -413,15 +451,17 @@ def evaluate(
     q_hat: np.ndarray | None = None,
     confidence: float = 0.95,
     estimator: str = "dr",
+    episodes: Episodes | None = None,
 ) -> list[PolicyValue]:
     """The logging policy's row, then one per (name, kind, pi) in ``policies``, on ``batch``'s rows.
 
     ``batch`` has chosen, prob, reward and mask (a ``reflexd.learning.dataset.Batch``); each ``pi``
     is float [N, A] (0 on padding). ``q_hat`` [N, A] is the reward model's prediction for every
     action (DM and DR are left out without it). ``estimator`` is the headline (``value``); without
-    ``q_hat`` DR falls back to SNIPS.
+    ``q_hat`` DR falls back to SNIPS. With ``episodes`` (``credited_episodes``) the rows are judged
+    by episode (the module docstring).
     """
-    logged = _logged(batch, confidence)
+    logged = _logged(batch, confidence, episodes, q_hat)
     estimator = _headline(estimator, q_hat is not None)
     rows = [_baseline(logged, q_hat is not None)]
     for name, kind, pi in policies:
@@ -455,15 +495,16 @@ def discover(
     confidence: float = 0.95,
     estimator: str = "dr",
     grid: Sequence[Sequence[tuple[str, Any]]] = DISCOVERY_GRID,
+    episodes: Episodes | None = None,
 ) -> Recommendation:
     """Evaluate ``model`` under its own exploration and each setting of ``grid``; recommend one.
 
     The rule: the setting whose interval (of the headline estimator) has the highest lower bound
     is recommended if that lower bound is above the logging policy's lower bound (the mean observed
     reward's); otherwise none is. The model's own setting is one of the candidates, so the
-    recommendation may be to keep it.
+    recommendation may be to keep it. With ``episodes`` every setting is judged by episode.
     """
-    logged = _logged(batch, confidence)
+    logged = _logged(batch, confidence, episodes, q_hat)
     estimator = _headline(estimator, q_hat is not None)
     mask, agents = logged.mask, list(batch.agents)
     candidates = [
@@ -518,6 +559,7 @@ def run(
     since: float | None = None,
     until: float | None = None,
     tables: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    rewards_for: RewardsFor | None = None,
 ) -> Evaluation:
     """Evaluate ``policies`` (names as in the module docstring) on the window ``batch_for`` loads;
     ``tables`` holds each ``file:`` policy's probabilities, as its sender read them.
@@ -525,7 +567,8 @@ def run(
     ``batch_for(spec)`` gives the window's rows hashed with ``spec`` (None: any spec, for policies
     that need no model), the same rows in the same order whatever the spec. ``load_model(version)``
     gives a loaded model. ``live`` is the live version (None: no model is live), which ``live`` names
-    and which scores DR and DM unless ``reward_model`` names another.
+    and which scores DR and DM unless ``reward_model`` names another. ``rewards_for`` (an agent's
+    reward settings) tells which decisions' rewards are episode returns, to be judged by episode.
     """
     started = time.perf_counter()
     tables = tables or {}
@@ -566,7 +609,8 @@ def run(
         first_model = next((s for s in specs if s.version is not None), None)
         batch = batch_for(scorer(version_of(first_model.version, first_model.text)).manifest.features if first_model else None)
 
-    logged = _logged(batch, confidence)  # at least 2 rows, before any policy is applied
+    episodes = credited_episodes(batch, rewards_for)
+    logged = _logged(batch, confidence, episodes, q_hat)  # at least 2 rows, before any policy is applied
     values: list[tuple[str, str, np.ndarray, dict[str, Any]]] = []
     mask, agents = logged.mask, list(batch.agents)
     for spec in specs:
@@ -607,7 +651,7 @@ def run(
         scores, spread = scores_of(model_version)
         discovery = discover(
             batch, model_version, scores, spread, manifest.exploration_for, manifest.training.experience, q_hat,
-            confidence, estimator,
+            confidence, estimator, episodes=episodes,
         )
 
     return Evaluation(
@@ -624,4 +668,6 @@ def run(
         rows=rows,
         discovery=discovery,
         seconds=round(time.perf_counter() - started, 3),
+        unit="decision" if logged.by_episode is None else "episode",
+        episodes=None if logged.by_episode is None else logged.by_episode.count,
     )

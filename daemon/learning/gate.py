@@ -12,14 +12,15 @@ by episode, not as independent rows: the estimators are the per-decision ones ov
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
 
-from reflexd.config import ExplorationConfig, GateConfig, RewardConfig
+from reflexd.config import ExplorationConfig, GateConfig
 from reflexd.deciding import exploring as _exploration
 from reflexd.learning import episodes as _episodes
+from reflexd.learning.episodes import Episodes, RewardsFor, credited_episodes
 from reflexd.learning.ope import ESTIMATORS, ROUNDING, estimate
 from reflexd.manifest import GateResult, Training
 
@@ -31,57 +32,6 @@ __all__ = [
     "LOGGED_POLICY", "check_refit", "compare", "credited_episodes", "evaluate", "evaluate_cross_fit", "target_probs",
     "unseen_rows", "with_refit",
 ]
-
-# Each row's episode number and discount (``credited_episodes``): an episode's rows in step order.
-Episodes = tuple[np.ndarray, np.ndarray]
-RewardsFor = Callable[[str], RewardConfig]
-
-
-def credited_episodes(rows: Any, rewards_for: RewardsFor | None) -> Episodes | None:
-    """(episode number, discount) per row when some row's reward is an episode return (its agent's
-    ``rewards.episode_return`` on and an episode named), else None: the rows are then judged as
-    independent decisions, as always. A row not credited so is an episode of its own."""
-    names = getattr(rows, "episodes", None)
-    if names is None or rewards_for is None:
-        return None
-    keys: list[Any] = []
-    gamma = np.ones(len(names))
-    for i, (agent, name) in enumerate(zip(rows.agents, names)):
-        rule = rewards_for(agent)
-        if name is not None and rule.episode_return:
-            keys.append((agent, name))
-            gamma[i] = rule.discount
-        else:
-            keys.append(i)
-    if len(set(keys)) == len(keys):
-        return None  # every row an episode of its own: the per-row estimators are these
-    return _episodes.episode_numbers(keys), gamma
-
-
-def _episode_terms(
-    episodes: Episodes, chosen: np.ndarray, prob: np.ndarray, reward: np.ndarray, q_hat: np.ndarray
-) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], np.ndarray]:
-    """(policy's probabilities -> every estimator's per-episode terms, the logging policy's
-    per-episode discounted returns): the rows brought together by episode, in their order (the
-    snapshot's, the order they were made in), and each step's own reward recovered from the
-    returns the join credited (``episodes.step_rewards``)."""
-    number, gamma = episodes
-    order = _episodes.grouped(number)
-    number, gamma = number[order], gamma[order]
-    chosen, prob, q_hat = chosen[order], prob[order], q_hat[order]
-    step = _episodes.step_rewards(reward[order], number, gamma)
-    first = np.r_[True, number[1:] != number[:-1]]
-
-    def terms(pi: np.ndarray) -> dict[str, np.ndarray]:
-        pi = pi[order]
-        return {
-            "ips": _episodes.pdis_terms(pi, chosen, prob, step, number, gamma),
-            "snips": _episodes.wpdis_terms(pi, chosen, prob, step, number, gamma),
-            "dm": (pi * q_hat).sum(axis=1)[first],  # q_hat of the first step: the return it expects
-            "dr": _episodes.pddr_terms(pi, chosen, prob, step, q_hat, number, gamma),
-        }
-
-    return terms, _episodes.observed(step, number, gamma)
 
 LOGGED_POLICY = "logged policy"
 
@@ -211,7 +161,8 @@ def compare(
 
         observed, unit = reward, ""
     else:
-        terms_of, observed = _episode_terms(episodes, chosen, prob, reward, q_hat)
+        by_episode = _episodes.ByEpisode(episodes, chosen, prob, reward, q_hat)
+        terms_of, observed = by_episode.terms, by_episode.observed
         unit = f" over {observed.shape[0]} episodes"
         if observed.shape[0] < 2:
             return _rejected(f"holdout has {n} rows in 1 episode, fewer than the 2 required: rejected", gate, baseline_name, n)
