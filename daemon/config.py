@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from reflexd.features import FeatureSpec
+
 from reflexd.errors import ConfigError
 from reflexd.extensions import EXPLORATION, available
 from reflexd.split import holdout_rows, holdout_run_rows
@@ -164,6 +166,14 @@ class OnlineConfig(_Section):
     prior: PositiveFloat = 1.0  # ridge penalty: larger keeps the head nearer zero for longer
     max_arms: Positive = 256  # (agent, action) regressions kept, ~130 KB each; least recent dropped
     pending: Positive = 10_000  # decisions remembered until their reward comes
+
+
+class LearningConfig(_Section):
+    # which agents learn together (reflexd.lines): each scope is a model line of its own in the
+    # registry, with its own gate, rollback monitor, online head and training runs
+    scope: Literal["agent", "group", "shared"] = "agent"
+    # scope group: group name -> its agents; an agent in no group learns alone
+    groups: dict[str, list[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]]] = {}
 
 
 class GateConfig(_Section):
@@ -343,6 +353,7 @@ class Config(_Section):
     trainer: TrainerConfig = TrainerConfig()
     exploration: ExplorationConfig = ExplorationConfig()
     online: OnlineConfig = OnlineConfig()
+    learning: LearningConfig = LearningConfig()
     gate: GateConfig = GateConfig()
     log: LogConfig = LogConfig()
     redaction: RedactionConfig = RedactionConfig()
@@ -375,6 +386,13 @@ class Config(_Section):
         return AgentConfig(rewards=self.rewards, exploration=self.exploration)
 
 
+def feature_spec(config: Config) -> FeatureSpec:
+    """How models trained under ``config`` hash features: its ``features`` section, and the agent's
+    id as a context key when one model line is shared by every agent (``learning.scope: shared``)."""
+    f = config.features
+    return FeatureSpec(f.context_dim, f.action_dim, f.seed, agent=config.learning.scope == "shared")
+
+
 CLIENT_SETTINGS_FILE = "clients.json"  # in the models directory, which agents already read
 
 
@@ -389,6 +407,7 @@ class ClientSettings(msgspec.Struct, frozen=True):
     online: OnlineConfig = OnlineConfig()
     rewards: RewardConfig = RewardConfig()
     agent_rewards: dict[str, RewardConfig] = {}
+    learning: LearningConfig = LearningConfig()  # which model line an agent's client serves from
 
     def rewards_for(self, agent: str) -> RewardConfig:
         return self.agent_rewards.get(agent, self.rewards)
@@ -400,6 +419,7 @@ def client_settings(config: Config) -> ClientSettings:
         online=config.online,
         rewards=config.rewards,
         agent_rewards={agent: c.rewards for agent, c in config.agents.items()},
+        learning=config.learning,
     )
 
 
@@ -536,8 +556,22 @@ def _check_semantics(config: Config, source: str) -> None:
         )
     problems += _check_metrics(config)
     problems += _check_traces(config)
+    problems += _check_learning(config)
     if problems:
         raise ConfigError(source, problems)
+
+
+def _check_learning(config: Config) -> list[str]:
+    learning, problems = config.learning, []
+    if learning.groups and learning.scope != "group":
+        problems.append(f"learning.groups: only read with learning.scope: group (it is {learning.scope})")
+    seen: dict[str, str] = {}
+    for group, agents in learning.groups.items():
+        for agent in agents:
+            if agent in seen and seen[agent] != group:
+                problems.append(f"learning.groups.{group}: agent {agent!r} is in group {seen[agent]!r} already")
+            seen.setdefault(agent, group)
+    return problems
 
 
 def _check_metrics(config: Config) -> list[str]:
@@ -598,7 +632,7 @@ def _check_run_size(config: Config) -> list[str]:
 
 # Settings a running daemon cannot change: a reload keeps the running values until a restart.
 RESTART_ONLY = (
-    "state_dir", "socket.path", "store", "metrics", "online.enabled",
+    "state_dir", "socket.path", "store", "metrics", "online.enabled", "learning",
     "traces.enabled", "traces.path", "traces.host", "traces.port",
 )
 
@@ -616,6 +650,8 @@ def keep_restart_only(new: Config, running: Config) -> tuple[Config, list[str]]:
         changed.append("metrics")
     if new.online.enabled != running.online.enabled:
         changed.append("online.enabled")
+    if new.learning != running.learning:  # agents' model lines are laid out once, at start
+        changed.append("learning")
     listening = ("enabled", "path", "host", "port")  # the receiver's sockets are opened once
     changed += [f"traces.{key}" for key in listening if getattr(new.traces, key) != getattr(running.traces, key)]
     kept = msgspec.structs.replace(
@@ -625,6 +661,7 @@ def keep_restart_only(new: Config, running: Config) -> tuple[Config, list[str]]:
         metrics=running.metrics,
         socket=msgspec.structs.replace(new.socket, path=running.socket.path),
         online=msgspec.structs.replace(new.online, enabled=running.online.enabled),
+        learning=running.learning,
         traces=msgspec.structs.replace(new.traces, **{key: getattr(running.traces, key) for key in listening}),
     )
     return kept, changed

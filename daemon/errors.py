@@ -185,6 +185,13 @@ class ModelNotFound(ReflexdError):
         super().__init__(f"no model version {version!r} in the registry")
 
 
+class LineUnknown(ReflexdError):
+    """A request about models that does not say whose: each agent (or group) learns in its own
+    model line (``learning.scope``), so it must name one, and an agent with no line yet has none."""
+
+    code = "line_unknown"
+
+
 class PointerMoved(ReflexdError):
     """The live model changed while a decision about it was being taken."""
 

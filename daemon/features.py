@@ -39,11 +39,22 @@ _SETS_CACHE_LIMIT = 4096
 _encode = msgspec.msgpack.Encoder().encode
 
 
+AGENT_KEY = "@agent"  # the context key a shared model line's models read the agent from
+
+
 class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     context_dim: int = 128
     action_dim: int = 32
     seed: int = 0
     scheme: str = SCHEME
+    # the agent id is one more context key (AGENT_KEY): a model one line shares among agents
+    # (learning.scope: shared) tells them apart
+    agent: bool = False
+
+
+def with_agent(spec: FeatureSpec, agent: str, context: dict[str, Any]) -> dict[str, Any]:
+    """``context`` as a model hashed with ``spec`` reads it: with the agent's id when it reads that."""
+    return {**context, AGENT_KEY: agent} if spec.agent else context
 
 
 def scheme_refusal(spec: FeatureSpec) -> str | None:

@@ -27,6 +27,7 @@ import msgspec
 from reflexd.durable import atomic_write, fsync_path
 from reflexd.errors import ModelIntegrityError, ModelNotFound, PointerMoved
 from reflexd.features import scheme_refusal
+from reflexd.lines import next_number
 from reflexd.manifest import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -88,8 +89,12 @@ def read_model_dir(path: Path | str) -> tuple[Manifest, bytes, bytes]:
 
 
 class Registry:
-    def __init__(self, root: Path | str) -> None:
+    """One model line's registry (``reflexd.lines``). ``models`` is the models directory holding
+    every line, across which version numbers are counted; by default ``root`` is it."""
+
+    def __init__(self, root: Path | str, models: Path | str | None = None) -> None:
         self.root = Path(root)
+        self.models = Path(models) if models is not None else self.root
         # promote and rollback read, change and write CURRENT and history.json; the daemon's
         # scheduler, monitor and requests call them from different threads
         self._lock = threading.RLock()
@@ -163,8 +168,9 @@ class Registry:
     # ---- writing (the daemon's side) ---------------------------------------------------
 
     def next_version(self) -> str:
-        existing = self._directories()  # a folder that lost its manifest still holds its number
-        n = int(existing[-1][1:]) + 1 if existing else 1
+        # a folder that lost its manifest still holds its number, in this line or another
+        existing = self._directories()
+        n = max(int(existing[-1][1:]) + 1 if existing else 1, next_number(self.models))
         return f"v{n:04d}"
 
     def add(self, model_file: Path, manifest_fields: dict[str, Any]) -> Manifest:

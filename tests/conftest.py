@@ -9,7 +9,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from reflexd.config import LearningConfig
 from reflexd.errors import DaemonStartFailed
+from reflexd.lines import line_of, line_path
+from reflexd.registry import Registry
 from reflexd.testing import START_TIMEOUT, STOP_TIMEOUT, LocalDaemon, deep_merge, poll  # noqa: F401
 
 
@@ -48,6 +51,12 @@ class DaemonProcess(LocalDaemon):
             return super().loaded_status(timeout)
         except TimeoutError as timed_out:
             pytest.fail(str(timed_out))
+
+
+def line_registry(d: LocalDaemon, agent: str) -> Registry:
+    """The registry of ``agent``'s model line in daemon ``d`` (``learning.scope: agent``, the default)."""
+    models = d.state_dir / "models"
+    return Registry(line_path(models, line_of(agent, LearningConfig())), models)
 
 
 def base_config(root: Path, sock_dir: Path) -> dict[str, Any]:

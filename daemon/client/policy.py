@@ -19,9 +19,17 @@ from typing import Any, Callable
 import msgspec
 
 from reflexd import log
-from reflexd.config import CLIENT_SETTINGS_FILE, ClientSettings, ExplorationConfig, OnlineConfig, read_client_settings
+from reflexd.config import (
+    CLIENT_SETTINGS_FILE,
+    ClientSettings,
+    ExplorationConfig,
+    LearningConfig,
+    OnlineConfig,
+    read_client_settings,
+)
 from reflexd.deciding.choosing import Choice, Chooser
 from reflexd.deciding.online import OnlineHead
+from reflexd.lines import line_of, line_path
 from reflexd.deciding.scoring import ModelSource
 from reflexd.errors import DaemonUnavailable, FrameError
 from reflexd.features import FeatureSpec
@@ -49,6 +57,8 @@ from reflexd.wire.protocol import (
 __all__ = ["Choice", "Episode", "Policy"]
 
 _log = log.get("reflexd.client")
+# a models folder no daemon has published its settings in is one registry: a model line of its own
+_BARE = ClientSettings(learning=LearningConfig(scope="shared"))
 DEFAULT_MODELS = "/var/lib/reflexd/models"
 JOIN_FRAMES = 64  # frames joined per write: the join holds the GIL (a decision waits), so it is kept short
 # Frames sent before the flush that closes them is awaited. Replies are read only after the
@@ -125,14 +135,15 @@ class Policy:
     ) -> None:
         self.agent = agent
         models_dir = Path(models) if models else Path(state_dir) / "models" if state_dir else Path(default_models())
-        self.models = ModelSource(Registry(models_dir))
-        self.models.refresh()
         self._fallback = exploration or ExplorationConfig()
-        # what the daemon's config says to its clients (models/clients.json): the online head's
-        # settings unless ``online`` is given, and each agent's wait window and default reward
+        # what the daemon's config says to its clients (models/clients.json): the agent's model line,
+        # the online head's settings unless ``online`` is given, and each agent's wait window and default reward
+        self._models_dir = models_dir
         self._settings_file = models_dir / CLIENT_SETTINGS_FILE
         self._settings_stamp = _stamp(self._settings_file)
-        self._settings = read_client_settings(models_dir) or ClientSettings()
+        self._settings = read_client_settings(models_dir) or _BARE
+        self.models = ModelSource(self._line_registry())
+        self.models.refresh()
         self._online_given = online is not None
         online = online or self._settings.online
         head = None
@@ -148,6 +159,10 @@ class Policy:
     def _rewards_for(self, agent: str) -> Any:
         return self._settings.rewards_for(agent)
 
+    def _line_registry(self) -> Registry:
+        """The registry of this agent's model line (``reflexd.lines``), as the daemon's settings say."""
+        return Registry(line_path(self._models_dir, line_of(self.agent, self._settings.learning)), self._models_dir)
+
     def _refresh(self) -> None:
         """On the sender thread, every ``refresh_interval``: the daemon's settings if they changed,
         and the default reward for decisions whose wait window passed with no outcome."""
@@ -155,6 +170,9 @@ class Policy:
         if stamp != self._settings_stamp:
             self._settings_stamp = stamp
             self._settings = read_client_settings(self._settings_file.parent) or self._settings
+            registry = self._line_registry()
+            if registry.root != self.models.registry.root:  # the daemon published after this client started
+                self.models.switch(registry)
             if self._chooser.online is not None and not self._online_given:
                 self._chooser.online.settings = self._settings.online
         if self._chooser.online is not None:

@@ -18,7 +18,7 @@ from reflexd.config import ExplorationConfig
 from reflexd.deciding import explaining, exploring
 from reflexd.deciding.online import OnlineHead
 from reflexd.deciding.scoring import ModelSource, Scorer
-from reflexd.features import action_ids
+from reflexd.features import action_ids, with_agent
 from reflexd.manifest import Manifest
 from reflexd.wire.protocol import Decision, Explanation, Scored
 
@@ -103,6 +103,12 @@ def _score_by_size(
 ExplorationFor = Callable[[str, Manifest | None], ExplorationConfig]
 
 
+def _read_by(scorer: Scorer, agent: str, context: dict[str, Any]) -> dict[str, Any]:
+    """``context`` as ``scorer``'s model reads it: with the agent's id when its line is shared."""
+    manifest = scorer.manifest
+    return with_agent(manifest.features, agent, context) if manifest is not None else context
+
+
 class _Policy(NamedTuple):
     """How one decision is made (``Chooser._policy``)."""
 
@@ -175,12 +181,17 @@ class Chooser:
         be served until a model is live: the agent's own ``default`` for this decision, or an
         offered ``default_action``. With an agent's own ``default``, whether the learned policy's
         best action agrees with it is counted (``apprentice``).
+
+        The spread exploration is handed is the strategy's to say (``exploring.spread_from``): the
+        model's, or the head's posterior, of its means given the model's scores beside a model.
         """
         head = self.online
         x = head.features(context) if head is not None else None
         if found is not None:
             model, spread = found
             scores = head.means(agent, x, ids, model) if x is not None else model
+            if x is not None and exploring.spread_from(cfg.strategy, True) == "head":
+                spread = head.spread(agent, x, ids, model, noise=True)
             p = self._explore(scorer, cfg, scores, spread, t)
             if p is None:  # the model failed: the default policy, and nothing for the head to learn
                 return _Policy(None, "default", None, None, None, None)
@@ -194,7 +205,8 @@ class Chooser:
             if default is not None:
                 self._agrees(ids, means, default)
             elif cfg.default_action not in ids:
-                spread = head.spread(agent, x, ids) if cfg.strategy == "ucb" else None
+                source = exploring.spread_from(cfg.strategy, False)
+                spread = head.spread(agent, x, ids, noise=source == "head") if source is not None else None
                 try:
                     p = exploring.distribution(cfg, means, spread, t)
                 except Exception:  # as for a model that fails: the default policy decides
@@ -216,7 +228,7 @@ class Chooser:
             scores, spread = scorer.score(context, actions)
         except Exception as exc:  # onnxruntime's errors are untyped; a decision must still be made
             return self._failed(scorer, f"{type(exc).__name__}: {exc}")
-        return scores.tolist(), spread  # spread is read by ucb alone
+        return scores.tolist(), spread  # read only by the strategies that read the model's spread
 
     def _explore(
         self, scorer: Scorer, cfg: ExplorationConfig, scores: list[float], spread: Any, t: int
@@ -257,7 +269,7 @@ class Chooser:
         self._tick(len(requests))
         model: list[tuple[list[float], Any] | None] = [None] * len(requests)
         if scorer is not None:
-            for i, found in enumerate(_score_by_size(scorer, [(r[1], r[2]) for r in requests])):
+            for i, found in enumerate(_score_by_size(scorer, [(_read_by(scorer, r[0], r[1]), r[2]) for r in requests])):
                 if isinstance(found, Exception):
                     self._failed(scorer, f"{type(found).__name__}: {found}")
                 else:
@@ -327,7 +339,7 @@ class Chooser:
         t = self._clock(manifest)
         self._tick(1)
         # plain floats from here on: for one decision's few actions numpy's per-call cost dominates
-        found = self._scores(scorer, context, actions) if scorer is not None else None
+        found = self._scores(scorer, _read_by(scorer, agent, context), actions) if scorer is not None else None
         # as unique as uuid4, without its overhead
         return self._choice(agent, context, ids, cfg, scorer, version, found, t, decision_id or os.urandom(16).hex(), default)
 
@@ -354,7 +366,7 @@ class Chooser:
         spread: list[float] = []
         if scorer is not None:
             try:
-                raw_scores, raw_spread = scorer.score(context, actions)
+                raw_scores, raw_spread = scorer.score(_read_by(scorer, agent, context), actions)
                 scores, spread = raw_scores.tolist(), raw_spread.tolist()
             except Exception as exc:  # as in choose: the default policy, and the reason kept
                 if self.source is not None:
@@ -410,7 +422,7 @@ class Chooser:
         t = self._clock(manifest)
         scored: list[tuple[list[float], list[float]] | None] = [None] * len(requests)
         if scorer is not None:
-            for i, found in enumerate(_score_by_size(scorer, [(r[1], r[2]) for r in requests])):
+            for i, found in enumerate(_score_by_size(scorer, [(_read_by(scorer, r[0], r[1]), r[2]) for r in requests])):
                 if isinstance(found, Exception):
                     if self.source is not None:
                         self.source.error = (
@@ -430,7 +442,7 @@ class Chooser:
             how = self._policy(scorer, cfg, agent, context, ids, found, t, default)
             if how.probs is not None:
                 spread = how.spread
-                if spread is None:  # the head alone: its posterior spread, which ucb alone reads
+                if spread is None:  # the head alone, by a strategy that reads no spread: the head's, to report
                     spread = self.online.spread(agent, how.inputs, ids)
                 results.append(Scored(id=None, actions=ids, scores=how.scores, spread=list(spread), probs=how.probs,
                                       model_version=version if found is not None else None, strategy=how.strategy))
@@ -458,7 +470,7 @@ class Chooser:
         t = self._clock(manifest, since_load)
         if scorer is not None:
             try:
-                return explaining.explain(scorer, cfg, agent, context, actions, t, top)
+                return explaining.explain(scorer, cfg, agent, _read_by(scorer, agent, context), actions, t, top)
             except Exception as exc:  # as a decision would: the default policy, and the reason kept
                 if self.source is not None:
                     self.source.error = (

@@ -163,6 +163,15 @@ class ModelSource:
         self.error = self.file_error = None
         return True
 
+    def switch(self, registry: Registry) -> None:
+        """Follow another registry (the agent's model line moved) from now on, serving nothing of the old one."""
+        with self._lock:
+            self.registry = registry
+            self.scorer = None
+            self.error = self.file_error = None
+            self._stamp = None
+            self._refresh()
+
     def verify(self) -> bool:
         """Check the served version's file against its manifest again; False (``file_error`` says why)
         if it changed. The copy loaded when it was sound goes on serving."""

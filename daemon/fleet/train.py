@@ -39,7 +39,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-from reflexd.config import Config
+from reflexd.config import Config, feature_spec
 from reflexd.durable import atomic_write
 from reflexd.errors import FleetError, ReflexdError
 from reflexd.features import FeatureSpec
@@ -118,8 +118,7 @@ class FleetRun:
 
 
 def _spec(config: Config) -> FeatureSpec:
-    f = config.features
-    return FeatureSpec(context_dim=f.context_dim, action_dim=f.action_dim, seed=f.seed)
+    return feature_spec(config)  # as the host judging the model hashes, so it can serve it
 
 
 def split_host(rows: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table]:

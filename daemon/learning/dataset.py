@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from reflexd.errors import SnapshotError
-from reflexd.features import FeatureSpec, Hasher, action_ids
+from reflexd.features import FeatureSpec, Hasher, action_ids, with_agent
 from reflexd.split import holdout_rows
 
 COLUMNS = ("id", "agent", "received_at", "context", "actions", "chosen", "prob", "reward")
@@ -355,6 +355,8 @@ def _build(
     for k, context in enumerate(contexts):
         if not isinstance(context, dict):
             raise SnapshotError(where, f"row {ids[rows[k]]!r}: context must be a JSON object")
+        if spec.agent:  # a shared line's model reads the agent as it decides (features.with_agent)
+            context = with_agent(spec, str(agents[rows[k]]), context)
         hasher.context(context, out=context_arr[k])
 
     # one entry per distinct list (the same cached object), in order of first use

@@ -122,7 +122,9 @@ EXPERIENCES = f"""
     WITH recent AS (
         SELECT * FROM ({MATURED})
         -- a window of them (reflexd evaluate, the rollback monitor): each filter is off when NULL
-        WHERE ($agent IS NULL OR agent = $agent) AND ($since IS NULL OR ts >= $since)
+        -- $agents: a model line's agents (reflexd.lines); NULL: every agent
+        WHERE ($agent IS NULL OR agent = $agent) AND ($agents IS NULL OR list_contains($agents, agent))
+            AND ($since IS NULL OR ts >= $since)
             AND ($until IS NULL OR ts < $until) AND ($version IS NULL OR model_version = $version)
         ORDER BY received_at DESC, ts DESC, id DESC LIMIT $max_rows
     ),

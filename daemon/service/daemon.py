@@ -21,22 +21,19 @@ from anyio.abc import SocketListener
 
 from reflexd import __version__, log
 from reflexd.config import CLIENT_SETTINGS_FILE, Config, client_settings, keep_restart_only, load_config
-from reflexd.deciding.choosing import Chooser, slate_events
-from reflexd.deciding.online import OnlineHead
-from reflexd.deciding.scoring import ModelSource
+from reflexd.deciding.choosing import slate_events
 from reflexd.durable import atomic_write, private_dir
 from reflexd.errors import ConfigError, ReflexdError, RequestTimeout, StateDirError, StorageError, TrainingError
-from reflexd.features import FeatureSpec
-from reflexd.registry import Registry
 from reflexd.collect.receiver import TraceReceiver, durably
 from reflexd.service import activation, sdnotify
 from reflexd.service.behaviour import BehaviourTrainer
 from reflexd.service.endpoint import Endpoint
-from reflexd.service.evaluation import WINDOWS_DIR, Models, evaluate_window
+from reflexd.service.evaluation import WINDOWS_DIR, evaluate_window
 from reflexd.service.ingest import Ingest
 from reflexd.service.insights import Extractor
+from reflexd.service.lines import Line, Lines
 from reflexd.service.monitor import Monitor
-from reflexd.service.scheduler import Scheduler
+from reflexd.service.scheduler import RUNS_DIR, Scheduler, TrainerStatus, check_pulled
 from reflexd.service.server import Server, fd_budget_problems, give_group, prepare_path
 from reflexd.service.snapshots import Snapshots
 from reflexd.service.spool import Spool
@@ -78,26 +75,18 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.started = time.time()
-        self.registry = Registry(config.models_path)
-        self.models = ModelSource(self.registry)
-        # the head learns from the rewards of the decisions this daemon makes over the socket
-        head = None
-        if config.online.enabled:
-            spec = FeatureSpec(config.features.context_dim, config.features.action_dim, config.features.seed)
-            head = OnlineHead(config.online, spec, lambda agent: self.config.for_agent(agent).rewards)
-        self.chooser = Chooser(self.models, self._exploration_for, online=head)
-        # held by a training run, and by forget: no snapshot is taken while an agent is deleted
+        # a model line per agent, group or all (learning.scope): its registry, served model, chooser
+        # with the online head learning from the rewards of the socket's decisions, scheduler, monitor
+        self.lines = Lines(self.settings, self._exploration_for)
+        # held by a training run (of any line), and by forget: no snapshot is taken while an agent is deleted
         self.training_lock = anyio.Lock()
         # evaluate requests: one at a time (each holds a window of decisions in memory), models kept loaded
         self.evaluation_lock = anyio.Lock()
-        self.evaluation_models = Models(self.registry, lambda: self.models.scorer)
         self.rollbacks_requested = 0  # `reflexd rollback`; the monitor counts its automatic ones
         self.endpoint = Endpoint(config, self)  # metrics and health over HTTP, if metrics.path/port say so
         self.store: Store
         self.ingest: Ingest
         self.server: Server
-        self.scheduler: Scheduler
-        self.monitor: Monitor
         self.snapshots: Snapshots  # read-out snapshots: `reflexd query` and `reflexd export`
         self.extractor: Extractor  # knowledge extraction: `reflexd insights`
         self.behaviour: BehaviourTrainer  # the behaviour model over agents' steps
@@ -123,21 +112,22 @@ class Daemon:
         refusal = private_dir(cfg.state_path, "its database, spool and models")
         if refusal is not None:
             raise StateDirError(refusal)
-        self.registry.ensure()
+        cfg.models_path.mkdir(parents=True, exist_ok=True)
         await anyio.to_thread.run_sync(self._publish_client_settings)
         # a damaged database file is refused (StoreDamaged) before anything writes to it
         await anyio.to_thread.run_sync(Store.check_file, cfg.db_path, cfg.store)
         self.store = await anyio.to_thread.run_sync(Store, cfg.db_path, cfg.store)
-        self.models.refresh()
         spool = await anyio.to_thread.run_sync(Spool, cfg.state_path / "spool", cfg.ingest.segment_bytes)
         self.ingest = Ingest(self.store, spool, cfg.ingest)
-        if self.chooser.online is not None:
-            self.ingest.on_outcome = lambda outcome: self.chooser.learn(outcome.decision_id, outcome.reward)
-        self.scheduler = Scheduler(self.settings, self.store, self.ingest, self.registry, self.models, self.training_lock)
-        self.scheduler.start_from(self.models.scorer.manifest if self.models.scorer else None)
-        self.monitor = Monitor(self.settings, self.registry, self.store, self.models)
+        if cfg.online.enabled:
+            self.ingest.on_outcome = self._learn
+        self.lines.open(await anyio.to_thread.run_sync(self.store.agents), self._line_services)
+        for line in self.lines.all():  # lines with a live model serve it from the first decision
+            await anyio.to_thread.run_sync(line.models.refresh)
         self.snapshots = Snapshots(self.settings, self.store)
-        self.extractor = Extractor(self.settings, self.store, self.ingest, self.registry, self.training_lock)
+        self.extractor = Extractor(
+            self.settings, self.store, self.ingest, lambda: [line.registry for line in self.lines.all()], self.training_lock
+        )
         self.behaviour = BehaviourTrainer(self.settings, self.store, self.training_lock)
         self.server = Server(cfg, self.ingest, self)
         for warning in fd_budget_problems(cfg):
@@ -168,13 +158,12 @@ class Daemon:
                         # spans become steps and episodes, made durable as the socket's events are
                         self.traces = TraceReceiver(self.settings, self.server, durably(self.ingest, self.settings))
                         await tg.start(self.traces.run)
-                        tg.start_soon(self.scheduler.run)
+                        tg.start_soon(self.lines.run, self.store, tg, _start_line)
                         tg.start_soon(self._follow_models)
                         tg.start_soon(self._retention)
                         tg.start_soon(self.snapshots.run)
                         tg.start_soon(self.extractor.run)
                         tg.start_soon(self.behaviour.run)
-                        tg.start_soon(self.monitor.run)
                         tg.start_soon(sdnotify.watchdog)
                         tg.start_soon(self._signals, tg.cancel_scope)
                         if self.endpoint.enabled:
@@ -197,6 +186,27 @@ class Daemon:
                 sock_path.unlink(missing_ok=True)
             await anyio.to_thread.run_sync(self.store.close)
             _log.info("reflexd stopped", stored=self.ingest.counters.stored)
+
+    def _line_services(self, line: Line) -> None:
+        """A line's scheduler (training its agents' experience, one run at a time across lines) and
+        rollback monitor, once the store is open (no I/O: a line may be made while deciding)."""
+        line.scheduler = Scheduler(
+            self.settings, self.store, self.ingest, line.registry, line.models, self.training_lock,
+            agents=lambda: self.lines.agents_of(line.name), line=line.name,
+        )
+        line.monitor = Monitor(self.settings, line.registry, self.store, line.models)
+
+    def _learn(self, outcome: Any) -> None:
+        """The online head of the line that made the decision learns its reward; an outcome that
+        does not name its agent is offered to each line's head until one made that decision."""
+        if outcome.agent is not None:
+            line = self.lines.existing(outcome.agent)
+            if line is not None:
+                line.chooser.learn(outcome.decision_id, outcome.reward)
+            return
+        for line in self.lines.all():
+            if line.chooser.learn(outcome.decision_id, outcome.reward):
+                return
 
     def _apply_socket_permissions(self, path: Path) -> None:
         """The socket's mode, and its group on both the socket and its directory.
@@ -243,8 +253,9 @@ class Daemon:
         self.config = new
         log.configure(new.log.level, new.log.format)
         self.ingest.configure(new.ingest)
-        if self.chooser.online is not None:
-            self.chooser.online.settings = new.online
+        for line in self.lines.all():
+            if line.online is not None:
+                line.online.settings = new.online
         try:
             await anyio.to_thread.run_sync(self._publish_client_settings)
         except OSError as exc:
@@ -265,24 +276,26 @@ class Daemon:
     async def _follow_models(self) -> None:
         checked = time.monotonic()
         while True:
-            if self.chooser.online is not None:
-                # the default reward for socket decisions whose wait window passed with no outcome
-                await anyio.to_thread.run_sync(self.chooser.online.expire)
-            try:
-                if await anyio.to_thread.run_sync(self.models.refresh):
-                    _log.info("serving model", version=self.models.scorer.version)
-            except OSError as exc:  # the registry unreadable for now (out of descriptors, say): next poll
-                _log.warning("cannot read the model registry", error=str(exc))
+            for line in self.lines.all():
+                if line.online is not None:
+                    # the default reward for socket decisions whose wait window passed with no outcome
+                    await anyio.to_thread.run_sync(line.online.expire)
+                try:
+                    if await anyio.to_thread.run_sync(line.models.refresh):
+                        _log.info("serving model", line=line.name, version=line.models.scorer.version)
+                except OSError as exc:  # the registry unreadable for now (out of descriptors, say): next poll
+                    _log.warning("cannot read the model registry", line=line.name, error=str(exc))
             if time.monotonic() - checked >= MODEL_VERIFY_SECONDS:
                 checked = time.monotonic()
-                await self._verify_model()
+                for line in self.lines.all():
+                    await self._verify_model(line)
             await anyio.sleep(MODEL_POLL_SECONDS)
 
-    async def _verify_model(self) -> None:
-        """Re-read the served model's file (``ModelSource.verify``); a change is logged once."""
-        before = self.models.file_error
-        if not await anyio.to_thread.run_sync(self.models.verify) and self.models.file_error != before:
-            _log.error("the served model's file changed on disk", error=self.models.file_error)
+    async def _verify_model(self, line: Line) -> None:
+        """Re-read a line's served model's file (``ModelSource.verify``); a change is logged once."""
+        before = line.models.file_error
+        if not await anyio.to_thread.run_sync(line.models.verify) and line.models.file_error != before:
+            _log.error("the served model's file changed on disk", line=line.name, error=line.models.file_error)
 
     async def _retention(self) -> None:
         while True:
@@ -330,8 +343,8 @@ class Daemon:
         """
         answers: list[Any] = [None] * len(msgs)
         plain = [i for i, m in enumerate(msgs) if m.log and m.slots is None]
-        choices = self.chooser.choose_many(
-            [(msgs[i].agent, msgs[i].context, msgs[i].actions, msgs[i].id, msgs[i].default) for i in plain]
+        choices = self._by_line(
+            plain, msgs, lambda line, some: line.chooser.choose_many([(m.agent, m.context, m.actions, m.id, m.default) for m in some])
         )
         for i, choice in zip(plain, choices):
             msg = msgs[i]
@@ -348,8 +361,8 @@ class Daemon:
                 event = msgspec.structs.replace(event, episode=msg.episode)
             answers[i] = (reply, [event])
         unlogged = [i for i, m in enumerate(msgs) if not m.log]
-        scored = self.chooser.score_many(
-            [(msgs[i].agent, msgs[i].context, msgs[i].actions, msgs[i].default) for i in unlogged]
+        scored = self._by_line(
+            unlogged, msgs, lambda line, some: line.chooser.score_many([(m.agent, m.context, m.actions, m.default) for m in some])
         )
         for i, reply in zip(unlogged, scored):
             answers[i] = msgspec.structs.replace(reply, id=msgs[i].id, req=msgs[i].req)
@@ -358,8 +371,19 @@ class Daemon:
                 answers[i] = self._slate(msg)
         return answers
 
+    def _by_line(self, indices: list[int], msgs: list[Decide], each: Any) -> list[Any]:
+        """``each(line, requests)`` for the requests of each model line (scored together), in order."""
+        grouped: dict[str, tuple[Line, list[int]]] = {}
+        for i in indices:
+            line = self.lines.for_agent(msgs[i].agent)
+            grouped.setdefault(line.name, (line, []))[1].append(i)
+        out: dict[int, Any] = {}
+        for line, members in grouped.values():
+            out.update(zip(members, each(line, [msgs[i] for i in members])))
+        return [out[i] for i in indices]
+
     def _slate(self, msg: Decide) -> tuple[DecidedSlate, list[Decision]]:
-        choices = self.chooser.choose_slate(msg.agent, msg.context, msg.actions, msg.slots or 1, msg.id)
+        choices = self.lines.for_agent(msg.agent).chooser.choose_slate(msg.agent, msg.context, msg.actions, msg.slots or 1, msg.id)
         slots = [
             SlotDecided(
                 id=c.id, slot=c.slot or 0, action=c.action, prob=c.prob, model_version=c.model_version, strategy=c.strategy
@@ -374,36 +398,55 @@ class Daemon:
 
     async def request(self, msg: msgspec.Struct) -> msgspec.Struct:
         req = getattr(msg, "req", None)
+        if isinstance(msg, _ABOUT_LINES) and getattr(msg, "agent", None) is None:
+            await self.lines.discover(self.store)  # "the only line" must count agents stored a moment ago
         if isinstance(msg, Explain):
             msg = self.server.redactor.apply(msg)  # explained as decided: on the redacted context
             explanation = await anyio.to_thread.run_sync(
-                self.chooser.explain, msg.agent, msg.context, msg.actions, msg.top
+                self.lines.for_agent(msg.agent).chooser.explain, msg.agent, msg.context, msg.actions, msg.top
             )
             return msgspec.structs.replace(explanation, req=req)
         if isinstance(msg, StatusRequest):
-            return await self.status(req)
+            return await self.status(req, msg.agent)
         if isinstance(msg, ModelsRequest):
-            scorer = self.models.scorer
+            if msg.agent is None and not self.lines.all():  # no agent has decided yet: no models either
+                return ModelsReply(current=None, models=[], serving=None, req=req)
+            line = self.lines.one(msg.agent, "models")
+            scorer = line.models.scorer
             return ModelsReply(
-                current=self.registry.current(),
-                models=self.registry.summary(),
+                current=line.registry.current(),
+                models=await anyio.to_thread.run_sync(line.registry.summary),
                 serving=scorer.version if scorer is not None else None,
+                line=line.name,
                 req=req,
             )
         if isinstance(msg, Promote):
-            await anyio.to_thread.run_sync(self.registry.promote, msg.version)
-            await self._model_event(msg.version, "promoted", "by request")
-            return Done(message=f"{msg.version} is live", req=req)
+            line = self.lines.one(msg.agent, "promote")
+            await anyio.to_thread.run_sync(line.registry.promote, msg.version)
+            await self._model_event(line, msg.version, "promoted", "by request")
+            return Done(message=f"{msg.version} is live{_in(line)}", req=req)
         if isinstance(msg, Rollback):
-            target = await anyio.to_thread.run_sync(self.registry.rollback)
+            line = self.lines.one(msg.agent, "rollback")
+            target = await anyio.to_thread.run_sync(line.registry.rollback)
             self.rollbacks_requested += 1
-            await self._model_event(target, "rolled_back", "by request")
-            return Done(message=f"rolled back to {target}", req=req)
+            await self._model_event(line, target, "rolled_back", "by request")
+            return Done(message=f"rolled back to {target}{_in(line)}", req=req)
         if isinstance(msg, Train):
-            summary = await self.scheduler.train_once("requested")
-            if summary.get("outcome") == "failed":
-                raise TrainingError(summary["error"])
-            return Done(message=f"{summary['outcome']} {summary['version']}: {summary['gate']}", req=req)
+            # one line, or each in turn: a request to train trains every agent's line
+            if msg.agent is None and not self.lines.all():
+                raise TrainingError("no joined experiences yet: no agent has logged a decision")
+            lines = [self.lines.one(msg.agent, "train")] if msg.agent is not None or len(self.lines.all()) <= 1 else self.lines.all()
+            said = []
+            for line in lines:
+                assert line.scheduler is not None
+                summary = await line.scheduler.train_once("requested")
+                if summary.get("outcome") == "failed":
+                    if len(lines) == 1:
+                        raise TrainingError(summary["error"])
+                    said.append(f"{line.name}: failed: {summary['error']}")
+                    continue
+                said.append(f"{summary['outcome']} {summary['version']}{_in(line)}: {summary['gate']}")
+            return Done(message="\n".join(said), req=req)
         if isinstance(msg, Forget):
             removed = await self.forget(msg.agent)
             counts = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in removed.items())
@@ -411,7 +454,11 @@ class Daemon:
         if isinstance(msg, Evaluate):
             return await self.evaluate(msg)
         if isinstance(msg, Adopt):
-            summary = await self.scheduler.adopt(msg.manifest, msg.model, msg.source)
+            # a model this host could never serve is refused as such, whichever line it was for
+            await anyio.to_thread.run_sync(check_pulled, self.config, msg.manifest, msg.model, msg.source or "the pulled model")
+            line = self.lines.one(msg.agent, "pull")
+            assert line.scheduler is not None
+            summary = await line.scheduler.adopt(msg.manifest, msg.model, msg.source)
             return Done(message=f"{summary['outcome']} {summary['version']}: {summary['gate']}", req=req)
         if isinstance(msg, InsightsRequest):
             return await self.extractor.answer(msg)
@@ -447,7 +494,7 @@ class Daemon:
                     removed["query_snapshots"] = await self.snapshots.remove_all()
                     await self.ingest.checkpoint()
                     removed["training_snapshots"] = await anyio.to_thread.run_sync(
-                        _remove_snapshots, self.scheduler.runs_dir
+                        _remove_snapshots, self.config.state_path / RUNS_DIR
                     )
                     removed["extraction_snapshots"] = await anyio.to_thread.run_sync(
                         _remove_snapshots, self.extractor.runs_dir
@@ -477,9 +524,8 @@ class Daemon:
         if waited.cancelled_caught:
             raise RequestTimeout("evaluate: another evaluation is still running", limit)
         try:
-            return await anyio.to_thread.run_sync(
-                evaluate_window, self.store, self.evaluation_models, self.config, msg, time.time()
-            )
+            line = self.lines.one(msg.agent, "evaluate")
+            return await anyio.to_thread.run_sync(evaluate_window, self.store, line.evaluation, self.config, msg, time.time())
         finally:
             self.evaluation_lock.release()
 
@@ -489,19 +535,14 @@ class Daemon:
             return None
         return {**msgspec.to_builtins(traces.counters), "waiting": traces.waiting, "path": str(traces.path) if traces.path else None, "ports": list(traces.ports)}
 
-    async def _model_event(self, version: str, event: str, reason: str) -> None:
-        await anyio.to_thread.run_sync(self.models.refresh)  # loading a model is no work for the event loop
-        _log.info(f"model {event}", version=version, reason=reason)
+    async def _model_event(self, line: Line, version: str, event: str, reason: str) -> None:
+        await anyio.to_thread.run_sync(line.models.refresh)  # loading a model is no work for the event loop
+        _log.info(f"model {event}", line=line.name, version=version, reason=reason)
         await anyio.to_thread.run_sync(self.store.record_model_event, version, event, {"reason": reason}, time.time())
 
-    async def status(self, req: Any = None) -> StatusReply:
-        c = self.ingest.counters
-        counts = await anyio.to_thread.run_sync(self.store.counts)
-        now = time.time()
-        matured = await anyio.to_thread.run_sync(
-            self.store.matured_count, self.scheduler.status.cutoff, now, self.config
-        )
-        scorer = self.models.scorer
+    async def _line_model(self, line: Line) -> dict[str, Any] | None:
+        """What a line serves: its live model, or why CURRENT is not what is served."""
+        scorer = line.models.scorer
         model = None
         if scorer is not None:
             m = scorer.manifest
@@ -512,17 +553,50 @@ class Daemon:
                 "train_rows": m.fit_rows,  # a pulled fleet model's: the fleet's
                 "gate": msgspec.to_builtins(m.gate) if m.gate else None,
             }
-        await self._verify_model()
-        if self.models.error:
-            model = {**(model or {}), "load_error": self.models.error}
-        if self.models.file_error:
-            model = {**(model or {}), "file_error": self.models.file_error}
-        current = self.registry.current()
+        await self._verify_model(line)
+        if line.models.error:
+            model = {**(model or {}), "load_error": line.models.error}
+        if line.models.file_error:
+            model = {**(model or {}), "file_error": line.models.file_error}
+        current = line.registry.current()
         if model is not None and current != model.get("version"):
             model["current"] = current  # CURRENT names a version the daemon does not serve
-        broken = self.registry.broken()
+        broken = line.registry.broken()
         if broken:
             model = {**(model or {}), "broken_versions": broken}
+        return model
+
+    def _online(self, line: Line) -> dict[str, Any] | None:
+        head = line.online
+        return {**head.stats(), "apprentice": dict(line.chooser.apprentice)} if head is not None else None
+
+    async def status(self, req: Any = None, agent: str | None = None) -> StatusReply:
+        """The daemon's state. ``model``, ``trainer``, ``monitor`` and ``online`` are the model line
+        of ``agent``, or of the only line there is; with more lines and no agent, ``trainer`` and
+        ``online`` add the lines up and ``lines`` has a summary of each."""
+        c = self.ingest.counters
+        counts = await anyio.to_thread.run_sync(self.store.counts)
+        now = time.time()
+        everything = self.lines.all()
+        lines = [self.lines.for_agent(agent)] if agent is not None else everything
+        # new since training: the line's own; over several (or none yet), every agent's since the oldest line's last run
+        cutoff = min((line.scheduler.status.cutoff for line in lines if line.scheduler is not None), default=0.0)
+        agents = self.lines.agents_of(lines[0].name) if len(lines) == 1 else None
+        matured = await anyio.to_thread.run_sync(self.store.matured_count, cutoff, now, self.config, agents)
+        summary = {line.name: await self._line_summary(line) for line in everything}
+        if len(lines) == 1:
+            one = lines[0]
+            assert one.scheduler is not None and one.monitor is not None
+            model, trainer, monitor, online = (
+                await self._line_model(one), one.scheduler.status.as_dict(), one.monitor.as_dict(), self._online(one)
+            )
+        elif not lines:  # no agent yet: no line, nothing trained
+            model, trainer, monitor, online = None, TrainerStatus().as_dict(), {}, None
+        else:
+            model, monitor = None, {}
+            trainer = _added([line.scheduler.status.as_dict() for line in lines if line.scheduler is not None])
+            heads = [self._online(line) for line in lines]
+            online = _added([h for h in heads if h is not None]) if any(h is not None for h in heads) else None
         return StatusReply(
             version=__version__,
             pid=os.getpid(),
@@ -553,13 +627,10 @@ class Daemon:
             backlog=self.ingest.backlog,
             experience={**counts, "new_since_training": matured},
             model=model,
-            trainer=self.scheduler.status.as_dict(),
-            monitor=self.monitor.as_dict(),
-            online=(
-                {**self.chooser.online.stats(), "apprentice": dict(self.chooser.apprentice)}
-                if self.chooser.online is not None
-                else None
-            ),
+            trainer=trainer,
+            monitor=monitor,
+            online=online,
+            lines=summary,
             insights=self.extractor.summary(),
             traces=self._traces_status(),
             behaviour=await anyio.to_thread.run_sync(self.behaviour.summary),
@@ -570,6 +641,63 @@ class Daemon:
             },
             req=req,
         )
+
+
+    async def _line_summary(self, line: Line) -> dict[str, Any]:
+        """One line of ``status``: its agents, what it serves, its trainer and monitor at a glance."""
+        scorer = line.models.scorer
+        s = line.scheduler.status if line.scheduler is not None else None
+        monitor = line.monitor
+        return {
+            "agents": self.lines.agents_of(line.name),
+            "path": str(line.registry.root),
+            "serving": scorer.version if scorer is not None else None,
+            "load_error": line.models.error,
+            "trainer": None if s is None else {
+                "state": s.state, "runs": s.runs, "promoted": s.promoted, "rejected": s.rejected,
+                "failures": s.failures, "refused_in_a_row": s.refused_in_a_row, "waiting": s.waiting,
+                "last_error": s.last_error,
+                "last_refusal": s.refusals[-1]["reason"] if s.refusals else None,
+            },
+            "rollbacks": monitor.rollbacks if monitor is not None else 0,
+            "online": None if line.online is None else {"arms": line.online.stats()["arms"], "updates": line.online.updates},
+        }
+
+
+# requests about models that name no agent: answered for the only line there is
+_ABOUT_LINES = (ModelsRequest, Promote, Rollback, Train, Adopt, Evaluate)
+
+
+async def _start_line(line: Line, tg: Any) -> None:
+    """A line's model loaded (off the event loop), then its scheduler, counting new experience
+    from its live model's snapshot, and its monitor running."""
+    assert line.scheduler is not None and line.monitor is not None
+    await anyio.to_thread.run_sync(line.models.refresh)
+    line.scheduler.start_from(line.models.scorer.manifest if line.models.scorer else None)
+    tg.start_soon(line.scheduler.run)
+    tg.start_soon(line.monitor.run)
+
+
+def _in(line: Line) -> str:
+    return "" if line.name == "shared" else f" in {line.name}"
+
+
+def _added(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several lines' trainer (or online head) status as one: counts added up, each line's state listed."""
+    out: dict[str, Any] = {"lines": len(parts)}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or key in ("next_attempt", "cutoff"):
+                continue
+            out[key] = out.get(key, 0) + value
+    states = sorted({p["state"] for p in parts if "state" in p})
+    if states:
+        out["state"] = next((s for s in states if s != "idle"), "idle")
+        out["states"] = states
+    waiting = [p.get("waiting") for p in parts if p.get("waiting")]
+    if parts and "waiting" in parts[0]:
+        out["waiting"] = waiting[0] if len(waiting) == 1 else (f"{len(waiting)} lines waiting" if waiting else None)
+    return out
 
 
 def _remove_windows(directory: Path) -> int:

@@ -2,8 +2,9 @@
 
 Both take one snapshot of the window (the training snapshot's reward join, narrowed by agent,
 time or model version), load it hashed with each model's feature spec, and hand the rows to the
-pure code in ``reflexd.learning``. Everything here blocks (DuckDB, Parquet, onnxruntime): callers
-run it in a worker thread, never on the event loop.
+pure code in ``reflexd.learning``. Where an agent's rewards are episode returns, both judge its
+decisions by episode, as the gate does (``reflexd.learning.episodes``). Everything here blocks
+(DuckDB, Parquet, onnxruntime): callers run it in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any, Callable
 import msgspec
 import numpy as np
 
-from reflexd.config import Config
+from reflexd.config import Config, feature_spec
 from reflexd.deciding.scoring import Scorer
 from reflexd.errors import EvaluationError
 from reflexd.features import FeatureSpec
 from reflexd.learning import evaluate, ope
 from reflexd.learning.dataset import Batch, load_snapshot
+from reflexd.learning.episodes import ByEpisode, RewardsFor, credited_episodes
 from reflexd.registry import Registry
 from reflexd.service.store import Store
 from reflexd.wire.protocol import Evaluate, Evaluation
@@ -114,14 +116,18 @@ class Models:
         return found
 
 
+def rewards_for(config: Config) -> RewardsFor:
+    """An agent's reward settings (its ``agents:`` override, else the global ones), as the
+    scheduler hands them to the gate."""
+    return lambda agent: config.for_agent(agent).rewards
+
+
 def evaluate_window(store: Store, models: Models, config: Config, msg: Evaluate, now: float) -> Evaluation:
     """Answer an ``evaluate`` request: snapshot the window, evaluate every policy on it."""
     started = time.perf_counter()
     serving = models.served()
     live = serving.version if serving is not None else models.registry.current()
-    spec = FeatureSpec(
-        context_dim=config.features.context_dim, action_dim=config.features.action_dim, seed=config.features.seed
-    )
+    spec = feature_spec(config)
     with Window(
         store, config, now, config.trainer.max_examples, default_spec=spec,
         agent=msg.agent, since=msg.since, until=msg.until,
@@ -139,19 +145,22 @@ def evaluate_window(store: Store, models: Models, config: Config, msg: Evaluate,
             since=msg.since,
             until=msg.until,
             tables=msg.tables,
+            rewards_for=rewards_for(config),
         )
     # the whole of it, the snapshot included
     return msgspec.structs.replace(result, req=msg.req, seconds=round(time.perf_counter() - started, 3))
 
 
 class SameWindow(msgspec.Struct, frozen=True, kw_only=True):
-    """Two model versions' deployed policies evaluated on the same rows: per-row terms of one estimator."""
+    """Two model versions' deployed policies evaluated on the same rows: per-row terms of one
+    estimator, or per-episode terms when the rows' rewards are episode returns (``episodes``)."""
 
     rows: int
     estimator: str
-    current: np.ndarray  # per-row terms of the live version's policy
+    current: np.ndarray  # per-row (per-episode) terms of the live version's policy
     predecessor: np.ndarray  # of the predecessor's, on the same rows
-    observed: float  # the mean observed reward of the rows (the live version's own decisions)
+    observed: float  # the mean observed reward of the rows (per episode: discounted return), the live version's own
+    episodes: int | None = None  # judged by episode: how many; None: row by row
 
 
 def same_window(
@@ -161,7 +170,8 @@ def same_window(
     version (``current``) made, by ``gate.estimator`` with the live model's scores as the reward model.
 
     Each is judged exploring as its manifest says (per agent) at its run's experience, as the gate
-    judges a candidate and its incumbent.
+    judges a candidate and its incumbent, and by episode where rewards are episode returns
+    (``credited_episodes``, with the config's reward settings).
     """
     with Window(store, config, now, max_rows, default_spec=current.manifest.features, model_version=current.version) as window:
         rows = window.batch(current.manifest.features)
@@ -185,16 +195,24 @@ def same_window(
         predecessor.manifest.training.experience,
     )
     q_hat = np.where(mask, np.asarray(cur_scores, dtype=np.float64), 0.0)
-    terms = ope.ESTIMATORS[config.gate.estimator]
+    estimator = config.gate.estimator
+    episodes = credited_episodes(rows, rewards_for(config))
+    by_episode = None if episodes is None else ByEpisode(episodes, rows.chosen, rows.prob, rows.reward, q_hat)
     try:
-        current_terms = terms(pi_cur, rows.chosen, rows.prob, rows.reward, q_hat)
-        predecessor_terms = terms(pi_prev, rows.chosen, rows.prob, rows.reward, q_hat)
+        if by_episode is None:
+            terms = ope.ESTIMATORS[estimator]
+            current_terms = terms(pi_cur, rows.chosen, rows.prob, rows.reward, q_hat)
+            predecessor_terms = terms(pi_prev, rows.chosen, rows.prob, rows.reward, q_hat)
+        else:
+            current_terms = by_episode.term(estimator, pi_cur)
+            predecessor_terms = by_episode.term(estimator, pi_prev)
     except ValueError as exc:  # SNIPS of a policy that never takes a logged action
-        raise EvaluationError(f"{config.gate.estimator} cannot compare {current.version} with {predecessor.version}: {exc}") from None
+        raise EvaluationError(f"{estimator} cannot compare {current.version} with {predecessor.version}: {exc}") from None
     return SameWindow(
         rows=n,
-        estimator=config.gate.estimator,
+        estimator=estimator,
         current=current_terms,
         predecessor=predecessor_terms,
-        observed=float(rows.reward.mean()),
+        observed=float(rows.reward.mean() if by_episode is None else by_episode.observed.mean()),
+        episodes=None if by_episode is None else by_episode.count,
     )

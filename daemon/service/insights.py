@@ -54,12 +54,17 @@ class Extractor:
     """Runs extractions when due (``insights.interval``, with new experience) or when asked."""
 
     def __init__(
-        self, settings: Callable[[], Config], store: Store, ingest: Ingest, registry: Registry, lock: anyio.Lock
+        self,
+        settings: Callable[[], Config],
+        store: Store,
+        ingest: Ingest,
+        registries: Callable[[], list[Registry]],
+        lock: anyio.Lock,
     ) -> None:
         self._settings = settings
         self.store = store
         self.ingest = ingest
-        self.registry = registry
+        self.registries = registries  # every model line's (reflexd.lines)
         self.status = ExtractionStatus()
         self._lock = lock  # the training lock: one heavy subprocess at a time, none while forgetting
         self._last_end = 0.0  # newest experience the last extraction read
@@ -246,9 +251,10 @@ class Extractor:
         since = now - self.config.insights.keep_days * 86400
         promoted = {e["version"]: e["at"] for e in reversed(self.store.model_events(limit=500)) if e["event"] == "promoted"}
         models: list[ModelRecord] = []
-        for version in self.registry.versions():
+        registries = self.registries()
+        for registry, version in ((r, v) for r in registries for v in r.versions()):
             try:
-                manifest = self.registry.manifest(version)
+                manifest = registry.manifest(version)
             except ReflexdError:
                 continue  # a broken version folder: status names it
             gate = manifest.gate
@@ -264,15 +270,17 @@ class Extractor:
                     predicted_high=gate.candidate_value + (gate.upper - gate.difference),
                 )
             )
-        current = self.registry.current()
+        # the live model's training window (drift) and folder (DR's reward model): with one line only,
+        # since one model then scores every agent's decisions
+        current = registries[0].current() if len(registries) == 1 else None
         windows: dict[str, list[float]] = {}
         model_dir = None
         if current is not None:
             try:
-                training = self.registry.manifest(current).training
+                training = registries[0].manifest(current).training
                 if training.window_start is not None and training.window_end is not None:
                     windows[""] = [training.window_start, training.window_end]
-                model_dir = self.registry.root / current
+                model_dir = registries[0].root / current
             except ReflexdError:
                 pass
         dead, errors = self.store.trouble_times(since)

@@ -2,7 +2,7 @@
 
 Nothing here counts on the hot path except :class:`DecideLatency`, which the socket's decider
 updates once per batch. Everything else is read from the counters ``status`` reports (ingest, the
-server, the scheduler, the monitor, the model source) by a custom collector at scrape time, on
+server, and each model line's scheduler, monitor and model source) by a custom collector at scrape time, on
 the event loop, so the numbers are consistent with one another and cost nothing between scrapes.
 The registry is the daemon's own (``CollectorRegistry``), never prometheus_client's global one.
 """
@@ -81,8 +81,8 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 class DaemonCollector(Collector):
     """Reads a running daemon's counters (``Daemon.status`` shows the same ones) at scrape time.
 
-    ``daemon`` needs ``ingest``, ``server``, ``scheduler``, ``monitor``, ``models``, ``started`` and
-    ``rollbacks_requested``; ``loop_lag`` (seconds) comes from the HTTP endpoint's heartbeat.
+    ``daemon`` needs ``ingest``, ``server``, ``lines`` (each with ``name``, ``scheduler``, ``monitor``
+    and ``models``), ``started`` and ``rollbacks_requested``; ``loop_lag`` (seconds) comes from the HTTP endpoint's heartbeat.
     """
 
     def __init__(self, daemon: Any, loop_lag: Any = lambda: 0.0) -> None:
@@ -96,8 +96,9 @@ class DaemonCollector(Collector):
         yield _gauge("reflexd_event_loop_lag_seconds", "How late the event loop's last heartbeat ran (0.1 s ticks).", self.loop_lag())
         yield from self._ingest(d.ingest)
         yield from self._server(d.server)
-        yield from self._training(d.scheduler.status)
-        yield from self._model(d)
+        lines = d.lines.all()  # each model line (reflexd.lines), labelled by its name
+        yield from self._training(lines)
+        yield from self._model(d, lines)
 
     def _ingest(self, ingest: Any) -> Iterator[Metric]:
         c = ingest.counters
@@ -143,39 +144,70 @@ class DaemonCollector(Collector):
             "Socket decide requests: seconds from their batch forming to their replies being ready.",
         )
 
-    def _training(self, s: Any) -> Iterator[Metric]:
-        yield _counter("reflexd_training_runs", "Training runs started.", s.runs)
-        yield _counter("reflexd_training_failures", "Training runs that failed (the trainer, the snapshot or the export).", s.failures)
-        verdicts = CounterMetricFamily(
-            "reflexd_gate_verdicts", "The gate's verdicts on candidates: passed (promoted) or rejected.", labels=["verdict"]
-        )
-        verdicts.add_metric(["passed"], s.promoted)
-        verdicts.add_metric(["rejected"], s.rejected)
-        yield verdicts
-        yield _gauge("reflexd_training_consecutive_failures", "Failed runs in a row (the backoff doubles with each).", s.consecutive_failures)
-        yield _gauge("reflexd_training_in_progress", "1 while a training run is snapshotting, training or gating.", 0 if s.state == "idle" else 1)
-        yield _gauge("reflexd_training_last_run_duration_seconds", "Wall time of the last finished run (0 before any).", _duration(s.last_run))
-        yield _gauge("reflexd_training_trained_on_examples", "Experiences the last run's snapshot held.", s.trained_on)
+    def _training(self, lines: list[Any]) -> Iterator[Metric]:
+        families = {
+            "runs": CounterMetricFamily("reflexd_training_runs", "Training runs started, by model line.", labels=["line"]),
+            "failures": CounterMetricFamily(
+                "reflexd_training_failures", "Training runs that failed (the trainer, the snapshot or the export).", labels=["line"]
+            ),
+            "verdicts": CounterMetricFamily(
+                "reflexd_gate_verdicts", "The gate's verdicts on candidates: passed (promoted) or rejected.", labels=["line", "verdict"]
+            ),
+            "consecutive": GaugeMetricFamily(
+                "reflexd_training_consecutive_failures", "Failed runs in a row (the backoff doubles with each).", labels=["line"]
+            ),
+            "busy": GaugeMetricFamily(
+                "reflexd_training_in_progress", "1 while a training run is snapshotting, training or gating.", labels=["line"]
+            ),
+            "duration": GaugeMetricFamily(
+                "reflexd_training_last_run_duration_seconds", "Wall time of the last finished run (0 before any).", labels=["line"]
+            ),
+            "rows": GaugeMetricFamily("reflexd_training_trained_on_examples", "Experiences the last run's snapshot held.", labels=["line"]),
+            "refused": GaugeMetricFamily(
+                "reflexd_gate_refused_in_a_row", "Candidates the gate refused since the line's last promotion.", labels=["line"]
+            ),
+        }
+        for line in lines:
+            if line.scheduler is None:
+                continue
+            s, name = line.scheduler.status, [line.name]
+            families["runs"].add_metric(name, s.runs)
+            families["failures"].add_metric(name, s.failures)
+            families["verdicts"].add_metric([line.name, "passed"], s.promoted)
+            families["verdicts"].add_metric([line.name, "rejected"], s.rejected)
+            families["consecutive"].add_metric(name, s.consecutive_failures)
+            families["busy"].add_metric(name, 0 if s.state == "idle" else 1)
+            families["duration"].add_metric(name, _duration(s.last_run))
+            families["rows"].add_metric(name, s.trained_on)
+            families["refused"].add_metric(name, s.refused_in_a_row)
+        yield from families.values()
 
-    def _model(self, d: Any) -> Iterator[Metric]:
-        scorer = d.models.scorer
-        version = scorer.version if scorer is not None else None
-        live = InfoMetricFamily("reflexd_model", "The model version the daemon serves (absent while none).", labels=["learner"])
-        if scorer is not None:
-            live.add_metric([scorer.manifest.learner], {"version": version})
-        yield live
-        yield _gauge("reflexd_model_version", "Number of the served model version (v0012 → 12); 0 while none.", version_number(version))
-        yield _gauge(
-            "reflexd_model_load_error",
-            "1 while the version CURRENT names cannot be served (status model.load_error), else 0.",
-            1 if d.models.error else 0,
+    def _model(self, d: Any, lines: list[Any]) -> Iterator[Metric]:
+        live = InfoMetricFamily("reflexd_model", "The model version each line serves (absent while none).", labels=["line", "learner"])
+        number = GaugeMetricFamily("reflexd_model_version", "Number of the served model version (v0012 → 12); 0 while none.", labels=["line"])
+        failing = GaugeMetricFamily(
+            "reflexd_model_load_error", "1 while the version CURRENT names cannot be served (status model.load_error), else 0.", labels=["line"]
         )
-        monitor = d.monitor
+        checks = CounterMetricFamily("reflexd_rollback_checks", "Comparisons the rollback monitor made.", labels=["line"])
+        automatic = 0
+        for line in lines:
+            scorer = line.models.scorer
+            version = scorer.version if scorer is not None else None
+            if scorer is not None:
+                live.add_metric([line.name, scorer.manifest.learner], {"version": version})
+            number.add_metric([line.name], version_number(version))
+            failing.add_metric([line.name], 1 if line.models.error else 0)
+            if line.monitor is not None:
+                checks.add_metric([line.name], line.monitor.checks)
+                automatic += line.monitor.rollbacks
+        yield live
+        yield number
+        yield failing
         rollbacks = CounterMetricFamily("reflexd_rollbacks", "Rollbacks to the previous model version, by trigger.", labels=["trigger"])
-        rollbacks.add_metric(["automatic"], monitor.rollbacks)
+        rollbacks.add_metric(["automatic"], automatic)
         rollbacks.add_metric(["request"], d.rollbacks_requested)
         yield rollbacks
-        yield _counter("reflexd_rollback_checks", "Comparisons the rollback monitor made.", monitor.checks)
+        yield checks
 
 
 def _duration(last_run: dict[str, Any] | None) -> float:

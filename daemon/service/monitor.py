@@ -17,6 +17,12 @@ live model is rolled back when the upper bound of the paired interval of (live â
 worse by more than the margin with that confidence. With ``gate.auto_rollback: false`` the
 comparison is still made and shown in ``status``.
 
+Where an agent's rewards are episode returns (``rewards.episode_return``), the window is judged
+by episode, as the gate judges a holdout (``reflexd.learning.episodes``): the decisions of one
+episode share its return, so paired row by row their interval would be too narrow and an equal
+model would be rolled back on chance. The estimator is then ``gate.estimator``'s episode form, the
+interval's unit the episode (at least 2 of them), and a decision without an episode one of its own.
+
 Never a cascade: after an automatic rollback, the version rolled back to is not itself rolled
 back automatically (the comparison is still made and shown, verdict ``held``) until a version is
 promoted. The store's model events (``auto_rolled_back``, ``promoted``) say which came last, so a
@@ -76,6 +82,7 @@ class Comparison(msgspec.Struct, frozen=True, kw_only=True):
     # current_mean and predecessor_mean are then the two policies' estimated values on it
     estimator: str | None = None
     observed_mean: float | None = None
+    episodes: int | None = None  # judged by episode (rewards are episode returns): how many; None: row by row
     held: bool = False  # the live version is where the last automatic rollback went: never rolled back automatically
 
 
@@ -147,9 +154,11 @@ def judge_window(
     at: float | None = None,
     estimator: str | None = None,
     observed: float | None = None,
+    episodes: int | None = None,
 ) -> Comparison:
-    """Both versions' policies on the same ``rows`` decisions (per-row terms of one estimator):
-    the rule in the module docstring, on the paired differences."""
+    """Both versions' policies on the same ``rows`` decisions (per-row terms of one estimator, or
+    per-episode terms of ``episodes`` episodes): the rule in the module docstring, on the paired
+    differences."""
     common = dict(
         at=time.time() if at is None else at,
         current=current,
@@ -161,6 +170,7 @@ def judge_window(
         min_decisions=gate.rollback_min_decisions,
         estimator=estimator,
         observed_mean=observed,
+        episodes=episodes,
     )
     needed = max(gate.rollback_min_decisions, 2)
     if rows < needed or current_terms is None or predecessor_terms is None:
@@ -172,12 +182,23 @@ def judge_window(
             ),
             **common,
         )
+    if episodes is not None and episodes < 2:
+        return Comparison(
+            verdict="too_few_decisions",
+            rollback=False,
+            reason=(
+                f"{current}'s {rows} matured decisions make {episodes} episode (rewards are episode returns, judged "
+                f"by episode); 2 episodes are needed to compare it with {predecessor} on them"
+            ),
+            **common,
+        )
     cur = float(np.mean(current_terms))
     prev = float(np.mean(predecessor_terms))
     diff = estimate(np.asarray(current_terms) - np.asarray(predecessor_terms), gate.confidence)
     worse = diff.upper < -gate.rollback_margin
+    unit = "" if episodes is None else f" over {episodes} episodes"
     reason = (
-        f"on {current}'s {rows} newest matured decisions ({estimator or gate.estimator}): {current} {cur:.3f} vs "
+        f"on {current}'s {rows} newest matured decisions ({estimator or gate.estimator}{unit}): {current} {cur:.3f} vs "
         f"{predecessor} {prev:.3f}, difference {diff.value:+.3f} [{diff.lower:+.3f}, {diff.upper:+.3f}] at "
         f"{gate.confidence * 100:g}% {'<' if worse else 'â‰¥'} {-gate.rollback_margin:+.3f}"
         + (f": roll back to {predecessor}" if worse else "")
@@ -304,7 +325,8 @@ class Monitor:
         """
         gate = cfg.gate
         stats = self.store.live_rewards([current], now, cfg).get(current) or _NONE
-        key = (current, predecessor, stats.count, stats.mean, gate)
+        # the reward settings decide whether the window is judged by episode
+        key = (current, predecessor, stats.count, stats.mean, gate, cfg.rewards, cfg.agents)
         if self._cached is not None and self._cached[0] == key:
             return msgspec.structs.replace(self._cached[1], at=now)
         if stats.count < max(gate.rollback_min_decisions, 2):
@@ -315,7 +337,7 @@ class Monitor:
             )
             result = judge_window(
                 current, predecessor, found.rows, found.current, found.predecessor, gate, now,
-                estimator=found.estimator, observed=found.observed,
+                estimator=found.estimator, observed=found.observed, episodes=found.episodes,
             )
         self._cached = (key, result)
         return result
@@ -324,7 +346,7 @@ class Monitor:
         """Is ``current`` where the last automatic rollback went, with no promotion since?"""
         if self._rolled_to != current:
             self._rolled_to = None  # another version went live since
-        last = self.store.last_model_event(("auto_rolled_back", "promoted"))
+        last = self.store.last_model_event(("auto_rolled_back", "promoted"), self.registry.versions())
         recorded = last is not None and last["event"] == "auto_rolled_back" and last["detail"].get("to") == current
         return recorded or self._rolled_to == current
 

@@ -19,7 +19,7 @@ import msgspec
 import numpy as np
 
 from reflexd import log
-from reflexd.config import Config, RewardConfig
+from reflexd.config import Config, RewardConfig, feature_spec
 from reflexd.deciding.scoring import ModelSource, Scorer
 from reflexd.errors import (
     DuplicateModel,
@@ -30,9 +30,9 @@ from reflexd.errors import (
     TrainerFault,
     TrainingError,
 )
-from reflexd.features import FeatureSpec
 from reflexd.learning import gate, runs
 from reflexd.learning.dataset import load_holdout, load_snapshot
+from reflexd.lines import folder_name
 from reflexd.manifest import MODEL_FILE, GateResult, Manifest, Training, decode_manifest
 from reflexd.registry import Registry, check_model, sha256_of
 from reflexd.service.child import prune, run_child
@@ -50,6 +50,7 @@ from reflexd.trainer.result import (
 _log = log.get("reflexd.scheduler")
 KEEP_RUNS = 3
 KEEP_REFUSALS = 5  # gate refusals kept in status
+RUNS_DIR = "runs"  # under state_dir: a folder per run, of every model line, the newest KEEP_RUNS kept
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
 
 
@@ -114,12 +115,17 @@ class Scheduler:
         registry: Registry,
         models: ModelSource,
         lock: anyio.Lock,
+        agents: Callable[[], list[str] | None] = lambda: None,
+        line: str = "shared",
     ) -> None:
         self._settings = settings  # read afresh each time: a reload takes effect at the next run
         self.store = store
         self.ingest = ingest
         self.registry = registry
         self.models = models
+        # the model line this scheduler trains (reflexd.lines), and its agents (None: every agent)
+        self.line = line
+        self._agents = agents
         self.status = TrainerStatus()
         self._lock = lock  # one run at a time, and none while an agent is being forgotten
         self._run_seq = 0
@@ -132,7 +138,7 @@ class Scheduler:
 
     @property
     def runs_dir(self) -> Path:
-        return self.config.state_path / "runs"
+        return self.config.state_path / RUNS_DIR
 
     def start_from(self, manifest: Manifest | None) -> None:
         if manifest is not None:
@@ -162,7 +168,7 @@ class Scheduler:
         if now < status.next_attempt:
             status.waiting = f"backing off after a failed run, {status.next_attempt - now:.0f} s more"
             return None
-        new = await anyio.to_thread.run_sync(self.store.matured_count, status.cutoff, now, self.config)
+        new = await anyio.to_thread.run_sync(self.store.matured_count, status.cutoff, now, self.config, self._agents())
         needed = runs.due_after(cfg, status.trained_on, first_run_rows(self.config))
         if new < needed:
             status.waiting = f"{new} new matured experiences of the {needed} the next run needs"
@@ -234,7 +240,9 @@ class Scheduler:
 
     def _new_run_dir(self) -> Path:
         self._run_seq += 1
-        path = self.runs_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self._run_seq}"
+        # lines run one at a time but number their runs apart: the line's name keeps the folders apart
+        tag = "" if self.line == "shared" else "-" + folder_name(self.line.replace(":", "-"))
+        path = self.runs_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}{tag}-{self._run_seq}"
         path.mkdir(parents=True, mode=0o750)
         return path
 
@@ -247,13 +255,14 @@ class Scheduler:
         # what was acknowledged is in the snapshot
         await self.ingest.barrier_within(cfg.socket.request_timeout, "training: the store did not take in the events", loaded=True)
         snapshot = run_dir / "snapshot.parquet"
+        agents = self._agents()
         info = await anyio.to_thread.run_sync(
-            self.store.snapshot, snapshot, time.time(), cfg, cfg.trainer.max_examples
+            lambda: self.store.snapshot(snapshot, time.time(), cfg, cfg.trainer.max_examples, agents=agents)
         )
         needed = first_run_rows(cfg)
         if info.rows < needed:
             raise TrainingError(f"only {info.rows} joined experiences so far; need at least {needed}")
-        _log.info("training started", reason=reason, rows=info.rows)
+        _log.info("training started", line=self.line, reason=reason, rows=info.rows)
         self.status.state = "training"
         out = run_dir / "out"
         out.mkdir()
@@ -314,7 +323,7 @@ class Scheduler:
         the fleet run's.
         """
         name = source or "the pulled model"
-        pulled = await anyio.to_thread.run_sync(self._check_pulled, manifest_data, model, name)
+        pulled = await anyio.to_thread.run_sync(check_pulled, self.config, manifest_data, model, name)
         await anyio.to_thread.run_sync(self._refuse_duplicate, pulled, name)
         limit = self.config.socket.request_timeout
         with anyio.move_on_after(limit) as waited:
@@ -333,32 +342,6 @@ class Scheduler:
                 self._prune_runs()
         finally:
             self._lock.release()
-
-    def _check_pulled(self, manifest_data: bytes, model: bytes, name: str) -> Manifest:
-        """The pulled model's manifest, once the model matches it and fits this host (see ``adopt``)."""
-        cfg = self.config
-        try:
-            pulled = decode_manifest(manifest_data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ModelIntegrityError(name, f"unreadable manifest: {exc}") from None
-        check_model(pulled, model, name)
-        host = FeatureSpec(context_dim=cfg.features.context_dim, action_dim=cfg.features.action_dim, seed=cfg.features.seed)
-        if pulled.features != host:
-            theirs, ours = msgspec.to_builtins(pulled.features), msgspec.to_builtins(host)
-            differ = ", ".join(f"{k} {theirs[k]!r} (this host: {ours[k]!r})" for k in ours if theirs.get(k) != ours[k])
-            raise FeatureMismatch(
-                f"{name} hashes features differently from this host: {differ}; train it with this host's "
-                "features section (reflexd fleet train --config), or change the host's"
-            )
-        candidate = Scorer(msgspec.structs.replace(pulled, version=name), model)  # ModelIntegrityError if onnxruntime cannot load it
-        widths = {i.name: i.shape for i in candidate.session.get_inputs()}
-        expected = {"context": host.context_dim, "actions": host.action_dim}
-        if any(not isinstance(widths.get(k, [None])[-1], int) or widths[k][-1] != w for k, w in expected.items()):
-            raise FeatureMismatch(
-                f"{name}'s ONNX inputs {widths} are not context [batch, {host.context_dim}] and actions "
-                f"[batch, n, {host.action_dim}], the widths its manifest and this host hash to"
-            )
-        return pulled
 
     def _refuse_duplicate(self, pulled: Manifest, name: str) -> None:
         """DuplicateModel if a version in the registry is the pulled model's file (its sha256)."""
@@ -387,7 +370,10 @@ class Scheduler:
         self.status.state = "snapshot"
         await self.ingest.barrier_within(cfg.socket.request_timeout, "pull: the store did not take in the events", loaded=True)
         snapshot = run_dir / "snapshot.parquet"
-        info = await anyio.to_thread.run_sync(self.store.snapshot, snapshot, time.time(), cfg, cfg.trainer.max_examples)
+        agents = self._agents()
+        info = await anyio.to_thread.run_sync(
+            lambda: self.store.snapshot(snapshot, time.time(), cfg, cfg.trainer.max_examples, agents=agents)
+        )
         if info.rows == 0:
             raise TrainingError(f"no joined experiences yet to judge {name} on: this host's gate needs a holdout")
         held = holdout_rows(info.rows, cfg.trainer.holdout_fraction)
@@ -549,12 +535,12 @@ class Scheduler:
             store.record_model_event(added.version, "promoted", {"reason": verdict.reason}, time.time())
             self.status.promoted += 1
             self.status.refused_in_a_row = 0
-            _log.info("model promoted", version=added.version, gate=verdict.reason)
+            _log.info("model promoted", line=self.line, version=added.version, gate=verdict.reason)
             self.models.refresh()
         else:
             self.status.rejected += 1
             self.status.refused(added.version, verdict)
-            _log.info("candidate rejected by the gate", version=added.version, gate=verdict.reason)
+            _log.info("candidate rejected by the gate", line=self.line, version=added.version, gate=verdict.reason)
         return {
             "outcome": "promoted" if verdict.passed else "rejected",
             "version": added.version,
@@ -562,6 +548,32 @@ class Scheduler:
             "train_rows": added.training.train_rows,
             "at": added.created,
         }
+
+
+def check_pulled(cfg: Config, manifest_data: bytes, model: bytes, name: str) -> Manifest:
+    """The pulled model's manifest, once the model matches it and fits this host (see ``Scheduler.adopt``)."""
+    try:
+        pulled = decode_manifest(manifest_data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ModelIntegrityError(name, f"unreadable manifest: {exc}") from None
+    check_model(pulled, model, name)
+    host = feature_spec(cfg)
+    if pulled.features != host:
+        theirs, ours = msgspec.to_builtins(pulled.features), msgspec.to_builtins(host)
+        differ = ", ".join(f"{k} {theirs[k]!r} (this host: {ours[k]!r})" for k in ours if theirs.get(k) != ours[k])
+        raise FeatureMismatch(
+            f"{name} hashes features differently from this host: {differ}; train it with this host's "
+            "features section (reflexd fleet train --config), or change the host's"
+        )
+    candidate = Scorer(msgspec.structs.replace(pulled, version=name), model)  # ModelIntegrityError if onnxruntime cannot load it
+    widths = {i.name: i.shape for i in candidate.session.get_inputs()}
+    expected = {"context": host.context_dim, "actions": host.action_dim}
+    if any(not isinstance(widths.get(k, [None])[-1], int) or widths[k][-1] != w for k, w in expected.items()):
+        raise FeatureMismatch(
+            f"{name}'s ONNX inputs {widths} are not context [batch, {host.context_dim}] and actions "
+            f"[batch, n, {host.action_dim}], the widths its manifest and this host hash to"
+        )
+    return pulled
 
 
 def trainer_fault(code: int, log_file: Path, out: Path, max_mb: int) -> TrainerFault:

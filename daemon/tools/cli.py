@@ -193,7 +193,7 @@ def cmd_check_store(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from reflexd.wire.protocol import StatusRequest
 
-    reply = _request(args, StatusRequest())
+    reply = _request(args, StatusRequest(agent=args.agent))
     if args.json:
         _print(reply)
         return 0
@@ -213,7 +213,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"experience decisions {exp.get('decisions', 0)}  outcomes {exp.get('outcomes', 0)}"
         f"  steps {exp.get('steps', 0)}  events {exp.get('events', 0)}  new since training {exp['new_since_training']}"
     )
-    if reply.model:
+    if len(reply.lines) > 1 and args.agent is None:
+        _print_lines(reply.lines)
+    elif reply.model:
         gate = (reply.model.get("gate") or {}).get("reason", "no gate record")
         print(f"model      {reply.model.get('version', '-')}  ({reply.model.get('train_rows')} rows)  gate: {gate}")
         if reply.model.get("load_error"):
@@ -335,7 +337,7 @@ def _last_run(args: argparse.Namespace) -> dict[str, Any] | None:
     from reflexd.wire.protocol import StatusRequest
 
     try:
-        return _request(args, StatusRequest()).trainer.get("last_run")
+        return _request(args, StatusRequest(agent=args.agent)).trainer.get("last_run")
     except ReflexdError:
         return None
 
@@ -347,7 +349,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # --now is the default and accepted for compatibility: a request always trains now
     print("training… (the daemon snapshots, trains, exports and gates; this can take a minute)", file=sys.stderr)
     try:
-        reply = _request(args, Train(), timeout=args.timeout)
+        reply = _request(args, Train(agent=args.agent), timeout=args.timeout)
     except RequestFailed as exc:
         if args.json:
             last = _last_run(args)
@@ -359,7 +361,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.json:
         print(reply.message)
         return 0
-    run = _parse_done(reply.message, r"(?P<outcome>\S+) (?P<version>\S+): (?P<gate>.*)") or {}
+    if "\n" in reply.message:  # every line trained in turn: a summary of each
+        done = r"(?:(?P<line>\S+): )?(?P<outcome>\S+) (?P<version>\S+)(?: in \S+)?: (?P<gate>.*)"
+        _print({"runs": [_parse_done(said, done) or {"message": said} for said in reply.message.splitlines()], "message": reply.message})
+        return 0
+    run = _parse_done(reply.message, r"(?P<outcome>\S+) (?P<version>\S+)(?: in \S+)?: (?P<gate>.*)") or {}
     last = _last_run(args)
     if last and run and last.get("version") == run.get("version"):
         run = last  # the scheduler's summary of this very run: adds train_rows, at, seconds
@@ -378,6 +384,21 @@ def _max_frame_bytes(args: argparse.Namespace) -> tuple[int, str]:
     return SocketConfig().max_frame_bytes, "the default (name the daemon's config with --config)"
 
 
+def _print_lines(lines: dict[str, Any]) -> None:
+    """``status`` with several model lines: one row each (``--agent A`` shows one line whole)."""
+    for name, line in lines.items():
+        t = line.get("trainer") or {}
+        said = f"serving {line.get('serving') or 'no model'}  runs {t.get('runs', 0)}  promoted {t.get('promoted', 0)}"
+        said += f"  rejected {t.get('rejected', 0)}"
+        if t.get("refused_in_a_row"):
+            said += f" ({t['refused_in_a_row']} in a row, last: {t.get('last_refusal')})"
+        if t.get("state", "idle") != "idle":
+            said += f"  {t['state']}"
+        elif t.get("waiting"):
+            said += f"  waiting: {t['waiting']}"
+        print(f"line       {name}  {said}")
+
+
 def cmd_models_pull(args: argparse.Namespace) -> int:
     """``models pull PATH``: read a model and its manifest here, check them, and send them to the
     daemon, whose own gate judges them (the daemon opens no path a peer names)."""
@@ -389,7 +410,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     if not args.version:
         raise UsageError("models pull needs a PATH: a folder holding manifest.json and the model, or the manifest")
     manifest, raw, model = read_model_dir(args.version)  # sha256 and feature scheme checked here first
-    msg = Adopt(manifest=raw, model=model, source=os.path.abspath(args.version))
+    msg = Adopt(manifest=raw, model=model, source=os.path.abspath(args.version), agent=args.agent)
     size = len(encode_frame(msg, MSGPACK))
     limit, where = _max_frame_bytes(args)
     too_large = (
@@ -416,7 +437,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
         if "closed" in str(exc) or "reset" in str(exc).lower() or "broken pipe" in str(exc).lower():
             raise UsageError(f"{too_large}? the daemon closed the connection: {exc}") from None
         raise
-    found = _parse_done(done.message, r"(?P<outcome>\S+) (?P<version>\S+): (?P<gate>.*)") or {}
+    found = _parse_done(done.message, r"(?P<outcome>\S+) (?P<version>\S+)(?: in \S+)?: (?P<gate>.*)") or {}
     if args.json:
         _print({**found, "message": done.message, "source": msg.source, "sha256": manifest.sha256})
     else:
@@ -432,13 +453,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action in ("promote", "rollback"):
         if args.action == "promote" and not args.version:
             raise UsageError("models promote needs a VERSION")
-        done = _request(args, Promote(version=args.version) if args.action == "promote" else Rollback())
+        agent = args.agent
+        done = _request(args, Promote(version=args.version, agent=agent) if args.action == "promote" else Rollback(agent=agent))
         if args.json:
-            _print({"message": done.message, "current": _request(args, ModelsRequest()).current})
+            _print({"message": done.message, "current": _request(args, ModelsRequest(agent=agent)).current})
         else:
             print(done.message)
         return 0
-    reply = _request(args, ModelsRequest())
+    reply = _request(args, ModelsRequest(agent=args.agent))
     if args.action == "show":
         if not args.version:
             raise UsageError("models show needs a VERSION")
@@ -448,7 +470,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         _print(found[0])  # the manifest, JSON with or without --json
         return 0
     if args.json:
-        _print({"current": reply.current, "serving": reply.serving, "models": reply.models})
+        _print({"current": reply.current, "serving": reply.serving, "line": reply.line, "models": reply.models})
         return 0
     if not reply.models:
         print("no models yet")
@@ -620,11 +642,19 @@ def render_evaluation(reply: Any) -> str:
     window += [f"from {when(reply.since)}"] if reply.since is not None else []
     window += [f"before {when(reply.until)}"] if reply.until is not None else []
     scoring = f"DR and DM score with {reply.reward_model}" if reply.reward_model else "no reward model: no DR or DM"
+    by_episode = reply.unit == "episode"
     lines = [
         f"{reply.decisions} matured decisions ({', '.join(window)}; {reply.dropped} left out), rewards observed in "
         f"[{_num(reply.reward_min)}, {_num(reply.reward_max)}], {reply.confidence * 100:g}% intervals, {scoring}",
     ]
-    header = ["policy", "IPS", "SNIPS", "DR", f"vs logging ({reply.estimator})", "ESS", "agrees"]
+    if by_episode:
+        lines.append(
+            f"unit: episode ({reply.episodes} episodes): rewards are episode returns, so each estimator is its "
+            "per-decision form over episodes (IPS: PDIS, SNIPS: weighted PDIS, DR: per-decision DR) and intervals and "
+            "ESS count episodes"
+        )
+    ess = f"ESS of {reply.episodes} episodes" if by_episode else "ESS"
+    header = ["policy", "IPS", "SNIPS", "DR", f"vs logging ({reply.estimator})", ess, "agrees"]
     table = [header]
     notes = []
     for row in reply.rows:
@@ -659,7 +689,7 @@ def render_evaluation(reply: Any) -> str:
         if found.policy:
             lines.append(f"  ({found.reason})")
         for row in found.candidates[:5]:
-            lines.append(f"    {row.policy}: {_interval(row.value)}  ESS {row.ess:.1f}")
+            lines.append(f"    {row.policy}: {_interval(row.value)}  ESS {row.ess:.1f}" + (" episodes" if by_episode else ""))
     return "\n".join(lines)
 
 
@@ -852,6 +882,12 @@ def _examples(*lines: str) -> str:
     return "examples:\n" + "".join(f"  {line}\n" for line in lines)
 
 
+_AGENT_LINE = (
+    "the agent whose model line this is about (learning.scope: each agent, or group, has its own "
+    "models, trainer and rollback monitor); needed once there is more than one line"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reflexd", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -923,11 +959,14 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         "ingest counts, backlog, live model and its gate, trainer state",
         "Ask the running daemon how it is doing: ingest counters and backlog, stored experience, the live\n"
-        "model and its gate verdict, the trainer and the automatic-rollback monitor. --json prints the\n"
-        "whole status reply (its fields are described in docs/operations.md). Exit 1 if the daemon cannot be reached.",
-        ["reflexd status", "reflexd status --json", "reflexd status --socket /run/reflexd/reflexd.sock"],
+        "model and its gate verdict, the trainer and the automatic-rollback monitor. Each agent (or group)\n"
+        "learns in its own model line (learning.scope): with several lines a row each, --agent A shows A's\n"
+        "line whole. --json prints the whole status reply (its fields are described in docs/operations.md).\n"
+        "Exit 1 if the daemon cannot be reached.",
+        ["reflexd status", "reflexd status --agent router", "reflexd status --json", "reflexd status --socket /run/reflexd/reflexd.sock"],
         parents=[client],
     )
+    p.add_argument("--agent", help=_AGENT_LINE)
     json_flag(p, "the full status reply")
     p.set_defaults(func=cmd_status)
 
@@ -1037,9 +1076,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints 'promoted VERSION: REASON' or 'rejected VERSION: REASON' and exits 0 (a rejected candidate\n"
         "is not an error); a failed run exits 1. --json prints the run's summary (outcome, version, gate,\n"
         'train_rows, at, seconds, message), or {"outcome": "failed", "error": ...} with exit 1.',
-        ["reflexd train", "reflexd train --json --timeout 300"],
+        ["reflexd train", "reflexd train --agent router", "reflexd train --json --timeout 300"],
         parents=[client],
     )
+    p.add_argument("--agent", help="train this agent's model line (default: every line in turn)")
     p.add_argument("--now", action="store_true", help="train now (default; kept for compatibility)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the run (default 900)")
     json_flag(p, "the run's summary")
@@ -1048,7 +1088,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "models",
         "list, show, promote, roll back or pull model versions",
-        "List the model versions in the registry with their creation time, rows and gate verdict (* marks\n"
+        "List the model versions in a model line's registry (--agent A: A's line; needed once agents learn\n"
+        "in lines of their own, learning.scope) with their creation time, rows and gate verdict (* marks\n"
         "the version the daemon serves, ! a CURRENT it could not load); show one version's manifest (JSON); make a version live (promote); or go back to\n"
         "the version live before the current one (rollback). Exit 1 for an unknown version. --json: list\n"
         'prints {"current", "serving", "models"} with every manifest, show the manifest, promote and rollback\n'
@@ -1069,6 +1110,7 @@ def build_parser() -> argparse.ArgumentParser:
         '{"outcome", "version", "gate", "message", "source", "sha256"}.',
         [
             "reflexd models list",
+            "reflexd models list --agent router",
             "reflexd models show v0003",
             "reflexd models promote v0002",
             "reflexd models --json",
@@ -1083,6 +1125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("version", nargs="?", help="model version for show and promote (e.g. v0003); PATH for pull")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for a pull to be judged (default 900)")
+    p.add_argument("--agent", help=_AGENT_LINE)
     json_flag(p, "the result")
     p.set_defaults(func=cmd_models)
 
@@ -1159,8 +1202,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the live one) and recommends the one with the best lower bound, if that is above the logging\n"
         "policy's lower bound (docs/learning.md). --since/--until select decisions by their own time (ts;\n"
         "an imported decision keeps its logged time): epoch seconds or ISO-8601 (local time without a zone).\n"
+        "Where rewards are episode returns (rewards.episode_return) decisions are judged by episode: each\n"
+        "estimator in its per-decision form over episodes, intervals and ESS counting episodes (unit: episode).\n"
         "--json prints the evaluation (decisions, rows [{policy, kind, value, ips, snips, dm, dr,\n"
-        "versus_logging, ess, agreement}], discovery, ...). Exit 1 on a policy that cannot be read or\n"
+        "versus_logging, ess, agreement}], discovery, unit, episodes, ...). Exit 1 on a policy that cannot be read or\n"
         "applied, too few decisions, or if the daemon cannot be reached.",
         [
             "reflexd evaluate v0003 action:large",

@@ -281,13 +281,18 @@ def rules_report(found: Any, world: World) -> str:
 
 
 def agents_report(names: list[str], worlds: list[World], recs: list[Record]) -> str:
-    """One line per agent: its actions, its regret early and late, and when it first adapted."""
-    lines = ["", f"{'agent':<16}{'actions':>8}{'decisions':>11}{'regret, first 500':>19}{'regret, last 1,000':>20}  first adaptation"]
+    """One line per agent: its actions, its regret early and late, when it first adapted, and the
+    last model it decided with (each agent learns in its own model line)."""
+    lines = [
+        "",
+        f"{'agent':<16}{'actions':>8}{'decisions':>11}{'regret, first 500':>19}{'regret, last 1,000':>20}"
+        f"{'its model':>11}  first adaptation",
+    ]
     for name, world, rec in zip(names, worlds, recs):
         adapted = first_adaptation(rec.gains)
         lines.append(
             f"{name:<16}{len(world.actions):>8}{len(rec.regrets):>11}{np.mean(rec.regrets[:500]):>19.3f}"
-            f"{np.mean(rec.regrets[-1000:]):>20.3f}  "
+            f"{np.mean(rec.regrets[-1000:]):>20.3f}{(rec.versions[-1] if rec.versions else None) or 'none':>11}  "
             + (f"decisions {adapted}–{adapted + ADAPTATION_WINDOW - 1}" if adapted is not None else "none")
         )
     return "\n".join(lines)

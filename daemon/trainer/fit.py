@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from reflexd import worker
-from reflexd.config import Config, TrainerConfig
+from reflexd.config import Config, TrainerConfig, feature_spec
 from reflexd.errors import TrainingError
 from reflexd.extensions import load_exporter, load_learner
 from reflexd.features import FeatureSpec
@@ -96,8 +96,7 @@ def _read_config(arg: str) -> Config:
 
 def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path | None = None) -> TrainResult:
     settings = config.trainer
-    features = config.features
-    spec = FeatureSpec(context_dim=features.context_dim, action_dim=features.action_dim, seed=features.seed)
+    spec = feature_spec(config)
     started = run_started = time.perf_counter()
     # loaded before torch is imported, so a bad or empty snapshot fails in a fraction of a second
     batch = load_snapshot(snapshot, spec)

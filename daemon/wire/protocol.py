@@ -204,25 +204,33 @@ class Decide(_Msg, tag="decide"):
 
 
 class StatusRequest(_Msg, tag="status"):
+    # whose model line ``model``, ``trainer``, ``monitor`` and ``online`` describe (learning.scope);
+    # without it, the only line, or every line added up
+    agent: Id | None = None
     req: ReqId = None
 
 
 class ModelsRequest(_Msg, tag="models"):
+    agent: Id | None = None  # whose model line; needed once there is more than one
     req: ReqId = None
 
 
 class Promote(_Msg, tag="promote"):
     version: Id
+    agent: Id | None = None  # whose model line; needed once there is more than one
     req: ReqId = None
 
 
 class Rollback(_Msg, tag="rollback"):
+    agent: Id | None = None  # whose model line; needed once there is more than one
     req: ReqId = None
 
 
 class Train(_Msg, tag="train"):
-    """Start a training run now, ignoring the idle and new-data thresholds."""
+    """Start a training run now, ignoring the idle and new-data thresholds: of ``agent``'s model
+    line, or of every line in turn."""
 
+    agent: Id | None = None
     req: ReqId = None
 
 
@@ -243,6 +251,7 @@ class Adopt(_Msg, tag="adopt"):
     manifest: bytes
     model: bytes
     source: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    agent: Id | None = None  # whose model line judges and keeps it; needed once there is more than one
     req: ReqId = None
 
 
@@ -507,7 +516,9 @@ class PolicyValue(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     ``dm``/``dr`` are None without a reward model. ``value`` is the headline estimate (the
     evaluation's ``estimator``) and ``versus_logging`` its paired difference from the logging
     policy's observed reward, row by row. ``ess`` is the effective sample size (Σw)²/Σw² of the
-    importance weights w = π(chosen)/prob; ``agreement`` the share of decisions where the policy's
+    importance weights w = π(chosen)/prob (judged by episode, the evaluation's ``unit``: of each
+    episode's weight, the product of its decisions', and ``versus_logging`` is paired episode by
+    episode against the observed discounted returns); ``agreement`` the share of decisions where the policy's
     most likely action is the logged one (None for the logging policy). ``exploration`` is the
     setting a model policy was evaluated with (the manifest's for a plain version).
     """
@@ -555,6 +566,10 @@ class Evaluation(_Msg, tag="evaluation"):
     rows: list[PolicyValue]
     discovery: Recommendation | None = None
     seconds: float = 0.0  # how long the evaluation took, the window's snapshot included
+    # what an interval's terms are: "decision", or "episode" when some decision's reward is an
+    # episode return (rewards.episode_return), every estimator then in its episode form
+    unit: str = "decision"
+    episodes: int | None = None  # judged by episode: how many (a decision without one is one of its own)
     req: ReqId = None
 
 
@@ -579,6 +594,8 @@ class StatusReply(_Msg, tag="status"):
     traces: dict[str, Any] | None = None
     # the behaviour model: state, runs, last run (version, calibration), the live version
     behaviour: dict[str, Any] | None = None
+    # each model line (learning.scope) at a glance: its agents, what it serves, its trainer
+    lines: dict[str, Any] = {}
     req: ReqId = None
 
 
@@ -586,6 +603,7 @@ class ModelsReply(_Msg, tag="models"):
     current: str | None  # what the registry's CURRENT names
     models: list[dict[str, Any]]
     serving: str | None = None  # what the daemon serves (another when CURRENT cannot be loaded)
+    line: str | None = None  # the model line these are (reflexd.lines): shared, agent:<id>, group:<name>
     req: ReqId = None
 
 

@@ -203,10 +203,13 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(daemon: DaemonProcess
 
 
 def test_model_requests_fail_clearly_without_models(daemon: DaemonProcess) -> None:
+    with pytest.raises(RequestFailed, match="no agent has decided yet") as unknown:
+        daemon.request(Rollback())  # no agent, no model line yet
+    assert unknown.value.code == "line_unknown"
     with pytest.raises(RequestFailed, match="nothing to roll back"):
-        daemon.request(Rollback())
+        daemon.request(Rollback(agent="bot"))
     with Connection(daemon.socket) as conn:
-        conn.send([msgspec.convert({"type": "promote", "version": "v0042"}, type=Promote)])
+        conn.send([msgspec.convert({"type": "promote", "version": "v0042", "agent": "bot"}, type=Promote)])
         reply = conn.receive()
     assert isinstance(reply, Error) and "v0042" in reply.message
 

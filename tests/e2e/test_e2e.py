@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess, wait_for
+from conftest import DaemonProcess, line_registry, wait_for
 from reflexd.client.policy import Policy
 from reflexd.config import OnlineConfig
 from reflexd.wire.protocol import ModelsRequest
@@ -89,7 +89,7 @@ def test_agent_improves_once_a_model_is_promoted(learning_daemon: DaemonProcess)
     assert training["refit"], live
     assert live["gate"]["refit_rows"] == training["train_rows"] + training["holdout_rows"], live
     assert status.model["train_rows"] == live["gate"]["refit_rows"]
-    onnx = d.state_dir / "models" / live["version"] / "policy.onnx"
+    onnx = line_registry(d, "bot").root / live["version"] / "policy.onnx"
     import hashlib
 
     assert hashlib.sha256(onnx.read_bytes()).hexdigest() == live["sha256"]
@@ -115,7 +115,7 @@ def test_operator_cli_trains_promotes_and_rolls_back(learning_daemon: DaemonProc
     promote = cli(d, "models", "promote", "v0001")
     assert promote.returncode == 0, promote.stderr
     assert d.request(ModelsRequest()).current == "v0001"
-    history = json.loads((d.state_dir / "models" / "history.json").read_text())
+    history = json.loads((line_registry(d, "bot").root / "history.json").read_text())
     assert history[-1] == "v0001"
     if len(history) >= 2:
         rollback = cli(d, "models", "rollback")

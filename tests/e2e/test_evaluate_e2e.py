@@ -14,14 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import DaemonProcess, wait_for
+from conftest import DaemonProcess, line_registry, wait_for
 from linear_models import register
 from reflexd.client.policy import Policy
 from reflexd.deciding.scoring import Scorer
 from reflexd.features import FeatureSpec
 from reflexd.learning import ope
 from reflexd.learning.gate import target_probs
-from reflexd.registry import Registry
 
 pytestmark = pytest.mark.e2e
 
@@ -96,7 +95,7 @@ def test_evaluate_on_an_imported_log_reproduces_the_estimators(daemon_factory, t
 
     # a model version (registered beside the daemon's, not live) with its own reward model
     spec = FeatureSpec(context_dim=16, action_dim=16, seed=0)
-    registry = Registry(d.state_dir / "models")
+    registry = line_registry(d, "router")
     version = register(registry, tmp_path, spec, {"small": 0.35, "large": 0.6, "xl": 0.5},
                        {"strategy": "softmax", "temperature": 0.1, "epsilon_min": 0.05}, experience=40).version
     found = reflexd(d, "evaluate", version, f"{version}@strategy=epsilon_greedy,epsilon=0.1", "--reward-model", version)

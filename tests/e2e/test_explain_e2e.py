@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 
 import onnx
-from conftest import DaemonProcess
+from conftest import DaemonProcess, line_registry
 from onnx import TensorProto, helper, numpy_helper
 from reflexd.config import ExplorationConfig
 from reflexd.features import FeatureSpec, Hasher
-from reflexd.registry import Registry
 from reflexd.wire.connection import Connection
 from reflexd.wire.protocol import Ack, Decide, Decided, Explain, Explanation, Flush, Promote, Scored
 
@@ -133,7 +132,7 @@ def test_unlogged_decides_and_explains_store_nothing_and_leave_the_clock_alone(d
 
     # a model that scores by task alone goes live; the command line explains and scores with it
     spec, mask = task_spec()
-    registry = Registry(d.state_dir / "models")
+    registry = line_registry(d, "a")
     registry.add(
         task_model(tmp_path / "task.onnx", mask),
         {
@@ -142,7 +141,7 @@ def test_unlogged_decides_and_explains_store_nothing_and_leave_the_clock_alone(d
         },
     )
     with Connection(d.socket) as conn:
-        conn.request(Promote(version="v0001"))
+        conn.request(Promote(version="v0001", agent="a"))
     context = json.dumps(ctx(2))
     proc = reflexd("explain", "--socket", d.socket, "--agent", "a", "--context", context, "--actions", "p,q,r", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import DaemonProcess, wait_for
+from conftest import DaemonProcess, line_registry, wait_for
 from reflexd.config import load_config
 from reflexd.features import Hasher
 from reflexd.learning import runs
@@ -176,7 +176,7 @@ def test_a_live_daemon_pulls_the_fleet_model_and_its_own_gate_decides(fleet: dic
     trained = d.request(Train(), timeout=300)  # the host's own model: the pulled one must beat it
     assert trained.message.startswith(("promoted", "rejected")), trained.message
     _send(d, 150, seed=12)  # experience newer than what the host's model was refit on
-    registry = Registry(d.state_dir / "models")
+    registry = line_registry(d, "router")
     before = registry.current()
 
     done = _pull(d, fleet["out"], "--json")

@@ -81,7 +81,7 @@ def test_requests_waiting_on_a_store_that_cannot_write_are_answered_within_the_b
             assert "socket.request_timeout" in reply.message and "File too large" in reply.message
             assert time.monotonic() - started < 30
         with pytest.raises(RequestFailed, match=r"training: the store did not take in the events after 2 s"):
-            d.request(Train(), timeout=120)
+            d.request(Train(agent="a"), timeout=120)
     finally:
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     # nothing was lost meanwhile: the events go in once writes succeed again (the writer's retry
@@ -244,7 +244,7 @@ def test_a_reload_that_revokes_a_peer_ends_its_open_connections(daemon_factory, 
 
 
 def test_status_names_versions_that_lost_their_manifest(daemon_factory, tmp_path: Path) -> None:
-    d = daemon_factory()
+    d = daemon_factory({"learning": {"scope": "shared"}})  # one model line: models/ itself
     (d.state_dir / "models" / "v0003").mkdir(parents=True)  # a version folder without manifest.json
     assert d.status().model["broken_versions"] == ["v0003"]
     models = d.request(ModelsRequest())

@@ -102,7 +102,7 @@ def test_metrics_health_and_readiness_over_the_unix_socket_and_loopback(daemon_f
     assert after[("reflexd_ingest_received_total", ())] == before[("reflexd_ingest_received_total", ())] + 25
     assert after[("reflexd_ingest_stored_by_table_total", (("table", "decisions"),))] == 25
     assert after[("reflexd_backlog_events", ())] == 0
-    assert after[("reflexd_model_version", ())] == 0  # no model yet
+    assert after[("reflexd_model_version", (("line", "agent:a"),))] == 0  # agent a's model line: no model yet
     assert ("reflexd_build_info", (("version", __import__("reflexd").__version__),)) in after
     assert values(tcp_get(port, "/metrics")[1])[("reflexd_ingest_stored_total", ())] == after[("reflexd_ingest_stored_total", ())]
 

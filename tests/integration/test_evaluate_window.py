@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from linear_models import register
-from reflexd.config import Config, GateConfig, parse_config
+from reflexd.config import Config, GateConfig, LearningConfig, parse_config
 from reflexd.deciding.scoring import Scorer
 from reflexd.errors import EvaluationError, ModelIntegrityError, ModelNotFound, PolicySpecError
 from reflexd.features import FeatureSpec
@@ -52,6 +52,7 @@ def world(tmp_path: Path) -> Any:
     config = Config(
         state_dir=str(tmp_path), rewards=parse_config("rewards: {wait_window: 1, default: 0.0}").rewards,
         gate=GateConfig(estimator="dr", confidence=0.9),
+        learning=LearningConfig(scope="shared"),  # one model line: the registry at models/
     )
     store = Store(tmp_path / "db.duckdb")
     rows = logged()
@@ -148,7 +149,7 @@ def test_the_daemon_evaluates_in_a_worker_thread(world: Any, monkeypatch: pytest
     config, store, registry, _, (good, _) = world
     daemon = daemon_module.Daemon(config)
     daemon.store = store
-    daemon.models.refresh()
+    daemon.lines.one(None, "evaluate").models.refresh()
     seen: list[threading.Thread] = []
     real = daemon_module.evaluate_window
 

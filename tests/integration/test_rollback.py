@@ -19,7 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import onnx
-from conftest import DaemonProcess, poll, wait_for
+from conftest import DaemonProcess, line_registry, poll, wait_for
 from linear_models import register
 from onnx import helper
 from reflexd.client.policy import Policy
@@ -338,7 +338,7 @@ def test_a_model_made_to_be_bad_is_rolled_back_automatically(daemon_factory) -> 
         assert policy.flush(60)
 
         # a model made to be bad, registered as the next version and promoted by the operator
-        registry = Registry(d.state_dir / "models")
+        registry = line_registry(d, "bot")
         manifest = registry.manifest("v0001")
         bad_file = inverted(registry.root / "v0001" / "policy.onnx", d.root / "bad.onnx")
         fields = {**msgspec.structs.asdict(manifest), "parent": "v0001", "created": time.time(), "gate": None}

@@ -17,7 +17,7 @@ import duckdb
 import msgspec
 import pytest
 
-from conftest import DaemonProcess
+from conftest import DaemonProcess, line_registry
 from reflexd.deciding import exploring as exploration
 from reflexd.deciding.choosing import Chooser
 from reflexd.deciding.scoring import ModelSource, Scorer
@@ -124,9 +124,9 @@ def test_a_decision_the_model_fails_on_falls_back_alone(live: ModelSource) -> No
 
 def serve_model(d: DaemonProcess, tmp_path: Path) -> Scorer:
     """A softmax model made live in the daemon; the same model loaded here, to check its answers."""
-    registry = Registry(d.state_dir / "models")
+    registry = line_registry(d, "agent")
     manifest = add_version(registry, tmp_path, seed=2, exploration_cfg=SOFTMAX)
-    d.request(Promote(version=manifest.version))
+    d.request(Promote(version=manifest.version, agent="agent"))
     _, model = registry.load(manifest.version)
     return Scorer(manifest, model)
 

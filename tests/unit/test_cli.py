@@ -197,7 +197,8 @@ def test_status_decide_models_and_forget_print_json(daemon: DaemonProcess) -> No
     plain = reflexd("decide", "--agent", "bot", "--actions", "x", "--socket", daemon.socket)
     assert plain.returncode == 0 and json.loads(plain.stdout)["action"] == "x"
 
-    assert cli(daemon, "models", "list") == {"current": None, "serving": None, "models": []}
+    # the agent that decided has its own model line (learning.scope: agent), with no model yet
+    assert cli(daemon, "models", "list") == {"current": None, "serving": None, "line": "agent:bot", "models": []}
     unknown = reflexd("models", "show", "v0099", "--json", "--socket", daemon.socket)
     assert unknown.returncode == 1 and unknown.stdout == "" and "v0099" in unknown.stderr
 

@@ -356,11 +356,11 @@ def test_a_batch_mixing_logged_and_unlogged_decides_logs_and_counts_only_the_log
     assert [type(a) for a in answers] == [tuple, Scored, tuple, Scored]
     assert all(isinstance(a[0], Decided) and [type(d) for d in a[1]] == [Decision] for a in answers if type(a) is tuple)
     assert [answers[1].id, answers[1].req, answers[3].id, answers[3].req] == ["s1", 2, None, 4]  # type: ignore[union-attr]
-    assert daemon.chooser._since_load == 2
+    assert daemon.lines.for_agent("a").chooser._since_load == 2
     # both unlogged requests saw the clock after the batch's two decisions: epsilon 0.5 / (1 + 2)
     assert answers[1].probs == pytest.approx([1 / 12, 11 / 12])  # type: ignore[union-attr]
     only_unlogged = daemon.decide([msgs[1], msgs[3]])
-    assert [type(a) for a in only_unlogged] == [Scored, Scored] and daemon.chooser._since_load == 2
+    assert [type(a) for a in only_unlogged] == [Scored, Scored] and daemon.lines.for_agent("a").chooser._since_load == 2
 
 
 def test_explain_requests_are_redacted_like_decides() -> None:

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"daemon": "reflexd", "plugins": "reflexd.plugins", "exporters": "reflexd.exporters"}
 KERNEL = {"reflexd.errors", "reflexd.worker", "reflexd.config", "reflexd.features", "reflexd.split", "reflexd.durable",
-          "reflexd.log", "reflexd.manifest", "reflexd.registry", "reflexd.extensions"}
+          "reflexd.log", "reflexd.manifest", "reflexd.registry", "reflexd.extensions", "reflexd.lines"}
 HEAVY = ("torch", "duckdb")
 # third-party packages whose importers are tracked too: Ray (the fleet extra) belongs to the fleet alone
 TRACKED = (*HEAVY, "ray")

@@ -17,6 +17,9 @@ from reflexd.service.metrics import DecideLatency, Metrics, version_number
 from reflexd.service.scheduler import TrainerStatus
 
 
+LINE = (("line", "agent:a"),)
+
+
 def fake_daemon(**over: Any) -> SimpleNamespace:
     counters = Counters(received=10, stored=7, duplicates=1, dead_letters=2, queued=3, spooled=4, by_type={"decisions": 5, "outcomes": 2})
     ingest = SimpleNamespace(counters=counters, backlog=7, spool=SimpleNamespace(pending_bytes=1234), storage_error=None)
@@ -26,12 +29,13 @@ def fake_daemon(**over: Any) -> SimpleNamespace:
     manifest = SimpleNamespace(learner="mlp")
     models = SimpleNamespace(scorer=SimpleNamespace(version="v0012", manifest=manifest), error=None)
     monitor = SimpleNamespace(rollbacks=1, checks=9)
+    line = SimpleNamespace(name="agent:a", scheduler=SimpleNamespace(status=status), models=models, monitor=monitor)
     d = SimpleNamespace(
         ingest=ingest,
         server=server,
-        scheduler=SimpleNamespace(status=status),
+        lines=SimpleNamespace(all=lambda: [line]),
+        scheduler=line.scheduler,  # the one line's, for the tests below
         models=models,
-        monitor=monitor,
         started=time.time() - 5,
         rollbacks_requested=2,
     )
@@ -65,18 +69,18 @@ def test_collector_reports_the_daemons_counters_with_prometheus_names() -> None:
     assert got[("reflexd_connections_closed_total", (("reason", "refused"),))] == 4  # shed counted apart
     assert got[("reflexd_connections_closed_total", (("reason", "shed"),))] == 1
     assert got[("reflexd_connections_closed_total", (("reason", "idle"),))] == 3
-    assert got[("reflexd_training_runs_total", ())] == 4
-    assert got[("reflexd_training_failures_total", ())] == 1
-    assert got[("reflexd_gate_verdicts_total", (("verdict", "passed"),))] == 2
-    assert got[("reflexd_gate_verdicts_total", (("verdict", "rejected"),))] == 1
-    assert got[("reflexd_training_last_run_duration_seconds", ())] == 2.5
-    assert got[("reflexd_training_in_progress", ())] == 0
-    assert got[("reflexd_model_info", (("learner", "mlp"), ("version", "v0012")))] == 1
-    assert got[("reflexd_model_version", ())] == 12
-    assert got[("reflexd_model_load_error", ())] == 0
+    assert got[("reflexd_training_runs_total", LINE)] == 4
+    assert got[("reflexd_training_failures_total", LINE)] == 1
+    assert got[("reflexd_gate_verdicts_total", (("line", "agent:a"), ("verdict", "passed")))] == 2
+    assert got[("reflexd_gate_verdicts_total", (("line", "agent:a"), ("verdict", "rejected")))] == 1
+    assert got[("reflexd_training_last_run_duration_seconds", LINE)] == 2.5
+    assert got[("reflexd_training_in_progress", LINE)] == 0
+    assert got[("reflexd_model_info", (("learner", "mlp"), ("line", "agent:a"), ("version", "v0012")))] == 1
+    assert got[("reflexd_model_version", LINE)] == 12
+    assert got[("reflexd_model_load_error", LINE)] == 0
     assert got[("reflexd_rollbacks_total", (("trigger", "automatic"),))] == 1
     assert got[("reflexd_rollbacks_total", (("trigger", "request"),))] == 2
-    assert got[("reflexd_rollback_checks_total", ())] == 9
+    assert got[("reflexd_rollback_checks_total", LINE)] == 9
     assert ("reflexd_build_info", (("version", __import__("reflexd").__version__),)) in got
     assert 0 < time.time() - got[("reflexd_start_time_seconds", ())] < 60
     assert ("process_resident_memory_bytes", ()) in got  # the process collector, on the same registry
@@ -93,10 +97,10 @@ def test_collector_reads_the_counters_afresh_at_each_scrape() -> None:
     got = samples(d)
     assert got[("reflexd_ingest_received_total", ())] == 15
     assert got[("reflexd_storage_error", ())] == 1
-    assert got[("reflexd_model_version", ())] == 0
+    assert got[("reflexd_model_version", LINE)] == 0
     assert not any(name == "reflexd_model_info" for name, _ in got)  # no live model: no sample
-    assert got[("reflexd_training_in_progress", ())] == 1
-    assert got[("reflexd_training_last_run_duration_seconds", ())] == 3.5
+    assert got[("reflexd_training_in_progress", LINE)] == 1
+    assert got[("reflexd_training_last_run_duration_seconds", LINE)] == 3.5
 
 
 def test_decide_latency_is_a_cumulative_histogram_weighted_by_requests() -> None:

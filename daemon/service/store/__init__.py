@@ -297,10 +297,10 @@ class Store:
             ).fetchall()
         return [{"at": at, "version": v, "event": e, "detail": msgspec.json.decode(d)} for at, v, e, d in rows]
 
-    def matured_count(self, since: float, now: float, config: Config) -> int:
-        """Decisions received after ``since`` whose reward wait window has closed by ``now``."""
+    def matured_count(self, since: float, now: float, config: Config, agents: Sequence[str] | None = None) -> int:
+        """Decisions received after ``since`` whose reward wait window has closed by ``now`` (``agents``': a line's)."""
         with self._guard("counting matured decisions") as con:
-            return rewards.matured_count(con, since, now, config)
+            return rewards.matured_count(con, since, now, config, agents)
 
     def live_rewards(self, versions: Sequence[str], now: float, config: Config) -> dict[str, RewardStats]:
         """Count, mean and variance of the joined reward of each version's matured decisions."""
@@ -309,18 +309,25 @@ class Store:
 
     def snapshot(self, dest: Path, now: float, config: Config, max_rows: int, **window: Any) -> SnapshotInfo:
         """Write the newest ``max_rows`` matured decisions with their joined reward to one Parquet file;
-        ``window`` narrows them (``agent``, ``since``, ``until``, ``model_version``: ``rewards.snapshot``)."""
+        ``window`` narrows them (``agent``, ``since``, ``until``, ``model_version``, ``agents``: ``rewards.snapshot``)."""
         what = "the window's snapshot" if window else "the training snapshot"
         with self._guard(f"writing {what} {dest}") as con:
             return rewards.snapshot(con, dest, now, config, max_rows, **window)
 
-    def last_model_event(self, events: Sequence[str]) -> dict[str, Any] | None:
-        """The newest model event of one of the kinds ``events`` (as ``model_events`` gives them), or None."""
+    def agents(self) -> list[str]:
+        """Every agent with a decision stored (each learns in its model line: ``reflexd.lines``)."""
+        with self._guard("listing agents") as con:
+            return [a for (a,) in con.execute("SELECT DISTINCT agent FROM decisions ORDER BY agent").fetchall()]
+
+    def last_model_event(self, events: Sequence[str], versions: Sequence[str] | None = None) -> dict[str, Any] | None:
+        """The newest model event of one of the kinds ``events`` (as ``model_events`` gives them),
+        of one of ``versions`` when given (a model line's), or None."""
         with self._guard("reading model events") as con:
             row = con.execute(
                 'SELECT "at", version, event, CAST(detail AS VARCHAR) FROM models WHERE list_contains($events, event)'
+                " AND ($versions IS NULL OR list_contains($versions, version))"
                 ' ORDER BY "at" DESC LIMIT 1',
-                {"events": list(events)},
+                {"events": list(events), "versions": None if versions is None else list(versions)},
             ).fetchone()
         if row is None:
             return None

@@ -55,11 +55,16 @@ _reward_rules = join.reward_rules
 # ---- files ---------------------------------------------------------------------------------
 
 
-def matured_count(con: duckdb.DuckDBPyConnection, since: float, now: float, config: Config) -> int:
-    """Decisions received after ``since`` whose reward wait window has closed by ``now``."""
+def matured_count(
+    con: duckdb.DuckDBPyConnection, since: float, now: float, config: Config, agents: Sequence[str] | None = None
+) -> int:
+    """Decisions received after ``since`` whose reward wait window has closed by ``now`` (only
+    ``agents``' when given: a model line's)."""
     rules = _reward_rules(config)  # noqa: F841 -- read by the SQL below
     (n,) = con.execute(
-        f"SELECT count(*) FROM ({_MATURED}) WHERE received_at > $since", {"now": now, "since": since}
+        f"SELECT count(*) FROM ({_MATURED}) WHERE received_at > $since"
+        " AND ($agents IS NULL OR list_contains($agents, agent))",
+        {"now": now, "since": since, "agents": None if agents is None else list(agents)},
     ).fetchone()
     return n
 
@@ -89,11 +94,12 @@ def snapshot(
     since: float | None = None,
     until: float | None = None,
     model_version: str | None = None,
+    agents: Sequence[str] | None = None,
 ) -> SnapshotInfo:
     """Write the newest ``max_rows`` matured decisions with their joined reward to one Parquet file.
 
     ``agent``, ``since``/``until`` (the decision's own ``ts``: from ``since``, before ``until``) and
-    ``model_version`` narrow it to a window; each is off when None.
+    ``model_version`` narrow it to a window, ``agents`` to a model line's agents; each is off when None.
 
     The file appears at ``dest`` complete or not at all, so a trainer never reads half of it.
     """
@@ -104,7 +110,10 @@ def snapshot(
     try:
         con.execute(
             f"COPY ({_EXPERIENCES}) TO {sql_path(partial)} (FORMAT parquet)",
-            {"now": now, "max_rows": max_rows, "agent": agent, "since": since, "until": until, "version": model_version},
+            {
+                "now": now, "max_rows": max_rows, "agent": agent, "since": since, "until": until,
+                "version": model_version, "agents": None if agents is None else list(agents),
+            },
         )
         os.replace(partial, dest)
     finally:

@@ -1,0 +1,194 @@
+"""The daemon's model lines (``reflexd.lines``): one registry, served model, chooser, online head,
+training scheduler and rollback monitor per line, made when the line's first agent shows up.
+
+Training runs one at a time across lines (the training lock, FIFO); each line's scheduler checks
+its own agents' new experience, so a busy agent cannot starve a quiet one of its turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import anyio
+import anyio.abc
+
+from reflexd import log
+from reflexd.config import Config
+from reflexd.deciding.choosing import Chooser
+from reflexd.deciding.online import OnlineHead
+from reflexd.deciding.scoring import ModelSource
+from reflexd.errors import LineUnknown, ReflexdError
+from reflexd.features import FeatureSpec
+from reflexd.lines import AGENTS_DIR, GROUPS_DIR, SHARED, folder_name, line_of, line_path
+from reflexd.registry import Registry
+from reflexd.service.evaluation import Models
+from reflexd.service.monitor import Monitor
+from reflexd.service.scheduler import Scheduler
+
+_log = log.get("reflexd.lines")
+DISCOVER_SECONDS = 5.0  # how often agents the store has seen (logged by in-process clients) get their line
+START_SECONDS = 0.5  # how soon a line made by a decision gets its scheduler and monitor running
+
+
+@dataclass(eq=False)
+class Line:
+    name: str
+    registry: Registry
+    models: ModelSource
+    chooser: Chooser
+    evaluation: Models  # model versions loaded for `evaluate`, kept for reuse
+    scheduler: Scheduler | None = None  # made once the store is open
+    monitor: Monitor | None = None
+    started: bool = False
+
+    @property
+    def online(self) -> OnlineHead | None:
+        return self.chooser.online
+
+
+class Lines:
+    """Every model line the daemon serves, by name; ``for_agent`` makes a line on first use."""
+
+    def __init__(self, settings: Callable[[], Config], exploration_for: Callable[[str, Any], Any]) -> None:
+        self._settings = settings
+        self._exploration_for = exploration_for
+        self._lines: dict[str, Line] = {}
+        self._agents: dict[str, set[str]] = {}  # line -> the agents seen deciding or stored in it
+        self._services: Callable[[Line], None] | None = None
+
+    @property
+    def config(self) -> Config:
+        return self._settings()
+
+    def line_name(self, agent: str) -> str:
+        return line_of(agent, self.config.learning)
+
+    def for_agent(self, agent: str) -> Line:
+        name = self.line_name(agent)
+        line = self._lines.get(name) or self._make(name)
+        members = self._agents.setdefault(name, set())
+        if agent not in members:
+            members.add(agent)
+        return line
+
+    def existing(self, agent: str) -> Line | None:
+        """``agent``'s line if it has been made (a reward for a decision it never saw makes none)."""
+        return self._lines.get(self.line_name(agent))
+
+    def named(self, name: str) -> Line:
+        line = self._lines.get(name)
+        if line is None:
+            raise LineUnknown(f"no model line {name!r} (lines: {', '.join(sorted(self._lines)) or 'none yet'})")
+        return line
+
+    def all(self) -> list[Line]:
+        return [self._lines[name] for name in sorted(self._lines)]
+
+    def agents_of(self, name: str) -> list[str] | None:
+        """The agents whose experience trains line ``name``: None for the shared line (every agent),
+        a group's members and those seen in it, or the one agent."""
+        if name == SHARED:
+            return None
+        kind, _, rest = name.partition(":")
+        if kind == "group":
+            return sorted(set(self.config.learning.groups.get(rest, ())) | self._agents.get(name, set()))
+        return [rest]
+
+    def one(self, agent: str | None, what: str) -> Line:
+        """The line a request about ``agent`` is for; without one, the only line there is (LineUnknown
+        when there are several, or none yet while agents learn apart)."""
+        if agent is not None:
+            return self.for_agent(agent)
+        lines = self.all()
+        if len(lines) == 1:
+            return lines[0]
+        if not lines and self.config.learning.scope == SHARED:
+            return self._make(SHARED)
+        if not lines:
+            raise LineUnknown(f"{what}: no agent has decided yet, so no model line exists (learning.scope {self.config.learning.scope})")
+        names = ", ".join(line.name for line in lines)
+        raise LineUnknown(f"{what}: name an agent (--agent): each learns in its own model line ({names})")
+
+    def _make(self, name: str) -> Line:
+        cfg = self.config
+        models = cfg.models_path
+        registry = Registry(line_path(models, name), models)
+        source = ModelSource(registry)
+        head = None
+        if cfg.online.enabled:
+            spec = FeatureSpec(cfg.features.context_dim, cfg.features.action_dim, cfg.features.seed)
+            head = OnlineHead(cfg.online, spec, lambda agent: self.config.for_agent(agent).rewards)
+        line = Line(name, registry, source, Chooser(source, self._exploration_for, online=head), Models(registry, lambda: source.scorer))
+        self._lines[name] = line
+        if self._services is not None:
+            self._services(line)
+        return line
+
+    # ---- at start and while running -----------------------------------------------------
+
+    def open(self, agents: list[str], services: Callable[[Line], None]) -> None:
+        """Make the lines of ``agents`` (the store's) and of every line folder on disk, and give each
+        line, now and later, its scheduler and monitor (``services``)."""
+        self._services = services
+        for line in self._lines.values():
+            services(line)
+        if self.config.learning.scope == SHARED:
+            self._make(SHARED)  # the one line, there before any agent
+        for agent in agents:
+            self.for_agent(agent)
+        for name in self._on_disk():
+            if name not in self._lines:
+                self._make(name)
+
+    def _on_disk(self) -> list[str]:
+        """Lines with models on disk that this config still routes agents to."""
+        models = self.config.models_path
+        scope = self.config.learning.scope
+        if scope == SHARED:
+            return []
+        found = []
+        agents_dir = models / AGENTS_DIR
+        # a folder name is an agent id only when it was one plainly (encoded names come back by the store's agents)
+        for p in sorted(agents_dir.iterdir()) if agents_dir.is_dir() else ():
+            if p.is_dir() and folder_name(p.name) == p.name and "%" not in p.name:
+                found.append(f"agent:{p.name}")
+        if scope == "group":
+            for group in self.config.learning.groups:
+                if (models / GROUPS_DIR / folder_name(group)).is_dir():
+                    found.append(f"group:{group}")
+        return found
+
+    async def discover(self, store: Any) -> None:
+        """Give every agent the store has seen its line now (a request about models, say, right after
+        an import: the periodic look in ``run`` may not have come yet)."""
+        for agent in await anyio.to_thread.run_sync(store.agents):
+            self.for_agent(agent)
+
+    async def run(
+        self, store: Any, tg: anyio.abc.TaskGroup, start: Callable[[Line, anyio.abc.TaskGroup], Awaitable[None]]
+    ) -> None:
+        """Start each line's tasks as it appears, and give agents only the store has seen (their
+        clients decide in-process) their line."""
+        discovered = 0.0
+        failed = None
+        while True:
+            for line in self.all():
+                if not line.started:
+                    line.started = True
+                    await start(line, tg)
+            await anyio.sleep(START_SECONDS)
+            if anyio.current_time() - discovered < DISCOVER_SECONDS:
+                continue
+            discovered = anyio.current_time()
+            try:
+                await self.discover(store)
+                failed = None
+            except (ReflexdError, OSError) as exc:
+                if str(exc) != failed:
+                    _log.warning("cannot list the agents for their model lines", error=str(exc))
+                failed = str(exc)
+
+    def path_of(self, name: str) -> Path:
+        return line_path(self.config.models_path, name)
