@@ -1394,7 +1394,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and watch the daemon train and promote models. Progress goes to stderr; a report is printed and\n"
         "written with the daemon log (and, with matplotlib, a learning-curve plot) under --out.\n"
         "With --agents 2 or 3, agents with other actions and preferences decide in turn beside the\n"
-        "first, each learning on its own, and a line per agent is added to the report.\n"
+        "first, each learning in its own model line, and a line per agent is added to the report.\n"
         "At the end the daemon extracts what the experience teaches (reflexd insights): the rules it\n"
         "published are printed, each beside the simulated world's true lift on its segment.\n"
         "Exit 1 if the agent never earned clearly more than the default policy (no first adaptation).",
