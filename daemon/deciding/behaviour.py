@@ -65,6 +65,23 @@ def graph_file(manifest: BehaviourManifest, int8: bool = False) -> str:
     return file
 
 
+def _copy_checked(source: Path, dest: Path, expected: str | None, what: str) -> str:
+    """Copy ``source`` to ``dest`` in a staging folder, fsynced; its sha256, refused (the staging
+    folder removed) unless it is ``expected`` (when given)."""
+    try:
+        shutil.copyfile(source, dest)
+    except OSError as exc:
+        shutil.rmtree(dest.parent, ignore_errors=True)
+        raise ModelIntegrityError(str(source), f"cannot read it: {exc.strerror or exc}") from None
+    with open(dest, "rb+") as f:
+        os.fsync(f.fileno())
+    digest = sha256_of(dest)
+    if expected and digest != expected:
+        shutil.rmtree(dest.parent, ignore_errors=True)
+        raise ModelIntegrityError(str(source), f"the file does not match its manifest's {what}")
+    return digest
+
+
 class BehaviourRegistry(Registry):
     """The behaviour models' own line, ``models/behaviour/``: the same layout, pointer and history
     as the reward model's ``Registry``, with ``BehaviourManifest`` manifests and ``model.onnx`` files."""
@@ -104,29 +121,11 @@ class BehaviourRegistry(Registry):
         staging = self.root / f".staging-{version}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        dest = staging / BEHAVIOUR_MODEL_FILE
-        shutil.copyfile(model_file, dest)
-        with open(dest, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_of(dest)
-        if manifest.sha256 and digest != manifest.sha256:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ModelIntegrityError(str(model_file), "the file does not match its manifest's sha256")
+        digest = _copy_checked(Path(model_file), staging / BEHAVIOUR_MODEL_FILE, manifest.sha256, "sha256")
         int8 = manifest.int8
         if int8 is not None:
             source = Path(model_file).parent / graph_file(manifest, int8=True)
-            dest = staging / BEHAVIOUR_INT8_FILE
-            try:
-                shutil.copyfile(source, dest)
-            except OSError as exc:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise ModelIntegrityError(str(source), f"cannot read it: {exc.strerror or exc}") from None
-            with open(dest, "rb+") as f:
-                os.fsync(f.fileno())
-            int8_digest = sha256_of(dest)
-            if int8.sha256 and int8_digest != int8.sha256:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise ModelIntegrityError(str(source), "the file does not match its manifest's int8 sha256")
+            int8_digest = _copy_checked(source, staging / BEHAVIOUR_INT8_FILE, int8.sha256, "int8 sha256")
             int8 = msgspec.structs.replace(int8, sha256=int8_digest, file=BEHAVIOUR_INT8_FILE)
         final = msgspec.structs.replace(
             manifest, version=version, parent=self.current(), sha256=digest, file=BEHAVIOUR_MODEL_FILE, int8=int8
