@@ -173,7 +173,10 @@ class LearningConfig(_Section):
     # registry, with its own gate, rollback monitor, online head and training runs
     scope: Literal["agent", "group", "shared"] = "agent"
     # scope group: group name -> its agents; an agent in no group learns alone
-    groups: dict[str, list[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]]] = {}
+    groups: dict[
+        Annotated[str, msgspec.Meta(min_length=1, max_length=256)],  # "" would be the folder of every group
+        list[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]],
+    ] = {}
 
 
 class GateConfig(_Section):
@@ -407,7 +410,9 @@ class ClientSettings(msgspec.Struct, frozen=True):
     online: OnlineConfig = OnlineConfig()
     rewards: RewardConfig = RewardConfig()
     agent_rewards: dict[str, RewardConfig] = {}
-    learning: LearningConfig = LearningConfig()  # which model line an agent's client serves from
+    # which model line an agent's client serves from; a file from before model lines (no learning)
+    # was written by a daemon serving one registry, the models folder itself
+    learning: LearningConfig = LearningConfig(scope="shared")
 
     def rewards_for(self, agent: str) -> RewardConfig:
         return self.agent_rewards.get(agent, self.rewards)

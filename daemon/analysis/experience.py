@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from reflexd.errors import AnalysisError
-from reflexd.features import action_ids
+from reflexd.features import action_ids, with_agent
 
 if TYPE_CHECKING:
     from reflexd.deciding.scoring import Scorer
@@ -274,7 +274,8 @@ class _Loader:
                 self.texts[name][at] = self.text_codes[name].encode(values)
         if self.scorer is not None:
             try:
-                self.live.append(self._score(contexts, col["actions"].take(pa.array(keep))))
+                taken = pa.array(keep)
+                self.live.append(self._score(contexts, col["actions"].take(taken), col["agent"].take(taken)))
             except MemoryError:
                 raise  # the run's memory cap, not the model: exit 3 says so
             except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own untyped errors
@@ -342,7 +343,7 @@ class _Loader:
             self.python_batches += 1
             return _python_features(texts)
 
-    def _score(self, contexts: pa.Array, actions: pa.Array) -> np.ndarray:
+    def _score(self, contexts: pa.Array, actions: pa.Array, agents: pa.Array) -> np.ndarray:
         """The live model's scores [n, actions seen so far] of each row's offered actions (NaN elsewhere)."""
         assert self.scorer is not None
         scorer = self.scorer
@@ -350,8 +351,9 @@ class _Loader:
         texts = contexts.to_pylist()
         out = np.full((len(texts), len(self.actions.names)), np.nan, dtype=np.float32)
         ctx = np.empty((len(texts), scorer.manifest.features.context_dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            hasher.context(_json.decode(text), out=ctx[i])
+        spec, agent_of = scorer.manifest.features, agents.to_pylist()
+        for i, text in enumerate(texts):  # as the model reads it: with the agent's id in a shared line
+            hasher.context(with_agent(spec, str(agent_of[i]), _json.decode(text)), out=ctx[i])
         # rows offering the same list (action features included) are scored together
         groups: dict[str, list[int]] = {}
         for i, raw in enumerate(actions.to_pylist()):
