@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +29,7 @@ from reflexd.config import (
     read_client_settings,
 )
 from reflexd.deciding.choosing import Choice, Chooser
-from reflexd.deciding.online import OnlineHead
+from reflexd.deciding.online import OnlineHead, learned
 from reflexd.lines import line_of, line_path
 from reflexd.deciding.scoring import ModelSource
 from reflexd.errors import DaemonUnavailable, FrameError
@@ -48,6 +49,8 @@ from reflexd.wire.protocol import (
     Flush,
     Insights,
     InsightsRequest,
+    Learnings,
+    LearningsRequest,
     Outcome,
     Scored,
     Step,
@@ -154,6 +157,12 @@ class Policy:
         self._sender = _Sender(
             os.fspath(socket or default_socket()), buffer_size, send_interval, refresh_interval, self.models, self._refresh
         )
+        # the head's updates are shared through the daemon: this process's go out as they are made,
+        # the others' come back every refresh_interval (its own, recognised by decision id, skipped)
+        self._own: OrderedDict[str, None] = OrderedDict()
+        self._cursor = 0  # the last update of the daemon's relay this head has seen
+        if head is not None:
+            head.on_update = self._share
         self._sender.start()
 
     def _rewards_for(self, agent: str) -> Any:
@@ -177,6 +186,31 @@ class Policy:
                 self._chooser.online.settings = self._settings.online
         if self._chooser.online is not None:
             self._chooser.online.expire()
+            self._absorb(self._chooser.online)
+
+    def _share(self, agent: str, action: str, decision_id: str, x: Any, reward: float, beside: bool) -> None:
+        head = self._chooser.online
+        assert head is not None
+        own = self._own
+        own[decision_id] = None
+        while len(own) > head.settings.pending:
+            own.popitem(last=False)
+        self._sender.share(learned(head, agent, action, decision_id, x, reward, beside))
+
+    def _absorb(self, head: OnlineHead) -> None:
+        """Learn what the agent's other processes (and the daemon's socket decisions) learned since
+        the last look; only once the head follows the model served here, whose scores those
+        updates corrected (until then the cursor waits)."""
+        scorer = self.models.scorer
+        if head.base != (scorer.version if scorer is not None else None):
+            return
+        reply = self._sender.ask(LearningsRequest(agent=self.agent, after=self._cursor, req="learnings"))
+        if not isinstance(reply, Learnings):
+            return
+        for u in reply.updates:
+            if u.agent == self.agent and u.decision not in self._own:
+                head.absorb(u.agent, u.action, u.base, u.beside, u.index, u.value, u.target)
+        self._cursor = reply.next
 
     def _exploration_for(self, agent: str, manifest: Manifest | None) -> ExplorationConfig:
         return manifest.exploration_for(agent) if manifest is not None else self._fallback
@@ -388,7 +422,7 @@ class Policy:
             "last_error": s.last_error,
             "model_version": self.model_version,
             "model_error": self.models.error,
-            "online": self._chooser.online.stats() if self._chooser.online is not None else None,
+            "online": {**self._chooser.online.stats(), "unshared": s.unshared} if self._chooser.online is not None else None,
             "apprentice": dict(self._chooser.apprentice),
         }
 
@@ -468,6 +502,8 @@ class _Sender(threading.Thread):
         self.on_refresh = on_refresh
         self._lock = threading.Lock()  # guards _frames, _held, enqueued and dropped
         self._frames: list[bytes] = []  # encoded, not yet taken by this thread
+        self._shared: list[bytes] = []  # online updates to share (``share``), not yet sent
+        self.unshared = 0  # of those, let go: the buffer was full or the daemon could not be reached
         self._batches: list[list[bytes]] = []  # taken, not yet acknowledged; resent after a reconnect
         self._held = 0  # frames in _batches
         self.conn: Connection | None = None
@@ -498,6 +534,28 @@ class _Sender(threading.Thread):
                 return
             self._frames.append(frame)
             self.enqueued += 1
+
+    def share(self, msg: msgspec.Struct) -> None:
+        """Queue an online update to share (``Learned``): beside the events, never stored nor
+        acknowledged, and let go when the daemon cannot be reached (sharing is best effort; the
+        head that made it keeps it)."""
+        frame = encode_frame(msg, MSGPACK)
+        with self._lock:
+            if len(self._shared) >= self.capacity:
+                self.unshared += 1
+                return
+            self._shared.append(frame)
+
+    def _send_shared(self) -> None:
+        with self._lock:
+            frames, self._shared = self._shared, []
+        try:
+            conn = self._connect()
+            for i in range(0, len(frames), JOIN_FRAMES):
+                conn.send_raw(b"".join(frames[i : i + JOIN_FRAMES]))
+        except (DaemonUnavailable, FrameError, OSError) as exc:
+            self.unshared += len(frames)
+            self._disconnect(str(exc))
 
     def wait_settled(self, timeout: float) -> bool:
         target = self.enqueued
@@ -530,6 +588,8 @@ class _Sender(threading.Thread):
                         self.on_refresh()
                     except Exception:  # the learning beside must never stop the shipping of events
                         _log.exception("refreshing the client's settings or online head failed")
+            if self._shared and (self.conn is not None or self.last_error is None):
+                self._send_shared()  # before the events: a flush's ack then also means the daemon has them
             self._take()
             if self._batches or self.dropped != self._reported_drops:
                 try:
@@ -567,6 +627,22 @@ class _Sender(threading.Thread):
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+    def ask(self, msg: msgspec.Struct) -> Any:
+        """``msg``'s reply on this thread's connection (no flush is waiting on it here), or None if
+        the daemon cannot be reached: asking is beside shipping, whose retries it leaves alone."""
+        if self.conn is None and self.last_error is not None:
+            return None  # shipping is backing off; asking waits for it to reconnect
+        try:
+            conn = self._connect()
+            conn.send_raw(encode_frame(msg, MSGPACK))
+            while True:
+                reply = conn.receive()
+                if getattr(reply, "req", None) == getattr(msg, "req", None) and not isinstance(reply, Ack):
+                    return reply
+        except (DaemonUnavailable, FrameError, OSError) as exc:
+            self._disconnect(str(exc))
+            return None
 
     def _cycle(self) -> None:
         conn = self._connect()

@@ -33,7 +33,11 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 
+from reflexd import log
 from reflexd.features import FeatureSpec, Hasher
+from reflexd.wire.protocol import Learned
+
+_log = log.get("reflexd.online")
 
 
 class OnlineSettings(Protocol):
@@ -153,6 +157,15 @@ class _Arm:
         self.state = _State(weights, row_of, features, theta, base, down, r, noise)
 
 
+def learned(head: OnlineHead, agent: str, action: str, decision_id: str, x: np.ndarray, reward: float, beside: bool) -> Learned:
+    """One of ``head``'s updates as the ``Learned`` message that shares it (its inputs sparse)."""
+    index = np.flatnonzero(x)
+    return Learned(
+        agent=agent, decision=decision_id, action=action, base=head.base, beside=beside,
+        index=index.tolist(), value=x[index].tolist(), target=float(reward),
+    )
+
+
 class OnlineHead:
     """The head's state for every (agent, action id) it has seen, and the decisions awaiting a reward."""
 
@@ -176,6 +189,10 @@ class OnlineHead:
         self.updates = 0
         self.defaults = 0  # of those, decisions with no outcome within their wait window
         self.base: str | None = None  # the live model the head learns beside (None: no model)
+        # told of each update this head makes from its own decisions (not of those it ``absorb``s):
+        # (agent, action, decision id, inputs, reward, beside a model), to share with other processes
+        self.on_update: Callable[[str, str, str, np.ndarray, float, bool], None] | None = None
+        self.absorbed = 0  # updates other processes made, learned here
 
     def features(self, context: dict[str, Any]) -> np.ndarray:
         """The context's inputs, the model score's slot (the last) left at 0."""
@@ -260,7 +277,31 @@ class OnlineHead:
         agent, action, x, beside_model, _ = found
         with self._lock:
             self._update(agent, action, x, reward, beside_model)
+        self._shared(agent, action, decision_id, x, reward, beside_model)
         return True
+
+    def absorb(self, agent: str, action: str, base: str | None, beside: bool, index: list[int], value: list[float], target: float) -> bool:
+        """Learn an update another process's head made (its inputs as ``index``/``value``); False
+        unless it learned beside the same live model (its corrections were for that model's scores)."""
+        if base != self.base or len(index) != len(value) or not math.isfinite(target):
+            return False
+        if index and max(index) >= self._d:
+            return False
+        x = np.zeros(self._d)
+        x[index] = value
+        if not np.isfinite(x).all():
+            return False
+        with self._lock:
+            self._update(agent, action, x, target, beside)
+            self.absorbed += 1
+        return True
+
+    def _shared(self, agent: str, action: str, decision_id: str, x: np.ndarray, reward: float, beside: bool) -> None:
+        if self.on_update is not None:
+            try:
+                self.on_update(agent, action, decision_id, x, reward, beside)
+            except Exception:  # sharing is beside learning: it must never undo it
+                _log.exception("an online update could not be shared")
 
     def expire(self) -> int:
         """Learn each agent's ``rewards.default`` for the decisions whose wait window ended with no
@@ -282,6 +323,7 @@ class OnlineHead:
                 continue  # its reward came meanwhile
             with self._lock:
                 self._update(agent, action, x, self.rewards(agent).default, beside_model)
+            self._shared(agent, action, decision_id, x, self.rewards(agent).default, beside_model)
             self.defaults += 1
             done += 1
         return done
@@ -317,4 +359,5 @@ class OnlineHead:
             "updates": self.updates,
             "defaults": self.defaults,
             "base": self.base,
+            "absorbed": self.absorbed,
         }

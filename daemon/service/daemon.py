@@ -23,7 +23,7 @@ from reflexd import __version__, log
 from reflexd.config import CLIENT_SETTINGS_FILE, Config, client_settings, keep_restart_only, load_config
 from reflexd.deciding.choosing import slate_events
 from reflexd.durable import atomic_write, private_dir
-from reflexd.errors import ConfigError, ReflexdError, RequestTimeout, StateDirError, StorageError, TrainingError
+from reflexd.errors import ConfigError, LineUnknown, ReflexdError, RequestTimeout, StateDirError, StorageError, TrainingError
 from reflexd.collect.receiver import TraceReceiver, durably
 from reflexd.service import activation, sdnotify
 from reflexd.service.behaviour import BehaviourTrainer
@@ -49,6 +49,9 @@ from reflexd.wire.protocol import (
     Explain,
     Forget,
     InsightsRequest,
+    Learned,
+    Learnings,
+    LearningsRequest,
     ModelsReply,
     ModelsRequest,
     Promote,
@@ -396,6 +399,32 @@ class Daemon:
             events = [msgspec.structs.replace(e, episode=msg.episode) for e in events]
         return reply, events
 
+    async def _line(self, agent: str | None, what: str, make: bool = False) -> Line:
+        """The model line a request about ``agent`` is for (without one, the only line). A name no
+        agent has used, and whose line has no folder, makes no line (a typo would otherwise get a
+        scheduler and a monitor), unless ``make``: LineUnknown says so."""
+        if agent is None:
+            return self.lines.one(None, what)
+        line = self.lines.existing(agent)
+        if line is None:
+            await self.lines.discover(self.store)
+            line = self.lines.existing(agent)
+        if line is None:
+            # a line with models on disk (registered for the agent before it decides, say) is one
+            if make or self.lines.path_of(self.lines.line_name(agent)).is_dir():
+                return self.lines.for_agent(agent)
+            raise LineUnknown(f"{what}: agent {agent!r} has logged no decision, so it has no model line yet")
+        return line
+
+    def learned(self, msg: Learned) -> None:
+        """An online-head update an agent's Policy shares: the daemon's head of that agent's line
+        learns it too (its socket decisions benefit), and it is passed on to the line's other
+        processes (``LearningsRequest``)."""
+        line = self.lines.for_agent(msg.agent)
+        if line.online is not None:
+            line.online.absorb(msg.agent, msg.action, msg.base, msg.beside, msg.index, msg.value, msg.target)
+        line.relay.add(msg)
+
     async def request(self, msg: msgspec.Struct) -> msgspec.Struct:
         req = getattr(msg, "req", None)
         if isinstance(msg, _ABOUT_LINES) and getattr(msg, "agent", None) is None:
@@ -411,7 +440,7 @@ class Daemon:
         if isinstance(msg, ModelsRequest):
             if msg.agent is None and not self.lines.all():  # no agent has decided yet: no models either
                 return ModelsReply(current=None, models=[], serving=None, req=req)
-            line = self.lines.one(msg.agent, "models")
+            line = await self._line(msg.agent, "models")
             scorer = line.models.scorer
             return ModelsReply(
                 current=line.registry.current(),
@@ -421,12 +450,12 @@ class Daemon:
                 req=req,
             )
         if isinstance(msg, Promote):
-            line = self.lines.one(msg.agent, "promote")
+            line = await self._line(msg.agent, "promote")
             await anyio.to_thread.run_sync(line.registry.promote, msg.version)
             await self._model_event(line, msg.version, "promoted", "by request")
             return Done(message=f"{msg.version} is live{_in(line)}", req=req)
         if isinstance(msg, Rollback):
-            line = self.lines.one(msg.agent, "rollback")
+            line = await self._line(msg.agent, "rollback")
             target = await anyio.to_thread.run_sync(line.registry.rollback)
             self.rollbacks_requested += 1
             await self._model_event(line, target, "rolled_back", "by request")
@@ -435,7 +464,9 @@ class Daemon:
             # one line, or each in turn: a request to train trains every agent's line
             if msg.agent is None and not self.lines.all():
                 raise TrainingError("no joined experiences yet: no agent has logged a decision")
-            lines = [self.lines.one(msg.agent, "train")] if msg.agent is not None or len(self.lines.all()) <= 1 else self.lines.all()
+            one = msg.agent is not None or len(self.lines.all()) <= 1
+            # an agent whose first events are still on their way to the store gets its line now
+            lines = [await self._line(msg.agent, "train", make=True)] if one else self.lines.all()
             said = []
             for line in lines:
                 assert line.scheduler is not None
@@ -456,12 +487,15 @@ class Daemon:
         if isinstance(msg, Adopt):
             # a model this host could never serve is refused as such, whichever line it was for
             await anyio.to_thread.run_sync(check_pulled, self.config, msg.manifest, msg.model, msg.source or "the pulled model")
-            line = self.lines.one(msg.agent, "pull")
+            line = await self._line(msg.agent, "pull", make=True)
             assert line.scheduler is not None
             summary = await line.scheduler.adopt(msg.manifest, msg.model, msg.source)
             return Done(message=f"{summary['outcome']} {summary['version']}: {summary['gate']}", req=req)
         if isinstance(msg, InsightsRequest):
             return await self.extractor.answer(msg)
+        if isinstance(msg, LearningsRequest):
+            updates, last, missed = self.lines.for_agent(msg.agent).relay.since(msg.after)
+            return Learnings(updates=updates, next=last, missed=missed, req=req)
         if isinstance(msg, Snapshot):
             return await self.snapshots.take(msg)  # writes in a worker thread, one at a time
         if isinstance(msg, Release):
@@ -507,6 +541,8 @@ class Daemon:
                         _remove_windows, self.config.state_path / WINDOWS_DIR
                     )
                     removed["rejected_spool_events"] = await anyio.to_thread.run_sync(self.ingest.spool.forget, agent)
+                    for line in self.lines.all():  # the online updates passed on hold hashed inputs of its contexts
+                        line.relay.forget(agent)
                     traces = getattr(self, "traces", None)
                     removed["waiting_trace_spans"] = await traces.forget(agent) if traces is not None else 0
                     await self.extractor.forgotten()
@@ -524,7 +560,7 @@ class Daemon:
         if waited.cancelled_caught:
             raise RequestTimeout("evaluate: another evaluation is still running", limit)
         try:
-            line = self.lines.one(msg.agent, "evaluate")
+            line = await self._line(msg.agent, "evaluate")
             return await anyio.to_thread.run_sync(evaluate_window, self.store, line.evaluation, self.config, msg, time.time())
         finally:
             self.evaluation_lock.release()
@@ -578,7 +614,7 @@ class Daemon:
         counts = await anyio.to_thread.run_sync(self.store.counts)
         now = time.time()
         everything = self.lines.all()
-        lines = [self.lines.for_agent(agent)] if agent is not None else everything
+        lines = [await self._line(agent, "status")] if agent is not None else everything
         # new since training: the line's own; over several (or none yet), every agent's since the oldest line's last run
         cutoff = min((line.scheduler.status.cutoff for line in lines if line.scheduler is not None), default=0.0)
         agents = self.lines.agents_of(lines[0].name) if len(lines) == 1 else None

@@ -7,9 +7,13 @@ its own agents' new experience, so a busy agent cannot starve a quiet one of its
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Awaitable, Callable
+from urllib.parse import unquote
 
 import anyio
 import anyio.abc
@@ -17,7 +21,7 @@ import anyio.abc
 from reflexd import log
 from reflexd.config import Config
 from reflexd.deciding.choosing import Chooser
-from reflexd.deciding.online import OnlineHead
+from reflexd.deciding.online import OnlineHead, learned
 from reflexd.deciding.scoring import ModelSource
 from reflexd.errors import LineUnknown, ReflexdError
 from reflexd.features import FeatureSpec
@@ -26,10 +30,47 @@ from reflexd.registry import Registry
 from reflexd.service.evaluation import Models
 from reflexd.service.monitor import Monitor
 from reflexd.service.scheduler import Scheduler
+from reflexd.wire.protocol import Learned
 
 _log = log.get("reflexd.lines")
 DISCOVER_SECONDS = 5.0  # how often agents the store has seen (logged by in-process clients) get their line
 START_SECONDS = 0.5  # how soon a line made by a decision gets its scheduler and monitor running
+
+
+class Relay:
+    """A line's online-head updates, numbered, the newest ``KEEP`` kept: those its agents' Policies
+    share (``Learned``) and the daemon's own (socket decisions), for every process deciding for
+    them to learn (``LearningsRequest``), each a fraction of a second later."""
+
+    KEEP = 50_000
+    BATCH = 5_000  # updates in one reply at most
+
+    def __init__(self) -> None:
+        self._kept: deque[tuple[int, Learned | None]] = deque(maxlen=self.KEEP)
+        self.last = 0
+        self._lock = threading.Lock()  # added to from the event loop and the head's expiry thread
+
+    def add(self, update: Learned) -> None:
+        with self._lock:
+            self.last += 1
+            self._kept.append((self.last, update))
+
+    def since(self, after: int) -> tuple[list[Learned], int, int]:
+        """(updates numbered after ``after``, the last one's number, how many were no longer kept).
+        A number past the last (the daemon restarted since) starts the reader afresh from now."""
+        with self._lock:
+            if after >= self.last or not self._kept:
+                return [], self.last, 0
+            first = self._kept[0][0]  # numbers run on with no gap: a forgotten update leaves a None
+            start = max(after + 1, first)
+            found = list(islice(self._kept, start - first, start - first + self.BATCH))
+        return [u for _, u in found if u is not None], found[-1][0], start - after - 1
+
+    def forget(self, agent: str) -> None:
+        with self._lock:
+            for i, (n, u) in enumerate(self._kept):
+                if u is not None and u.agent == agent:
+                    self._kept[i] = (n, None)
 
 
 @dataclass(eq=False)
@@ -39,6 +80,7 @@ class Line:
     models: ModelSource
     chooser: Chooser
     evaluation: Models  # model versions loaded for `evaluate`, kept for reuse
+    relay: Relay
     scheduler: Scheduler | None = None  # made once the store is open
     monitor: Monitor | None = None
     started: bool = False
@@ -116,11 +158,14 @@ class Lines:
         models = cfg.models_path
         registry = Registry(line_path(models, name), models)
         source = ModelSource(registry)
-        head = None
+        head, relay = None, Relay()
         if cfg.online.enabled:
             spec = FeatureSpec(cfg.features.context_dim, cfg.features.action_dim, cfg.features.seed)
             head = OnlineHead(cfg.online, spec, lambda agent: self.config.for_agent(agent).rewards)
-        line = Line(name, registry, source, Chooser(source, self._exploration_for, online=head), Models(registry, lambda: source.scorer))
+            head.on_update = lambda *update: relay.add(learned(head, *update))  # socket decisions' updates, passed on
+        line = Line(
+            name, registry, source, Chooser(source, self._exploration_for, online=head), Models(registry, lambda: source.scorer), relay
+        )
         self._lines[name] = line
         if self._services is not None:
             self._services(line)
@@ -141,6 +186,13 @@ class Lines:
         for name in self._on_disk():
             if name not in self._lines:
                 self._make(name)
+        legacy = Registry(self.config.models_path).current() if self.config.learning.scope != SHARED else None
+        if legacy is not None:  # an install from before lines: its live model is the shared line's
+            _log.warning(
+                "the models directory's live model is not served: agents learn in lines of their own "
+                "(learning.scope); set learning.scope: shared to go on serving it",
+                version=legacy, scope=self.config.learning.scope,
+            )
 
     def _on_disk(self) -> list[str]:
         """Lines with models on disk that this config still routes agents to."""
@@ -150,10 +202,12 @@ class Lines:
             return []
         found = []
         agents_dir = models / AGENTS_DIR
-        # a folder name is an agent id only when it was one plainly (encoded names come back by the store's agents)
+        # a folder names its agent plainly or percent-encoded (a name cut short and ended with a digest
+        # comes back by the store's agents), a line only while the config routes that agent alone
         for p in sorted(agents_dir.iterdir()) if agents_dir.is_dir() else ():
-            if p.is_dir() and folder_name(p.name) == p.name and "%" not in p.name:
-                found.append(f"agent:{p.name}")
+            agent = unquote(p.name, errors="replace") if "%" in p.name else p.name
+            if p.is_dir() and folder_name(agent) == p.name and self.line_name(agent) == f"agent:{agent}":
+                found.append(f"agent:{agent}")
         if scope == "group":
             for group in self.config.learning.groups:
                 if (models / GROUPS_DIR / folder_name(group)).is_dir():
@@ -177,7 +231,11 @@ class Lines:
             for line in self.all():
                 if not line.started:
                     line.started = True
-                    await start(line, tg)
+                    try:
+                        await start(line, tg)
+                    except (ReflexdError, OSError) as exc:  # its registry unreadable for now: at the next pass
+                        line.started = False
+                        _log.warning("cannot start the model line yet", line=line.name, error=str(exc))
             await anyio.sleep(START_SECONDS)
             if anyio.current_time() - discovered < DISCOVER_SECONDS:
                 continue

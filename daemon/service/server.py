@@ -37,6 +37,7 @@ from reflexd.wire.protocol import (
     Ack,
     Adopt,
     Decide,
+    Learned,
     Decision,
     Error,
     Flush,
@@ -147,6 +148,9 @@ class Handler(Protocol):
     def decide(self, msgs: list[Decide]) -> list[tuple[Any, list[Decision]] | Any]: ...
 
     async def request(self, msg: msgspec.Struct) -> msgspec.Struct: ...
+
+    # an online-head update a client shares (not stored): learned here and passed on
+    def learned(self, msg: Learned) -> None: ...
 
 
 class Server:
@@ -519,6 +523,8 @@ class _Connection:
             if type(msg) is Decide:
                 self.decides.append((len(self.replies), seq, msg))
                 self.replies.append(None)
+            elif type(msg) is Learned:
+                self.server.handler.learned(msg)  # shared learning, never stored: no reply, nothing counted
             elif isinstance(msg, EXPERIENCE_TYPES):
                 if redactor.active:  # redacted once, here, before anything can store them
                     try:

@@ -381,14 +381,53 @@ class InsightsRequest(_Msg, tag="insights"):
             raise ValueError("since must be a finite number of seconds")
 
 
+class Learned(_Msg, tag="learned"):
+    """One update of an online head (``reflexd.deciding.online``), shared so that every process
+    deciding for the agent learns it: a Policy sends each of its own, the daemon passes them on
+    (``Learnings``). Hashed inputs only, never the context; not stored."""
+
+    agent: Id
+    decision: Id  # the decision it learned from: a process skips its own
+    action: Id
+    base: str | None  # the live model the head learned beside (None: none); others ignore it
+    beside: bool  # the arm's model-score weight: whether a model was live when it decided
+    index: list[Annotated[int, msgspec.Meta(ge=0)]]  # the inputs that are not 0
+    value: list[float]
+    target: float  # the reward
+
+    def __post_init__(self) -> None:
+        if len(self.index) != len(self.value):
+            raise ValueError(f"index has {len(self.index)} inputs and value {len(self.value)}: one value per input")
+        if not all(math.isfinite(v) for v in self.value):
+            raise ValueError("value must be finite numbers")
+        _check_finite("target", self.target)
+
+
+class LearningsRequest(_Msg, tag="learnings"):
+    """The online-head updates the daemon passed on for ``agent``'s model line after ``after``."""
+
+    agent: Id
+    after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    req: ReqId = None
+
+
+class Learnings(_Msg, tag="learnings"):
+    """Updates ``after`` < n ≤ ``next``, oldest first; ``missed`` counts those no longer kept."""
+
+    updates: list[Learned]
+    next: int
+    missed: int = 0
+    req: ReqId = None
+
+
 ExperienceEvent = Union[Decision, Outcome, Step, Event, EpisodeEnd]
 Request = Union[
     Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget, Explain, Evaluate, Adopt, Snapshot,
-    Release, InsightsRequest,
+    Release, InsightsRequest, LearningsRequest,
 ]
 Inbound = Union[
     Decision, Outcome, Step, Event, EpisodeEnd, Flush, Decide, StatusRequest, ModelsRequest, Promote, Rollback, Train, Forget,
-    Explain, Evaluate, Adopt, Snapshot, Release, InsightsRequest,
+    Explain, Evaluate, Adopt, Snapshot, Release, InsightsRequest, Learned, LearningsRequest,
 ]
 EXPERIENCE_TYPES = (Decision, Outcome, Step, Event, EpisodeEnd)
 
@@ -665,5 +704,5 @@ class Insights(_Msg, tag="insights"):
 
 Reply = Union[
     Ack, Error, Decided, DecidedSlate, StatusReply, ModelsReply, Done, Scored, Explanation, Evaluation, SnapshotTaken,
-    Insights,
+    Insights, Learnings,
 ]

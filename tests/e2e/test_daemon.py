@@ -206,6 +206,11 @@ def test_model_requests_fail_clearly_without_models(daemon: DaemonProcess) -> No
     with pytest.raises(RequestFailed, match="no agent has decided yet") as unknown:
         daemon.request(Rollback())  # no agent, no model line yet
     assert unknown.value.code == "line_unknown"
+    with pytest.raises(RequestFailed, match="agent 'bot' has logged no decision") as unknown:
+        daemon.request(Rollback(agent="bot"))  # a name no agent used makes no line
+    assert unknown.value.code == "line_unknown" and "agent:bot" not in daemon.status().lines
+    with Connection(daemon.socket) as conn:
+        assert isinstance(conn.request(Decide(agent="bot", context={}, actions=["a"])), Decided)
     with pytest.raises(RequestFailed, match="nothing to roll back"):
         daemon.request(Rollback(agent="bot"))
     with Connection(daemon.socket) as conn:

@@ -166,4 +166,4 @@ def test_evaluate_says_what_is_wrong(daemon: DaemonProcess, tmp_path: Path) -> N
     assert "model_not_found" in fails("v0009")
     assert "--since: 'yesterday' is neither epoch seconds nor an ISO-8601 time" in fails("action:small", "--since", "yesterday")
     assert "name at least one policy" in fails()
-    assert "evaluation: the window holds 0 usable matured decisions" in fails("action:small", "--agent", "nobody")
+    assert "line_unknown: evaluate: agent 'nobody' has logged no decision" in fails("action:small", "--agent", "nobody")

@@ -457,6 +457,16 @@ MESSAGES[p.Evaluate] = st.builds(
 
 MESSAGES[p.InsightsRequest] = st.builds(p.InsightsRequest, agent=st.none() | IDS, since=OPT_FLOAT, now=st.booleans(), req=REQ)
 MESSAGES[p.Snapshot] = st.builds(p.Snapshot, archive=st.booleans(), req=REQ)
+MESSAGES[p.Learned] = st.lists(
+    st.tuples(st.integers(0, 2**31), st.floats(allow_nan=False, allow_infinity=False)), max_size=8
+).flatmap(
+    lambda inputs: st.builds(
+        p.Learned, agent=IDS, decision=IDS, action=IDS, base=st.none() | IDS, beside=st.booleans(),
+        index=st.just([i for i, _ in inputs]), value=st.just([v for _, v in inputs]),
+        target=st.floats(allow_nan=False, allow_infinity=False),
+    )
+)
+MESSAGES[p.LearningsRequest] = st.builds(p.LearningsRequest, agent=IDS, after=st.integers(0, 2**63 - 1), req=REQ)
 MESSAGES[p.Release] = st.builds(
     p.Release, id=st.text("0123456789abcdef", min_size=32, max_size=32), renew=st.booleans(), req=REQ
 )

@@ -58,6 +58,8 @@ INBOUND: list[msgspec.Struct] = [
     p.Release(id="0123456789abcdef0123456789abcdef", req=2),
     p.Release(id="0123456789abcdef0123456789abcdef", renew=True),
     p.InsightsRequest(agent="router", since=1.0, now=True, req="i"),
+    p.Learned(agent="router", decision="d1", action="large", base="v0003", beside=True, index=[3, 129], value=[1.0, 0.42], target=1.0),
+    p.LearningsRequest(agent="router", after=120, req="l"),
 ]
 
 REPLIES: list[msgspec.Struct] = [
@@ -114,6 +116,10 @@ REPLIES: list[msgspec.Struct] = [
         taken_at=10.5, expires=910.5, tables={"decisions": "/s/decisions.parquet"}, rows={"decisions": 3},
         archive={"decisions": "/s/archive/decisions"}, linked=True,
         rewards={"": p.RewardRule(wait_window=30.0, default=0.0, aggregation="sum")}, req="s",
+    ),
+    p.Learnings(
+        updates=[p.Learned(agent="router", decision="d1", action="a", base=None, beside=False, index=[0], value=[1.0], target=0.5)],
+        next=121, missed=3, req="l",
     ),
     p.Insights(run=None, req="i"),
     p.Insights(
