@@ -161,6 +161,7 @@ class Policy:
         # the others' come back every refresh_interval (its own, recognised by decision id, skipped)
         self._own: OrderedDict[str, None] = OrderedDict()
         self._cursor = 0  # the last update of the daemon's relay this head has seen
+        self._sharing = head is not None
         if head is not None:
             head.on_update = self._share
         self._sender.start()
@@ -186,7 +187,8 @@ class Policy:
                 self._chooser.online.settings = self._settings.online
         if self._chooser.online is not None:
             self._chooser.online.expire()
-            self._absorb(self._chooser.online)
+            if self._sharing:
+                self._absorb(self._chooser.online)
 
     def _share(self, agent: str, action: str, decision_id: str, x: Any, reward: float, beside: bool) -> None:
         head = self._chooser.online
@@ -205,6 +207,11 @@ class Policy:
         if head.base != (scorer.version if scorer is not None else None):
             return
         reply = self._sender.ask(LearningsRequest(agent=self.agent, after=self._cursor, req="learnings"))
+        if isinstance(reply, Error):  # a daemon from before shared learning: stop asking and sharing
+            _log.warning("the daemon does not share online updates; this process learns on its own", error=reply.message)
+            head.on_update = None
+            self._sharing = False
+            return
         if not isinstance(reply, Learnings):
             return
         for u in reply.updates:
@@ -638,7 +645,9 @@ class _Sender(threading.Thread):
             conn.send_raw(encode_frame(msg, MSGPACK))
             while True:
                 reply = conn.receive()
-                if getattr(reply, "req", None) == getattr(msg, "req", None) and not isinstance(reply, Ack):
+                # nothing else is outstanding here: an error is this request's, even without its req
+                # (a daemon that cannot read the request cannot say which it was)
+                if isinstance(reply, Error) or (getattr(reply, "req", None) == getattr(msg, "req", None) and not isinstance(reply, Ack)):
                     return reply
         except (DaemonUnavailable, FrameError, OSError) as exc:
             self._disconnect(str(exc))

@@ -4,16 +4,22 @@ learned, and the daemon's relay hands each reader the updates it has not seen.""
 from __future__ import annotations
 
 import random
+import socket as socketlib
+import threading
+import time
+from pathlib import Path
 
 import msgspec
 import numpy as np
 import pytest
 
+from reflexd.client.policy import Policy
 from reflexd.config import OnlineConfig
 from reflexd.deciding.online import OnlineHead, learned
-from reflexd.service.lines import Relay
 from reflexd.errors import FrameError
-from reflexd.wire.framing import MSGPACK, decode_inbound, encode_frame
+from reflexd.service.lines import Relay
+from reflexd.wire.framing import MSGPACK, FrameReader, decode_inbound, encode_frame
+from reflexd.wire.protocol import Ack, Error
 
 TASKS = ("code", "chat", "math")
 ACTIONS = ["small", "large", "tools"]
@@ -79,3 +85,39 @@ def test_the_relay_says_how_many_a_slow_reader_missed(monkeypatch: pytest.Monkey
         relay.add(learned(head, "a", "p", f"d{i}", np.ones(130), 1.0, False))
     updates, last, missed = relay.since(1)
     assert [u.decision for u in updates] == ["d2", "d3", "d4"] and last == 5 and missed == 1
+
+
+def test_a_policy_beside_a_daemon_that_cannot_share_learns_on_its_own(tmp_path: Path) -> None:
+    """A daemon from before shared learning answers ``learnings`` with an error: the Policy stops
+    asking and sharing (no dead letter every half second) and its head goes on learning alone."""
+    path = str(tmp_path / "old.sock")
+    server = socketlib.socket(socketlib.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    asked = threading.Event()
+
+    def old_daemon() -> None:  # acks flushes, and cannot read a `learnings` request
+        conn, _ = server.accept()
+        reader = FrameReader(MSGPACK, 1 << 20)
+        with conn:
+            while chunk := conn.recv(65536):
+                for frame in reader.feed(chunk):
+                    payload = msgspec.msgpack.decode(frame)
+                    if payload.get("type") == "learnings":
+                        asked.set()
+                        conn.sendall(encode_frame(Error(code="malformed", message="unknown type 'learnings'", seq=0), MSGPACK))
+                    elif payload.get("type") == "flush":
+                        conn.sendall(encode_frame(Ack(count=0, req=payload.get("req")), MSGPACK))
+
+    threading.Thread(target=old_daemon, daemon=True).start()
+    try:
+        with Policy("router", socket=path, models=tmp_path / "models", refresh_interval=0.05) as policy:
+            choice = policy.decide({"task": "code"}, ACTIONS)
+            policy.reward(choice.id, 1.0)
+            assert asked.wait(10)
+            deadline = time.monotonic() + 10
+            while policy._sharing and time.monotonic() < deadline:  # the sender thread reads the answer
+                time.sleep(0.01)
+            assert not policy._sharing and policy.stats()["online"]["updates"] == 1
+    finally:
+        server.close()
