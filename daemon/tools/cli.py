@@ -1073,9 +1073,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Start a training run now and wait for its result, ignoring the idle, new-data and retry-backoff\n"
         "conditions the scheduler waits for: the daemon snapshots its experience, trains a candidate in a\n"
         "subprocess, exports it and gates it by off-policy evaluation; a candidate that passes goes live.\n"
-        "Prints 'promoted VERSION: REASON' or 'rejected VERSION: REASON' and exits 0 (a rejected candidate\n"
-        "is not an error); a failed run exits 1. --json prints the run's summary (outcome, version, gate,\n"
-        'train_rows, at, seconds, message), or {"outcome": "failed", "error": ...} with exit 1.',
+        "Prints 'promoted VERSION in LINE: REASON' or 'rejected VERSION in LINE: REASON' (no 'in LINE' with\n"
+        "learning.scope: shared) and exits 0 (a rejected candidate is not an error); a failed run exits 1.\n"
+        "--json prints the run's summary (outcome, version, gate, train_rows, at, seconds, message), or\n"
+        '{"outcome": "failed", "error": ...} with exit 1. Each agent (or group) learns in its own model\n'
+        "line (learning.scope): --agent A trains A's line; without it every line is trained in turn, one\n"
+        'line of output each (--json: {"runs": [...], "message"}).',
         ["reflexd train", "reflexd train --agent router", "reflexd train --json --timeout 300"],
         parents=[client],
     )
