@@ -25,8 +25,8 @@ from typing import Any
 
 import msgspec
 import numpy as np
-import onnxruntime as ort
 
+from reflexd.deciding.scoring import cpu_session
 from reflexd.durable import atomic_write, fsync_path
 from reflexd.errors import ModelIntegrityError, ModelNotFound, ReflexdError, TrainingError
 from reflexd.features import Hasher, scheme_refusal
@@ -160,15 +160,6 @@ def read_behaviour_run(out_dir: str | os.PathLike[str]) -> BehaviourManifest:
         raise TrainingError(f"unreadable behaviour result {path}: {exc}") from None
 
 
-def _session(model: bytes | str, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
 class BehaviourModel:
     """One loaded behaviour model version: its float graph, or its int8 one (``precision``
     "int8"; the caller says which ``model`` is)."""
@@ -183,7 +174,7 @@ class BehaviourModel:
         self.layers = manifest.architecture.layers
         self.hidden = manifest.architecture.hidden
         try:
-            self.session = _session(model, threads)
+            self.session = cpu_session(model, threads)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
             raise ModelIntegrityError(manifest.version or "candidate", f"onnxruntime cannot load it: {exc}") from None
 

@@ -21,7 +21,8 @@ from reflexd.registry import Registry
 BATCH_ROWS = 4096
 
 
-def _session(model: bytes, threads: int) -> ort.InferenceSession:
+def cpu_session(model: bytes | str, threads: int) -> ort.InferenceSession:
+    """An onnxruntime session on the CPU, run in the caller's thread with ``threads`` for its ops."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -58,7 +59,7 @@ class Scorer:
         self.version = manifest.version
         self.hasher = Hasher(manifest.features)
         try:
-            self.session = _session(model, threads)
+            self.session = cpu_session(model, threads)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
             raise ModelIntegrityError(manifest.version, f"onnxruntime cannot load it: {exc}") from None
         self._local = threading.local()  # agents may decide from several threads
