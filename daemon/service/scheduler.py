@@ -16,10 +16,9 @@ from typing import Any, Callable
 
 import anyio
 import msgspec
-import numpy as np
 
 from reflexd import log
-from reflexd.config import Config, RewardConfig, feature_spec
+from reflexd.config import Config, feature_spec
 from reflexd.deciding.scoring import ModelSource, Scorer
 from reflexd.errors import (
     DuplicateModel,
@@ -30,11 +29,11 @@ from reflexd.errors import (
     TrainerFault,
     TrainingError,
 )
-from reflexd.learning import gate, runs
-from reflexd.learning.dataset import load_holdout, load_snapshot
+from reflexd.learning import runs
+from reflexd.learning.dataset import load_holdout
 from reflexd.lines import folder_name
-from reflexd.manifest import MODEL_FILE, GateResult, Manifest, Training, decode_manifest
-from reflexd.registry import Registry, check_model, sha256_of
+from reflexd.manifest import MODEL_FILE, GateResult, Manifest, decode_manifest
+from reflexd.registry import Registry, check_model
 from reflexd.service.child import prune, run_child
 from reflexd.service.ingest import Ingest
 from reflexd.service.store import Store
@@ -45,6 +44,7 @@ from reflexd.trainer.result import (
     TrainResult,
     memory_exhausted,
     read_result,
+    run_manifests,
 )
 
 _log = log.get("reflexd.scheduler")
@@ -273,8 +273,7 @@ class Scheduler:
                 f"ONNX export differs from torch by {result.parity_diff:.2e} "
                 f"(tolerance {cfg.gate.parity_tolerance:.0e}); candidate rejected"
             )
-        self.status.state = "gating"
-        model_file, manifest, verdict = await anyio.to_thread.run_sync(self._gate, snapshot, out, result)
+        model_file, manifest, verdict = await anyio.to_thread.run_sync(self._gate, out, result)
         self.status.cutoff = max(self.status.cutoff, info.window_end)
         self.status.trained_on = info.rows
         return await anyio.to_thread.run_sync(self._register, model_file, manifest, verdict)
@@ -288,6 +287,9 @@ class Scheduler:
         cmd = [sys.executable, "-m", "reflexd.trainer", str(snapshot), str(out), "--config", str(config_file)]
         # each architecture's ONNX graph is traced once and reused by later runs (seconds each)
         cmd += ["--graph-cache", str(self.config.state_path / GRAPHS_DIR)]
+        live = self.models.scorer
+        if live is not None:  # the trainer judges its candidate against it
+            cmd += ["--incumbent", str(self.registry.root / live.version)]
 
         def started(pid: int | None) -> None:
             self.status.trainer_pid = pid
@@ -402,9 +404,7 @@ class Scheduler:
             ),
         )
         self.status.state = "gating"
-        model_file, manifest, verdict = await anyio.to_thread.run_sync(
-            lambda: self._judge(snapshot, model_file, manifest, Scorer(manifest, model))
-        )
+        verdict = await anyio.to_thread.run_sync(lambda: self._judge(snapshot, Scorer(manifest, model)))
         needed = max(cfg.gate.min_holdout if incumbent is not None else cfg.gate.first_min_holdout, 2)
         if not verdict.passed and verdict.holdout_rows < needed:
             raise TrainingError(
@@ -420,104 +420,51 @@ class Scheduler:
         _log.info("pulled model judged", source=source, version=summary["version"], outcome=summary["outcome"])
         return {**summary, "pulled_from": source, "holdout_rows": verdict.holdout_rows, "seconds": round(time.time() - started, 3)}
 
-    def _gate(self, snapshot: Path, out: Path, result: Any) -> tuple[Path, Manifest, Any]:
+    def _gate(self, out: Path, result: TrainResult) -> tuple[Path, Manifest, GateResult]:
         """(the model file to register, its manifest, the gate's verdict) for the trainer's ``result``.
 
-        The candidate fit without the holdout is judged on it (against a refit incumbent, only on
-        the rows newer than its snapshot). When it passes and the trainer also refit it on every
-        row (``trainer.refit_below``), the refit goes live unless it went wrong
-        (``gate.check_refit``); otherwise the candidate itself does. A cross-fitted run's model,
-        fit on every row, goes live if its learner's out-of-fold predictions pass
-        (``gate.evaluate_cross_fit``).
+        The trainer judged its candidate (``reflexd.trainer.judge``) against the model live when
+        the run started: fit without the holdout, on it, and when it passed and was also refit on
+        every row (``trainer.refit_below``), the refit goes live unless it went wrong; a
+        cross-fitted run's model, fit on every row, if its out-of-fold predictions passed. A
+        verdict against a model that is no longer live (a rollback or a promotion during the run)
+        is not one on the live model: the candidate is refused and the next run judges afresh.
         """
-        cfg = self.config
-        incumbent = self.models.scorer
-        model_file = out / MODEL_FILE
-        # the out-of-fold predictions are the gate's evidence, not the model's description; a
-        # cross-fitted model was fit on every row of its snapshot, as a refit is
-        cross_fitted = result.cross_fit is not None
-        training = msgspec.convert(
-            {**msgspec.to_builtins(result), "cross_fitted": cross_fitted, "refit": cross_fitted}, Training
-        )
-        manifest = Manifest(
-            version="candidate",
-            parent=incumbent.version if incumbent else None,
-            created=time.time(),
-            learner=result.learner,
-            features=result.features,
-            exploration=cfg.exploration,
-            agent_exploration={a: c.exploration for a, c in cfg.agents.items()},
-            training=training,
-            sha256=sha256_of(model_file),
-        )
-        if result.cross_fit is not None:
-            return model_file, manifest, self._gate_cross_fit(snapshot, result)
-        refit_file, refit = out / REFIT_FILE, None
-        if result.refitted:
-            refit = msgspec.structs.replace(
-                manifest,
-                # the candidate's file is pruned with its run; its digest says which model was judged
-                training=msgspec.structs.replace(manifest.training, refit=True, candidate_sha256=manifest.sha256),
-                sha256=sha256_of(refit_file),
-            )
-        return self._judge(snapshot, model_file, manifest, Scorer(manifest, model_file.read_bytes()), refit_file, refit)
+        live = self.models.scorer
+        live_version = live.version if live is not None else None
+        manifest, refit = run_manifests(self.config, result, out, live_version)
+        verdict = result.gate
+        if verdict is None:
+            raise TrainingError(f"the trainer's result in {out} holds no gate verdict")
+        if result.judged_against != live_version:
+            before, now = result.judged_against or "no model", live_version or "no model"
+            reason = f"the live model changed during the run ({before} -> {now}): not judged against it; rejected"
+            verdict = msgspec.structs.replace(verdict, passed=False, reason=reason, refit_rows=0)
+        if result.deploy == REFIT_FILE and refit is not None:
+            return out / REFIT_FILE, refit, verdict
+        return out / MODEL_FILE, manifest, verdict
 
-    def _judge(
-        self,
-        snapshot: Path,
-        model_file: Path,
-        manifest: Manifest,
-        candidate: Scorer,
-        refit_file: Path | None = None,
-        refit: Manifest | None = None,
-    ) -> tuple[Path, Manifest, GateResult]:
-        """The candidate judged on ``snapshot``'s holdout against the live model (``runs.judge_run``):
-        (the file to register, its manifest, the verdict). A run's candidate, and a model pulled in
-        from elsewhere (``adopt``), go live by this one rule."""
+    def _judge(self, snapshot: Path, candidate: Scorer) -> GateResult:
+        """A model pulled in from elsewhere (``adopt``) judged on ``snapshot``'s holdout against the
+        live model by ``runs.judge_run``, the rule a run's candidate goes live by."""
         cfg = self.config
         incumbent = self.models.scorer
-        holdout = load_holdout(snapshot, manifest.features, cfg.trainer.holdout_fraction)
+        features = candidate.manifest.features
+        holdout = load_holdout(snapshot, features, cfg.trainer.holdout_fraction)
         incumbent_holdout = None
-        if incumbent is not None and incumbent.manifest.features != manifest.features:
+        if incumbent is not None and incumbent.manifest.features != features:
             incumbent_holdout = load_holdout(snapshot, incumbent.manifest.features, cfg.trainer.holdout_fraction)
-        judged = runs.judge_run(
+        return runs.judge_run(
             candidate,
             incumbent,
             holdout,
             cfg.exploration,
             cfg.gate,
-            (lambda: Scorer(refit, refit_file.read_bytes())) if refit is not None and refit_file is not None else None,
+            None,
             incumbent_holdout,
             incumbent.manifest.exploration if incumbent is not None else None,
-            self._rewards_for,  # rows whose rewards are episode returns are judged by episode
-        )
-        if refit is not None and refit_file is not None and judged.live is not None and judged.live is not candidate:
-            return refit_file, refit, judged.verdict
-        return model_file, manifest, judged.verdict
-
-    def _gate_cross_fit(self, snapshot: Path, result: TrainResult) -> GateResult:
-        """The gate's verdict on a cross-fitted run's learner (``gate.evaluate_cross_fit``)."""
-        rows = load_snapshot(snapshot, result.features)
-        found = result.cross_fit
-        if list(rows.ids) != found.ids:
-            raise TrainingError(
-                f"the trainer's out-of-fold predictions cover {len(found.ids)} rows that are not the "
-                f"{len(rows)} of snapshot {snapshot}, row for row"
-            )
-        scores, spread = np.asarray(found.scores, dtype=np.float64), np.asarray(found.spread, dtype=np.float64)
-        if scores.shape != rows.mask.shape or spread.shape != rows.mask.shape:
-            raise TrainingError(
-                f"the trainer's out-of-fold predictions are {scores.shape} and {spread.shape}, "
-                f"not one per action of each row {rows.mask.shape}"
-            )
-        return gate.evaluate_cross_fit(
-            rows, scores, spread, self.config.exploration, self.config.gate, self.models.scorer, self._rewards_for
-        )
-
-    def _rewards_for(self, agent: str) -> RewardConfig:
-        """An agent's reward settings (its ``agents:`` override, else the global ones)."""
-        override = self.config.agents.get(agent)
-        return override.rewards if override is not None else self.config.rewards
+            lambda agent: cfg.for_agent(agent).rewards,
+        ).verdict
 
     def _register(
         self, model_file: Path, manifest: Manifest, verdict: Any, origin: dict[str, Any] | None = None

@@ -1,6 +1,7 @@
 """The trainer subprocess: snapshot → fit → ONNX export → parity check → result.json.
 
     python -m reflexd.trainer SNAPSHOT OUT_DIR --config CONFIG_JSON [--seed N] [--graph-cache DIR]
+        [--incumbent MODEL_DIR]
 
 CONFIG_JSON is ``msgspec.json.encode(config)`` of a ``reflexd.config.Config``, given inline or as
 the path of a file holding it (the daemon writes a file, which keeps it out of ``ps``). The run
@@ -8,6 +9,11 @@ writes ``OUT_DIR/policy.onnx``, the candidate fit on all but the holdout, which 
 below ``trainer.refit_below`` rows, ``OUT_DIR/refit.onnx``, the same learner fit on every row,
 which goes live if the candidate passes; and ``OUT_DIR/result.json`` (a ``TrainResult``, or
 ``{"error": ...}``).
+
+The run also judges its candidate (``reflexd.trainer.judge``): on the holdout, against the live
+model named by ``--incumbent`` (its registry folder, checked against its sha256) or, without one,
+against the policy that logged the holdout. The verdict is ``TrainResult.gate``; the daemon
+registers it.
 
 A snapshot too small to hold any rows out (``reflexd.split.cross_fitted``) is cross-fitted
 instead: the learner is fit once per row on all the others (at most ``split.MAX_FOLDS`` times,
@@ -55,6 +61,7 @@ from reflexd.features import FeatureSpec
 from reflexd.learning.dataset import Batch, load_snapshot, split_holdout
 from reflexd.manifest import MODEL_FILE
 from reflexd.split import cross_fitted, first_run_rows, folds, holdout_run_rows
+from reflexd.trainer.judge import judge, load_incumbent
 from reflexd.trainer.result import (
     EXIT_OUT_OF_MEMORY,
     REFIT_FILE,
@@ -86,6 +93,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="the daemon's Config as JSON, or a file holding it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--graph-cache", default=None, help="directory of exported graphs to reuse across runs")
+    parser.add_argument(
+        "--incumbent", default=None, help="the live model's registry folder, to judge the candidate against"
+    )
     return parser.parse_args(argv)
 
 
@@ -94,10 +104,14 @@ def _read_config(arg: str) -> Config:
     return msgspec.json.decode(text, type=Config)
 
 
-def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path | None = None) -> TrainResult:
+def train(
+    snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path | None = None, incumbent: Path | None = None
+) -> TrainResult:
     settings = config.trainer
     spec = feature_spec(config)
     started = run_started = time.perf_counter()
+    # loaded first, so an unreadable live model fails the run before any work is done
+    live = load_incumbent(incumbent, settings.max_threads) if incumbent is not None else None
     # loaded before torch is imported, so a bad or empty snapshot fails in a fraction of a second
     batch = load_snapshot(snapshot, spec)
     needed = first_run_rows(config)
@@ -195,7 +209,7 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
         parity_seconds=exported.parity_seconds,
     )
 
-    return TrainResult(
+    result = TrainResult(
         learner=learner.name,
         features=spec,
         seed=seed,
@@ -220,6 +234,12 @@ def train(snapshot: str, out_dir: Path, config: Config, seed: int, graphs: Path 
         torch_version=str(torch.__version__),  # torch's TorchVersion is a str subclass msgspec refuses
         cross_fit=out_of_fold,
     )
+    if not parity_ok:
+        return result  # the daemon rejects it without a gate
+    started = time.perf_counter()
+    result = judge(config, out_dir, result, snapshot, batch, holdout, live)
+    _log("judged", passed=result.gate.passed, against=result.judged_against, seconds=time.perf_counter() - started)
+    return result
 
 
 def cross_fit(learner: Any, batch: Batch, settings: TrainerConfig, seed: int) -> CrossFit:
@@ -302,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     limit = limit_memory(max_mb)  # before torch is imported, so its mappings count too
     try:
         graphs = Path(args.graph_cache) if args.graph_cache else None
-        write_result(out_dir, train(args.snapshot, out_dir, config, args.seed, graphs))
+        incumbent = Path(args.incumbent) if args.incumbent else None
+        write_result(out_dir, train(args.snapshot, out_dir, config, args.seed, graphs, incumbent))
     except Exception as exc:
         # a TrainingError says what went wrong; only its text can tell of an allocation failure
         if _out_of_memory(exc, None if isinstance(exc, TrainingError) else limit):

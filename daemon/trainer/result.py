@@ -7,13 +7,19 @@ never imported), so it imports nothing heavier than msgspec.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from reflexd.errors import TrainingError
 from reflexd.features import FeatureSpec
+from reflexd.manifest import MODEL_FILE, GateResult, Manifest, Training
+from reflexd.registry import sha256_of
+
+if TYPE_CHECKING:
+    from reflexd.config import Config
 
 RESULT_FILE = "result.json"
 REFIT_FILE = "refit.onnx"
@@ -74,6 +80,43 @@ class TrainResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     refit_parity_diff: float | None  # None when no refit was fit
     torch_version: str
     cross_fit: CrossFit | None = None  # a cross-fitted run's (holdout_rows is then 0)
+    # The gate's verdict, reached in the trainer, which already holds the holdout and the
+    # candidate, so that the daemon's memory does not grow with the experience (None when the
+    # export failed its parity check: the daemon rejects such a candidate before any gate).
+    gate: GateResult | None = None
+    judged_against: str | None = None  # the live model's version the candidate was judged against
+    deploy: str = MODEL_FILE  # the file that goes live if the gate passed: MODEL_FILE or REFIT_FILE
+
+
+def run_manifests(config: Config, result: TrainResult, out_dir: Path, parent: str | None) -> tuple[Manifest, Manifest | None]:
+    """The manifests of a run's candidate (``MODEL_FILE``) and of its refit (``REFIT_FILE``, None
+    when there is none), as the registry will hold them once given a version."""
+    # the out-of-fold predictions and the verdict are the gate's, not the model's description
+    # (Training ignores them); a cross-fitted model was fit on every row of its snapshot, as a refit is
+    cross_fitted = result.cross_fit is not None
+    training = msgspec.convert(
+        {**msgspec.to_builtins(result), "cross_fitted": cross_fitted, "refit": cross_fitted}, Training
+    )
+    manifest = Manifest(
+        version="candidate",
+        parent=parent,
+        created=time.time(),
+        learner=result.learner,
+        features=result.features,
+        exploration=config.exploration,
+        agent_exploration={a: c.exploration for a, c in config.agents.items()},
+        training=training,
+        sha256=sha256_of(out_dir / MODEL_FILE),
+    )
+    if not result.refitted:
+        return manifest, None
+    refit = msgspec.structs.replace(
+        manifest,
+        # the candidate's file is pruned with its run; its digest says which model was judged
+        training=msgspec.structs.replace(manifest.training, refit=True, candidate_sha256=manifest.sha256),
+        sha256=sha256_of(out_dir / REFIT_FILE),
+    )
+    return manifest, refit
 
 
 class Failure(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
