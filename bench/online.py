@@ -2,10 +2,12 @@
 
     python -m bench.online [--decisions N] [--seeds N] [--strategy NAME] [--costs-only] [--compare]
 
-- per-update cost of ``OnlineHead.learn`` (p50, p99 over single calls) for contexts that touch
-  few and many hashed features, and the head's memory per (agent, action) arm; with
+- per-update cost of ``OnlineHead.learn`` (p50, p99, p99.9, mean over single calls) for contexts
+  that touch few and many hashed features, and the head's memory per (agent, action) arm; with
   ``--compare``, also of the update as it was before deferred downdates (``_FullCovarianceArm``),
-  timed in the same run, so that both see the same load;
+  timed just before, and as it was while a fold of the downdates was one update's work
+  (``_FoldAtOnceArm``), taking turns call by call with the current one, so that both see the
+  same load;
 - what the head adds to an in-process decision (``Chooser.choose`` with and without it, no model),
   and what exploring by the head's posterior spread adds (thompson, linucb);
 - adaptation on the demo's world (``reflexd demo``): the head alone (no batch model, exploring by
@@ -27,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 
@@ -79,33 +80,88 @@ class _FullCovarianceArm:
         self.cov = cov - np.outer(gain, cx)
 
 
-def update_cost(keys: int, n: int = 20_000, reference: bool = False) -> dict[str, Any]:
-    """Per-call cost of learn(), contexts of ``keys`` categorical keys with 10 values each;
-    ``reference``: with the update as it was before (``_FullCovarianceArm``)."""
-    if reference:
-        with mock.patch.object(online_module, "_Arm", _FullCovarianceArm):
-            return update_cost(keys, n)
-    head = OnlineHead(OnlineConfig(pending=n))
+class _FoldAtOnceArm(online_module._Arm):
+    """The update before folds were spread: all 16 downdates folded into a new base by one update."""
+
+    def __init__(self, d: int, offset: float) -> None:
+        super().__init__(d, offset)
+        self.state = self.state._replace(down=np.zeros((16, 0)))
+
+    def update(self, x: np.ndarray, target: float, prior: float) -> None:
+        weights, row_of, features, theta, base, down, r, _ = self.state
+        xr = x[features]
+        if np.count_nonzero(xr) != np.count_nonzero(x):
+            nz = np.flatnonzero(x)
+            new = nz[row_of[nz] < 0]
+            m, k = len(features), len(new)
+            row_of = row_of.copy()
+            row_of[new] = np.arange(m, m + k)
+            grown = np.zeros((m + k, m + k))
+            grown[:m, :m] = base if r == 0 else base - down[:r].T @ down[:r]
+            grown[range(m, m + k), range(m, m + k)] = 1.0 / prior
+            base, theta = grown, np.concatenate([theta, np.zeros(k)])
+            features = np.concatenate([features, new])
+            down, r = np.empty((16, m + k)), 0
+            xr = x[features]
+        cx = base.dot(xr)
+        if r:
+            done = down[:r]
+            cx -= done.dot(xr).dot(done)
+        s = 1.0 + float(xr.dot(cx))
+        error = target - float(theta.dot(xr))
+        theta = theta + cx * (error / s)
+        self.residual += error * error / s
+        np.multiply(cx, 1.0 / math.sqrt(s), out=down[r])
+        r += 1
+        if r == 16:
+            base = base - down.T @ down
+            down, r = np.empty_like(down), 0
+        weights = weights.copy()
+        weights[features] = theta
+        self.n += 1
+        noise = (online_module._NOISE_PRIOR + self.residual) / (online_module._NOISE_PRIOR + self.n)
+        self.state = online_module._State(weights, row_of, features, theta, base, down, r, noise)
+
+
+REFERENCES = {"before": _FullCovarianceArm, "fold at once": _FoldAtOnceArm}
+
+
+def update_costs(keys: int, kinds: tuple[str | None, ...] = (None,), n: int = 20_000) -> list[dict[str, Any]]:
+    """Per-call cost of learn() with each kind of arm (None: the head's own, else a key of
+    ``REFERENCES``), contexts of ``keys`` categorical keys with 10 values each. The kinds take turns
+    call by call, each first in turn, so that all see the same load."""
+    heads = [OnlineHead(OnlineConfig(pending=n)) for _ in kinds]
     rng = random.Random(1)
-    xs = [head.features({f"k{j}": f"v{rng.randrange(10)}" for j in range(keys)}) for _ in range(1000)]
+    xs = [heads[0].features({f"k{j}": f"v{rng.randrange(10)}" for j in range(keys)}) for _ in range(1000)]
+    for head, kind in zip(heads, kinds):
+        head._arms["a", "x"] = REFERENCES.get(kind, online_module._Arm)(head._d, 0.0)
+        for i in range(n):
+            head.remember(str(i), "a", "x", xs[i % 1000], None)
+    times: list[list[float]] = [[] for _ in kinds]
     for i in range(n):
-        head.remember(str(i), "a", "x", xs[i % 1000], None)
-    times = []
-    for i in range(n):
-        t0 = time.perf_counter_ns()
-        head.learn(str(i), 1.0)
-        times.append((time.perf_counter_ns() - t0) / 1000)
-    arm = next(iter(head._arms.values()))
-    arrays = [a for a in vars(arm).values()] if isinstance(arm, _FullCovarianceArm) else list(arm.state)
-    return {
-        "keys": keys,
-        "reference": isinstance(arm, _FullCovarianceArm),
-        "features_seen": len(arm.features),
-        "p50_us": _percentile(times, 0.5),
-        "p99_us": _percentile(times, 0.99),
-        "mean_us": statistics.fmean(times),
-        "arm_bytes": sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)),
-    }
+        for j in range(len(heads)):
+            j = (i + j) % len(heads)
+            t0 = time.perf_counter_ns()
+            heads[j].learn(str(i), 1.0)
+            times[j].append((time.perf_counter_ns() - t0) / 1000)
+    out = []
+    for head, kind, t in zip(heads, kinds, times):
+        arm = head._arms["a", "x"]
+        arrays = list(vars(arm).values()) if isinstance(arm, _FullCovarianceArm) else list(arm.state)
+        m = len(arm.features)
+        out.append({
+            "keys": keys,
+            "reference": kind,
+            "features_seen": m,
+            "p50_us": _percentile(t, 0.5),
+            "p99_us": _percentile(t, 0.99),
+            "p999_us": _percentile(t, 0.999),
+            "mean_us": statistics.fmean(t),
+            "arm_bytes": sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)),
+            # a spread fold holds the next base and the rows it folds beside the state (7 updates in 16 at 129 inputs)
+            "fold_bytes": 0 if kind else 8 * m * (m + online_module._DEFERRED),
+        })
+    return out
 
 
 def decide_cost(online: bool, n: int = 20_000, strategy: str = "squarecb") -> dict[str, Any]:
@@ -165,11 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=5, help="adaptation runs, one world seed each (default 5)")
     ap.add_argument("--strategy", default="squarecb", help="the head's exploration in the adaptation runs (default squarecb)")
     ap.add_argument("--costs-only", action="store_true", help="the update and decision costs alone, no adaptation runs")
-    ap.add_argument("--compare", action="store_true", help="also time the update as it was before, in the same run")
+    ap.add_argument("--compare", action="store_true", help="also time the updates as they were, in turn")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
     print("[bench] update cost", file=sys.stderr)
-    updates = [update_cost(k, reference=ref) for k in (3, 10, 40) for ref in ((True, False) if args.compare else (False,))]
+    # the update before deferred downdates on its own: its m×m writes would crowd the others out of the cache
+    kinds = (("before",), ("fold at once", None)) if args.compare else ((None,),)
+    updates = [u for k in (3, 10, 40) for turns in kinds for u in update_costs(k, turns)]
     print("[bench] decide cost", file=sys.stderr)
     decides = [decide_cost(False), decide_cost(True), decide_cost(True, strategy="thompson"),
                decide_cost(True, strategy="linucb")]
@@ -195,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         "-" * 81,
     ]
     for u in updates:
-        label = f"learn(), {u['keys']} keys ({u['features_seen']} features seen)" + (", before" if u["reference"] else "")
-        lines.append(f"{label:58s} {u['p50_us']:>7.1f} µs p50 {u['p99_us']:>6.1f} p99 {u['mean_us']:>6.1f} mean")
-        lines.append(f"{'  memory of that arm':58s} {u['arm_bytes'] / 1024:>19.1f} KiB")
+        label = f"learn(), {u['keys']} keys ({u['features_seen']} features seen)" + (f", {u['reference']}" * bool(u["reference"]))
+        lines.append(f"{label:58s} {u['p50_us']:>7.1f} µs p50 {u['p99_us']:>6.1f} p99 {u['p999_us']:>6.1f} p99.9 "
+                     f"{u['mean_us']:>6.1f} mean")
+        lines.append(f"{'  memory of that arm':58s} {u['arm_bytes'] / 1024:>19.1f} KiB"
+                     + (f" + {u['fold_bytes'] / 1024:.1f} KiB while a fold is under way" if u["fold_bytes"] else ""))
     for d in decides:
         label = "Chooser.choose, no model, " + (f"with the head, {d['strategy']}" if d["online"] else "without the head")
         lines.append(f"{label:58s} {d['p50_us']:>7.1f} µs p50 {d['p99_us']:>6.1f} p99")

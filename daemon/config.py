@@ -164,7 +164,9 @@ class OnlineConfig(_Section):
     # reflexd.deciding.online): the policy before any model, a correction beside a live one
     enabled: bool = True
     prior: PositiveFloat = 1.0  # ridge penalty: larger keeps the head nearer zero for longer
-    max_arms: Positive = 256  # (agent, action) regressions kept, ~130 KB each; least recent dropped
+    # the ridge penalty of its corrections beside a live model, which start afresh with each one
+    model_prior: PositiveFloat = 100.0
+    max_arms: Positive = 256  # (agent, action) regressions kept, up to ~310 KiB each on wide contexts; least recent dropped
     pending: Positive = 10_000  # decisions remembered until their reward comes
 
 

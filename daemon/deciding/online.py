@@ -9,7 +9,10 @@ exploration strategy turns into probabilities:
 
 - before any model, it is the policy, so the first decisions already learn;
 - beside a live model, the model's score is one more input, with a prior weight of 1: the head
-  starts from the model's scores and learns what the model misses (and how far to trust it);
+  starts from the model's scores and learns what the model misses (and how far to trust it),
+  under a stronger ridge penalty (``model_prior``): the model's scores already sum up its run's
+  experience, and corrections as free as before any model, learnt afresh from the few rewards
+  after each promotion, cost reward until they settled (``bench/served.py``);
 - each new live model starts the head afresh beside it: the gate passed the model against the
   policy that logged its holdout (this head, before any model), and the head's corrections were
   for the last model's scores.
@@ -43,6 +46,7 @@ _log = log.get("reflexd.online")
 class OnlineSettings(Protocol):
     enabled: bool
     prior: float
+    model_prior: float
     max_arms: int
     pending: int
 
@@ -57,9 +61,10 @@ class _State(NamedTuple):
     in another thread sees the state before or after an update, never half of one.
 
     The covariance over the seen inputs is ``base - down[:r]ᵀ down[:r]``: each update's rank-one
-    downdate is appended as a row of ``down`` and folded into a new ``base`` every ``_DEFERRED``
-    updates (see ``_Arm.update``). Rows past ``r`` belong to later states: only ever written, by
-    the next updates, never read through this one.
+    downdate is appended as a row of ``down``, and every ``_DEFERRED`` updates the first
+    ``_DEFERRED`` rows are folded into a new ``base`` over the updates that follow (see
+    ``_Arm._fold``). Rows past ``r`` belong to later states: only ever written, by the next
+    updates, never read through this one.
     """
 
     weights: np.ndarray  # theta spread over all d inputs: one dot product per mean
@@ -81,6 +86,12 @@ _NOISE_PRIOR = 2.0
 # hundred inputs; a fold is one matrix product, and the downdates kept cost O(m·r) per update.
 _DEFERRED = 16
 
+# Rows of the new base a fold writes per update, at most (more only past 14·_FOLD_ROWS inputs, so
+# that a fold ends before the rows kept fill their buffer). Folding all m rows in one update made
+# that update 3× the others at 129 inputs, and the per-update p99 the fold's. A block of 8 or 16
+# rows costs most of what one of 32 does (numpy's per-call cost), in more updates.
+_FOLD_ROWS = 32
+
 
 class _Arm:
     """One action's regression over the inputs it has seen.
@@ -91,14 +102,19 @@ class _Arm:
     update costs O(m²), not O(d²), with the same result as the full regression.
     """
 
-    __slots__ = ("n", "offset", "residual", "state")
+    __slots__ = ("_folded", "_folding", "n", "offset", "residual", "state")
 
     def __init__(self, d: int, offset: float) -> None:
         # the model score's prior weight: 1 beside a model (the head starts from the model's scores
         # and corrects them), 0 before any (the score input is then always 0)
         self.offset = offset
         self.state = _State(np.zeros(d), np.full(d, -1, dtype=np.intp), np.zeros(0, dtype=np.intp), np.zeros(0),
-                            np.zeros((0, 0)), np.zeros((_DEFERRED, 0)), 0, 1.0)
+                            np.zeros((0, 0)), np.zeros((2 * _DEFERRED, 0)), 0, 1.0)
+        # the fold under way (``_fold``; None: none): the new base, its first ``_folded`` rows written
+        # (no published state holds it until it is whole); the downdates it folds, transposed (a
+        # contiguous block of them makes a block's product a fifth cheaper); its rows per block
+        self._folding: tuple[np.ndarray, np.ndarray, int] | None = None
+        self._folded = 0
         self.n = 0
         # Σ error² / (1 + xᵀΣx) over the updates: each term's expectation is the noise variance (the
         # error's variance is the noise's times 1 + xᵀΣx); the sum is the residuals' squares plus
@@ -119,7 +135,8 @@ class _Arm:
         """One recursive least squares step: gain k = Σx / (1 + xᵀΣx); Σ loses k(Σx)ᵀ, θ moves by k·error.
 
         Σ loses it as the row u = Σx / √(1 + xᵀΣx) of ``down`` (uuᵀ = k(Σx)ᵀ), so an update writes
-        O(m) numbers, and reads Σ through one product with ``base`` and two with the rows kept.
+        O(m) numbers, and reads Σ through one product with ``base`` and two with the rows kept; and
+        while a fold is under way, one block of the next base (``_fold``).
         """
         weights, row_of, features, theta, base, down, r, _ = self.state
         xr = x[features]
@@ -134,7 +151,8 @@ class _Arm:
             grown[range(m, m + k), range(m, m + k)] = 1.0 / prior
             base, theta = grown, np.concatenate([theta, np.zeros(k)])
             features = np.concatenate([features, new])
-            down, r = np.empty((_DEFERRED, m + k)), 0
+            down, r = np.empty((2 * _DEFERRED, m + k)), 0
+            self._folding = None  # a fold under way folds rows that ``grown`` already holds
             xr = x[features]
         # ndarray.dot, not @: on vectors of a few dozen numbers matmul's dispatch costs twice the product
         cx = base.dot(xr)
@@ -147,14 +165,41 @@ class _Arm:
         self.residual += error * error / s
         np.multiply(cx, 1.0 / sqrt(s), out=down[r])
         r += 1
-        if r == _DEFERRED:
-            base = base - down.T @ down
-            down, r = np.empty_like(down), 0  # a new buffer: states read before hold the old one
+        if r >= _DEFERRED:
+            base, down, r = self._fold(base, down, r)
         weights = weights.copy()
         weights[features] = theta
         self.n += 1
         noise = (_NOISE_PRIOR + self.residual) / (_NOISE_PRIOR + self.n)
         self.state = _State(weights, row_of, features, theta, base, down, r, noise)
+
+    def _fold(self, base: np.ndarray, down: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """One step of folding ``down[:_DEFERRED]`` into a new base, base − downᵀdown: the first
+        sets it up, each next writes a block of its rows, and the last returns it with the rows kept
+        since. Until then the states keep the old base and every row kept.
+
+        Setting up and handing over take an update each: beside a block they added a third to a
+        half to its cost. A fold is at most ``_DEFERRED`` steps, one per row it folds, so the rows
+        kept while it is under way never fill ``down`` (2·``_DEFERRED`` rows).
+        """
+        m = len(base)
+        if self._folding is None:
+            blocks = min(_DEFERRED - 2, -(-m // _FOLD_ROWS)) or 1  # as even as they go
+            self._folding = np.empty_like(base), np.ascontiguousarray(down[:_DEFERRED].T), -(-m // blocks)
+            self._folded = 0
+            return base, down, r
+        new, rows, step = self._folding
+        a = self._folded
+        if a < m:
+            b = self._folded = a + step
+            block = new[a:b]
+            np.dot(rows[a:b], down[:_DEFERRED], out=block)
+            np.subtract(base[a:b], block, out=block)
+            return base, down, r
+        self._folding = None
+        rest = np.empty_like(down)  # a new buffer: states read before hold the old one
+        rest[: r - _DEFERRED] = down[_DEFERRED:r]
+        return new, rest, r - _DEFERRED
 
 
 def learned(head: OnlineHead, agent: str, action: str, decision_id: str, x: np.ndarray, reward: float, beside: bool) -> Learned:
@@ -225,7 +270,7 @@ class OnlineHead:
         """Each action's posterior standard deviation at ``x``: of its mean given the live model's
         ``scores`` (None: no model), as ``means`` gives it. Up to the noise scale, or with ``noise``
         in reward units: times the action's estimated noise (1 while it has no rewards)."""
-        unit = 1.0 / self.settings.prior
+        unit = 1.0 / (self.settings.prior if scores is None else self.settings.model_prior)
         xx = float(x.dot(x))
         arms = self._arms
         out = []
@@ -338,7 +383,8 @@ class OnlineHead:
                 arms.popitem(last=False)  # the arm updated least recently goes first
         else:
             arms.move_to_end(key)
-        arm.update(x, reward - arm.offset * x[-1], self.settings.prior)
+        settings = self.settings
+        arm.update(x, reward - arm.offset * x[-1], settings.model_prior if beside_model else settings.prior)
         self.updates += 1
 
     def follow(self, version: str | None) -> None:

@@ -78,10 +78,11 @@ def test_arms_are_bounded() -> None:
 def test_beside_a_new_model_the_head_starts_from_its_scores_and_learns_what_it_misses() -> None:
     """Before any model the head learned the task's best action; a model goes live whose scores
     are right for code and wrong for chat. The head starts from the model's scores, then learns
-    the correction where the model is wrong."""
+    the correction where the model is wrong (at a ridge penalty beside it as light as before it,
+    so that 400 rewards are enough to learn it whole)."""
     rng = random.Random(8)
     truth = {("code", "small"): 0.2, ("code", "large"): 0.8, ("chat", "small"): 0.7, ("chat", "large"): 0.3}
-    head = OnlineHead(OnlineConfig())
+    head = OnlineHead(OnlineConfig(model_prior=1.0))
     ids = ["small", "large"]
     for i in range(300):
         task, action = rng.choice(["code", "chat"]), rng.choice(ids)
@@ -242,3 +243,30 @@ def test_a_default_action_the_agent_does_not_offer_leaves_the_head_in_charge() -
         choice = c.choose("agent", {"k": 1}, ["a", "b"])
         c.learn(choice.id, 1.0 if choice.action == "b" else 0.0)
     assert c.choose("agent", {"k": 1}, ["a", "b"]).probs == pytest.approx([0.05, 0.95])
+
+
+def test_beside_a_model_the_heads_corrections_are_held_to_its_stronger_prior() -> None:
+    """``model_prior``: beside a live model the head moves away from the model's scores only as far
+    as many rewards show it should, where before any model a few rewards move it."""
+    ids = ["small", "large"]
+    moved = {}
+    for model_prior in (1.0, 100.0):
+        head = OnlineHead(OnlineConfig(prior=1.0, model_prior=model_prior))
+        head.follow("v0001")
+        rng = random.Random(3)
+        x = head.features({"task": "chat"})
+        for i in range(30):  # the model is right (0.5 each); the rewards are noise around it
+            action = ids[i % 2]
+            head.remember(f"d{i}", "agent", action, x, 0.5)
+            head.learn(f"d{i}", 0.5 + rng.gauss(0, 0.3))
+        means = head.means("agent", x, ids, [0.5, 0.5])
+        moved[model_prior] = max(abs(m - 0.5) for m in means)
+        spread = head.spread("agent", head.features({"task": "code"}), ids, [0.5, 0.5])
+        assert spread[0] == pytest.approx(spread[1])
+    assert moved[100.0] < moved[1.0] / 3
+    # and the posterior over inputs never seen is the stronger prior's
+    head = OnlineHead(OnlineConfig(prior=1.0, model_prior=100.0))
+    x = head.features({"task": "chat"})
+    (alone,) = head.spread("agent", x, ["small"])
+    (beside,) = head.spread("agent", x, ["small"], [0.0])
+    assert beside == pytest.approx(alone / 10)

@@ -75,7 +75,7 @@ def test_the_update_equals_the_full_covariance_update(keys: int, prior: float, n
 
 
 def test_the_spread_beside_a_model_counts_the_models_score_as_an_input() -> None:
-    head = OnlineHead(OnlineConfig(prior=1.5))
+    head = OnlineHead(OnlineConfig(prior=1.0, model_prior=1.5))  # beside a model: model_prior
     rng = np.random.default_rng(5)
     rows, targets = [], []
     for i in range(300):
