@@ -61,7 +61,7 @@ def logged(seed: int, n: int) -> Batch:
 def beside_head(rows: Batch, scores: np.ndarray, prior: float, t: int, warm: tuple[Batch, np.ndarray] | None = None) -> np.ndarray:
     """[N, A]: the policy a client serves over ``scores`` beside a fresh head (``warm``: one that
     first learned those rows beside their scores), learning each row's reward after deciding it."""
-    head = OnlineHead(OnlineConfig(prior=prior), FeatureSpec(context_dim=rows.context.shape[1]))
+    head = OnlineHead(OnlineConfig(model_prior=prior), FeatureSpec(context_dim=rows.context.shape[1]))
     head.follow("candidate")  # arms born beside a model start from its scores
     x = np.zeros(rows.context.shape[1] + 2)
     x[-2] = 1.0
@@ -95,9 +95,11 @@ def judge(seed: int, batch: Batch, n: int) -> dict[str, float]:
 
     train, holdout = split_holdout(batch.take(range(n)), CONFIG.trainer.holdout_fraction)
     model = MLPLearner().fit(train, CONFIG.trainer, seed, None)
-    with torch.inference_mode():
-        score = lambda b: model(torch.from_numpy(b.context), torch.from_numpy(b.actions))[0].double().numpy()  # noqa: E731
-        scores, train_scores = score(holdout), score(train)
+    def score(rows: Batch) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(rows.context), torch.from_numpy(rows.actions))[0].double().numpy()
+
+    scores, train_scores = score(holdout), score(train)
     t = Training(train_rows=len(train), holdout_rows=len(holdout)).experience
     mask = holdout.mask
     policies: dict[str, Any] = {"scores": gate.target_probs(CONFIG.exploration, scores, None, mask, t)}

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 import yaml
@@ -434,9 +434,30 @@ def read_client_settings(models: Path) -> ClientSettings | None:
     """The settings a daemon published in ``models``, or None if it has published none (or they
     cannot be read: a client then keeps its own defaults rather than fail)."""
     try:
-        return msgspec.json.decode((models / CLIENT_SETTINGS_FILE).read_bytes(), type=ClientSettings)
+        found = msgspec.json.decode((models / CLIENT_SETTINGS_FILE).read_bytes())
+        # settings a newer daemon adds are left out, not a reason to drop every other one
+        return msgspec.convert(_known(ClientSettings, found), ClientSettings)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None
+
+
+def _known(cls: Any, data: Any) -> Any:
+    """``data`` with only the keys the Struct ``cls`` and the Structs in it know (also as a dict's values)."""
+    if not isinstance(data, dict):
+        return data
+    kept = {}
+    for field in msgspec.structs.fields(cls):
+        if field.encode_name not in data:
+            continue
+        value, kind = data[field.encode_name], field.type
+        if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+            value = _known(kind, value)
+        elif get_origin(kind) is dict and isinstance(value, dict):
+            inner = get_args(kind)[1]
+            if isinstance(inner, type) and issubclass(inner, msgspec.Struct):
+                value = {k: _known(inner, v) for k, v in value.items()}
+        kept[field.encode_name] = value
+    return kept
 
 
 _PATH_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)

@@ -57,6 +57,7 @@ class Scorer:
     def __init__(self, manifest: Manifest, model: bytes, threads: int = 1) -> None:
         self.manifest = manifest
         self.version = manifest.version
+        self.model = model  # the file's bytes as loaded (and checked): what is served, whatever the disk holds now
         self.hasher = Hasher(manifest.features)
         try:
             self.session = cpu_session(model, threads)

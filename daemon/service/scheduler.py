@@ -32,7 +32,7 @@ from reflexd.errors import (
 from reflexd.learning import runs
 from reflexd.learning.dataset import load_holdout
 from reflexd.lines import folder_name
-from reflexd.manifest import MODEL_FILE, GateResult, Manifest, decode_manifest
+from reflexd.manifest import MANIFEST_FILE, MODEL_FILE, GateResult, Manifest, decode_manifest
 from reflexd.registry import Registry, check_model
 from reflexd.service.child import prune, run_child
 from reflexd.service.ingest import Ingest
@@ -266,30 +266,42 @@ class Scheduler:
         self.status.state = "training"
         out = run_dir / "out"
         out.mkdir()
-        await self._run_trainer(run_dir, snapshot, out)
+        live = await anyio.to_thread.run_sync(self._live_copy, run_dir)
+        await self._run_trainer(run_dir, snapshot, out, cfg, live)
         result = read_result(out)
         if not result.parity_ok:
             raise TrainingError(
                 f"ONNX export differs from torch by {result.parity_diff:.2e} "
                 f"(tolerance {cfg.gate.parity_tolerance:.0e}); candidate rejected"
             )
-        model_file, manifest, verdict = await anyio.to_thread.run_sync(self._gate, out, result)
+        model_file, manifest, verdict = await anyio.to_thread.run_sync(self._gate, out, result, cfg)
         self.status.cutoff = max(self.status.cutoff, info.window_end)
         self.status.trained_on = info.rows
         return await anyio.to_thread.run_sync(self._register, model_file, manifest, verdict)
 
-    async def _run_trainer(self, run_dir: Path, snapshot: Path, out: Path) -> None:
-        cfg = self.config
+    def _live_copy(self, run_dir: Path) -> Path | None:
+        """The live model as it is served, written into ``run_dir`` for the trainer to judge its
+        candidate against: the copy loaded and checked, even if the registry's file changed since
+        (the daemon goes on serving that copy, so a run must still be able to replace it)."""
+        live = self.models.scorer
+        if live is None:
+            return None
+        folder = run_dir / "live"
+        folder.mkdir()
+        (folder / live.manifest.file).write_bytes(live.model)
+        (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(live.manifest))
+        return folder
+
+    async def _run_trainer(self, run_dir: Path, snapshot: Path, out: Path, cfg: Config, live: Path | None) -> None:
         config_file = run_dir / "config.json"
         config_file.write_bytes(msgspec.json.encode(cfg))
         threads = str(cfg.trainer.max_threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         cmd = [sys.executable, "-m", "reflexd.trainer", str(snapshot), str(out), "--config", str(config_file)]
         # each architecture's ONNX graph is traced once and reused by later runs (seconds each)
-        cmd += ["--graph-cache", str(self.config.state_path / GRAPHS_DIR)]
-        live = self.models.scorer
+        cmd += ["--graph-cache", str(cfg.state_path / GRAPHS_DIR)]
         if live is not None:  # the trainer judges its candidate against it
-            cmd += ["--incumbent", str(self.registry.root / live.version)]
+            cmd += ["--incumbent", str(live)]
 
         def started(pid: int | None) -> None:
             self.status.trainer_pid = pid
@@ -420,7 +432,7 @@ class Scheduler:
         _log.info("pulled model judged", source=source, version=summary["version"], outcome=summary["outcome"])
         return {**summary, "pulled_from": source, "holdout_rows": verdict.holdout_rows, "seconds": round(time.time() - started, 3)}
 
-    def _gate(self, out: Path, result: TrainResult) -> tuple[Path, Manifest, GateResult]:
+    def _gate(self, out: Path, result: TrainResult, cfg: Config) -> tuple[Path, Manifest, GateResult]:
         """(the model file to register, its manifest, the gate's verdict) for the trainer's ``result``.
 
         The trainer judged its candidate (``reflexd.trainer.judge``) against the model live when
@@ -428,18 +440,18 @@ class Scheduler:
         every row (``trainer.refit_below``), the refit goes live unless it went wrong; a
         cross-fitted run's model, fit on every row, if its out-of-fold predictions passed. A
         verdict against a model that is no longer live (a rollback or a promotion during the run)
-        is not one on the live model: the candidate is refused and the next run judges afresh.
+        is not one on the live model: the candidate judged is refused and the next run judges
+        afresh. ``cfg`` is the config the run was started with, which the gate judged by.
         """
-        live = self.models.scorer
-        live_version = live.version if live is not None else None
-        manifest, refit = run_manifests(self.config, result, out, live_version)
+        live_version = self.registry.current()  # what agents serve, even before this daemon reloads it
+        manifest, refit = run_manifests(cfg, result, out, live_version)
         verdict = result.gate
         if verdict is None:
             raise TrainingError(f"the trainer's result in {out} holds no gate verdict")
         if result.judged_against != live_version:
             before, now = result.judged_against or "no model", live_version or "no model"
             reason = f"the live model changed during the run ({before} -> {now}): not judged against it; rejected"
-            verdict = msgspec.structs.replace(verdict, passed=False, reason=reason, refit_rows=0)
+            return out / MODEL_FILE, manifest, msgspec.structs.replace(verdict, passed=False, reason=reason, refit_rows=0)
         if result.deploy == REFIT_FILE and refit is not None:
             return out / REFIT_FILE, refit, verdict
         return out / MODEL_FILE, manifest, verdict

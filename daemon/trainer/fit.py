@@ -11,7 +11,8 @@ which goes live if the candidate passes; and ``OUT_DIR/result.json`` (a ``TrainR
 ``{"error": ...}``).
 
 The run also judges its candidate (``reflexd.trainer.judge``): on the holdout, against the live
-model named by ``--incumbent`` (its registry folder, checked against its sha256) or, without one,
+model in the folder ``--incumbent`` names (its manifest and file as the daemon serves them, checked
+against its sha256) or, without one,
 against the policy that logged the holdout. The verdict is ``TrainResult.gate``; the daemon
 registers it.
 
@@ -94,7 +95,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--graph-cache", default=None, help="directory of exported graphs to reuse across runs")
     parser.add_argument(
-        "--incumbent", default=None, help="the live model's registry folder, to judge the candidate against"
+        "--incumbent", default=None, help="a folder holding the live model (manifest.json and its file), to judge the candidate against"
     )
     return parser.parse_args(argv)
 

@@ -25,7 +25,8 @@ from reflexd.trainer.result import REFIT_FILE, TrainResult, run_manifests
 
 
 def load_incumbent(path: Path, threads: int) -> Scorer:
-    """The live model from its registry folder, checked against its sha256 like any model loaded."""
+    """The live model from a folder holding its manifest and file (the daemon writes the copy it
+    serves), checked against its sha256 like any model loaded."""
     try:
         manifest, _, data = read_model_dir(path)
         return Scorer(manifest, data, threads)

@@ -72,25 +72,48 @@ def test_a_live_model_that_does_not_match_its_sha256_fails_the_run_before_traini
 
 
 class _LiveModel:
-    """Stands in for the daemon's model source: only which model is live matters to ``_gate``."""
+    """Stands in for the daemon's model source: only the model it serves matters here."""
 
     def __init__(self, scorer):
         self.scorer = scorer
 
 
-def test_a_verdict_against_a_model_no_longer_live_is_a_refusal(tmp_path):
+def test_a_verdict_against_a_model_no_longer_live_refuses_the_candidate_judged(tmp_path):
     out = tmp_path / "run"
     assert run_trainer(write_snapshot(tmp_path / "a.parquet", ROWS), out).returncode == 0
     result = read_result(out)
-    assert result.gate.passed and result.judged_against is None
-    live_dir = registered(tmp_path, out)
-    manifest, data = Registry(tmp_path / "models").load(live_dir.name)
+    assert result.gate.passed and result.judged_against is None and result.deploy == REFIT_FILE
     # a model was promoted by hand while the run trained: the verdict was not on it
-    scheduler = Scheduler(lambda: CONFIG, None, None, None, _LiveModel(Scorer(manifest, data)), None)
-    model_file, _, verdict = scheduler._gate(out, result)
+    promoted = Registry(registered(tmp_path, out).parent)
+    scheduler = Scheduler(lambda: CONFIG, None, None, promoted, _LiveModel(None), None)
+    model_file, manifest, verdict = scheduler._gate(out, result, CONFIG)
     assert not verdict.passed and verdict.refit_rows == 0
     assert "the live model changed during the run (no model -> v0001)" in verdict.reason
-    # with the same model live as when the run started, the trainer's verdict stands
-    scheduler = Scheduler(lambda: CONFIG, None, None, None, _LiveModel(None), None)
-    model_file, registered_manifest, verdict = scheduler._gate(out, result)
-    assert verdict == result.gate and model_file == out / REFIT_FILE and registered_manifest.training.refit
+    # what is registered is the candidate judged, not its refit, which no gate saw
+    assert model_file == out / MODEL_FILE and not manifest.training.refit
+    # with the same model live as when the run started, the trainer's verdict stands; the manifest
+    # is the config's the run was judged by, whatever the daemon's says now
+    reloaded = msgspec.structs.replace(CONFIG, exploration=msgspec.structs.replace(CONFIG.exploration, epsilon=0.5))
+    scheduler = Scheduler(lambda: reloaded, None, None, Registry(tmp_path / "empty"), _LiveModel(None), None)
+    model_file, manifest, verdict = scheduler._gate(out, result, CONFIG)
+    assert verdict == result.gate and model_file == out / REFIT_FILE and manifest.training.refit
+    assert manifest.exploration == CONFIG.exploration != reloaded.exploration
+
+
+def test_a_live_model_whose_file_changed_on_disk_is_judged_as_it_is_served(tmp_path):
+    """The daemon goes on serving the copy it loaded when a model's file changes on disk: a run
+    judges its candidate against that copy (``Scheduler._live_copy``), so it can replace it."""
+    first = tmp_path / "first"
+    assert run_trainer(write_snapshot(tmp_path / "a.parquet", ROWS), first).returncode == 0
+    live = registered(tmp_path, first)
+    manifest, data = Registry(tmp_path / "models").load(live.name)
+    served = Scorer(manifest, data)
+    (live / MODEL_FILE).write_bytes(b"damaged")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    scheduler = Scheduler(lambda: CONFIG, None, None, Registry(tmp_path / "models"), _LiveModel(served), None)
+    copy = scheduler._live_copy(run_dir)
+    done = run_trainer(tmp_path / "a.parquet", run_dir / "out", None, "--incumbent", str(copy))
+    assert done.returncode == 0, done.stderr
+    result = read_result(run_dir / "out")
+    assert result.judged_against == "v0001" and result.gate.baseline == "incumbent v0001"

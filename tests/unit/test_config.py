@@ -397,3 +397,25 @@ def test_cli_check_config_missing_file(tmp_path: Path) -> None:
 def test_a_socket_group_that_does_not_exist_is_named() -> None:
     with pytest.raises(ConfigError, match="socket.group: no group named 'no-such-group-x'"):
         parse_config("socket: {group: no-such-group-x}\n")
+
+
+def test_a_client_reads_the_settings_it_knows_from_a_newer_daemons_clients_json(tmp_path):
+    """A daemon upgraded before its agents' clients publishes settings they do not know yet: they
+    keep every setting they know (their model line above all) rather than fall back to defaults."""
+    import json
+
+    from reflexd.config import CLIENT_SETTINGS_FILE, ClientSettings, LearningConfig, OnlineConfig, read_client_settings
+
+    published = msgspec.to_builtins(
+        ClientSettings(learning=LearningConfig(scope="group", groups={"crew": ["a", "b"]}), online=OnlineConfig(prior=3.0))
+    )
+    published["online"]["a_later_setting"] = 1
+    published["agent_rewards"] = {"a": {"wait_window": 2.0, "something_new": True}}
+    published["a_later_section"] = {"x": 1}
+    (tmp_path / CLIENT_SETTINGS_FILE).write_text(json.dumps(published))
+    settings = read_client_settings(tmp_path)
+    assert settings.learning.groups == {"crew": ["a", "b"]} and settings.online.prior == 3.0
+    assert settings.agent_rewards["a"].wait_window == 2.0
+    # a file that is not settings at all still leaves the client on its own defaults
+    (tmp_path / CLIENT_SETTINGS_FILE).write_text(json.dumps({"online": {"prior": "high"}}))
+    assert read_client_settings(tmp_path) is None
