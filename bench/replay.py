@@ -3,18 +3,18 @@
     python -m bench.replay [--streams wine iris] [--seeds 12] [--set gate.margin=0.05 ...] [-v]
 
 Kept from the real path: the streams and their shuffles, feature hashing, exploration with exact
-propensities and the client's exploration clock, the daemon's run schedule
-(``learning.runs.run_points`` from ``split.first_run_rows``), the holdout split, the learner's fit,
-the refit on every row, and the daemon's own rule for which model goes live
-(``learning.runs.judge_run``), and below a holdout
-run's size the trainer's own cross-fitting (``trainer.cross_fit``) judged by
-``gate.evaluate_cross_fit``, all with the config the ``--set`` options make. Left out: the
-daemon, the store and the trainer subprocess, ONNX (the parity check holds its scores to
-torch's), the live-reward rollback monitor, the ``trainer.max_examples`` cap and
-``max_wall_time``, per-agent settings and ``default_action`` (the benchmark's client sets none).
-Exploration draws as the client does (``random.Random(seed)``, one ``.random()`` per decision),
-so a seed makes the decisions of bench/learning.py's run wherever torch's scores match ONNX's:
-with the defaults, the replay earned what the benchmark's daemons earned, with the same run
+propensities, the client's exploration clock and the spread each strategy is handed
+(``exploring.spread_from``: the online head's or the model's, as ``Chooser._policy``), the daemon's
+run schedule (``learning.runs.run_points`` from ``split.first_run_rows``), the holdout split, the
+learner's fit, the refit on every row, and the daemon's own rule for which model goes live
+(``learning.runs.judge_run``), and below a holdout run's size the trainer's own cross-fitting
+(``trainer.cross_fit``) judged by ``gate.evaluate_cross_fit``, all with the config the ``--set``
+options make. Left out: the daemon, the store and the trainer subprocess, ONNX (the parity check
+holds its scores to torch's), the live-reward rollback monitor, the ``trainer.max_examples`` cap
+and ``max_wall_time``, per-agent settings and ``default_action`` (the benchmark's client sets
+none). Exploration draws as the client does (``random.Random(seed)``, one ``.random()`` per
+decision), so a seed makes the decisions of bench/learning.py's run wherever torch's scores match
+ONNX's: with the defaults, the replay earned what the benchmark's daemons earned, with the same run
 outcomes, on each of wine's seeds 0–38 and iris's 0–9.
 
 Prints each stream's mean reward ± std over seeds, its ratio to the best VW configuration on the
@@ -30,6 +30,7 @@ import json
 import random
 import sys
 import time
+from math import isfinite
 from types import SimpleNamespace
 from typing import Any
 
@@ -92,18 +93,28 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
     for i in range(n):
         x = head.features(stream.contexts[i]) if head is not None else None
         base = None
+        p = None  # None: the default policy decides (uniform: the benchmark's client sets no default)
+        # the spread handed to exploration is the strategy's to say, as in Chooser._policy: the
+        # head's posterior (in reward units) for thompson and linucb, before and beside a model;
+        # the model's beside one otherwise; before one, ucb the head's at unit noise, others none
+        strategy = config.exploration.strategy
         if live is None:
             if x is not None and config.exploration.default_action not in ids and head.knows(stream.name, ids):
                 means = head.means(stream.name, x, ids)
-                spread = head.spread(stream.name, x, ids) if config.exploration.strategy == "ucb" else None
-                p = exploring.distribution(config.exploration, means, spread, clock)
-            else:
-                p = exploring.default_distribution(config.exploration, n_actions, None, clock)
+                source = exploring.spread_from(strategy, False)
+                spread = head.spread(stream.name, x, ids, noise=source == "head") if source is not None else None
+                p = _distribution(config, means, spread, clock)
         else:
             scores, spread = live.score_batch(contexts[i : i + 1], action_set[None])
-            base = scores[0].tolist()
+            base, spread = scores[0].tolist(), spread[0]
             combined = base if x is None else head.means(stream.name, x, ids, base)
-            p = exploring.distribution(config.exploration, combined, spread[0], clock)
+            if x is not None and exploring.spread_from(strategy, True) == "head":
+                spread = head.spread(stream.name, x, ids, base, noise=True)
+            p = _distribution(config, combined, spread, clock)
+            if p is None:  # as the client's failed model: the default policy, nothing for the head
+                base, x = None, None
+        if p is None:
+            p = exploring.default_distribution(config.exploration, n_actions, None, clock)
         clock += 1
         a = exploring.sample(p, rng.random())
         chosen[i], prob[i], earned[i] = a, p[a], stream.reward[i, a]
@@ -134,6 +145,16 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
             if head is not None:
                 head.follow(promoted.version)
     return earned, outcomes
+
+
+def _distribution(config: Config, scores: list[float], spread: Any, t: int) -> list[float] | None:
+    """Exploration's distribution, or None where the client's Chooser falls back to the default
+    policy: the strategy raised, or its probabilities are not finite."""
+    try:
+        p = exploring.distribution(config.exploration, scores, spread, t)
+    except Exception:  # noqa: BLE001 -- as the client's: a strategy's errors are its own
+        return None
+    return p if isfinite(sum(p)) else None
 
 
 def _run(
