@@ -169,7 +169,9 @@ def _run(
         except TrainingError:  # the daemon records a failed run, and its model stays live
             return None, None
         scores, spread = np.asarray(found.scores), np.asarray(found.spread)
-        verdict = gate.evaluate_cross_fit(batch, scores, spread, config.exploration, config.gate, incumbent)
+        verdict = gate.evaluate_cross_fit(
+            batch, scores, spread, config.exploration, config.gate, incumbent, online=config.online
+        )
         if not verdict.passed:
             return None, verdict
         training = Training(train_rows=m, window_end=m - 1.0, refit=True, cross_fitted=True)
@@ -184,7 +186,7 @@ def _run(
 
     judged = runs.judge_run(
         candidate, incumbent, holdout, config.exploration, config.gate,
-        refit if m < config.trainer.refit_below else None,
+        refit if m < config.trainer.refit_below else None, online=config.online,
     )
     return judged.live, judged.verdict
 

@@ -26,11 +26,12 @@ from reflexd.manifest import GateResult, Training
 
 if TYPE_CHECKING:
     # serving imports onnxruntime; the gate itself only needs score_batch, version and manifest
+    from reflexd.deciding.online import OnlineSettings
     from reflexd.deciding.scoring import Scorer
 
 __all__ = [
-    "LOGGED_POLICY", "check_refit", "compare", "credited_episodes", "evaluate", "evaluate_cross_fit", "target_probs",
-    "unseen_rows", "with_refit",
+    "LOGGED_POLICY", "check_refit", "compare", "credited_episodes", "evaluate", "evaluate_cross_fit", "served_spread",
+    "target_probs", "unseen_rows", "with_refit",
 ]
 
 LOGGED_POLICY = "logged policy"
@@ -220,6 +221,20 @@ def compare(
     )
 
 
+def served_spread(
+    cfg: ExplorationConfig, online: OnlineSettings | None, context: np.ndarray, scores: np.ndarray, spread: np.ndarray
+) -> np.ndarray:
+    """The spread a model's clients hand exploration by ``cfg.strategy`` once it goes live: its own
+    ``spread``, or, for a strategy that explores by the online head's posterior
+    (``exploring.spread_from``), that of the head started afresh beside it (its prior
+    ``online.model_prior`` over the context's inputs, a bias and the model's score). The head
+    then narrows it as it learns, so this judges the policy at its most exploratory."""
+    if online is None or not online.enabled or _exploration.spread_from(cfg.strategy, True) != "head":
+        return spread
+    inputs = np.square(np.asarray(context, dtype=np.float64)).sum(axis=1, keepdims=True) + 1.0
+    return np.sqrt((inputs + np.square(np.asarray(scores, dtype=np.float64))) / online.model_prior)
+
+
 def _deployed_t(scorer: Scorer) -> int:
     # the Chooser starts a freshly loaded model at its run's experience, which sets epsilon decay
     # and SquareCB's gamma; judging the policy at t=0 would judge a far more exploratory one
@@ -249,6 +264,7 @@ def evaluate(
     incumbent_holdout: Any | None = None,
     incumbent_exploration: ExplorationConfig | None = None,
     rewards_for: RewardsFor | None = None,
+    online: OnlineSettings | None = None,
 ) -> GateResult:
     """Score the holdout with both models and ``compare`` their deployed policies on it.
 
@@ -267,12 +283,14 @@ def evaluate(
     differ from the settings the candidate will be deployed with (``exploration``).
 
     ``rewards_for`` (an agent's reward settings) tells which rows' rewards are episode returns, to
-    be judged by episode (``credited_episodes``).
+    be judged by episode (``credited_episodes``). ``online`` (the online head's settings) gives a
+    strategy that explores by the head's posterior the spread clients hand it (``served_spread``).
     """
     mask = np.asarray(holdout.mask, dtype=bool)
     scores, spread = candidate.score_batch(holdout.context, holdout.actions)
     # padded slots hold whatever the model makes of a zero vector; they must not reach DM's sum
     q_hat = np.where(mask, scores, 0.0)
+    spread = served_spread(exploration, online, holdout.context, scores, spread)
     candidate_pi = target_probs(exploration, scores, spread, mask, _deployed_t(candidate))
 
     baseline_pi = None
@@ -290,9 +308,9 @@ def evaluate(
                 f"{candidate.manifest.features}: pass incumbent_holdout hashed with the incumbent's spec"
             )
         inc_scores, inc_spread = incumbent.score_batch(rows.context, rows.actions)
-        baseline_pi = target_probs(
-            incumbent_exploration or exploration, inc_scores, inc_spread, mask, _deployed_t(incumbent)
-        )
+        inc_exploration = incumbent_exploration or exploration
+        inc_spread = served_spread(inc_exploration, online, rows.context, inc_scores, inc_spread)
+        baseline_pi = target_probs(inc_exploration, inc_scores, inc_spread, mask, _deployed_t(incumbent))
 
     return compare(
         candidate_pi, baseline_pi, holdout.chosen, holdout.prob, holdout.reward, q_hat, gate, baseline_name,
@@ -308,6 +326,7 @@ def evaluate_cross_fit(
     gate: GateConfig,
     incumbent: Scorer | None = None,
     rewards_for: RewardsFor | None = None,
+    online: OnlineSettings | None = None,
 ) -> GateResult:
     """Judge a learner on a cross-fitted run's out-of-fold predictions against the logging policy.
 
@@ -335,7 +354,7 @@ def evaluate_cross_fit(
                 f"and incumbent {incumbent.version} {what}: rejected"
             )
             return _rejected(reason, gate, f"incumbent {incumbent.version}", n)
-    pi = target_probs(exploration, scores, spread, mask, n)
+    pi = target_probs(exploration, scores, served_spread(exploration, online, rows.context, scores, spread), mask, n)
     verdict = compare(
         pi, None, rows.chosen, rows.prob, rows.reward, np.where(mask, scores, 0.0), gate, LOGGED_POLICY,
         credited_episodes(rows, rewards_for),
@@ -351,6 +370,7 @@ def check_refit(
     exploration: ExplorationConfig,
     gate: GateConfig,
     rewards_for: RewardsFor | None = None,
+    online: OnlineSettings | None = None,
 ) -> GateResult:
     """Did the refit go wrong? It passes unless, on the candidate's holdout, its value falls below
     the candidate's by more than ``gate.margin`` (point estimates, by ``gate.estimator``).
@@ -361,7 +381,8 @@ def check_refit(
     output is not finite fails.
     """
     found = evaluate(
-        refit, candidate, holdout, exploration, msgspec.structs.replace(gate, min_holdout=2), rewards_for=rewards_for
+        refit, candidate, holdout, exploration, msgspec.structs.replace(gate, min_holdout=2), rewards_for=rewards_for,
+        online=online,
     )
     if not found.estimates:  # refused before any estimate: its output is not finite
         return found

@@ -16,6 +16,7 @@ from reflexd.learning import gate
 from reflexd.manifest import GateResult
 
 if TYPE_CHECKING:
+    from reflexd.deciding.online import OnlineSettings
     from reflexd.deciding.scoring import Scorer
 
 
@@ -63,6 +64,7 @@ def judge_run(
     incumbent_holdout: Any | None = None,
     incumbent_exploration: ExplorationConfig | None = None,
     rewards_for: gate.RewardsFor | None = None,
+    online: OnlineSettings | None = None,
 ) -> Judged:
     """The rule for which model goes live after a run with a holdout.
 
@@ -71,7 +73,9 @@ def judge_run(
     passes and ``refit`` gives the same learner fit on every row (``trainer.refit_below``), the refit
     goes live unless it went wrong (``gate.check_refit``); otherwise the candidate does. ``refit`` is
     called only for a candidate that passed, so a caller may fit it lazily. ``rewards_for`` (an
-    agent's reward settings) has rows whose rewards are episode returns judged by episode.
+    agent's reward settings) has rows whose rewards are episode returns judged by episode;
+    ``online`` (the online head's settings) has a strategy that explores by the head's posterior
+    judged with the spread clients hand it (``gate.served_spread``).
     """
     held = len(holdout)
     if incumbent is not None:
@@ -80,7 +84,8 @@ def judge_run(
             holdout = holdout.take(unseen)
             incumbent_holdout = incumbent_holdout.take(unseen) if incumbent_holdout is not None else None
     verdict = gate.evaluate(
-        candidate, incumbent, holdout, exploration, settings, incumbent_holdout, incumbent_exploration, rewards_for
+        candidate, incumbent, holdout, exploration, settings, incumbent_holdout, incumbent_exploration, rewards_for,
+        online,
     )
     if incumbent is not None and len(holdout) < held:
         note = f" (on the {len(holdout)} of {held} holdout rows newer than what {incumbent.version} was fit on)"
@@ -90,6 +95,6 @@ def judge_run(
     if refit is None:
         return Judged(candidate, verdict)
     refitted = refit()
-    check = gate.check_refit(refitted, candidate, holdout, exploration, settings, rewards_for)
+    check = gate.check_refit(refitted, candidate, holdout, exploration, settings, rewards_for, online)
     verdict = gate.with_refit(verdict, check, candidate.manifest.training.experience)
     return Judged(refitted if check.passed else candidate, verdict)

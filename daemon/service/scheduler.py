@@ -476,6 +476,7 @@ class Scheduler:
             incumbent_holdout,
             incumbent.manifest.exploration if incumbent is not None else None,
             lambda agent: cfg.for_agent(agent).rewards,
+            cfg.online,
         ).verdict
 
     def _register(

@@ -51,7 +51,9 @@ def judge(
     if result.cross_fit is not None:
         found = result.cross_fit
         scores, spread = np.asarray(found.scores, dtype=np.float64), np.asarray(found.spread, dtype=np.float64)
-        verdict = gate.evaluate_cross_fit(rows, scores, spread, config.exploration, config.gate, incumbent, rewards_for)
+        verdict = gate.evaluate_cross_fit(
+            rows, scores, spread, config.exploration, config.gate, incumbent, rewards_for, config.online
+        )
         return msgspec.structs.replace(result, gate=verdict, judged_against=against)
     threads = config.trainer.max_threads
     candidate = Scorer(manifest, (out_dir / MODEL_FILE).read_bytes(), threads)
@@ -68,6 +70,7 @@ def judge(
         incumbent_holdout,
         incumbent.manifest.exploration if incumbent is not None else None,
         rewards_for,  # rows whose rewards are episode returns are judged by episode
+        config.online,  # a strategy exploring by the head's posterior is judged with the spread served
     )
     refitted = refit is not None and judged.live is not None and judged.live is not candidate
     return msgspec.structs.replace(

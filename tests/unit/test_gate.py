@@ -701,3 +701,33 @@ def test_the_incumbent_is_judged_with_its_own_exploration(holdout: Log) -> None:
     judged = gate.evaluate(candidate, incumbent, batch, explore, GateConfig(), incumbent_exploration=uniform)
     assert same.difference == pytest.approx(0.0, abs=1e-12)
     assert judged.baseline_value < same.baseline_value and judged.difference > 0
+
+
+@pytest.mark.parametrize("strategy", ["thompson", "linucb", "squarecb"])
+def test_the_gate_judges_a_model_with_the_spread_its_clients_explore_by(strategy):
+    """Beside a model just promoted, a client exploring by the online head's posterior hands the
+    strategy the spread of a head started afresh beside it; the gate judges that policy."""
+    from reflexd.config import OnlineConfig
+    from reflexd.deciding.online import OnlineHead
+
+    cfg, online = ExplorationConfig(strategy=strategy), OnlineConfig(model_prior=40.0)
+    spec = FeatureSpec(context_dim=16, action_dim=8)
+    rng = np.random.default_rng(4)
+    head = OnlineHead(online, spec)
+    head.follow("v0001")
+    ids = ["a", "b", "c"]
+    contexts = [{"task": str(rng.choice(["x", "y"])), "size": float(rng.integers(1, 500))} for _ in range(20)]
+    context = np.stack([head.features(c)[:-2] for c in contexts]).astype(np.float32)
+    scores = rng.normal(0.5, 0.3, (20, 3))
+    model_spread = rng.uniform(0.01, 0.2, (20, 3))
+    mask = np.ones((20, 3), dtype=bool)
+    served = gate.served_spread(cfg, online, context, scores, model_spread)
+    got = gate.target_probs(cfg, scores, served, mask, 500)
+    for i, c in enumerate(contexts):
+        x = head.features(c)
+        model = scores[i].tolist()
+        spread = head.spread("agent", x, ids, model, noise=True) if strategy != "squarecb" else model_spread[i]
+        want = exploring.distribution(cfg, head.means("agent", x, ids, model), spread, 500)
+        np.testing.assert_allclose(got[i], want, rtol=1e-9, atol=1e-12)
+    # without the head, clients explore by the model's own spread
+    assert gate.served_spread(cfg, OnlineConfig(enabled=False), context, scores, model_spread) is model_spread
