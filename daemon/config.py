@@ -166,7 +166,8 @@ class OnlineConfig(_Section):
     prior: PositiveFloat = 1.0  # ridge penalty: larger keeps the head nearer zero for longer
     # the ridge penalty of its corrections beside a live model, which start afresh with each one
     model_prior: PositiveFloat = 100.0
-    max_arms: Positive = 256  # (agent, action) regressions kept, up to ~310 KiB each on wide contexts; least recent dropped
+    # (agent, action) regressions kept, up to ~310 KiB each on wide contexts; least recent dropped
+    max_arms: Positive = 256
     pending: Positive = 10_000  # decisions remembered until their reward comes
 
 

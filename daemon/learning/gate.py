@@ -231,6 +231,8 @@ def served_spread(
     then narrows it as it learns, so this judges the policy at its most exploratory."""
     if online is None or not online.enabled or _exploration.spread_from(cfg.strategy, True) != "head":
         return spread
+    # OnlineHead.spread of an arm that has learned nothing, for every row at once (a test holds
+    # the two equal)
     inputs = np.square(np.asarray(context, dtype=np.float64)).sum(axis=1, keepdims=True) + 1.0
     return np.sqrt((inputs + np.square(np.asarray(scores, dtype=np.float64))) / online.model_prior)
 

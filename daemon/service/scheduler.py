@@ -288,8 +288,10 @@ class Scheduler:
             return None
         folder = run_dir / "live"
         folder.mkdir()
-        (folder / live.manifest.file).write_bytes(live.model)
-        (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(live.manifest))
+        # under the one name the daemon chooses, never a name read from a manifest
+        (folder / MODEL_FILE).write_bytes(live.model)
+        manifest = msgspec.structs.replace(live.manifest, file=MODEL_FILE)
+        (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
         return folder
 
     async def _run_trainer(self, run_dir: Path, snapshot: Path, out: Path, cfg: Config, live: Path | None) -> None:

@@ -10,11 +10,10 @@ below ``trainer.refit_below`` rows, ``OUT_DIR/refit.onnx``, the same learner fit
 which goes live if the candidate passes; and ``OUT_DIR/result.json`` (a ``TrainResult``, or
 ``{"error": ...}``).
 
-The run also judges its candidate (``reflexd.trainer.judge``): on the holdout, against the live
-model in the folder ``--incumbent`` names (its manifest and file as the daemon serves them, checked
-against its sha256) or, without one,
-against the policy that logged the holdout. The verdict is ``TrainResult.gate``; the daemon
-registers it.
+The run also judges its candidate (``reflexd.trainer.judge``) on the holdout: against the live
+model in the folder ``--incumbent`` names (its manifest and file as the daemon serves them,
+checked against its sha256), or without one against the policy that logged the holdout. The
+verdict is ``TrainResult.gate``; the daemon registers it.
 
 A snapshot too small to hold any rows out (``reflexd.split.cross_fitted``) is cross-fitted
 instead: the learner is fit once per row on all the others (at most ``split.MAX_FOLDS`` times,
@@ -95,7 +94,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--graph-cache", default=None, help="directory of exported graphs to reuse across runs")
     parser.add_argument(
-        "--incumbent", default=None, help="a folder holding the live model (manifest.json and its file), to judge the candidate against"
+        "--incumbent",
+        default=None,
+        help="a folder holding the live model (manifest.json and its file), to judge the candidate against",
     )
     return parser.parse_args(argv)
 

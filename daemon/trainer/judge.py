@@ -35,7 +35,13 @@ def load_incumbent(path: Path, threads: int) -> Scorer:
 
 
 def judge(
-    config: Config, out_dir: Path, result: TrainResult, snapshot: str, rows: Batch, holdout: Batch, incumbent: Scorer | None
+    config: Config,
+    out_dir: Path,
+    result: TrainResult,
+    snapshot: str,
+    rows: Batch,
+    holdout: Batch,
+    incumbent: Scorer | None,
 ) -> TrainResult:
     """``result`` with the gate's verdict on the run's candidate, and which file goes live if it passed.
 
