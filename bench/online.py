@@ -9,7 +9,7 @@
   (``_FoldAtOnceArm``), taking turns call by call with the current one, so that both see the
   same load;
 - what the head adds to an in-process decision (``Chooser.choose`` with and without it, no model),
-  and what exploring by the head's posterior spread adds (thompson, linucb);
+  and what exploring by the head's posterior spread adds (thompson, linucb, igw_z);
 - adaptation on the demo's world (``reflexd demo``): the head alone (no batch model, exploring by
   ``--strategy``) against the default policy (uniform), decisions in-process with exact
   probabilities: mean regret per range and the first decision after which the head's reward over
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     updates = [u for k in (3, 10, 40) for turns in kinds for u in update_costs(k, turns)]
     print("[bench] decide cost", file=sys.stderr)
     decides = [decide_cost(False), decide_cost(True), decide_cost(True, strategy="thompson"),
-               decide_cost(True, strategy="linucb")]
+               decide_cost(True, strategy="linucb"), decide_cost(True, strategy="igw_z")]
     runs = []
     if not args.costs_only:
         print(f"[bench] adaptation, {args.seeds} seeds × {args.decisions} decisions, {args.strategy}", file=sys.stderr)

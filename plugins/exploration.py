@@ -5,8 +5,8 @@ from, so the probability logged with a decision is exactly the one used. They wo
 float lists: one decision offers a handful of actions, for which Python floats cost a fraction of
 numpy's per-call overhead, and a strategy runs on every decision (``thompson`` alone integrates,
 in numpy). The contract they meet is ``reflexd.extensions.Explorer``. ``linucb`` is ``ucb``
-registered under a second name: the chooser hands it the online head's posterior spread
-(``reflexd.deciding.exploring.HEAD_SPREAD``).
+registered under a second name: the chooser hands it, as ``thompson`` and ``igw_z``, the online
+head's posterior spread (``reflexd.deciding.exploring.HEAD_SPREAD``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,31 @@ def squarecb(cfg: ExplorationSettings, scores: list[float], spread: Sequence[flo
     best = argmax(scores)
     top = scores[best]
     p = [1.0 / (n + gamma * (top - s)) for s in scores]
+    p[best] = 0.0
+    p[best] = 1.0 - sum(p)
+    return p
+
+
+def igw_z(cfg: ExplorationSettings, scores: list[float], spread: Sequence[float] | None, t: int) -> list[float]:
+    """Inverse gap weighting on gaps in standard errors: 1 / (n + γ·z) each, z an action's gap to
+    the best over √(its spread² + the best's spread²) (the online head's posterior, in reward
+    units), the rest to the best; γ as ``squarecb``'s. A gap the head is sure of is acted on
+    sooner than by ``squarecb``, one it is not, later. Without a spread, ``squarecb``."""
+    if spread is None:
+        return squarecb(cfg, scores, spread, t)
+    n = len(scores)
+    if len(spread) != n:
+        raise ValueError(f"{len(spread)} spreads for {n} scores")
+    if not all(isfinite(s) for s in scores) or not all(isfinite(u) and u >= 0.0 for u in spread):
+        raise ValueError("igw_z needs finite scores and finite spreads of at least 0")
+    gamma = cfg.gamma * (t + 1) ** cfg.gamma_exponent
+    best = argmax(scores)
+    top, tied = scores[best], spread[best] ** 2
+    p = []
+    for s, u in zip(scores, spread):
+        se = sqrt(u * u + tied)
+        # two point masses: a gap is certain (the action is never drawn), a tie is shared
+        p.append(1.0 / (n + gamma * (top - s) / se) if se > 0.0 else 0.0 if s < top else 1.0 / n)
     p[best] = 0.0
     p[best] = 1.0 - sum(p)
     return p

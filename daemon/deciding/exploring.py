@@ -32,7 +32,7 @@ class ExplorationSettings(Protocol):
 # rewards, and falls as they come. Before any model, ``ucb`` is handed the head's spread at a noise
 # of 1, as it always was; other strategies none, which spares computing it on every decision.
 # Without a head, the model's.
-HEAD_SPREAD = frozenset({"linucb", "thompson"})
+HEAD_SPREAD = frozenset({"igw_z", "linucb", "thompson"})
 
 
 def spread_from(strategy: str, model: bool) -> str | None:
