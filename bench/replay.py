@@ -231,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds per stream (default 3)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (default 0)")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many examples per stream")
+    parser.add_argument(
+        "--limit", type=int, default=None,
+        help="examples per stream: the datasets cut to at most this many, the synthetic streams (xor-ring, "
+        "agent-strategy; 4000 by default) made this long",
+    )
     parser.add_argument(
         "--set", dest="settings", type=_setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="a config setting, as in reflexd.yaml (repeatable): --set gate.margin=0.05",
