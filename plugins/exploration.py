@@ -12,7 +12,7 @@ head's posterior spread (``reflexd.deciding.exploring.HEAD_SPREAD``).
 from __future__ import annotations
 
 from functools import cache
-from math import erfc, exp, isfinite, sqrt
+from math import erfc, exp, hypot, isfinite, sqrt
 from typing import Sequence
 
 import numpy as np
@@ -60,8 +60,10 @@ def squarecb(cfg: ExplorationSettings, scores: list[float], spread: Sequence[flo
 def igw_z(cfg: ExplorationSettings, scores: list[float], spread: Sequence[float] | None, t: int) -> list[float]:
     """Inverse gap weighting on gaps in standard errors: 1 / (n + γ·z) each, z an action's gap to
     the best over √(its spread² + the best's spread²) (the online head's posterior, in reward
-    units), the rest to the best; γ as ``squarecb``'s. A gap the head is sure of is acted on
-    sooner than by ``squarecb``, one it is not, later. Without a spread, ``squarecb``."""
+    units), the rest to the best; γ as ``squarecb``'s. A gap known to within less than its own
+    size is acted on sooner than by ``squarecb``, one known less well, later; being in standard
+    errors, it does not depend on the rewards' scale. Where both spreads are 0 (a model's
+    ensemble of one), or without a spread, ``squarecb``'s gap: every action keeps a probability."""
     if spread is None:
         return squarecb(cfg, scores, spread, t)
     n = len(scores)
@@ -71,12 +73,11 @@ def igw_z(cfg: ExplorationSettings, scores: list[float], spread: Sequence[float]
         raise ValueError("igw_z needs finite scores and finite spreads of at least 0")
     gamma = cfg.gamma * (t + 1) ** cfg.gamma_exponent
     best = argmax(scores)
-    top, tied = scores[best], spread[best] ** 2
+    top, known = scores[best], spread[best]
     p = []
     for s, u in zip(scores, spread):
-        se = sqrt(u * u + tied)
-        # two point masses: a gap is certain (the action is never drawn), a tie is shared
-        p.append(1.0 / (n + gamma * (top - s) / se) if se > 0.0 else 0.0 if s < top else 1.0 / n)
+        se = hypot(u, known)
+        p.append(1.0 / (n + gamma * (top - s) / (se if se > 0.0 else 1.0)))
     p[best] = 0.0
     p[best] = 1.0 - sum(p)
     return p

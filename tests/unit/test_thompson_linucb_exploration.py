@@ -133,8 +133,11 @@ def test_igw_z_without_a_spread_is_squarecb_and_point_masses_are_certain() -> No
     cfg = ExplorationConfig(strategy="igw_z")
     scores = [0.1, 0.9, 0.4]
     assert igw_z(cfg, scores, None, 7) == squarecb(cfg, scores, None, 7)
-    # no spread at all: a gap is certain and never drawn; a tie with the best shares
-    assert igw_z(cfg, [0.3, 0.9, 0.9], [0.0, 0.0, 0.0], 0) == pytest.approx([0.0, 2 / 3, 1 / 3])
+    # spreads of 0 (a model's ensemble of one): squarecb's gaps, so that every action is still drawn
+    assert igw_z(cfg, [0.3, 0.9, 0.9], [0.0, 0.0, 0.0], 4) == squarecb(cfg, [0.3, 0.9, 0.9], None, 4)
+    assert min(igw_z(cfg, [0.3, 0.5, 0.45], [0.0, 0.0, 0.0], 0)) > 0.0
+    # spreads far past floating point's squares
+    assert igw_z(cfg, [0.0, 1.0], [1e200, 1e200], 0) == pytest.approx([0.5, 0.5])
     for bad in ([0.1, float("nan"), 0.2], [0.1, -0.1, 0.2], [0.1, 0.2]):
         with pytest.raises(ValueError):
             igw_z(cfg, scores, bad, 0)
@@ -256,7 +259,8 @@ def test_on_a_seeded_bandit_the_head_learns_the_best_arm(strategy: str) -> None:
         reward = (1.0 if choice.action == best[ctx["task"]] else 0.0) + rng.gauss(0, 0.3)
         c.learn(choice.id, reward)
         hits.append(choice.action == best[ctx["task"]])
-    assert sum(hits[:30]) < 27  # it starts knowing nothing...
+    # it starts knowing nothing (igw_z acts soonest on what it learns: 24 of the first 30 here)...
+    assert sum(hits[:30]) < (27 if strategy == "igw_z" else 24)
     assert sum(hits[-200:]) / 200 > 0.85  # ...and is mostly right within a few hundred decisions
     for task, action in best.items():
         probs = c.score("agent", {"task": task, "user": "u1"}, ["small", "large", "tools"]).probs
