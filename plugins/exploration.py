@@ -60,9 +60,9 @@ def squarecb(cfg: ExplorationSettings, scores: list[float], spread: Sequence[flo
 def igw_z(cfg: ExplorationSettings, scores: list[float], spread: Sequence[float] | None, t: int) -> list[float]:
     """Inverse gap weighting on gaps in standard errors: 1 / (n + γ·z) each, z an action's gap to
     the best over √(its spread² + the best's spread²) (the online head's posterior, in reward
-    units), the rest to the best; γ as ``squarecb``'s. A gap known to within less than its own
-    size is acted on sooner than by ``squarecb``, one known less well, later; being in standard
-    errors, it does not depend on the rewards' scale. Where both spreads are 0 (a model's
+    units), the rest to the best; γ as ``squarecb``'s. A gap whose standard error is below 1 is
+    acted on sooner than by ``squarecb``, a less certain one later; being in standard errors, it
+    does not depend on the rewards' scale. Where both spreads are 0 (a model's
     ensemble of one), or without a spread, ``squarecb``'s gap: every action keeps a probability."""
     if spread is None:
         return squarecb(cfg, scores, spread, t)
