@@ -30,6 +30,7 @@ import json
 import random
 import sys
 import time
+from functools import partial
 from math import isfinite
 from types import SimpleNamespace
 from typing import Any
@@ -119,7 +120,7 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
         a = exploring.sample(p, rng.random())
         chosen[i], prob[i], earned[i] = a, p[a], stream.reward[i, a]
         if x is not None:
-            head.remember(str(i), stream.name, ids[a], x, base[a] if base is not None else None)
+            head.remember(str(i), stream.name, ids[a], x, base[a] if base is not None else None, i)
             head.learn(str(i), float(earned[i]))
         m = i + 1
         if m not in points:
@@ -142,9 +143,16 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
         if promoted is not None:
             # the client's clock: the model's experience, or with the head all its decisions (m)
             live, clock = promoted, m
-            if head is not None:
-                head.follow(promoted.version)
+            if head is not None:  # relearning its newest rewards beside the model, as the Chooser's head does
+                head.follow(promoted.version, partial(_rescore, promoted, contexts, action_set, chosen))
     return earned, outcomes
+
+
+def _rescore(scorer: TorchScorer, contexts: np.ndarray, action_set: np.ndarray, chosen: np.ndarray, rows: list[int]) -> list[float | None]:
+    """The head's ``rescore``: ``scorer``'s score of the action chosen at each of ``rows`` (the
+    decisions' indices, their sources)."""
+    scores, _ = scorer.score_batch(contexts[rows], np.repeat(action_set[None], len(rows), axis=0))
+    return scores[np.arange(len(rows)), chosen[rows]].tolist()
 
 
 def _distribution(config: Config, scores: list[float], spread: Any, t: int) -> list[float] | None:

@@ -166,6 +166,10 @@ class OnlineConfig(_Section):
     prior: PositiveFloat = 1.0  # ridge penalty: larger keeps the head nearer zero for longer
     # the ridge penalty of its corrections beside a live model, which start afresh with each one
     model_prior: PositiveFloat = 100.0
+    # with each new live model (or none) the head starts afresh and first relearns this many of the
+    # newest rewards of this process's own decisions beside the new model's scores, so that it does
+    # not serve the model uncorrected while it learns again; 0: start empty
+    warm_rows: Count = 1000
     # (agent, action) regressions kept, up to ~310 KiB each on wide contexts; least recent dropped
     max_arms: Positive = 256
     pending: Positive = 10_000  # decisions remembered until their reward comes

@@ -16,7 +16,7 @@ import msgspec
 
 from reflexd.config import ExplorationConfig
 from reflexd.deciding import explaining, exploring
-from reflexd.deciding.online import OnlineHead
+from reflexd.deciding.online import OnlineHead, Rescore
 from reflexd.deciding.scoring import ModelSource, Scorer
 from reflexd.features import action_ids, with_agent
 from reflexd.manifest import Manifest
@@ -109,6 +109,17 @@ def _read_by(scorer: Scorer, agent: str, context: dict[str, Any]) -> dict[str, A
     return with_agent(manifest.features, agent, context) if manifest is not None else context
 
 
+def _rescorer(scorer: Scorer) -> Rescore:
+    """The head's ``rescore`` for ``scorer``: its score of each remembered decision's chosen action
+    (``Chooser._choice``'s sources), None where the model fails on it."""
+
+    def rescore(sources: list[Any]) -> list[float | None]:
+        found = _score_by_size(scorer, [(_read_by(scorer, agent, context), actions) for agent, context, actions, _ in sources])
+        return [None if isinstance(f, Exception) else f[0][i] for f, (*_, i) in zip(found, sources)]
+
+    return rescore
+
+
 class _Policy(NamedTuple):
     """How one decision is made (``Chooser._policy``)."""
 
@@ -145,6 +156,14 @@ class Chooser:
         # and how many of those it agreed with
         self.apprentice = {"compared": 0, "agreed": 0}
         self._counting = threading.Lock()
+        if source is not None and online is not None:
+            source.on_load = self._loaded
+
+    def _loaded(self, scorer: Scorer) -> None:
+        """On the thread that loaded ``scorer``: the head follows it there, so that a decision does
+        not wait while it relearns its newest rewards (``OnlineHead.follow``)."""
+        assert self.online is not None
+        self.online.follow(scorer.version, _rescorer(scorer))
 
     def _clock(self, manifest: Manifest | None, since_load: int | None = None) -> int:
         """Exploration's ``t``: the live model's training experience plus the decisions made since
@@ -276,7 +295,7 @@ class Chooser:
                     model[i] = found
         fresh = os.urandom(16 * len(requests)).hex()  # ids for those that came without one
         return [
-            self._choice(agent, context, action_ids(actions), cfgs[i], scorer, version, model[i], t0 + i,
+            self._choice(agent, context, action_ids(actions), actions, cfgs[i], scorer, version, model[i], t0 + i,
                          decision_id or fresh[32 * i : 32 * i + 32], default)
             for i, (agent, context, actions, decision_id, default) in enumerate(requests)
         ]
@@ -286,6 +305,7 @@ class Chooser:
         agent: str,
         context: dict[str, Any],
         ids: list[str],
+        actions: list[Any],
         cfg: ExplorationConfig,
         scorer: Scorer | None,
         version: str | None,
@@ -294,7 +314,8 @@ class Chooser:
         decision_id: str,
         default: str | None,
     ) -> Choice:
-        """One decision, given the model's (scores, spread) or None: drawn, remembered for the head."""
+        """One decision, given the model's (scores, spread) or None: drawn, remembered for the head
+        with what a later model needs to score it again (``_rescorer``)."""
         how = self._policy(scorer, cfg, agent, context, ids, found, t, default)
         p, strategy = how.probs, how.strategy
         if p is None:
@@ -302,7 +323,10 @@ class Chooser:
             p = self._default(cfg, ids, default, t)
         i = exploring.sample(p, self._rng.random())
         if how.inputs is not None:
-            self.online.remember(decision_id, agent, ids[i], how.inputs, how.model[i] if how.model is not None else None)
+            head = self.online
+            # a copy: an agent may reuse its context's dict for the next decision
+            source = (agent, dict(context), actions, i) if head.settings.warm_rows else None
+            head.remember(decision_id, agent, ids[i], how.inputs, how.model[i] if how.model is not None else None, source)
         return Choice(id=decision_id, action=ids[i], index=i, prob=p[i], probs=p, model_version=version, strategy=strategy)
 
     @staticmethod
@@ -320,7 +344,7 @@ class Chooser:
             self._version = version
             self._since_load = 0
             if self.online is not None:
-                self.online.follow(version)
+                self.online.follow(version, _rescorer(scorer) if scorer is not None else None)
         return scorer, (scorer.manifest if scorer is not None else None), version
 
     def choose(
@@ -341,7 +365,8 @@ class Chooser:
         # plain floats from here on: for one decision's few actions numpy's per-call cost dominates
         found = self._scores(scorer, _read_by(scorer, agent, context), actions) if scorer is not None else None
         # as unique as uuid4, without its overhead
-        return self._choice(agent, context, ids, cfg, scorer, version, found, t, decision_id or os.urandom(16).hex(), default)
+        decision_id = decision_id or os.urandom(16).hex()
+        return self._choice(agent, context, ids, actions, cfg, scorer, version, found, t, decision_id, default)
 
     def choose_slate(
         self, agent: str, context: dict[str, Any], actions: list[Any], slots: int, slate_id: str | None = None

@@ -15,7 +15,11 @@ exploration strategy turns into probabilities:
   after each promotion, cost reward until they settled (``bench/served.py``);
 - each new live model starts the head afresh beside it: the gate passed the model against the
   policy that logged its holdout (this head, before any model), and the head's corrections were
-  for the last model's scores.
+  for the last model's scores. The new head first relearns the newest rewards (``warm_rows``)
+  beside the new model's scores: started empty it would serve the model's scores uncorrected
+  while it learned again: on the demo's world, a fifth more regret per decision than the head
+  going on alone, and relearning takes three fifths of that away
+  (``docs/results/2026-12-06-promotion.md``).
 
 Whoever made a decision learns from its reward: the in-process client for its own decisions,
 the daemon for decisions made over the socket. The head learns a decision's first outcome at
@@ -30,7 +34,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from math import sqrt
 from typing import Any, Callable, NamedTuple, Protocol
 
@@ -43,10 +47,16 @@ from reflexd.wire.protocol import Learned
 _log = log.get("reflexd.online")
 
 
+# the new live model's score of each (source of a decision, as ``remember`` was handed it); None
+# where it cannot say (``OnlineHead.follow``)
+Rescore = Callable[[list[Any]], list[float | None]]
+
+
 class OnlineSettings(Protocol):
     enabled: bool
     prior: float
     model_prior: float
+    warm_rows: int
     max_arms: int
     pending: int
 
@@ -228,8 +238,11 @@ class OnlineHead:
         self._d = spec.context_dim + 2  # the hashed context, a bias, the model's score
         self._arms: OrderedDict[tuple[str, str], _Arm] = OrderedDict()
         # decision id -> (agent, action id, its inputs with the model's score, whether a model was
-        # live, when its wait window ends); oldest first
-        self._pending: OrderedDict[str, tuple[str, str, np.ndarray, bool, float]] = OrderedDict()
+        # live, when its wait window ends, its source); oldest first
+        self._pending: OrderedDict[str, tuple[str, str, np.ndarray, bool, float, Any]] = OrderedDict()
+        # the newest rewards of decisions with a source, relearned beside each new model (``follow``):
+        # (agent, action id, inputs, reward, source)
+        self._recent: deque[tuple[str, str, np.ndarray, float, Any]] = deque(maxlen=settings.warm_rows)
         self._lock = threading.Lock()  # updates come from agent threads; decisions only read
         self.updates = 0
         self.defaults = 0  # of those, decisions with no outcome within their wait window
@@ -238,6 +251,7 @@ class OnlineHead:
         # (agent, action, decision id, inputs, reward, beside a model), to share with other processes
         self.on_update: Callable[[str, str, str, np.ndarray, float, bool], None] | None = None
         self.absorbed = 0  # updates other processes made, learned here
+        self.warmed = 0  # updates relearned at the last change of model (``follow``)
 
     def features(self, context: dict[str, Any]) -> np.ndarray:
         """The context's inputs, the model score's slot (the last) left at 0."""
@@ -293,18 +307,22 @@ class OnlineHead:
             out.append(sqrt(max(float(var), 0.0) * (state.noise if noise else 1.0)))
         return out
 
-    def remember(self, decision_id: str, agent: str, action: str, x: np.ndarray, score: float | None) -> None:
+    def remember(
+        self, decision_id: str, agent: str, action: str, x: np.ndarray, score: float | None, source: Any = None
+    ) -> None:
         """Keep what a reward for ``decision_id`` will need, the ``pending`` newest decisions at most.
 
         Takes no lock (a decision never waits for an update): each OrderedDict call is atomic.
-        ``score``: the live model's score of ``action``, None without a model.
+        ``score``: the live model's score of ``action``, None without a model. ``source``: what a
+        later model needs to score the decision again (``follow``'s ``rescore`` reads it); None:
+        the reward is not relearned beside later models.
         """
         if score is not None:
             x = x.copy()
             x[-1] = score
         wait = self.rewards(agent).wait_window if self.rewards is not None else math.inf
         pending = self._pending
-        pending[decision_id] = (agent, action, x, score is not None, self._clock() + wait)
+        pending[decision_id] = (agent, action, x, score is not None, self._clock() + wait, source)
         pending.move_to_end(decision_id)  # a reused id counts from now
         while len(pending) > self.settings.pending:
             try:
@@ -319,9 +337,12 @@ class OnlineHead:
         found = self._pending.pop(decision_id, None)
         if found is None:
             return False
-        agent, action, x, beside_model, _ = found
+        agent, action, x, beside_model, _, source = found
         with self._lock:
             self._update(agent, action, x, reward, beside_model)
+            self.updates += 1
+            if source is not None:
+                self._recent.append((agent, action, x, reward, source))
         self._shared(agent, action, decision_id, x, reward, beside_model)
         return True
 
@@ -338,6 +359,7 @@ class OnlineHead:
             return False
         with self._lock:
             self._update(agent, action, x, target, beside)
+            self.updates += 1
             self.absorbed += 1
         return True
 
@@ -359,16 +381,20 @@ class OnlineHead:
         done = 0
         while pending:
             try:
-                decision_id, (agent, action, x, beside_model, deadline) = next(iter(pending.items()))
+                decision_id, (agent, action, x, beside_model, deadline, source) = next(iter(pending.items()))
             except (StopIteration, RuntimeError):  # emptied or changed meanwhile: next time
                 break
             if deadline > now:
                 break
             if pending.pop(decision_id, None) is None:
                 continue  # its reward came meanwhile
+            default = self.rewards(agent).default
             with self._lock:
-                self._update(agent, action, x, self.rewards(agent).default, beside_model)
-            self._shared(agent, action, decision_id, x, self.rewards(agent).default, beside_model)
+                self._update(agent, action, x, default, beside_model)
+                self.updates += 1
+                if source is not None:
+                    self._recent.append((agent, action, x, default, source))
+            self._shared(agent, action, decision_id, x, default, beside_model)
             self.defaults += 1
             done += 1
         return done
@@ -385,11 +411,21 @@ class OnlineHead:
             arms.move_to_end(key)
         settings = self.settings
         arm.update(x, reward - arm.offset * x[-1], settings.model_prior if beside_model else settings.prior)
-        self.updates += 1
 
-    def follow(self, version: str | None) -> None:
+    def follow(self, version: str | None, rescore: Rescore | None = None) -> None:
         """Start afresh beside a new live model (or none): the gate judged it better than the policy
-        that logged its holdout, which was this head's, so the head's corrections start from it."""
+        that logged its holdout, which was this head's, so the head's corrections start from it.
+
+        Then relearn the newest ``warm_rows`` rewards, beside the new model's scores of their
+        decisions (``rescore``; without one, only when there is no model): the head starts with
+        what it knew of them, as corrections to the new model. Only this head's own decisions
+        have a source to rescore; what it absorbed from other processes is not relearned.
+
+        The model's loader calls it (``ModelSource.on_load``), so that the relearning, some tens
+        of milliseconds, is not a decision's. Decisions meanwhile read the head as far as it has
+        got, as they read it between any two updates; rewards that come meanwhile are learned as
+        ever (the regression's result does not depend on the order of its updates).
+        """
         if version == self.base:
             return
         with self._lock:
@@ -397,6 +433,24 @@ class OnlineHead:
             self._arms.clear()
             # their inputs were the last model's scores: they would teach the new arms another model's errors
             self._pending.clear()
+            recent = list(self._recent)
+            if len(recent) > self.settings.warm_rows or self._recent.maxlen != self.settings.warm_rows:
+                recent = recent[len(recent) - self.settings.warm_rows :] if self.settings.warm_rows else []
+                self._recent = deque(recent, maxlen=self.settings.warm_rows)  # a reload changed it
+            self.warmed = 0
+        if not recent or (version is not None and rescore is None):
+            return
+        scores: list[float | None] = [0.0] * len(recent) if version is None else rescore([r[4] for r in recent])  # type: ignore[misc]
+        for (agent, action, x, reward, _), score in zip(recent, scores):
+            if score is None or not math.isfinite(score):
+                continue
+            x = x.copy()
+            x[-1] = score
+            with self._lock:  # one update at a time: a reward learned meanwhile waits for one, not for all
+                if self.base != version:  # another model came meanwhile: its own follow relearns them
+                    return
+                self._update(agent, action, x, reward, version is not None)
+                self.warmed += 1
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -406,4 +460,5 @@ class OnlineHead:
             "defaults": self.defaults,
             "base": self.base,
             "absorbed": self.absorbed,
+            "warmed": self.warmed,
         }

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
 
+from reflexd import log
 from reflexd.errors import ModelIntegrityError, ReflexdError
 from reflexd.features import Hasher
 from reflexd.manifest import Manifest
 from reflexd.registry import Registry
 
 BATCH_ROWS = 4096
+
+_log = log.get("reflexd.scoring")
 
 
 def cpu_session(model: bytes | str, threads: int) -> ort.InferenceSession:
@@ -137,6 +140,9 @@ class ModelSource:
         self._stamp: tuple[int, int] | None = None
         self._retry_at = 0.0
         self._lock = threading.Lock()  # the daemon refreshes from worker threads, more than one at times
+        # told of each model loaded, on the loading thread, once it is served (the Chooser's online
+        # head relearns its newest rewards beside the new model there, not on a decision's thread)
+        self.on_load: Callable[[Scorer], None] | None = None
 
     def refresh(self) -> bool:
         """Load the current version if the pointer moved; True when the live model changed."""
@@ -157,12 +163,17 @@ class ModelSource:
             return False
         try:
             manifest, model = self.registry.load(version)
-            self.scorer = Scorer(manifest, model, self.threads)
+            self.scorer = scorer = Scorer(manifest, model, self.threads)
         except ReflexdError as exc:
             self.error = str(exc)
             self._retry_at = time.monotonic() + self.RETRY_SECONDS
             return False
         self.error = self.file_error = None
+        if self.on_load is not None:
+            try:
+                self.on_load(scorer)
+            except Exception:  # the model is served all the same; what it was told of is beside serving
+                _log.exception("a listener failed on a model load", version=version)
         return True
 
     def switch(self, registry: Registry) -> None:

@@ -106,6 +106,65 @@ def test_beside_a_new_model_the_head_starts_from_its_scores_and_learns_what_it_m
     assert head.stats()["arms"] == 2  # the same model again changes nothing
 
 
+def same_head(a: OnlineHead, b: OnlineHead, agent: str, ids: list[str], scores: list[float] | None) -> None:
+    for ctx in contexts(5, seed=9):
+        x = a.features(ctx)
+        assert a.means(agent, x, ids, scores) == pytest.approx(b.means(agent, x, ids, scores), abs=1e-9)
+        assert a.spread(agent, x, ids, scores) == pytest.approx(b.spread(agent, x, ids, scores), abs=1e-9)
+
+
+def test_a_new_model_starts_a_head_that_first_relearns_the_newest_rewards_beside_its_scores() -> None:
+    """``warm_rows``: with a new live model the head starts afresh and relearns the newest rewards of
+    the decisions it was handed a source for, each beside the new model's score of it: the same head
+    as one that had learned those rewards beside that model."""
+    rng = random.Random(4)
+    ids = ["small", "large"]
+    head = OnlineHead(OnlineConfig(warm_rows=30))
+    decisions = []
+    for i, ctx in enumerate(contexts(50)):
+        action, reward = rng.choice(ids), rng.random()
+        head.remember(f"d{i}", "agent", action, head.features(ctx), None, source=i)
+        head.learn(f"d{i}", reward)
+        decisions.append((ctx, action, reward))
+    head.remember("other", "agent", "small", head.features({"k": 1}), None)  # no source: not relearned
+    head.learn("other", 5.0)
+    asked: list[list[int]] = []
+
+    def rescore(sources: list[int]) -> list[float | None]:
+        asked.append(sources)
+        return [None if i == 45 else 0.1 * (i % 7) for i in sources]  # the model cannot score decision 45
+
+    head.follow("v0001", rescore)
+    assert asked == [list(range(20, 50))]  # the newest 30, oldest first
+    assert head.stats()["warmed"] == 29 and head.base == "v0001"
+    beside = OnlineHead(OnlineConfig(warm_rows=0))
+    beside.follow("v0001")
+    for i in range(20, 50):
+        ctx, action, reward = decisions[i]
+        if i != 45:
+            beside.remember(f"d{i}", "agent", action, beside.features(ctx), 0.1 * (i % 7))
+            beside.learn(f"d{i}", reward)
+    same_head(head, beside, "agent", ids, [0.3, -0.2])
+    # back to no model: the same rewards relearned with none
+    head.follow(None)
+    alone = OnlineHead(OnlineConfig(warm_rows=0))
+    for i in range(20, 50):
+        ctx, action, reward = decisions[i]
+        alone.remember(f"d{i}", "agent", action, alone.features(ctx), None)
+        alone.learn(f"d{i}", reward)
+    assert head.stats()["warmed"] == 30
+    same_head(head, alone, "agent", ids, None)
+
+
+def test_with_warm_rows_0_or_no_rescore_a_new_model_starts_an_empty_head() -> None:
+    for cfg, rescore in ((OnlineConfig(warm_rows=0), lambda s: [0.0] * len(s)), (OnlineConfig(), None)):
+        head = OnlineHead(cfg)
+        head.remember("d", "agent", "small", head.features({"k": 1}), None, source=0)
+        head.learn("d", 1.0)
+        head.follow("v0001", rescore)
+        assert head.stats()["arms"] == 0 and head.stats()["warmed"] == 0
+
+
 def test_an_arm_born_beside_a_model_starts_from_the_models_score() -> None:
     head = OnlineHead(OnlineConfig())
     x = head.features({"task": "code"})
