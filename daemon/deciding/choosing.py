@@ -115,7 +115,7 @@ def _rescorer(scorer: Scorer) -> Rescore:
 
     def rescore(sources: list[Any]) -> list[float | None]:
         found = _score_by_size(scorer, [(_read_by(scorer, agent, context), actions) for agent, context, actions, _ in sources])
-        return [None if isinstance(f, Exception) else f[0][i] for f, (*_, i) in zip(found, sources)]
+        return [None if isinstance(f, Exception) or i >= len(f[0]) else f[0][i] for f, (*_, i) in zip(found, sources)]
 
     return rescore
 
@@ -160,10 +160,10 @@ class Chooser:
             source.on_load = self._loaded
 
     def _loaded(self, scorer: Scorer) -> None:
-        """On the thread that loaded ``scorer``: the head follows it there, so that a decision does
-        not wait while it relearns its newest rewards (``OnlineHead.follow``)."""
+        """On the thread that loaded ``scorer``, before it is served: the head relearns its newest
+        rewards beside it there (``OnlineHead.prepare``), not on a decision's thread."""
         assert self.online is not None
-        self.online.follow(scorer.version, _rescorer(scorer))
+        self.online.prepare(scorer.version, _rescorer(scorer))
 
     def _clock(self, manifest: Manifest | None, since_load: int | None = None) -> int:
         """Exploration's ``t``: the live model's training experience plus the decisions made since
@@ -324,9 +324,10 @@ class Chooser:
         i = exploring.sample(p, self._rng.random())
         if how.inputs is not None:
             head = self.online
-            # a copy: an agent may reuse its context's dict for the next decision
-            source = (agent, dict(context), actions, i) if head.settings.warm_rows else None
-            head.remember(decision_id, agent, ids[i], how.inputs, how.model[i] if how.model is not None else None, source)
+            # copies: an agent may reuse its context's dict and its list of actions for the next decision
+            source = (agent, dict(context), list(actions), i) if head.settings.warm_rows else None
+            score = how.model[i] if how.model is not None else None
+            head.remember(decision_id, agent, ids[i], how.inputs, score, source, version)
         return Choice(id=decision_id, action=ids[i], index=i, prob=p[i], probs=p, model_version=version, strategy=strategy)
 
     @staticmethod

@@ -36,6 +36,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from math import sqrt
+from types import EllipsisType
 from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
@@ -46,6 +47,8 @@ from reflexd.wire.protocol import Learned
 
 _log = log.get("reflexd.online")
 
+
+_Pending = tuple[str, str, np.ndarray, bool, "str | None", float]
 
 # the new live model's score of each (source of a decision, as ``remember`` was handed it); None
 # where it cannot say (``OnlineHead.follow``)
@@ -212,6 +215,15 @@ class _Arm:
         return new, rest, r - _DEFERRED
 
 
+def _trim(kept: OrderedDict, most: int) -> None:
+    """Drop the oldest of ``kept`` past ``most``; safe beside other threads' trims."""
+    while len(kept) > most:
+        try:
+            kept.popitem(last=False)
+        except KeyError:  # emptied meanwhile by another thread's trim
+            break
+
+
 def learned(head: OnlineHead, agent: str, action: str, decision_id: str, x: np.ndarray, reward: float, beside: bool) -> Learned:
     """One of ``head``'s updates as the ``Learned`` message that shares it (its inputs sparse)."""
     index = np.flatnonzero(x)
@@ -237,12 +249,16 @@ class OnlineHead:
         self._hasher = Hasher(spec)
         self._d = spec.context_dim + 2  # the hashed context, a bias, the model's score
         self._arms: OrderedDict[tuple[str, str], _Arm] = OrderedDict()
-        # decision id -> (agent, action id, its inputs with the model's score, whether a model was
-        # live, when its wait window ends, its source); oldest first
-        self._pending: OrderedDict[str, tuple[str, str, np.ndarray, bool, float, Any]] = OrderedDict()
+        # decision id -> (agent, action id, its inputs with the model's score, whether it had one,
+        # the model the head followed when it was made, when its wait window ends); oldest first
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        # decision id -> what a later model needs to score it again, for the newest warm_rows decisions
+        self._sources: OrderedDict[str, Any] = OrderedDict()
         # the newest rewards of decisions with a source, relearned beside each new model (``follow``):
         # (agent, action id, inputs, reward, source)
         self._recent: deque[tuple[str, str, np.ndarray, float, Any]] = deque(maxlen=settings.warm_rows)
+        # arms ``prepare`` relearned for a model about to be served: (its version, (arms, rows))
+        self._prepared: tuple[str, tuple[OrderedDict, int]] | None = None
         self._lock = threading.Lock()  # updates come from agent threads; decisions only read
         self.updates = 0
         self.defaults = 0  # of those, decisions with no outcome within their wait window
@@ -251,7 +267,7 @@ class OnlineHead:
         # (agent, action, decision id, inputs, reward, beside a model), to share with other processes
         self.on_update: Callable[[str, str, str, np.ndarray, float, bool], None] | None = None
         self.absorbed = 0  # updates other processes made, learned here
-        self.warmed = 0  # updates relearned at the last change of model (``follow``)
+        self.warmed = 0  # rewards relearned at the last change of model (``follow``)
 
     def features(self, context: dict[str, Any]) -> np.ndarray:
         """The context's inputs, the model score's slot (the last) left at 0."""
@@ -308,43 +324,66 @@ class OnlineHead:
         return out
 
     def remember(
-        self, decision_id: str, agent: str, action: str, x: np.ndarray, score: float | None, source: Any = None
+        self,
+        decision_id: str,
+        agent: str,
+        action: str,
+        x: np.ndarray,
+        score: float | None,
+        source: Any = None,
+        model: str | None | EllipsisType = ...,
     ) -> None:
         """Keep what a reward for ``decision_id`` will need, the ``pending`` newest decisions at most.
 
         Takes no lock (a decision never waits for an update): each OrderedDict call is atomic.
-        ``score``: the live model's score of ``action``, None without a model. ``source``: what a
-        later model needs to score the decision again (``follow``'s ``rescore`` reads it); None:
-        the reward is not relearned beside later models.
+        ``score``: the live model's score of ``action``, None without a model; ``model``: that
+        model's version (by default the one the head follows now): a reward for a decision made
+        beside another model than the head's teaches the head nothing (its score was another
+        model's), though it is still relearned at the next model. ``source``: what a later model
+        needs to score the decision again (``prepare``'s ``rescore`` reads it), kept for the
+        newest ``warm_rows`` decisions; None: the reward is not relearned beside later models.
         """
         if score is not None:
             x = x.copy()
             x[-1] = score
         wait = self.rewards(agent).wait_window if self.rewards is not None else math.inf
         pending = self._pending
-        pending[decision_id] = (agent, action, x, score is not None, self._clock() + wait, source)
+        followed = self.base if model is ... else model
+        pending[decision_id] = (agent, action, x, score is not None, followed, self._clock() + wait)
         pending.move_to_end(decision_id)  # a reused id counts from now
-        while len(pending) > self.settings.pending:
-            try:
-                pending.popitem(last=False)
-            except KeyError:  # emptied meanwhile by another thread's trim
-                break
+        _trim(pending, self.settings.pending)
+        if source is not None and self.settings.warm_rows:
+            sources = self._sources
+            sources[decision_id] = source
+            sources.move_to_end(decision_id)
+            _trim(sources, self.settings.warm_rows)
 
     def learn(self, decision_id: str, reward: float) -> bool:
-        """Update on ``reward`` for a decision this head remembers; False if it does not (any longer)."""
+        """Update on ``reward`` for a decision this head remembers; False if it does not (any
+        longer), or if the decision was made beside another model than the head's."""
         if not math.isfinite(reward):
             return False
         found = self._pending.pop(decision_id, None)
         if found is None:
             return False
-        agent, action, x, beside_model, _, source = found
+        return self._learn(decision_id, found, reward)
+
+    def _learn(self, decision_id: str, found: _Pending, reward: float) -> bool:
+        agent, action, x, beside, model, _ = found
+        source = self._sources.pop(decision_id, None)
         with self._lock:
-            self._update(agent, action, x, reward, beside_model)
-            self.updates += 1
+            current = model == self.base
+            if current:
+                self._update(agent, action, x, reward, beside)
+                self.updates += 1
             if source is not None:
-                self._recent.append((agent, action, x, reward, source))
-        self._shared(agent, action, decision_id, x, reward, beside_model)
-        return True
+                recent = self._recent
+                if recent.maxlen != self.settings.warm_rows:  # a reload changed it
+                    recent = self._recent = deque(recent, maxlen=self.settings.warm_rows)
+                recent.append((agent, action, x, reward, source))
+        if current:
+            self._shared(agent, action, decision_id, x, reward, beside)
+        return current
 
     def absorb(self, agent: str, action: str, base: str | None, beside: bool, index: list[int], value: list[float], target: float) -> bool:
         """Learn an update another process's head made (its inputs as ``index``/``value``); False
@@ -381,27 +420,23 @@ class OnlineHead:
         done = 0
         while pending:
             try:
-                decision_id, (agent, action, x, beside_model, deadline, source) = next(iter(pending.items()))
+                decision_id, found = next(iter(pending.items()))
             except (StopIteration, RuntimeError):  # emptied or changed meanwhile: next time
                 break
-            if deadline > now:
+            if found[5] > now:
                 break
             if pending.pop(decision_id, None) is None:
                 continue  # its reward came meanwhile
-            default = self.rewards(agent).default
-            with self._lock:
-                self._update(agent, action, x, default, beside_model)
-                self.updates += 1
-                if source is not None:
-                    self._recent.append((agent, action, x, default, source))
-            self._shared(agent, action, decision_id, x, default, beside_model)
+            self._learn(decision_id, found, self.rewards(found[0]).default)
             self.defaults += 1
             done += 1
         return done
 
-    def _update(self, agent: str, action: str, x: np.ndarray, reward: float, beside_model: bool) -> None:
+    def _update(
+        self, agent: str, action: str, x: np.ndarray, reward: float, beside_model: bool, arms: OrderedDict | None = None
+    ) -> None:
         key = (agent, action)
-        arms = self._arms
+        arms = self._arms if arms is None else arms
         arm = arms.get(key)
         if arm is None:
             arm = arms[key] = _Arm(self._d, 1.0 if beside_model else 0.0)
@@ -412,45 +447,70 @@ class OnlineHead:
         settings = self.settings
         arm.update(x, reward - arm.offset * x[-1], settings.model_prior if beside_model else settings.prior)
 
+    def prepare(self, version: str, rescore: Rescore) -> None:
+        """Relearn the newest ``warm_rows`` rewards beside ``version``'s scores of their decisions
+        (``rescore``), into arms of their own that ``follow(version)`` then starts with at once.
+
+        Called by the thread that loads the model (``ModelSource.on_load``) before the model is
+        served, so that the relearning, some tens of milliseconds, is no decision's. Rewards
+        learned meanwhile go to the arms of the model still served, and are not relearned.
+        """
+        with self._lock:
+            recent = list(self._recent)
+        self._prepared = (version, self._relearned(recent, version, rescore))
+
     def follow(self, version: str | None, rescore: Rescore | None = None) -> None:
         """Start afresh beside a new live model (or none): the gate judged it better than the policy
         that logged its holdout, which was this head's, so the head's corrections start from it.
 
-        Then relearn the newest ``warm_rows`` rewards, beside the new model's scores of their
-        decisions (``rescore``; without one, only when there is no model): the head starts with
-        what it knew of them, as corrections to the new model. Only this head's own decisions
-        have a source to rescore; what it absorbed from other processes is not relearned.
-
-        The model's loader calls it (``ModelSource.on_load``), so that the relearning, some tens
-        of milliseconds, is not a decision's. Decisions meanwhile read the head as far as it has
-        got, as they read it between any two updates; rewards that come meanwhile are learned as
-        ever (the regression's result does not depend on the order of its updates).
+        It starts with the newest ``warm_rows`` rewards relearned beside the new model's scores of
+        their decisions (with no model: as they were), as corrections to the new model: as
+        ``prepare`` made them, or, if it was not told of this model as it loaded, relearned here
+        with ``rescore``, under the lock. Only this head's own decisions have a source to rescore;
+        what it absorbed from other processes is not relearned.
         """
-        if version == self.base:
-            return
         with self._lock:
+            if version == self.base:
+                return
             self.base = version
-            self._arms.clear()
-            # their inputs were the last model's scores: they would teach the new arms another model's errors
-            self._pending.clear()
-            recent = list(self._recent)
-            if len(recent) > self.settings.warm_rows or self._recent.maxlen != self.settings.warm_rows:
-                recent = recent[len(recent) - self.settings.warm_rows :] if self.settings.warm_rows else []
-                self._recent = deque(recent, maxlen=self.settings.warm_rows)  # a reload changed it
-            self.warmed = 0
+            prepared, self._prepared = self._prepared, None
+            if prepared is None or prepared[0] != version:
+                prepared = (version, self._relearned(list(self._recent), version, rescore))
+            self._arms, self.warmed = prepared[1]
+
+    def _relearned(self, recent: list[tuple[str, str, np.ndarray, float, Any]], version: str | None, rescore: Rescore | None) -> tuple[OrderedDict, int]:
+        """New arms that learned ``recent`` beside ``version``'s scores (``rescore``), and how many
+        rows they learned; empty where there is nothing to score them with."""
+        arms: OrderedDict[tuple[str, str], _Arm] = OrderedDict()
         if not recent or (version is not None and rescore is None):
-            return
-        scores: list[float | None] = [0.0] * len(recent) if version is None else rescore([r[4] for r in recent])  # type: ignore[misc]
+            return arms, 0
+        try:
+            scores = [0.0] * len(recent) if version is None else rescore([r[4] for r in recent])  # type: ignore[misc]
+        except Exception:  # the model is served all the same, beside a head started empty
+            _log.exception("the new model could not score the newest decisions; the online head starts empty", version=version)
+            return arms, 0
+        learned = 0
         for (agent, action, x, reward, _), score in zip(recent, scores):
             if score is None or not math.isfinite(score):
                 continue
             x = x.copy()
             x[-1] = score
-            with self._lock:  # one update at a time: a reward learned meanwhile waits for one, not for all
-                if self.base != version:  # another model came meanwhile: its own follow relearns them
-                    return
-                self._update(agent, action, x, reward, version is not None)
-                self.warmed += 1
+            self._update(agent, action, x, reward, version is not None, arms)
+            learned += 1
+        return arms, learned
+
+    def forget(self, agent: str) -> None:
+        """Drop all the head holds of ``agent``: its arms, decisions awaiting a reward, and the
+        decisions kept to relearn (their contexts)."""
+        with self._lock:
+            for key in [k for k in self._arms if k[0] == agent]:
+                del self._arms[key]
+            self._recent = deque((r for r in self._recent if r[0] != agent), maxlen=self._recent.maxlen)
+            self._prepared = None  # relearned from what is forgotten now
+        for decision_id, found in list(self._pending.items()):
+            if found[0] == agent:
+                self._pending.pop(decision_id, None)
+                self._sources.pop(decision_id, None)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -140,8 +140,8 @@ class ModelSource:
         self._stamp: tuple[int, int] | None = None
         self._retry_at = 0.0
         self._lock = threading.Lock()  # the daemon refreshes from worker threads, more than one at times
-        # told of each model loaded, on the loading thread, once it is served (the Chooser's online
-        # head relearns its newest rewards beside the new model there, not on a decision's thread)
+        # told of each model loaded, on the loading thread, just before it is served (the Chooser's
+        # online head relearns its newest rewards beside the new model there, not on a decision's)
         self.on_load: Callable[[Scorer], None] | None = None
 
     def refresh(self) -> bool:
@@ -163,17 +163,18 @@ class ModelSource:
             return False
         try:
             manifest, model = self.registry.load(version)
-            self.scorer = scorer = Scorer(manifest, model, self.threads)
+            scorer = Scorer(manifest, model, self.threads)
         except ReflexdError as exc:
             self.error = str(exc)
             self._retry_at = time.monotonic() + self.RETRY_SECONDS
             return False
-        self.error = self.file_error = None
         if self.on_load is not None:
             try:
                 self.on_load(scorer)
             except Exception:  # the model is served all the same; what it was told of is beside serving
                 _log.exception("a listener failed on a model load", version=version)
+        self.scorer = scorer
+        self.error = self.file_error = None
         return True
 
     def switch(self, registry: Registry) -> None:

@@ -12,7 +12,7 @@ by episode, not as independent rows: the estimators are the per-decision ones ov
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import msgspec
 import numpy as np
@@ -30,11 +30,15 @@ if TYPE_CHECKING:
     from reflexd.deciding.scoring import Scorer
 
 __all__ = [
-    "LOGGED_POLICY", "check_refit", "compare", "credited_episodes", "evaluate", "evaluate_cross_fit", "served_spread",
-    "target_probs", "unseen_rows", "with_refit",
+    "LOGGED_POLICY", "Exploration", "check_refit", "compare", "credited_episodes", "deployed_probs", "evaluate",
+    "evaluate_cross_fit", "served_spread", "target_probs", "unseen_rows", "with_refit",
 ]
 
 LOGGED_POLICY = "logged policy"
+
+# how a model explores once deployed: the same for every agent, or each agent's own (a manifest's
+# ``exploration_for``, a config's per-agent settings), as clients look it up for each decision
+Exploration = Union[ExplorationConfig, Callable[[str], ExplorationConfig]]
 
 
 def target_probs(
@@ -221,6 +225,40 @@ def compare(
     )
 
 
+def deployed_probs(
+    exploration: Exploration,
+    agents: Sequence[str],
+    context: np.ndarray,
+    scores: np.ndarray,
+    spread: np.ndarray,
+    mask: np.ndarray,
+    t: int,
+    online: OnlineSettings | None = None,
+) -> np.ndarray:
+    """``target_probs`` of a model deployed with ``exploration``, each row explored as its agent's
+    client explores it, with the spread it hands the strategy (``served_spread``); rows whose
+    agents share a setting are explored together."""
+    if isinstance(exploration, ExplorationConfig):
+        return target_probs(exploration, scores, served_spread(exploration, online, context, scores, spread), mask, t)
+    if len(agents) != len(mask):
+        raise ValueError(f"exploration per agent needs each row's agent: {len(agents)} agents for {len(mask)} rows")
+    groups: dict[ExplorationConfig, list[int]] = {}
+    for i, agent in enumerate(agents):
+        groups.setdefault(exploration(agent), []).append(i)
+    if len(groups) == 1:
+        return deployed_probs(next(iter(groups)), agents, context, scores, spread, mask, t, online)
+    scores, spread, context = np.asarray(scores), np.asarray(spread), np.asarray(context)
+    out = np.zeros(np.shape(mask), dtype=np.float64)
+    for cfg, members in groups.items():
+        rows = np.asarray(members)
+        out[rows] = deployed_probs(cfg, (), context[rows], scores[rows], spread[rows], np.asarray(mask)[rows], t, online)
+    return out
+
+
+def _agents(rows: Any) -> Sequence[str]:
+    return getattr(rows, "agents", ())  # read only when exploration is per agent (``deployed_probs``)
+
+
 def served_spread(
     cfg: ExplorationConfig, online: OnlineSettings | None, context: np.ndarray, scores: np.ndarray, spread: np.ndarray
 ) -> np.ndarray:
@@ -261,10 +299,10 @@ def evaluate(
     candidate: Scorer,
     incumbent: Scorer | None,
     holdout: Any,
-    exploration: ExplorationConfig,
+    exploration: Exploration,
     gate: GateConfig,
     incumbent_holdout: Any | None = None,
-    incumbent_exploration: ExplorationConfig | None = None,
+    incumbent_exploration: Exploration | None = None,
     rewards_for: RewardsFor | None = None,
     online: OnlineSettings | None = None,
 ) -> GateResult:
@@ -282,7 +320,9 @@ def evaluate(
 
     With no incumbent the baseline is the logged policy (the observed rewards). The incumbent is
     judged exploring as it really does (``incumbent_exploration``, from its manifest), which may
-    differ from the settings the candidate will be deployed with (``exploration``).
+    differ from the settings the candidate will be deployed with (``exploration``). Either may
+    be each agent's own (a callable, as ``Manifest.exploration_for``): each row is then judged
+    as its agent's client would explore it.
 
     ``rewards_for`` (an agent's reward settings) tells which rows' rewards are episode returns, to
     be judged by episode (``credited_episodes``). ``online`` (the online head's settings) gives a
@@ -292,8 +332,7 @@ def evaluate(
     scores, spread = candidate.score_batch(holdout.context, holdout.actions)
     # padded slots hold whatever the model makes of a zero vector; they must not reach DM's sum
     q_hat = np.where(mask, scores, 0.0)
-    spread = served_spread(exploration, online, holdout.context, scores, spread)
-    candidate_pi = target_probs(exploration, scores, spread, mask, _deployed_t(candidate))
+    candidate_pi = deployed_probs(exploration, _agents(holdout), holdout.context, scores, spread, mask, _deployed_t(candidate), online)
 
     baseline_pi = None
     baseline_name = LOGGED_POLICY
@@ -311,8 +350,7 @@ def evaluate(
             )
         inc_scores, inc_spread = incumbent.score_batch(rows.context, rows.actions)
         inc_exploration = incumbent_exploration or exploration
-        inc_spread = served_spread(inc_exploration, online, rows.context, inc_scores, inc_spread)
-        baseline_pi = target_probs(inc_exploration, inc_scores, inc_spread, mask, _deployed_t(incumbent))
+        baseline_pi = deployed_probs(inc_exploration, _agents(rows), rows.context, inc_scores, inc_spread, mask, _deployed_t(incumbent), online)
 
     return compare(
         candidate_pi, baseline_pi, holdout.chosen, holdout.prob, holdout.reward, q_hat, gate, baseline_name,
@@ -324,7 +362,7 @@ def evaluate_cross_fit(
     rows: Any,
     scores: np.ndarray,
     spread: np.ndarray,
-    exploration: ExplorationConfig,
+    exploration: Exploration,
     gate: GateConfig,
     incumbent: Scorer | None = None,
     rewards_for: RewardsFor | None = None,
@@ -356,7 +394,7 @@ def evaluate_cross_fit(
                 f"and incumbent {incumbent.version} {what}: rejected"
             )
             return _rejected(reason, gate, f"incumbent {incumbent.version}", n)
-    pi = target_probs(exploration, scores, served_spread(exploration, online, rows.context, scores, spread), mask, n)
+    pi = deployed_probs(exploration, _agents(rows), rows.context, scores, spread, mask, n, online)
     verdict = compare(
         pi, None, rows.chosen, rows.prob, rows.reward, np.where(mask, scores, 0.0), gate, LOGGED_POLICY,
         credited_episodes(rows, rewards_for),
@@ -369,7 +407,7 @@ def check_refit(
     refit: Scorer,
     candidate: Scorer,
     holdout: Any,
-    exploration: ExplorationConfig,
+    exploration: Exploration,
     gate: GateConfig,
     rewards_for: RewardsFor | None = None,
     online: OnlineSettings | None = None,

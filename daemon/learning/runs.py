@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import msgspec
 
-from reflexd.config import ExplorationConfig, GateConfig, TrainerConfig
+from reflexd.config import GateConfig, TrainerConfig
 from reflexd.learning import gate
 from reflexd.manifest import GateResult
 
@@ -58,11 +58,11 @@ def judge_run(
     candidate: Scorer,
     incumbent: Scorer | None,
     holdout: Any,
-    exploration: ExplorationConfig,
+    exploration: gate.Exploration,
     settings: GateConfig,
     refit: Callable[[], Scorer] | None = None,
     incumbent_holdout: Any | None = None,
-    incumbent_exploration: ExplorationConfig | None = None,
+    incumbent_exploration: gate.Exploration | None = None,
     rewards_for: gate.RewardsFor | None = None,
     online: OnlineSettings | None = None,
 ) -> Judged:

@@ -543,6 +543,8 @@ class Daemon:
                     removed["rejected_spool_events"] = await anyio.to_thread.run_sync(self.ingest.spool.forget, agent)
                     for line in self.lines.all():  # the online updates passed on hold hashed inputs of its contexts
                         line.relay.forget(agent)
+                        if line.online is not None:  # and the head its contexts, kept to relearn them
+                            line.online.forget(agent)
                     traces = getattr(self, "traces", None)
                     removed["waiting_trace_spans"] = await traces.forget(agent) if traces is not None else 0
                     await self.extractor.forgotten()

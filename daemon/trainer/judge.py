@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from reflexd.config import Config, RewardConfig
+from reflexd.config import Config, ExplorationConfig, RewardConfig
 from reflexd.deciding.scoring import Scorer
 from reflexd.errors import ModelIntegrityError, TrainingError
 from reflexd.learning import gate, runs
@@ -52,13 +52,16 @@ def judge(
     def rewards_for(agent: str) -> RewardConfig:
         return config.for_agent(agent).rewards
 
+    def exploration_for(agent: str) -> ExplorationConfig:  # as the candidate's manifest will say (run_manifests)
+        return config.for_agent(agent).exploration
+
     against = incumbent.version if incumbent is not None else None
     manifest, refit = run_manifests(config, result, out_dir, against)
     if result.cross_fit is not None:
         found = result.cross_fit
         scores, spread = np.asarray(found.scores, dtype=np.float64), np.asarray(found.spread, dtype=np.float64)
         verdict = gate.evaluate_cross_fit(
-            rows, scores, spread, config.exploration, config.gate, incumbent, rewards_for, config.online
+            rows, scores, spread, exploration_for, config.gate, incumbent, rewards_for, config.online
         )
         return msgspec.structs.replace(result, gate=verdict, judged_against=against)
     threads = config.trainer.max_threads
@@ -70,11 +73,11 @@ def judge(
         candidate,
         incumbent,
         holdout,
-        config.exploration,
+        exploration_for,  # each agent's rows judged as its clients will explore them
         config.gate,
         (lambda: Scorer(refit, (out_dir / REFIT_FILE).read_bytes(), threads)) if refit is not None else None,
         incumbent_holdout,
-        incumbent.manifest.exploration if incumbent is not None else None,
+        incumbent.manifest.exploration_for if incumbent is not None else None,
         rewards_for,  # rows whose rewards are episode returns are judged by episode
         config.online,  # a strategy exploring by the head's posterior is judged with the spread served
     )

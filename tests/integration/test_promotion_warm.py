@@ -19,29 +19,38 @@ from test_serving import ACTIONS, CTX, SPEC, add_version, manifest_exploration
 IDS = ["small", "medium", "large"]
 
 
-def test_a_promoted_model_scores_the_remembered_decisions_and_the_head_relearns_them(tmp_path: Path) -> None:
+def test_a_promoted_model_scores_the_remembered_decisions_and_the_head_relearns_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     registry = Registry(tmp_path / "models")
     add_version(registry, tmp_path, seed=1)
     source = ModelSource(registry)
     head = OnlineHead(OnlineConfig(warm_rows=25), SPEC)
     chooser = Chooser(source, manifest_exploration, 5, head)
     rng = random.Random(2)
-    context = dict(CTX)  # one dict, changed after every decision, as an agent may reuse it
+    # one dict and one list, changed after every decision, as an agent may reuse them
+    context, offered = dict(CTX), list(reversed(ACTIONS))
     made = []
     for i in range(40):
+        offered.reverse()  # back in order: each decision is offered ACTIONS
         context["tokens"], context["lang"] = 100 * i, rng.choice(["en", "de"])
-        choice = chooser.choose("agent", context, ACTIONS, decision_id=f"d{i}")
+        choice = chooser.choose("agent", context, offered, decision_id=f"d{i}")
         reward = rng.random()
         assert head.learn(choice.id, reward)
         made.append((dict(context), choice.index, reward))
-        context["tokens"] = -1  # after the decision: what the head relearns is what was decided on
+        # after the decision: what the head relearns is what was decided on
+        context["tokens"] = -1
+        offered.reverse()
     assert choice.model_version is None and head.stats()["warmed"] == 0
 
     registry.promote("v0001")
-    assert source.refresh()  # the loading thread relearns, not a decision
-    assert head.base == "v0001" and head.stats()["warmed"] == 25
+    assert source.refresh()  # the loading thread relearns, before the model is served
+    assert head.base is None
+    # the decision that first sees the model relearns nothing itself: it starts with what was prepared
+    monkeypatch.setattr(head, "_relearned", lambda *a: pytest.fail("relearned on a decision's thread"))
     after = chooser.choose("agent", CTX, ACTIONS, decision_id="first")
-    assert after.model_version == "v0001" and head.stats()["warmed"] == 25
+    assert after.model_version == "v0001"
+    assert head.base == "v0001" and head.stats()["warmed"] == 25
 
     scorer = source.scorer
     assert scorer is not None

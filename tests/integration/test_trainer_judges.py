@@ -4,6 +4,7 @@ import msgspec
 import pytest
 from test_trainer import CONFIG, ROWS, run_trainer, write_snapshot
 
+from reflexd.config import AgentConfig, ExplorationConfig
 from reflexd.deciding.scoring import Scorer
 from reflexd.learning import runs
 from reflexd.learning.dataset import load_holdout
@@ -36,6 +37,31 @@ def test_the_verdict_is_the_rule_every_model_goes_live_by(tmp_path):
     assert judged.verdict == verdict
     # the snapshot's signal is plain: the candidate passes, and its refit on every row goes live
     assert verdict.passed and result.refitted and result.deploy == REFIT_FILE
+
+
+def test_an_agents_own_exploration_is_what_its_rows_are_judged_by(tmp_path):
+    """``agents.<id>.exploration``: the agent's clients explore by it, so the trainer's gate judges
+    its rows by it, not by the global section."""
+    own = msgspec.structs.replace(
+        CONFIG, agents={"agent-1": AgentConfig(exploration=ExplorationConfig(strategy="epsilon_greedy", epsilon=1.0))}
+    )
+    snapshot = write_snapshot(tmp_path / "snap.parquet", ROWS)
+    verdicts = {}
+    for name, config in (("global", CONFIG), ("own", own)):
+        done = run_trainer(snapshot, tmp_path / name, msgspec.json.encode(config).decode())
+        assert done.returncode == 0, done.stderr
+        verdicts[name] = read_result(tmp_path / name).gate
+    # explored uniformly, as that agent's clients would, the candidate is worth the logging average
+    assert verdicts["own"].candidate_value < verdicts["global"].candidate_value - 0.05
+    result = read_result(tmp_path / "own")
+    manifest, _ = run_manifests(own, result, tmp_path / "own", None)
+    assert manifest.exploration_for("agent-1").epsilon == 1.0  # and deployed so
+    holdout = load_holdout(str(snapshot), manifest.features, own.trainer.holdout_fraction)
+    judged = runs.judge_run(
+        Scorer(manifest, (tmp_path / "own" / MODEL_FILE).read_bytes()), None, holdout, manifest.exploration_for, own.gate,
+        rewards_for=lambda agent: own.for_agent(agent).rewards,
+    )
+    assert judged.verdict.candidate_value == pytest.approx(verdicts["own"].candidate_value, abs=1e-9)
 
 
 def registered(tmp_path, out):

@@ -703,6 +703,40 @@ def test_the_incumbent_is_judged_with_its_own_exploration(holdout: Log) -> None:
     assert judged.baseline_value < same.baseline_value and judged.difference > 0
 
 
+def test_each_agents_rows_are_judged_as_its_own_clients_explore(holdout: Log) -> None:
+    """An agent with exploration settings of its own (``agents:`` in the config, the manifest's
+    ``agent_exploration``) is served by them: the gate judges its rows by them, the others' rows
+    by the global settings, for the candidate and for the incumbent."""
+    batch = as_batch(holdout)
+    batch.agents = ["cautious" if i % 3 == 0 else "router" for i in range(len(batch.ids))]
+    greedy = ExplorationConfig(strategy="epsilon_greedy", epsilon=0.05, epsilon_min=0.0)
+    uniform = ExplorationConfig(strategy="epsilon_greedy", epsilon=1.0, epsilon_min=0.0)
+    own = {"cautious": uniform}
+
+    def exploration_for(agent: str) -> ExplorationConfig:
+        return own.get(agent, greedy)
+
+    candidate, incumbent = FakeScorer("v0004", MU, SPEC), FakeScorer("v0003", -MU, SPEC)
+    judged = gate.evaluate(candidate, incumbent, batch, exploration_for, GateConfig(), incumbent_exploration=exploration_for)
+    scores = {name: s.score_batch(batch.context, batch.actions)[0] for name, s in (("c", candidate), ("i", incumbent))}
+    pi = {
+        name: np.stack([
+            np.append(exploring.probabilities(exploration_for(agent), scores[name][i, :A], None, 0), 0.0)
+            for i, agent in enumerate(batch.agents)
+        ])
+        for name in scores
+    }
+    q_hat = np.where(batch.mask, scores["c"], 0.0)
+    want = gate.compare(pi["c"], pi["i"], batch.chosen, batch.prob, batch.reward, q_hat, GateConfig(), "incumbent v0003")
+    assert judged.difference == pytest.approx(want.difference, abs=1e-12)
+    assert judged.candidate_value == pytest.approx(want.candidate_value, abs=1e-12)
+    # judged with the global settings for every row, the cautious agent's exploring is not charged
+    everyone = gate.evaluate(candidate, incumbent, batch, greedy, GateConfig(), incumbent_exploration=greedy)
+    assert everyone.candidate_value > judged.candidate_value + 0.01
+    with pytest.raises(ValueError, match="each row's agent"):
+        gate.deployed_probs(exploration_for, [], batch.context, scores["c"], scores["c"], batch.mask, 0)
+
+
 @pytest.mark.parametrize("strategy", ["thompson", "linucb", "squarecb"])
 def test_the_gate_judges_a_model_with_the_spread_its_clients_explore_by(strategy):
     """Beside a model just promoted, a client exploring by the online head's posterior hands the

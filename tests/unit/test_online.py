@@ -165,6 +165,59 @@ def test_with_warm_rows_0_or_no_rescore_a_new_model_starts_an_empty_head() -> No
         assert head.stats()["arms"] == 0 and head.stats()["warmed"] == 0
 
 
+def test_a_reward_for_a_decision_made_beside_another_model_is_only_relearned_later() -> None:
+    """An agent thread may decide with the model served before and remember after the head moved
+    on: that decision's score is the old model's, so the head beside the new one does not learn
+    it; it is kept to relearn beside the next model."""
+    head = OnlineHead(OnlineConfig(warm_rows=10))
+    head.follow("v0002")
+    x = head.features({"task": "code"})
+    head.remember("late", "agent", "small", x, -3.0, source=0, model="v0001")
+    assert not head.learn("late", 1.0)
+    assert head.stats()["arms"] == 0 and head.stats()["updates"] == 0
+    head.prepare("v0003", lambda sources: [0.5 for _ in sources])
+    head.follow("v0003")
+    assert head.stats()["warmed"] == 1
+
+
+def test_a_rescore_that_fails_leaves_a_head_started_empty_and_the_model_served() -> None:
+    head = OnlineHead(OnlineConfig())
+    head.remember("d", "agent", "small", head.features({"k": 1}), None, source=0)
+    head.learn("d", 1.0)
+
+    def broken(sources: list) -> list:
+        raise RuntimeError("onnxruntime says no")
+
+    head.follow("v0001", broken)
+    assert head.base == "v0001" and head.stats()["arms"] == 0 and head.stats()["warmed"] == 0
+
+
+def test_warm_rows_raised_by_a_reload_keeps_rewards_from_then_on() -> None:
+    head = OnlineHead(OnlineConfig(warm_rows=0))
+    head.settings = OnlineConfig(warm_rows=5)  # what a reload does
+    for i in range(8):
+        head.remember(f"d{i}", "agent", "small", head.features({"k": i}), None, source=i)
+        head.learn(f"d{i}", 1.0)
+    asked = []
+    head.follow("v0001", lambda sources: asked.extend(sources) or [0.0] * len(sources))
+    assert asked == [3, 4, 5, 6, 7] and head.stats()["warmed"] == 5
+
+
+def test_forgetting_an_agent_drops_what_the_head_holds_of_it() -> None:
+    head = OnlineHead(OnlineConfig())
+    for agent in ("gone", "kept"):
+        for i in range(3):
+            head.remember(f"{agent}{i}", agent, "small", head.features({"k": i}), None, source=(agent, i))
+            head.learn(f"{agent}{i}", 1.0)
+        head.remember(f"{agent}-waiting", agent, "small", head.features({"k": 9}), None, source=(agent, 9))
+    head.forget("gone")
+    assert not head.knows("gone", ["small"]) and head.knows("kept", ["small"])
+    assert not head.learn("gone-waiting", 1.0) and head.learn("kept-waiting", 1.0)
+    asked: list = []
+    head.follow("v0001", lambda sources: asked.extend(sources) or [0.0] * len(sources))
+    assert asked and all(agent == "kept" for agent, _ in asked)
+
+
 def test_an_arm_born_beside_a_model_starts_from_the_models_score() -> None:
     head = OnlineHead(OnlineConfig())
     x = head.features({"task": "code"})
