@@ -53,10 +53,11 @@ from reflexd.extensions import EXPLORATION, available, load_explorer
 from reflexd.features import FeatureSpec
 from reflexd.learning import ope
 from reflexd.learning.episodes import ByEpisode, Episodes, RewardsFor, credited_episodes
-from reflexd.learning.gate import target_probs
+from reflexd.learning.gate import served_spread, target_probs
 from reflexd.wire.protocol import Evaluation, Interval, PolicyValue, Recommendation
 
 if TYPE_CHECKING:
+    from reflexd.deciding.online import OnlineSettings
     from reflexd.deciding.scoring import Scorer
 
 __all__ = [
@@ -227,20 +228,31 @@ def model_probs(
     agents: Sequence[str],
     exploration_for: Callable[[str], ExplorationConfig],
     t: int,
+    context: np.ndarray | None = None,
+    online: OnlineSettings | None = None,
 ) -> np.ndarray:
     """A model's deployed distribution per row, each agent's rows explored with its own settings
-    (rows whose agents share a setting are explored together)."""
+    (rows whose agents share a setting are explored together). With the rows' ``context`` and the
+    online head's settings (``online``), a strategy that explores by the head's posterior is
+    handed the spread its clients hand it beside a new model, as the gate judges it
+    (``gate.served_spread``); otherwise the model's own."""
+
+    def explored(cfg: ExplorationConfig, rows: Any) -> np.ndarray:
+        found = None if spread is None else spread[rows]
+        if context is not None and found is not None:
+            found = served_spread(cfg, online, context[rows], scores[rows], found)
+        return exploration_probs(cfg, scores[rows], found, mask[rows], t)
+
     names, which = np.unique(np.asarray(agents, dtype=object).astype(str), return_inverse=True)
     groups: dict[ExplorationConfig, list[int]] = {}
     for k, agent in enumerate(names.tolist()):
         groups.setdefault(exploration_for(agent), []).append(k)
     if len(groups) <= 1:
-        cfg = next(iter(groups)) if groups else exploration_for("")
-        return exploration_probs(cfg, scores, spread, mask, t)
+        return explored(next(iter(groups)) if groups else exploration_for(""), slice(None))
     out = np.zeros(np.shape(mask), dtype=np.float64)
     for cfg, members in groups.items():
         rows = np.flatnonzero(np.isin(which, members))
-        out[rows] = exploration_probs(cfg, scores[rows], None if spread is None else spread[rows], mask[rows], t)
+        out[rows] = explored(cfg, rows)
     return out
 
 
@@ -496,19 +508,23 @@ def discover(
     estimator: str = "dr",
     grid: Sequence[Sequence[tuple[str, Any]]] = DISCOVERY_GRID,
     episodes: Episodes | None = None,
+    context: np.ndarray | None = None,
+    online: OnlineSettings | None = None,
 ) -> Recommendation:
     """Evaluate ``model`` under its own exploration and each setting of ``grid``; recommend one.
 
     The rule: the setting whose interval (of the headline estimator) has the highest lower bound
     is recommended if that lower bound is above the logging policy's lower bound (the mean observed
     reward's); otherwise none is. The model's own setting is one of the candidates, so the
-    recommendation may be to keep it. With ``episodes`` every setting is judged by episode.
+    recommendation may be to keep it. With ``episodes`` every setting is judged by episode; with
+    the rows' ``context`` (hashed as the model reads it) and ``online``, a strategy exploring by the
+    online head's posterior as the gate judges it (``model_probs``).
     """
     logged = _logged(batch, confidence, episodes, q_hat)
     estimator = _headline(estimator, q_hat is not None)
     mask, agents = logged.mask, list(batch.agents)
     candidates = [
-        _value(logged, model, "model", model_probs(scores, spread, mask, agents, exploration_for, t), q_hat, estimator, confidence,
+        _value(logged, model, "model", model_probs(scores, spread, mask, agents, exploration_for, t, context, online), q_hat, estimator, confidence,
                version=model, exploration=msgspec.to_builtins(exploration_for(agents[0])))
     ]
     for settings in grid:
@@ -518,7 +534,7 @@ def discover(
             configs = {a: apply_settings(name, exploration_for(a), pairs) for a in sorted(set(agents))}
         except PolicySpecError:
             continue  # a setting that cannot apply to this model's exploration (no such strategy installed)
-        pi = model_probs(scores, spread, mask, agents, configs.__getitem__, t)
+        pi = model_probs(scores, spread, mask, agents, configs.__getitem__, t, context, online)
         candidates.append(
             _value(logged, name, "exploration", pi, q_hat, estimator, confidence, version=model,
                    exploration=msgspec.to_builtins(configs[agents[0]]))
@@ -560,6 +576,7 @@ def run(
     until: float | None = None,
     tables: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
     rewards_for: RewardsFor | None = None,
+    online: OnlineSettings | None = None,
 ) -> Evaluation:
     """Evaluate ``policies`` (names as in the module docstring) on the window ``batch_for`` loads;
     ``tables`` holds each ``file:`` policy's probabilities, as its sender read them.
@@ -569,6 +586,8 @@ def run(
     gives a loaded model. ``live`` is the live version (None: no model is live), which ``live`` names
     and which scores DR and DM unless ``reward_model`` names another. ``rewards_for`` (an agent's
     reward settings) tells which decisions' rewards are episode returns, to be judged by episode.
+    ``online`` (the online head's settings): a model exploring by the head's posterior is judged
+    with the spread its clients hand it beside a new model, as the gate judges it.
     """
     started = time.perf_counter()
     tables = tables or {}
@@ -629,7 +648,8 @@ def run(
                 configs = {a: apply_settings(spec.text, manifest.exploration_for(a), spec.settings) for a in sorted(set(agents))}
                 exploration_for = configs.__getitem__
             scores, spread = scores_of(version)
-            pi = model_probs(scores, spread, mask, agents, exploration_for, manifest.training.experience)
+            context = batch_for(manifest.features).context
+            pi = model_probs(scores, spread, mask, agents, exploration_for, manifest.training.experience, context, online)
             shown = exploration_for(agents[0])
             values.append((spec.text, spec.kind, pi, {"version": version, "exploration": msgspec.to_builtins(shown)}))
 
@@ -651,7 +671,7 @@ def run(
         scores, spread = scores_of(model_version)
         discovery = discover(
             batch, model_version, scores, spread, manifest.exploration_for, manifest.training.experience, q_hat,
-            confidence, estimator, episodes=episodes,
+            confidence, estimator, episodes=episodes, context=batch_for(manifest.features).context, online=online,
         )
 
     return Evaluation(

@@ -146,6 +146,7 @@ def evaluate_window(store: Store, models: Models, config: Config, msg: Evaluate,
             until=msg.until,
             tables=msg.tables,
             rewards_for=rewards_for(config),
+            online=config.online,
         )
     # the whole of it, the snapshot included
     return msgspec.structs.replace(result, req=msg.req, seconds=round(time.perf_counter() - started, 3))
@@ -187,12 +188,14 @@ def same_window(
         if not np.isfinite(np.asarray(scores, dtype=np.float64)[mask]).all():
             raise EvaluationError(f"model {model.version}'s scores are not finite on the live model's recent decisions")
     agents = rows.agents
+    # each with the spread its clients hand a strategy exploring by the online head, as the gate judged it
     pi_cur = evaluate.model_probs(
-        cur_scores, cur_spread, mask, agents, current.manifest.exploration_for, current.manifest.training.experience
+        cur_scores, cur_spread, mask, agents, current.manifest.exploration_for, current.manifest.training.experience,
+        rows.context, config.online,
     )
     pi_prev = evaluate.model_probs(
         prev_scores, prev_spread, mask, agents, predecessor.manifest.exploration_for,
-        predecessor.manifest.training.experience,
+        predecessor.manifest.training.experience, prev_rows.context, config.online,
     )
     q_hat = np.where(mask, np.asarray(cur_scores, dtype=np.float64), 0.0)
     estimator = config.gate.estimator

@@ -765,3 +765,15 @@ def test_the_gate_judges_a_model_with_the_spread_its_clients_explore_by(strategy
         np.testing.assert_allclose(got[i], want, rtol=1e-9, atol=1e-12)
     # without the head, clients explore by the model's own spread
     assert gate.served_spread(cfg, OnlineConfig(enabled=False), context, scores, model_spread) is model_spread
+    # reflexd evaluate and the rollback monitor judge it the same way, agent by agent
+    from reflexd.learning import evaluate as ev
+
+    agents = ["agent"] * 10 + ["other"] * 10
+    own = {"other": ExplorationConfig(strategy="epsilon_greedy", epsilon=0.2)}
+    probs = ev.model_probs(scores, model_spread, mask, agents, lambda a: own.get(a, cfg), 500, context, online)
+    np.testing.assert_allclose(probs[:10], got[:10], rtol=1e-9, atol=1e-12)
+    other = gate.target_probs(own["other"], scores[10:], model_spread[10:], mask[10:], 500)
+    np.testing.assert_allclose(probs[10:], other, rtol=1e-9, atol=1e-12)
+    if strategy == "thompson":  # without the rows' context, the model's spread, as before
+        alone = ev.model_probs(scores, model_spread, mask, agents, lambda a: cfg, 500)
+        assert not np.allclose(alone[:10], got[:10])
