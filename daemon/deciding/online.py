@@ -252,13 +252,14 @@ class OnlineHead:
         # decision id -> (agent, action id, its inputs with the model's score, whether it had one,
         # the model the head followed when it was made, when its wait window ends); oldest first
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
-        # decision id -> what a later model needs to score it again, for the newest warm_rows decisions
-        self._sources: OrderedDict[str, Any] = OrderedDict()
+        # decision id -> (agent, what a later model needs to score it again), the newest warm_rows decisions
+        self._sources: OrderedDict[str, tuple[str, Any]] = OrderedDict()
         # the newest rewards of decisions with a source, relearned beside each new model (``follow``):
         # (agent, action id, inputs, reward, source)
         self._recent: deque[tuple[str, str, np.ndarray, float, Any]] = deque(maxlen=settings.warm_rows)
         # arms ``prepare`` relearned for a model about to be served: (its version, (arms, rows))
         self._prepared: tuple[str, tuple[OrderedDict, int]] | None = None
+        self._forgotten = 0  # agents forgotten so far (``forget``)
         self._lock = threading.Lock()  # updates come from agent threads; decisions only read
         self.updates = 0
         self.defaults = 0  # of those, decisions with no outcome within their wait window
@@ -354,7 +355,7 @@ class OnlineHead:
         _trim(pending, self.settings.pending)
         if source is not None and self.settings.warm_rows:
             sources = self._sources
-            sources[decision_id] = source
+            sources[decision_id] = (agent, source)
             sources.move_to_end(decision_id)
             _trim(sources, self.settings.warm_rows)
 
@@ -370,7 +371,8 @@ class OnlineHead:
 
     def _learn(self, decision_id: str, found: _Pending, reward: float) -> bool:
         agent, action, x, beside, model, _ = found
-        source = self._sources.pop(decision_id, None)
+        kept = self._sources.pop(decision_id, None)
+        source = kept[1] if kept is not None else None
         with self._lock:
             current = model == self.base
             if current:
@@ -456,8 +458,11 @@ class OnlineHead:
         learned meanwhile go to the arms of the model still served, and are not relearned.
         """
         with self._lock:
-            recent = list(self._recent)
-        self._prepared = (version, self._relearned(recent, version, rescore))
+            recent, forgotten = list(self._recent), self._forgotten
+        arms = self._relearned(recent, version, rescore)
+        with self._lock:
+            if self._forgotten == forgotten:  # else an agent was forgotten meanwhile: ``follow`` relearns
+                self._prepared = (version, arms)
 
     def follow(self, version: str | None, rescore: Rescore | None = None) -> None:
         """Start afresh beside a new live model (or none): the gate judged it better than the policy
@@ -507,9 +512,12 @@ class OnlineHead:
                 del self._arms[key]
             self._recent = deque((r for r in self._recent if r[0] != agent), maxlen=self._recent.maxlen)
             self._prepared = None  # relearned from what is forgotten now
+            self._forgotten += 1  # and a ``prepare`` under way is not to publish its arms
         for decision_id, found in list(self._pending.items()):
             if found[0] == agent:
                 self._pending.pop(decision_id, None)
+        for decision_id, source in list(self._sources.items()):  # (agent, source)
+            if source[0] == agent:
                 self._sources.pop(decision_id, None)
 
     def stats(self) -> dict[str, Any]:

@@ -230,6 +230,7 @@ def model_probs(
     t: int,
     context: np.ndarray | None = None,
     online: OnlineSettings | None = None,
+    features: FeatureSpec | None = None,
 ) -> np.ndarray:
     """A model's deployed distribution per row, each agent's rows explored with its own settings
     (rows whose agents share a setting are explored together). With the rows' ``context`` and the
@@ -240,7 +241,7 @@ def model_probs(
     def explored(cfg: ExplorationConfig, rows: Any) -> np.ndarray:
         found = None if spread is None else spread[rows]
         if context is not None and found is not None:
-            found = served_spread(cfg, online, context[rows], scores[rows], found)
+            found = served_spread(cfg, online, context[rows], scores[rows], found, features, np.asarray(agents)[rows].tolist())
         return exploration_probs(cfg, scores[rows], found, mask[rows], t)
 
     names, which = np.unique(np.asarray(agents, dtype=object).astype(str), return_inverse=True)
@@ -510,6 +511,7 @@ def discover(
     episodes: Episodes | None = None,
     context: np.ndarray | None = None,
     online: OnlineSettings | None = None,
+    features: FeatureSpec | None = None,
 ) -> Recommendation:
     """Evaluate ``model`` under its own exploration and each setting of ``grid``; recommend one.
 
@@ -524,7 +526,7 @@ def discover(
     estimator = _headline(estimator, q_hat is not None)
     mask, agents = logged.mask, list(batch.agents)
     candidates = [
-        _value(logged, model, "model", model_probs(scores, spread, mask, agents, exploration_for, t, context, online), q_hat, estimator, confidence,
+        _value(logged, model, "model", model_probs(scores, spread, mask, agents, exploration_for, t, context, online, features), q_hat, estimator, confidence,
                version=model, exploration=msgspec.to_builtins(exploration_for(agents[0])))
     ]
     for settings in grid:
@@ -534,7 +536,7 @@ def discover(
             configs = {a: apply_settings(name, exploration_for(a), pairs) for a in sorted(set(agents))}
         except PolicySpecError:
             continue  # a setting that cannot apply to this model's exploration (no such strategy installed)
-        pi = model_probs(scores, spread, mask, agents, configs.__getitem__, t, context, online)
+        pi = model_probs(scores, spread, mask, agents, configs.__getitem__, t, context, online, features)
         candidates.append(
             _value(logged, name, "exploration", pi, q_hat, estimator, confidence, version=model,
                    exploration=msgspec.to_builtins(configs[agents[0]]))
@@ -649,7 +651,7 @@ def run(
                 exploration_for = configs.__getitem__
             scores, spread = scores_of(version)
             context = batch_for(manifest.features).context
-            pi = model_probs(scores, spread, mask, agents, exploration_for, manifest.training.experience, context, online)
+            pi = model_probs(scores, spread, mask, agents, exploration_for, manifest.training.experience, context, online, manifest.features)
             shown = exploration_for(agents[0])
             values.append((spec.text, spec.kind, pi, {"version": version, "exploration": msgspec.to_builtins(shown)}))
 
@@ -672,6 +674,7 @@ def run(
         discovery = discover(
             batch, model_version, scores, spread, manifest.exploration_for, manifest.training.experience, q_hat,
             confidence, estimator, episodes=episodes, context=batch_for(manifest.features).context, online=online,
+            features=manifest.features,
         )
 
     return Evaluation(

@@ -19,6 +19,7 @@ import numpy as np
 
 from reflexd.config import ExplorationConfig, GateConfig
 from reflexd.deciding import exploring as _exploration
+from reflexd.features import AGENT_KEY, FeatureSpec, Hasher
 from reflexd.learning import episodes as _episodes
 from reflexd.learning.episodes import Episodes, RewardsFor, credited_episodes
 from reflexd.learning.ope import ESTIMATORS, ROUNDING, estimate
@@ -234,24 +235,29 @@ def deployed_probs(
     mask: np.ndarray,
     t: int,
     online: OnlineSettings | None = None,
+    features: FeatureSpec | None = None,
 ) -> np.ndarray:
     """``target_probs`` of a model deployed with ``exploration``, each row explored as its agent's
-    client explores it, with the spread it hands the strategy (``served_spread``); rows whose
-    agents share a setting are explored together."""
+    client explores it, with the spread it hands the strategy (``served_spread``; ``context``
+    hashed with ``features``); rows whose agents share a setting are explored together."""
     if isinstance(exploration, ExplorationConfig):
-        return target_probs(exploration, scores, served_spread(exploration, online, context, scores, spread), mask, t)
+        served = served_spread(exploration, online, context, scores, spread, features, agents)
+        return target_probs(exploration, scores, served, mask, t)
     if len(agents) != len(mask):
         raise ValueError(f"exploration per agent needs each row's agent: {len(agents)} agents for {len(mask)} rows")
     groups: dict[ExplorationConfig, list[int]] = {}
     for i, agent in enumerate(agents):
         groups.setdefault(exploration(agent), []).append(i)
     if len(groups) == 1:
-        return deployed_probs(next(iter(groups)), agents, context, scores, spread, mask, t, online)
+        return deployed_probs(next(iter(groups)), agents, context, scores, spread, mask, t, online, features)
     scores, spread, context = np.asarray(scores), np.asarray(spread), np.asarray(context)
     out = np.zeros(np.shape(mask), dtype=np.float64)
     for cfg, members in groups.items():
         rows = np.asarray(members)
-        out[rows] = deployed_probs(cfg, (), context[rows], scores[rows], spread[rows], np.asarray(mask)[rows], t, online)
+        out[rows] = deployed_probs(
+            cfg, [agents[i] for i in members], context[rows], scores[rows], spread[rows], np.asarray(mask)[rows], t,
+            online, features,
+        )
     return out
 
 
@@ -260,18 +266,33 @@ def _agents(rows: Any) -> Sequence[str]:
 
 
 def served_spread(
-    cfg: ExplorationConfig, online: OnlineSettings | None, context: np.ndarray, scores: np.ndarray, spread: np.ndarray
+    cfg: ExplorationConfig,
+    online: OnlineSettings | None,
+    context: np.ndarray,
+    scores: np.ndarray,
+    spread: np.ndarray,
+    features: FeatureSpec | None = None,
+    agents: Sequence[str] = (),
 ) -> np.ndarray:
     """The spread a model's clients hand exploration by ``cfg.strategy`` once it goes live: its own
     ``spread``, or, for a strategy that explores by the online head's posterior
     (``exploring.spread_from``), that of the head started afresh beside it (its prior
     ``online.model_prior`` over the context's inputs, a bias and the model's score). The head
-    then narrows it as it learns, so this judges the policy at its most exploratory."""
+    then narrows it as it learns, so this judges the policy at its most exploratory.
+
+    ``context`` is hashed as the model reads it (``features``); where that includes each row's
+    agent (a shared line), the head, which reads the context alone, does not: its id is taken
+    out again (``agents``)."""
     if online is None or not online.enabled or _exploration.spread_from(cfg.strategy, True) != "head":
         return spread
+    context = np.asarray(context, dtype=np.float64)
+    if features is not None and features.agent and len(agents):
+        hasher = Hasher(features)
+        ids = {agent: hasher.context({AGENT_KEY: agent}) for agent in set(agents)}
+        context = context - np.stack([ids[agent] for agent in agents])  # hashing adds each key's part
     # OnlineHead.spread of an arm that has learned nothing, for every row at once (a test holds
     # the two equal)
-    inputs = np.square(np.asarray(context, dtype=np.float64)).sum(axis=1, keepdims=True) + 1.0
+    inputs = np.square(context).sum(axis=1, keepdims=True) + 1.0
     return np.sqrt((inputs + np.square(np.asarray(scores, dtype=np.float64))) / online.model_prior)
 
 
@@ -332,7 +353,10 @@ def evaluate(
     scores, spread = candidate.score_batch(holdout.context, holdout.actions)
     # padded slots hold whatever the model makes of a zero vector; they must not reach DM's sum
     q_hat = np.where(mask, scores, 0.0)
-    candidate_pi = deployed_probs(exploration, _agents(holdout), holdout.context, scores, spread, mask, _deployed_t(candidate), online)
+    candidate_pi = deployed_probs(
+        exploration, _agents(holdout), holdout.context, scores, spread, mask, _deployed_t(candidate), online,
+        candidate.manifest.features,
+    )
 
     baseline_pi = None
     baseline_name = LOGGED_POLICY
@@ -350,7 +374,10 @@ def evaluate(
             )
         inc_scores, inc_spread = incumbent.score_batch(rows.context, rows.actions)
         inc_exploration = incumbent_exploration or exploration
-        baseline_pi = deployed_probs(inc_exploration, _agents(rows), rows.context, inc_scores, inc_spread, mask, _deployed_t(incumbent), online)
+        baseline_pi = deployed_probs(
+            inc_exploration, _agents(rows), rows.context, inc_scores, inc_spread, mask, _deployed_t(incumbent), online,
+            incumbent.manifest.features,
+        )
 
     return compare(
         candidate_pi, baseline_pi, holdout.chosen, holdout.prob, holdout.reward, q_hat, gate, baseline_name,
@@ -367,8 +394,10 @@ def evaluate_cross_fit(
     incumbent: Scorer | None = None,
     rewards_for: RewardsFor | None = None,
     online: OnlineSettings | None = None,
+    features: FeatureSpec | None = None,
 ) -> GateResult:
-    """Judge a learner on a cross-fitted run's out-of-fold predictions against the logging policy.
+    """Judge a learner on a cross-fitted run's out-of-fold predictions against the logging policy
+    (``rows`` hashed with ``features``, the learner's).
 
     ``rows`` is every row of the run's snapshot (a ``reflexd.learning.dataset.Batch``) and ``scores`` and
     ``spread`` [N, A_max] each row's predictions by the learner fit without it, so each row is
@@ -394,7 +423,7 @@ def evaluate_cross_fit(
                 f"and incumbent {incumbent.version} {what}: rejected"
             )
             return _rejected(reason, gate, f"incumbent {incumbent.version}", n)
-    pi = deployed_probs(exploration, _agents(rows), rows.context, scores, spread, mask, n, online)
+    pi = deployed_probs(exploration, _agents(rows), rows.context, scores, spread, mask, n, online, features)
     verdict = compare(
         pi, None, rows.chosen, rows.prob, rows.reward, np.where(mask, scores, 0.0), gate, LOGGED_POLICY,
         credited_episodes(rows, rewards_for),

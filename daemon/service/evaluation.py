@@ -191,11 +191,11 @@ def same_window(
     # each with the spread its clients hand a strategy exploring by the online head, as the gate judged it
     pi_cur = evaluate.model_probs(
         cur_scores, cur_spread, mask, agents, current.manifest.exploration_for, current.manifest.training.experience,
-        rows.context, config.online,
+        rows.context, config.online, current.manifest.features,
     )
     pi_prev = evaluate.model_probs(
         prev_scores, prev_spread, mask, agents, predecessor.manifest.exploration_for,
-        predecessor.manifest.training.experience, prev_rows.context, config.online,
+        predecessor.manifest.training.experience, prev_rows.context, config.online, predecessor.manifest.features,
     )
     q_hat = np.where(mask, np.asarray(cur_scores, dtype=np.float64), 0.0)
     estimator = config.gate.estimator

@@ -472,11 +472,11 @@ class Scheduler:
             candidate,
             incumbent,
             holdout,
-            cfg.exploration,
+            candidate.manifest.exploration_for,  # each agent's rows as its clients will explore them
             cfg.gate,
             None,
             incumbent_holdout,
-            incumbent.manifest.exploration if incumbent is not None else None,
+            incumbent.manifest.exploration_for if incumbent is not None else None,
             lambda agent: cfg.for_agent(agent).rewards,
             cfg.online,
         ).verdict

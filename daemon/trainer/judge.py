@@ -61,7 +61,7 @@ def judge(
         found = result.cross_fit
         scores, spread = np.asarray(found.scores, dtype=np.float64), np.asarray(found.spread, dtype=np.float64)
         verdict = gate.evaluate_cross_fit(
-            rows, scores, spread, exploration_for, config.gate, incumbent, rewards_for, config.online
+            rows, scores, spread, exploration_for, config.gate, incumbent, rewards_for, config.online, manifest.features
         )
         return msgspec.structs.replace(result, gate=verdict, judged_against=against)
     threads = config.trainer.max_threads

@@ -703,6 +703,30 @@ def test_the_incumbent_is_judged_with_its_own_exploration(holdout: Log) -> None:
     assert judged.baseline_value < same.baseline_value and judged.difference > 0
 
 
+def test_in_a_shared_line_the_served_spread_leaves_out_the_agents_id_as_the_head_does() -> None:
+    """A shared line's models read the agent's id as one more context key; the online head beside
+    them reads the context alone, so the spread it hands exploration is that of the context alone."""
+    from reflexd.config import OnlineConfig
+    from reflexd.deciding.online import OnlineHead
+    from reflexd.features import Hasher, with_agent
+
+    shared = FeatureSpec(context_dim=16, action_dim=8, agent=True)
+    online, cfg = OnlineConfig(model_prior=40.0), ExplorationConfig(strategy="linucb")
+    head = OnlineHead(online, FeatureSpec(context_dim=16, action_dim=8))
+    head.follow("v0001")
+    rng = np.random.default_rng(5)
+    contexts = [{"task": str(rng.choice(["x", "y"])), "size": float(rng.integers(1, 500))} for _ in range(12)]
+    agents = ["router" if i % 2 else "coder" for i in range(12)]
+    hasher = Hasher(shared)
+    context = np.stack([hasher.context(with_agent(shared, a, c)) for a, c in zip(agents, contexts)])
+    scores = rng.normal(0.5, 0.3, (12, 2))
+    served = gate.served_spread(cfg, online, context, scores, np.zeros((12, 2)), shared, agents)
+    for i, (a, c) in enumerate(zip(agents, contexts)):
+        want = head.spread(a, head.features(c), ["p", "q"], scores[i].tolist(), noise=True)
+        np.testing.assert_allclose(served[i], want, rtol=1e-6)
+    assert not np.allclose(gate.served_spread(cfg, online, context, scores, np.zeros((12, 2))), served)
+
+
 def test_each_agents_rows_are_judged_as_its_own_clients_explore(holdout: Log) -> None:
     """An agent with exploration settings of its own (``agents:`` in the config, the manifest's
     ``agent_exploration``) is served by them: the gate judges its rows by them, the others' rows

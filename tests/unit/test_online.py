@@ -212,10 +212,30 @@ def test_forgetting_an_agent_drops_what_the_head_holds_of_it() -> None:
         head.remember(f"{agent}-waiting", agent, "small", head.features({"k": 9}), None, source=(agent, 9))
     head.forget("gone")
     assert not head.knows("gone", ["small"]) and head.knows("kept", ["small"])
+    assert all(agent != "gone" for agent, _ in head._sources.values())
     assert not head.learn("gone-waiting", 1.0) and head.learn("kept-waiting", 1.0)
     asked: list = []
     head.follow("v0001", lambda sources: asked.extend(sources) or [0.0] * len(sources))
     assert asked and all(agent == "kept" for agent, _ in asked)
+
+
+def test_what_is_forgotten_stays_forgotten() -> None:
+    """Contexts kept for decisions no longer awaiting a reward (``pending`` below ``warm_rows``)
+    go too, and arms a ``prepare`` relearned while the agent was forgotten are not installed."""
+    head = OnlineHead(OnlineConfig(pending=2, warm_rows=10))
+    for i in range(5):
+        head.remember(f"d{i}", "gone", "small", head.features({"k": i}), None, source=("gone", i))
+    head.remember("r", "gone", "small", head.features({"k": 9}), None, source=("gone", 9))
+    head.learn("r", 1.0)
+
+    def forgetting(sources: list) -> list:
+        head.forget("gone")  # meanwhile, on another thread
+        return [0.0] * len(sources)
+
+    head.prepare("v0001", forgetting)
+    assert not head._sources
+    head.follow("v0001", lambda sources: [0.0] * len(sources))
+    assert not head.knows("gone", ["small"]) and head.stats()["warmed"] == 0
 
 
 def test_an_arm_born_beside_a_model_starts_from_the_models_score() -> None:
