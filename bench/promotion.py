@@ -40,7 +40,9 @@ def inputs(batch: Batch, i: int) -> np.ndarray:
     return x
 
 
-def serve(seed: int, logs: Batch, past: np.ndarray, contexts: list[dict[str, Any]], scores: np.ndarray, warm: int | None) -> float:
+def serve(
+    seed: int, logs: Batch, past: np.ndarray, contexts: list[dict[str, Any]], scores: np.ndarray, warm: int | None
+) -> float:
     """Mean exact regret per decision over ``contexts``, served as rule ``warm`` says."""
     world = World(seed)
     ids = [a["id"] for a in world.actions]
@@ -87,7 +89,9 @@ def run(seed: int, before: int, after: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.promotion", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
-    parser.add_argument("--before", type=int, default=3_000, help="decisions logged by the head before the model (default 3000)")
+    parser.add_argument(
+        "--before", type=int, default=3_000, help="decisions logged by the head before the model (default 3000)"
+    )
     parser.add_argument("--after", type=int, default=3_000, help="decisions served after it (default 3000)")
     args = parser.parse_args(argv)
     import torch

@@ -148,7 +148,9 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
     return earned, outcomes
 
 
-def _rescore(scorer: TorchScorer, contexts: np.ndarray, action_set: np.ndarray, chosen: np.ndarray, rows: list[int]) -> list[float | None]:
+def _rescore(
+    scorer: TorchScorer, contexts: np.ndarray, action_set: np.ndarray, chosen: np.ndarray, rows: list[int]
+) -> list[float | None]:
     """The head's ``rescore``: ``scorer``'s score of the action chosen at each of ``rows`` (the
     decisions' indices, their sources)."""
     scores, _ = scorer.score_batch(contexts[rows], np.repeat(action_set[None], len(rows), axis=0))

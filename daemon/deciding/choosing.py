@@ -114,7 +114,8 @@ def _rescorer(scorer: Scorer) -> Rescore:
     (``Chooser._choice``'s sources), None where the model fails on it."""
 
     def rescore(sources: list[Any]) -> list[float | None]:
-        found = _score_by_size(scorer, [(_read_by(scorer, agent, context), actions) for agent, context, actions, _ in sources])
+        requests = [(_read_by(scorer, agent, context), actions) for agent, context, actions, _ in sources]
+        found = _score_by_size(scorer, requests)
         return [None if isinstance(f, Exception) or i >= len(f[0]) else f[0][i] for f, (*_, i) in zip(found, sources)]
 
     return rescore

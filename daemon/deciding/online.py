@@ -483,7 +483,9 @@ class OnlineHead:
                 prepared = (version, self._relearned(list(self._recent), version, rescore))
             self._arms, self.warmed = prepared[1]
 
-    def _relearned(self, recent: list[tuple[str, str, np.ndarray, float, Any]], version: str | None, rescore: Rescore | None) -> tuple[OrderedDict, int]:
+    def _relearned(
+        self, recent: list[tuple[str, str, np.ndarray, float, Any]], version: str | None, rescore: Rescore | None
+    ) -> tuple[OrderedDict, int]:
         """New arms that learned ``recent`` beside ``version``'s scores (``rescore``), and how many
         rows they learned; empty where there is nothing to score them with."""
         arms: OrderedDict[tuple[str, str], _Arm] = OrderedDict()
@@ -492,7 +494,9 @@ class OnlineHead:
         try:
             scores = [0.0] * len(recent) if version is None else rescore([r[4] for r in recent])  # type: ignore[misc]
         except Exception:  # the model is served all the same, beside a head started empty
-            _log.exception("the new model could not score the newest decisions; the online head starts empty", version=version)
+            _log.exception(
+                "the new model could not score the newest decisions; the online head starts empty", version=version
+            )
             return arms, 0
         learned = 0
         for (agent, action, x, reward, _), score in zip(recent, scores):

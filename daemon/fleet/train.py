@@ -258,7 +258,8 @@ def train_fleet(
         from reflexd.deciding.scoring import Scorer  # onnxruntime: only once there is a model to judge
 
         candidate = Scorer(manifest, model_file.read_bytes())
-        verdict = runs.judge_run(candidate, None, holdout, manifest.exploration_for, config.gate, online=config.online).verdict
+        judged = runs.judge_run(candidate, None, holdout, manifest.exploration_for, config.gate, online=config.online)
+        verdict = judged.verdict
         gate_seconds = time.perf_counter() - t
 
         # 4. the files a host's registry holds: the model, then its manifest (whose presence says

@@ -241,7 +241,8 @@ def model_probs(
     def explored(cfg: ExplorationConfig, rows: Any) -> np.ndarray:
         found = None if spread is None else spread[rows]
         if context is not None and found is not None:
-            found = served_spread(cfg, online, context[rows], scores[rows], found, features, np.asarray(agents)[rows].tolist())
+            agents_of = np.asarray(agents)[rows].tolist()
+            found = served_spread(cfg, online, context[rows], scores[rows], found, features, agents_of)
         return exploration_probs(cfg, scores[rows], found, mask[rows], t)
 
     names, which = np.unique(np.asarray(agents, dtype=object).astype(str), return_inverse=True)
@@ -526,7 +527,8 @@ def discover(
     estimator = _headline(estimator, q_hat is not None)
     mask, agents = logged.mask, list(batch.agents)
     candidates = [
-        _value(logged, model, "model", model_probs(scores, spread, mask, agents, exploration_for, t, context, online, features), q_hat, estimator, confidence,
+        _value(logged, model, "model",
+               model_probs(scores, spread, mask, agents, exploration_for, t, context, online, features), q_hat, estimator, confidence,
                version=model, exploration=msgspec.to_builtins(exploration_for(agents[0])))
     ]
     for settings in grid:
@@ -651,7 +653,8 @@ def run(
                 exploration_for = configs.__getitem__
             scores, spread = scores_of(version)
             context = batch_for(manifest.features).context
-            pi = model_probs(scores, spread, mask, agents, exploration_for, manifest.training.experience, context, online, manifest.features)
+            t = manifest.training.experience
+            pi = model_probs(scores, spread, mask, agents, exploration_for, t, context, online, manifest.features)
             shown = exploration_for(agents[0])
             values.append((spec.text, spec.kind, pi, {"version": version, "exploration": msgspec.to_builtins(shown)}))
 
