@@ -398,8 +398,11 @@ def run_demo(
     else:
         print("\n(install matplotlib for the learning-curve plot)")
     if not any(rec.versions):
-        # the gate kept the head-driven policy: no candidate was shown to beat it (daemon.log says why)
-        print(f"no model was promoted during the demo; see {out / 'daemon.log'}", file=sys.stderr)
+        # the gate kept the head-driven policy: no candidate was shown to beat it (daemon.log says why),
+        # or one passed only after the agent's last decision
+        late = "no model served the agent: the one promoted went live after its last decision"
+        said = late if agents == 1 and status.trainer["promoted"] else "no model was promoted during the demo"
+        print(f"{said}; see {out / 'daemon.log'}", file=sys.stderr)
     if first_adaptation(rec.gains) is None:
         print("the agent never earned clearly more than the default policy", file=sys.stderr)
         return 1
