@@ -53,7 +53,7 @@ from reflexd.extensions import EXPLORATION, available, load_explorer
 from reflexd.features import FeatureSpec
 from reflexd.learning import ope
 from reflexd.learning.episodes import ByEpisode, Episodes, RewardsFor, credited_episodes
-from reflexd.learning.gate import served_spread, target_probs
+from reflexd.learning.gate import deployed_probs, target_probs
 from reflexd.wire.protocol import Evaluation, Interval, PolicyValue, Recommendation
 
 if TYPE_CHECKING:
@@ -233,29 +233,13 @@ def model_probs(
     features: FeatureSpec | None = None,
 ) -> np.ndarray:
     """A model's deployed distribution per row, each agent's rows explored with its own settings
-    (rows whose agents share a setting are explored together). With the rows' ``context`` and the
-    online head's settings (``online``), a strategy that explores by the head's posterior is
-    handed the spread its clients hand it beside a new model, as the gate judges it
-    (``gate.served_spread``); otherwise the model's own."""
-
-    def explored(cfg: ExplorationConfig, rows: Any) -> np.ndarray:
-        found = None if spread is None else spread[rows]
-        if context is not None and found is not None:
-            agents_of = np.asarray(agents)[rows].tolist()
-            found = served_spread(cfg, online, context[rows], scores[rows], found, features, agents_of)
-        return exploration_probs(cfg, scores[rows], found, mask[rows], t)
-
-    names, which = np.unique(np.asarray(agents, dtype=object).astype(str), return_inverse=True)
-    groups: dict[ExplorationConfig, list[int]] = {}
-    for k, agent in enumerate(names.tolist()):
-        groups.setdefault(exploration_for(agent), []).append(k)
-    if len(groups) <= 1:
-        return explored(next(iter(groups)) if groups else exploration_for(""), slice(None))
-    out = np.zeros(np.shape(mask), dtype=np.float64)
-    for cfg, members in groups.items():
-        rows = np.flatnonzero(np.isin(which, members))
-        out[rows] = explored(cfg, rows)
-    return out
+    (``gate.deployed_probs``, computed for all rows at once by ``exploration_probs``). With the
+    rows' ``context`` and the online head's settings (``online``), a strategy that explores by the
+    head's posterior is handed the spread its clients hand it beside a new model, as the gate
+    judges it (``gate.served_spread``); otherwise the model's own."""
+    return deployed_probs(
+        exploration_for, agents, context, scores, spread, mask, t, online, features, explore=exploration_probs
+    )
 
 
 def constant_probs(policy: str, action: str, action_ids: Sequence[Sequence[str]], mask: np.ndarray) -> np.ndarray:

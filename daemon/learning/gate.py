@@ -229,35 +229,41 @@ def compare(
 def deployed_probs(
     exploration: Exploration,
     agents: Sequence[str],
-    context: np.ndarray,
+    context: np.ndarray | None,
     scores: np.ndarray,
-    spread: np.ndarray,
+    spread: np.ndarray | None,
     mask: np.ndarray,
     t: int,
     online: OnlineSettings | None = None,
     features: FeatureSpec | None = None,
+    explore: Callable[..., np.ndarray] = target_probs,
 ) -> np.ndarray:
-    """``target_probs`` of a model deployed with ``exploration``, each row explored as its agent's
-    client explores it, with the spread it hands the strategy (``served_spread``; ``context``
-    hashed with ``features``); rows whose agents share a setting are explored together."""
+    """``target_probs`` (or ``explore``, which computes the same) of a model deployed with
+    ``exploration``, each row explored as its agent's client explores it, with the spread it hands
+    the strategy (``served_spread``, with the rows' ``context`` hashed with ``features``; without
+    a context, the model's own); rows whose agents share a setting are explored together."""
+
+    def explored(cfg: ExplorationConfig, rows: Any) -> np.ndarray:
+        found = None if spread is None else np.asarray(spread)[rows]
+        if context is not None and found is not None:
+            who = np.asarray(agents, dtype=object)[rows].tolist() if len(agents) else ()
+            found = served_spread(cfg, online, np.asarray(context)[rows], np.asarray(scores)[rows], found, features, who)
+        return explore(cfg, np.asarray(scores)[rows], found, np.asarray(mask)[rows], t)
+
     if isinstance(exploration, ExplorationConfig):
-        served = served_spread(exploration, online, context, scores, spread, features, agents)
-        return target_probs(exploration, scores, served, mask, t)
+        return explored(exploration, slice(None))
     if len(agents) != len(mask):
         raise ValueError(f"exploration per agent needs each row's agent: {len(agents)} agents for {len(mask)} rows")
+    names, which = np.unique(np.asarray(agents, dtype=object).astype(str), return_inverse=True)
     groups: dict[ExplorationConfig, list[int]] = {}
-    for i, agent in enumerate(agents):
-        groups.setdefault(exploration(agent), []).append(i)
-    if len(groups) == 1:
-        return deployed_probs(next(iter(groups)), agents, context, scores, spread, mask, t, online, features)
-    scores, spread, context = np.asarray(scores), np.asarray(spread), np.asarray(context)
+    for k, agent in enumerate(names.tolist()):
+        groups.setdefault(exploration(agent), []).append(k)
+    if len(groups) <= 1:
+        return explored(next(iter(groups)) if groups else exploration(""), slice(None))
     out = np.zeros(np.shape(mask), dtype=np.float64)
     for cfg, members in groups.items():
-        rows = np.asarray(members)
-        out[rows] = deployed_probs(
-            cfg, [agents[i] for i in members], context[rows], scores[rows], spread[rows], np.asarray(mask)[rows], t,
-            online, features,
-        )
+        rows = np.flatnonzero(np.isin(which, members))
+        out[rows] = explored(cfg, rows)
     return out
 
 
