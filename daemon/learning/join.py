@@ -122,9 +122,10 @@ EXPERIENCES = f"""
     WITH recent AS (
         SELECT * FROM ({MATURED})
         -- a window of them (reflexd evaluate, the rollback monitor): each filter is off when NULL
-        -- $agents: a model line's agents (reflexd.lines); NULL: every agent
+        -- $agents: a model line's agents (reflexd.lines); NULL: every agent; $after: only those
+        -- received after it (what a run's snapshot did not hold: reflexd.learning.runs.confirm_first)
         WHERE ($agent IS NULL OR agent = $agent) AND ($agents IS NULL OR list_contains($agents, agent))
-            AND ($since IS NULL OR ts >= $since)
+            AND ($since IS NULL OR ts >= $since) AND ($after IS NULL OR received_at > $after)
             AND ($until IS NULL OR ts < $until) AND ($version IS NULL OR model_version = $version)
         ORDER BY received_at DESC, ts DESC, id DESC LIMIT $max_rows
     ),

@@ -98,3 +98,37 @@ def judge_run(
     check = gate.check_refit(refitted, candidate, holdout, exploration, settings, rewards_for, online)
     verdict = gate.with_refit(verdict, check, candidate.manifest.training.experience)
     return Judged(refitted if check.passed else candidate, verdict)
+
+
+def confirm_first(
+    live: Scorer,
+    verdict: GateResult,
+    fresh: Any,
+    exploration: gate.Exploration,
+    settings: GateConfig,
+    rewards_for: gate.RewardsFor | None = None,
+    online: OnlineSettings | None = None,
+) -> GateResult:
+    """A first model's passing verdict, confirmed or overturned on the decisions made while its run
+    trained (``fresh``, hashed with ``live``'s spec): the model about to go live, judged against the
+    logging policy by the first-model rule on rows neither it nor its refit has seen.
+
+    The logging policy is an online head that learns on while a run trains, and the holdout's
+    newest rows tell what it earned at the snapshot, not what the model would replace: a model fit
+    on a hundred early rows, estimated on twenty of them, beat the head of those rows and went live
+    beside a head that had since learned from thousands. The decisions made since are exactly the
+    policy it replaces, logged with their propensities, and often many more than the holdout held.
+    With fewer than that (a run quicker than the decisions come), the verdict stands as it is, as
+    does one that did not pass or was against an incumbent.
+    """
+    if not verdict.passed or verdict.baseline != gate.LOGGED_POLICY or len(fresh) < max(2, verdict.holdout_rows):
+        return verdict
+    again = gate.evaluate(live, None, fresh, exploration, settings, rewards_for=rewards_for, online=online)
+    since = f"on the {len(fresh)} decisions made since its snapshot, which it never saw: {again.reason}"
+    if again.passed:
+        estimates = {**verdict.estimates, "confirmed_rows": float(len(fresh)), "confirmed_difference": again.difference,
+                     "confirmed_lower": again.lower}
+        return msgspec.structs.replace(verdict, reason=f"{verdict.reason}; confirmed {since}", estimates=estimates)
+    # refused, what the trainer said of the model going live (its refit) no longer holds
+    held = verdict.reason.partition(": promoted")[0]
+    return msgspec.structs.replace(again, reason=f"{held} on its holdout; {since}")

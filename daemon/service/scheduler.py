@@ -31,10 +31,12 @@ from reflexd.errors import (
 )
 from reflexd.learning import runs
 from reflexd.learning.dataset import load_holdout
+from reflexd.learning.gate import LOGGED_POLICY
 from reflexd.lines import folder_name
 from reflexd.manifest import MANIFEST_FILE, MODEL_FILE, GateResult, Manifest, decode_manifest
 from reflexd.registry import Registry, check_model
 from reflexd.service.child import prune, run_child
+from reflexd.service.evaluation import Window
 from reflexd.service.ingest import Ingest
 from reflexd.service.store import Store
 from reflexd.split import first_run_rows, holdout_rows
@@ -52,6 +54,8 @@ KEEP_RUNS = 3
 KEEP_REFUSALS = 5  # gate refusals kept in status
 RUNS_DIR = "runs"  # under state_dir: a folder per run, of every model line, the newest KEEP_RUNS kept
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
+# the newest decisions made during a run that a first model is confirmed on (runs.confirm_first)
+FRESH_ROWS = 20_000
 
 
 def cpu_load() -> float:
@@ -274,7 +278,7 @@ class Scheduler:
                 f"ONNX export differs from torch by {result.parity_diff:.2e} "
                 f"(tolerance {cfg.gate.parity_tolerance:.0e}); candidate rejected"
             )
-        model_file, manifest, verdict = await anyio.to_thread.run_sync(self._gate, out, result, cfg)
+        model_file, manifest, verdict = await anyio.to_thread.run_sync(self._gate, out, result, cfg, info.window_end)
         self.status.cutoff = max(self.status.cutoff, info.window_end)
         self.status.trained_on = info.rows
         return await anyio.to_thread.run_sync(self._register, model_file, manifest, verdict)
@@ -434,7 +438,9 @@ class Scheduler:
         _log.info("pulled model judged", source=source, version=summary["version"], outcome=summary["outcome"])
         return {**summary, "pulled_from": source, "holdout_rows": verdict.holdout_rows, "seconds": round(time.time() - started, 3)}
 
-    def _gate(self, out: Path, result: TrainResult, cfg: Config) -> tuple[Path, Manifest, GateResult]:
+    def _gate(
+        self, out: Path, result: TrainResult, cfg: Config, snapshot_end: float | None = None
+    ) -> tuple[Path, Manifest, GateResult]:
         """(the model file to register, its manifest, the gate's verdict) for the trainer's ``result``.
 
         The trainer judged its candidate (``reflexd.trainer.judge``) against the model live when
@@ -443,7 +449,10 @@ class Scheduler:
         cross-fitted run's model, fit on every row, if its out-of-fold predictions passed. A
         verdict against a model that is no longer live (a rollback or a promotion during the run)
         is not one on the live model: the candidate judged is refused and the next run judges
-        afresh. ``cfg`` is the config the run was started with, which the gate judged by.
+        afresh. A first model that passed is judged again on the decisions received after
+        ``snapshot_end``, the policy it replaces as it is now (``runs.confirm_first``: an online
+        head learns on while the run trains). ``cfg`` is the config the run was started with,
+        which the gate judged by.
         """
         live_version = self.registry.current()  # what agents serve, even before this daemon reloads it
         manifest, refit = run_manifests(cfg, result, out, live_version)
@@ -454,9 +463,22 @@ class Scheduler:
             before, now = result.judged_against or "no model", live_version or "no model"
             reason = f"the live model changed during the run ({before} -> {now}): not judged against it; rejected"
             return out / MODEL_FILE, manifest, msgspec.structs.replace(verdict, passed=False, reason=reason, refit_rows=0)
-        if result.deploy == REFIT_FILE and refit is not None:
-            return out / REFIT_FILE, refit, verdict
-        return out / MODEL_FILE, manifest, verdict
+        model_file, live = (out / REFIT_FILE, refit) if result.deploy == REFIT_FILE and refit is not None else (out / MODEL_FILE, manifest)
+        if snapshot_end is not None and verdict.passed and verdict.baseline == LOGGED_POLICY:
+            verdict = self._confirm(Scorer(live, model_file.read_bytes()), verdict, cfg, snapshot_end)
+            if not verdict.passed:  # what is registered is the candidate judged, not its refit
+                return out / MODEL_FILE, manifest, verdict
+        return model_file, live, verdict
+
+    def _confirm(self, live: Scorer, verdict: GateResult, cfg: Config, snapshot_end: float) -> GateResult:
+        """``runs.confirm_first`` on the line's decisions received after ``snapshot_end``."""
+        with Window(
+            self.store, cfg, time.time(), FRESH_ROWS, default_spec=live.manifest.features, agents=self._agents(), after=snapshot_end
+        ) as fresh:
+            rows = fresh.batch() if fresh.rows else []
+            return runs.confirm_first(
+                live, verdict, rows, live.manifest.exploration_for, cfg.gate, lambda agent: cfg.for_agent(agent).rewards, cfg.online
+            )
 
     def _judge(self, snapshot: Path, candidate: Scorer) -> GateResult:
         """A model pulled in from elsewhere (``adopt``) judged on ``snapshot``'s holdout against the

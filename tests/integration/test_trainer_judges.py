@@ -1,8 +1,8 @@
 """The gate runs in the trainer subprocess (reflexd.trainer.judge), so the daemon never loads a holdout."""
 
 import msgspec
+import numpy as np
 import pytest
-from test_trainer import CONFIG, ROWS, run_trainer, write_snapshot
 
 from reflexd.config import AgentConfig, ExplorationConfig
 from reflexd.deciding.scoring import Scorer
@@ -11,7 +11,10 @@ from reflexd.learning.dataset import load_holdout
 from reflexd.manifest import MODEL_FILE
 from reflexd.registry import Registry
 from reflexd.service.scheduler import Scheduler
+from reflexd.service.store import Store
 from reflexd.trainer.result import REFIT_FILE, read_result, run_manifests
+from reflexd.wire.protocol import Decision, Outcome
+from test_trainer import CONFIG, ROWS, run_trainer, write_snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +146,59 @@ def test_a_live_model_whose_file_changed_on_disk_is_judged_as_it_is_served(tmp_p
     assert done.returncode == 0, done.stderr
     result = read_result(run_dir / "out")
     assert result.judged_against == "v0001" and result.gate.baseline == "incumbent v0001"
+
+
+
+def _decided(store, best_prob, n, start, seed):
+    """``n`` decisions in the snapshot's world, received from ``start`` on, by a logging policy that
+    picks the best tool with probability ``best_prob`` (1/3: uniform), each with its reward."""
+    rng = np.random.default_rng(seed)
+    decisions, outcomes = [], []
+    for i in range(n):
+        task = str(rng.choice(["question", "arithmetic"]))
+        best = "search" if task == "question" else "calc"
+        chosen = best if rng.random() < best_prob else str(rng.choice([a for a in ("search", "calc", "ask_human") if a != best]))
+        decisions.append(Decision(
+            id=f"fresh-{start:.0f}-{i}", agent="agent-1", context={"task": task, "length": int(rng.integers(1, 100))},
+            actions=["search", "calc", {"id": "ask_human", "features": {"cost": 10}}], chosen=chosen,
+            prob=best_prob if chosen == best else (1 - best_prob) / 2,
+        ))
+        outcomes.append(Outcome(decision_id=decisions[-1].id, reward=float(chosen == best) + 0.2 * float(rng.normal())))
+    store.write(decisions, received_at=start)
+    store.write(outcomes, received_at=start + 1)
+
+
+def test_a_first_model_is_confirmed_on_the_decisions_made_while_its_run_trained(tmp_path):
+    """An online head learns on while a run trains: a first model goes live only if it also beats
+    the logging policy on the decisions made since the snapshot, which it never saw."""
+    config = msgspec.structs.replace(CONFIG, state_dir=str(tmp_path))
+    out = tmp_path / "run"
+    assert run_trainer(write_snapshot(tmp_path / "a.parquet", ROWS), out).returncode == 0
+    result = read_result(out)
+    first = result.gate
+    assert first.passed and first.baseline == "logged policy" and result.deploy == REFIT_FILE
+    assert "went live refit" in first.reason
+    end = 1_700_000_000.0 + ROWS - 1  # the snapshot's newest row
+    for name, best_prob, promoted in (("uniform", 1 / 3, True), ("learnt", 1.0, False)):
+        with Store(tmp_path / f"{name}.duckdb") as store:
+            _decided(store, 1 / 3, 300, end - 100, seed=1)  # in the snapshot's window: not judged again
+            _decided(store, best_prob, 400, end + 100, seed=2)
+            scheduler = Scheduler(lambda: config, store, None, Registry(tmp_path / name), _LiveModel(None), None)
+            model_file, manifest, verdict = scheduler._gate(out, result, config, snapshot_end=end)
+        assert verdict.passed is promoted, verdict.reason
+        assert "on the 400 decisions made since its snapshot, which it never saw" in verdict.reason
+        if promoted:  # the trainer's verdict stands, with what confirmed it
+            assert verdict.holdout_rows == first.holdout_rows and verdict.estimates["confirmed_rows"] == 400
+            assert verdict.estimates["confirmed_lower"] > 0 and model_file == out / REFIT_FILE and manifest.training.refit
+        else:  # on those rows the logging policy always picks the best tool: nothing can be clearly better
+            assert verdict.holdout_rows == 400 and verdict.baseline_value > 0.9 and verdict.lower <= 0
+            assert "went live refit" not in verdict.reason and verdict.refit_rows == 0
+            assert model_file == out / MODEL_FILE and not manifest.training.refit  # the candidate judged is registered
+    assert not list((tmp_path / "windows").iterdir())  # each window's file removed once loaded
+    with Store(tmp_path / "few.duckdb") as store:
+        scheduler = Scheduler(lambda: config, store, None, Registry(tmp_path / "few"), _LiveModel(None), None)
+        # without a snapshot's end (a model judged on a snapshot just taken) the trainer's verdict stands
+        assert scheduler._gate(out, result, config)[2] == first
+        # as it does on fewer decisions since than its holdout held
+        _decided(store, 1.0, first.holdout_rows - 1, end + 100, seed=3)
+        assert scheduler._gate(out, result, config, snapshot_end=end)[2] == first

@@ -95,11 +95,13 @@ def snapshot(
     until: float | None = None,
     model_version: str | None = None,
     agents: Sequence[str] | None = None,
+    after: float | None = None,
 ) -> SnapshotInfo:
     """Write the newest ``max_rows`` matured decisions with their joined reward to one Parquet file.
 
     ``agent``, ``since``/``until`` (the decision's own ``ts``: from ``since``, before ``until``) and
-    ``model_version`` narrow it to a window, ``agents`` to a model line's agents; each is off when None.
+    ``model_version`` narrow it to a window, ``agents`` to a model line's agents, ``after`` to the
+    decisions received after it; each is off when None.
 
     The file appears at ``dest`` complete or not at all, so a trainer never reads half of it.
     """
@@ -112,7 +114,7 @@ def snapshot(
             f"COPY ({_EXPERIENCES}) TO {sql_path(partial)} (FORMAT parquet)",
             {
                 "now": now, "max_rows": max_rows, "agent": agent, "since": since, "until": until,
-                "version": model_version, "agents": None if agents is None else list(agents),
+                "version": model_version, "agents": None if agents is None else list(agents), "after": after,
             },
         )
         os.replace(partial, dest)
