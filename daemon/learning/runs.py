@@ -10,6 +10,7 @@ import math
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import msgspec
+import numpy as np
 
 from reflexd.config import GateConfig, TrainerConfig
 from reflexd.learning import gate
@@ -100,6 +101,11 @@ def judge_run(
     return Judged(refitted if check.passed else candidate, verdict)
 
 
+
+# the newest decisions made during a run that a first model is confirmed on (``confirm_first``)
+CONFIRM_ROWS = 20_000
+
+
 def confirm_first(
     live: Scorer,
     verdict: GateResult,
@@ -108,27 +114,42 @@ def confirm_first(
     settings: GateConfig,
     rewards_for: gate.RewardsFor | None = None,
     online: OnlineSettings | None = None,
+    cross_fitted: bool = False,
 ) -> GateResult:
     """A first model's passing verdict, confirmed or overturned on the decisions made while its run
-    trained (``fresh``, hashed with ``live``'s spec): the model about to go live, judged against the
-    logging policy by the first-model rule on rows neither it nor its refit has seen.
+    trained (``fresh``, hashed with ``live``'s spec, at most ``CONFIRM_ROWS``): the model about to
+    go live, judged against the logging policy by the first-model rule on the newest half of them
+    (at least as many as the holdout held), rows neither it nor its refit has seen.
 
     The logging policy is an online head that learns on while a run trains, and the holdout's
     newest rows tell what it earned at the snapshot, not what the model would replace: a model fit
     on a hundred early rows, estimated on twenty of them, beat the head of those rows and went live
-    beside a head that had since learned from thousands. The decisions made since are exactly the
-    policy it replaces, logged with their propensities, and often many more than the holdout held.
-    With fewer than that (a run quicker than the decisions come), the verdict stands as it is, as
-    does one that did not pass or was against an incumbent.
+    beside a head that had since learned from thousands. The newest decisions are the policy it
+    replaces as it is now (the older half would average in what the head has since outgrown),
+    logged with their propensities. With fewer than the holdout held (a run quicker than the
+    decisions come), or fewer than 2 episodes when rewards are episode returns, the verdict stands,
+    as does one that did not pass or was against an incumbent. A refusal keeps the verdict's own
+    numbers and reports the confirmation's in ``estimates`` (``confirmed_*``), as a confirmation
+    does; ``cross_fitted``: the verdict is on out-of-fold predictions, not a holdout.
     """
-    if not verdict.passed or verdict.baseline != gate.LOGGED_POLICY or len(fresh) < max(2, verdict.holdout_rows):
+    least = min(max(2, verdict.holdout_rows), CONFIRM_ROWS)
+    if not verdict.passed or verdict.baseline != gate.LOGGED_POLICY or len(fresh) < least:
         return verdict
-    again = gate.evaluate(live, None, fresh, exploration, settings, rewards_for=rewards_for, online=online)
-    since = f"on the {len(fresh)} decisions made since its snapshot, which it never saw: {again.reason}"
+    newest = np.sort(np.argsort(fresh.received_at, kind="stable")[-max(least, len(fresh) // 2):])
+    rows = fresh.take(newest)
+    episodes = gate.credited_episodes(rows, rewards_for)
+    if episodes is not None and len(np.unique(episodes[0])) < 2:
+        return verdict
+    again = gate.evaluate(live, None, rows, exploration, settings, rewards_for=rewards_for, online=online)
+    newer = f"the newest {len(rows)} of the {len(fresh)} decisions" if len(rows) < len(fresh) else f"the {len(fresh)} decisions"
+    since = f"on {newer} made since its snapshot, which it never saw: {again.reason}"
+    estimates = {**verdict.estimates, "confirmed_rows": float(len(rows)), "confirmed_difference": again.difference,
+                 "confirmed_lower": again.lower, "confirmed_upper": again.upper}
     if again.passed:
-        estimates = {**verdict.estimates, "confirmed_rows": float(len(fresh)), "confirmed_difference": again.difference,
-                     "confirmed_lower": again.lower}
         return msgspec.structs.replace(verdict, reason=f"{verdict.reason}; confirmed {since}", estimates=estimates)
+    held, _, after = verdict.reason.partition(": promoted")
     # refused, what the trainer said of the model going live (its refit) no longer holds
-    held = verdict.reason.partition(": promoted")[0]
-    return msgspec.structs.replace(again, reason=f"{held} on its holdout; {since}")
+    judged = f"its out-of-fold predictions{after}" if cross_fitted else "its holdout"
+    return msgspec.structs.replace(
+        verdict, passed=False, reason=f"{held} on {judged}; {since}", estimates=estimates, refit_rows=0
+    )

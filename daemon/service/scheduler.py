@@ -54,8 +54,6 @@ KEEP_RUNS = 3
 KEEP_REFUSALS = 5  # gate refusals kept in status
 RUNS_DIR = "runs"  # under state_dir: a folder per run, of every model line, the newest KEEP_RUNS kept
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
-# the newest decisions made during a run that a first model is confirmed on (runs.confirm_first)
-FRESH_ROWS = 20_000
 
 
 def cpu_load() -> float:
@@ -465,20 +463,29 @@ class Scheduler:
             return out / MODEL_FILE, manifest, msgspec.structs.replace(verdict, passed=False, reason=reason, refit_rows=0)
         model_file, live = (out / REFIT_FILE, refit) if result.deploy == REFIT_FILE and refit is not None else (out / MODEL_FILE, manifest)
         if snapshot_end is not None and verdict.passed and verdict.baseline == LOGGED_POLICY:
-            verdict = self._confirm(Scorer(live, model_file.read_bytes()), verdict, cfg, snapshot_end)
+            verdict = self._confirm(Scorer(live, model_file.read_bytes()), verdict, cfg, snapshot_end, result.cross_fit is not None)
             if not verdict.passed:  # what is registered is the candidate judged, not its refit
                 return out / MODEL_FILE, manifest, verdict
         return model_file, live, verdict
 
-    def _confirm(self, live: Scorer, verdict: GateResult, cfg: Config, snapshot_end: float) -> GateResult:
-        """``runs.confirm_first`` on the line's decisions received after ``snapshot_end``."""
-        with Window(
-            self.store, cfg, time.time(), FRESH_ROWS, default_spec=live.manifest.features, agents=self._agents(), after=snapshot_end
-        ) as fresh:
-            rows = fresh.batch() if fresh.rows else []
-            return runs.confirm_first(
-                live, verdict, rows, live.manifest.exploration_for, cfg.gate, lambda agent: cfg.for_agent(agent).rewards, cfg.online
-            )
+    def _confirm(self, live: Scorer, verdict: GateResult, cfg: Config, snapshot_end: float, cross_fitted: bool) -> GateResult:
+        """``runs.confirm_first`` on the line's decisions received after ``snapshot_end``; the
+        verdict as it stands if they cannot be read or judged (the confirmation is a second look,
+        and a store that fails it fails the next run's snapshot too)."""
+        try:
+            with Window(
+                self.store, cfg, time.time(), runs.CONFIRM_ROWS, default_spec=live.manifest.features,
+                agents=self._agents(), after=snapshot_end,
+            ) as fresh:
+                if not fresh.rows:
+                    return verdict
+                return runs.confirm_first(
+                    live, verdict, fresh.batch(), live.manifest.exploration_for, cfg.gate,
+                    lambda agent: cfg.for_agent(agent).rewards, cfg.online, cross_fitted,
+                )
+        except (ReflexdError, OSError, ValueError) as exc:
+            _log.warning("cannot confirm a first model on the decisions made during its run", line=self.line, error=str(exc))
+            return verdict
 
     def _judge(self, snapshot: Path, candidate: Scorer) -> GateResult:
         """A model pulled in from elsewhere (``adopt``) judged on ``snapshot``'s holdout against the

@@ -13,7 +13,7 @@ from reflexd.registry import Registry
 from reflexd.service.scheduler import Scheduler
 from reflexd.service.store import Store
 from reflexd.trainer.result import REFIT_FILE, read_result, run_manifests
-from reflexd.wire.protocol import Decision, Outcome
+from reflexd.wire.protocol import Decision, EpisodeEnd, Outcome
 from test_trainer import CONFIG, ROWS, run_trainer, write_snapshot
 
 pytestmark = pytest.mark.slow
@@ -170,7 +170,7 @@ def _decided(store, best_prob, n, start, seed):
 
 def test_a_first_model_is_confirmed_on_the_decisions_made_while_its_run_trained(tmp_path):
     """An online head learns on while a run trains: a first model goes live only if it also beats
-    the logging policy on the decisions made since the snapshot, which it never saw."""
+    the logging policy on the newest decisions made since the snapshot, which it never saw."""
     config = msgspec.structs.replace(CONFIG, state_dir=str(tmp_path))
     out = tmp_path / "run"
     assert run_trainer(write_snapshot(tmp_path / "a.parquet", ROWS), out).returncode == 0
@@ -179,19 +179,28 @@ def test_a_first_model_is_confirmed_on_the_decisions_made_while_its_run_trained(
     assert first.passed and first.baseline == "logged policy" and result.deploy == REFIT_FILE
     assert "went live refit" in first.reason
     end = 1_700_000_000.0 + ROWS - 1  # the snapshot's newest row
-    for name, best_prob, promoted in (("uniform", 1 / 3, True), ("learnt", 1.0, False)):
+    # (logging policies one after another since the snapshot, each as the chance it picks the best tool)
+    for name, since, promoted in (
+        ("uniform", (1 / 3, 1 / 3), True),
+        ("learnt", (1.0, 1.0), False),
+        ("learnt-during-the-run", (1 / 3, 1.0), False),  # on average the refit still beats it
+    ):
         with Store(tmp_path / f"{name}.duckdb") as store:
             _decided(store, 1 / 3, 300, end - 100, seed=1)  # in the snapshot's window: not judged again
-            _decided(store, best_prob, 400, end + 100, seed=2)
+            for k, best_prob in enumerate(since):
+                _decided(store, best_prob, 200, end + 100 + 10 * k, seed=2 + k)
             scheduler = Scheduler(lambda: config, store, None, Registry(tmp_path / name), _LiveModel(None), None)
             model_file, manifest, verdict = scheduler._gate(out, result, config, snapshot_end=end)
         assert verdict.passed is promoted, verdict.reason
-        assert "on the 400 decisions made since its snapshot, which it never saw" in verdict.reason
-        if promoted:  # the trainer's verdict stands, with what confirmed it
-            assert verdict.holdout_rows == first.holdout_rows and verdict.estimates["confirmed_rows"] == 400
-            assert verdict.estimates["confirmed_lower"] > 0 and model_file == out / REFIT_FILE and manifest.training.refit
-        else:  # on those rows the logging policy always picks the best tool: nothing can be clearly better
-            assert verdict.holdout_rows == 400 and verdict.baseline_value > 0.9 and verdict.lower <= 0
+        assert "on the newest 200 of the 400 decisions made since its snapshot, which it never saw" in verdict.reason
+        # the verdict's own numbers stay the holdout's; the confirmation's are beside them
+        assert (verdict.holdout_rows, verdict.difference, verdict.lower) == (first.holdout_rows, first.difference, first.lower)
+        assert verdict.estimates["confirmed_rows"] == 200
+        assert (verdict.estimates["confirmed_lower"] > 0) is promoted
+        if promoted:
+            assert verdict.reason.startswith(first.reason + "; confirmed")
+            assert model_file == out / REFIT_FILE and manifest.training.refit and verdict.refit_rows == first.refit_rows
+        else:  # the newest decisions always pick the best tool: nothing can be clearly better
             assert "went live refit" not in verdict.reason and verdict.refit_rows == 0
             assert model_file == out / MODEL_FILE and not manifest.training.refit  # the candidate judged is registered
     assert not list((tmp_path / "windows").iterdir())  # each window's file removed once loaded
@@ -202,3 +211,24 @@ def test_a_first_model_is_confirmed_on_the_decisions_made_while_its_run_trained(
         # as it does on fewer decisions since than its holdout held
         _decided(store, 1.0, first.holdout_rows - 1, end + 100, seed=3)
         assert scheduler._gate(out, result, config, snapshot_end=end)[2] == first
+
+
+def test_a_first_model_is_not_refused_for_want_of_episodes_ended_during_its_run(tmp_path):
+    """With episode returns the confirmation is judged by episode: a run during which one episode
+    ended cannot tell anything, so the verdict stands."""
+    config = msgspec.structs.replace(
+        CONFIG, state_dir=str(tmp_path), rewards=msgspec.structs.replace(CONFIG.rewards, episode_return=True)
+    )
+    out = tmp_path / "run"
+    assert run_trainer(write_snapshot(tmp_path / "a.parquet", ROWS), out).returncode == 0
+    result = read_result(out)
+    end = 1_700_000_000.0 + ROWS - 1
+    with Store(tmp_path / "one.duckdb") as store:
+        store.write([
+            Decision(id=f"e{i}", agent="agent-1", context={"task": "question"}, actions=["search", "calc"],
+                     chosen="calc", prob=0.5, episode="only")
+            for i in range(400)
+        ], received_at=end + 100)
+        store.write([EpisodeEnd(agent="agent-1", episode="only", reward=0.0)], received_at=end + 101)
+        scheduler = Scheduler(lambda: config, store, None, Registry(tmp_path / "one"), _LiveModel(None), None)
+        assert scheduler._gate(out, result, config, snapshot_end=end)[2] == result.gate
