@@ -39,7 +39,8 @@ def _read(d: DaemonProcess, sql: str, **params: Any) -> list[dict[str, Any]]:
 
 def _joined(d: DaemonProcess) -> list[dict[str, Any]]:
     """Every matured decision with its joined reward, as a training snapshot has it."""
-    return _read(d, join.EXPERIENCES, max_rows=1_000_000, agent=None, since=None, until=None, version=None, agents=None)
+    return _read(d, join.EXPERIENCES, max_rows=1_000_000, agent=None, since=None, until=None, version=None, agents=None,
+                 after=None)
 
 
 def test_the_episode_handle_logs_decisions_and_ends(daemon_factory: Callable[..., DaemonProcess]) -> None:
