@@ -693,7 +693,8 @@ class Daemon:
             "load_error": line.models.error,
             "trainer": None if s is None else {
                 "state": s.state, "runs": s.runs, "promoted": s.promoted, "rejected": s.rejected,
-                "failures": s.failures, "refused_in_a_row": s.refused_in_a_row, "waiting": s.waiting,
+                "failures": s.failures, "refused_in_a_row": s.refused_in_a_row, "unconfirmed": s.unconfirmed,
+                "waiting": s.waiting,
                 "last_error": s.last_error,
                 "last_refusal": s.refusals[-1]["reason"] if s.refusals else None,
             },

@@ -86,6 +86,9 @@ class TrainerStatus:
     # gate's numbers): a gate that refuses run after run says here why
     refused_in_a_row: int = 0
     refusals: list[dict[str, Any]] = field(default_factory=list)
+    # of the rejected: first models that passed on their holdout and were refused on the decisions
+    # made while their run trained (runs.confirm_first), the head having learned past them
+    unconfirmed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "refusals": list(self.refusals)}
@@ -530,6 +533,7 @@ class Scheduler:
             self.models.refresh()
         else:
             self.status.rejected += 1
+            self.status.unconfirmed += "confirmed_rows" in verdict.estimates
             self.status.refused(added.version, verdict)
             _log.info("candidate rejected by the gate", line=self.line, version=added.version, gate=verdict.reason)
         return {

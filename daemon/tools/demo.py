@@ -217,7 +217,14 @@ def report(rec: Record, status: Any) -> str:
         " (one call every few ms, each starting with cold CPU caches; `make bench` times calls back to back)"
     )
     t = status.trainer
-    lines.append(f"daemon: {status.ingest['stored']} events stored, {t['runs']} training run{'s' if t['runs'] != 1 else ''}, {t['promoted']} promoted, {t['rejected']} rejected")
+    unconfirmed = (
+        f" ({t['unconfirmed']} of them passed on their holdout, then lost to the online head on the decisions made during their run)"
+        if t.get("unconfirmed") else ""
+    )
+    lines.append(
+        f"daemon: {status.ingest['stored']} events stored, {t['runs']} training run{'s' if t['runs'] != 1 else ''}, "
+        f"{t['promoted']} promoted, {t['rejected']} rejected{unconfirmed}"
+    )
     return "\n".join(lines)
 
 

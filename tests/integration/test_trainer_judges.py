@@ -191,6 +191,9 @@ def test_a_first_model_is_confirmed_on_the_decisions_made_while_its_run_trained(
                 _decided(store, best_prob, 200, end + 100 + 10 * k, seed=2 + k)
             scheduler = Scheduler(lambda: config, store, None, Registry(tmp_path / name), _LiveModel(None), None)
             model_file, manifest, verdict = scheduler._gate(out, result, config, snapshot_end=end)
+            if not promoted:  # counted apart in status: the head learned past it
+                assert scheduler._register(model_file, manifest, verdict)["outcome"] == "rejected"
+                assert (scheduler.status.rejected, scheduler.status.unconfirmed) == (1, 1)
         assert verdict.passed is promoted, verdict.reason
         assert "on the newest 200 of the 400 decisions made since its snapshot, which it never saw" in verdict.reason
         # the verdict's own numbers stay the holdout's; the confirmation's are beside them

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from reflexd.tools.demo import AGENTS, STRATEGIES, Record, World, first_adaptation, windows
+from reflexd.tools.demo import AGENTS, STRATEGIES, Record, World, first_adaptation, report, windows
 
 
 def test_the_world_has_no_single_best_strategy() -> None:
@@ -118,3 +120,17 @@ def test_the_traces_demo_runs_an_agent_that_reports_only_through_its_traces(tmp_
     report = (out / "report-traces.txt").read_text()
     assert "400 episodes" in report and "the agent sent no reward itself" in report, report
     assert "before any model" in report
+
+
+def test_the_report_says_how_many_first_models_lost_to_the_online_head() -> None:
+    rng = random.Random(0)
+    rec = Record(
+        rewards=[rng.random() for _ in range(400)], regrets=[0.1] * 400, versions=[None] * 400,
+        latencies_us=[50.0] * 400, gains=[0.0] * 400,
+    )
+    trainer = {"runs": 4, "promoted": 0, "rejected": 4, "unconfirmed": 2}
+    status = SimpleNamespace(ingest={"stored": 800}, trainer=trainer)
+    assert report(rec, status).endswith(
+        "0 promoted, 4 rejected (2 of them passed on their holdout, then lost to the online head on the decisions made during their run)"
+    )
+    assert report(rec, SimpleNamespace(ingest={"stored": 800}, trainer={**trainer, "unconfirmed": 0})).endswith("4 rejected")
