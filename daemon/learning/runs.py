@@ -143,8 +143,10 @@ def confirm_first(
     again = gate.evaluate(live, None, rows, exploration, settings, rewards_for=rewards_for, online=online)
     newer = f"the newest {len(rows)} of the {len(fresh)} decisions" if len(rows) < len(fresh) else f"the {len(fresh)} decisions"
     since = f"on {newer} made since its snapshot, which it never saw: {again.reason}"
-    estimates = {**verdict.estimates, "confirmed_rows": float(len(rows)), "confirmed_difference": again.difference,
-                 "confirmed_lower": again.lower, "confirmed_upper": again.upper}
+    estimates = {
+        **verdict.estimates, "confirmed_rows": float(len(rows)), "confirmed_value": again.candidate_value,
+        "confirmed_difference": again.difference, "confirmed_lower": again.lower, "confirmed_upper": again.upper,
+    }
     if again.passed:
         return msgspec.structs.replace(verdict, reason=f"{verdict.reason}; confirmed {since}", estimates=estimates)
     held, _, after = verdict.reason.partition(": promoted")

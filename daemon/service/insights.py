@@ -27,6 +27,7 @@ from reflexd.analysis.result import EXIT_FAILED, EXIT_OUT_OF_MEMORY, encode_inpu
 from reflexd.config import Config
 from reflexd.deciding.behaviour import BEHAVIOUR_DIR, BehaviourRegistry
 from reflexd.errors import AnalysisError, ReflexdError
+from reflexd.manifest import GateResult
 from reflexd.registry import Registry
 from reflexd.service.child import prune, run_child
 from reflexd.service.ingest import Ingest
@@ -38,6 +39,22 @@ _log = log.get("reflexd.insights")
 RUNS_DIR = "insights"
 KEEP_RUN_DIRS = 2  # a failed run's files stay for a look, beside the newest
 
+
+
+def predicted(gate: GateResult) -> dict[str, float]:
+    """What a promoted model's gate predicted it would earn: ``predicted`` with ``predicted_low``
+    and ``predicted_high`` (a ``ModelRecord``'s).
+
+    The gate judged the difference with the incumbent; its half-widths bound the candidate's own.
+    A first model confirmed on the decisions made during its run (``runs.confirm_first``) was
+    judged there on more and newer rows, logged by the policy it replaced: that estimate.
+    """
+    value, difference, lower, upper = gate.candidate_value, gate.difference, gate.lower, gate.upper
+    found = gate.estimates
+    if "confirmed_value" in found:
+        value, difference = found["confirmed_value"], found["confirmed_difference"]
+        lower, upper = found["confirmed_lower"], found["confirmed_upper"]
+    return {"predicted": value, "predicted_low": value - (difference - lower), "predicted_high": value + (upper - difference)}
 
 class ExtractionStatus(msgspec.Struct, kw_only=True):
     state: str = "idle"  # idle, snapshot, extracting
@@ -260,16 +277,7 @@ class Extractor:
             gate = manifest.gate
             if version not in promoted or gate is None:
                 continue
-            # the gate judged the difference with the incumbent; its half-widths bound the candidate's own
-            models.append(
-                ModelRecord(
-                    version=version,
-                    live_from=promoted[version],
-                    predicted=gate.candidate_value,
-                    predicted_low=gate.candidate_value - (gate.difference - gate.lower),
-                    predicted_high=gate.candidate_value + (gate.upper - gate.difference),
-                )
-            )
+            models.append(ModelRecord(version=version, live_from=promoted[version], **predicted(gate)))
         # the live model's training window (drift) and folder (DR's reward model): with one line only,
         # since one model then scores every agent's decisions
         current = registries[0].current() if len(registries) == 1 else None

@@ -198,7 +198,7 @@ def test_a_first_model_is_confirmed_on_the_decisions_made_while_its_run_trained(
         assert "on the newest 200 of the 400 decisions made since its snapshot, which it never saw" in verdict.reason
         # the verdict's own numbers stay the holdout's; the confirmation's are beside them
         assert (verdict.holdout_rows, verdict.difference, verdict.lower) == (first.holdout_rows, first.difference, first.lower)
-        assert verdict.estimates["confirmed_rows"] == 200
+        assert verdict.estimates["confirmed_rows"] == 200 and 0 < verdict.estimates["confirmed_value"] < 1.1
         assert (verdict.estimates["confirmed_lower"] > 0) is promoted
         if promoted:
             assert verdict.reason.startswith(first.reason + "; confirmed")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -14,6 +15,8 @@ import pytest
 from reflexd.analysis import anomalies, extract
 from reflexd.analysis.findings import ExtractionInputs, ModelRecord
 from reflexd.config import InsightsConfig
+from reflexd.manifest import GateResult
+from reflexd.service.insights import predicted
 
 SETTINGS = InsightsConfig()
 
@@ -199,3 +202,18 @@ def test_low_propensities_are_reported() -> None:
     insights = extract(table, ExtractionInputs(now=10_000.0), InsightsConfig(trend_windows=2))
     [low] = [a for a in insights.anomalies if a.kind == "exploration" and a.action is None]
     assert low.size == pytest.approx(0.002) and low.false_alarm_rate is None
+
+
+def test_a_confirmed_first_model_is_held_to_its_confirmation() -> None:
+    """``below_gate`` compares a model's live reward with what its gate predicted; for a first model
+    confirmed on the decisions made during its run, that is the confirmation's estimate."""
+    gate = GateResult(
+        passed=True, reason="", estimator="dr", baseline="logged policy", candidate_value=0.9, baseline_value=0.5,
+        difference=0.4, lower=0.3, upper=0.5, confidence=0.8, margin=0.0, holdout_rows=20,
+    )
+    assert predicted(gate) == pytest.approx({"predicted": 0.9, "predicted_low": 0.8, "predicted_high": 1.0})
+    confirmed = msgspec.structs.replace(gate, estimates={
+        "confirmed_rows": 2000.0, "confirmed_value": 0.6, "confirmed_difference": 0.05,
+        "confirmed_lower": 0.01, "confirmed_upper": 0.09,
+    })
+    assert predicted(confirmed) == pytest.approx({"predicted": 0.6, "predicted_low": 0.56, "predicted_high": 0.64})
