@@ -36,7 +36,6 @@ from reflexd.lines import folder_name
 from reflexd.manifest import MANIFEST_FILE, MODEL_FILE, GateResult, Manifest, decode_manifest
 from reflexd.registry import Registry, check_model
 from reflexd.service.child import prune, run_child
-from reflexd.service.evaluation import Window
 from reflexd.service.ingest import Ingest
 from reflexd.service.store import Store
 from reflexd.split import first_run_rows, holdout_rows
@@ -54,6 +53,9 @@ KEEP_RUNS = 3
 KEEP_REFUSALS = 5  # gate refusals kept in status
 RUNS_DIR = "runs"  # under state_dir: a folder per run, of every model line, the newest KEEP_RUNS kept
 GRAPHS_DIR = "graphs"  # under state_dir, beside runs/ (whose old entries are pruned)
+
+# what a run leaves to register: the model file, its manifest, the gate's verdict
+Gated = tuple[Path, Manifest, GateResult]
 
 
 def cpu_load() -> float:
@@ -279,7 +281,8 @@ class Scheduler:
                 f"ONNX export differs from torch by {result.parity_diff:.2e} "
                 f"(tolerance {cfg.gate.parity_tolerance:.0e}); candidate rejected"
             )
-        model_file, manifest, verdict = await anyio.to_thread.run_sync(self._gate, out, result, cfg, info.window_end)
+        gated = await anyio.to_thread.run_sync(self._gate, out, result, cfg)
+        model_file, manifest, verdict = await self._confirm(run_dir, out, result, cfg, info.window_end, gated)
         self.status.cutoff = max(self.status.cutoff, info.window_end)
         self.status.trained_on = info.rows
         return await anyio.to_thread.run_sync(self._register, model_file, manifest, verdict)
@@ -439,9 +442,7 @@ class Scheduler:
         _log.info("pulled model judged", source=source, version=summary["version"], outcome=summary["outcome"])
         return {**summary, "pulled_from": source, "holdout_rows": verdict.holdout_rows, "seconds": round(time.time() - started, 3)}
 
-    def _gate(
-        self, out: Path, result: TrainResult, cfg: Config, snapshot_end: float | None = None
-    ) -> tuple[Path, Manifest, GateResult]:
+    def _gate(self, out: Path, result: TrainResult, cfg: Config) -> Gated:
         """(the model file to register, its manifest, the gate's verdict) for the trainer's ``result``.
 
         The trainer judged its candidate (``reflexd.trainer.judge``) against the model live when
@@ -450,10 +451,8 @@ class Scheduler:
         cross-fitted run's model, fit on every row, if its out-of-fold predictions passed. A
         verdict against a model that is no longer live (a rollback or a promotion during the run)
         is not one on the live model: the candidate judged is refused and the next run judges
-        afresh. A first model that passed is judged again on the decisions received after
-        ``snapshot_end``, the policy it replaces as it is now (``runs.confirm_first``: an online
-        head learns on while the run trains). ``cfg`` is the config the run was started with,
-        which the gate judged by.
+        afresh (and a first model that passed is judged again: ``_confirm``). ``cfg`` is the
+        config the run was started with, which the gate judged by.
         """
         live_version = self.registry.current()  # what agents serve, even before this daemon reloads it
         manifest, refit = run_manifests(cfg, result, out, live_version)
@@ -464,31 +463,52 @@ class Scheduler:
             before, now = result.judged_against or "no model", live_version or "no model"
             reason = f"the live model changed during the run ({before} -> {now}): not judged against it; rejected"
             return out / MODEL_FILE, manifest, msgspec.structs.replace(verdict, passed=False, reason=reason, refit_rows=0)
-        model_file, live = (out / REFIT_FILE, refit) if result.deploy == REFIT_FILE and refit is not None else (out / MODEL_FILE, manifest)
-        if snapshot_end is not None and verdict.passed and verdict.baseline == LOGGED_POLICY:
-            verdict = self._confirm(Scorer(live, model_file.read_bytes()), verdict, cfg, snapshot_end, result.cross_fit is not None)
-            if not verdict.passed:  # what is registered is the candidate judged, not its refit
-                return out / MODEL_FILE, manifest, verdict
-        return model_file, live, verdict
+        if result.deploy == REFIT_FILE and refit is not None:
+            return out / REFIT_FILE, refit, verdict
+        return out / MODEL_FILE, manifest, verdict
 
-    def _confirm(self, live: Scorer, verdict: GateResult, cfg: Config, snapshot_end: float, cross_fitted: bool) -> GateResult:
-        """``runs.confirm_first`` on the line's decisions received after ``snapshot_end``; the
-        verdict as it stands if they cannot be read or judged (the confirmation is a second look,
-        and a store that fails it fails the next run's snapshot too)."""
+    async def _confirm(
+        self, run_dir: Path, out: Path, result: TrainResult, cfg: Config, snapshot_end: float, gated: Gated
+    ) -> Gated:
+        """``gated`` (what ``_gate`` made of the run) with a first model that passed judged again on
+        the line's decisions received after ``snapshot_end`` (``runs.confirm_first``), by a
+        ``reflexd.trainer.confirm`` subprocess: refused, what is registered is the candidate judged,
+        not its refit. The verdict stands as it is if they cannot be read or judged: the
+        confirmation is a second look (and a store that fails it fails the next run's snapshot too).
+        """
+        model_file, live, verdict = gated
+        if not (verdict.passed and verdict.baseline == LOGGED_POLICY):
+            return gated
+        fresh = run_dir / "fresh.parquet"
         try:
-            with Window(
-                self.store, cfg, time.time(), runs.CONFIRM_ROWS, default_spec=live.manifest.features,
-                agents=self._agents(), after=snapshot_end,
-            ) as fresh:
-                if not fresh.rows:
-                    return verdict
-                return runs.confirm_first(
-                    live, verdict, fresh.batch(), live.manifest.exploration_for, cfg.gate,
-                    lambda agent: cfg.for_agent(agent).rewards, cfg.online, cross_fitted,
-                )
-        except (ReflexdError, OSError, ValueError) as exc:
+            info = await anyio.to_thread.run_sync(
+                lambda: self.store.snapshot(fresh, time.time(), cfg, runs.CONFIRM_ROWS, agents=self._agents(), after=snapshot_end)
+            )
+            if info.rows < min(max(2, verdict.holdout_rows), runs.CONFIRM_ROWS):
+                return gated  # too few to tell (runs.confirm_first): no subprocess for nothing
+            folder = run_dir / "deployed"
+            folder.mkdir()
+            (folder / MODEL_FILE).write_bytes(model_file.read_bytes())
+            (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(msgspec.structs.replace(live, file=MODEL_FILE)))
+            (run_dir / "verdict.json").write_bytes(msgspec.json.encode(verdict))
+            self.status.state = "confirming"
+            cmd = [sys.executable, "-m", "reflexd.trainer.confirm", str(fresh), str(folder), str(run_dir / "verdict.json"),
+                   str(run_dir / "confirmed.json"), "--config", str(run_dir / "config.json")]
+            threads = str(cfg.trainer.max_threads)
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            done = await run_child(cmd, run_dir / "confirm.log", env, cfg.trainer.max_wall_time)
+            if done.returncode != 0:
+                tail = (run_dir / "confirm.log").read_text(errors="replace").strip().splitlines()[-1:]
+                raise TrainingError(f"the confirmation {'timed out' if done.timed_out else f'exited {done.returncode}'}: {' '.join(tail)}")
+            confirmed = msgspec.json.decode((run_dir / "confirmed.json").read_bytes(), type=GateResult)
+        except (ReflexdError, OSError, msgspec.MsgspecError) as exc:
             _log.warning("cannot confirm a first model on the decisions made during its run", line=self.line, error=str(exc))
-            return verdict
+            return gated
+        finally:
+            fresh.unlink(missing_ok=True)
+        if confirmed.passed:
+            return model_file, live, confirmed
+        return out / MODEL_FILE, run_manifests(cfg, result, out, result.judged_against)[0], confirmed
 
     def _judge(self, snapshot: Path, candidate: Scorer) -> GateResult:
         """A model pulled in from elsewhere (``adopt``) judged on ``snapshot``'s holdout against the

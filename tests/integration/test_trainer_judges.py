@@ -1,8 +1,13 @@
 """The gate runs in the trainer subprocess (reflexd.trainer.judge), so the daemon never loads a holdout."""
 
+import tempfile
+from pathlib import Path
+
+import anyio
 import msgspec
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from reflexd.config import AgentConfig, ExplorationConfig
 from reflexd.deciding.scoring import Scorer
@@ -149,6 +154,14 @@ def test_a_live_model_whose_file_changed_on_disk_is_judged_as_it_is_served(tmp_p
 
 
 
+def _confirmed(scheduler, out, result, config, end, config_file=None):
+    """What a run in ``out`` leaves to register, its first model judged again (by the
+    ``reflexd.trainer.confirm`` subprocess) on the decisions received after ``end``."""
+    run_dir = Path(tempfile.mkdtemp(dir=config.state_dir))
+    (run_dir / "config.json").write_bytes(config_file or msgspec.json.encode(config))
+    return anyio.run(scheduler._confirm, run_dir, out, result, config, end, scheduler._gate(out, result, config))
+
+
 def _decided(store, best_prob, n, start, seed):
     """``n`` decisions in the snapshot's world, received from ``start`` on, by a logging policy that
     picks the best tool with probability ``best_prob`` (1/3: uniform), each with its reward."""
@@ -190,7 +203,7 @@ def test_a_first_model_is_confirmed_on_the_decisions_made_while_its_run_trained(
             for k, best_prob in enumerate(since):
                 _decided(store, best_prob, 200, end + 100 + 10 * k, seed=2 + k)
             scheduler = Scheduler(lambda: config, store, None, Registry(tmp_path / name), _LiveModel(None), None)
-            model_file, manifest, verdict = scheduler._gate(out, result, config, snapshot_end=end)
+            model_file, manifest, verdict = _confirmed(scheduler, out, result, config, end)
             if not promoted:  # counted apart in status: the head learned past it
                 assert scheduler._register(model_file, manifest, verdict)["outcome"] == "rejected"
                 assert (scheduler.status.rejected, scheduler.status.unconfirmed) == (1, 1)
@@ -206,14 +219,21 @@ def test_a_first_model_is_confirmed_on_the_decisions_made_while_its_run_trained(
         else:  # the newest decisions always pick the best tool: nothing can be clearly better
             assert "went live refit" not in verdict.reason and verdict.refit_rows == 0
             assert model_file == out / MODEL_FILE and not manifest.training.refit  # the candidate judged is registered
-    assert not list((tmp_path / "windows").iterdir())  # each window's file removed once loaded
+    assert not list(tmp_path.glob("*/fresh.parquet"))  # each run's copy of the decisions removed once judged
     with Store(tmp_path / "few.duckdb") as store:
         scheduler = Scheduler(lambda: config, store, None, Registry(tmp_path / "few"), _LiveModel(None), None)
         # without a snapshot's end (a model judged on a snapshot just taken) the trainer's verdict stands
         assert scheduler._gate(out, result, config)[2] == first
         # as it does on fewer decisions since than its holdout held
         _decided(store, 1.0, first.holdout_rows - 1, end + 100, seed=3)
-        assert scheduler._gate(out, result, config, snapshot_end=end)[2] == first
+        assert _confirmed(scheduler, out, result, config, end)[2] == first
+        # and when the confirmation cannot be made: a second look, whose failure costs nothing
+        _decided(store, 1.0, 400, end + 200, seed=4)
+        assert not _confirmed(scheduler, out, result, config, end)[2].passed
+        with capture_logs() as logs:
+            assert _confirmed(scheduler, out, result, config, end, config_file=b"{")[2] == first
+        [warned] = [e for e in logs if e["event"] == "cannot confirm a first model on the decisions made during its run"]
+        assert "exited 2" in warned["error"] and "reflexd.trainer.confirm: error" in warned["error"]
 
 
 def test_a_first_model_is_not_refused_for_want_of_episodes_ended_during_its_run(tmp_path):
@@ -234,4 +254,4 @@ def test_a_first_model_is_not_refused_for_want_of_episodes_ended_during_its_run(
         ], received_at=end + 100)
         store.write([EpisodeEnd(agent="agent-1", episode="only", reward=0.0)], received_at=end + 101)
         scheduler = Scheduler(lambda: config, store, None, Registry(tmp_path / "one"), _LiveModel(None), None)
-        assert scheduler._gate(out, result, config, snapshot_end=end)[2] == result.gate
+        assert _confirmed(scheduler, out, result, config, end)[2] == result.gate
