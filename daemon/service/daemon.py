@@ -748,8 +748,12 @@ def _remove_windows(directory: Path) -> int:
 
 def _remove_snapshots(runs: Path) -> int:
     """Delete what run folders keep of the rows they trained on: snapshots (a crash's ``.partial``
-    ones too) and results (a cross-fitted run's lists every decision id)."""
-    kept = ("*/snapshot.parquet*", "*/steps.parquet*", "*/out/result.json", "*/out/insights.json*", "*/inputs.json")
+    ones too, and the decisions a first model is confirmed on) and results (a cross-fitted run's
+    lists every decision id)."""
+    kept = (
+        "*/snapshot.parquet*", "*/fresh.parquet*", "*/steps.parquet*", "*/out/result.json", "*/out/insights.json*",
+        "*/inputs.json",
+    )
     snapshots = [p for pattern in kept for p in runs.glob(pattern)] if runs.is_dir() else []
     for snapshot in snapshots:
         snapshot.unlink(missing_ok=True)

@@ -40,7 +40,6 @@ RUNS_DIR = "insights"
 KEEP_RUN_DIRS = 2  # a failed run's files stay for a look, beside the newest
 
 
-
 def predicted(gate: GateResult) -> dict[str, float]:
     """What a promoted model's gate predicted it would earn: ``predicted`` with ``predicted_low``
     and ``predicted_high`` (a ``ModelRecord``'s).
@@ -51,10 +50,11 @@ def predicted(gate: GateResult) -> dict[str, float]:
     """
     value, difference, lower, upper = gate.candidate_value, gate.difference, gate.lower, gate.upper
     found = gate.estimates
-    if "confirmed_value" in found:
+    if gate.passed and "confirmed_value" in found:  # a refused one's may be of the refit, not of the file kept
         value, difference = found["confirmed_value"], found["confirmed_difference"]
         lower, upper = found["confirmed_lower"], found["confirmed_upper"]
     return {"predicted": value, "predicted_low": value - (difference - lower), "predicted_high": value + (upper - difference)}
+
 
 class ExtractionStatus(msgspec.Struct, kw_only=True):
     state: str = "idle"  # idle, snapshot, extracting

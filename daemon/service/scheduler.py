@@ -460,9 +460,7 @@ class Scheduler:
         if verdict is None:
             raise TrainingError(f"the trainer's result in {out} holds no gate verdict")
         if result.judged_against != live_version:
-            before, now = result.judged_against or "no model", live_version or "no model"
-            reason = f"the live model changed during the run ({before} -> {now}): not judged against it; rejected"
-            return out / MODEL_FILE, manifest, msgspec.structs.replace(verdict, passed=False, reason=reason, refit_rows=0)
+            return out / MODEL_FILE, manifest, _changed(verdict, result.judged_against, live_version)
         if result.deploy == REFIT_FILE and refit is not None:
             return out / REFIT_FILE, refit, verdict
         return out / MODEL_FILE, manifest, verdict
@@ -479,36 +477,55 @@ class Scheduler:
         model_file, live, verdict = gated
         if not (verdict.passed and verdict.baseline == LOGGED_POLICY):
             return gated
+        self.status.state = "confirming"
         fresh = run_dir / "fresh.parquet"
         try:
-            info = await anyio.to_thread.run_sync(
-                lambda: self.store.snapshot(fresh, time.time(), cfg, runs.CONFIRM_ROWS, agents=self._agents(), after=snapshot_end)
-            )
-            if info.rows < min(max(2, verdict.holdout_rows), runs.CONFIRM_ROWS):
+            least = min(max(2, verdict.holdout_rows), runs.CONFIRM_ROWS)
+            if not await anyio.to_thread.run_sync(self._confirmation_inputs, run_dir, fresh, gated, cfg, snapshot_end, least):
                 return gated  # too few to tell (runs.confirm_first): no subprocess for nothing
-            folder = run_dir / "deployed"
-            folder.mkdir()
-            (folder / MODEL_FILE).write_bytes(model_file.read_bytes())
-            (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(msgspec.structs.replace(live, file=MODEL_FILE)))
-            (run_dir / "verdict.json").write_bytes(msgspec.json.encode(verdict))
-            self.status.state = "confirming"
-            cmd = [sys.executable, "-m", "reflexd.trainer.confirm", str(fresh), str(folder), str(run_dir / "verdict.json"),
-                   str(run_dir / "confirmed.json"), "--config", str(run_dir / "config.json")]
+            cmd = [sys.executable, "-m", "reflexd.trainer.confirm", str(fresh), str(run_dir / "deployed"),
+                   str(run_dir / "verdict.json"), str(run_dir / "confirmed.json"), "--config", str(run_dir / "config.json")]
             threads = str(cfg.trainer.max_threads)
             env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-            done = await run_child(cmd, run_dir / "confirm.log", env, cfg.trainer.max_wall_time)
+
+            def started(pid: int | None) -> None:
+                self.status.trainer_pid = pid
+
+            done = await run_child(cmd, run_dir / "confirm.log", env, cfg.trainer.max_wall_time, started)
             if done.returncode != 0:
-                tail = (run_dir / "confirm.log").read_text(errors="replace").strip().splitlines()[-1:]
-                raise TrainingError(f"the confirmation {'timed out' if done.timed_out else f'exited {done.returncode}'}: {' '.join(tail)}")
+                said = (run_dir / "confirm.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                how = f"timed out after trainer.max_wall_time ({cfg.trainer.max_wall_time:g} s)" if done.timed_out else f"exited {done.returncode}"
+                raise TrainingError(f"the confirmation {how}: {said[0]}")
             confirmed = msgspec.json.decode((run_dir / "confirmed.json").read_bytes(), type=GateResult)
         except (ReflexdError, OSError, msgspec.MsgspecError) as exc:
             _log.warning("cannot confirm a first model on the decisions made during its run", line=self.line, error=str(exc))
             return gated
         finally:
             fresh.unlink(missing_ok=True)
+        live_version = self.registry.current()
+        if live_version != result.judged_against:  # promoted or rolled back by hand meanwhile
+            confirmed = _changed(confirmed, result.judged_against, live_version)
         if confirmed.passed:
             return model_file, live, confirmed
-        return out / MODEL_FILE, run_manifests(cfg, result, out, result.judged_against)[0], confirmed
+        candidate = await anyio.to_thread.run_sync(run_manifests, cfg, result, out, result.judged_against)
+        return out / MODEL_FILE, candidate[0], confirmed
+
+    def _confirmation_inputs(
+        self, run_dir: Path, fresh: Path, gated: Gated, cfg: Config, snapshot_end: float, least: int
+    ) -> bool:
+        """Write what ``reflexd.trainer.confirm`` reads into ``run_dir``: the decisions received
+        after ``snapshot_end`` (``fresh``), the model about to go live and its manifest, the
+        verdict; False (nothing but ``fresh`` written) if there are fewer than ``least``."""
+        model_file, live, verdict = gated
+        info = self.store.snapshot(fresh, time.time(), cfg, runs.CONFIRM_ROWS, agents=self._agents(), after=snapshot_end)
+        if info.rows < least:
+            return False
+        folder = run_dir / "deployed"
+        folder.mkdir()
+        (folder / MODEL_FILE).write_bytes(model_file.read_bytes())
+        (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(msgspec.structs.replace(live, file=MODEL_FILE)))
+        (run_dir / "verdict.json").write_bytes(msgspec.json.encode(verdict))
+        return True
 
     def _judge(self, snapshot: Path, candidate: Scorer) -> GateResult:
         """A model pulled in from elsewhere (``adopt``) judged on ``snapshot``'s holdout against the
@@ -563,6 +580,13 @@ class Scheduler:
             "train_rows": added.training.train_rows,
             "at": added.created,
         }
+
+
+def _changed(verdict: GateResult, judged_against: str | None, live: str | None) -> GateResult:
+    """``verdict`` refused: it was reached against ``judged_against``, and ``live`` is live now."""
+    before, now = judged_against or "no model", live or "no model"
+    reason = f"the live model changed during the run ({before} -> {now}): not judged against it; rejected"
+    return msgspec.structs.replace(verdict, passed=False, reason=reason, refit_rows=0)
 
 
 def check_pulled(cfg: Config, manifest_data: bytes, model: bytes, name: str) -> Manifest:

@@ -1,10 +1,11 @@
-"""``python -m reflexd.trainer.confirm``: a first model judged again on the decisions made while its
-run trained (``learning.runs.confirm_first``), in a subprocess of its own.
+"""Judge a first model again on the decisions made while its run trained.
 
-The daemon writes those decisions to Parquet and the model about to go live to a folder, as it
+``python -m reflexd.trainer.confirm`` runs ``learning.runs.confirm_first`` in a subprocess of its
+own. The daemon writes those decisions to Parquet and the model about to go live to a folder, as it
 does the live model for the trainer; reading, hashing and scoring them here keeps that work, and
 its memory, out of the daemon, as the trainer's gate does for the holdout. No torch: onnxruntime
-scores the model. Exit 0 with the verdict written to ``OUT`` (JSON), 2 with the reason on stderr.
+scores the model. Exit 0 with the verdict written to ``OUT`` (JSON); 2 with the reason on stderr
+(1 with a traceback for anything unforeseen): the daemon then lets the run's verdict stand.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The holdout is hashed and both models score it here rather than in the daemon: t
 with the experience, and the daemon's memory must not. The rule is the one every model goes live
 by (``learning.runs.judge_run``, and ``gate.evaluate_cross_fit`` for a cross-fitted run); the
 daemon registers the verdict, and refuses it if the live model changed while the run was under
-way (``TrainResult.judged_against``); a first model that passed it has judged again on the decisions
-made during the run (``reflexd.trainer.confirm``).
+way (``TrainResult.judged_against``); a first model that passed is judged again, by another subprocess, on
+the decisions made during the run (``reflexd.trainer.confirm``).
 """
 
 from __future__ import annotations

@@ -154,12 +154,14 @@ def test_a_live_model_whose_file_changed_on_disk_is_judged_as_it_is_served(tmp_p
 
 
 
-def _confirmed(scheduler, out, result, config, end, config_file=None):
-    """What a run in ``out`` leaves to register, its first model judged again (by the
-    ``reflexd.trainer.confirm`` subprocess) on the decisions received after ``end``."""
+def _confirmed(scheduler, out, result, config, end, config_file=None, gated=None):
+    """What a run in ``out`` leaves to register (``gated``: what the gate made of it), its first
+    model judged again (by the ``reflexd.trainer.confirm`` subprocess) on the decisions received
+    after ``end``."""
     run_dir = Path(tempfile.mkdtemp(dir=config.state_dir))
     (run_dir / "config.json").write_bytes(config_file or msgspec.json.encode(config))
-    return anyio.run(scheduler._confirm, run_dir, out, result, config, end, scheduler._gate(out, result, config))
+    gated = gated or scheduler._gate(out, result, config)
+    return anyio.run(scheduler._confirm, run_dir, out, result, config, end, gated)
 
 
 def _decided(store, best_prob, n, start, seed):
@@ -216,13 +218,21 @@ def test_a_first_model_is_confirmed_on_the_decisions_made_while_its_run_trained(
         if promoted:
             assert verdict.reason.startswith(first.reason + "; confirmed")
             assert model_file == out / REFIT_FILE and manifest.training.refit and verdict.refit_rows == first.refit_rows
+            # a model promoted by hand while it was being confirmed: the verdict is not on it
+            gated = scheduler._gate(out, result, config)
+            registry = Registry(tmp_path / name)
+            registry.promote(registry.add(model_file, {**msgspec.structs.asdict(manifest), "gate": verdict}).version)
+            with Store(tmp_path / f"{name}.duckdb") as store:
+                scheduler.store = store
+                raced = _confirmed(scheduler, out, result, config, end, gated=gated)[2]
+            assert not raced.passed and "the live model changed during the run (no model -> v0001)" in raced.reason
         else:  # the newest decisions always pick the best tool: nothing can be clearly better
             assert "went live refit" not in verdict.reason and verdict.refit_rows == 0
             assert model_file == out / MODEL_FILE and not manifest.training.refit  # the candidate judged is registered
     assert not list(tmp_path.glob("*/fresh.parquet"))  # each run's copy of the decisions removed once judged
     with Store(tmp_path / "few.duckdb") as store:
         scheduler = Scheduler(lambda: config, store, None, Registry(tmp_path / "few"), _LiveModel(None), None)
-        # without a snapshot's end (a model judged on a snapshot just taken) the trainer's verdict stands
+        # the gate alone leaves the trainer's verdict as it is
         assert scheduler._gate(out, result, config)[2] == first
         # as it does on fewer decisions since than its holdout held
         _decided(store, 1.0, first.holdout_rows - 1, end + 100, seed=3)

@@ -375,6 +375,7 @@ def _seed_store(state_dir: Path) -> None:
     run = state_dir / "runs" / "20240101T000000-1-1"
     run.mkdir(parents=True)
     (run / "snapshot.parquet").write_bytes(b"PAR1 every agent's rows PAR1")
+    (run / "fresh.parquet").write_bytes(b"PAR1 the rows a first model was confirmed on, left by a crash PAR1")
     # a spool line the store once refused, kept for an operator: both agents' events in one line
     rejected = state_dir / "spool" / "rejected"
     rejected.mkdir(parents=True)
@@ -400,7 +401,7 @@ def test_forget_removes_an_agent_everywhere_and_leaves_the_others(daemon_factory
         reply = conn.receive()
     assert isinstance(reply, Done) and reply.req == "f"
     assert "55 decisions" in reply.message and "1 outcomes" in reply.message  # the other outcome is archived
-    assert "4 archive partitions" in reply.message and "1 training snapshots" in reply.message
+    assert "4 archive partitions" in reply.message and "2 training snapshots" in reply.message  # and the fresh rows
     assert "1 rejected spool events" in reply.message
 
     proc = subprocess.run(cli + ["--yes"], capture_output=True, text=True, timeout=120)
@@ -412,6 +413,7 @@ def test_forget_removes_an_agent_everywhere_and_leaves_the_others(daemon_factory
     refused = (state / "spool" / "rejected" / "000000000001-0123456789ab.ndjson").read_bytes()
     assert b"y-refused" in refused and b"x-refused" not in refused
     assert not (state / "runs" / "20240101T000000-1-1" / "snapshot.parquet").exists()
+    assert not (state / "runs" / "20240101T000000-1-1" / "fresh.parquet").exists()
     counts = query(
         d,
         "select (select count(*) from decisions where agent = 'x'), (select count(*) from outcomes where id like 'o-x%'),"
