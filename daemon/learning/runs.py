@@ -101,7 +101,6 @@ def judge_run(
     return Judged(refitted if check.passed else candidate, verdict)
 
 
-
 # the newest decisions made during a run that a first model is confirmed on (``confirm_first``)
 CONFIRM_ROWS = 20_000
 
