@@ -105,6 +105,12 @@ def judge_run(
 CONFIRM_ROWS = 20_000
 
 
+def confirm_needs(verdict: GateResult) -> int:
+    """The fewest decisions made during a run that ``confirm_first`` judges its verdict on: as many
+    as the holdout held (and the 2 an interval needs), at most ``CONFIRM_ROWS``."""
+    return min(max(2, verdict.holdout_rows), CONFIRM_ROWS)
+
+
 def confirm_first(
     live: Scorer,
     verdict: GateResult,
@@ -131,7 +137,7 @@ def confirm_first(
     numbers and reports the confirmation's in ``estimates`` (``confirmed_*``), as a confirmation
     does; ``cross_fitted``: the verdict is on out-of-fold predictions, not a holdout.
     """
-    least = min(max(2, verdict.holdout_rows), CONFIRM_ROWS)
+    least = confirm_needs(verdict)
     if not verdict.passed or verdict.baseline != gate.LOGGED_POLICY or len(fresh) < least:
         return verdict
     newest = np.sort(np.argsort(fresh.received_at, kind="stable")[-max(least, len(fresh) // 2):])

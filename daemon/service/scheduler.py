@@ -480,9 +480,9 @@ class Scheduler:
         self.status.state = "confirming"
         fresh = run_dir / "fresh.parquet"
         try:
-            least = min(max(2, verdict.holdout_rows), runs.CONFIRM_ROWS)
-            if not await anyio.to_thread.run_sync(self._confirmation_inputs, run_dir, fresh, gated, cfg, snapshot_end, least):
-                return gated  # too few to tell (runs.confirm_first): no subprocess for nothing
+            wanted = runs.confirm_needs(verdict)
+            if not await anyio.to_thread.run_sync(self._confirmation_inputs, run_dir, fresh, gated, cfg, snapshot_end, wanted):
+                return gated  # too few to tell: no subprocess for nothing
             cmd = [sys.executable, "-m", "reflexd.trainer.confirm", str(fresh), str(run_dir / "deployed"),
                    str(run_dir / "verdict.json"), str(run_dir / "confirmed.json"), "--config", str(run_dir / "config.json")]
             threads = str(cfg.trainer.max_threads)
@@ -504,7 +504,7 @@ class Scheduler:
             fresh.unlink(missing_ok=True)
         live_version = self.registry.current()
         if live_version != result.judged_against:  # promoted or rolled back by hand meanwhile
-            confirmed = _changed(confirmed, result.judged_against, live_version)
+            confirmed = _changed(verdict, result.judged_against, live_version)
         if confirmed.passed:
             return model_file, live, confirmed
         candidate = await anyio.to_thread.run_sync(run_manifests, cfg, result, out, result.judged_against)

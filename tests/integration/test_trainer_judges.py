@@ -226,6 +226,7 @@ def test_a_first_model_is_confirmed_on_the_decisions_made_while_its_run_trained(
                 scheduler.store = store
                 raced = _confirmed(scheduler, out, result, config, end, gated=gated)[2]
             assert not raced.passed and "the live model changed during the run (no model -> v0001)" in raced.reason
+            assert "confirmed_rows" not in raced.estimates  # refused for the change, not counted as unconfirmed
         else:  # the newest decisions always pick the best tool: nothing can be clearly better
             assert "went live refit" not in verdict.reason and verdict.refit_rows == 0
             assert model_file == out / MODEL_FILE and not manifest.training.refit  # the candidate judged is registered
