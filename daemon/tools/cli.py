@@ -224,7 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("model      none yet (agents use the default action with exploration)")
     t = reply.trainer
     print(
-        f"trainer    {t['state']}  runs {t['runs']}  promoted {t['promoted']}  rejected {t['rejected']}"
+        f"trainer    {t['state']}  runs {t['runs']}  promoted {t['promoted']}  rejected {t['rejected']}{_unconfirmed(t)}"
         f"  failures {t['failures']}" + (f"  last error: {t['last_error']}" if t.get("last_error") else "")
     )
     if t.get("waiting") and t["state"] == "idle":
@@ -384,12 +384,18 @@ def _max_frame_bytes(args: argparse.Namespace) -> tuple[int, str]:
     return SocketConfig().max_frame_bytes, "the default (name the daemon's config with --config)"
 
 
+def _unconfirmed(trainer: dict[str, Any]) -> str:
+    """How many of the rejected were first models the online head had learned past (``trainer.unconfirmed``)."""
+    n = trainer.get("unconfirmed")
+    return f" ({n} lost to the online head during their run)" if n else ""
+
+
 def _print_lines(lines: dict[str, Any]) -> None:
     """``status`` with several model lines: one row each (``--agent A`` shows one line whole)."""
     for name, line in lines.items():
         t = line.get("trainer") or {}
         said = f"serving {line.get('serving') or 'no model'}  runs {t.get('runs', 0)}  promoted {t.get('promoted', 0)}"
-        said += f"  rejected {t.get('rejected', 0)}"
+        said += f"  rejected {t.get('rejected', 0)}{_unconfirmed(t)}"
         if t.get("refused_in_a_row"):
             said += f" ({t['refused_in_a_row']} in a row, last: {t.get('last_refusal')})"
         if t.get("state", "idle") != "idle":

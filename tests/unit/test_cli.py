@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from reflexd.tools.cli import _removed_counts, build_parser
+from reflexd.tools.cli import _print_lines, _removed_counts, build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "configs" / "reflexd.yaml"
@@ -235,3 +235,14 @@ def test_import_then_train_then_models_print_json(daemon: DaemonProcess, tmp_pat
     assert shown["version"] == "v0001" and shown["gate"]["reason"] == run["gate"]
 
     assert cli(daemon, "status")["trainer"]["last_run"]["version"] == "v0001"
+
+
+def test_status_by_line_says_how_many_refusals_lost_to_the_online_head(capsys) -> None:
+    trainer = {"runs": 5, "promoted": 0, "rejected": 4, "unconfirmed": 2, "state": "idle"}
+    _print_lines({
+        "agent:a": {"serving": None, "trainer": trainer},
+        "agent:b": {"serving": "v0003", "trainer": {**trainer, "unconfirmed": 0}},
+    })
+    a, b = capsys.readouterr().out.splitlines()
+    assert "rejected 4 (2 lost to the online head during their run)" in a
+    assert b.endswith("rejected 4") and "serving v0003" in b
