@@ -302,21 +302,20 @@ class Scheduler:
         (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
         return folder
 
+    def _child_started(self, pid: int | None) -> None:
+        self.status.trainer_pid = pid  # the running subprocess in status, trainer or confirmation; None once it ended
+
     async def _run_trainer(self, run_dir: Path, snapshot: Path, out: Path, cfg: Config, live: Path | None) -> None:
         config_file = run_dir / "config.json"
         config_file.write_bytes(msgspec.json.encode(cfg))
-        threads = str(cfg.trainer.max_threads)
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        env = _child_env(cfg)
         cmd = [sys.executable, "-m", "reflexd.trainer", str(snapshot), str(out), "--config", str(config_file)]
         # each architecture's ONNX graph is traced once and reused by later runs (seconds each)
         cmd += ["--graph-cache", str(cfg.state_path / GRAPHS_DIR)]
         if live is not None:  # the trainer judges its candidate against it
             cmd += ["--incumbent", str(live)]
 
-        def started(pid: int | None) -> None:
-            self.status.trainer_pid = pid
-
-        done = await run_child(cmd, run_dir / "trainer.log", env, cfg.trainer.max_wall_time, started)
+        done = await run_child(cmd, run_dir / "trainer.log", env, cfg.trainer.max_wall_time, self._child_started)
         if done.timed_out:
             raise TrainerFault(
                 "timeout",
@@ -485,13 +484,7 @@ class Scheduler:
                 return gated  # too few to tell: no subprocess for nothing
             cmd = [sys.executable, "-m", "reflexd.trainer.confirm", str(fresh), str(run_dir / "deployed"),
                    str(run_dir / "verdict.json"), str(run_dir / "confirmed.json"), "--config", str(run_dir / "config.json")]
-            threads = str(cfg.trainer.max_threads)
-            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-
-            def started(pid: int | None) -> None:
-                self.status.trainer_pid = pid
-
-            done = await run_child(cmd, run_dir / "confirm.log", env, cfg.trainer.max_wall_time, started)
+            done = await run_child(cmd, run_dir / "confirm.log", _child_env(cfg), cfg.trainer.max_wall_time, self._child_started)
             if done.returncode != 0:
                 said = (run_dir / "confirm.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
                 how = f"timed out after trainer.max_wall_time ({cfg.trainer.max_wall_time:g} s)" if done.timed_out else f"exited {done.returncode}"
@@ -580,6 +573,13 @@ class Scheduler:
             "train_rows": added.training.train_rows,
             "at": added.created,
         }
+
+
+def _child_env(cfg: Config) -> dict[str, str]:
+    """The environment of a trainer or confirmation subprocess: the daemon's, its math libraries
+    held to ``trainer.max_threads``."""
+    threads = str(cfg.trainer.max_threads)
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
 def _changed(verdict: GateResult, judged_against: str | None, live: str | None) -> GateResult:
