@@ -297,8 +297,10 @@ def read_host(
         con.register("outcomes", outcomes)
         con.register("events", ends)
         con.register("rules", rules)
-        params = {"now": now, "max_rows": max_rows, "agent": agent, "since": since, "until": None, "version": None, "agents": None,
-                  "after": None}
+        params = {
+            "now": now, "max_rows": max_rows, "agent": agent, "since": since, "until": None, "version": None,
+            "agents": None, "after": None,
+        }
         relation = con.sql(join.EXPERIENCES, params=params)
         # DuckDB 1.x names it arrow(); 2.x to_arrow_table() (its arrow() gives a reader)
         table = (getattr(relation, "to_arrow_table", None) or relation.arrow)()

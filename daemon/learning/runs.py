@@ -146,7 +146,9 @@ def confirm_first(
     if episodes is not None and len(np.unique(episodes[0])) < 2:
         return verdict
     again = gate.evaluate(live, None, rows, exploration, settings, rewards_for=rewards_for, online=online)
-    newer = f"the newest {len(rows)} of the {len(fresh)} decisions" if len(rows) < len(fresh) else f"the {len(fresh)} decisions"
+    newer = f"the {len(fresh)} decisions"
+    if len(rows) < len(fresh):
+        newer = f"the newest {len(rows)} of the {len(fresh)} decisions"
     since = f"on {newer} made since its snapshot, which it never saw: {again.reason}"
     estimates = {
         **verdict.estimates, "confirmed_rows": float(len(rows)), "confirmed_value": again.candidate_value,

@@ -53,7 +53,8 @@ def predicted(gate: GateResult) -> dict[str, float]:
     if gate.passed and "confirmed_value" in found:  # a refused one's may be of the refit, not of the file kept
         value, difference = found["confirmed_value"], found["confirmed_difference"]
         lower, upper = found["confirmed_lower"], found["confirmed_upper"]
-    return {"predicted": value, "predicted_low": value - (difference - lower), "predicted_high": value + (upper - difference)}
+    low, high = value - (difference - lower), value + (upper - difference)
+    return {"predicted": value, "predicted_low": low, "predicted_high": high}
 
 
 class ExtractionStatus(msgspec.Struct, kw_only=True):

@@ -480,18 +480,29 @@ class Scheduler:
         fresh = run_dir / "fresh.parquet"
         try:
             wanted = runs.confirm_needs(verdict)
-            if not await anyio.to_thread.run_sync(self._confirmation_inputs, run_dir, fresh, gated, cfg, snapshot_end, wanted):
+            written = await anyio.to_thread.run_sync(
+                self._confirmation_inputs, run_dir, fresh, gated, cfg, snapshot_end, wanted
+            )
+            if not written:
                 return gated  # too few to tell: no subprocess for nothing
-            cmd = [sys.executable, "-m", "reflexd.trainer.confirm", str(fresh), str(run_dir / "deployed"),
-                   str(run_dir / "verdict.json"), str(run_dir / "confirmed.json"), "--config", str(run_dir / "config.json")]
-            done = await run_child(cmd, run_dir / "confirm.log", _child_env(cfg), cfg.trainer.max_wall_time, self._child_started)
+            cmd = [
+                sys.executable, "-m", "reflexd.trainer.confirm", str(fresh), str(run_dir / "deployed"),
+                str(run_dir / "verdict.json"), str(run_dir / "confirmed.json"),
+                "--config", str(run_dir / "config.json"),
+            ]
+            wall = cfg.trainer.max_wall_time
+            done = await run_child(cmd, run_dir / "confirm.log", _child_env(cfg), wall, self._child_started)
             if done.returncode != 0:
-                said = (run_dir / "confirm.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-                how = f"timed out after trainer.max_wall_time ({cfg.trainer.max_wall_time:g} s)" if done.timed_out else f"exited {done.returncode}"
+                log_file = run_dir / "confirm.log"
+                said = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                how = f"exited {done.returncode}"
+                if done.timed_out:
+                    how = f"timed out after trainer.max_wall_time ({wall:g} s)"
                 raise TrainingError(f"the confirmation {how}: {said[0]}")
             confirmed = msgspec.json.decode((run_dir / "confirmed.json").read_bytes(), type=GateResult)
         except (ReflexdError, OSError, msgspec.MsgspecError) as exc:
-            _log.warning("cannot confirm a first model on the decisions made during its run", line=self.line, error=str(exc))
+            what = "cannot confirm a first model on the decisions made during its run"
+            _log.warning(what, line=self.line, error=str(exc))
             return gated
         finally:
             fresh.unlink(missing_ok=True)
@@ -510,7 +521,8 @@ class Scheduler:
         after ``snapshot_end`` (``fresh``), the model about to go live and its manifest, the
         verdict; False (nothing but ``fresh`` written) if there are fewer than ``least``."""
         model_file, live, verdict = gated
-        info = self.store.snapshot(fresh, time.time(), cfg, runs.CONFIRM_ROWS, agents=self._agents(), after=snapshot_end)
+        agents = self._agents()
+        info = self.store.snapshot(fresh, time.time(), cfg, runs.CONFIRM_ROWS, agents=agents, after=snapshot_end)
         if info.rows < least:
             return False
         folder = run_dir / "deployed"

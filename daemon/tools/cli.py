@@ -224,7 +224,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("model      none yet (agents use the default action with exploration)")
     t = reply.trainer
     print(
-        f"trainer    {t['state']}  runs {t['runs']}  promoted {t['promoted']}  rejected {t['rejected']}{_unconfirmed(t)}"
+        f"trainer    {t['state']}  runs {t['runs']}  promoted {t['promoted']}"
+        f"  rejected {t['rejected']}{_unconfirmed(t)}"
         f"  failures {t['failures']}" + (f"  last error: {t['last_error']}" if t.get("last_error") else "")
     )
     if t.get("waiting") and t["state"] == "idle":

@@ -218,7 +218,8 @@ def report(rec: Record, status: Any) -> str:
     )
     t = status.trainer
     unconfirmed = (
-        f" ({t['unconfirmed']} of them passed on their holdout, then lost to the online head on the decisions made during their run)"
+        f" ({t['unconfirmed']} of them passed on their holdout,"
+        " then lost to the online head on the decisions made during their run)"
         if t.get("unconfirmed") else ""
     )
     lines.append(

@@ -309,7 +309,8 @@ class Store:
 
     def snapshot(self, dest: Path, now: float, config: Config, max_rows: int, **window: Any) -> SnapshotInfo:
         """Write the newest ``max_rows`` matured decisions with their joined reward to one Parquet file;
-        ``window`` narrows them (``agent``, ``since``, ``until``, ``model_version``, ``agents``, ``after``: ``rewards.snapshot``)."""
+        ``window`` narrows them (``agent``, ``since``, ``until``, ``model_version``, ``agents``, ``after``:
+        ``rewards.snapshot``)."""
         what = "the window's snapshot" if window else "the training snapshot"
         with self._guard(f"writing {what} {dest}") as con:
             return rewards.snapshot(con, dest, now, config, max_rows, **window)
