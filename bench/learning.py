@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         help="short streams get more seeds, enough for this many decisions in all (default 1500; 0 with --quick)",
     )
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (default 0)")
-    parser.add_argument("--streams", nargs="+", default=None, choices=streams.ALL)
+    parser.add_argument("--streams", nargs="+", default=None, choices=streams.ALL + streams.EXTRA)
     parser.add_argument("--limit", type=int, default=None, help="examples per stream (synthetic length; dataset cap)")
     parser.add_argument(
         "--cadence", type=int, default=TrainerConfig().min_new_examples,

@@ -4,7 +4,8 @@ Made the standard way for contextual-bandit evaluation (Bietti, Agarwal & Langfo
 Bandit Bake-off", JMLR 2021): each labelled example is a context, each class an action, reward 1
 when the chosen action is the label and 0 otherwise, examples in a fixed shuffled order per seed.
 Two synthetic streams add non-linear best-action regions and noisy, context-dependent rewards with
-costs. Every stream draws its realised rewards for *every* action up front (``reward[i, a]``), so
+costs; four of river's bundled datasets (``EXTRA``: segment, 7 actions; shuttle, phishing, bananas)
+are asked for by name. Every stream draws its realised rewards for *every* action up front (``reward[i, a]``), so
 all learners on one seed face exactly the same world; ``expected[i, a]`` is the mean reward.
 
 Each stream gives every learner the same information, in the form that learner takes:
@@ -182,6 +183,34 @@ def agent_strategy(seed: int, n: int = 4000) -> Stream:
     return Stream("agent-strategy", "synthetic", X, reward, expected, contexts, actions, shared, vw_actions, note)
 
 
+class _Labelled:
+    """A labelled dataset as sklearn's loaders return one (``data``, ``target``)."""
+
+    def __init__(self, data: np.ndarray, target: np.ndarray) -> None:
+        self.data, self.target = data, target
+
+
+# classification datasets bundled with river (the [bench] extra): streams no default was tuned
+# on, to check that what holds on the six holds beyond them
+RIVER = {"segment": "ImageSegments", "shuttle": "Shuttle", "phishing": "Phishing", "bananas": "Bananas"}
+
+
+def _river(dataset: str) -> Callable[[], _Labelled]:
+    def load() -> _Labelled:
+        try:
+            from river import datasets
+        except ImportError as exc:
+            raise SystemExit(f"{dataset} is river's: pip install -e '.[bench]' (or make bench-replay)") from exc
+
+        rows = list(getattr(datasets, dataset)())
+        keys = sorted(rows[0][0])
+        return _Labelled(
+            np.array([[float(x[k]) for k in keys] for x, _ in rows]), np.array([str(y) for _, y in rows])
+        )
+
+    return load
+
+
 def build(name: str, seed: int, limit: int | None = None) -> Stream:
     from sklearn import datasets
 
@@ -190,6 +219,7 @@ def build(name: str, seed: int, limit: int | None = None) -> Stream:
         "wine": datasets.load_wine,
         "breast_cancer": datasets.load_breast_cancer,
         "iris": datasets.load_iris,
+        **{stream: _river(dataset) for stream, dataset in RIVER.items()},
     }
     if name in loaders:
         return classification(name, loaders[name], seed, limit)
@@ -201,3 +231,5 @@ def build(name: str, seed: int, limit: int | None = None) -> Stream:
 
 
 ALL = ("digits", "breast_cancer", "wine", "iris", "xor-ring", "agent-strategy")
+# asked for by name only (``--streams segment``): river's datasets, for a check beyond ALL
+EXTRA = tuple(RIVER)

@@ -70,8 +70,9 @@ class TorchScorer:
         return scores.numpy(), spread.numpy()
 
 
-def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarray, list[str]]:
-    """(reward earned on each example, each run's outcome) for one stream and seed."""
+def replay(stream: streams.Stream, seed: int, config: Config, train: bool = True) -> tuple[np.ndarray, list[str]]:
+    """(reward earned on each example, each run's outcome) for one stream and seed; without
+    ``train``, no model is ever trained: the online head decides every decision."""
     from reflexd.extensions import load_learner
 
     spec = FeatureSpec(config.features.context_dim, config.features.action_dim, config.features.seed)
@@ -81,7 +82,7 @@ def replay(stream: streams.Stream, seed: int, config: Config) -> tuple[np.ndarra
     n, n_actions = stream.n, len(stream.actions)
     ids = action_ids(stream.actions)
     learner = load_learner(config.trainer.learner)
-    points = set(run_points(config.trainer, n, first_run_rows(config)))
+    points = set(run_points(config.trainer, n, first_run_rows(config))) if train else set()
     # the client's own generator, drawn once per decision as its Chooser does: a seed makes the
     # decisions bench/learning.py's client makes, and so the same run
     rng = random.Random(seed)
@@ -236,8 +237,9 @@ def summary(name: str, ours: np.ndarray, vw: dict[str, np.ndarray]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--streams", nargs="+", default=list(streams.ALL), choices=streams.ALL, metavar="STREAM",
-        help=f"streams to replay (default all: {', '.join(streams.ALL)})",
+        "--streams", nargs="+", default=list(streams.ALL), choices=streams.ALL + streams.EXTRA, metavar="STREAM",
+        help=f"streams to replay (default all: {', '.join(streams.ALL)}; by name also river's datasets: "
+        f"{', '.join(streams.EXTRA)})",
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds per stream (default 3)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (default 0)")
@@ -249,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", dest="settings", type=_setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="a config setting, as in reflexd.yaml (repeatable): --set gate.margin=0.05",
+    )
+    parser.add_argument(
+        "--head-only", action="store_true",
+        help="no training runs: the online head decides every decision (seconds per seed)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="print each seed's run outcomes")
     args = parser.parse_args(argv)
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         vw: dict[str, list[np.ndarray]] = {label: [] for label in peers.VW_CONFIGS}
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             stream = streams.build(name, seed, args.limit)
-            earned, outcomes = replay(stream, seed, config)
+            earned, outcomes = replay(stream, seed, config, train=not args.head_only)
             ours.append(earned)
             for label, vw_args in peers.VW_CONFIGS.items():
                 vw[label].append(peers.run_vw(stream, vw_args, seed)["earned"])
