@@ -48,9 +48,10 @@ from bench import learning_streams as streams
 from bench._daemon import HUGE, BenchDaemon
 from bench._host import machine
 from reflexd.client.policy import Policy
-from reflexd.config import Config, TrainerConfig
+from reflexd.config import Config, TrainerConfig, parse_config
 from reflexd.errors import ReflexdError
 from reflexd.learning.runs import run_points
+from reflexd.lines import line_of, line_path
 from reflexd.registry import Registry
 from reflexd.split import first_run_rows
 from reflexd.testing import deep_merge
@@ -115,14 +116,16 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int
     earned = np.zeros(stream.n)
     versions: list[str | None] = []
     runs: list[dict[str, Any]] = []
-    registry = Registry(daemon.state_dir / "models")
+    agent = f"{stream.name}-{seed}"
+    learning = parse_config(json.dumps(daemon.config), "bench").learning
+    registry = Registry(line_path(daemon.state_dir / "models", line_of(agent, learning)))  # the agent's model line
     due = set(points)
     t0 = time.perf_counter()
     train_seconds = 0.0
     try:
         daemon.start()
         policy = Policy(
-            f"{stream.name}-{seed}", socket=daemon.socket, state_dir=daemon.state_dir, seed=seed, refresh_interval=0.05
+            agent, socket=daemon.socket, state_dir=daemon.state_dir, seed=seed, refresh_interval=0.05
         )
         try:
             for i in range(stream.n):
@@ -140,7 +143,7 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int
                     # the table should a run ever train on fewer)
                     time.sleep(WAIT_WINDOW + 0.05)
                     try:
-                        message = daemon.request(Train(), timeout=900).message
+                        message = daemon.request(Train(agent=agent), timeout=900).message
                     except ReflexdError as exc:
                         message = f"failed: {exc}"
                     outcome = message.split()[0]
