@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from reflexd.config import parse_config
+from reflexd.lines import line_of, line_path
 from reflexd.testing import START_TIMEOUT, STOP_TIMEOUT, LocalDaemon, deep_merge
 
 HUGE = 1_000_000_000
@@ -134,6 +137,12 @@ class BenchDaemon(LocalDaemon):
         self.sampler = RssSampler(self.pid)
         self.sampler.start()
         return self
+
+    def line_folder(self, agent: str) -> Path:
+        """The folder of ``agent``'s model line (its versions, CURRENT, history), as this daemon's
+        ``learning`` settings place it: ``models/agents/<agent>/`` by default."""
+        learning = parse_config(json.dumps(self.config), "the bench config").learning
+        return line_path(self.state_dir / "models", line_of(agent, learning))
 
     def rss(self) -> int:
         assert self.pid is not None

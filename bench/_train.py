@@ -12,7 +12,6 @@ import multiprocessing as mp
 import os
 import queue
 import time
-from pathlib import Path
 from typing import Any
 
 from bench._daemon import BenchDaemon, ChildWatcher
@@ -157,7 +156,7 @@ def adaptation(daemon: BenchDaemon, clients: Clients, n: int, run: int) -> dict[
         switched = clients.wait_all_on(r["version"])
     finally:
         clients.active.clear()
-    promoted_at = os.stat(Path(daemon.state_dir) / "models" / "CURRENT").st_mtime
+    promoted_at = os.stat(daemon.line_folder(AGENT) / "CURRENT").st_mtime
     t0 = r["requested_at"]
     trainer_started = t0 + r["snapshot_seconds"]
     r.update(
@@ -183,18 +182,18 @@ def train(daemon: BenchDaemon) -> dict[str, Any]:
     try:
         requested_at = time.time()
         t0 = time.perf_counter()
-        reply = daemon.request(Train(), timeout=TRAIN_TIMEOUT)
+        reply = daemon.request(Train(agent=AGENT), timeout=TRAIN_TIMEOUT)
         reply_seconds = time.perf_counter() - t0
     finally:
         watcher.stop()
-    # Done.message is "<promoted|rejected> <version>: <gate reason>"
-    head, gate_reason = reply.message.split(": ", 1)
-    outcome, version = head.split(" ", 1)
+    # Done.message is "<promoted|rejected> <version>[ in <line>]: <gate reason>"
+    head, _, gate_reason = reply.message.partition(": ")
+    outcome, version = head.split()[:2]
     promoted_by = "the gate"
     if outcome != "promoted":
-        daemon.request(Promote(version=version))
+        daemon.request(Promote(version=version, agent=AGENT))
         promoted_by = "an explicit Promote"
-    models = daemon.request(ModelsRequest())
+    models = daemon.request(ModelsRequest(agent=AGENT))
     manifest = next(m for m in models.models if m["version"] == version)
     training = manifest["training"]
     return {

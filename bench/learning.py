@@ -48,10 +48,9 @@ from bench import learning_streams as streams
 from bench._daemon import HUGE, BenchDaemon
 from bench._host import machine
 from reflexd.client.policy import Policy
-from reflexd.config import Config, TrainerConfig, parse_config
+from reflexd.config import Config, TrainerConfig
 from reflexd.errors import ReflexdError
 from reflexd.learning.runs import run_points
-from reflexd.lines import line_of, line_path
 from reflexd.registry import Registry
 from reflexd.split import first_run_rows
 from reflexd.testing import deep_merge
@@ -117,8 +116,7 @@ def run_reflexd(stream: streams.Stream, seed: int, preset: str, points: list[int
     versions: list[str | None] = []
     runs: list[dict[str, Any]] = []
     agent = f"{stream.name}-{seed}"
-    learning = parse_config(json.dumps(daemon.config), "bench").learning
-    registry = Registry(line_path(daemon.state_dir / "models", line_of(agent, learning)))  # the agent's model line
+    registry = Registry(daemon.line_folder(agent))
     due = set(points)
     t0 = time.perf_counter()
     train_seconds = 0.0
