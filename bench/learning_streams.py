@@ -5,8 +5,9 @@ Bandit Bake-off", JMLR 2021): each labelled example is a context, each class an 
 when the chosen action is the label and 0 otherwise, examples in a fixed shuffled order per seed.
 Two synthetic streams add non-linear best-action regions and noisy, context-dependent rewards with
 costs; four of river's bundled datasets (``EXTRA``: segment, 7 actions; shuttle, phishing, bananas)
-are asked for by name. Every stream draws its realised rewards for *every* action up front (``reward[i, a]``), so
-all learners on one seed face exactly the same world; ``expected[i, a]`` is the mean reward.
+are asked for by name. Every stream draws its realised rewards for *every* action up front
+(``reward[i, a]``), so all learners on one seed face exactly the same world; ``expected[i, a]`` is
+the mean reward.
 
 Each stream gives every learner the same information, in the form that learner takes:
 - reflexd: ``contexts[i]`` (a dict) and ``actions`` (ids, or ``{"id", "features"}``);
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -183,20 +185,15 @@ def agent_strategy(seed: int, n: int = 4000) -> Stream:
     return Stream("agent-strategy", "synthetic", X, reward, expected, contexts, actions, shared, vw_actions, note)
 
 
-class _Labelled:
-    """A labelled dataset as sklearn's loaders return one (``data``, ``target``)."""
-
-    def __init__(self, data: np.ndarray, target: np.ndarray) -> None:
-        self.data, self.target = data, target
-
-
 # classification datasets bundled with river (the [bench] extra): streams no default was tuned
 # on, to check that what holds on the six holds beyond them
 RIVER = {"segment": "ImageSegments", "shuttle": "Shuttle", "phishing": "Phishing", "bananas": "Bananas"}
 
 
-def _river(dataset: str) -> Callable[[], _Labelled]:
-    def load() -> _Labelled:
+def _river(dataset: str) -> Callable[[], SimpleNamespace]:
+    """A loader of river's ``dataset`` shaped as sklearn's (``data``, ``target``)."""
+
+    def load() -> SimpleNamespace:
         try:
             from river import datasets
         except ImportError as exc:
@@ -204,8 +201,8 @@ def _river(dataset: str) -> Callable[[], _Labelled]:
 
         rows = list(getattr(datasets, dataset)())
         keys = sorted(rows[0][0])
-        return _Labelled(
-            np.array([[float(x[k]) for k in keys] for x, _ in rows]), np.array([str(y) for _, y in rows])
+        return SimpleNamespace(
+            data=np.array([[float(x[k]) for k in keys] for x, _ in rows]), target=np.array([str(y) for _, y in rows])
         )
 
     return load
