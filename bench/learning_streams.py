@@ -106,9 +106,9 @@ def classification(name: str, loader: Callable[..., Any], seed: int, limit: int 
     if limit:
         order = order[:limit]
     # standardised over the whole dataset, as the bake-off preprocesses (a fixed transform)
+    classes = np.unique(y)  # every class an action, whether or not the cut holds an example of it
     X = _standardise(X)[order]
     y = y[order]
-    classes = np.unique(y)
     onehot = (y[:, None] == classes[None, :]).astype(np.float64)
     note = f"{len(X)} examples, {X.shape[1]} features, {len(classes)} actions"
     return _numeric_stream(name, "classification", X, onehot, onehot, note)
