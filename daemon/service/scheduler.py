@@ -294,13 +294,7 @@ class Scheduler:
         live = self.models.scorer
         if live is None:
             return None
-        folder = run_dir / "live"
-        folder.mkdir()
-        # under the one name the daemon chooses, never a name read from a manifest
-        (folder / MODEL_FILE).write_bytes(live.model)
-        manifest = msgspec.structs.replace(live.manifest, file=MODEL_FILE)
-        (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
-        return folder
+        return _model_folder(run_dir / "live", live.model, live.manifest)
 
     def _child_started(self, pid: int | None) -> None:
         self.status.trainer_pid = pid  # the running subprocess in status, trainer or confirmation; None once it ended
@@ -525,10 +519,7 @@ class Scheduler:
         info = self.store.snapshot(fresh, time.time(), cfg, runs.CONFIRM_ROWS, agents=agents, after=snapshot_end)
         if info.rows < least:
             return False
-        folder = run_dir / "deployed"
-        folder.mkdir()
-        (folder / MODEL_FILE).write_bytes(model_file.read_bytes())
-        (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(msgspec.structs.replace(live, file=MODEL_FILE)))
+        _model_folder(run_dir / "deployed", model_file.read_bytes(), live)
         (run_dir / "verdict.json").write_bytes(msgspec.json.encode(verdict))
         return True
 
@@ -585,6 +576,15 @@ class Scheduler:
             "train_rows": added.training.train_rows,
             "at": added.created,
         }
+
+
+def _model_folder(folder: Path, model: bytes, manifest: Manifest) -> Path:
+    """``folder``, made, holding ``model`` and its ``manifest`` for a subprocess to load: under the
+    one name the daemon chooses, never a name read from a manifest."""
+    folder.mkdir()
+    (folder / MODEL_FILE).write_bytes(model)
+    (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(msgspec.structs.replace(manifest, file=MODEL_FILE)))
+    return folder
 
 
 def _child_env(cfg: Config) -> dict[str, str]:

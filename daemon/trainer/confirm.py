@@ -11,7 +11,6 @@ scores the model. Exit 0 with the verdict written to ``OUT`` (JSON); 2 with the 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import msgspec
 from reflexd import worker
 from reflexd.config import Config
 from reflexd.deciding.scoring import Scorer
+from reflexd.durable import atomic_write
 from reflexd.errors import ReflexdError
 from reflexd.learning import runs
 from reflexd.learning.dataset import load_snapshot
@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.limit_memory(config.trainer.max_memory_mb, worker.event_logger("reflexd.trainer.confirm"))
         verdict = msgspec.json.decode(Path(args.verdict).read_bytes(), type=GateResult)
         judged = confirm(args.fresh, Path(args.model_dir), verdict, config)
-        partial = Path(args.out + ".partial")
-        partial.write_bytes(msgspec.json.encode(judged))
-        os.replace(partial, args.out)
+        atomic_write(Path(args.out), msgspec.json.encode(judged))
     except (OSError, ValueError, ReflexdError, msgspec.MsgspecError) as exc:
         print(f"reflexd.trainer.confirm: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 2
