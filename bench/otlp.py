@@ -111,16 +111,10 @@ def socket_steps(path: str, episodes: int) -> float:
         return time.monotonic() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.otlp", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--episodes", type=int, default=2000, help="agent runs (each 5 spans, 4 of them steps)")
-    ap.add_argument("--batch", type=int, default=512, help="spans per OTLP request (default 512, the SDK's batch size)")
-    args = ap.parse_args(argv)
-    bodies = requests_of(args.episodes, args.batch)
-    spans = args.episodes * (STEPS_PER_EPISODE + 1)
-    steps = args.episodes * STEPS_PER_EPISODE
-    root = Path(tempfile.mkdtemp(prefix="reflexd-bench-otlp-"))
-    sock = Path(tempfile.mkdtemp(prefix="rx-")) / "r.sock"
+def _measure(root: Path, sock: Path, bodies: list[bytes], episodes: int, batch: int) -> tuple[list[tuple], int]:
+    """Both paths' rows for the table, and the episodes the daemon assembled from the traces."""
+    spans = episodes * (STEPS_PER_EPISODE + 1)
+    steps = episodes * STEPS_PER_EPISODE
     config = deep_merge(bench_config(root / "state", sock, 1000), {
         "traces": {"enabled": True, "path": str(sock.parent / "t.sock"), "port": 0},
     })
@@ -131,13 +125,24 @@ def main(argv: list[str] | None = None) -> int:
         acked = post_all(port, bodies)
         poll(lambda: d.status().experience.get("steps", 0) >= steps, 600, "the traced steps in DuckDB")
         loaded = time.monotonic() - t0
-        rows.append(("OTLP/HTTP protobuf", f"{len(bodies)} requests of {args.batch} spans", spans, acked, loaded))
+        rows.append(("OTLP/HTTP protobuf", f"{len(bodies)} requests of {batch} spans", spans, acked, loaded))
         t0 = time.monotonic()
-        acked = socket_steps(d.socket, args.episodes)
+        acked = socket_steps(d.socket, episodes)
         poll(lambda: d.status().experience.get("steps", 0) >= 2 * steps, 600, "the socket's steps in DuckDB")
         loaded = time.monotonic() - t0
         rows.append(("socket msgpack `step`", "batches of 1000, one flush", steps, acked, loaded))
-        episodes = d.status().traces["episodes"]
+        return rows, d.status().traces["episodes"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.otlp", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--episodes", type=int, default=2000, help="agent runs (each 5 spans, 4 of them steps)")
+    ap.add_argument("--batch", type=int, default=512, help="spans per OTLP request (default 512, the SDK's batch size)")
+    args = ap.parse_args(argv)
+    bodies = requests_of(args.episodes, args.batch)
+    with tempfile.TemporaryDirectory(prefix="reflexd-bench-otlp-") as state, \
+            tempfile.TemporaryDirectory(prefix="rx-") as sockets:  # a short path: a socket's is capped at 108 bytes
+        rows, episodes = _measure(Path(state), Path(sockets) / "r.sock", bodies, args.episodes, args.batch)
     host = machine(("msgspec", "anyio", "duckdb", "opentelemetry-proto", "protobuf"))
     print(f"machine: {host['cpu']}, {host['usable_cpus']} cpus, python {host['python']}, {host['date']}", file=sys.stderr)
     print(f"\n{'path':<24}{'sent as':<34}{'items':>8}{'acked/s':>12}{'in DuckDB/s':>14}")
