@@ -18,10 +18,9 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 import yaml
 
-from reflexd.features import FeatureSpec
-
 from reflexd.errors import ConfigError
 from reflexd.extensions import EXPLORATION, available
+from reflexd.features import FeatureSpec
 from reflexd.split import holdout_rows, holdout_run_rows
 
 DEFAULT_PATH = "/etc/reflexd/reflexd.yaml"

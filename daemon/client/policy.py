@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,10 +30,10 @@ from reflexd.config import (
 )
 from reflexd.deciding.choosing import Choice, Chooser
 from reflexd.deciding.online import OnlineHead, learned
-from reflexd.lines import line_of, line_path
 from reflexd.deciding.scoring import ModelSource
 from reflexd.errors import DaemonUnavailable, FrameError
 from reflexd.features import FeatureSpec
+from reflexd.lines import line_of, line_path
 from reflexd.manifest import Manifest
 from reflexd.registry import Registry
 from reflexd.wire.connection import Connection, default_socket

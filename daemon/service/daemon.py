@@ -20,11 +20,19 @@ import msgspec
 from anyio.abc import SocketListener
 
 from reflexd import __version__, log
+from reflexd.collect.receiver import TraceReceiver, durably
 from reflexd.config import CLIENT_SETTINGS_FILE, Config, client_settings, keep_restart_only, load_config
 from reflexd.deciding.choosing import slate_events
 from reflexd.durable import atomic_write, private_dir
-from reflexd.errors import ConfigError, LineUnknown, ReflexdError, RequestTimeout, StateDirError, StorageError, TrainingError
-from reflexd.collect.receiver import TraceReceiver, durably
+from reflexd.errors import (
+    ConfigError,
+    LineUnknown,
+    ReflexdError,
+    RequestTimeout,
+    StateDirError,
+    StorageError,
+    TrainingError,
+)
 from reflexd.service import activation, sdnotify
 from reflexd.service.behaviour import BehaviourTrainer
 from reflexd.service.endpoint import Endpoint

@@ -37,11 +37,11 @@ from reflexd.wire.protocol import (
     Ack,
     Adopt,
     Decide,
-    Learned,
     Decision,
     Error,
     Flush,
     Forget,
+    Learned,
     Promote,
     Rollback,
 )

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from reflexd.testing import LocalDaemon
 from reflexd.errors import ReflexdError
+from reflexd.testing import LocalDaemon
 from reflexd.wire.protocol import Flush, InsightsRequest
 
 TASKS = ("chat", "code", "math", "search")

@@ -16,7 +16,6 @@ from reflexd.service.ingest import Counters
 from reflexd.service.metrics import DecideLatency, Metrics, version_number
 from reflexd.service.scheduler import TrainerStatus
 
-
 LINE = (("line", "agent:a"),)
 
 

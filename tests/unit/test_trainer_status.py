@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import msgspec
-
 import numpy as np
 
 from reflexd.config import GateConfig

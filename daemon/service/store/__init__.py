@@ -27,7 +27,15 @@ from reflexd.config import Config, StoreConfig
 from reflexd.errors import RejectedData, StorageError
 from reflexd.service import spool
 from reflexd.service.store import export, findings, integrity, retention, rewards
-from reflexd.service.store.db import COUNTED_TABLES, EXPERIENCE_TABLES, MIGRATIONS, SCHEMA, failing_as, outside_select, sql_path
+from reflexd.service.store.db import (
+    COUNTED_TABLES,
+    EXPERIENCE_TABLES,
+    MIGRATIONS,
+    SCHEMA,
+    failing_as,
+    outside_select,
+    sql_path,
+)
 from reflexd.service.store.load import WriteResult, load_segment
 from reflexd.service.store.rewards import RewardStats, SnapshotInfo
 from reflexd.wire.protocol import Decision, Event, Outcome, Step
