@@ -50,8 +50,7 @@ def _percentile(values: list[float], q: float) -> float:
 class _FullCovarianceArm:
     """The update before deferred downdates: the whole m×m covariance written anew by each one."""
 
-    def __init__(self, d: int, offset: float) -> None:
-        self.offset = offset
+    def __init__(self, d: int) -> None:
         self.row_of = np.full(d, -1, dtype=np.intp)
         self.features = np.zeros(0, dtype=np.intp)
         self.weights, self.theta, self.cov = np.zeros(d), np.zeros(0), np.zeros((0, 0))
@@ -83,8 +82,8 @@ class _FullCovarianceArm:
 class _FoldAtOnceArm(online_module._Arm):
     """The update before folds were spread: all 16 downdates folded into a new base by one update."""
 
-    def __init__(self, d: int, offset: float) -> None:
-        super().__init__(d, offset)
+    def __init__(self, d: int) -> None:
+        super().__init__(d)
         self.state = self.state._replace(down=np.zeros((16, 0)))
 
     def update(self, x: np.ndarray, target: float, prior: float) -> None:
@@ -134,7 +133,7 @@ def update_costs(keys: int, kinds: tuple[str | None, ...] = (None,), n: int = 20
     rng = random.Random(1)
     xs = [heads[0].features({f"k{j}": f"v{rng.randrange(10)}" for j in range(keys)}) for _ in range(1000)]
     for head, kind in zip(heads, kinds):
-        head._arms["a", "x"] = REFERENCES.get(kind, online_module._Arm)(head._d, 0.0)
+        head._arms["a", "x"] = REFERENCES.get(kind, online_module._Arm)(head._d)
         for i in range(n):
             head.remember(str(i), "a", "x", xs[i % 1000], None)
     times: list[list[float]] = [[] for _ in kinds]

@@ -163,8 +163,9 @@ class OnlineConfig(_Section):
     # reflexd.deciding.online): the policy before any model, a correction beside a live one
     enabled: bool = True
     prior: PositiveFloat = 1.0  # ridge penalty: larger keeps the head nearer zero for longer
-    # the ridge penalty of its corrections beside a live model, which start afresh with each one
-    model_prior: PositiveFloat = 100.0
+    # the ridge penalty beside a live model (the head starts afresh with each one), on every input,
+    # the model's score among them: how far to trust the scores is learned, from a prior weight of 0
+    model_prior: PositiveFloat = 1.0
     # with each new live model (or none) the head starts afresh and first relearns this many of the
     # newest rewards of this process's own decisions beside the new model's scores, so that it does
     # not serve the model uncorrected while it learns again; 0: start empty

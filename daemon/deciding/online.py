@@ -8,18 +8,19 @@ reward for the m features the action has seen (see ``_Arm``). Its means are the 
 exploration strategy turns into probabilities:
 
 - before any model, it is the policy, so the first decisions already learn;
-- beside a live model, the model's score is one more input, with a prior weight of 1: the head
-  starts from the model's scores and learns what the model misses (and how far to trust it),
-  under a stronger ridge penalty (``model_prior``): the model's scores already sum up its run's
-  experience, and corrections as free as before any model, learnt afresh from the few rewards
-  after each promotion, cost reward until they settled (``bench/served.py``);
+- beside a live model, the model's score is one more input, its weight learned like the others'
+  from a prior of 0 (ridge penalty ``model_prior``): the head learns from the rewards how far to
+  trust the model's scores and what they miss, so a model worse than the head alone costs little
+  (an action it has learned nothing about beside the model is served the model's score as it
+  is). Held to the model's scores instead (a prior weight of 1 under a ridge penalty of 100),
+  the head served an overfit model's mistakes: on a noisy stream that cost 0.015 reward per
+  decision (``docs/results/2026-12-07-beside-the-model.md``);
 - each new live model starts the head afresh beside it: the gate passed the model against the
   policy that logged its holdout (this head, before any model), and the head's corrections were
   for the last model's scores. The new head first relearns the newest rewards (``warm_rows``)
-  beside the new model's scores: started empty it would serve the model's scores uncorrected
-  while it learned again: on the demo's world, a fifth more regret per decision than the head
-  going on alone, and relearning takes three fifths of that away
-  (``docs/results/2026-12-06-promotion.md``).
+  beside the new model's scores: started empty it would learn again from its first few rewards
+  how far to trust them: on the demo's world, regret per decision 0.037 after a promotion against
+  the head going on alone's 0.025, and 0.027 relearning (``docs/results/2026-12-07-beside-the-model.md``).
 
 Whoever made a decision learns from its reward: the in-process client for its own decisions,
 the daemon for decisions made over the socket. The head learns a decision's first outcome at
@@ -115,12 +116,9 @@ class _Arm:
     update costs O(m²), not O(d²), with the same result as the full regression.
     """
 
-    __slots__ = ("_folded", "_folding", "n", "offset", "residual", "state")
+    __slots__ = ("_folded", "_folding", "n", "residual", "state")
 
-    def __init__(self, d: int, offset: float) -> None:
-        # the model score's prior weight: 1 beside a model (the head starts from the model's scores
-        # and corrects them), 0 before any (the score input is then always 0)
-        self.offset = offset
+    def __init__(self, d: int) -> None:
         self.state = _State(np.zeros(d), np.full(d, -1, dtype=np.intp), np.zeros(0, dtype=np.intp), np.zeros(0),
                             np.zeros((0, 0)), np.zeros((2 * _DEFERRED, 0)), 0, 1.0)
         # the fold under way (``_fold``; None: none): the new base, its first ``_folded`` rows written
@@ -287,7 +285,7 @@ class OnlineHead:
                 out.append(scores[k] if scores is not None else 0.0)
                 continue
             w = arm.state.weights
-            out.append(float(w @ x) + ((float(w[-1]) + arm.offset) * scores[k] if scores is not None else 0.0))
+            out.append(float(w @ x) + (float(w[-1]) * scores[k] if scores is not None else 0.0))
         return out
 
     def knows(self, agent: str, ids: list[str]) -> bool:
@@ -441,13 +439,13 @@ class OnlineHead:
         arms = self._arms if arms is None else arms
         arm = arms.get(key)
         if arm is None:
-            arm = arms[key] = _Arm(self._d, 1.0 if beside_model else 0.0)
+            arm = arms[key] = _Arm(self._d)
             while len(arms) > self.settings.max_arms:
                 arms.popitem(last=False)  # the arm updated least recently goes first
         else:
             arms.move_to_end(key)
         settings = self.settings
-        arm.update(x, reward - arm.offset * x[-1], settings.model_prior if beside_model else settings.prior)
+        arm.update(x, reward, settings.model_prior if beside_model else settings.prior)
 
     def prepare(self, version: str, rescore: Rescore) -> None:
         """Relearn the newest ``warm_rows`` rewards beside ``version``'s scores of their decisions

@@ -75,14 +75,13 @@ def test_arms_are_bounded() -> None:
     assert head.knows("a", ["act9"]) and not head.knows("a", ["act0"])
 
 
-def test_beside_a_new_model_the_head_starts_from_its_scores_and_learns_what_it_misses() -> None:
+def test_beside_a_new_model_the_head_serves_its_scores_and_learns_what_they_miss() -> None:
     """Before any model the head learned the task's best action; a model goes live whose scores
-    are right for code and wrong for chat. The head starts from the model's scores, then learns
-    the correction where the model is wrong (at a ridge penalty beside it as light as before it,
-    so that 400 rewards are enough to learn it whole)."""
+    are right for code and wrong for chat. The head serves the model's scores for actions it has
+    learned nothing about beside it, then learns from the rewards what they miss."""
     rng = random.Random(8)
     truth = {("code", "small"): 0.2, ("code", "large"): 0.8, ("chat", "small"): 0.7, ("chat", "large"): 0.3}
-    head = OnlineHead(OnlineConfig(model_prior=1.0))
+    head = OnlineHead(OnlineConfig())
     ids = ["small", "large"]
     for i in range(300):
         task, action = rng.choice(["code", "chat"]), rng.choice(ids)
@@ -238,12 +237,14 @@ def test_what_is_forgotten_stays_forgotten() -> None:
     assert not head.knows("gone", ["small"]) and head.stats()["warmed"] == 0
 
 
-def test_an_arm_born_beside_a_model_starts_from_the_models_score() -> None:
+def test_an_action_not_yet_learned_beside_a_model_is_served_the_models_score() -> None:
     head = OnlineHead(OnlineConfig())
     x = head.features({"task": "code"})
     head.remember("d", "agent", "small", x, 0.7)
-    head.learn("d", 0.7)  # the reward the model expected: nothing to correct
-    assert head.means("agent", x, ["small"], [0.7]) == pytest.approx([0.7], abs=1e-9)
+    head.learn("d", 0.9)
+    small, large = head.means("agent", x, ["small", "large"], [0.7, 0.4])
+    assert large == 0.4  # nothing learned of it beside this model: its score as it is
+    assert small != 0.7  # learned: the regression's mean, the score one of its inputs
 
 
 def test_before_any_model_the_head_learns_the_best_action_within_a_few_hundred_decisions() -> None:
@@ -377,26 +378,32 @@ def test_a_default_action_the_agent_does_not_offer_leaves_the_head_in_charge() -
     assert c.choose("agent", {"k": 1}, ["a", "b"]).probs == pytest.approx([0.05, 0.95])
 
 
-def test_beside_a_model_the_heads_corrections_are_held_to_its_stronger_prior() -> None:
-    """``model_prior``: beside a live model the head moves away from the model's scores only as far
-    as many rewards show it should, where before any model a few rewards move it."""
+def test_beside_a_model_the_head_learns_how_far_to_trust_its_scores() -> None:
+    """The model's score is one more input of the head, its weight learned from a prior of 0. The
+    reward follows something the context does not show the head: a model that knows it (its
+    score is the expected reward) is trusted, weight near 1; one whose scores are noise is not,
+    weight near 0, and the head's means are then the rewards' average."""
+    rng = random.Random(3)
     ids = ["small", "large"]
-    moved = {}
-    for model_prior in (1.0, 100.0):
-        head = OnlineHead(OnlineConfig(prior=1.0, model_prior=model_prior))
+    for kind in ("right", "noise"):
+        head = OnlineHead(OnlineConfig())
         head.follow("v0001")
-        rng = random.Random(3)
-        x = head.features({"task": "chat"})
-        for i in range(30):  # the model is right (0.5 each); the rewards are noise around it
-            action = ids[i % 2]
-            head.remember(f"d{i}", "agent", action, x, 0.5)
-            head.learn(f"d{i}", 0.5 + rng.gauss(0, 0.3))
-        means = head.means("agent", x, ids, [0.5, 0.5])
-        moved[model_prior] = max(abs(m - 0.5) for m in means)
-        spread = head.spread("agent", head.features({"task": "code"}), ids, [0.5, 0.5])
-        assert spread[0] == pytest.approx(spread[1])
-    assert moved[100.0] < moved[1.0] / 3
-    # and the posterior over inputs never seen is the stronger prior's
+        for i in range(800):
+            hidden, action = rng.random(), rng.choice(ids)
+            score = hidden if kind == "right" else rng.random()
+            head.remember(f"d{i}", "agent", action, head.features({"task": "code"}), score)
+            head.learn(f"d{i}", hidden + rng.gauss(0, 0.1))
+        weight = [head._arms["agent", a].state.weights[-1] for a in ids]
+        x = head.features({"task": "code"})
+        if kind == "right":
+            assert min(weight) > 0.9
+            assert head.means("agent", x, ids, [0.2, 0.8]) == pytest.approx([0.2, 0.8], abs=0.05)
+        else:
+            assert max(abs(w) for w in weight) < 0.1
+            assert head.means("agent", x, ids, [0.2, 0.8]) == pytest.approx([0.5, 0.5], abs=0.06)
+
+
+def test_beside_a_model_the_posterior_over_inputs_never_seen_is_model_priors() -> None:
     head = OnlineHead(OnlineConfig(prior=1.0, model_prior=100.0))
     x = head.features({"task": "chat"})
     (alone,) = head.spread("agent", x, ["small"])

@@ -33,7 +33,7 @@ def exact_covariance(xs: np.ndarray, features: np.ndarray, prior: float) -> np.n
 @pytest.mark.parametrize(("d", "keys"), [(20, 3), (130, 40), (600, 520)])
 def test_a_fold_writes_one_block_per_update_and_ends_before_the_rows_kept_fill(d: int, keys: int) -> None:
     xs = contexts(40 + 6 * online._DEFERRED, d, keys, seed=d, grow=1_000_000)  # the inputs seen stop growing
-    arm = _Arm(d, 0.0)
+    arm = _Arm(d)
     start = 0
     while start < 40 or arm._folding is not None:  # from no fold under way
         arm.update(xs[start], 1.0, 1.0)
@@ -65,7 +65,7 @@ def test_the_base_being_written_is_in_no_published_state_and_none_changes() -> N
     was read; the fold's buffer becomes a state's base only whole, and is not written after."""
     d, prior = 60, 1.0
     xs = contexts(12 * online._DEFERRED, d, 8, seed=4, grow=2)
-    arm = _Arm(d, 0.0)
+    arm = _Arm(d)
     published: list[tuple[online._State, list, np.ndarray]] = []
     finished = set()
     for i, x in enumerate(xs):
@@ -95,7 +95,7 @@ def test_the_covariance_is_the_exact_ridge_one_at_every_update_new_inputs_arrivi
     xs = np.hstack([contexts(n, 100, 12, seed=7, grow=1_000_000), np.zeros((n, 30))])
     unseen = list(range(100, 130))
     rng = np.random.default_rng(1)
-    arm = _Arm(130, 0.0)
+    arm = _Arm(130)
     arrived = 0
     for i, x in enumerate(xs):
         if arm._folding is not None and unseen and rng.random() < 0.5:

@@ -57,7 +57,7 @@ def test_the_update_equals_the_full_covariance_update(keys: int, prior: float, n
     d = 130
     xs = sparse_contexts(n, d, keys, seed=keys)
     targets = np.random.default_rng(1).normal(0.4, 1.0, size=n)
-    arm, reference = _Arm(d, 0.0), FullCovariance(d)
+    arm, reference = _Arm(d), FullCovariance(d)
     for i, (x, y) in enumerate(zip(xs, targets)):
         arm.update(x, float(y), prior)
         reference.update(x, float(y), prior)
@@ -87,7 +87,7 @@ def test_the_spread_beside_a_model_counts_the_models_score_as_an_input() -> None
         x = x.copy()
         x[-1] = score
         rows.append(x)
-        targets.append(reward - score)  # the score's prior weight of 1 is the offset the head learns from
+        targets.append(reward)  # the score is one more input, its weight learned from a prior of 0
     X = np.array(rows)
     precision = X.T @ X + 1.5 * np.eye(X.shape[1])
     probe = head.features({"task": "chat", "user": "u3", "unseen": "key"})
@@ -96,7 +96,7 @@ def test_the_spread_beside_a_model_counts_the_models_score_as_an_input() -> None
     (spread,) = head.spread("a", probe, ["left"], [0.8])
     assert spread == pytest.approx(float(np.sqrt(with_score @ np.linalg.solve(precision, with_score))), rel=1e-9)
     (mean,) = head.means("a", probe, ["left"], [0.8])
-    assert mean == pytest.approx(float(np.linalg.solve(precision, X.T @ np.array(targets)) @ with_score) + 0.8, abs=1e-9)
+    assert mean == pytest.approx(float(np.linalg.solve(precision, X.T @ np.array(targets)) @ with_score), abs=1e-9)
     # an arm never rewarded: its prior, with the score as one more input
     assert head.spread("a", probe, ["right"], [0.8]) == pytest.approx([float(np.sqrt(with_score @ with_score / 1.5))])
 
@@ -105,7 +105,7 @@ def test_a_state_once_read_is_not_changed_by_later_updates() -> None:
     """Decisions read an arm's state without the lock: what they read must stay as it was."""
     d = 40
     xs = sparse_contexts(3 * online._DEFERRED + 5, d, 6, seed=9)
-    arm = _Arm(d, 0.0)
+    arm = _Arm(d)
     for x in xs[:20]:
         arm.update(x, 1.0, 1.0)
     state = arm.state
@@ -126,7 +126,7 @@ def test_the_noise_estimate_is_the_residuals_and_the_penalty_over_the_rewards() 
     rng = np.random.default_rng(2)
     truth = rng.normal(0.0, 0.5, size=d)
     targets = xs @ truth + rng.normal(0.0, 0.3, size=len(xs))
-    arm = _Arm(d, 0.0)
+    arm = _Arm(d)
     for x, y in zip(xs, targets):
         arm.update(x, float(y), prior)
     theta = np.linalg.solve(xs.T @ xs + prior * np.eye(d), xs.T @ targets)
