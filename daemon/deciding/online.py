@@ -19,8 +19,9 @@ exploration strategy turns into probabilities:
   policy that logged its holdout (this head, before any model), and the head's corrections were
   for the last model's scores. The new head first relearns the newest rewards (``warm_rows``)
   beside the new model's scores: started empty it would learn again from its first few rewards
-  how far to trust them: on the demo's world, regret per decision 0.037 after a promotion against
-  the head going on alone's 0.025, and 0.027 relearning (``docs/results/2026-12-07-beside-the-model.md``).
+  how far to trust them. On the demo's world, regret per decision after a promotion was 0.037
+  started empty and 0.027 relearning, against 0.025 for the head going on alone
+  (``docs/results/2026-12-07-beside-the-model.md``).
 
 Whoever made a decision learns from its reward: the in-process client for its own decisions,
 the daemon for decisions made over the socket. The head learns a decision's first outcome at
