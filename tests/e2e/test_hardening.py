@@ -181,7 +181,10 @@ def test_idle_connections_are_closed_and_root_keeps_its_slots(daemon_factory, op
 # ---- 7: a reload that changes state_dir ---------------------------------------------------
 
 
-def test_a_reload_that_moves_state_dir_changes_nothing_until_a_restart(daemon: DaemonProcess, tmp_path: Path) -> None:
+def test_a_reload_that_moves_state_dir_changes_nothing_until_a_restart(daemon_factory, tmp_path: Path) -> None:
+    # no decision matures with the default reward during the test: Train must find too few experiences
+    # however slowly the host runs it (at the fixtures' 0.5 s, a loaded host's Train ran and was rejected)
+    daemon = daemon_factory({"rewards": {"wait_window": 3600}})
     with Connection(daemon.socket) as conn:
         conn.send([decision(i, agent="a" if i % 2 else "b") for i in range(200)] + [Flush(req=1, loaded=True)])
         conn.receive()

@@ -48,7 +48,10 @@ def test_what_one_process_learns_reaches_another_within_a_second(daemon_factory:
             learner.kill()
         assert learner.returncode == 0
         report = json.loads(out)
-        assert report["stats"]["updates"] == 300 and report["stats"]["absorbed"] == 0  # its own are not learned twice
+        learned = report["stats"]
+        # its own 300 are not learned twice; all it may absorb is the observer's one decision, taught
+        # the default once its wait window passed (on a loaded host, after the learner had started)
+        assert learned["updates"] - learned["absorbed"] == 300 and learned["absorbed"] <= 1, learned
         # the observer, which earned no reward itself, decides as the learner taught it (how soon
         # updates arrive is measured in bench.online, not asserted here)
         for task, best in BEST.items():
