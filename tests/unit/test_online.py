@@ -244,7 +244,9 @@ def test_an_action_not_yet_learned_beside_a_model_is_served_the_models_score() -
     head.learn("d", 0.9)
     small, large = head.means("agent", x, ["small", "large"], [0.7, 0.4])
     assert large == 0.4  # nothing learned of it beside this model: its score as it is
-    assert small != 0.7  # learned: the regression's mean, the score one of its inputs
+    # learned: one ridge step (penalty model_prior, 1) from 0 on the inputs, the score 0.7 among them
+    xx = float(x @ x) + 0.7**2
+    assert small == pytest.approx(xx * 0.9 / (1 + xx), rel=1e-12)
 
 
 def test_before_any_model_the_head_learns_the_best_action_within_a_few_hundred_decisions() -> None:
