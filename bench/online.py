@@ -8,6 +8,9 @@
   timed just before, and as it was while a fold of the downdates was one update's work
   (``_FoldAtOnceArm``), taking turns call by call with the current one, so that both see the
   same load;
+- per-update cost of ``apply`` (a policy's background thread learning the rewards reported since its
+  last wake, with ``batch_learning``) with 4 to 32 rewards of one arm at once, and what
+  ``Policy.reward`` costs the agent's thread with and without it;
 - what the head adds to an in-process decision (``Chooser.choose`` with and without it, no model),
   and what exploring by the head's posterior spread adds (thompson, linucb, igw_z);
 - adaptation on the demo's world (``reflexd demo``): the head alone (no batch model, exploring by
@@ -26,12 +29,14 @@ import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from reflexd.client.policy import Policy
 from reflexd.config import ExplorationConfig, OnlineConfig
 from reflexd.deciding import online as online_module
 from reflexd.deciding.choosing import Chooser
@@ -163,6 +168,48 @@ def update_costs(keys: int, kinds: tuple[str | None, ...] = (None,), n: int = 20
     return out
 
 
+def apply_costs(keys: int, together: int, n: int = 20_000) -> dict[str, Any]:
+    """Per-update cost of ``apply()`` (what a policy's background thread does each ``send_interval``)
+    with ``together`` rewards of one arm waiting each time: each apply's time over its updates."""
+    head = OnlineHead(OnlineConfig(pending=n))
+    rng = random.Random(1)
+    xs = [head.features({f"k{j}": f"v{rng.randrange(10)}" for j in range(keys)}) for _ in range(1000)]
+    for i in range(n):
+        head.remember(str(i), "a", "x", xs[i % 1000], None)
+    times = []
+    for start in range(0, n - together + 1, together):
+        for i in range(start, start + together):
+            head.later(str(i), 1.0)
+        t0 = time.perf_counter_ns()
+        head.apply()
+        times.append((time.perf_counter_ns() - t0) / 1000 / together)
+    return {"keys": keys, "together": together, "features_seen": len(head._arms["a", "x"].features),
+            "p50_us": _percentile(times, 0.5), "p99_us": _percentile(times, 0.99), "mean_us": statistics.fmean(times)}
+
+
+def reward_cost(batch: bool, n: int = 20_000) -> dict[str, Any]:
+    """What ``Policy.reward`` costs the agent's thread: the outcome encoded and buffered, and the
+    reward learned, or with ``batch`` (``batch_learning``) handed to the background thread, which
+    learns it meanwhile. No daemon, so nothing is sent."""
+    with tempfile.TemporaryDirectory(prefix="reflexd-bench-online-") as tmp:
+        policy = Policy("bench", socket=Path(tmp) / "none.sock", models=Path(tmp) / "models", buffer_size=2 * n,
+                        online=OnlineConfig(pending=n), batch_learning=batch)
+        try:
+            context = {f"k{j}": f"v{j}" for j in range(10)}
+            ids = [policy.decide(context, ["a", "b", "c"]).id for _ in range(n)]
+            times = []
+            for decision in ids:
+                t0 = time.perf_counter_ns()
+                policy.reward(decision, 1.0)
+                times.append((time.perf_counter_ns() - t0) / 1000)
+            policy.flush(timeout=0.01)
+            learned = policy.stats()["online"]["updates"]
+        finally:
+            policy.close(timeout=0.01)
+    return {"batch_learning": batch, "p50_us": _percentile(times, 0.5), "p99_us": _percentile(times, 0.99),
+            "mean_us": statistics.fmean(times), "learned": learned, "rewards": n}
+
+
 def decide_cost(online: bool, n: int = 20_000, strategy: str = "squarecb") -> dict[str, Any]:
     world = World(3)
     head = OnlineHead(OnlineConfig()) if online else None
@@ -214,6 +261,10 @@ def first_adaptation(head: list[float], default: list[float], window: int = 200)
     return None
 
 
+def _costs(row: dict[str, Any]) -> str:
+    return f"{row['p50_us']:>7.1f} µs p50 {row['p99_us']:>6.1f} p99 {'':>12s} {row['mean_us']:>6.1f} mean"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.online", description=__doc__.split("\n\n")[0])
     ap.add_argument("--decisions", type=int, default=5000, help="decisions per adaptation run (default 5000)")
@@ -227,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     # the update before deferred downdates on its own: its m×m writes would crowd the others out of the cache
     kinds = (("before",), ("fold at once", None)) if args.compare else ((None,),)
     updates = [u for k in (3, 10, 40) for turns in kinds for u in update_costs(k, turns)]
+    print("[bench] rewards learned together, and Policy.reward", file=sys.stderr)
+    applies = [apply_costs(k, together) for k in (3, 10, 40) for together in (4, 8, 16, 32)]
+    rewards = [reward_cost(False), reward_cost(True)]
     print("[bench] decide cost", file=sys.stderr)
     decides = [decide_cost(False), decide_cost(True), decide_cost(True, strategy="thompson"),
                decide_cost(True, strategy="linucb"), decide_cost(True, strategy="igw_z")]
@@ -257,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"{u['mean_us']:>6.1f} mean")
         lines.append(f"{'  memory of that arm':58s} {u['arm_bytes'] / 1024:>19.1f} KiB"
                      + (f" + {u['fold_bytes'] / 1024:.1f} KiB while a fold is under way" if u["fold_bytes"] else ""))
+    for a in applies:
+        label = f"apply(), {a['keys']} keys, {a['together']} rewards of the arm at once, per update"
+        lines.append(f"{label:58s} {_costs(a)}")
+    for r in rewards:
+        label = "Policy.reward, agent's thread, 10 keys, " + ("batch_learning" if r["batch_learning"] else "at once")
+        lines.append(f"{label:58s} {_costs(r)}")
     for d in decides:
         label = "Chooser.choose, no model, " + (f"with the head, {d['strategy']}" if d["online"] else "without the head")
         lines.append(f"{label:58s} {d['p50_us']:>7.1f} µs p50 {d['p99_us']:>6.1f} p99")
@@ -274,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     out = OUT.with_name("online-costs.json") if args.costs_only else OUT  # a full run's results stay
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"load": load, "updates": updates, "decides": decides, "ranges": ranges,
+    out.write_text(json.dumps({"load": load, "updates": updates, "applies": applies, "rewards": rewards,
+                               "decides": decides, "ranges": ranges,
                                "first_adaptation": firsts}, indent=2))
     return 0
 

@@ -119,7 +119,10 @@ class Policy:
 
     ``exploration`` applies until a model is live (then the model's manifest says how to
     explore); its ``default_action`` is what the agent does before any model exists. ``online``
-    sets the head that learns from every reward at once (``reflexd.deciding.online``).
+    sets the head that learns from every reward between retrains (``reflexd.deciding.online``),
+    at once on the agent's thread, or with ``batch_learning`` on the background thread, each
+    action's rewards since its last wake as one update (for agents deciding thousands of times a
+    second: ``reward`` then costs the agent an append, and the head lags by ``send_interval``).
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class Policy:
         refresh_interval: float = 0.5,
         send_interval: float = 0.02,
         seed: int | None = None,
+        batch_learning: bool = False,
     ) -> None:
         self.agent = agent
         models_dir = Path(models) if models else Path(state_dir) / "models" if state_dir else Path(default_models())
@@ -148,6 +152,7 @@ class Policy:
         self.models = ModelSource(self._line_registry())
         self.models.refresh()
         self._online_given = online is not None
+        self._batch_learning = batch_learning
         online = online or self._settings.online
         head = None
         if online.enabled:
@@ -155,7 +160,8 @@ class Policy:
             head = OnlineHead(online, FeatureSpec(f.context_dim, f.action_dim, f.seed), self._rewards_for)
         self._chooser = Chooser(self.models, self._exploration_for, seed, head)
         self._sender = _Sender(
-            os.fspath(socket or default_socket()), buffer_size, send_interval, refresh_interval, self.models, self._refresh
+            os.fspath(socket or default_socket()), buffer_size, send_interval, refresh_interval, self.models, self._refresh,
+            head.apply if head is not None else None,
         )
         # the head's updates are shared through the daemon: this process's go out as they are made,
         # the others' come back every refresh_interval (its own, recognised by decision id, skipped)
@@ -214,9 +220,8 @@ class Policy:
             return
         if not isinstance(reply, Learnings):
             return
-        for u in reply.updates:
-            if u.agent == self.agent and u.decision not in self._own:
-                head.absorb(u.agent, u.action, u.base, u.beside, u.index, u.value, u.target)
+        own = self._own
+        head.absorb_many(u for u in reply.updates if u.agent == self.agent and u.decision not in own)
         self._cursor = reply.next
 
     def _exploration_for(self, agent: str, manifest: Manifest | None) -> ExplorationConfig:
@@ -383,12 +388,19 @@ class Policy:
     def reward(self, decision_id: str, value: float) -> None:
         """Report an outcome of a decision; several outcomes combine as the daemon is configured.
 
-        The online head learns from the first outcome of each of this policy's decisions at once.
+        The online head learns from the first outcome of each of this policy's decisions at once;
+        with ``batch_learning``, within ``send_interval`` on the background thread (``flush``:
+        at once), each action's rewards since its last wake as one update.
         """
         # built first: Outcome refuses a reward that is not a finite number, before anything learns it
         outcome = Outcome(id=uuid.uuid4().hex, decision_id=decision_id, reward=float(value), agent=self.agent, ts=time.time())
         self._sender.enqueue(outcome)
-        self._chooser.learn(decision_id, outcome.reward)
+        head = self._chooser.online
+        if head is not None:
+            if self._batch_learning:
+                head.later(decision_id, outcome.reward)
+            else:
+                head.learn(decision_id, outcome.reward)
 
     def step(
         self, episode: str, index: int, observation: dict[str, Any], action: str, reward: float = 0.0, done: bool = False
@@ -413,7 +425,10 @@ class Policy:
         self._sender.enqueue(Event(id=uuid.uuid4().hex, agent=self.agent, kind=kind, data=data, ts=time.time()))
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything logged so far is durable in the daemon; False on timeout."""
+        """Learn the outcomes reported so far (the online head), and wait until everything logged
+        so far is durable in the daemon; False on timeout."""
+        if self._chooser.online is not None:
+            self._chooser.online.apply()
         return self._sender.wait_settled(timeout)
 
     def stats(self) -> dict[str, Any]:
@@ -499,6 +514,7 @@ class _Sender(threading.Thread):
         refresh_interval: float,
         models: ModelSource,
         on_refresh: Callable[[], None] | None = None,
+        on_cycle: Callable[[], object] | None = None,
     ) -> None:
         super().__init__(name="reflexd-sender", daemon=True)
         self.path = path
@@ -507,6 +523,7 @@ class _Sender(threading.Thread):
         self.refresh_interval = refresh_interval
         self.models = models
         self.on_refresh = on_refresh
+        self.on_cycle = on_cycle  # each wake: the online head learns the rewards reported since the last
         self._lock = threading.Lock()  # guards _frames, _held, enqueued and dropped
         self._frames: list[bytes] = []  # encoded, not yet taken by this thread
         self._shared: list[bytes] = []  # online updates to share (``share``), not yet sent
@@ -586,6 +603,11 @@ class _Sender(threading.Thread):
     def run(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
+            if self.on_cycle is not None:
+                try:
+                    self.on_cycle()
+                except Exception:  # the learning beside must never stop the shipping of events
+                    _log.exception("the online head could not learn the rewards reported")
             now = time.monotonic()
             if now >= self._next_refresh:
                 self._next_refresh = now + self.refresh_interval

@@ -62,6 +62,7 @@ from reflexd.wire.protocol import (
     LearningsRequest,
     ModelsReply,
     ModelsRequest,
+    Outcome,
     Promote,
     Release,
     Rollback,
@@ -131,7 +132,7 @@ class Daemon:
         spool = await anyio.to_thread.run_sync(Spool, cfg.state_path / "spool", cfg.ingest.segment_bytes)
         self.ingest = Ingest(self.store, spool, cfg.ingest)
         if cfg.online.enabled:
-            self.ingest.on_outcome = self._learn
+            self.ingest.on_outcomes = self._learn
         self.lines.open(await anyio.to_thread.run_sync(self.store.agents), self._line_services)
         for line in self.lines.all():  # lines with a live model serve it from the first decision
             await anyio.to_thread.run_sync(line.models.refresh)
@@ -207,17 +208,22 @@ class Daemon:
         )
         line.monitor = Monitor(self.settings, line.registry, self.store, line.models)
 
-    def _learn(self, outcome: Any) -> None:
-        """The online head of the line that made the decision learns its reward; an outcome that
-        does not name its agent is offered to each line's head until one made that decision."""
-        if outcome.agent is not None:
+    def _learn(self, outcomes: list[Outcome]) -> None:
+        """The online head of the line that made each decision learns its reward, each line's
+        rewards of a batch together; an outcome that does not name its agent is offered to each
+        line's head until one made that decision."""
+        by_line: dict[str, tuple[Line, list[tuple[str, float]]]] = {}
+        for outcome in outcomes:
+            if outcome.agent is None:
+                for line in self.lines.all():
+                    if line.chooser.learn(outcome.decision_id, outcome.reward):
+                        break
+                continue
             line = self.lines.existing(outcome.agent)
             if line is not None:
-                line.chooser.learn(outcome.decision_id, outcome.reward)
-            return
-        for line in self.lines.all():
-            if line.chooser.learn(outcome.decision_id, outcome.reward):
-                return
+                by_line.setdefault(line.name, (line, []))[1].append((outcome.decision_id, outcome.reward))
+        for line, rewards in by_line.values():
+            line.chooser.learn_many(rewards)
 
     def _apply_socket_permissions(self, path: Path) -> None:
         """The socket's mode, and its group on both the socket and its directory.

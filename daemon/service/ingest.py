@@ -114,8 +114,8 @@ class Ingest:
         self._closing = False
         self._unchecked_since: float | None = None  # when a loaded segment first waited for a checkpoint
         self._checkpoint_error: str | None = None
-        # told of each accepted outcome at once (the online head learns before the store has it)
-        self.on_outcome: Callable[[Outcome], object] | None = None
+        # told of each batch's accepted outcomes at once (the online head learns before the store has them)
+        self.on_outcomes: Callable[[list[Outcome]], object] | None = None
 
     @property
     def storage_error(self) -> str | None:
@@ -149,11 +149,11 @@ class Ingest:
         self.counters.received += n
         self.counters.queued += n
         self._send.send_nowait(_Item(events=events, dead=dead))
-        if self.on_outcome is not None:
+        if self.on_outcomes is not None:
             try:
-                for event in events:
-                    if type(event) is Outcome:
-                        self.on_outcome(event)
+                outcomes = [event for event in events if type(event) is Outcome]
+                if outcomes:
+                    self.on_outcomes(outcomes)
             except Exception:  # the events are queued: learning from them beside must not fail the batch
                 _log.exception("the online head could not learn from an outcome")
 

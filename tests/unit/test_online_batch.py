@@ -1,0 +1,193 @@
+"""The online head's updates made together (``_Arm.update_many``, ``OnlineHead.learn_many``,
+``later``/``apply``, ``absorb_many``) leave the state the same updates made one by one leave, to
+float tolerance; and a policy's rewards are learned by its background thread. (What they cost is
+measured by ``python -m bench.online``.)"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+
+from conftest import wait_for
+from reflexd.client.policy import Policy
+from reflexd.config import OnlineConfig
+from reflexd.deciding import online
+from reflexd.deciding.online import OnlineHead, _Arm, learned
+from test_online_update_cost import sparse_contexts
+
+BOTH = ["left", "right"]
+
+
+def dense_covariance(arm: _Arm, d: int) -> np.ndarray:
+    """The covariance over all ``d`` inputs' rows: arms that saw inputs in another order hold them in other rows."""
+    out = np.zeros((d, d))
+    out[np.ix_(arm.features, arm.features)] = arm.covariance()
+    return out
+
+
+@pytest.mark.parametrize(("keys", "prior", "n"), [(3, 1.0, 400), (10, 2.0, 700), (40, 0.5, 900)])
+def test_updates_made_together_equal_the_same_updates_one_by_one(keys: int, prior: float, n: int) -> None:
+    d = 130
+    xs = sparse_contexts(n, d, keys, seed=keys)
+    targets = np.random.default_rng(1).normal(0.4, 1.0, size=n)
+    together, one_by_one = _Arm(d), _Arm(d)
+    # every kind of batch: one, fewer than the rows kept, enough to fold them, more than the buffer
+    sizes = [1, 2, 5, online._DEFERRED - 1, online._DEFERRED, 3 * online._DEFERRED, 7, 1, 64]
+    i = step = 0
+    while i < n:
+        k = sizes[step % len(sizes)]
+        together.update_many(xs[i : i + k], targets[i : i + k], prior)
+        for x, y in zip(xs[i : i + k], targets[i : i + k]):
+            one_by_one.update(x, float(y), prior)
+        i, step = i + k, step + 1
+        covariances = dense_covariance(together, d), dense_covariance(one_by_one, d)
+        np.testing.assert_allclose(*covariances, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(together.state.weights, one_by_one.state.weights, rtol=1e-9, atol=1e-12)
+        assert together.residual == pytest.approx(one_by_one.residual, rel=1e-9)
+        assert together.n == one_by_one.n and together.state.noise == pytest.approx(one_by_one.state.noise, rel=1e-9)
+    # and both are the closed-form ridge regression
+    theta = np.linalg.solve(xs.T @ xs + prior * np.eye(d), xs.T @ targets)
+    np.testing.assert_allclose(together.state.weights, theta, rtol=1e-7, atol=1e-9)
+
+
+def test_a_state_once_read_is_not_changed_by_later_updates_made_together() -> None:
+    d = 40
+    xs = sparse_contexts(120, d, 6, seed=4)
+    arm = _Arm(d)
+    arm.update_many(xs[:20], np.ones(20), 1.0)
+    arm.update_many(xs[20:23], np.ones(3), 1.0)  # rows kept beside the base
+    state = arm.state
+    assert state.r == 3
+    before = [a.copy() if isinstance(a, np.ndarray) else a for a in state]
+    visible = state.down[: state.r].copy()
+    for start in (23, 26, 40, 90):  # rows appended past this state's r, then folded into new bases
+        arm.update_many(xs[start : start + 3 + start % 7], np.zeros(3 + start % 7), 1.0)
+    for kept, now in zip(before, state):
+        if isinstance(kept, np.ndarray) and now is not state.down:
+            np.testing.assert_array_equal(kept, now)
+    np.testing.assert_array_equal(state.down[: state.r], visible)
+
+
+def remembered(head: OnlineHead, rng: np.random.Generator, n: int, model: str | None = None) -> list[str]:
+    ids = []
+    for i in range(n):
+        x = head.features({"task": ["code", "chat", "mail"][i % 3], "user": f"u{rng.integers(20)}"})
+        score = None if model is None else float(rng.normal(0.5, 0.2))
+        head.remember(f"d{i}", "a", BOTH[i % 2], x, score, source=i, model=model)
+        ids.append(f"d{i}")
+    return ids
+
+
+def test_learn_many_learns_what_learn_learns_one_by_one() -> None:
+    rng = np.random.default_rng(3)
+    heads = [OnlineHead(OnlineConfig(warm_rows=50)) for _ in range(2)]
+    shared: list[list[tuple]] = [[], []]
+    for head, out in zip(heads, shared):
+        head.on_update = lambda *update, out=out: out.append(update[:3])
+    ids = remembered(heads[0], np.random.default_rng(3), 60)
+    rewards = [(decision, float(r)) for decision, r in zip(ids, rng.normal(size=60))]
+    remembered(heads[1], np.random.default_rng(3), 60)
+    # a reward that is not a number, and a decision no head remembers, are not learned
+    rewards += [("d59", float("nan")), ("unknown", 1.0)]
+    assert heads[0].learn_many(rewards) == 60
+    assert [heads[1].learn(decision, reward) for decision, reward in rewards].count(True) == 60
+    probe = heads[0].features({"task": "chat", "user": "u4"})
+    assert heads[0].means("a", probe, BOTH) == pytest.approx(heads[1].means("a", probe, BOTH), abs=1e-12)
+    assert heads[0].spread("a", probe, BOTH) == pytest.approx(heads[1].spread("a", probe, BOTH), rel=1e-9)
+    assert heads[0].stats() == heads[1].stats()
+    assert sorted(shared[0]) == sorted(shared[1]) and len(shared[0]) == 60
+    assert [r[:2] + r[3:] for r in heads[0]._recent] == [r[:2] + r[3:] for r in heads[1]._recent]
+
+
+def test_a_reward_handed_on_for_later_is_learned_at_the_next_apply() -> None:
+    head = OnlineHead(OnlineConfig())
+    ids = remembered(head, np.random.default_rng(4), 30)
+    probe = head.features({"task": "code", "user": "u1"})
+    for decision in ids:
+        head.later(decision, 1.0)
+    assert head.means("a", probe, ["left"]) == [0.0] and head.updates == 0
+    assert head.apply() == 30
+    assert head.updates == 30 and head.means("a", probe, ["left"])[0] > 0.5
+    assert head.apply() == 0  # nothing more waiting
+
+
+def test_learn_many_beside_a_model_learns_only_the_decisions_made_beside_it() -> None:
+    head = OnlineHead(OnlineConfig())
+    head.follow("v0001")
+    rng = np.random.default_rng(5)
+    beside = remembered(head, rng, 20, model="v0001")
+    before = [f"old{i}" for i in range(10)]
+    for decision in before:  # decisions made beside the last model: their scores were another model's
+        head.remember(decision, "a", "left", head.features({"task": "code"}), 0.3, model="v0000")
+    assert head.learn_many([(d, 1.0) for d in beside + before]) == 20
+    assert head.updates == 20
+
+
+def test_absorb_many_learns_what_absorb_learns_one_by_one() -> None:
+    teacher = OnlineHead(OnlineConfig())
+    updates = []
+    teacher.on_update = lambda agent, action, decision, x, reward, beside: updates.append(
+        learned(teacher, agent, action, decision, x, reward, beside))
+    rng = np.random.default_rng(6)
+    ids = remembered(teacher, rng, 40)
+    teacher.learn_many([(d, float(r)) for d, r in zip(ids, rng.normal(size=40))])
+    # an input the head does not have; corrections to another model's scores
+    bad = [
+        msgspec.structs.replace(updates[0], index=[10**6], value=[1.0]),
+        msgspec.structs.replace(updates[1], base="v0009"),
+    ]
+    together, one_by_one = OnlineHead(OnlineConfig()), OnlineHead(OnlineConfig())
+    assert together.absorb_many(updates + bad) == 40
+    absorbed = [one_by_one.absorb(u.agent, u.action, u.base, u.beside, u.index, u.value, u.target) for u in updates]
+    absorbed += [one_by_one.absorb(u.agent, u.action, u.base, u.beside, u.index, u.value, u.target) for u in bad]
+    assert absorbed.count(True) == 40
+    probe = teacher.features({"task": "mail", "user": "u2"})
+    for head in (together, one_by_one):
+        assert head.means("a", probe, BOTH) == pytest.approx(teacher.means("a", probe, BOTH), abs=1e-12)
+        assert head.absorbed == 40
+
+
+def test_a_policy_learning_in_batches_learns_its_rewards_on_its_background_thread(tmp_path) -> None:
+    """With ``batch_learning``, and no daemon at all: the head learns within the sender's interval
+    (or at ``flush``). Without it, at once."""
+    at_once = Policy("router", socket=tmp_path / "none.sock", models=tmp_path / "models")
+    try:
+        at_once.reward(at_once.decide({"task": "code"}, ["a", "b", "c"]).id, 1.0)
+        assert at_once.stats()["online"]["updates"] == 1
+    finally:
+        at_once.close(timeout=0.01)
+    policy = Policy("router", socket=tmp_path / "none.sock", models=tmp_path / "models", batch_learning=True)
+    try:
+        choices = [policy.decide({"task": "code"}, ["a", "b", "c"]) for _ in range(20)]
+        for choice in choices:
+            policy.reward(choice.id, 1.0)
+        wait_for(lambda: policy.stats()["online"]["updates"] == 20, 10, "the rewards learned by the sender thread")
+        more = policy.decide({"task": "code"}, ["a", "b", "c"])
+        policy.reward(more.id, 0.0)
+        assert not policy.flush(timeout=0.01)  # nothing reaches a daemon that is not there
+        assert policy.stats()["online"]["updates"] == 21  # but flush learned the reward at once
+    finally:
+        policy.close(timeout=0.01)
+
+
+def test_relearning_beside_a_new_model_equals_relearning_one_by_one(monkeypatch) -> None:
+    """100 rewards of one action, relearned in steps of at most ``_MOST``, the last one short."""
+    heads = [OnlineHead(OnlineConfig(warm_rows=200)) for _ in range(2)]
+    for head in heads:
+        rng = np.random.default_rng(7)
+        for i in range(100):
+            x = head.features({"task": ["code", "chat"][i % 2], "user": f"u{rng.integers(30)}"})
+            head.remember(f"d{i}", "a", "left", x, None, source=i)
+            head.learn(f"d{i}", float(rng.normal(0.5, 0.3)))
+    scores = {i: 0.1 + 0.008 * i for i in range(100)}
+    heads[0].follow("v0001", lambda sources: [scores[s] for s in sources])
+    monkeypatch.setattr(online, "_BATCH", 10**9)  # every update one by one
+    heads[1].follow("v0001", lambda sources: [scores[s] for s in sources])
+    assert heads[0].warmed == heads[1].warmed == 100
+    probe = heads[0].features({"task": "chat", "user": "u3"})
+    for head in heads:
+        assert head._arms["a", "left"].n == 100
+    means = [head.means("a", probe, ["left"], [0.4]) for head in heads]
+    spreads = [head.spread("a", probe, ["left"], [0.4]) for head in heads]
+    assert means[0] == pytest.approx(means[1], abs=1e-12) and spreads[0] == pytest.approx(spreads[1], rel=1e-9)
