@@ -10,7 +10,8 @@
   same load;
 - per-update cost of ``apply`` (a policy's background thread learning the rewards reported since its
   last wake, with ``batch_learning``) with 4 to 32 rewards of one arm at once, and what
-  ``Policy.reward`` costs the agent's thread with and without it;
+  ``Policy.reward`` costs the agent's thread with and without it; relearning the newest 1000
+  rewards at a new model, each action's together and one by one;
 - what the head adds to an in-process decision (``Chooser.choose`` with and without it, no model),
   and what exploring by the head's posterior spread adds (thompson, linucb, igw_z);
 - adaptation on the demo's world (``reflexd demo``): the head alone (no batch model, exploring by
@@ -187,6 +188,27 @@ def apply_costs(keys: int, together: int, n: int = 20_000) -> dict[str, Any]:
             "p50_us": _percentile(times, 0.5), "p99_us": _percentile(times, 0.99), "mean_us": statistics.fmean(times)}
 
 
+def relearn_cost(keys: int, together: bool, rows: int = 1000, actions: int = 5) -> dict[str, Any]:
+    """What relearning the newest ``rows`` rewards beside a new model costs (``OnlineHead.follow``,
+    on the thread that loads the model), each action's rewards together or one by one (median of 7)."""
+    head = OnlineHead(OnlineConfig(warm_rows=rows, pending=rows))
+    rng = random.Random(1)
+    for i in range(rows):
+        x = head.features({f"k{j}": f"v{rng.randrange(10)}" for j in range(keys)})
+        head.remember(str(i), "a", f"x{i % actions}", x, None, source=i)
+        head.learn(str(i), rng.random())
+    batch, online_module._BATCH = online_module._BATCH, online_module._BATCH if together else 10**9
+    try:
+        times = []
+        for version in range(7):
+            t0 = time.perf_counter_ns()
+            head.follow(f"v{version}", lambda sources: [0.5] * len(sources))
+            times.append((time.perf_counter_ns() - t0) / 1e6)
+    finally:
+        online_module._BATCH = batch
+    return {"keys": keys, "together": together, "rows": head.warmed, "median_ms": statistics.median(times)}
+
+
 def reward_cost(batch: bool, n: int = 20_000) -> dict[str, Any]:
     """What ``Policy.reward`` costs the agent's thread: the outcome encoded and buffered, and the
     reward learned, or with ``batch`` (``batch_learning``) handed to the background thread, which
@@ -281,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[bench] rewards learned together, and Policy.reward", file=sys.stderr)
     applies = [apply_costs(k, together) for k in (3, 10, 40) for together in (4, 8, 16, 32)]
     rewards = [reward_cost(False), reward_cost(True)]
+    relearns = [relearn_cost(k, together) for k in (3, 10) for together in (True, False)]
     print("[bench] decide cost", file=sys.stderr)
     decides = [decide_cost(False), decide_cost(True), decide_cost(True, strategy="thompson"),
                decide_cost(True, strategy="linucb"), decide_cost(True, strategy="igw_z")]
@@ -317,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rewards:
         label = "Policy.reward, agent's thread, 10 keys, " + ("batch_learning" if r["batch_learning"] else "at once")
         lines.append(f"{label:58s} {_costs(r)}")
+    for r in relearns:
+        how = "together" if r["together"] else "one by one"
+        label = f"relearning {r['rows']} rewards at a new model, {r['keys']} keys, {how}"
+        lines.append(f"{label:58s} {r['median_ms']:>7.1f} ms median")
     for d in decides:
         label = "Chooser.choose, no model, " + (f"with the head, {d['strategy']}" if d["online"] else "without the head")
         lines.append(f"{label:58s} {d['p50_us']:>7.1f} µs p50 {d['p99_us']:>6.1f} p99")
@@ -335,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     out = OUT.with_name("online-costs.json") if args.costs_only else OUT  # a full run's results stay
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"load": load, "updates": updates, "applies": applies, "rewards": rewards,
-                               "decides": decides, "ranges": ranges,
+                               "relearns": relearns, "decides": decides, "ranges": ranges,
                                "first_adaptation": firsts}, indent=2))
     return 0
 

@@ -428,7 +428,10 @@ class Policy:
         """Learn the outcomes reported so far (the online head), and wait until everything logged
         so far is durable in the daemon; False on timeout."""
         if self._chooser.online is not None:
-            self._chooser.online.apply()
+            try:
+                self._chooser.online.apply()
+            except Exception:  # the learning beside must not fail the agent's flush
+                _log.exception("the online head could not learn the rewards reported")
         return self._sender.wait_settled(timeout)
 
     def stats(self) -> dict[str, Any]:

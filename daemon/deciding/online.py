@@ -109,6 +109,10 @@ _BATCH = 4
 # of one action at 85 inputs: 6 ms in steps of 32, 8 in steps of 64, 24 of 256, 130 in one)
 _MOST = 32
 
+# Expired decisions' defaults learned under one hold of the head's lock, at most: a daemon's event
+# loop learning an outcome waits for them
+_EXPIRED = 256
+
 # Rows of the new base a fold writes per update, at most (more only past 14·_FOLD_ROWS inputs, so
 # that a fold ends before the rows kept fill their buffer). Folding all m rows in one update made
 # that update 3× the others at 129 inputs, and the per-update p99 the fold's. A block of 8 or 16
@@ -207,8 +211,8 @@ class _Arm:
         With C = ΣXᵀ and S = I + XC = LLᵀ (its Cholesky factor), the k steps' downdates are the
         rows of U = L⁻¹Cᵀ (the same rows ``update`` would append one by one), θ moves by Uᵀz for
         z = L⁻¹(y − Xθ), and zᵀz is the sum of the steps' error² / (1 + xᵀΣx): the same state,
-        at a cost that barely grows with k, for k is small beside the m inputs. The rows are kept
-        beside the base while they fit before a fold; past that, the base takes them all at once.
+        in some twelve numpy calls instead of k times as many. The rows are kept beside the base
+        while they fit before a fold; past that, the base takes them all at once.
         """
         k = len(xs)
         if k <= 1:
@@ -233,7 +237,7 @@ class _Arm:
         z = inverse.dot(targets - xr.dot(theta))
         theta = theta + z.dot(u)
         self.residual += float(z.dot(z))
-        if r + k <= _DEFERRED:
+        if r + k < _DEFERRED:  # so that the next single update still starts a fold in time
             down[r : r + k] = u
             r += k
         else:  # a new base: the rows kept and these folded at once
@@ -274,6 +278,13 @@ class _Arm:
         rest = np.empty_like(down)  # a new buffer: states read before hold the old one
         rest[: r - _DEFERRED] = down[_DEFERRED:r]
         return new, rest, r - _DEFERRED
+
+
+def _group(groups: dict, key: tuple) -> tuple[list[np.ndarray], list[float]]:
+    """The inputs and rewards gathered for ``key``'s arm, moved last: arms are then updated in the
+    order of their last reward, as one by one, so that ``max_arms`` drops the same arms."""
+    group = groups[key] = groups.pop(key, None) or ([], [])
+    return group
 
 
 def _trim(kept: OrderedDict, most: int) -> None:
@@ -323,6 +334,9 @@ class OnlineHead:
         self._forgotten = 0  # agents forgotten so far (``forget``)
         self._lock = threading.Lock()  # updates come from agent threads; decisions only read
         self._inbox: deque[tuple[str, float]] = deque()  # rewards to learn at the next ``apply`` (``later``)
+        # one ``apply`` at a time (the client's thread, and a flush): a flush returns once what was
+        # handed on is learned, and two outcomes of a decision are learned in the order they came
+        self._applying = threading.Lock()
         self.updates = 0
         self.defaults = 0  # of those, decisions with no outcome within their wait window
         self.base: str | None = None  # the live model the head learns beside (None: no model)
@@ -439,18 +453,14 @@ class OnlineHead:
     def apply(self) -> int:
         """Learn the rewards handed to ``later`` since the last call (``learn_many``); how many it learned."""
         inbox = self._inbox
-        taken = []
-        try:
-            for _ in range(len(inbox)):  # those there now; any handed on meanwhile wait for the next
-                taken.append(inbox.popleft())
-        except IndexError:  # another thread's apply (a flush) took the rest
-            pass
-        return self.learn_many(taken) if taken else 0
+        with self._applying:
+            # those there now (pops are atomic); any handed on meanwhile wait for the next
+            return self.learn_many([inbox.popleft() for _ in range(len(inbox))])
 
     def learn_many(self, rewards: Iterable[tuple[str, float]]) -> int:
         """``learn`` for each (decision id, reward), each action's updates as one step
-        (``_Arm.update_many``: the same state as one by one, at a cost that barely grows with
-        their number); how many it learned."""
+        (``_Arm.update_many``: the same state as one by one, for fewer numpy calls), the actions
+        in the order of their last reward (which arms ``max_arms`` keeps); how many it learned."""
         pending = self._pending
         found = []
         for decision_id, reward in rewards:
@@ -480,7 +490,7 @@ class OnlineHead:
             for decision_id, (agent, action, x, beside, model, _), reward in found:
                 kept = self._sources.pop(decision_id, None)
                 if model == self.base:
-                    xs, ys = groups.setdefault((agent, action, beside), ([], []))
+                    xs, ys = _group(groups, (agent, action, beside))
                     xs.append(x)
                     ys.append(reward)
                     learned.append((agent, action, decision_id, x, reward, beside))
@@ -518,7 +528,7 @@ class OnlineHead:
         for u in updates:
             x = self._absorbable(u.base, u.index, u.value, u.target)
             if x is not None:
-                xs, ys = groups.setdefault((u.agent, u.action, u.beside), ([], []))
+                xs, ys = _group(groups, (u.agent, u.action, u.beside))
                 xs.append(x)
                 ys.append(u.target)
                 n += 1
@@ -550,9 +560,11 @@ class OnlineHead:
     def expire(self) -> int:
         """Learn each agent's ``rewards.default`` for the decisions whose wait window ended with no
         outcome; how many. Called every fraction of a second by the client's sender thread and the
-        daemon. Goes from the oldest and stops at the first still waiting."""
+        daemon. Goes from the oldest and stops at the first still waiting; first learns the rewards
+        handed on (``later``), which would otherwise find their decision's default learned."""
         if self.rewards is None:
             return 0
+        self.apply()
         now = self._clock()
         pending = self._pending
         expired = []
@@ -566,9 +578,9 @@ class OnlineHead:
             if pending.pop(decision_id, None) is None:
                 continue  # its reward came meanwhile
             expired.append((decision_id, found, self.rewards(found[0]).default))
-        if expired:
-            self._learn_all(expired)
-            self.defaults += len(expired)
+        for at in range(0, len(expired), _EXPIRED):
+            self._learn_all(expired[at : at + _EXPIRED])
+        self.defaults += len(expired)
         return len(expired)
 
     def _arm(self, agent: str, action: str, arms: OrderedDict | None) -> _Arm:
@@ -661,7 +673,7 @@ class OnlineHead:
                 continue
             x = x.copy()
             x[-1] = score
-            xs, ys = groups.setdefault((agent, action), ([], []))
+            xs, ys = _group(groups, (agent, action))
             xs.append(x)
             ys.append(reward)
             learned += 1

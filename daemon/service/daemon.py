@@ -215,6 +215,7 @@ class Daemon:
         by_line: dict[str, tuple[Line, list[tuple[str, float]]]] = {}
         for outcome in outcomes:
             if outcome.agent is None:
+                self._learn_together(by_line)  # those before it first: a decision's first outcome wins
                 for line in self.lines.all():
                     if line.chooser.learn(outcome.decision_id, outcome.reward):
                         break
@@ -222,8 +223,13 @@ class Daemon:
             line = self.lines.existing(outcome.agent)
             if line is not None:
                 by_line.setdefault(line.name, (line, []))[1].append((outcome.decision_id, outcome.reward))
+        self._learn_together(by_line)
+
+    @staticmethod
+    def _learn_together(by_line: dict[str, tuple[Line, list[tuple[str, float]]]]) -> None:
         for line, rewards in by_line.values():
             line.chooser.learn_many(rewards)
+        by_line.clear()
 
     def _apply_socket_permissions(self, path: Path) -> None:
         """The socket's mode, and its group on both the socket and its directory.

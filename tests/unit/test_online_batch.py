@@ -171,23 +171,50 @@ def test_a_policy_learning_in_batches_learns_its_rewards_on_its_background_threa
         policy.close(timeout=0.01)
 
 
-def test_relearning_beside_a_new_model_equals_relearning_one_by_one(monkeypatch) -> None:
+def test_relearning_beside_a_new_model_equals_learning_the_same_rewards_beside_it_one_by_one() -> None:
     """100 rewards of one action, relearned in steps of at most ``_MOST``, the last one short."""
-    heads = [OnlineHead(OnlineConfig(warm_rows=200)) for _ in range(2)]
-    for head in heads:
-        rng = np.random.default_rng(7)
-        for i in range(100):
-            x = head.features({"task": ["code", "chat"][i % 2], "user": f"u{rng.integers(30)}"})
-            head.remember(f"d{i}", "a", "left", x, None, source=i)
-            head.learn(f"d{i}", float(rng.normal(0.5, 0.3)))
-    scores = {i: 0.1 + 0.008 * i for i in range(100)}
-    heads[0].follow("v0001", lambda sources: [scores[s] for s in sources])
-    monkeypatch.setattr(online, "_BATCH", 10**9)  # every update one by one
-    heads[1].follow("v0001", lambda sources: [scores[s] for s in sources])
-    assert heads[0].warmed == heads[1].warmed == 100
-    probe = heads[0].features({"task": "chat", "user": "u3"})
-    for head in heads:
-        assert head._arms["a", "left"].n == 100
-    means = [head.means("a", probe, ["left"], [0.4]) for head in heads]
-    spreads = [head.spread("a", probe, ["left"], [0.4]) for head in heads]
+    rng = np.random.default_rng(7)
+    rows = [({"task": ["code", "chat"][i % 2], "user": f"u{rng.integers(30)}"}, float(rng.normal(0.5, 0.3)))
+            for i in range(100)]
+    scores = [0.1 + 0.008 * i for i in range(100)]
+    relearned, reference = OnlineHead(OnlineConfig(warm_rows=200)), OnlineHead(OnlineConfig(warm_rows=200))
+    for i, (context, reward) in enumerate(rows):
+        relearned.remember(f"d{i}", "a", "left", relearned.features(context), None, source=i)
+        relearned.learn(f"d{i}", reward)
+    relearned.follow("v0001", lambda sources: [scores[i] for i in sources])
+    reference.follow("v0001")
+    for i, (context, reward) in enumerate(rows):  # the same rewards, beside the model from the start
+        reference.remember(f"d{i}", "a", "left", reference.features(context), scores[i])
+        reference.learn(f"d{i}", reward)
+    assert relearned.warmed == 100 and relearned._arms["a", "left"].n == reference._arms["a", "left"].n == 100
+    probe = relearned.features({"task": "chat", "user": "u3"})
+    means = [head.means("a", probe, ["left"], [0.4]) for head in (relearned, reference)]
+    spreads = [head.spread("a", probe, ["left"], [0.4]) for head in (relearned, reference)]
     assert means[0] == pytest.approx(means[1], abs=1e-12) and spreads[0] == pytest.approx(spreads[1], rel=1e-9)
+
+
+def test_learning_together_keeps_the_arms_learning_one_by_one_keeps() -> None:
+    """``max_arms`` drops the arm rewarded least recently, whether rewards come one by one or together."""
+    heads = [OnlineHead(OnlineConfig(max_arms=3)) for _ in range(2)]
+    order = ["A", "B", "C", "D", "A", "A", "A", "A"]  # A's last reward is the newest: it stays
+    for head in heads:
+        for i, action in enumerate(order):
+            head.remember(f"d{i}", "a", action, head.features({"k": str(i)}), None)
+    heads[0].learn_many([(f"d{i}", 1.0) for i in range(len(order))])
+    for i in range(len(order)):
+        heads[1].learn(f"d{i}", 1.0)
+    assert list(heads[0]._arms) == list(heads[1]._arms) == [("a", "C"), ("a", "D"), ("a", "A")]
+
+
+def test_a_reward_handed_on_is_learned_before_its_decision_expires() -> None:
+    """``expire`` first learns what ``later`` was handed: else the default would be learned for a
+    decision whose reward came in time, and the reward then dropped."""
+    now = [0.0]
+    rewards = type("Rewards", (), {"wait_window": 10.0, "default": 0.0})()  # an agent's rewards settings
+    head = OnlineHead(OnlineConfig(), rewards=lambda agent: rewards, clock=lambda: now[0])
+    x = head.features({"task": "code"})
+    head.remember("d1", "a", "left", x, None)
+    head.later("d1", 1.0)
+    now[0] = 11.0  # its wait window has ended
+    assert head.expire() == 0 and head.defaults == 0 and head.updates == 1
+    assert head.means("a", x, ["left"])[0] > 0.3
