@@ -436,14 +436,18 @@ class Daemon:
             raise LineUnknown(f"{what}: agent {agent!r} has logged no decision, so it has no model line yet")
         return line
 
-    def learned(self, msg: Learned) -> None:
-        """An online-head update an agent's Policy shares: the daemon's head of that agent's line
-        learns it too (its socket decisions benefit), and it is passed on to the line's other
-        processes (``LearningsRequest``)."""
-        line = self.lines.for_agent(msg.agent)
-        if line.online is not None:
-            line.online.absorb(msg.agent, msg.action, msg.base, msg.beside, msg.index, msg.value, msg.target)
-        line.relay.add(msg)
+    def learned(self, msgs: list[Learned]) -> None:
+        """Online-head updates agents' Policies share: the daemon's head of each agent's line
+        learns them too (its socket decisions benefit), each action's together, and they are
+        passed on to the line's other processes (``LearningsRequest``)."""
+        by_line: dict[str, tuple[Line, list[Learned]]] = {}
+        for msg in msgs:
+            line = self.lines.for_agent(msg.agent)
+            by_line.setdefault(line.name, (line, []))[1].append(msg)
+            line.relay.add(msg)
+        for line, shared in by_line.values():
+            if line.online is not None:
+                line.online.absorb_many(shared)
 
     async def request(self, msg: msgspec.Struct) -> msgspec.Struct:
         req = getattr(msg, "req", None)

@@ -149,8 +149,8 @@ class Handler(Protocol):
 
     async def request(self, msg: msgspec.Struct) -> msgspec.Struct: ...
 
-    # an online-head update a client shares (not stored): learned here and passed on
-    def learned(self, msg: Learned) -> None: ...
+    # online-head updates clients share (not stored): learned here and passed on
+    def learned(self, msgs: list[Learned]) -> None: ...
 
 
 class Server:
@@ -504,6 +504,7 @@ class _Connection:
         self.decided: list[Any] = []  # decisions made by the daemon, logged without waiting
         self.dead: list[DeadLetter] = []
         self.decides: list[tuple[int, int, Decide]] = []  # (reply slot, seq, request), not yet decided
+        self.learned: list[Learned] = []  # online updates shared, not yet handed on (``_share``)
         self.replies: list[bytes | None] = []  # None: the slot of a decide not yet decided
         self.deaf = False  # the peer stopped taking replies; what it sent is still read to the end
 
@@ -524,7 +525,7 @@ class _Connection:
                 self.decides.append((len(self.replies), seq, msg))
                 self.replies.append(None)
             elif type(msg) is Learned:
-                self.server.handler.learned(msg)  # shared learning, never stored: no reply, nothing counted
+                self.learned.append(msg)  # shared learning, never stored: no reply, nothing counted
             elif isinstance(msg, EXPERIENCE_TYPES):
                 if redactor.active:  # redacted once, here, before anything can store them
                     try:
@@ -535,12 +536,20 @@ class _Connection:
                 self.events.append(msg)
                 self.accepted += 1
             else:
+                self._share()
                 if self.decides:  # whatever came before a request is done before it is answered
                     await self.server.decider.decide(self)
                 await self._request(seq, msg)
+        self._share()
         if self.decides:
             await self.server.decider.decide(self)
         await self.finish()
+
+    def _share(self) -> None:
+        """Hand on the online updates read so far, together (the head learns each action's at once)."""
+        if self.learned:
+            learned, self.learned = self.learned, []
+            self.server.handler.learned(learned)
 
     async def finish(self) -> None:
         # replies first: a Decided must not wait behind a store that is falling behind

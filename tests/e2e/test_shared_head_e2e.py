@@ -59,3 +59,6 @@ def test_what_one_process_learns_reaches_another_within_a_second(daemon_factory:
             assert scored.scores is not None and ACTIONS[scored.scores.index(max(scored.scores))] == best, (task, scored)
         stats = observer.stats()["online"]
         assert stats["updates"] == 300 + stats["defaults"]  # its one decision, unrewarded, taught the default
+        # the daemon's head learned them too, for its socket decisions (those of one read together),
+        # and perhaps the observer's default
+        assert 300 <= d.status().online["absorbed"] <= 301
