@@ -96,17 +96,8 @@ class _FoldAtOnceArm(online_module._Arm):
         weights, row_of, features, theta, base, down, r, _ = self.state
         xr = x[features]
         if np.count_nonzero(xr) != np.count_nonzero(x):
-            nz = np.flatnonzero(x)
-            new = nz[row_of[nz] < 0]
-            m, k = len(features), len(new)
-            row_of = row_of.copy()
-            row_of[new] = np.arange(m, m + k)
-            grown = np.zeros((m + k, m + k))
-            grown[:m, :m] = base if r == 0 else base - down[:r].T @ down[:r]
-            grown[range(m, m + k), range(m, m + k)] = 1.0 / prior
-            base, theta = grown, np.concatenate([theta, np.zeros(k)])
-            features = np.concatenate([features, new])
-            down, r = np.empty((16, m + k)), 0
+            row_of, features, theta, base, _, r = self._grown(np.flatnonzero(x), prior)
+            down = np.empty((16, len(features)))  # it never keeps more than 16
             xr = x[features]
         cx = base.dot(xr)
         if r:
