@@ -447,7 +447,10 @@ class Policy:
             "last_error": s.last_error,
             "model_version": self.model_version,
             "model_error": self.models.error,
-            "online": {**self._chooser.online.stats(), "unshared": s.unshared} if self._chooser.online is not None else None,
+            "online": (
+                {**self._chooser.online.stats(), "unshared": s.unshared, "waiting": self._chooser.online.waiting}
+                if self._chooser.online is not None else None
+            ),
             "apprentice": dict(self._chooser.apprentice),
         }
 

@@ -450,6 +450,11 @@ class OnlineHead:
         reporting an outcome) pays for one append, and ``apply`` learns each action's rewards at once."""
         self._inbox.append((decision_id, reward))
 
+    @property
+    def waiting(self) -> int:
+        """Rewards handed to ``later`` and not yet learned."""
+        return len(self._inbox)
+
     def apply(self) -> int:
         """Learn the rewards handed to ``later`` since the last call (``learn_many``); how many it learned."""
         inbox = self._inbox

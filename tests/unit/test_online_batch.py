@@ -106,9 +106,9 @@ def test_a_reward_handed_on_for_later_is_learned_at_the_next_apply() -> None:
     probe = head.features({"task": "code", "user": "u1"})
     for decision in ids:
         head.later(decision, 1.0)
-    assert head.means("a", probe, ["left"]) == [0.0] and head.updates == 0
+    assert head.means("a", probe, ["left"]) == [0.0] and head.updates == 0 and head.waiting == 30
     assert head.apply() == 30
-    assert head.updates == 30 and head.means("a", probe, ["left"])[0] > 0.5
+    assert head.updates == 30 and head.waiting == 0 and head.means("a", probe, ["left"])[0] > 0.5
     assert head.apply() == 0  # nothing more waiting
 
 
@@ -163,6 +163,7 @@ def test_a_policy_learning_in_batches_learns_its_rewards_on_its_background_threa
         for choice in choices:
             policy.reward(choice.id, 1.0)
         wait_for(lambda: policy.stats()["online"]["updates"] == 20, 10, "the rewards learned by the sender thread")
+        assert policy.stats()["online"]["waiting"] == 0
         more = policy.decide({"task": "code"}, ["a", "b", "c"])
         policy.reward(more.id, 0.0)
         assert not policy.flush(timeout=0.01)  # nothing reaches a daemon that is not there
