@@ -121,8 +121,9 @@ class Policy:
     explore); its ``default_action`` is what the agent does before any model exists. ``online``
     sets the head that learns from every reward between retrains (``reflexd.deciding.online``),
     at once on the agent's thread, or with ``batch_learning`` on the background thread, each
-    action's rewards since its last wake as one update (for agents deciding thousands of times a
-    second: ``reward`` then costs the agent an append, and the head lags by ``send_interval``).
+    action's rewards since its last wake as one update (for agents deciding hundreds of times a
+    second or more: ``reward`` then costs the agent an append, and the head lags by one wake of
+    that thread, longer while it waits on the daemon).
     """
 
     def __init__(
