@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from reflexd import log
 from reflexd.client.policy import Policy
 from reflexd.config import ExplorationConfig, OnlineConfig
 from reflexd.deciding import online as online_module
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--costs-only", action="store_true", help="the update and decision costs alone, no adaptation runs")
     ap.add_argument("--compare", action="store_true", help="also time the updates as they were, in turn")
     args = ap.parse_args(argv)
+    log.configure(level="error")  # the policies timed here have no daemon: "lost reflexd" says nothing new
     load_before = os.getloadavg()
     print("[bench] update cost", file=sys.stderr)
     # the update before deferred downdates on its own: its m×m writes would crowd the others out of the cache
