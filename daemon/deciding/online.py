@@ -474,6 +474,7 @@ class OnlineHead:
         return self._learn_all(found)
 
     def _learn(self, decision_id: str, found: _Pending, reward: float) -> bool:
+        # ``_learn_all`` for one reward, kept apart: its grouping added 2.5 µs (18%) to each ``learn``
         agent, action, x, beside, model, _ = found
         kept = self._sources.pop(decision_id, None)
         with self._lock:
@@ -517,25 +518,21 @@ class OnlineHead:
     def absorb(self, agent: str, action: str, base: str | None, beside: bool, index: list[int], value: list[float], target: float) -> bool:
         """Learn an update another process's head made (its inputs as ``index``/``value``); False
         unless it learned beside the same live model (its corrections were for that model's scores)."""
-        x = self._absorbable(base, index, value, target)
-        if x is None:
-            return False
-        with self._lock:
-            self._update(agent, action, x, target, beside)
-            self.updates += 1
-            self.absorbed += 1
-        return True
+        return self._absorb_all([(agent, action, base, beside, index, value, target)]) == 1
 
     def absorb_many(self, updates: Iterable[Learned]) -> int:
         """``absorb`` for each of other processes' updates, each action's made together; how many it learned."""
+        return self._absorb_all((u.agent, u.action, u.base, u.beside, u.index, u.value, u.target) for u in updates)
+
+    def _absorb_all(self, updates: Iterable[tuple[str, str, str | None, bool, list[int], list[float], float]]) -> int:
         groups: dict[tuple[str, str, bool], tuple[list[np.ndarray], list[float]]] = {}
         n = 0
-        for u in updates:
-            x = self._absorbable(u.base, u.index, u.value, u.target)
+        for agent, action, base, beside, index, value, target in updates:
+            x = self._absorbable(base, index, value, target)
             if x is not None:
-                xs, ys = _group(groups, (u.agent, u.action, u.beside))
+                xs, ys = _group(groups, (agent, action, beside))
                 xs.append(x)
-                ys.append(u.target)
+                ys.append(target)
                 n += 1
         with self._lock:
             for (agent, action, beside), (xs, ys) in groups.items():
