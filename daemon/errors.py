@@ -180,9 +180,9 @@ class ModelIntegrityError(ReflexdError):
 class ModelNotFound(ReflexdError):
     code = "model_not_found"
 
-    def __init__(self, version: str) -> None:
+    def __init__(self, version: str, detail: str | None = None) -> None:
         self.version = version
-        super().__init__(f"no model version {version!r} in the registry")
+        super().__init__(detail or f"no model version {version!r} in the registry")
 
 
 class LineUnknown(ReflexdError):

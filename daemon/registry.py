@@ -202,8 +202,10 @@ class Registry:
             atomic_write(self.root / CURRENT_FILE, version.encode() + b"\n")
         return manifest
 
-    def rollback(self, expect: str | None = None) -> str:
-        """Back to the version that was live before the current one; returns it.
+    def rollback(self, expect: str | None = None) -> str | None:
+        """Back to the version that was live before the current one; returns it. From the first
+        version promoted, back to no model (None): CURRENT is left empty, and agents decide as
+        they did before it (the online head alone, or the default policy) until the next promotion.
 
         With ``expect``, only if ``expect`` is still the live version (PointerMoved otherwise), so a
         decision taken about one version never rolls back another promoted meanwhile.
@@ -215,13 +217,14 @@ class Registry:
                 raise PointerMoved(expect, current)
             if current is not None and (not history or history[-1] != current):
                 history.append(current)
-            if len(history) < 2:
-                raise ModelNotFound("previous (nothing to roll back to)")
+            if current is None:
+                raise ModelNotFound("live", "no model is live: nothing to roll back")
             history.pop()
-            target = history[-1]
-            self.load(target)
+            target = history[-1] if history else None
+            if target is not None:
+                self.load(target)
             atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
-            atomic_write(self.root / CURRENT_FILE, target.encode() + b"\n")
+            atomic_write(self.root / CURRENT_FILE, target.encode() + b"\n" if target else b"")
         return target
 
     def predecessor(self) -> tuple[str | None, str | None]:

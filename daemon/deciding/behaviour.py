@@ -272,7 +272,11 @@ class BehaviourSource:
             return False
         self._stamp = stamp
         version = self.registry.current()
-        if version is None or (self.model is not None and self.model.version == version):
+        if version is None:  # none yet, or rolled back from the first model: nothing is served
+            changed = self.model is not None
+            self.model, self.error = None, None
+            return changed
+        if self.model is not None and self.model.version == version:
             self.error = None
             return False
         try:

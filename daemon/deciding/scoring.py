@@ -122,7 +122,8 @@ class Scorer:
 
 
 class ModelSource:
-    """Follows the registry's CURRENT pointer; a model that fails to load leaves the last good one.
+    """Follows the registry's CURRENT pointer; a model that fails to load leaves the last good one,
+    and an empty pointer (a rollback from the first model) leaves none.
 
     ``refresh`` is cheap when nothing changed (one stat), so callers may poll it often. A version
     that failed to load is tried again every RETRY_SECONDS (its file may be restored);
@@ -156,8 +157,11 @@ class ModelSource:
             return False
         self._stamp = stamp
         version = self.registry.current()
-        if version is None:
-            return False
+        if version is None:  # none yet, or rolled back from the first model: nothing is served
+            changed = self.scorer is not None
+            self.scorer = None
+            self.error = self.file_error = None
+            return changed
         if self.scorer is not None and self.scorer.version == version:
             self.error = None  # the pointer came back to the model we serve
             return False

@@ -480,8 +480,12 @@ class Daemon:
             return Done(message=f"{msg.version} is live{_in(line)}", req=req)
         if isinstance(msg, Rollback):
             line = await self._line(msg.agent, "rollback")
-            target = await anyio.to_thread.run_sync(line.registry.rollback)
+            live = await anyio.to_thread.run_sync(line.registry.current)
+            target = await anyio.to_thread.run_sync(line.registry.rollback, live)
             self.rollbacks_requested += 1
+            if target is None:  # from the first model: the event is the withdrawn version's
+                await self._model_event(line, live, "rolled_back", "by request, to no model")
+                return Done(message=f"rolled back from {live} to no model{_in(line)}", req=req)
             await self._model_event(line, target, "rolled_back", "by request")
             return Done(message=f"rolled back to {target}{_in(line)}", req=req)
         if isinstance(msg, Train):

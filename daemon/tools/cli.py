@@ -1098,11 +1098,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "models",
         "list, show, promote, roll back or pull model versions",
-        "List the model versions in a model line's registry (--agent A: A's line; needed once agents learn\n"
-        "in lines of their own, learning.scope) with their creation time, rows and gate verdict (* marks\n"
-        "the version the daemon serves, ! a CURRENT it could not load); show one version's manifest (JSON); make a version live (promote); or go back to\n"
-        "the version live before the current one (rollback). Exit 1 for an unknown version. --json: list\n"
-        'prints {"current", "serving", "models"} with every manifest, show the manifest, promote and rollback\n'
+        "List the model versions in a model line's registry (--agent A: A's line; needed once agents learn in\n"
+        "lines of their own, learning.scope) with their creation time, rows and gate verdict (* marks the\n"
+        "version the daemon serves, ! a CURRENT it could not load); show one version's manifest (JSON); make\n"
+        "a version live (promote); or go back to the version live before the current one (rollback; from the\n"
+        "first model, to no model: agents decide as before it, with the online head alone, until a version is\n"
+        'promoted). Exit 1 for an unknown version. --json: list prints {"current", "serving", "models"} with\n'
+        "every manifest, show the manifest, promote and rollback\n"
         '{"message", "current"}.\n\n'
         "pull PATH brings in a model trained elsewhere (a fleet model from `reflexd fleet train`): PATH is the\n"
         "folder holding manifest.json and policy.onnx, or the manifest. The files are read and checked here\n"

@@ -117,10 +117,25 @@ def test_operator_cli_trains_promotes_and_rolls_back(learning_daemon: DaemonProc
     assert d.request(ModelsRequest()).current == "v0001"
     history = json.loads((line_registry(d, "bot").root / "history.json").read_text())
     assert history[-1] == "v0001"
-    if len(history) >= 2:
+    for back in reversed(history[:-1]):  # back through every promotion
         rollback = cli(d, "models", "rollback")
         assert rollback.returncode == 0, rollback.stderr
-        assert d.request(ModelsRequest()).current == history[-2]
+        assert d.request(ModelsRequest()).current == back
+    first_model = d.request(ModelsRequest()).current
+    with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=7) as policy:
+        assert policy.decide({"kind": "k"}, ["x", "y", "z"]).model_version == first_model
+        none = cli(d, "models", "rollback")  # from the first model: to no model
+        assert none.returncode == 0 and f"rolled back from {first_model} to no model" in none.stdout, none.stderr
+        assert d.request(ModelsRequest()).current is None
+        wait_for(lambda: d.request(ModelsRequest()).serving is None, 30, "the daemon to serve no model")
+        dropped = lambda: policy.decide({"kind": "k"}, ["x", "y", "z"]).model_version is None  # noqa: E731
+        wait_for(dropped, 30, "the agent to drop the model")
+    again = cli(d, "models", "rollback")
+    assert again.returncode == 1 and "no model is live: nothing to roll back" in again.stderr
+    third = cli(d, "train", "--now")  # with no model live, the next run is judged as a first model
+    assert third.returncode == 0, third.stderr
+    judged = d.request(ModelsRequest()).models[-1]
+    assert judged["gate"]["baseline"] == "logged policy", judged
 
     missing = cli(d, "models", "promote", "v0099")
     assert missing.returncode == 1 and "v0099" in missing.stderr

@@ -12,9 +12,10 @@ import pytest
 
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from reflexd.config import ExplorationConfig
+from reflexd.config import ExplorationConfig, OnlineConfig
 from reflexd.deciding import exploring
 from reflexd.deciding.choosing import Chooser
+from reflexd.deciding.online import OnlineHead
 from reflexd.deciding.scoring import BATCH_ROWS, ModelSource
 from reflexd.errors import ModelIntegrityError
 from reflexd.features import FeatureSpec, Hasher
@@ -155,6 +156,47 @@ def test_refresh_picks_up_newly_promoted_version(live: ModelSource, registry: Re
     registry.rollback()
     assert live.refresh() is True
     assert live.scorer.version == "v0001"
+
+
+def test_a_rollback_from_the_first_model_serves_none(live: ModelSource, registry: Registry) -> None:
+    assert live.scorer is not None
+    live.error = "a stale error"
+    assert registry.rollback() is None
+    assert live.refresh() is True  # the pointer emptied: the model is dropped
+    assert live.scorer is None and live.error is None
+    assert live.refresh() is False
+    registry.promote("v0001")  # and picked up again when promoted again
+    assert live.refresh() is True and live.scorer is not None and live.scorer.version == "v0001"
+
+
+def test_a_chooser_rolled_back_to_no_model_decides_with_the_head_alone(live: ModelSource, registry: Registry) -> None:
+    """Its online head starts over with no model, from the newest rewards as they were learned,
+    and the exploration clock goes on from the decisions made."""
+    head = OnlineHead(OnlineConfig())
+    alone_cfg = msgspec.structs.replace(FALLBACK, default_action=None)  # no default to serve until a model
+    chooser = Chooser(live, lambda agent, manifest: manifest.exploration_for(agent) if manifest else alone_cfg, 0, head)
+    learned = []
+    for i in range(40):
+        context = {**CTX, "i": i % 4}
+        choice = chooser.choose("agent", context, ACTIONS)
+        assert choice.model_version == "v0001"
+        reward = 1.0 if choice.action == "small" else 0.0
+        assert chooser.learn(choice.id, reward)
+        learned.append((context, choice.action, reward))
+    assert head.base == "v0001"
+    registry.rollback()
+    live.refresh()
+    choice = chooser.choose("agent", CTX, ACTIONS)
+    assert choice.model_version is None and choice.strategy == "epsilon_greedy"  # the head's, not "default"
+    assert head.base is None and head.stats()["warmed"] == 40
+    alone = OnlineHead(OnlineConfig())  # what a head with no model learns from the same rewards
+    for i, (context, action, reward) in enumerate(learned):
+        alone.remember(f"d{i}", "agent", action, alone.features(context), None)
+        alone.learn(f"d{i}", reward)
+    names = ["small", "medium", "large"]
+    x = head.features(CTX)
+    np.testing.assert_allclose(head.means("agent", x, names), alone.means("agent", x, names), atol=1e-9)
+    assert chooser._clock(None) >= 41
 
 
 def test_tampered_new_version_keeps_last_good(live: ModelSource, registry: Registry, tmp_path: Path) -> None:

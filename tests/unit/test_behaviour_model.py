@@ -150,6 +150,9 @@ def test_behaviour_watch_runs_the_published_model_step_by_step_like_torch(traine
     assert len(watch) == len(episodes)
     watch.end(episodes[0].episode)
     assert watch.success(episodes[0].episode) is None
+    assert registry.rollback() is None  # from the first model to none: the watch drops it
+    assert watch.refresh() is True and watch.model is None
+    assert watch.episode(episodes[1].episode).step(episodes[1].observations[0], episodes[1].actions[0]) is None
 
 
 def test_behaviour_predicted_success_rises_on_episodes_heading_to_success(trained: Trained) -> None:

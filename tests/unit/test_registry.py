@@ -14,7 +14,7 @@ import pytest
 import onnx
 from onnx import TensorProto, helper
 from reflexd.config import ExplorationConfig
-from reflexd.errors import ModelIntegrityError, ModelNotFound
+from reflexd.errors import ModelIntegrityError, ModelNotFound, PointerMoved
 from reflexd.features import FeatureSpec
 from reflexd.manifest import FORMAT, MANIFEST_FILE, MODEL_FILE, Manifest, Training
 from reflexd.registry import CURRENT_FILE, HISTORY_FILE, Registry
@@ -168,10 +168,15 @@ def test_promote_and_rollback_history(registry: Registry, tmp_path: Path) -> Non
     assert registry.rollback() == "v0001"
     assert registry.current() == "v0001"
     assert registry.history() == ["v0001"]
-    with pytest.raises(ModelNotFound):
+    assert registry.rollback() is None  # from the first model, back to none
+    assert registry.current() is None and registry.history() == []
+    assert (registry.root / CURRENT_FILE).read_bytes() == b""
+    with pytest.raises(ModelNotFound, match="no model is live"):
         registry.rollback()
-    assert registry.current() == "v0001"  # a refused rollback changes nothing
-    assert registry.history() == ["v0001"]
+    assert registry.current() is None  # a refused rollback changes nothing
+    assert registry.history() == []
+    assert registry.promote("v0002").version == "v0002"  # and the line goes on from there
+    assert registry.history() == ["v0002"] and registry.predecessor() == ("v0002", None)
 
 
 def test_promoting_the_live_version_again_does_not_grow_history(registry: Registry, tmp_path: Path) -> None:
@@ -185,8 +190,19 @@ def test_promoting_the_live_version_again_does_not_grow_history(registry: Regist
 
 def test_rollback_with_nothing_promoted_raises(registry: Registry, tmp_path: Path) -> None:
     add_n(registry, tmp_path, 1)
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(ModelNotFound, match="nothing to roll back"):
         registry.rollback()
+    assert registry.current() is None
+
+
+def test_rollback_from_a_first_model_not_in_history(registry: Registry, tmp_path: Path) -> None:
+    """A CURRENT written by hand with no history (or a history lost) is still the first model."""
+    add_n(registry, tmp_path, 1)
+    registry.ensure()
+    (registry.root / CURRENT_FILE).write_text("v0001\n")
+    with pytest.raises(PointerMoved):
+        registry.rollback(expect="v0002")
+    assert registry.rollback(expect="v0001") is None
     assert registry.current() is None
 
 
