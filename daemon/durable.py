@@ -44,6 +44,13 @@ def private_dir(path: Path, what: str) -> str | None:
     st = os.stat(path)
     if st.st_uid != os.geteuid():
         return f"{path} belongs to uid {st.st_uid}, not to the daemon (uid {os.geteuid()}); refusing to keep {what} there"
+    return open_to_others(path, what, st)
+
+
+def open_to_others(path: Path, what: str, st: os.stat_result | None = None) -> str | None:
+    """Why the existing directory ``path`` cannot be trusted with ``what`` whoever owns it (group or
+    others may write to it), or None. ``check-config``, run by whichever user, asks only this."""
+    st = st or os.stat(path)
     if st.st_mode & 0o022:
         fix = (
             f"use a directory of its own below it, such as {path / 'reflexd'}, which the daemon creates 0750"

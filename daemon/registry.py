@@ -210,6 +210,11 @@ class Registry:
         With ``expect``, only if ``expect`` is still the live version (PointerMoved otherwise), so a
         decision taken about one version never rolls back another promoted meanwhile.
         """
+        return self.step_back(expect)[1]
+
+    def step_back(self, expect: str | None = None) -> tuple[str, str | None]:
+        """``rollback``, returning the version withdrawn as well as the one now live, both read
+        under the lock that moves the pointer."""
         with self._lock:
             history = self.history()
             current = self.current()
@@ -225,7 +230,7 @@ class Registry:
                 self.load(target)
             atomic_write(self.root / HISTORY_FILE, msgspec.json.encode(history))
             atomic_write(self.root / CURRENT_FILE, target.encode() + b"\n" if target else b"")
-        return target
+        return current, target
 
     def predecessor(self) -> tuple[str | None, str | None]:
         """The live version and the one live before it (what ``rollback`` would return to)."""

@@ -56,9 +56,22 @@ class Choice(msgspec.Struct, frozen=True):
         )
 
 
-def _check_default(default: str | None, actions: list[Any]) -> list[str]:
-    """The actions' ids, once ``default`` (the agent's own choice, if any) is found among them."""
+def _check(context: dict[str, Any], actions: list[Any], default: str | None = None) -> list[str]:
+    """The actions' ids, once the decision is found well formed: a dict for a context, a list of
+    actions with distinct ids (an id offered twice would log a choice no one can tell apart), and
+    ``default`` (the agent's own choice, if any) among them. A request over the socket was checked
+    as it was decoded; an in-process agent's arguments are checked here."""
+    if not isinstance(context, dict):
+        raise TypeError(f"context must be a dict of keys to values, not {type(context).__name__}")
+    if not isinstance(actions, (list, tuple)):
+        kind = type(actions).__name__
+        raise TypeError(f"actions must be a list of ids (or of dicts with id and features), not {kind}")
     ids = action_ids(actions)
+    if not ids:
+        raise ValueError("actions is empty: a decision needs at least one action")
+    if len(set(ids)) < len(ids):
+        twice = next(i for k, i in enumerate(ids) if i in ids[:k])
+        raise ValueError(f"action {twice!r} is offered twice: a decision's actions must have distinct ids")
     if default is not None and default not in ids:
         raise ValueError(f"default {default!r} is not among the actions")
     return ids
@@ -160,11 +173,15 @@ class Chooser:
         if source is not None and online is not None:
             source.on_load = self._loaded
 
-    def _loaded(self, scorer: Scorer) -> None:
-        """On the thread that loaded ``scorer``, before it is served: the head relearns its newest
-        rewards beside it there (``OnlineHead.prepare``), not on a decision's thread."""
+    def _loaded(self, scorer: Scorer | None) -> None:
+        """On the thread that loaded ``scorer`` (or dropped the model: None), before it is served:
+        the head relearns its newest rewards beside it there (``OnlineHead.prepare``), not on a
+        decision's thread."""
         assert self.online is not None
-        self.online.prepare(scorer.version, _rescorer(scorer))
+        if scorer is None:
+            self.online.prepare(None, None)
+        else:
+            self.online.prepare(scorer.version, _rescorer(scorer))
 
     def _clock(self, manifest: Manifest | None, since_load: int | None = None) -> int:
         """Exploration's ``t``: the live model's training experience plus the decisions made since
@@ -279,8 +296,8 @@ class Chooser:
         requests offering the same number of actions are scored in one model run, where most of
         a lone decision's time is the run's fixed cost.
         """
-        for _, _, actions, _, default in requests:
-            _check_default(default, actions)
+        for _, context, actions, _, default in requests:
+            _check(context, actions, default)
         scorer, manifest, version = self._live()
         by_agent: dict[str, ExplorationConfig] = {}
         cfgs = []
@@ -363,7 +380,7 @@ class Chooser:
     ) -> Choice:
         """One decision. ``default``: the agent's own choice, served (with exploration) until a
         model is live while the head learns beside it (apprentice mode)."""
-        ids = _check_default(default, actions)
+        ids = _check(context, actions, default)
         scorer, manifest, version = self._live()
         cfg = self.exploration_for(agent, manifest)
         t = self._clock(manifest)
@@ -384,11 +401,9 @@ class Chooser:
         probability at its slot given the slots before it, and ``probs`` is over the actions left
         (in the order offered). ``t`` moves by one per slot, as for as many decisions.
         """
-        ids = action_ids(actions)
+        ids = _check(context, actions)
         if not 1 <= slots <= len(ids):
             raise ValueError(f"slots must be from 1 to the number of actions ({len(ids)}), not {slots}")
-        if len(set(ids)) < len(ids):
-            raise ValueError("the actions of a slate must have distinct ids")
         scorer, manifest, version = self._live()
         cfg = self.exploration_for(agent, manifest)
         t = self._clock(manifest)
@@ -469,7 +484,7 @@ class Chooser:
             cfg = by_agent.get(agent)
             if cfg is None:
                 cfg = by_agent[agent] = self.exploration_for(agent, manifest)
-            ids = _check_default(default, actions)
+            ids = _check(context, actions, default)
             how = self._policy(scorer, cfg, agent, context, ids, found, t, default)
             if how.probs is not None:
                 spread = how.spread
@@ -494,6 +509,7 @@ class Chooser:
         Reads the clock without resetting it on a model swap (the daemon explains in a worker
         thread, beside decisions on the event loop): a newer model than the clock's counts from 0.
         """
+        _check(context, actions)
         scorer = self.source.scorer if self.source is not None else None
         manifest = scorer.manifest if scorer is not None else None
         since_load = self._since_load if (scorer.version if scorer is not None else None) == self._version else 0

@@ -619,9 +619,10 @@ class OnlineHead:
         for at in range(0, len(xs), _MOST):  # S is k×k: its factor and inverse cost O(k³)
             arm.update_many(np.array(xs[at : at + _MOST]), np.array(rewards[at : at + _MOST]), prior)
 
-    def prepare(self, version: str, rescore: Rescore) -> None:
+    def prepare(self, version: str | None, rescore: Rescore | None) -> None:
         """Relearn the newest ``warm_rows`` rewards beside ``version``'s scores of their decisions
-        (``rescore``), into arms of their own that ``follow(version)`` then starts with at once.
+        (``rescore``; with no model, as they were), into arms of their own that ``follow(version)``
+        then starts with at once.
 
         Called by the thread that loads the model (``ModelSource.on_load``) before the model is
         served, so that the relearning, some tens of milliseconds, is no decision's. Rewards

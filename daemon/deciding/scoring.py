@@ -141,9 +141,10 @@ class ModelSource:
         self._stamp: tuple[int, int] | None = None
         self._retry_at = 0.0
         self._lock = threading.Lock()  # the daemon refreshes from worker threads, more than one at times
-        # told of each model loaded, on the loading thread, just before it is served (the Chooser's
-        # online head relearns its newest rewards beside the new model there, not on a decision's)
-        self.on_load: Callable[[Scorer], None] | None = None
+        # told of each model loaded, on the loading thread, just before it is served, and (None) of
+        # the model dropped (the Chooser's online head relearns its newest rewards beside the new
+        # model, or none, there, not on a decision's thread)
+        self.on_load: Callable[[Scorer | None], None] | None = None
 
     def refresh(self) -> bool:
         """Load the current version if the pointer moved; True when the live model changed."""
@@ -159,6 +160,8 @@ class ModelSource:
         version = self.registry.current()
         if version is None:  # none yet, or rolled back from the first model: nothing is served
             changed = self.scorer is not None
+            if changed:
+                self._tell(None, version)
             self.scorer = None
             self.error = self.file_error = None
             return changed
@@ -172,14 +175,17 @@ class ModelSource:
             self.error = str(exc)
             self._retry_at = time.monotonic() + self.RETRY_SECONDS
             return False
-        if self.on_load is not None:
-            try:
-                self.on_load(scorer)
-            except Exception:  # the model is served all the same; what it was told of is beside serving
-                _log.exception("a listener failed on a model load", version=version)
+        self._tell(scorer, version)
         self.scorer = scorer
         self.error = self.file_error = None
         return True
+
+    def _tell(self, scorer: Scorer | None, version: str | None) -> None:
+        if self.on_load is not None:
+            try:
+                self.on_load(scorer)
+            except Exception:  # the model is served (or dropped) all the same; the listener is beside serving
+                _log.exception("a listener failed on a model load", version=version)
 
     def switch(self, registry: Registry) -> None:
         """Follow another registry (the agent's model line moved) from now on, serving nothing of the old one."""

@@ -305,7 +305,9 @@ class Daemon:
                     await anyio.to_thread.run_sync(line.online.expire)
                 try:
                     if await anyio.to_thread.run_sync(line.models.refresh):
-                        _log.info("serving model", line=line.name, version=line.models.scorer.version)
+                        scorer = line.models.scorer  # None: the pointer emptied by a rollback from the first model
+                        _log.info("serving model" if scorer else "serving no model", line=line.name,
+                                  version=scorer.version if scorer else None)
                 except OSError as exc:  # the registry unreadable for now (out of descriptors, say): next poll
                     _log.warning("cannot read the model registry", line=line.name, error=str(exc))
             if time.monotonic() - checked >= MODEL_VERIFY_SECONDS:
@@ -480,12 +482,11 @@ class Daemon:
             return Done(message=f"{msg.version} is live{_in(line)}", req=req)
         if isinstance(msg, Rollback):
             line = await self._line(msg.agent, "rollback")
-            live = await anyio.to_thread.run_sync(line.registry.current)
-            target = await anyio.to_thread.run_sync(line.registry.rollback, live)
+            withdrawn, target = await anyio.to_thread.run_sync(line.registry.step_back)
             self.rollbacks_requested += 1
             if target is None:  # from the first model: the event is the withdrawn version's
-                await self._model_event(line, live, "rolled_back", "by request, to no model")
-                return Done(message=f"rolled back from {live} to no model{_in(line)}", req=req)
+                await self._model_event(line, withdrawn, "rolled_back", "by request, to no model")
+                return Done(message=f"rolled back from {withdrawn} to no model{_in(line)}", req=req)
             await self._model_event(line, target, "rolled_back", "by request")
             return Done(message=f"rolled back to {target}{_in(line)}", req=req)
         if isinstance(msg, Train):

@@ -150,8 +150,11 @@ class Lines:
             return self._make(SHARED)
         if not lines:
             raise LineUnknown(f"{what}: no agent has decided yet, so no model line exists (learning.scope {self.config.learning.scope})")
-        names = ", ".join(line.name for line in lines)
-        raise LineUnknown(f"{what}: name an agent (--agent): each learns in its own model line ({names})")
+        named = []  # each line by an agent --agent takes: a group's line by one of its agents
+        for line in lines:
+            agent = (self.agents_of(line.name) or ["?"])[0]
+            named.append(f"--agent {agent}" + (f" ({line.name})" if line.name.startswith("group:") else ""))
+        raise LineUnknown(f"{what}: name an agent: each learns in its own model line ({', '.join(named)})")
 
     def _make(self, name: str) -> Line:
         cfg = self.config

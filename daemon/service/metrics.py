@@ -203,7 +203,7 @@ class DaemonCollector(Collector):
         yield live
         yield number
         yield failing
-        rollbacks = CounterMetricFamily("reflexd_rollbacks", "Rollbacks to the previous model version, by trigger.", labels=["trigger"])
+        rollbacks = CounterMetricFamily("reflexd_rollbacks", "Rollbacks to the previous model version (or from the first to none), by trigger.", labels=["trigger"])
         rollbacks.add_metric(["automatic"], automatic)
         rollbacks.add_metric(["request"], d.rollbacks_requested)
         yield rollbacks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -119,6 +120,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refused_places(config: Any) -> list[str]:
+    """The directories named that the daemon would refuse to start with, for what it keeps there:
+    only that group or others may write to them, which no user of the daemon changes (the owner
+    check waits for the start, as check-config may run as another user, root at install)."""
+    from reflexd.durable import open_to_others
+
+    found = []
+    for key, path, what in (("socket.path", Path(config.socket.path).parent, "the socket"),
+                            ("state_dir", config.state_path, "its database, spool and models")):
+        refusal = open_to_others(path, what) if path.is_dir() else None
+        if refusal is not None:
+            found.append(f"{key}: {refusal}")
+    return found
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.path or args.config or os.environ.get("REFLEXD_CONFIG") or DEFAULT_PATH
     from reflexd.collect.spans import problems as trace_problems
@@ -130,6 +146,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         mapping = trace_problems(config.traces) if config.traces.enabled else []
         if mapping:
             raise ConfigError(str(path), mapping)
+        places = _refused_places(config)
+        if places:
+            raise ConfigError(str(path), places)
     except ConfigError as exc:
         if args.json:
             _print({"ok": False, "path": exc.source, "problems": exc.problems, "warnings": []})
@@ -221,7 +240,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if reply.model.get("load_error"):
             print(f"           load error: {reply.model['load_error']}")
     else:
-        print("model      none yet (agents use the default action with exploration)")
+        how = "the online head, as it learns from their rewards," if reply.online else "the default action,"
+        print(f"model      none yet (agents decide with {how} exploring)")
     t = reply.trainer
     print(
         f"trainer    {t['state']}  runs {t['runs']}  promoted {t['promoted']}"
@@ -229,7 +249,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  failures {t['failures']}" + (f"  last error: {t['last_error']}" if t.get("last_error") else "")
     )
     if t.get("waiting") and t["state"] == "idle":
-        print(f"           no run yet: {t['waiting']}")
+        print(f"           next run: {t['waiting']}")
     if t.get("consecutive_failures"):
         import time
 
@@ -473,7 +493,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             raise UsageError("models show needs a VERSION")
         found = [m for m in reply.models if m.get("version") == args.version]
         if not found:
-            raise UsageError(f"no model version {args.version!r}; see `reflexd models list`")
+            where = f" --agent {args.agent}" if args.agent else ""
+            raise UsageError(f"no model version {args.version!r}; see `reflexd models list{where}`")
         _print(found[0])  # the manifest, JSON with or without --json
         return 0
     if args.json:
@@ -935,9 +956,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "check-config",
         "validate a config file (exit 0, or 78 with the errors)",
-        "Validate a config file without starting anything. Prints 'PATH: ok' and exits 0, or lists every\n"
-        "problem with its key path on stderr and exits 78 (EX_CONFIG, which the systemd unit's\n"
-        'ExecStartPre= relies on). --json prints {"ok": true|false, "path": ..., "problems": [...]}\n'
+        "Validate a config file without starting anything. Prints 'PATH: ok' and exits 0, or lists the\n"
+        "problems with their key paths on stderr and exits 78 (EX_CONFIG, which the systemd unit's\n"
+        "ExecStartPre= relies on). A wrong type, value or unknown key is reported alone, the first\n"
+        "found (decoding stops there); past those, every setting that makes no sense with the others,\n"
+        "and a socket or state_dir directory the daemon would refuse (writable by group or others,\n"
+        'such as /tmp itself). --json prints {"ok": true|false, "path": ..., "problems": [...]}\n'
         "instead, with the same exit codes.",
         ["reflexd check-config /etc/reflexd/reflexd.yaml", "reflexd check-config --json configs/reflexd.yaml"],
         parents=[common],
@@ -1103,8 +1127,8 @@ def build_parser() -> argparse.ArgumentParser:
         "version the daemon serves, ! a CURRENT it could not load); show one version's manifest (JSON); make\n"
         "a version live (promote); or go back to the version live before the current one (rollback; from the\n"
         "first model, to no model: agents decide as before it, with the online head alone, until a version is\n"
-        'promoted). Exit 1 for an unknown version. --json: list prints {"current", "serving", "models"} with\n'
-        "every manifest, show the manifest, promote and rollback\n"
+        "promoted). Exit 1 for an unknown version, or a rollback with no model live. --json: list prints\n"
+        '{"current", "serving", "models"} with every manifest, show the manifest, promote and rollback\n'
         '{"message", "current"}.\n\n'
         "pull PATH brings in a model trained elsewhere (a fleet model from `reflexd fleet train`): PATH is the\n"
         "folder holding manifest.json and policy.onnx, or the manifest. The files are read and checked here\n"
@@ -1125,6 +1149,7 @@ def build_parser() -> argparse.ArgumentParser:
             "reflexd models list --agent router",
             "reflexd models show v0003",
             "reflexd models promote v0002",
+            "reflexd models rollback --agent router",
             "reflexd models --json",
             "reflexd models pull /srv/fleet/model-2026-12-06",
             "reflexd models pull fleet-out/manifest.json --config /etc/reflexd/reflexd.yaml --json",
@@ -1461,6 +1486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`reflexd status | head`): the rest is not wanted, and the
+        # interpreter's last flush at exit must not fail again on the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

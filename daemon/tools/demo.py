@@ -367,12 +367,15 @@ def run_demo(
                 Policy(name, socket=daemon.socket, state_dir=config["state_dir"], seed=seed + k, exploration=explore)
                 for k, name in enumerate(names)
             ]
-            with tqdm(total=decisions, unit="dec", file=sys.stderr, dynamic_ncols=True) as bar:
+            # redrawn in place on a terminal; into a log (make demo in CI) a line every 30 s, not thousands
+            every = 0.1 if sys.stderr.isatty() else 30.0
+            with tqdm(total=decisions, unit="dec", file=sys.stderr, dynamic_ncols=True, mininterval=every) as bar:
 
                 def progress(i: int, rec: Record) -> None:
                     if i % 100 == 99:
+                        reward = f"{np.mean(rec.rewards[-500:]):.3f}"
+                        bar.set_postfix(model=rec.versions[-1] or "none", reward=reward, refresh=False)
                         bar.update(100)
-                        bar.set_postfix(model=rec.versions[-1] or "none", reward=f"{np.mean(rec.rewards[-500:]):.3f}")
 
                 recs = simulate(list(zip(policies, worlds)), decisions, rate, progress)
                 bar.update(decisions - bar.n)

@@ -110,7 +110,8 @@ def run_traces_demo(episodes: int = 4000, out_dir: str = "demo-out", seed: int =
             explore = ExplorationConfig(strategy="epsilon_greedy", epsilon=0.1)
             with Policy(AGENT, socket=daemon.socket, state_dir=config["state_dir"], seed=seed, exploration=explore) as policy:
                 start = time.monotonic()
-                for i in tqdm(range(episodes), unit="episode", file=sys.stderr, dynamic_ncols=True):
+                every = 0.1 if sys.stderr.isatty() else 30.0  # into a log, a line every 30 s
+                for i in tqdm(range(episodes), unit="episode", file=sys.stderr, dynamic_ncols=True, mininterval=every):
                     outcomes.append(run_episode(tracer, policy, rng))
                     # an agent's pace, so the trainer's runs land while it works
                     lag = start + (i + 1) / rate - time.monotonic()

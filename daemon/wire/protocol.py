@@ -196,11 +196,11 @@ class Decide(_Msg, tag="decide"):
                 raise ValueError(f"default {self.default!r} is not among the actions")
             if self.slots is not None and self.log:
                 raise ValueError("default is for single decisions: a slate (slots) has none")
-        if self.slots is not None:
-            if self.slots > len(self.actions):
-                raise ValueError(f"slots ({self.slots}) must not exceed the {len(self.actions)} actions offered")
-            if len(set(action_ids(self.actions))) < len(self.actions):
-                raise ValueError("the actions of a slate must have distinct ids")
+        if len(set(action_ids(self.actions))) < len(self.actions):
+            # an id offered twice would log a choice no one can tell apart
+            raise ValueError("the actions must have distinct ids")
+        if self.slots is not None and self.slots > len(self.actions):
+            raise ValueError(f"slots ({self.slots}) must not exceed the {len(self.actions)} actions offered")
 
 
 class StatusRequest(_Msg, tag="status"):
@@ -266,6 +266,10 @@ class Explain(_Msg, tag="explain"):
     actions: Annotated[list[ActionSpec], msgspec.Meta(min_length=1)]
     top: Annotated[int, msgspec.Meta(ge=1)] | None = None
     req: ReqId = None
+
+    def __post_init__(self) -> None:
+        if len(set(action_ids(self.actions))) < len(self.actions):
+            raise ValueError("the actions must have distinct ids")
 
 
 class Evaluate(_Msg, tag="evaluate"):

@@ -136,6 +136,12 @@ def test_operator_cli_trains_promotes_and_rolls_back(learning_daemon: DaemonProc
     assert third.returncode == 0, third.stderr
     judged = d.request(ModelsRequest()).models[-1]
     assert judged["gate"]["baseline"] == "logged policy", judged
+    # CURRENT emptied by hand, as an operator might: the daemon's own poll drops the model
+    assert cli(d, "models", "promote", "v0001").returncode == 0
+    wait_for(lambda: d.request(ModelsRequest()).serving == "v0001", 30, "the daemon to serve v0001 again")
+    (line_registry(d, "bot").root / "CURRENT").write_text("")
+    wait_for(lambda: "serving no model" in d.log(), 30, "the daemon's poll to drop the model")
+    assert d.request(ModelsRequest()).serving is None and d.running
 
     missing = cli(d, "models", "promote", "v0099")
     assert missing.returncode == 1 and "v0099" in missing.stderr

@@ -91,7 +91,7 @@ def test_agents_that_disagree_each_learn_their_own_model(daemon_factory: Any) ->
     # requests about models must say whose once there are several lines
     with pytest.raises(RequestFailed, match="name an agent") as refused:
         d.request(Rollback())
-    assert refused.value.code == "line_unknown"
+    assert refused.value.code == "line_unknown" and "(--agent left, --agent right)" in str(refused.value)
     with pytest.raises(RequestFailed, match="no model version"):
         d.request(Promote(version=left.current, agent="right"))  # another line's version is not this line's
 

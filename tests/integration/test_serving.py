@@ -186,6 +186,8 @@ def test_a_chooser_rolled_back_to_no_model_decides_with_the_head_alone(live: Mod
     assert head.base == "v0001"
     registry.rollback()
     live.refresh()
+    # relearned as the model was dropped, on the thread that dropped it, not on the next decision's
+    assert head._prepared is not None and head._prepared[0] is None and head._prepared[1][1] == 40
     choice = chooser.choose("agent", CTX, ACTIONS)
     assert choice.model_version is None and choice.strategy == "epsilon_greedy"  # the head's, not "default"
     assert head.base is None and head.stats()["warmed"] == 40

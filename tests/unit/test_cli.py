@@ -6,6 +6,8 @@ Every test runs the real console script (``.venv/bin/reflexd``) as a subprocess.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -75,6 +77,18 @@ def test_train_needs_no_flag_and_keeps_now_as_a_no_op() -> None:
         assert "cannot reach reflexd" in proc.stderr and proc.stdout == ""
 
 
+def test_output_to_a_reader_gone_ends_quietly_with_sigpipes_status() -> None:
+    """`reflexd status | head -2`: the pipe's reader is gone before the output is all written."""
+    read, write = os.pipe()
+    os.close(read)  # every write now fails with EPIPE
+    try:
+        done = subprocess.run([str(REFLEXD), "check-config", str(SHIPPED)], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 128 + signal.SIGPIPE and done.stderr == "", done.stderr
+
+
 # ---- check-config --json -------------------------------------------------------------------
 
 
@@ -93,6 +107,26 @@ def test_check_config_json_names_each_problem_and_exits_78(tmp_path: Path) -> No
 
     missing = as_json(reflexd("check-config", "--json", str(tmp_path / "absent.yaml")), code=EX_CONFIG)
     assert missing["ok"] is False and missing["problems"]
+
+
+def test_check_config_refuses_the_directories_run_would_refuse(tmp_path: Path) -> None:
+    """What `run` refuses at start for the socket and the state, check-config says first."""
+    shared, sticky = tmp_path / "shared", tmp_path / "sticky"
+    shared.mkdir()
+    sticky.mkdir()
+    shared.chmod(0o777)
+    sticky.chmod(0o1777)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {shared}\nsocket: {{path: {sticky / 'r.sock'}}}\n")
+    doc = as_json(reflexd("check-config", "--json", str(config)), code=EX_CONFIG)
+    assert doc["problems"] == [
+        f"socket.path: {sticky} is writable by group or others (mode 1777); refusing to keep the socket there "
+        f"(use a directory of its own below it, such as {sticky / 'reflexd'}, which the daemon creates 0750)",
+        f"state_dir: {shared} is writable by group or others (mode 0777); refusing to keep its database, spool "
+        f"and models there (chmod go-w {shared})",
+    ], doc
+    config.write_text(f"state_dir: {tmp_path / 'new'}\nsocket: {{path: {sticky / 'reflexd' / 'r.sock'}}}\n")
+    assert as_json(reflexd("check-config", "--json", str(config)))["ok"] is True  # made 0750 by the daemon
 
 
 def test_json_commands_print_nothing_on_stdout_when_the_daemon_is_away() -> None:

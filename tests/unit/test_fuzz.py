@@ -413,7 +413,8 @@ SAFE_VALUE = st.recursive(SAFE_LEAF, lambda kids: st.lists(kids, max_size=3) | s
 SAFE_CTX = st.dictionaries(texts(max_size=6), SAFE_VALUE, max_size=4)
 IDS = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=256)
 REQ = st.none() | st.integers(-(2**63), 2**63 - 1) | texts()
-ACTIONS = st.lists(IDS | st.builds(p.Action, id=IDS, features=SAFE_CTX), min_size=1, max_size=3)
+ACTIONS = st.lists(IDS | st.builds(p.Action, id=IDS, features=SAFE_CTX), min_size=1, max_size=3,
+                   unique_by=lambda a: a if isinstance(a, str) else a.id)  # a decide offers each id once
 OPT_FLOAT = st.none() | FINITE
 
 MESSAGES = {

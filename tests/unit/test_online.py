@@ -411,3 +411,24 @@ def test_beside_a_model_the_posterior_over_inputs_never_seen_is_model_priors() -
     (alone,) = head.spread("agent", x, ["small"])
     (beside,) = head.spread("agent", x, ["small"], [0.0])
     assert beside == pytest.approx(alone / 10)
+
+
+@pytest.mark.parametrize(
+    "context, actions, error, match",
+    [
+        ({"task": "code"}, [], ValueError, "actions is empty"),
+        ("code", ["a", "b"], TypeError, "context must be a dict of keys to values, not str"),
+        ({"task": "code"}, "small,large", TypeError, "actions must be a list .* not str"),
+        ({"task": "code"}, ["a", {"id": "a"}], ValueError, "action 'a' is offered twice"),
+    ],
+)
+def test_a_malformed_decision_is_refused_with_what_is_wrong(context, actions, error, match) -> None:
+    """An in-process agent's arguments are not decoded from a frame: each is checked as it comes,
+    before anything is chosen or logged (a string of actions once came back as one of its letters)."""
+    c = chooser(OnlineHead(OnlineConfig()))
+    for choose in (lambda: c.choose("agent", context, actions), lambda: c.choose_slate("agent", context, actions, 1),
+                   lambda: c.choose_many([("agent", context, actions, None, None)]),
+                   lambda: c.score("agent", context, actions), lambda: c.explain("agent", context, actions)):
+        with pytest.raises(error, match=match):
+            choose()
+    assert c._decided == 0

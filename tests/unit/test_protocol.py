@@ -452,3 +452,12 @@ def test_a_slate_cannot_ask_for_more_slots_than_actions() -> None:
         fr.decode_inbound(b'{"type":"decide","agent":"a","context":{},"actions":["x","y"],"slots":3}', fr.JSON)
     with pytest.raises(FrameError, match="slots"):
         fr.decode_inbound(b'{"type":"decide","agent":"a","context":{},"actions":["x"],"slots":0}', fr.JSON)
+
+
+def test_a_decide_request_offering_an_id_twice_is_refused() -> None:
+    with pytest.raises(FrameError, match="the actions must have distinct ids"):
+        fr.decode_inbound(b'{"type":"decide","agent":"a","context":{},"actions":["x",{"id":"x"}]}', fr.JSON)
+    with pytest.raises(FrameError, match="actions"):
+        fr.decode_inbound(b'{"type":"decide","agent":"a","context":{},"actions":[]}', fr.JSON)
+    with pytest.raises(FrameError, match="the actions must have distinct ids"):
+        fr.decode_inbound(b'{"type":"explain","agent":"a","context":{},"actions":["x","x"]}', fr.JSON)
