@@ -289,15 +289,19 @@ class Chooser:
             self.source.error = f"model {scorer.version} failed while deciding ({reason}); using the default policy"
         return None
 
-    def choose_many(self, requests: list[tuple[str, dict[str, Any], list[Any], str | None, str | None]]) -> list[Choice]:
+    def choose_many(
+        self, requests: list[tuple[str, dict[str, Any], list[Any], str | None, str | None]], decoded: bool = False
+    ) -> list[Choice]:
         """``choose(agent, context, actions, decision_id, default)`` for each request, in order.
 
         The same choices, and the same draws from the seed, as one ``choose`` after another; but
         requests offering the same number of actions are scored in one model run, where most of
-        a lone decision's time is the run's fixed cost.
+        a lone decision's time is the run's fixed cost. ``decoded``: the requests are ``Decide``
+        messages' fields, checked as they were decoded, and not checked again.
         """
-        for _, context, actions, _, default in requests:
-            _check(context, actions, default)
+        if not decoded:
+            for _, context, actions, _, default in requests:
+                _check(context, actions, default)
         scorer, manifest, version = self._live()
         by_agent: dict[str, ExplorationConfig] = {}
         cfgs = []
@@ -464,6 +468,8 @@ class Chooser:
         the scores are the model's plus the head's means (or the head's alone before any model).
         When the default policy would decide, scores and spread are None.
         """
+        # every request checked before any is scored: a caller's mistake is not the model's failure
+        checked = [_check(r[1], r[2], r[3] if len(r) > 3 else None) for r in requests]
         scorer, manifest, version = self._live()
         t = self._clock(manifest)
         scored: list[tuple[list[float], list[float]] | None] = [None] * len(requests)
@@ -479,12 +485,11 @@ class Chooser:
                     scored[i] = found
         by_agent: dict[str, ExplorationConfig] = {}
         results = []
-        for (agent, context, actions, *rest), found in zip(requests, scored):
+        for (agent, context, actions, *rest), found, ids in zip(requests, scored, checked):
             default = rest[0] if rest else None
             cfg = by_agent.get(agent)
             if cfg is None:
                 cfg = by_agent[agent] = self.exploration_for(agent, manifest)
-            ids = _check(context, actions, default)
             how = self._policy(scorer, cfg, agent, context, ids, found, t, default)
             if how.probs is not None:
                 spread = how.spread

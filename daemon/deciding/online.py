@@ -330,7 +330,7 @@ class OnlineHead:
         # (agent, action id, inputs, reward, source)
         self._recent: deque[tuple[str, str, np.ndarray, float, Any]] = deque(maxlen=settings.warm_rows)
         # arms ``prepare`` relearned for a model about to be served: (its version, (arms, rows))
-        self._prepared: tuple[str, tuple[OrderedDict, int]] | None = None
+        self._prepared: tuple[str | None, tuple[OrderedDict, int]] | None = None
         self._forgotten = 0  # agents forgotten so far (``forget``)
         self._lock = threading.Lock()  # updates come from agent threads; decisions only read
         self._inbox: deque[tuple[str, float]] = deque()  # rewards to learn at the next ``apply`` (``later``)

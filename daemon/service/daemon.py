@@ -369,7 +369,7 @@ class Daemon:
         answers: list[Any] = [None] * len(msgs)
         plain = [i for i, m in enumerate(msgs) if m.log and m.slots is None]
         choices = self._by_line(
-            plain, msgs, lambda line, some: line.chooser.choose_many([(m.agent, m.context, m.actions, m.id, m.default) for m in some])
+            plain, msgs, lambda line, some: line.chooser.choose_many([(m.agent, m.context, m.actions, m.id, m.default) for m in some], decoded=True)
         )
         for i, choice in zip(plain, choices):
             msg = msgs[i]

@@ -152,8 +152,11 @@ class Lines:
             raise LineUnknown(f"{what}: no agent has decided yet, so no model line exists (learning.scope {self.config.learning.scope})")
         named = []  # each line by an agent --agent takes: a group's line by one of its agents
         for line in lines:
-            agent = (self.agents_of(line.name) or ["?"])[0]
-            named.append(f"--agent {agent}" + (f" ({line.name})" if line.name.startswith("group:") else ""))
+            agents = self.agents_of(line.name)
+            if not agents:  # a group with no agent known (gone from the config): by its name
+                named.append(line.name)
+            else:
+                named.append(f"--agent {agents[0]}" + (f" ({line.name})" if line.name.startswith("group:") else ""))
         raise LineUnknown(f"{what}: name an agent: each learns in its own model line ({', '.join(named)})")
 
     def _make(self, name: str) -> Line:

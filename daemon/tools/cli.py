@@ -129,7 +129,10 @@ def _refused_places(config: Any) -> list[str]:
     found = []
     for key, path, what in (("socket.path", Path(config.socket.path).parent, "the socket"),
                             ("state_dir", config.state_path, "its database, spool and models")):
-        refusal = open_to_others(path, what) if path.is_dir() else None
+        try:
+            refusal = open_to_others(path, what) if path.is_dir() else None
+        except OSError:  # not this user's to look into (check-config as another user): the start checks it
+            refusal = None
         if refusal is not None:
             found.append(f"{key}: {refusal}")
     return found
@@ -1461,6 +1464,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at the interpreter's exit, so that a reader gone shows below
+    except BrokenPipeError:
+        if not _reader_gone():  # a pipe of the command's own (a child's, say): a real error
+            raise
+        # `reflexd status | head`: the rest is not wanted, and the interpreter's last flush at exit
+        # must not fail again on the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll says POLLERR)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -1486,11 +1516,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # the reader went away (`reflexd status | head`): the rest is not wanted, and the
-        # interpreter's last flush at exit must not fail again on the closed pipe
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

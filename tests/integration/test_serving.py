@@ -480,3 +480,13 @@ def test_choices_carry_plain_floats(live: ModelSource) -> None:
     choice = Chooser(live, manifest_exploration, seed=0).choose("a", CTX, ACTIONS)
     assert type(choice.prob) is float and all(type(p) is float for p in choice.probs)
     assert msgspec.json.decode(msgspec.json.encode(choice), type=type(choice)) == choice
+
+
+def test_a_malformed_request_is_refused_before_the_model_is_asked(live: ModelSource) -> None:
+    """A caller's mistake is refused as such, not run through the model and blamed on it."""
+    chooser = Chooser(live, manifest_exploration, 0, OnlineHead(OnlineConfig()))
+    with pytest.raises(TypeError, match="context must be a dict"):
+        chooser.score("agent", "code", ["small", "large"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="offered twice"):
+        chooser.score_many([("agent", CTX, ["small", "large"]), ("agent", CTX, ["small", "small"])])
+    assert live.error is None and live.scorer is not None

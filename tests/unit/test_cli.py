@@ -77,13 +77,18 @@ def test_train_needs_no_flag_and_keeps_now_as_a_no_op() -> None:
         assert "cannot reach reflexd" in proc.stderr and proc.stdout == ""
 
 
-def test_output_to_a_reader_gone_ends_quietly_with_sigpipes_status() -> None:
-    """`reflexd status | head -2`: the pipe's reader is gone before the output is all written."""
+@pytest.mark.parametrize("buffered", [True, False])
+def test_output_to_a_reader_gone_ends_quietly_with_sigpipes_status(buffered: bool) -> None:
+    """`reflexd status | head -2`: the pipe's reader is gone before the output is all written
+    (buffered, the output is written at the end; unbuffered, as it is printed)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     read, write = os.pipe()
     os.close(read)  # every write now fails with EPIPE
     try:
         done = subprocess.run([str(REFLEXD), "check-config", str(SHIPPED)], stdout=write, stderr=subprocess.PIPE,
-                              text=True, timeout=120)
+                              text=True, timeout=120, env=env)
     finally:
         os.close(write)
     assert done.returncode == 128 + signal.SIGPIPE and done.stderr == "", done.stderr
