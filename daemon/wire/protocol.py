@@ -191,14 +191,14 @@ class Decide(_Msg, tag="decide"):
     episode: Id | None = None
 
     def __post_init__(self) -> None:
+        ids = action_ids(self.actions)
+        if len(set(ids)) < len(ids):  # an id offered twice would log a choice no one can tell apart
+            raise ValueError("the actions must have distinct ids")
         if self.default is not None:
-            if self.default not in action_ids(self.actions):
+            if self.default not in ids:
                 raise ValueError(f"default {self.default!r} is not among the actions")
             if self.slots is not None and self.log:
                 raise ValueError("default is for single decisions: a slate (slots) has none")
-        if len(set(action_ids(self.actions))) < len(self.actions):
-            # an id offered twice would log a choice no one can tell apart
-            raise ValueError("the actions must have distinct ids")
         if self.slots is not None and self.slots > len(self.actions):
             raise ValueError(f"slots ({self.slots}) must not exceed the {len(self.actions)} actions offered")
 
