@@ -212,6 +212,12 @@ def cmd_check_store(args: argparse.Namespace) -> int:
     return status
 
 
+def _ago(at: float) -> str:
+    import time
+
+    return f"{max(0.0, time.time() - at):.0f} s ago"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from reflexd.wire.protocol import StatusRequest
 
@@ -259,8 +265,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"           retrying in {max(0.0, t['next_attempt'] - time.time()):.0f} s (backoff)")
     mon = reply.monitor
     if mon:
-        last = (mon.get("last") or {}).get("reason", "not checked yet")
-        print(f"rollback   {'auto' if mon.get('auto_rollback') else 'off'}  rollbacks {mon.get('rollbacks', 0)}  last check: {last}")
+        found = mon.get("last") or {}
+        # the comparison stands until the next check (monitor.check_interval): say how old it is
+        last = f"({_ago(found['at'])}) {found.get('reason')}" if found.get("at") else "not checked yet"
+        print(f"rollback   {'auto' if mon.get('auto_rollback') else 'off'}  rollbacks {mon.get('rollbacks', 0)}  last check {last}")
     ins = reply.insights
     if ins:
         print(f"insights   {_insights_line(ins)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,4 +149,5 @@ def test_operator_cli_trains_promotes_and_rolls_back(learning_daemon: DaemonProc
 
     status = cli(d, "status")
     assert status.returncode == 0 and "trainer" in status.stdout and "model" in status.stdout
+    assert re.search(r"last check (\(\d+ s ago\) |not checked yet)", status.stdout), status.stdout
     assert " in the spool)" in status.stdout  # how much acknowledged ingest DuckDB has yet to load
