@@ -126,9 +126,14 @@ def _refused_places(config: Any) -> list[str]:
     check waits for the start, as check-config may run as another user, root at install)."""
     from reflexd.durable import open_to_others
 
+    places = [("socket.path", Path(config.socket.path).parent, "the socket"),
+              ("state_dir", config.state_path, "its database, spool and models")]
+    if config.metrics.path:
+        places.append(("metrics.path", Path(config.metrics.path).parent, "the socket"))
+    if config.traces.enabled:
+        places.append(("traces.path", Path(config.traces.path).parent, "the socket"))
     found = []
-    for key, path, what in (("socket.path", Path(config.socket.path).parent, "the socket"),
-                            ("state_dir", config.state_path, "its database, spool and models")):
+    for key, path, what in places:
         try:
             refusal = open_to_others(path, what) if path.is_dir() else None
         except OSError:  # not this user's to look into (check-config as another user): the start checks it
@@ -971,9 +976,9 @@ def build_parser() -> argparse.ArgumentParser:
         "problems with their key paths on stderr and exits 78 (EX_CONFIG, which the systemd unit's\n"
         "ExecStartPre= relies on). A wrong type, value or unknown key is reported alone, the first\n"
         "found (decoding stops there); past those, every setting that makes no sense with the others,\n"
-        "and a socket or state_dir directory the daemon would refuse (writable by group or others,\n"
-        'such as /tmp itself). --json prints {"ok": true|false, "path": ..., "problems": [...]}\n'
-        "instead, with the same exit codes.",
+        "and a directory of a socket (socket.path, metrics.path, traces.path) or state_dir that the\n"
+        "daemon would refuse (writable by group or others, such as /tmp itself). --json prints\n"
+        '{"ok": true|false, "path": ..., "problems": [...]} instead, with the same exit codes.',
         ["reflexd check-config /etc/reflexd/reflexd.yaml", "reflexd check-config --json configs/reflexd.yaml"],
         parents=[common],
     )

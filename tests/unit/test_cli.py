@@ -130,6 +130,10 @@ def test_check_config_refuses_the_directories_run_would_refuse(tmp_path: Path) -
         f"state_dir: {shared} is writable by group or others (mode 0777); refusing to keep its database, spool "
         f"and models there (chmod go-w {shared})",
     ], doc
+    config.write_text(f"state_dir: {tmp_path / 'new'}\nsocket: {{path: {sticky / 'reflexd' / 'r.sock'}}}\n"
+                      f"metrics: {{path: {shared / 'm.sock'}}}\ntraces: {{enabled: true, path: {sticky / 't.sock'}}}\n")
+    problems = as_json(reflexd("check-config", "--json", str(config)), code=EX_CONFIG)["problems"]
+    assert [p.split(":")[0] for p in problems] == ["metrics.path", "traces.path"], problems
     config.write_text(f"state_dir: {tmp_path / 'new'}\nsocket: {{path: {sticky / 'reflexd' / 'r.sock'}}}\n")
     assert as_json(reflexd("check-config", "--json", str(config)))["ok"] is True  # made 0750 by the daemon
 
