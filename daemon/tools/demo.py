@@ -141,6 +141,15 @@ def first_adaptation(gains: list[float], window: int = ADAPTATION_WINDOW) -> int
     return None
 
 
+def progress_bar(iterable: Any = None, **kw: Any) -> Any:
+    """A tqdm bar on stderr: redrawn in place on a terminal; into a log (make demo in CI) a line
+    every 30 s, not one per update."""
+    from tqdm import tqdm
+
+    every = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, mininterval=every, **kw)
+
+
 def simulate(agents: list[tuple[Any, World]], decisions: int, rate: float, progress: Any = None) -> list[Record]:
     """Run the agents, (policy, world) each, in turn at ``rate`` decisions per second in all;
     reward comes back at once. One record per agent."""
@@ -346,8 +355,6 @@ def run_demo(
     agents: int = 1,
     insights: bool = True,
 ) -> int:
-    from tqdm import tqdm
-
     from reflexd.client.policy import Policy
     from reflexd.config import ExplorationConfig
 
@@ -367,9 +374,7 @@ def run_demo(
                 Policy(name, socket=daemon.socket, state_dir=config["state_dir"], seed=seed + k, exploration=explore)
                 for k, name in enumerate(names)
             ]
-            # redrawn in place on a terminal; into a log (make demo in CI) a line every 30 s, not thousands
-            every = 0.1 if sys.stderr.isatty() else 30.0
-            with tqdm(total=decisions, unit="dec", file=sys.stderr, dynamic_ncols=True, mininterval=every) as bar:
+            with progress_bar(total=decisions, unit="dec") as bar:
 
                 def progress(i: int, rec: Record) -> None:
                     if i % 100 == 99:

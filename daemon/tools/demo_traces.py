@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from reflexd.testing import LocalDaemon
+from reflexd.tools.demo import progress_bar
 
 TOOLS = ("search", "calculator", "browser", "code")
 TASKS = ("math", "lookup", "coding")
@@ -88,7 +89,6 @@ def run_traces_demo(episodes: int = 4000, out_dir: str = "demo-out", seed: int =
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from tqdm import tqdm
 
     from reflexd.client.policy import Policy
     from reflexd.config import ExplorationConfig
@@ -110,8 +110,7 @@ def run_traces_demo(episodes: int = 4000, out_dir: str = "demo-out", seed: int =
             explore = ExplorationConfig(strategy="epsilon_greedy", epsilon=0.1)
             with Policy(AGENT, socket=daemon.socket, state_dir=config["state_dir"], seed=seed, exploration=explore) as policy:
                 start = time.monotonic()
-                every = 0.1 if sys.stderr.isatty() else 30.0  # into a log, a line every 30 s
-                for i in tqdm(range(episodes), unit="episode", file=sys.stderr, dynamic_ncols=True, mininterval=every):
+                for i in progress_bar(range(episodes), unit="episode"):
                     outcomes.append(run_episode(tracer, policy, rng))
                     # an agent's pace, so the trainer's runs land while it works
                     lag = start + (i + 1) / rate - time.monotonic()
