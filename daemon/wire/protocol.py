@@ -29,6 +29,14 @@ def _check_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number")
 
 
+def _distinct_ids(actions: list[Any]) -> list[str]:
+    """The actions' ids, refused if one is offered twice: the choice logged could not be told apart."""
+    ids = action_ids(actions)
+    if len(set(ids)) < len(ids):
+        raise ValueError("the actions must have distinct ids")
+    return ids
+
+
 def _check_ts(ts: float | None) -> None:
     if ts is not None and not math.isfinite(ts):
         raise ValueError("ts must be a finite number of seconds")
@@ -191,9 +199,7 @@ class Decide(_Msg, tag="decide"):
     episode: Id | None = None
 
     def __post_init__(self) -> None:
-        ids = action_ids(self.actions)
-        if len(set(ids)) < len(ids):  # an id offered twice would log a choice no one can tell apart
-            raise ValueError("the actions must have distinct ids")
+        ids = _distinct_ids(self.actions)
         if self.default is not None:
             if self.default not in ids:
                 raise ValueError(f"default {self.default!r} is not among the actions")
@@ -268,8 +274,7 @@ class Explain(_Msg, tag="explain"):
     req: ReqId = None
 
     def __post_init__(self) -> None:
-        if len(set(action_ids(self.actions))) < len(self.actions):
-            raise ValueError("the actions must have distinct ids")
+        _distinct_ids(self.actions)
 
 
 class Evaluate(_Msg, tag="evaluate"):
