@@ -10,7 +10,7 @@ PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml daemon/deciding/_rls.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[dev,demo,report,fleet]'
 	touch $@

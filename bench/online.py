@@ -6,8 +6,9 @@
   that touch few and many hashed features, and the head's memory per (agent, action) arm; with
   ``--compare``, also of the update as it was before deferred downdates (``_FullCovarianceArm``),
   timed just before, and as it was while a fold of the downdates was one update's work
-  (``_FoldAtOnceArm``), taking turns call by call with the current one, so that both see the
-  same load;
+  (``_FoldAtOnceArm``), and with numpy's step where the compiled one is used (``_NumpyStepArm``,
+  what an install without a C compiler runs), taking turns call by call with the current one, so
+  that all see the same load;
 - per-update cost of ``apply`` (a policy's background thread learning the rewards reported since its
   last wake, with ``batch_learning``) with 4 to 32 rewards of one arm at once, and what
   ``Policy.reward`` costs the agent's thread with and without it; relearning the newest 1000
@@ -95,32 +96,33 @@ class _FoldAtOnceArm(online_module._Arm):
 
     def update(self, x: np.ndarray, target: float, prior: float) -> None:
         weights, row_of, features, theta, base, down, r, _ = self.state
-        xr = x[features]
-        if np.count_nonzero(xr) != np.count_nonzero(x):
+        new_theta, new_weights = np.empty(len(theta)), weights.copy()
+        step = online_module._step_numpy
+        stepped = step(x, row_of, features, theta, base, down, r, target, new_theta, new_weights)
+        if stepped is None:
             row_of, features, theta, base, _, r = self._grown(np.flatnonzero(x), prior)
-            down = np.empty((16, len(features)))  # it never keeps more than 16
-            xr = x[features]
-        cx = base.dot(xr)
-        if r:
-            done = down[:r]
-            cx -= done.dot(xr).dot(done)
-        s = 1.0 + float(xr.dot(cx))
-        error = target - float(theta.dot(xr))
-        theta = theta + cx * (error / s)
+            down, new_theta = np.empty((16, len(features))), np.empty(len(features))  # it never keeps more than 16
+            stepped = step(x, row_of, features, theta, base, down, r, target, new_theta, new_weights)
+        s, error = stepped
         self.residual += error * error / s
-        np.multiply(cx, 1.0 / math.sqrt(s), out=down[r])
         r += 1
         if r == 16:
             base = base - down.T @ down
             down, r = np.empty_like(down), 0
-        weights = weights.copy()
-        weights[features] = theta
         self.n += 1
         noise = (online_module._NOISE_PRIOR + self.residual) / (online_module._NOISE_PRIOR + self.n)
-        self.state = online_module._State(weights, row_of, features, theta, base, down, r, noise)
+        self.state = online_module._State(new_weights, row_of, features, new_theta, base, down, r, noise)
 
 
-REFERENCES = {"before": _FullCovarianceArm, "fold at once": _FoldAtOnceArm}
+class _NumpyStepArm(online_module._Arm):
+    """The head's update with its arithmetic in numpy: where the compiled one was not built."""
+
+    _step = staticmethod(online_module._step_numpy)
+    _fold_block = staticmethod(online_module._fold_numpy)
+    _fold_rows = 32
+
+
+REFERENCES = {"before": _FullCovarianceArm, "fold at once": _FoldAtOnceArm, "numpy step": _NumpyStepArm}
 
 
 def update_costs(keys: int, kinds: tuple[str | None, ...] = (None,), n: int = 20_000) -> list[dict[str, Any]]:
@@ -156,7 +158,7 @@ def update_costs(keys: int, kinds: tuple[str | None, ...] = (None,), n: int = 20
             "mean_us": statistics.fmean(t),
             "arm_bytes": sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)),
             # a spread fold holds the next base and the rows it folds beside the state (7 updates in 16 at 129 inputs)
-            "fold_bytes": 0 if kind else 8 * m * (m + online_module._DEFERRED),
+            "fold_bytes": 0 if kind in ("before", "fold at once") else 8 * m * (m + online_module._DEFERRED),
         })
     return out
 
@@ -285,13 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=5, help="adaptation runs, one world seed each (default 5)")
     ap.add_argument("--strategy", default="squarecb", help="the head's exploration in the adaptation runs (default squarecb)")
     ap.add_argument("--costs-only", action="store_true", help="the update and decision costs alone, no adaptation runs")
-    ap.add_argument("--compare", action="store_true", help="also time the updates as they were, in turn")
+    ap.add_argument("--compare", action="store_true",
+                    help="also time the updates as they were, and with numpy's step instead of the compiled one, in turn")
     args = ap.parse_args(argv)
     log.configure(level="error")  # the policies timed here have no daemon: "lost reflexd" says nothing new
     load_before = os.getloadavg()
     print("[bench] update cost", file=sys.stderr)
     # the update before deferred downdates on its own: its m×m writes would crowd the others out of the cache
-    kinds = (("before",), ("fold at once", None)) if args.compare else ((None,),)
+    kinds = (("before",), ("fold at once", "numpy step", None)) if args.compare else ((None,),)
     updates = [u for k in (3, 10, 40) for turns in kinds for u in update_costs(k, turns)]
     print("[bench] rewards learned together, and Policy.reward", file=sys.stderr)
     applies = [apply_costs(k, together) for k in (3, 10, 40) for together in (4, 8, 16, 32)]
@@ -321,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'what':58s} {'value':>22s}",
         "-" * 81,
     ]
+    step = "compiled (reflexd.deciding._rls)" if online_module._compiled else "numpy's (reflexd.deciding._rls not built)"
+    lines.append(f"{'the update step':58s} {step}")
     for u in updates:
         label = f"learn(), {u['keys']} keys ({u['features_seen']} features seen)" + (f", {u['reference']}" * bool(u["reference"]))
         lines.append(f"{label:58s} {u['p50_us']:>7.1f} µs p50 {u['p99_us']:>6.1f} p99 {u['p999_us']:>6.1f} p99.9 "
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     out = OUT.with_name("online-costs.json") if args.costs_only else OUT  # a full run's results stay
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"load": load, "updates": updates, "applies": applies, "rewards": rewards,
+    out.write_text(json.dumps({"load": load, "step": step, "updates": updates, "applies": applies, "rewards": rewards,
                                "relearns": relearns, "decides": decides, "ranges": ranges,
                                "first_adaptation": firsts}, indent=2))
     return 0

@@ -47,6 +47,11 @@ from reflexd import log
 from reflexd.features import FeatureSpec, Hasher
 from reflexd.wire.protocol import Learned
 
+try:
+    from reflexd.deciding import _rls as _compiled
+except ImportError:  # built without a C compiler (it is optional in pyproject.toml)
+    _compiled = None
+
 _log = log.get("reflexd.online")
 
 
@@ -102,9 +107,10 @@ _NOISE_PRIOR = 2.0
 _DEFERRED = 16
 
 # An arm's updates made together (``OnlineHead.learn_many``) go as one step (``_Arm.update_many``)
-# from this many on: the step costs some 70 µs whatever their number (numpy's per-call cost, the
-# Cholesky factor and its inverse), as much as three or four updates one by one.
-_BATCH = 4
+# from this many on. The step costs some 70 µs whatever their number (numpy's per-call cost, the
+# Cholesky factor and its inverse): as much as three or four updates one by one in numpy, and as
+# ten to sixteen compiled (``bench.online``: per update, 9–18 µs together at 4 to 8 rewards, 4–7 at 32).
+_BATCH = 16 if _compiled else 4
 # and at most this many in one step: its k×k factor and inverse cost O(k³) (relearning 1000 rows
 # of one action at 85 inputs: 6 ms in steps of 32, 8 in steps of 64, 24 of 256, 130 in one)
 _MOST = 32
@@ -113,11 +119,41 @@ _MOST = 32
 # loop learning an outcome waits for them
 _EXPIRED = 256
 
-# Rows of the new base a fold writes per update, at most (more only past 14·_FOLD_ROWS inputs, so
-# that a fold ends before the rows kept fill their buffer). Folding all m rows in one update made
-# that update 3× the others at 129 inputs, and the per-update p99 the fold's. A block of 8 or 16
-# rows costs most of what one of 32 does (numpy's per-call cost), in more updates.
-_FOLD_ROWS = 32
+def _step_numpy(
+    x: np.ndarray, row_of: np.ndarray, features: np.ndarray, theta: np.ndarray, base: np.ndarray, down: np.ndarray,
+    r: int, target: float, new_theta: np.ndarray, new_weights: np.ndarray,
+) -> tuple[float, float] | None:
+    """An update's arithmetic (``_Arm.update``): for Σ = base − down[:r]ᵀdown[:r], writes θ + Σx·error/s
+    to ``new_theta`` and over ``new_weights`` and Σx/√s to ``down[r]``, s = 1 + xᵀΣx; returns (s,
+    error), or None, writing nothing, if ``x`` sets an input never seen.
+
+    The compiled ``_rls.step`` does the same in one call where numpy makes some twelve (0.5–1.5 µs
+    each here, whatever their size): this is its reference (``tests/unit/test_online_compiled.py``)
+    and its stand-in where it could not be built.
+    """
+    xr = x[features]
+    if np.count_nonzero(xr) != np.count_nonzero(x):
+        return None
+    # ndarray.dot, not @: on vectors of a few dozen numbers matmul's dispatch costs twice the product
+    cx = base.dot(xr)
+    if r:
+        done = down[:r]
+        cx -= done.dot(xr).dot(done)
+    s = 1.0 + float(xr.dot(cx))
+    error = target - float(theta.dot(xr))
+    np.add(theta, cx * (error / s), out=new_theta)
+    new_weights[features] = new_theta
+    np.multiply(cx, 1.0 / sqrt(s), out=down[r])
+    return s, error
+
+
+def _fold_numpy(new: np.ndarray, base: np.ndarray, rows: np.ndarray, down: np.ndarray, a: int, b: int) -> None:
+    """Rows ``a`` to ``b`` of the next base (``_Arm._fold``): base − downᵀdown over the first
+    ``rows.shape[1]`` rows of ``down``, ``rows`` being those rows transposed. ``_rls.fold``'s
+    reference and stand-in, as ``_step_numpy`` is ``_rls.step``'s."""
+    block = new[a:b]
+    np.dot(rows[a:b], down[: rows.shape[1]], out=block)
+    np.subtract(base[a:b], block, out=block)
 
 
 # an arm's state less its weights and noise, as ``_Arm._grown`` returns it: row_of, features, theta, base, down, r
@@ -134,6 +170,17 @@ class _Arm:
     """
 
     __slots__ = ("_folded", "_folding", "n", "residual", "state")
+
+    # An update's arithmetic and a fold's block: compiled, or numpy's where that was not built
+    # (class attributes, so that tests and ``bench.online`` can run numpy's beside them).
+    _step = staticmethod(_compiled.step if _compiled else _step_numpy)
+    _fold_block = staticmethod(_compiled.fold if _compiled else _fold_numpy)
+    # Rows of the new base a fold writes per update, at most (more only past 14× as many inputs, so
+    # that a fold ends before the rows kept fill their buffer). Folding all m rows in one update made
+    # that update 3× the others at 129 inputs, and the per-update p99 the fold's. In numpy a block
+    # of 8 or 16 rows costs most of what one of 32 does (its per-call cost); compiled, a block costs
+    # its arithmetic alone, so the fold is spread over as many updates as it may take.
+    _fold_rows = 1 if _compiled else 32
 
     def __init__(self, d: int) -> None:
         self.state = _State(np.zeros(d), np.full(d, -1, dtype=np.intp), np.zeros(0, dtype=np.intp), np.zeros(0),
@@ -163,32 +210,24 @@ class _Arm:
         """One recursive least squares step: gain k = Σx / (1 + xᵀΣx); Σ loses k(Σx)ᵀ, θ moves by k·error.
 
         Σ loses it as the row u = Σx / √(1 + xᵀΣx) of ``down`` (uuᵀ = k(Σx)ᵀ), so an update writes
-        O(m) numbers, and reads Σ through one product with ``base`` and two with the rows kept; and
-        while a fold is under way, one block of the next base (``_fold``).
+        O(m) numbers, and reads Σ through ``base`` and the rows kept (``_step``); and while a fold
+        is under way, one block of the next base (``_fold``).
         """
         weights, row_of, features, theta, base, down, r, _ = self.state
-        xr = x[features]
-        if np.count_nonzero(xr) != np.count_nonzero(x):  # inputs never seen: add them at their prior
+        new_theta, new_weights = np.empty(len(theta)), weights.copy()
+        stepped = self._step(x, row_of, features, theta, base, down, r, target, new_theta, new_weights)
+        if stepped is None:  # inputs never seen: add them at their prior
             row_of, features, theta, base, down, r = self._grown(np.flatnonzero(x), prior)
-            xr = x[features]
-        # ndarray.dot, not @: on vectors of a few dozen numbers matmul's dispatch costs twice the product
-        cx = base.dot(xr)
-        if r:
-            done = down[:r]
-            cx -= done.dot(xr).dot(done)
-        s = 1.0 + float(xr.dot(cx))
-        error = target - float(theta.dot(xr))
-        theta = theta + cx * (error / s)
+            new_theta = np.empty(len(theta))
+            stepped = self._step(x, row_of, features, theta, base, down, r, target, new_theta, new_weights)
+        s, error = stepped
         self.residual += error * error / s
-        np.multiply(cx, 1.0 / sqrt(s), out=down[r])
         r += 1
         if r >= _DEFERRED:
             base, down, r = self._fold(base, down, r)
-        weights = weights.copy()
-        weights[features] = theta
         self.n += 1
         noise = (_NOISE_PRIOR + self.residual) / (_NOISE_PRIOR + self.n)
-        self.state = _State(weights, row_of, features, theta, base, down, r, noise)
+        self.state = _State(new_weights, row_of, features, new_theta, base, down, r, noise)
 
     def _grown(self, inputs: np.ndarray, prior: float) -> _Rows:
         """The state's rows with those of ``inputs`` never seen added at their prior (mean 0,
@@ -262,7 +301,7 @@ class _Arm:
         """
         m = len(base)
         if self._folding is None:
-            blocks = min(_DEFERRED - 2, -(-m // _FOLD_ROWS)) or 1  # as even as they go
+            blocks = min(_DEFERRED - 2, -(-m // self._fold_rows)) or 1  # as even as they go
             self._folding = np.empty_like(base), np.ascontiguousarray(down[:_DEFERRED].T), -(-m // blocks)
             self._folded = 0
             return base, down, r
@@ -270,9 +309,7 @@ class _Arm:
         a = self._folded
         if a < m:
             b = self._folded = a + step
-            block = new[a:b]
-            np.dot(rows[a:b], down[:_DEFERRED], out=block)
-            np.subtract(base[a:b], block, out=block)
+            self._fold_block(new, base, rows, down, a, b)
             return base, down, r
         self._folding = None
         rest = np.empty_like(down)  # a new buffer: states read before hold the old one

@@ -29,7 +29,7 @@ def exact_covariance(xs: np.ndarray, features: np.ndarray, prior: float) -> np.n
     return np.linalg.inv(x.T @ x + prior * np.eye(len(features)))
 
 
-# 521 inputs: more rows per block than _FOLD_ROWS, or the fold would outlast the rows' buffer
+# 521 inputs: more rows per block than _Arm._fold_rows, or the fold would outlast the rows' buffer
 @pytest.mark.parametrize(("d", "keys"), [(20, 3), (130, 40), (600, 520)])
 def test_a_fold_writes_one_block_per_update_and_ends_before_the_rows_kept_fill(d: int, keys: int) -> None:
     xs = contexts(40 + 6 * online._DEFERRED, d, keys, seed=d, grow=1_000_000)  # the inputs seen stop growing
@@ -39,7 +39,7 @@ def test_a_fold_writes_one_block_per_update_and_ends_before_the_rows_kept_fill(d
         arm.update(xs[start], 1.0, 1.0)
         start += 1
     m = len(arm.features)
-    blocks = -(-m // max(online._FOLD_ROWS, -(-m // (online._DEFERRED - 2))))
+    blocks = -(-m // max(_Arm._fold_rows, -(-m // (online._DEFERRED - 2))))
     steps = ended = 0
     for x in xs[start:]:
         before, folded = arm.state, arm._folded if arm._folding is not None else None
@@ -48,7 +48,7 @@ def test_a_fold_writes_one_block_per_update_and_ends_before_the_rows_kept_fill(d
         assert after.r < len(after.down)
         if arm._folding is not None:  # under way: the old base, and at most one more block written
             assert after.base is before.base
-            assert arm._folded - (folded or 0) <= max(online._FOLD_ROWS, -(-m // (online._DEFERRED - 2)))
+            assert arm._folded - (folded or 0) <= max(_Arm._fold_rows, -(-m // (online._DEFERRED - 2)))
             steps += 1
         elif after.base is not before.base:  # just ended: the old base less the first rows kept
             done = before.down[: online._DEFERRED]
