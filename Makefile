@@ -58,4 +58,4 @@ install-service:
 		$(if $(WHEELS),--find-links '$(WHEELS)',) $(INSTALL_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache build daemon/deciding/_rls*.so

@@ -157,7 +157,7 @@ def update_costs(keys: int, kinds: tuple[str | None, ...] = (None,), n: int = 20
             "p999_us": _percentile(t, 0.999),
             "mean_us": statistics.fmean(t),
             "arm_bytes": sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)),
-            # a spread fold holds the next base and the rows it folds beside the state (7 updates in 16 at 129 inputs)
+            # a spread fold holds the next base and the rows it folds beside the state (most updates, compiled)
             "fold_bytes": 0 if kind in ("before", "fold at once") else 8 * m * (m + online_module._DEFERRED),
         })
     return out

@@ -44,7 +44,7 @@ static int take(PyObject *obj, Buf *buf, int ndim, int integer, int writable, co
     }
     buf->held = 1;
     const char *f = buf->view.format ? buf->view.format : "B";
-    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if (*f == '=' || *f == '@' || (PY_LITTLE_ENDIAN ? *f == '<' : *f == '>')) f++;
     int ok = integer ? (buf->view.itemsize == (Py_ssize_t)sizeof(Py_ssize_t) && (f[0] == 'n' || f[0] == 'l' || f[0] == 'q') && f[1] == 0)
                      : (buf->view.itemsize == (Py_ssize_t)sizeof(double) && f[0] == 'd' && f[1] == 0);
     if (!ok || buf->view.ndim != ndim) {
@@ -86,7 +86,7 @@ static PyObject *step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "step() takes 10 arguments");
         return NULL;
     }
-    Py_ssize_t r = PyLong_AsSsize_t(args[6]);
+    Py_ssize_t r = PyNumber_AsSsize_t(args[6], PyExc_OverflowError);  /* any integer, numpy's too */
     if (r == -1 && PyErr_Occurred()) return NULL;
     double target = PyFloat_AsDouble(args[7]);
     if (target == -1.0 && PyErr_Occurred()) return NULL;
@@ -125,6 +125,12 @@ static PyObject *step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_NoMemory();
         goto done;
     }
+    for (Py_ssize_t i = 0; i < m; i++) {  /* before anything is written */
+        if (features[i] < 0 || features[i] >= d) {
+            PyErr_Format(PyExc_ValueError, "step(): features[%zd] = %zd is past the %zd inputs", i, features[i], d);
+            goto done;
+        }
+    }
     Py_ssize_t n = 0;
     for (Py_ssize_t j = 0; j < d; j++) {
         if (x[j] != 0.0) {
@@ -150,14 +156,9 @@ static PyObject *step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     double error = target - predicted, gain = error / s, scale = 1.0 / sqrt(s);
     double *u = down + r * m;
     for (Py_ssize_t i = 0; i < m; i++) {
-        Py_ssize_t feature = features[i];
-        if (feature < 0 || feature >= d) {
-            PyErr_Format(PyExc_ValueError, "step(): features[%zd] = %zd is past the %zd inputs", i, feature, d);
-            goto done;
-        }
         double value = theta[i] + cx[i] * gain;
         new_theta[i] = value;
-        new_weights[feature] = value;
+        new_weights[features[i]] = value;
         u[i] = cx[i] * scale;
     }
     result = Py_BuildValue("(dd)", s, error);
@@ -200,9 +201,9 @@ static PyObject *fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "fold() takes 6 arguments");
         return NULL;
     }
-    Py_ssize_t a = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t a = PyNumber_AsSsize_t(args[4], PyExc_OverflowError);
     if (a == -1 && PyErr_Occurred()) return NULL;
-    Py_ssize_t b_ = PyLong_AsSsize_t(args[5]);
+    Py_ssize_t b_ = PyNumber_AsSsize_t(args[5], PyExc_OverflowError);
     if (b_ == -1 && PyErr_Occurred()) return NULL;
 
     enum { NEW, BASE, ROWS, DOWN, N };

@@ -51,7 +51,7 @@ def random_state(rng: np.random.Generator, d: int, m: int) -> tuple[np.ndarray, 
 def test_one_step_equals_numpys(seed: int) -> None:
     rng = np.random.default_rng(seed)
     d = int(rng.integers(3, 200))
-    m = int(rng.integers(1, d + 1))
+    m = int(rng.integers(0 if seed % 10 == 0 else 1, d + 1))  # an arm that has seen nothing, now and then
     r = int(rng.integers(0, 2 * online._DEFERRED))
     x, row_of, features, theta, base, down, weights = random_state(rng, d, m)
     outs = []
@@ -160,6 +160,17 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def test_a_refused_step_writes_nothing() -> None:
+    args = valid(np.random.default_rng(7))
+    args[2] = args[2].copy()
+    args[2][-1] = 10_000  # the last seen input's index is past the inputs: found before any write
+    kept = [a.copy() for a in (args[5], args[8], args[9])]
+    with pytest.raises(ValueError, match="features"):
+        compiled.step(*args)
+    for before, after in zip(kept, (args[5], args[8], args[9])):
+        assert np.array_equal(before, after, equal_nan=True)
+
+
 def test_the_wrong_number_or_kind_of_arguments_is_a_type_error() -> None:
     args = valid(np.random.default_rng(6))
     with pytest.raises(TypeError, match="10 arguments"):
@@ -167,6 +178,8 @@ def test_the_wrong_number_or_kind_of_arguments_is_a_type_error() -> None:
     args[7] = "one"
     with pytest.raises(TypeError):
         compiled.step(*args)
+    args[7], args[6] = 1.0, np.intp(3)  # numpy's integers are integers
+    assert compiled.step(*args) is not None
 
 
 def test_without_the_compiled_module_the_head_learns_with_numpy() -> None:
