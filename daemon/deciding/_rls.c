@@ -20,6 +20,17 @@
  * longer vectorized its loops (the update took three times as long at 129 inputs). */
 #define NOINLINE __attribute__((noinline))
 
+/* On x86-64, the arithmetic is also built for AVX2 with FMA and the best version the CPU runs is
+ * chosen when the module loads (a third less time at 129 inputs than the baseline's SSE2). */
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define VECTORIZED __attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef VECTORIZED
+#define VECTORIZED
+#endif
+
 typedef struct {
     Py_buffer view;
     int held;
@@ -57,7 +68,7 @@ static int take(PyObject *obj, Buf *buf, int ndim, int integer, int writable, co
 
 /* cx = Σx for Σ = base - down[:r]ᵀdown[:r] (m × m, symmetric) and the n inputs x[rows] = vals:
  * the sum of base's rows of those inputs, less each kept row times its product with x. */
-static void NOINLINE sigma_x(const double *restrict base, const double *restrict down, Py_ssize_t m, Py_ssize_t r,
+static void NOINLINE VECTORIZED sigma_x(const double *restrict base, const double *restrict down, Py_ssize_t m, Py_ssize_t r,
                     const Py_ssize_t *restrict rows, const double *restrict vals, Py_ssize_t n, double *restrict cx) {
     for (Py_ssize_t t = 0; t < n; t++) {
         const double *restrict line = base + rows[t] * m;
@@ -172,7 +183,7 @@ done:
 }
 
 /* new[i] = base[i] - Σ_q rows[i, q]·down[q] for the rows i in [a, b) */
-static void NOINLINE fold_rows(double *restrict new, const double *restrict base, const double *restrict rows,
+static void NOINLINE VECTORIZED fold_rows(double *restrict new, const double *restrict base, const double *restrict rows,
                                const double *restrict down, Py_ssize_t m, Py_ssize_t k, Py_ssize_t a, Py_ssize_t b) {
     for (Py_ssize_t i = a; i < b; i++) {
         double *restrict out = new + i * m;
