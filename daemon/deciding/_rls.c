@@ -22,7 +22,7 @@
 
 /* On x86-64, the arithmetic is also built for AVX2 with FMA and the best version the CPU runs is
  * chosen when the module loads (a third less time at 129 inputs than the baseline's SSE2). */
-#if defined(__x86_64__) && defined(__has_attribute)
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)  /* ifuncs: glibc */
 #if __has_attribute(target_clones)
 #define VECTORIZED __attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
