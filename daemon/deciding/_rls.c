@@ -1,5 +1,6 @@
-/* The online head's single update, compiled: the step (``_step_numpy`` in reflexd/deciding/online.py)
- * and a block of a fold (``_fold_numpy``), each in one call instead of several numpy calls.
+/* The online head's arithmetic, compiled: an update's step (``_step_numpy`` in reflexd/deciding/online.py),
+ * a block of a fold (``_fold_numpy``) and an arm's spread at a decision (``_spread_numpy``), each in
+ * one call instead of several numpy calls.
  *
  * numpy spends 0.5-1.5 us per call on this machine's kind whatever the size, so the update in numpy
  * cost 12-34 us at the median; here it is the arithmetic alone, and it uses the context's
@@ -245,9 +246,105 @@ done:
     return result;
 }
 
+/* The posterior variance of an arm's mean at inputs x[rows] = vals (its seen inputs), at a noise
+ * of 1: xᵀ(base - down[:r]ᵀdown[:r])x, O(n² + r·n) for the n inputs set. */
+static double NOINLINE quadratic(const double *restrict base, const double *restrict down, Py_ssize_t m, Py_ssize_t r,
+                                 const Py_ssize_t *restrict rows, const double *restrict vals, Py_ssize_t n) {
+    double quad = 0.0;
+    for (Py_ssize_t t = 0; t < n; t++) {
+        const double *line = base + rows[t] * m;
+        double a = 0.0;
+        for (Py_ssize_t q = 0; q < n; q++) a += line[rows[q]] * vals[q];
+        quad += a * vals[t];
+    }
+    for (Py_ssize_t k = 0; k < r; k++) {
+        const double *u = down + k * m;
+        double a = 0.0;
+        for (Py_ssize_t t = 0; t < n; t++) a += u[rows[t]] * vals[t];
+        quad -= a * a;
+    }
+    return quad;
+}
+
+/* spread(x, row_of, features, base, down, r, last, unit) -> float
+ *
+ * The variance of an arm's mean at x with its last input (the live model's score) set to
+ * ``last``: over the inputs it has seen, xᵀ(base - down[:r]ᵀdown[:r])x; each input it has not
+ * seen adds its prior variance ``unit`` times its square (``OnlineHead.spread``).
+ */
+static PyObject *spread(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "spread() takes 8 arguments");
+        return NULL;
+    }
+    Py_ssize_t r = PyNumber_AsSsize_t(args[5], PyExc_OverflowError);
+    if (r == -1 && PyErr_Occurred()) return NULL;
+    double last = PyFloat_AsDouble(args[6]);
+    if (last == -1.0 && PyErr_Occurred()) return NULL;
+    double unit = PyFloat_AsDouble(args[7]);
+    if (unit == -1.0 && PyErr_Occurred()) return NULL;
+
+    enum { X, ROW_OF, FEATURES, BASE, DOWN, N };
+    Buf b[N];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    Py_ssize_t *rows = NULL;
+    double *vals = NULL;
+    if (take(args[0], &b[X], 1, 0, 0, "x") || take(args[1], &b[ROW_OF], 1, 1, 0, "row_of")
+        || take(args[2], &b[FEATURES], 1, 1, 0, "features") || take(args[3], &b[BASE], 2, 0, 0, "base")
+        || take(args[4], &b[DOWN], 2, 0, 0, "down"))
+        goto done;
+    /* ``features`` is not read (row_of says where each input's row is): its length checks the state's */
+    Py_ssize_t d = b[X].view.shape[0], m = b[BASE].view.shape[0];
+    if (d == 0 || b[ROW_OF].view.shape[0] != d || b[FEATURES].view.shape[0] != m || b[BASE].view.shape[1] != m
+        || b[DOWN].view.shape[1] != m) {
+        PyErr_SetString(PyExc_ValueError, "spread(): the arrays' lengths disagree");
+        goto done;
+    }
+    if (r < 0 || r > b[DOWN].view.shape[0]) {
+        PyErr_SetString(PyExc_ValueError, "spread(): r is past down's rows");
+        goto done;
+    }
+    const double *x = b[X].view.buf;
+    const Py_ssize_t *row_of = b[ROW_OF].view.buf;
+    rows = PyMem_Malloc(d * sizeof(Py_ssize_t));
+    vals = PyMem_Malloc(d * sizeof(double));
+    if (!rows || !vals) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t n = 0;
+    double unseen = 0.0;
+    for (Py_ssize_t j = 0; j < d; j++) {
+        double v = j == d - 1 ? last : x[j];
+        if (v == 0.0) continue;
+        Py_ssize_t row = row_of[j];
+        if (row >= m) {
+            PyErr_Format(PyExc_ValueError, "spread(): row_of[%zd] = %zd is past the %zd rows", j, row, m);
+            goto done;
+        }
+        if (row < 0) {
+            unseen += v * v;
+        } else {
+            rows[n] = row;
+            vals[n++] = v;
+        }
+    }
+    result = PyFloat_FromDouble(quadratic(b[BASE].view.buf, b[DOWN].view.buf, m, r, rows, vals, n) + unit * unseen);
+
+done:
+    PyMem_Free(rows);
+    PyMem_Free(vals);
+    release(b, N);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"step", (PyCFunction)(void (*)(void))step, METH_FASTCALL,
      "step(x, row_of, features, theta, base, down, r, target, new_theta, new_weights) -> (s, error) or None"},
+    {"spread", (PyCFunction)(void (*)(void))spread, METH_FASTCALL,
+     "spread(x, row_of, features, base, down, r, last, unit) -> float: the variance of an arm's mean at x"},
     {"fold", (PyCFunction)(void (*)(void))fold, METH_FASTCALL,
      "fold(new, base, rows, down, a, b) -> None: rows a to b of the next base"},
     {NULL, NULL, 0, NULL},

@@ -147,6 +147,25 @@ def _step_numpy(
     return s, error
 
 
+def _spread_numpy(
+    x: np.ndarray, row_of: np.ndarray, features: np.ndarray, base: np.ndarray, down: np.ndarray, r: int, last: float,
+    unit: float,
+) -> float:
+    """The variance of an arm's mean at ``x`` with its last input (the live model's score) set to
+    ``last``, at a noise of 1 (``OnlineHead.spread``): xᵀΣx over the inputs it has seen, plus the
+    prior variance ``unit`` times the square of each it has not. ``_rls.spread``'s reference and
+    stand-in."""
+    xr = x[features]
+    row = row_of[-1]
+    if row >= 0:
+        xr[row] = last  # the score's input, left at 0 in ``x``
+    var = xr.dot(base.dot(xr)) + unit * (x.dot(x) - x[-1] * x[-1] + last * last - xr.dot(xr))
+    if r:
+        done = down[:r].dot(xr)
+        var -= done.dot(done)
+    return float(var)
+
+
 def _fold_numpy(new: np.ndarray, base: np.ndarray, rows: np.ndarray, down: np.ndarray, a: int, b: int) -> None:
     """Rows ``a`` to ``b`` of the next base (``_Arm._fold``): base − downᵀdown over the first
     ``rows.shape[1]`` rows of ``down``, ``rows`` being those rows transposed. ``_rls.fold``'s
@@ -171,10 +190,11 @@ class _Arm:
 
     __slots__ = ("_folded", "_folding", "n", "residual", "state")
 
-    # An update's arithmetic and a fold's block: compiled, or numpy's where that was not built
+    # An update's arithmetic, a fold's block and the spread: compiled, or numpy's where that was not built
     # (class attributes, so that tests and ``bench.online`` can run numpy's beside them).
     _step = staticmethod(_compiled.step if _compiled else _step_numpy)
     _fold_block = staticmethod(_compiled.fold if _compiled else _fold_numpy)
+    _spread = staticmethod(_compiled.spread if _compiled else _spread_numpy)
     # Rows of the new base a fold writes per update, at most (more only past 14× as many inputs, so
     # that a fold ends before the rows kept fill their buffer). Folding all m rows in one update made
     # that update 3× the others at 129 inputs, and the per-update p99 the fold's. In numpy a block
@@ -400,7 +420,7 @@ class OnlineHead:
                 out.append(scores[k] if scores is not None else 0.0)
                 continue
             w = arm.state.weights
-            out.append(float(w @ x) + (float(w[-1]) * scores[k] if scores is not None else 0.0))
+            out.append(float(w.dot(x)) + (float(w[-1]) * scores[k] if scores is not None else 0.0))  # dot: see ``_step_numpy``
         return out
 
     def knows(self, agent: str, ids: list[str]) -> bool:
@@ -425,16 +445,8 @@ class OnlineHead:
                 out.append(sqrt(unit * (xx + score * score)))
                 continue
             state = arm.state
-            xr = x[state.features]
-            if scores is not None:
-                row = state.row_of[-1]
-                if row >= 0:
-                    xr[row] = score  # the score's input, left at 0 in ``x``
-            var = xr.dot(state.base.dot(xr)) + unit * (xx + score * score - xr.dot(xr))
-            if state.r:
-                done = state.down[: state.r].dot(xr)
-                var -= done.dot(done)
-            out.append(sqrt(max(float(var), 0.0) * (state.noise if noise else 1.0)))
+            var = arm._spread(x, state.row_of, state.features, state.base, state.down, state.r, score, unit)
+            out.append(sqrt(max(var, 0.0) * (state.noise if noise else 1.0)))
         return out
 
     def remember(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from reflexd.deciding import online
-from reflexd.deciding.online import _Arm, _fold_numpy, _step_numpy
+from reflexd.deciding.online import _Arm, _fold_numpy, _spread_numpy, _step_numpy
 from test_online_fold import contexts
 
 compiled = online._compiled
@@ -23,12 +23,13 @@ def test_the_compiled_update_is_built_and_used() -> None:
     # the extension is optional in pyproject.toml: an install that silently failed to build it would
     # leave the head at numpy's speed; `make install` must build it
     assert compiled is not None, "reflexd.deciding._rls was not built (is a C compiler installed?)"
-    assert (_Arm._step, _Arm._fold_block) == (compiled.step, compiled.fold)
+    assert (_Arm._step, _Arm._fold_block, _Arm._spread) == (compiled.step, compiled.fold, compiled.spread)
 
 
 class NumpyArm(_Arm):
     _step = staticmethod(_step_numpy)
     _fold_block = staticmethod(_fold_numpy)
+    _spread = staticmethod(_spread_numpy)
     _fold_rows = 32
 
 
@@ -65,6 +66,50 @@ def test_one_step_equals_numpys(seed: int) -> None:
     np.testing.assert_allclose(got_weights, want_weights, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got_down, want_down, rtol=1e-12, atol=1e-12)  # row r written, the others kept
     assert np.array_equal(np.delete(got_down, r, axis=0), np.delete(down, r, axis=0))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_spread_equals_numpys(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    d = int(rng.integers(2, 200))
+    m = int(rng.integers(0 if seed % 10 == 0 else 1, d + 1))
+    r = int(rng.integers(0, 2 * online._DEFERRED + 1))
+    x, row_of, features, _, base, down, _ = random_state(rng, d, m)
+    x[-1] = 0.0  # the score's slot, as at a decision
+    if seed % 3 == 0:  # inputs the arm has never seen: their prior variance
+        x[rng.choice(d - 1, size=min(3, d - 1), replace=False)] = 1.5
+    last = 0.0 if seed % 4 == 0 else float(rng.normal())
+    unit = float(rng.uniform(0.01, 2.0))
+    got = compiled.spread(x, row_of, features, base, down, r, last, unit)
+    want = _spread_numpy(x, row_of, features, base, down, r, last, unit)
+    assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
+
+
+def test_the_heads_spread_is_the_same_either_way() -> None:
+    xs = contexts(300, 130, 10, seed=4)
+    arms = {}
+    for cls in (_Arm, NumpyArm):
+        arm = arms[cls] = cls(130)
+        for x, y in zip(xs, np.random.default_rng(4).normal(size=len(xs))):
+            arm.update(x, float(y), 1.0)
+    for x in xs[-20:]:
+        values = [arm._spread(x, s.row_of, s.features, s.base, s.down, s.r, 0.3, 0.5)
+                  for arm in arms.values() for s in [arm.state]]
+        assert values[0] == pytest.approx(values[1], rel=1e-9)
+        assert values[0] > 0
+
+
+def test_a_wrong_spread_argument_is_refused() -> None:
+    args = valid(np.random.default_rng(8))
+    x, row_of, features, _, base, down = args[:6]
+    with pytest.raises(ValueError, match="lengths disagree"):
+        compiled.spread(x, row_of, features[:-1], base, down, 3, 0.0, 1.0)
+    with pytest.raises(ValueError, match="r is past"):
+        compiled.spread(x, row_of, features, base, down, len(down) + 1, 0.0, 1.0)
+    with pytest.raises(ValueError, match=re.escape("row_of[")):
+        compiled.spread(x, np.where(row_of >= 0, row_of + 100, row_of), features, base, down, 3, 0.0, 1.0)
+    with pytest.raises(TypeError, match="8 arguments"):
+        compiled.spread(x, row_of, features, base, down, 3, 0.0)
 
 
 def test_an_input_never_seen_returns_none_and_writes_nothing() -> None:
