@@ -153,7 +153,8 @@ def _spread_numpy(
 ) -> float:
     """The variance of an arm's mean at ``x`` with its last input (the live model's score) set to
     ``last``, at a noise of 1 (``OnlineHead.spread``): xᵀΣx over the inputs it has seen, plus the
-    prior variance ``unit`` times the square of each it has not. ``_rls.spread``'s reference and
+    prior variance ``unit`` times the square of each it has not. ``x``'s last input is read as
+    ``last`` whatever it holds (``features`` leaves it at 0). ``_rls.spread``'s reference and
     stand-in."""
     xr = x[features]
     row = row_of[-1]
