@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'what':58s} {'value':>22s}",
         "-" * 81,
     ]
-    step = "compiled (reflexd.deciding._rls)" if online_module._compiled else "numpy's (reflexd.deciding._rls not built)"
-    lines.append(f"{'the update step':58s} {step}")
+    step, label = online_module.ARITHMETIC, "the online head's arithmetic"
+    lines.append(f"{label:58s} {step}")
     for u in updates:
         label = f"learn(), {u['keys']} keys ({u['features_seen']} features seen)" + (f", {u['reference']}" * bool(u["reference"]))
         lines.append(f"{label:58s} {u['p50_us']:>7.1f} µs p50 {u['p99_us']:>6.1f} p99 {u['p999_us']:>6.1f} p99.9 "

@@ -52,6 +52,9 @@ try:
 except ImportError:  # built without a C compiler (it is optional in pyproject.toml)
     _compiled = None
 
+# how the head's arithmetic runs here, as the daemon's "reflexd ready" log line says it
+ARITHMETIC = "compiled" if _compiled else "numpy (reflexd.deciding._rls was not built)"
+
 _log = log.get("reflexd.online")
 
 

@@ -23,6 +23,7 @@ from reflexd import __version__, log
 from reflexd.collect.receiver import TraceReceiver, durably
 from reflexd.config import CLIENT_SETTINGS_FILE, Config, client_settings, keep_restart_only, load_config
 from reflexd.deciding.choosing import slate_events
+from reflexd.deciding.online import ARITHMETIC as ONLINE_ARITHMETIC
 from reflexd.durable import atomic_write, private_dir
 from reflexd.errors import (
     ConfigError,
@@ -186,6 +187,7 @@ class Daemon:
                             socket_activated=self.socket_activated,
                             state_dir=cfg.state_dir,
                             pid=os.getpid(),
+                            online_head=ONLINE_ARITHMETIC if cfg.online.enabled else "off",
                         )
                         sdnotify.notify("READY=1", "STATUS=accepting events")
                 finally:

@@ -313,3 +313,17 @@ def test_a_socket_directory_others_can_write_is_refused(daemon_factory) -> None:
             daemon_factory({"socket": {"path": str(shared / "r.sock")}})
     finally:
         shared.rmdir()
+
+
+def _ready(d: DaemonProcess) -> dict:
+    def line() -> dict | None:
+        found = [ln for ln in d.log_path.read_text().splitlines() if '"reflexd ready"' in ln]
+        return msgspec.json.decode(found[0]) if found else None
+
+    return wait_for(line, 30, "the 'reflexd ready' log line")
+
+
+def test_the_ready_line_says_how_the_online_head_computes(daemon_factory) -> None:
+    # an operator can tell from the log whether the install built the head's compiled arithmetic
+    assert _ready(daemon_factory())["online_head"] == "compiled"
+    assert _ready(daemon_factory({"online": {"enabled": False}}))["online_head"] == "off"
