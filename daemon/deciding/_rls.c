@@ -67,6 +67,23 @@ static int take(PyObject *obj, Buf *buf, int ndim, int integer, int writable, co
     return 0;
 }
 
+/* Argument helpers: each sets the exception and returns -1 on a wrong argument. */
+static int arguments(Py_ssize_t nargs, Py_ssize_t n, const char *name) {
+    if (nargs == n) return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments", name, n);
+    return -1;
+}
+
+static int integer(PyObject *obj, Py_ssize_t *out) {  /* any integer, numpy's too */
+    *out = PyNumber_AsSsize_t(obj, PyExc_OverflowError);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int real(PyObject *obj, double *out) {
+    *out = PyFloat_AsDouble(obj);
+    return *out == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
 /* cx = Σx for Σ = base - down[:r]ᵀdown[:r] (m × m, symmetric) and the n inputs x[rows] = vals:
  * the sum of base's rows of those inputs, less each kept row times its product with x. */
 static void NOINLINE VECTORIZED sigma_x(const double *restrict base, const double *restrict down, Py_ssize_t m, Py_ssize_t r,
@@ -94,14 +111,9 @@ static void NOINLINE VECTORIZED sigma_x(const double *restrict base, const doubl
  */
 static PyObject *step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "step() takes 10 arguments");
-        return NULL;
-    }
-    Py_ssize_t r = PyNumber_AsSsize_t(args[6], PyExc_OverflowError);  /* any integer, numpy's too */
-    if (r == -1 && PyErr_Occurred()) return NULL;
-    double target = PyFloat_AsDouble(args[7]);
-    if (target == -1.0 && PyErr_Occurred()) return NULL;
+    Py_ssize_t r;
+    double target;
+    if (arguments(nargs, 10, "step") || integer(args[6], &r) || real(args[7], &target)) return NULL;
 
     enum { X, ROW_OF, FEATURES, THETA, BASE, DOWN, NEW_THETA, NEW_WEIGHTS, N };
     Buf b[N];
@@ -209,14 +221,8 @@ static void NOINLINE VECTORIZED fold_rows(double *restrict new, const double *re
  */
 static PyObject *fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "fold() takes 6 arguments");
-        return NULL;
-    }
-    Py_ssize_t a = PyNumber_AsSsize_t(args[4], PyExc_OverflowError);
-    if (a == -1 && PyErr_Occurred()) return NULL;
-    Py_ssize_t b_ = PyNumber_AsSsize_t(args[5], PyExc_OverflowError);
-    if (b_ == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t a, b_;
+    if (arguments(nargs, 6, "fold") || integer(args[4], &a) || integer(args[5], &b_)) return NULL;
 
     enum { NEW, BASE, ROWS, DOWN, N };
     Buf b[N];
@@ -274,16 +280,9 @@ static double NOINLINE quadratic(const double *restrict base, const double *rest
  */
 static PyObject *spread(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "spread() takes 8 arguments");
-        return NULL;
-    }
-    Py_ssize_t r = PyNumber_AsSsize_t(args[5], PyExc_OverflowError);
-    if (r == -1 && PyErr_Occurred()) return NULL;
-    double last = PyFloat_AsDouble(args[6]);
-    if (last == -1.0 && PyErr_Occurred()) return NULL;
-    double unit = PyFloat_AsDouble(args[7]);
-    if (unit == -1.0 && PyErr_Occurred()) return NULL;
+    Py_ssize_t r;
+    double last, unit;
+    if (arguments(nargs, 8, "spread") || integer(args[5], &r) || real(args[6], &last) || real(args[7], &unit)) return NULL;
 
     enum { X, ROW_OF, FEATURES, BASE, DOWN, N };
     Buf b[N];
