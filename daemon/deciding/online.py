@@ -112,7 +112,7 @@ _DEFERRED = 16
 # An arm's updates made together (``OnlineHead.learn_many``) go as one step (``_Arm.update_many``)
 # from this many on. The step costs some 70 µs whatever their number (numpy's per-call cost, the
 # Cholesky factor and its inverse): as much as three or four updates one by one in numpy, and as
-# ten to sixteen compiled (``bench.online``: per update, 9–18 µs together at 4 to 8 rewards, 4–7 at 32).
+# ten to sixteen compiled (``bench.online``: per update, 9–18 µs together at 4 to 8 rewards, 4–12 at 32).
 _BATCH = 16 if _compiled else 4
 # and at most this many in one step: its k×k factor and inverse cost O(k³) (relearning 1000 rows
 # of one action at 85 inputs: 6 ms in steps of 32, 8 in steps of 64, 24 of 256, 130 in one)
@@ -423,8 +423,8 @@ class OnlineHead:
             if arm is None:  # nothing learned: the model's score as it is, or the prior's 0
                 out.append(scores[k] if scores is not None else 0.0)
                 continue
-            w = arm.state.weights
-            out.append(float(w.dot(x)) + (float(w[-1]) * scores[k] if scores is not None else 0.0))  # dot: see ``_step_numpy``
+            w = arm.state.weights  # ndarray.dot, not @: see ``_step_numpy``
+            out.append(float(w.dot(x)) + (float(w[-1]) * scores[k] if scores is not None else 0.0))
         return out
 
     def knows(self, agent: str, ids: list[str]) -> bool:
