@@ -119,6 +119,7 @@ class _NumpyStepArm(online_module._Arm):
 
     _step = staticmethod(online_module._step_numpy)
     _fold_block = staticmethod(online_module._fold_numpy)
+    _spread = staticmethod(online_module._spread_numpy)
     _fold_rows = 32
 
 
