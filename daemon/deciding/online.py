@@ -132,7 +132,8 @@ def _step_numpy(
 
     The compiled ``_rls.step`` does the same in one call where numpy makes some twelve (0.5–1.5 µs
     each here, whatever their size): this is its reference (``tests/unit/test_online_compiled.py``)
-    and its stand-in where it could not be built.
+    and its stand-in where it could not be built, so it takes the same arguments (``row_of``,
+    which only the compiled step reads).
     """
     xr = x[features]
     if np.count_nonzero(xr) != np.count_nonzero(x):
