@@ -333,8 +333,38 @@ def cmd_decide(args: argparse.Namespace) -> int:
         msg = msgspec.convert(fields, Decide)
     except msgspec.ValidationError as exc:
         raise UsageError(f"not a valid decide request: {exc}") from None
-    _print(_request(args, msg))  # JSON with or without --json
+    reply = _request(args, msg)
+    if args.json:
+        _print(reply)
+    else:
+        print("\n".join(_decided_lines(reply)))
     return 0
+
+
+def _decided_lines(reply: Any) -> list[str]:
+    """A decide reply for a reader: the action chosen (each slot's), or every action's score."""
+    from reflexd.wire.protocol import Decided, DecidedSlate
+
+    def by(version: str | None, strategy: str) -> str:
+        return f"model {version} ({strategy})" if version else f"no model ({strategy})"
+
+    if isinstance(reply, Decided):
+        return [f"{reply.action}  prob {reply.prob:.4g}  {by(reply.model_version, reply.strategy)}  id {reply.id}"]
+    if isinstance(reply, DecidedSlate):
+        lines = [f"slate {reply.slate}"]
+        for slot in reply.slots:
+            lines.append(
+                f"  slot {slot.slot}: {slot.action}  prob {slot.prob:.4g}  {by(slot.model_version, slot.strategy)}  id {slot.id}"
+            )
+        return lines
+    # Scored (--no-log): nothing was chosen or logged
+    width = max(6, *(len(a) for a in reply.actions))
+    lines = [f"{by(reply.model_version, reply.strategy)}; nothing logged", f"{'action':<{width}}  {'score':>9}  {'spread':>9}  {'prob':>7}"]
+    for k, action in enumerate(reply.actions):
+        score = f"{reply.scores[k]:9.4f}" if reply.scores is not None else f"{'-':>9}"
+        spread = f"{reply.spread[k]:9.4f}" if reply.spread is not None else f"{'-':>9}"
+        lines.append(f"{action:<{width}}  {score}  {spread}  {reply.probs[k]:7.4f}")
+    return lines
 
 
 def _context_and_actions(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -1021,13 +1051,15 @@ def build_parser() -> argparse.ArgumentParser:
         "decide",
         "ask the daemon for one decision (logged like any other)",
         "Ask the daemon to choose one of --actions for --context, as an agent would; the decision is\n"
-        "logged like any other, so an outcome can be sent for its id. Prints the reply as JSON: id,\n"
-        "action, prob, model_version, strategy (--json prints the same). With --no-log nothing is chosen or\n"
-        "logged, and exploration's clock does not move: it prints every action's score, spread and\n"
-        "probability (id, actions, scores, spread, probs, model_version, strategy; scores and spread are\n"
-        "null without a model). With --slots K it ranks K of the actions (a slate): one decision is logged\n"
-        "per slot, and it prints the slate id and each slot's id, action and probability given the slots\n"
-        "before it. Exit 1 on a bad --context or --actions, or if the daemon cannot be reached.",
+        "logged like any other, so an outcome can be sent for its id. Prints the action chosen, its\n"
+        "probability, the model and strategy that chose it, and the decision's id (--json: id, action,\n"
+        "prob, model_version, strategy). With --no-log nothing is chosen or logged, and exploration's\n"
+        "clock does not move: it prints every action's score, spread and probability (--json: id,\n"
+        "actions, scores, spread, probs, model_version, strategy; scores and spread are null without a\n"
+        "model). With --slots K it ranks K of the actions (a slate): one decision is logged per slot,\n"
+        "and it prints the slate id and each slot's action, probability given the slots before it, and\n"
+        "id (--json: slate, slots). Exit 1 on a bad --context or --actions, or if the daemon cannot be\n"
+        "reached.",
         [
             """reflexd decide --agent router --context '{"task": "code"}' --actions small,large""",
             """reflexd decide --agent feed --context '{"user": "u1"}' --actions a,b,c,d --slots 3""",
@@ -1049,7 +1081,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--default", metavar="ACTION",
         help="the agent's own choice (apprentice mode): served, with exploration, until a model is live",
     )
-    json_flag(p, "", "accepted for uniformity: the decision is printed as JSON either way")
+    json_flag(p, "the reply")
     p.set_defaults(func=cmd_decide)
 
     p = command(

@@ -158,9 +158,18 @@ def test_unlogged_decides_and_explains_store_nothing_and_leave_the_clock_alone(d
     assert "model v0001 (softmax)" in top.stdout and top.stdout.strip().splitlines()[-1].split()[0] == "task"
     assert "lang" not in top.stdout
 
-    proc = reflexd("decide", "--socket", d.socket, "--agent", "a", "--context", context, "--actions", "p,q,r", "--no-log")
+    proc = reflexd("decide", "--socket", d.socket, "--agent", "a", "--context", context, "--actions", "p,q,r", "--no-log", "--json")
     assert proc.returncode == 0, proc.stderr
     scored = json.loads(proc.stdout)
     assert scored["type"] == "scored" and scored["actions"] == ["p", "q", "r"] and scored["model_version"] == "v0001"
     assert scored["scores"] == pytest.approx(scores) and scored["probs"] == pytest.approx([a["prob"] for a in doc["actions"]])
     assert experience(d) == (stored, received)  # the model's scoring logged nothing either
+    # without --json, a table: each action's score, spread and probability, as the JSON gives them
+    table = reflexd("decide", "--socket", d.socket, "--agent", "a", "--context", context, "--actions", "p,q,r", "--no-log")
+    assert table.returncode == 0, table.stderr
+    head, columns, *rows = table.stdout.strip().splitlines()
+    assert head == "model v0001 (softmax); nothing logged" and columns.split() == ["action", "score", "spread", "prob"]
+    assert [row.split()[0] for row in rows] == ["p", "q", "r"]
+    assert [float(row.split()[1]) for row in rows] == pytest.approx(scored["scores"], abs=1e-4)
+    assert [float(row.split()[3]) for row in rows] == pytest.approx(scored["probs"], abs=1e-4)
+    assert experience(d) == (stored, received)

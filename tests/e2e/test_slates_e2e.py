@@ -182,6 +182,14 @@ def test_a_slate_decided_over_the_socket_is_logged_one_decision_per_slot(daemon:
     )
     assert done.returncode == 0, done.stderr
     assert [s["slot"] for s in json.loads(done.stdout)["slots"]] == [0, 1]
+    plain = subprocess.run(
+        [str(cli), "decide", "--socket", daemon.socket, "--agent", "feed", "--actions", "a,b", "--slots", "2"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert plain.returncode == 0, plain.stderr
+    first, *slots = plain.stdout.strip().splitlines()
+    assert first.startswith("slate ") and [line.split()[:2] for line in slots] == [["slot", "0:"], ["slot", "1:"]]
+    assert {line.split()[2] for line in slots} == {"a", "b"} and "prob 0.5" in slots[0] and "prob 1" in slots[1]
     daemon.stop()
     with duckdb.connect(str(daemon.state_dir / "reflexd.duckdb"), read_only=True) as con:
         rows = con.execute(

@@ -236,9 +236,12 @@ def test_status_decide_models_and_forget_print_json(daemon: DaemonProcess) -> No
     decided = cli(daemon, "decide", "--agent", "bot", "--context", '{"kind": "a"}', "--actions", "x,y")
     assert {"id", "action", "prob", "model_version", "strategy"} <= decided.keys()
     assert decided["action"] in ("x", "y") and decided["model_version"] is None
-    # the same without --json: the reply is JSON either way
+    # without --json, for a reader: the action, its probability, what chose it, the decision's id
     plain = reflexd("decide", "--agent", "bot", "--actions", "x", "--socket", daemon.socket)
-    assert plain.returncode == 0 and json.loads(plain.stdout)["action"] == "x"
+    assert plain.returncode == 0, plain.stderr
+    action, _, prob, by, _, _, _, decision = plain.stdout.split()
+    assert (action, prob, by, len(decision)) == ("x", "1", "no", 32), plain.stdout
+    assert "no model (default)" in plain.stdout
 
     # the agent that decided has its own model line (learning.scope: agent), with no model yet
     assert cli(daemon, "models", "list") == {"current": None, "serving": None, "line": "agent:bot", "models": []}
