@@ -162,7 +162,7 @@ class OnlineConfig(_Section):
     # a Bayesian linear head every reward updates at once, between batch models (see
     # reflexd.deciding.online): the policy before any model, a correction beside a live one
     enabled: bool = True
-    prior: PositiveFloat = 1.0  # ridge penalty: larger keeps the head nearer zero for longer
+    prior: PositiveFloat = 1.0  # ridge penalty: larger keeps the head nearer the agent's mean reward for longer
     # the ridge penalty beside a live model (the head starts afresh with each one), on every input,
     # the model's score among them: how far to trust the scores is learned, from a prior weight of 0
     model_prior: PositiveFloat = 1.0

@@ -7,7 +7,9 @@ id) of the reward on the hashed context, a bias, and the live model's score of t
 reward for the m features the action has seen (see ``_Arm``). Its means are the scores the
 exploration strategy turns into probabilities:
 
-- before any model, it is the policy, so the first decisions already learn;
+- before any model, it is the policy, so the first decisions already learn; each action regresses
+  from the agent's mean reward so far (``OnlineHead._mean_reward``), so that where the rewards'
+  zero is changes no decision;
 - beside a live model, the model's score is one more input, its weight learned like the others'
   from a prior of 0 (ridge penalty ``model_prior``): the head learns from the rewards how far to
   trust the model's scores and what they miss, so a model worse than the head alone costs little
@@ -193,7 +195,7 @@ class _Arm:
     update costs O(m²), not O(d²), with the same result as the full regression.
     """
 
-    __slots__ = ("_folded", "_folding", "n", "residual", "state")
+    __slots__ = ("_folded", "_folding", "n", "prior_mean", "residual", "state")
 
     # An update's arithmetic, a fold's block and the spread: compiled, or numpy's where that was not built
     # (class attributes, so that tests and ``bench.online`` can run numpy's beside them).
@@ -207,7 +209,9 @@ class _Arm:
     # its arithmetic alone, so the fold is spread over as many updates as it may take.
     _fold_rows = 1 if _compiled else 32
 
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, prior_mean: float = 0.0) -> None:
+        # the bias's prior mean: the arm regresses reward − prior_mean (see ``OnlineHead._mean_reward``)
+        self.prior_mean = prior_mean
         self.state = _State(np.zeros(d), np.full(d, -1, dtype=np.intp), np.zeros(0, dtype=np.intp), np.zeros(0),
                             np.zeros((0, 0)), np.zeros((2 * _DEFERRED, 0)), 0, 1.0)
         # the fold under way (``_fold``; None: none): the new base, its first ``_folded`` rows written
@@ -342,6 +346,15 @@ class _Arm:
         return new, rest, r - _DEFERRED
 
 
+def _made_at(totals: dict[str, tuple[float, int]], agent: str, reward: float) -> float:
+    """Count ``reward`` in ``agent``'s running (sum, count) in ``totals``; the prior mean of an arm
+    it makes: the mean before it, or, for the agent's first reward, the reward itself (so that no
+    arm starts from a 0 whose meaning depends on where the rewards' zero is)."""
+    total, n = totals.get(agent, (0.0, 0))
+    totals[agent] = (total + reward, n + 1)
+    return total / n if n else reward
+
+
 def _group(groups: dict, key: tuple) -> tuple[list[np.ndarray], list[float]]:
     """The inputs and rewards gathered for ``key``'s arm, moved last: arms are then updated in the
     order of their last reward, as one by one, so that ``max_arms`` drops the same arms."""
@@ -364,6 +377,7 @@ def learned(head: OnlineHead, agent: str, action: str, decision_id: str, x: np.n
     return Learned(
         agent=agent, decision=decision_id, action=action, base=head.base, beside=beside,
         index=index.tolist(), value=x[index].tolist(), target=float(reward),
+        prior_mean=None if beside else head.prior_mean(agent, action),
     )
 
 
@@ -383,6 +397,9 @@ class OnlineHead:
         self._hasher = Hasher(spec)
         self._d = spec.context_dim + 2  # the hashed context, a bias, the model's score
         self._arms: OrderedDict[tuple[str, str], _Arm] = OrderedDict()
+        # agent -> (sum, count) of the rewards this head learned for it, own and absorbed: their
+        # mean is the prior mean of each action's reward before any model (``_mean_reward``)
+        self._rewards: dict[str, tuple[float, int]] = {}
         # decision id -> (agent, action id, its inputs with the model's score, whether it had one,
         # the model the head followed when it was made, when its wait window ends); oldest first
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
@@ -418,15 +435,35 @@ class OnlineHead:
     def means(self, agent: str, x: np.ndarray, ids: list[str], scores: list[float] | None = None) -> list[float]:
         """Each action's expected reward at ``x``, given the live model's ``scores`` (None: no model)."""
         arms = self._arms
+        prior = self._mean_reward(agent) if scores is None else 0.0
         out = []
         for k, aid in enumerate(ids):
             arm = arms.get((agent, aid))
-            if arm is None:  # nothing learned: the model's score as it is, or the prior's 0
-                out.append(scores[k] if scores is not None else 0.0)
+            if arm is None:  # nothing learned: the model's score as it is, or the prior mean
+                out.append(scores[k] if scores is not None else prior)
                 continue
             w = arm.state.weights  # ndarray.dot, not @: see ``_step_numpy``
-            out.append(float(w.dot(x)) + (float(w[-1]) * scores[k] if scores is not None else 0.0))
+            out.append(float(w.dot(x)) + arm.prior_mean + (float(w[-1]) * scores[k] if scores is not None else 0.0))
         return out
+
+    def _mean_reward(self, agent: str) -> float:
+        """The prior mean of an action's reward before any model: the mean reward this head has
+        learned for ``agent`` so far (0 before any). An arm made without a model regresses from
+        it (its bias's prior mean, fixed when the arm is made; the agent's first arm from its
+        first reward), and an action with no arm is valued at it. So the head's decisions do not
+        depend on where the rewards' zero is: rewards shifted by a constant shift every mean by
+        it, and leave every gap (tested; ``rewards.default`` is a reward like the others, so it is
+        shifted too). From a prior of 0 they did: rewards of 10 or 11 made every untried action
+        look 10 worse, and on iris so shifted the head alone earned 0.38, against 0.77 on the
+        rewards of 0 or 1; and on those an action that failed once looked no worse than one never
+        tried (``docs/results/2026-12-07-prior-mean.md``)."""
+        total, n = self._rewards.get(agent, (0.0, 0))
+        return total / n if n else 0.0
+
+    def prior_mean(self, agent: str, action: str) -> float | None:
+        """The prior mean of ``agent``'s ``action``'s arm (None: the head has no arm for it)."""
+        arm = self._arms.get((agent, action))
+        return None if arm is None else arm.prior_mean
 
     def knows(self, agent: str, ids: list[str]) -> bool:
         """Has the head learned anything for any of these actions of ``agent``?"""
@@ -545,6 +582,7 @@ class OnlineHead:
     def _learn_all(self, found: list[tuple[str, _Pending, float]]) -> int:
         """``_learn`` for each, the updates of one arm made together."""
         groups: dict[tuple[str, str, bool], tuple[list[np.ndarray], list[float]]] = {}
+        opened: dict[tuple[str, str], float] = {}
         learned = []
         with self._lock:
             for decision_id, (agent, action, x, beside, model, _), reward in found:
@@ -553,11 +591,12 @@ class OnlineHead:
                     xs, ys = _group(groups, (agent, action, beside))
                     xs.append(x)
                     ys.append(reward)
+                    self._count(agent, action, beside, reward, opened)
                     learned.append((agent, action, decision_id, x, reward, beside))
                 if kept is not None:
                     self._keep_recent(agent, action, x, reward, kept[1])
             for (agent, action, beside), (xs, ys) in groups.items():
-                self._update_all(agent, action, xs, ys, beside)
+                self._update_all(agent, action, xs, ys, beside, prior_mean=opened.get((agent, action), 0.0))
             self.updates += len(learned)
         for update in learned:
             self._shared(*update)
@@ -569,36 +608,63 @@ class OnlineHead:
             recent = self._recent = deque(recent, maxlen=self.settings.warm_rows)
         recent.append((agent, action, x, reward, source))
 
-    def absorb(self, agent: str, action: str, base: str | None, beside: bool, index: list[int], value: list[float], target: float) -> bool:
-        """Learn an update another process's head made (its inputs as ``index``/``value``); False
-        unless it learned beside the same live model (its corrections were for that model's scores)."""
-        return self._absorb_all([(agent, action, base, beside, index, value, target)]) == 1
+    def absorb(
+        self, agent: str, action: str, base: str | None, beside: bool, index: list[int], value: list[float],
+        target: float, prior_mean: float | None = None,
+    ) -> bool:
+        """Learn an update another process's head made (its inputs as ``index``/``value``, its
+        arm's ``prior_mean``: None for this head's own); False unless it learned beside the same
+        live model (its corrections were for that model's scores)."""
+        return self._absorb_all([(agent, action, base, beside, index, value, target, prior_mean)]) == 1
 
     def absorb_many(self, updates: Iterable[Learned]) -> int:
         """``absorb`` for each of other processes' updates, each action's made together; how many it learned."""
-        return self._absorb_all((u.agent, u.action, u.base, u.beside, u.index, u.value, u.target) for u in updates)
+        return self._absorb_all(
+            (u.agent, u.action, u.base, u.beside, u.index, u.value, u.target, u.prior_mean) for u in updates
+        )
 
-    def _absorb_all(self, updates: Iterable[tuple[str, str, str | None, bool, list[int], list[float], float]]) -> int:
+    def _absorb_all(
+        self, updates: Iterable[tuple[str, str, str | None, bool, list[int], list[float], float, float | None]]
+    ) -> int:
         groups: dict[tuple[str, str, bool], tuple[list[np.ndarray], list[float]]] = {}
-        n = 0
-        for agent, action, base, beside, index, value, target in updates:
-            x = self._absorbable(base, index, value, target)
+        order = []
+        for agent, action, base, beside, index, value, target, prior_mean in updates:
+            x = self._absorbable(base, index, value, target, prior_mean)
             if x is not None:
                 xs, ys = _group(groups, (agent, action, beside))
                 xs.append(x)
                 ys.append(target)
-                n += 1
+                order.append((agent, action, beside, target, prior_mean))
         with self._lock:
+            opened: dict[tuple[str, str], float] = {}
+            for agent, action, beside, target, prior_mean in order:
+                self._count(agent, action, beside, target, opened, prior_mean)
             for (agent, action, beside), (xs, ys) in groups.items():
-                self._update_all(agent, action, xs, ys, beside)
-            self.updates += n
-            self.absorbed += n
-        return n
+                self._update_all(agent, action, xs, ys, beside, prior_mean=opened.get((agent, action), 0.0))
+            self.updates += len(order)
+            self.absorbed += len(order)
+        return len(order)
 
-    def _absorbable(self, base: str | None, index: list[int], value: list[float], target: float) -> np.ndarray | None:
+    def _count(
+        self, agent: str, action: str, beside: bool, reward: float, opened: dict[tuple[str, str], float],
+        prior_mean: float | None = None,
+    ) -> None:
+        """Count ``reward`` towards ``agent``'s mean (under the lock), noting in ``opened`` at an
+        action's first reward of the batch without a model the prior mean its arm is made at if
+        the batch makes it: as ``_update`` would (as if the rewards were learned one by one), or
+        ``prior_mean``, the one another process made it with."""
+        made_at = _made_at(self._rewards, agent, reward)
+        if not beside:  # used only if the arm is made (new, or dropped by max_arms meanwhile)
+            opened.setdefault((agent, action), made_at if prior_mean is None else prior_mean)
+
+    def _absorbable(
+        self, base: str | None, index: list[int], value: list[float], target: float, prior_mean: float | None
+    ) -> np.ndarray | None:
         """An update's inputs, or None if this head cannot learn it: made beside another live model
         (its corrections were for that model's scores), or not well formed."""
         if base != self.base or len(index) != len(value) or not math.isfinite(target):
+            return None
+        if prior_mean is not None and not math.isfinite(prior_mean):
             return None
         if index and max(index) >= self._d:
             return None
@@ -639,39 +705,42 @@ class OnlineHead:
         self.defaults += len(expired)
         return len(expired)
 
-    def _arm(self, agent: str, action: str, arms: OrderedDict | None) -> _Arm:
-        """The arm to update (made if new), moved to the end of ``arms`` (the head's by default)."""
+    def _arm(self, agent: str, action: str, arms: OrderedDict | None, prior_mean: float) -> _Arm:
+        """The arm to update (made if new, at ``prior_mean``), moved to the end of ``arms`` (the head's by default)."""
         key = (agent, action)
         arms = self._arms if arms is None else arms
         arm = arms.get(key)
         if arm is None:
-            arm = arms[key] = _Arm(self._d)
+            arm = arms[key] = _Arm(self._d, prior_mean)
             while len(arms) > self.settings.max_arms:
                 arms.popitem(last=False)  # the arm updated least recently goes first
         else:
             arms.move_to_end(key)
         return arm
 
-    def _update(
-        self, agent: str, action: str, x: np.ndarray, reward: float, beside_model: bool, arms: OrderedDict | None = None
-    ) -> None:
+    def _update(self, agent: str, action: str, x: np.ndarray, reward: float, beside_model: bool) -> None:
+        """Learn one reward (under the lock), and count it towards the agent's mean."""
         settings = self.settings
-        self._arm(agent, action, arms).update(x, reward, settings.model_prior if beside_model else settings.prior)
+        made_at = _made_at(self._rewards, agent, reward)
+        arm = self._arm(agent, action, None, 0.0 if beside_model else made_at)
+        arm.update(x, reward - arm.prior_mean, settings.model_prior if beside_model else settings.prior)
 
     def _update_all(
         self, agent: str, action: str, xs: list[np.ndarray], rewards: list[float], beside_model: bool,
-        arms: OrderedDict | None = None,
+        arms: OrderedDict | None = None, prior_mean: float = 0.0,
     ) -> None:
-        """``_update`` for each, as one step where there are enough of them to be cheaper so."""
+        """``_update`` for each, as one step where there are enough of them to be cheaper so; a
+        new arm is made at ``prior_mean``. Counts nothing: the caller has."""
         settings = self.settings
-        arm = self._arm(agent, action, arms)
+        arm = self._arm(agent, action, arms, prior_mean)
         prior = settings.model_prior if beside_model else settings.prior
+        shift = arm.prior_mean
         if len(xs) < _BATCH:
             for x, reward in zip(xs, rewards):
-                arm.update(x, reward, prior)
+                arm.update(x, reward - shift, prior)
             return
         for at in range(0, len(xs), _MOST):  # S is k×k: its factor and inverse cost O(k³)
-            arm.update_many(np.array(xs[at : at + _MOST]), np.array(rewards[at : at + _MOST]), prior)
+            arm.update_many(np.array(xs[at : at + _MOST]), np.array(rewards[at : at + _MOST]) - shift, prior)
 
     def prepare(self, version: str | None, rescore: Rescore | None) -> None:
         """Relearn the newest ``warm_rows`` rewards beside ``version``'s scores of their decisions
@@ -724,6 +793,9 @@ class OnlineHead:
             )
             return arms, 0
         groups: dict[tuple[str, str], tuple[list[np.ndarray], list[float]]] = {}
+        # with no model, each arm at the prior mean a head learning these rewards one by one makes it at
+        totals: dict[str, tuple[float, int]] = {}
+        opened: dict[tuple[str, str], float] = {}
         learned = 0
         for (agent, action, x, reward, _), score in zip(recent, scores):
             if score is None or not math.isfinite(score):
@@ -733,9 +805,10 @@ class OnlineHead:
             xs, ys = _group(groups, (agent, action))
             xs.append(x)
             ys.append(reward)
+            opened.setdefault((agent, action), _made_at(totals, agent, reward) if version is None else 0.0)
             learned += 1
         for (agent, action), (xs, ys) in groups.items():
-            self._update_all(agent, action, xs, ys, version is not None, arms)
+            self._update_all(agent, action, xs, ys, version is not None, arms, opened[(agent, action)])
         return arms, learned
 
     def forget(self, agent: str) -> None:
@@ -744,6 +817,7 @@ class OnlineHead:
         with self._lock:
             for key in [k for k in self._arms if k[0] == agent]:
                 del self._arms[key]
+            self._rewards.pop(agent, None)
             self._recent = deque((r for r in self._recent if r[0] != agent), maxlen=self._recent.maxlen)
             self._prepared = None  # relearned from what is forgotten now
             self._forgotten += 1  # and a ``prepare`` under way is not to publish its arms

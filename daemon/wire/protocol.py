@@ -390,7 +390,7 @@ class InsightsRequest(_Msg, tag="insights"):
             raise ValueError("since must be a finite number of seconds")
 
 
-class Learned(_Msg, tag="learned"):
+class Learned(_Msg, tag="learned", omit_defaults=True):
     """One update of an online head (``reflexd.deciding.online``), shared so that every process
     deciding for the agent learns it: a Policy sends each of its own, the daemon passes them on
     (``Learnings``). Hashed inputs only, never the context; not stored."""
@@ -403,6 +403,10 @@ class Learned(_Msg, tag="learned"):
     index: list[Annotated[int, msgspec.Meta(ge=0)]]  # the inputs that are not 0
     value: list[float]
     target: float  # the reward
+    # the arm's prior mean at the sender (``OnlineHead.prior_mean``), for a process that makes the
+    # arm on this update to make it alike; None (then not sent, so that a reflexd older than the
+    # field takes the update): beside a model, or the sender no longer holds the arm
+    prior_mean: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.index) != len(self.value):
@@ -410,6 +414,8 @@ class Learned(_Msg, tag="learned"):
         if not all(math.isfinite(v) for v in self.value):
             raise ValueError("value must be finite numbers")
         _check_finite("target", self.target)
+        if self.prior_mean is not None:
+            _check_finite("prior_mean", self.prior_mean)
 
 
 class LearningsRequest(_Msg, tag="learnings"):

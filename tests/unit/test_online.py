@@ -42,17 +42,83 @@ def test_the_head_is_exactly_the_ridge_regression_and_its_posterior() -> None:
         targets.append(y)
     X, Y = np.array(rows), np.array(targets)
     precision = X.T @ X + 2.0 * np.eye(X.shape[1])
-    theta = np.linalg.solve(precision, X.T @ Y)
+    # the agent's first arm regresses from its first reward: the bias's prior mean
+    prior = np.zeros(X.shape[1])
+    prior[-2] = Y[0]
+    theta = np.linalg.solve(precision, X.T @ Y + 2.0 * prior)
     probe = head.features({"task": "chat", "difficulty": 0.25, "user": "u7", "new_key": "unseen"})
     (mean,) = head.means("a", probe, ["left"])
     assert mean == pytest.approx(float(theta @ probe), abs=1e-9)
     (spread,) = head.spread("a", probe, ["left"])
     assert spread == pytest.approx(float(np.sqrt(probe @ np.linalg.solve(precision, probe))), rel=1e-9)
-    # an action never rewarded keeps its prior: mean 0, variance |x|²/prior
-    assert head.means("a", probe, ["right"]) == [0.0]
+    # an action never rewarded keeps its prior: the agent's mean reward, variance |x|²/prior
+    assert head.means("a", probe, ["right"]) == [pytest.approx(Y.mean(), abs=1e-12)]
     assert head.spread("a", probe, ["right"]) == pytest.approx([float(np.sqrt(probe @ probe / 2.0))])
-    # another agent's arm is its own
+    # another agent's arm is its own, and it has learned nothing: the prior's 0
     assert head.means("b", probe, ["left"]) == [0.0]
+    assert head.prior_mean("a", "left") == Y[0] and head.prior_mean("a", "right") is None
+
+
+def test_an_arm_made_after_rewards_is_the_ridge_regression_from_the_agents_mean_reward() -> None:
+    head = OnlineHead(OnlineConfig(prior=2.0))
+    rng = np.random.default_rng(4)
+    before = []
+    for i, ctx in enumerate(contexts(50)):
+        head.remember(f"l{i}", "a", "left", head.features(ctx), None)
+        before.append(float(rng.normal(0.7, 0.5)))
+        assert head.learn(f"l{i}", before[-1])
+    rows, targets = [], []
+    for i, ctx in enumerate(contexts(200, seed=9)):
+        x = head.features(ctx)
+        y = float(rng.normal(0.2, 1.0))
+        head.remember(f"r{i}", "a", "right", x, None)
+        assert head.learn(f"r{i}", y)
+        rows.append(x)
+        targets.append(y)
+    mu = float(np.mean(before))  # the agent's mean reward when "right" first learned
+    assert head.prior_mean("a", "right") == pytest.approx(mu, abs=1e-12)
+    X, Y = np.array(rows), np.array(targets)
+    precision = X.T @ X + 2.0 * np.eye(X.shape[1])
+    prior = np.zeros(X.shape[1])
+    prior[-2] = mu  # on the bias, the input every context has
+    # the posterior mean under a prior N(prior, Σ/2): inputs never seen stay at their prior
+    theta = np.linalg.solve(precision, X.T @ Y + 2.0 * prior)
+    probe = head.features({"task": "math", "difficulty": 0.6, "user": "u3", "new_key": "unseen"})
+    (mean,) = head.means("a", probe, ["right"])
+    assert mean == pytest.approx(float(theta @ probe), abs=1e-9)
+    # an action with no arm: the mean of every reward learned so far
+    assert head.means("a", probe, ["up"]) == [pytest.approx(np.mean(before + targets), abs=1e-12)]
+
+
+@pytest.mark.parametrize(("shift", "batched"), [(10.0, False), (-3.5, False), (1000.0, False), (10.0, True)])
+def test_rewards_shifted_by_a_constant_shift_every_mean_by_it_and_change_no_decision(shift: float, batched: bool) -> None:
+    """The prior mean is the agent's mean reward, so where the rewards' zero is changes nothing:
+    the same decisions (and so the same probabilities) whatever the constant; rewards learned
+    together (``later``, ``apply``) as well as one by one."""
+    heads = [OnlineHead(OnlineConfig()), OnlineHead(OnlineConfig())]
+    rng = random.Random(6)
+    ids = ["small", "medium", "large"]
+    chosen = [[], []]
+    for i, ctx in enumerate(contexts(300, seed=2)):
+        reward = rng.random() + (0.5 if ctx["task"] == "code" else 0.0)
+        for k, head in enumerate(heads):
+            x = head.features(ctx)
+            means = head.means("a", x, ids) if head.knows("a", ids) else [0.0, 0.0, 0.0]
+            action = ids[exploring.argmax(means)] if i % 3 else ids[i % 7 % 3]  # greedy, and every third by rote
+            chosen[k].append(action)
+            head.remember(f"d{i}", "a", action, x, None)
+            earned = reward + (shift if k else 0.0) + (0.2 if action == "large" else 0.0)
+            if not batched:
+                assert head.learn(f"d{i}", earned)
+                continue
+            head.later(f"d{i}", earned)
+            if i % 60 == 59:  # 60 at a time: an action's 16 or more as one update of their rank
+                assert head.apply() == 60
+    assert chosen[0] == chosen[1]
+    probe = heads[0].features({"task": "chat", "difficulty": 0.5, "user": "u1"})
+    assert heads[1].means("a", probe, ids + ["never"]) == pytest.approx(
+        [m + shift for m in heads[0].means("a", probe, ids + ["never"])], abs=1e-9 * max(1.0, abs(shift)))
+    assert heads[1].spread("a", probe, ids) == pytest.approx(heads[0].spread("a", probe, ids), rel=1e-9)
 
 
 def test_only_the_first_reward_of_a_remembered_decision_is_learned() -> None:
@@ -151,6 +217,8 @@ def test_a_new_model_starts_a_head_that_first_relearns_the_newest_rewards_beside
         ctx, action, reward = decisions[i]
         alone.remember(f"d{i}", "agent", action, alone.features(ctx), None)
         alone.learn(f"d{i}", reward)
+    # each arm made where a head learning them one by one makes it: the first at its first reward
+    assert head.prior_mean("agent", decisions[20][1]) == decisions[20][2] == alone.prior_mean("agent", decisions[20][1])
     assert head.stats()["warmed"] == 30
     same_head(head, alone, "agent", ids, None)
 

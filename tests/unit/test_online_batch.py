@@ -148,6 +148,60 @@ def test_absorb_many_learns_what_absorb_learns_one_by_one() -> None:
         assert head.absorbed == 40
 
 
+def test_an_arm_dropped_and_made_again_within_a_batch_is_made_where_one_by_one_makes_it() -> None:
+    """max_arms drops the least recent arm while a batch is learned: made again within it, it
+    starts from the mean before its reward, as one by one, not from 0."""
+    heads = [OnlineHead(OnlineConfig(max_arms=2)) for _ in range(2)]
+    before = [("up", 10.0), ("left", 11.0)]
+    batch = [("right", 10.5), ("up", 10.2), ("right", 10.9), ("up", 10.4)]
+    for head in heads:
+        for i, (action, reward) in enumerate(before):
+            head.remember(f"b{i}", "a", action, head.features({"task": "code", "i": i}), None)
+            head.learn(f"b{i}", reward)
+        for i, (action, _) in enumerate(batch):
+            head.remember(f"d{i}", "a", action, head.features({"task": "chat", "i": i}), None)
+    together, one_by_one = heads
+    assert together.learn_many([(f"d{i}", reward) for i, (_, reward) in enumerate(batch)]) == 4
+    for i, (_, reward) in enumerate(batch):
+        assert one_by_one.learn(f"d{i}", reward)
+    assert list(together._arms) == list(one_by_one._arms) == [("a", "right"), ("a", "up")]
+    # "up" was dropped when "right" was made, and made again at the mean of the three rewards before it
+    assert together.prior_mean("a", "up") == one_by_one.prior_mean("a", "up") == pytest.approx((10.0 + 11.0 + 10.5) / 3)
+    probe = together.features({"task": "chat", "i": 9})
+    ids = ["up", "right", "left"]
+    assert together.means("a", probe, ids) == pytest.approx(one_by_one.means("a", probe, ids), abs=1e-9)
+
+
+def test_a_process_that_makes_an_arm_on_an_absorbed_update_makes_it_at_the_senders_prior_mean() -> None:
+    """Processes that learned different rewards of an agent before have different mean rewards:
+    an arm made on another's update starts where the sender's did, so both learn the same arm."""
+    teacher, receiver = OnlineHead(OnlineConfig()), OnlineHead(OnlineConfig())
+    updates = []
+    teacher.on_update = lambda agent, action, decision, x, reward, beside: updates.append(
+        learned(teacher, agent, action, decision, x, reward, beside))
+    for head, reward in ((teacher, 0.9), (receiver, 0.1)):  # each a reward of its own for "up" first
+        head.remember("own", "a", "up", head.features({"task": "code"}), None)
+        head.learn("own", reward)
+    updates.clear()
+    ids = remembered(teacher, np.random.default_rng(8), 30)
+    teacher.learn_many([(d, 1.0) for d in ids])
+    made_at = {u.action: u.prior_mean for u in updates}
+    assert made_at == {"left": 0.9, "right": pytest.approx((0.9 + 1.0) / 2)}  # the mean when each first learned
+    assert receiver.absorb_many(updates) == 30
+    probe = teacher.features({"task": "chat", "user": "u2"})
+    assert receiver.means("a", probe, BOTH) == pytest.approx(teacher.means("a", probe, BOTH), abs=1e-12)
+    # without the sender's prior mean, the receiver's own: its arm is another
+    alone = OnlineHead(OnlineConfig())
+    alone.remember("own", "a", "up", alone.features({"task": "code"}), None)
+    alone.learn("own", 0.1)
+    stripped = [msgspec.structs.replace(u, prior_mean=None) for u in updates]
+    assert alone.absorb_many(stripped) == 30
+    assert alone.prior_mean("a", "left") == 0.1
+    assert alone.means("a", probe, BOTH) != pytest.approx(teacher.means("a", probe, BOTH), abs=1e-6)
+    # a prior mean that is not a number teaches nothing
+    assert not alone.absorb("a", "down", None, False, [0], [1.0], 1.0, prior_mean=float("inf"))
+
+
 def test_a_policy_learning_in_batches_learns_its_rewards_on_its_background_thread(tmp_path) -> None:
     """With ``batch_learning``, and no daemon at all: the head learns within the sender's interval
     (or at ``flush``). Without it, at once."""

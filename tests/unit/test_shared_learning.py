@@ -37,10 +37,12 @@ def test_a_head_that_absorbs_anothers_updates_learns_the_same_means() -> None:
         teacher.remember(f"d{i}", "router", action, x, None)
         assert teacher.learn(f"d{i}", float(action == "large") + rng.gauss(0, 0.1))
     assert len(shared) == 300 and pupil.stats()["updates"] == 0
-    for update in reversed(shared):  # in another order: a ridge regression's posterior does not depend on it
+    # in another order: a ridge regression's posterior does not depend on it, given each arm's
+    # prior mean (the teacher's, which the update carries)
+    for update in reversed(shared):
         frame = encode_frame(update, MSGPACK)  # as it travels
         u = decode_inbound(frame[4:], MSGPACK)
-        assert pupil.absorb(u.agent, u.action, u.base, u.beside, u.index, u.value, u.target)
+        assert pupil.absorb(u.agent, u.action, u.base, u.beside, u.index, u.value, u.target, u.prior_mean)
     x = teacher.features({"task": "math", "n": 0.5})
     assert pupil.means("router", x, ACTIONS) == pytest.approx(teacher.means("router", x, ACTIONS), abs=1e-9)
     assert pupil.stats()["absorbed"] == 300 and not pupil.stats()["pending"]
