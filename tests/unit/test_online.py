@@ -29,23 +29,33 @@ def chooser(head: OnlineHead, seed: int = 1, **exploration: object) -> Chooser:
     return Chooser(None, lambda agent, manifest: cfg, seed, head)
 
 
+def rewarded(
+    head: OnlineHead, action: str, rows: list[dict], rng: np.random.Generator, mean: float, sd: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``action`` of agent "a" rewarded at each of ``rows``, rewards N(mean, sd²): its inputs and rewards."""
+    xs, ys = [], []
+    for i, ctx in enumerate(rows):
+        xs.append(head.features(ctx))
+        ys.append(float(rng.normal(mean, sd)))
+        head.remember(f"{action}{i}", "a", action, xs[-1], None)
+        assert head.learn(f"{action}{i}", ys[-1])
+    return np.array(xs), np.array(ys)
+
+
+def ridge(X: np.ndarray, Y: np.ndarray, penalty: float, bias_mean: float) -> tuple[np.ndarray, np.ndarray]:
+    """The closed form: the posterior precision and mean of a ridge regression whose bias (the
+    input every context has, second to last) has prior mean ``bias_mean``, the others 0."""
+    precision = X.T @ X + penalty * np.eye(X.shape[1])
+    prior = np.zeros(X.shape[1])
+    prior[-2] = bias_mean
+    return precision, np.linalg.solve(precision, X.T @ Y + penalty * prior)
+
+
 def test_the_head_is_exactly_the_ridge_regression_and_its_posterior() -> None:
     head = OnlineHead(OnlineConfig(prior=2.0))
-    rng = np.random.default_rng(3)
-    rows, targets = [], []
-    for i, ctx in enumerate(contexts(400)):
-        x = head.features(ctx)
-        y = float(rng.normal(0.3, 1.0))
-        head.remember(f"d{i}", "a", "left", x, None)
-        assert head.learn(f"d{i}", y)
-        rows.append(x)
-        targets.append(y)
-    X, Y = np.array(rows), np.array(targets)
-    precision = X.T @ X + 2.0 * np.eye(X.shape[1])
+    X, Y = rewarded(head, "left", contexts(400), np.random.default_rng(3), 0.3, 1.0)
     # the agent's first arm regresses from its first reward: the bias's prior mean
-    prior = np.zeros(X.shape[1])
-    prior[-2] = Y[0]
-    theta = np.linalg.solve(precision, X.T @ Y + 2.0 * prior)
+    precision, theta = ridge(X, Y, 2.0, Y[0])
     probe = head.features({"task": "chat", "difficulty": 0.25, "user": "u7", "new_key": "unseen"})
     (mean,) = head.means("a", probe, ["left"])
     assert mean == pytest.approx(float(theta @ probe), abs=1e-9)
@@ -62,32 +72,17 @@ def test_the_head_is_exactly_the_ridge_regression_and_its_posterior() -> None:
 def test_an_arm_made_after_rewards_is_the_ridge_regression_from_the_agents_mean_reward() -> None:
     head = OnlineHead(OnlineConfig(prior=2.0))
     rng = np.random.default_rng(4)
-    before = []
-    for i, ctx in enumerate(contexts(50)):
-        head.remember(f"l{i}", "a", "left", head.features(ctx), None)
-        before.append(float(rng.normal(0.7, 0.5)))
-        assert head.learn(f"l{i}", before[-1])
-    rows, targets = [], []
-    for i, ctx in enumerate(contexts(200, seed=9)):
-        x = head.features(ctx)
-        y = float(rng.normal(0.2, 1.0))
-        head.remember(f"r{i}", "a", "right", x, None)
-        assert head.learn(f"r{i}", y)
-        rows.append(x)
-        targets.append(y)
+    _, before = rewarded(head, "left", contexts(50), rng, 0.7, 0.5)
+    X, Y = rewarded(head, "right", contexts(200, seed=9), rng, 0.2, 1.0)
     mu = float(np.mean(before))  # the agent's mean reward when "right" first learned
     assert head.prior_mean("a", "right") == pytest.approx(mu, abs=1e-12)
-    X, Y = np.array(rows), np.array(targets)
-    precision = X.T @ X + 2.0 * np.eye(X.shape[1])
-    prior = np.zeros(X.shape[1])
-    prior[-2] = mu  # on the bias, the input every context has
-    # the posterior mean under a prior N(prior, Σ/2): inputs never seen stay at their prior
-    theta = np.linalg.solve(precision, X.T @ Y + 2.0 * prior)
+    # inputs never seen stay at their prior
+    _, theta = ridge(X, Y, 2.0, mu)
     probe = head.features({"task": "math", "difficulty": 0.6, "user": "u3", "new_key": "unseen"})
     (mean,) = head.means("a", probe, ["right"])
     assert mean == pytest.approx(float(theta @ probe), abs=1e-9)
     # an action with no arm: the mean of every reward learned so far
-    assert head.means("a", probe, ["up"]) == [pytest.approx(np.mean(before + targets), abs=1e-12)]
+    assert head.means("a", probe, ["up"]) == [pytest.approx(np.mean(np.concatenate([before, Y])), abs=1e-12)]
 
 
 @pytest.mark.parametrize(("shift", "batched"), [(10.0, False), (-3.5, False), (1000.0, False), (10.0, True)])
