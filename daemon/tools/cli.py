@@ -315,15 +315,7 @@ def _insights_line(ins: dict[str, Any]) -> str:
 def cmd_decide(args: argparse.Namespace) -> int:
     from reflexd.wire.protocol import Decide
 
-    try:
-        context = json.loads(args.context)
-        actions: Any = (
-            json.loads(args.actions)
-            if args.actions.lstrip().startswith("[")
-            else [a.strip() for a in args.actions.split(",") if a.strip()]
-        )
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--context or --actions is not valid JSON: {exc}") from None
+    context, actions = _context_and_actions(args)
     try:
         fields = {"type": "decide", "agent": args.agent, "context": context, "actions": actions, "log": not args.no_log}
         if args.slots is not None:
@@ -348,18 +340,19 @@ def _decided_lines(reply: Any) -> list[str]:
     def by(version: str | None, strategy: str) -> str:
         return f"model {version} ({strategy})" if version else f"no model ({strategy})"
 
+    def chose(d: Any) -> str:  # a Decided or one SlotDecided of a slate: the same fields
+        return f"{d.action}  prob {d.prob:.4g}  {by(d.model_version, d.strategy)}  id {d.id}"
+
     if isinstance(reply, Decided):
-        return [f"{reply.action}  prob {reply.prob:.4g}  {by(reply.model_version, reply.strategy)}  id {reply.id}"]
+        return [chose(reply)]
     if isinstance(reply, DecidedSlate):
-        lines = [f"slate {reply.slate}"]
-        for slot in reply.slots:
-            lines.append(
-                f"  slot {slot.slot}: {slot.action}  prob {slot.prob:.4g}  {by(slot.model_version, slot.strategy)}  id {slot.id}"
-            )
-        return lines
+        return [f"slate {reply.slate}", *(f"  slot {slot.slot}: {chose(slot)}" for slot in reply.slots)]
     # Scored (--no-log): nothing was chosen or logged
     width = max(6, *(len(a) for a in reply.actions))
-    lines = [f"{by(reply.model_version, reply.strategy)}; nothing logged", f"{'action':<{width}}  {'score':>9}  {'spread':>9}  {'prob':>7}"]
+    lines = [
+        f"{by(reply.model_version, reply.strategy)}; nothing logged",
+        f"{'action':<{width}}  {'score':>9}  {'spread':>9}  {'prob':>7}",
+    ]
     for k, action in enumerate(reply.actions):
         score = f"{reply.scores[k]:9.4f}" if reply.scores is not None else f"{'-':>9}"
         spread = f"{reply.spread[k]:9.4f}" if reply.spread is not None else f"{'-':>9}"
