@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import NamedTuple
 
+from reflexd.durable import open_to_others
 from reflexd.errors import SocketError
 
 LISTEN_FDS_START = 3
@@ -103,14 +105,17 @@ def inherited_socket(expected_path: str) -> tuple[socket.socket, str] | None:
     """The agents' listening socket, if systemd passed one, with the path it is bound to.
 
     One descriptor is taken whatever its path (the caller compares it with ``socket.path``); of
-    several, the one bound to ``expected_path``. None when systemd passed nothing.
+    several, the one bound to ``expected_path``. None when systemd passed nothing. Refused, like a
+    socket the daemon binds itself (and as ``check-config`` says), in a directory that group or
+    others may write to: whoever can write there can put another socket at its path for clients
+    to reach. The directory's owner is not checked: systemd makes it (``DirectoryMode=``), as root.
     """
     passed = listen_fds()
     if not passed:
         return None
     if len(passed) == 1:
         sock = listening_socket(passed[0])
-        return sock, bound_path(sock)
+        return _trusted(sock, bound_path(sock))
     seen = []
     for p in passed:
         try:
@@ -123,13 +128,26 @@ def inherited_socket(expected_path: str) -> tuple[socket.socket, str] | None:
         finally:
             probe.detach()
         if path == expected_path:
-            sock = listening_socket(p)
-            return sock, path
+            return _trusted(listening_socket(p), path)
         seen.append(f"{p.describe()}: {path or 'not a Unix socket'}")
     raise SocketError(
         f"socket activation: systemd passed {len(passed)} descriptors and none is bound to socket.path"
         f" {expected_path}: " + "; ".join(seen)
     )
+
+
+def _trusted(sock: socket.socket, path: str) -> tuple[socket.socket, str]:
+    """(``sock``, ``path``) if ``path``'s directory is not open to others' writes (an abstract
+    socket, "@name", has none); SocketError otherwise."""
+    try:
+        refusal = open_to_others(Path(path).parent, "the socket") if path.startswith("/") else None
+    except OSError as exc:
+        sock.close()
+        raise SocketError(f"socket activation: cannot check the directory of {path}: {exc.strerror}") from None
+    if refusal is not None:
+        sock.close()
+        raise SocketError(f"socket activation: {refusal}")
+    return sock, path
 
 
 def _name(kind: type[socket.AddressFamily | socket.SocketKind], value: int) -> str:

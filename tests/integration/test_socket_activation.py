@@ -181,6 +181,25 @@ def test_a_descriptor_that_is_not_a_listening_unix_stream_socket_is_refused_clea
     bad.close()
 
 
+def test_a_socket_in_a_directory_others_may_write_to_is_refused(activated, run_dir: Path) -> None:
+    shared = run_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o770)  # group-writable: a member could put another socket at the path
+    path = shared / "reflexd.sock"
+    systemd_side = listening(path)
+    d = activated([(systemd_side, "reflexd.socket")], {"socket": {"path": str(path)}})
+    with pytest.raises(DaemonStartFailed):
+        d.start(timeout=60)
+    assert d.proc is not None and d.proc.returncode == 1
+    assert f"{shared} is writable by group or others (mode 0770)" in d.log(), d.log()
+    # check-config says the same of this config before any start
+    checked = subprocess.run(
+        [sys.executable, "-m", "reflexd", "check-config", str(d.config_path)], capture_output=True, text=True
+    )
+    assert checked.returncode != 0 and f"{shared} is writable by group or others" in checked.stderr
+    systemd_side.close()
+
+
 def test_peers_are_checked_on_an_activated_socket(activated, run_dir: Path) -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to run a client as another user")
