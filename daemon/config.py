@@ -567,6 +567,13 @@ def _check_semantics(config: Config, source: str) -> None:
             problems.append(f"{where}.epsilon_min: must not exceed epsilon ({exp.epsilon})")
         if exp.strategy not in strategies:
             problems.append(f"{where}.strategy: {exp.strategy!r} is not an exploration strategy; expected one of {', '.join(strategies)}")
+    mode = config.socket.mode
+    if isinstance(mode, int) and mode > 0o777:
+        # 660 unquoted is the decimal number 660 (0o1224), which would make the socket s-w--w-r-T
+        problems.append(
+            f"socket.mode: {mode} is not a permission mode (the number {mode} is {mode:#o} in octal, with bits beyond"
+            f" 0777); YAML reads an unquoted {mode} as a decimal number: write 0{mode} or '0{mode}'"
+        )
     group = config.socket.group
     if isinstance(group, str):
         try:

@@ -496,8 +496,13 @@ class Daemon:
             if msg.agent is None and not self.lines.all():
                 raise TrainingError("no joined experiences yet: no agent has logged a decision")
             one = msg.agent is not None or len(self.lines.all()) <= 1
-            # an agent whose first events are still on their way to the store gets its line now
-            lines = [await self._line(msg.agent, "train", make=True)] if one else self.lines.all()
+            if msg.agent is not None and self.lines.existing(msg.agent) is None:
+                # an agent whose first events are still on their way to the store: stored first, its
+                # line is found among the store's agents (a name nothing was logged under makes none)
+                await self.ingest.barrier_within(
+                    self.config.socket.request_timeout, "training: the store did not take in the events", loaded=True
+                )
+            lines = [await self._line(msg.agent, "train")] if one else self.lines.all()
             said = []
             for line in lines:
                 assert line.scheduler is not None

@@ -263,8 +263,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  failures {t['failures']}" + (f"  last error: {t['last_error']}" if t.get("last_error") else "")
     )
     if t.get("waiting") and t["state"] == "idle":
-        print(f"           next run: {t['waiting']}")
-    if t.get("consecutive_failures"):
+        print(f"           next run: {t['waiting']}")  # a backoff's wait among them
+    elif t.get("consecutive_failures") and "next_attempt" in t:  # several lines' sum has none: each line says
         import time
 
         print(f"           retrying in {max(0.0, t['next_attempt'] - time.time()):.0f} s (backoff)")

@@ -24,7 +24,7 @@ from conftest import DaemonProcess, wait_for
 from reflexd.errors import RequestFailed
 from reflexd.wire.connection import Connection
 from reflexd.wire.framing import decode_reply
-from reflexd.wire.protocol import Ack, Decide, Decided, Decision, Error, Flush, Outcome, Promote, Rollback
+from reflexd.wire.protocol import Ack, Decide, Decided, Decision, Error, Flush, Outcome, Promote, Rollback, Train
 
 pytestmark = pytest.mark.e2e
 
@@ -208,6 +208,9 @@ def test_model_requests_fail_clearly_without_models(daemon: DaemonProcess) -> No
     assert unknown.value.code == "line_unknown"
     with pytest.raises(RequestFailed, match="agent 'bot' has logged no decision") as unknown:
         daemon.request(Rollback(agent="bot"))  # a name no agent used makes no line
+    assert unknown.value.code == "line_unknown" and "agent:bot" not in daemon.status().lines
+    with pytest.raises(RequestFailed, match="train: agent 'bot' has logged no decision") as unknown:
+        daemon.request(Train(agent="bot"), timeout=120)  # nor does a request to train it
     assert unknown.value.code == "line_unknown" and "agent:bot" not in daemon.status().lines
     with Connection(daemon.socket) as conn:
         assert isinstance(conn.request(Decide(agent="bot", context={}, actions=["a"])), Decided)

@@ -283,6 +283,18 @@ def test_import_then_train_then_models_print_json(daemon: DaemonProcess, tmp_pat
     assert cli(daemon, "status")["trainer"]["last_run"]["version"] == "v0001"
 
 
+def test_status_with_several_lines_after_a_failed_run_prints_each_line(daemon: DaemonProcess) -> None:
+    for agent in ("a", "b"):
+        reflexd("decide", "--agent", agent, "--actions", "x,y", "--socket", daemon.socket, timeout=300)
+    trained = reflexd("train", "--agent", "a", "--socket", daemon.socket, timeout=300)
+    assert trained.returncode != 0 and "joined experiences" in trained.stderr  # too few: a failed run, backing off
+    shown = reflexd("status", "--socket", daemon.socket, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    rows = [row for row in shown.stdout.splitlines() if row.startswith("line ")]
+    assert len(rows) == 2 and "backing off after a failed run" in rows[0] and "agent:b" in rows[1], shown.stdout
+    assert cli(daemon, "status")["trainer"]["consecutive_failures"] == 1
+
+
 def test_status_by_line_says_how_many_refusals_lost_to_the_online_head(capsys) -> None:
     trainer = {"runs": 5, "promoted": 0, "rejected": 4, "unconfirmed": 2, "state": "idle"}
     _print_lines({

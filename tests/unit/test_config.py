@@ -193,6 +193,13 @@ def test_constraint_violation_names_the_path(text: str, path: str) -> None:
     assert one_problem(text).startswith(path + ":")
 
 
+@pytest.mark.parametrize("mode", [660, 640, 600])
+def test_an_unquoted_decimal_mode_is_refused_with_how_to_write_it(mode: int) -> None:
+    problem = one_problem(f"socket:\n  mode: {mode}\n")
+    assert problem.startswith(f"socket.mode: {mode} is not a permission mode") and f"write 0{mode} or '0{mode}'" in problem
+    assert parse_config(f"socket:\n  mode: 0{mode}\n").socket.mode_bits == int(str(mode), 8)  # YAML's octal int
+
+
 @pytest.mark.parametrize(("mode", "bits"), [("0660", 0o660), ("640", 0o640), ("01777", 0o1777)])
 def test_valid_octal_modes(mode: str, bits: int) -> None:
     assert parse_config(f"socket:\n  mode: '{mode}'\n").socket.mode_bits == bits
