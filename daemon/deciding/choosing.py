@@ -529,4 +529,14 @@ class Chooser:
                         f"model {scorer.version} failed while explaining ({type(exc).__name__}: {exc});"
                         " using the default policy"
                     )
+            return explaining.explain(None, cfg, agent, context, actions, t, top)
+        head, ids = self.online, action_ids(actions)
+        # before any model, the head decides once it has learned anything, unless a default is served
+        if head is not None and head.knows(agent, ids) and cfg.default_action not in ids:
+            spread = exploring.spread_from(cfg.strategy, False)
+            learned = explaining.HeadScorer(head, agent, ids, spread)
+            try:
+                return explaining.explain(learned, cfg, agent, context, actions, t, top)
+            except Exception:  # noqa: BLE001 -- as a decision whose strategy fails: the default policy's
+                return explaining.explain(None, cfg, agent, context, actions, t, top)
         return explaining.explain(None, cfg, agent, context, actions, t, top)

@@ -21,7 +21,8 @@ command line (``render``).
 
 from __future__ import annotations
 
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from reflexd.deciding import exploring
 from reflexd.deciding.scoring import BATCH_ROWS, Scorer
 from reflexd.features import MAX_DEPTH, action_ids
 from reflexd.wire.protocol import ActionExplained, Explanation, KeyEffect
+
+if TYPE_CHECKING:
+    from reflexd.deciding.online import OnlineHead
 
 Path = tuple[Any, ...]
 _ROUNDING = 8 * float(np.finfo(np.float32).eps)  # relative: scores come from a float32 model
@@ -109,8 +113,34 @@ def occlusion_scores(
     return np.concatenate(scores), np.concatenate(spread)
 
 
+class HeadScorer:
+    """The online head before any model, where ``explain`` takes a ``Scorer``: each (occluded)
+    context row's means and spread for ``agent``'s actions ``ids``, as a decision the head alone
+    makes reads them (``spread``: what exploration is handed, ``exploring.spread_from``; None:
+    none). So a choice the head made is explained as a model's is, with no model version."""
+
+    version = None
+
+    def __init__(self, head: OnlineHead, agent: str, ids: list[str], spread: str | None) -> None:
+        self.head, self.agent, self.ids, self.spread = head, agent, ids, spread
+        self.hasher = head.hasher
+        self.manifest = SimpleNamespace(features=head.hasher.spec)
+
+    def score_batch(self, context: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        head, agent, ids = self.head, self.agent, self.ids
+        x = np.zeros(context.shape[1] + 2)
+        x[-2] = 1.0  # the bias; the model score's slot stays 0
+        scores, spread = np.zeros((len(context), len(ids))), np.zeros((len(context), len(ids)))
+        for r, row in enumerate(context):
+            x[:-2] = row
+            scores[r] = head.means(agent, x, ids)
+            if self.spread is not None:
+                spread[r] = head.spread(agent, x, ids, noise=self.spread == "head")
+        return scores, spread
+
+
 def explain(
-    scorer: Scorer | None,
+    scorer: Scorer | HeadScorer | None,
     exploration: exploring.ExplorationSettings,
     agent: str,
     context: dict[str, Any],
@@ -144,8 +174,10 @@ def explain(
         raise ValueError("non-finite scores")
     scores = scores32.astype(np.float64)
     full = scores[0].tolist()
-    spread = spread32[0].tolist()
-    p = exploring.distribution(exploration, full, spread, t)
+    handed = spread = spread32[0].tolist()
+    if isinstance(scorer, HeadScorer) and scorer.spread is None:
+        handed, spread = None, [None] * len(ids)  # a strategy the head hands no spread to, as it decides
+    p = exploring.distribution(exploration, full, handed, t)
     if not np.isfinite(sum(p)):
         raise ValueError("non-finite probabilities")
     chosen = exploring.argmax(full)
@@ -191,14 +223,15 @@ def render(explanation: Explanation) -> str:
     """The explanation as text for a terminal: the actions, then the keys."""
     e = explanation
     lines = []
-    if e.model_version is None:
+    if e.model_version is None and e.strategy == "default":
         lines.append(f"agent {e.agent}: no model live, so the default policy's probabilities; no keys to attribute")
     else:
         lead = ""
         if e.runner_up is not None:
             by_id = {a.id: a.score for a in e.actions}
             lead = f", runner-up {e.runner_up} by {by_id[e.chosen] - by_id[e.runner_up]:.4g}"  # type: ignore[operator]
-        lines.append(f"agent {e.agent}: model {e.model_version} ({e.strategy}) scores {e.chosen} highest{lead}")
+        who = f"model {e.model_version}" if e.model_version is not None else "no model live: the online head"
+        lines.append(f"agent {e.agent}: {who} ({e.strategy}) scores {e.chosen} highest{lead}")
     width = max(len("action"), *(len(a.id) for a in e.actions))
     lines.append(f"  {'action':<{width}}  {'score':>10}  {'spread':>10}  {'prob':>6}")
     for a in e.actions:

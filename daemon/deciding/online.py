@@ -425,6 +425,11 @@ class OnlineHead:
         self.absorbed = 0  # updates other processes made, learned here
         self.warmed = 0  # rewards relearned at the last change of model (``follow``)
 
+    @property
+    def hasher(self) -> Hasher:
+        """How this head hashes a context (``features``' first inputs)."""
+        return self._hasher
+
     def features(self, context: dict[str, Any]) -> np.ndarray:
         """The context's inputs, the model score's slot (the last) left at 0."""
         x = np.zeros(self._d)

@@ -1085,7 +1085,8 @@ def build_parser() -> argparse.ArgumentParser:
         "such as user.tier; a list counts as one key) is removed in turn and the actions scored again: its\n"
         "'margin' is how much it widens the chosen action's lead over the runner-up, its 'score' how much it\n"
         "adds to the chosen action's score (docs/learning.md, Explaining). Largest |margin| first. Nothing\n"
-        "is logged. With no model live, the default policy's probabilities and no keys. --json prints the\n"
+        "is logged. With no model live, the online head as it decides once it has learned for these actions\n"
+        "(model_version null), else the default policy's probabilities and no keys. --json prints the\n"
         "explanation: agent, actions [{id, score, spread, prob}], chosen, runner_up, keys [{key, score,\n"
         "margin, best_without}], model_version, strategy. Exit 1 on a bad --context or --actions, or if the\n"
         "daemon cannot be reached.",

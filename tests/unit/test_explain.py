@@ -17,10 +17,11 @@ import pytest
 
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from reflexd.config import ExplorationConfig, parse_config
+from reflexd.config import ExplorationConfig, OnlineConfig, parse_config
 from reflexd.deciding import exploring
 from reflexd.deciding.choosing import Chooser
 from reflexd.deciding.explaining import explain, key_name, leaves, render, without
+from reflexd.deciding.online import OnlineHead
 from reflexd.deciding.scoring import ModelSource, Scorer
 from reflexd.features import FeatureSpec, Hasher
 from reflexd.manifest import Manifest
@@ -264,6 +265,37 @@ def test_without_a_model_the_default_policy_and_no_keys() -> None:
     assert [a.prob for a in e.actions] == pytest.approx([0.05, 0.85, 0.05, 0.05])  # epsilon 0.4 / (1 + 1)
     assert all(a.score is None and a.spread is None for a in e.actions)
     assert "no model" in render(e)
+
+
+@pytest.mark.parametrize("strategy", ["squarecb", "thompson"])
+def test_without_a_model_a_head_that_has_learned_is_explained_as_it_decides(strategy: str) -> None:
+    cfg = ExplorationConfig(strategy=strategy)
+    head = OnlineHead(OnlineConfig(), _spec())
+    chooser = Chooser(None, lambda agent, manifest: cfg, seed=3, online=head)
+    best = dict(zip(TASKS, ("small", "medium", "large", "tools")))
+
+    def seen(i: int) -> dict[str, Any]:
+        return {"task": TASKS[i % 4], "user": {"tier": ("free", "pro")[i % 3 == 0]}}
+
+    for i in range(200):  # the task alone decides which action earns
+        made = chooser.choose("agent", seen(i), ACTIONS)
+        chooser.learn(made.id, float(made.action == best[seen(i)["task"]]))
+    for i in range(4):
+        explained = chooser.explain("agent", seen(i), ACTIONS)
+        scored = chooser.score("agent", seen(i), ACTIONS)  # what a decision would sample from now
+        assert (explained.model_version, explained.strategy) == (None, strategy)
+        assert [a.prob for a in explained.actions] == pytest.approx(scored.probs)
+        assert [a.score for a in explained.actions] == pytest.approx(scored.scores)
+        assert explained.chosen == best[seen(i)["task"]] and explained.keys[0].key == "task"
+        # each key's effect is the head's means for the context rebuilt without it
+        for effect in explained.keys:
+            path = next(path for path, _ in leaves(seen(i)) if key_name(path) == effect.key)
+            means = head.means("agent", head.features(without(seen(i), path)), scored.actions)
+            chosen = scored.actions.index(explained.chosen)
+            assert effect.score == pytest.approx(scored.scores[chosen] - means[chosen], abs=1e-6)
+    assert "no model live: the online head (" + strategy + ") scores" in render(explained)
+    # nothing learned for these actions: the default policy's, as a decision's
+    assert chooser.explain("agent", seen(0), ["x", "y"]).strategy == "default"
 
 
 def test_render_names_the_chosen_action_and_every_key(task_only: Scorer) -> None:
