@@ -393,6 +393,8 @@ class Policy:
         with ``batch_learning``, within ``send_interval`` on the background thread (``flush``:
         at once), each action's rewards since its last wake as one update.
         """
+        if type(decision_id) is not str:  # refused here, where the agent can see it, not on the sender's thread
+            raise TypeError(f"decision_id must be the str id a decision returned, not {type(decision_id).__name__}")
         # built first: Outcome refuses a reward that is not a finite number, before anything learns it
         outcome = Outcome(id=uuid.uuid4().hex, decision_id=decision_id, reward=float(value), agent=self.agent, ts=time.time())
         self._sender.enqueue(outcome)

@@ -66,7 +66,13 @@ def _check(context: dict[str, Any], actions: list[Any], default: str | None = No
     if not isinstance(actions, (list, tuple)):
         kind = type(actions).__name__
         raise TypeError(f"actions must be a list of ids (or of dicts with id and features), not {kind}")
-    ids = action_ids(actions)
+    try:
+        ids = action_ids(actions)
+    except (KeyError, AttributeError):
+        bad = next(a for a in actions if not isinstance(a, str) and not (isinstance(a, dict) and "id" in a) and not hasattr(a, "id"))
+        raise TypeError(
+            f"action {bad!r} is neither an id (str), a dict with an 'id', nor an Action: actions must be a list of those"
+        ) from None
     if not ids:
         raise ValueError("actions is empty: a decision needs at least one action")
     if len(set(ids)) < len(ids):

@@ -483,6 +483,8 @@ def test_beside_a_model_the_posterior_over_inputs_never_seen_is_model_priors() -
         ("code", ["a", "b"], TypeError, "context must be a dict of keys to values, not str"),
         ({"task": "code"}, "small,large", TypeError, "actions must be a list .* not str"),
         ({"task": "code"}, ["a", {"id": "a"}], ValueError, "action 'a' is offered twice"),
+        ({"task": "code"}, [1, 2], TypeError, "action 1 is neither an id .str., a dict with an 'id', nor an Action"),
+        ({"task": "code"}, ["a", {"name": "b"}], TypeError, "action {'name': 'b'} is neither an id"),
     ],
 )
 def test_a_malformed_decision_is_refused_with_what_is_wrong(context, actions, error, match) -> None:

@@ -209,6 +209,9 @@ def test_a_policy_learning_in_batches_learns_its_rewards_on_its_background_threa
     try:
         at_once.reward(at_once.decide({"task": "code"}, ["a", "b", "c"]).id, 1.0)
         assert at_once.stats()["online"]["updates"] == 1
+        with pytest.raises(TypeError, match="decision_id must be the str id a decision returned, not NoneType"):
+            at_once.reward(None, 1.0)  # type: ignore[arg-type]
+        assert at_once.stats()["enqueued"] == 2  # the decision and its reward, not the refused one
     finally:
         at_once.close(timeout=0.01)
     policy = Policy("router", socket=tmp_path / "none.sock", models=tmp_path / "models", batch_learning=True)
