@@ -28,6 +28,7 @@ from reflexd.durable import atomic_write, private_dir
 from reflexd.errors import (
     ConfigError,
     LineUnknown,
+    ModelNotFound,
     ReflexdError,
     RequestTimeout,
     StateDirError,
@@ -479,7 +480,13 @@ class Daemon:
             )
         if isinstance(msg, Promote):
             line = await self._line(msg.agent, "promote")
-            await anyio.to_thread.run_sync(line.registry.promote, msg.version)
+            try:
+                await anyio.to_thread.run_sync(line.registry.promote, msg.version)
+            except ModelNotFound as exc:
+                if exc.version != msg.version or line.name == "shared":
+                    raise
+                # numbers are counted across lines: the version may well be another agent's
+                raise ModelNotFound(msg.version, f"no model version {msg.version!r} in model line {line.name}") from None
             await self._model_event(line, msg.version, "promoted", "by request")
             return Done(message=f"{msg.version} is live{_in(line)}", req=req)
         if isinstance(msg, Rollback):

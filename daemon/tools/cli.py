@@ -587,7 +587,16 @@ def cmd_forget(args: argparse.Namespace) -> int:
         _print({"agent": args.agent, "message": reply.message, **({"removed": removed} if removed is not None else {})})
         return 0
     print(reply.message)
+    if _removed_nothing(reply.message):
+        print(f"note: nothing was kept of agent {args.agent!r}; is the name right? (`reflexd status` lists lines by agent)",
+              file=sys.stderr)
     return 0
+
+
+def _removed_nothing(message: str) -> bool:
+    """Did the daemon's ``forget`` reply remove nothing at all?"""
+    removed = _removed_counts(message)
+    return removed is not None and not any(removed.values())
 
 
 def _propensities(args: argparse.Namespace) -> Any:

@@ -219,7 +219,7 @@ def test_model_requests_fail_clearly_without_models(daemon: DaemonProcess) -> No
     with Connection(daemon.socket) as conn:
         conn.send([msgspec.convert({"type": "promote", "version": "v0042", "agent": "bot"}, type=Promote)])
         reply = conn.receive()
-    assert isinstance(reply, Error) and "v0042" in reply.message
+    assert isinstance(reply, Error) and reply.message == "no model version 'v0042' in model line agent:bot"
 
 
 def test_systemd_notify_protocol(daemon_factory, tmp_path: Path) -> None:

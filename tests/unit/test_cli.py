@@ -295,6 +295,12 @@ def test_status_with_several_lines_after_a_failed_run_prints_each_line(daemon: D
     assert cli(daemon, "status")["trainer"]["consecutive_failures"] == 1
 
 
+def test_forgetting_a_name_nothing_was_kept_of_says_so(daemon: DaemonProcess) -> None:
+    proc = reflexd("forget", "--agent", "nosuch", "--yes", "--socket", daemon.socket, timeout=300)
+    assert proc.returncode == 0 and "forgot agent 'nosuch': removed 0 outcomes, 0 decisions" in proc.stdout
+    assert "note: nothing was kept of agent 'nosuch'; is the name right?" in proc.stderr
+
+
 def test_status_by_line_says_how_many_refusals_lost_to_the_online_head(capsys) -> None:
     trainer = {"runs": 5, "promoted": 0, "rejected": 4, "unconfirmed": 2, "state": "idle"}
     _print_lines({
