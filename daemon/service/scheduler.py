@@ -205,7 +205,12 @@ class Scheduler:
 
     async def train_once(self, reason: str) -> dict[str, Any]:
         self._due_since = None  # a run asked for by hand ends any wait for idle CPU too
+        if self._lock.locked():
+            self.status.waiting = (
+                f"due ({reason}), waiting its turn: runs take turns (every line's, extractions, the behaviour model's)"
+            )
         async with self._lock:
+            self.status.waiting = None
             self.status.runs += 1
             started = time.time()
             run_dir = self._new_run_dir()

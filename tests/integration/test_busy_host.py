@@ -98,3 +98,27 @@ def test_without_enough_new_experience_the_wait_is_for_data_not_cpu(tmp_path: Pa
     sched.status.cutoff = time.time()
     assert anyio.run(sched._due) is None
     assert "new matured experiences" in sched.status.waiting
+
+
+def test_a_due_run_waiting_for_another_run_says_so(tmp_path: Path, store: Store) -> None:
+    """Every line's runs, extractions and the behaviour model's take turns on one lock: a line whose
+    run is due while another holds it says it waits its turn, not nothing."""
+    sched = _scheduler(_config(tmp_path), store)
+
+    async def main() -> str | None:
+        lock = sched._lock
+        await lock.acquire()  # another line's run under way
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sched.train_once, "new experience")
+                with anyio.fail_after(30):
+                    while sched.status.waiting is None:
+                        await anyio.sleep(0.01)
+                said = sched.status.waiting
+                tg.cancel_scope.cancel()
+        finally:
+            lock.release()
+        return said
+
+    said = anyio.run(main)
+    assert said is not None and said.startswith("due (new experience), waiting its turn: runs take turns")
