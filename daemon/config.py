@@ -475,7 +475,26 @@ def _problem(err: msgspec.ValidationError, prefix: str = "") -> str:
     path = path.lstrip(".").replace("[", ".").replace("]", "").replace("'", "").replace('"', "")
     msg = m["msg"]
     msg = msg[0].lower() + msg[1:] if msg else msg
+    if msg.startswith("invalid enum value"):
+        allowed = _choices(path)
+        if allowed:
+            msg += f"; expected one of {', '.join(map(str, allowed))}"
     return f"{path}: {msg}" if path else msg
+
+
+def _choices(path: str) -> tuple[Any, ...] | None:
+    """The values a ``Literal`` setting at ``path`` (``rewards.aggregation``, ``agents.a.rewards...``) may take."""
+    kind: Any = Config
+    for part in path.split("."):
+        if get_origin(kind) is dict:
+            kind = get_args(kind)[1]  # ``part`` is a key of the mapping (an agent's id)
+            continue
+        if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+            return None
+        kind = next((f.type for f in msgspec.structs.fields(kind) if f.encode_name == part), None)
+    while get_origin(kind) is Annotated:
+        kind = get_args(kind)[0]
+    return get_args(kind) if get_origin(kind) is Literal else None
 
 
 def _merge_agents(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:

@@ -193,6 +193,17 @@ def test_constraint_violation_names_the_path(text: str, path: str) -> None:
     assert one_problem(text).startswith(path + ":")
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("rewards:\n  aggregation: median\n", "rewards.aggregation: invalid enum value 'median'; expected one of sum, first, last, mean, min, max"),
+        ("agents:\n  a:\n    rewards:\n      aggregation: x\n", "agents.a.rewards.aggregation: invalid enum value 'x'; expected one of sum, first, last, mean, min, max"),
+    ],
+)
+def test_a_value_not_among_a_settings_choices_is_refused_with_the_choices(text: str, problem: str) -> None:
+    assert one_problem(text) == problem
+
+
 @pytest.mark.parametrize("mode", [660, 640, 600])
 def test_an_unquoted_decimal_mode_is_refused_with_how_to_write_it(mode: int) -> None:
     problem = one_problem(f"socket:\n  mode: {mode}\n")
