@@ -238,6 +238,7 @@ class Scheduler:
         backoff = min(self.config.trainer.retry_backoff * 2 ** (s.consecutive_failures - 1), 3600.0)
         finished = time.time()
         s.next_attempt = finished + backoff
+        s.waiting = f"backing off after a failed run, {backoff:.0f} s more"  # as ``_due`` will say until then
         s.last_run = {"outcome": "failed", "error": str(exc), "at": started, "finished": finished, "retry_in": backoff}
         if isinstance(exc, TrainerFault):
             s.last_run.update(fault=exc.kind, returncode=exc.returncode)

@@ -242,9 +242,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if any(losses.values()):
         print("           " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in losses.items()))
     exp = reply.experience
+    # the counts are the store's, every agent's; what is new since training is the line's asked about
+    whose = f"  {args.agent}'s line: new since training" if args.agent else "  new since training"
     print(
-        f"experience decisions {exp.get('decisions', 0)}  outcomes {exp.get('outcomes', 0)}"
-        f"  steps {exp.get('steps', 0)}  events {exp.get('events', 0)}  new since training {exp['new_since_training']}"
+        f"experience {'(every agent) ' if args.agent else ''}decisions {exp.get('decisions', 0)}"
+        f"  outcomes {exp.get('outcomes', 0)}  steps {exp.get('steps', 0)}  events {exp.get('events', 0)}"
+        f"{whose} {exp['new_since_training']}"
     )
     if len(reply.lines) > 1 and args.agent is None:
         _print_lines(reply.lines)

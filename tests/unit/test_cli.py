@@ -293,6 +293,8 @@ def test_status_with_several_lines_after_a_failed_run_prints_each_line(daemon: D
     rows = [row for row in shown.stdout.splitlines() if row.startswith("line ")]
     assert len(rows) == 2 and "backing off after a failed run" in rows[0] and "agent:b" in rows[1], shown.stdout
     assert cli(daemon, "status")["trainer"]["consecutive_failures"] == 1
+    one = reflexd("status", "--agent", "b", "--socket", daemon.socket, timeout=300).stdout
+    assert "experience (every agent) decisions 2" in one and "b's line: new since training" in one, one
 
 
 def test_forgetting_a_name_nothing_was_kept_of_says_so(daemon: DaemonProcess) -> None:
