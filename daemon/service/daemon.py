@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 import msgspec
@@ -43,7 +43,7 @@ from reflexd.service.ingest import Ingest
 from reflexd.service.insights import Extractor
 from reflexd.service.lines import Line, Lines
 from reflexd.service.monitor import Monitor
-from reflexd.service.scheduler import RUNS_DIR, Scheduler, TrainerStatus, check_pulled
+from reflexd.service.scheduler import RUNS_DIR, Scheduler, TrainerStatus, check_pulled, may_hold
 from reflexd.service.server import Server, fd_budget_problems, give_group, prepare_path
 from reflexd.service.snapshots import Snapshots
 from reflexd.service.spool import Spool
@@ -571,7 +571,7 @@ class Daemon:
                     removed["query_snapshots"] = await self.snapshots.remove_all()
                     await self.ingest.checkpoint()
                     removed["training_snapshots"] = await anyio.to_thread.run_sync(
-                        _remove_snapshots, self.config.state_path / RUNS_DIR
+                        _remove_snapshots, self.config.state_path / RUNS_DIR, lambda run: may_hold(run, agent)
                     )
                     removed["extraction_snapshots"] = await anyio.to_thread.run_sync(
                         _remove_snapshots, self.extractor.runs_dir
@@ -789,15 +789,16 @@ def _remove_windows(directory: Path) -> int:
     return len(windows)
 
 
-def _remove_snapshots(runs: Path) -> int:
+def _remove_snapshots(runs: Path, holds: Callable[[str], bool] = lambda run: True) -> int:
     """Delete what run folders keep of the rows they trained on: snapshots (a crash's ``.partial``
     ones too, and the decisions a first model is confirmed on) and results (a cross-fitted run's
-    lists every decision id)."""
+    lists every decision id); of the runs whose folder name ``holds`` the rows asked about."""
     kept = (
         "*/snapshot.parquet*", "*/fresh.parquet*", "*/steps.parquet*", "*/out/result.json", "*/out/insights.json*",
         "*/inputs.json",
     )
-    snapshots = [p for pattern in kept for p in runs.glob(pattern)] if runs.is_dir() else []
+    found = [p for pattern in kept for p in runs.glob(pattern)] if runs.is_dir() else []
+    snapshots = [p for p in found if holds(p.relative_to(runs).parts[0])]
     for snapshot in snapshots:
         snapshot.unlink(missing_ok=True)
     return len(snapshots)

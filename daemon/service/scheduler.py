@@ -7,6 +7,7 @@ CPU priority, with a wall-time limit, on a Parquet snapshot rather than the live
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -32,7 +33,7 @@ from reflexd.errors import (
 from reflexd.learning import runs
 from reflexd.learning.dataset import load_holdout
 from reflexd.learning.gate import LOGGED_POLICY
-from reflexd.lines import folder_name
+from reflexd.lines import SHARED, folder_name
 from reflexd.manifest import MANIFEST_FILE, MODEL_FILE, GateResult, Manifest, decode_manifest
 from reflexd.registry import Registry, check_model
 from reflexd.service.child import prune, run_child
@@ -66,6 +67,22 @@ def cpu_load() -> float:
 def cpu_idle(threshold: float) -> bool:
     """True when the 1-minute load average per core is below ``threshold``."""
     return cpu_load() < threshold
+
+
+def run_tag(line: str) -> str:
+    """What a run folder's name carries of its model line: nothing for the shared line."""
+    return "" if line == SHARED else "-" + folder_name(line.replace(":", "-"))
+
+
+_AGENT_RUN = re.compile(r"\d{8}T\d{6}-\d+(?P<tag>-agent-.+)-\d+")
+
+
+def may_hold(run: str, agent: str) -> bool:
+    """Could the run folder named ``run`` hold rows of ``agent``? Not if another agent's own line
+    made it (its snapshot holds that agent's rows alone); a shared or a group line's may, whatever
+    the scope is now."""
+    found = _AGENT_RUN.fullmatch(run)
+    return found is None or found["tag"] == run_tag(f"agent:{agent}")
 
 
 @dataclass
@@ -254,8 +271,7 @@ class Scheduler:
     def _new_run_dir(self) -> Path:
         self._run_seq += 1
         # lines run one at a time but number their runs apart: the line's name keeps the folders apart
-        tag = "" if self.line == "shared" else "-" + folder_name(self.line.replace(":", "-"))
-        path = self.runs_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}{tag}-{self._run_seq}"
+        path = self.runs_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}{run_tag(self.line)}-{self._run_seq}"
         path.mkdir(parents=True, mode=0o750)
         return path
 

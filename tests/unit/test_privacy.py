@@ -376,6 +376,10 @@ def _seed_store(state_dir: Path) -> None:
     run.mkdir(parents=True)
     (run / "snapshot.parquet").write_bytes(b"PAR1 every agent's rows PAR1")
     (run / "fresh.parquet").write_bytes(b"PAR1 the rows a first model was confirmed on, left by a crash PAR1")
+    for agent in ("x", "y"):  # each agent's own line's run: its rows alone
+        own = state_dir / "runs" / f"20240101T000001-1-agent-{agent}-2"
+        own.mkdir()
+        (own / "snapshot.parquet").write_bytes(f"PAR1 {agent}'s rows PAR1".encode())
     # a spool line the store once refused, kept for an operator: both agents' events in one line
     rejected = state_dir / "spool" / "rejected"
     rejected.mkdir(parents=True)
@@ -401,7 +405,8 @@ def test_forget_removes_an_agent_everywhere_and_leaves_the_others(daemon_factory
         reply = conn.receive()
     assert isinstance(reply, Done) and reply.req == "f"
     assert "55 decisions" in reply.message and "1 outcomes" in reply.message  # the other outcome is archived
-    assert "4 archive partitions" in reply.message and "2 training snapshots" in reply.message  # and the fresh rows
+    # the shared run's snapshot and fresh rows, and x's own line's snapshot; not y's own line's
+    assert "4 archive partitions" in reply.message and "3 training snapshots" in reply.message
     assert "1 rejected spool events" in reply.message
 
     proc = subprocess.run(cli + ["--yes"], capture_output=True, text=True, timeout=120)
@@ -414,6 +419,8 @@ def test_forget_removes_an_agent_everywhere_and_leaves_the_others(daemon_factory
     assert b"y-refused" in refused and b"x-refused" not in refused
     assert not (state / "runs" / "20240101T000000-1-1" / "snapshot.parquet").exists()
     assert not (state / "runs" / "20240101T000000-1-1" / "fresh.parquet").exists()
+    assert not (state / "runs" / "20240101T000001-1-agent-x-2" / "snapshot.parquet").exists()
+    assert (state / "runs" / "20240101T000001-1-agent-y-2" / "snapshot.parquet").read_bytes() == b"PAR1 y's rows PAR1"
     counts = query(
         d,
         "select (select count(*) from decisions where agent = 'x'), (select count(*) from outcomes where id like 'o-x%'),"
