@@ -588,10 +588,11 @@ def _check_semantics(config: Config, source: str) -> None:
             problems.append(f"{where}.strategy: {exp.strategy!r} is not an exploration strategy; expected one of {', '.join(strategies)}")
     mode = config.socket.mode
     if isinstance(mode, int) and mode > 0o777:
-        # 660 unquoted is the decimal number 660 (0o1224), which would make the socket s-w--w-r-T
+        # an unquoted 660 is the decimal number 660 (0o1224), which would make the socket s-w--w-r-T;
+        # read, the number no longer says how it was written, so the advice is to quote it
         problems.append(
-            f"socket.mode: {mode} is not a permission mode (the number {mode} is {mode:#o} in octal, with bits beyond"
-            f" 0777); YAML reads an unquoted {mode} as a decimal number: write 0{mode} or '0{mode}'"
+            f"socket.mode: {mode} ({mode:#o} in octal) has bits beyond 0777: write the mode quoted, as '0660'"
+            " (YAML reads an unquoted 660 as the decimal number 660)"
         )
     group = config.socket.group
     if isinstance(group, str):

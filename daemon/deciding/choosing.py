@@ -69,7 +69,9 @@ def _check(context: dict[str, Any], actions: list[Any], default: str | None = No
     try:
         ids = action_ids(actions)
     except (KeyError, AttributeError):
-        bad = next(a for a in actions if not isinstance(a, str) and not (isinstance(a, dict) and "id" in a) and not hasattr(a, "id"))
+        known = (lambda a: isinstance(a, str) or (isinstance(a, dict) and "id" in a)
+                 or (hasattr(a, "id") and hasattr(a, "features")))
+        bad = next((a for a in actions if not known(a)), None)
         raise TypeError(
             f"action {bad!r} is neither an id (str), a dict with an 'id', nor an Action: actions must be a list of those"
         ) from None

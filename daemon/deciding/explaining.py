@@ -116,8 +116,9 @@ def occlusion_scores(
 class HeadScorer:
     """The online head before any model, where ``explain`` takes a ``Scorer``: each (occluded)
     context row's means and spread for ``agent``'s actions ``ids``, as a decision the head alone
-    makes reads them (``spread``: what exploration is handed, ``exploring.spread_from``; None:
-    none). So a choice the head made is explained as a model's is, with no model version."""
+    makes reads them (``spread``: the spread exploration is handed, ``exploring.spread_from``;
+    None: none, and the head's posterior spread is reported, as ``Chooser.score`` does). So a
+    choice the head made is explained as a model's is, with no model version."""
 
     version = None
 
@@ -127,15 +128,12 @@ class HeadScorer:
         self.manifest = SimpleNamespace(features=head.hasher.spec)
 
     def score_batch(self, context: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        head, agent, ids = self.head, self.agent, self.ids
-        x = np.zeros(context.shape[1] + 2)
-        x[-2] = 1.0  # the bias; the model score's slot stays 0
+        head, agent, ids, noise = self.head, self.agent, self.ids, self.spread == "head"
         scores, spread = np.zeros((len(context), len(ids))), np.zeros((len(context), len(ids)))
         for r, row in enumerate(context):
-            x[:-2] = row
+            x = head.inputs(row)
             scores[r] = head.means(agent, x, ids)
-            if self.spread is not None:
-                spread[r] = head.spread(agent, x, ids, noise=self.spread == "head")
+            spread[r] = head.spread(agent, x, ids, noise=noise)
         return scores, spread
 
 
@@ -174,9 +172,9 @@ def explain(
         raise ValueError("non-finite scores")
     scores = scores32.astype(np.float64)
     full = scores[0].tolist()
-    handed = spread = spread32[0].tolist()
-    if isinstance(scorer, HeadScorer) and scorer.spread is None:
-        handed, spread = None, [None] * len(ids)  # a strategy the head hands no spread to, as it decides
+    spread = spread32[0].tolist()
+    # a strategy the head hands no spread to is handed none here either, as it decides
+    handed = None if isinstance(scorer, HeadScorer) and scorer.spread is None else spread
     p = exploring.distribution(exploration, full, handed, t)
     if not np.isfinite(sum(p)):
         raise ValueError("non-finite probabilities")

@@ -432,8 +432,12 @@ class OnlineHead:
 
     def features(self, context: dict[str, Any]) -> np.ndarray:
         """The context's inputs, the model score's slot (the last) left at 0."""
+        return self.inputs(self._hasher.context(context))
+
+    def inputs(self, hashed: np.ndarray) -> np.ndarray:
+        """The inputs of a context hashed with ``hasher``: it, a bias of 1, the model score's slot at 0."""
         x = np.zeros(self._d)
-        x[:-2] = self._hasher.context(context)
+        x[:-2] = hashed
         x[-2] = 1.0
         return x
 

@@ -224,7 +224,8 @@ class Scheduler:
         self._due_since = None  # a run asked for by hand ends any wait for idle CPU too
         if self._lock.locked():
             self.status.waiting = (
-                f"due ({reason}), waiting its turn: runs take turns (every line's, extractions, the behaviour model's)"
+                f"due ({reason}), waiting its turn: runs take turns (every line's, extractions, the behaviour"
+                " model's, and a forget)"
             )
         async with self._lock:
             self.status.waiting = None

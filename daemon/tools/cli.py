@@ -265,12 +265,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  rejected {t['rejected']}{_unconfirmed(t)}"
         f"  failures {t['failures']}" + (f"  last error: {t['last_error']}" if t.get("last_error") else "")
     )
-    if t.get("waiting") and t["state"] == "idle":
-        print(f"           next run: {t['waiting']}")  # a backoff's wait among them
-    elif t.get("consecutive_failures") and "next_attempt" in t:  # several lines' sum has none: each line says
+    if t["state"] == "idle" and t.get("consecutive_failures") and "next_attempt" in t:  # several lines' sum has none
         import time
 
-        print(f"           retrying in {max(0.0, t['next_attempt'] - time.time()):.0f} s (backoff)")
+        left = t["next_attempt"] - time.time()
+        if left > 0:
+            print(f"           next run: backing off after a failed run, {left:.0f} s more")
+        elif t.get("waiting"):
+            print(f"           next run: {t['waiting']}")
+    elif t.get("waiting") and t["state"] == "idle":
+        print(f"           next run: {t['waiting']}")
     mon = reply.monitor
     if mon:
         found = mon.get("last") or {}
@@ -590,16 +594,23 @@ def cmd_forget(args: argparse.Namespace) -> int:
         _print({"agent": args.agent, "message": reply.message, **({"removed": removed} if removed is not None else {})})
         return 0
     print(reply.message)
-    if _removed_nothing(reply.message):
-        print(f"note: nothing was kept of agent {args.agent!r}; is the name right? (`reflexd status` lists lines by agent)",
-              file=sys.stderr)
+    if _nothing_of_its_own(reply.message):
+        print(
+            f"note: nothing was kept of agent {args.agent!r} (no rows, archive, dead letters, insights or spool lines);"
+            " is the name right? (`reflexd status` lists lines by agent). Snapshots that may hold any agent's rows"
+            " were deleted all the same.",
+            file=sys.stderr,
+        )
     return 0
 
 
-def _removed_nothing(message: str) -> bool:
-    """Did the daemon's ``forget`` reply remove nothing at all?"""
+def _nothing_of_its_own(message: str) -> bool:
+    """Did the daemon's ``forget`` reply remove nothing that was the agent's own? Snapshots and
+    evaluation windows may hold every agent's rows, so they go whoever is forgotten."""
     removed = _removed_counts(message)
-    return removed is not None and not any(removed.values())
+    if removed is None:
+        return False
+    return not any(n for what, n in removed.items() if not what.endswith(("snapshots", "windows")))
 
 
 def _propensities(args: argparse.Namespace) -> Any:

@@ -283,7 +283,8 @@ def test_import_then_train_then_models_print_json(daemon: DaemonProcess, tmp_pat
     assert cli(daemon, "status")["trainer"]["last_run"]["version"] == "v0001"
 
 
-def test_status_with_several_lines_after_a_failed_run_prints_each_line(daemon: DaemonProcess) -> None:
+def test_status_with_several_lines_after_a_failed_run_prints_each_line(daemon_factory: Any) -> None:
+    daemon = daemon_factory({"trainer": {"retry_backoff": 3600}})  # the backoff outlasts a slow machine's commands
     for agent in ("a", "b"):
         reflexd("decide", "--agent", agent, "--actions", "x,y", "--socket", daemon.socket, timeout=300)
     trained = reflexd("train", "--agent", "a", "--socket", daemon.socket, timeout=300)
@@ -295,12 +296,14 @@ def test_status_with_several_lines_after_a_failed_run_prints_each_line(daemon: D
     assert cli(daemon, "status")["trainer"]["consecutive_failures"] == 1
     one = reflexd("status", "--agent", "b", "--socket", daemon.socket, timeout=300).stdout
     assert "experience (every agent) decisions 2" in one and "b's line: new since training" in one, one
+    failed = reflexd("status", "--agent", "a", "--socket", daemon.socket, timeout=300).stdout
+    assert "next run: backing off after a failed run, 3" in failed and "s more" in failed, failed  # ~3600 s left
 
 
 def test_forgetting_a_name_nothing_was_kept_of_says_so(daemon: DaemonProcess) -> None:
     proc = reflexd("forget", "--agent", "nosuch", "--yes", "--socket", daemon.socket, timeout=300)
     assert proc.returncode == 0 and "forgot agent 'nosuch': removed 0 outcomes, 0 decisions" in proc.stdout
-    assert "note: nothing was kept of agent 'nosuch'; is the name right?" in proc.stderr
+    assert "note: nothing was kept of agent 'nosuch' (no rows" in proc.stderr and "is the name right?" in proc.stderr
 
 
 def test_status_by_line_says_how_many_refusals_lost_to_the_online_head(capsys) -> None:

@@ -4,6 +4,7 @@ decisions, and probabilities that stay exactly the ones each choice was drawn fr
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -485,6 +486,7 @@ def test_beside_a_model_the_posterior_over_inputs_never_seen_is_model_priors() -
         ({"task": "code"}, ["a", {"id": "a"}], ValueError, "action 'a' is offered twice"),
         ({"task": "code"}, [1, 2], TypeError, "action 1 is neither an id .str., a dict with an 'id', nor an Action"),
         ({"task": "code"}, ["a", {"name": "b"}], TypeError, "action {'name': 'b'} is neither an id"),
+        ({"task": "code"}, [SimpleNamespace(id="a")], TypeError, "action namespace.id='a'. is neither an id"),
     ],
 )
 def test_a_malformed_decision_is_refused_with_what_is_wrong(context, actions, error, match) -> None:
