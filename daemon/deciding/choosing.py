@@ -517,7 +517,8 @@ class Chooser:
     def explain(
         self, agent: str, context: dict[str, Any], actions: list[Any], top: int | None = None
     ) -> Explanation:
-        """``explaining.explain`` with the live model, its exploration and the current ``t`` (left alone).
+        """``explaining.explain`` with the live model, its exploration and the current ``t`` (left alone);
+        before any model, of the online head where it decides (``explaining.HeadScorer``).
 
         Reads the clock without resetting it on a model swap (the daemon explains in a worker
         thread, beside decisions on the event loop): a newer model than the clock's counts from 0.
