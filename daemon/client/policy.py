@@ -331,10 +331,13 @@ class Policy:
         """
         return self._chooser.score(self.agent, context, actions, default)
 
-    def explain(self, context: dict[str, Any], actions: list[Any], *, top: int | None = None) -> Explanation:
+    def explain(
+        self, context: dict[str, Any], actions: list[Any], *, top: int | None = None, default: str | None = None
+    ) -> Explanation:
         """Each action's score, spread and probability, and the context keys that moved the choice
-        most (by occlusion: see ``reflexd.deciding.explaining``), the ``top`` ones; nothing is logged."""
-        return self._chooser.explain(self.agent, context, actions, top)
+        most (by occlusion: see ``reflexd.deciding.explaining``), the ``top`` ones; nothing is logged.
+        ``default``: the agent's own choice, as ``decide`` takes it (apprentice mode)."""
+        return self._chooser.explain(self.agent, context, actions, top, default)
 
     def evaluate(
         self,

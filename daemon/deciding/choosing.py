@@ -515,15 +515,17 @@ class Chooser:
         return self.score_many([(agent, context, actions, default)])[0]
 
     def explain(
-        self, agent: str, context: dict[str, Any], actions: list[Any], top: int | None = None
+        self, agent: str, context: dict[str, Any], actions: list[Any], top: int | None = None,
+        default: str | None = None,
     ) -> Explanation:
         """``explaining.explain`` with the live model, its exploration and the current ``t`` (left alone);
-        before any model, of the online head where it decides (``explaining.HeadScorer``).
+        before any model, of the online head where it decides (``explaining.HeadScorer``), or of the
+        default policy serving the agent's own ``default`` (apprentice mode), as a decision would.
 
         Reads the clock without resetting it on a model swap (the daemon explains in a worker
         thread, beside decisions on the event loop): a newer model than the clock's counts from 0.
         """
-        _check(context, actions)
+        _check(context, actions, default)
         scorer = self.source.scorer if self.source is not None else None
         manifest = scorer.manifest if scorer is not None else None
         since_load = self._since_load if (scorer.version if scorer is not None else None) == self._version else 0
@@ -539,6 +541,8 @@ class Chooser:
                         " using the default policy"
                     )
             return explaining.explain(None, cfg, agent, context, actions, t, top)
+        if default is not None:  # served until a model is live, with exploration's share elsewhere
+            return explaining.explain(None, msgspec.structs.replace(cfg, default_action=default), agent, context, actions, t, top)
         head, ids = self.online, action_ids(actions)
         # before any model, the head decides once it has learned anything, unless a default is served
         if head is not None and head.knows(agent, ids) and cfg.default_action not in ids:

@@ -461,7 +461,7 @@ class Daemon:
         if isinstance(msg, Explain):
             msg = self.server.redactor.apply(msg)  # explained as decided: on the redacted context
             explanation = await anyio.to_thread.run_sync(
-                self.lines.for_agent(msg.agent).chooser.explain, msg.agent, msg.context, msg.actions, msg.top
+                self.lines.for_agent(msg.agent).chooser.explain, msg.agent, msg.context, msg.actions, msg.top, msg.default
             )
             return msgspec.structs.replace(explanation, req=req)
         if isinstance(msg, StatusRequest):

@@ -387,7 +387,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError("--top must be at least 1")
     try:
         msg = msgspec.convert(
-            {"type": "explain", "agent": args.agent, "context": context, "actions": actions, "top": args.top}, Explain
+            {"type": "explain", "agent": args.agent, "context": context, "actions": actions, "top": args.top,
+             "default": args.default},
+            Explain,
         )
     except msgspec.ValidationError as exc:
         raise UsageError(f"not a valid explain request: {exc}") from None
@@ -1109,10 +1111,10 @@ def build_parser() -> argparse.ArgumentParser:
         "'margin' is how much it widens the chosen action's lead over the runner-up, its 'score' how much it\n"
         "adds to the chosen action's score (docs/learning.md, Explaining). Largest |margin| first. Nothing\n"
         "is logged. With no model live, the online head as it decides once it has learned for these actions\n"
-        "(model_version null), else the default policy's probabilities and no keys. --json prints the\n"
-        "explanation: agent, actions [{id, score, spread, prob}], chosen, runner_up, keys [{key, score,\n"
-        "margin, best_without}], model_version, strategy. Exit 1 on a bad --context or --actions, or if the\n"
-        "daemon cannot be reached.",
+        "(model_version null), else (or with --default) the default policy's probabilities and no keys.\n"
+        "--json prints the explanation: agent, actions [{id, score, spread, prob}], chosen, runner_up, keys\n"
+        "[{key, score, margin, best_without}], model_version, strategy. Exit 1 on a bad --context or\n"
+        "--actions, or if the daemon cannot be reached.",
         [
             """reflexd explain --agent router --context '{"task": "code", "user": {"tier": "pro"}}' --actions small,large""",
             """reflexd explain --agent router --context '{"task": "code"}' --actions small,large --top 5 --json""",
@@ -1123,6 +1125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", default="{}", help="context as a JSON object")
     p.add_argument("--actions", required=True, help='comma-separated action ids, or a JSON list of ids / {"id", "features"}')
     p.add_argument("--top", type=int, help="show only the N keys that moved the choice most (default: every key)")
+    p.add_argument(
+        "--default", metavar="ACTION",
+        help="the agent's own choice (apprentice mode), as decide takes it: explained as decisions serve it",
+    )
     json_flag(p, "the explanation")
     p.set_defaults(func=cmd_explain)
 

@@ -272,9 +272,13 @@ class Explain(_Msg, tag="explain"):
     actions: Annotated[list[ActionSpec], msgspec.Meta(min_length=1)]
     top: Annotated[int, msgspec.Meta(ge=1)] | None = None
     req: ReqId = None
+    # the agent's own choice (apprentice mode), as a decide would carry it: explained as served
+    default: Id | None = None
 
     def __post_init__(self) -> None:
-        _distinct_ids(self.actions)
+        ids = _distinct_ids(self.actions)
+        if self.default is not None and self.default not in ids:
+            raise ValueError(f"default {self.default!r} is not among the actions")
 
 
 class Evaluate(_Msg, tag="evaluate"):

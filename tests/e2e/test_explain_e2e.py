@@ -119,6 +119,17 @@ def test_unlogged_decides_and_explains_store_nothing_and_leave_the_clock_alone(d
     assert all(r.probs == pytest.approx(default_probs(0)) for r in replies)
     assert isinstance(explained, Explanation) and explained.req == "e" and explained.keys == []
     assert [a.prob for a in explained.actions] == pytest.approx(default_probs(0))
+    # apprentice mode: the agent's own choice, explained as a decision serves it
+    args = ("explain", "--socket", d.socket, "--agent", "a", "--context", json.dumps(ctx(0)), "--actions", "p,q,r")
+    served = reflexd(*args, "--default", "q", "--json")
+    assert served.returncode == 0, served.stderr
+    with Connection(d.socket) as conn:
+        scored = conn.request(Decide(agent="a", context=ctx(0), actions=["p", "q", "r"], default="q", log=False))
+    doc = json.loads(served.stdout)
+    assert doc["strategy"] == "default" and doc["chosen"] == "q" and doc["keys"] == []
+    assert [a["prob"] for a in doc["actions"]] == pytest.approx(scored.probs)
+    wrong = reflexd(*args, "--default", "z")
+    assert wrong.returncode == 1 and "default 'z' is not among the actions" in wrong.stderr, wrong.stderr
     assert experience(d) == before  # nothing stored, nothing even received
 
     # the clock stood still: the first logged decision is still made at t = 0, and it moves it

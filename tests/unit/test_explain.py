@@ -294,6 +294,12 @@ def test_without_a_model_a_head_that_has_learned_is_explained_as_it_decides(stra
             chosen = scored.actions.index(explained.chosen)
             assert effect.score == pytest.approx(scored.scores[chosen] - means[chosen], abs=1e-6)
     assert "no model live: the online head (" + strategy + ") scores" in render(explained)
+    # apprentice mode: the agent's own choice is served until a model is live, and explained as served
+    served = chooser.explain("agent", seen(0), ACTIONS, default="tools")
+    assert served.strategy == "default" and served.keys == [] and served.chosen == "tools"
+    assert [a.prob for a in served.actions] == pytest.approx(chooser.score("agent", seen(0), ACTIONS, "tools").probs)
+    with pytest.raises(ValueError, match="default 'nope' is not among the actions"):
+        chooser.explain("agent", seen(0), ACTIONS, default="nope")
     # nothing learned for these actions: the default policy's, as a decision's
     assert chooser.explain("agent", seen(0), ["x", "y"]).strategy == "default"
 
