@@ -261,7 +261,7 @@ class Adopt(_Msg, tag="adopt"):
     req: ReqId = None
 
 
-class Explain(_Msg, tag="explain"):
+class Explain(_Msg, tag="explain", omit_defaults=True):
     """Why the live model ranks ``actions`` as it does for ``context``; answered with Explanation.
 
     Nothing is logged. ``top`` keeps the context keys that moved the choice most (all without it).
@@ -272,7 +272,8 @@ class Explain(_Msg, tag="explain"):
     actions: Annotated[list[ActionSpec], msgspec.Meta(min_length=1)]
     top: Annotated[int, msgspec.Meta(ge=1)] | None = None
     req: ReqId = None
-    # the agent's own choice (apprentice mode), as a decide would carry it: explained as served
+    # the agent's own choice (apprentice mode), as a decide would carry it: explained as served; left
+    # out when there is none (omit_defaults), so that a daemon older than the field takes the rest
     default: Id | None = None
 
     def __post_init__(self) -> None:

@@ -478,3 +478,12 @@ def test_an_online_update_without_a_prior_mean_is_sent_as_before_the_field() -> 
     fields = dict(agent="a", decision="d", action="x", base="v0001", beside=True, index=[0], value=[1.0], target=1.0)
     assert b"prior_mean" not in msgspec.json.encode(p.Learned(**fields))
     assert b'"prior_mean":0.5' in msgspec.json.encode(p.Learned(**fields, prior_mean=0.5))
+
+
+def test_an_explain_without_a_default_is_sent_as_before_the_field() -> None:
+    """Left out when None, so that a reflexd older than the field answers it."""
+    fields = dict(agent="a", context={"k": 1}, actions=["x", "y"])
+    assert b"default" not in msgspec.json.encode(p.Explain(**fields))
+    assert b'"default":"y"' in msgspec.json.encode(p.Explain(**fields, default="y"))
+    with pytest.raises(ValueError, match="default 'z' is not among the actions"):
+        p.Explain(**fields, default="z")
