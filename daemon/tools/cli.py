@@ -265,16 +265,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  rejected {t['rejected']}{_unconfirmed(t)}"
         f"  failures {t['failures']}" + (f"  last error: {t['last_error']}" if t.get("last_error") else "")
     )
-    if t["state"] == "idle" and t.get("consecutive_failures") and "next_attempt" in t:  # several lines' sum has none
+    if t["state"] == "idle":
         import time
 
-        left = t["next_attempt"] - time.time()
-        if left > 0:
-            print(f"           next run: backing off after a failed run, {left:.0f} s more")
-        elif t.get("waiting"):
-            print(f"           next run: {t['waiting']}")
-    elif t.get("waiting") and t["state"] == "idle":
-        print(f"           next run: {t['waiting']}")
+        # a backoff counted down now (several lines' sum has no next_attempt: each line's row says it)
+        left = t.get("next_attempt", 0.0) - time.time() if t.get("consecutive_failures") else 0.0
+        waiting = f"backing off after a failed run, {left:.0f} s more" if left > 0 else t.get("waiting")
+        if waiting:
+            print(f"           next run: {waiting}")
     mon = reply.monitor
     if mon:
         found = mon.get("last") or {}
