@@ -1239,10 +1239,12 @@ def build_parser() -> argparse.ArgumentParser:
         "forget",
         "delete everything stored about an agent (database, archive, snapshots, refused lines, dead letters)",
         "Delete everything the daemon stores about one agent: database rows, dead letters, Parquet archive\n"
-        "partitions, training snapshots and refused spool lines; models already trained are kept. Only\n"
-        "administrators may (root, the daemon's user, socket.admin_uids and socket.admin_gids). Asks\n"
-        "first on a terminal (--yes otherwise). Prints what was removed and exits 0; exits 1 if the answer\n"
-        'is not yes. --json prints {"agent", "message", "removed": {what: count}}.',
+        "partitions, the training snapshots that may hold its rows (its own line's, a group's, the shared\n"
+        "line's) and refused spool lines; models already trained are kept. Only administrators may (root,\n"
+        "the daemon's user, socket.admin_uids and socket.admin_gids). Asks first on a terminal (--yes\n"
+        "otherwise). Prints what was removed and exits 0 (with a note on stderr if nothing of the agent's\n"
+        'own was kept); exits 1 if the answer is not yes. --json prints {"agent", "message", "removed":\n'
+        "{what: count}}.",
         ["reflexd forget --agent router", "reflexd forget --agent router --yes --json"],
         parents=[client],
     )
