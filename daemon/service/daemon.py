@@ -79,6 +79,9 @@ from reflexd.wire.protocol import (
 _log = log.get("reflexd")
 MODEL_POLL_SECONDS = 0.5
 MODEL_VERIFY_SECONDS = 30.0  # and at every status request
+# status counts the outcomes of the last hour that name no stored decision: recent, so that
+# outcomes whose decisions retention has since deleted are not counted
+UNJOINED_WINDOW = 3600.0
 
 
 class Daemon:
@@ -664,6 +667,7 @@ class Daemon:
         cutoff = min((line.scheduler.status.cutoff for line in lines if line.scheduler is not None), default=0.0)
         agents = self.lines.agents_of(lines[0].name) if len(lines) == 1 else None
         matured = await anyio.to_thread.run_sync(self.store.matured_count, cutoff, now, self.config, agents)
+        unjoined = await anyio.to_thread.run_sync(self.store.outcomes_without_decision, now - UNJOINED_WINDOW)
         summary = {line.name: await self._line_summary(line) for line in everything}
         if len(lines) == 1:
             one = lines[0]
@@ -706,7 +710,7 @@ class Daemon:
                 **{f"stored_{k}": v for k, v in c.by_type.items()},
             },
             backlog=self.ingest.backlog,
-            experience={**counts, "new_since_training": matured},
+            experience={**counts, "new_since_training": matured, "outcomes_without_decision": unjoined},
             model=model,
             trainer=trainer,
             monitor=monitor,

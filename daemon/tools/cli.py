@@ -249,6 +249,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  outcomes {exp.get('outcomes', 0)}  steps {exp.get('steps', 0)}  events {exp.get('events', 0)}"
         f"{whose} {exp['new_since_training']}"
     )
+    unjoined = exp.get("outcomes_without_decision", 0)  # absent from an older daemon's reply
+    if unjoined:
+        print(
+            f"           {unjoined} outcomes of the last hour name no stored decision and join nothing:"
+            " reward the id decide returned"
+        )
     if len(reply.lines) > 1 and args.agent is None:
         _print_lines(reply.lines)
     elif reply.model:

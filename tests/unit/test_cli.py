@@ -18,6 +18,8 @@ import pytest
 
 from conftest import DaemonProcess, wait_for
 from reflexd.tools.cli import _print_lines, _removed_counts, build_parser
+from reflexd.wire.connection import Connection
+from reflexd.wire.protocol import Ack, Flush, Outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "configs" / "reflexd.yaml"
@@ -298,6 +300,19 @@ def test_status_with_several_lines_after_a_failed_run_prints_each_line(daemon_fa
     assert "experience (every agent) decisions 2" in one and "b's line: new since training" in one, one
     failed = reflexd("status", "--agent", "a", "--socket", daemon.socket, timeout=300).stdout
     assert "next run: backing off after a failed run, 3" in failed and "s more" in failed, failed  # ~3600 s left
+
+
+def test_status_counts_the_outcomes_that_name_no_stored_decision(daemon: DaemonProcess) -> None:
+    decided = cli(daemon, "decide", "--agent", "bot", "--actions", "x,y")
+    with Connection(daemon.socket) as conn:  # one reward for the decision, two for ids of the agent's own making
+        conn.send([Outcome(decision_id=decided["id"], reward=1.0)])
+        conn.send([Outcome(decision_id=f"mine-{i}", reward=1.0) for i in range(2)])
+        conn.send([Flush(loaded=True)])
+        while not isinstance(conn.receive(), Ack):
+            pass
+    assert cli(daemon, "status")["experience"]["outcomes_without_decision"] == 2
+    shown = reflexd("status", "--socket", daemon.socket, timeout=300)
+    assert "2 outcomes of the last hour name no stored decision" in shown.stdout, shown.stdout
 
 
 def test_forgetting_a_name_nothing_was_kept_of_says_so(daemon: DaemonProcess) -> None:

@@ -310,6 +310,19 @@ class Store:
         with self._guard("counting matured decisions") as con:
             return rewards.matured_count(con, since, now, config, agents)
 
+    def outcomes_without_decision(self, since: float) -> int:
+        """Outcomes received after ``since`` whose ``decision_id`` names no stored decision: rewards
+        that join nothing, as an agent rewarding ids of its own making sends. The decisions' primary
+        key answers each one, so a recent window costs milliseconds on any store; an outcome that
+        came before its decision counts until the decision is stored."""
+        with self._guard("counting outcomes without a decision") as con:
+            (n,) = con.execute(
+                "SELECT count(*) FROM outcomes o WHERE received_at > ?"
+                " AND NOT EXISTS (SELECT 1 FROM decisions d WHERE d.id = o.decision_id)",
+                [since],
+            ).fetchone()
+            return n
+
     def live_rewards(self, versions: Sequence[str], now: float, config: Config) -> dict[str, RewardStats]:
         """Count, mean and variance of the joined reward of each version's matured decisions."""
         with self._guard("computing live rewards per model") as con:
