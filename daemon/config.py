@@ -532,6 +532,26 @@ def _merge_agents(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     return {**raw, "agents": merged}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last, so a
+    second ``socket:`` section appended below the first silently undoes all of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges may be overridden, as YAML says
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the safe loader's own error says so
+                break
+            if seen is not key_node.start_mark:
+                said = f"{key!r} is given twice (first at line {seen.line + 1}); the second would replace the first"
+                raise yaml.constructor.ConstructorError(None, None, said, key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def parse_config(text: str | bytes, source: str = "<config>") -> Config:
     """Decode YAML text into a Config, or raise ConfigError naming what is wrong and where.
 
@@ -539,7 +559,7 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
     decoding (overrides, semantics) report every problem they find.
     """
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -266,6 +266,15 @@ def test_invalid_yaml_gives_line_and_column() -> None:
     assert "YAML" in msg
 
 
+def test_a_key_given_twice_is_refused_with_both_lines() -> None:
+    # a second section appended below the first would silently undo the first
+    msg = one_problem("socket:\n  path: /tmp/r/r.sock\nstate_dir: /tmp/r\nsocket:\n  max_frame_bytes: 2048\n")
+    assert "line 4, column 1" in msg and "'socket' is given twice (first at line 1)" in msg
+    assert "'mode' is given twice (first at line 2)" in one_problem("socket:\n  mode: '0660'\n  mode: '0600'\n")
+    # a merged mapping's keys may still be overridden, as YAML allows
+    assert parse_config("online: {<<: {prior: 2.0}, prior: 3.0}\n").online.prior == 3.0
+
+
 def test_top_level_must_be_a_mapping() -> None:
     assert "mapping" in one_problem("- 1\n- 2\n")
 
