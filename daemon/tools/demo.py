@@ -285,15 +285,17 @@ def rules_report(found: Any, world: World) -> str:
         lines.append("  no rule held on decisions it was not found on")
         return "\n".join(lines)
     right = 0
-    for rule in rules:
+    for shown, rule in enumerate(rules):
         truth = true_lift(world, rule)
         agrees = truth is not None and (truth > 0) == (rule["lift"] > 0)
         right += agrees
-        if len(lines) - 2 < RULES_SHOWN:
+        if shown < RULES_SHOWN:
             verdict = "the world agrees" if agrees else "the world disagrees"
             lines.append(f"  {rule['text']}")
             lines.append(f"      true lift {truth:+.3f}: {verdict}" if truth is not None else "      (no such segment in the world)")
-    lines.append(f"rules published: {len(rules)}, of which {right} have the sign of the world's true lift")
+    # the sign count covers every published rule, so the reader must know when some are not listed
+    listed = f" ({RULES_SHOWN} shown of {len(rules)})" if len(rules) > RULES_SHOWN else ""
+    lines.append(f"rules published: {len(rules)}{listed}, of which {right} have the sign of the world's true lift")
     return "\n".join(lines)
 
 

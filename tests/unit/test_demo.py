@@ -10,7 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from reflexd.tools.demo import AGENTS, STRATEGIES, Record, World, first_adaptation, report, windows
+from reflexd.tools.demo import (
+    AGENTS, RULES_SHOWN, STRATEGIES, Record, World, first_adaptation, report, rules_report, windows,
+)
 
 
 def test_the_world_has_no_single_best_strategy() -> None:
@@ -107,6 +109,26 @@ def test_the_demo_checks_each_published_rule_against_the_worlds_true_lift() -> N
     true_lift(world, rule)
     assert world.rng.getstate() == before  # the world's own stream is left as it was
 
+
+
+@pytest.mark.parametrize("published", [1, 4, RULES_SHOWN, RULES_SHOWN + 3])
+def test_the_rules_report_shows_as_many_rules_as_it_says(published: int) -> None:
+    world = World(4)
+    chat = [{"feature": "task", "op": "==", "value": "chat"}]
+    rules = [
+        {"status": "published", "text": f"rule {i}", "action": "small-model", "baseline": "large+tools",
+         "when": chat, "lift": 0.1 + i / 100}
+        for i in range(published)
+    ]
+    found = SimpleNamespace(rules=rules + [{**rules[0], "status": "candidate", "text": "a candidate"}],
+                            run={"experiences": 9000})
+    text = rules_report(found, world)
+    listed = [line for line in text.splitlines() if line.startswith("  rule ")]
+    assert len(listed) == min(published, RULES_SHOWN), text
+    last = text.splitlines()[-1]
+    assert last.startswith(f"rules published: {published}"), text
+    assert (f"{RULES_SHOWN} shown of {published}" in last) == (published > RULES_SHOWN), text
+    assert "a candidate" not in text
 
 @pytest.mark.e2e
 def test_the_traces_demo_runs_an_agent_that_reports_only_through_its_traces(tmp_path: Path) -> None:
