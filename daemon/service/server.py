@@ -314,10 +314,10 @@ class Server:
                     self.idle_closed += 1
                     await conn.finish()
                 return
-            if not data:
-                short = reader.cut_short()
-                if short is not None:
-                    conn.reject(short)
+            if not data:  # the peer is done sending: the stream's end ends its last line
+                await conn.process(reader.end())
+                if reader.incomplete:
+                    await conn.abandon(reader.abandon())
                 await conn.finish()
                 return
 
@@ -564,8 +564,12 @@ class _Connection:
                     self.deaf = True
         await self._hand_off()
 
-    async def abandon(self, partial: bytes, waited: float) -> None:
-        err = FrameError(f"incomplete frame: {len(partial)} bytes, then nothing for {waited:g} s", code="timeout")
+    async def abandon(self, partial: bytes, waited: float | None = None) -> None:
+        """Dead-letter a frame left half-sent: for ``waited`` seconds, or (None) until the peer stopped sending."""
+        if waited is None:
+            err = FrameError(f"incomplete frame: {len(partial)} bytes, then the peer stopped sending")
+        else:
+            err = FrameError(f"incomplete frame: {len(partial)} bytes, then nothing for {waited:g} s", code="timeout")
         self.reject(err, partial)
         await self.finish()
 

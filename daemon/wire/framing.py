@@ -134,6 +134,14 @@ class FrameReader:
             self._skipping = True
             buf.clear()
 
+    def end(self) -> Iterator[bytes | FrameError]:
+        """What is left when the peer has stopped sending: an NDJSON last line without its newline,
+        a line all the same (``printf '%s' '{...}' | socat`` sends one), or the over-long line being
+        skipped, reported with its length. A length-prefixed frame cut short stays ``incomplete``,
+        for the caller to dead-letter (``abandon``)."""
+        if self.framing == JSON and self.incomplete and not self.fatal:
+            yield from self.feed(b"\n")
+
     def cut_short(self) -> FrameTooLarge | None:
         """The over-long line being skipped when the peer stopped sending, if any (its size so far)."""
         if self.framing != JSON or not self._skipping:

@@ -297,6 +297,33 @@ def test_a_frame_left_half_sent_times_out_and_only_that_connection_closes(daemon
     assert rows[0][0] == "timeout" and bytes(rows[0][1]).startswith(b'{"type":"decision"')
 
 
+def _sent_then_closed(d: DaemonProcess, data: bytes) -> bytes:
+    """Send ``data``, stop sending (as a pipe into socat does at its input's end), read every reply."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(d.socket)
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        replies = b""
+        while chunk := s.recv(4096):
+            replies += chunk
+    return replies
+
+
+def test_the_last_line_needs_no_newline_and_a_frame_cut_short_is_dead_lettered(daemon: DaemonProcess) -> None:
+    last = msgspec.json.encode(decision(1))  # no newline after it: the stream's end ends it
+    replies = _sent_then_closed(daemon, b'{"type":"flush","req":1}\n' + last)
+    assert replies == b'{"type":"ack","count":0,"req":1}\n', replies
+    wait_for(lambda: daemon.status().experience.get("decisions") == 1, 30, "the last line stored")
+    # a length-prefixed frame whose bytes stop short: kept as a dead letter, not dropped unseen
+    whole = msgspec.msgpack.encode(decision(2))
+    reply = _sent_then_closed(daemon, struct.pack(">I", len(whole)) + whole[:-3])
+    assert b"then the peer stopped sending" in reply, reply
+    wait_for(lambda: daemon.status().ingest["dead_letters"] == 1, 30, "the frame cut short dead-lettered")
+    rows = query(daemon, "select code, raw_size, reason from dead_letters")
+    assert rows == [("malformed", len(whole) + 1, f"incomplete frame: {len(whole) + 1} bytes, then the peer stopped sending")]
+
+
 def test_symlinked_socket_path_is_refused(daemon_factory) -> None:
     link = Path(tempfile.mkdtemp(prefix="rx-")) / "r.sock"
     link.symlink_to("/tmp/somewhere-else.sock")
