@@ -234,6 +234,8 @@ class Extractor:
                 "check_window": found.check_window,
                 "notes": found.notes,
                 "seconds": found.seconds,
+                # what a pattern, rule or check rests on in this run, for telling a run too small for any
+                "min_support": cfg.insights.min_support,
             },
         )
         lists = {kind: msgspec.to_builtins(getattr(found, kind)) for kind in KINDS}
@@ -311,6 +313,12 @@ class Extractor:
                      "experiences": run.experiences, **run.summary}
         # what is said about the findings is said of those in the reply: one agent's, when asked so
         summary = {**self.summary(), **_gist(found["rules"], found["anomalies"]), **_counts(found)}
+        # runs stored before their own min_support was kept are read against the present setting
+        summary["min_support"] = self.config.insights.min_support
+        if msg.agent is not None:
+            # an agent never seen still gets the findings about no one agent: say it is unknown
+            agents = await anyio.to_thread.run_sync(self.store.agents)
+            summary["agent"], summary["agent_has_decisions"] = msg.agent, msg.agent in agents
         return Insights(run=described, summary=summary, req=msg.req, **found)
 
     async def forgotten(self) -> None:

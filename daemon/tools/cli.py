@@ -917,7 +917,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_insights(args: argparse.Namespace) -> int:
-    from reflexd.tools.insights import render
+    from reflexd.tools.insights import SHOWN, render
     from reflexd.wire.protocol import InsightsRequest
 
     if args.now:
@@ -927,7 +927,7 @@ def cmd_insights(args: argparse.Namespace) -> int:
     if args.json:
         _print({k: getattr(reply, k) for k in ("run", "rules", "patterns", "anomalies", "trends", "summary")})
         return 0
-    print("\n".join(render(reply)))
+    print("\n".join(render(reply, None if args.all else SHOWN)))
     return 0
 
 
@@ -1145,14 +1145,20 @@ def build_parser() -> argparse.ArgumentParser:
         "robust); anomalies (reward change points, dead-letter and error bursts, context drift,\n"
         "exploration health, a live model below its gate's prediction); trends (reward per agent, action\n"
         "and model version over time). The daemon extracts on a schedule (insights.interval); --now runs\n"
-        "an extraction first and waits for it. --json prints one object with lists rules, patterns,\n"
-        "anomalies, trends, and run and summary.",
+        "an extraction first and waits for it. Text lists up to 10 findings of each kind (newest anomaly\n"
+        "first) and says how many more there are (--all lists every one), then the run's notes: what it\n"
+        "could not examine and why. --json prints one object with lists rules, patterns, anomalies,\n"
+        "trends, and run and summary.",
         ["reflexd insights", "reflexd insights --agent router --now", "reflexd insights --since 2026-12-01 --json"],
         parents=[client],
     )
-    p.add_argument("--agent", help="only the findings about this agent (and those about no one agent)")
+    p.add_argument(
+        "--agent",
+        help="only the findings about this agent (and those about no one agent); a note says so when nothing is stored for it",
+    )
     p.add_argument("--since", help="anomalies from this time on, trends ending after it (epoch seconds or ISO-8601)")
     p.add_argument("--now", action="store_true", help="run an extraction first and wait for it")
+    p.add_argument("--all", action="store_true", help="show every finding, not only the first 10 of each kind")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the answer (default 1800)")
     json_flag(p, "the findings")
     p.set_defaults(func=cmd_insights)

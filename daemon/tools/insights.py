@@ -11,7 +11,7 @@ from typing import Any
 
 from reflexd.wire.protocol import Insights
 
-SHOWN = 10  # per kind; --json has them all
+SHOWN = 10  # per kind; --all and --json have them all
 
 
 def when_text(conditions: Iterable[dict[str, Any]]) -> str:
@@ -51,31 +51,75 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def render(reply: Insights) -> list[str]:
-    """The reply as lines of text, each kind under its heading, newest run named first."""
+def render(reply: Insights, shown: int | None = SHOWN) -> list[str]:
+    """The reply as lines of text, each kind under its heading, newest run named first; at most
+    ``shown`` findings of each kind (None: every one), with a line saying how many more there are."""
     if reply.run is None:
         return ["no extraction yet: `reflexd insights --now` runs one (it needs matured experience)"]
-    run = reply.run
+    run, summary = reply.run, reply.summary or {}
+    rows = run.get("experiences", 0)
     lines = [
-        f"extraction {run.get('id')} at {_ago(run.get('at'))} on {run.get('experiences', 0)} experiences"
+        f"extraction {run.get('id')} at {_ago(run.get('at'))} on {rows} experiences"
         f" ({_ago(run.get('window_start'))} .. {_ago(run.get('window_end'))})"
     ]
+    agent = summary.get("agent")
+    if agent is not None and summary.get("agent_has_decisions") is False:
+        lines.append(
+            f"note: nothing is stored for agent {agent!r} (no decision of it in the store);"
+            " only findings about no one agent follow"
+        )
+    # runs stored before a run kept its own setting carry none: the daemon's present one stands in
+    min_support = run.get("min_support") or summary.get("min_support")
+    if isinstance(min_support, int) and rows < min_support:
+        lines.append(
+            f"note: this run read {rows} experiences; a rule, pattern or check needs at least"
+            f" insights.min_support = {min_support} decisions, so there are too few to find any yet"
+        )
     published = [r for r in reply.rules if r.get("status") == "published"]
     others = [r for r in reply.rules if r.get("status") != "published"]
+    retired = [r for r in others if r.get("status") == "retired"]
     lines.append(f"rules      {len(published)} published, {len(others)} not (candidates waiting for a later window, or retired)")
-    for rule in published[:SHOWN]:
+    for rule in _first(published, shown):
         lines.append(f"  {rule['text']}")
         lines.append(f"      first found {_ago(rule.get('first_seen'))}, last confirmed {_ago(rule.get('last_confirmed'))}")
-    for rule in [r for r in others if r.get("status") == "retired"][:SHOWN]:
+    lines += _more(published, shown, "published rules")
+    for rule in _first(retired, shown):
         why = rule.get("retired_why") or rule.get("why") or "no longer holds"
         lines.append(f"  retired: {rule['text']}: {why}")
+    lines += _more(retired, shown, "retired rules")
     lines.append(f"patterns   {len(reply.patterns)}")
-    for p in reply.patterns[:SHOWN]:
+    for p in _first(reply.patterns, shown):
         lines.append("  " + _line(p, ("agent", "action", "when", "segment", "value", "ci", "support")))
+    lines += _more(reply.patterns, shown, "patterns")
     lines.append(f"anomalies  {len(reply.anomalies)}")
-    for a in sorted(reply.anomalies, key=lambda a: a.get("at") or 0, reverse=True)[:SHOWN]:
-        lines.append(f"  {_ago(a.get('at'))}  {a.get('kind')}  " + _line(a, ("agent", "action", "feature", "size", "evidence")))
+    newest_first = sorted(reply.anomalies, key=lambda a: a.get("at") or 0, reverse=True)
+    for a in _first(newest_first, shown):
+        lines.append(_anomaly(a))
+    lines += _more(newest_first, shown, "anomalies")
     lines.append(f"trends     {len(reply.trends)}")
-    for t in reply.trends[:SHOWN]:
+    for t in _first(reply.trends, shown):
         lines.append("  " + _line(t, ("agent", "action", "model_version", "direction", "since", "value", "ci", "count")))
+    lines += _more(reply.trends, shown, "trends")
+    notes = run.get("notes") or []
+    lines.append(f"notes      {len(notes)}")
+    lines += [f"  {n}" for n in _first(notes, shown)]
+    lines += _more(notes, shown, "notes")
     return lines
+
+
+def _anomaly(a: dict[str, Any]) -> str:
+    """``2026-12-06 08:00:00  reward_change  router: router's reward fell by 0.17 from 0.539 to 0.369``."""
+    head = f"  {_ago(a.get('at'))}  {a.get('kind')}" + (f"  {a['agent']}" if a.get("agent") else "")
+    if a.get("summary"):
+        return f"{head}: {a['summary']}"
+    return f"{head}  " + _line(a, ("action", "feature", "size"))  # the evidence dict is for --json
+
+
+def _first(items: list[Any], shown: int | None) -> list[Any]:
+    return list(items) if shown is None else list(items)[:shown]
+
+
+def _more(items: list[Any], shown: int | None, what: str) -> list[str]:
+    if shown is None or len(items) <= shown:
+        return []
+    return [f"  ... {len(items) - shown} more {what}: `reflexd insights --all` (or --json) shows them all"]

@@ -11,7 +11,15 @@ from types import SimpleNamespace
 import pytest
 
 from reflexd.tools.demo import (
-    AGENTS, RULES_SHOWN, STRATEGIES, Record, World, first_adaptation, report, rules_report, windows,
+    AGENTS,
+    RULES_SHOWN,
+    STRATEGIES,
+    Record,
+    World,
+    first_adaptation,
+    report,
+    rules_report,
+    windows,
 )
 
 
