@@ -596,6 +596,30 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
     return config
 
 
+# a Unix socket's path fits sun_path's 108 bytes with its terminating NUL (Linux)
+_SOCKET_PATH_BYTES = 107
+
+
+def _check_paths(config: Config) -> list[str]:
+    """The places the daemon makes: absolute (under systemd its working directory is /, and YAML
+    does not expand ``~``), and a socket's path short enough to bind."""
+    places = [("state_dir", config.state_dir), ("socket.path", config.socket.path)]
+    if config.metrics.path:
+        places.append(("metrics.path", config.metrics.path))
+    if config.traces.enabled:
+        places.append(("traces.path", config.traces.path))
+    problems = []
+    for key, value in places:
+        if not os.path.isabs(value):
+            tilde = " ('~' is not expanded)" if value.startswith("~") else ""
+            problems.append(f"{key}: {value!r} is not an absolute path{tilde}; under systemd the daemon runs in /")
+        elif key != "state_dir" and len(os.fsencode(value)) > _SOCKET_PATH_BYTES:
+            problems.append(
+                f"{key}: {len(os.fsencode(value))} bytes long; a Unix socket's path may have at most {_SOCKET_PATH_BYTES}"
+            )
+    return problems
+
+
 def _check_semantics(config: Config, source: str) -> None:
     problems = []
     strategies = available(EXPLORATION)
@@ -634,6 +658,7 @@ def _check_semantics(config: Config, source: str) -> None:
             f"retention.archive_max_days: must exceed retention.days ({retention.days:g}): rows reach the archive"
             f" {retention.days:g} days after they were received, and would be deleted at once"
         )
+    problems += _check_paths(config)
     problems += _check_metrics(config)
     problems += _check_traces(config)
     problems += _check_learning(config)

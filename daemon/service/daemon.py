@@ -7,6 +7,7 @@ into the store, and exit.
 
 from __future__ import annotations
 
+import errno
 import gc
 import grp
 import os
@@ -31,6 +32,7 @@ from reflexd.errors import (
     ModelNotFound,
     ReflexdError,
     RequestTimeout,
+    SocketError,
     StateDirError,
     StorageError,
     TrainingError,
@@ -126,10 +128,13 @@ class Daemon:
         # a socket systemd passed (reflexd.socket) is checked before anything else is opened
         inherited = activation.inherited_socket(cfg.socket.path)
         self.socket_activated = inherited is not None
-        refusal = private_dir(cfg.state_path, "its database, spool and models")
+        try:
+            refusal = private_dir(cfg.state_path, "its database, spool and models")
+            cfg.models_path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateDirError(f"state_dir {cfg.state_dir}: {_cannot(exc)}") from None
         if refusal is not None:
             raise StateDirError(refusal)
-        cfg.models_path.mkdir(parents=True, exist_ok=True)
         await anyio.to_thread.run_sync(self._publish_client_settings)
         # a damaged database file is refused (StoreDamaged) before anything writes to it
         await anyio.to_thread.run_sync(Store.check_file, cfg.db_path, cfg.store)
@@ -151,8 +156,11 @@ class Daemon:
             _log.warning("file descriptors", problem=warning)
         if inherited is None:
             sock_path = Path(cfg.socket.path)
-            prepare_path(sock_path)
-            listener = await anyio.create_unix_listener(sock_path, mode=cfg.socket.mode_bits)
+            try:
+                prepare_path(sock_path)
+                listener = await anyio.create_unix_listener(sock_path, mode=cfg.socket.mode_bits)
+            except OSError as exc:
+                raise SocketError(f"socket.path {sock_path}: {_cannot(exc)}") from None
             self._apply_socket_permissions(sock_path)
         else:
             # systemd made the file, with its unit's mode and group, and keeps it: not ours to change
@@ -813,6 +821,17 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def _cannot(exc: OSError) -> str:
+    """Why a place the daemon makes could not be made, with what fixes a read-only one under systemd."""
+    said = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    if exc.errno == errno.EROFS:
+        said += (
+            "; under the shipped systemd unit (ProtectSystem=strict) only /var/lib/reflexd and /run/reflexd"
+            " are writable: add the folder to ReadWritePaths= in a drop-in"
+        )
+    return said
 
 
 def run(config_path: str | None) -> None:

@@ -14,7 +14,9 @@ import msgspec
 
 from reflexd import __version__
 from reflexd.config import DEFAULT_PATH, load_config
-from reflexd.errors import ConfigError, DaemonUnavailable, ReflexdError, StoreDamaged, UsageError
+from reflexd.errors import (
+    ConfigError, DaemonUnavailable, ReflexdError, SocketError, StateDirError, StoreDamaged, UsageError,
+)
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 EX_DATAERR = 65  # sysexits.h: input data incorrect (a damaged store)
@@ -135,12 +137,22 @@ def _refused_places(config: Any) -> list[str]:
     found = []
     for key, path, what in places:
         try:
-            refusal = open_to_others(path, what) if path.is_dir() else None
+            refusal = open_to_others(path, what) if path.is_dir() else _not_a_folder(path)
         except OSError:  # not this user's to look into (check-config as another user): the start checks it
             refusal = None
         if refusal is not None:
             found.append(f"{key}: {refusal}")
     return found
+
+
+def _not_a_folder(path: Path) -> str | None:
+    """Why ``path`` cannot be made: the nearest of its parents that exists is not a directory."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if parent.is_dir():
+                return None
+            return f"{path} is not a directory" if parent == path else f"{parent} is not a directory, so {path} cannot be made"
+    return None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -1015,7 +1027,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run the daemon in the foreground",
         "Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config (a bad file\n"
         "leaves the old one in force). Logs go to stderr, nothing to stdout. Exit 0 after a clean stop,\n"
-        "78 if the config is invalid, 65 if the store is damaged (see check-store).",
+        "78 if the config is invalid or names a state_dir or socket that cannot be used, 65 if the store\n"
+        "is damaged (see check-store).",
         ["reflexd run --config configs/reflexd.yaml", "REFLEXD_CONFIG=/etc/reflexd/reflexd.yaml reflexd run"],
         parents=[common],
     )
@@ -1029,7 +1042,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ExecStartPre= relies on). A wrong type, value or unknown key is reported alone, the first\n"
         "found (decoding stops there); past those, every setting that makes no sense with the others,\n"
         "and a directory of a socket (socket.path, metrics.path, traces.path) or state_dir that the\n"
-        "daemon would refuse (writable by group or others, such as /tmp itself). --json prints\n"
+        "daemon would refuse (writable by group or others, such as /tmp itself) or could not make\n"
+        "(below a file). --json prints\n"
         '{"ok": true|false, "path": ..., "problems": [...]} instead, with the same exit codes.',
         ["reflexd check-config /etc/reflexd/reflexd.yaml", "reflexd check-config --json configs/reflexd.yaml"],
         parents=[common],
@@ -1583,6 +1597,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except StoreDamaged as exc:  # `run` refusing a damaged store, as check-store would
         print(f"reflexd: {exc}", file=sys.stderr)
         return EX_DATAERR
+    except (StateDirError, SocketError) as exc:  # a place the config names that cannot be used: a restart would not help
+        print(f"reflexd: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except DaemonUnavailable as exc:
         print(f"reflexd: {exc}", file=sys.stderr)
         print(

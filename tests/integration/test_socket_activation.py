@@ -176,7 +176,7 @@ def test_a_descriptor_that_is_not_a_listening_unix_stream_socket_is_refused_clea
     d = activated([(bad, "reflexd.socket")], {"socket": {"path": str(path)}})
     with pytest.raises(DaemonStartFailed):
         d.start(timeout=60)
-    assert d.proc is not None and d.proc.returncode == 1
+    assert d.proc is not None and d.proc.returncode == 78  # EX_CONFIG: a restart would not help
     assert "fd 3 ('reflexd.socket') passed by systemd" in d.log() and message in d.log(), d.log()
     bad.close()
 
@@ -190,7 +190,7 @@ def test_a_socket_in_a_directory_others_may_write_to_is_refused(activated, run_d
     d = activated([(systemd_side, "reflexd.socket")], {"socket": {"path": str(path)}})
     with pytest.raises(DaemonStartFailed):
         d.start(timeout=60)
-    assert d.proc is not None and d.proc.returncode == 1
+    assert d.proc is not None and d.proc.returncode == 78  # EX_CONFIG: a restart would not help
     assert f"{shared} is writable by group or others (mode 0770)" in d.log(), d.log()
     # check-config says the same of this config before any start
     checked = subprocess.run(

@@ -140,6 +140,22 @@ def test_check_config_refuses_the_directories_run_would_refuse(tmp_path: Path) -
     assert as_json(reflexd("check-config", "--json", str(config)))["ok"] is True  # made 0750 by the daemon
 
 
+def test_check_config_refuses_a_place_below_a_file_and_run_exits_78_saying_why(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {afile / 'state'}\nsocket: {{path: {tmp_path / 'run' / 'r.sock'}}}\n")
+    (problem,) = as_json(reflexd("check-config", "--json", str(config)), code=EX_CONFIG)["problems"]
+    assert problem == f"state_dir: {afile} is not a directory, so {afile / 'state'} cannot be made", problem
+    # started anyway, the daemon says so and exits 78, which the unit does not restart, not 1 with a traceback
+    run = reflexd("run", "--config", str(config), timeout=120)
+    assert run.returncode == EX_CONFIG, run.stderr
+    assert f"reflexd: state_dir {afile / 'state'}: Not a directory" in run.stderr and "Traceback" not in run.stderr
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nsocket: {{path: {afile / 'sub' / 'r.sock'}}}\n")
+    run = reflexd("run", "--config", str(config), timeout=120)
+    assert run.returncode == EX_CONFIG and f"reflexd: socket.path {afile / 'sub' / 'r.sock'}: " in run.stderr, run.stderr
+
+
 def test_json_commands_print_nothing_on_stdout_when_the_daemon_is_away() -> None:
     for args in (["status"], ["models", "list"], ["decide", "--agent", "a", "--actions", "x,y"]):
         proc = reflexd(*args, "--json", "--socket", "/nonexistent/reflexd.sock")

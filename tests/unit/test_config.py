@@ -275,6 +275,17 @@ def test_a_key_given_twice_is_refused_with_both_lines() -> None:
     assert parse_config("online: {<<: {prior: 2.0}, prior: 3.0}\n").online.prior == 3.0
 
 
+def test_the_places_the_daemon_makes_are_absolute_and_a_socket_path_fits() -> None:
+    assert problems_of('state_dir: ""\n') == ["state_dir: '' is not an absolute path; under systemd the daemon runs in /"]
+    assert "('~' is not expanded)" in one_problem("state_dir: ~/reflexd\n")
+    assert one_problem("socket: {path: run/r.sock}\n").startswith("socket.path: 'run/r.sock' is not an absolute path")
+    long = "/tmp/" + "d" * 100 + "/r.sock"  # 112 bytes: bind() would fail with 'AF_UNIX path too long'
+    assert one_problem(f"socket: {{path: {long}}}\n") == "socket.path: 112 bytes long; a Unix socket's path may have at most 107"
+    assert one_problem(f"traces: {{enabled: true, path: {long}}}\n").startswith("traces.path: 112 bytes long")
+    parse_config(f"traces: {{path: {long}}}\n")  # not checked while the receiver is off
+    assert parse_config("socket: {path: /" + "s" * 106 + "}\n").socket.path  # 107 bytes fit
+
+
 def test_top_level_must_be_a_mapping() -> None:
     assert "mapping" in one_problem("- 1\n- 2\n")
 
