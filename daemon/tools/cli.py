@@ -15,7 +15,13 @@ import msgspec
 from reflexd import __version__
 from reflexd.config import DEFAULT_PATH, load_config
 from reflexd.errors import (
-    ConfigError, DaemonUnavailable, ReflexdError, SocketError, StateDirError, StoreDamaged, UsageError,
+    ConfigError,
+    DaemonUnavailable,
+    ReflexdError,
+    SocketError,
+    StateDirError,
+    StoreDamaged,
+    UsageError,
 )
 
 EX_CONFIG = 78  # sysexits.h: configuration error
