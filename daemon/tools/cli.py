@@ -1049,13 +1049,16 @@ def build_parser() -> argparse.ArgumentParser:
         "found (decoding stops there); past those, every setting that makes no sense with the others,\n"
         "and a directory of a socket (socket.path, metrics.path, traces.path) or state_dir that the\n"
         "daemon would refuse (writable by group or others, such as /tmp itself) or could not make\n"
-        "(below a file). --json prints\n"
-        '{"ok": true|false, "path": ..., "problems": [...]} instead, with the same exit codes.',
+        "(below a file). A valid file that this process's limits would keep from working as configured\n"
+        "(a file-descriptor limit below what the socket's connections need) still passes, with a\n"
+        "'warning:' line each on stderr. --json prints\n"
+        '{"ok": true|false, "path": ..., "problems": [...], "warnings": [...]} instead, with the same\n'
+        "exit codes.",
         ["reflexd check-config /etc/reflexd/reflexd.yaml", "reflexd check-config --json configs/reflexd.yaml"],
         parents=[common],
     )
     p.add_argument("path", nargs="?", help="file to check (default: --config, $REFLEXD_CONFIG or /etc/reflexd/reflexd.yaml)")
-    json_flag(p, '{"ok", "path", "problems"}')
+    json_flag(p, '{"ok", "path", "problems", "warnings"}')
     p.set_defaults(func=cmd_check_config)
 
     p = command(
@@ -1067,11 +1070,12 @@ def build_parser() -> argparse.ArgumentParser:
         "open the file, so a running daemon's lock is reported (exit 75). Exit 0 if the store is sound or\n"
         "does not exist yet, 65 (EX_DATAERR) if it is damaged (docs/operations.md says how to recover),\n"
         '1 if it could not be checked. --json prints {"ok", "path", "state": sound|missing|damaged|\n'
-        'in_use|unchecked, "rows", "seconds", "code", "error"}.',
+        'in_use|unchecked, "rows": {table: rows} ({} unless read), "seconds", "code": the error\'s code\n'
+        '(null if none), "error": its message (null if none)}.',
         ["reflexd check-store --config /etc/reflexd/reflexd.yaml", "reflexd check-store --json"],
         parents=[common],
     )
-    json_flag(p, '{"ok", "path", "state", "rows", "error"}')
+    json_flag(p, '{"ok", "path", "state", "rows", "seconds", "code", "error"}')
     p.set_defaults(func=cmd_check_store)
 
     p = command(
