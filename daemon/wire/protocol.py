@@ -78,9 +78,12 @@ class Decision(_Msg, tag="decision"):
         # msgspec turns these into validation errors, so such a frame is dead-lettered with the reason
         # also runs for every decision a client makes in-process, so it is kept cheap
         actions = self.actions
-        # plain ids are found by the list's own (C) search; in-process actions may be plain dicts
-        if self.chosen not in actions and self.chosen not in action_ids(actions):
+        ids = action_ids(actions)
+        if self.chosen not in ids:
             raise ValueError(f"chosen action {self.chosen!r} is not among the actions")
+        if len(set(ids)) != len(ids):  # as decide refuses them: a logged probability would name no one action
+            twice = next(i for k, i in enumerate(ids) if i in ids[:k])
+            raise ValueError(f"the actions must have distinct ids; {twice!r} is given twice")
         probs = self.probs
         if probs is not None:
             if len(probs) != len(actions):
@@ -88,6 +91,11 @@ class Decision(_Msg, tag="decision"):
             # a plain sum's rounding is far inside the tolerance
             if not (min(probs) >= 0.0 and max(probs) <= 1.0 and abs(sum(probs) - 1.0) <= 1e-3):
                 raise ValueError("probs must be probabilities summing to 1")
+            # estimators weigh by prob and evaluate other policies with probs: they must agree (to 1%,
+            # for loggers that round what they print)
+            logged = probs[ids.index(self.chosen)]
+            if abs(logged - self.prob) > 0.01 * self.prob:
+                raise ValueError(f"prob {self.prob!r} is not the chosen action's probability in probs ({logged!r})")
         _check_ts(self.ts)
         if self.slot is not None or self.slate is not None:
             _check_slot(self.slot, self.slate)

@@ -420,10 +420,14 @@ OPT_FLOAT = st.none() | FINITE
 MESSAGES = {
     p.Decision: ACTIONS.flatmap(
         lambda acts: st.builds(
-            p.Decision, id=IDS, agent=IDS, context=SAFE_CTX, actions=st.just(acts),
-            chosen=st.sampled_from([a if isinstance(a, str) else a.id for a in acts]), prob=st.floats(0, 1, exclude_min=True),
-            probs=st.none() | st.just([1.0 / len(acts)] * len(acts)), model_version=st.none() | texts(),
-            strategy=st.none() | texts(), ts=OPT_FLOAT, episode=st.none() | IDS,
+            lambda d, prob: msgspec.structs.replace(d, prob=prob) if d.probs is None else d,
+            st.builds(
+                p.Decision, id=IDS, agent=IDS, context=SAFE_CTX, actions=st.just(acts),
+                chosen=st.sampled_from([a if isinstance(a, str) else a.id for a in acts]), prob=st.just(1.0 / len(acts)),
+                probs=st.none() | st.just([1.0 / len(acts)] * len(acts)), model_version=st.none() | texts(),
+                strategy=st.none() | texts(), ts=OPT_FLOAT, episode=st.none() | IDS,
+            ),
+            st.floats(0, 1, exclude_min=True),  # any prob without probs; with them, the chosen's
         ).flatmap(  # a plain decision, or a slot of a slate
             lambda d: st.just(d) | st.builds(
                 lambda slot, slate: msgspec.structs.replace(d, slot=slot, slate=slate), st.integers(0, 2**31 - 1), IDS

@@ -429,6 +429,10 @@ def test_framing_of_first_byte() -> None:
         ({"chosen": "z"}, "not among the actions"),
         ({"probs": [0.5]}, "1 entries for 2 actions"),
         ({"probs": [0.7, 0.7]}, "summing to 1"),
+        ({"probs": [0.0, 1.0]}, r"prob 0.5 is not the chosen action's probability in probs \(0.0\)"),
+        ({"probs": [0.9, 0.1]}, r"prob 0.5 is not the chosen action's probability in probs \(0.9\)"),
+        ({"actions": ["x", "x"], "probs": [0.5, 0.5]}, "the actions must have distinct ids; 'x' is given twice"),
+        ({"actions": ["x", {"id": "x", "features": {}}]}, "'x' is given twice"),
         ({"ts": float("nan")}, "ts must be"),
     ],
 )
@@ -437,6 +441,12 @@ def test_inconsistent_decisions_are_refused_with_the_reason(fields: dict, reason
     frame = msgspec.msgpack.encode({**base, **fields})  # msgpack carries NaN, which JSON cannot
     with pytest.raises(FrameError, match=reason):
         fr.decode_inbound(frame, "msgpack")
+
+
+def test_a_logged_probability_may_differ_from_probs_by_a_loggers_rounding() -> None:
+    base = {"type": "decision", "id": "d", "agent": "a", "context": {}, "actions": ["x", "y", "z"], "chosen": "x"}
+    frame = msgspec.json.encode({**base, "prob": 1 / 3, "probs": [0.333, 0.333, 0.334]})
+    assert fr.decode_inbound(frame, "json").prob == 1 / 3
 
 
 @pytest.mark.parametrize("kind", ["outcome", "step"])
