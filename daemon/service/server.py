@@ -31,7 +31,7 @@ from reflexd.service.ingest import Ingest
 from reflexd.service.metrics import DecideLatency
 from reflexd.service.redact import Redactor
 from reflexd.service.store import DeadLetter
-from reflexd.wire.framing import FrameReader, decode_inbound, encode_frame, framing_of
+from reflexd.wire.framing import FrameReader, decode_inbound, encode_frame, framing_of, req_of
 from reflexd.wire.protocol import (
     EXPERIENCE_TYPES,
     Ack,
@@ -43,6 +43,7 @@ from reflexd.wire.protocol import (
     Forget,
     Learned,
     Promote,
+    ReqId,
     Rollback,
 )
 
@@ -519,7 +520,7 @@ class _Connection:
             try:
                 msg = decode_inbound(frame, self.framing)
             except FrameError as exc:
-                self._reject(seq, exc, frame)
+                self._reject(seq, exc, frame, req=req_of(frame, self.framing) if exc.code == "invalid" else None)
                 continue
             if type(msg) is Decide:
                 self.decides.append((len(self.replies), seq, msg))
@@ -595,7 +596,7 @@ class _Connection:
     def _reply(self, msg: msgspec.Struct) -> None:
         self.replies.append(encode_frame(msg, self.framing))
 
-    def _reject(self, seq: int, err: FrameError, raw: bytes, keep_raw: bool = True) -> None:
+    def _reject(self, seq: int, err: FrameError, raw: bytes, keep_raw: bool = True, req: ReqId = None) -> None:
         cap = self.server.config.ingest.dead_letter_bytes
         self.dead.append(
             DeadLetter(
@@ -608,7 +609,7 @@ class _Connection:
                 raw_size=getattr(err, "size", len(raw)),  # an oversize frame's bytes are not kept
             )
         )
-        self._reply(Error(code=err.code, message=err.reason, seq=seq))
+        self._reply(Error(code=err.code, message=err.reason, seq=seq, req=req))
 
     async def _request(self, seq: int, msg: Any) -> None:
         req = getattr(msg, "req", None)

@@ -8,12 +8,12 @@ Replies use the framing of the connection they answer.
 from __future__ import annotations
 
 import struct
-from typing import Iterator, Literal
+from typing import Iterator, Literal, get_args
 
 import msgspec
 
 from reflexd.errors import FrameError, FrameTooLarge
-from reflexd.wire.protocol import Inbound, Reply
+from reflexd.wire.protocol import Inbound, Reply, ReqId
 
 JSON = "json"
 MSGPACK = "msgpack"
@@ -38,12 +38,40 @@ def decode_inbound(payload: bytes | memoryview, framing: Framing) -> Inbound:
         if framing == JSON:
             return _json_in.decode(payload)
         return _msgpack_in.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise FrameError(str(exc), code="invalid" if isinstance(exc, msgspec.ValidationError) else "malformed") from None
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
+    except msgspec.DecodeError as exc:
+        raise FrameError(str(exc), code="malformed") from None
     except RecursionError:  # msgspec recurses once per level of nesting
         raise FrameError("nested too deep to decode", code="malformed") from None
     except UnicodeDecodeError as exc:  # msgpack strings that are not UTF-8
         raise FrameError(f"invalid UTF-8 in a string: {exc.reason}", code="malformed") from None
+
+
+class _Req(msgspec.Struct):
+    req: ReqId = None
+
+
+_json_req = msgspec.json.Decoder(_Req)
+_msgpack_req = msgspec.msgpack.Decoder(_Req)
+# what an unknown ``type`` is told it could be
+_TYPES = ", ".join(t.__struct_config__.tag for t in get_args(Inbound))
+
+
+def req_of(payload: bytes | memoryview, framing: Framing) -> ReqId:
+    """The ``req`` of a frame that is no valid message, for its error to echo; None if it carries none
+    that can be read. Only on the error path: a valid frame's ``req`` comes with its message."""
+    try:
+        return (_json_req if framing == JSON else _msgpack_req).decode(payload).req
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return None
+
+
+def _invalid(exc: msgspec.ValidationError) -> FrameError:
+    said = str(exc)
+    if said.startswith("Invalid value") and said.endswith("at `$.type`"):
+        said = f"{said}: the message types are {_TYPES}"
+    return FrameError(said, code="invalid")
 
 
 def decode_reply(payload: bytes | memoryview, framing: Framing) -> Reply:

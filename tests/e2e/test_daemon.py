@@ -324,6 +324,15 @@ def test_the_last_line_needs_no_newline_and_a_frame_cut_short_is_dead_lettered(d
     assert rows == [("malformed", len(whole) + 1, f"incomplete frame: {len(whole) + 1} bytes, then the peer stopped sending")]
 
 
+def test_an_invalid_request_is_answered_with_its_req_and_an_unknown_type_with_the_types(daemon: DaemonProcess) -> None:
+    replies = _sent_then_closed(daemon, b'{"type":"evaluate","policies":[],"req":9}\n{"type":"frobnicate","req":"x"}\n'
+                                        b'{"type":"decision","req":[1]}\n')
+    evaluate, unknown, unreadable = (msgspec.json.decode(line) for line in replies.splitlines())
+    assert (evaluate["code"], evaluate["req"], evaluate["seq"]) == ("invalid", 9, 0), evaluate
+    assert (unknown["req"], unknown["seq"]) == ("x", 1) and "the message types are decision, outcome, step" in unknown["message"]
+    assert unreadable["req"] is None and unreadable["seq"] == 2  # a req that is no id cannot be echoed
+
+
 def test_symlinked_socket_path_is_refused(daemon_factory) -> None:
     link = Path(tempfile.mkdtemp(prefix="rx-")) / "r.sock"
     link.symlink_to("/tmp/somewhere-else.sock")
