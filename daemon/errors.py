@@ -92,10 +92,10 @@ class FrameError(ReflexdError):
 class FrameTooLarge(FrameError):
     code = "too_large"
 
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, hint: str = "") -> None:
         self.size = size
         self.limit = limit
-        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes{hint}")
 
 
 class RedactionError(FrameError):

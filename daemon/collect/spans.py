@@ -192,7 +192,8 @@ class Rules:
             action_key = self.steps[operation]  # type: ignore[index]
             action = _name(attributes.get(action_key), action_key)
             if action is None:
-                raise ValueError(f"a {operation} span without {action_key}, the action its step took")
+                article = "an" if operation[:1] in "aeiou" else "a"
+                raise ValueError(f"{article} {operation} span without {action_key}, the action its step took")
             try:  # a step's own agent name only names an episode that has none: one it cannot use is no loss
                 agent = _name(attributes.get(AGENT_NAME), AGENT_NAME)
             except ValueError:

@@ -95,6 +95,12 @@ def encode_frames(msgs: list[msgspec.Struct], framing: Framing) -> bytes:
     return b"".join(encode_frame(m, framing) for m in msgs)
 
 
+_JSON_ON_MSGPACK = (
+    "; this connection is msgpack-framed (its first byte was 0), so a JSON line on it reads as a length prefix:"
+    " send NDJSON on a connection of its own"
+)
+
+
 class FrameReader:
     """Sans-IO framer: feed bytes in, get whole frame payloads out, with a size cap.
 
@@ -184,8 +190,10 @@ class FrameReader:
             (size,) = _LEN.unpack_from(buf, start)
             if size > self.max_bytes:
                 self.fatal = True
+                # '{': a JSON line on a connection whose first byte made it msgpack
+                hint = _JSON_ON_MSGPACK if buf[start] == 0x7B else ""
                 buf.clear()
-                yield FrameTooLarge(size, self.max_bytes)
+                yield FrameTooLarge(size, self.max_bytes, hint)
                 return
             if len(buf) - start - 4 < size:
                 break

@@ -380,6 +380,18 @@ def test_json_overlong_line_error_carries_sizes() -> None:
     assert err.limit == limit and err.size > limit and err.code == "too_large"
 
 
+def test_a_json_line_on_a_msgpack_connection_is_told_why_it_reads_as_too_large() -> None:
+    reader = fr.FrameReader(fr.MSGPACK, 1 << 20)
+    first = fr.encode_frame(p.Flush(req=1), fr.MSGPACK)  # its first byte, 0, made the connection msgpack
+    assert list(reader.feed(first)) == [first[4:]]
+    (err,) = reader.feed(b'{"type":"flush"}\n')
+    assert isinstance(err, FrameTooLarge) and reader.fatal
+    assert str(err).startswith("frame of 2065855609 bytes exceeds the limit") and "msgpack-framed" in str(err)
+    assert err.reason == str(err)
+    (plain,) = fr.FrameReader(fr.MSGPACK, 10).feed(b"\x00\x00\x01\x00")
+    assert "msgpack-framed" not in str(plain)  # an oversize prefix that is no JSON line is only too large
+
+
 def test_json_line_of_exactly_the_limit_accepted() -> None:
     line = b'{"type":"flush","req":"' + b"a" * 50 + b'"}'
     assert _frames(fr.JSON, line + b"\n", len(line)) == [line]
