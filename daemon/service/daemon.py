@@ -111,6 +111,9 @@ class Daemon:
         self.behaviour: BehaviourTrainer  # the behaviour model over agents' steps
         self.traces: TraceReceiver  # OTLP/HTTP trace ingest, when traces.enabled
         self.socket_activated = False  # the agents' socket came from systemd (reflexd.socket)
+        # set by a reload that changes the retention section: the pass runs again at once, so a
+        # shorter check_interval or days takes effect now, not after the old interval's sleep
+        self._retention_changed: anyio.Event | None = None
 
     def settings(self) -> Config:
         return self.config
@@ -287,7 +290,10 @@ class Daemon:
             _log.error("config reload failed; keeping the running config", error=str(exc))
             sdnotify.notify("READY=1", "STATUS=reload failed; old config in force")
             return False
+        retention_changed = new.retention != self.config.retention
         self.config = new
+        if retention_changed and self._retention_changed is not None:
+            self._retention_changed.set()
         log.configure(new.log.level, new.log.format)
         self.ingest.configure(new.ingest)
         for line in self.lines.all():
@@ -353,7 +359,9 @@ class Daemon:
                     _log.info("archived old experience", **moved)
             if cfg.archive_max_days is not None or cfg.archive_max_mb is not None:
                 await self._prune_archive(cfg)
-            await anyio.sleep(cfg.check_interval)
+            self._retention_changed = anyio.Event()
+            with anyio.move_on_after(cfg.check_interval):
+                await self._retention_changed.wait()
 
     async def _prune_archive(self, cfg: Any) -> None:
         """Delete the archive's oldest day partitions past ``retention.archive_max_days`` or

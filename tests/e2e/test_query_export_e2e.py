@@ -185,7 +185,7 @@ def test_a_vw_log_imported_comes_back_out_as_dsjson_vw_reads(daemon: DaemonProce
 
 
 def test_pruning_runs_where_archiving_runs_and_is_logged(daemon_factory: Any) -> None:
-    d = daemon_factory({"retention": {"check_interval": 0.2}})
+    d = daemon_factory({"retention": {"check_interval": 3600}})  # the first pass, then an hour's wait
     state = d.state_dir
     today = dt.datetime.now(dt.timezone.utc).date().isoformat()
     table = pa.table({"id": ["x"], "ts": [1.0]})
@@ -193,7 +193,7 @@ def test_pruning_runs_where_archiving_runs_and_is_logged(daemon_factory: Any) ->
         folder = state / "archive" / "decisions" / "agent=a" / f"date={day}"
         folder.mkdir(parents=True)
         pq.write_table(table, folder / "part-0.parquet")
-    # pruning switched on by a reload: the retention settings apply from the next pass
+    # pruning switched on by a reload: a pass runs at once with the new settings, not after the hour
     d.write_config({**d.config, "retention": {"check_interval": 0.2, "archive_max_days": 60}})
     d.signal(signal.SIGHUP)
 
