@@ -500,14 +500,17 @@ class Daemon:
         if isinstance(msg, Promote):
             line = await self._line(msg.agent, "promote")
             try:
-                await anyio.to_thread.run_sync(line.registry.promote, msg.version)
+                manifest = await anyio.to_thread.run_sync(line.registry.promote, msg.version)
             except ModelNotFound as exc:
                 if exc.version != msg.version or line.name == "shared":
                     raise
                 # numbers are counted across lines: the version may well be another agent's
                 raise ModelNotFound(msg.version, f"no model version {msg.version!r} in model line {line.name}") from None
             await self._model_event(line, msg.version, "promoted", "by request")
-            return Done(message=f"{msg.version} is live{_in(line)}", req=req)
+            gate = manifest.gate
+            # an operator's call to make, and said back: a model the gate refused now serves
+            refused = f"; the gate had refused it ({gate.reason})" if gate is not None and not gate.passed else ""
+            return Done(message=f"{msg.version} is live{_in(line)}{refused}", req=req)
         if isinstance(msg, Rollback):
             line = await self._line(msg.agent, "rollback")
             withdrawn, target = await anyio.to_thread.run_sync(line.registry.step_back)

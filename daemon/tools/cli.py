@@ -588,6 +588,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         if isinstance(m.get("fleet"), dict):  # a pulled fleet model: fit on the fleet's rows
             rows = m["fleet"].get("train_rows", rows)
         print(f"{live:2}{m.get('version', '?'):8} {created:20} {rows!s:>8}  {gate}")
+    if reply.current is None and reply.serving is None:
+        print("no version is live: agents decide with the online head, or the default policy")
     return 0
 
 

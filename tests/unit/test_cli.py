@@ -16,7 +16,11 @@ from typing import Any
 
 import pytest
 
-from conftest import DaemonProcess, wait_for
+from conftest import DaemonProcess, line_registry, wait_for
+from linear_models import linear_model
+from reflexd.config import parse_config
+from reflexd.features import FeatureSpec
+from reflexd.manifest import GateResult
 from reflexd.tools.cli import _print_lines, _removed_counts, build_parser
 from reflexd.wire.connection import Connection
 from reflexd.wire.protocol import Ack, Flush, Outcome
@@ -329,6 +333,31 @@ def test_status_counts_the_outcomes_that_name_no_stored_decision(daemon: DaemonP
     assert cli(daemon, "status")["experience"]["outcomes_without_decision"] == 2
     shown = reflexd("status", "--socket", daemon.socket, timeout=300)
     assert "2 outcomes of the last hour name no stored decision" in shown.stdout, shown.stdout
+
+
+def test_promoting_a_version_the_gate_refused_says_so_and_a_list_says_when_none_is_live(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    cli(daemon, "decide", "--agent", "bot", "--actions", "x,y")  # the agent's model line
+    wait_for(lambda: daemon.status().experience.get("decisions", 0) >= 1, 30, "the decision to be stored")
+    spec = FeatureSpec(64, 64, 0)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(linear_model(spec, {"x": 0.0, "y": 1.0}))
+    refused = GateResult(
+        passed=False, reason="difference +0.010, interval [-0.050, 0.070] includes 0: rejected", estimator="dr",
+        baseline="logged policy", candidate_value=0.51, baseline_value=0.5, difference=0.01, lower=-0.05, upper=0.07,
+        confidence=0.8, margin=0.0, holdout_rows=40,
+    )
+    exploration = parse_config("{}").exploration
+    version = line_registry(daemon, "bot").add(
+        model, {"parent": None, "created": 1.0, "learner": "mlp", "features": spec, "exploration": exploration, "gate": refused}
+    ).version
+    promoted = reflexd("models", "promote", version, "--agent", "bot", "--socket", daemon.socket)
+    assert promoted.returncode == 0, promoted.stderr
+    assert f"{version} is live in agent:bot; the gate had refused it (difference +0.010" in promoted.stdout, promoted.stdout
+    assert reflexd("models", "rollback", "--agent", "bot", "--socket", daemon.socket).returncode == 0
+    listed = reflexd("models", "list", "--agent", "bot", "--socket", daemon.socket).stdout
+    assert version in listed and "no version is live: agents decide with the online head" in listed, listed
 
 
 def test_forgetting_a_name_nothing_was_kept_of_says_so(daemon: DaemonProcess) -> None:
