@@ -99,6 +99,9 @@ class DaemonCollector(Collector):
         lines = d.lines.all()  # each model line (reflexd.lines), labelled by its name
         yield from self._training(lines)
         yield from self._model(d, lines)
+        traces = getattr(d, "traces", None)  # made once the server runs; absent while traces.enabled is off
+        if traces is not None and d.config.traces.enabled:
+            yield from self._traces(traces)
 
     def _ingest(self, ingest: Any) -> Iterator[Metric]:
         c = ingest.counters
@@ -181,6 +184,27 @@ class DaemonCollector(Collector):
             families["rows"].add_metric(name, s.trained_on)
             families["refused"].add_metric(name, s.refused_in_a_row)
         yield from families.values()
+
+    def _traces(self, traces: Any) -> Iterator[Metric]:
+        c = traces.counters
+        for name, value, doc in (
+            ("spans", c.spans, "Spans in OTLP export requests the receiver accepted."),
+            ("steps", c.steps, "Steps made from spans and made durable."),
+            ("episodes", c.episodes, "Episodes made from invoke_agent spans."),
+            ("late_steps", c.late_steps, "Steps stored after their episode."),
+            ("expired_steps", c.expired, "Steps stored without their invoke_agent span (timed out, or too many pending)."),
+            ("rejected_spans", c.rejected_spans, "Spans refused (reported in partial_success)."),
+            ("refused_steps", c.refused_steps, "Acknowledged steps refused later with their episode."),
+            ("reward_errors", c.reward_errors, "Reward expressions that gave no value (0 stored)."),
+        ):
+            yield _counter(f"reflexd_traces_{name}", doc, value)
+        answered = CounterMetricFamily(
+            "reflexd_traces_requests", "OTLP export requests answered, by HTTP status.", labels=["status"]
+        )
+        for status, count in sorted(c.by_status.items()):
+            answered.add_metric([str(status)], count)
+        yield answered
+        yield _gauge("reflexd_traces_waiting_steps", "Steps waiting for their episode's invoke_agent span.", traces.waiting)
 
     def _model(self, d: Any, lines: list[Any]) -> Iterator[Metric]:
         live = InfoMetricFamily("reflexd_model", "The model version each line serves (absent while none).", labels=["line", "learner"])

@@ -273,6 +273,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"           {unjoined} outcomes of the last hour name no stored decision and join nothing:"
             " reward the id decide returned"
         )
+    if reply.traces:  # the OTLP receiver, when traces.enabled
+        tr = reply.traces
+        trouble = {k: tr.get(k, 0) for k in ("rejected_spans", "bad_requests", "forbidden", "unavailable", "reward_errors")}
+        print(
+            f"traces     requests {tr.get('requests', 0)}  spans {tr.get('spans', 0)}  steps {tr.get('steps', 0)}"
+            f"  episodes {tr.get('episodes', 0)}  waiting {tr.get('waiting', 0)}"
+            + "".join(f"  {k.replace('_', ' ')} {v}" for k, v in trouble.items() if v)
+        )
     if len(reply.lines) > 1 and args.agent is None:
         _print_lines(reply.lines)
     elif reply.model:

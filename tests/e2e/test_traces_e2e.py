@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from conftest import wait_for
+from test_metrics_e2e import unix_get, values
 
 pytestmark = pytest.mark.e2e
 SECRET = "my card is 4111 1111 1111 1111"
@@ -39,7 +40,8 @@ def run_agent(provider: TracerProvider, tool: str, ok: bool) -> None:
 
 
 def test_the_sdk_exports_agent_runs_to_the_daemon_which_stores_them_as_episodes(daemon_factory, tmp_path) -> None:
-    d = daemon_factory({"traces": {"enabled": True, "path": str(tmp_path / "t.sock"), "port": 0, "reward": "score"}})
+    d = daemon_factory({"traces": {"enabled": True, "path": str(tmp_path / "t.sock"), "port": 0, "reward": "score"},
+                        "metrics": {"path": str(tmp_path / "m.sock")}})
     (port,) = d.status().traces["ports"]
     provider = TracerProvider(resource=Resource.create({"service.name": "router-svc"}))
     exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces", compression=Compression.Gzip, timeout=30)
@@ -64,6 +66,13 @@ def test_the_sdk_exports_agent_runs_to_the_daemon_which_stores_them_as_episodes(
     assert SECRET not in done.stdout
     traces = d.status().traces
     assert traces["episodes"] == 5 and traces["rejected_spans"] == 0
+    # what status says of the receiver, the operator sees without --json, and Prometheus scrapes
+    shown = subprocess.run([sys.executable, "-m", "reflexd", "status", "--socket", d.socket],
+                           capture_output=True, text=True, timeout=120).stdout
+    assert f"traces     requests {traces['requests']}  spans 15  steps 10  episodes 5" in shown, shown
+    scraped = values(unix_get(str(tmp_path / "m.sock"), "/metrics")[1])
+    assert scraped[("reflexd_traces_episodes_total", ())] == 5 and scraped[("reflexd_traces_steps_total", ())] == 10
+    assert scraped[("reflexd_traces_requests_total", (("status", "200"),))] == traces["by_status"][200] == traces["requests"]
 
 
 def test_decisions_named_after_a_traced_episode_are_credited_with_its_outcome(daemon_factory, tmp_path) -> None:
