@@ -59,6 +59,12 @@ def analyse(
         span = [inputs.now, inputs.now]
         notes.append("the snapshot holds no usable decisions")
     split = rules.split_time(t, settings.find_fraction)
+    if len(exp) > 1 and span[1] <= split.cut:
+        notes.append(
+            f"all {len(exp)} decisions were received at one time (one import of a log, say): insights time decisions by"
+            " when the daemon received them, so no rule could be checked on later decisions, and trends and anomalies"
+            " have no time to run over"
+        )
     del t
     spans = trends.windows(span[0], span[1], settings.trend_windows)
     book = rules.RuleBook(inputs.rules, inputs.now, settings)

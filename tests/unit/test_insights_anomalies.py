@@ -171,6 +171,17 @@ def test_a_stationary_agent_has_flat_trends_and_no_changes() -> None:
     assert [a for a in insights.anomalies if a.kind == "reward_change"] == []
     assert {t.direction for t in insights.trends} == {"flat"}
     assert any("no training window" in note for note in insights.notes)
+    assert not any("received at one time" in note for note in insights.notes)
+
+
+def test_decisions_received_at_one_time_are_said_to_leave_no_time_to_check_or_trend() -> None:
+    rng = np.random.default_rng(33)
+    n = 2_000  # one import of an old log: every decision received in the same instant
+    table = _table(n, np.full(n, 5_000.0), [json.dumps({"k": "v"})] * n,
+                   rng.choice(["a", "b"], n).tolist(), np.full(n, 0.5), rng.normal(0, 1, n))
+    insights = extract(table, ExtractionInputs(now=6_000.0), SETTINGS)
+    assert insights.check_window == insights.find_window[1:] * 2
+    assert any(f"all {n} decisions were received at one time" in note for note in insights.notes), insights.notes
 
 
 @pytest.mark.parametrize("late_b", [0.02, 0.0])
