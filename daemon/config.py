@@ -780,6 +780,23 @@ def read_key(cfg: RedactionConfig) -> bytes | None:
     return key
 
 
+def exposed_key(cfg: RedactionConfig) -> str | None:
+    """A warning when ``key_file`` may be read by others than its owner: with the key, a hashed
+    value is found again by hashing guesses (a user id, an e-mail address)."""
+    if cfg.key_file is None:
+        return None
+    try:
+        mode = os.stat(cfg.key_file).st_mode & 0o777
+    except OSError:  # unreadable or missing: read_key says so
+        return None
+    if not mode & 0o077:
+        return None
+    return (
+        f"redaction.key_file: {cfg.key_file} may be read by group or others (mode {mode:04o}); whoever reads it can"
+        f" undo the hashing by hashing guesses: chmod 600 {cfg.key_file}, owned by the daemon's user"
+    )
+
+
 def _read_redaction_key(cfg: RedactionConfig, base: Path) -> tuple[bytes | None, list[str]]:
     """The stripped key in ``key_file`` (relative to ``base``), or the problems found reading it."""
     if cfg.key_file is None:
@@ -794,7 +811,7 @@ def _read_redaction_key(cfg: RedactionConfig, base: Path) -> tuple[bytes | None,
     if len(key) < MIN_KEY_BYTES:
         return None, [
             f"redaction.key_file: the key in {path} is {len(key)} bytes; at least {MIN_KEY_BYTES} are needed"
-            f" (e.g. `head -c 32 /dev/urandom | base64 > {path}`)"
+            f" (e.g. `(umask 077; head -c 32 /dev/urandom | base64 > {path})`)"
         ]
     return key, []
 

@@ -22,7 +22,14 @@ from anyio.abc import SocketListener
 
 from reflexd import __version__, log
 from reflexd.collect.receiver import TraceReceiver, durably
-from reflexd.config import CLIENT_SETTINGS_FILE, Config, client_settings, keep_restart_only, load_config
+from reflexd.config import (
+    CLIENT_SETTINGS_FILE,
+    Config,
+    client_settings,
+    exposed_key,
+    keep_restart_only,
+    load_config,
+)
 from reflexd.deciding.choosing import slate_events
 from reflexd.deciding.online import ARITHMETIC as ONLINE_ARITHMETIC
 from reflexd.durable import atomic_write, private_dir
@@ -157,6 +164,9 @@ class Daemon:
         self.server = Server(cfg, self.ingest, self)
         for warning in fd_budget_problems(cfg):
             _log.warning("file descriptors", problem=warning)
+        exposed = exposed_key(cfg.redaction)
+        if exposed:
+            _log.warning("redaction key exposed", problem=exposed)
         if inherited is None:
             sock_path = Path(cfg.socket.path)
             try:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import msgspec
 
 from reflexd import __version__
-from reflexd.config import DEFAULT_PATH, load_config
+from reflexd.config import DEFAULT_PATH, exposed_key, load_config
 from reflexd.errors import (
     ConfigError,
     DaemonUnavailable,
@@ -162,6 +162,8 @@ def _not_a_folder(path: Path) -> str | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.path and args.config and args.path != args.config:
+        raise UsageError(f"check-config was given two files, {args.path} and --config {args.config}: name one")
     path = args.path or args.config or os.environ.get("REFLEXD_CONFIG") or DEFAULT_PATH
     from reflexd.collect.spans import problems as trace_problems
     from reflexd.service.server import fd_budget_problems
@@ -183,8 +185,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return EX_CONFIG
-    # valid, but this process's limits would not let it work as configured
-    warnings = fd_budget_problems(config)
+    # valid, but this process's limits would not let it work as configured, or a secret is exposed
+    warnings = fd_budget_problems(config) + [w for w in (exposed_key(config.redaction),) if w]
     if args.json:
         _print({"ok": True, "path": str(path), "problems": [], "warnings": warnings})
         return 0
@@ -1060,8 +1062,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and a directory of a socket (socket.path, metrics.path, traces.path) or state_dir that the\n"
         "daemon would refuse (writable by group or others, such as /tmp itself) or could not make\n"
         "(below a file). A valid file that this process's limits would keep from working as configured\n"
-        "(a file-descriptor limit below what the socket's connections need) still passes, with a\n"
-        "'warning:' line each on stderr. --json prints\n"
+        "(a file-descriptor limit below what the socket's connections need), or whose redaction key\n"
+        "file group or others may read, still passes, with a 'warning:' line each on stderr. --json prints\n"
         '{"ok": true|false, "path": ..., "problems": [...], "warnings": [...]} instead, with the same\n'
         "exit codes.",
         ["reflexd check-config /etc/reflexd/reflexd.yaml", "reflexd check-config --json configs/reflexd.yaml"],

@@ -144,6 +144,20 @@ def test_check_config_refuses_the_directories_run_would_refuse(tmp_path: Path) -
     assert as_json(reflexd("check-config", "--json", str(config)))["ok"] is True  # made 0750 by the daemon
 
 
+def test_check_config_warns_of_a_key_file_others_may_read_and_refuses_two_files(tmp_path: Path) -> None:
+    key = tmp_path / "hash.key"
+    key.write_text("k" * 32)
+    key.chmod(0o644)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"redaction: {{hash: [user.email], key_file: {key}}}\n")
+    doc = as_json(reflexd("check-config", "--json", str(config)))
+    assert doc["ok"] is True and any(f"{key} may be read by group or others (mode 0644)" in w for w in doc["warnings"]), doc
+    key.chmod(0o600)
+    assert not any("key_file" in w for w in as_json(reflexd("check-config", "--json", str(config)))["warnings"])
+    both = reflexd("check-config", str(config), "--config", str(tmp_path / "other.yaml"))
+    assert both.returncode != 0 and "two files" in both.stderr, both.stderr
+
+
 def test_check_config_refuses_a_place_below_a_file_and_run_exits_78_saying_why(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("")
