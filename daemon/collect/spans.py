@@ -70,6 +70,9 @@ CONTENT_ATTRIBUTES = frozenset({
     "gen_ai.evaluation.explanation",
 })
 _CONTENT_FORM = re.compile(r"^gen_ai\.(prompt|completion)\.\d")
+# what a span says of its outcome: kept as the step's outcome, never in an observation, where a
+# model would learn from what it cannot know when it decides
+OUTCOME_PREFIXES = ("gen_ai.response.", "gen_ai.usage.", "gen_ai.evaluation.", ERROR_TYPE)
 MAX_NAME = 256  # an agent id or action id, as the wire's Id allows
 MAX_PARENT_HOPS = 256  # a chain of parents longer than this is taken as broken (or a loop)
 _ZERO_TRACE = bytes(16)
@@ -256,7 +259,22 @@ def problems(cfg: TracesConfig) -> list[str]:
             found.append(
                 f"traces.attributes.{i}: {pattern} is message content, never kept unless traces.capture_content is true"
             )
+        else:
+            admitted = _outcomes_admitted(pattern)
+            if admitted:
+                found.append(
+                    f"traces.attributes.{i}: {pattern} admits {', '.join(admitted)}, the step's outcome, which a model"
+                    " must not see when it decides: list what is known when a step starts (gen_ai.request.*, say)"
+                )
     return found
+
+
+def _outcomes_admitted(pattern: str) -> list[str]:
+    """The outcome attributes (``OUTCOME_PREFIXES``) an allow-list entry lets into observations."""
+    if pattern.endswith("*"):
+        head = pattern[:-1]
+        return [o + ("*" if o.endswith(".") else "") for o in OUTCOME_PREFIXES if o.startswith(head) or head.startswith(o)]
+    return [pattern] if pattern.startswith(OUTCOME_PREFIXES[:-1]) or pattern == ERROR_TYPE else []
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:

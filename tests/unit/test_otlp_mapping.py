@@ -351,7 +351,9 @@ def stored(plan: Plan) -> bytes:
 
 
 def test_message_content_is_never_stored_even_through_a_wildcard() -> None:
-    m = Mapper(attributes=["gen_ai.*", "app.*"])
+    # every content attribute is under these prefixes (gen_ai.* itself admits outcomes, and is refused)
+    m = Mapper(attributes=["gen_ai.input.*", "gen_ai.output.*", "gen_ai.system_instructions*", "gen_ai.tool.*",
+                          "gen_ai.prompt*", "gen_ai.completion*", "app.*"])
     plan = m.send(tool("00000000000000b1", "search", 1.0, app__tenant="acme", **CONTENT), head(**CONTENT))
     kept = stored(plan)
     assert SECRET.encode() not in kept
@@ -472,6 +474,14 @@ def test_the_mapping_checks_name_each_problem() -> None:
     assert problems(TracesConfig()) == []
     with pytest.raises(ValueError, match="traces.reward"):
         Rules(cfg, Redactor())
+
+
+def test_an_allow_list_that_admits_a_steps_outcome_is_refused() -> None:
+    (wide, tokens, error) = problems(TracesConfig(attributes=["gen_ai.*", "gen_ai.usage.input_tokens", "error.*", "app.*"]))
+    assert wide.startswith("traces.attributes.0: gen_ai.* admits gen_ai.response.*, gen_ai.usage.*, gen_ai.evaluation.*,")
+    assert tokens.startswith("traces.attributes.1: gen_ai.usage.input_tokens admits gen_ai.usage.input_tokens, the step's outcome")
+    assert error.startswith("traces.attributes.2: error.* admits error.type")
+    assert problems(TracesConfig(attributes=["gen_ai.request.*", "gen_ai.operation.name"])) == []
 
 
 def test_the_listeners_are_checked_with_the_rest_of_the_config() -> None:
