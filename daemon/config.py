@@ -534,22 +534,29 @@ def _merge_agents(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
 
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last, so a
-    second ``socket:`` section appended below the first silently undoes all of the first."""
+    second ``socket:`` section appended below the first silently undoes all of the first.
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict[Any, yaml.Mark] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges may be overridden, as YAML says
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
+    Each mapping's own pairs are checked once, before ``<<`` merges copy other pairs in (a merged
+    mapping's keys may be overridden, as YAML allows; and a mapping another merges is flattened
+    before it is built, so it is checked there, as it was written)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            first: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # a key that is no scalar: the safe loader's own error says so
+                key = self.construct_object(key_node)
                 seen = first.setdefault(key, key_node.start_mark)
-            except TypeError:  # an unhashable key: the safe loader's own error says so
-                break
-            if seen is not key_node.start_mark:
-                said = f"{key!r} is given twice (first at line {seen.line + 1}); the second would replace the first"
-                raise yaml.constructor.ConstructorError(None, None, said, key_node.start_mark)
-        return super().construct_mapping(node, deep)
+                if seen is not key_node.start_mark:
+                    said = f"{key!r} is given twice (first at line {seen.line + 1}); the second would replace the first"
+                    raise yaml.constructor.ConstructorError(None, None, said, key_node.start_mark)
+        super().flatten_mapping(node)
 
 
 def parse_config(text: str | bytes, source: str = "<config>") -> Config:

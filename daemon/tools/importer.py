@@ -138,7 +138,7 @@ def _ndjson_event(
         except msgspec.DecodeError as exc:
             raise BadLine(f"not valid JSON ({exc})") from None
         if isinstance(obj, dict) and obj.get("type") == "decision" and "prob" not in obj:
-            raw = msgspec.json.encode({**obj, "prob": 1.0} if checking else estimate.fill(obj))
+            raw = msgspec.json.encode({**obj, "prob": 1.0, "probs": None} if checking else estimate.fill(obj))
     try:
         msg = _event.decode(raw)
     except msgspec.ValidationError as exc:
@@ -323,6 +323,9 @@ def _dsjson_record(raw: bytes, agent: str) -> list[Decision | Outcome]:
             probs = [0.0] * n
             for index, value in zip(ranking, p):
                 probs[index - 1] = float(value)
+            # VW learns from _label_probability alone: a p that disagrees with it is left out, not the event
+            if abs(probs[chosen] - prob) > max(0.01 * prob, 5e-4):
+                probs = None
 
     decision_id = event_id if event_id is not None else "dsjson-" + _digest(raw)
     context = {k: v for k, v in c.items() if k not in ("_multi", "_slots")}

@@ -273,6 +273,10 @@ def test_a_key_given_twice_is_refused_with_both_lines() -> None:
     assert "'mode' is given twice (first at line 2)" in one_problem("socket:\n  mode: '0660'\n  mode: '0600'\n")
     # a merged mapping's keys may still be overridden, as YAML allows
     assert parse_config("online: {<<: {prior: 2.0}, prior: 3.0}\n").online.prior == 3.0
+    # and one merged from an anchor that itself merges and overrides, which is flattened before it is built
+    nested = ("agents:\n  a: {exploration: &a {gamma: 1.0}}\n  b: {exploration: &b {<<: *a, gamma: 2.0}}\n"
+              "exploration: {<<: *b}\n")
+    assert parse_config(nested).exploration.gamma == 2.0
 
 
 def test_the_places_the_daemon_makes_are_absolute_and_a_socket_path_fits() -> None:

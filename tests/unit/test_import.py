@@ -14,6 +14,7 @@ import pytest
 
 from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
+from reflexd.tools import importer
 from reflexd.tools.importer import (
     Record,
     Rejected,
@@ -159,6 +160,18 @@ def test_dsjson_lines_become_decisions_with_outcomes(tmp_path):
     assert "no _label_probability" in bad[6]
     assert "_skipLearn" in bad[7]
     assert "Timestamp 'yesterday'" in bad[8]
+
+
+def test_the_check_pass_of_an_estimating_import_takes_a_decision_with_probs_and_no_prob():
+    # the pass that only tells lines apart stands a prob in; the estimate then replaces both
+    line = b'{"type":"decision","id":"d","agent":"a","context":{},"actions":["x","y"],"chosen":"x","probs":[0.5,0.5]}'
+    assert importer._ndjson_event(line, None, estimate=object(), checking=True).chosen == "x"
+
+
+def test_a_dsjson_p_that_disagrees_with_label_probability_is_left_out_and_the_event_kept(tmp_path):
+    path = write_lines(tmp_path / "log.dsjson", [dsjson_line("e1", 0, 0.5, 0.0, ["fast", "slow"], probs=[0.9, 0.1])])
+    (decision, _) = [r.message for r in records(parse_dsjson(path))]
+    assert decision.prob == 0.5 and decision.probs is None  # VW learns from _label_probability alone
 
 
 def test_dsjson_ids_are_stable_and_the_format_is_detected(tmp_path):
