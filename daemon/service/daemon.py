@@ -140,7 +140,8 @@ class Daemon:
         self.socket_activated = inherited is not None
         try:
             refusal = private_dir(cfg.state_path, "its database, spool and models")
-            cfg.models_path.mkdir(parents=True, exist_ok=True)
+            if refusal is None:  # nothing is made in a directory that is refused
+                cfg.models_path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StateDirError(f"state_dir {cfg.state_dir}: {_cannot(exc)}") from None
         if refusal is not None:
@@ -354,6 +355,8 @@ class Daemon:
 
     async def _retention(self) -> None:
         while True:
+            # made before the settings are read: a reload during the pass below runs the next at once
+            self._retention_changed = anyio.Event()
             cfg = self.config.retention
             cutoff = time.time() - cfg.days * 86400
             try:
@@ -369,7 +372,6 @@ class Daemon:
                     _log.info("archived old experience", **moved)
             if cfg.archive_max_days is not None or cfg.archive_max_mb is not None:
                 await self._prune_archive(cfg)
-            self._retention_changed = anyio.Event()
             with anyio.move_on_after(cfg.check_interval):
                 await self._retention_changed.wait()
 
@@ -849,8 +851,8 @@ def _cannot(exc: OSError) -> str:
     said = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
     if exc.errno == errno.EROFS:
         said += (
-            "; under the shipped systemd unit (ProtectSystem=strict) only /var/lib/reflexd and /run/reflexd"
-            " are writable: add the folder to ReadWritePaths= in a drop-in"
+            "; under the shipped systemd unit (ProtectSystem=strict) the file system is read-only but for"
+            " /var/lib/reflexd, /run/reflexd and a private /tmp: add the folder to ReadWritePaths= in a drop-in"
         )
     return said
 
