@@ -139,7 +139,9 @@ class Rules:
         self._prefixes = tuple(a[:-1] for a in cfg.attributes if a.endswith("*"))
 
     def allowed(self, key: str) -> bool:
-        """Whether an attribute may be kept in an observation."""
+        """Whether an attribute may be kept in an observation: never a step's outcome (kept as its outcome)."""
+        if key.startswith(OUTCOME_PREFIXES):
+            return False
         if self.cfg.capture_content:
             return True
         if key in CONTENT_ATTRIBUTES or _CONTENT_FORM.match(key):

@@ -376,8 +376,11 @@ def test_resource_attributes_on_the_allow_list_are_kept() -> None:
 def test_with_capture_content_everything_is_kept_through_the_redaction_rules() -> None:
     redactor = Redactor(drop=["gen_ai.input.messages"], hash=["user.email"], key=b"k" * 32)
     m = Mapper(redactor=redactor, capture_content=True)
-    plan = m.send(tool("00000000000000b1", "search", 1.0, user__email="a@b.c", **CONTENT), head())
+    plan = m.send(tool("00000000000000b1", "search", 1.0, user__email="a@b.c", gen_ai__usage__input_tokens=12,
+                       gen_ai__response__model="m", error__type="timeout", **CONTENT), head())
     observation = steps(plan)[0].observation
+    # every attribute but the step's outcome, which a model must not see when it decides
+    assert "usage" not in observation["gen_ai"] and "response" not in observation["gen_ai"] and "error" not in observation
     assert "messages" not in observation["gen_ai"].get("input", {})  # dropped by redaction.drop
     assert observation["gen_ai"]["tool"]["call"]["arguments"] == SECRET  # opted in
     assert observation["user"]["email"].startswith("h:") and "a@b.c" not in observation["user"]["email"]
