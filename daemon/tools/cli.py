@@ -1190,7 +1190,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--agent",
-        help="only the findings about this agent (and those about no one agent); a note says so when nothing is stored for it",
+        help="only the findings about this agent (and those about no one agent); a note says so when no decision of it is in the store",
     )
     p.add_argument("--since", help="anomalies from this time on, trends ending after it (epoch seconds or ISO-8601)")
     p.add_argument("--now", action="store_true", help="run an extraction first and wait for it")

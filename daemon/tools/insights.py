@@ -65,7 +65,7 @@ def render(reply: Insights, shown: int | None = SHOWN) -> list[str]:
     agent = summary.get("agent")
     if agent is not None and summary.get("agent_has_decisions") is False:
         lines.append(
-            f"note: nothing is stored for agent {agent!r} (no decision of it in the store);"
+            f"note: no decision of agent {agent!r} is in the store (is the name right?);"
             " only findings about no one agent follow"
         )
     # runs stored before a run kept its own setting carry none: the daemon's present one stands in

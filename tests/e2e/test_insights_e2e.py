@@ -86,7 +86,7 @@ def test_insights_now_publishes_the_planted_rule_and_forget_removes_it(daemon_fa
     assert found["run"]["experiences"] == N
     assert found["run"]["min_support"] == 100  # the setting the run used, kept with it
     assert found["summary"]["agent_has_decisions"] is True
-    assert "nothing is stored for agent 'nobody'" in reflexd(d, "insights", "--agent", "nobody", json_out=False)
+    assert "no decision of agent 'nobody' is in the store" in reflexd(d, "insights", "--agent", "nobody", json_out=False)
     assert set(found) >= {"rules", "patterns", "anomalies", "trends"}
     published = [r for r in found["rules"] if r["status"] == "published"]
     assert published, found["rules"]

@@ -66,9 +66,9 @@ def test_a_run_on_fewer_decisions_than_min_support_says_why_it_found_nothing() -
 
 def test_an_agent_with_nothing_stored_is_named() -> None:
     text = "\n".join(render(Insights(run=RUN, summary={"agent": "nobody", "agent_has_decisions": False})))
-    assert "nothing is stored for agent 'nobody'" in text, text
+    assert "no decision of agent 'nobody' is in the store" in text, text
     known = "\n".join(render(Insights(run=RUN, summary={"agent": "router", "agent_has_decisions": True})))
-    assert "nothing is stored" not in known, known
+    assert "is in the store" not in known, known
 
 
 class _Store:
