@@ -611,7 +611,7 @@ def _check_paths(config: Config) -> list[str]:
     """The places the daemon makes: absolute (under systemd its working directory is /, and YAML
     does not expand ``~``), and a socket's path short enough to bind."""
     places = [("state_dir", config.state_dir), ("socket.path", config.socket.path)]
-    if config.metrics.path:
+    if config.metrics.path is not None:  # "" too: the endpoint would try to bind it
         places.append(("metrics.path", config.metrics.path))
     if config.traces.enabled:
         places.append(("traces.path", config.traces.path))

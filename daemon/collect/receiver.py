@@ -201,8 +201,8 @@ class TraceReceiver:
 
     async def _open_listeners(self, cfg: Config) -> None:
         traces = cfg.traces
-        self.path = Path(traces.path)
-        self.listeners.append(await unix_listener(self.path, cfg.socket.group))
+        self.listeners.append(await unix_listener("traces.path", Path(traces.path), cfg.socket.group))
+        self.path = Path(traces.path)  # once made: closing removes it
         if traces.port is not None:
             tcp = await loopback_listeners("traces.port", traces.host, traces.port)
             self.listeners.extend(tcp)

@@ -869,4 +869,25 @@ def run(config_path: str | None) -> None:
     # walks them over and over (a third of ingest time). Freeze what start-up built, collect rarely.
     gc.freeze()
     gc.set_threshold(100_000, 50, 1000)
-    anyio.run(Daemon(config, config_path).run)
+    try:
+        anyio.run(Daemon(config, config_path).run)
+    except ExceptionGroup as group:
+        # a listener that could not be made fails in a task group: its own error says why, and
+        # `reflexd run` turns it into an exit status as it does the ones raised before them
+        found = _sole(group)
+        if found is None:
+            raise
+        raise found from None
+
+
+def _sole(group: BaseExceptionGroup) -> ReflexdError | None:
+    """The one reflexd error a task group's failure comes down to, if there is exactly one."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], ReflexdError) else None

@@ -65,8 +65,8 @@ class Endpoint:
         """Bind the Unix socket and the TCP port; SocketError if either cannot be used."""
         m = self.config.metrics
         if m.path is not None:
-            self.path = Path(m.path)
-            self.listeners.append(await unix_listener(self.path, self.config.socket.group))
+            self.listeners.append(await unix_listener("metrics.path", Path(m.path), self.config.socket.group))
+            self.path = Path(m.path)  # once made: closing removes it
         if m.port is not None:
             self.listeners.extend(await loopback_listeners("metrics.port", m.host, m.port))
 
@@ -170,11 +170,15 @@ def _reply(status: int, body: bytes, content_type: str = "text/plain; charset=ut
     return head + extra + b"\r\n" + body
 
 
-async def unix_listener(path: Path, group: int | str | None) -> Listener[Any]:
+async def unix_listener(key: str, path: Path, group: int | str | None) -> Listener[Any]:
     """A listening socket at ``path``, mode 0660, given ``group`` (socket.group) with its directory,
-    after the same directory checks as the agents' socket."""
-    prepare_path(path)
-    listener = await anyio.create_unix_listener(path, mode=SOCKET_MODE)
+    after the same directory checks as the agents' socket; SocketError naming ``key`` if it cannot be made."""
+    try:
+        prepare_path(path)
+        listener = await anyio.create_unix_listener(path, mode=SOCKET_MODE)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and exc.filename != str(path) else ""
+        raise SocketError(f"{key} {path}: {exc.strerror or exc}{where}") from None
     os.chmod(path, SOCKET_MODE)
     if group is not None:
         gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid

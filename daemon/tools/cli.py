@@ -162,7 +162,7 @@ def _not_a_folder(path: Path) -> str | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    if args.path and args.config and args.path != args.config:
+    if args.path and args.config and Path(args.path).resolve() != Path(args.config).resolve():
         raise UsageError(f"check-config was given two files, {args.path} and --config {args.config}: name one")
     path = args.path or args.config or os.environ.get("REFLEXD_CONFIG") or DEFAULT_PATH
     from reflexd.collect.spans import problems as trace_problems

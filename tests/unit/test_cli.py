@@ -172,6 +172,13 @@ def test_check_config_refuses_a_place_below_a_file_and_run_exits_78_saying_why(t
     config.write_text(f"state_dir: {tmp_path / 'state'}\nsocket: {{path: {afile / 'sub' / 'r.sock'}}}\n")
     run = reflexd("run", "--config", str(config), timeout=120)
     assert run.returncode == EX_CONFIG and f"reflexd: socket.path {afile / 'sub' / 'r.sock'}: " in run.stderr, run.stderr
+    # and the listeners made in the daemon's task group: the metrics and the traces sockets
+    for section, on in (("metrics", ""), ("traces", "enabled: true, ")):
+        config.write_text(f"state_dir: {tmp_path / 'state'}\nsocket: {{path: {tmp_path / 'run' / 'r.sock'}}}\n"
+                          f"{section}: {{{on}path: {afile / 'm.sock'}}}\n")
+        run = reflexd("run", "--config", str(config), timeout=120)
+        assert run.returncode == EX_CONFIG, run.stderr
+        assert f"reflexd: {section}.path {afile / 'm.sock'}: " in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_json_commands_print_nothing_on_stdout_when_the_daemon_is_away() -> None:
