@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -74,6 +74,12 @@ def _counter(name: str, doc: str, value: float, labels: dict[str, str] | None = 
     return family
 
 
+def _counters(prefix: str, rows: Iterable[tuple[str, float, str]]) -> Iterator[CounterMetricFamily]:
+    """One unlabelled counter per (name, value, doc), named ``prefix_name``."""
+    for name, value, doc in rows:
+        yield _counter(f"{prefix}_{name}", doc, value)
+
+
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
@@ -105,7 +111,7 @@ class DaemonCollector(Collector):
 
     def _ingest(self, ingest: Any) -> Iterator[Metric]:
         c = ingest.counters
-        for name, value, doc in (
+        yield from _counters("reflexd_ingest", (
             ("received", c.received, "Events read off the socket (experience events and decisions the daemon made)."),
             ("stored", c.stored, "Events stored in DuckDB."),
             ("duplicates", c.duplicates, "Events not stored again because their id was already stored."),
@@ -115,8 +121,7 @@ class DaemonCollector(Collector):
             ("restored_after_loss", c.restored, "Events the store had lost since its last checkpoint, loaded again."),
             ("client_dropped", c.client_dropped, "Events clients reported dropping from a full buffer."),
             ("unlogged_decisions", c.unlogged, "Socket decisions served while the queue was full, so not stored."),
-        ):
-            yield _counter(f"reflexd_ingest_{name}", doc, value)
+        ))
         yield _counter("reflexd_storage_write_errors", "Failed spool appends and DuckDB loads (each retried).", c.write_errors)
         by_type = CounterMetricFamily("reflexd_ingest_stored_by_table", "Events stored in DuckDB, by table.", labels=["table"])
         for kind, value in sorted(c.by_type.items()):
@@ -187,7 +192,7 @@ class DaemonCollector(Collector):
 
     def _traces(self, traces: Any) -> Iterator[Metric]:
         c = traces.counters
-        for name, value, doc in (
+        yield from _counters("reflexd_traces", (
             ("spans", c.spans, "Spans in OTLP export requests the receiver accepted."),
             ("steps", c.steps, "Steps made from spans and made durable."),
             ("episodes", c.episodes, "Episodes made from invoke_agent spans."),
@@ -196,8 +201,7 @@ class DaemonCollector(Collector):
             ("rejected_spans", c.rejected_spans, "Spans refused (reported in partial_success)."),
             ("refused_steps", c.refused_steps, "Acknowledged steps refused later with their episode."),
             ("reward_errors", c.reward_errors, "Reward expressions that gave no value (0 stored)."),
-        ):
-            yield _counter(f"reflexd_traces_{name}", doc, value)
+        ))
         answered = CounterMetricFamily(
             "reflexd_traces_requests", "OTLP export requests answered, by HTTP status.", labels=["status"]
         )
