@@ -141,6 +141,8 @@ class Policy:
         seed: int | None = None,
         batch_learning: bool = False,
     ) -> None:
+        _check_id("agent", agent)
+        _check_settings(exploration, online, buffer_size, refresh_interval, send_interval, seed)
         self.agent = agent
         models_dir = Path(models) if models else Path(state_dir) / "models" if state_dir else Path(default_models())
         self._fallback = exploration or ExplorationConfig()
@@ -249,6 +251,8 @@ class Policy:
         ``stats()["apprentice"]`` says how often the learned policy would have agreed.
         ``episode``: the episode the decision is part of (``Policy.episode`` sets it).
         """
+        if decision_id is not None:
+            _check_id("decision_id", decision_id)
         choice = self._chooser.choose(self.agent, context, actions, decision_id, default)
         self._sender.enqueue(
             _DecisionFrame(
@@ -398,6 +402,8 @@ class Policy:
         """
         if type(decision_id) is not str:  # refused here, where the agent can see it, not on the sender's thread
             raise TypeError(f"decision_id must be the str id a decision returned, not {type(decision_id).__name__}")
+        if type(value) is bool or not isinstance(value, (int, float)):  # a bool or "1" is no reward
+            raise TypeError(f"value must be a number, not {type(value).__name__}")
         # built first: Outcome refuses a reward that is not a finite number, before anything learns it
         outcome = Outcome(id=uuid.uuid4().hex, decision_id=decision_id, reward=float(value), agent=self.agent, ts=time.time())
         self._sender.enqueue(outcome)
@@ -412,6 +418,11 @@ class Policy:
         self, episode: str, index: int, observation: dict[str, Any], action: str, reward: float = 0.0, done: bool = False
     ) -> None:
         """Log one step of a sequential episode."""
+        _check_id("episode", episode)
+        _check_id("action", action)
+        if type(index) is not int or not 0 <= index <= 2**31 - 1:  # stored as a 32-bit INTEGER
+            raise ValueError(f"index must be the step's position in its episode, an int from 0, not {index!r}")
+        _check_keys("observation", observation)
         self._sender.enqueue(
             Step(
                 id=f"{episode}:{index}",
@@ -428,6 +439,7 @@ class Policy:
 
     def event(self, kind: str, data: Any = None) -> None:
         """Log anything else worth keeping (a metric, an error) as a generic event."""
+        _check_id("kind", kind)
         self._sender.enqueue(Event(id=uuid.uuid4().hex, agent=self.agent, kind=kind, data=data, ts=time.time()))
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -460,16 +472,59 @@ class Policy:
             "apprentice": dict(self._chooser.apprentice),
         }
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Flush (up to ``timeout``) and stop the background thread."""
-        self.flush(timeout)
+    def close(self, timeout: float = 10.0) -> bool:
+        """Flush (up to ``timeout``) and stop the background thread; False, and a warning naming how
+        many, if events logged were not yet durable in the daemon (they are lost with the process)."""
+        if self._sender.closed:
+            return self._sender.pending == 0
+        settled = self.flush(timeout)
+        self._sender.closed = True
         self._sender.stop()
+        if not settled:
+            _log.warning(
+                "closed with events the daemon has not acknowledged; they are lost with this process",
+                pending=self._sender.pending, last_error=self._sender.last_error,
+            )
+        return settled
 
     def __enter__(self) -> Policy:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_id(what: str, value: Any) -> None:
+    """An id as the wire takes it (1 to 256 characters), or TypeError/ValueError naming ``what``."""
+    if type(value) is not str:
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    if not 0 < len(value) <= 256:
+        raise ValueError(f"{what} must be 1 to 256 characters, not {len(value)}")
+
+
+def _check_keys(what: str, mapping: Any) -> None:
+    if not isinstance(mapping, dict):
+        raise TypeError(f"{what} must be a dict of keys to values, not {type(mapping).__name__}")
+    bad = next((k for k in mapping if type(k) is not str), None)
+    if bad is not None:
+        raise TypeError(f"{what}'s keys must be str; {bad!r} is {type(bad).__name__}")
+
+
+def _check_settings(
+    exploration: Any, online: Any, buffer_size: Any, refresh_interval: Any, send_interval: Any, seed: Any
+) -> None:
+    """The constructor's settings, refused at the call rather than failing later on the sender's thread."""
+    if exploration is not None and not isinstance(exploration, ExplorationConfig):
+        raise TypeError(f"exploration must be a reflexd.config.ExplorationConfig, not {type(exploration).__name__}")
+    if online is not None and not isinstance(online, OnlineConfig):
+        raise TypeError(f"online must be a reflexd.config.OnlineConfig, not {type(online).__name__}")
+    if type(buffer_size) is not int or buffer_size < 1:
+        raise ValueError(f"buffer_size must be an int of at least 1 (events held while the daemon is away), not {buffer_size!r}")
+    for name, value in (("refresh_interval", refresh_interval), ("send_interval", send_interval)):
+        if type(value) is bool or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a number of seconds above 0, not {value!r}")
+    if seed is not None and (type(seed) is bool or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, not {type(seed).__name__}")
 
 
 class Episode:
@@ -551,6 +606,7 @@ class _Sender(threading.Thread):
         self.last_error: str | None = None
         self._reported_drops = 0
         self._stopping = threading.Event()
+        self.closed = False  # by Policy.close: what is logged after it would never be sent
         self._wake = threading.Event()
         self._settled_cv = threading.Condition()
         self._flush_seq = 0
@@ -563,6 +619,8 @@ class _Sender(threading.Thread):
         return len(self._frames) + self._held
 
     def enqueue(self, msg: msgspec.Struct) -> None:
+        if self.closed:  # nothing would send it: said at the call, not lost unseen
+            raise RuntimeError("this Policy is closed: nothing more can be logged through it")
         frame = encode_frame(msg, MSGPACK)
         with self._lock:
             if len(self._frames) + self._held >= self.capacity:

@@ -63,6 +63,9 @@ def _check(context: dict[str, Any], actions: list[Any], default: str | None = No
     as it was decoded; an in-process agent's arguments are checked here."""
     if not isinstance(context, dict):
         raise TypeError(f"context must be a dict of keys to values, not {type(context).__name__}")
+    if not all(type(k) is str for k in context):
+        bad = next(k for k in context if type(k) is not str)
+        raise TypeError(f"context keys must be str; {bad!r} is {type(bad).__name__}")
     if not isinstance(actions, (list, tuple)):
         kind = type(actions).__name__
         raise TypeError(f"actions must be a list of ids (or of dicts with id and features), not {kind}")
@@ -77,9 +80,16 @@ def _check(context: dict[str, Any], actions: list[Any], default: str | None = No
         ) from None
     if not ids:
         raise ValueError("actions is empty: a decision needs at least one action")
+    if not all(0 < len(i) <= 256 for i in ids):
+        bad = next(i for i in ids if not 0 < len(i) <= 256)
+        raise ValueError(f"action id {bad[:40]!r} has {len(bad)} characters: ids have 1 to 256")
     if len(set(ids)) < len(ids):
-        twice = next(i for k, i in enumerate(ids) if i in ids[:k])
+        seen: set[str] = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
         raise ValueError(f"action {twice!r} is offered twice: a decision's actions must have distinct ids")
+    for a in actions:  # an action's features are a mapping of keys to values, as a context is
+        if type(a) is dict and not isinstance(a.get("features", {}), dict):
+            raise TypeError(f"action {a.get('id')!r}: features must be a dict of keys to values, not {type(a['features']).__name__}")
     if default is not None and default not in ids:
         raise ValueError(f"default {default!r} is not among the actions")
     return ids

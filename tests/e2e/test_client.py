@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import re
 import time
 
 import duckdb
@@ -14,7 +15,7 @@ from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
 from reflexd.config import ExplorationConfig
 from reflexd.wire.framing import MSGPACK, decode_inbound, encode_frame
-from reflexd.wire.protocol import Decision
+from reflexd.wire.protocol import Decision, Step
 
 
 def stored_ids(d: DaemonProcess) -> list[str]:
@@ -122,6 +123,57 @@ def test_decision_frames_are_the_protocol_decision_byte_for_byte(tmp_path) -> No
     assert choices[-1].id == "mine" and choices[-1].prob == 1.0
 
 
+@pytest.mark.parametrize(
+    ("call", "error", "words"),
+    [
+        (lambda p: p.decide({}, ["", "a"]), ValueError, "action id '' has 0 characters"),
+        (lambda p: p.decide({}, [{"id": "x", "features": [1, 2]}, "a"]), TypeError, "action 'x': features must be a dict"),
+        (lambda p: p.decide({1: 2}, ["a"]), TypeError, "context keys must be str; 1 is int"),
+        (lambda p: p.decide({}, ["a"], decision_id=5), TypeError, "decision_id must be a str, not int"),
+        (lambda p: p.reward("d", None), TypeError, "value must be a number, not NoneType"),
+        (lambda p: p.reward("d", "1"), TypeError, "value must be a number, not str"),
+        (lambda p: p.event("", None), ValueError, "kind must be 1 to 256 characters"),
+        (lambda p: p.event(3, None), TypeError, "kind must be a str, not int"),
+        (lambda p: p.step("ep", -1, {}, "a"), ValueError, "index must be the step's position"),
+        (lambda p: p.step("ep", 0, [], "a"), TypeError, "observation must be a dict"),
+    ],
+)
+def test_what_the_daemon_would_refuse_is_refused_at_the_call(tmp_path, call, error, words) -> None:
+    with Policy("a", socket=tmp_path / "nobody.sock", state_dir=tmp_path) as policy:
+        with pytest.raises(error, match=re.escape(words)):
+            call(policy)
+        assert policy.stats()["enqueued"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "words"),
+    [
+        ({"agent": ""}, ValueError, "agent must be 1 to 256 characters"),
+        ({"agent": 5}, TypeError, "agent must be a str, not int"),
+        ({"buffer_size": 0}, ValueError, "buffer_size must be an int of at least 1"),
+        ({"send_interval": 0}, ValueError, "send_interval must be a number of seconds above 0"),
+        ({"refresh_interval": -1}, ValueError, "refresh_interval must be a number of seconds above 0"),
+        ({"online": True}, TypeError, "online must be a reflexd.config.OnlineConfig, not bool"),
+        ({"seed": "x"}, TypeError, "seed must be an int or None, not str"),
+    ],
+)
+def test_a_policys_settings_are_refused_at_construction(tmp_path, kw, error, words) -> None:
+    args = {"agent": "a", **kw}
+    with pytest.raises(error, match=re.escape(words)):
+        Policy(args.pop("agent"), socket=tmp_path / "nobody.sock", state_dir=tmp_path, **args)
+
+
+def test_a_closed_policy_refuses_to_log_and_close_says_what_was_not_delivered(tmp_path) -> None:
+    policy = Policy("a", socket=tmp_path / "nobody.sock", state_dir=tmp_path)
+    choice = policy.decide({}, ["x", "y"])
+    assert policy.close(timeout=0.5) is False  # no daemon: the decision never reached one
+    assert policy.close() is False  # closing again changes nothing
+    with pytest.raises(RuntimeError, match="this Policy is closed"):
+        policy.reward(choice.id, 1.0)
+    with pytest.raises(RuntimeError, match="this Policy is closed"):
+        policy.decide({}, ["x", "y"])
+
+
 @pytest.mark.e2e
 def test_the_daemon_stores_each_decision_as_it_was_made(daemon: DaemonProcess) -> None:
     with Policy("a", socket=daemon.socket, state_dir=daemon.state_dir, seed=4) as policy:
@@ -169,8 +221,8 @@ def test_flush_ships_at_once_whatever_the_send_interval(daemon: DaemonProcess) -
 def test_a_flood_of_refused_events_neither_wedges_the_sender_nor_the_daemon(daemon: DaemonProcess) -> None:
     """Each refused frame is answered with an error; thousands of those must not fill both sockets."""
     with Policy("a", socket=daemon.socket, state_dir=daemon.state_dir, send_interval=3600) as policy:
-        for i in range(20_000):
-            policy.step("ep", 2**40 + i, {"x": 1}, "a")  # past the stored column's range: refused
+        for i in range(20_000):  # past the stored column's range: refused (by the daemon: Policy.step refuses it too)
+            policy._sender.enqueue(Step(id=f"ep:{i}", agent="a", episode="ep", index=2**40 + i, observation={"x": 1}, action="a"))
         policy.step("ep", 1, {"x": 1}, "a")  # one the daemon takes
         assert policy.flush(timeout=120)
         stats = policy.stats()
