@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import re
+import threading
 import time
 
 import duckdb
