@@ -66,7 +66,8 @@ class Explorer(Protocol):
     Called on every decision with plain float lists, so it should stay in plain Python for the
     handful of actions a decision offers. ``settings`` is an ``ExplorationConfig``; ``t`` is the
     experience count that drives decay. Each probability should stay above zero where it can:
-    off-policy evaluation divides by it.
+    off-policy evaluation divides by it. An optional ``reads`` attribute, the names of the
+    settings it uses, lets ``reflexd evaluate`` refuse a setting that would change nothing.
     """
 
     def __call__(self, settings: Any, scores: list[float], spread: Sequence[float] | None, t: int) -> list[float]: ...

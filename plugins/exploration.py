@@ -116,6 +116,16 @@ def _cdf_table() -> tuple[np.ndarray, np.ndarray]:
     return cdf, np.append(np.diff(cdf), 0.0)
 
 
+# The settings each strategy reads (``Explorer.reads``), so that an evaluation that sets another
+# one is told it changes nothing (``reflexd.learning.evaluate.apply_settings``)
+epsilon_greedy.reads = ("epsilon", "epsilon_min", "decay")  # type: ignore[attr-defined]
+ucb.reads = ("ucb_c", "epsilon", "epsilon_min", "decay")  # type: ignore[attr-defined]
+softmax.reads = ("temperature", "epsilon_min")  # type: ignore[attr-defined]
+squarecb.reads = ("gamma", "gamma_exponent")  # type: ignore[attr-defined]
+igw_z.reads = ("gamma", "gamma_exponent")  # type: ignore[attr-defined]
+thompson.reads = ("epsilon_min",)  # type: ignore[attr-defined]
+
+
 def win_probabilities(means: Sequence[float], spreads: Sequence[float]) -> list[float]:
     """P(action i's draw is the largest) for independent draws from N(means[i], spreads[i]²),
     normalised to sum to 1. Deterministic: a 1-D integral, P_i = ∫ Π_{j≠i} F_j dF_i (F: the

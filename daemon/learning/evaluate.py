@@ -158,6 +158,14 @@ def apply_settings(policy: str, base: ExplorationConfig, settings: Iterable[tupl
     strategies = available(EXPLORATION)
     if cfg.strategy not in strategies:
         raise PolicySpecError(policy, f"{cfg.strategy!r} is not an exploration strategy; expected one of {', '.join(strategies)}")
+    reads = getattr(load_explorer(cfg.strategy), "reads", None)  # a plugin may not say
+    unread = [key for key, _ in settings if reads is not None and key not in (*reads, "strategy", "default_action")]
+    if unread:
+        raise PolicySpecError(
+            policy,
+            f"{', '.join(unread)} changes nothing under {cfg.strategy}, which reads {', '.join(reads)};"
+            f" to evaluate another strategy, set it too (strategy=epsilon_greedy,epsilon=0.5)",
+        )
     if cfg.epsilon_min > cfg.epsilon:
         raise PolicySpecError(
             policy, f"epsilon_min ({cfg.epsilon_min:g}) must not exceed epsilon ({cfg.epsilon:g}): set epsilon_min too"

@@ -75,7 +75,15 @@ def test_exploration_settings_are_laid_over_the_models_own() -> None:
 )
 def test_exploration_settings_are_checked_as_the_config_file_is(settings: list[tuple[str, str]], message: str) -> None:
     with pytest.raises(PolicySpecError, match=message):
-        ev.apply_settings("v0003@x", ExplorationConfig(), settings)
+        ev.apply_settings("v0003@x", ExplorationConfig(strategy="epsilon_greedy"), settings)
+
+
+def test_a_setting_the_strategy_does_not_read_is_refused_rather_than_ignored() -> None:
+    squarecb = ExplorationConfig(strategy="squarecb")
+    with pytest.raises(PolicySpecError, match="epsilon changes nothing under squarecb, which reads gamma, gamma_exponent"):
+        ev.apply_settings("v0003@epsilon=0.5", squarecb, [("epsilon", "0.5")])
+    assert ev.apply_settings("p", squarecb, [("strategy", "epsilon_greedy"), ("epsilon", "0.5")]).epsilon == 0.5
+    assert ev.apply_settings("p", squarecb, [("gamma", "20"), ("default_action", "a")]).gamma == 20.0
 
 
 # ---- the numbers beside each estimate -----------------------------------------------------------
