@@ -699,7 +699,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     # the daemon counts duplicates for everyone: another agent's resends in this window count too
     duplicates = request(StatusRequest(), socket).ingest.get("duplicates", 0) - before
     sent = summary.decisions + summary.outcomes
-    status = 1 if summary.rejected and not (summary.decisions or summary.outcomes) else 0
+    status = 0 if summary.decisions or summary.outcomes else 1  # every line refused, or none at all
+    if not (sent or summary.rejected):
+        print(f"reflexd: {args.file} holds no line to import", file=sys.stderr)
     if args.json:
         _print(
             {
@@ -1081,7 +1083,7 @@ def build_parser() -> argparse.ArgumentParser:
         "at start and refuses a damaged store. Run it with the daemon stopped: DuckDB lets one process\n"
         "open the file, so a running daemon's lock is reported (exit 75). Exit 0 if the store is sound or\n"
         "does not exist yet, 65 (EX_DATAERR) if it is damaged (docs/operations.md says how to recover),\n"
-        '1 if it could not be checked. --json prints {"ok", "path", "state": sound|missing|damaged|\n'
+        '78 if the config naming it cannot be read, 1 if it could not be checked. --json prints {"ok", "path", "state": sound|missing|damaged|\n'
         'in_use|unchecked, "rows": {table: rows} ({} unless read), "seconds", "code": the error\'s code\n'
         '(null if none), "error": its message (null if none)}.',
         ["reflexd check-store --config /etc/reflexd/reflexd.yaml", "reflexd check-store --json"],
@@ -1312,7 +1314,7 @@ def build_parser() -> argparse.ArgumentParser:
         "slot of a slate: a slot decision and its click). Events already stored count as\n"
         "duplicates, so an import can be repeated. Progress goes to stderr, a summary to stdout (--json:\n"
         "file, format, decisions, outcomes, imported, duplicates, rejected_lines and the first rejected\n"
-        "lines). Exit 1 if no line could be sent.",
+        "lines). Exit 1 if no line could be sent (every line refused, or an empty file).",
         [
             "reflexd import logged.dsjson --agent router",
             "reflexd import decisions.ndjson --format ndjson --json",
@@ -1625,6 +1627,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return EX_CONFIG
     except DaemonUnavailable as exc:
         print(f"reflexd: {exc}", file=sys.stderr)
+        if exc.timed_out:  # a daemon answered too slowly: where it is was not the problem
+            return 1
         print(
             "reflexd: point at your daemon with --socket PATH, $REFLEXD_SOCKET, or its config (--config FILE or "
             "$REFLEXD_CONFIG)",

@@ -117,7 +117,7 @@ def render_html(reply: Insights) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style></head><body>"]
     parts.append(f"<h1>{title}</h1>")
     if reply.run is None:
-        parts.append("<p>No extraction yet: <code>reflexd insights --now</code> runs one.</p></body></html>")
+        parts.append("<p>No extraction yet: <code>reflexd report --now</code> runs one first.</p></body></html>")
         return "".join(parts)
     parts.append(
         f"<p class='note'>Extraction {html.escape(str(run.get('id')))} at {_when(run.get('at'))}, on "

@@ -381,6 +381,13 @@ def test_promoting_a_version_the_gate_refused_says_so_and_a_list_says_when_none_
     assert version in listed and "no version is live: agents decide with the online head" in listed, listed
 
 
+def test_importing_an_empty_file_exits_1_saying_so(daemon: DaemonProcess, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.ndjson"
+    empty.write_text("")
+    proc = reflexd("import", str(empty), "--format", "ndjson", "--socket", daemon.socket, timeout=300)
+    assert proc.returncode == 1 and f"{empty} holds no line to import" in proc.stderr, proc.stderr
+
+
 def test_forgetting_a_name_nothing_was_kept_of_says_so(daemon: DaemonProcess) -> None:
     proc = reflexd("forget", "--agent", "nosuch", "--yes", "--socket", daemon.socket, timeout=300)
     assert proc.returncode == 0 and "forgot agent 'nosuch': removed 0 outcomes, 0 decisions" in proc.stdout
