@@ -22,6 +22,7 @@ graph's. ``EpisodeWatch(..., full_precision=True)`` runs the float graph instead
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -83,8 +84,11 @@ class EpisodeHandle:
     def __init__(self, watch: EpisodeWatch, key: str) -> None:
         self.watch = watch
         self.key = key
+        self.ended = False
 
     def step(self, observation: dict[str, Any], action: str, reward: float = 0.0) -> Prediction | None:
+        if self.ended:  # its state is gone: a step now would begin another episode under its name
+            raise ValueError(f"episode {self.key!r} has ended")
         return self.watch.step(self.key, observation, action, reward)
 
     def expect(self, observation: dict[str, Any]) -> dict[str, float] | None:
@@ -95,6 +99,9 @@ class EpisodeHandle:
         return self.watch.success(self.key)
 
     def end(self) -> None:
+        if self.ended:
+            raise ValueError(f"episode {self.key!r} has ended already")
+        self.ended = True
         self.watch.end(self.key)
 
 
@@ -161,6 +168,10 @@ class EpisodeWatch:
 
     def step(self, episode: str, observation: dict[str, Any], action: str, reward: float = 0.0) -> Prediction | None:
         """Advance ``episode`` by one step (the observation, the action taken on it, its reward)."""
+        if not isinstance(observation, dict):
+            raise TypeError(f"observation must be a dict of keys to values, not {type(observation).__name__}")
+        if type(reward) is bool or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+            raise ValueError(f"reward must be a finite number, not {reward!r}")  # NaN would poison the state for good
         with self._lock:
             self._count += 1
             if self.source is not None and self._count % self.refresh_every == 0:

@@ -176,6 +176,22 @@ def test_behaviour_predicted_success_rises_on_episodes_heading_to_success(traine
     assert np.mean(after[True]) > 0.9 and np.mean(after[False]) < 0.2
 
 
+def test_behaviour_watch_refuses_steps_that_would_poison_an_episode(trained: Trained) -> None:
+    watch = EpisodeWatch(trained.model)
+    ep = trained.test[0]
+    handle = watch.episode("e")
+    with pytest.raises(ValueError, match="reward must be a finite number, not nan"):
+        handle.step(ep.observations[0], ep.actions[0], float("nan"))
+    with pytest.raises(TypeError, match="observation must be a dict of keys to values, not list"):
+        handle.step([1, 2], ep.actions[0])
+    assert handle.step(ep.observations[0], ep.actions[0], 0.0) is not None  # nothing refused was taken in
+    handle.end()
+    with pytest.raises(ValueError, match="episode 'e' has ended"):
+        handle.step(ep.observations[0], ep.actions[0])
+    with pytest.raises(ValueError, match="has ended already"):
+        handle.end()
+
+
 def test_behaviour_registry_refuses_a_changed_file(trained: Trained, tmp_path: Path) -> None:
     registry = BehaviourRegistry(tmp_path / BEHAVIOUR_DIR)
     version = registry.add_run(trained.out).version
