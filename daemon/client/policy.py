@@ -145,6 +145,9 @@ class Policy:
         _check_settings(exploration, online, buffer_size, refresh_interval, send_interval, seed)
         self.agent = agent
         models_dir = Path(models) if models else Path(state_dir) / "models" if state_dir else Path(default_models())
+        blocked = next((p for p in (models_dir, *models_dir.parents) if p.exists()), None)
+        if blocked is not None and not blocked.is_dir():
+            raise NotADirectoryError(f"models folder {models_dir}: {blocked} is not a directory (state_dir or models is wrong)")
         self._fallback = exploration or ExplorationConfig()
         # what the daemon's config says to its clients (models/clients.json): the agent's model line,
         # the online head's settings unless ``online`` is given, and each agent's wait window and default reward
@@ -464,7 +467,10 @@ class Policy:
             "connected": s.conn is not None,
             "last_error": s.last_error,
             "model_version": self.model_version,
-            "model_error": self.models.error,
+            # a models folder that is not there (yet: the daemon makes it at its start) is said, not silent
+            "model_error": self.models.error or (
+                None if self._models_dir.is_dir() else f"no models folder at {self._models_dir} (is state_dir right?)"
+            ),
             "online": (
                 {**self._chooser.online.stats(), "unshared": s.unshared, "waiting": self._chooser.online.waiting}
                 if self._chooser.online is not None else None

@@ -163,6 +163,17 @@ def test_a_policys_settings_are_refused_at_construction(tmp_path, kw, error, wor
         Policy(args.pop("agent"), socket=tmp_path / "nobody.sock", state_dir=tmp_path, **args)
 
 
+def test_a_models_folder_that_is_not_there_is_said(tmp_path) -> None:
+    with Policy("a", socket=tmp_path / "nobody.sock", state_dir=tmp_path / "typo") as policy:
+        assert policy.stats()["model_error"] == f"no models folder at {tmp_path / 'typo' / 'models'} (is state_dir right?)"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match="afile is not a directory"):
+        Policy("a", socket=tmp_path / "nobody.sock", state_dir=tmp_path / "afile")
+    (tmp_path / "models").mkdir()
+    with Policy("a", socket=tmp_path / "nobody.sock", state_dir=tmp_path) as policy:
+        assert policy.stats()["model_error"] is None
+
+
 def test_a_closed_policy_refuses_to_log_and_close_says_what_was_not_delivered(tmp_path) -> None:
     policy = Policy("a", socket=tmp_path / "nobody.sock", state_dir=tmp_path)
     choice = policy.decide({}, ["x", "y"])
