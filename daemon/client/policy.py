@@ -306,6 +306,10 @@ class Policy:
         exact probability at that slot given the slots before it, and the ``slot`` and ``slate`` id
         that group them. Report each slot's reward with ``reward(choice.id, r)``.
         """
+        if type(slots) is not int:  # a bool is an int to Python, not a count of slots
+            raise TypeError(f"slots must be an int, not {type(slots).__name__}")
+        if slate_id is not None:
+            _check_id("slate_id", slate_id)
         choices = self._chooser.choose_slate(self.agent, context, actions, slots, slate_id)
         ts = time.time()
         left = list(range(len(actions)))
@@ -370,6 +374,9 @@ class Policy:
         """
         from reflexd.wire.connection import request
 
+        if isinstance(policies, str):  # a list of one was meant: a str would be read letter by letter
+            raise TypeError(f"policies must be a list of policy names, as in [{policies!r}], not a str")
+        _check_times(since=since, until=until)
         msg = Evaluate(
             policies=list(policies),
             tables=probability_tables(list(policies)),
@@ -393,6 +400,7 @@ class Policy:
         """
         from reflexd.wire.connection import request
 
+        _check_times(since=since)
         msg = InsightsRequest(agent=self.agent, since=since, now=now)
         return request(msg, self._sender.path, timeout=timeout)  # type: ignore[return-value]
 
@@ -506,6 +514,12 @@ def _check_id(what: str, value: Any) -> None:
         raise TypeError(f"{what} must be a str, not {type(value).__name__}")
     if not 0 < len(value) <= 256:
         raise ValueError(f"{what} must be 1 to 256 characters, not {len(value)}")
+
+
+def _check_times(**times: Any) -> None:
+    for name, value in times.items():
+        if value is not None and (type(value) is bool or not isinstance(value, (int, float))):
+            raise TypeError(f"{name} must be epoch seconds (a number) or None, not {type(value).__name__}")
 
 
 def _check_keys(what: str, mapping: Any) -> None:

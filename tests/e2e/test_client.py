@@ -136,6 +136,11 @@ def test_decision_frames_are_the_protocol_decision_byte_for_byte(tmp_path) -> No
         (lambda p: p.event(3, None), TypeError, "kind must be a str, not int"),
         (lambda p: p.step("ep", -1, {}, "a"), ValueError, "index must be the step's position"),
         (lambda p: p.step("ep", 0, [], "a"), TypeError, "observation must be a dict"),
+        (lambda p: p.decide_slate({}, ["a", "b"], "2"), TypeError, "slots must be an int, not str"),
+        (lambda p: p.decide_slate({}, ["a", "b"], True), TypeError, "slots must be an int, not bool"),
+        (lambda p: p.evaluate("live"), TypeError, "policies must be a list of policy names, as in ['live']"),
+        (lambda p: p.evaluate(["live"], since="yesterday"), TypeError, "since must be epoch seconds"),
+        (lambda p: p.insights(since="x"), TypeError, "since must be epoch seconds"),
     ],
 )
 def test_what_the_daemon_would_refuse_is_refused_at_the_call(tmp_path, call, error, words) -> None:
