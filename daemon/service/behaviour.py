@@ -149,7 +149,10 @@ class BehaviourTrainer:
             "outcome": "published",
             "version": version,
             "episodes": ended,
-            "calibration": {"brier": cal.brier, "accuracy": cal.accuracy, "success_brier": cal.success_brier},
+            "calibration": {
+                "brier": cal.brier, "accuracy": cal.accuracy, "success_brier": cal.success_brier,
+                "episodes": cal.episodes, "held_out": cal.held_out,
+            },
         }
 
     def summary(self) -> dict[str, Any]:

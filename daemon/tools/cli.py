@@ -316,17 +316,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     ins = reply.insights
     if ins:
         print(f"insights   {_insights_line(ins)}")
-    beh = reply.behaviour
-    if beh:
-        last = beh.get("last_run") or {}
-        line = f"live {beh['live']}" if beh.get("live") else "no model yet"
-        if last.get("outcome") == "published":
-            line += f"  (brier {last['calibration']['brier']:.3f} on held-out steps, {last['episodes']} episodes)"
-        elif last.get("outcome") == "failed":
-            line += f"; last run failed: {last.get('error')}"
-        if beh.get("waiting") and not beh.get("live"):
-            line += f": {beh['waiting']}"
-        print(f"behaviour  {line}")
+    if reply.behaviour:
+        print(f"behaviour  {_behaviour_line(reply.behaviour)}")
     if reply.storage.get("error"):
         print(f"storage    NOT ACKNOWLEDGING: {reply.storage['error']}")
     return 0
@@ -489,6 +480,26 @@ def _unconfirmed(trainer: dict[str, Any]) -> str:
     """How many of the rejected were first models the online head had learned past (``trainer.unconfirmed``)."""
     n = trainer.get("unconfirmed")
     return f" ({n} lost to the online head during their run)" if n else ""
+
+
+def _behaviour_line(beh: dict[str, Any]) -> str:
+    """status's behaviour model: what is live, a run under way, and the last run's calibration or failure."""
+    last = beh.get("last_run") or {}
+    line = f"live {beh['live']}" if beh.get("live") else "no model yet"
+    if beh.get("state") not in (None, "idle"):
+        line += f"; a run is under way ({beh['state']})"
+    if last.get("outcome") == "published":
+        cal = last["calibration"]
+        brier = "n/a" if cal.get("brier") is None else f"{cal['brier']:.3f}"
+        # runs published before the calibration's own counts were kept say only what they trained on
+        judged = (f"{cal['episodes']} {'held-out' if cal.get('held_out') else 'training'} episodes"
+                  if "episodes" in cal else "held-out steps")
+        line += f"  (brier {brier} on {judged}; trained on {last['episodes']} episodes)"
+    elif last.get("outcome") == "failed":
+        line += f"; last run failed: {last.get('error')}"
+    if beh.get("waiting") and not beh.get("live"):
+        line += f": {beh['waiting']}"
+    return line
 
 
 def _print_lines(lines: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from linear_models import linear_model
 from reflexd.config import parse_config
 from reflexd.features import FeatureSpec
 from reflexd.manifest import GateResult
-from reflexd.tools.cli import _print_lines, _removed_counts, build_parser
+from reflexd.tools.cli import _behaviour_line, _print_lines, _removed_counts, build_parser
 from reflexd.wire.connection import Connection
 from reflexd.wire.protocol import Ack, Flush, Outcome
 
@@ -392,6 +392,17 @@ def test_forgetting_a_name_nothing_was_kept_of_says_so(daemon: DaemonProcess) ->
     proc = reflexd("forget", "--agent", "nosuch", "--yes", "--socket", daemon.socket, timeout=300)
     assert proc.returncode == 0 and "forgot agent 'nosuch': removed 0 outcomes, 0 decisions" in proc.stdout
     assert "note: nothing was kept of agent 'nosuch' (no rows" in proc.stderr and "is the name right?" in proc.stderr
+
+
+def test_status_says_a_behaviour_run_is_under_way_and_what_its_calibration_was_measured_on() -> None:
+    published = {"outcome": "published", "episodes": 80,
+                 "calibration": {"brier": 0.732, "episodes": 16, "held_out": True}}
+    line = _behaviour_line({"live": None, "state": "training", "last_run": None})
+    assert line == "no model yet; a run is under way (training)", line
+    line = _behaviour_line({"live": "v0001", "state": "idle", "last_run": published})
+    assert line == "live v0001  (brier 0.732 on 16 held-out episodes; trained on 80 episodes)", line
+    none = {**published, "calibration": {"brier": None, "episodes": 3, "held_out": False}}
+    assert "brier n/a on 3 training episodes" in _behaviour_line({"live": "v0002", "last_run": none})
 
 
 def test_status_by_line_says_how_many_refusals_lost_to_the_online_head(capsys) -> None:
