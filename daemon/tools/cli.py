@@ -956,6 +956,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(
             f"  {counts['not_matured']} decisions left out: their reward wait window is not over yet", file=sys.stderr
         )
+    if args.agent and not any(counts.values()):
+        print(f"  note: nothing of agent {args.agent!r} in the window: is the name right?", file=sys.stderr)
     return 0
 
 

@@ -381,6 +381,12 @@ def test_promoting_a_version_the_gate_refused_says_so_and_a_list_says_when_none_
     assert version in listed and "no version is live: agents decide with the online head" in listed, listed
 
 
+def test_exporting_an_agent_nothing_was_kept_of_says_so(daemon: DaemonProcess) -> None:
+    proc = reflexd("export", "--agent", "nobody", "--format", "ndjson", "--socket", daemon.socket, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    assert "note: nothing of agent 'nobody' in the window: is the name right?" in proc.stderr, proc.stderr
+
+
 def test_importing_an_empty_file_exits_1_saying_so(daemon: DaemonProcess, tmp_path: Path) -> None:
     empty = tmp_path / "empty.ndjson"
     empty.write_text("")
