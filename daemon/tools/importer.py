@@ -428,6 +428,8 @@ def _obd_record(row: dict[str, str], agent: str, actions: list[str]) -> list[Dec
     if item >= len(actions):
         raise BadLine(f"item_id {item} is outside the campaign's {len(actions)} items")
     slot = _obd_int(row, "position", 1) - 1  # OBD counts positions from 1
+    if slot >= len(actions):  # a slate has at most as many slots as the campaign has items
+        raise BadLine(f"position {slot + 1} is beyond the campaign's {len(actions)} items")
     click = (row.get("click") or "").strip()
     if not _NUMBER.match(click):
         raise BadLine(f"click must be a number, not {click!r}")
