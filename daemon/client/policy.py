@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Callable
 
@@ -413,7 +414,7 @@ class Policy:
         """
         if type(decision_id) is not str:  # refused here, where the agent can see it, not on the sender's thread
             raise TypeError(f"decision_id must be the str id a decision returned, not {type(decision_id).__name__}")
-        if type(value) is bool or not isinstance(value, (int, float)):  # a bool or "1" is no reward
+        if type(value) is bool or not isinstance(value, Real):  # a bool or "1" is no reward; numpy's numbers are
             raise TypeError(f"value must be a number, not {type(value).__name__}")
         # built first: Outcome refuses a reward that is not a finite number, before anything learns it
         outcome = Outcome(id=uuid.uuid4().hex, decision_id=decision_id, reward=float(value), agent=self.agent, ts=time.time())
@@ -431,8 +432,9 @@ class Policy:
         """Log one step of a sequential episode."""
         _check_id("episode", episode)
         _check_id("action", action)
-        if type(index) is not int or not 0 <= index <= 2**31 - 1:  # stored as a 32-bit INTEGER
+        if type(index) is bool or not isinstance(index, Integral) or not 0 <= index <= 2**31 - 1:  # a 32-bit INTEGER
             raise ValueError(f"index must be the step's position in its episode, an int from 0, not {index!r}")
+        index = int(index)  # numpy's integers included
         _check_keys("observation", observation)
         self._sender.enqueue(
             Step(
@@ -518,7 +520,7 @@ def _check_id(what: str, value: Any) -> None:
 
 def _check_times(**times: Any) -> None:
     for name, value in times.items():
-        if value is not None and (type(value) is bool or not isinstance(value, (int, float))):
+        if value is not None and (type(value) is bool or not isinstance(value, Real)):
             raise TypeError(f"{name} must be epoch seconds (a number) or None, not {type(value).__name__}")
 
 
@@ -541,7 +543,7 @@ def _check_settings(
     if type(buffer_size) is not int or buffer_size < 1:
         raise ValueError(f"buffer_size must be an int of at least 1 (events held while the daemon is away), not {buffer_size!r}")
     for name, value in (("refresh_interval", refresh_interval), ("send_interval", send_interval)):
-        if type(value) is bool or not isinstance(value, (int, float)) or not value > 0:
+        if type(value) is bool or not isinstance(value, Real) or not value > 0:
             raise ValueError(f"{name} must be a number of seconds above 0, not {value!r}")
     if seed is not None and (type(seed) is bool or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, not {type(seed).__name__}")

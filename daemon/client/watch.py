@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,7 @@ class EpisodeWatch:
         """Advance ``episode`` by one step (the observation, the action taken on it, its reward)."""
         if not isinstance(observation, dict):
             raise TypeError(f"observation must be a dict of keys to values, not {type(observation).__name__}")
-        if type(reward) is bool or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        if type(reward) is bool or not isinstance(reward, Real) or not math.isfinite(reward):
             raise ValueError(f"reward must be a finite number, not {reward!r}")  # NaN would poison the state for good
         with self._lock:
             self._count += 1

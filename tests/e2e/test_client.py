@@ -9,6 +9,7 @@ import time
 
 import duckdb
 import msgspec
+import numpy as np
 import pytest
 
 from conftest import DaemonProcess, wait_for
@@ -148,6 +149,14 @@ def test_what_the_daemon_would_refuse_is_refused_at_the_call(tmp_path, call, err
         with pytest.raises(error, match=re.escape(words)):
             call(policy)
         assert policy.stats()["enqueued"] == 0
+
+
+def test_numpys_numbers_are_numbers_to_the_client(tmp_path) -> None:
+    with Policy("a", socket=tmp_path / "nobody.sock", state_dir=tmp_path) as policy:
+        choice = policy.decide({}, ["x", "y"])
+        policy.reward(choice.id, np.float32(0.5))
+        policy.step("ep", np.int64(3), {}, "x", reward=np.float64(1.0))
+        assert policy.stats()["enqueued"] == 3
 
 
 @pytest.mark.parametrize(
