@@ -144,7 +144,7 @@ class Policy:
     ) -> None:
         _check_id("agent", agent)
         _check_settings(exploration, online, buffer_size, refresh_interval, send_interval, seed)
-        self.agent = agent
+        self.agent = str(agent)  # a StrEnum member as its value
         models_dir = Path(models) if models else Path(state_dir) / "models" if state_dir else Path(default_models())
         blocked = next((p for p in (models_dir, *models_dir.parents) if p.exists()), None)
         if blocked is not None and not blocked.is_dir():
@@ -167,7 +167,7 @@ class Policy:
             head = OnlineHead(online, FeatureSpec(f.context_dim, f.action_dim, f.seed), self._rewards_for)
         self._chooser = Chooser(self.models, self._exploration_for, seed, head)
         self._sender = _Sender(
-            os.fspath(socket or default_socket()), buffer_size, send_interval, refresh_interval, self.models, self._refresh,
+            os.fspath(socket or default_socket()), int(buffer_size), send_interval, refresh_interval, self.models, self._refresh,
             head.apply if head is not None else None,
         )
         # the head's updates are shared through the daemon: this process's go out as they are made,
@@ -239,6 +239,10 @@ class Policy:
         scorer = self.models.scorer
         return scorer.version if scorer is not None else None
 
+    def _open(self) -> None:
+        if self._sender.closed:  # before anything is chosen, counted or learned for a decision no one would log
+            raise RuntimeError("this Policy is closed: nothing more can be logged through it")
+
     def decide(
         self,
         context: dict[str, Any],
@@ -255,8 +259,11 @@ class Policy:
         ``stats()["apprentice"]`` says how often the learned policy would have agreed.
         ``episode``: the episode the decision is part of (``Policy.episode`` sets it).
         """
+        self._open()
         if decision_id is not None:
             _check_id("decision_id", decision_id)
+        if episode is not None:
+            _check_id("episode", episode)
         choice = self._chooser.choose(self.agent, context, actions, decision_id, default)
         self._sender.enqueue(
             _DecisionFrame(
@@ -291,6 +298,7 @@ class Policy:
 
     def end_episode(self, episode: str, reward: float | None = None) -> None:
         """Log the end of ``episode`` with an optional final reward (``Episode.end`` calls this)."""
+        _check_id("episode", episode)
         end = EpisodeEnd(
             id=uuid.uuid4().hex, agent=self.agent, episode=episode,
             reward=None if reward is None else float(reward), ts=time.time(),
@@ -307,8 +315,10 @@ class Policy:
         exact probability at that slot given the slots before it, and the ``slot`` and ``slate`` id
         that group them. Report each slot's reward with ``reward(choice.id, r)``.
         """
-        if type(slots) is not int:  # a bool is an int to Python, not a count of slots
+        self._open()
+        if type(slots) is bool or not isinstance(slots, Integral):  # a bool is an int to Python, not a count of slots
             raise TypeError(f"slots must be an int, not {type(slots).__name__}")
+        slots = int(slots)
         if slate_id is not None:
             _check_id("slate_id", slate_id)
         choices = self._chooser.choose_slate(self.agent, context, actions, slots, slate_id)
@@ -377,7 +387,7 @@ class Policy:
 
         if isinstance(policies, str):  # a list of one was meant: a str would be read letter by letter
             raise TypeError(f"policies must be a list of policy names, as in [{policies!r}], not a str")
-        _check_times(since=since, until=until)
+        since, until = _times(since=since, until=until)
         msg = Evaluate(
             policies=list(policies),
             tables=probability_tables(list(policies)),
@@ -401,7 +411,7 @@ class Policy:
         """
         from reflexd.wire.connection import request
 
-        _check_times(since=since)
+        (since,) = _times(since=since)
         msg = InsightsRequest(agent=self.agent, since=since, now=now)
         return request(msg, self._sender.path, timeout=timeout)  # type: ignore[return-value]
 
@@ -412,12 +422,17 @@ class Policy:
         with ``batch_learning``, within ``send_interval`` on the background thread (``flush``:
         at once), each action's rewards since its last wake as one update.
         """
-        if type(decision_id) is not str:  # refused here, where the agent can see it, not on the sender's thread
+        if not isinstance(decision_id, str):  # refused here, where the agent can see it, not on the sender's thread
             raise TypeError(f"decision_id must be the str id a decision returned, not {type(decision_id).__name__}")
-        if type(value) is bool or not isinstance(value, Real):  # a bool or "1" is no reward; numpy's numbers are
+        _check_id("decision_id", decision_id)
+        try:  # "1" and True are no rewards; numpy's numbers and Decimal are
+            reward = None if isinstance(value, (str, bytes, bool)) else float(value)
+        except (TypeError, ValueError):
+            reward = None
+        if reward is None:
             raise TypeError(f"value must be a number, not {type(value).__name__}")
         # built first: Outcome refuses a reward that is not a finite number, before anything learns it
-        outcome = Outcome(id=uuid.uuid4().hex, decision_id=decision_id, reward=float(value), agent=self.agent, ts=time.time())
+        outcome = Outcome(id=uuid.uuid4().hex, decision_id=decision_id, reward=reward, agent=self.agent, ts=time.time())
         self._sender.enqueue(outcome)
         head = self._chooser.online
         if head is not None:
@@ -431,10 +446,13 @@ class Policy:
     ) -> None:
         """Log one step of a sequential episode."""
         _check_id("episode", episode)
-        _check_id("action", action)
+        if not isinstance(action, str):  # any str: a step's action may be empty, as traced steps' are
+            raise TypeError(f"action must be a str, not {type(action).__name__}")
         if type(index) is bool or not isinstance(index, Integral) or not 0 <= index <= 2**31 - 1:  # a 32-bit INTEGER
             raise ValueError(f"index must be the step's position in its episode, an int from 0, not {index!r}")
         index = int(index)  # numpy's integers included
+        if len(episode) + 1 + len(str(index)) > 256:  # the step's id, episode:index, is an id too
+            raise ValueError(f"episode is {len(episode)} characters: with ':{index}' the step's id would be over 256")
         _check_keys("observation", observation)
         self._sender.enqueue(
             Step(
@@ -445,7 +463,7 @@ class Policy:
                 observation=observation,
                 action=action,
                 reward=float(reward),
-                done=done,
+                done=bool(done),
                 ts=time.time(),
             )
         )
@@ -493,8 +511,8 @@ class Policy:
         many, if events logged were not yet durable in the daemon (they are lost with the process)."""
         if self._sender.closed:
             return self._sender.pending == 0
-        settled = self.flush(timeout)
-        self._sender.closed = True
+        self._sender.closed = True  # first: nothing logged from here on can slip past the flush unseen
+        settled = self.flush(timeout) and self._sender.pending == 0
         self._sender.stop()
         if not settled:
             _log.warning(
@@ -512,22 +530,26 @@ class Policy:
 
 def _check_id(what: str, value: Any) -> None:
     """An id as the wire takes it (1 to 256 characters), or TypeError/ValueError naming ``what``."""
-    if type(value) is not str:
+    if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, not {type(value).__name__}")
     if not 0 < len(value) <= 256:
         raise ValueError(f"{what} must be 1 to 256 characters, not {len(value)}")
 
 
-def _check_times(**times: Any) -> None:
+def _times(**times: Any) -> list[float | None]:
+    """Each of ``times`` as float epoch seconds (numpy's numbers included), or TypeError naming it."""
+    out = []
     for name, value in times.items():
         if value is not None and (type(value) is bool or not isinstance(value, Real)):
             raise TypeError(f"{name} must be epoch seconds (a number) or None, not {type(value).__name__}")
+        out.append(None if value is None else float(value))
+    return out
 
 
 def _check_keys(what: str, mapping: Any) -> None:
     if not isinstance(mapping, dict):
         raise TypeError(f"{what} must be a dict of keys to values, not {type(mapping).__name__}")
-    bad = next((k for k in mapping if type(k) is not str), None)
+    bad = next((k for k in mapping if not isinstance(k, str)), None)
     if bad is not None:
         raise TypeError(f"{what}'s keys must be str; {bad!r} is {type(bad).__name__}")
 
@@ -540,7 +562,7 @@ def _check_settings(
         raise TypeError(f"exploration must be a reflexd.config.ExplorationConfig, not {type(exploration).__name__}")
     if online is not None and not isinstance(online, OnlineConfig):
         raise TypeError(f"online must be a reflexd.config.OnlineConfig, not {type(online).__name__}")
-    if type(buffer_size) is not int or buffer_size < 1:
+    if type(buffer_size) is bool or not isinstance(buffer_size, Integral) or buffer_size < 1:
         raise ValueError(f"buffer_size must be an int of at least 1 (events held while the daemon is away), not {buffer_size!r}")
     for name, value in (("refresh_interval", refresh_interval), ("send_interval", send_interval)):
         if type(value) is bool or not isinstance(value, Real) or not value > 0:

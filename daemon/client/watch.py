@@ -106,6 +106,11 @@ class EpisodeHandle:
         self.watch.end(self.key)
 
 
+def _observation(observation: Any) -> None:
+    if not isinstance(observation, dict):
+        raise TypeError(f"observation must be a dict of keys to values, not {type(observation).__name__}")
+
+
 class EpisodeWatch:
     """Keeps each running episode's recurrent state and predicts after every step.
 
@@ -169,8 +174,7 @@ class EpisodeWatch:
 
     def step(self, episode: str, observation: dict[str, Any], action: str, reward: float = 0.0) -> Prediction | None:
         """Advance ``episode`` by one step (the observation, the action taken on it, its reward)."""
-        if not isinstance(observation, dict):
-            raise TypeError(f"observation must be a dict of keys to values, not {type(observation).__name__}")
+        _observation(observation)
         if type(reward) is bool or not isinstance(reward, Real) or not math.isfinite(reward):
             raise ValueError(f"reward must be a finite number, not {reward!r}")  # NaN would poison the state for good
         with self._lock:
@@ -206,6 +210,7 @@ class EpisodeWatch:
 
     def expect(self, episode: str, observation: dict[str, Any]) -> dict[str, float] | None:
         """The distribution of the next action of ``episode`` on ``observation``; the state is unchanged."""
+        _observation(observation)
         with self._lock:
             model = self.model
             if model is None:

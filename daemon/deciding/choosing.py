@@ -63,9 +63,10 @@ def _check(context: dict[str, Any], actions: list[Any], default: str | None = No
     as it was decoded; an in-process agent's arguments are checked here."""
     if not isinstance(context, dict):
         raise TypeError(f"context must be a dict of keys to values, not {type(context).__name__}")
-    if not all(type(k) is str for k in context):
-        bad = next(k for k in context if type(k) is not str)
-        raise TypeError(f"context keys must be str; {bad!r} is {type(bad).__name__}")
+    if not set(map(type, context)) <= _STR:  # one C pass; a str subclass (a StrEnum) is a str too
+        bad = next((k for k in context if not isinstance(k, str)), None)
+        if bad is not None:
+            raise TypeError(f"context keys must be str; {bad!r} is {type(bad).__name__}")
     if not isinstance(actions, (list, tuple)):
         kind = type(actions).__name__
         raise TypeError(f"actions must be a list of ids (or of dicts with id and features), not {kind}")
@@ -80,19 +81,38 @@ def _check(context: dict[str, Any], actions: list[Any], default: str | None = No
         ) from None
     if not ids:
         raise ValueError("actions is empty: a decision needs at least one action")
-    if not all(0 < len(i) <= 256 for i in ids):
+    if "" in ids or max(map(len, ids)) > 256:
         bad = next(i for i in ids if not 0 < len(i) <= 256)
         raise ValueError(f"action id {bad[:40]!r} has {len(bad)} characters: ids have 1 to 256")
     if len(set(ids)) < len(ids):
         seen: set[str] = set()
         twice = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
         raise ValueError(f"action {twice!r} is offered twice: a decision's actions must have distinct ids")
-    for a in actions:  # an action's features are a mapping of keys to values, as a context is
-        if type(a) is dict and not isinstance(a.get("features", {}), dict):
-            raise TypeError(f"action {a.get('id')!r}: features must be a dict of keys to values, not {type(a['features']).__name__}")
+    if not set(map(type, actions)) <= _STR:  # dicts among them: each as the wire's Action
+        for a in actions:
+            if type(a) is dict:
+                _check_action(a)
     if default is not None and default not in ids:
         raise ValueError(f"default {default!r} is not among the actions")
     return ids
+
+
+_STR = {str}
+
+
+def _check_action(a: dict[str, Any]) -> None:
+    """A dict action as the wire takes it: a str ``id`` and, if any, ``features``: a dict with str keys."""
+    if not isinstance(a["id"], str):
+        raise TypeError(f"action id {a['id']!r} must be a str, not {type(a['id']).__name__}")
+    extra = set(a) - {"id", "features"}
+    if extra:
+        raise TypeError(f"action {a['id']!r}: unknown key(s) {sorted(map(str, extra))}; an action has an id and features")
+    features = a.get("features", {})
+    if not isinstance(features, dict):
+        raise TypeError(f"action {a['id']!r}: features must be a dict of keys to values, not {type(features).__name__}")
+    bad = next((k for k in features if not isinstance(k, str)), None)
+    if bad is not None:
+        raise TypeError(f"action {a['id']!r}: feature keys must be str; {bad!r} is {type(bad).__name__}")
 
 
 def slate_events(choices: list[Choice], agent: str, context: dict[str, Any], actions: list[Any]) -> list[Decision]:

@@ -166,7 +166,7 @@ def apply_settings(policy: str, base: ExplorationConfig, settings: Iterable[tupl
             f"{', '.join(unread)} changes nothing under {cfg.strategy}, which reads {', '.join(reads)};"
             f" to evaluate another strategy, set it too (strategy=epsilon_greedy,epsilon=0.5)",
         )
-    if cfg.epsilon_min > cfg.epsilon:
+    if cfg.epsilon_min > cfg.epsilon and (reads is None or "epsilon" in reads):  # softmax's floor has no epsilon over it
         raise PolicySpecError(
             policy, f"epsilon_min ({cfg.epsilon_min:g}) must not exceed epsilon ({cfg.epsilon:g}): set epsilon_min too"
         )

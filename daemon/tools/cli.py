@@ -947,6 +947,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _data(args) as source:
         counts = exporter.export(source, args.format, args.out, window)
     where = "stdout" if args.out == "-" else args.out
+    if args.agent and not any(counts.values()):
+        print(f"note: nothing of agent {args.agent!r} in the window: is the name right?", file=sys.stderr)
     if args.json:
         _print({"format": args.format, "out": args.out, "counts": counts})
         return 0
@@ -956,8 +958,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(
             f"  {counts['not_matured']} decisions left out: their reward wait window is not over yet", file=sys.stderr
         )
-    if args.agent and not any(counts.values()):
-        print(f"  note: nothing of agent {args.agent!r} in the window: is the name right?", file=sys.stderr)
     return 0
 
 

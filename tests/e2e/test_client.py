@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 import threading
 import time
+from decimal import Decimal
 
 import duckdb
 import msgspec
@@ -15,6 +17,7 @@ import pytest
 from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
 from reflexd.config import ExplorationConfig
+from reflexd.errors import DaemonUnavailable
 from reflexd.wire.framing import MSGPACK, decode_inbound, encode_frame
 from reflexd.wire.protocol import Decision, Step
 
@@ -142,6 +145,13 @@ def test_decision_frames_are_the_protocol_decision_byte_for_byte(tmp_path) -> No
         (lambda p: p.evaluate("live"), TypeError, "policies must be a list of policy names, as in ['live']"),
         (lambda p: p.evaluate(["live"], since="yesterday"), TypeError, "since must be epoch seconds"),
         (lambda p: p.insights(since="x"), TypeError, "since must be epoch seconds"),
+        (lambda p: p.decide({}, ["a"], episode=""), ValueError, "episode must be 1 to 256 characters"),
+        (lambda p: p.end_episode("x" * 300), ValueError, "episode must be 1 to 256 characters, not 300"),
+        (lambda p: p.reward("", 1.0), ValueError, "decision_id must be 1 to 256 characters, not 0"),
+        (lambda p: p.step("e" * 255, 0, {}, "a"), ValueError, "with ':0' the step's id would be over 256"),
+        (lambda p: p.decide({}, [{"id": 5}]), TypeError, "action id 5 must be a str, not int"),
+        (lambda p: p.decide({}, [{"id": "a", "cost": 1}]), TypeError, "action 'a': unknown key(s) ['cost']"),
+        (lambda p: p.decide({}, [{"id": "a", "features": {1: 2}}]), TypeError, "action 'a': feature keys must be str"),
     ],
 )
 def test_what_the_daemon_would_refuse_is_refused_at_the_call(tmp_path, call, error, words) -> None:
@@ -151,12 +161,21 @@ def test_what_the_daemon_would_refuse_is_refused_at_the_call(tmp_path, call, err
         assert policy.stats()["enqueued"] == 0
 
 
-def test_numpys_numbers_are_numbers_to_the_client(tmp_path) -> None:
-    with Policy("a", socket=tmp_path / "nobody.sock", state_dir=tmp_path) as policy:
-        choice = policy.decide({}, ["x", "y"])
-        policy.reward(choice.id, np.float32(0.5))
-        policy.step("ep", np.int64(3), {}, "x", reward=np.float64(1.0))
-        assert policy.stats()["enqueued"] == 3
+def test_numpys_numbers_and_str_subclasses_are_what_they_stand_for(tmp_path) -> None:
+    class Agent(enum.StrEnum):
+        ROUTER = "router"
+
+    policy = Policy(Agent.ROUTER, socket=tmp_path / "nobody.sock", state_dir=tmp_path, buffer_size=np.int64(100))
+    assert policy.agent == "router" and type(policy.agent) is str
+    choice = policy.decide({Agent.ROUTER: 1, np.str_("u"): 2}, ["x", "y"])
+    policy.reward(choice.id, np.float32(0.5))
+    policy.reward(choice.id, Decimal("0.25"))
+    policy.step("ep", np.int64(3), {}, "", reward=np.float64(1.0), done=np.bool_(True))  # a traced step's action may be ""
+    policy.decide_slate({}, ["x", "y"], np.int64(2))
+    assert policy.stats()["enqueued"] == 6
+    with pytest.raises(DaemonUnavailable):  # past the checks: the times were taken as numbers
+        policy.evaluate(["live"], since=np.float64(1.0), timeout=1)
+    assert policy.close(timeout=0) is False  # no daemon took them
 
 
 @pytest.mark.parametrize(

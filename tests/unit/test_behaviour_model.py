@@ -184,6 +184,8 @@ def test_behaviour_watch_refuses_steps_that_would_poison_an_episode(trained: Tra
         handle.step(ep.observations[0], ep.actions[0], float("nan"))
     with pytest.raises(TypeError, match="observation must be a dict of keys to values, not list"):
         handle.step([1, 2], ep.actions[0])
+    with pytest.raises(TypeError, match="observation must be a dict of keys to values, not list"):
+        handle.expect([1, 2])
     assert handle.step(ep.observations[0], ep.actions[0], 0.0) is not None  # nothing refused was taken in
     handle.end()
     with pytest.raises(ValueError, match="episode 'e' has ended"):

@@ -84,6 +84,10 @@ def test_a_setting_the_strategy_does_not_read_is_refused_rather_than_ignored() -
         ev.apply_settings("v0003@epsilon=0.5", squarecb, [("epsilon", "0.5")])
     assert ev.apply_settings("p", squarecb, [("strategy", "epsilon_greedy"), ("epsilon", "0.5")]).epsilon == 0.5
     assert ev.apply_settings("p", squarecb, [("gamma", "20"), ("default_action", "a")]).gamma == 20.0
+    # softmax and thompson read a floor with no epsilon over it: one above the model's epsilon is theirs to have
+    for strategy in ("softmax", "thompson"):
+        floor = [("strategy", strategy), ("epsilon_min", "0.2")]
+        assert ev.apply_settings("p", ExplorationConfig(epsilon=0.1), floor).epsilon_min == 0.2
 
 
 # ---- the numbers beside each estimate -----------------------------------------------------------
