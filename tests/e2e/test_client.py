@@ -151,7 +151,6 @@ def test_decision_frames_are_the_protocol_decision_byte_for_byte(tmp_path) -> No
         (lambda p: p.step("e" * 255, 0, {}, "a"), ValueError, "with ':0' the step's id would be over 256"),
         (lambda p: p.decide({}, [{"id": 5}]), TypeError, "action id 5 must be a str, not int"),
         (lambda p: p.decide({}, [{"id": "a", "cost": 1}]), TypeError, "action 'a': unknown key(s) ['cost']"),
-        (lambda p: p.decide({}, [{"id": "a", "features": {1: 2}}]), TypeError, "action 'a': feature keys must be str"),
     ],
 )
 def test_what_the_daemon_would_refuse_is_refused_at_the_call(tmp_path, call, error, words) -> None:
