@@ -211,6 +211,12 @@ def action_ids(actions: list[Any]) -> list[str]:
     return [a if type(a) is str else str(a["id"]) if type(a) is dict else action_parts(a)[0] for a in actions]
 
 
+def first_repeat(ids: list[str]) -> str:
+    """The first id ``ids`` holds twice (which the caller knows it does), found in one pass."""
+    seen: set[str] = set()
+    return next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+
+
 _SQUASH_LIMIT = 50.0  # log1p(5e21): beyond it every magnitude looks alike, infinity included
 
 

@@ -241,7 +241,7 @@ class Policy:
 
     def _open(self) -> None:
         if self._sender.closed:  # before anything is chosen, counted or learned for a decision no one would log
-            raise RuntimeError("this Policy is closed: nothing more can be logged through it")
+            raise RuntimeError(_CLOSED)
 
     def decide(
         self,
@@ -528,6 +528,9 @@ class Policy:
         self.close()
 
 
+_CLOSED = "this Policy is closed: nothing more can be logged through it"
+
+
 def _check_id(what: str, value: Any) -> None:
     """An id as the wire takes it (1 to 256 characters), or TypeError/ValueError naming ``what``."""
     if not isinstance(value, str):
@@ -664,7 +667,7 @@ class _Sender(threading.Thread):
 
     def enqueue(self, msg: msgspec.Struct) -> None:
         if self.closed:  # nothing would send it: said at the call, not lost unseen
-            raise RuntimeError("this Policy is closed: nothing more can be logged through it")
+            raise RuntimeError(_CLOSED)
         frame = encode_frame(msg, MSGPACK)
         with self._lock:
             if len(self._frames) + self._held >= self.capacity:

@@ -18,7 +18,7 @@ from reflexd.config import ExplorationConfig
 from reflexd.deciding import explaining, exploring
 from reflexd.deciding.online import OnlineHead, Rescore
 from reflexd.deciding.scoring import ModelSource, Scorer
-from reflexd.features import action_ids, with_agent
+from reflexd.features import action_ids, first_repeat, with_agent
 from reflexd.manifest import Manifest
 from reflexd.wire.protocol import Decision, Explanation, Scored
 
@@ -85,9 +85,7 @@ def _check(context: dict[str, Any], actions: list[Any], default: str | None = No
         bad = next(i for i in ids if not 0 < len(i) <= 256)
         raise ValueError(f"action id {bad[:40]!r} has {len(bad)} characters: ids have 1 to 256")
     if len(set(ids)) < len(ids):
-        seen: set[str] = set()
-        twice = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-        raise ValueError(f"action {twice!r} is offered twice: a decision's actions must have distinct ids")
+        raise ValueError(f"action {first_repeat(ids)!r} is offered twice: a decision's actions must have distinct ids")
     for a in actions:  # a dict action as the wire's Action: a str id, and features that are a dict
         if type(a) is dict and (type(a["id"]) is not str or len(a) > 1 + ("features" in a) or type(a.get("features", _NONE)) not in _FEATURES):
             _check_action(a)

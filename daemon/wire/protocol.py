@@ -12,7 +12,7 @@ from typing import Annotated, Any, Union
 
 import msgspec
 
-from reflexd.features import action_ids
+from reflexd.features import action_ids, first_repeat
 
 Prob = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -33,9 +33,7 @@ def _distinct_ids(actions: list[Any]) -> list[str]:
     """The actions' ids, refused if one is offered twice: the choice logged could not be told apart."""
     ids = action_ids(actions)
     if len(set(ids)) < len(ids):
-        seen: set[str] = set()
-        twice = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-        raise ValueError(f"the actions must have distinct ids; {twice!r} is given twice")
+        raise ValueError(f"the actions must have distinct ids; {first_repeat(ids)!r} is given twice")
     return ids
 
 
