@@ -431,8 +431,8 @@ def _obd_record(row: dict[str, str], agent: str, actions: list[str]) -> list[Dec
     if slot >= len(actions):  # a slate has at most as many slots as the campaign has items
         raise BadLine(f"position {slot + 1} is beyond the campaign's {len(actions)} items")
     click = (row.get("click") or "").strip()
-    if not _NUMBER.match(click):
-        raise BadLine(f"click must be a number, not {click!r}")
+    if not _NUMBER.match(click) or float(click) not in (0.0, 1.0):
+        raise BadLine(f"click must be 0 or 1, not {click!r}")
     prob_text = (row.get("propensity_score") or "").strip()
     prob = float(prob_text) if _NUMBER.match(prob_text) else math.nan
     if not 0.0 < prob <= 1.0:

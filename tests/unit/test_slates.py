@@ -218,6 +218,7 @@ OBD_ROWS = [
     "7,2019-11-24 00:06:00+00:00,1,0,0,0.25,ee,ff,0.0",  # OBD counts positions from 1
     "8,2019-11-24 00:07:00+00:00,1,1,0,0,ee,ff,0.0",
     "9,2019-11-24 00:08:00+00:00,1,9,0,0.25,ee,ff,0.0",  # a slot past the campaign's 4 items
+    "10,2019-11-24 00:09:00+00:00,1,1,2,0.25,ee,ff,0.0",  # OBD's clicks are 0 or 1
 ]
 
 
@@ -237,6 +238,7 @@ def test_an_obd_csv_becomes_slot_decisions_with_their_clicks(tmp_path: Path) -> 
         (9, "position must be an integer from 1, not '0'"),
         (10, "propensity_score must be in (0, 1], not '0': off-policy evaluation divides by it"),
         (11, "position 9 is beyond the campaign's 4 items"),
+        (12, "click must be 0 or 1, not '2'"),
     ]
     records = [i.message for i in items if isinstance(i, Record)]
     decisions = [m for m in records if isinstance(m, Decision)]
