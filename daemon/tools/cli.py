@@ -713,6 +713,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     status = 0 if summary.decisions or summary.outcomes else 1  # every line refused, or none at all
     if not (sent or summary.rejected):
         print(f"reflexd: {args.file} holds no line to import", file=sys.stderr)
+    elif not sent and args.format != "auto" and (found := importer.detect_format(args.file)) != fmt:
+        # every line refused under a format given by hand: the reasons name fields of the wrong format
+        print(f"reflexd: every line was refused as {fmt}; {args.file} reads as {found} (--format {found})", file=sys.stderr)
     if args.json:
         _print(
             {

@@ -394,6 +394,16 @@ def test_importing_an_empty_file_exits_1_saying_so(daemon: DaemonProcess, tmp_pa
     assert proc.returncode == 1 and f"{empty} holds no line to import" in proc.stderr, proc.stderr
 
 
+def test_a_file_every_line_of_which_is_refused_under_the_wrong_format_is_told_its_format(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    logged = tmp_path / "vw.log"
+    logged.write_text('{"_label_cost": -1, "_label_probability": 0.5, "_label_Action": 1, "a": [1, 2], "c": {}, "p": [0.5, 0.5]}\n')
+    proc = reflexd("import", str(logged), "--format", "ndjson", "--socket", daemon.socket, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert f"every line was refused as ndjson; {logged} reads as dsjson (--format dsjson)" in proc.stderr, proc.stderr
+
+
 def test_forgetting_a_name_nothing_was_kept_of_says_so(daemon: DaemonProcess) -> None:
     proc = reflexd("forget", "--agent", "nosuch", "--yes", "--socket", daemon.socket, timeout=300)
     assert proc.returncode == 0 and "forgot agent 'nosuch': removed 0 outcomes, 0 decisions" in proc.stdout
