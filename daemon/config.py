@@ -417,12 +417,19 @@ class ClientSettings(msgspec.Struct, frozen=True):
     online: OnlineConfig = OnlineConfig()
     rewards: RewardConfig = RewardConfig()
     agent_rewards: dict[str, RewardConfig] = {}
+    # how an agent explores before any model is live (a model's manifest says so after): as the
+    # daemon's socket decides for it, unless the client was given an exploration of its own
+    exploration: ExplorationConfig = ExplorationConfig()
+    agent_exploration: dict[str, ExplorationConfig] = {}
     # which model line an agent's client serves from; a file from before model lines (no learning)
     # was written by a daemon serving one registry, the models folder itself
     learning: LearningConfig = LearningConfig(scope="shared")
 
     def rewards_for(self, agent: str) -> RewardConfig:
         return self.agent_rewards.get(agent, self.rewards)
+
+    def exploration_for(self, agent: str) -> ExplorationConfig:
+        return self.agent_exploration.get(agent, self.exploration)
 
 
 def client_settings(config: Config) -> ClientSettings:
@@ -431,6 +438,8 @@ def client_settings(config: Config) -> ClientSettings:
         online=config.online,
         rewards=config.rewards,
         agent_rewards={agent: c.rewards for agent, c in config.agents.items()},
+        exploration=config.exploration,
+        agent_exploration={agent: c.exploration for agent, c in config.agents.items()},
         learning=config.learning,
     )
 

@@ -119,7 +119,8 @@ class Policy:
     >>> policy.reward(choice.id, 1.0)
 
     ``exploration`` applies until a model is live (then the model's manifest says how to
-    explore); its ``default_action`` is what the agent does before any model exists. ``online``
+    explore; without it, the agent's ``exploration`` in the daemon's config applies until then);
+    its ``default_action`` is what the agent does before any model exists. ``online``
     sets the head that learns from every reward between retrains (``reflexd.deciding.online``),
     at once on the agent's thread, or with ``batch_learning`` on the background thread, each
     action's rewards since its last wake as one update (for agents deciding hundreds of times a
@@ -149,7 +150,7 @@ class Policy:
         blocked = next((p for p in (models_dir, *models_dir.parents) if p.exists()), None)
         if blocked is not None and not blocked.is_dir():
             raise NotADirectoryError(f"models folder {models_dir}: {blocked} is not a directory (state_dir or models is wrong)")
-        self._fallback = exploration or ExplorationConfig()
+        self._exploration = exploration  # None: the daemon's config says (``_exploration_for``)
         # what the daemon's config says to its clients (models/clients.json): the agent's model line,
         # the online head's settings unless ``online`` is given, and each agent's wait window and default reward
         self._models_dir = models_dir
@@ -232,7 +233,11 @@ class Policy:
         self._cursor = reply.next
 
     def _exploration_for(self, agent: str, manifest: Manifest | None) -> ExplorationConfig:
-        return manifest.exploration_for(agent) if manifest is not None else self._fallback
+        """The live model's exploration; before any model, the one this Policy was given, else the
+        agent's in the daemon's config (as the daemon's socket ``decide`` explores for it)."""
+        if manifest is not None:
+            return manifest.exploration_for(agent)
+        return self._exploration if self._exploration is not None else self._settings.exploration_for(agent)
 
     @property
     def model_version(self) -> str | None:

@@ -134,8 +134,39 @@ def parse_settings(policy: str, text: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def apply_settings(policy: str, base: ExplorationConfig, settings: Iterable[tuple[str, str]]) -> ExplorationConfig:
-    """``base`` with ``settings`` laid over it, checked as the config file's ``exploration`` is."""
+def apply_to_agents(
+    policy: str, exploration_for: Callable[[str], ExplorationConfig], agents: Iterable[str], settings: Sequence[tuple[str, str]]
+) -> dict[str, ExplorationConfig]:
+    """``apply_settings`` for each of ``agents``' own exploration. A line's agents may explore by
+    different strategies (``agent_exploration``): a setting is refused only where none of them
+    reads it, and changes nothing for the agents whose strategy does not."""
+    configs = {a: apply_settings(policy, exploration_for(a), settings, check_reads=False) for a in sorted(set(agents))}
+    _refuse_unread(policy, list(configs.values()), settings)
+    return configs
+
+
+def _refuse_unread(policy: str, configs: list[ExplorationConfig], settings: Iterable[tuple[str, str]]) -> None:
+    """Refuse the settings none of ``configs``' strategies reads: they would change nothing."""
+    reads = {cfg.strategy: getattr(load_explorer(cfg.strategy), "reads", None) for cfg in configs}  # a plugin may not say
+    if any(r is None for r in reads.values()):
+        return
+    unread = [key for key, _ in settings if key not in ("strategy", "default_action") and all(key not in r for r in reads.values())]
+    if unread:
+        under = "; nor under ".join(f"{strategy}, which reads {', '.join(r)}" for strategy, r in reads.items())
+        raise PolicySpecError(
+            policy,
+            f"{', '.join(unread)} changes nothing under {under};"
+            " to evaluate another strategy, set it too (strategy=epsilon_greedy,epsilon=0.5)",
+        )
+
+
+def apply_settings(
+    policy: str, base: ExplorationConfig, settings: Iterable[tuple[str, str]], check_reads: bool = True
+) -> ExplorationConfig:
+    """``base`` with ``settings`` laid over it, checked as the config file's ``exploration`` is;
+    with ``check_reads``, a setting its strategy does not read is refused (``apply_to_agents``
+    checks that over a line's agents)."""
+    settings = tuple(settings)
     values: dict[str, Any] = {}
     for key, value in settings:
         if key == "default_action":
@@ -158,14 +189,9 @@ def apply_settings(policy: str, base: ExplorationConfig, settings: Iterable[tupl
     strategies = available(EXPLORATION)
     if cfg.strategy not in strategies:
         raise PolicySpecError(policy, f"{cfg.strategy!r} is not an exploration strategy; expected one of {', '.join(strategies)}")
+    if check_reads:
+        _refuse_unread(policy, [cfg], settings)
     reads = getattr(load_explorer(cfg.strategy), "reads", None)  # a plugin may not say
-    unread = [key for key, _ in settings if reads is not None and key not in (*reads, "strategy", "default_action")]
-    if unread:
-        raise PolicySpecError(
-            policy,
-            f"{', '.join(unread)} changes nothing under {cfg.strategy}, which reads {', '.join(reads)};"
-            f" to evaluate another strategy, set it too (strategy=epsilon_greedy,epsilon=0.5)",
-        )
     if cfg.epsilon_min > cfg.epsilon and (reads is None or "epsilon" in reads):  # softmax's floor has no epsilon over it
         raise PolicySpecError(
             policy, f"epsilon_min ({cfg.epsilon_min:g}) must not exceed epsilon ({cfg.epsilon:g}): set epsilon_min too"
@@ -527,7 +553,7 @@ def discover(
         name = f"{model}@{settings_text(settings)}"
         pairs = [(k, f"{v:g}" if isinstance(v, float) else str(v)) for k, v in settings]
         try:
-            configs = {a: apply_settings(name, exploration_for(a), pairs) for a in sorted(set(agents))}
+            configs = apply_to_agents(name, exploration_for, agents, pairs)
         except PolicySpecError:
             continue  # a setting that cannot apply to this model's exploration (no such strategy installed)
         pi = model_probs(scores, spread, mask, agents, configs.__getitem__, t, context, online, features)
@@ -641,7 +667,7 @@ def run(
             manifest = scorer(version).manifest
             exploration_for = manifest.exploration_for
             if spec.kind == "exploration":
-                configs = {a: apply_settings(spec.text, manifest.exploration_for(a), spec.settings) for a in sorted(set(agents))}
+                configs = apply_to_agents(spec.text, manifest.exploration_for, agents, spec.settings)
                 exploration_for = configs.__getitem__
             scores, spread = scores_of(version)
             context = batch_for(manifest.features).context

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
+from reflexd.config import ExplorationConfig
 from reflexd.wire.connection import Connection
 from reflexd.wire.protocol import Ack, Decide, Decided, Flush, Outcome
 
@@ -62,14 +63,26 @@ def test_a_policy_learns_from_its_own_rewards_at_once(daemon_factory) -> None:
         assert policy.stats()["online"]["updates"] == 500
 
 
-def test_policies_follow_the_daemons_online_and_rewards_settings(daemon_factory) -> None:
-    """models/clients.json carries the config to in-process clients: the head's switch, and each
-    agent's wait window and default reward (decisions with no outcome teach the default)."""
+def test_policies_follow_the_daemons_online_rewards_and_exploration_settings(daemon_factory) -> None:
+    """models/clients.json carries the config to in-process clients: the head's switch, each
+    agent's wait window and default reward (decisions with no outcome teach the default), and
+    how each agent explores before any model, as the socket's decide explores for it."""
     off: DaemonProcess = daemon_factory({"online": {"enabled": False}})
     with Policy("router", socket=off.socket, state_dir=off.state_dir) as policy:
         assert policy.stats()["online"] is None
-    on: DaemonProcess = daemon_factory({"agents": {"clicks": {"rewards": {"wait_window": 0.2, "default": 0.0}}}})
+    own = {"strategy": "epsilon_greedy", "epsilon": 0.3, "default_action": "large"}
+    on: DaemonProcess = daemon_factory(
+        {"agents": {"clicks": {"rewards": {"wait_window": 0.2, "default": 0.0}, "exploration": own}}}
+    )
+    with Policy("router", socket=on.socket, state_dir=on.state_dir) as router:
+        assert router.score({"task": "code"}, ACTIONS).probs == pytest.approx([1 / 3] * 3)
+    with Policy("clicks", socket=on.socket, state_dir=on.state_dir, exploration=ExplorationConfig()) as given:
+        assert given.score({"task": "code"}, ACTIONS).probs == pytest.approx([1 / 3] * 3)  # its own, as given
+    with Connection(on.socket) as conn:
+        socket_probs = conn.request(Decide(agent="clicks", context={"task": "code"}, actions=ACTIONS, log=False)).probs
+    assert socket_probs == pytest.approx([0.1, 0.8, 0.1])
     with Policy("clicks", socket=on.socket, state_dir=on.state_dir, refresh_interval=0.05) as policy:
+        assert policy.score({"task": "code"}, ACTIONS).probs == pytest.approx(socket_probs)  # the daemon's, for this agent
         for _ in range(20):
             policy.decide({"task": "code"}, ACTIONS)  # no outcome: the default, once 0.2 s have passed
         wait_for(lambda: policy.stats()["online"]["defaults"] == 20, 30, "the default reward learned")

@@ -90,6 +90,21 @@ def test_a_setting_the_strategy_does_not_read_is_refused_rather_than_ignored() -
         assert ev.apply_settings("p", ExplorationConfig(epsilon=0.1), floor).epsilon_min == 0.2
 
 
+def test_on_a_line_whose_agents_explore_differently_a_setting_is_refused_only_where_none_reads_it() -> None:
+    own = {"left": ExplorationConfig(strategy="squarecb"), "right": ExplorationConfig(strategy="epsilon_greedy", epsilon=0.2)}
+    configs = ev.apply_to_agents("v0003@epsilon=0.5", own.__getitem__, ["left", "right", "left"], [("epsilon", "0.5")])
+    assert sorted(configs) == ["left", "right"]
+    assert configs["right"].epsilon == 0.5 and configs["left"] == ExplorationConfig(strategy="squarecb", epsilon=0.5)
+    with pytest.raises(
+        PolicySpecError,
+        match="temperature changes nothing under squarecb, which reads gamma, gamma_exponent; nor under epsilon_greedy, which reads",
+    ):
+        ev.apply_to_agents("v0003@temperature=0.5", own.__getitem__, ["left", "right"], [("temperature", "0.5")])
+    # one agent alone is refused as before
+    with pytest.raises(PolicySpecError, match="epsilon changes nothing under squarecb"):
+        ev.apply_to_agents("v0003@epsilon=0.5", own.__getitem__, ["left"], [("epsilon", "0.5")])
+
+
 # ---- the numbers beside each estimate -----------------------------------------------------------
 
 
