@@ -398,9 +398,10 @@ class Config(_Section):
 
 def feature_spec(config: Config) -> FeatureSpec:
     """How models trained under ``config`` hash features: its ``features`` section, and the agent's
-    id as a context key when one model line is shared by every agent (``learning.scope: shared``)."""
+    id as a context key wherever a model line may be shared by several agents (``learning.scope``
+    ``shared`` or ``group``), so that one model can still tell them apart."""
     f = config.features
-    return FeatureSpec(f.context_dim, f.action_dim, f.seed, agent=config.learning.scope == "shared")
+    return FeatureSpec(f.context_dim, f.action_dim, f.seed, agent=config.learning.scope != "agent")
 
 
 CLIENT_SETTINGS_FILE = "clients.json"  # in the models directory, which agents already read

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reflexd.config import ConfigError, LearningConfig, parse_config
+from reflexd.config import ConfigError, LearningConfig, feature_spec, parse_config
 from reflexd.lines import SHARED, folder_name, line_folders, line_of, line_path, next_number
 from reflexd.registry import Registry
 
@@ -19,6 +19,14 @@ def test_each_scope_puts_an_agent_in_its_line() -> None:
     grouped = LearningConfig(scope="group", groups={"support": ["triage", "refunds"]})
     assert line_of("refunds", grouped) == "group:support"
     assert line_of("router", grouped) == "agent:router"  # in no group: alone
+
+
+def test_models_read_the_agent_wherever_a_line_may_hold_several_agents() -> None:
+    """A group's agents share one model as a shared line's do: the agent's id is one of its inputs,
+    so that it can tell them apart where their worlds differ; an agent's own line needs none."""
+    assert feature_spec(parse_config("learning: {scope: shared}")).agent is True
+    assert feature_spec(parse_config("learning: {scope: group, groups: {support: [triage, refunds]}}")).agent is True
+    assert feature_spec(parse_config("")).agent is False
 
 
 def test_line_folders_sit_under_the_models_directory(tmp_path: Path) -> None:
