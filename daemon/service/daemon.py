@@ -159,7 +159,8 @@ class Daemon:
             await anyio.to_thread.run_sync(line.models.refresh)
         self.snapshots = Snapshots(self.settings, self.store)
         self.extractor = Extractor(
-            self.settings, self.store, self.ingest, lambda: [line.registry for line in self.lines.all()], self.training_lock
+            self.settings, self.store, self.ingest,
+            lambda: [(line.registry, self.lines.agents_of(line.name)) for line in self.lines.all()], self.training_lock,
         )
         self.behaviour = BehaviourTrainer(self.settings, self.store, self.training_lock)
         self.server = Server(cfg, self.ingest, self)

@@ -76,13 +76,13 @@ class Extractor:
         settings: Callable[[], Config],
         store: Store,
         ingest: Ingest,
-        registries: Callable[[], list[Registry]],
+        lines: Callable[[], list[tuple[Registry, list[str] | None]]],
         lock: anyio.Lock,
     ) -> None:
         self._settings = settings
         self.store = store
         self.ingest = ingest
-        self.registries = registries  # every model line's (reflexd.lines)
+        self.lines = lines  # every model line's registry, and its agents (None: every agent; reflexd.lines)
         self.status = ExtractionStatus()
         self._lock = lock  # the training lock: one heavy subprocess at a time, none while forgetting
         self._last_end = 0.0  # newest experience the last extraction read
@@ -271,8 +271,8 @@ class Extractor:
         since = now - self.config.insights.keep_days * 86400
         promoted = {e["version"]: e["at"] for e in reversed(self.store.model_events(limit=500)) if e["event"] == "promoted"}
         models: list[ModelRecord] = []
-        registries = self.registries()
-        for registry, version in ((r, v) for r in registries for v in r.versions()):
+        lines = self.lines()
+        for registry, version in ((r, v) for r, _ in lines for v in r.versions()):
             try:
                 manifest = registry.manifest(version)
             except ReflexdError:
@@ -281,19 +281,23 @@ class Extractor:
             if version not in promoted or gate is None:
                 continue
             models.append(ModelRecord(version=version, live_from=promoted[version], **predicted(gate)))
-        # the live model's training window (drift) and folder (DR's reward model): with one line only,
-        # since one model then scores every agent's decisions
-        current = registries[0].current() if len(registries) == 1 else None
+        # each line's live model's training window, for its own agents' drift ("": every agent's);
+        # and with one line only, the live model's folder (DR's reward model), since one model
+        # then scores every agent's decisions
         windows: dict[str, list[float]] = {}
         model_dir = None
-        if current is not None:
+        for registry, agents in lines:
+            current = registry.current()
+            if current is None:
+                continue
             try:
-                training = registries[0].manifest(current).training
-                if training.window_start is not None and training.window_end is not None:
-                    windows[""] = [training.window_start, training.window_end]
-                model_dir = registries[0].root / current
+                training = registry.manifest(current).training
             except ReflexdError:
-                pass
+                continue  # a broken version folder: status names it
+            if training.window_start is not None and training.window_end is not None:
+                windows.update(dict.fromkeys([""] if agents is None else agents, [training.window_start, training.window_end]))
+            if len(lines) == 1:
+                model_dir = registry.root / current
         dead, errors = self.store.trouble_times(since)
         return ExtractionInputs(now=now, rules=rules, models=models, training_windows=windows, dead_letters=dead, errors=errors), model_dir
 

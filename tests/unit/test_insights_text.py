@@ -91,3 +91,42 @@ def test_the_reply_says_whether_the_agent_asked_about_has_decisions_and_the_min_
     reply = anyio.run(extractor.answer, InsightsRequest(agent=agent))
     assert reply.summary["min_support"] == config.insights.min_support
     assert reply.summary.get("agent") == agent and reply.summary.get("agent_has_decisions") is stored
+
+
+class _Trouble(_Store):
+    def model_events(self, limit: int = 50) -> list[dict[str, Any]]:
+        return []
+
+    def trouble_times(self, since: float) -> tuple[list[float], dict[str, list[float]]]:
+        return [], {}
+
+
+def test_each_lines_live_model_gives_its_own_agents_the_training_window_drift_is_measured_from(tmp_path: Path) -> None:
+    """With a model line per agent (the default scope) each agent's drift is measured from its own
+    line's live model; the reward model's folder is given only where one line scores every agent."""
+    from linear_models import linear_model
+
+    from reflexd.features import FeatureSpec
+    from reflexd.registry import Registry
+
+    spec, model = FeatureSpec(64, 64, 0), tmp_path / "model.onnx"
+    model.write_bytes(linear_model(spec, {"x": 0.0}))
+    config = Config(state_dir=str(tmp_path))
+
+    def line(name: str, window: tuple[float, float] | None) -> Registry:
+        registry = Registry(tmp_path / name, tmp_path)
+        if window is not None:
+            fields = {"parent": None, "created": 1.0, "learner": "mlp", "features": spec, "exploration": config.exploration,
+                      "training": {"window_start": window[0], "window_end": window[1]}}
+            registry.promote(registry.add(model, fields).version)
+        return registry
+
+    lines = [(line("left", (10.0, 20.0)), ["left"]), (line("crew", (30.0, 40.0)), ["a", "b"]), (line("none", None), ["c"])]
+    extractor = Extractor(lambda: config, _Trouble(), None, lambda: lines, anyio.Lock())  # type: ignore[arg-type]
+    inputs, model_dir = extractor._inputs(100.0)
+    assert inputs.training_windows == {"left": [10.0, 20.0], "a": [30.0, 40.0], "b": [30.0, 40.0]}
+    assert model_dir is None  # several lines: no one model scores every agent's decisions
+    shared = [(line("shared", (5.0, 6.0)), None)]
+    extractor = Extractor(lambda: config, _Trouble(), None, lambda: shared, anyio.Lock())  # type: ignore[arg-type]
+    inputs, model_dir = extractor._inputs(100.0)
+    assert inputs.training_windows == {"": [5.0, 6.0]} and model_dir == tmp_path / "shared" / shared[0][0].current()
