@@ -105,7 +105,6 @@ def test_each_lines_live_model_gives_its_own_agents_the_training_window_drift_is
     """With a model line per agent (the default scope) each agent's drift is measured from its own
     line's live model; the reward model's folder is given only where one line scores every agent."""
     from linear_models import linear_model
-
     from reflexd.features import FeatureSpec
     from reflexd.registry import Registry
 
