@@ -363,6 +363,36 @@ def cmd_decide(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reward(args: argparse.Namespace) -> int:
+    import math
+    import uuid
+
+    from reflexd.wire.connection import Connection
+    from reflexd.wire.protocol import Flush, Outcome
+
+    try:
+        reward = float(args.reward)
+    except ValueError:
+        raise UsageError(f"REWARD: {args.reward!r} is not a number") from None
+    if not math.isfinite(reward):
+        raise UsageError(f"REWARD: {args.reward!r} is not a finite number")
+    try:
+        outcome = msgspec.convert(
+            {"type": "outcome", "decision_id": args.decision_id, "reward": reward, "id": args.id or f"cli-{uuid.uuid4().hex}"},
+            Outcome,
+        )
+    except msgspec.ValidationError as exc:
+        raise UsageError(f"not a valid outcome: {exc}") from None
+    with Connection(_socket_path(args)) as conn:
+        conn.send([outcome])
+        conn.request(Flush())  # the outcome's refusal, if any, comes first and raises
+    if args.json:
+        _print({"decision_id": outcome.decision_id, "reward": outcome.reward, "id": outcome.id})
+    else:
+        print(f"sent reward {reward:g} for decision {outcome.decision_id}")
+    return 0
+
+
 def _decided_lines(reply: Any) -> list[str]:
     """A decide reply for a reader: the action chosen (each slot's), or every action's score."""
     from reflexd.wire.protocol import Decided, DecidedSlate
@@ -1127,7 +1157,8 @@ def build_parser() -> argparse.ArgumentParser:
         "decide",
         "ask the daemon for one decision (logged like any other)",
         "Ask the daemon to choose one of --actions for --context, as an agent would; the decision is\n"
-        "logged like any other, so an outcome can be sent for its id. Prints the action chosen, its\n"
+        "logged like any other, so an outcome can be sent for its id (reflexd reward ID REWARD). Prints\n"
+        "the action chosen, its\n"
         "probability, the model and strategy that chose it, and the decision's id (--json: id, action,\n"
         "prob, model_version, strategy). With --no-log nothing is chosen or logged, and exploration's\n"
         "clock does not move: it prints every action's score, spread and probability (--json: id,\n"
@@ -1159,6 +1190,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     json_flag(p, "the reply")
     p.set_defaults(func=cmd_decide)
+
+    p = command(
+        "reward",
+        "send one decision's outcome: its reward",
+        "Send the outcome of a logged decision (the id decide printed, or one an agent logged): its\n"
+        "reward joins the decision as an agent's Policy.reward would (rewards.aggregation combines several;\n"
+        "rewards.wait_window bounds when it counts); the daemon's online head learns the first one of a\n"
+        "decision made over the socket (an in-process Policy's head learns from Policy.reward). Returns once\n"
+        "the daemon has the outcome on disk; prints the decision id and reward (--json: decision_id, reward,\n"
+        "id). An outcome whose id was sent before is a duplicate and counted once. An outcome for an id no\n"
+        "decision has is kept too, and counted in status (experience.outcomes_without_decision). Exit 1 on a\n"
+        "reward that is not a finite number, an outcome the daemon refuses, or if it cannot be reached.",
+        [
+            """reflexd reward d-5f2c... 1.0""",
+            """reflexd reward d-5f2c... 0.25 --id d-5f2c...:rating""",
+        ],
+        parents=[client],
+    )
+    p.add_argument("decision_id", metavar="DECISION_ID", help="the decision's id, as decide printed it")
+    p.add_argument("reward", metavar="REWARD", help="the reward, a finite number")
+    p.add_argument("--id", help="the outcome's own id, so that sending it again counts once (default: a new one)")
+    json_flag(p, "what was sent")
+    p.set_defaults(func=cmd_reward)
 
     p = command(
         "explain",

@@ -28,7 +28,7 @@ from reflexd.wire.protocol import Ack, Flush, Outcome
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "configs" / "reflexd.yaml"
 REFLEXD = Path(sys.executable).parent / "reflexd"
-COMMANDS = ["run", "check-config", "check-store", "status", "decide", "explain", "train", "models", "forget", "import", "evaluate", "insights", "report", "query", "export", "install-service", "fleet", "demo"]
+COMMANDS = ["run", "check-config", "check-store", "status", "decide", "reward", "explain", "train", "models", "forget", "import", "evaluate", "insights", "report", "query", "export", "install-service", "fleet", "demo"]
 EX_CONFIG = 78
 
 
@@ -379,6 +379,23 @@ def test_promoting_a_version_the_gate_refused_says_so_and_a_list_says_when_none_
     assert reflexd("models", "rollback", "--agent", "bot", "--socket", daemon.socket).returncode == 0
     listed = reflexd("models", "list", "--agent", "bot", "--socket", daemon.socket).stdout
     assert version in listed and "no version is live: agents decide with the online head" in listed, listed
+
+
+def test_reward_sends_a_decisions_outcome_and_refuses_what_is_no_reward(daemon: DaemonProcess) -> None:
+    decided = cli(daemon, "decide", "--agent", "bot", "--actions", "x,y")
+    before = daemon.loaded_status().experience
+    sent = cli(daemon, "reward", decided["id"], "-0.5", "--id", "o-reward-1")  # a negative reward is a number, not an option
+    assert sent == {"decision_id": decided["id"], "reward": -0.5, "id": "o-reward-1"}
+    shown = reflexd("reward", decided["id"], "1", "--socket", daemon.socket, timeout=300)
+    assert shown.returncode == 0 and shown.stdout.strip() == f"sent reward 1 for decision {decided['id']}", shown.stderr
+    after = daemon.loaded_status().experience
+    assert after["outcomes"] == before["outcomes"] + 2
+    assert after["outcomes_without_decision"] == before["outcomes_without_decision"]  # both joined the decision
+    for bad, said in (("nan", "REWARD: 'nan' is not a finite number"), ("good", "REWARD: 'good' is not a number")):
+        refused = reflexd("reward", decided["id"], bad, "--socket", daemon.socket, timeout=300)
+        assert refused.returncode == 1 and said in refused.stderr, refused.stderr
+    refused = reflexd("reward", "", "1", "--socket", daemon.socket, timeout=300)
+    assert refused.returncode == 1 and "not a valid outcome" in refused.stderr, refused.stderr
 
 
 def test_exporting_an_agent_nothing_was_kept_of_says_so(daemon: DaemonProcess) -> None:
