@@ -243,6 +243,13 @@ def _ago(at: float) -> str:
     return f"{max(0.0, time.time() - at):.0f} s ago"
 
 
+def _line_of(lines: dict[str, Any], agent: str) -> str:
+    """The name of the model line ``agent`` learns in (``agent:A``, ``group:G``, ``shared``), as status lists them."""
+    return next((name for name, line in lines.items() if agent in (line.get("agents") or [])), None) or (
+        "shared" if "shared" in lines else f"agent:{agent}"
+    )
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from reflexd.wire.protocol import StatusRequest
 
@@ -263,7 +270,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("           " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in losses.items()))
     exp = reply.experience
     # the counts are the store's, every agent's; what is new since training is the line's asked about
-    whose = f"  {args.agent}'s line: new since training" if args.agent else "  new since training"
+    whose = f"  {_line_of(reply.lines, args.agent)} new since training" if args.agent else "  new since training"
     print(
         f"experience {'(every agent) ' if args.agent else ''}decisions {exp.get('decisions', 0)}"
         f"  outcomes {exp.get('outcomes', 0)}  steps {exp.get('steps', 0)}  events {exp.get('events', 0)}"

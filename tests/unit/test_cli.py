@@ -326,6 +326,15 @@ def test_import_then_train_then_models_print_json(daemon: DaemonProcess, tmp_pat
     assert cli(daemon, "status")["trainer"]["last_run"]["version"] == "v0001"
 
 
+def test_status_for_an_agent_names_the_line_it_learns_in() -> None:
+    from reflexd.tools.cli import _line_of
+
+    lines = {"group:support": {"agents": ["refunds", "triage"]}, "agent:router": {"agents": ["router"]}}
+    assert _line_of(lines, "refunds") == "group:support" and _line_of(lines, "router") == "agent:router"
+    assert _line_of({"shared": {"agents": None}}, "refunds") == "shared"
+    assert _line_of({}, "new") == "agent:new"  # no line yet: it will be its own
+
+
 def test_status_with_several_lines_after_a_failed_run_prints_each_line(daemon_factory: Any) -> None:
     daemon = daemon_factory({"trainer": {"retry_backoff": 3600}})  # the backoff outlasts a slow machine's commands
     for agent in ("a", "b"):
@@ -338,7 +347,7 @@ def test_status_with_several_lines_after_a_failed_run_prints_each_line(daemon_fa
     assert len(rows) == 2 and "backing off after a failed run" in rows[0] and "agent:b" in rows[1], shown.stdout
     assert cli(daemon, "status")["trainer"]["consecutive_failures"] == 1
     one = reflexd("status", "--agent", "b", "--socket", daemon.socket, timeout=300).stdout
-    assert "experience (every agent) decisions 2" in one and "b's line: new since training" in one, one
+    assert "experience (every agent) decisions 2" in one and "agent:b new since training" in one, one
     failed = reflexd("status", "--agent", "a", "--socket", daemon.socket, timeout=300).stdout
     assert "next run: backing off after a failed run, 3" in failed and "s more" in failed, failed  # ~3600 s left
 
