@@ -26,7 +26,9 @@ class _Lines(structlog.PrintLogger):
 def configure(level: str = "info", fmt: str = "auto") -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
-    renderer = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+    # colours for a terminal only: console columns asked for in a file or the journal stay plain text
+    console = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    renderer = console if fmt == "console" else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -166,6 +166,7 @@ def test_logs_are_json_off_a_terminal_and_columns_on_one() -> None:
     assert record["event"] == "hello" and record["answer"] == 42 and record["level"] == "info"
     console = subprocess.run([sys.executable, "-c", code.format(fmt="console")], capture_output=True, text=True, check=True)
     assert "hello" in console.stderr and "answer" in console.stderr and not console.stderr.lstrip().startswith("{")
+    assert "\x1b[" not in console.stderr  # asked for in a file (here a pipe), the columns carry no colour codes
 
 
 def test_the_trainer_lowers_its_own_priority() -> None:
