@@ -852,6 +852,25 @@ def _check_redaction(cfg: RedactionConfig, source: str) -> None:
         raise ConfigError(source, problems)
 
 
+def socket_of(path: str | os.PathLike[str]) -> tuple[str, ConfigError | None]:
+    """The socket the config file at ``path`` names, and what is wrong with the rest of the file
+    (None: nothing). A client needs the socket alone, and a daemon keeps its running config through
+    a bad edit, so a file with errors elsewhere still names it; a file that cannot be read, or whose
+    ``socket.path`` is itself wrong, raises its ConfigError."""
+    try:
+        return load_config(path).socket.path, None
+    except ConfigError as problem:
+        try:
+            raw = yaml.load(Path(path).read_bytes(), Loader=_Loader)  # noqa: S506 -- a SafeLoader
+            section = raw.get("socket") if isinstance(raw, dict) else None
+            found = section.get("path", SocketConfig().path) if isinstance(section, dict) else SocketConfig().path
+        except (OSError, yaml.YAMLError, RecursionError):
+            raise problem from None
+        if not (isinstance(found, str) and os.path.isabs(found)):
+            raise problem from None
+        return found, problem
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read and decode the config file (``$REFLEXD_CONFIG`` or /etc/reflexd/reflexd.yaml by default)."""
     path = os.fspath(path or os.environ.get("REFLEXD_CONFIG") or DEFAULT_PATH)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import msgspec
 
 from reflexd import __version__
-from reflexd.config import DEFAULT_PATH, exposed_key, load_config
+from reflexd.config import DEFAULT_PATH, exposed_key, load_config, socket_of
 from reflexd.errors import (
     ConfigError,
     DaemonUnavailable,
@@ -77,10 +77,12 @@ def _socket_path(args: argparse.Namespace) -> str:
     if os.environ.get("REFLEXD_SOCKET"):
         return os.environ["REFLEXD_SOCKET"]
     explicit = args.config or os.environ.get("REFLEXD_CONFIG")
-    if explicit:
-        return load_config(explicit).socket.path  # a config named but missing is an error, not a default
-    if os.path.exists(DEFAULT_PATH):
-        return load_config(DEFAULT_PATH).socket.path
+    path = explicit or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
+    if path is not None:  # a config named but missing is an error, not a default
+        socket, problem = socket_of(path)
+        if problem is not None:
+            print(f"reflexd: warning: {problem}\n  (reaching the daemon at its socket.path, {socket}, all the same)", file=sys.stderr)
+        return socket
     from reflexd.wire.connection import DEFAULT_SOCKET
 
     return DEFAULT_SOCKET

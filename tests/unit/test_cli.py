@@ -326,6 +326,21 @@ def test_import_then_train_then_models_print_json(daemon: DaemonProcess, tmp_pat
     assert cli(daemon, "status")["trainer"]["last_run"]["version"] == "v0001"
 
 
+def test_a_client_command_reaches_the_daemon_named_by_a_config_with_errors_elsewhere(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """The daemon keeps its running config through a bad edit: status after one still reaches it,
+    warning what is wrong; a config whose socket.path itself is wrong, or that cannot be read, does not."""
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(f"socket:\n  path: {daemon.socket}\nrewards:\n  wait_windw: 3\n")
+    shown = reflexd("status", "--config", str(edited), timeout=300)
+    assert shown.returncode == 0 and shown.stdout.startswith("reflexd "), shown.stderr
+    assert "warning" in shown.stderr and "wait_windw" in shown.stderr and daemon.socket in shown.stderr, shown.stderr
+    edited.write_text("socket:\n  path: relative.sock\n")
+    assert reflexd("status", "--config", str(edited), timeout=300).returncode == EX_CONFIG
+    assert reflexd("status", "--config", str(tmp_path / "missing.yaml"), timeout=300).returncode == EX_CONFIG
+
+
 def test_status_for_an_agent_names_the_line_it_learns_in() -> None:
     from reflexd.tools.cli import _line_of
 
