@@ -478,10 +478,10 @@ def _known(cls: Any, data: Any) -> Any:
 _PATH_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
-def _problem(err: msgspec.ValidationError, prefix: str = "") -> str:
+def _problem(err: msgspec.ValidationError, prefix: str = "", raw: Any = None) -> str:
     m = _PATH_RE.match(str(err))
     assert m is not None
-    path = prefix + (m["path"] or "")
+    path = prefix + _keyed(m["path"] or "", raw)
     path = path.lstrip(".").replace("[", ".").replace("]", "").replace("'", "").replace('"', "")
     msg = m["msg"]
     msg = msg[0].lower() + msg[1:] if msg else msg
@@ -490,6 +490,43 @@ def _problem(err: msgspec.ValidationError, prefix: str = "") -> str:
         if allowed:
             msg += f"; expected one of {', '.join(map(str, allowed))}"
     return f"{path}: {msg}" if path else msg
+
+
+def _keyed(path: str, raw: Any) -> str:
+    """msgspec's ``path`` (``.learning.groups[...][1]``) with each mapping's key it leaves out
+    (``[...]``) named: the key of ``raw`` whose value does not convert, found by walking the
+    Config's types beside ``raw``; left as it is where it cannot be found."""
+    if "[...]" not in path or raw is None:
+        return path
+    kind: Any = Config
+    out = []
+    for token in re.findall(r"\.[^.\[]+|\[[^\]]*\]", path):
+        while get_origin(kind) is Annotated:
+            kind = get_args(kind)[0]
+        if token.startswith("."):
+            name = token[1:]
+            fields = msgspec.structs.fields(kind) if isinstance(kind, type) and issubclass(kind, msgspec.Struct) else ()
+            kind = next((f.type for f in fields if f.encode_name == name), None)
+            raw = raw.get(name) if isinstance(raw, dict) else None
+        elif token == "[...]" and get_origin(kind) is dict and isinstance(raw, dict):
+            kind = get_args(kind)[1]
+            key = next((k for k, v in raw.items() if not _converts(v, kind)), None)
+            if key is None:
+                return path
+            token, raw = f".{key}", raw[key]
+        elif token[1:-1].isdigit() and isinstance(raw, list) and int(token[1:-1]) < len(raw):
+            kind = get_args(kind)[0] if get_args(kind) else None
+            raw = raw[int(token[1:-1])]
+        out.append(token)
+    return "".join(out)
+
+
+def _converts(value: Any, kind: Any) -> bool:
+    try:
+        msgspec.convert(value, kind, strict=True)
+    except msgspec.ValidationError:
+        return False
+    return True
 
 
 def _choices(path: str) -> tuple[Any, ...] | None:
@@ -589,11 +626,12 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
         raise ConfigError(source, ["the top level must be a mapping of keys"])
     # a section whose keys are all commented out reads as null: it means "all defaults"
     raw = {k: ({} if v is None and k in Config.__struct_fields__ else v) for k, v in raw.items()}
+    # global sections first, so their errors are named as global rather than per agent
+    sections = {k: v for k, v in raw.items() if k != "agents"}
     try:
-        # global sections first, so their errors are named as global rather than per agent
-        msgspec.convert({k: v for k, v in raw.items() if k != "agents"}, Config, strict=True)
+        msgspec.convert(sections, Config, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(source, [_problem(exc)]) from None
+        raise ConfigError(source, [_problem(exc, raw=sections)]) from None
     problems: list[str] = []
     raw = _merge_agents(raw, problems)
     if problems:

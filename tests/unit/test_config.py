@@ -223,6 +223,16 @@ def test_epsilon_min_above_epsilon_rejected() -> None:
     assert parse_config("exploration:\n  epsilon: 0.2\n  epsilon_min: 0.2\n").exploration.epsilon_min == 0.2
 
 
+def test_a_mappings_key_is_named_in_its_values_errors() -> None:
+    """msgspec leaves a mapping's key out of its paths (``learning.groups[...]``); the config names it."""
+    assert one_problem("learning: {scope: group, groups: {ok: [a], support: triage}}").startswith(
+        "learning.groups.support: expected `array`, got `str`"
+    )
+    assert one_problem("learning: {scope: group, groups: {support: [triage, '']}}").startswith(
+        "learning.groups.support.1: expected `str` of length >= 1"
+    )
+
+
 def test_max_examples_too_small_for_a_holdout_run_is_rejected() -> None:
     needed = holdout_run_rows(Config())
     msg = one_problem(f"trainer:\n  max_examples: {needed - 1}\n")
