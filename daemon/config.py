@@ -399,7 +399,8 @@ class Config(_Section):
 def feature_spec(config: Config) -> FeatureSpec:
     """How models trained under ``config`` hash features: its ``features`` section, and the agent's
     id as a context key wherever a model line may be shared by several agents (``learning.scope``
-    ``shared`` or ``group``), so that one model can still tell them apart."""
+    ``shared`` or ``group``), so that one model can still tell them apart; under ``group`` an agent
+    in no group hashes it too (a constant input), as the host's one spec (``models pull`` checks)."""
     f = config.features
     return FeatureSpec(f.context_dim, f.action_dim, f.seed, agent=config.learning.scope != "agent")
 
@@ -440,7 +441,7 @@ def client_settings(config: Config) -> ClientSettings:
         rewards=config.rewards,
         agent_rewards={agent: c.rewards for agent, c in config.agents.items()},
         exploration=config.exploration,
-        agent_exploration={agent: c.exploration for agent, c in config.agents.items()},
+        agent_exploration=agent_exploration(config),
         learning=config.learning,
     )
 
@@ -890,23 +891,28 @@ def _check_redaction(cfg: RedactionConfig, source: str) -> None:
         raise ConfigError(source, problems)
 
 
-def socket_of(path: str | os.PathLike[str]) -> tuple[str, ConfigError | None]:
-    """The socket the config file at ``path`` names, and what is wrong with the rest of the file
-    (None: nothing). A client needs the socket alone, and a daemon keeps its running config through
-    a bad edit, so a file with errors elsewhere still names it; a file that cannot be read, or whose
-    ``socket.path`` is itself wrong, raises its ConfigError."""
+def socket_of(path: str | os.PathLike[str]) -> tuple[SocketConfig, ConfigError | None]:
+    """The ``socket`` section of the config file at ``path``, and what is wrong with the rest of
+    the file (None: nothing). A client needs the socket alone, and a daemon keeps its running
+    config through a bad edit, so a file with errors elsewhere still names it; a file that cannot
+    be read, or whose ``socket`` section is itself wrong, raises its ConfigError."""
     try:
-        return load_config(path).socket.path, None
+        return load_config(path).socket, None
     except ConfigError as problem:
         try:
             raw = yaml.load(Path(path).read_bytes(), Loader=_Loader)  # noqa: S506 -- a SafeLoader
             section = raw.get("socket") if isinstance(raw, dict) else None
-            found = section.get("path", SocketConfig().path) if isinstance(section, dict) else SocketConfig().path
-        except (OSError, yaml.YAMLError, RecursionError):
+            socket = msgspec.convert({} if section is None else section, SocketConfig, strict=True)
+        except (OSError, yaml.YAMLError, RecursionError, msgspec.ValidationError, AttributeError):
             raise problem from None
-        if not (isinstance(found, str) and os.path.isabs(found)):
+        if any(p.startswith("socket.") for p in problem.problems + _check_paths(Config(socket=socket))):
             raise problem from None
-        return found, problem
+        return socket, problem
+
+
+def agent_exploration(config: Config) -> dict[str, ExplorationConfig]:
+    """Each agent's own exploration (``agents:``), as manifests and ``clients.json`` carry it."""
+    return {agent: c.exploration for agent, c in config.agents.items()}
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

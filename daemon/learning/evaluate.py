@@ -147,6 +147,8 @@ def apply_to_agents(
 
 def _refuse_unread(policy: str, configs: list[ExplorationConfig], settings: Iterable[tuple[str, str]]) -> None:
     """Refuse the settings none of ``configs``' strategies reads: they would change nothing."""
+    if not configs:
+        return
     reads = {cfg.strategy: getattr(load_explorer(cfg.strategy), "reads", None) for cfg in configs}  # a plugin may not say
     if any(r is None for r in reads.values()):
         return

@@ -693,8 +693,9 @@ class Daemon:
         c = self.ingest.counters
         counts = await anyio.to_thread.run_sync(self.store.counts)
         now = time.time()
+        asked = [await self._line(agent, "status")] if agent is not None else None  # may make the agent's line
         everything = self.lines.all()
-        lines = [await self._line(agent, "status")] if agent is not None else everything
+        lines = asked if asked is not None else everything
         # new since training: the line's own; over several (or none yet), every agent's since the oldest line's last run
         cutoff = min((line.scheduler.status.cutoff for line in lines if line.scheduler is not None), default=0.0)
         agents = self.lines.agents_of(lines[0].name) if len(lines) == 1 else None

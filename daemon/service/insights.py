@@ -272,7 +272,7 @@ class Extractor:
         promoted = {e["version"]: e["at"] for e in reversed(self.store.model_events(limit=500)) if e["event"] == "promoted"}
         models: list[ModelRecord] = []
         lines = self.lines()
-        for registry, version in ((r, v) for r, _ in lines for v in r.versions()):
+        for registry, agents, version in ((r, a, v) for r, a in lines for v in r.versions()):
             try:
                 manifest = registry.manifest(version)
             except ReflexdError:
@@ -280,7 +280,10 @@ class Extractor:
             gate = manifest.gate
             if version not in promoted or gate is None:
                 continue
-            models.append(ModelRecord(version=version, live_from=promoted[version], **predicted(gate)))
+            # a line of one agent's model is judged on that agent's rewards; a group's or the shared
+            # line's on every agent's (a record names one agent or none)
+            only = agents[0] if agents is not None and len(agents) == 1 else None
+            models.append(ModelRecord(version=version, live_from=promoted[version], agent=only, **predicted(gate)))
         # each line's live model's training window, for its own agents' drift ("": every agent's);
         # and with one line only, the live model's folder (DR's reward model), since one model
         # then scores every agent's decisions

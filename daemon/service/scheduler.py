@@ -19,7 +19,7 @@ import anyio
 import msgspec
 
 from reflexd import log
-from reflexd.config import Config, feature_spec
+from reflexd.config import Config, agent_exploration, feature_spec
 from reflexd.deciding.scoring import ModelSource, Scorer
 from reflexd.errors import (
     DuplicateModel,
@@ -424,7 +424,7 @@ class Scheduler:
             parent=incumbent.version if incumbent is not None else None,
             created=started,
             exploration=cfg.exploration,
-            agent_exploration={a: c.exploration for a, c in cfg.agents.items()},
+            agent_exploration=agent_exploration(cfg),
             gate=None,
             # the host's judging snapshot, as a run of its own on it would say: the exploration clock
             # starts at its rows, and the scheduler counts new experience from its window (start_from);

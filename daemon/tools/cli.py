@@ -76,16 +76,34 @@ def _socket_path(args: argparse.Namespace) -> str:
         return args.socket
     if os.environ.get("REFLEXD_SOCKET"):
         return os.environ["REFLEXD_SOCKET"]
-    explicit = args.config or os.environ.get("REFLEXD_CONFIG")
-    path = explicit or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
-    if path is not None:  # a config named but missing is an error, not a default
-        socket, problem = socket_of(path)
-        if problem is not None:
-            print(f"reflexd: warning: {problem}\n  (reaching the daemon at its socket.path, {socket}, all the same)", file=sys.stderr)
-        return socket
+    socket = _socket_section(args)
+    if socket is not None:
+        return socket.path
     from reflexd.wire.connection import DEFAULT_SOCKET
 
     return DEFAULT_SOCKET
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    """The config a client command reads: --config, else $REFLEXD_CONFIG (both must exist), else
+    the default file where there is one."""
+    return args.config or os.environ.get("REFLEXD_CONFIG") or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
+
+
+_WARNED: set[str] = set()  # config files whose errors this command has warned of
+
+
+def _socket_section(args: argparse.Namespace) -> Any:
+    """The ``socket`` section of the client's config (None: no config), warning once if the rest
+    of the file has errors (``config.socket_of``)."""
+    path = _config_path(args)
+    if path is None:
+        return None
+    socket, problem = socket_of(path)
+    if problem is not None and path not in _WARNED:
+        _WARNED.add(path)
+        print(f"reflexd: warning: {problem}\n  (reaching the daemon at its socket.path, {socket.path}, all the same)", file=sys.stderr)
+    return socket
 
 
 def _request(args: argparse.Namespace, msg: msgspec.Struct, timeout: float = 30.0) -> Any:
@@ -509,9 +527,9 @@ def _max_frame_bytes(args: argparse.Namespace) -> tuple[int, str]:
     default file), else the default; and where it was found."""
     from reflexd.config import SocketConfig
 
-    path = args.config or os.environ.get("REFLEXD_CONFIG") or (DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None)
-    if path:
-        return load_config(path).socket.max_frame_bytes, path
+    socket = _socket_section(args)
+    if socket is not None:
+        return socket.max_frame_bytes, str(_config_path(args))
     return SocketConfig().max_frame_bytes, "the default (name the daemon's config with --config)"
 
 
@@ -753,8 +771,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not (sent or summary.rejected):
         print(f"reflexd: {args.file} holds no line to import", file=sys.stderr)
     elif not sent and args.format != "auto" and (found := importer.detect_format(args.file)) != fmt:
-        # every line refused under a format given by hand: the reasons name fields of the wrong format
-        print(f"reflexd: every line was refused as {fmt}; {args.file} reads as {found} (--format {found})", file=sys.stderr)
+        # every line refused under a format given by hand: the reasons name fields of the wrong format,
+        # unless the file's first line reads as another (detection alone may only guess, by its name)
+        first = next(iter(importer.parse(args.file, found, args.agent)), None)
+        if isinstance(first, importer.Record):
+            print(f"reflexd: every line was refused as {fmt}; {args.file} reads as {found} (--format {found})", file=sys.stderr)
     if args.json:
         _print(
             {
@@ -1167,15 +1188,14 @@ def build_parser() -> argparse.ArgumentParser:
         "ask the daemon for one decision (logged like any other)",
         "Ask the daemon to choose one of --actions for --context, as an agent would; the decision is\n"
         "logged like any other, so an outcome can be sent for its id (reflexd reward ID REWARD). Prints\n"
-        "the action chosen, its\n"
-        "probability, the model and strategy that chose it, and the decision's id (--json: id, action,\n"
-        "prob, model_version, strategy). With --no-log nothing is chosen or logged, and exploration's\n"
-        "clock does not move: it prints every action's score, spread and probability (--json: id,\n"
-        "actions, scores, spread, probs, model_version, strategy; scores and spread are null without a\n"
-        "model). With --slots K it ranks K of the actions (a slate): one decision is logged per slot,\n"
-        "and it prints the slate id and each slot's action, probability given the slots before it, and\n"
-        "id (--json: slate, slots). Exit 1 on a bad --context or --actions, or if the daemon cannot be\n"
-        "reached.",
+        "the action chosen, its probability, the model and strategy that chose it, and the decision's id\n"
+        "(--json: id, action, prob, model_version, strategy). With --no-log nothing is chosen or logged,\n"
+        "and exploration's clock does not move: it prints every action's score, spread and probability\n"
+        "(--json: id, actions, scores, spread, probs, model_version, strategy; scores and spread are null\n"
+        "without a model). With --slots K it ranks K of the actions (a slate): one decision is logged per\n"
+        "slot, and it prints the slate id and each slot's action, probability given the slots before it,\n"
+        "and id (--json: slate, slots). Exit 1 on a bad --context or --actions, or if the daemon cannot\n"
+        "be reached.",
         [
             """reflexd decide --agent router --context '{"task": "code"}' --actions small,large""",
             """reflexd decide --agent feed --context '{"user": "u1"}' --actions a,b,c,d --slots 3""",

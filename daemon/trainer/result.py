@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from reflexd.config import agent_exploration
 from reflexd.errors import TrainingError
 from reflexd.features import FeatureSpec
 from reflexd.manifest import MODEL_FILE, GateResult, Manifest, Training
@@ -104,7 +105,7 @@ def run_manifests(config: Config, result: TrainResult, out_dir: Path, parent: st
         learner=result.learner,
         features=result.features,
         exploration=config.exploration,
-        agent_exploration={a: c.exploration for a, c in config.agents.items()},
+        agent_exploration=agent_exploration(config),
         training=training,
         sha256=sha256_of(out_dir / MODEL_FILE),
     )

@@ -336,8 +336,10 @@ def test_a_client_command_reaches_the_daemon_named_by_a_config_with_errors_elsew
     shown = reflexd("status", "--config", str(edited), timeout=300)
     assert shown.returncode == 0 and shown.stdout.startswith("reflexd "), shown.stderr
     assert "warning" in shown.stderr and "wait_windw" in shown.stderr and daemon.socket in shown.stderr, shown.stderr
-    edited.write_text("socket:\n  path: relative.sock\n")
-    assert reflexd("status", "--config", str(edited), timeout=300).returncode == EX_CONFIG
+    for wrong in ("socket:\n  path: relative.sock\n", "socket: /tmp/dev.sock\n", "socket:\n  pth: /tmp/dev.sock\n",
+                  f"socket:\n  path: /tmp/{'x' * 120}.sock\nrewards: {{wait_windw: 3}}\n"):
+        edited.write_text(wrong)  # the socket itself wrong: never the default socket instead
+        assert reflexd("status", "--config", str(edited), timeout=300).returncode == EX_CONFIG, wrong
     assert reflexd("status", "--config", str(tmp_path / "missing.yaml"), timeout=300).returncode == EX_CONFIG
 
 
@@ -439,7 +441,10 @@ def test_a_file_every_line_of_which_is_refused_under_the_wrong_format_is_told_it
     daemon: DaemonProcess, tmp_path: Path
 ) -> None:
     logged = tmp_path / "vw.log"
-    logged.write_text('{"_label_cost": -1, "_label_probability": 0.5, "_label_Action": 1, "a": [1, 2], "c": {}, "p": [0.5, 0.5]}\n')
+    logged.write_text(json.dumps({
+        "_label_cost": -1, "_label_probability": 0.5, "_label_Action": 1, "_labelIndex": 0, "EventId": "e1",
+        "Timestamp": "2024-03-01T12:00:00Z", "a": [1, 2], "c": {"_multi": [{"id": "t1"}, {"id": "t2"}]}, "p": [0.5, 0.5],
+    }) + "\n")
     proc = reflexd("import", str(logged), "--format", "ndjson", "--socket", daemon.socket, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert f"every line was refused as ndjson; {logged} reads as dsjson (--format dsjson)" in proc.stderr, proc.stderr

@@ -94,8 +94,10 @@ def test_the_reply_says_whether_the_agent_asked_about_has_decisions_and_the_min_
 
 
 class _Trouble(_Store):
+    promoted: list[str] = []
+
     def model_events(self, limit: int = 50) -> list[dict[str, Any]]:
-        return []
+        return [{"version": v, "at": 1.0, "event": "promoted"} for v in self.promoted]
 
     def trouble_times(self, since: float) -> tuple[list[float], dict[str, list[float]]]:
         return [], {}
@@ -106,24 +108,36 @@ def test_each_lines_live_model_gives_its_own_agents_the_training_window_drift_is
     line's live model; the reward model's folder is given only where one line scores every agent."""
     from linear_models import linear_model
     from reflexd.features import FeatureSpec
+    from reflexd.manifest import GateResult
     from reflexd.registry import Registry
 
     spec, model = FeatureSpec(64, 64, 0), tmp_path / "model.onnx"
     model.write_bytes(linear_model(spec, {"x": 0.0}))
     config = Config(state_dir=str(tmp_path))
 
+    gate = GateResult(
+        passed=True, reason="passed", estimator="dr", baseline="logged policy", candidate_value=0.6, baseline_value=0.5,
+        difference=0.1, lower=0.05, upper=0.15, confidence=0.8, margin=0.0, holdout_rows=40,
+    )
+    store = _Trouble()
+    store.promoted = []
+
     def line(name: str, window: tuple[float, float] | None) -> Registry:
         registry = Registry(tmp_path / name, tmp_path)
         if window is not None:
             fields = {"parent": None, "created": 1.0, "learner": "mlp", "features": spec, "exploration": config.exploration,
-                      "training": {"window_start": window[0], "window_end": window[1]}}
-            registry.promote(registry.add(model, fields).version)
+                      "training": {"window_start": window[0], "window_end": window[1]}, "gate": gate}
+            version = registry.add(model, fields).version
+            registry.promote(version)
+            store.promoted.append(version)
         return registry
 
     lines = [(line("left", (10.0, 20.0)), ["left"]), (line("crew", (30.0, 40.0)), ["a", "b"]), (line("none", None), ["c"])]
-    extractor = Extractor(lambda: config, _Trouble(), None, lambda: lines, anyio.Lock())  # type: ignore[arg-type]
+    extractor = Extractor(lambda: config, store, None, lambda: lines, anyio.Lock())  # type: ignore[arg-type]
     inputs, model_dir = extractor._inputs(100.0)
     assert inputs.training_windows == {"left": [10.0, 20.0], "a": [30.0, 40.0], "b": [30.0, 40.0]}
+    # a model is held to its gate's prediction on its own agent's rewards (a group's: every agent's)
+    assert [(m.version, m.agent) for m in inputs.models] == [(lines[0][0].current(), "left"), (lines[1][0].current(), None)]
     assert model_dir is None  # several lines: no one model scores every agent's decisions
     shared = [(line("shared", (5.0, 6.0)), None)]
     extractor = Extractor(lambda: config, _Trouble(), None, lambda: shared, anyio.Lock())  # type: ignore[arg-type]
