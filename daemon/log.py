@@ -23,12 +23,19 @@ class _Lines(structlog.PrintLogger):
     log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
 
 
+def _terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (OSError, ValueError):  # closed: lines written there are dropped (``_Lines``)
+        return False
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
+    terminal = _terminal()
     if fmt == "auto":
-        fmt = "console" if sys.stderr.isatty() else "json"
+        fmt = "console" if terminal else "json"
     # colours for a terminal only: console columns asked for in a file or the journal stay plain text
-    console = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    renderer = console if fmt == "console" else structlog.processors.JSONRenderer()
+    renderer = structlog.dev.ConsoleRenderer(colors=terminal) if fmt == "console" else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
