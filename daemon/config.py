@@ -679,12 +679,14 @@ def _check_paths(config: Config) -> list[str]:
 def _check_semantics(config: Config, source: str) -> None:
     problems = []
     strategies = available(EXPLORATION)
-    for where, exp in [("exploration", config.exploration)] + [
-        (f"agents.{a}.exploration", c.exploration) for a, c in config.agents.items()
-    ]:
-        if exp.epsilon_min > exp.epsilon:
+    # an agent's section repeats the global one's problems where it inherits the values at fault:
+    # those are reported once, under the global section
+    top = config.exploration
+    for where, exp in [("exploration", top)] + [(f"agents.{a}.exploration", c.exploration) for a, c in config.agents.items()]:
+        own = where == "exploration"
+        if exp.epsilon_min > exp.epsilon and (own or (exp.epsilon_min, exp.epsilon) != (top.epsilon_min, top.epsilon)):
             problems.append(f"{where}.epsilon_min: must not exceed epsilon ({exp.epsilon})")
-        if exp.strategy not in strategies:
+        if exp.strategy not in strategies and (own or exp.strategy != top.strategy):
             problems.append(f"{where}.strategy: {exp.strategy!r} is not an exploration strategy; expected one of {', '.join(strategies)}")
     mode = config.socket.mode
     if isinstance(mode, int) and mode > 0o777:
@@ -701,7 +703,8 @@ def _check_semantics(config: Config, source: str) -> None:
         except KeyError:
             problems.append(f"socket.group: no group named {group!r} on this host")
     for where, rewards in [("rewards", config.rewards)] + [(f"agents.{a}.rewards", c.rewards) for a, c in config.agents.items()]:
-        if not math.isfinite(rewards.default):
+        # repr, as nan != nan
+        if not math.isfinite(rewards.default) and (where == "rewards" or repr(rewards.default) != repr(config.rewards.default)):
             problems.append(f"{where}.default: must be a finite number")
     if config.trainer.transformer_dim % config.trainer.transformer_heads:
         problems.append(
@@ -728,9 +731,12 @@ def _check_learning(config: Config) -> list[str]:
         problems.append(f"learning.groups: only read with learning.scope: group (it is {learning.scope})")
     seen: dict[str, str] = {}
     for group, agents in learning.groups.items():
+        if not agents:
+            problems.append(f"learning.groups.{group}: lists no agent (leave the group out, or name its agents)")
         for agent in agents:
-            if agent in seen and seen[agent] != group:
-                problems.append(f"learning.groups.{group}: agent {agent!r} is in group {seen[agent]!r} already")
+            if agent in seen:
+                again = "twice" if seen[agent] == group else f"in group {seen[agent]!r} already"
+                problems.append(f"learning.groups.{group}: agent {agent!r} is listed {again}")
             seen.setdefault(agent, group)
     return problems
 

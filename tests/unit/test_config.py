@@ -397,6 +397,18 @@ def test_error_in_global_section_is_named_as_global_when_agents_exist() -> None:
     assert any(p.startswith("rewards.wait_window:") for p in problems), problems
 
 
+def test_a_global_problem_is_reported_once_not_under_each_agent_that_inherits_it() -> None:
+    text = (
+        "exploration: {epsilon: 0.1, epsilon_min: 0.5, strategy: nope}\nrewards: {default: .nan}\n"
+        "agents:\n  a: {rewards: {default: 0}}\n  b: {exploration: {epsilon: 0.9, strategy: squarecb}}\n"
+        "  c: {exploration: {strategy: alsonope}, rewards: {default: .inf}}\n"
+    )
+    assert [p.split(":")[0] for p in problems_of(text)] == [
+        "exploration.epsilon_min", "exploration.strategy", "agents.c.exploration.strategy", "rewards.default",
+        "agents.c.rewards.default",
+    ]
+
+
 # ---- loading files and the CLI ------------------------------------------------------------
 
 

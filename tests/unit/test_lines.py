@@ -61,8 +61,12 @@ def test_version_numbers_are_counted_across_lines(tmp_path: Path) -> None:
 def test_the_config_checks_its_groups() -> None:
     with pytest.raises(ConfigError, match="learning.groups: only read with learning.scope: group"):
         parse_config("learning: {groups: {a: [x]}}\n")
-    with pytest.raises(ConfigError, match="agent 'x' is in group 'a' already"):
+    with pytest.raises(ConfigError, match="learning.groups.b: agent 'x' is listed in group 'a' already"):
         parse_config("learning: {scope: group, groups: {a: [x], b: [x]}}\n")
+    with pytest.raises(ConfigError, match="learning.groups.a: agent 'x' is listed twice"):
+        parse_config("learning: {scope: group, groups: {a: [x, y, x]}}\n")
+    with pytest.raises(ConfigError, match="learning.groups.b: lists no agent"):
+        parse_config("learning: {scope: group, groups: {a: [x], b: []}}\n")
     with pytest.raises(ConfigError, match="learning.scope"):
         parse_config("learning: {scope: everyone}\n")
     assert parse_config("learning: {scope: group, groups: {a: [x, y]}}\n").learning.groups == {"a": ["x", "y"]}
