@@ -1,18 +1,21 @@
 """Many agents, each its own model line: what the daemon holds, and what each line learns.
 
     python -m bench.lines [--agents 20] [--decisions 1500] [--scope agent]
+    python -m bench.lines --idle 20 3000
 
 Every agent logs ``--decisions`` uniformly explored decisions of its own world (the same contexts;
 each agent's best action differs), then one ``train`` request trains every line in turn. The table
 shows the daemon's RSS (idle, with every line made, its peak while the lines trained, after), the
 trainer subprocess's peak, how many lines promoted a model, and how often each agent's own model
-picks that agent's best action. Writes bench/out/lines.json.
+picks that agent's best action. Writes bench/out/lines.json. ``--idle`` measures instead what
+many agents' lines cost a daemon standing still: its CPU share, RSS and a ``status``'s time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -115,13 +118,59 @@ def run(agents: int, decisions: int, scope: str, seed: int) -> dict[str, Any]:
         daemon.stop()
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's user and system CPU time so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle(agents: int, seconds: float = 20.0) -> dict[str, Any]:
+    """A daemon with ``agents`` model lines, one decision each and nothing else to do: its CPU over
+    ``seconds`` (what its lines cost it standing still), its RSS, and how long a ``status`` takes."""
+    daemon = BenchDaemon(train_rows=1_000_000, overrides={"rewards": {"wait_window": 0.2}}).start()
+    try:
+        with Connection(daemon.socket, timeout=600) as conn:
+            conn.send([
+                *(Decision(id=f"d{k}", agent=f"agent-{k:05d}", context={"task": TASKS[k % 4]}, actions=ACTIONS, chosen="a",
+                           prob=0.25) for k in range(agents)),
+                Flush(req="all", loaded=True),
+            ])
+            while not isinstance(conn.receive(), Ack):
+                pass
+        deadline = time.monotonic() + 300
+        while len(daemon.status().lines) < agents:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(daemon.status().lines)} of {agents} lines after 300 s")
+            time.sleep(0.5)
+        time.sleep(5.0)  # every line started (its model looked for, its scheduler counting)
+        before = cpu_seconds(daemon.pid or 0)
+        time.sleep(seconds)
+        cpu = (cpu_seconds(daemon.pid or 0) - before) / seconds
+        t0 = time.perf_counter()
+        daemon.status()
+        return {"agents": agents, "cpu_share": cpu, "rss_mib": daemon.rss() / 2**20, "status_seconds": time.perf_counter() - t0}
+    finally:
+        daemon.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.lines", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--decisions", type=int, default=1500, help="logged decisions per agent")
     parser.add_argument("--scope", nargs="+", default=["agent", "shared"], choices=["agent", "shared"])
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--idle", type=int, nargs="+", metavar="AGENTS",
+        help="instead: a daemon with this many agents' lines (one decision each) standing still, its CPU share, "
+        "RSS and a status request's time, e.g. --idle 20 3000",
+    )
     args = parser.parse_args(argv)
+    if args.idle:
+        print(f"{'agents':>8}{'daemon CPU, idle':>20}{'RSS (MiB)':>12}{'status (s)':>12}")
+        for n in args.idle:
+            r = idle(n)
+            print(f"{n:>8}{r['cpu_share'] * 100:>19.1f}%{r['rss_mib']:>12.0f}{r['status_seconds']:>12.2f}", flush=True)
+        return 0
     results = []
     for scope in args.scope:
         print(f"scope {scope}: {args.agents} agents × {args.decisions} decisions…", file=sys.stderr)

@@ -52,7 +52,7 @@ from reflexd.service.ingest import Ingest
 from reflexd.service.insights import Extractor
 from reflexd.service.lines import Line, Lines
 from reflexd.service.monitor import Monitor
-from reflexd.service.scheduler import RUNS_DIR, Scheduler, TrainerStatus, check_pulled, may_hold
+from reflexd.service.scheduler import RUNS_DIR, Scheduler, TrainerStatus, check_pulled, may_hold, schedule
 from reflexd.service.server import Server, fd_budget_problems, give_group, prepare_path
 from reflexd.service.snapshots import Snapshots
 from reflexd.service.spool import Spool
@@ -199,6 +199,7 @@ class Daemon:
                         self.traces = TraceReceiver(self.settings, self.server, durably(self.ingest, self.settings))
                         await tg.start(self.traces.run)
                         tg.start_soon(self.lines.run, self.store, tg, _start_line)
+                        tg.start_soon(schedule, self._schedulers, self.store, self.settings)
                         tg.start_soon(self._follow_models)
                         tg.start_soon(self._retention)
                         tg.start_soon(self.snapshots.run)
@@ -227,6 +228,9 @@ class Daemon:
                 sock_path.unlink(missing_ok=True)
             await anyio.to_thread.run_sync(self.store.close)
             _log.info("reflexd stopped", stored=self.ingest.counters.stored)
+
+    def _schedulers(self) -> list[Scheduler]:
+        return [line.scheduler for line in self.lines.all() if line.scheduler is not None]
 
     def _line_services(self, line: Line) -> None:
         """A line's scheduler (training its agents' experience, one run at a time across lines) and
@@ -331,28 +335,17 @@ class Daemon:
     async def _follow_models(self) -> None:
         checked = time.monotonic()
         while True:
-            for line in self.lines.all():
-                if line.online is not None:
-                    # the default reward for socket decisions whose wait window passed with no outcome
-                    await anyio.to_thread.run_sync(line.online.expire)
-                try:
-                    if await anyio.to_thread.run_sync(line.models.refresh):
-                        scorer = line.models.scorer  # None: the pointer emptied by a rollback from the first model
-                        _log.info("serving model" if scorer else "serving no model", line=line.name,
-                                  version=scorer.version if scorer else None)
-                except OSError as exc:  # the registry unreadable for now (out of descriptors, say): next poll
-                    _log.warning("cannot read the model registry", line=line.name, error=str(exc))
+            # every line in one pass off the event loop: a thread hop each would cost a host with
+            # thousands of agents' lines a core at this poll's rate
+            await anyio.to_thread.run_sync(_follow, self.lines.all())
             if time.monotonic() - checked >= MODEL_VERIFY_SECONDS:
                 checked = time.monotonic()
-                for line in self.lines.all():
-                    await self._verify_model(line)
+                await anyio.to_thread.run_sync(_verify_models, self.lines.all())
             await anyio.sleep(MODEL_POLL_SECONDS)
 
     async def _verify_model(self, line: Line) -> None:
-        """Re-read a line's served model's file (``ModelSource.verify``); a change is logged once."""
-        before = line.models.file_error
-        if not await anyio.to_thread.run_sync(line.models.verify) and line.models.file_error != before:
-            _log.error("the served model's file changed on disk", line=line.name, error=line.models.file_error)
+        """``_verify_models`` of one line, off the event loop."""
+        await anyio.to_thread.run_sync(_verify_models, [line])
 
     async def _retention(self) -> None:
         while True:
@@ -787,13 +780,35 @@ class Daemon:
 _ABOUT_LINES = (ModelsRequest, Promote, Rollback, Train, Adopt, Evaluate)
 
 
+def _follow(lines: list[Line]) -> None:
+    """Each line's online head gives the default reward to decisions whose wait window passed with
+    no outcome, and its served model follows its registry's pointer (blocking: a worker thread)."""
+    for line in lines:
+        if line.online is not None:
+            line.online.expire()
+        try:
+            if line.models.refresh():
+                scorer = line.models.scorer  # None: the pointer emptied by a rollback from the first model
+                _log.info("serving model" if scorer else "serving no model", line=line.name,
+                          version=scorer.version if scorer else None)
+        except OSError as exc:  # the registry unreadable for now (out of descriptors, say): next poll
+            _log.warning("cannot read the model registry", line=line.name, error=str(exc))
+
+
+def _verify_models(lines: list[Line]) -> None:
+    """Re-read each line's served model's file (``ModelSource.verify``); a change is logged once."""
+    for line in lines:
+        before = line.models.file_error
+        if not line.models.verify() and line.models.file_error != before:
+            _log.error("the served model's file changed on disk", line=line.name, error=line.models.file_error)
+
+
 async def _start_line(line: Line, tg: Any) -> None:
     """A line's model loaded (off the event loop), then its scheduler, counting new experience
     from its live model's snapshot, and its monitor running."""
     assert line.scheduler is not None and line.monitor is not None
     await anyio.to_thread.run_sync(line.models.refresh)
-    line.scheduler.start_from(line.models.scorer.manifest if line.models.scorer else None)
-    tg.start_soon(line.scheduler.run)
+    line.scheduler.start_from(line.models.scorer.manifest if line.models.scorer else None)  # ``schedule`` checks it from now
     tg.start_soon(line.monitor.run)
 
 

@@ -155,6 +155,7 @@ class Scheduler:
         self._run_seq = 0
         self._due_since: float | None = None  # when the data first made a run due, while the CPU is busy
         self._clock: Callable[[], float] = time.monotonic
+        self.started = False  # by ``start_from``: until then its live model's cutoff is unknown, and no run is due
 
     @property
     def config(self) -> Config:
@@ -168,31 +169,28 @@ class Scheduler:
         if manifest is not None:
             self.status.cutoff = manifest.training.window_end or 0.0
             self.status.trained_on = manifest.training.experience
+        self.started = True
 
-    async def run(self) -> None:
-        failed: str | None = None
-        while True:
-            await anyio.sleep(self.config.trainer.check_interval)
-            try:
-                due = await self._due()
-            except (ReflexdError, OSError) as exc:  # a failing store costs a check, never the daemon
-                if str(exc) != failed:
-                    _log.error("cannot tell whether a training run is due", error=str(exc))
-                failed = str(exc)
-                continue
-            failed = None
-            if due is not None:
-                await self.train_once(due)
+    def counted(self) -> tuple[float, list[str] | None]:
+        """What ``Store.matured_counts`` counts for this line: its experience since its last run's
+        (its cutoff), and its agents (None: every agent's)."""
+        return self.status.cutoff, self._agents()
 
     async def _due(self) -> str | None:
-        """Why a run should start now, or None (and ``status.waiting`` says why not)."""
+        """Why a run should start now, or None (and ``status.waiting`` says why not), its new
+        experience counted by itself (``schedule`` counts every line's at once)."""
+        since, agents = self.counted()
+        new = await anyio.to_thread.run_sync(self.store.matured_count, since, time.time(), self.config, agents)
+        return self.due_given(new)
+
+    def due_given(self, new: int) -> str | None:
+        """``_due`` given the line's ``new`` matured experience since its last run."""
         cfg = self.config.trainer
         status = self.status
         now = time.time()
         if now < status.next_attempt:
             status.waiting = f"backing off after a failed run, {status.next_attempt - now:.0f} s more"
             return None
-        new = await anyio.to_thread.run_sync(self.store.matured_count, status.cutoff, now, self.config, self._agents())
         needed = runs.due_after(cfg, status.trained_on, first_run_rows(self.config))
         if new < needed:
             status.waiting = f"{new} new matured experiences of the {needed} the next run needs"
@@ -220,13 +218,16 @@ class Scheduler:
         status.waiting = None
         return reason
 
+    def waits_its_turn(self, reason: str) -> None:
+        self.status.waiting = (
+            f"due ({reason}), waiting its turn: runs take turns (every line's, extractions, the behaviour"
+            " model's, and a forget)"
+        )
+
     async def train_once(self, reason: str) -> dict[str, Any]:
         self._due_since = None  # a run asked for by hand ends any wait for idle CPU too
         if self._lock.locked():
-            self.status.waiting = (
-                f"due ({reason}), waiting its turn: runs take turns (every line's, extractions, the behaviour"
-                " model's, and a forget)"
-            )
+            self.waits_its_turn(reason)
         async with self._lock:
             self.status.waiting = None
             self.status.runs += 1
@@ -599,6 +600,32 @@ class Scheduler:
             "train_rows": added.training.train_rows,
             "at": added.created,
         }
+
+
+async def schedule(schedulers: Callable[[], list[Scheduler]], store: Store, settings: Callable[[], Config]) -> None:
+    """Every line's training runs: each ``trainer.check_interval`` one query counts every line's new
+    matured experience (``Store.matured_counts``), and each line a run is due for trains in turn.
+    One check for all lines, not a loop and a query per line: a host with thousands of agents'
+    lines would otherwise spend a core on counting, its store busy for every other request."""
+    failed: str | None = None
+    while True:
+        await anyio.sleep(settings().trainer.check_interval)
+        lines = [s for s in schedulers() if s.started]
+        if not lines:
+            continue
+        try:
+            counts = await anyio.to_thread.run_sync(store.matured_counts, [s.counted() for s in lines], time.time(), settings())
+        except (ReflexdError, OSError) as exc:  # a failing store costs a check, never the daemon
+            if str(exc) != failed:
+                _log.error("cannot tell whether a training run is due", error=str(exc))
+            failed = str(exc)
+            continue
+        failed = None
+        due = [(s, reason) for s, n in zip(lines, counts) if (reason := s.due_given(n)) is not None]
+        for line, reason in due[1:]:
+            line.waits_its_turn(reason)
+        for line, reason in due:
+            await line.train_once(reason)
 
 
 def _model_folder(folder: Path, model: bytes, manifest: Manifest) -> Path:

@@ -122,3 +122,47 @@ def test_a_due_run_waiting_for_another_run_says_so(tmp_path: Path, store: Store)
 
     said = anyio.run(main)
     assert said is not None and said.startswith("due (new experience), waiting its turn: runs take turns")
+
+
+def test_one_check_counts_every_lines_experience_and_each_due_line_trains_in_turn(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scheduler_module, "cpu_load", lambda: 0.0)
+    long_ago = time.time() - 3600
+    store.write(
+        [Decision(id=f"b{i}", agent="b", context={"x": 1}, actions=["l", "r"], chosen="r", prob=0.5, ts=long_ago) for i in range(40)],
+        long_ago,
+    )
+    config = _config(tmp_path, check_interval=0.05)
+    lines = {}
+    for name, agents in [("a", ["a"]), ("b", ["b"]), ("c", ["c"]), ("late", ["a"])]:
+        sched = Scheduler(lambda: config, store, None, Registry(tmp_path / name), None, anyio.Lock(), agents=lambda a=agents: a, line=name)  # type: ignore[arg-type]
+        if name != "late":  # its model not loaded yet: not checked
+            sched.start_from(None)
+        lines[name] = sched
+    counted: list[list[tuple[float, list[str] | None]]] = []
+    real_counts = store.matured_counts
+    monkeypatch.setattr(store, "matured_counts", lambda wanted, *rest: counted.append(list(wanted)) or real_counts(wanted, *rest))
+    trained: list[tuple[str, str, str | None]] = []
+
+    async def main() -> None:
+        done = anyio.Event()
+        for sched in lines.values():
+            async def train_once(reason: str, sched: Scheduler = sched) -> dict:
+                # what the others' status said while this one ran
+                trained.append((sched.line, reason, lines["b"].status.waiting if sched.line == "a" else None))
+                if len(trained) == 2:
+                    done.set()
+                return {}
+            sched.train_once = train_once  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler_module.schedule, lambda: list(lines.values()), store, lambda: config)
+            with anyio.fail_after(60):
+                await done.wait()
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert counted[0] == [(0.0, ["a"]), (0.0, ["b"]), (0.0, ["c"])]  # one query for the three started lines
+    assert [(line, reason) for line, reason, _ in trained] == [("a", "new experience"), ("b", "new experience")]
+    assert trained[0][2].startswith("due (new experience), waiting its turn")
+    assert "0 new matured experiences" in lines["c"].status.waiting

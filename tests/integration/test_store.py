@@ -286,6 +286,21 @@ def test_matured_count_uses_each_agents_wait_window(store: Store) -> None:
     assert store.matured_count(since=100.0, now=1000.0, config=config) == 2  # f2, s2: after `since`
 
 
+def test_matured_counts_counts_many_lines_at_once_as_each_alone(store: Store) -> None:
+    config = parse_config(TWO_AGENTS)
+    store.write([decision("f1", agent="fast"), decision("s1", agent="slow"), decision("o1", agent="other")], received_at=100.0)
+    store.write([decision("f2", agent="fast"), decision("s2", agent="slow"), decision("o2", agent="other")], received_at=120.0)
+    lines = [
+        (0.0, ["fast"]), (100.0, ["fast"]), (0.0, ["slow", "other"]), (110.0, ["other", "slow"]), (0.0, None),
+        (100.0, None), (0.0, []), (0.0, ["nobody"]),
+    ]
+    for now in (109.0, 130.0, 200.0, 1000.0):
+        alone = [store.matured_count(since, now, config, agents) for since, agents in lines]
+        assert store.matured_counts(lines, now, config) == alone
+    assert store.matured_counts(lines, 1000.0, config) == [2, 1, 4, 2, 6, 3, 0, 0]
+    assert store.matured_counts([], 1000.0, config) == []
+
+
 SIX_OUTCOMES = [
     # received_at, id, reward, ts: same-batch outcomes are ordered by ts, not by id
     (101.0, "o-z", 2.0, 100.5),

@@ -310,6 +310,11 @@ class Store:
         with self._guard("counting matured decisions") as con:
             return rewards.matured_count(con, since, now, config, agents)
 
+    def matured_counts(self, lines: Sequence[tuple[float, Sequence[str] | None]], now: float, config: Config) -> list[int]:
+        """``matured_count`` of each (since, agents) of ``lines``, counted together."""
+        with self._guard("counting matured decisions") as con:
+            return rewards.matured_counts(con, lines, now, config)
+
     def outcomes_without_decision(self, since: float) -> int:
         """Outcomes received after ``since`` whose ``decision_id`` names no stored decision: rewards
         that join nothing, as an agent rewarding ids of its own making sends. A hash join over the

@@ -69,6 +69,38 @@ def matured_count(
     return n
 
 
+def matured_counts(
+    con: duckdb.DuckDBPyConnection, lines: Sequence[tuple[float, Sequence[str] | None]], now: float, config: Config
+) -> list[int]:
+    """``matured_count`` of each of ``lines`` (since, agents), in one pass over the decisions for
+    every line that names its agents: a daemon with thousands of agents' lines counts them all at
+    once rather than in a query each."""
+    rules = _reward_rules(config)  # noqa: F841 -- read by the SQL below
+    counts = [0] * len(lines)
+    named = [(k, since, agents) for k, (since, agents) in enumerate(lines) if agents is not None]
+    for k, (since, agents) in enumerate(lines):
+        if agents is None:  # every agent's: the shared line
+            counts[k] = matured_count(con, since, now, config)
+    pairs = [(k, agent, since) for k, since, agents in named for agent in agents]
+    if not pairs:
+        return counts
+    cut = pa.table(  # noqa: F841 -- read by the SQL below
+        {
+            "line": pa.array([k for k, _, _ in pairs], pa.int64()),
+            "agent": pa.array([a for _, a, _ in pairs], pa.string()),
+            "since": pa.array([t for _, _, t in pairs], pa.float64()),
+        }
+    )
+    rows = con.execute(
+        f"SELECT c.line, count(*) FROM ({_MATURED}) m JOIN cut c ON c.agent = m.agent AND m.received_at > c.since"
+        " WHERE m.received_at > $floor GROUP BY c.line",
+        {"now": now, "floor": min(t for _, _, t in pairs)},
+    ).fetchall()
+    for k, n in rows:
+        counts[k] = n
+    return counts
+
+
 def live_rewards(
     con: duckdb.DuckDBPyConnection, versions: Sequence[str], now: float, config: Config
 ) -> dict[str, RewardStats]:
