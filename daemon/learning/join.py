@@ -62,7 +62,15 @@ MATURED = f"""
 # episode id, in ts order), the episode's final reward added to its last decision's. Every
 # decision of the episode counts, in the window or not. The list a decision's return is folded
 # from holds the rest of its episode: episodes are meant to be tens or hundreds of decisions long.
-REWARDS = """
+# An outcome is a decision's by its decision_id and, where it names its agent, by that too: ids are
+# to be unique across a host's agents, and an outcome one agent sends for an id another agent's
+# decision holds is that decision's no more than a stranger's (it counts as joining nothing).
+def owns(outcome: str, decision: str) -> str:
+    """SQL: the outcome aliased ``outcome`` is the decision aliased ``decision``'s."""
+    return f"{outcome}.decision_id = {decision}.id AND ({outcome}.agent IS NULL OR {outcome}.agent = {decision}.agent)"
+
+
+REWARDS = f"""
     episodic AS (
         SELECT DISTINCT agent, episode, wait_window, aggregation, default_reward, discount, episode_end_reward
         FROM recent WHERE episode_end_reward IS NOT NULL
@@ -73,10 +81,10 @@ REWARDS = """
         FROM decisions d JOIN episodic e ON d.agent = e.agent AND d.episode = e.episode
     ),
     credited AS (
-        SELECT id, received_at, wait_window, aggregation, false AS in_episode FROM recent
+        SELECT id, agent, received_at, wait_window, aggregation, false AS in_episode FROM recent
         WHERE episode_end_reward IS NULL
         UNION ALL
-        SELECT id, received_at, wait_window, aggregation, true AS in_episode FROM members
+        SELECT id, agent, received_at, wait_window, aggregation, true AS in_episode FROM members
     ),
     own AS (
         SELECT m.id, m.in_episode,
@@ -90,7 +98,7 @@ REWARDS = """
             END AS reward,
             count(*) AS outcomes
         FROM credited m
-        JOIN outcomes o ON o.decision_id = m.id AND o.received_at <= m.received_at + m.wait_window
+        JOIN outcomes o ON {owns('o', 'm')} AND o.received_at <= m.received_at + m.wait_window
         GROUP BY m.id, m.aggregation, m.in_episode
     ),
     steps_back AS (

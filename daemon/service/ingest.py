@@ -434,8 +434,12 @@ class Ingest:
             c.recovered += result.inserted
             _log.info("loaded a segment a previous run left in the spool", segment=segment.name, events=result.inserted)
             return
-        c.spooled -= result.inserted + result.duplicates
+        c.spooled -= result.inserted + result.duplicates + result.taken
         c.stored += result.inserted
         c.duplicates += result.duplicates
+        if result.taken:
+            c.dead_letters += result.taken
+            _log.warning("decisions not stored: another agent's decision holds their id", decisions=result.taken,
+                         see="SELECT reason FROM dead_letters WHERE code = 'id_taken'")
         for name in ("decisions", "outcomes", "steps", "events"):
             c.by_type[name] = c.by_type.get(name, 0) + getattr(result, name)

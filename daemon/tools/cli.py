@@ -754,7 +754,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     total = importer.count_lines(args.file)
     socket = _socket_path(args)
     # status on connections of its own: the daemon numbers the import connection's frames in errors
-    before = request(StatusRequest(), socket).ingest.get("duplicates", 0)
+    ingest = request(StatusRequest(), socket).ingest
+    before, dead_before = ingest.get("duplicates", 0), ingest.get("dead_letters", 0)
     with Connection(socket, timeout=args.timeout) as conn:
         with tqdm(total=total, unit="line", desc=f"importing {fmt}", file=sys.stderr, mininterval=0.5) as bar:
 
@@ -765,7 +766,10 @@ def cmd_import(args: argparse.Namespace) -> int:
             summary = importer.send(items, conn, args.file, batch_size=args.batch, on_line=progress)
             bar.update(total - bar.n)
     # the daemon counts duplicates for everyone: another agent's resends in this window count too
-    duplicates = request(StatusRequest(), socket).ingest.get("duplicates", 0) - before
+    ingest = request(StatusRequest(), socket).ingest
+    duplicates = ingest.get("duplicates", 0) - before
+    # decisions whose ids other agents' decisions hold (dead-lettered as id_taken), and the socket's dead letters
+    taken = ingest.get("dead_letters", 0) - dead_before
     sent = summary.decisions + summary.outcomes
     status = 0 if summary.decisions or summary.outcomes else 1  # every line refused, or none at all
     if not (sent or summary.rejected):
@@ -783,8 +787,9 @@ def cmd_import(args: argparse.Namespace) -> int:
                 "format": fmt,
                 "decisions": summary.decisions,
                 "outcomes": summary.outcomes,
-                "imported": max(0, sent - duplicates),
+                "imported": max(0, sent - duplicates - taken),
                 "duplicates": duplicates,
+                "id_taken": taken,
                 "rejected_lines": len(summary.rejected),
                 # the first --show-rejected of them, as {"path", "line", "reason"}
                 "rejected": summary.rejected[: args.show_rejected],
@@ -793,9 +798,14 @@ def cmd_import(args: argparse.Namespace) -> int:
         return status
     print(
         f"sent {summary.decisions} decisions and {summary.outcomes} outcomes from {args.file} ({fmt}):"
-        f" imported {max(0, sent - duplicates)}, duplicates (already stored) {duplicates},"
+        f" imported {max(0, sent - duplicates - taken)}, duplicates (already stored) {duplicates},"
         f" rejected lines {len(summary.rejected)}"
     )
+    if taken:
+        print(
+            f"  {taken} decisions not stored: other agents' decisions hold their ids (decision ids are unique across"
+            " agents; `reflexd query \"SELECT reason FROM dead_letters WHERE code = 'id_taken'\"` names them)"
+        )
     for rejected in summary.rejected[: args.show_rejected]:
         print(f"  rejected {rejected}")
     if len(summary.rejected) > args.show_rejected:

@@ -265,8 +265,8 @@ _DSJSON = f"""
     ),
     {join.REWARDS},
     given AS (
-        SELECT decision_id, list(reward ORDER BY received_at, ts, id) AS outcome_rewards
-        FROM outcomes WHERE decision_id IN (SELECT id FROM recent) GROUP BY decision_id
+        SELECT o.decision_id, list(o.reward ORDER BY o.received_at, o.ts, o.id) AS outcome_rewards
+        FROM outcomes o JOIN recent m ON {join.owns('o', 'm')} GROUP BY o.decision_id
     )
     SELECT m.id, m.ts, CAST(m.context AS VARCHAR) AS context, CAST(m.actions AS VARCHAR) AS actions, m.chosen,
            m.prob, CAST(m.probs AS VARCHAR) AS probs, m.model_version, {join.JOINED_REWARD} AS reward,

@@ -70,6 +70,19 @@ def test_msgpack_events_are_durable_at_ack_and_resends_are_deduplicated(daemon: 
     assert query(daemon, "select count(*) from decisions", kill=True) == [(3000,)]
 
 
+def test_a_decision_id_another_agent_holds_is_a_dead_letter_and_its_outcome_joins_nothing(daemon: DaemonProcess) -> None:
+    alpha = Decision(id="42", agent="alpha", context={"x": 1}, actions=["a", "b"], chosen="a", prob=0.5)
+    with Connection(daemon.socket) as conn:
+        conn.send([alpha, msgspec.structs.replace(alpha, agent="beta", chosen="b"),
+                   Outcome(id="o42", decision_id="42", agent="beta", reward=1.0), Flush(req=1, loaded=True)])
+        assert conn.receive() == Ack(count=3, req=1)
+    status = daemon.status()
+    assert (status.ingest["stored"], status.ingest["duplicates"], status.ingest["dead_letters"]) == (2, 0, 1)
+    assert status.experience["outcomes_without_decision"] == 1  # beta's outcome is not alpha's decision's
+    assert query(daemon, "select agent, chosen from decisions") == [("alpha", "a")]
+    assert query(daemon, "select code from dead_letters", kill=True) == [("id_taken",)]
+
+
 def test_ndjson_bad_lines_are_answered_dead_lettered_and_do_not_stop_the_connection(daemon: DaemonProcess) -> None:
     good = msgspec.json.encode(decision(1)) + b"\n"
     payload = (

@@ -348,6 +348,39 @@ def test_snapshot_applies_agent_overrides_and_leaves_out_the_immature(store: Sto
     assert rewards == {"f1": (1.0, 1), "s1": (4.0, 2), "s2": (9.0, 0)}
 
 
+def test_a_decision_id_another_agent_holds_is_dead_lettered_not_counted_a_duplicate(store: Store, db: Path) -> None:
+    assert store.write([decision("42", agent="alpha")], received_at=100.0).taken == 0
+    # beta's own decision with alpha's id, in a later batch and twice within one
+    later = store.write([decision("42", agent="beta")], received_at=101.0)
+    assert (later.inserted, later.duplicates, later.taken) == (0, 0, 1)
+    both = store.write([decision("7", agent="alpha"), decision("7", agent="beta"), decision("42", agent="alpha")], 102.0)
+    assert (both.inserted, both.duplicates, both.taken) == (1, 1, 1)  # alpha's 7; alpha's 42 resent; beta's 7
+    store.close()
+    assert query(db, "SELECT id, agent FROM decisions ORDER BY id") == [("42", "alpha"), ("7", "alpha")]
+    reasons = [r for (r,) in query(db, "SELECT reason FROM dead_letters WHERE code = 'id_taken' ORDER BY received_at")]
+    assert reasons == [
+        'decision "42" of agent "beta" not stored: a decision of agent "alpha" has that id (decision ids are unique across agents)',
+        'decision "7" of agent "beta" not stored: a decision of agent "alpha" has that id (decision ids are unique across agents)',
+    ]
+
+
+def test_an_outcome_naming_another_agent_is_not_its_decisions_reward(store: Store, tmp_path: Path) -> None:
+    config = parse_config("rewards: {wait_window: 10, default: 0.0, aggregation: sum}")
+    store.write([decision("42", agent="alpha"), decision("43", agent="alpha")], received_at=100.0)
+    store.write(
+        [
+            Outcome(decision_id="42", reward=5.0, agent="beta"),  # another agent's: joins nothing
+            Outcome(decision_id="42", reward=1.0, agent="alpha"),
+            Outcome(decision_id="43", reward=2.0),  # no agent named: the decision's
+        ],
+        received_at=101.0,
+    )
+    store.snapshot(tmp_path / "snap.parquet", now=200.0, config=config, max_rows=100)
+    rewards = {r["id"]: (r["reward"], r["outcomes"]) for r in pq.read_table(tmp_path / "snap.parquet").to_pylist()}
+    assert rewards == {"42": (1.0, 1), "43": (2.0, 1)}
+    assert store.outcomes_without_decision(since=0.0) == 1
+
+
 def test_snapshot_keeps_the_newest_rows_in_time_order_with_the_stated_columns(store: Store, tmp_path: Path) -> None:
     for i in range(1, 6):
         store.write([decision(f"d{i}", context={"i": i}, model_version=f"v{i}")], received_at=10.0 * i)

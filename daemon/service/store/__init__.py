@@ -25,6 +25,7 @@ import pyarrow as pa
 from reflexd import log
 from reflexd.config import Config, StoreConfig
 from reflexd.errors import RejectedData, StorageError
+from reflexd.learning import join
 from reflexd.service import spool
 from reflexd.service.store import export, findings, integrity, retention, rewards
 from reflexd.service.store.db import (
@@ -216,7 +217,7 @@ class Store:
                         left = self._salvage(single, line, str(exc), results)
                         if left is not None:
                             refused.append(left)
-        total = {k: sum(getattr(r, k) for r in results) for k in ("inserted", "duplicates", *EXPERIENCE_TABLES)}
+        total = {k: sum(getattr(r, k) for r in results) for k in ("inserted", "duplicates", "taken", *EXPERIENCE_TABLES)}
         return WriteResult(**total), refused
 
     def _salvage(self, single: Path, line: bytes, reason: str, results: list[WriteResult]) -> SetAside | None:
@@ -226,7 +227,7 @@ class Store:
             return SetAside(line=line, reason=reason, events=spool.Spool.events_in(line), loaded=0)
         before = len(results)
         refused = self._load_events(single, parts.head, parts.events, results)
-        loaded = sum(r.inserted + r.duplicates for r in results[before:])
+        loaded = sum(r.inserted + r.duplicates + r.taken for r in results[before:])
         events = parts.damaged_events + len(refused)
         if not events:
             return None
@@ -323,7 +324,7 @@ class Store:
         with self._guard("counting outcomes without a decision") as con:
             (n,) = con.execute(
                 "SELECT count(*) FROM outcomes o WHERE received_at > ?"
-                " AND NOT EXISTS (SELECT 1 FROM decisions d WHERE d.id = o.decision_id)",
+                f" AND NOT EXISTS (SELECT 1 FROM decisions d WHERE {join.owns('o', 'd')})",
                 [since],
             ).fetchone()
             return n

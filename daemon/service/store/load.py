@@ -15,6 +15,9 @@ class WriteResult(msgspec.Struct, frozen=True, kw_only=True):
 
     inserted: int
     duplicates: int
+    # decisions not stored because another agent's decision holds their id: dead-lettered (code
+    # ``id_taken``), counted in neither ``inserted`` nor ``duplicates``
+    taken: int = 0
     decisions: int = 0
     outcomes: int = 0
     steps: int = 0
@@ -67,6 +70,18 @@ _LOAD = {
         {_FROM_SPOOL.format(name="events")}
     """,
 }
+# A decision whose id another agent's decision holds is no resend of it: INSERT OR IGNORE skipped
+# it, and it is kept as a dead letter saying so, without raw bytes (the socket's to keep or not,
+# by socket.dead_letter_bytes).
+_TAKEN = """
+    INSERT INTO dead_letters
+    SELECT s.received_at, NULL, NULL, 'id_taken',
+        'decision ' || to_json(s.e.id) || ' of agent ' || to_json(s.e.agent) || ' not stored: a decision of agent '
+            || to_json(d.agent) || ' has that id (decision ids are unique across agents)',
+        ''::BLOB, strlen(CAST(to_json(s.e) AS VARCHAR))
+    FROM (SELECT received_at, unnest(decisions) AS e FROM spooled) s
+    JOIN decisions d ON d.id = s.e.id AND d.agent <> s.e.agent
+"""
 _SPOOLED_COUNTS = "SELECT " + ", ".join(f"coalesce(sum(len({t})), 0)" for t in EXPERIENCE_TABLES) + " FROM spooled"
 
 
@@ -97,6 +112,7 @@ def load_segment(con: duckdb.DuckDBPyConnection, segment: Path) -> WriteResult:
             if count:
                 params = {"segment": segment.stem} if "$segment" in _LOAD[name] else {}
                 (inserted[name],) = con.execute(_LOAD[name], params).fetchone()
+        taken = con.execute(_TAKEN).fetchone()[0] if counts[EXPERIENCE_TABLES.index("decisions")] else 0
         con.execute("DROP TABLE spooled")
     total = sum(inserted.values())
-    return WriteResult(inserted=total, duplicates=int(sum(counts)) - total, **inserted)
+    return WriteResult(inserted=total, duplicates=int(sum(counts)) - total - taken, taken=taken, **inserted)
