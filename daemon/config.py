@@ -19,7 +19,7 @@ import msgspec
 import yaml
 
 from reflexd.errors import ConfigError
-from reflexd.extensions import EXPLORATION, available
+from reflexd.extensions import EXPLORATION, LEARNERS, available
 from reflexd.features import FeatureSpec
 from reflexd.split import holdout_rows, holdout_run_rows
 
@@ -706,6 +706,9 @@ def _check_semantics(config: Config, source: str) -> None:
         # repr, as nan != nan
         if not math.isfinite(rewards.default) and (where == "rewards" or repr(rewards.default) != repr(config.rewards.default)):
             problems.append(f"{where}.default: must be a finite number")
+    learners = available(LEARNERS)
+    if config.trainer.learner not in learners:
+        problems.append(f"trainer.learner: {config.trainer.learner!r} is not a learner; expected one of {', '.join(learners)}")
     if config.trainer.transformer_dim % config.trainer.transformer_heads:
         problems.append(
             f"trainer.transformer_dim: must be a multiple of trainer.transformer_heads ({config.trainer.transformer_heads})"

@@ -397,6 +397,13 @@ def test_error_in_global_section_is_named_as_global_when_agents_exist() -> None:
     assert any(p.startswith("rewards.wait_window:") for p in problems), problems
 
 
+def test_a_learner_that_is_not_installed_is_refused_before_any_run_fails_on_it() -> None:
+    assert one_problem("trainer: {learner: xgboost}\n") == (
+        "trainer.learner: 'xgboost' is not a learner; expected one of mlp, transformer"
+    )
+    assert parse_config("trainer: {learner: transformer}\n").trainer.learner == "transformer"
+
+
 def test_a_global_problem_is_reported_once_not_under_each_agent_that_inherits_it() -> None:
     text = (
         "exploration: {epsilon: 0.1, epsilon_min: 0.5, strategy: nope}\nrewards: {default: .nan}\n"
