@@ -98,13 +98,29 @@ def render(reply: Insights, shown: int | None = SHOWN) -> list[str]:
     lines += _more(newest_first, shown, "anomalies")
     lines.append(f"trends     {len(reply.trends)}")
     for t in _first(reply.trends, shown):
-        lines.append("  " + _line(t, ("agent", "action", "model_version", "direction", "since", "value", "ci", "count")))
+        lines.append(_trend(t))
     lines += _more(reply.trends, shown, "trends")
     notes = run.get("notes") or []
-    lines.append(f"notes      {len(notes)}")
+    # a run's notes are about the whole run, whichever agent the findings were narrowed to
+    lines.append(f"notes      {len(notes)}" + (" (the run's, about every agent)" if agent is not None and notes else ""))
     lines += [f"  {n}" for n in _first(notes, shown)]
     lines += _more(notes, shown, "notes")
     return lines
+
+
+def _trend(t: dict[str, Any]) -> str:
+    """``router  action large  declining since 2026-12-06 08:00:00 by -0.21: newest window 0.43 [0.39,
+    0.47] on 812 decisions``: ``value``, ``ci`` and ``count`` are the newest window's."""
+    what = _line(t, ("agent", "action", "model_version"))
+    moved = t.get("direction")
+    if t.get("since") is not None:
+        moved = f"{moved} since {_ago(t['since'])}"
+    if isinstance(t.get("change"), (int, float)) and t.get("direction") != "flat":
+        moved += f" by {t['change']:+.3g}"
+    newest = f"newest window {_value(t.get('value'))} {_value(t.get('ci'))}" if t.get("ci") else f"newest window {_value(t.get('value'))}"
+    if t.get("count") is not None:
+        newest += f" on {t['count']} decisions"
+    return f"  {what}  {moved}: {newest}"
 
 
 def _anomaly(a: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,24 @@ def test_the_runs_notes_are_shown() -> None:
     notes = ["context drift for router: no training window of a live model was given", "router: user.id left out"]
     text = render(Insights(run={**RUN, "notes": notes}))
     assert "notes      2" in text and "  " + notes[0] in text and "  " + notes[1] in text, text
+
+
+def test_a_trend_reads_with_its_times_as_dates_and_its_value_as_the_newest_windows() -> None:
+    trend = {
+        "agent": "router", "action": "large", "metric": "dr_value", "start": AT - 86400, "end": AT, "value": 0.43,
+        "ci": [0.39, 0.47], "count": 812, "direction": "declining", "since": AT - 3600, "change": -0.21,
+        "change_ci": [-0.3, -0.1], "points": [],
+    }
+    text = "\n".join(render(Insights(run=RUN, trends=[trend])))
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(AT - 3600))
+    assert f"  agent router  action large  declining since {since} by -0.21: newest window 0.43 [0.39, 0.47] on 812 decisions" in text, text
+    assert "e+09" not in text, text
+
+
+def test_notes_under_an_agent_say_they_are_the_whole_runs() -> None:
+    reply = Insights(run={**RUN, "notes": ["context drift for other: none"]}, summary={"agent": "router"})
+    assert "notes      1 (the run's, about every agent)" in render(reply)
+    assert "notes      1" in render(Insights(run={**RUN, "notes": ["x"]}))
 
 
 def test_what_is_not_shown_is_counted_and_all_shows_it() -> None:
