@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from reflexd.deciding.scoring import Scorer
 
 REQUIRED = ("agent", "received_at", "context", "actions", "chosen", "prob", "reward")
-OPTIONAL = ("model_version", "slot")
+OPTIONAL = ("model_version", "slot", "ts")
 BATCH_ROWS = 16_384  # per batch; larger ones cost peak memory in the Parquet reader and gain little
 MAX_CATEGORIES = 64  # values kept apart per categorical feature; the rest share Feature.other
 _SET_CACHE_LIMIT = 100_000
@@ -102,6 +102,9 @@ class Experience:
     live_scores: np.ndarray | None = None  # float32 [N, A]
     dropped: int = 0
     notes: tuple[str, ...] = ()
+    # the earliest and latest of the decisions' own timestamps (``ts``, the agent's clock), None if
+    # the snapshot has none: an imported log's span, where ``received_at`` spans the import alone
+    made: tuple[float, float] | None = None
 
     def __len__(self) -> int:
         return len(self.received_at)
@@ -206,6 +209,7 @@ class _Loader:
         self.capacity = capacity
         self.rows = 0
         self.dropped = 0
+        self.made: tuple[float, float] | None = None  # the kept rows' earliest and latest ts
         self.python_batches = 0
         self.columns = {
             "agent": np.empty(capacity, dtype=np.int32),
@@ -262,6 +266,12 @@ class _Loader:
         cols["set"][at] = set_index[keep]
         cols["version"][at] = self.versions.encode(col["model_version"])[keep] if "model_version" in col else -1
         cols["t"][at], cols["p"][at], cols["r"][at] = t[keep], p[keep], r[keep]
+        if "ts" in col:
+            made = _floats(col["ts"])[keep]
+            made = made[np.isfinite(made)]
+            if len(made):
+                lo, hi = float(made.min()), float(made.max())
+                self.made = (lo, hi) if self.made is None else (min(self.made[0], lo), max(self.made[1], hi))
         for name, (kind, values) in parsed.items():
             if kind == "num":
                 if name not in self.numbers:
@@ -421,6 +431,7 @@ class _Loader:
             live_scores=live,
             dropped=self.dropped,
             notes=tuple(notes),
+            made=self.made,
         )
 
     def _features(self, n: int) -> tuple[dict[str, Feature], list[str]]:

@@ -65,6 +65,13 @@ def analyse(
             " when the daemon received them, so no rule could be checked on later decisions, and trends and anomalies"
             " have no time to run over"
         )
+    elif exp.made is not None and len(exp) > 1 and (span[1] - span[0]) * 100 < exp.made[1] - exp.made[0]:
+        notes.append(
+            f"the {len(exp)} decisions were received within {_duration(span[1] - span[0])} but made over"
+            f" {_duration(exp.made[1] - exp.made[0])} by their own timestamps (one import of a log, say): insights"
+            " time decisions by when the daemon received them, so the times of anomalies and trends here are the"
+            " import's, and the check window holds what was received last, not what happened last"
+        )
     del t
     spans = trends.windows(span[0], span[1], settings.trend_windows)
     book = rules.RuleBook(inputs.rules, inputs.now, settings)
@@ -130,6 +137,13 @@ def analyse(
         notes=notes,
         seconds=time.perf_counter() - started,
     )
+
+
+def _duration(seconds: float) -> str:
+    """``3.2 s``, ``45 min``, ``6.5 h``, ``12 days``."""
+    unit, size = next(((u, z) for u, z in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)) if seconds >= z), ("s", 1.0))
+    value = seconds / size
+    return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
 
 
 def _earliest(inputs: ExtractionInputs) -> float:

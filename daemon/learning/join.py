@@ -139,7 +139,7 @@ EXPERIENCES = f"""
     ),
     {REWARDS}
     SELECT
-        m.id, m.agent, m.received_at,
+        m.id, m.agent, m.received_at, m.ts,
         CAST(m.context AS VARCHAR) AS context,
         CAST(m.actions AS VARCHAR) AS actions,
         m.chosen, m.prob,

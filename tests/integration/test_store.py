@@ -391,11 +391,11 @@ def test_snapshot_keeps_the_newest_rows_in_time_order_with_the_stated_columns(st
 
     table = pq.read_table(dest)
     assert table.schema.names == [
-        "id", "agent", "received_at", "context", "actions", "chosen", "prob", "reward", "model_version", "outcomes",
+        "id", "agent", "received_at", "ts", "context", "actions", "chosen", "prob", "reward", "model_version", "outcomes",
         "slot", "slate", "episode",
     ]
     assert [str(t) for t in table.schema.types] == [
-        "string", "string", "double", "string", "string", "string", "double", "double", "string", "int32",
+        "string", "string", "double", "double", "string", "string", "string", "double", "double", "string", "int32",
         "int32", "string", "string",
     ]
     assert table.column("id").to_pylist() == ["d3", "d4", "d5"]

@@ -184,6 +184,19 @@ def test_decisions_received_at_one_time_are_said_to_leave_no_time_to_check_or_tr
     assert any(f"all {n} decisions were received at one time" in note for note in insights.notes), insights.notes
 
 
+def test_a_log_imported_over_a_few_seconds_is_said_to_be_timed_by_its_import() -> None:
+    rng = np.random.default_rng(34)
+    n = 2_000  # a log of two weeks, imported in batches over 1.5 s
+    table = _table(n, np.linspace(5_000.0, 5_001.5, n), [json.dumps({"k": "v"})] * n,
+                   rng.choice(["a", "b"], n).tolist(), np.full(n, 0.5), rng.normal(0, 1, n))
+    made = table.append_column("ts", pa.array(np.linspace(0.0, 14 * 86400.0, n)))
+    notes = extract(made, ExtractionInputs(now=6_000.0), SETTINGS).notes
+    assert any(f"the {n} decisions were received within 1.5 s but made over 14 days" in note for note in notes), notes
+    # received as they were made: no such note
+    live = table.append_column("ts", pa.array(np.linspace(5_000.0, 5_001.5, n)))
+    assert not any("were received within" in note for note in extract(live, ExtractionInputs(now=6_000.0), SETTINGS).notes)
+
+
 @pytest.mark.parametrize("late_b", [0.02, 0.0])
 def test_exploration_that_dwindles_or_stops_is_reported(late_b: float) -> None:
     rng = np.random.default_rng(41)
