@@ -48,7 +48,8 @@ class SocketConfig(_Section):
     # uids and members of these gids (reflexd.service.server.ADMIN_REQUESTS)
     admin_uids: list[int] = []
     admin_gids: list[int] = []
-    max_frame_bytes: Positive = 1 << 20
+    # a frame is held whole while it is decoded, so a cap is a memory bound too: at most 1 GiB
+    max_frame_bytes: Annotated[int, msgspec.Meta(gt=0, le=1 << 30)] = 1 << 20
     max_connections: Positive = 256
     reserved_connections: Count = 4  # beyond max_connections, for root and the daemon's own user
     frame_timeout: PositiveFloat = 30.0

@@ -40,7 +40,7 @@ from typing import Any, Iterable
 from reflexd import log
 from reflexd.collect.reward import Expression, variables
 from reflexd.collect.spans import MAX_PARENT_HOPS, Rules, SpanRecord, merge, without
-from reflexd.wire.protocol import Event, Step
+from reflexd.wire.protocol import MAX_REWARD, Event, Step
 
 _log = log.get("reflexd.collect")
 EPISODE_KIND = "episode"
@@ -411,7 +411,10 @@ class Assembler:
     def _reward(self, expression: Expression, values: dict[str, float], plan: Plan) -> float:
         """The expression's value; 0 when it has none here (a division by zero, say), logged once per message."""
         try:
-            return expression(values)
+            value = expression(values)
+            if abs(value) > MAX_REWARD:  # a step or outcome would refuse it
+                raise ValueError(f"{value:g} is beyond ±{MAX_REWARD:g}")
+            return value
         except ValueError as exc:
             plan.reward_errors += 1
             if self._reward_error_logged != str(exc):

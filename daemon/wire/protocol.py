@@ -37,9 +37,28 @@ def _distinct_ids(actions: list[Any]) -> list[str]:
     return ids
 
 
-def _check_ts(ts: float | None) -> None:
-    if ts is not None and not math.isfinite(ts):
-        raise ValueError("ts must be a finite number of seconds")
+# A reward's magnitude is bounded: a decision's outcomes are added up (rewards.aggregation: sum),
+# and two rewards of 1e308 would sum to infinity, and the decision drop out of every estimate.
+MAX_REWARD = 1e15
+# Timestamps are seconds since the epoch, from 1970 to about 5138: ts of milliseconds (1.7e12)
+# would sort every decision thousands of years ahead, and a negative one before any agent ran.
+MAX_TS = 1e11
+
+
+def _check_reward(reward: float) -> None:
+    _check_finite("reward", reward)
+    if abs(reward) > MAX_REWARD:
+        raise ValueError(f"reward must be within ±{MAX_REWARD:g}, not {reward:g}: a decision's outcomes are added up")
+
+
+def _check_ts(ts: float | None, name: str = "ts") -> None:
+    if ts is None:
+        return
+    if not math.isfinite(ts):
+        raise ValueError(f"{name} must be a finite number of seconds")
+    if not 0.0 <= ts < MAX_TS:
+        hint = ": it looks like milliseconds" if MAX_TS <= ts < MAX_TS * 1000 else ""
+        raise ValueError(f"{name} must be seconds since the epoch (0 to {MAX_TS:g}), not {ts:g}{hint}")
 
 
 class Action(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -113,7 +132,7 @@ class Outcome(_Msg, tag="outcome"):
     ts: float | None = None
 
     def __post_init__(self) -> None:
-        _check_finite("reward", self.reward)
+        _check_reward(self.reward)
         _check_ts(self.ts)
 
 
@@ -129,7 +148,7 @@ class Step(_Msg, tag="step"):
     ts: float | None = None
 
     def __post_init__(self) -> None:
-        _check_finite("reward", self.reward)
+        _check_reward(self.reward)
         _check_ts(self.ts)
 
 
@@ -139,6 +158,9 @@ class Event(_Msg, tag="event"):
     data: Any = None
     id: Id | None = None
     ts: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_ts(self.ts)
 
 
 EPISODE_END = "episode_end"  # the kind of the Event an EpisodeEnd is stored as
@@ -160,7 +182,7 @@ class EpisodeEnd(_Msg, tag="episode_end"):
 
     def __post_init__(self) -> None:
         if self.reward is not None:
-            _check_finite("reward", self.reward)
+            _check_reward(self.reward)
         _check_ts(self.ts)
 
     def as_event(self) -> Event:
@@ -312,8 +334,8 @@ class Evaluate(_Msg, tag="evaluate"):
     req: ReqId = None
 
     def __post_init__(self) -> None:
-        _check_ts(self.since)
-        _check_ts(self.until)
+        _check_ts(self.since, "since")
+        _check_ts(self.until, "until")
         if not self.policies and not self.discover:
             raise ValueError("name at least one policy to evaluate, or ask to discover (--discover)")
 

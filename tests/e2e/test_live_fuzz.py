@@ -86,7 +86,7 @@ def _valid(conn: int, i: int, framing: str, rng: random.Random) -> tuple[str, di
         else:
             data = {"nan": float("nan"), "inf": float("-inf"), "u64": 2**64 - 1, "bin": b"\x00\xff", 7: "int key",
                     "ext": msgspec.msgpack.Ext(5, b"x"), "deep": _nest(rng.randint(1, 300))}
-        msg = {"type": "event", "id": eid, "agent": "bot", "kind": "odd", "data": data, "ts": float("inf") if framing == MSGPACK else 1.5}
+        msg = {"type": "event", "id": eid, "agent": "bot", "kind": "odd", "data": data, "ts": 0.0 if framing == MSGPACK else 1.5}
     return TABLES[kind], msg
 
 
@@ -143,6 +143,8 @@ def _bad_msgpack(rng: random.Random, i: int) -> bytes:
             {"type": "outcome", "decision_id": "d", "reward": b"\x01"},
             {"type": "step", "agent": "a", "episode": "e", "index": 2**40, "observation": {}, "action": "x"},
             {"type": "event", "agent": "a", "kind": "k", "ts": "now"},
+            {"type": "event", "agent": "a", "kind": "k", "ts": float("inf")},  # no time at all
+            {"type": "outcome", "decision_id": "d", "reward": 1e300},  # two would add up to infinity
             "just a string",
         ]))
     if kind == 3:

@@ -416,6 +416,8 @@ REQ = st.none() | st.integers(-(2**63), 2**63 - 1) | texts()
 ACTIONS = st.lists(IDS | st.builds(p.Action, id=IDS, features=SAFE_CTX), min_size=1, max_size=3,
                    unique_by=lambda a: a if isinstance(a, str) else a.id)  # a decide offers each id once
 OPT_FLOAT = st.none() | FINITE
+REWARD = st.floats(-p.MAX_REWARD, p.MAX_REWARD)
+TS = st.none() | st.floats(0.0, p.MAX_TS, exclude_max=True)
 
 MESSAGES = {
     p.Decision: ACTIONS.flatmap(
@@ -425,7 +427,7 @@ MESSAGES = {
                 p.Decision, id=IDS, agent=IDS, context=SAFE_CTX, actions=st.just(acts),
                 chosen=st.sampled_from([a if isinstance(a, str) else a.id for a in acts]), prob=st.just(1.0 / len(acts)),
                 probs=st.none() | st.just([1.0 / len(acts)] * len(acts)), model_version=st.none() | texts(),
-                strategy=st.none() | texts(), ts=OPT_FLOAT, episode=st.none() | IDS,
+                strategy=st.none() | texts(), ts=TS, episode=st.none() | IDS,
             ),
             st.floats(0, 1, exclude_min=True),  # any prob without probs; with them, the chosen's
         ).flatmap(  # a plain decision, or a slot of a slate
@@ -434,13 +436,13 @@ MESSAGES = {
             )
         )
     ),
-    p.Outcome: st.builds(p.Outcome, decision_id=IDS, reward=FINITE, id=st.none() | IDS, agent=st.none() | IDS, ts=OPT_FLOAT),
+    p.Outcome: st.builds(p.Outcome, decision_id=IDS, reward=REWARD, id=st.none() | IDS, agent=st.none() | IDS, ts=TS),
     p.Step: st.builds(
         p.Step, agent=IDS, episode=IDS, index=st.integers(0, 2**31 - 1), observation=SAFE_CTX, action=texts(),
-        reward=FINITE, done=st.booleans(), id=st.none() | IDS, ts=OPT_FLOAT,
+        reward=REWARD, done=st.booleans(), id=st.none() | IDS, ts=TS,
     ),
-    p.Event: st.builds(p.Event, agent=IDS, kind=IDS, data=SAFE_VALUE, id=st.none() | IDS, ts=OPT_FLOAT),
-    p.EpisodeEnd: st.builds(p.EpisodeEnd, agent=IDS, episode=IDS, reward=OPT_FLOAT, id=st.none() | IDS, ts=OPT_FLOAT),
+    p.Event: st.builds(p.Event, agent=IDS, kind=IDS, data=SAFE_VALUE, id=st.none() | IDS, ts=TS),
+    p.EpisodeEnd: st.builds(p.EpisodeEnd, agent=IDS, episode=IDS, reward=st.none() | REWARD, id=st.none() | IDS, ts=TS),
     p.Flush: st.builds(p.Flush, req=REQ, **({"dropped": st.integers(0, 2**63 - 1)} if "dropped" in p.Flush.__struct_fields__ else {})),
     p.Decide: st.builds(p.Decide, agent=IDS, context=SAFE_CTX, actions=ACTIONS, id=st.none() | IDS, req=REQ),
     p.StatusRequest: st.builds(p.StatusRequest, req=REQ),
@@ -457,7 +459,7 @@ MESSAGES[p.Explain] = st.builds(
 )
 MESSAGES[p.Evaluate] = st.builds(
     p.Evaluate, policies=st.lists(st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40), min_size=1, max_size=4),
-    agent=st.none() | IDS, since=OPT_FLOAT, until=OPT_FLOAT, reward_model=st.none() | IDS, discover=st.booleans(), req=REQ,
+    agent=st.none() | IDS, since=TS, until=TS, reward_model=st.none() | IDS, discover=st.booleans(), req=REQ,
 )
 
 MESSAGES[p.InsightsRequest] = st.builds(p.InsightsRequest, agent=st.none() | IDS, since=OPT_FLOAT, now=st.booleans(), req=REQ)

@@ -470,6 +470,25 @@ def test_non_finite_rewards_are_refused(kind: str) -> None:
         fr.decode_inbound(msgspec.msgpack.encode(msg), "msgpack")
 
 
+def test_a_reward_too_large_to_add_up_is_refused() -> None:
+    frame = b'{"type":"outcome","decision_id":"d","reward":1e308}'
+    with pytest.raises(FrameError, match=r"reward must be within ±1e\+15, not 1e\+308"):
+        fr.decode_inbound(frame, fr.JSON)
+    assert fr.decode_inbound(b'{"type":"outcome","decision_id":"d","reward":-1e15}', fr.JSON).reward == -1e15
+
+
+@pytest.mark.parametrize(
+    ("ts", "said"),
+    [(-1e300, "not -1e\\+300$"), (-1.0, "not -1$"), (1.7e12, "not 1.7e\\+12: it looks like milliseconds"), (1e20, "not 1e\\+20$")],
+)
+def test_a_timestamp_that_is_not_seconds_since_the_epoch_is_refused(ts: float, said: str) -> None:
+    for kind in ('"type":"outcome","decision_id":"d","reward":1', '"type":"event","agent":"a","kind":"k"'):
+        frame = ("{" + kind + f',"ts":{ts!r}' + "}").encode()
+        with pytest.raises(FrameError, match="ts must be seconds since the epoch \\(0 to 1e\\+11\\), " + said):
+            fr.decode_inbound(frame, fr.JSON)
+    assert fr.decode_inbound(b'{"type":"event","agent":"a","kind":"k","ts":1796000000.5}', fr.JSON).ts == 1796000000.5
+
+
 def test_a_slate_cannot_ask_for_more_slots_than_actions() -> None:
     with pytest.raises(FrameError, match=r"slots \(3\) must not exceed the 2 actions offered"):
         fr.decode_inbound(b'{"type":"decide","agent":"a","context":{},"actions":["x","y"],"slots":3}', fr.JSON)
