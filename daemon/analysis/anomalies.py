@@ -367,16 +367,22 @@ def bursts(
             j += 1
         total = int(counts[k : j + 1].sum())
         lo, hi = start + k * width, min(start + (j + 1) * width, end)
+        # dated by its first event and said over the span its events took, not by the bins': a
+        # burst late in a bin would read as starting minutes before anything happened
+        inside = times[(times >= lo) & ((times < hi) if j + 1 < bins else (times <= hi))]
+        first, last = float(inside.min()), float(inside.max())
         who = f" from {agent}" if agent else ""
         out.append(
             Anomaly(
                 kind=kind,  # type: ignore[arg-type]  # one of the two burst kinds
                 agent=agent,
-                at=lo,
+                at=first,
                 size=float(total),
-                summary=f"{total} {what}{who} in {hi - lo:.0f} s, where {expected:.2g} per {width:.0f} s are usual",
+                summary=f"{total} {what}{who} in {last - first:.0f} s, where {expected:.2g} per {width:.0f} s are usual",
                 evidence={
                     "window": [lo, hi],
+                    "first": first,
+                    "last": last,
                     "bins": j - k + 1,
                     "peak": float(counts[k : j + 1].max()),
                     "expected_per_bin": expected,

@@ -140,7 +140,9 @@ def test_a_burst_of_dead_letters_is_found_and_scattered_errors_are_not(bot: tupl
     insights, _ = bot
     bursts = [a for a in insights.anomalies if a.kind in ("dead_letter_burst", "error_burst")]
     assert [a.kind for a in bursts] == ["dead_letter_burst"]
-    assert 20_700 <= bursts[0].at <= 21_060 and bursts[0].size >= 30
+    assert 21_000 <= bursts[0].at <= 21_060 and bursts[0].size >= 30  # its first dead letter, not its bin's start
+    took = bursts[0].evidence["last"] - bursts[0].at
+    assert took <= 60 and f"30 dead letters in {took:.0f} s" in bursts[0].summary  # the span the burst took, not its bin's 300 s
 
 
 def test_a_model_earning_less_than_its_gate_predicted_is_reported(bot: tuple) -> None:
