@@ -55,6 +55,7 @@ _HGB_MAX_CATEGORY = 254  # HistGradientBoosting's categories must lie below max_
 # tried covered 77–84% for its worst logging policy, from 10 on the widened one 95% or more for
 # every policy; 30 leaves a margin
 MIN_ESS = 30.0
+COVERAGE_CONFIDENCE = 0.999  # ``covered``
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,25 @@ def effective_size(data: AgentOutcomes, rows: np.ndarray, *actions: int) -> floa
     """The smallest Kish effective sample size among ``actions``' weights on ``rows``: what an
     estimate of their values, or of a difference between them, rests on."""
     return min(kish_ess(action_weights(data, rows, a)) for a in actions)
+
+
+def covered(data: AgentOutcomes, rows: np.ndarray, *actions: int) -> bool:
+    """Whether the logged probabilities account for every decision of ``rows`` for each of ``actions``.
+
+    Where the logging policy could take an action at every decision, the action's importance
+    weights 1{A = a} / p average 1 (in expectation, whatever the policy). Where it never could at
+    some (a policy that sends easy tasks to one action only, say), they average the share of
+    decisions where it could, and the action's value there rests on the reward model's
+    extrapolation alone, which no interval accounts for: a tight interval around a guess. So an
+    estimate is made only where the weights' mean is consistent with 1, at ``COVERAGE_CONFIDENCE``
+    (a check of the log, not a finding: a log with exact probabilities fails it about once in a
+    thousand, and then one estimate fewer is made).
+    """
+    for a in actions:
+        e = bounded_estimate(action_weights(data, rows, a), COVERAGE_CONFIDENCE)
+        if not e.lower <= 1.0 <= e.upper:
+            return False
+    return True
 
 
 def bounded_estimate(terms: np.ndarray, confidence: float) -> Estimate:

@@ -56,7 +56,7 @@ import msgspec
 import numpy as np
 
 from reflexd.analysis.findings import Condition, Pattern, Rule
-from reflexd.analysis.outcomes import MIN_ESS, AgentOutcomes, bounded_estimate, effective_size
+from reflexd.analysis.outcomes import MIN_ESS, AgentOutcomes, bounded_estimate, covered, effective_size
 from reflexd.analysis.segments import (
     TREE_ROWS,
     describe,
@@ -141,7 +141,7 @@ def patterns(data: AgentOutcomes, split: Split, settings: InsightsConfig, seed: 
             if len(terms) < max(2, settings.min_support if when else 2):
                 continue
             ess = effective_size(data, in_check, a)
-            if ess < MIN_ESS:
+            if ess < MIN_ESS or not covered(data, in_check, a):
                 continue
             e = bounded_estimate(terms, settings.confidence)
             out.append(
@@ -301,7 +301,7 @@ def find_rules(
             if len(inside) < settings.min_support:
                 continue
             ess = effective_size(data, inside, a, b)
-            if ess < MIN_ESS:
+            if ess < MIN_ESS or not covered(data, inside, a, b):
                 continue
             e = bounded_estimate(data.gamma[inside, a] - data.gamma[inside, b], settings.confidence)
             if e.lower > 0.0 or e.upper < 0.0:
@@ -342,7 +342,9 @@ def _check_terms(data: AgentOutcomes, rule: Rule, after: float) -> tuple[np.ndar
     if len(rows) == 0:
         return None
     window = [float(t[rows].min()), float(t[rows].max())]
-    return data.gamma[rows, a] - data.gamma[rows, b], window, effective_size(data, rows, a, b)
+    # a check on decisions where the log cannot account for both actions rests on no effective decision
+    ess = effective_size(data, rows, a, b) if covered(data, rows, a, b) else 0.0
+    return data.gamma[rows, a] - data.gamma[rows, b], window, ess
 
 
 class RuleBook:

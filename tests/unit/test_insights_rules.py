@@ -145,6 +145,24 @@ def test_the_confounded_rule_gets_its_sign_right_where_the_per_action_average_do
     assert lift > 0 and covers(ci, 0.1)
 
 
+def test_an_action_never_tried_in_part_of_the_contexts_gets_no_value_there_and_no_rule() -> None:
+    rng = np.random.default_rng(7)
+    n = 4000
+    hard = rng.random(n) < 0.5
+    b = hard & (rng.random(n) < 0.5)  # the log never tries b on easy tasks
+    reward = np.where(b, 1.0, 0.5) + rng.normal(0, 0.1, n)  # b earns 1 on hard tasks and, unseen, 0 on easy ones
+    table = _table([json.dumps({"level": "hard" if h else "easy"}) for h in hard], np.where(b, "b", "a").tolist(),
+                   np.where(hard, 0.5, 1.0), reward, np.arange(n, dtype=float), agent="x", actions=("a", "b"))
+    insights = extract(table, ExtractionInputs(now=1e5), SETTINGS)
+    # b's value everywhere is 0.5; the reward model, never shown b on an easy task, says 1 there.
+    # Before the coverage check: "b everywhere 0.997 [0.992, 1.002]" and the rule "everywhere, a
+    # earns -0.497 over b", both false
+    assert [(p.action, p.when) for p in insights.patterns if p.action == "b" and not p.when] == []
+    assert published(insights) == []
+    [a] = [p for p in insights.patterns if p.action == "a" and not p.when]  # a was possible everywhere
+    assert covers(a.ci, 0.5)
+
+
 def test_rules_are_confirmed_on_later_runs_and_retired_when_they_reverse(first_run: Any) -> None:
     insights, _, _ = first_run
     before = {r.id: r for r in published(insights)}
