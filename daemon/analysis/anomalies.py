@@ -73,7 +73,7 @@ import numpy as np
 
 from reflexd.analysis.experience import Experience, Feature
 from reflexd.analysis.findings import Anomaly, ModelRecord
-from reflexd.analysis.outcomes import AgentOutcomes
+from reflexd.analysis.outcomes import AgentOutcomes, covered
 from reflexd.config import InsightsConfig
 from reflexd.learning.ope import estimate, z_score
 
@@ -332,6 +332,8 @@ def reward_changes(data: AgentOutcomes, settings: InsightsConfig, models: list[M
     out = change_anomalies(data.exp.reward, t, settings, models, agent=data.agent, action=None)
     for a, action in enumerate(data.actions):
         offered = np.flatnonzero(data.available[:, a])
+        if not covered(data, offered, a):  # what it would earn is the reward model's guess where it was never tried
+            continue
         out += change_anomalies(data.gamma[offered, a], t[offered], settings, models, agent=data.agent, action=action)
     return out
 

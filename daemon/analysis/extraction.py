@@ -18,7 +18,7 @@ import pyarrow as pa
 from reflexd.analysis import anomalies, experience, rules, trends
 from reflexd.analysis.experience import Experience
 from reflexd.analysis.findings import Anomaly, Counts, ExtractionInputs, Insights, Pattern, Trend
-from reflexd.analysis.outcomes import agent_outcomes
+from reflexd.analysis.outcomes import agent_outcomes, covered
 from reflexd.config import InsightsConfig
 
 if TYPE_CHECKING:
@@ -85,6 +85,12 @@ def analyse(
         if rows.stop == rows.start:
             continue
         data = agent_outcomes(exp, index, live, seed)
+        uncovered = [action for a, action in enumerate(data.actions) if not covered(data, np.flatnonzero(data.available[:, a]), a)]
+        if uncovered:
+            notes.append(
+                f"{agent}: the log did not try {', '.join(uncovered)} wherever offered (the importance weights do not average 1),"
+                " so what they would earn is estimated only in segments where it did, and they have no trends or changes"
+            )
         if data.left_out:
             notes.append(f"{agent}: only the {len(data.actions)} most chosen actions were analysed; not {', '.join(data.left_out)}")
         book.add_found(rules.find_rules(data, split, settings, baselines.get(agent), seed))

@@ -139,8 +139,11 @@ def covered(data: AgentOutcomes, rows: np.ndarray, *actions: int) -> bool:
     (a check of the log, not a finding: a log with exact probabilities fails it about once in a
     thousand, and then one estimate fewer is made).
     """
-    for a in actions:
-        e = bounded_estimate(action_weights(data, rows, a), COVERAGE_CONFIDENCE)
+    weights = [action_weights(data, rows, a) for a in actions]
+    if any(len(w) < 2 for w in weights):
+        return True  # too few to tell: the fewest decisions an estimate needs decide
+    for w in weights:
+        e = bounded_estimate(w, COVERAGE_CONFIDENCE)
         if not e.lower <= 1.0 <= e.upper:
             return False
     return True

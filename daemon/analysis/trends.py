@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from reflexd.analysis.findings import Trend, TrendPoint
-from reflexd.analysis.outcomes import AgentOutcomes
+from reflexd.analysis.outcomes import AgentOutcomes, covered
 from reflexd.config import InsightsConfig
 from reflexd.learning.ope import Estimate, estimate, z_score
 
@@ -114,6 +114,8 @@ def trends(data: AgentOutcomes, spans: list[tuple[float, float]], settings: Insi
     level = 1.0 - settings.false_rule_rate / (1 + len(data.actions) + len(versions))
     out = [series(exp.reward, t, spans, c, decide_at=level, agent=data.agent, metric="reward")]
     for a, action in enumerate(data.actions):
+        if not covered(data, np.flatnonzero(data.available[:, a]), a):  # its value would be the reward model's guess
+            continue
         out.append(series(data.gamma[:, a], t, spans, c, decide_at=level, agent=data.agent, metric="dr_value", action=action))
     for v in versions:
         mine = np.where(exp.version == v, exp.reward, np.nan)
