@@ -102,8 +102,9 @@ class Experience:
     live_scores: np.ndarray | None = None  # float32 [N, A]
     dropped: int = 0
     notes: tuple[str, ...] = ()
-    # the earliest and latest of the decisions' own timestamps (``ts``, the agent's clock), None if
-    # the snapshot has none: an imported log's span, where ``received_at`` spans the import alone
+    # the 1st and 99th percentiles of the decisions' own timestamps (``ts``, the agent's clock; of
+    # a sample), None if the snapshot has none: an imported log's span, where ``received_at`` spans
+    # the import alone. Percentiles, so that one decision with a stray clock does not make the span
     made: tuple[float, float] | None = None
 
     def __len__(self) -> int:
@@ -209,7 +210,7 @@ class _Loader:
         self.capacity = capacity
         self.rows = 0
         self.dropped = 0
-        self.made: tuple[float, float] | None = None  # the kept rows' earliest and latest ts
+        self.made: list[np.ndarray] = []  # a sample of the kept rows' ts, at most ~1,000 a batch
         self.python_batches = 0
         self.columns = {
             "agent": np.empty(capacity, dtype=np.int32),
@@ -269,9 +270,7 @@ class _Loader:
         if "ts" in col:
             made = _floats(col["ts"])[keep]
             made = made[np.isfinite(made)]
-            if len(made):
-                lo, hi = float(made.min()), float(made.max())
-                self.made = (lo, hi) if self.made is None else (min(self.made[0], lo), max(self.made[1], hi))
+            self.made.append(made[:: max(1, len(made) // 1000)])
         for name, (kind, values) in parsed.items():
             if kind == "num":
                 if name not in self.numbers:
@@ -431,7 +430,7 @@ class _Loader:
             live_scores=live,
             dropped=self.dropped,
             notes=tuple(notes),
-            made=self.made,
+            made=_span(np.concatenate(self.made)) if self.made else None,
         )
 
     def _features(self, n: int) -> tuple[dict[str, Feature], list[str]]:
@@ -480,6 +479,14 @@ def _categorical(name: str, values: np.ndarray, codes: _Codes) -> Feature | None
     remap[-1] = -1
     values = remap[values]  # -1 indexes the last entry, which keeps "absent" absent
     return Feature(name, values, tuple(codes.names[k] for k in top), complete=len(top) == len(codes.names))
+
+
+def _span(values: np.ndarray) -> tuple[float, float] | None:
+    """The 1st and 99th percentiles of ``values`` (None for none)."""
+    if len(values) == 0:
+        return None
+    lo, hi = np.percentile(values, [1.0, 99.0])
+    return float(lo), float(hi)
 
 
 def _floats(column: pa.Array) -> np.ndarray:

@@ -65,9 +65,9 @@ def analyse(
             " when the daemon received them, so no rule could be checked on later decisions, and trends and anomalies"
             " have no time to run over"
         )
-    elif exp.made is not None and len(exp) > 1 and (span[1] - span[0]) * 100 < exp.made[1] - exp.made[0]:
+    elif exp.made is not None and len(exp) > 1 and _received(t) * 100 < exp.made[1] - exp.made[0]:
         notes.append(
-            f"the {len(exp)} decisions were received within {_duration(span[1] - span[0])} but made over"
+            f"the {len(exp)} decisions were received within {_duration(_received(t))} but made over"
             f" {_duration(exp.made[1] - exp.made[0])} by their own timestamps (one import of a log, say): insights"
             " time decisions by when the daemon received them, so the times of anomalies and trends here are the"
             " import's, and the check window holds what was received last, not what happened last"
@@ -143,6 +143,13 @@ def analyse(
         notes=notes,
         seconds=time.perf_counter() - started,
     )
+
+
+def _received(t: np.ndarray) -> float:
+    """The span of receipt times ``t`` (sorted) from their 1st to 99th percentile, as
+    ``Experience.made`` spans the decisions' own."""
+    lo, hi = np.percentile(t, [1.0, 99.0])
+    return float(hi - lo)
 
 
 def _duration(seconds: float) -> str:

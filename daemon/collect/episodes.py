@@ -32,7 +32,6 @@ everything back as it was, so that the request can be sent again).
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -320,7 +319,7 @@ class Assembler:
         for index, (step, reward) in enumerate(zip(steps, own)):
             self._take(plan, step)
             last = index == len(steps) - 1
-            if last and not math.isfinite(reward + episode_reward):  # two huge rewards overflowing, say
+            if last and not abs(reward + episode_reward) <= MAX_REWARD:  # two huge rewards adding up past it, say
                 plan.reward_errors += 1
                 episode_reward = reward = 0.0
             plan.events.append(

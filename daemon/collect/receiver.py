@@ -238,7 +238,11 @@ class TraceReceiver:
             await anyio.sleep(min(5.0, max(0.05, timeout / 4)))
             self._current_rules()
             assert self.assembler is not None
-            plan = self.assembler.expire(time.time())
+            try:
+                plan = self.assembler.expire(time.time())
+            except Exception:  # a bug costs this pass, never the daemon: the spans wait for the next
+                _log.exception("assembling the episodes past traces.episode_timeout failed")
+                continue
             if not (plan.events or plan.dead or plan.taken):
                 continue
             try:

@@ -234,9 +234,10 @@ class Chooser:
         """Update the online head on a reward for one of this chooser's decisions (False: not one it remembers)."""
         return self.online is not None and self.online.learn(decision_id, reward)
 
-    def learn_many(self, rewards: list[tuple[str, float]]) -> int:
-        """``learn`` for each (decision id, reward), each action's together; how many the head learned."""
-        return self.online.learn_many(rewards) if self.online is not None else 0
+    def learn_many(self, rewards: list[tuple[str, float]], agents: list[str] | None = None) -> int:
+        """``learn`` for each (decision id, reward), each action's together, with ``agents`` only
+        for the decisions of the agent each names (``OnlineHead.learn_many``); how many the head learned."""
+        return self.online.learn_many(rewards, agents) if self.online is not None else 0
 
     def _policy(
         self,

@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict, deque
 from math import sqrt
 from types import EllipsisType
-from typing import Any, Callable, Iterable, NamedTuple, Protocol
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -562,15 +562,24 @@ class OnlineHead:
             # those there now (pops are atomic); any handed on meanwhile wait for the next
             return self.learn_many([inbox.popleft() for _ in range(len(inbox))])
 
-    def learn_many(self, rewards: Iterable[tuple[str, float]]) -> int:
+    def learn_many(self, rewards: Iterable[tuple[str, float]], agents: Sequence[str] | None = None) -> int:
         """``learn`` for each (decision id, reward), each action's updates as one step
         (``_Arm.update_many``: the same state as one by one, for fewer numpy calls), the actions
-        in the order of their last reward (which arms ``max_arms`` keeps); how many it learned."""
+        in the order of their last reward (which arms ``max_arms`` keeps); how many it learned.
+        With ``agents`` (the agent each outcome named, in order), a reward is learned only for that
+        agent's decision: an outcome naming another agent is no reward of this decision."""
         pending = self._pending
         found = []
-        for decision_id, reward in rewards:
-            if math.isfinite(reward) and (f := pending.pop(decision_id, None)) is not None:
-                found.append((decision_id, f, reward))
+        if agents is None:
+            for decision_id, reward in rewards:
+                if math.isfinite(reward) and (f := pending.pop(decision_id, None)) is not None:
+                    found.append((decision_id, f, reward))
+        else:
+            for (decision_id, reward), agent in zip(rewards, agents, strict=True):
+                f = pending.get(decision_id)
+                if f is not None and f[0] == agent and math.isfinite(reward):
+                    del pending[decision_id]
+                    found.append((decision_id, f, reward))
         return self._learn_all(found)
 
     def _learn(self, decision_id: str, found: _Pending, reward: float) -> bool:

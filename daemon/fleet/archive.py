@@ -235,9 +235,11 @@ def _read(
         start = _day(dt.datetime.fromisoformat(str(oldest)).replace(tzinfo=dt.timezone.utc).timestamp() - DAY)
     except ValueError:  # a date= folder DuckDB did not name: no day is left out
         start = None
+    # an outcome archived after its decision was is filed under '_' (``retention``): its agent unknown then
+    outcomes_of = (ds.field("agent").isin([agent, "_"])) if agent is not None else None
     found = outcomes.to_table(
         filter=_all(
-            by_agent,
+            outcomes_of,
             (ds.field("date") >= start) if start is not None else None,
             ds.field("decision_id").isin(read.column("id")),
         )
@@ -294,7 +296,13 @@ def read_host(
     con = duckdb.connect(":memory:", config={"threads": 1})
     try:
         con.register("decisions", decisions)
-        con.register("outcomes", outcomes)
+        # the archive files an outcome that names no agent under its decision's, or '_' when its
+        # decision was gone (``retention``): '_' is no agent's, and the join must read it as none
+        con.register("archived_outcomes", outcomes)
+        con.execute(
+            "CREATE VIEW outcomes AS SELECT * REPLACE (CASE WHEN agent = '_' THEN NULL ELSE agent END AS agent)"
+            " FROM archived_outcomes"
+        )
         con.register("events", ends)
         con.register("rules", rules)
         params = {

@@ -245,7 +245,7 @@ class Daemon:
         """The online head of the line that made each decision learns its reward, each line's
         rewards of a batch together; an outcome that does not name its agent is offered to each
         line's head until one made that decision."""
-        by_line: dict[str, tuple[Line, list[tuple[str, float]]]] = {}
+        by_line: dict[str, tuple[Line, list[tuple[str, float]], list[str]]] = {}
         for outcome in outcomes:
             if outcome.agent is None:
                 self._learn_together(by_line)  # those before it first: a decision's first outcome wins
@@ -255,13 +255,15 @@ class Daemon:
                 continue
             line = self.lines.existing(outcome.agent)
             if line is not None:
-                by_line.setdefault(line.name, (line, []))[1].append((outcome.decision_id, outcome.reward))
+                _, rewards, agents = by_line.setdefault(line.name, (line, [], []))
+                rewards.append((outcome.decision_id, outcome.reward))
+                agents.append(outcome.agent)  # a line of several agents learns each outcome for its own agent's decision
         self._learn_together(by_line)
 
     @staticmethod
-    def _learn_together(by_line: dict[str, tuple[Line, list[tuple[str, float]]]]) -> None:
-        for line, rewards in by_line.values():
-            line.chooser.learn_many(rewards)
+    def _learn_together(by_line: dict[str, tuple[Line, list[tuple[str, float]], list[str]]]) -> None:
+        for line, rewards, agents in by_line.values():
+            line.chooser.learn_many(rewards, agents)
         by_line.clear()
 
     def _apply_socket_permissions(self, path: Path) -> None:
@@ -719,6 +721,7 @@ class Daemon:
                 "stored": c.stored,
                 "duplicates": c.duplicates,
                 "dead_letters": c.dead_letters,
+                "id_taken": c.id_taken,
                 "queued": c.queued,
                 "spooled": c.spooled,
                 "recovered_from_spool": c.recovered,

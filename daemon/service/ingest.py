@@ -47,6 +47,7 @@ class Counters:
     stored: int = 0
     duplicates: int = 0
     dead_letters: int = 0
+    id_taken: int = 0  # of the dead letters: acknowledged decisions whose id another agent's decision holds
     queued: int = 0  # in memory, not yet in the spool
     spooled: int = 0  # in the spool (durable), not yet loaded into DuckDB
     recovered: int = 0  # events a previous run spooled, loaded at start-up
@@ -429,6 +430,9 @@ class Ingest:
 
     def _count_loaded(self, segment: Path, result: Any) -> None:
         c = self.counters
+        if result.taken:
+            _log.warning("decisions not stored: another agent's decision holds their id", decisions=result.taken,
+                         see="SELECT reason FROM dead_letters WHERE code = 'id_taken'")
         if segment in self.spool.leftovers:
             # spooled by a previous run: this run's received/stored balance covers only its own
             c.recovered += result.inserted
@@ -437,9 +441,7 @@ class Ingest:
         c.spooled -= result.inserted + result.duplicates + result.taken
         c.stored += result.inserted
         c.duplicates += result.duplicates
-        if result.taken:
-            c.dead_letters += result.taken
-            _log.warning("decisions not stored: another agent's decision holds their id", decisions=result.taken,
-                         see="SELECT reason FROM dead_letters WHERE code = 'id_taken'")
+        c.dead_letters += result.taken
+        c.id_taken += result.taken
         for name in ("decisions", "outcomes", "steps", "events"):
             c.by_type[name] = c.by_type.get(name, 0) + getattr(result, name)

@@ -615,17 +615,28 @@ async def schedule(schedulers: Callable[[], list[Scheduler]], store: Store, sett
             continue
         try:
             counts = await anyio.to_thread.run_sync(store.matured_counts, [s.counted() for s in lines], time.time(), settings())
-        except (ReflexdError, OSError) as exc:  # a failing store costs a check, never the daemon
+        except Exception as exc:  # a failing store costs a check, never the daemon
             if str(exc) != failed:
                 _log.error("cannot tell whether a training run is due", error=str(exc))
             failed = str(exc)
             continue
         failed = None
-        due = [(s, reason) for s, n in zip(lines, counts) if (reason := s.due_given(n)) is not None]
+        due = []
+        for line, n in zip(lines, counts):
+            try:
+                reason = line.due_given(n)
+            except Exception:  # a bug costs this line its check, never every line's loop (and the daemon)
+                _log.exception("cannot tell whether a training run is due", line=line.line)
+                continue
+            if reason is not None:
+                due.append((line, reason))
         for line, reason in due[1:]:
             line.waits_its_turn(reason)
         for line, reason in due:
-            await line.train_once(reason)
+            try:
+                await line.train_once(reason)
+            except Exception:  # e.g. its runs folder cannot be made: the next check tries again
+                _log.exception("the training run could not start", line=line.line)
 
 
 def _model_folder(folder: Path, model: bytes, manifest: Manifest) -> Path:

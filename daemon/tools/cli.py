@@ -755,7 +755,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     socket = _socket_path(args)
     # status on connections of its own: the daemon numbers the import connection's frames in errors
     ingest = request(StatusRequest(), socket).ingest
-    before, dead_before = ingest.get("duplicates", 0), ingest.get("dead_letters", 0)
+    before, taken_before = ingest.get("duplicates", 0), ingest.get("id_taken", 0)
     with Connection(socket, timeout=args.timeout) as conn:
         with tqdm(total=total, unit="line", desc=f"importing {fmt}", file=sys.stderr, mininterval=0.5) as bar:
 
@@ -768,8 +768,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     # the daemon counts duplicates for everyone: another agent's resends in this window count too
     ingest = request(StatusRequest(), socket).ingest
     duplicates = ingest.get("duplicates", 0) - before
-    # decisions whose ids other agents' decisions hold (dead-lettered as id_taken), and the socket's dead letters
-    taken = ingest.get("dead_letters", 0) - dead_before
+    # decisions whose ids other agents' decisions hold (dead-lettered as id_taken); others' in this window count too
+    taken = ingest.get("id_taken", 0) - taken_before
     sent = summary.decisions + summary.outcomes
     status = 0 if summary.decisions or summary.outcomes else 1  # every line refused, or none at all
     if not (sent or summary.rejected):

@@ -166,3 +166,44 @@ def test_one_check_counts_every_lines_experience_and_each_due_line_trains_in_tur
     assert [(line, reason) for line, reason, _ in trained] == [("a", "new experience"), ("b", "new experience")]
     assert trained[0][2].startswith("due (new experience), waiting its turn")
     assert "0 new matured experiences" in lines["c"].status.waiting
+
+
+def test_a_line_whose_check_or_run_fails_costs_that_line_alone(tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "cpu_load", lambda: 0.0)
+    config = _config(tmp_path, check_interval=0.05)
+    lines = [
+        Scheduler(lambda: config, store, None, Registry(tmp_path / name), None, anyio.Lock(), agents=lambda: ["a"], line=name)  # type: ignore[arg-type]
+        for name in ("broken", "failing", "fine")
+    ]
+    for sched in lines:
+        sched.start_from(None)
+    trained: list[str] = []
+
+    def broken(new: int) -> str | None:
+        raise RuntimeError("a bug in the check")
+
+    lines[0].due_given = broken  # type: ignore[method-assign]
+
+    async def main() -> None:
+        done = anyio.Event()
+
+        async def fails(reason: str) -> dict:
+            trained.append("failing")
+            raise OSError("cannot make the run's folder")
+
+        async def works(reason: str) -> dict:
+            trained.append("fine")
+            if trained.count("fine") == 2:  # a second pass came: the loop outlived both failures
+                done.set()
+            return {}
+
+        lines[1].train_once = fails  # type: ignore[method-assign]
+        lines[2].train_once = works  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler_module.schedule, lambda: lines, store, lambda: config)
+            with anyio.fail_after(60):
+                await done.wait()
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert trained[:4] == ["failing", "fine", "failing", "fine"]

@@ -226,3 +226,18 @@ def test_a_hosts_rows_and_errors_name_it_without_credentials(tmp_path: Path) -> 
         open_archive("nosuchscheme://AKIAXXX:s3cr3t@bucket/a?secret_key=sk123")
     assert "s3cr3t" not in str(refused.value) and "AKIAXXX" not in str(refused.value) and "sk123" not in str(refused.value)
     assert str(refused.value).startswith("nosuchscheme://bucket/a?secret_key=***: pyarrow cannot open this filesystem")
+
+
+def test_an_outcome_archived_after_its_decision_still_joins_it(tmp_path: Path) -> None:
+    """Archived in a later pass than its decision, an outcome naming no agent is filed under '_'."""
+    store = Store(tmp_path / "state" / "reflexd.duckdb")
+    store.write([_decision(1, "fast"), _decision(2, "fast")], received_at=100.0)
+    root = tmp_path / "state" / "archive"
+    assert store.archive(older_than=101.0, root=root, compression="zstd")["decisions"] == 2
+    store.write([Outcome(decision_id="d1", reward=7.0, id="o1", ts=104.0)], 105.0)  # its decision archived already
+    assert store.archive(older_than=NOW, root=root, compression="zstd")["outcomes"] == 1
+    store.close()
+    assert [p.name for p in (root / "outcomes").iterdir()] == ["agent=_"]
+    for agent in (None, "fast"):
+        rows = _rows(read_host(str(root), CONFIG, now=NOW, agent=agent).table)
+        assert (rows["d1"]["reward"], rows["d1"]["outcomes"]) == (7.0, 1) and rows["d2"]["reward"] == -0.25

@@ -19,6 +19,7 @@ import pytest
 
 from reflexd.config import StoreConfig, parse_config
 from reflexd.errors import StorageError
+from reflexd.service import spool
 from reflexd.service.spool import Spool
 from reflexd.service.store import DeadLetter, SnapshotInfo, Store, WriteResult
 from reflexd.wire.framing import decode_inbound
@@ -362,6 +363,34 @@ def test_a_decision_id_another_agent_holds_is_dead_lettered_not_counted_a_duplic
         'decision "42" of agent "beta" not stored: a decision of agent "alpha" has that id (decision ids are unique across agents)',
         'decision "7" of agent "beta" not stored: a decision of agent "alpha" has that id (decision ids are unique across agents)',
     ]
+
+
+def test_a_segment_loaded_again_after_a_crash_adds_no_second_id_taken_letter(store: Store, tmp_path: Path, db: Path) -> None:
+    store.write([decision("42", agent="alpha")], received_at=100.0)
+    segment = tmp_path / f"again{spool.SUFFIX}"
+    segment.write_bytes(spool.encode_line([decision("42", agent="beta"), decision("42", agent="beta")], 101.0, 0))
+    first = store.load(segment)
+    assert (first.taken, first.duplicates) == (1, 1)  # the repeat within the batch is a resend
+    again = store.load(segment)
+    assert (again.inserted, again.taken, again.duplicates) == (0, 0, 2)
+    store.close()
+    assert query(db, "SELECT count(*) FROM dead_letters WHERE code = 'id_taken'") == [(1,)]
+
+
+@pytest.mark.parametrize("forgotten", ["beta", "alpha"])
+def test_forgetting_either_agent_named_by_an_id_taken_letter_removes_it(store: Store, forgotten: str) -> None:
+    store.write([decision("42", agent="alpha")], received_at=100.0)
+    store.write([decision("42", agent="beta")], received_at=101.0)
+    assert store.forget("alp", None)["dead_letters"] == 0  # a name within another's is not it
+    assert store.forget(forgotten, None)["dead_letters"] == 1
+    assert store.counts()["dead_letters"] == 0
+
+
+def test_forgetting_an_agent_keeps_another_agents_outcome_that_names_its_decision(store: Store) -> None:
+    store.write([decision("42", agent="alpha")], received_at=100.0)
+    store.write([Outcome(decision_id="42", reward=1.0, id="mine"), Outcome(decision_id="42", reward=5.0, id="beta's", agent="beta")], 101.0)
+    assert store.forget("alpha", None)["outcomes"] == 1  # its own, sent without an agent
+    assert store.forget("beta", None)["outcomes"] == 1
 
 
 def test_an_outcome_naming_another_agent_is_not_its_decisions_reward(store: Store, tmp_path: Path) -> None:

@@ -194,8 +194,10 @@ def test_a_log_imported_over_a_few_seconds_is_said_to_be_timed_by_its_import() -
     made = table.append_column("ts", pa.array(np.linspace(0.0, 14 * 86400.0, n)))
     notes = extract(made, ExtractionInputs(now=6_000.0), SETTINGS).notes
     assert any(f"the {n} decisions were received within 1.5 s but made over 14 days" in note for note in notes), notes
-    # received as they were made: no such note
-    live = table.append_column("ts", pa.array(np.linspace(5_000.0, 5_001.5, n)))
+    # received as they were made, but for a decision whose agent's clock said 0: no such note
+    own = np.linspace(5_000.0, 5_001.5, n)
+    own[7] = 0.0
+    live = table.append_column("ts", pa.array(own))
     assert not any("were received within" in note for note in extract(live, ExtractionInputs(now=6_000.0), SETTINGS).notes)
 
 

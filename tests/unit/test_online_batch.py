@@ -124,6 +124,16 @@ def test_learn_many_beside_a_model_learns_only_the_decisions_made_beside_it() ->
     assert head.updates == 20
 
 
+def test_an_outcome_naming_another_agent_teaches_nothing_and_leaves_the_decision_waiting() -> None:
+    head = OnlineHead(OnlineConfig())
+    for agent in ("alpha", "beta"):
+        head.remember(f"{agent}-1", agent, "left", head.features({"task": "code"}), None)
+    # beta names alpha's decision: not its reward; then each names its own
+    assert head.learn_many([("alpha-1", 1.0)], ["beta"]) == 0 and head.stats()["pending"] == 2
+    assert head.learn_many([("alpha-1", 1.0), ("beta-1", 0.0)], ["alpha", "beta"]) == 2
+    assert head.updates == 2
+
+
 def test_absorb_many_learns_what_absorb_learns_one_by_one() -> None:
     teacher = OnlineHead(OnlineConfig())
     updates = []

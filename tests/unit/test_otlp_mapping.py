@@ -285,6 +285,17 @@ def test_a_reward_without_a_value_stores_0_and_is_counted() -> None:
     assert events(plan, "episode")[0].data["reward"] == 0.0 and plan.reward_errors == 1
 
 
+def test_rewards_too_large_for_a_step_are_counted_and_stored_as_0() -> None:
+    # each within the bound, the last step's own and the episode's add up past it
+    m = Mapper(reward="1e15", step_reward="1e15")
+    plan = m.send(head(), tool("00000000000000b1", "t", 1.0), tool("00000000000000b2", "t", 2.0))
+    assert [s.reward for s in steps(plan)] == [1e15, 0.0] and plan.reward_errors == 1
+    m = Mapper(reward="1e16", episode_timeout=60.0)  # one beyond it, the step waiting for its episode
+    m.send(tool("00000000000000b1", "t", 1.0, gen_ai__agent__name="helper"))
+    plan = m.expire(NOW + 61)
+    assert [s.reward for s in steps(plan)] == [0.0] and plan.reward_errors == 1
+
+
 @pytest.mark.parametrize(
     ("text", "values", "expected"),
     [

@@ -72,15 +72,21 @@ _LOAD = {
 }
 # A decision whose id another agent's decision holds is no resend of it: INSERT OR IGNORE skipped
 # it, and it is kept as a dead letter saying so, without raw bytes (the socket's to keep or not,
-# by socket.dead_letter_bytes).
+# by socket.dead_letter_bytes). Once: a segment loaded again after a crash adds no second letter
+# (the same receipt time and reason), and the one stored first keeps the id, whoever sent it.
 _TAKEN = """
     INSERT INTO dead_letters
-    SELECT s.received_at, NULL, NULL, 'id_taken',
-        'decision ' || to_json(s.e.id) || ' of agent ' || to_json(s.e.agent) || ' not stored: a decision of agent '
-            || to_json(d.agent) || ' has that id (decision ids are unique across agents)',
-        ''::BLOB, strlen(CAST(to_json(s.e) AS VARCHAR))
-    FROM (SELECT received_at, unnest(decisions) AS e FROM spooled) s
-    JOIN decisions d ON d.id = s.e.id AND d.agent <> s.e.agent
+    SELECT DISTINCT received_at, NULL, NULL, 'id_taken', reason, ''::BLOB, size FROM (
+        SELECT s.received_at,
+            'decision ' || to_json(s.e.id) || ' of agent ' || to_json(s.e.agent) || ' not stored: a decision of agent '
+                || to_json(d.agent) || ' has that id (decision ids are unique across agents)' AS reason,
+            strlen(CAST(to_json(s.e) AS VARCHAR)) AS size
+        FROM (SELECT received_at, unnest(decisions) AS e FROM spooled) s
+        JOIN decisions d ON d.id = s.e.id AND d.agent <> s.e.agent
+    ) t
+    WHERE NOT EXISTS (
+        SELECT 1 FROM dead_letters x WHERE x.code = 'id_taken' AND x.received_at = t.received_at AND x.reason = t.reason
+    )
 """
 _SPOOLED_COUNTS = "SELECT " + ", ".join(f"coalesce(sum(len({t})), 0)" for t in EXPERIENCE_TABLES) + " FROM spooled"
 

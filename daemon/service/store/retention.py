@@ -167,7 +167,7 @@ def forget(con: duckdb.DuckDBPyConnection, agent: str, archive_root: Path | None
     with transaction(con):
         # Before the decisions go: outcomes sent without an agent belong to their decision's.
         (removed["outcomes"],) = con.execute(
-            "DELETE FROM outcomes WHERE agent = $a OR decision_id IN (SELECT id FROM decisions WHERE agent = $a)",
+            "DELETE FROM outcomes WHERE agent = $a OR (agent IS NULL AND decision_id IN (SELECT id FROM decisions WHERE agent = $a))",
             {"a": agent},
         ).fetchone()
         for table in ("decisions", "steps", "events"):
@@ -177,6 +177,12 @@ def forget(con: duckdb.DuckDBPyConnection, agent: str, archive_root: Path | None
         letters = con.execute("SELECT rowid, raw FROM dead_letters")
         while batch := letters.fetchmany(1000):
             doomed += [rowid for rowid, raw in batch if spool.names_agent(raw, agent)]
+        # a decision refused for another agent's id keeps no bytes: its reason names both agents
+        taken = con.execute(
+            "SELECT rowid FROM dead_letters WHERE code = 'id_taken' AND contains(reason, 'agent ' || to_json($a::VARCHAR))",
+            {"a": agent},
+        ).fetchall()
+        doomed = list(dict.fromkeys([*doomed, *(rowid for (rowid,) in taken)]))
         if doomed:
             con.execute("DELETE FROM dead_letters WHERE rowid IN (SELECT unnest($ids))", {"ids": doomed})
         removed["dead_letters"] = len(doomed)
