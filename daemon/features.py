@@ -5,14 +5,17 @@ model never sees features computed differently from how it was trained. The spec
 seed) travels in each model's manifest.
 
 Flattening rules, applied recursively with dotted key paths:
-- numbers: feature ``path`` with value sign(x)·min(log1p(|x|), 50) (robust to scale);
+- numbers: feature ``path`` with value sign(x)·min(log1p(|x|), 50) (robust to scale); NaN and
+  ±inf are skipped, as None is, since the store keeps them as JSON's null;
 - booleans: feature ``path`` with value 1 or 0;
 - short strings: categorical feature ``path=value`` with value 1;
 - strings with whitespace: one feature ``path~token`` per token, each 1/sqrt(n_tokens);
 - lists: strings as a bag of categoricals, numbers as ``path[i]``, mappings recursed;
 - mappings: recursed under ``path.``; None is skipped;
 - nesting is followed MAX_DEPTH (32) mappings or lists deep; anything deeper is skipped, so no
-  input (the decoder admits nesting near the recursion limit) can exhaust the stack.
+  input (the decoder admits nesting near the recursion limit) can exhaust the stack;
+- any other value (a set, a datetime, numpy's numbers, msgpack's bytes) is read as its JSON, the
+  form the store keeps it in, and one that has none is refused (TypeError naming its key).
 An action is hashed from its id plus its own features, in its own space. The id takes two slots:
 ``__action=id`` as above, and a second from blake2b (4 bytes, keyed by the seed) of the id, moved
 to the next slot should it land on the first (one slot only when action_dim is 1). With one slot,
@@ -37,6 +40,21 @@ SCHEME = "crc32-signed-log1p-v2"  # v2: action ids take two slots
 _CACHE_LIMIT = 200_000
 _SETS_CACHE_LIMIT = 4096
 _encode = msgspec.msgpack.Encoder().encode
+
+
+def as_stored(value: Any) -> Any:
+    """msgspec's ``enc_hook`` for what JSON and msgpack lack, as the store keeps it: numpy's scalars
+    as the Python values they hold, msgpack's Ext values as their code and bytes; anything else is
+    refused (TypeError)."""
+    if isinstance(value, msgspec.msgpack.Ext):
+        return {"msgpack_ext": value.code, "data": value.data}
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"a {type(value).__name__} is not a value the store can keep")
+
+
+_stored = msgspec.json.Encoder(enc_hook=as_stored).encode
+_stored_value = msgspec.json.Decoder().decode
 
 
 AGENT_KEY = "@agent"  # the context key a shared model line's models read the agent from
@@ -126,6 +144,8 @@ class Hasher:
                     x = float(value)
                 except OverflowError:
                     self._fill(vec, _flatten_value(str(key), value), dim, cache)
+                    continue
+                if x - x != 0.0:  # NaN or ±inf: missing, as the store's null (``_flatten_value``)
                     continue
                 name = key if type(key) is str else str(key)
                 v = _squash(x)
@@ -245,6 +265,8 @@ def _flatten_value(path: str, value: Any, depth: int = 0) -> Iterable[tuple[str,
     if isinstance(value, bool):
         yield path, 1.0 if value else 0.0
     elif isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return  # stored as null (JSON has no such number): missing, as training reads it
         try:
             x = float(value)
         except OverflowError:  # JSON admits integers past float range
@@ -270,4 +292,11 @@ def _flatten_value(path: str, value: Any, depth: int = 0) -> Iterable[tuple[str,
                 yield f"{path}={item}", 1.0
             else:  # a mapping recurses under ``path[i].``, like any other item under ``path[i]``
                 yield from _flatten_value(f"{path}[{i}]", item, depth + 1)
-    # anything else (bytes from msgpack, say) carries no usable signal and is skipped
+    else:
+        # anything else (a set, a datetime, numpy's scalars, msgpack's bytes) is read as the store
+        # keeps it, its JSON, so that a decision is scored on the features its model trained on
+        try:
+            stored = _stored_value(_stored(value))
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise TypeError(f"context {path!r}: {exc}; send a str, number, bool, list or dict") from None
+        yield from _flatten_value(path, stored, depth)

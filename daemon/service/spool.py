@@ -31,6 +31,7 @@ import msgspec
 
 from reflexd.durable import atomic_write, fsync_path
 from reflexd.errors import StorageError
+from reflexd.features import as_stored
 from reflexd.wire.protocol import Decision, EpisodeEnd, Event, Outcome, Step
 
 SUFFIX = ".ndjson"
@@ -41,14 +42,8 @@ _NAME = re.compile(r"^(\d{12})-[0-9a-f]{12}\.ndjson$")
 _TYPES: dict[type, str] = {Decision: "decisions", Outcome: "outcomes", Step: "steps", Event: "events"}
 
 
-def _ext(value: Any) -> Any:
-    """msgpack can carry Ext values, which JSON cannot; keep their bytes rather than fail."""
-    if isinstance(value, msgspec.msgpack.Ext):
-        return {"msgpack_ext": value.code, "data": value.data}
-    raise TypeError(f"cannot store a {type(value).__name__}")
-
-
-_encode = msgspec.json.Encoder(enc_hook=_ext).encode
+# msgpack can carry Ext values, which JSON cannot: their bytes are kept rather than fail
+_encode = msgspec.json.Encoder(enc_hook=as_stored).encode
 
 
 class _Raw(bytes):
@@ -71,7 +66,7 @@ def plain_json(value: Any) -> bytes:
         if isinstance(item, msgspec.Struct):  # an Action among a decision's actions
             item = msgspec.structs.asdict(item)
         elif isinstance(item, msgspec.msgpack.Ext):
-            item = {"msgpack_ext": item.code, "data": item.data}
+            item = as_stored(item)
         if isinstance(item, dict):
             parts: list[Any] = [_Raw(b"{")]
             for i, (k, v) in enumerate(item.items()):

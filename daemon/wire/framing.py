@@ -13,6 +13,7 @@ from typing import Iterator, Literal, get_args
 import msgspec
 
 from reflexd.errors import FrameError, FrameTooLarge
+from reflexd.features import as_stored
 from reflexd.wire.protocol import Inbound, Reply, ReqId
 
 JSON = "json"
@@ -23,8 +24,9 @@ _json_in = msgspec.json.Decoder(Inbound)
 _msgpack_in = msgspec.msgpack.Decoder(Inbound)
 _json_reply = msgspec.json.Decoder(Reply)
 _msgpack_reply = msgspec.msgpack.Decoder(Reply)
-_json_enc = msgspec.json.Encoder()
-_msgpack_enc = msgspec.msgpack.Encoder()
+# an agent's numpy numbers (a context computed with numpy or pandas) go as the values they hold
+_json_enc = msgspec.json.Encoder(enc_hook=as_stored)
+_msgpack_enc = msgspec.msgpack.Encoder(enc_hook=as_stored)
 _LEN = struct.Struct(">I")
 
 

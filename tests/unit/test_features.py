@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import hashlib
 import json
 import math
@@ -9,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import uuid
 import zlib
 
 import msgspec
@@ -17,7 +20,9 @@ import pytest
 
 from reflexd import features as F
 from reflexd.features import FeatureSpec, Hasher, action_ids, action_parts, flatten
-from reflexd.wire.protocol import Action
+from reflexd.service import spool
+from reflexd.wire.framing import decode_inbound, encode_frame
+from reflexd.wire.protocol import Action, Decision
 
 CTX = {
     "task": "code review for the parser",
@@ -186,20 +191,15 @@ def test_nested_dicts_use_dotted_paths_and_none_is_skipped() -> None:
     assert_items(got, [("user.tier=gold", 1.0), ("user.meta.n", math.log(2))])
 
 
-def test_nan_is_zero_and_inf_is_clipped() -> None:
-    got = dict(flatten({"nan": float("nan"), "pinf": float("inf"), "ninf": float("-inf")}))
-    assert got["nan"] == 0.0
-    assert math.isfinite(got["pinf"]) and got["pinf"] > 0
-    assert got["ninf"] == -got["pinf"]
-    v = Hasher(FeatureSpec()).context({"nan": float("nan"), "pinf": float("inf")})
+def test_vectors_stay_finite_whatever_the_numbers() -> None:
+    v = Hasher(FeatureSpec()).context({"nan": float("nan"), "pinf": float("inf"), "huge": 10**400, "big": 1e308})
     assert np.isfinite(v).all()
+    np.testing.assert_array_equal(v, Hasher(FeatureSpec()).context({"huge": 10**400, "big": 1e308}))  # NaN, inf: missing
 
 
-def test_inf_maps_at_least_as_high_as_any_finite_number() -> None:
-    # squashing is monotone; an infinite value should not land below a large finite one
-    inf = dict(flatten({"x": float("inf")}))["x"]
-    big = dict(flatten({"x": 1e300}))["x"]
-    assert inf >= big
+def test_a_float_that_is_not_finite_is_missing_as_the_store_keeps_it() -> None:
+    # JSON has no inf or NaN: the store keeps null, which training reads as missing
+    assert list(flatten({"x": float("inf"), "y": -math.inf, "z": math.nan})) == []
 
 
 def test_huge_integer_does_not_crash() -> None:
@@ -220,8 +220,10 @@ def test_context_vector_matches_flatten_and_scheme() -> None:
     np.testing.assert_allclose(Hasher(spec).context(CTX), expected_vector(items, 256, 3), rtol=1e-6, atol=1e-7)
 
 
-def test_unknown_value_types_are_skipped() -> None:
-    assert list(flatten({"raw": b"bytes", "obj": object()})) == []
+def test_other_value_types_are_read_as_stored_or_refused() -> None:
+    assert list(flatten({"raw": b"bytes"})) == [("raw=Ynl0ZXM=", 1.0)]  # JSON's base64
+    with pytest.raises(TypeError, match="context 'obj'"):
+        list(flatten({"obj": object()}))
 
 
 # ---- actions ------------------------------------------------------------------------------------
@@ -342,16 +344,19 @@ def test_action_sets_that_encode_alike_are_not_confused() -> None:
     fresh = [Hasher(FeatureSpec()).actions([{"id": "a", "features": {"x": v}}]) for v in (math.inf, -math.inf, math.nan, None)]
     for got, want in zip(rows, fresh):
         np.testing.assert_array_equal(got, want)
-    assert not np.array_equal(rows[0], rows[1])
+    for row in rows[:3]:  # stored as null, as None is: missing
+        np.testing.assert_array_equal(row, rows[3])
 
 
-def test_action_sets_that_json_would_confuse_are_told_apart() -> None:
-    # JSON writes bytes as base64 text; the set cache's msgpack key keeps bytes and str apart
+def test_action_sets_cached_apart_hash_as_stored() -> None:
+    # the set cache's msgpack key keeps bytes and str apart; both hash as the store keeps them,
+    # the bytes as their base64 text (JSON's)
     h = Hasher(FeatureSpec(action_dim=64))
-    skipped = h.actions([{"id": "a", "features": {"x": b"abc"}}]).copy()  # bytes carry no signal
-    text = h.actions([{"id": "a", "features": {"x": "YWJj"}}])  # a categorical
-    np.testing.assert_array_equal(skipped, Hasher(FeatureSpec(action_dim=64)).actions(["a"]))
-    assert not np.array_equal(skipped, text)
+    raw = h.actions([{"id": "a", "features": {"x": b"abc"}}]).copy()
+    text = h.actions([{"id": "a", "features": {"x": "YWJj"}}])
+    np.testing.assert_array_equal(raw, Hasher(FeatureSpec(action_dim=64)).actions([{"id": "a", "features": {"x": b"abc"}}]))
+    np.testing.assert_array_equal(raw, text)
+    assert not np.array_equal(raw, Hasher(FeatureSpec(action_dim=64)).actions(["a"]))
 
 
 def test_action_sets_msgpack_cannot_encode_are_hashed_uncached() -> None:
@@ -372,3 +377,36 @@ def test_context_into_a_strided_or_double_buffer() -> None:
     assert (cols[:, [0, 2]] == 7.0).all()
     wide = np.zeros(32, dtype=np.float64)
     np.testing.assert_allclose(h.context(CTX, out=wide), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"urgent", "vip"}, frozenset({"a"}), datetime.datetime(2026, 1, 1, 8), datetime.date(2026, 1, 1), decimal.Decimal("1.5"),
+     uuid.UUID(int=5), b"\x01\xff", math.inf, -math.inf, math.nan, np.float64(1.0), np.int64(3), np.bool_(True),
+     np.float32(2.5), [np.int64(1), {"k": np.float64(2.0)}], msgspec.msgpack.Ext(5, b"x")],
+)
+def test_a_context_value_is_scored_on_the_features_it_is_trained_on(value: object) -> None:
+    """What a decision is scored on in-process equals what training reads from the stored JSON."""
+    context = {"v": value, "task": "code"}
+    stored = msgspec.json.decode(spool.encode_line([Decision(id="d", agent="a", context=context, actions=["x"], chosen="x", prob=1.0)], 1.0, 0))
+    [kept] = stored["decisions"]
+    assert sorted(F.flatten(context)) == sorted(F.flatten(kept["context"]))
+    h = Hasher(FeatureSpec())  # its inline path for flat numbers and strings too
+    np.testing.assert_array_equal(h.context(context), h.context(kept["context"]))
+
+
+def test_a_context_value_the_store_cannot_keep_is_refused_naming_its_key() -> None:
+    class Odd:
+        pass
+
+    with pytest.raises(TypeError, match=r"context 'x\.y\[1\]': a Odd is not a value the store can keep; send a str"):
+        list(F.flatten({"x": {"y": [1, Odd()]}}))
+
+
+def test_numpy_numbers_in_a_frame_go_as_the_values_they_hold() -> None:
+    d = Decision(id="d", agent="a", context={"f": np.float64(0.5), "i": np.int64(2), "b": np.bool_(False)}, actions=["x"],
+                 chosen="x", prob=1.0)
+    for framing in ("json", "msgpack"):
+        frame = encode_frame(d, framing)
+        decoded = decode_inbound(frame[4:] if framing == "msgpack" else frame.rstrip(b"\n"), framing)
+        assert decoded.context == {"f": 0.5, "i": 2, "b": False}
