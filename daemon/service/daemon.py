@@ -515,6 +515,8 @@ class Daemon:
                 # numbers are counted across lines: the version may well be another agent's
                 raise ModelNotFound(msg.version, f"no model version {msg.version!r} in model line {line.name}") from None
             await self._model_event(line, msg.version, "promoted", "by request")
+            if line.scheduler is not None:
+                line.scheduler.release()  # automatic runs resume after a rollback by hand
             gate = manifest.gate
             # an operator's call to make, and said back: a model the gate refused now serves
             refused = f"; the gate had refused it ({gate.reason})" if gate is not None and not gate.passed else ""
@@ -523,11 +525,14 @@ class Daemon:
             line = await self._line(msg.agent, "rollback")
             withdrawn, target = await anyio.to_thread.run_sync(line.registry.step_back)
             self.rollbacks_requested += 1
+            if line.scheduler is not None:  # kept back: no automatic run promotes another model meanwhile
+                line.scheduler.hold(f"rolled back by hand from {withdrawn} to {target or 'no model'}")
+            resume = "; automatic training waits until a version is promoted or `reflexd train` is run"
             if target is None:  # from the first model: the event is the withdrawn version's
                 await self._model_event(line, withdrawn, "rolled_back", "by request, to no model")
-                return Done(message=f"rolled back from {withdrawn} to no model{_in(line)}", req=req)
+                return Done(message=f"rolled back from {withdrawn} to no model{_in(line)}{resume}", req=req)
             await self._model_event(line, target, "rolled_back", "by request")
-            return Done(message=f"rolled back to {target}{_in(line)}", req=req)
+            return Done(message=f"rolled back to {target}{_in(line)}{resume}", req=req)
         if isinstance(msg, Train):
             # one line, or each in turn: a request to train trains every agent's line
             if msg.agent is None and not self.lines.all():
@@ -811,6 +816,7 @@ async def _start_line(line: Line, tg: Any) -> None:
     from its live model's snapshot, and its monitor running."""
     assert line.scheduler is not None and line.monitor is not None
     await anyio.to_thread.run_sync(line.models.refresh)
+    await anyio.to_thread.run_sync(line.scheduler.recall_hold)
     line.scheduler.start_from(line.models.scorer.manifest if line.models.scorer else None)  # ``schedule`` checks it from now
     tg.start_soon(line.monitor.run)
 

@@ -156,6 +156,8 @@ class Scheduler:
         self._due_since: float | None = None  # when the data first made a run due, while the CPU is busy
         self._clock: Callable[[], float] = time.monotonic
         self.started = False  # by ``start_from``: until then its live model's cutoff is unknown, and no run is due
+        # why automatic runs wait (a rollback by hand), until a version is promoted or a run asked for
+        self.held: str | None = None
 
     @property
     def config(self) -> Config:
@@ -170,6 +172,22 @@ class Scheduler:
             self.status.cutoff = manifest.training.window_end or 0.0
             self.status.trained_on = manifest.training.experience
         self.started = True
+
+    def hold(self, why: str) -> None:
+        """No automatic run until ``release``: an operator who rolled a model back by hand keeps it
+        back, rather than see the next run promote a model of the kind just withdrawn."""
+        self.held = why
+
+    def release(self) -> None:
+        self.held = None
+
+    def recall_hold(self) -> None:
+        """``hold`` again after a restart if the line's last promotion or rollback was a rollback by
+        hand (blocking: reads the store)."""
+        versions = self.registry.versions()
+        last = self.store.last_model_event(("rolled_back", "promoted"), versions) if versions else None
+        if last is not None and last["event"] == "rolled_back":
+            self.hold(f"rolled back by hand from or to {last['version']}")
 
     def counted(self) -> tuple[float, list[str] | None]:
         """What ``Store.matured_counts`` counts for this line: its experience since its last run's
@@ -190,6 +208,12 @@ class Scheduler:
         now = time.time()
         if now < status.next_attempt:
             status.waiting = f"backing off after a failed run, {status.next_attempt - now:.0f} s more"
+            return None
+        if self.held is not None:
+            status.waiting = (
+                f"held: {self.held}; automatic runs wait until a version is promoted (`reflexd models promote`)"
+                " or a run is asked for (`reflexd train`)"
+            )
             return None
         needed = runs.due_after(cfg, status.trained_on, first_run_rows(self.config))
         if new < needed:
@@ -226,6 +250,8 @@ class Scheduler:
 
     async def train_once(self, reason: str) -> dict[str, Any]:
         self._due_since = None  # a run asked for by hand ends any wait for idle CPU too
+        if reason == "requested":
+            self.release()  # and a hold: the operator asks for a model again
         if self._lock.locked():
             self.waits_its_turn(reason)
         async with self._lock:

@@ -1386,7 +1386,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "action", nargs="?", default="list", choices=["list", "show", "promote", "rollback", "pull"],
-        help="list (the default; * marks the served version), show VERSION, promote VERSION, rollback, or pull PATH",
+        help="list (the default; * marks the served version), show VERSION, promote VERSION, rollback (which holds the"
+        " line's automatic training until a promote or a train), or pull PATH",
     )
     p.add_argument("version", nargs="?", help="model version for show and promote (e.g. v0003); PATH for pull")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for a pull to be judged (default 900)")

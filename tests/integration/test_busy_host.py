@@ -207,3 +207,27 @@ def test_a_line_whose_check_or_run_fails_costs_that_line_alone(tmp_path: Path, s
 
     anyio.run(main)
     assert trained[:4] == ["failing", "fine", "failing", "fine"]
+
+
+def test_a_rollback_by_hand_holds_automatic_runs_until_a_promotion_even_across_a_restart(tmp_path: Path, store: Store) -> None:
+    config = _config(tmp_path)
+    sched = _scheduler(config, store)
+    assert anyio.run(sched._due) is not None  # due: 40 new experiences
+    sched.hold("rolled back by hand from v0002 to v0001")
+    assert anyio.run(sched._due) is None
+    assert sched.status.waiting.startswith("held: rolled back by hand from v0002 to v0001; automatic runs wait")
+    sched.release()
+    assert anyio.run(sched._due) is not None
+
+    # after a restart, the store's model events say whether the line's last word was a rollback by hand
+    (sched.registry.root / "v0001").mkdir(parents=True)
+    (sched.registry.root / "v0001" / "manifest.json").write_text("{}")
+    store.record_model_event("v0001", "promoted", {}, 1.0)
+    store.record_model_event("v0001", "rolled_back", {"reason": "by request"}, 2.0)
+    again = _scheduler(config, store)
+    again.recall_hold()
+    assert again.held == "rolled back by hand from or to v0001" and anyio.run(again._due) is None
+    store.record_model_event("v0001", "promoted", {}, 3.0)
+    later = _scheduler(config, store)
+    later.recall_hold()
+    assert later.held is None
