@@ -360,9 +360,19 @@ def test_a_decision_id_another_agent_holds_is_dead_lettered_not_counted_a_duplic
     assert query(db, "SELECT id, agent FROM decisions ORDER BY id") == [("42", "alpha"), ("7", "alpha")]
     reasons = [r for (r,) in query(db, "SELECT reason FROM dead_letters WHERE code = 'id_taken' ORDER BY received_at")]
     assert reasons == [
-        'decision "42" of agent "beta" not stored: a decision of agent "alpha" has that id (decision ids are unique across agents)',
-        'decision "7" of agent "beta" not stored: a decision of agent "alpha" has that id (decision ids are unique across agents)',
+        f'decision "{i}" of agent "beta" (chose "left") not stored: a decision of agent "alpha" (chose "left") has that id'
+        " (an id names one decision, across agents)"
+        for i in ("42", "7")
     ]
+
+
+def test_a_decision_id_the_same_agent_used_for_another_choice_is_dead_lettered(store: Store, db: Path) -> None:
+    store.write([decision("42", chosen="left")], received_at=100.0)
+    again = store.write([decision("42", chosen="left"), decision("42", chosen="right")], received_at=101.0)
+    assert (again.inserted, again.duplicates, again.taken) == (0, 1, 1)  # a resend, and another decision
+    store.close()
+    [(reason,)] = query(db, "SELECT reason FROM dead_letters WHERE code = 'id_taken'")
+    assert reason.startswith('decision "42" of agent "a" (chose "right") not stored: a decision of agent "a" (chose "left")')
 
 
 def test_a_segment_loaded_again_after_a_crash_adds_no_second_id_taken_letter(store: Store, tmp_path: Path, db: Path) -> None:

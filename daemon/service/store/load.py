@@ -15,8 +15,8 @@ class WriteResult(msgspec.Struct, frozen=True, kw_only=True):
 
     inserted: int
     duplicates: int
-    # decisions not stored because another agent's decision holds their id: dead-lettered (code
-    # ``id_taken``), counted in neither ``inserted`` nor ``duplicates``
+    # decisions not stored because another decision holds their id (another agent's, or one that
+    # chose another action): dead-lettered (code ``id_taken``), counted in neither ``inserted`` nor ``duplicates``
     taken: int = 0
     decisions: int = 0
     outcomes: int = 0
@@ -70,19 +70,21 @@ _LOAD = {
         {_FROM_SPOOL.format(name="events")}
     """,
 }
-# A decision whose id another agent's decision holds is no resend of it: INSERT OR IGNORE skipped
-# it, and it is kept as a dead letter saying so, without raw bytes (the socket's to keep or not,
-# by socket.dead_letter_bytes). Once: a segment loaded again after a crash adds no second letter
-# (the same receipt time and reason), and the one stored first keeps the id, whoever sent it.
+# A decision whose id another decision holds (another agent's, or one of the same agent's that
+# chose another action) is no resend of it: INSERT OR IGNORE skipped it, and it is kept as a dead
+# letter saying so, without raw bytes (the socket's to keep or not, by socket.dead_letter_bytes).
+# Once: a segment loaded again after a crash adds no second letter (the same receipt time and
+# reason), and the one stored first keeps the id, whoever sent it.
 _TAKEN = """
     INSERT INTO dead_letters
     SELECT DISTINCT received_at, NULL, NULL, 'id_taken', reason, ''::BLOB, size FROM (
         SELECT s.received_at,
-            'decision ' || to_json(s.e.id) || ' of agent ' || to_json(s.e.agent) || ' not stored: a decision of agent '
-                || to_json(d.agent) || ' has that id (decision ids are unique across agents)' AS reason,
+            'decision ' || to_json(s.e.id) || ' of agent ' || to_json(s.e.agent) || ' (chose ' || to_json(s.e.chosen)
+                || ') not stored: a decision of agent ' || to_json(d.agent) || ' (chose ' || to_json(d.chosen)
+                || ') has that id (an id names one decision, across agents)' AS reason,
             strlen(CAST(to_json(s.e) AS VARCHAR)) AS size
         FROM (SELECT received_at, unnest(decisions) AS e FROM spooled) s
-        JOIN decisions d ON d.id = s.e.id AND d.agent <> s.e.agent
+        JOIN decisions d ON d.id = s.e.id AND (d.agent <> s.e.agent OR d.chosen <> s.e.chosen)
     ) t
     WHERE NOT EXISTS (
         SELECT 1 FROM dead_letters x WHERE x.code = 'id_taken' AND x.received_at = t.received_at AND x.reason = t.reason
