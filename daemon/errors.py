@@ -347,6 +347,13 @@ class TrainingError(ReflexdError):
     code = "training"
 
 
+class TooFewExperiences(TrainingError):
+    """A run asked for before enough decisions have joined their rewards: nothing failed, and no
+    automatic run is put off for it."""
+
+    code = "too_few_experiences"
+
+
 class TrainerFault(TrainingError):
     """The trainer subprocess itself failed: ``kind`` is "killed" (by a signal), "timeout"
     (``trainer.max_wall_time``), "out_of_memory" (``trainer.max_memory_mb``) or "exit" (a non-zero

@@ -42,6 +42,7 @@ from reflexd.errors import (
     SocketError,
     StateDirError,
     StorageError,
+    TooFewExperiences,
     TrainingError,
 )
 from reflexd.service import activation, sdnotify
@@ -551,7 +552,7 @@ class Daemon:
                 summary = await line.scheduler.train_once("requested")
                 if summary.get("outcome") == "failed":
                     if len(lines) == 1:
-                        raise TrainingError(summary["error"])
+                        raise (TooFewExperiences if summary.get("code") == TooFewExperiences.code else TrainingError)(summary["error"])
                     said.append(f"{line.name}: failed: {summary['error']}")
                     continue
                 said.append(f"{summary['outcome']} {summary['version']}{_in(line)}: {summary['gate']}")

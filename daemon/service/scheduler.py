@@ -27,6 +27,7 @@ from reflexd.errors import (
     ModelIntegrityError,
     ReflexdError,
     RequestTimeout,
+    TooFewExperiences,
     TrainerFault,
     TrainingError,
 )
@@ -261,6 +262,12 @@ class Scheduler:
             run_dir = self._new_run_dir()
             try:
                 summary = await self._train(run_dir, reason)
+            except TooFewExperiences as exc:  # nothing went wrong: said, with no backoff
+                self.status.last_run = {
+                    "outcome": "failed", "error": str(exc), "code": exc.code, "at": started, "finished": time.time()
+                }
+                _log.warning("training run not started", line=self.line, error=str(exc))
+                return self.status.last_run
             except ReflexdError as exc:
                 return self._failed(exc, started)
             except Exception as exc:  # a bug must cost one run, never the daemon
@@ -289,6 +296,7 @@ class Scheduler:
             s.last_run.update(fault=exc.kind, returncode=exc.returncode)
         _log.error(
             "training run failed",
+            line=self.line,
             error=str(exc),
             fault=getattr(exc, "kind", None),
             consecutive=s.consecutive_failures,
@@ -318,7 +326,10 @@ class Scheduler:
         )
         needed = first_run_rows(cfg)
         if info.rows < needed:
-            raise TrainingError(f"only {info.rows} joined experiences so far; need at least {needed}")
+            raise TooFewExperiences(
+                f"only {info.rows} joined experiences so far; need at least {needed} (a decision joins its reward once"
+                f" its wait window has passed: rewards.wait_window, {cfg.rewards.wait_window:g} s, or its agent's own)"
+            )
         _log.info("training started", line=self.line, reason=reason, rows=info.rows)
         self.status.state = "training"
         out = run_dir / "out"

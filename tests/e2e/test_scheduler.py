@@ -10,9 +10,10 @@ import pytest
 from conftest import DaemonProcess, wait_for
 from reflexd.client.policy import Policy
 from reflexd.config import Config, OnlineConfig, TrainerConfig
+from reflexd.errors import RequestFailed
 from reflexd.learning.runs import due_after, run_points
 from reflexd.split import first_run_rows, holdout_run_rows
-from reflexd.wire.protocol import ModelsRequest
+from reflexd.wire.protocol import ModelsRequest, Train
 
 FIRST = first_run_rows(Config())
 HOLDOUT_RUN = holdout_run_rows(Config())
@@ -55,6 +56,23 @@ def test_runs_come_early_and_geometrically_until_min_new_examples_governs() -> N
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.e2e
+def test_a_run_asked_for_before_rewards_have_joined_says_why_and_puts_off_nothing(daemon_factory) -> None:
+    d: DaemonProcess = daemon_factory({"rewards": {"wait_window": 3600}})
+    with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=1) as policy:
+        for _ in range(FIRST + 5):
+            choice = policy.decide({"kind": "a"}, ["x", "y"])
+            policy.reward(choice.id, 1.0)
+        assert policy.flush(60), policy.stats()
+    with pytest.raises(RequestFailed, match=r"only 0 joined experiences so far; need at least \d+ \(a decision joins its reward"
+                       r" once its wait window has passed: rewards.wait_window, 3600 s") as failed:
+        d.request(Train(agent="bot"), timeout=120)
+    assert failed.value.code == "too_few_experiences"
+    trainer = d.status().trainer
+    assert trainer["failures"] == 0 and trainer["consecutive_failures"] == 0 and trainer["next_attempt"] == 0
+    assert trainer["last_run"]["outcome"] == "failed" and "wait window" in trainer["last_run"]["error"]
+
+
 def test_a_daemon_trains_on_its_own_as_soon_as_experience_is_scarce_but_sufficient(daemon_factory) -> None:
     # min_new_examples far away: only the growth rule can start these runs
     d: DaemonProcess = daemon_factory(
