@@ -697,10 +697,9 @@ class Daemon:
         asked = [await self._line(agent, "status")] if agent is not None else None  # may make the agent's line
         everything = self.lines.all()
         lines = asked if asked is not None else everything
-        # new since training: the line's own; over several (or none yet), every agent's since the oldest line's last run
-        cutoff = min((line.scheduler.status.cutoff for line in lines if line.scheduler is not None), default=0.0)
-        agents = self.lines.agents_of(lines[0].name) if len(lines) == 1 else None
-        matured = await anyio.to_thread.run_sync(self.store.matured_count, cutoff, now, self.config, agents)
+        # new since training: each line's own since its last run, added up over several (every agent's before any line)
+        counted = [line.scheduler.counted() for line in lines if line.scheduler is not None] or [(0.0, None)]
+        matured = sum(await anyio.to_thread.run_sync(self.store.matured_counts, counted, now, self.config))
         unjoined = await anyio.to_thread.run_sync(self.store.outcomes_without_decision, now - UNJOINED_WINDOW)
         summary = {line.name: await self._line_summary(line) for line in everything}
         if len(lines) == 1:

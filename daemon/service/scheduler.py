@@ -159,6 +159,7 @@ class Scheduler:
         self.started = False  # by ``start_from``: until then its live model's cutoff is unknown, and no run is due
         # why automatic runs wait (a rollback by hand), until a version is promoted or a run asked for
         self.held: str | None = None
+        self._due_from: float | None = None  # the cutoff the last check found a run due from
 
     @property
     def config(self) -> Config:
@@ -241,6 +242,7 @@ class Scheduler:
             reason = "new experience"
         self._due_since = None
         status.waiting = None
+        self._due_from = status.cutoff
         return reason
 
     def waits_its_turn(self, reason: str) -> None:
@@ -257,6 +259,9 @@ class Scheduler:
             self.waits_its_turn(reason)
         async with self._lock:
             self.status.waiting = None
+            if reason != "requested" and self._due_from is not None and self.status.cutoff != self._due_from:
+                # a run asked for meanwhile trained on what made this one due: the next check decides anew
+                return {}
             self.status.runs += 1
             started = time.time()
             run_dir = self._new_run_dir()

@@ -231,3 +231,11 @@ def test_a_rollback_by_hand_holds_automatic_runs_until_a_promotion_even_across_a
     later = _scheduler(config, store)
     later.recall_hold()
     assert later.held is None
+
+
+def test_a_due_run_that_a_run_asked_for_meanwhile_made_stale_does_not_run(tmp_path: Path, store: Store) -> None:
+    sched = _scheduler(_config(tmp_path), store)
+    reason = anyio.run(sched._due)
+    assert reason == "new experience"
+    sched.status.cutoff = time.time()  # a run asked for by hand trained on those experiences meanwhile
+    assert anyio.run(sched.train_once, reason) == {} and sched.status.runs == 0

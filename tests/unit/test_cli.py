@@ -23,7 +23,7 @@ from reflexd.features import FeatureSpec
 from reflexd.manifest import GateResult
 from reflexd.tools.cli import _behaviour_line, _print_lines, _removed_counts, build_parser
 from reflexd.wire.connection import Connection
-from reflexd.wire.protocol import Ack, Flush, Outcome
+from reflexd.wire.protocol import Ack, Decision, Flush, Outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "configs" / "reflexd.yaml"
@@ -353,18 +353,23 @@ def test_status_for_an_agent_names_the_line_it_learns_in() -> None:
 
 
 def test_status_with_several_lines_after_a_failed_run_prints_each_line(daemon_factory: Any) -> None:
-    daemon = daemon_factory({"trainer": {"retry_backoff": 3600}})  # the backoff outlasts a slow machine's commands
+    # the backoff outlasts a slow machine's commands; the trainer is stopped long before it could finish
+    daemon = daemon_factory({"trainer": {"retry_backoff": 3600, "max_wall_time": 0.01}, "rewards": {"wait_window": 0}})
     for agent in ("a", "b"):
         reflexd("decide", "--agent", agent, "--actions", "x,y", "--socket", daemon.socket, timeout=300)
+    with Connection(daemon.socket) as conn:  # enough joined experiences for a first run of a's
+        conn.send([Decision(id=f"d{i}", agent="a", context={"i": i}, actions=["x", "y"], chosen="x", prob=0.5) for i in range(8)]
+                  + [Outcome(decision_id=f"d{i}", reward=1.0, agent="a") for i in range(8)] + [Flush(loaded=True)])
+        assert isinstance(conn.receive(), Ack)
     trained = reflexd("train", "--agent", "a", "--socket", daemon.socket, timeout=300)
-    assert trained.returncode != 0 and "joined experiences" in trained.stderr  # too few: a failed run, backing off
+    assert trained.returncode != 0 and "max_wall_time" in trained.stderr, trained.stderr  # a failed run, backing off
     shown = reflexd("status", "--socket", daemon.socket, timeout=300)
     assert shown.returncode == 0, shown.stderr
     rows = [row for row in shown.stdout.splitlines() if row.startswith("line ")]
     assert len(rows) == 2 and "backing off after a failed run" in rows[0] and "agent:b" in rows[1], shown.stdout
     assert cli(daemon, "status")["trainer"]["consecutive_failures"] == 1
     one = reflexd("status", "--agent", "b", "--socket", daemon.socket, timeout=300).stdout
-    assert "experience (every agent) decisions 2" in one and "agent:b new since training" in one, one
+    assert "experience (every agent) decisions 10" in one and "agent:b new since training" in one, one
     failed = reflexd("status", "--agent", "a", "--socket", daemon.socket, timeout=300).stdout
     assert "next run: backing off after a failed run, 3" in failed and "s more" in failed, failed  # ~3600 s left
 
