@@ -102,6 +102,11 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.started = time.time()
+        # what ``status`` says of the config in force (``reload``)
+        self.config_state: dict[str, Any] = {
+            "path": config_path, "loaded_at": self.started, "reloads": 0, "reload_error": None, "reload_failed_at": None,
+            "restart_pending": [],
+        }
         # a model line per agent, group or all (learning.scope): its registry, served model, chooser
         # with the online head learning from the rewards of the socket's decisions, scheduler, monitor
         self.lines = Lines(self.settings, self._exploration_for)
@@ -291,14 +296,18 @@ class Daemon:
                 scope.cancel()
                 return
 
+    def _reload_failed(self, exc: ConfigError) -> bool:
+        _log.error("config reload failed; keeping the running config", error=str(exc))
+        sdnotify.notify("READY=1", "STATUS=reload failed; old config in force")
+        self.config_state.update(reload_error=str(exc), reload_failed_at=time.time())
+        return False
+
     async def reload(self) -> bool:
         sdnotify.reloading()
         try:
             new = await anyio.to_thread.run_sync(load_config, self.config_path)
         except ConfigError as exc:
-            _log.error("config reload failed; keeping the running config", error=str(exc))
-            sdnotify.notify("READY=1", "STATUS=reload failed; old config in force")
-            return False
+            return self._reload_failed(exc)
         # until a restart the running values stay: nothing moves to a new state_dir half-way
         new, pending = keep_restart_only(new, self.config)
         for setting in pending:
@@ -306,9 +315,11 @@ class Daemon:
         try:
             self.server.configure(new)  # reads the redaction key: the one step that can still fail
         except ConfigError as exc:
-            _log.error("config reload failed; keeping the running config", error=str(exc))
-            sdnotify.notify("READY=1", "STATUS=reload failed; old config in force")
-            return False
+            return self._reload_failed(exc)
+        self.config_state.update(
+            loaded_at=time.time(), reloads=self.config_state["reloads"] + 1, reload_error=None, reload_failed_at=None,
+            restart_pending=list(pending),
+        )
         retention_changed = new.retention != self.config.retention
         self.config = new
         if retention_changed and self._retention_changed is not None:
@@ -750,6 +761,7 @@ class Daemon:
             monitor=monitor,
             online=online,
             lines=summary,
+            config=dict(self.config_state),
             insights=self.extractor.summary(),
             traces=self._traces_status(),
             behaviour=await anyio.to_thread.run_sync(self.behaviour.summary),

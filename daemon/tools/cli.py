@@ -347,6 +347,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"behaviour  {_behaviour_line(reply.behaviour)}")
     if reply.storage.get("error"):
         print(f"storage    NOT ACKNOWLEDGING: {reply.storage['error']}")
+    conf = reply.config or {}
+    if conf.get("reload_error"):
+        print(f"config     LAST RELOAD FAILED ({_ago(conf['reload_failed_at'])}), the config loaded {_ago(conf['loaded_at'])} runs:"
+              f" {conf['reload_error']}")
+    if conf.get("restart_pending"):
+        print(f"config     changed in the file, in force at restart: {', '.join(conf['restart_pending'])}")
     return 0
 
 

@@ -682,6 +682,9 @@ class StatusReply(_Msg, tag="status"):
     behaviour: dict[str, Any] | None = None
     # each model line (learning.scope) at a glance: its agents, what it serves, its trainer
     lines: dict[str, Any] = {}
+    # the config in force: its file, when it was loaded, reloads, the last failed reload's error
+    # (the running config kept), settings changed in the file that wait for a restart
+    config: dict[str, Any] | None = None
     req: ReqId = None
 
 

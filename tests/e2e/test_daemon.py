@@ -11,6 +11,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -213,6 +214,17 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(daemon: DaemonProcess
     wait_for(lambda: "config reload failed" in daemon.log(), 30, "the reload failure in the log")
     reply = decide()
     assert (reply.action, reply.prob) == ("q", 1.0)
+    # status says so too, until a reload succeeds
+    config = daemon.status().config
+    assert config["reloads"] == 1 and "'nonsense' is not an exploration strategy" in config["reload_error"], config
+    daemon.write_config(dict(good, state_dir="/somewhere/else"))
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: daemon.status().config["reloads"] == 2, 30, "the second reload")
+    config = daemon.status().config
+    assert config["reload_error"] is None and config["restart_pending"] == ["state_dir"], config
+    shown = subprocess.run([sys.executable, "-m", "reflexd", "status", "--socket", str(daemon.socket)], capture_output=True,
+                           text=True, timeout=300)
+    assert "config     changed in the file, in force at restart: state_dir" in shown.stdout, shown.stdout + shown.stderr
 
 
 def test_model_requests_fail_clearly_without_models(daemon: DaemonProcess) -> None:
