@@ -49,7 +49,11 @@ def as_stored(value: Any) -> Any:
     if isinstance(value, msgspec.msgpack.Ext):
         return {"msgpack_ext": value.code, "data": value.data}
     if isinstance(value, np.generic):
-        return value.item()
+        item = value.item()
+        if isinstance(item, np.floating):  # a longdouble's item() is a longdouble again
+            item = float(item)
+        if not isinstance(item, np.generic):
+            return item
     raise TypeError(f"a {type(value).__name__} is not a value the store can keep")
 
 
@@ -273,6 +277,8 @@ def _flatten_value(path: str, value: Any, depth: int = 0) -> Iterable[tuple[str,
             x = math.inf if value > 0 else -math.inf
         yield path, _squash(x)
     elif isinstance(value, str):
+        if type(value) is not str:  # a (str, Enum) member formats as Tier.GOLD; the store keeps "gold"
+            value = str.__str__(value)
         if " " in value or "\t" in value or "\n" in value:
             tokens = value.split()
             if tokens:

@@ -88,8 +88,9 @@ def analyse(
         uncovered = [action for a, action in enumerate(data.actions) if not covered(data, np.flatnonzero(data.available[:, a]), a)]
         if uncovered:
             notes.append(
-                f"{agent}: the log did not try {', '.join(uncovered)} wherever offered (the importance weights do not average 1),"
-                " so what they would earn is estimated only in segments where it did, and they have no trends or changes"
+                f"{agent}: the log tried {', '.join(uncovered)} too rarely, or never, in part of the decisions that offered"
+                " them (the importance weights do not average 1), so what they would earn is estimated only in segments"
+                " where it tried them enough, and they have no trends or changes"
             )
         if data.left_out:
             notes.append(f"{agent}: only the {len(data.actions)} most chosen actions were analysed; not {', '.join(data.left_out)}")

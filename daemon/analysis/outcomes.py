@@ -135,9 +135,10 @@ def covered(data: AgentOutcomes, rows: np.ndarray, *actions: int) -> bool:
     some (a policy that sends easy tasks to one action only, say), they average the share of
     decisions where it could, and the action's value there rests on the reward model's
     extrapolation alone, which no interval accounts for: a tight interval around a guess. So an
-    estimate is made only where the weights' mean is consistent with 1, at ``COVERAGE_CONFIDENCE``
-    (a check of the log, not a finding: a log with exact probabilities fails it about once in a
-    thousand, and then one estimate fewer is made).
+    estimate is made only where the weights' mean is consistent with 1, at ``COVERAGE_CONFIDENCE``:
+    a check of the log's support, not of a finding. A log that takes the action rarely somewhere
+    (a probability of a few thousandths on part of the decisions) fails it too until it has taken
+    it there often enough, and rightly: until then the value there is the model's guess as well.
     """
     weights = [action_weights(data, rows, a) for a in actions]
     if any(len(w) < 2 for w in weights):

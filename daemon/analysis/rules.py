@@ -342,8 +342,9 @@ def _check_terms(data: AgentOutcomes, rule: Rule, after: float) -> tuple[np.ndar
     if len(rows) == 0:
         return None
     window = [float(t[rows].min()), float(t[rows].max())]
-    # a check on decisions where the log cannot account for both actions rests on no effective decision
-    ess = effective_size(data, rows, a, b) if covered(data, rows, a, b) else 0.0
+    # a check on decisions where the log cannot account for both actions rests on no effective
+    # decision: none is made on them (-1)
+    ess = effective_size(data, rows, a, b) if covered(data, rows, a, b) else -1.0
     return data.gamma[rows, a] - data.gamma[rows, b], window, ess
 
 
@@ -408,9 +409,9 @@ class RuleBook:
             terms, window, ess = got
             if len(terms) >= self.settings.min_support and ess >= MIN_ESS:
                 self.checks.append(_Check(rule, terms, window, ess))
-            elif len(terms) >= self.settings.min_support:
+            elif len(terms) >= self.settings.min_support and ess >= 0.0:
                 continue  # the action too rarely taken there: the decisions wait for more of their kind
-            else:  # too few to tell; the next check starts after them all the same
+            else:  # too few to tell, or a log that cannot tell (``covered``); the next check starts after them all the same
                 self.rules[rule.id] = msgspec.structs.replace(rule, checked_until=max(rule.checked_until, window[1]))
 
     def decide(self) -> tuple[list[Rule], int]:

@@ -240,7 +240,7 @@ class TraceReceiver:
             assert self.assembler is not None
             try:
                 plan = self.assembler.expire(time.time())
-            except Exception:  # a bug costs this pass, never the daemon: the spans wait for the next
+            except Exception:  # a bug costs this pass, never the daemon: what it took waits for a restart's replay of the journal
                 _log.exception("assembling the episodes past traces.episode_timeout failed")
                 continue
             if not (plan.events or plan.dead or plan.taken):

@@ -525,9 +525,10 @@ class OnlineHead:
             x[-1] = score
         wait = self.rewards(agent).wait_window if self.rewards is not None else math.inf
         pending = self._pending
+        if decision_id in pending:  # a reused id: the decision made first keeps it, as in the store
+            return
         followed = self.base if model is ... else model
         pending[decision_id] = (agent, action, x, score is not None, followed, self._clock() + wait)
-        pending.move_to_end(decision_id)  # a reused id counts from now
         _trim(pending, self.settings.pending)
         if source is not None and self.settings.warm_rows:
             sources = self._sources

@@ -528,7 +528,7 @@ class Daemon:
                 raise ModelNotFound(msg.version, f"no model version {msg.version!r} in model line {line.name}") from None
             await self._model_event(line, msg.version, "promoted", "by request")
             if line.scheduler is not None:
-                line.scheduler.release()  # automatic runs resume after a rollback by hand
+                await anyio.to_thread.run_sync(line.scheduler.release)  # automatic runs resume after a rollback by hand
             gate = manifest.gate
             # an operator's call to make, and said back: a model the gate refused now serves
             refused = f"; the gate had refused it ({gate.reason})" if gate is not None and not gate.passed else ""
@@ -538,7 +538,8 @@ class Daemon:
             withdrawn, target = await anyio.to_thread.run_sync(line.registry.step_back)
             self.rollbacks_requested += 1
             if line.scheduler is not None:  # kept back: no automatic run promotes another model meanwhile
-                line.scheduler.hold(f"rolled back by hand from {withdrawn} to {target or 'no model'}")
+                why = f"rolled back by hand from {withdrawn} to {target or 'no model'}"
+                await anyio.to_thread.run_sync(line.scheduler.hold, why)
             resume = "; automatic training waits until a version is promoted or `reflexd train` is run"
             if target is None:  # from the first model: the event is the withdrawn version's
                 await self._model_event(line, withdrawn, "rolled_back", "by request, to no model")

@@ -47,7 +47,7 @@ class Counters:
     stored: int = 0
     duplicates: int = 0
     dead_letters: int = 0
-    id_taken: int = 0  # of the dead letters: acknowledged decisions whose id another agent's decision holds
+    id_taken: int = 0  # of the dead letters: acknowledged decisions whose id another decision holds
     queued: int = 0  # in memory, not yet in the spool
     spooled: int = 0  # in the spool (durable), not yet loaded into DuckDB
     recovered: int = 0  # events a previous run spooled, loaded at start-up
@@ -431,7 +431,7 @@ class Ingest:
     def _count_loaded(self, segment: Path, result: Any) -> None:
         c = self.counters
         if result.taken:
-            _log.warning("decisions not stored: another agent's decision holds their id", decisions=result.taken,
+            _log.warning("decisions not stored: another decision holds their id", decisions=result.taken,
                          see="SELECT reason FROM dead_letters WHERE code = 'id_taken'")
         if segment in self.spool.leftovers:
             # spooled by a previous run: this run's received/stored balance covers only its own

@@ -21,6 +21,7 @@ import msgspec
 from reflexd import log
 from reflexd.config import Config, agent_exploration, feature_spec
 from reflexd.deciding.scoring import ModelSource, Scorer
+from reflexd.durable import atomic_write
 from reflexd.errors import (
     DuplicateModel,
     FeatureMismatch,
@@ -51,6 +52,7 @@ from reflexd.trainer.result import (
 )
 
 _log = log.get("reflexd.scheduler")
+HOLD_FILE = "HOLD"  # in a model line's registry folder: why its automatic runs go live no more (``Scheduler.hold``)
 KEEP_RUNS = 3
 KEEP_REFUSALS = 5  # gate refusals kept in status
 RUNS_DIR = "runs"  # under state_dir: a folder per run, of every model line, the newest KEEP_RUNS kept
@@ -176,20 +178,25 @@ class Scheduler:
         self.started = True
 
     def hold(self, why: str) -> None:
-        """No automatic run until ``release``: an operator who rolled a model back by hand keeps it
-        back, rather than see the next run promote a model of the kind just withdrawn."""
+        """No automatic run goes live until ``release``: an operator who rolled a model back by hand
+        keeps it back, rather than see the next run promote a model of the kind just withdrawn. Kept
+        in the line's registry folder (``HOLD_FILE``), so that a restart keeps it (blocking)."""
         self.held = why
+        self.registry.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.registry.root / HOLD_FILE, why.encode())
 
     def release(self) -> None:
+        """End a ``hold`` (blocking): a version promoted or adopted, or a run asked for."""
+        if self.held is not None or (self.registry.root / HOLD_FILE).exists():
+            (self.registry.root / HOLD_FILE).unlink(missing_ok=True)
         self.held = None
 
     def recall_hold(self) -> None:
-        """``hold`` again after a restart if the line's last promotion or rollback was a rollback by
-        hand (blocking: reads the store)."""
-        versions = self.registry.versions()
-        last = self.store.last_model_event(("rolled_back", "promoted"), versions) if versions else None
-        if last is not None and last["event"] == "rolled_back":
-            self.hold(f"rolled back by hand from or to {last['version']}")
+        """The line's ``hold`` as a restart found it (blocking)."""
+        try:
+            self.held = (self.registry.root / HOLD_FILE).read_text(errors="replace").strip() or "held"
+        except FileNotFoundError:
+            self.held = None
 
     def counted(self) -> tuple[float, list[str] | None]:
         """What ``Store.matured_counts`` counts for this line: its experience since its last run's
@@ -254,13 +261,16 @@ class Scheduler:
     async def train_once(self, reason: str) -> dict[str, Any]:
         self._due_since = None  # a run asked for by hand ends any wait for idle CPU too
         if reason == "requested":
-            self.release()  # and a hold: the operator asks for a model again
+            await anyio.to_thread.run_sync(self.release)  # and a hold: the operator asks for a model again
         if self._lock.locked():
             self.waits_its_turn(reason)
         async with self._lock:
             self.status.waiting = None
-            if reason != "requested" and self._due_from is not None and self.status.cutoff != self._due_from:
-                # a run asked for meanwhile trained on what made this one due: the next check decides anew
+            if reason != "requested" and (
+                self.held is not None or (self._due_from is not None and self.status.cutoff != self._due_from)
+            ):
+                # held since it was found due, or a run asked for meanwhile trained on what made it
+                # due: the next check decides anew
                 return {}
             self.status.runs += 1
             started = time.time()
@@ -417,6 +427,7 @@ class Scheduler:
             )
         try:
             await anyio.to_thread.run_sync(self._refuse_duplicate, pulled, name)  # the same model, pulled meanwhile
+            await anyio.to_thread.run_sync(self.release)  # an operator's pull: a hold ends, the gate decides
             run_dir = self._new_run_dir()
             try:
                 return await self._adopt(run_dir, pulled, model, source)
@@ -623,6 +634,14 @@ class Scheduler:
         # origin: where a model brought in from elsewhere came from (adopt)
         detail = {**msgspec.to_builtins(verdict), **(origin or {})}
         store.record_model_event(added.version, "registered", detail, time.time())
+        if verdict.passed and self.held is not None:  # rolled back by hand while this run trained
+            self.status.rejected += 1
+            _log.info("candidate passed, not promoted: the line is held", line=self.line, version=added.version,
+                      held=self.held)
+            return {
+                "outcome": "held", "version": added.version, "gate": f"{verdict.reason}; not promoted: {self.held}",
+                "train_rows": added.training.train_rows, "at": added.created,
+            }
         if verdict.passed:
             registry.promote(added.version)
             store.record_model_event(added.version, "promoted", {"reason": verdict.reason}, time.time())

@@ -55,8 +55,6 @@ def test_runs_come_early_and_geometrically_until_min_new_examples_governs() -> N
 
 
 @pytest.mark.e2e
-@pytest.mark.slow
-@pytest.mark.e2e
 def test_a_run_asked_for_before_rewards_have_joined_says_why_and_puts_off_nothing(daemon_factory) -> None:
     d: DaemonProcess = daemon_factory({"rewards": {"wait_window": 3600}})
     with Policy("bot", socket=d.socket, state_dir=d.state_dir, seed=1) as policy:
@@ -73,6 +71,8 @@ def test_a_run_asked_for_before_rewards_have_joined_says_why_and_puts_off_nothin
     assert trainer["last_run"]["outcome"] == "failed" and "wait window" in trainer["last_run"]["error"]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_daemon_trains_on_its_own_as_soon_as_experience_is_scarce_but_sufficient(daemon_factory) -> None:
     # min_new_examples far away: only the growth rule can start these runs
     d: DaemonProcess = daemon_factory(

@@ -134,6 +134,15 @@ def test_an_outcome_naming_another_agent_teaches_nothing_and_leaves_the_decision
     assert head.updates == 2
 
 
+def test_a_reused_decision_id_stays_the_first_decisions_as_in_the_store() -> None:
+    head = OnlineHead(OnlineConfig())
+    head.remember("d", "alpha", "left", head.features({"task": "code"}), None)
+    head.remember("d", "beta", "right", head.features({"task": "chat"}), None)  # dead-lettered by the store
+    assert head.learn_many([("d", 1.0)], ["beta"]) == 0
+    assert head.learn_many([("d", 1.0)], ["alpha"]) == 1 and head.prior_mean("alpha", "left") is not None
+    assert head.prior_mean("beta", "right") is None
+
+
 def test_absorb_many_learns_what_absorb_learns_one_by_one() -> None:
     teacher = OnlineHead(OnlineConfig())
     updates = []
