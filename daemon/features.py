@@ -294,8 +294,8 @@ def _flatten_value(path: str, value: Any, depth: int = 0) -> Iterable[tuple[str,
         if depth >= MAX_DEPTH:
             return
         for i, item in enumerate(value):
-            if isinstance(item, str):
-                yield f"{path}={item}", 1.0
+            if isinstance(item, str):  # a (str, Enum) member as the store keeps it, as above
+                yield f"{path}={item if type(item) is str else str.__str__(item)}", 1.0
             else:  # a mapping recurses under ``path[i].``, like any other item under ``path[i]``
                 yield from _flatten_value(f"{path}[{i}]", item, depth + 1)
     else:

@@ -389,7 +389,7 @@ class TIER(str, enum.Enum):  # noqa: N801 -- named as an agent's enum might be
     [{"urgent", "vip"}, frozenset({"a"}), datetime.datetime(2026, 1, 1, 8), datetime.date(2026, 1, 1), decimal.Decimal("1.5"),
      uuid.UUID(int=5), b"\x01\xff", math.inf, -math.inf, math.nan, np.float64(1.0), np.int64(3), np.bool_(True),
      np.float32(2.5), np.longdouble(1.5), [np.int64(1), {"k": np.float64(2.0)}], msgspec.msgpack.Ext(5, b"x"),
-     TIER.GOLD],
+     TIER.GOLD, [TIER.GOLD, "silver"]],
 )
 def test_a_context_value_is_scored_on_the_features_it_is_trained_on(value: object) -> None:
     """What a decision is scored on in-process equals what training reads from the stored JSON."""
