@@ -673,7 +673,13 @@ class _Sender(threading.Thread):
     def enqueue(self, msg: msgspec.Struct) -> None:
         if self.closed:  # nothing would send it: said at the call, not lost unseen
             raise RuntimeError(_CLOSED)
-        frame = encode_frame(msg, MSGPACK)
+        try:
+            frame = encode_frame(msg, MSGPACK)
+        except OverflowError as exc:  # msgpack's integers are 64-bit; said at the call, naming the kind
+            raise OverflowError(
+                f"this {type(msg).__struct_config__.tag or type(msg).__name__} cannot be sent: {exc} (send a larger"
+                " integer as a float or a str)"
+            ) from None
         with self._lock:
             if len(self._frames) + self._held >= self.capacity:
                 self.dropped += 1  # never block the agent: overflow is counted and reported

@@ -151,6 +151,8 @@ def test_decision_frames_are_the_protocol_decision_byte_for_byte(tmp_path) -> No
         (lambda p: p.step("e" * 255, 0, {}, "a"), ValueError, "with ':0' the step's id would be over 256"),
         (lambda p: p.decide({}, [{"id": 5}]), TypeError, "action id 5 must be a str, not int"),
         (lambda p: p.decide({}, [{"id": "a", "cost": 1}]), TypeError, "action 'a': unknown key(s) ['cost']"),
+        (lambda p: p.decide({"since": object()}, ["a"]), TypeError, "context 'since': a object is not a value the store can keep"),
+        (lambda p: p.decide({"n": 10**30}, ["a"]), OverflowError, "this decision cannot be sent: can't serialize ints"),
     ],
 )
 def test_what_the_daemon_would_refuse_is_refused_at_the_call(tmp_path, call, error, words) -> None:
