@@ -187,8 +187,7 @@ class Scheduler:
 
     def release(self) -> None:
         """End a ``hold`` (blocking): a version promoted or adopted, or a run asked for."""
-        if self.held is not None or (self.registry.root / HOLD_FILE).exists():
-            (self.registry.root / HOLD_FILE).unlink(missing_ok=True)
+        (self.registry.root / HOLD_FILE).unlink(missing_ok=True)
         self.held = None
 
     def recall_hold(self) -> None:

@@ -1188,7 +1188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         "ingest counts, backlog, live model and its gate, trainer state",
         "Ask the running daemon how it is doing: ingest counters and backlog, stored experience, the live\n"
-        "model and its gate verdict, the trainer and the automatic-rollback monitor. Each agent (or group)\n"
+        "model and its gate verdict, the trainer and the automatic-rollback monitor, and a failed config\n"
+        "reload or settings waiting for a restart. Each agent (or group)\n"
         "learns in its own model line (learning.scope): with several lines a row each, --agent A shows A's\n"
         "line whole. --json prints the whole status reply (its fields are described in docs/operations.md).\n"
         "Exit 1 if the daemon cannot be reached.",
@@ -1343,7 +1344,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--json prints the run's summary (outcome, version, gate, train_rows, at, seconds, message), or\n"
         '{"outcome": "failed", "error": ...} with exit 1. Each agent (or group) learns in its own model\n'
         "line (learning.scope): --agent A trains A's line; without it every line is trained in turn, one\n"
-        'line of output each (--json: {"runs": [...], "message"}).',
+        'line of output each (--json: {"runs": [...], "message"}). A run asked for before enough decisions\n'
+        "have joined their rewards (their wait windows still open) exits 1 saying so, and puts no automatic\n"
+        "run off; a train also ends the hold a `reflexd models rollback` put on the line.",
         ["reflexd train", "reflexd train --agent router", "reflexd train --json --timeout 300"],
         parents=[client],
     )
