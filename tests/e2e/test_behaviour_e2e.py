@@ -32,7 +32,9 @@ def test_the_daemon_trains_and_publishes_a_behaviour_model_the_client_runs(daemo
                 for i, (obs, action, reward) in enumerate(zip(ep.observations, ep.actions, ep.rewards))
             ] + [Flush(req=e)])
             conn.receive()
-    status = wait_for(lambda: (s := d.status()).behaviour["live"] and s, 180, "a published behaviour model")
+    # the registry says live as the run publishes, its summary comes once the run returns: wait for both
+    status = wait_for(lambda: (s := d.status()).behaviour["live"] and s.behaviour["last_run"] and s, 180,
+                      "a published behaviour model and its run's summary")
     run = status.behaviour["last_run"]
     assert run["outcome"] == "published" and run["episodes"] >= 60
     assert run["calibration"]["brier"] is not None
